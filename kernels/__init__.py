@@ -1,0 +1,19 @@
+"""Pure tensor functions for pseudo-gradient compression (chunked top-k, quantization,
+bit packing). Plain-torch references that run alike on CPU, CUDA and MPS; fused CUDA
+versions will replace them behind the same signatures. No I/O, no knowledge of peers."""
+
+from locoswarm.kernels.bitpack import pack_bits, packed_nbytes, unpack_bits
+from locoswarm.kernels.layout import ChunkLayout
+from locoswarm.kernels.quant import dequantize, quantize
+from locoswarm.kernels.topk import chunked_topk, scatter_chunks
+
+__all__ = [
+    "ChunkLayout",
+    "chunked_topk",
+    "dequantize",
+    "pack_bits",
+    "packed_nbytes",
+    "quantize",
+    "scatter_chunks",
+    "unpack_bits",
+]

@@ -1,0 +1,327 @@
+"""The convergence benchmark: on the same data and the same number of tokens, train
+
+  ddp         one model, global batch = replicas × local batch, a step on every batch
+              (what data-parallel training with an all-reduce per step reaches);
+  diloco      N replicas, H inner AdamW steps, full-precision pseudo-gradients averaged
+              (Douillard et al. 2023);
+  compressed  the same with every pseudo-gradient compressed (top-k + b-bit + error
+              feedback) and sent through encode → bytes → decode_delta → aggregate;
+  local       replica 0 alone on its own shard, no communication (what a volunteer gets
+              without the swarm);
+
+all from the same genesis weights, and evaluate each on the same held-out split.
+
+Traffic, bytes each replica sends: ddp counts a ring all-reduce of fp32 gradients each step,
+2·(N−1)/N·4·P; diloco the same all-reduce once per round; compressed an all-to-all of the
+encoded deltas, (N−1)·len(bytes) per round, which is what the swarm does (sparse deltas
+with different supports cannot be ring-reduced without densifying them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from locoswarm.optim import (
+    CompressionConfig,
+    DiLoCoConfig,
+    ErrorFeedbackCompressor,
+    OuterOptimizer,
+    aggregate,
+    average_dense,
+    delta_spec,
+    lr_at,
+    make_inner_optimizer,
+    pseudo_gradients,
+    set_lr,
+)
+from locoswarm.optim.inner import load_params
+from locoswarm.protocol import DeltaMessage, decode_delta, encode_delta
+from locoswarm.node.workload.data import Corpus, DataConfig
+from locoswarm.node.workload.model import build_model, num_params
+from locoswarm.node.workload.tokenizer import get_tokenizer
+
+RUNS = ("ddp", "diloco", "compressed", "local")
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchConfig:
+    preset: str = "custom"
+    """Name of the preset these settings came from."""
+    model: str = "tiny"
+    """Model size (see locoswarm.node.workload.model.SIZES) or 'hf:llama'."""
+    tokenizer: str = "byte"
+    """'byte' or 'gpt2'."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, sequence length and split."""
+    replicas: int = 4
+    """N, simulated peers."""
+    batch_size: int = 8
+    """Sequences per replica per inner step."""
+    total_steps: int = 400
+    """Inner steps of every run (ddp and local take the same number of steps)."""
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    """Algorithm settings shared by the diloco and compressed runs."""
+    eval_sequences: int = 64
+    """Held-out sequences in every evaluation."""
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'mps'."""
+    seed: int = 0
+    """Genesis seed: initial weights and every replica's data order."""
+
+    def validate(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.eval_sequences < 1:
+            raise ValueError(f"eval_sequences must be >= 1, got {self.eval_sequences}")
+        self.data.validate()
+        self.diloco.validate()
+
+
+PRESETS: dict[str, BenchConfig] = {
+    # ≤ 5 min on 2 CPU cores for all four runs.
+    "quick": BenchConfig(
+        preset="quick",
+        model="tiny",
+        tokenizer="byte",
+        data=DataConfig(source="builtin:shakespeare", seq_len=128),
+        batch_size=8,
+        total_steps=360,
+        diloco=DiLoCoConfig(inner_steps=20),
+        eval_sequences=64,
+    ),
+    # ≤ 10 min on one H100 for all four runs, ≥ 100M parameters.
+    "gpu": BenchConfig(
+        preset="gpu",
+        model="base",
+        tokenizer="gpt2",
+        data=DataConfig(source="builtin:shakespeare+builtin:kjv", seq_len=256),
+        batch_size=16,
+        total_steps=600,
+        diloco=DiLoCoConfig(inner_steps=30, inner=replace(DiLoCoConfig().inner, lr=6e-4, warmup_steps=60)),
+        eval_sequences=256,
+        device="cuda",
+    ),
+}
+
+
+@dataclass(slots=True)
+class RunResult:
+    eval_loss: float
+    bytes_sent_per_replica: int
+    wall_s: float
+    curve: list[tuple[int, float]]
+    rounds: int = 0
+
+
+class Workload:
+    """Corpus, eval batches and genesis model shared by every run of one benchmark."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        tok = get_tokenizer(cfg.tokenizer)
+        self.corpus = Corpus.load(cfg.data, tok)
+        self.vocab_size = tok.vocab_size
+        self.eval = self.corpus.eval_batches(cfg.eval_sequences, cfg.batch_size * 2)
+        self.genesis = self.new_model()
+        self.params = num_params(self.genesis)
+        self.shapes = [(n, tuple(p.shape)) for n, p in self.genesis.named_parameters()]
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.vocab_size, self.cfg.data.seq_len, self.cfg.seed).to(self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        total, count = 0.0, 0
+        for x, y in self.eval:
+            with self.autocast():
+                loss = model.loss(x.to(self.device), y.to(self.device))
+            total += float(loss) * y.numel()
+            count += y.numel()
+        return total / count
+
+    def samplers(self, n: int) -> list:
+        return [self.corpus.sampler(i, self.cfg.replicas, seed=self.cfg.seed * 1000 + i) for i in range(n)]
+
+    def train_step(self, model: nn.Module, opt: torch.optim.Optimizer, batch, step: int) -> None:
+        inner = self.cfg.diloco.inner
+        set_lr(opt, lr_at(step, self.cfg.total_steps, inner))
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        with self.autocast():
+            loss = model.loss(x, y)
+        loss.backward()
+        if inner.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), inner.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _ring_allreduce_bytes(params: int, n: int) -> float:
+    return 2 * (n - 1) / n * 4 * params
+
+
+def run_single(w: Workload, *, data_parallel: bool) -> RunResult:
+    """ddp (`data_parallel`: every replica's batch, one model) or local (replica 0 alone)."""
+    cfg = w.cfg
+    t0 = time.perf_counter()
+    model = w.new_model()
+    opt = make_inner_optimizer(model, cfg.diloco.inner)
+    samplers = w.samplers(cfg.replicas if data_parallel else 1)
+    curve = []
+    H = cfg.diloco.inner_steps
+    for step in range(cfg.total_steps):
+        batches = [s.next_batch(cfg.batch_size) for s in samplers]
+        batch = tuple(torch.cat(parts) for parts in zip(*batches)) if len(batches) > 1 else batches[0]
+        w.train_step(model, opt, batch, step)
+        if (step + 1) % H == 0 or step + 1 == cfg.total_steps:
+            curve.append((step + 1, w.evaluate(model)))
+    sent = _ring_allreduce_bytes(w.params, cfg.replicas) * cfg.total_steps if data_parallel else 0
+    return RunResult(curve[-1][1], int(sent), time.perf_counter() - t0, curve)
+
+
+def run_diloco(
+    w: Workload, compression: CompressionConfig | None, diloco: DiLoCoConfig | None = None,
+    on_round: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """N replicas with H inner steps per round; `compression` None exchanges fp32 deltas."""
+    cfg = w.cfg
+    dl = diloco or cfg.diloco
+    t0 = time.perf_counter()
+    n = cfg.replicas
+    models = [w.new_model() for _ in range(n)]
+    opts = [make_inner_optimizer(m, dl.inner) for m in models]
+    samplers = w.samplers(n)
+    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    shapes = [s for _, s in w.shapes]
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    if compression is not None:
+        spec = delta_spec(w.shapes, compression, run_id="bench", spec_hash=b"\0" * 32,
+                          max_tokens=tokens_per_step * dl.inner_steps)
+        compressors = [ErrorFeedbackCompressor(spec.tensors, compression, outer.params[0].device) for _ in range(n)]
+    sent = 0.0
+    curve = []
+    step = 0
+    rounds = 0
+    while step < cfg.total_steps:
+        h = min(dl.inner_steps, cfg.total_steps - step)
+        for r in range(n):
+            for s in range(h):
+                w.train_step(models[r], opts[r], samplers[r].next_batch(cfg.batch_size), step + s)
+        step += h
+        tokens = h * tokens_per_step
+        deltas = [pseudo_gradients(outer.params, m) for m in models]
+        if compression is None:
+            avg = average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)])
+            sent += _ring_allreduce_bytes(w.params, n)
+        else:
+            received = []
+            for r, d in enumerate(deltas):
+                packed, _ = compressors[r].compress(d)
+                msg = DeltaMessage(run_id="bench", spec_hash=b"\0" * 32, round=rounds,
+                                   sender=f"replica-{r:04d}", num_tokens=tokens, tensors=tuple(packed))
+                blob = encode_delta(msg)
+                sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
+                received.append(decode_delta(blob, spec))
+            avg = aggregate(received, shapes, outer.params[0].device)
+        outer.step(avg)
+        for m in models:
+            load_params(m, outer.params)
+        rounds += 1
+        loss = w.evaluate(models[0])
+        curve.append((step, loss))
+        if on_round is not None:
+            on_round(rounds, loss)
+    return RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
+
+
+def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
+    """The benchmark's JSON: per run eval loss, gap to ddp, traffic and reduction."""
+    cfg = w.cfg
+    ddp = results.get("ddp")
+    runs = {}
+    for name, r in results.items():
+        gap = None if ddp is None else 100.0 * (r.eval_loss - ddp.eval_loss) / ddp.eval_loss
+        reduction = None
+        if ddp is not None and r.bytes_sent_per_replica > 0:
+            reduction = ddp.bytes_sent_per_replica / r.bytes_sent_per_replica
+        runs[name] = {
+            "eval_loss": r.eval_loss,
+            "gap_pct": gap,
+            "bytes_sent_per_replica": r.bytes_sent_per_replica,
+            "bytes_sent_per_replica_per_round": (r.bytes_sent_per_replica / r.rounds) if r.rounds else None,
+            "reduction_vs_ddp": reduction,
+            "rounds": r.rounds,
+            "wall_s": r.wall_s,
+            "curve": r.curve,
+        }
+    out = {
+        "preset": cfg.preset,
+        "params": w.params,
+        "tokens": cfg.total_steps * cfg.batch_size * cfg.data.seq_len * cfg.replicas,
+        "replicas": cfg.replicas,
+        "corpus_tokens": w.corpus.num_tokens,
+        "config": asdict(cfg),
+        "runs": runs,
+    }
+    out.update(runs)  # the issue's flat keys: out["ddp"]["eval_loss"] …
+    return out
+
+
+def run_benchmark(cfg: BenchConfig, runs: tuple[str, ...] = RUNS, log: Callable[[str], None] = print) -> dict:
+    cfg.validate()
+    for name in runs:
+        if name not in RUNS:
+            raise ValueError(f"unknown run {name!r}; known: {RUNS}")
+    torch.manual_seed(cfg.seed)
+    w = Workload(cfg)
+    log(f"model {cfg.model}: {w.params:,} parameters; corpus {w.corpus.num_tokens:,} tokens; "
+        f"{cfg.replicas} replicas × batch {cfg.batch_size} × {cfg.data.seq_len} tokens × {cfg.total_steps} steps")
+    results: dict[str, RunResult] = {}
+    for name in runs:
+        if name == "ddp":
+            results[name] = run_single(w, data_parallel=True)
+        elif name == "local":
+            results[name] = run_single(w, data_parallel=False)
+        elif name == "diloco":
+            results[name] = run_diloco(w, None)
+        else:
+            if cfg.diloco.compression is None:
+                raise ValueError("the compressed run needs diloco.compression")
+            results[name] = run_diloco(w, cfg.diloco.compression)
+        r = results[name]
+        log(f"  {name:<10} eval loss {r.eval_loss:.4f}  ({r.wall_s:.0f} s)")
+    return summarize(w, results)
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'run':<11}{'eval loss':>10}{'gap vs ddp':>12}{'sent/replica':>15}{'reduction':>12}{'wall s':>8}"]
+    for name, r in summary["runs"].items():
+        gap = "—" if r["gap_pct"] is None else f"{r['gap_pct']:+.1f} %"
+        red = "—" if r["reduction_vs_ddp"] is None else f"{r['reduction_vs_ddp']:,.0f}×"
+        lines.append(f"{name:<11}{r['eval_loss']:>10.4f}{gap:>12}{_human(r['bytes_sent_per_replica']):>15}{red:>12}"
+                     f"{r['wall_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    if n == 0:
+        return "0 B"
+    units = ["B", "KB", "MB", "GB", "TB"]
+    e = min(len(units) - 1, int(math.log(n, 1000)))
+    return f"{n / 1000**e:.2f} {units[e]}"

@@ -1,0 +1,199 @@
+"""The model peers train: a Llama-style decoder (RMSNorm, rotary position embeddings,
+SwiGLU MLP, causal SDPA attention, tied input/output embeddings), in named sizes, or a
+Hugging Face `transformers` model built from a config (the `hf` extra).
+
+The loss is computed in slices of the sequence so that full-vocabulary logits for the
+whole batch never exist at once (GPT-2's 50k vocabulary makes them the largest tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    vocab_size: int
+    """Token ids are in [0, vocab_size)."""
+    dim: int
+    """Model width."""
+    num_layers: int
+    """Transformer blocks."""
+    num_heads: int
+    """Attention heads; dim must divide by it."""
+    ffn_dim: int
+    """Hidden width of the SwiGLU MLP."""
+    max_seq_len: int = 1024
+    """Longest sequence the rotary table covers."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"model.dim {self.dim} must split into {self.num_heads} heads of even width")
+
+
+# Named sizes. Parameter counts with GPT-2's 50257 vocabulary (tiny: with the 257-entry
+# byte vocabulary it trains on CPU): tiny ≈1.2M (byte), small ≈30M, base ≈124M.
+SIZES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=257, dim=128, num_layers=6, num_heads=4, ffn_dim=352),
+    "small": ModelConfig(vocab_size=50257, dim=384, num_layers=6, num_heads=6, ffn_dim=1024),
+    "base": ModelConfig(vocab_size=50257, dim=768, num_layers=12, num_heads=12, ffn_dim=2048),
+}
+
+
+def model_config(size: str, vocab_size: int, max_seq_len: int) -> ModelConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)} (or 'hf:llama')")
+    return replace(SIZES[size], vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+def _rope_table(head_dim: int, seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)  # (T, hd/2)
+    return freqs.cos(), freqs.sin()
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, H, T, hd); rotate pairs (x1, x2) of the two halves
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.num_heads, d // self.num_heads).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        cos, sin = _rope_table(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits (B, T, vocab). For training use `loss`, which never holds them all."""
+        return F.linear(self.hidden(tokens), self.embed.weight)
+
+    def loss(self, tokens: Tensor, targets: Tensor, slice_tokens: int = 8192) -> Tensor:
+        """Mean next-token cross-entropy, computed over slices of at most `slice_tokens`
+        positions so that logits for the whole batch are never materialized."""
+        h = self.hidden(tokens).reshape(-1, self.cfg.dim)
+        y = targets.reshape(-1)
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], slice_tokens):
+            logits = F.linear(h[start : start + slice_tokens], self.embed.weight).float()
+            total = total + F.cross_entropy(logits, y[start : start + slice_tokens], reduction="sum")
+        return total / y.numel()
+
+
+class HFCausalLM(nn.Module):
+    """A `transformers` LlamaForCausalLM built from a config (no download), behind the same
+    `loss` interface as `Decoder`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError as e:  # optional dependency
+            raise ValueError("model 'hf:llama' needs the transformers package: pip install 'locoswarm[hf]'") from e
+        cfg.validate()
+        self.cfg = cfg
+        hf_cfg = LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+        self.inner = LlamaForCausalLM(hf_cfg)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.inner(input_ids=tokens).logits
+
+    def loss(self, tokens: Tensor, targets: Tensor, slice_tokens: int = 8192) -> Tensor:
+        logits = self.forward(tokens).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def build_model(size: str, vocab_size: int, max_seq_len: int, seed: int) -> nn.Module:
+    """Build a model with deterministic initial weights (the run's genesis seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if size.startswith("hf:"):
+            arch = size[3:]
+            if arch != "llama":
+                raise ValueError(f"unknown Hugging Face architecture {arch!r}; supported: 'hf:llama'")
+            return HFCausalLM(_hf_config(vocab_size, max_seq_len))
+        return Decoder(model_config(size, vocab_size, max_seq_len))
+
+
+def _hf_config(vocab_size: int, max_seq_len: int) -> ModelConfig:
+    """The `hf:llama` size: the `tiny` shape, so that it runs in CPU tests."""
+    return replace(SIZES["tiny"], vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

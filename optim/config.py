@@ -1,0 +1,103 @@
+"""Configuration of the DiLoCo algorithm (Douillard et al. 2023, arXiv:2311.08105) and of
+the compressed exchange (top-k + quantization + error feedback, as in SparseLoCo and DeMo).
+
+Defaults are the settings chosen by `locoswarm bench convergence --sweep` (README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from locoswarm.kernels.quant import SUPPORTED_BITS
+
+
+@dataclass(kw_only=True, slots=True)
+class InnerConfig:
+    lr: float = 1e-3
+    """Peak AdamW learning rate of the inner steps."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (DiLoCo's)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this before each step; 0 disables."""
+    warmup_steps: int = 50
+    """Linear warm-up length, in global steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to this fraction of `lr` at the end of the run."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"inner.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"inner.betas must lie in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"inner.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"inner.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"inner.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"inner.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OuterConfig:
+    lr: float = 1.0
+    """Outer SGD learning rate applied to the averaged pseudo-gradient (paper: 0.7)."""
+    momentum: float = 0.0
+    """Outer momentum (paper: 0.9, Nesterov). 0 with lr 1 is plain averaging."""
+    nesterov: bool = True
+    """Nesterov momentum when momentum > 0."""
+    device: str = "cpu"
+    """Where the fp32 outer parameters and momentum live: "cpu" or "model" (the model's device)."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"outer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"outer.momentum must lie in [0, 1), got {self.momentum}")
+        if self.device not in ("cpu", "model"):
+            raise ValueError(f"outer.device must be 'cpu' or 'model', got {self.device!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CompressionConfig:
+    density: float = 0.015
+    """Fraction of each chunk's entries sent (top-k by magnitude)."""
+    bits: int = 2
+    """Bits per sent value: 2, 4 or 8."""
+    chunk: int = 4096
+    """Chunk size for top-k, a power of two; indices take log2(chunk) bits."""
+    ef_decay: float = 1.0
+    """Error-feedback decay β: e ← β·e + Δ before compressing (SparseLoCo). 1 keeps everything."""
+
+    def validate(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ValueError(f"compression.density must lie in (0, 1], got {self.density}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"compression.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.chunk < 2 or self.chunk & (self.chunk - 1) or self.chunk > 1 << 20:
+            raise ValueError(f"compression.chunk must be a power of two in [2, 2^20], got {self.chunk}")
+        if not 0 <= self.ef_decay <= 1:
+            raise ValueError(f"compression.ef_decay must lie in [0, 1], got {self.ef_decay}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DiLoCoConfig:
+    inner_steps: int = 30
+    """H: inner steps between two outer steps."""
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    """The inner optimizer."""
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer optimizer."""
+    compression: CompressionConfig | None = field(default_factory=CompressionConfig)
+    """How pseudo-gradients are compressed; None sends them in full fp32."""
+
+    def validate(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        self.inner.validate()
+        self.outer.validate()
+        if self.compression is not None:
+            self.compression.validate()

@@ -1,0 +1,36 @@
+"""The DiLoCo inner optimizer (AdamW, betas 0.9/0.95, weight decay on matrices) and the
+pseudo-gradient Δ = θ_outer − θ_local taken after the inner phase. A replica keeps its
+AdamW state across rounds, as in the paper."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from locoswarm.optim.config import InnerConfig
+
+
+def make_inner_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
+    cfg.validate()
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def pseudo_gradients(outer_params: list[Tensor], model: nn.Module) -> list[Tensor]:
+    """Δ = θ_outer − θ_local per parameter, fp32 on the outer parameters' device."""
+    return [o - p.detach().to(o.device, dtype=torch.float32) for o, p in zip(outer_params, model.parameters())]
+
+
+@torch.no_grad()
+def load_params(model: nn.Module, params: list[Tensor]) -> None:
+    """Copy the outer parameters into the model (the start of the next inner phase)."""
+    for p, src in zip(model.parameters(), params):
+        p.copy_(src.to(p.device, dtype=p.dtype))

@@ -1,0 +1,262 @@
+"""The wire format of one peer's compressed pseudo-gradient for one round.
+
+A msgpack map, format version 1:
+
+    {"v": 1, "run": str, "spec": bytes (spec hash), "round": int, "sender": str,
+     "tokens": int, "tensors": [[name, shape, chunk, k, bits, indices, values, scales], …]}
+
+per tensor, in the spec's order: `indices` packs each kept entry's position inside its
+chunk at log2(chunk) bits, `values` packs its b-bit sign-magnitude code, `scales` holds
+(lo, hi) per chunk as little-endian bfloat16 (see locoswarm.kernels for both layouts).
+The chunk layout (how many chunks, how many entries each) follows from the spec, so every
+byte string has one exact length. The encoded size is `len(encode_delta(msg))`.
+
+`decode_delta` trusts nothing: it bounds the message by the spec before parsing, checks
+every field's type, value and exact length, and the ranges of indices and scales, and
+raises a `ProtocolError` subclass naming what was wrong. It never allocates more than the
+spec's model implies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+from torch import Tensor
+
+from locoswarm.kernels import ChunkLayout, packed_nbytes, unpack_bits
+from locoswarm.protocol.errors import (
+    IndexOutOfRange,
+    MalformedMessage,
+    NonFiniteValue,
+    OversizedMessage,
+    SpecMismatch,
+    ShapeMismatch,
+    VersionMismatch,
+)
+
+FORMAT_VERSION = 1
+MAX_SENDER_LEN = 128
+MAX_ROUND = 2**62
+_TOP_KEYS = frozenset({"v", "run", "spec", "round", "sender", "tokens", "tensors"})
+_TENSOR_FIELDS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """What the run spec says one tensor of every delta looks like."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunk: int
+    k: int
+    bits: int
+
+    @property
+    def layout(self) -> ChunkLayout:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return ChunkLayout(numel=numel, chunk=self.chunk, k=self.k)
+
+    def payload_nbytes(self) -> tuple[int, int, int]:
+        """Exact byte lengths of (indices, values, scales)."""
+        lay = self.layout
+        return (
+            packed_nbytes(lay.num_selected, lay.index_bits),
+            packed_nbytes(lay.num_selected, self.bits),
+            4 * lay.num_chunks,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaSpec:
+    """Everything a receiver needs to validate a delta before it allocates anything."""
+
+    run_id: str
+    spec_hash: bytes
+    tensors: tuple[TensorSpec, ...]
+    max_tokens: int
+    """Largest token count one peer may claim for one round."""
+
+    @property
+    def max_message_bytes(self) -> int:
+        payload = sum(sum(t.payload_nbytes()) for t in self.tensors)
+        # msgpack framing: a few bytes per field plus names and shapes; generous but bounded.
+        framing = 512 + len(self.run_id) + len(self.spec_hash) + MAX_SENDER_LEN
+        framing += sum(64 + len(t.name.encode()) + 10 * len(t.shape) for t in self.tensors)
+        return payload + framing
+
+
+@dataclass(frozen=True, slots=True)
+class PackedTensor:
+    """One tensor's compressed delta, as it travels."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunk: int
+    k: int
+    bits: int
+    indices: bytes
+    values: bytes
+    scales: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaMessage:
+    """One peer's delta for one round, as it travels."""
+
+    run_id: str
+    spec_hash: bytes
+    round: int
+    sender: str
+    num_tokens: int
+    tensors: tuple[PackedTensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SparseTensor:
+    """A validated tensor of a received delta, ready to dequantize and scatter."""
+
+    name: str
+    layout: ChunkLayout
+    bits: int
+    indices: Tensor
+    """(num_selected,) int64, chunk-relative, strictly increasing within each chunk."""
+    codes: Tensor
+    """(num_selected,) int64 in [0, 2**bits)."""
+    scales: Tensor
+    """(num_chunks, 2) float32: finite (lo, hi) with 0 ≤ lo ≤ hi."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedDelta:
+    """A received delta that passed every check."""
+
+    round: int
+    sender: str
+    num_tokens: int
+    tensors: tuple[SparseTensor, ...]
+    nbytes: int
+    """Size of the message on the wire."""
+
+
+def encode_delta(msg: DeltaMessage) -> bytes:
+    body = {
+        "v": FORMAT_VERSION,
+        "run": msg.run_id,
+        "spec": msg.spec_hash,
+        "round": msg.round,
+        "sender": msg.sender,
+        "tokens": msg.num_tokens,
+        "tensors": [
+            [t.name, list(t.shape), t.chunk, t.k, t.bits, t.indices, t.values, t.scales]
+            for t in msg.tensors
+        ],
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
+    """Parse and validate one delta against `spec`; raises a ProtocolError subclass."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"delta must be bytes, got {type(data).__name__}")
+    limit = spec.max_message_bytes
+    if len(data) > limit:
+        raise OversizedMessage(f"delta of {len(data)} bytes exceeds the spec's limit of {limit}")
+    try:
+        body = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=limit,
+            max_str_len=max(1024, MAX_SENDER_LEN * 4),
+            max_array_len=max(16, 8 * len(spec.tensors) + 64),
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
+        raise MalformedMessage(f"delta is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(body, dict):
+        raise MalformedMessage(f"delta must be a map, got {type(body).__name__}")
+    version = body.get("v")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise VersionMismatch(f"delta format version {version!r}; this peer speaks {FORMAT_VERSION}")
+    if set(body) != _TOP_KEYS:
+        missing, extra = sorted(_TOP_KEYS - set(body)), sorted(set(body) - _TOP_KEYS)
+        raise MalformedMessage(f"delta fields wrong: missing {missing}, unexpected {extra}")
+    if body["run"] != spec.run_id:
+        raise SpecMismatch(f"delta is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
+    if body["spec"] != spec.spec_hash:
+        raise SpecMismatch("delta was made under another run spec (spec hash differs)")
+    round_ = _int_field(body, "round", 0, MAX_ROUND)
+    tokens = _int_field(body, "tokens", 0, spec.max_tokens)
+    sender = body["sender"]
+    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_LEN:
+        raise MalformedMessage(f"sender must be a string of 1..{MAX_SENDER_LEN} characters")
+    items = body["tensors"]
+    if not isinstance(items, list) or len(items) != len(spec.tensors):
+        count = len(items) if isinstance(items, list) else type(items).__name__
+        raise ShapeMismatch(f"delta carries {count} tensors, the spec has {len(spec.tensors)}")
+    tensors = tuple(_decode_tensor(item, ts) for item, ts in zip(items, spec.tensors))
+    return DecodedDelta(round=round_, sender=sender, num_tokens=tokens, tensors=tensors, nbytes=len(data))
+
+
+def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = body[key]
+    if type(value) is not int:
+        raise MalformedMessage(f"field {key!r} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise MalformedMessage(f"field {key!r} = {value} outside [{lo}, {hi}]")
+    return value
+
+
+def _decode_tensor(item: Any, ts: TensorSpec) -> SparseTensor:
+    if not isinstance(item, list) or len(item) != _TENSOR_FIELDS:
+        raise MalformedMessage(f"tensor {ts.name!r}: entry must be a list of {_TENSOR_FIELDS} fields")
+    name, shape, chunk, k, bits, idx_b, val_b, scale_b = item
+    if name != ts.name:
+        raise ShapeMismatch(f"tensor {ts.name!r} expected, got {name!r}")
+    if not isinstance(shape, list) or tuple(shape) != ts.shape:
+        raise ShapeMismatch(f"tensor {ts.name!r}: shape {shape!r}, the spec says {list(ts.shape)}")
+    if (chunk, k, bits) != (ts.chunk, ts.k, ts.bits):
+        raise ShapeMismatch(
+            f"tensor {ts.name!r}: chunk/k/bits {chunk}/{k}/{bits}, the spec says {ts.chunk}/{ts.k}/{ts.bits}"
+        )
+    for label, blob, expected in zip(("indices", "values", "scales"), (idx_b, val_b, scale_b), ts.payload_nbytes()):
+        if not isinstance(blob, bytes) or len(blob) != expected:
+            got = len(blob) if isinstance(blob, bytes) else type(blob).__name__
+            raise MalformedMessage(f"tensor {ts.name!r}: {label} hold {got} bytes, expected {expected}")
+    lay = ts.layout
+    indices = unpack_bits(_u8(idx_b), lay.index_bits, lay.num_selected)
+    _check_indices(ts.name, indices, lay)
+    codes = unpack_bits(_u8(val_b), ts.bits, lay.num_selected)
+    scales = torch.frombuffer(bytearray(scale_b), dtype=torch.bfloat16).float().view(lay.num_chunks, 2)
+    if not bool(torch.isfinite(scales).all()):
+        raise NonFiniteValue(f"tensor {ts.name!r}: non-finite scale")
+    lo, hi = scales[:, 0], scales[:, 1]
+    if bool((lo < 0).any()) or bool((hi < lo).any()):
+        raise NonFiniteValue(f"tensor {ts.name!r}: scales must satisfy 0 <= lo <= hi")
+    return SparseTensor(name=ts.name, layout=lay, bits=ts.bits, indices=indices, codes=codes, scales=scales)
+
+
+def _u8(blob: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+
+
+def _check_indices(name: str, indices: Tensor, lay: ChunkLayout) -> None:
+    full = (lay.num_chunks - 1) * lay.k
+    if full:
+        rows = indices[:full].view(lay.num_chunks - 1, lay.k)
+        if bool((rows >= lay.chunk).any()):
+            raise IndexOutOfRange(f"tensor {name!r}: index beyond chunk size {lay.chunk}")
+        if lay.k > 1 and bool((rows[:, 1:] <= rows[:, :-1]).any()):
+            raise IndexOutOfRange(f"tensor {name!r}: indices not strictly increasing within a chunk")
+    last = indices[full:]
+    if bool((last >= lay.last_len).any()):
+        raise IndexOutOfRange(f"tensor {name!r}: index beyond the last chunk's {lay.last_len} elements")
+    if last.numel() > 1 and bool((last[1:] <= last[:-1]).any()):
+        raise IndexOutOfRange(f"tensor {name!r}: indices not strictly increasing within the last chunk")
