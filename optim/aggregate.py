@@ -12,15 +12,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from locoswarm.kernels import scatter_chunks
 from locoswarm.protocol import DecodedDelta
 from locoswarm.optim.compress import densify
 
 
-def aggregate(deltas: list[DecodedDelta], shapes: list[tuple[int, ...]], device: torch.device | str) -> list[Tensor]:
-    """Average of the decoded deltas weighted by their token counts, one dense fp32 tensor
-    per parameter. Raises ValueError when nothing can be averaged (no delta or no tokens):
-    the caller then skips the outer step rather than applying a zero."""
+def aggregate(
+    deltas: list[DecodedDelta], shapes: list[tuple[int, ...]], device: torch.device | str, rule: str = "mean"
+) -> list[Tensor]:
+    """Token-weighted average of the decoded deltas, one dense fp32 tensor per parameter.
+
+    rule "mean": every peer weighs in at every coordinate, an unsent entry counting as 0
+    (DiLoCo's average; the unsent part arrives in later rounds through error feedback).
+    rule "masked": at each coordinate, the average over the peers that sent it; a
+    coordinate no peer sent stays 0. Raises ValueError when nothing can be averaged (no
+    delta or no tokens): the caller then skips the outer step rather than applying a zero."""
+    if rule not in ("mean", "masked"):
+        raise ValueError(f"aggregation rule must be 'mean' or 'masked', got {rule!r}")
     ordered = sorted(deltas, key=lambda d: d.sender)
+    _check_unique([d.sender for d in ordered])
     total = sum(d.num_tokens for d in ordered)
     if not ordered or total <= 0:
         raise ValueError("no pseudo-gradient with a positive token count to aggregate")
@@ -29,17 +39,40 @@ def aggregate(deltas: list[DecodedDelta], shapes: list[tuple[int, ...]], device:
         numel = ordered[0].tensors[i].layout.numel
         acc = torch.zeros(numel, dtype=torch.float32, device=device)
         scratch = torch.empty_like(acc)
+        weight = torch.zeros_like(acc) if rule == "masked" else None
         for d in ordered:
             scratch.zero_()
             acc.add_(densify(d.tensors[i], out=scratch, scale=d.num_tokens / total))
+            if weight is not None:
+                t = d.tensors[i]
+                scratch.zero_()
+                marks = torch.full((t.layout.num_selected,), d.num_tokens / total, device=device)
+                weight.add_(scatter_chunks(t.indices.to(device), marks, t.layout, out=scratch))
+        if weight is not None:
+            acc = torch.where(weight > 0, acc / torch.where(weight > 0, weight, torch.ones_like(weight)), acc)
         out.append(acc.view(shape))
     return out
+
+
+def support_union(deltas: list[DecodedDelta], device: torch.device | str) -> list[Tensor]:
+    """Per parameter, a flat bool mask of the coordinates that at least one delta sent."""
+    masks = []
+    for i in range(len(deltas[0].tensors)):
+        lay = deltas[0].tensors[i].layout
+        mask = torch.zeros(lay.numel, dtype=torch.bool, device=device)
+        for d in deltas:
+            t = d.tensors[i]
+            scatter_chunks(t.indices.to(device), torch.ones(t.layout.num_selected, dtype=torch.bool, device=device),
+                           t.layout, out=mask)
+        masks.append(mask)
+    return masks
 
 
 def average_dense(deltas: list[tuple[str, int, list[Tensor]]]) -> list[Tensor]:
     """Token-weighted average of uncompressed deltas given as (sender, tokens, tensors),
     summed in ascending sender order."""
     ordered = sorted(deltas, key=lambda d: d[0])
+    _check_unique([d[0] for d in ordered])
     total = sum(t for _, t, _ in ordered)
     if not ordered or total <= 0:
         raise ValueError("no pseudo-gradient with a positive token count to aggregate")
@@ -48,3 +81,11 @@ def average_dense(deltas: list[tuple[str, int, list[Tensor]]]) -> list[Tensor]:
         for acc, t in zip(out, tensors):
             acc.add_(t.float(), alpha=tokens / total)
     return out
+
+
+def _check_unique(senders: list[str]) -> None:
+    # Two deltas from one sender would be summed in arrival order (not deterministic across
+    # peers) and would count that sender twice: the caller must keep one per sender.
+    dupes = sorted({s for s in senders if senders.count(s) > 1})
+    if dupes:
+        raise ValueError(f"more than one delta from sender(s) {dupes}")

@@ -1,7 +1,7 @@
 """Compression of pseudo-gradients with error feedback (Karimireddy et al. 2019; the
 top-k + low-bit variant of SparseLoCo and DeMo).
 
-Per tensor: b ← β·e + Δ; keep the top-k entries of each chunk of b, quantize them; the
+Per tensor: b ← β·e + Δ (Δ: this round's fresh progress); keep the top-k entries of each chunk of b, quantize them; the
 residual e ← b − decode(encode(b)) is what was not transmitted, computed through the same
 decode every receiver runs, so nothing is lost or counted twice: β·e_old + Δ equals the
 transmitted values plus e_new, entry by entry (exact where nothing was sent; where a value
@@ -65,19 +65,25 @@ class ErrorFeedbackCompressor:
         dense values a receiver will decode (flat fp32, for tests and local bookkeeping).
 
         Raises ValueError on a non-finite delta: a diverged replica must not send it."""
-        packed, sent = [], []
+        packed, buffers, transmitted = [], [], []
         for spec, err, delta in zip(self.specs, self.errors, deltas):
             d = delta.reshape(-1).to(err.device, dtype=torch.float32)
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"pseudo-gradient of {spec.name!r} is not finite; refusing to send it")
-            if self.cfg.ef_decay != 1.0:
-                err.mul_(self.cfg.ef_decay)
-            err.add_(d)
+            if self.cfg.residual == "buffer":
+                buf = err * self.cfg.ef_decay + d if self.cfg.ef_decay != 1.0 else err + d
+            else:
+                buf = d.clone()  # the replica started at θ_outer − β·e, so Δ already holds β·e
             lay = spec.layout
-            idx, vals = chunked_topk(err, lay)
+            idx, vals = chunked_topk(buf, lay)
             codes, scales = quantize(vals, lay, spec.bits)
-            transmitted = scatter_chunks(idx, dequantize(codes, scales, lay, spec.bits), lay)
-            err.sub_(transmitted)
+            if not bool(torch.isfinite(scales).all()):
+                # A magnitude beyond bfloat16's range: every receiver would reject it. Nothing
+                # has been committed to the residuals yet, so the caller can skip the round.
+                raise ValueError(f"pseudo-gradient of {spec.name!r} exceeds the bfloat16 range of the scales")
+            t = scatter_chunks(idx, dequantize(codes, scales, lay, spec.bits), lay)
+            buffers.append(buf)
+            transmitted.append(t)
             packed.append(
                 PackedTensor(
                     name=spec.name,
@@ -90,5 +96,22 @@ class ErrorFeedbackCompressor:
                     scales=scales.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes(),
                 )
             )
-            sent.append(transmitted)
-        return packed, sent
+        # Commit the residuals only once every tensor compressed: a refusal loses nothing.
+        for err, buf, t in zip(self.errors, buffers, transmitted):
+            err.copy_(buf.sub_(t))
+        return packed, transmitted
+
+    @torch.no_grad()
+    def forget(self, masks: list[Tensor], sent: list[Tensor]) -> None:
+        """Drop the residual where the consensus moved (`masks`, flat bool) on coordinates
+        this peer did not send itself (where `sent`, its last transmitted values, is 0):
+        the consensus now holds the other peers' value there, and keeping ours as well
+        would count that progress twice."""
+        for err, mask, t in zip(self.errors, masks, sent):
+            err.masked_fill_(mask & (t == 0), 0.0)
+
+    @torch.no_grad()
+    def model_offsets(self) -> list[Tensor]:
+        """β·e per tensor (flat): with residual "model" a replica restarts at θ_outer − β·e."""
+        assert self.cfg.residual == "model", "offsets only apply when the residual lives in the model"
+        return [e * self.cfg.ef_decay if self.cfg.ef_decay != 1.0 else e for e in self.errors]

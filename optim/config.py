@@ -71,8 +71,20 @@ class CompressionConfig:
     """Chunk size for top-k, a power of two; indices take log2(chunk) bits."""
     ef_decay: float = 1.0
     """Error-feedback decay β: e ← β·e + Δ before compressing (SparseLoCo). 1 keeps everything."""
+    residual: str = "buffer"
+    """Where the untransmitted residual e lives between rounds. "buffer": aside, and the
+    replica restarts every round from the consensus parameters (SparseLoCo, DeMo).
+    "model": applied in the replica's own parameters, which restart at θ_outer − β·e, so a
+    peer never throws away its own unsent progress."""
+
+    aggregation: str = "mean"
+    """How received sparse deltas combine. "mean": DiLoCo's average, unsent entries count
+    as 0. "masked": per coordinate, the average over the peers that sent it; with residual
+    "model" a peer then drops its own unsent residual where the consensus moved."""
 
     def validate(self) -> None:
+        if self.aggregation not in ("mean", "masked"):
+            raise ValueError(f"compression.aggregation must be 'mean' or 'masked', got {self.aggregation!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"compression.density must lie in (0, 1], got {self.density}")
         if self.bits not in SUPPORTED_BITS:
@@ -81,6 +93,8 @@ class CompressionConfig:
             raise ValueError(f"compression.chunk must be a power of two in [2, 2^20], got {self.chunk}")
         if not 0 <= self.ef_decay <= 1:
             raise ValueError(f"compression.ef_decay must lie in [0, 1], got {self.ef_decay}")
+        if self.residual not in ("buffer", "model"):
+            raise ValueError(f"compression.residual must be 'buffer' or 'model', got {self.residual!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -30,7 +30,11 @@ def pseudo_gradients(outer_params: list[Tensor], model: nn.Module) -> list[Tenso
 
 
 @torch.no_grad()
-def load_params(model: nn.Module, params: list[Tensor]) -> None:
-    """Copy the outer parameters into the model (the start of the next inner phase)."""
-    for p, src in zip(model.parameters(), params):
-        p.copy_(src.to(p.device, dtype=p.dtype))
+def load_params(model: nn.Module, params: list[Tensor], offsets: list[Tensor] | None = None) -> None:
+    """Copy the outer parameters, minus `offsets` (flat, per parameter) when given, into
+    the model: the start of the next inner phase."""
+    for i, (p, src) in enumerate(zip(model.parameters(), params)):
+        if offsets is None:
+            p.copy_(src.to(p.device, dtype=p.dtype))
+        else:
+            p.copy_((src - offsets[i].view(src.shape).to(src.device)).to(p.device, dtype=p.dtype))

@@ -12,7 +12,7 @@ from locoswarm.optim.config import InnerConfig
 def lr_at(global_step: float, total_steps: int, cfg: InnerConfig) -> float:
     """The inner learning rate at `global_step` of a run planned for `total_steps`."""
     if cfg.warmup_steps > 0 and global_step < cfg.warmup_steps:
-        return cfg.lr * (global_step + 1) / cfg.warmup_steps
+        return cfg.lr * min(1.0, (global_step + 1) / cfg.warmup_steps)
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, max(0.0, (global_step - cfg.warmup_steps) / span))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))

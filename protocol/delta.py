@@ -85,9 +85,16 @@ class DeltaSpec:
     def max_message_bytes(self) -> int:
         payload = sum(sum(t.payload_nbytes()) for t in self.tensors)
         # msgpack framing: a few bytes per field plus names and shapes; generous but bounded.
-        framing = 512 + len(self.run_id) + len(self.spec_hash) + MAX_SENDER_LEN
+        # Strings are counted in UTF-8 bytes: a sender may use 4 bytes per character.
+        framing = 512 + len(self.run_id.encode()) + len(self.spec_hash) + 4 * MAX_SENDER_LEN
         framing += sum(64 + len(t.name.encode()) + 10 * len(t.shape) for t in self.tensors)
         return payload + framing
+
+    @property
+    def max_string_bytes(self) -> int:
+        """The longest string a valid delta of this spec can carry, in UTF-8 bytes."""
+        names = max((len(t.name.encode()) for t in self.tensors), default=0)
+        return max(len(self.run_id.encode()), 4 * MAX_SENDER_LEN, names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +180,7 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
             use_list=True,
             strict_map_key=True,
             max_bin_len=limit,
-            max_str_len=max(1024, MAX_SENDER_LEN * 4),
+            max_str_len=spec.max_string_bytes,
             max_array_len=max(16, 8 * len(spec.tensors) + 64),
             max_map_len=16,
             max_ext_len=0,
@@ -186,8 +193,9 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
     if version != FORMAT_VERSION or type(version) is not int:
         raise VersionMismatch(f"delta format version {version!r}; this peer speaks {FORMAT_VERSION}")
     if set(body) != _TOP_KEYS:
-        missing, extra = sorted(_TOP_KEYS - set(body)), sorted(set(body) - _TOP_KEYS)
-        raise MalformedMessage(f"delta fields wrong: missing {missing}, unexpected {extra}")
+        # repr: keys may mix str and bytes, which do not sort together
+        missing, extra = sorted(_TOP_KEYS - set(body)), sorted(map(repr, set(body) - _TOP_KEYS))
+        raise MalformedMessage(f"delta fields wrong: missing {missing}, unexpected [{', '.join(extra)}]")
     if body["run"] != spec.run_id:
         raise SpecMismatch(f"delta is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
     if body["spec"] != spec.spec_hash:

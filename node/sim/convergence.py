@@ -34,6 +34,7 @@ from locoswarm.optim import (
     ErrorFeedbackCompressor,
     OuterOptimizer,
     aggregate,
+    support_union,
     average_dense,
     delta_spec,
     lr_at,
@@ -94,9 +95,9 @@ PRESETS: dict[str, BenchConfig] = {
         preset="quick",
         model="tiny",
         tokenizer="byte",
-        data=DataConfig(source="builtin:shakespeare", seq_len=128),
+        data=DataConfig(source="builtin:shakespeare", seq_len=64),
         batch_size=8,
-        total_steps=360,
+        total_steps=320,
         diloco=DiLoCoConfig(inner_steps=20),
         eval_sequences=64,
     ),
@@ -122,6 +123,7 @@ class RunResult:
     wall_s: float
     curve: list[tuple[int, float]]
     rounds: int = 0
+    consensus_eval_loss: float | None = None
 
 
 class Workload:
@@ -230,24 +232,37 @@ def run_diloco(
             avg = average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)])
             sent += _ring_allreduce_bytes(w.params, n)
         else:
-            received = []
+            received, sent_dense = [], []
             for r, d in enumerate(deltas):
-                packed, _ = compressors[r].compress(d)
+                packed, own = compressors[r].compress(d)
+                sent_dense.append(own)
                 msg = DeltaMessage(run_id="bench", spec_hash=b"\0" * 32, round=rounds,
                                    sender=f"replica-{r:04d}", num_tokens=tokens, tensors=tuple(packed))
                 blob = encode_delta(msg)
                 sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
                 received.append(decode_delta(blob, spec))
-            avg = aggregate(received, shapes, outer.params[0].device)
+            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation)
+            if compression.aggregation == "masked":
+                union = support_union(received, outer.params[0].device)
+                for r in range(n):
+                    compressors[r].forget(union, sent_dense[r])
         outer.step(avg)
-        for m in models:
-            load_params(m, outer.params)
+        local_residual = compression is not None and compression.residual == "model"
+        for r, m in enumerate(models):
+            load_params(m, outer.params, compressors[r].model_offsets() if local_residual else None)
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))
         if on_round is not None:
             on_round(rounds, loss)
-    return RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
+    result = RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
+    if local_residual:
+        # Replicas differ by their unsent residuals: report the mean over the models the
+        # peers hold, and the consensus parameters alone.
+        result.eval_loss = sum(w.evaluate(m) for m in models) / n
+        load_params(models[0], outer.params)
+        result.consensus_eval_loss = w.evaluate(models[0])
+    return result
 
 
 def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
@@ -267,6 +282,7 @@ def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
             "bytes_sent_per_replica_per_round": (r.bytes_sent_per_replica / r.rounds) if r.rounds else None,
             "reduction_vs_ddp": reduction,
             "rounds": r.rounds,
+            "consensus_eval_loss": r.consensus_eval_loss,
             "wall_s": r.wall_s,
             "curve": r.curve,
         }
@@ -283,7 +299,24 @@ def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def flush_denormals():
+    """AdamW's second moments of rarely-updated rows decay into denormals, which make CPU
+    arithmetic many times slower; flush them to zero while training, and restore the
+    process-wide setting afterwards (other code may rely on IEEE subnormals)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def run_benchmark(cfg: BenchConfig, runs: tuple[str, ...] = RUNS, log: Callable[[str], None] = print) -> dict:
+    with flush_denormals():
+        return _run_benchmark(cfg, runs, log)
+
+
+def _run_benchmark(cfg: BenchConfig, runs: tuple[str, ...], log: Callable[[str], None]) -> dict:
     cfg.validate()
     for name in runs:
         if name not in RUNS:

@@ -1,0 +1,79 @@
+"""`locoswarm bench …`: benchmarks. Thin: parse flags, build the config, call node.sim."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Benchmarks (figures for the README).", no_args_is_help=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@app.command()
+def convergence(
+    preset: str = typer.Option("quick", help="quick (tiny model, 2 CPU cores, ≤5 min) or gpu (≥100M params, one H100)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full results here."),
+    sweep: bool = typer.Option(False, help="Run the grid over H, density, bits, outer lr/momentum and error feedback."),
+    runs: str = typer.Option("ddp,diloco,compressed,local", help="Comma-separated runs to train."),
+    replicas: Optional[int] = typer.Option(None, help="Simulated peers N."),
+    steps: Optional[int] = typer.Option(None, help="Inner steps per run."),
+    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", "-H", help="H: inner steps per round."),
+    density: Optional[float] = typer.Option(None, help="Top-k density in (0, 1]."),
+    bits: Optional[int] = typer.Option(None, help="Bits per sent value: 2, 4 or 8."),
+    chunk: Optional[int] = typer.Option(None, help="Top-k chunk size, a power of two."),
+    outer_lr: Optional[float] = typer.Option(None, "--outer-lr", help="Outer learning rate."),
+    outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", help="Outer Nesterov momentum."),
+    ef_decay: Optional[float] = typer.Option(None, "--ef-decay", help="Error-feedback decay β."),
+    residual: Optional[str] = typer.Option(None, help="Where the unsent residual lives: buffer or model."),
+    model: Optional[str] = typer.Option(None, help="Model size: tiny, small, base or hf:llama."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps."),
+) -> None:
+    """Train ddp, DiLoCo, compressed DiLoCo and a lone replica on the same tokens; compare."""
+    from locoswarm.node.sim import convergence as conv
+    from locoswarm.node.sim.settings import apply_overrides
+    from locoswarm.node.sim.sweep import format_frontier, run_sweep
+
+    try:
+        if preset not in conv.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(conv.PRESETS)}")
+        cfg = apply_overrides(
+            conv.PRESETS[preset],
+            replicas=replicas, total_steps=steps, inner_steps=inner_steps, density=density, bits=bits,
+            chunk=chunk, outer_lr=outer_lr, outer_momentum=outer_momentum, ef_decay=ef_decay, residual=residual,
+            model=model, device=device,
+        )
+        run_names = tuple(r.strip() for r in runs.split(",") if r.strip())
+        for name in run_names:
+            if name not in conv.RUNS:
+                raise ValueError(f"--runs: unknown run {name!r}; known: {', '.join(conv.RUNS)}")
+        cfg.validate()
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if sweep:
+        result = run_sweep(cfg, log=typer.echo)
+        typer.echo(format_frontier(result))
+    else:
+        result = conv.run_benchmark(cfg, run_names, log=typer.echo)
+        typer.echo(conv.format_table(result))
+    if json_path is not None:
+        _write_json_atomic(json_path, result)
+        typer.echo(f"wrote {json_path}")

@@ -1,0 +1,102 @@
+"""The convergence benchmark end to end on a very small configuration: every run trains,
+the JSON carries the documented keys, and the traffic it reports is what was encoded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from locoswarm.node.sim import convergence as conv
+from locoswarm.node.sim.settings import apply_overrides
+from locoswarm.node.workload.data import DataConfig
+from locoswarm.optim import CompressionConfig, DiLoCoConfig
+
+
+def _small(**kw) -> conv.BenchConfig:
+    base = conv.BenchConfig(
+        model="tiny",
+        tokenizer="byte",
+        data=DataConfig(source="builtin:shakespeare", seq_len=32),
+        replicas=2,
+        batch_size=2,
+        total_steps=8,
+        diloco=DiLoCoConfig(inner_steps=4, compression=CompressionConfig(density=0.02, bits=2, chunk=1024)),
+        eval_sequences=4,
+    )
+    return replace(base, **kw)
+
+
+def test_benchmark_json_has_every_run_with_loss_gap_and_traffic():
+    summary = conv.run_benchmark(_small(), log=lambda _: None)
+    for key in ("params", "tokens", "replicas"):
+        assert summary[key] > 0
+    assert summary["tokens"] == 8 * 2 * 32 * 2
+    for name in conv.RUNS:
+        r = summary[name]
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
+        assert r["gap_pct"] is not None
+    assert summary["ddp"]["gap_pct"] == 0
+    assert summary["local"]["bytes_sent_per_replica"] == 0
+    assert summary["local"]["reduction_vs_ddp"] is None
+    # ring all-reduce of fp32 gradients every step: 2(N-1)/N · 4 · P per step
+    assert summary["ddp"]["bytes_sent_per_replica"] == int(2 * 1 / 2 * 4 * summary["params"] * 8)
+    assert summary["compressed"]["reduction_vs_ddp"] > summary["diloco"]["reduction_vs_ddp"] > 1
+    assert summary["compressed"]["rounds"] == 2
+
+
+def test_reported_bytes_equal_the_encoded_messages(monkeypatch):
+    lengths: list[int] = []
+    real = conv.encode_delta
+
+    def recording(msg):
+        blob = real(msg)
+        lengths.append(len(blob))
+        return blob
+
+    monkeypatch.setattr(conv, "encode_delta", recording)
+    summary = conv.run_benchmark(_small(), runs=("compressed",), log=lambda _: None)
+    n = 2
+    assert len(lengths) == n * summary["compressed"]["rounds"]
+    # each replica uploads its delta to the N-1 others; the figure is the mean over replicas
+    assert summary["compressed"]["bytes_sent_per_replica"] == round((n - 1) * sum(lengths) / n)
+
+
+def test_model_residual_keeps_each_replica_at_consensus_minus_its_residual():
+    cfg = _small(diloco=DiLoCoConfig(inner_steps=4, compression=CompressionConfig(
+        density=0.02, bits=2, chunk=1024, residual="model")))
+    summary = conv.run_benchmark(cfg, runs=("compressed",), log=lambda _: None)
+    r = summary["compressed"]
+    assert r["consensus_eval_loss"] is not None and math.isfinite(r["consensus_eval_loss"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"bits": 3}, "bits"),
+        ({"chunk": 1000}, "chunk"),
+        ({"model": "huge"}, "model"),
+        ({"inner_steps": 0}, "inner_steps"),
+        ({"replicas": 0}, "replicas"),
+    ],
+)
+def test_invalid_setting_is_refused_naming_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        apply_overrides(conv.PRESETS["quick"], **override)
+
+
+def test_missing_data_folder_is_refused_naming_it(tmp_path):
+    missing = tmp_path / "nope"
+    cfg = _small(data=DataConfig(source=str(missing), seq_len=32))
+    with pytest.raises(ValueError, match="nope"):
+        conv.run_benchmark(cfg, log=lambda _: None)
+
+
+def test_corpus_smaller_than_one_sequence_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("too short")
+    cfg = _small(data=DataConfig(source=str(tmp_path), seq_len=32))
+    with pytest.raises(ValueError, match="smaller than"):
+        conv.run_benchmark(cfg, log=lambda _: None)
