@@ -1,7 +1,7 @@
 """DiLoCo inner/outer optimization, pseudo-gradients, error-feedback compression and
 aggregation. Talks to the network only through the protocol's byte formats."""
 
-from locoswarm.optim.aggregate import aggregate, average_dense, support_union
+from locoswarm.optim.aggregate import aggregate, average_dense, coverage
 from locoswarm.optim.compress import ErrorFeedbackCompressor, delta_spec, densify, tensor_specs
 from locoswarm.optim.config import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 from locoswarm.optim.inner import make_inner_optimizer, pseudo_gradients, set_lr
@@ -17,12 +17,12 @@ __all__ = [
     "OuterOptimizer",
     "aggregate",
     "average_dense",
+    "coverage",
     "delta_spec",
     "densify",
     "lr_at",
     "make_inner_optimizer",
     "pseudo_gradients",
     "set_lr",
-    "support_union",
     "tensor_specs",
 ]

@@ -54,18 +54,23 @@ def aggregate(
     return out
 
 
-def support_union(deltas: list[DecodedDelta], device: torch.device | str) -> list[Tensor]:
-    """Per parameter, a flat bool mask of the coordinates that at least one delta sent."""
-    masks = []
-    for i in range(len(deltas[0].tensors)):
-        lay = deltas[0].tensors[i].layout
-        mask = torch.zeros(lay.numel, dtype=torch.bool, device=device)
-        for d in deltas:
+def coverage(deltas: list[DecodedDelta], device: torch.device | str) -> list[Tensor]:
+    """Per parameter, a flat fp32 tensor: at each coordinate the token share of the peers
+    that sent it (0 where nobody did), summed in ascending sender order."""
+    ordered = sorted(deltas, key=lambda d: d.sender)
+    total = sum(d.num_tokens for d in ordered)
+    out = []
+    for i in range(len(ordered[0].tensors)):
+        lay = ordered[0].tensors[i].layout
+        acc = torch.zeros(lay.numel, dtype=torch.float32, device=device)
+        scratch = torch.empty_like(acc)
+        for d in ordered:
             t = d.tensors[i]
-            scatter_chunks(t.indices.to(device), torch.ones(t.layout.num_selected, dtype=torch.bool, device=device),
-                           t.layout, out=mask)
-        masks.append(mask)
-    return masks
+            scratch.zero_()
+            marks = torch.full((t.layout.num_selected,), d.num_tokens / total, device=device)
+            acc.add_(scatter_chunks(t.indices.to(device), marks, t.layout, out=scratch))
+        out.append(acc)
+    return out
 
 
 def average_dense(deltas: list[tuple[str, int, list[Tensor]]]) -> list[Tensor]:

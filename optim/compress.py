@@ -42,11 +42,13 @@ def delta_spec(
 
 
 def densify(t: SparseTensor, out: Tensor | None = None, scale: float = 1.0) -> Tensor:
-    """Decode a validated sparse tensor into a dense flat fp32 tensor (numel,), times `scale`."""
-    values = dequantize(t.codes, t.scales, t.layout, t.bits)
+    """Decode a validated sparse tensor into a dense flat fp32 tensor (numel,), times
+    `scale`, on `out`'s device (zeroed, (numel,)) when given, else on the CPU."""
+    device = out.device if out is not None else t.codes.device
+    values = dequantize(t.codes.to(device), t.scales.to(device), t.layout, t.bits)
     if scale != 1.0:
         values = values * scale
-    return scatter_chunks(t.indices.to(values.device), values, t.layout, out=out)
+    return scatter_chunks(t.indices.to(device), values, t.layout, out=out)
 
 
 class ErrorFeedbackCompressor:
@@ -102,12 +104,14 @@ class ErrorFeedbackCompressor:
         return packed, transmitted
 
     @torch.no_grad()
-    def forget(self, masks: list[Tensor], sent: list[Tensor]) -> None:
-        """Drop the residual where the consensus moved (`masks`, flat bool) on coordinates
-        this peer did not send itself (where `sent`, its last transmitted values, is 0):
-        the consensus now holds the other peers' value there, and keeping ours as well
-        would count that progress twice."""
-        for err, mask, t in zip(self.errors, masks, sent):
+    def forget(self, moved: list[Tensor], sent: list[Tensor]) -> None:
+        """After a "masked" round: where the consensus moved (`moved`, flat bool, from
+        `coverage(...) > 0`) on a coordinate this peer did not send (its transmitted value
+        `sent` is 0), drop this peer's residual there. The consensus now holds the
+        senders' average for it; keeping our own unsent progress as well would count the
+        same progress twice. (Blending the two by token share instead measured worse in
+        the sweep; README.)"""
+        for err, mask, t in zip(self.errors, moved, sent):
             err.masked_fill_(mask & (t == 0), 0.0)
 
     @torch.no_grad()

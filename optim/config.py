@@ -43,9 +43,9 @@ class InnerConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OuterConfig:
-    lr: float = 1.0
+    lr: float = 0.7
     """Outer SGD learning rate applied to the averaged pseudo-gradient (paper: 0.7)."""
-    momentum: float = 0.0
+    momentum: float = 0.5
     """Outer momentum (paper: 0.9, Nesterov). 0 with lr 1 is plain averaging."""
     nesterov: bool = True
     """Nesterov momentum when momentum > 0."""
@@ -63,7 +63,7 @@ class OuterConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CompressionConfig:
-    density: float = 0.015
+    density: float = 0.0075
     """Fraction of each chunk's entries sent (top-k by magnitude)."""
     bits: int = 2
     """Bits per sent value: 2, 4 or 8."""
@@ -71,13 +71,13 @@ class CompressionConfig:
     """Chunk size for top-k, a power of two; indices take log2(chunk) bits."""
     ef_decay: float = 1.0
     """Error-feedback decay β: e ← β·e + Δ before compressing (SparseLoCo). 1 keeps everything."""
-    residual: str = "buffer"
+    residual: str = "model"
     """Where the untransmitted residual e lives between rounds. "buffer": aside, and the
     replica restarts every round from the consensus parameters (SparseLoCo, DeMo).
     "model": applied in the replica's own parameters, which restart at θ_outer − β·e, so a
     peer never throws away its own unsent progress."""
 
-    aggregation: str = "mean"
+    aggregation: str = "masked"
     """How received sparse deltas combine. "mean": DiLoCo's average, unsent entries count
     as 0. "masked": per coordinate, the average over the peers that sent it; with residual
     "model" a peer then drops its own unsent residual where the consensus moved."""
@@ -99,7 +99,7 @@ class CompressionConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DiLoCoConfig:
-    inner_steps: int = 30
+    inner_steps: int = 10
     """H: inner steps between two outer steps."""
     inner: InnerConfig = field(default_factory=InnerConfig)
     """The inner optimizer."""

@@ -34,3 +34,13 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
 def np_rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A numpy generator seeded from the test id."""
     return np.random.default_rng(_seed_of(request))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, naming the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -34,7 +34,7 @@ from locoswarm.optim import (
     ErrorFeedbackCompressor,
     OuterOptimizer,
     aggregate,
-    support_union,
+    coverage,
     average_dense,
     delta_spec,
     lr_at,
@@ -98,7 +98,7 @@ PRESETS: dict[str, BenchConfig] = {
         data=DataConfig(source="builtin:shakespeare", seq_len=64),
         batch_size=8,
         total_steps=320,
-        diloco=DiLoCoConfig(inner_steps=20),
+        diloco=DiLoCoConfig(),
         eval_sequences=64,
     ),
     # ≤ 10 min on one H100 for all four runs, ≥ 100M parameters.
@@ -108,8 +108,11 @@ PRESETS: dict[str, BenchConfig] = {
         tokenizer="gpt2",
         data=DataConfig(source="builtin:shakespeare+builtin:kjv", seq_len=256),
         batch_size=16,
-        total_steps=600,
-        diloco=DiLoCoConfig(inner_steps=30, inner=replace(DiLoCoConfig().inner, lr=6e-4, warmup_steps=60)),
+        total_steps=500,
+        diloco=DiLoCoConfig(
+            inner=replace(DiLoCoConfig().inner, lr=6e-4, warmup_steps=50),
+            outer=replace(DiLoCoConfig().outer, device="model"),
+        ),
         eval_sequences=256,
         device="cuda",
     ),
@@ -242,11 +245,11 @@ def run_diloco(
                 sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
                 received.append(decode_delta(blob, spec))
             avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation)
-            if compression.aggregation == "masked":
-                union = support_union(received, outer.params[0].device)
-                for r in range(n):
-                    compressors[r].forget(union, sent_dense[r])
         outer.step(avg)
+        if compression is not None and compression.aggregation == "masked":
+            moved = [share > 0 for share in coverage(received, outer.params[0].device)]
+            for r in range(n):
+                compressors[r].forget(moved, sent_dense[r])
         local_residual = compression is not None and compression.residual == "model"
         for r, m in enumerate(models):
             load_params(m, outer.params, compressors[r].model_offsets() if local_residual else None)

