@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from locoswarm.node.sim import convergence as conv
 from locoswarm.node.sim.settings import apply_overrides
@@ -64,11 +65,31 @@ def test_reported_bytes_equal_the_encoded_messages(monkeypatch):
 
 
 def test_model_residual_keeps_each_replica_at_consensus_minus_its_residual():
-    cfg = _small(diloco=DiLoCoConfig(inner_steps=4, compression=CompressionConfig(
-        density=0.02, bits=2, chunk=1024, residual="model")))
-    summary = conv.run_benchmark(cfg, runs=("compressed",), log=lambda _: None)
-    r = summary["compressed"]
-    assert r["consensus_eval_loss"] is not None and math.isfinite(r["consensus_eval_loss"])
+    comp = CompressionConfig(density=0.02, bits=2, chunk=1024, residual="model", aggregation="masked")
+    cfg = _small(diloco=DiLoCoConfig(inner_steps=4, compression=comp))
+    keep: dict = {}
+    with conv.flush_denormals():
+        w = conv.Workload(cfg)
+        result = conv.run_diloco(w, comp, keep=keep)
+    outer, models, comps = keep["outer"], keep["models"], keep["compressors"]
+    assert result.consensus_eval_loss is not None and math.isfinite(result.consensus_eval_loss)
+    # after the last round replica 0 was loaded with the consensus for the consensus eval;
+    # every other replica holds θ_outer − e, bit for bit
+    for model, c in zip(models[1:], comps[1:]):
+        for p, o, e in zip(model.parameters(), outer.params, c.model_offsets()):
+            assert torch.equal(p.detach(), o - e.view(o.shape))
+    # and the replicas differ: each kept its own unsent progress
+    assert not all(torch.equal(a, b) for a, b in zip(models[1].parameters(), models[0].parameters()))
+
+
+def test_uncompressed_replicas_are_identical_to_the_consensus_after_every_round():
+    cfg = _small()
+    keep: dict = {}
+    with conv.flush_denormals():
+        conv.run_diloco(conv.Workload(cfg), None, keep=keep)
+    for model in keep["models"]:
+        for p, o in zip(model.parameters(), keep["outer"].params):
+            assert torch.equal(p.detach(), o)
 
 
 @pytest.mark.parametrize(

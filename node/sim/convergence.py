@@ -203,8 +203,10 @@ def run_single(w: Workload, *, data_parallel: bool) -> RunResult:
 def run_diloco(
     w: Workload, compression: CompressionConfig | None, diloco: DiLoCoConfig | None = None,
     on_round: Callable[[int, float], None] | None = None,
+    keep: dict | None = None,
 ) -> RunResult:
-    """N replicas with H inner steps per round; `compression` None exchanges fp32 deltas."""
+    """N replicas with H inner steps per round; `compression` None exchanges fp32 deltas.
+    `keep`, when given, receives the final models, outer optimizer and compressors."""
     cfg = w.cfg
     dl = diloco or cfg.diloco
     t0 = time.perf_counter()
@@ -259,6 +261,8 @@ def run_diloco(
         if on_round is not None:
             on_round(rounds, loss)
     result = RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
+    if keep is not None:
+        keep.update(models=models, outer=outer, compressors=compressors if compression is not None else None)
     if local_residual:
         # Replicas differ by their unsent residuals: report the mean over the models the
         # peers hold, and the consensus parameters alone.
