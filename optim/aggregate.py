@@ -34,22 +34,18 @@ def aggregate(
     total = sum(d.num_tokens for d in ordered)
     if not ordered or total <= 0:
         raise ValueError("no pseudo-gradient with a positive token count to aggregate")
+    shares = coverage(ordered, device) if rule == "masked" else None
     out = []
     for i, shape in enumerate(shapes):
         numel = ordered[0].tensors[i].layout.numel
         acc = torch.zeros(numel, dtype=torch.float32, device=device)
         scratch = torch.empty_like(acc)
-        weight = torch.zeros_like(acc) if rule == "masked" else None
         for d in ordered:
             scratch.zero_()
             acc.add_(densify(d.tensors[i], out=scratch, scale=d.num_tokens / total))
-            if weight is not None:
-                t = d.tensors[i]
-                scratch.zero_()
-                marks = torch.full((t.layout.num_selected,), d.num_tokens / total, device=device)
-                weight.add_(scatter_chunks(t.indices.to(device), marks, t.layout, out=scratch))
-        if weight is not None:
-            acc = torch.where(weight > 0, acc / torch.where(weight > 0, weight, torch.ones_like(weight)), acc)
+        if shares is not None:
+            w = shares[i]
+            acc = torch.where(w > 0, acc / torch.where(w > 0, w, torch.ones_like(w)), acc)
         out.append(acc.view(shape))
     return out
 

@@ -63,7 +63,7 @@ class OuterConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CompressionConfig:
-    density: float = 0.0075
+    density: float = 0.00375
     """Fraction of each chunk's entries sent (top-k by magnitude)."""
     bits: int = 2
     """Bits per sent value: 2, 4 or 8."""
@@ -99,7 +99,7 @@ class CompressionConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DiLoCoConfig:
-    inner_steps: int = 10
+    inner_steps: int = 5
     """H: inner steps between two outer steps."""
     inner: InnerConfig = field(default_factory=InnerConfig)
     """The inner optimizer."""
