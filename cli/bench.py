@@ -44,6 +44,8 @@ def convergence(
     ef_decay: Optional[float] = typer.Option(None, "--ef-decay", help="Error-feedback decay β."),
     residual: Optional[str] = typer.Option(None, help="Where the unsent residual lives: buffer or model."),
     model: Optional[str] = typer.Option(None, help="Model size: tiny, small, base or hf:llama."),
+    data: Optional[str] = typer.Option(None, help="builtin:shakespeare, builtin:kjv, a folder of .txt/.jsonl, or several joined by '+'."),
+    tokenizer: Optional[str] = typer.Option(None, help="gpt2 or byte."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps."),
 ) -> None:
     """Train ddp, DiLoCo, compressed DiLoCo and a lone replica on the same tokens; compare."""
@@ -58,7 +60,7 @@ def convergence(
             conv.PRESETS[preset],
             replicas=replicas, total_steps=steps, inner_steps=inner_steps, density=density, bits=bits,
             chunk=chunk, outer_lr=outer_lr, outer_momentum=outer_momentum, ef_decay=ef_decay, residual=residual,
-            model=model, device=device,
+            model=model, device=device, data=data, tokenizer=tokenizer,
         )
         run_names = tuple(r.strip() for r in runs.split(",") if r.strip())
         for name in run_names:
@@ -68,12 +70,16 @@ def convergence(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if sweep:
-        result = run_sweep(cfg, log=typer.echo)
-        typer.echo(format_frontier(result))
-    else:
-        result = conv.run_benchmark(cfg, run_names, log=typer.echo)
-        typer.echo(conv.format_table(result))
+    try:
+        if sweep:
+            result = run_sweep(cfg, log=typer.echo)
+            typer.echo(format_frontier(result))
+        else:
+            result = conv.run_benchmark(cfg, run_names, log=typer.echo)
+            typer.echo(conv.format_table(result))
+    except ValueError as e:  # data or tokenizer refused while loading: nothing was written
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if json_path is not None:
         _write_json_atomic(json_path, result)
         typer.echo(f"wrote {json_path}")

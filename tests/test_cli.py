@@ -61,3 +61,23 @@ def test_bench_writes_json_with_the_documented_keys(tmp_path):
         for key in ("eval_loss", "gap_pct", "bytes_sent_per_replica", "reduction_vs_ddp"):
             assert key in data[run]
     assert "compressed" in res.output
+
+
+def test_missing_data_folder_exits_2_naming_it_and_writes_nothing(tmp_path):
+    out = tmp_path / "result.json"
+    missing = tmp_path / "no-such-corpus"
+    res = CliRunner().invoke(app, ["bench", "convergence", "--data", str(missing), "--json", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "no-such-corpus" in res.output
+    assert not out.exists()
+
+
+def test_corpus_smaller_than_a_sequence_exits_2_and_writes_nothing(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("to be")
+    out = tmp_path / "result.json"
+    res = CliRunner().invoke(app, ["bench", "convergence", "--data", str(corpus), "--json", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "smaller than" in res.output
+    assert not out.exists()

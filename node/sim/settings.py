@@ -18,6 +18,10 @@ def apply_overrides(base: BenchConfig, **overrides: object) -> BenchConfig:
         if comp is None:
             raise ValueError("compression settings given but the preset has compression off")
         comp = replace(comp, **comp_fields)
+    if "data" in o:
+        o["data"] = replace(base.data, source=o.pop("data"))
+    if "tokenizer" in o and o["tokenizer"] not in ("gpt2", "byte"):
+        raise ValueError(f"tokenizer: unknown tokenizer {o['tokenizer']!r}; use gpt2 or byte")
     outer = dl.outer
     if "outer_lr" in o:
         outer = replace(outer, lr=o.pop("outer_lr"))
