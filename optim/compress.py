@@ -60,6 +60,8 @@ class ErrorFeedbackCompressor:
         self.cfg = cfg
         self.errors = [torch.zeros(s.layout.numel, dtype=torch.float32, device=device) for s in specs]
         """e per tensor, flat fp32: what has not been transmitted yet."""
+        self.sent_masks: list[Tensor] = [torch.zeros(s.layout.numel, dtype=torch.bool, device=device) for s in specs]
+        """Per tensor, flat bool: the coordinates this peer sent in its last message."""
 
     @torch.no_grad()
     def compress(self, deltas: list[Tensor]) -> tuple[list[PackedTensor], list[Tensor]]:
@@ -67,7 +69,7 @@ class ErrorFeedbackCompressor:
         dense values a receiver will decode (flat fp32, for tests and local bookkeeping).
 
         Raises ValueError on a non-finite delta: a diverged replica must not send it."""
-        packed, buffers, transmitted = [], [], []
+        packed, buffers, transmitted, sent_idx = [], [], [], []
         for spec, err, delta in zip(self.specs, self.errors, deltas):
             d = delta.reshape(-1).to(err.device, dtype=torch.float32)
             if not bool(torch.isfinite(d).all()):
@@ -84,6 +86,7 @@ class ErrorFeedbackCompressor:
                 # has been committed to the residuals yet, so the caller can skip the round.
                 raise ValueError(f"pseudo-gradient of {spec.name!r} exceeds the bfloat16 range of the scales")
             t = scatter_chunks(idx, dequantize(codes, scales, lay, spec.bits), lay)
+            sent_idx.append(idx)
             buffers.append(buf)
             transmitted.append(t)
             packed.append(
@@ -101,18 +104,20 @@ class ErrorFeedbackCompressor:
         # Commit the residuals only once every tensor compressed: a refusal loses nothing.
         for err, buf, t in zip(self.errors, buffers, transmitted):
             err.copy_(buf.sub_(t))
+        for mask, idx, spec in zip(self.sent_masks, sent_idx, self.specs):
+            mask.zero_()
+            scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), spec.layout, out=mask)
         return packed, transmitted
 
     @torch.no_grad()
-    def forget(self, moved: list[Tensor], sent: list[Tensor]) -> None:
+    def forget(self, moved: list[Tensor]) -> None:
         """After a "masked" round: where the consensus moved (`moved`, flat bool, from
-        `coverage(...) > 0`) on a coordinate this peer did not send (its transmitted value
-        `sent` is 0), drop this peer's residual there. The consensus now holds the
-        senders' average for it; keeping our own unsent progress as well would count the
-        same progress twice. (Blending the two by token share instead measured worse in
-        the sweep; README.)"""
-        for err, mask, t in zip(self.errors, moved, sent):
-            err.masked_fill_(mask & (t == 0), 0.0)
+        `coverage(...) > 0`) on a coordinate this peer did not send in its last message,
+        drop this peer's residual there. The consensus now holds the senders' average for
+        it; keeping our own unsent progress as well would count the same progress twice.
+        (Blending the two by token share instead measured worse in the sweep; README.)"""
+        for err, mask, sent in zip(self.errors, moved, self.sent_masks):
+            err.masked_fill_(mask & ~sent, 0.0)
 
     @torch.no_grad()
     def model_offsets(self) -> list[Tensor]:

@@ -237,10 +237,9 @@ def run_diloco(
             avg = average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)])
             sent += _ring_allreduce_bytes(w.params, n)
         else:
-            received, sent_dense = [], []
+            received = []
             for r, d in enumerate(deltas):
-                packed, own = compressors[r].compress(d)
-                sent_dense.append(own)
+                packed, _ = compressors[r].compress(d)
                 msg = DeltaMessage(run_id="bench", spec_hash=b"\0" * 32, round=rounds,
                                    sender=f"replica-{r:04d}", num_tokens=tokens, tensors=tuple(packed))
                 blob = encode_delta(msg)
@@ -251,7 +250,7 @@ def run_diloco(
         if compression is not None and compression.aggregation == "masked":
             moved = [share > 0 for share in coverage(received, outer.params[0].device)]
             for r in range(n):
-                compressors[r].forget(moved, sent_dense[r])
+                compressors[r].forget(moved)
         local_residual = compression is not None and compression.residual == "model"
         for r, m in enumerate(models):
             load_params(m, outer.params, compressors[r].model_offsets() if local_residual else None)
