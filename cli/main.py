@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from locoswarm import __version__
-from locoswarm.cli import bench
+from locoswarm.cli import bench, run
 
 app = typer.Typer(
     name="locoswarm",
@@ -16,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bench.app, name="bench")
+app.add_typer(run.app, name="run")
 
 
 @app.command()

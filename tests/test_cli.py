@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from locoswarm.cli.main import app
 
 
-@pytest.mark.parametrize("argv", [["-m", "locoswarm", "--help"], ["-m", "locoswarm", "bench", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "locoswarm", "--help"], ["-m", "locoswarm", "bench", "--help"], ["-m", "locoswarm", "run", "--help"]],
+)
 def test_help_does_not_import_torch(argv):
     code = (
         "import sys, runpy; sys.argv = ['locoswarm'] + sys.argv[1:]\n"

@@ -1,0 +1,245 @@
+"""The run spec: everything peers of one training run must agree on (issue 3).
+
+A TOML file (`locoswarm run init` writes one) with the run id, genesis seed, model,
+tokenizer, data, DiLoCo and compression settings, round policy and initial peers. Its hash
+(SHA-256 of a canonical JSON of every setting but the initial peers, which only say where
+to find the swarm, and where a peer keeps its outer state) goes into every peer record and every delta, so a peer of another run
+or another spec is refused. The embedded default (tiny model on the bundled Shakespeare)
+needs no file. Parsing is strict: an unknown key or a value of the wrong type is an error
+that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from locoswarm.node.workload.data import DataConfig
+from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SPEC_VERSION = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundPolicy:
+    deadline_s: float = 30.0
+    """How long a peer waits for the round's announced deltas before aggregating what arrived."""
+
+    def validate(self) -> None:
+        if not self.deadline_s > 0:
+            raise ValueError(f"rounds.deadline_s must be > 0, got {self.deadline_s}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSpec:
+    run_id: str = "locoswarm-default"
+    """Name of the run; peers of other runs are refused."""
+    seed: int = 0
+    """Genesis seed: initial weights and the data shuffle."""
+    model: str = "tiny"
+    """Model size (tiny, small, base) or hf:llama."""
+    tokenizer: str = "byte"
+    """gpt2 or byte."""
+    batch_size: int = 8
+    """Sequences per peer per inner step."""
+    total_steps: int = 100_000
+    """Global steps the learning-rate schedule is planned for."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=64))
+    """Corpus, sequence length, split."""
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    """Inner/outer optimizers, H and compression."""
+    rounds: RoundPolicy = field(default_factory=RoundPolicy)
+    """Round timing."""
+    initial_peers: list[str] = field(default_factory=list)
+    """Multiaddrs of peers to join through; not part of the hash."""
+
+    def validate(self) -> None:
+        if not self.run_id or len(self.run_id) > 128 or not self.run_id.isprintable():
+            raise ValueError(f"run_id must be 1..128 printable characters, got {self.run_id!r}")
+        if self.tokenizer not in ("gpt2", "byte"):
+            raise ValueError(f"tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
+        from locoswarm.node.workload.model import SIZES
+
+        if self.model not in SIZES and self.model != "hf:llama":
+            raise ValueError(f"model: unknown size {self.model!r}; known: {', '.join(sorted(SIZES))}, hf:llama")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        self.data.validate()
+        self.diloco.validate()
+        self.rounds.validate()
+
+    def hash(self) -> bytes:
+        """SHA-256 over every setting but `initial_peers` and `diloco.outer.device` (where a
+        peer keeps its outer state is its own choice), in a canonical form."""
+        body = to_dict(self)
+        body.pop("initial_peers")
+        body["diloco"]["outer"].pop("device")
+        canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).digest()
+
+
+def to_dict(spec: RunSpec) -> dict[str, Any]:
+    out = dataclasses.asdict(spec)
+    if out["diloco"]["compression"] is None:
+        out["diloco"]["compression"] = {"enabled": False}
+    out["diloco"]["inner"]["betas"] = list(out["diloco"]["inner"]["betas"])
+    return out
+
+
+# ------------------------------------------------------------------ TOML reading
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "diloco": DiLoCoConfig,
+    "diloco.inner": InnerConfig,
+    "diloco.outer": OuterConfig,
+    "diloco.compression": CompressionConfig,
+    "rounds": RoundPolicy,
+}
+
+
+def _build(cls: type, table: dict[str, Any], where: str, path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"{path}: unknown key {name!r}")
+        default = getattr(cls(), key)
+        sub = f"{where}.{key}" if where else key
+        if sub in _SECTIONS:
+            if key == "compression" and isinstance(value, dict) and value.get("enabled") is False:
+                if len(value) != 1:
+                    raise ValueError(f"{path}: {name} has enabled = false and other keys")
+                kwargs[key] = None
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {name} must be a table")
+            value = {k: v for k, v in value.items() if not (key == "compression" and k == "enabled" and v is True)}
+            kwargs[key] = _build(_SECTIONS[sub], value, sub, path)
+            continue
+        kwargs[key] = _coerce(default, value, name, path)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _coerce(default: Any, value: Any, name: str, path: str) -> Any:
+    def wrong(expected: str) -> ValueError:
+        return ValueError(f"{path}: {name} must be {expected}, got {type(value).__name__} {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or len(value) != len(default):
+            raise wrong(f"a list of {len(default)} numbers")
+        return tuple(_coerce(d, v, name, path) for d, v in zip(default, value))
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return list(value)
+    raise AssertionError(f"no coercion for {name}")
+
+
+def load_spec(path: str | None) -> RunSpec:
+    """The spec in the TOML file at `path`, or the embedded default when `path` is None."""
+    if path is None:
+        spec = RunSpec()
+        spec.validate()
+        return spec
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"run spec {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    version = table.pop("spec_version", SPEC_VERSION)
+    if version != SPEC_VERSION:
+        raise ValueError(f"{path}: spec_version {version!r}; this build reads {SPEC_VERSION}")
+    spec = _build(RunSpec, table, "", path)
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return spec
+
+
+# ------------------------------------------------------------------ TOML writing
+
+
+def to_toml(spec: RunSpec) -> str:
+    body = to_dict(spec)
+    lines = [f"# locoswarm run spec; hash {spec.hash().hex()}", f"spec_version = {SPEC_VERSION}"]
+    scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    _tables(body, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _tables(body: dict[str, Any], prefix: str, lines: list[str]) -> None:
+    for key, value in body.items():
+        if not isinstance(value, dict):
+            continue
+        name = f"{prefix}{key}"
+        lines.append("")
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in value.items() if not isinstance(v, dict)]
+        _tables(value, f"{name}.", lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise AssertionError(f"cannot write {type(v).__name__} to TOML")
+
+
+def write_spec(spec: RunSpec, path: str, *, force: bool = False) -> None:
+    """Write `spec` atomically (temporary file, fsync, rename); refuse to overwrite unless `force`."""
+    spec.validate()
+    if os.path.exists(path) and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite it")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".runspec.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(to_toml(spec))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
