@@ -1,0 +1,158 @@
+"""State-transfer frames: how a joining peer downloads the outer state (parameters, outer
+momentum, round) from a donor, in verifiable chunks that can be resumed or fetched from
+another donor.
+
+A manifest (msgpack, version 1) comes first:
+
+    {"v": 1, "run": str, "spec": bytes, "round": int, "tensors": [[name, shape], …],
+     "chunk_bytes": int, "chunks": [sha256, …], "digest": sha256}
+
+The body is every tensor's float32 values, little-endian, concatenated in manifest order and
+cut into `chunk_bytes` pieces; `chunks[i]` is the SHA-256 of piece i and `digest` that of
+the whole body. The joiner checks the manifest against what its own run spec says the state
+looks like (names and shapes, hence the exact byte count: nothing a donor sends can make it
+allocate more), then accepts pieces in any order from any donor whose manifest has the same
+digest, verifying each against its hash before writing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+from torch import Tensor
+
+from locoswarm.protocol.errors import (
+    MalformedMessage,
+    NonFiniteValue,
+    OversizedMessage,
+    ShapeMismatch,
+    SpecMismatch,
+    VersionMismatch,
+)
+
+STATE_VERSION = 1
+DEFAULT_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK, _MAX_CHUNK = 1 << 10, 64 << 20
+_KEYS = frozenset({"v", "run", "spec", "round", "tensors", "chunk_bytes", "chunks", "digest"})
+
+
+@dataclass(frozen=True, slots=True)
+class StateSpec:
+    """What the run spec says the outer state looks like."""
+
+    run_id: str
+    spec_hash: bytes
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(4 * int(np.prod(shape, dtype=np.int64)) for _, shape in self.tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    round: int
+    chunk_bytes: int
+    chunks: tuple[bytes, ...]
+    digest: bytes
+
+
+def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[bytes, bytes]:
+    """Returns (manifest bytes, body bytes) for `state`, whose tensors follow `spec`'s order."""
+    assert [n for n, _ in spec.tensors] == list(state), "state must follow the spec's tensor order"
+    body = b"".join(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+                    for t in state.values())
+    assert len(body) == spec.total_bytes
+    chunks = [hashlib.sha256(body[i : i + chunk_bytes]).digest() for i in range(0, len(body), chunk_bytes)]
+    manifest = {
+        "v": STATE_VERSION, "run": spec.run_id, "spec": spec.spec_hash, "round": round_,
+        "tensors": [[n, list(s)] for n, s in spec.tensors], "chunk_bytes": chunk_bytes,
+        "chunks": chunks, "digest": hashlib.sha256(body).digest(),
+    }
+    return msgpack.packb(manifest, use_bin_type=True), body
+
+
+def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
+    """Validate a donor's manifest against `spec`; raises a ProtocolError subclass."""
+    num_chunks_max = spec.total_bytes // _MIN_CHUNK + 1
+    limit = 1024 + 64 * num_chunks_max + sum(64 + len(n.encode()) + 10 * len(s) for n, s in spec.tensors)
+    if len(blob) > limit:
+        raise OversizedMessage(f"state manifest of {len(blob)} bytes exceeds the limit of {limit}")
+    try:
+        m = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=4096,
+                            max_array_len=max(num_chunks_max, len(spec.tensors)) + 16, max_map_len=16, max_ext_len=0)
+    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
+        raise MalformedMessage(f"state manifest is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(m, dict):
+        raise MalformedMessage("state manifest must be a map")
+    if m.get("v") != STATE_VERSION:
+        raise VersionMismatch(f"state manifest version {m.get('v')!r}; this peer speaks {STATE_VERSION}")
+    if set(m) != _KEYS:
+        raise MalformedMessage(f"state manifest fields wrong: {sorted(map(repr, set(m) ^ _KEYS))}")
+    if m["run"] != spec.run_id or m["spec"] != spec.spec_hash:
+        raise SpecMismatch("state manifest is from another run or run spec")
+    expected = [[n, list(s)] for n, s in spec.tensors]
+    if m["tensors"] != expected:
+        raise ShapeMismatch("state manifest's tensors differ from the run spec's model")
+    round_, chunk_bytes = m["round"], m["chunk_bytes"]
+    if type(round_) is not int or not 0 <= round_ < 2**62:
+        raise MalformedMessage(f"state manifest round {round_!r} invalid")
+    if type(chunk_bytes) is not int or not _MIN_CHUNK <= chunk_bytes <= _MAX_CHUNK:
+        raise MalformedMessage(f"state chunk size {chunk_bytes!r} outside [{_MIN_CHUNK}, {_MAX_CHUNK}]")
+    chunks = m["chunks"]
+    need = -(-spec.total_bytes // chunk_bytes)
+    if not isinstance(chunks, list) or len(chunks) != need:
+        raise MalformedMessage(f"state manifest lists {len(chunks) if isinstance(chunks, list) else '?'} chunks, "
+                               f"expected {need}")
+    if not all(isinstance(c, bytes) and len(c) == 32 for c in chunks + [m["digest"]]):
+        raise MalformedMessage("state manifest hashes must be 32-byte SHA-256 digests")
+    return Manifest(round=round_, chunk_bytes=chunk_bytes, chunks=tuple(chunks), digest=m["digest"])
+
+
+class StateAssembler:
+    """Collects verified chunks of one manifest's body, from any donors, in any order."""
+
+    def __init__(self, spec: StateSpec, manifest: Manifest) -> None:
+        self.spec = spec
+        self.manifest = manifest
+        self._body = bytearray(spec.total_bytes)
+        self._have = [False] * len(manifest.chunks)
+
+    def missing(self) -> list[int]:
+        return [i for i, ok in enumerate(self._have) if not ok]
+
+    def add(self, index: int, data: bytes) -> None:
+        """Verify chunk `index` against the manifest and keep it; raises a ProtocolError
+        (and keeps nothing) when it does not match, so it can be fetched again elsewhere."""
+        if not 0 <= index < len(self._have):
+            raise MalformedMessage(f"state chunk index {index} outside [0, {len(self._have)})")
+        start = index * self.manifest.chunk_bytes
+        size = min(self.manifest.chunk_bytes, self.spec.total_bytes - start)
+        if len(data) != size:
+            raise MalformedMessage(f"state chunk {index} holds {len(data)} bytes, expected {size}")
+        if hashlib.sha256(data).digest() != self.manifest.chunks[index]:
+            raise MalformedMessage(f"state chunk {index} does not match its hash")
+        self._body[start : start + size] = data
+        self._have[index] = True
+
+    def finish(self) -> dict[str, Tensor]:
+        """The state as float32 tensors, once every chunk is in and the digest matches."""
+        if self.missing():
+            raise MalformedMessage(f"state incomplete: {len(self.missing())} chunks missing")
+        if hashlib.sha256(self._body).digest() != self.manifest.digest:
+            raise MalformedMessage("state body does not match the manifest digest")
+        out, offset = {}, 0
+        for name, shape in self.spec.tensors:
+            n = int(np.prod(shape, dtype=np.int64))
+            arr = np.frombuffer(self._body, dtype="<f4", count=n, offset=offset)
+            out[name] = torch.from_numpy(arr.astype(np.float32)).view(shape)
+            offset += 4 * n
+        bad = [n for n, t in out.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteValue(f"state tensors {bad} hold non-finite values")
+        return out
