@@ -1,0 +1,128 @@
+"""State download for joining peers, over libp2p binary streams (see protocol/state.py).
+
+A donor serves the manifest and chunks of its current outer state. A joiner asks every
+donor it knows for its manifest, keeps the donors whose manifest is valid for its run spec
+and agrees on the newest round's digest, and spreads chunk requests over them (chunk i goes
+first to donor i mod D, so joiners do not all drain one donor). A chunk that fails, times
+out or does not match its hash is asked again from the next donor; a donor that fails is
+skipped for the rest of the download. Frames, integers big-endian: the request is a kind
+byte (0 manifest, 1 chunk) and an 8-byte chunk index; the response an 8-byte length and
+that many bytes, length 0 meaning "not available".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from hivemind.p2p import P2P, PeerID
+from torch import Tensor
+
+from locoswarm.protocol import MalformedMessage, OversizedMessage
+from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
+
+PROTOCOL = "locoswarm/state/1"
+_MANIFEST, _CHUNK = 0, 1
+log = logging.getLogger(__name__)
+
+
+class StateUnavailable(Exception):
+    """No donor could provide a complete, valid state."""
+
+
+class StateServer:
+    """Serves the manifest and chunks of the state last given to `publish`."""
+
+    def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0) -> None:
+        self.p2p = p2p
+        self.spec = spec
+        self.request_timeout_s = request_timeout_s
+        self._manifest = b""
+        self._body = b""
+        self._chunk_bytes = 1
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
+
+    def publish(self, state: dict[str, Tensor], round_: int, chunk_bytes: int = 4 << 20) -> None:
+        self._manifest, self._body = encode_state(self.spec, state, round_, chunk_bytes)
+        self._chunk_bytes = chunk_bytes
+
+    def chunk(self, index: int) -> bytes:
+        return self._body[index * self._chunk_bytes : (index + 1) * self._chunk_bytes]
+
+    async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readexactly(9), self.request_timeout_s)
+            kind, index = request[0], int.from_bytes(request[1:], "big")
+            payload = self._manifest if kind == _MANIFEST else self.chunk(index) if kind == _CHUNK else b""
+            writer.write(len(payload).to_bytes(8, "big"))
+            writer.write(payload)
+            await asyncio.wait_for(writer.drain(), self.request_timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            log.info("state request from %s abandoned: %s", getattr(info, "peer_id", "?"), type(e).__name__)
+        finally:
+            writer.close()
+
+
+async def _request(p2p: P2P, peer: PeerID, kind: int, index: int, limit: int, timeout_s: float) -> bytes:
+    async def go() -> bytes:
+        _, reader, writer = await p2p.call_binary_stream_handler(peer, PROTOCOL)
+        try:
+            writer.write(bytes([kind]) + index.to_bytes(8, "big"))
+            await writer.drain()
+            length = int.from_bytes(await reader.readexactly(8), "big")
+            if length == 0:
+                raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{index}")
+            if length > limit:
+                raise OversizedMessage(f"donor {peer} announced {length} bytes, above the limit of {limit}")
+            return await reader.readexactly(length)
+        except asyncio.IncompleteReadError as e:
+            raise MalformedMessage(f"donor {peer} closed the stream after {len(e.partial)} bytes") from None
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout_s)
+
+
+async def download_state(
+    p2p: P2P,
+    donors: list[PeerID],
+    spec: StateSpec,
+    *,
+    timeout_s: float = 30.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, dict[str, Tensor]]:
+    """Download the newest state the donors agree on; returns (round, tensors)."""
+    manifest_limit = 1 << 20
+    manifests: dict[PeerID, Manifest] = {}
+    for peer in donors:
+        try:
+            blob = await _request(p2p, peer, _MANIFEST, 0, manifest_limit, timeout_s)
+            manifests[peer] = decode_manifest(blob, spec)
+        except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
+            log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
+    if not manifests:
+        raise StateUnavailable("no donor returned a valid state manifest")
+    newest = max(manifests.values(), key=lambda m: m.round)
+    pool = [p for p, m in manifests.items() if m.digest == newest.digest]
+    asm = StateAssembler(spec, newest)
+    failed: set[PeerID] = set()
+    total = len(newest.chunks)
+    for index in asm.missing():
+        for attempt in range(len(pool)):
+            peer = pool[(index + attempt) % len(pool)]
+            if peer in failed:
+                continue
+            try:
+                asm.add(index, await _request(p2p, peer, _CHUNK, index, newest.chunk_bytes, timeout_s))
+                break
+            except Exception as e:  # any failure: try the next donor for this chunk
+                log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
+                failed.add(peer)
+        else:
+            raise StateUnavailable(f"no donor delivered chunk {index} of {total}")
+        if on_progress is not None:
+            on_progress(total - len(asm.missing()), total)
+    return newest.round, asm.finish()

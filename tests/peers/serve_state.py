@@ -1,0 +1,49 @@
+"""A real donor process for the state-download tests: serves a seeded outer state on
+loopback, prints its multiaddr, runs until stdin closes or it is killed.
+
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import torch
+from hivemind.p2p import P2P
+
+from locoswarm.node.statesync import StateServer
+from locoswarm.protocol.state import StateSpec
+
+SPEC = StateSpec(run_id="state-test", spec_hash=b"t" * 32,
+                 tensors=(("param.0", (64, 100)), ("param.1", (7,)), ("momentum.0", (64, 100))))
+ROUND = 7
+CHUNK_BYTES = 4096
+
+
+def state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return {n: torch.randn(s, generator=gen) for n, s in SPEC.tensors}
+
+
+async def main(mode: str) -> None:
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    server = StateServer(p2p, SPEC)
+    await server.start()
+    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, chunk_bytes=CHUNK_BYTES)
+    if mode == "corrupt":
+        real = server.chunk
+
+        def corrupted(index: int) -> bytes:
+            data = bytearray(real(index))
+            data[0] ^= 0xFF
+            return bytes(data)
+
+        server.chunk = corrupted
+    print(str((await p2p.get_visible_maddrs())[0]), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await p2p.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
