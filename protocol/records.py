@@ -1,0 +1,77 @@
+"""The peer record every peer keeps in the DHT under its run's key (issue 3): who it is,
+where to reach it, what it runs on, how fast it trains, which round it is at, and under
+which run spec. Encoded as a msgpack map, version 1; `decode_record` validates every field
+and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
+overwrite another's record) is the DHT layer's job: hivemind's signature validator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from locoswarm.protocol.errors import MalformedMessage, OversizedMessage, SpecMismatch, VersionMismatch
+
+RECORD_VERSION = 1
+MAX_RECORD_BYTES = 4096
+MAX_ADDRS = 16
+DEVICE_CLASSES = ("cuda", "mps", "cpu")
+_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec"})
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    peer_id: str
+    """base58 libp2p peer id."""
+    addrs: tuple[str, ...]
+    """Multiaddrs the peer listens on."""
+    device: str
+    """cuda, mps or cpu."""
+    tokens_per_s: float
+    """Measured training throughput."""
+    round: int
+    """The round the peer is at."""
+    spec_hash: bytes
+    """Hash of the run spec the peer runs."""
+
+
+def encode_record(r: PeerRecord) -> bytes:
+    return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
+                          "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash},
+                         use_bin_type=True)
+
+
+def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
+    """Validate a record read from the DHT; a record of another run spec is SpecMismatch."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise MalformedMessage(f"peer record must be bytes, got {type(blob).__name__}")
+    if len(blob) > MAX_RECORD_BYTES:
+        raise OversizedMessage(f"peer record of {len(blob)} bytes exceeds {MAX_RECORD_BYTES}")
+    try:
+        m = msgpack.unpackb(bytes(blob), raw=False, strict_map_key=True, max_bin_len=64, max_str_len=512,
+                            max_array_len=MAX_ADDRS + 1, max_map_len=16, max_ext_len=0)
+    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
+        raise MalformedMessage(f"peer record is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(m, dict):
+        raise MalformedMessage("peer record must be a map")
+    if m.get("v") != RECORD_VERSION:
+        raise VersionMismatch(f"peer record version {m.get('v')!r}; this peer speaks {RECORD_VERSION}")
+    if set(m) != _KEYS:
+        raise MalformedMessage(f"peer record fields wrong: {sorted(map(repr, set(m) ^ _KEYS))}")
+    if m["spec"] != spec_hash:
+        raise SpecMismatch(f"peer {m.get('peer')!r} runs another run spec")
+    peer, addrs, device, tps, round_ = m["peer"], m["addrs"], m["device"], m["tokens_per_s"], m["round"]
+    if not isinstance(peer, str) or not 1 <= len(peer) <= 128 or not peer.isalnum():
+        raise MalformedMessage(f"peer record: peer id {peer!r} is not a base58 id")
+    if (not isinstance(addrs, list) or not 1 <= len(addrs) <= MAX_ADDRS
+            or not all(isinstance(a, str) and a.startswith("/") and len(a) <= 256 for a in addrs)):
+        raise MalformedMessage(f"peer record of {peer}: addrs must be 1..{MAX_ADDRS} multiaddr strings")
+    if device not in DEVICE_CLASSES:
+        raise MalformedMessage(f"peer record of {peer}: device {device!r} not one of {DEVICE_CLASSES}")
+    if not isinstance(tps, float) or not 0 <= tps < 1e12:
+        raise MalformedMessage(f"peer record of {peer}: tokens_per_s {tps!r} invalid")
+    if type(round_) is not int or not 0 <= round_ < 2**62:
+        raise MalformedMessage(f"peer record of {peer}: round {round_!r} invalid")
+    return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
+                      spec_hash=m["spec"])

@@ -1,0 +1,57 @@
+"""Peer records: round trip, and every malformed field refused with a ProtocolError that
+names the peer and the field; hypothesis garbage never raises anything else."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from locoswarm.protocol import MalformedMessage, OversizedMessage, ProtocolError, SpecMismatch, VersionMismatch
+from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
+
+H = b"h" * 32
+GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
+                  tokens_per_s=12345.5, round=42, spec_hash=H)
+
+
+def test_record_round_trips():
+    assert decode_record(encode_record(GOOD), H) == GOOD
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda m: m.update(v=9), VersionMismatch, "version"),
+        (lambda m: m.update(spec=b"x" * 32), SpecMismatch, "another run spec"),
+        (lambda m: m.update(device="tpu"), MalformedMessage, "device"),
+        (lambda m: m.update(tokens_per_s=math.nan), MalformedMessage, "tokens_per_s"),
+        (lambda m: m.update(tokens_per_s=-1.0), MalformedMessage, "tokens_per_s"),
+        (lambda m: m.update(round=-3), MalformedMessage, "round"),
+        (lambda m: m.update(addrs=[]), MalformedMessage, "addrs"),
+        (lambda m: m.update(addrs=["not-a-multiaddr"]), MalformedMessage, "addrs"),
+        (lambda m: m.update(peer="../../etc"), MalformedMessage, "peer id"),
+        (lambda m: m.update(extra=1), MalformedMessage, "fields"),
+    ],
+)
+def test_bad_record_is_refused_naming_the_field(mutate, error, message):
+    m = msgpack.unpackb(encode_record(GOOD), raw=False)
+    mutate(m)
+    with pytest.raises(error, match=message):
+        decode_record(msgpack.packb(m, use_bin_type=True), H)
+
+
+def test_oversized_record_is_refused_before_parsing():
+    with pytest.raises(OversizedMessage):
+        decode_record(b"\x80" * 5000, H)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_garbage_record_raises_only_protocol_errors(blob):
+    try:
+        decode_record(blob, H)
+    except ProtocolError:
+        pass
