@@ -27,15 +27,8 @@ import torch
 from torch import Tensor
 
 from locoswarm.kernels import ChunkLayout, packed_nbytes, unpack_bits
-from locoswarm.protocol.errors import (
-    IndexOutOfRange,
-    MalformedMessage,
-    NonFiniteValue,
-    OversizedMessage,
-    SpecMismatch,
-    ShapeMismatch,
-    VersionMismatch,
-)
+from locoswarm.protocol.envelope import unpack_envelope
+from locoswarm.protocol.errors import IndexOutOfRange, MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
 
 FORMAT_VERSION = 1
 MAX_SENDER_LEN = 128
@@ -168,34 +161,11 @@ def encode_delta(msg: DeltaMessage) -> bytes:
 
 def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
     """Parse and validate one delta against `spec`; raises a ProtocolError subclass."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MalformedMessage(f"delta must be bytes, got {type(data).__name__}")
     limit = spec.max_message_bytes
-    if len(data) > limit:
-        raise OversizedMessage(f"delta of {len(data)} bytes exceeds the spec's limit of {limit}")
-    try:
-        body = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_bin_len=limit,
-            max_str_len=spec.max_string_bytes,
-            max_array_len=max(16, 8 * len(spec.tensors) + 64),
-            max_map_len=16,
-            max_ext_len=0,
-        )
-    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
-        raise MalformedMessage(f"delta is not valid msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(body, dict):
-        raise MalformedMessage(f"delta must be a map, got {type(body).__name__}")
-    version = body.get("v")
-    if version != FORMAT_VERSION or type(version) is not int:
-        raise VersionMismatch(f"delta format version {version!r}; this peer speaks {FORMAT_VERSION}")
-    if set(body) != _TOP_KEYS:
-        # repr: keys may mix str and bytes, which do not sort together
-        missing, extra = sorted(_TOP_KEYS - set(body)), sorted(map(repr, set(body) - _TOP_KEYS))
-        raise MalformedMessage(f"delta fields wrong: missing {missing}, unexpected [{', '.join(extra)}]")
+    body = unpack_envelope(
+        data, "delta", max_bytes=limit, version=FORMAT_VERSION, keys=_TOP_KEYS,
+        max_bin_len=limit, max_str_len=spec.max_string_bytes, max_array_len=max(16, 8 * len(spec.tensors) + 64),
+    )
     if body["run"] != spec.run_id:
         raise SpecMismatch(f"delta is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
     if body["spec"] != spec.spec_hash:

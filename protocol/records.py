@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import msgpack
 
-from locoswarm.protocol.errors import MalformedMessage, OversizedMessage, SpecMismatch, VersionMismatch
+from locoswarm.protocol.envelope import unpack_envelope
+from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096
@@ -44,21 +45,8 @@ def encode_record(r: PeerRecord) -> bytes:
 
 def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
     """Validate a record read from the DHT; a record of another run spec is SpecMismatch."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise MalformedMessage(f"peer record must be bytes, got {type(blob).__name__}")
-    if len(blob) > MAX_RECORD_BYTES:
-        raise OversizedMessage(f"peer record of {len(blob)} bytes exceeds {MAX_RECORD_BYTES}")
-    try:
-        m = msgpack.unpackb(bytes(blob), raw=False, strict_map_key=True, max_bin_len=64, max_str_len=512,
-                            max_array_len=MAX_ADDRS + 1, max_map_len=16, max_ext_len=0)
-    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
-        raise MalformedMessage(f"peer record is not valid msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(m, dict):
-        raise MalformedMessage("peer record must be a map")
-    if m.get("v") != RECORD_VERSION:
-        raise VersionMismatch(f"peer record version {m.get('v')!r}; this peer speaks {RECORD_VERSION}")
-    if set(m) != _KEYS:
-        raise MalformedMessage(f"peer record fields wrong: {sorted(map(repr, set(m) ^ _KEYS))}")
+    m = unpack_envelope(blob, "peer record", max_bytes=MAX_RECORD_BYTES, version=RECORD_VERSION, keys=_KEYS,
+                        max_bin_len=64, max_str_len=512, max_array_len=MAX_ADDRS + 1)
     if m["spec"] != spec_hash:
         raise SpecMismatch(f"peer {m.get('peer')!r} runs another run spec")
     peer, addrs, device, tps, round_ = m["peer"], m["addrs"], m["device"], m["tokens_per_s"], m["round"]

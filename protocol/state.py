@@ -25,14 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from locoswarm.protocol.errors import (
-    MalformedMessage,
-    NonFiniteValue,
-    OversizedMessage,
-    ShapeMismatch,
-    SpecMismatch,
-    VersionMismatch,
-)
+from locoswarm.protocol.envelope import unpack_envelope
+from locoswarm.protocol.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
 
 STATE_VERSION = 1
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -81,19 +75,8 @@ def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
     """Validate a donor's manifest against `spec`; raises a ProtocolError subclass."""
     num_chunks_max = spec.total_bytes // _MIN_CHUNK + 1
     limit = 1024 + 64 * num_chunks_max + sum(64 + len(n.encode()) + 10 * len(s) for n, s in spec.tensors)
-    if len(blob) > limit:
-        raise OversizedMessage(f"state manifest of {len(blob)} bytes exceeds the limit of {limit}")
-    try:
-        m = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=4096,
-                            max_array_len=max(num_chunks_max, len(spec.tensors)) + 16, max_map_len=16, max_ext_len=0)
-    except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
-        raise MalformedMessage(f"state manifest is not valid msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(m, dict):
-        raise MalformedMessage("state manifest must be a map")
-    if m.get("v") != STATE_VERSION:
-        raise VersionMismatch(f"state manifest version {m.get('v')!r}; this peer speaks {STATE_VERSION}")
-    if set(m) != _KEYS:
-        raise MalformedMessage(f"state manifest fields wrong: {sorted(map(repr, set(m) ^ _KEYS))}")
+    m = unpack_envelope(blob, "state manifest", max_bytes=limit, version=STATE_VERSION, keys=_KEYS,
+                        max_bin_len=64, max_str_len=4096, max_array_len=max(num_chunks_max, len(spec.tensors)) + 16)
     if m["run"] != spec.run_id or m["spec"] != spec.spec_hash:
         raise SpecMismatch("state manifest is from another run or run spec")
     expected = [[n, list(s)] for n, s in spec.tensors]

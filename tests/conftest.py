@@ -59,3 +59,43 @@ def reap_child_processes():
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(children, timeout=10)
+
+
+@pytest.fixture
+def spawn_peers():
+    """Start real peer processes (`python SCRIPT MODE`) that print their multiaddr and run
+    until stdin closes; yields `spawn(script, *modes) -> (procs, addrs)`. Every process is
+    stopped at teardown: stdin closed, then killed if it lingers."""
+    import subprocess
+    import sys
+    import threading
+
+    procs: list[subprocess.Popen] = []
+
+    def readline(proc: subprocess.Popen, timeout_s: float = 60) -> str:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if not out or "/p2p/" not in out[0]:
+            proc.kill()
+            raise AssertionError(f"peer process did not start: {out!r}")
+        return out[0].strip()
+
+    def spawn(script: str, *modes: str):
+        new = [subprocess.Popen([sys.executable, script, m], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for m in modes]
+        procs.extend(new)
+        return new, [readline(p) for p in new]
+
+    yield spawn
+    for p in procs:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)

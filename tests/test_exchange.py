@@ -5,11 +5,8 @@ rejected with a ProtocolError or a timeout, and the puller carries on."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 from hivemind.p2p import P2P, PeerID
@@ -21,37 +18,6 @@ SERVER = os.path.join(os.path.dirname(__file__), "peers", "serve_delta.py")
 _spec = importlib.util.spec_from_file_location("serve_delta", SERVER)
 serve_delta = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_delta)
-
-
-@contextlib.contextmanager
-def peer_process(mode: str):
-    proc = subprocess.Popen([sys.executable, SERVER, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = _readline(proc, timeout_s=60)
-        assert "/p2p/" in line, f"peer process printed {line!r}"
-        yield line.strip()
-    finally:
-        with contextlib.suppress(Exception):
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _readline(proc: subprocess.Popen, timeout_s: float) -> str:
-    import threading
-
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if not out:
-        proc.kill()
-        raise AssertionError("peer process did not start in time")
-    return out[0]
 
 
 def _pull(maddr: str, round_: int, timeout_s: float = 10.0):
@@ -67,13 +33,13 @@ def _pull(maddr: str, round_: int, timeout_s: float = 10.0):
 
 
 @pytest.mark.timeout(120)
-def test_a_served_delta_arrives_intact_from_another_process():
-    with peer_process("good") as maddr:
-        delta = _pull(maddr, serve_delta.ROUND)
-        assert delta.nbytes == len(serve_delta.good_blob())
-        assert delta.round == serve_delta.ROUND and delta.sender == "server" and delta.num_tokens == 1000
-        with pytest.raises(DeltaUnavailable):
-            _pull(maddr, serve_delta.ROUND + 5)
+def test_a_served_delta_arrives_intact_from_another_process(spawn_peers):
+    _, (maddr,) = spawn_peers(SERVER, "good")
+    delta = _pull(maddr, serve_delta.ROUND)
+    assert delta.nbytes == len(serve_delta.good_blob())
+    assert delta.round == serve_delta.ROUND and delta.sender == "server" and delta.num_tokens == 1000
+    with pytest.raises(DeltaUnavailable):
+        _pull(maddr, serve_delta.ROUND + 5)
 
 
 @pytest.mark.timeout(120)
@@ -86,17 +52,17 @@ def test_a_served_delta_arrives_intact_from_another_process():
         ("wrong_round", MalformedMessage, "delta of round"),
     ],
 )
-def test_a_bad_answer_is_rejected_with_a_protocol_error(mode, error, message):
-    with peer_process(mode) as maddr:
-        with pytest.raises(error, match=message):
-            _pull(maddr, serve_delta.ROUND)
+def test_a_bad_answer_is_rejected_with_a_protocol_error(spawn_peers, mode, error, message):
+    _, (maddr,) = spawn_peers(SERVER, mode)
+    with pytest.raises(error, match=message):
+        _pull(maddr, serve_delta.ROUND)
 
 
 @pytest.mark.timeout(120)
-def test_a_silent_peer_costs_a_timeout_not_a_hang():
-    with peer_process("silent") as maddr:
-        with pytest.raises(asyncio.TimeoutError):
-            _pull(maddr, serve_delta.ROUND, timeout_s=2.0)
+def test_a_silent_peer_costs_a_timeout_not_a_hang(spawn_peers):
+    _, (maddr,) = spawn_peers(SERVER, "silent")
+    with pytest.raises(asyncio.TimeoutError):
+        _pull(maddr, serve_delta.ROUND, timeout_s=2.0)
 
 
 def test_server_forgets_rounds_older_than_the_last_two():

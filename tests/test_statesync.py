@@ -5,13 +5,9 @@ a donor is SIGKILLed mid-download, and the newest round when donors disagree."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
@@ -25,35 +21,6 @@ serve_state = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_state)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@contextlib.contextmanager
-def donors(*modes: str):
-    procs = [subprocess.Popen([sys.executable, DONOR, m], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for m in modes]
-    try:
-        addrs = [_readline(p) for p in procs]
-        yield procs, addrs
-    finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.stdin.close()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-
-
-def _readline(proc: subprocess.Popen, timeout_s: float = 60) -> str:
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if not out or "/p2p/" not in out[0]:
-        proc.kill()
-        raise AssertionError(f"donor did not start: {out!r}")
-    return out[0].strip()
 
 
 def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0):
@@ -74,42 +41,42 @@ def _assert_is_the_donors_state(tensors):
     assert all(torch.equal(tensors[n], want[n]) for n in want)
 
 
-def test_joiner_receives_the_donors_exact_state_with_progress():
+def test_joiner_receives_the_donors_exact_state_with_progress(spawn_peers):
     seen = []
-    with donors("good") as (_, addrs):
-        round_, tensors = _download(addrs, on_progress=lambda done, total: seen.append((done, total)))
+    _, addrs = spawn_peers(DONOR, "good")
+    round_, tensors = _download(addrs, on_progress=lambda done, total: seen.append((done, total)))
     assert round_ == serve_state.ROUND
     _assert_is_the_donors_state(tensors)
     assert seen[-1][0] == seen[-1][1] > 1
 
 
-def test_corrupted_chunks_are_fetched_again_from_the_good_donor():
-    with donors("corrupt", "good") as (_, addrs):
-        round_, tensors = _download(addrs)
+def test_corrupted_chunks_are_fetched_again_from_the_good_donor(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "corrupt", "good")
+    round_, tensors = _download(addrs)
     _assert_is_the_donors_state(tensors)
 
 
-def test_a_donor_killed_mid_download_is_replaced_by_the_survivor():
-    with donors("good", "good") as (procs, addrs):
-        killed = []
+def test_a_donor_killed_mid_download_is_replaced_by_the_survivor(spawn_peers):
+    procs, addrs = spawn_peers(DONOR, "good", "good")
+    killed = []
 
-        def kill_first(done: int, total: int) -> None:
-            if done == 2 and not killed:
-                os.kill(procs[0].pid, signal.SIGKILL)
-                killed.append(done)
+    def kill_first(done: int, total: int) -> None:
+        if done == 2 and not killed:
+            os.kill(procs[0].pid, signal.SIGKILL)
+            killed.append(done)
 
-        round_, tensors = _download(addrs, on_progress=kill_first, timeout_s=5.0)
+    round_, tensors = _download(addrs, on_progress=kill_first, timeout_s=5.0)
     assert killed
     _assert_is_the_donors_state(tensors)
 
 
-def test_the_newest_round_wins_when_donors_disagree():
-    with donors("stale", "good") as (_, addrs):
-        round_, tensors = _download(addrs)
+def test_the_newest_round_wins_when_donors_disagree(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "stale", "good")
+    round_, tensors = _download(addrs)
     assert round_ == serve_state.ROUND
 
 
-def test_no_valid_donor_is_a_clear_error():
-    with donors("corrupt") as (_, addrs):
-        with pytest.raises(StateUnavailable, match="chunk"):
-            _download(addrs)
+def test_no_valid_donor_is_a_clear_error(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "corrupt")
+    with pytest.raises(StateUnavailable, match="chunk"):
+        _download(addrs)
