@@ -1,0 +1,43 @@
+"""A real peer process for the registry tests: joins the DHT through the address given on
+stdin's first line (or starts one), announces a record (or a bad one, by MODE) with a 3 s
+lifetime, prints its multiaddr, and runs until stdin closes or it is killed.
+
+usage: python announce.py MODE   (MODE: good | other_spec | garbage | impostor | withdraw)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from locoswarm.node.registry import PeerRegistry, run_key
+from locoswarm.protocol.records import PeerRecord, encode_record
+
+RUN, SPEC_HASH, TTL_S = "registry-test", b"r" * 32, 3.0
+
+
+async def main(mode: str) -> None:
+    dht = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    maddr = str((await dht.protocol.p2p.get_visible_maddrs())[0])
+    me = maddr.split("/p2p/")[1]
+    registry = PeerRegistry(dht, RUN, SPEC_HASH, ttl_s=TTL_S)
+    record = PeerRecord(peer_id=me, addrs=(maddr,), device="cpu", tokens_per_s=1000.0, round=4,
+                        spec_hash=b"x" * 32 if mode == "other_spec" else SPEC_HASH)
+    if mode == "garbage":
+        await dht.store(run_key(RUN), b"\xc1garbage", get_dht_time() + TTL_S, subkey=me)
+    elif mode == "impostor":
+        await dht.store(run_key(RUN), encode_record(record), get_dht_time() + TTL_S, subkey="SomeoneElse")
+    else:
+        await registry.announce(record)
+        if mode == "withdraw":
+            await registry.withdraw(me)
+    print(maddr, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await dht.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

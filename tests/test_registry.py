@@ -1,0 +1,69 @@
+"""Peer discovery through a real DHT between processes on loopback: a live peer's record is
+found; a SIGKILLed peer is forgotten once its record expires; a withdrawn record is gone at
+once; records of another spec, garbage, or stored under another peer's id are refused with
+the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import time
+
+import pytest
+from hivemind.dht.node import DHTNode
+
+from locoswarm.node.registry import PeerRegistry
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "announce.py")
+_spec = importlib.util.spec_from_file_location("announce", SCRIPT)
+announce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(announce)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _look(addrs: list[str], wait_s: float = 0.0):
+    async def go():
+        dht = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
+        try:
+            if wait_s:
+                await asyncio.sleep(wait_s)
+            reg = PeerRegistry(dht, announce.RUN, announce.SPEC_HASH)
+            return await reg.peers(), reg.rejected
+        finally:
+            await dht.shutdown()
+
+    return asyncio.run(go())
+
+
+def test_a_live_peer_is_found_and_a_killed_one_forgotten_when_its_record_expires(spawn_peers):
+    procs, addrs = spawn_peers(SCRIPT, "good", "good")
+    found, rejected = _look(addrs)
+    ids = {a.split("/p2p/")[1] for a in addrs}
+    assert {r.peer_id for r in found} == ids and rejected == []
+    assert all(r.round == 4 and r.device == "cpu" for r in found)
+    os.kill(procs[0].pid, signal.SIGKILL)
+    killed_id = addrs[0].split("/p2p/")[1]
+    deadline = time.monotonic() + 30
+    while True:
+        found, _ = _look(addrs[1:], wait_s=1.0)
+        if killed_id not in {r.peer_id for r in found}:
+            break
+        assert time.monotonic() < deadline, "killed peer's record never expired"
+
+
+def test_a_withdrawn_record_is_gone_at_once(spawn_peers):
+    _, addrs = spawn_peers(SCRIPT, "withdraw")
+    found, rejected = _look(addrs)
+    assert found == [] and rejected == []
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("other_spec", "another run spec"), ("garbage", "msgpack"),
+                                              ("impostor", "stored under")])
+def test_bad_records_are_refused_with_the_reason(spawn_peers, mode, reason):
+    _, addrs = spawn_peers(SCRIPT, mode)
+    found, rejected = _look(addrs)
+    assert found == []
+    assert len(rejected) == 1 and reason in rejected[0][1]
