@@ -18,7 +18,11 @@ from locoswarm.optim.compress import densify
 
 
 def aggregate(
-    deltas: list[DecodedDelta], shapes: list[tuple[int, ...]], device: torch.device | str, rule: str = "mean"
+    deltas: list[DecodedDelta],
+    shapes: list[tuple[int, ...]],
+    device: torch.device | str,
+    rule: str = "mean",
+    shares: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """Token-weighted average of the decoded deltas, one dense fp32 tensor per parameter.
 
@@ -26,7 +30,8 @@ def aggregate(
     (DiLoCo's average; the unsent part arrives in later rounds through error feedback).
     rule "masked": at each coordinate, the average over the peers that sent it; a
     coordinate no peer sent stays 0. Raises ValueError when nothing can be averaged (no
-    delta or no tokens): the caller then skips the outer step rather than applying a zero."""
+    delta or no tokens): the caller then skips the outer step rather than applying a zero.
+    `shares`: `coverage(deltas)` when the caller already has it (rule "masked" needs it)."""
     if rule not in ("mean", "masked"):
         raise ValueError(f"aggregation rule must be 'mean' or 'masked', got {rule!r}")
     ordered = sorted(deltas, key=lambda d: d.sender)
@@ -34,7 +39,8 @@ def aggregate(
     total = sum(d.num_tokens for d in ordered)
     if not ordered or total <= 0:
         raise ValueError("no pseudo-gradient with a positive token count to aggregate")
-    shares = coverage(ordered, device) if rule == "masked" else None
+    if rule == "masked" and shares is None:
+        shares = coverage(ordered, device)
     out = []
     for i, shape in enumerate(shapes):
         numel = ordered[0].tensors[i].layout.numel
@@ -43,9 +49,10 @@ def aggregate(
         for d in ordered:
             scratch.zero_()
             acc.add_(densify(d.tensors[i], out=scratch, scale=d.num_tokens / total))
-        if shares is not None:
+        if rule == "masked":
+            # where nobody sent a coordinate both acc and its share are 0: divide by 1 there
             w = shares[i]
-            acc = torch.where(w > 0, acc / torch.where(w > 0, w, torch.ones_like(w)), acc)
+            acc = acc / torch.where(w > 0, w, torch.ones_like(w))
         out.append(acc.view(shape))
     return out
 

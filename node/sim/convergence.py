@@ -245,10 +245,12 @@ def run_diloco(
                 blob = encode_delta(msg)
                 sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
                 received.append(decode_delta(blob, spec))
-            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation)
+            masked = compression.aggregation == "masked"
+            shares = coverage(received, outer.params[0].device) if masked else None
+            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation, shares=shares)
         outer.step(avg)
-        if compression is not None and compression.aggregation == "masked":
-            moved = [share > 0 for share in coverage(received, outer.params[0].device)]
+        if compression is not None and masked:
+            moved = [share > 0 for share in shares]
             for r in range(n):
                 compressors[r].forget(moved)
         local_residual = compression is not None and compression.residual == "model"
