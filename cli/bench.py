@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 app = typer.Typer(help="Benchmarks (figures for the README).", no_args_is_help=True)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @app.command()
@@ -81,5 +65,8 @@ def convergence(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     if json_path is not None:
-        _write_json_atomic(json_path, result)
+        from locoswarm.node.files import write_atomic
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=1))
         typer.echo(f"wrote {json_path}")

@@ -16,10 +16,10 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from locoswarm.node.files import write_atomic
 from locoswarm.node.workload.data import DataConfig
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 
@@ -231,15 +231,4 @@ def write_spec(spec: RunSpec, path: str, *, force: bool = False) -> None:
     spec.validate()
     if os.path.exists(path) and not force:
         raise ValueError(f"{path} exists; pass --force to overwrite it")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".runspec.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(to_toml(spec))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, to_toml(spec))
