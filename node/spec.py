@@ -21,6 +21,8 @@ from typing import Any
 
 from locoswarm.node.files import write_atomic
 from locoswarm.node.workload.data import DataConfig
+from locoswarm.node.workload.model import check_model_name
+from locoswarm.node.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 
 if sys.version_info >= (3, 11):
@@ -67,12 +69,8 @@ class RunSpec:
     def validate(self) -> None:
         if not self.run_id or len(self.run_id) > 128 or not self.run_id.isprintable():
             raise ValueError(f"run_id must be 1..128 printable characters, got {self.run_id!r}")
-        if self.tokenizer not in ("gpt2", "byte"):
-            raise ValueError(f"tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
-        from locoswarm.node.workload.model import SIZES
-
-        if self.model not in SIZES and self.model != "hf:llama":
-            raise ValueError(f"model: unknown size {self.model!r}; known: {', '.join(sorted(SIZES))}, hf:llama")
+        check_tokenizer_name(self.tokenizer)
+        check_model_name(self.model)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.total_steps < 1:

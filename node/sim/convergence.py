@@ -45,8 +45,8 @@ from locoswarm.optim import (
 from locoswarm.optim.inner import load_params
 from locoswarm.protocol import DeltaMessage, decode_delta, encode_delta
 from locoswarm.node.workload.data import Corpus, DataConfig
-from locoswarm.node.workload.model import build_model, num_params
-from locoswarm.node.workload.tokenizer import get_tokenizer
+from locoswarm.node.workload.model import build_model, check_model_name, num_params
+from locoswarm.node.workload.tokenizer import check_tokenizer_name, get_tokenizer
 
 RUNS = ("ddp", "diloco", "compressed", "local")
 
@@ -85,6 +85,10 @@ class BenchConfig:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.eval_sequences < 1:
             raise ValueError(f"eval_sequences must be >= 1, got {self.eval_sequences}")
+        check_model_name(self.model)
+        check_tokenizer_name(self.tokenizer)
+        if self.device not in ("cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: unknown device {self.device!r}; use cpu, cuda or mps")
         self.data.validate()
         self.diloco.validate()
 

@@ -52,6 +52,12 @@ SIZES: dict[str, ModelConfig] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """ValueError naming the field unless `name` is a known size or 'hf:llama'."""
+    if name not in SIZES and name != "hf:llama":
+        raise ValueError(f"model: unknown size {name!r}; known: {', '.join(sorted(SIZES))}, hf:llama")
+
+
 def model_config(size: str, vocab_size: int, max_seq_len: int) -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)} (or 'hf:llama')")

@@ -68,6 +68,15 @@ class GPT2Tokenizer:
         return self._enc.decode(ids)
 
 
+TOKENIZERS = ("gpt2", "byte")
+
+
+def check_tokenizer_name(name: str) -> None:
+    """ValueError naming the field unless `name` is a known tokenizer."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"tokenizer: unknown tokenizer {name!r}; known: 'gpt2', 'byte'")
+
+
 def get_tokenizer(name: str) -> Tokenizer:
     if name == "byte":
         return ByteTokenizer()
