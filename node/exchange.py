@@ -12,16 +12,14 @@ never the node.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, OversizedMessage, decode_delta
+from locoswarm.node.streams import HEADER, call_framed, serve_framed
+from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
 
 PROTOCOL = "locoswarm/delta/1"
-_HEADER = 8
 _ROUNDS_KEPT = 2
-log = logging.getLogger(__name__)
 
 
 class DeltaUnavailable(Exception):
@@ -48,18 +46,10 @@ class DeltaServer:
             del self._deltas[old]
 
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readexactly(_HEADER), self.request_timeout_s)
-            blob = self._deltas.get(int.from_bytes(request, "big"), b"")
-            writer.write(len(blob).to_bytes(_HEADER, "big"))
-            writer.write(blob)
-            await asyncio.wait_for(writer.drain(), self.request_timeout_s)
-            self.bytes_sent += _HEADER + len(blob)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-            # A slow or vanished client: drop this request only.
-            log.info("delta request from %s abandoned: %s", getattr(info, "peer_id", "?"), type(e).__name__)
-        finally:
-            writer.close()
+        self.bytes_sent += await serve_framed(
+            info, reader, writer, request_len=HEADER, timeout_s=self.request_timeout_s, what="delta",
+            answer=lambda request: self._deltas.get(int.from_bytes(request, "big"), b""),
+        )
 
 
 async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float) -> DecodedDelta:
@@ -69,29 +59,10 @@ async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec
     longer than `timeout_s`, a ProtocolError when the bytes are bad (including a delta of
     another round)."""
 
-    async def pull() -> bytes:
-        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PROTOCOL)
-        try:
-            writer.write(round_.to_bytes(_HEADER, "big"))
-            await writer.drain()
-            try:
-                length = int.from_bytes(await reader.readexactly(_HEADER), "big")
-            except asyncio.IncompleteReadError:
-                raise MalformedMessage(f"peer {peer_id} closed the stream before the length header") from None
-            if length == 0:
-                raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_}")
-            if length > spec.max_message_bytes:
-                raise OversizedMessage(
-                    f"peer {peer_id} announced {length} bytes, above the spec's limit of {spec.max_message_bytes}"
-                )
-            try:
-                return await reader.readexactly(length)
-            except asyncio.IncompleteReadError as e:
-                raise MalformedMessage(f"peer {peer_id} sent {len(e.partial)} of {length} announced bytes") from None
-        finally:
-            writer.close()
-
-    blob = await asyncio.wait_for(pull(), timeout_s)
+    blob = await call_framed(p2p, peer_id, PROTOCOL, round_.to_bytes(HEADER, "big"), limit=spec.max_message_bytes,
+                             limit_name="the spec's limit", timeout_s=timeout_s)
+    if blob is None:
+        raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_}")
     delta = decode_delta(blob, spec)
     if delta.round != round_:
         raise MalformedMessage(f"peer {peer_id} answered round {round_} with a delta of round {delta.round}")

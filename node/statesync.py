@@ -19,7 +19,8 @@ from typing import Callable
 from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
-from locoswarm.protocol import MalformedMessage, OversizedMessage
+from locoswarm.node.streams import call_framed, serve_framed
+from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
 
 PROTOCOL = "locoswarm/state/1"
@@ -53,37 +54,20 @@ class StateServer:
         return self._body[index * self._chunk_bytes : (index + 1) * self._chunk_bytes]
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readexactly(9), self.request_timeout_s)
-            kind, index = request[0], int.from_bytes(request[1:], "big")
-            payload = self._manifest if kind == _MANIFEST else self.chunk(index) if kind == _CHUNK else b""
-            writer.write(len(payload).to_bytes(8, "big"))
-            writer.write(payload)
-            await asyncio.wait_for(writer.drain(), self.request_timeout_s)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-            log.info("state request from %s abandoned: %s", getattr(info, "peer_id", "?"), type(e).__name__)
-        finally:
-            writer.close()
+        await serve_framed(info, reader, writer, request_len=9, answer=self._answer,
+                           timeout_s=self.request_timeout_s, what="state")
+
+    def _answer(self, request: bytes) -> bytes:
+        kind, index = request[0], int.from_bytes(request[1:], "big")
+        return self._manifest if kind == _MANIFEST else self.chunk(index) if kind == _CHUNK else b""
 
 
 async def _request(p2p: P2P, peer: PeerID, kind: int, index: int, limit: int, timeout_s: float) -> bytes:
-    async def go() -> bytes:
-        _, reader, writer = await p2p.call_binary_stream_handler(peer, PROTOCOL)
-        try:
-            writer.write(bytes([kind]) + index.to_bytes(8, "big"))
-            await writer.drain()
-            length = int.from_bytes(await reader.readexactly(8), "big")
-            if length == 0:
-                raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{index}")
-            if length > limit:
-                raise OversizedMessage(f"donor {peer} announced {length} bytes, above the limit of {limit}")
-            return await reader.readexactly(length)
-        except asyncio.IncompleteReadError as e:
-            raise MalformedMessage(f"donor {peer} closed the stream after {len(e.partial)} bytes") from None
-        finally:
-            writer.close()
-
-    return await asyncio.wait_for(go(), timeout_s)
+    body = await call_framed(p2p, peer, PROTOCOL, bytes([kind]) + index.to_bytes(8, "big"), limit=limit,
+                             limit_name="the limit", timeout_s=timeout_s)
+    if body is None:
+        raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{index}")
+    return body
 
 
 async def download_state(
