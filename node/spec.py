@@ -59,6 +59,8 @@ class RunSpec:
     """Global steps the learning-rate schedule is planned for."""
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=64))
     """Corpus, sequence length, split."""
+    num_shards: int = 16
+    """Training data is cut into this many disjoint shards; a peer trains on one of them."""
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     """Inner/outer optimizers, H and compression."""
     rounds: RoundPolicy = field(default_factory=RoundPolicy)
@@ -75,6 +77,8 @@ class RunSpec:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if not 1 <= self.num_shards <= 1 << 16:
+            raise ValueError(f"num_shards must lie in [1, 65536], got {self.num_shards}")
         self.data.validate()
         self.diloco.validate()
         self.rounds.validate()

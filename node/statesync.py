@@ -6,13 +6,14 @@ and agrees on the newest round's digest, and spreads chunk requests over them (c
 first to donor i mod D, so joiners do not all drain one donor). A chunk that fails, times
 out or does not match its hash is asked again from the next donor; a donor that fails is
 skipped for the rest of the download. Frames, integers big-endian: the request is a kind
-byte (0 manifest, 1 chunk) and an 8-byte chunk index; the response an 8-byte length and
-that many bytes, length 0 meaning "not available".
+byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest) and an 8-byte chunk
+index; the response an 8-byte length and that many bytes, length 0 meaning "not available".
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Callable
 
@@ -23,8 +24,11 @@ from locoswarm.node.streams import call_framed, serve_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
 
-PROTOCOL = "locoswarm/state/1"
+PROTOCOL = "locoswarm/state/2"
 _MANIFEST, _CHUNK = 0, 1
+_REQUEST_LEN = 17
+_LATEST = (1 << 64) - 1
+_ROUNDS_KEPT = 2
 log = logging.getLogger(__name__)
 
 
@@ -33,40 +37,78 @@ class StateUnavailable(Exception):
 
 
 class StateServer:
-    """Serves the manifest and chunks of the state last given to `publish`."""
+    """Serves the manifest and chunks of the last few states given to `publish`.
 
-    def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0) -> None:
+    `publish` only keeps a snapshot; it is encoded (hashing a model-sized body) in a worker
+    thread on the first request for it, so publishing after every outer step costs nothing
+    when nobody joins. The last `_ROUNDS_KEPT` rounds stay available, so a joiner that read
+    round r's manifest can finish downloading it after the swarm moved on to r + 1.
+    """
+
+    def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,
+                 chunk_bytes: int = 4 << 20) -> None:
         self.p2p = p2p
         self.spec = spec
         self.request_timeout_s = request_timeout_s
-        self._manifest = b""
-        self._body = b""
-        self._chunk_bytes = 1
+        self.chunk_bytes = chunk_bytes
+        self._snapshots: dict[int, dict[str, Tensor]] = {}
+        self._encoded: dict[int, tuple[bytes, bytes]] = {}
+        self._lock = asyncio.Lock()
+        self.bytes_sent = 0
+        """Bytes written to state streams (headers included)."""
+        self.on_encoded: Callable[[int, str], None] | None = None
+        """Called with (round, SHA-256 hex of the body) when a round's state is first encoded."""
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
 
-    def publish(self, state: dict[str, Tensor], round_: int, chunk_bytes: int = 4 << 20) -> None:
-        self._manifest, self._body = encode_state(self.spec, state, round_, chunk_bytes)
-        self._chunk_bytes = chunk_bytes
+    def publish(self, state: dict[str, Tensor], round_: int) -> None:
+        """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`."""
+        self._snapshots[round_] = state
+        for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT]:
+            del self._snapshots[old]
+            self._encoded.pop(old, None)
 
-    def chunk(self, index: int) -> bytes:
-        return self._body[index * self._chunk_bytes : (index + 1) * self._chunk_bytes]
+    async def encoded(self, round_: int) -> tuple[bytes, bytes] | None:
+        """(manifest, body) of `round_`, encoding it on first use; None when not kept."""
+        async with self._lock:
+            if round_ not in self._encoded:
+                state = self._snapshots.get(round_)
+                if state is None:
+                    return None
+                self._encoded[round_] = await asyncio.to_thread(encode_state, self.spec, state, round_,
+                                                                self.chunk_bytes)
+                if self.on_encoded is not None:
+                    self.on_encoded(round_, hashlib.sha256(self._encoded[round_][1]).hexdigest())
+            return self._encoded[round_]
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_framed(info, reader, writer, request_len=9, answer=self._answer,
-                           timeout_s=self.request_timeout_s, what="state")
+        self.bytes_sent += await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
+                                              timeout_s=self.request_timeout_s, what="state")
 
-    def _answer(self, request: bytes) -> bytes:
-        kind, index = request[0], int.from_bytes(request[1:], "big")
-        return self._manifest if kind == _MANIFEST else self.chunk(index) if kind == _CHUNK else b""
+    async def _answer(self, request: bytes) -> bytes:
+        kind, round_, index = request[0], int.from_bytes(request[1:9], "big"), int.from_bytes(request[9:], "big")
+        if round_ == _LATEST:
+            if not self._snapshots:
+                return b""
+            round_ = max(self._snapshots)
+        found = await self.encoded(round_)
+        if found is None:
+            return b""
+        manifest, body = found
+        if kind == _MANIFEST:
+            return manifest
+        if kind == _CHUNK:
+            return body[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        return b""
 
 
-async def _request(p2p: P2P, peer: PeerID, kind: int, index: int, limit: int, timeout_s: float) -> bytes:
-    body = await call_framed(p2p, peer, PROTOCOL, bytes([kind]) + index.to_bytes(8, "big"), limit=limit,
-                             limit_name="the limit", timeout_s=timeout_s)
+async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,
+                   timeout_s: float) -> bytes:
+    request = bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big")
+    body = await call_framed(p2p, peer, PROTOCOL, request, limit=limit, limit_name="the limit", timeout_s=timeout_s)
     if body is None:
-        raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{index}")
+        raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{round_}/{index}")
     return body
 
 
@@ -83,7 +125,7 @@ async def download_state(
     manifests: dict[PeerID, Manifest] = {}
     for peer in donors:
         try:
-            blob = await _request(p2p, peer, _MANIFEST, 0, manifest_limit, timeout_s)
+            blob = await _request(p2p, peer, _MANIFEST, _LATEST, 0, manifest_limit, timeout_s)
             manifests[peer] = decode_manifest(blob, spec)
         except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
             log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
@@ -100,7 +142,7 @@ async def download_state(
             if peer in failed:
                 continue
             try:
-                asm.add(index, await _request(p2p, peer, _CHUNK, index, newest.chunk_bytes, timeout_s))
+                asm.add(index, await _request(p2p, peer, _CHUNK, newest.round, index, newest.chunk_bytes, timeout_s))
                 break
             except Exception as e:  # any failure: try the next donor for this chunk
                 log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)

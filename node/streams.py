@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 from hivemind.p2p import P2P, PeerID
 
@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 
 async def serve_framed(
     info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-    request_len: int, answer: Callable[[bytes], bytes], timeout_s: float, what: str,
+    request_len: int, answer: Callable[[bytes], bytes | Awaitable[bytes]], timeout_s: float, what: str,
 ) -> int:
-    """Answer one request with `answer(request)`; returns the bytes written (0 if abandoned)."""
+    """Answer one request with `answer(request)` (a function or a coroutine function);
+    returns the bytes written (0 if abandoned)."""
     try:
         request = await asyncio.wait_for(reader.readexactly(request_len), timeout_s)
         payload = answer(request)
+        if asyncio.iscoroutine(payload):
+            payload = await payload
         writer.write(len(payload).to_bytes(HEADER, "big"))
         writer.write(payload)
         await asyncio.wait_for(writer.drain(), timeout_s)

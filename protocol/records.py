@@ -63,3 +63,40 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: round {round_!r} invalid")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
                       spec_hash=m["spec"])
+
+
+# ---------------------------------------------------------------- round progress
+
+PROGRESS_VERSION = 1
+MAX_PROGRESS_BYTES = 128
+_PROGRESS_KEYS = frozenset({"v", "tokens", "tps", "done"})
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A peer's progress in one round, as it reports it in the DHT."""
+
+    tokens: int
+    """Tokens it has trained on in this round so far."""
+    tokens_per_s: float
+    """Its current throughput, for extrapolating between reports."""
+    done: bool
+    """It has stopped training for this round; `tokens` is final."""
+
+
+def encode_progress(p: Progress) -> bytes:
+    return msgpack.packb({"v": PROGRESS_VERSION, "tokens": p.tokens, "tps": float(p.tokens_per_s), "done": p.done},
+                         use_bin_type=True)
+
+
+def decode_progress(blob: bytes) -> Progress:
+    m = unpack_envelope(blob, "round progress", max_bytes=MAX_PROGRESS_BYTES, version=PROGRESS_VERSION,
+                        keys=_PROGRESS_KEYS, max_bin_len=0, max_str_len=16, max_array_len=0)
+    tokens, tps, done = m["tokens"], m["tps"], m["done"]
+    if type(tokens) is not int or not 0 <= tokens < 2**62:
+        raise MalformedMessage(f"round progress: tokens {tokens!r} invalid")
+    if not isinstance(tps, float) or not 0 <= tps < 1e12:
+        raise MalformedMessage(f"round progress: tokens_per_s {tps!r} invalid")
+    if not isinstance(done, bool):
+        raise MalformedMessage(f"round progress: done {done!r} is not a boolean")
+    return Progress(tokens=tokens, tokens_per_s=tps, done=done)

@@ -28,18 +28,12 @@ def state() -> dict[str, torch.Tensor]:
 
 async def main(mode: str) -> None:
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    server = StateServer(p2p, SPEC)
+    server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES)
     await server.start()
-    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, chunk_bytes=CHUNK_BYTES)
+    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND)
     if mode == "corrupt":
-        real = server.chunk
-
-        def corrupted(index: int) -> bytes:
-            data = bytearray(real(index))
-            data[0] ^= 0xFF
-            return bytes(data)
-
-        server.chunk = corrupted
+        manifest, body = await server.encoded(ROUND)
+        server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
     print(str((await p2p.get_visible_maddrs())[0]), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await p2p.shutdown()

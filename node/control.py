@@ -1,0 +1,93 @@
+"""The daemon's control API: HTTP on 127.0.0.1 only, so nothing beyond this machine can
+reach it. `GET /status` answers the status JSON that `locoswarm node status` prints. The
+port is chosen by the OS and written, with the daemon's pid, to `control.json` in the state
+directory, which is how `node status` finds the daemon.
+
+Status JSON (every key always present):
+  state           starting | syncing | training | exchanging | stopping
+  round           the round being trained
+  loss            mean training loss of the last finished round (null before one)
+  eval_loss       held-out loss at the last evaluation (null before one)
+  num_peers       live peers of this run spec other than this one
+  bytes_sent      bytes this peer wrote to delta and state streams
+  bytes_received  bytes this peer read from delta and state streams
+  peer_id, addrs, device, tokens_per_s, rounds_completed, shard
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Callable
+
+from locoswarm.node.files import write_atomic
+
+CONTROL_FILE = "control.json"
+_MAX_REQUEST = 8192
+log = logging.getLogger(__name__)
+
+
+class ControlServer:
+    def __init__(self, state_dir: str, status: Callable[[], dict]) -> None:
+        self.state_dir = state_dir
+        self.status = status
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, host="127.0.0.1", port=0)
+        port = self._server.sockets[0].getsockname()[1]
+        write_atomic(os.path.join(self.state_dir, CONTROL_FILE), json.dumps({"port": port, "pid": os.getpid()}))
+        return port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        try:
+            os.unlink(os.path.join(self.state_dir, CONTROL_FILE))
+        except FileNotFoundError:
+            pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) >= 2 and line[0] == "GET" and line[1] == "/status":
+                code, body = "200 OK", json.dumps(self.status()).encode()
+            else:
+                code, body = "404 Not Found", b'{"error": "only GET /status is served"}'
+            writer.write(f"HTTP/1.0 {code}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await asyncio.wait_for(writer.drain(), 5.0)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as e:
+            log.info("control request dropped: %s", type(e).__name__)
+        finally:
+            writer.close()
+
+
+def read_status(state_dir: str, timeout_s: float = 5.0) -> dict:
+    """Ask the daemon that owns `state_dir` for its status; raises RuntimeError saying why not."""
+    import http.client
+
+    path = os.path.join(state_dir, CONTROL_FILE)
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+        port = int(info["port"])
+    except FileNotFoundError:
+        raise RuntimeError(f"no daemon is running with state directory {state_dir} ({path} does not exist)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{path} is unreadable: {e}") from None
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read(1 << 20)
+    except OSError as e:
+        raise RuntimeError(f"the daemon of {state_dir} does not answer on port {port} ({e}); "
+                           f"is it still running (pid {info.get('pid')})?") from None
+    if resp.status != 200:
+        raise RuntimeError(f"the daemon answered {resp.status}")
+    return json.loads(body)

@@ -1,0 +1,364 @@
+"""The volunteer daemon (issue 3): `locoswarm node join`.
+
+One asyncio loop (uvloop where installed) does all the networking: p2pd, the DHT node on
+our own loop (no forked hivemind.DHT process), the delta and state servers, the peer
+record, the control API. Torch work runs on one training thread. Lifecycle after uvicorn's:
+a first SIGINT/SIGTERM sets `should_exit` (training stops after its current step, the round
+is abandoned, the record withdrawn, exit 0 within seconds); a second forces the exit.
+
+A round (rounds.py says how its end is agreed): train until the swarm's tokens reach the
+target; encode this round's delta and serve it; pull the participants' deltas until all
+are in or the deadline passes; token-weighted aggregate and outer step; serve the new outer
+state for joiners. A joiner first downloads the newest outer state from the live peers
+(statesync.py), then trains from that round on; a peer that finds itself behind the swarm
+does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+
+from locoswarm.node.control import ControlServer
+from locoswarm.node.exchange import DeltaServer
+from locoswarm.node.host import NetworkConfig, NodeError, open_state_dir, start_p2p
+from locoswarm.node.registry import PeerRegistry
+from locoswarm.node.rounds import RoundProgress, gather_deltas
+from locoswarm.node.spec import RunSpec
+from locoswarm.node.statesync import StateServer, StateUnavailable, download_state
+from locoswarm.protocol.records import PeerRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeConfig:
+    state_dir: str
+    """Identity, lock and control file live here."""
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    """Listen addresses, initial peers, relay."""
+    device: str = "auto"
+    """auto, cuda, mps or cpu."""
+    max_rounds: int = 0
+    """Stop after this many rounds (0: run until stopped)."""
+    min_peers: int = 1
+    """Wait until this many peers (this one included) are live before training."""
+    shard: int | None = None
+    """Data shard; None: derived from the peer id."""
+    threads: int = 0
+    """Torch CPU threads of the training thread (0: torch's default)."""
+    eval_every: int = 1
+    """Evaluate on the held-out split every this many rounds (0: only at the end)."""
+    eval_sequences: int = 64
+    """Held-out sequences per evaluation."""
+    fanout: int = 16
+    """F: at most this many peers' deltas pulled per round."""
+    record_ttl_s: float = 10.0
+    """Lifetime of this peer's DHT record; refreshed every third of it."""
+    report_interval_s: float = 0.1
+    """How often round progress is written to and read from the DHT."""
+
+    def validate(self) -> None:
+        if self.max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if self.min_peers < 1:
+            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
+        if self.fanout < 1:
+            raise ValueError(f"fanout must be >= 1, got {self.fanout}")
+        if self.eval_every < 0 or self.eval_sequences < 1:
+            raise ValueError("eval_every must be >= 0 and eval_sequences >= 1")
+        if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
+            raise ValueError("record_ttl_s and report_interval_s must be > 0")
+
+
+def _training_thread_init(threads: int) -> None:
+    import torch
+
+    # Per thread on x86 (MXCSR): AdamW's denormal second moments slow CPU steps ~10×.
+    torch.set_flush_denormal(True)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+class Daemon:
+    def __init__(self, spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print) -> None:
+        spec.validate()
+        cfg.validate()
+        self.spec = spec
+        self.cfg = cfg
+        self.spec_hash = spec.hash()
+        self.emit = emit
+        """Where the daemon's stdout lines go (addresses, one line per round)."""
+        self.should_exit = asyncio.Event()
+        self.state = "starting"
+        self.rounds_completed = 0
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+        self.num_peers = 0
+        self.bytes_received = 0
+        self.peer_id = ""
+        self.addrs: list[str] = []
+        self.trainer = None
+        self.deltas: DeltaServer | None = None
+        self.states: StateServer | None = None
+        self._stop_training = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "locoswarm-train", _training_thread_init,
+                                                           (cfg.threads,))
+        self._tasks: set[asyncio.Task] = set()
+        self._records: list[PeerRecord] = []
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def handle_signal(self, signum: int) -> None:
+        if self.should_exit.is_set():
+            log.warning("second %s: forcing exit", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s: leaving after the current step (again to force)", signal.Signals(signum).name)
+        self.should_exit.set()
+        self._stop_training.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_signal, sig)
+        lock = open_state_dir(self.cfg.state_dir)
+        try:
+            return await self._serve()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            os.close(lock)
+
+    async def _serve(self) -> int:
+        p2p = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
+        dht = control = registry = None
+        try:
+            self.peer_id = p2p.peer_id.to_base58()
+            self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
+            dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None)
+            registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s)
+            shard = self.cfg.shard if self.cfg.shard is not None else zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
+            self.trainer = await self._in_pool(self._build_trainer, shard)
+            self.deltas = DeltaServer(p2p)
+            self.states = StateServer(p2p, self.trainer.state_spec)
+            self.states.on_encoded = lambda r, digest: self.emit(f"serving state round {r} digest {digest}")
+            await self.deltas.start()
+            await self.states.start()
+            control = ControlServer(self.cfg.state_dir, self.status)
+            await control.start()
+            self.emit(f"peer {self.peer_id}")
+            for addr in self.addrs:
+                self.emit(f"listening {addr}")
+            await self._join(p2p, registry)
+            self._spawn(self._keep_record(registry))
+            await self._wait_for_peers()
+            while not self.should_exit.is_set():
+                if self.cfg.max_rounds and self.rounds_completed >= self.cfg.max_rounds:
+                    await self._finish()
+                    break
+                await self._catch_up(p2p)
+                await self._round(p2p, dht)
+            return 0
+        finally:
+            self.state = "stopping"
+            self._stop_training.set()
+            for task in self._tasks:
+                task.cancel()
+            if registry is not None:
+                try:
+                    await asyncio.wait_for(registry.withdraw(self.peer_id), 3.0)
+                except Exception as e:  # leaving anyway: the record expires on its own
+                    log.info("could not withdraw the peer record: %s", e)
+            if control is not None:
+                await control.stop()
+            self._pool.shutdown(wait=True)
+            if dht is not None:
+                await dht.shutdown()
+            await p2p.shutdown()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _in_pool(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _build_trainer(self, shard: int):
+        from locoswarm.node.trainer import Trainer, pick_device
+
+        return Trainer(self.spec, self.spec_hash, shard=shard, device=pick_device(self.cfg.device),
+                       eval_sequences=self.cfg.eval_sequences)
+
+    # ------------------------------------------------------------------ peers
+
+    async def _keep_record(self, registry: PeerRegistry) -> None:
+        while True:
+            record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
+                                tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.round,
+                                spec_hash=self.spec_hash)
+            try:
+                await registry.announce(record)
+                self._records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
+                self.num_peers = len(self._records)
+            except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
+                log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(min(1.0, self.cfg.record_ttl_s / 3))
+
+    async def _join(self, p2p: P2P, registry: PeerRegistry) -> None:
+        """Take the swarm's outer state if there is a swarm; refuse a swarm of another spec."""
+        self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
+        if not self.cfg.net.peers:
+            return
+        records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
+        if not records and registry.rejected:
+            reasons = "; ".join(reason for _, reason in registry.rejected)
+            raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
+                            f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
+        self._records = records
+        if records and max(r.round for r in records) > 0:
+            await self._sync(p2p, records)
+
+    async def _sync(self, p2p: P2P, records: list[PeerRecord]) -> None:
+        self.state = "syncing"
+        newest = max(r.round for r in records)
+        donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1]
+        self._rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 4) == 0:
+                log.info("state download: %d/%d chunks", done, total)
+
+        for attempt in range(3):
+            try:
+                round_, tensors = await download_state(p2p, donors, self.trainer.state_spec, on_progress=progress)
+                break
+            except StateUnavailable as e:
+                log.warning("state download failed (%s); retrying", e)
+                await asyncio.sleep(1 + attempt)
+        else:
+            raise NodeError("could not download the swarm's state from any donor")
+        self.bytes_received += self.trainer.state_spec.total_bytes
+        await self._in_pool(self.trainer.load_state, round_, tensors)
+        self.states.publish(self.trainer.state_snapshot(), round_)
+        digest = await self._in_pool(self.trainer.state_digest)
+        self.emit(f"synced round {round_} from {len(donors)} donors digest {digest}")
+
+    async def _catch_up(self, p2p: P2P) -> None:
+        """A peer that fell more than a round behind the swarm takes its state again."""
+        ahead = [r for r in self._records if r.round > self.trainer.round + 1]
+        if ahead:
+            log.warning("round %d is behind the swarm's %d: downloading its state", self.trainer.round,
+                        max(r.round for r in ahead))
+            await self._sync(p2p, ahead)
+
+    async def _wait_for_peers(self) -> None:
+        while self.num_peers + 1 < self.cfg.min_peers and not self.should_exit.is_set():
+            self.state = "waiting"
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _round(self, p2p: P2P, dht: DHTNode) -> None:
+        trainer, cfg = self.trainer, self.cfg
+        r = trainer.round
+        t0 = time.perf_counter()
+        progress = RoundProgress(dht, self.spec.run_id, self.spec_hash, r, self.peer_id,
+                                 per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
+                                 ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s))
+        self.state = "training"
+        train = asyncio.ensure_future(self._in_pool(trainer.train_until, self._stop_training, progress.reached))
+        while not train.done():
+            try:
+                await progress.report(trainer.tokens, trainer.tokens_per_s)
+                await progress.refresh()
+            except Exception as e:  # a DHT hiccup: train on and report next time
+                log.info("progress report failed: %s", e)
+            await asyncio.wait([train], timeout=cfg.report_interval_s)
+        tokens = train.result()
+        train_s = time.perf_counter() - t0
+        if self.should_exit.is_set():
+            return  # abandon the round: peers waiting for our delta drop us when our streams close
+        self.state = "exchanging"
+        self.loss = statistics.fmean(trainer.losses) if trainer.losses else None
+        blob = await self._in_pool(trainer.encode, self.peer_id)
+        self.deltas.publish(r, blob)
+        await progress.report(tokens, trainer.tokens_per_s, done=True)
+        await progress.refresh()
+        got = await gather_deltas(p2p, progress.participants(), r, trainer.delta_spec,
+                                  deadline_s=self.spec.rounds.deadline_s, fanout=cfg.fanout, rng=self._rng)
+        self.bytes_received += got.bytes_received
+        for peer, why in got.failed.items():
+            log.info("round %d: no delta from %s: %s", r, peer, why)
+        # Our own delta goes through the same decode every receiver runs, so all peers
+        # aggregate the same values (the residual was committed against that decode).
+        deltas = [trainer.decode(blob)] + got.deltas
+        await self._in_pool(trainer.apply, deltas)
+        self.states.publish(await self._in_pool(trainer.state_snapshot), trainer.round)
+        self.rounds_completed += 1
+        if cfg.eval_every and self.rounds_completed % cfg.eval_every == 0:
+            self.eval_loss = await self._in_pool(trainer.evaluate)
+        round_s = time.perf_counter() - t0
+        ev = "nan" if self.eval_loss is None else f"{self.eval_loss:.4f}"
+        self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {tokens} "
+                  f"loss {self.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
+                  f"sent {self.bytes_sent} received {self.bytes_received}")
+
+    async def _finish(self) -> None:
+        self.eval_loss = await self._in_pool(self.trainer.evaluate)
+        digest = await self._in_pool(self.trainer.state_digest)
+        self.emit(f"final round {self.trainer.round} eval_loss {self.eval_loss:.4f} digest {digest}")
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in (self.deltas, self.states) if s is not None)
+
+    def status(self) -> dict:
+        t = self.trainer
+        return {
+            "state": self.state,
+            "round": 0 if t is None else t.round,
+            "loss": self.loss,
+            "eval_loss": self.eval_loss,
+            "num_peers": self.num_peers,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "peer_id": self.peer_id,
+            "addrs": self.addrs,
+            "device": None if t is None else t.device.type,
+            "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
+            "rounds_completed": self.rounds_completed,
+        }
+
+
+def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print) -> int:
+    """Run a daemon until it is stopped or reaches max_rounds; returns the exit code."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional (no wheel on Windows)
+        runner = asyncio.run
+    daemon = Daemon(spec, cfg, emit)
+    try:
+        return runner(daemon.serve())
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

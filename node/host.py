@@ -1,0 +1,112 @@
+"""What a daemon owns on this machine and on the network before it trains: its state
+directory (locked, so two daemons never share one), its libp2p identity (a key file in the
+state directory, written by hivemind with mode 0400, so the peer id survives restarts), and
+its p2pd with the listen addresses and relay policy.
+
+Relay policy (on purpose): a peer may *dial through* relays (`use_relay`), so it can reach
+volunteers behind NAT that found a relay, but it never *acts* as a relay for others
+(`relay_hop_limit` 0) and does not look for one itself unless asked (`auto_relay`):
+relaying strangers' traffic would spend the volunteer's upload on bytes that train nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+log = logging.getLogger(__name__)
+IDENTITY_FILE = "identity.key"
+LOCK_FILE = "lock"
+DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+
+
+class NodeError(Exception):
+    """A problem the daemon cannot start or go on with; its message says what to do."""
+
+
+@dataclass(kw_only=True, slots=True)
+class NetworkConfig:
+    listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
+    """Multiaddrs p2pd listens on (TCP and QUIC on all interfaces by default)."""
+    announce: list[str] = field(default_factory=list)
+    """Multiaddrs to announce instead of the listen addresses (a public address behind port forwarding)."""
+    peers: list[str] = field(default_factory=list)
+    """Initial peers to join through; empty: start a new swarm."""
+    auto_relay: bool = False
+    """Look for a relay to become reachable from behind NAT."""
+    retry_max_s: float = 30.0
+    """Longest wait between two attempts to reach the initial peers."""
+
+
+def open_state_dir(path: str) -> int:
+    """Create `path` if needed and lock it; returns the lock's file descriptor (keep it open)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise NodeError(f"state directory {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise NodeError(f"state directory {path}: not readable and writable by this user")
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise NodeError(f"state directory {path}: cannot open {lock_path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise NodeError(f"state directory {path} is in use by another running node (pid {owner}); "
+                        "give this one its own --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    identity = os.path.join(path, IDENTITY_FILE)
+    if os.path.exists(identity):
+        try:
+            with open(identity, "rb") as fh:
+                key = fh.read(1 << 16)
+            from hivemind.p2p import PeerID
+
+            PeerID.from_identity(key)
+        except Exception as e:  # any parse failure: the file is not a key we can use
+            os.close(fd)
+            raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
+                            "it is left as it is: move it away to start with a new peer id") from None
+    return fd
+
+
+async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P:
+    """Start p2pd, retrying with backoff while the initial peers cannot be reached."""
+    delay = 1.0
+    while True:
+        try:
+            return await P2P.create(
+                initial_peers=net.peers or None, host_maddrs=net.listen, announce_maddrs=net.announce or None,
+                identity_path=os.path.join(state_dir, IDENTITY_FILE), use_relay=True, relay_hop_limit=0,
+                use_auto_relay=net.auto_relay,
+            )
+        except P2PDaemonError as e:
+            text = str(e)
+            port = re.search(r"listen \w+ ([\d.:\[\]a-f]+): bind: address already in use", text)
+            if port:
+                raise NodeError(f"cannot listen on {port.group(1)}: the port is in use; "
+                                "choose another with --listen") from None
+            if "already taken" in text:
+                raise NodeError(f"identity {os.path.join(state_dir, IDENTITY_FILE)} is already used by a "
+                                "running peer; each node needs its own state directory") from None
+            if "failed to connect to bootstrap peers" not in text:
+                raise NodeError(f"p2pd did not start: {text.strip()}") from None
+        log.warning("cannot reach any of the initial peers %s; retrying in %.0f s", ", ".join(net.peers), delay)
+        try:
+            await asyncio.wait_for(should_stop.wait(), delay)
+            raise NodeError("stopped before reaching the initial peers")
+        except asyncio.TimeoutError:
+            pass
+        delay = min(2 * delay, net.retry_max_s)

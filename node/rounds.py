@@ -1,0 +1,154 @@
+"""Round agreement and the per-round delta pull (issue 3).
+
+Round boundaries follow global token progress, as hivemind's Optimizer does with its target
+batch size: every peer training round r reports in the DHT how many tokens it has trained
+on in r and at what rate, under the round's key (one subkey per peer). The round ends when
+the swarm's tokens reach H · batch · seq_len per participating peer, so on average each
+peer does the H inner steps of the algorithm, and a fast GPU and a slow CPU both
+contribute to every round they reach (each with its own token count, which weighs its
+delta). Between reports a peer extrapolates the others' progress from their rate, for at
+most a few report intervals: a peer that vanished stops counting. We chose tokens over
+wall-clock windows because the simulation, and the learning-rate schedule, are in tokens;
+a window would tie the algorithm to the slowest link.
+
+The round's participants are the peers that reported progress for it. After its own
+delta is out, a peer pulls theirs concurrently (at most `fanout`, chosen at random in
+bigger swarms), retrying "not yet" answers until the round's deadline; a peer whose
+stream fails or that sends a bad delta is dropped from the round, logged, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
+from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
+from locoswarm.protocol.records import Progress, decode_progress, encode_progress
+
+log = logging.getLogger(__name__)
+EXTRAPOLATE_INTERVALS = 4
+"""Another peer's progress is extrapolated for at most this many report intervals."""
+RETRY_S = 0.02
+
+
+def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
+    return f"locoswarm:{run_id}:{spec_hash[:8].hex()}:progress:{round_}"
+
+
+@dataclass(slots=True)
+class _Seen:
+    progress: Progress
+    at: float
+    """time.monotonic() when we read it."""
+
+
+class RoundProgress:
+    """The swarm's token progress in one round, read and written through the DHT."""
+
+    def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
+                 per_peer_tokens: int, interval_s: float, ttl_s: float) -> None:
+        self.dht = dht
+        self.key = progress_key(run_id, spec_hash, round_)
+        self.peer_id = peer_id
+        self.per_peer_tokens = per_peer_tokens
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._others: dict[str, _Seen] = {}
+        self.rejected = 0
+
+    async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
+        value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done))
+        await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=self.peer_id)
+
+    async def refresh(self) -> None:
+        found = await self.dht.get(self.key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return
+        now = time.monotonic()
+        for subkey, item in found.value.items():
+            if not isinstance(subkey, str) or subkey == self.peer_id:
+                continue
+            try:
+                seen = decode_progress(item.value)
+            except ProtocolError as e:
+                self.rejected += 1
+                log.warning("progress of %s refused: %s", subkey, e)
+                continue
+            old = self._others.get(subkey)
+            if old is None or old.progress != seen:
+                self._others[subkey] = _Seen(seen, now)
+
+    def participants(self) -> list[str]:
+        """Peer ids (not ours) that reported progress in this round."""
+        return sorted(self._others)
+
+    def reached(self, own_tokens: int) -> bool:
+        """Whether the swarm's tokens, ours plus the others' extrapolated, reach the target."""
+        now = time.monotonic()
+        total = own_tokens
+        for seen in self._others.values():
+            p = seen.progress
+            ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
+            total += p.tokens + ahead
+        return total >= self.per_peer_tokens * (1 + len(self._others))
+
+
+@dataclass(slots=True)
+class Gathered:
+    deltas: list[DecodedDelta] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """peer id → why its delta is not in this round."""
+    bytes_received: int = 0
+
+
+async def gather_deltas(p2p: P2P, peers: list[str], round_: int, spec: DeltaSpec, *, deadline_s: float,
+                        fanout: int, rng: random.Random) -> Gathered:
+    """Pull round `round_`'s deltas from `peers` (at most `fanout` of them) until every one
+    is in or `deadline_s` has passed; whatever did not arrive is left out of the round."""
+    if len(peers) > fanout:
+        peers = rng.sample(peers, fanout)
+    out = Gathered()
+    stop_at = time.monotonic() + deadline_s
+
+    async def pull(peer: str) -> None:
+        pid = PeerID.from_base58(peer)
+        while True:
+            left = stop_at - time.monotonic()
+            if left <= 0:
+                out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                return
+            try:
+                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=left)
+            except DeltaUnavailable:
+                await asyncio.sleep(RETRY_S)  # still training: ask again
+                continue
+            except ProtocolError as e:
+                # A bad delta costs the sender its place in this round, never ours.
+                log.warning("delta of %s for round %d rejected: %s: %s", peer, round_, type(e).__name__, e)
+                out.failed[peer] = f"{type(e).__name__}: {e}"
+                return
+            except asyncio.TimeoutError:
+                out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                return
+            except Exception as e:  # the stream failed (peer gone, refused): drop it for this round
+                log.info("delta of %s for round %d unavailable: %s: %s", peer, round_, type(e).__name__, e)
+                out.failed[peer] = f"{type(e).__name__}: {e}"
+                return
+            if delta.sender != peer:
+                log.warning("delta from %s names sender %s: rejected", peer, delta.sender)
+                out.failed[peer] = f"delta names sender {delta.sender}"
+                return
+            out.deltas.append(delta)
+            out.bytes_received += delta.nbytes + 8
+            return
+
+    await asyncio.gather(*(pull(p) for p in peers))
+    return out

@@ -1,0 +1,197 @@
+"""The training side of one peer (issue 3): its replica of the model, inner AdamW, data
+shard, error-feedback compressor and the outer optimizer, driven by the daemon round by
+round. The same algorithm as the in-process simulation (node/sim/convergence.py
+`run_diloco`), one replica's share of it; every method runs on the daemon's one training
+thread, so torch work never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from locoswarm.node.spec import RunSpec
+from locoswarm.node.workload.data import Corpus
+from locoswarm.node.workload.model import build_model
+from locoswarm.node.workload.tokenizer import get_tokenizer
+from locoswarm.optim import (
+    ErrorFeedbackCompressor,
+    OuterOptimizer,
+    aggregate,
+    coverage,
+    delta_spec,
+    lr_at,
+    make_inner_optimizer,
+    pseudo_gradients,
+    set_lr,
+)
+from locoswarm.optim.inner import load_params
+from locoswarm.protocol import DecodedDelta, DeltaMessage, decode_delta, encode_delta
+from locoswarm.protocol.state import StateSpec, encode_state
+
+MAX_TOKENS_FACTOR = 64
+"""A delta may claim at most this many times the per-peer token target of a round."""
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` takes CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is present")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple MPS is not available here")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, spec_hash: bytes, *, shard: int, device: torch.device,
+                 eval_sequences: int = 64) -> None:
+        if spec.diloco.compression is None:
+            raise ValueError("the swarm exchanges compressed deltas: the run spec needs diloco.compression")
+        if not 0 <= shard < spec.num_shards:
+            raise ValueError(f"shard {shard} outside [0, {spec.num_shards})")
+        self.spec = spec
+        self.device = device
+        tok = get_tokenizer(spec.tokenizer)
+        corpus = Corpus.load(spec.data, tok)
+        self.model = build_model(spec.model, tok.vocab_size, spec.data.seq_len, spec.seed).to(device)
+        self.inner = make_inner_optimizer(self.model, spec.diloco.inner)
+        # The same shard and seed the simulation gives replica `shard` of `num_shards`.
+        self.sampler = corpus.sampler(shard, spec.num_shards, seed=spec.seed * 1000 + shard)
+        self.eval = corpus.eval_batches(eval_sequences, spec.batch_size * 2)
+        self.outer = OuterOptimizer(list(self.model.parameters()), spec.diloco.outer, device=device)
+        named = [(n, tuple(p.shape)) for n, p in self.model.named_parameters()]
+        self.tokens_per_step = spec.batch_size * spec.data.seq_len
+        self.round_tokens = spec.diloco.inner_steps * self.tokens_per_step
+        """The per-peer share of a round's global token target."""
+        self.delta_spec = delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec_hash,
+                                     max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
+        self.compressor = ErrorFeedbackCompressor(self.delta_spec.tensors, spec.diloco.compression,
+                                                  self.outer.params[0].device)
+        self.state_spec = StateSpec(run_id=spec.run_id, spec_hash=spec_hash,
+                                    tensors=tuple((n, tuple(t.shape)) for n, t in self.outer.state_tensors().items()))
+        self.round = 0
+        """The round being trained: the number of outer steps this replica has taken part in."""
+        self.tokens = 0
+        """Tokens trained on in the current round (read by the event loop for progress)."""
+        self.tokens_per_s = 0.0
+        self.losses: list[float] = []
+        """Training losses of the current round."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the inner phase
+
+    def train_until(self, stop: threading.Event, should_stop: Callable[[int], bool]) -> int:
+        """Inner steps until `stop` is set or `should_stop(tokens so far)` says the swarm's
+        round target is reached (at least one step); returns this round's tokens."""
+        dl = self.spec.diloco
+        steps = 0
+        started = time.perf_counter()
+        while True:
+            # Global progress drives the schedule, as in the simulation: step = round·H + s.
+            set_lr(self.inner, lr_at(self.round * dl.inner_steps + min(steps, dl.inner_steps - 1),
+                                     self.spec.total_steps, dl.inner))
+            x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch(self.spec.batch_size))
+            with self.autocast():
+                loss = self.model.loss(x, y)
+            loss.backward()
+            if dl.inner.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), dl.inner.grad_clip)
+            self.inner.step()
+            self.inner.zero_grad(set_to_none=True)
+            self.losses.append(float(loss.detach()))
+            steps += 1
+            self.tokens += self.tokens_per_step
+            elapsed = time.perf_counter() - started
+            self.tokens_per_s = self.tokens / elapsed if elapsed > 0 else 0.0
+            if stop.is_set() or should_stop(self.tokens):
+                return self.tokens
+
+    # ------------------------------------------------------------------ the exchange
+
+    def encode(self, sender: str) -> bytes:
+        """This round's pseudo-gradient, compressed (committing the residual) and encoded."""
+        deltas = pseudo_gradients(self.outer.params, self.model)
+        packed, _ = self.compressor.compress(deltas)
+        msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.delta_spec.spec_hash, round=self.round,
+                           sender=sender, num_tokens=max(1, self.tokens), tensors=tuple(packed))
+        return encode_delta(msg)
+
+    def decode(self, blob: bytes) -> DecodedDelta:
+        return decode_delta(blob, self.delta_spec)
+
+    @torch.no_grad()
+    def apply(self, received: list[DecodedDelta]) -> None:
+        """Token-weighted aggregate of the round's deltas (this peer's own among them), the
+        outer step, and the restart of the replica at θ_outer − its unsent residual."""
+        cfg = self.spec.diloco.compression
+        device = self.outer.params[0].device
+        shapes = [tuple(p.shape) for p in self.outer.params]
+        masked = cfg.aggregation == "masked"
+        shares = coverage(received, device) if masked else None
+        self.outer.step(aggregate(received, shapes, device, rule=cfg.aggregation, shares=shares))
+        if masked:
+            self.compressor.forget([share > 0 for share in shares])
+        self.restart()
+        self.round += 1
+
+    def skip(self) -> None:
+        """A round without an outer step (nothing arrived, not even our own delta): the
+        replica keeps training from where it is, its progress still unsent."""
+        self.round += 1
+        self.tokens = 0
+        self.losses = []
+
+    def restart(self) -> None:
+        offsets = self.compressor.model_offsets() if self.spec.diloco.compression.residual == "model" else None
+        load_params(self.model, self.outer.params, offsets)
+        self.tokens = 0
+        self.losses = []
+
+    # ------------------------------------------------------------------ state for joiners
+
+    def state_snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the outer state (parameters and momentum), on the CPU."""
+        return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in self.outer.state_tensors().items()}
+
+    def state_digest(self) -> str:
+        """SHA-256 of the outer state's wire body: equal on a donor and on a joiner that took its state."""
+        _, body = encode_state(self.state_spec, self.state_snapshot(), self.round)
+        return hashlib.sha256(body).hexdigest()
+
+    @torch.no_grad()
+    def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
+        """Take a donor's outer state: parameters, momentum and round; the residual starts empty."""
+        for name, tensor in state.items():
+            self.outer.state_tensors()[name].copy_(tensor)
+        self.outer.num_steps = round_  # > 0: the momentum buffer is live, not to be re-seeded
+        for err in self.compressor.errors:
+            err.zero_()
+        self.round = round_
+        self.restart()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        total, count = 0.0, 0
+        for x, y in self.eval:
+            with self.autocast():
+                loss = self.model.loss(x.to(self.device), y.to(self.device))
+            total += float(loss) * y.numel()
+            count += y.numel()
+        return total / count
