@@ -43,6 +43,8 @@ from locoswarm.node.statesync import StateServer, StateUnavailable, download_sta
 from locoswarm.protocol.records import PeerRecord
 
 log = logging.getLogger(__name__)
+FINAL_MODEL = "final-model.safetensors"
+"""Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -322,6 +324,7 @@ class Daemon:
     async def _finish(self) -> None:
         self.eval_loss = await self._in_pool(self.trainer.evaluate)
         digest = await self._in_pool(self.trainer.state_digest)
+        await self._in_pool(self.trainer.save_model, os.path.join(self.cfg.state_dir, FINAL_MODEL))
         self.emit(f"final round {self.trainer.round} eval_loss {self.eval_loss:.4f} digest {digest}")
 
     # ------------------------------------------------------------------ status

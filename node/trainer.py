@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 import time
 from typing import Callable
@@ -185,6 +186,15 @@ class Trainer:
             err.zero_()
         self.round = round_
         self.restart()
+
+    def save_model(self, path: str) -> None:
+        """The replica's parameters as safetensors (no pickle), written atomically."""
+        from safetensors.torch import save_file
+
+        tmp = f"{path}.tmp"
+        save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
+                  tmp)
+        os.replace(tmp, path)
 
     @torch.no_grad()
     def evaluate(self) -> float:
