@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import random
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -120,9 +120,15 @@ class Daemon:
         self._stop_training = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "locoswarm-train", _training_thread_init,
                                                            (cfg.threads,))
+        self._xpool = concurrent.futures.ThreadPoolExecutor(1, "locoswarm-exchange", _training_thread_init,
+                                                            (cfg.threads,))
+        """Exchange compute (encode, decode, outer step) when it overlaps training."""
+        self._round_started: dict[int, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._records: list[PeerRecord] = []
         self._rng = random.Random()
+        self._carry = 0
+        """Tokens the last round trained beyond its target (negative: short of it)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,12 +175,7 @@ class Daemon:
             await self._join(p2p, registry)
             self._spawn(self._keep_record(registry))
             await self._wait_for_peers()
-            while not self.should_exit.is_set():
-                if self.cfg.max_rounds and self.rounds_completed >= self.cfg.max_rounds:
-                    await self._finish()
-                    break
-                await self._catch_up(p2p)
-                await self._round(p2p, dht)
+            await self._run_rounds(p2p, dht)
             return 0
         finally:
             self.state = "stopping"
@@ -189,6 +190,7 @@ class Daemon:
             if control is not None:
                 await control.stop()
             self._pool.shutdown(wait=True)
+            self._xpool.shutdown(wait=True)
             if dht is not None:
                 await dht.shutdown()
             await p2p.shutdown()
@@ -261,13 +263,15 @@ class Daemon:
         digest = await self._in_pool(self.trainer.state_digest)
         self.emit(f"synced round {round_} from {len(donors)} donors digest {digest}")
 
-    async def _catch_up(self, p2p: P2P) -> None:
+    async def _catch_up(self, p2p: P2P) -> bool:
         """A peer that fell more than a round behind the swarm takes its state again."""
         ahead = [r for r in self._records if r.round > self.trainer.round + 1]
-        if ahead:
-            log.warning("round %d is behind the swarm's %d: downloading its state", self.trainer.round,
-                        max(r.round for r in ahead))
-            await self._sync(p2p, ahead)
+        if not ahead:
+            return False
+        log.warning("round %d is behind the swarm's %d: downloading its state", self.trainer.round,
+                    max(r.round for r in ahead))
+        await self._sync(p2p, ahead)
+        return True
 
     async def _wait_for_peers(self) -> None:
         while self.num_peers + 1 < self.cfg.min_peers and not self.should_exit.is_set():
@@ -276,13 +280,41 @@ class Daemon:
 
     # ------------------------------------------------------------------ rounds
 
-    async def _round(self, p2p: P2P, dht: DHTNode) -> None:
+    async def _run_rounds(self, p2p: P2P, dht: DHTNode) -> None:
+        trainer = self.trainer
+        overlap = self.spec.rounds.overlap
+        exchange: asyncio.Future | None = None
+        trained = 0
+        while not self.should_exit.is_set() and not (self.cfg.max_rounds and trained >= self.cfg.max_rounds):
+            progress, train_s = await self._train(dht)
+            if self.should_exit.is_set():
+                break  # abandon the round: peers waiting for our delta drop us when our streams close
+            if exchange is not None:
+                await exchange  # round r's outer step must be in before round r + 1's delta is taken
+                exchange = None
+            if await self._catch_up(p2p):
+                continue  # what was trained on the old state is not sent
+            work = await self._in_pool(trainer.end_round)
+            trained += 1
+            step = self._exchange(p2p, progress, work, train_s, overlap)
+            if overlap:
+                exchange = asyncio.ensure_future(step)
+            else:
+                await step
+        if exchange is not None:
+            if self.should_exit.is_set():
+                exchange.cancel()
+            await asyncio.gather(exchange, return_exceptions=True)
+        if self.cfg.max_rounds and trained >= self.cfg.max_rounds and not self.should_exit.is_set():
+            await self._finish()
+
+    async def _train(self, dht: DHTNode) -> tuple[RoundProgress, float]:
         trainer, cfg = self.trainer, self.cfg
-        r = trainer.round
         t0 = time.perf_counter()
-        progress = RoundProgress(dht, self.spec.run_id, self.spec_hash, r, self.peer_id,
+        self._round_started[trainer.round] = t0
+        progress = RoundProgress(dht, self.spec.run_id, self.spec_hash, trainer.round, self.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
-                                 ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s))
+                                 ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s), carry=self._carry)
         self.state = "training"
         train = asyncio.ensure_future(self._in_pool(trainer.train_until, self._stop_training, progress.reached))
         while not train.done():
@@ -292,33 +324,42 @@ class Daemon:
             except Exception as e:  # a DHT hiccup: train on and report next time
                 log.info("progress report failed: %s", e)
             await asyncio.wait([train], timeout=cfg.report_interval_s)
-        tokens = train.result()
-        train_s = time.perf_counter() - t0
-        if self.should_exit.is_set():
-            return  # abandon the round: peers waiting for our delta drop us when our streams close
-        self.state = "exchanging"
-        self.loss = statistics.fmean(trainer.losses) if trainer.losses else None
-        blob = await self._in_pool(trainer.encode, self.peer_id)
+        train.result()
+        return progress, time.perf_counter() - t0
+
+    async def _exchange(self, p2p: P2P, progress: RoundProgress, work, train_s: float, overlap: bool) -> None:
+        trainer, r = self.trainer, work.round
+        compute = self._xpool if overlap else self._pool
+        run = lambda fn, *args: asyncio.get_running_loop().run_in_executor(compute, fn, *args)  # noqa: E731
+        if not overlap:
+            self.state = "exchanging"
+        self.loss = work.loss
+        blob = await run(trainer.encode, work, self.peer_id)
         self.deltas.publish(r, blob)
-        await progress.report(tokens, trainer.tokens_per_s, done=True)
+        await progress.report(work.tokens, trainer.tokens_per_s, done=True)
         await progress.refresh()
         got = await gather_deltas(p2p, progress.participants(), r, trainer.delta_spec,
-                                  deadline_s=self.spec.rounds.deadline_s, fanout=cfg.fanout, rng=self._rng)
+                                  deadline_s=self.spec.rounds.deadline_s, fanout=self.cfg.fanout, rng=self._rng)
         self.bytes_received += got.bytes_received
         for peer, why in got.failed.items():
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
         deltas = [trainer.decode(blob)] + got.deltas
-        await self._in_pool(trainer.apply, deltas)
-        self.states.publish(await self._in_pool(trainer.state_snapshot), trainer.round)
+        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
+        planned = trainer.round_tokens * len(deltas)
+        self._carry = max(-planned // 2, min(planned // 2, sum(d.num_tokens for d in deltas) - planned))
+        self.states.publish(await run(trainer.state_snapshot), r + 1)
         self.rounds_completed += 1
-        if cfg.eval_every and self.rounds_completed % cfg.eval_every == 0:
+        if self.cfg.eval_every and self.rounds_completed % self.cfg.eval_every == 0:
+            # On the training thread: evaluating while it trains would read half-updated weights.
             self.eval_loss = await self._in_pool(trainer.evaluate)
-        round_s = time.perf_counter() - t0
+        started = self._round_started.pop(r, None) or time.perf_counter()
+        ended = self._round_started.get(r + 1) if overlap else None
+        round_s = (ended or time.perf_counter()) - started
         ev = "nan" if self.eval_loss is None else f"{self.eval_loss:.4f}"
-        self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {tokens} "
-                  f"loss {self.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
+        self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {work.tokens} "
+                  f"loss {work.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
                   f"sent {self.bytes_sent} received {self.bytes_received}")
 
     async def _finish(self) -> None:

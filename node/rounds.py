@@ -9,7 +9,10 @@ contribute to every round they reach (each with its own token count, which weigh
 delta). Between reports a peer extrapolates the others' progress from their rate, for at
 most a few report intervals: a peer that vanished stops counting. We chose tokens over
 wall-clock windows because the simulation, and the learning-rate schedule, are in tokens;
-a window would tie the algorithm to the slowest link.
+a window would tie the algorithm to the slowest link. Peers see each other's progress a
+report late, so a round overshoots its target by a fraction of a step per peer; the
+overshoot (or shortfall) of the last round, from the token counts in its deltas, is taken
+off the next round's target, so over many rounds the swarm trains the tokens it planned.
 
 The round's participants are the peers that reported progress for it. After its own
 delta is out, a peer pulls theirs concurrently (at most `fanout`, chosen at random in
@@ -54,11 +57,12 @@ class RoundProgress:
     """The swarm's token progress in one round, read and written through the DHT."""
 
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
-                 per_peer_tokens: int, interval_s: float, ttl_s: float) -> None:
+                 per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0) -> None:
         self.dht = dht
         self.key = progress_key(run_id, spec_hash, round_)
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
+        self.carry = carry
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self._others: dict[str, _Seen] = {}
@@ -73,6 +77,7 @@ class RoundProgress:
         if found is None or not isinstance(found.value, dict):
             return
         now = time.monotonic()
+        others = dict(self._others)
         for subkey, item in found.value.items():
             if not isinstance(subkey, str) or subkey == self.peer_id:
                 continue
@@ -82,9 +87,10 @@ class RoundProgress:
                 self.rejected += 1
                 log.warning("progress of %s refused: %s", subkey, e)
                 continue
-            old = self._others.get(subkey)
+            old = others.get(subkey)
             if old is None or old.progress != seen:
-                self._others[subkey] = _Seen(seen, now)
+                others[subkey] = _Seen(seen, now)
+        self._others = others
 
     def participants(self) -> list[str]:
         """Peer ids (not ours) that reported progress in this round."""
@@ -94,11 +100,12 @@ class RoundProgress:
         """Whether the swarm's tokens, ours plus the others' extrapolated, reach the target."""
         now = time.monotonic()
         total = own_tokens
-        for seen in self._others.values():
+        others = self._others  # replaced whole by refresh(), never mutated: safe from the training thread
+        for seen in others.values():
             p = seen.progress
             ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
             total += p.tokens + ahead
-        return total >= self.per_peer_tokens * (1 + len(self._others))
+        return total >= self.per_peer_tokens * (1 + len(others)) - self.carry
 
 
 @dataclass(slots=True)

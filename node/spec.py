@@ -37,6 +37,9 @@ SPEC_VERSION = 1
 class RoundPolicy:
     deadline_s: float = 30.0
     """How long a peer waits for the round's announced deltas before aggregating what arrived."""
+    overlap: bool = False
+    """Train round r + 1 while round r's deltas are exchanged; the restart to the new outer
+    parameters is applied as a shift when it arrives (one round of delay on the outer step)."""
 
     def validate(self) -> None:
         if not self.deadline_s > 0:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,7 +29,6 @@ from locoswarm.optim import (
     delta_spec,
     lr_at,
     make_inner_optimizer,
-    pseudo_gradients,
     set_lr,
 )
 from locoswarm.optim.inner import load_params
@@ -54,6 +54,17 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
     return torch.device(name)
+
+
+@dataclass(slots=True)
+class RoundWork:
+    """One finished inner phase, handed from the training thread to the exchange."""
+
+    round: int
+    tokens: int
+    loss: float
+    snapshot: list[torch.Tensor]
+    """The replica's parameters at the boundary, fp32 on the outer state's device."""
 
 
 class Trainer:
@@ -90,6 +101,8 @@ class Trainer:
         self.tokens_per_s = 0.0
         self.losses: list[float] = []
         """Training losses of the current round."""
+        self._shift: list[torch.Tensor] | None = None
+        """The restart of an overlapped round, waiting for the training thread."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -105,6 +118,7 @@ class Trainer:
         steps = 0
         started = time.perf_counter()
         while True:
+            self._take_shift()
             # Global progress drives the schedule, as in the simulation: step = round·H + s.
             set_lr(self.inner, lr_at(self.round * dl.inner_steps + min(steps, dl.inner_steps - 1),
                                      self.spec.total_steps, dl.inner))
@@ -126,21 +140,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ the exchange
 
-    def encode(self, sender: str) -> bytes:
-        """This round's pseudo-gradient, compressed (committing the residual) and encoded."""
-        deltas = pseudo_gradients(self.outer.params, self.model)
+    def end_round(self) -> RoundWork:
+        """The round boundary (training thread): take in a pending restart shift, snapshot
+        the replica's parameters, and count the next round from here."""
+        self._take_shift()
+        snapshot = [p.detach().to(self.outer.params[0].device, torch.float32, copy=True)
+                    for p in self.model.parameters()]
+        work = RoundWork(round=self.round, tokens=max(1, self.tokens), snapshot=snapshot,
+                         loss=sum(self.losses) / len(self.losses) if self.losses else float("nan"))
+        self.round += 1
+        self.tokens = 0
+        self.losses = []
+        return work
+
+    def encode(self, work: RoundWork, sender: str) -> bytes:
+        """The round's pseudo-gradient θ_outer − θ_replica, compressed (committing the
+        residual) and encoded."""
+        deltas = [o - s for o, s in zip(self.outer.params, work.snapshot)]
         packed, _ = self.compressor.compress(deltas)
-        msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.delta_spec.spec_hash, round=self.round,
-                           sender=sender, num_tokens=max(1, self.tokens), tensors=tuple(packed))
+        msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.delta_spec.spec_hash, round=work.round,
+                           sender=sender, num_tokens=work.tokens, tensors=tuple(packed))
         return encode_delta(msg)
 
     def decode(self, blob: bytes) -> DecodedDelta:
         return decode_delta(blob, self.delta_spec)
 
     @torch.no_grad()
-    def apply(self, received: list[DecodedDelta]) -> None:
+    def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool) -> None:
         """Token-weighted aggregate of the round's deltas (this peer's own among them), the
-        outer step, and the restart of the replica at θ_outer − its unsent residual."""
+        outer step, and the replica's restart at θ_outer − its unsent residual. When the
+        next round's training already started from the snapshot (`overlapped`), the restart
+        is handed to the training thread as a shift, applied before its next step: the
+        replica ends where it would have, plus the progress it made meanwhile."""
         cfg = self.spec.diloco.compression
         device = self.outer.params[0].device
         shapes = [tuple(p.shape) for p in self.outer.params]
@@ -149,21 +180,24 @@ class Trainer:
         self.outer.step(aggregate(received, shapes, device, rule=cfg.aggregation, shares=shares))
         if masked:
             self.compressor.forget([share > 0 for share in shares])
-        self.restart()
-        self.round += 1
+        start = self._restart_point()
+        if overlapped:
+            self._shift = [st - s for st, s in zip(start, work.snapshot)]
+        else:
+            load_params(self.model, start)
 
-    def skip(self) -> None:
-        """A round without an outer step (nothing arrived, not even our own delta): the
-        replica keeps training from where it is, its progress still unsent."""
-        self.round += 1
-        self.tokens = 0
-        self.losses = []
+    def _restart_point(self) -> list[torch.Tensor]:
+        if self.spec.diloco.compression.residual != "model":
+            return self.outer.params
+        offsets = self.compressor.model_offsets()
+        return [o - off.view(o.shape) for o, off in zip(self.outer.params, offsets)]
 
-    def restart(self) -> None:
-        offsets = self.compressor.model_offsets() if self.spec.diloco.compression.residual == "model" else None
-        load_params(self.model, self.outer.params, offsets)
-        self.tokens = 0
-        self.losses = []
+    @torch.no_grad()
+    def _take_shift(self) -> None:
+        shift, self._shift = self._shift, None
+        if shift is not None:
+            for p, d in zip(self.model.parameters(), shift):
+                p.add_(d.to(p.device, p.dtype))
 
     # ------------------------------------------------------------------ state for joiners
 
@@ -185,7 +219,10 @@ class Trainer:
         for err in self.compressor.errors:
             err.zero_()
         self.round = round_
-        self.restart()
+        self._shift = None
+        load_params(self.model, self.outer.params)
+        self.tokens = 0
+        self.losses = []
 
     def save_model(self, path: str) -> None:
         """The replica's parameters as safetensors (no pickle), written atomically."""

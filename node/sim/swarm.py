@@ -1,0 +1,197 @@
+"""A local swarm of real daemon processes on loopback (`locoswarm demo`, `locoswarm bench
+swarm`): N `locoswarm node join` processes, the first started alone and the others
+through its address, each on its own data shard and state directory. Their stdout lines
+(node/daemon.py) are parsed into per-round records; the bench then trains the in-process
+simulation (node/sim/convergence.py) with the same settings and tokens and compares.
+
+Bytes are counted at the transport: the kernel's per-socket TCP counters (`ss -tinp`) of
+each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,
+libp2p framing and encryption are all included.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+ROUND_LINE = re.compile(
+    r"^round (?P<round>\d+) deltas (?P<got>\d+)/(?P<of>\d+) tokens (?P<tokens>\d+) loss (?P<loss>\S+) "
+    r"eval_loss (?P<eval>\S+) train_s (?P<train>\S+) round_s (?P<round_s>\S+) sent (?P<sent>\d+) "
+    r"received (?P<received>\d+)$")
+FINAL_LINE = re.compile(r"^final round (?P<round>\d+) eval_loss (?P<eval>\S+) digest (?P<digest>[0-9a-f]+)$")
+
+
+@dataclass(slots=True)
+class RoundLine:
+    round: int
+    deltas: int
+    participants: int
+    tokens: int
+    loss: float
+    eval_loss: float
+    train_s: float
+    round_s: float
+
+
+@dataclass(slots=True)
+class Peer:
+    index: int
+    proc: subprocess.Popen
+    state_dir: str
+    lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    rounds: list[RoundLine] = field(default_factory=list)
+    final: dict | None = None
+    addr: str | None = None
+    io_start: tuple[int, int] | None = None
+    io_end: tuple[int, int] | None = None
+
+
+def _io(pid: int) -> tuple[int, int]:
+    """(bytes sent, bytes received) over TCP by the p2pd of daemon `pid`, summed over its
+    open sockets from the kernel's tcp_info (`ss -tinp`); (0, 0) when unavailable."""
+    import psutil
+
+    try:
+        p2pd = {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
+        text = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10).stdout
+    except (psutil.Error, OSError, subprocess.SubprocessError):
+        return (0, 0)
+    sent = received = 0
+    owner = None
+    for line in text.splitlines():
+        m = re.search(r'users:\(\("[^"]*",pid=(\d+)', line)
+        if m:
+            owner = int(m.group(1))
+            continue
+        if owner in p2pd:
+            sent += int(re.search(r"bytes_sent:(\d+)", line).group(1)) if "bytes_sent:" in line else 0
+            received += int(re.search(r"bytes_received:(\d+)", line).group(1)) if "bytes_received:" in line else 0
+        owner = None
+    return (sent, received)
+
+
+class LocalSwarm:
+    """Start, watch and stop N daemons on loopback."""
+
+    def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int,
+                 extra: list[str] | None = None, keep_dir: str | None = None) -> None:
+        self.num_peers = num_peers
+        self.spec_path = spec_path
+        self.max_rounds = max_rounds
+        self.threads = threads
+        self.eval_every = eval_every
+        self.extra = extra or []
+        self.dir = keep_dir or tempfile.mkdtemp(prefix="locoswarm-swarm-")
+        self._own_dir = keep_dir is None
+        self.peers: list[Peer] = []
+
+    def _start(self, index: int, peer_addr: str | None) -> Peer:
+        state_dir = os.path.join(self.dir, f"peer-{index}")
+        cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
+               "--state-dir", state_dir, "--max-rounds", str(self.max_rounds), "--min-peers", str(self.num_peers),
+               "--shard", str(index), "--threads", str(self.threads), "--eval-every", str(self.eval_every),
+               *self.extra]
+        if self.spec_path:
+            cmd += ["--run", self.spec_path]
+        if peer_addr:
+            cmd += ["--peer", peer_addr]
+        log = open(os.path.join(self.dir, f"peer-{index}.log"), "w")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
+        peer = Peer(index, proc, state_dir)
+        threading.Thread(target=self._read, args=(peer,), daemon=True).start()
+        self.peers.append(peer)
+        return peer
+
+    @staticmethod
+    def _read(peer: Peer) -> None:
+        for line in peer.proc.stdout:
+            peer.lines.put(line.rstrip("\n"))
+        peer.lines.put("")  # end of output
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        first = self._start(0, None)
+        deadline = time.monotonic() + timeout_s
+        while first.addr is None:
+            line = self._next(first, deadline)
+            if line.startswith("listening ") and "/tcp/" in line:
+                first.addr = line.split(" ", 1)[1]
+        for i in range(1, self.num_peers):
+            self._start(i, first.addr)
+
+    def _next(self, peer: Peer, deadline: float) -> str:
+        try:
+            line = peer.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"peer {peer.index} said nothing in time; log: {self.log_tail(peer)}") from None
+        if line == "" and peer.proc.poll() is not None:
+            raise RuntimeError(f"peer {peer.index} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
+        self._parse(peer, line)
+        return line
+
+    def _parse(self, peer: Peer, line: str) -> None:
+        m = ROUND_LINE.match(line)
+        if m:
+            if not peer.rounds:
+                peer.io_start = _io(peer.proc.pid)
+            peer.rounds.append(RoundLine(int(m["round"]), int(m["got"]), int(m["of"]), int(m["tokens"]),
+                                         float(m["loss"]), float(m["eval"]), float(m["train"]), float(m["round_s"])))
+            return
+        m = FINAL_LINE.match(line)
+        if m:
+            peer.io_end = _io(peer.proc.pid)
+            peer.final = {"round": int(m["round"]), "eval_loss": float(m["eval"]), "digest": m["digest"]}
+
+    def log_tail(self, peer: Peer, n: int = 2000) -> str:
+        with open(os.path.join(self.dir, f"peer-{peer.index}.log")) as fh:
+            return fh.read()[-n:]
+
+    def follow(self, on_round: Callable[[int, list[RoundLine]], None] | None = None,
+               timeout_s: float = 3600.0) -> None:
+        """Read every peer's lines until all printed their final line; `on_round(r, lines)`
+        once every peer finished round r."""
+        deadline = time.monotonic() + timeout_s
+        reported = -1
+        while any(p.final is None for p in self.peers):
+            for p in self.peers:
+                while p.final is None:
+                    try:
+                        line = p.lines.get(timeout=0.05)
+                    except queue.Empty:
+                        break
+                    if line == "" and p.proc.poll() is not None:
+                        raise RuntimeError(f"peer {p.index} exited with {p.proc.returncode}; "
+                                           f"log: {self.log_tail(p)}")
+                    self._parse(p, line)
+            done = min((p.rounds[-1].round if p.rounds else -1) for p in self.peers)
+            while reported < done:
+                reported += 1
+                if on_round is not None:
+                    on_round(reported, [next(x for x in p.rounds if x.round == reported) for p in self.peers
+                                        if any(x.round == reported for x in p.rounds)])
+            if time.monotonic() > deadline:
+                raise TimeoutError("the swarm did not finish in time")
+        for p in self.peers:
+            p.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        for p in self.peers:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in self.peers:
+            try:
+                p.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

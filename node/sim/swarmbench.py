@@ -1,0 +1,107 @@
+"""`locoswarm bench swarm`: N real daemons on loopback against the in-process simulation
+(issue 3). Reports rounds per minute, the share of wall time the peers spent training,
+bytes on the wire per peer per round (at the transport, see swarm.py), and the final eval
+loss of the swarm (mean over the peers' replicas, as the simulation reports it) against the
+simulation's with the same spec, shards, seeds and number of rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from typing import Callable
+
+from locoswarm.node.sim.swarm import LocalSwarm, RoundLine
+from locoswarm.node.spec import RunSpec, write_spec
+
+
+def bench_spec(num_peers: int, rounds: int, base: RunSpec | None = None) -> RunSpec:
+    """The default spec, with one data shard per peer (as the simulation's replicas) and the
+    learning-rate schedule planned for exactly `rounds` rounds."""
+    spec = base or RunSpec()
+    return replace(spec, run_id=f"bench-swarm-{num_peers}", num_shards=num_peers,
+                   total_steps=rounds * spec.diloco.inner_steps)
+
+
+def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True,
+                    log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
+    spec = bench_spec(num_peers, rounds)
+    with tempfile.TemporaryDirectory(prefix="locoswarm-bench-") as tmp:
+        spec_path = os.path.join(tmp, "run.toml")
+        write_spec(spec, spec_path)
+        swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
+                           keep_dir=keep_dir)
+        t0 = time.perf_counter()
+        try:
+            swarm.start()
+
+            def on_round(r: int, lines: list[RoundLine]) -> None:
+                if r % 8 == 0 or r == rounds - 1:
+                    log(f"  round {r:>3}: {statistics.fmean(x.deltas for x in lines):.1f} deltas per peer, "
+                        f"train loss {statistics.fmean(x.loss for x in lines):.4f}")
+
+            swarm.follow(on_round)
+        finally:
+            swarm.stop()
+        wall_s = time.perf_counter() - t0
+    peers = swarm.peers
+    train_s = sum(x.train_s for p in peers for x in p.rounds)
+    round_s = sum(x.round_s for p in peers for x in p.rounds)
+    digests = {p.final["digest"] for p in peers}
+    transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in peers
+                 if p.io_start and p.io_end and p.io_end[0] > 0]
+    out = {
+        "peers": num_peers,
+        "rounds": rounds,
+        "eval_loss": statistics.fmean(p.final["eval_loss"] for p in peers),
+        "peer_eval_losses": [p.final["eval_loss"] for p in peers],
+        "consensus_equal": len(digests) == 1,
+        "tokens": sum(x.tokens for p in peers for x in p.rounds),
+        "train_time_share": train_s / round_s if round_s else 0.0,
+        "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
+        "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
+        "delta_bytes_per_peer_per_round": None,
+        "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
+        "wall_s": wall_s,
+        "spec_hash": spec.hash().hex(),
+    }
+    if simulate:
+        out.update(_simulate(spec, num_peers, rounds, log, threads))
+        out["gap_pct"] = 100.0 * (out["eval_loss"] - out["sim_eval_loss"]) / out["sim_eval_loss"]
+    return out
+
+
+def _simulate(spec: RunSpec, num_peers: int, rounds: int, log: Callable[[str], None], threads: int) -> dict:
+    import torch
+
+    from locoswarm.node.sim.convergence import BenchConfig, Workload, flush_denormals, run_diloco
+
+    cfg = BenchConfig(preset="swarm", model=spec.model, tokenizer=spec.tokenizer, data=spec.data,
+                      replicas=num_peers, batch_size=spec.batch_size, total_steps=rounds * spec.diloco.inner_steps,
+                      diloco=spec.diloco, eval_sequences=64, seed=spec.seed)
+    log(f"simulating {num_peers} replicas × {rounds} rounds in-process")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as many as one peer had: OpenMP's spinning threads collapse under contention
+    try:
+        with flush_denormals():
+            result = run_diloco(Workload(cfg), spec.diloco.compression)
+    finally:
+        torch.set_num_threads(before)
+    return {"sim_eval_loss": result.eval_loss, "sim_tokens": cfg.total_steps * cfg.batch_size * cfg.data.seq_len
+            * num_peers, "sim_wall_s": result.wall_s}
+
+
+def format_swarm(r: dict) -> str:
+    lines = [f"{r['peers']} peers × {r['rounds']} rounds on loopback, {r['wall_s']:.0f} s",
+             f"  rounds per minute      {r['rounds_per_minute']:.1f}",
+             f"  train time share       {100 * r['train_time_share']:.1f} %",
+             f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport)",
+             f"  missing deltas         {r['deltas_missing']}",
+             f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]
+    if "sim_eval_loss" in r:
+        lines.append(f"  eval loss (simulation) {r['sim_eval_loss']:.4f}  ({r['sim_tokens']:,} tokens), "
+                     f"gap {r['gap_pct']:+.2f} %")
+    return "\n".join(lines)

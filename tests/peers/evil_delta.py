@@ -1,0 +1,79 @@
+"""A malicious peer for the daemon tests: joins a swarm's DHT through ADDR, claims a place in
+every round (a finished round-progress entry with 0 tokens under the default run spec, for
+rounds 0..50) so that honest peers count it as a participant and pull its delta, and
+answers every delta request with a bad frame. Prints its peer id, then runs until stdin
+closes or it is killed.
+
+usage: python evil_delta.py MODE ADDR
+  MODE garbage:   a length header, then that many random bytes (not a delta)
+  MODE truncated: a length header larger than what follows, then the stream closes
+  MODE oversized: a length header of 2**40 bytes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from locoswarm.node.exchange import PROTOCOL
+from locoswarm.node.rounds import progress_key
+from locoswarm.node.spec import load_spec
+from locoswarm.protocol.records import Progress, encode_progress
+
+ROUNDS = range(51)
+TTL_S = 120.0
+REFRESH_S = 2.0
+
+
+def frame(mode: str, rng: random.Random) -> bytes:
+    if mode == "garbage":
+        junk = rng.randbytes(4096)
+        return len(junk).to_bytes(8, "big") + junk
+    if mode == "truncated":  # announced below the default spec's limit (~14 kB), so the cut is what fails
+        return (4096).to_bytes(8, "big") + rng.randbytes(100)
+    if mode == "oversized":
+        return (1 << 40).to_bytes(8, "big") + b"\0" * 1024
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+async def main(mode: str, addr: str) -> None:
+    spec = load_spec(None)
+    key_of = {r: progress_key(spec.run_id, spec.hash(), r) for r in ROUNDS}
+    rng = random.Random(mode)
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[addr])
+    me = p2p.peer_id.to_base58()
+
+    async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readexactly(8)
+            writer.write(frame(mode, rng))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    await p2p.add_binary_stream_handler(PROTOCOL, rpc_get_delta)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=[addr])
+    claim = encode_progress(Progress(tokens=0, tokens_per_s=0.0, done=True))
+
+    async def keep_claiming() -> None:
+        while True:  # stored again now and then, so honest peers that joined later find it too
+            await asyncio.gather(*(dht.store(key, claim, get_dht_time() + TTL_S, subkey=me) for key in key_of.values()))
+            await asyncio.sleep(REFRESH_S)
+
+    claiming = asyncio.create_task(keep_claiming())
+    print(me, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+    claiming.cancel()
+    await dht.shutdown()
+    await p2p.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

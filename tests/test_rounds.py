@@ -1,0 +1,97 @@
+"""Round agreement and the trainer's round boundary, without a network: RoundProgress's
+target arithmetic (extrapolation, vanished peers, carry) and the overlapped restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from locoswarm.node.rounds import EXTRAPOLATE_INTERVALS, RoundProgress, _Seen
+from locoswarm.node.spec import RunSpec
+from locoswarm.node.trainer import Trainer
+from locoswarm.protocol.records import Progress
+
+
+def progress_with(others: dict[str, tuple[int, float, bool, float]], *, per_peer: int = 100,
+                  interval_s: float = 0.1, carry: int = 0) -> RoundProgress:
+    p = RoundProgress(None, "run", b"h" * 32, 0, "me", per_peer_tokens=per_peer, interval_s=interval_s,
+                      ttl_s=10, carry=carry)
+    now = time.monotonic()
+    p._others = {k: _Seen(Progress(tokens=t, tokens_per_s=tps, done=d), now - age)
+                 for k, (t, tps, d, age) in others.items()}
+    return p
+
+
+def test_round_target_scales_with_the_number_of_reporting_peers():
+    p = progress_with({"a": (100, 0.0, True, 0.0), "b": (100, 0.0, True, 0.0)})
+    assert not p.reached(99)  # 299 of 300
+    assert p.reached(100)
+
+
+def test_live_peers_are_extrapolated_from_their_rate():
+    # b reported 50 tokens 0.2 s ago at 500 tokens/s: about 150 now.
+    p = progress_with({"b": (50, 500.0, False, 0.2)}, interval_s=0.1)
+    assert p.reached(55)
+    assert not progress_with({"b": (50, 0.0, False, 0.2)}).reached(55)
+
+
+def test_a_vanished_peer_stops_counting_after_a_few_intervals():
+    interval = 0.1
+    stale = progress_with({"b": (50, 1000.0, False, 100.0)}, interval_s=interval)
+    cap = 50 + 1000.0 * EXTRAPOLATE_INTERVALS * interval
+    assert stale.reached(int(200 - cap))
+    assert not stale.reached(int(200 - cap) - 2)
+
+
+def test_carry_shortens_or_lengthens_the_next_round():
+    assert progress_with({}, carry=30).reached(70)
+    assert not progress_with({}, carry=30).reached(69)
+    assert not progress_with({}, carry=-30).reached(129)
+
+
+@pytest.fixture(scope="module")
+def spec() -> RunSpec:
+    s = RunSpec()
+    return replace(s, num_shards=2, data=replace(s.data, seq_len=32), batch_size=2)
+
+
+def test_an_overlapped_restart_lands_where_the_synchronous_one_does(spec):
+    """With no training between boundary and shift, the overlapped replica equals the
+    synchronous one (up to one fp32 rounding of the add)."""
+    torch.manual_seed(0)
+    sync, over = (Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu")) for _ in range(2))
+    stop = threading.Event()
+    for t in (sync, over):
+        t.train_until(stop, lambda n: n >= 3 * t.tokens_per_step)
+    works = [t.end_round() for t in (sync, over)]
+    for t, w in zip((sync, over), works):
+        blob = t.encode(w, "me")
+        t.apply(w, [t.decode(blob)], overlapped=t is over)
+    assert over._shift is not None
+    over._take_shift()
+    for a, b in zip(sync.model.parameters(), over.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(sync.outer.params, over.outer.params):
+        assert torch.equal(a, b)
+    assert sync.round == over.round == 1
+
+
+def test_training_after_an_overlapped_boundary_keeps_its_progress(spec):
+    """Steps taken while the exchange ran survive the restart: the replica ends at the
+    restart point plus exactly what those steps changed."""
+    t = Trainer(spec, spec.hash(), shard=1, device=torch.device("cpu"))
+    stop = threading.Event()
+    t.train_until(stop, lambda n: n >= 2 * t.tokens_per_step)
+    work = t.end_round()
+    t.train_until(stop, lambda n: n >= t.tokens_per_step)  # round 1 starts before round 0's exchange ends
+    progress = [p.detach().clone() - s for p, s in zip(t.model.parameters(), work.snapshot)]
+    t.apply(work, [t.decode(t.encode(work, "me"))], overlapped=True)
+    start = t._restart_point()
+    t._take_shift()
+    for p, st, d in zip(t.model.parameters(), start, progress):
+        torch.testing.assert_close(p, st + d, rtol=0, atol=1e-5)
+    assert torch.isfinite(torch.tensor(t.evaluate()))
