@@ -78,15 +78,18 @@ def swarm(
     rounds: int = typer.Option(64, help="Rounds every peer trains (64 = the quick preset's tokens with 4 peers)."),
     threads: int = typer.Option(1, help="Torch CPU threads per peer."),
     simulate: bool = typer.Option(True, help="Also train the in-process simulation with the same settings."),
+    fanout: int = typer.Option(16, help="F: deltas each peer pulls per round (below peers-1: partial gossip)."),
+    overlap: bool = typer.Option(False, help="Overlap each round's exchange with the next round's training."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
     from locoswarm.node.sim.swarmbench import format_swarm, run_swarm_bench
 
-    if peers < 1 or rounds < 1 or threads < 1:
-        typer.echo("error: --peers, --rounds and --threads must be >= 1", err=True)
+    if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
+        typer.echo("error: --peers, --rounds, --threads and --fanout must be >= 1", err=True)
         raise typer.Exit(2)
-    result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, log=typer.echo)
+    result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
+                             log=typer.echo)
     typer.echo(format_swarm(result))
     if json_path is not None:
         from locoswarm.node.files import write_atomic

@@ -113,6 +113,7 @@ class Daemon:
         self.num_peers = 0
         self.bytes_received = 0
         self.peer_id = ""
+        self.shard: int | None = None
         self.addrs: list[str] = []
         self.trainer = None
         self.deltas: DeltaServer | None = None
@@ -154,13 +155,18 @@ class Daemon:
 
     async def _serve(self) -> int:
         p2p = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
+        if p2p is None:
+            return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         dht = control = registry = None
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
             dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None)
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s)
-            shard = self.cfg.shard if self.cfg.shard is not None else zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
+            shard = self.cfg.shard
+            if shard is None:
+                shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
+            self.shard = shard
             self.trainer = await self._in_pool(self._build_trainer, shard)
             self.deltas = DeltaServer(p2p)
             self.states = StateServer(p2p, self.trainer.state_spec)
@@ -263,10 +269,19 @@ class Daemon:
         digest = await self._in_pool(self.trainer.state_digest)
         self.emit(f"synced round {round_} from {len(donors)} donors digest {digest}")
 
+    def _expected(self, round_: int) -> set[str]:
+        """Live peers that should train `round_`: their record (refreshed every second, so
+        possibly one round stale) is at it or the one before."""
+        return {r.peer_id for r in self._records if round_ - 1 <= r.round <= round_}
+
     async def _catch_up(self, p2p: P2P) -> bool:
-        """A peer that fell more than a round behind the swarm takes its state again."""
-        ahead = [r for r in self._records if r.round > self.trainer.round + 1]
-        if not ahead:
+        """A peer that fell more than a round behind the swarm takes its state again. The
+        peers ahead must be at least as many as those level with it (itself included): one
+        peer that ran ahead alone (cut off, or seeing nobody) does not drag the swarm along."""
+        mine = self.trainer.round
+        ahead = [r for r in self._records if r.round > mine + 1]
+        level = [r for r in self._records if abs(r.round - mine) <= 1]
+        if not ahead or len(ahead) < 1 + len(level):
             return False
         log.warning("round %d is behind the swarm's %d: downloading its state", self.trainer.round,
                     max(r.round for r in ahead))
@@ -314,7 +329,8 @@ class Daemon:
         self._round_started[trainer.round] = t0
         progress = RoundProgress(dht, self.spec.run_id, self.spec_hash, trainer.round, self.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
-                                 ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s), carry=self._carry)
+                                 ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s), carry=self._carry,
+                                 expected=functools.partial(self._expected, trainer.round))
         self.state = "training"
         train = asyncio.ensure_future(self._in_pool(trainer.train_until, self._stop_training, progress.reached))
         while not train.done():
@@ -338,7 +354,7 @@ class Daemon:
         self.deltas.publish(r, blob)
         await progress.report(work.tokens, trainer.tokens_per_s, done=True)
         await progress.refresh()
-        got = await gather_deltas(p2p, progress.participants(), r, trainer.delta_spec,
+        got = await gather_deltas(p2p, progress, r, trainer.delta_spec,
                                   deadline_s=self.spec.rounds.deadline_s, fanout=self.cfg.fanout, rng=self._rng)
         self.bytes_received += got.bytes_received
         for peer, why in got.failed.items():
@@ -363,6 +379,12 @@ class Daemon:
                   f"sent {self.bytes_sent} received {self.bytes_received}")
 
     async def _finish(self) -> None:
+        # Keep serving the last delta until the peers of the last round have moved past it
+        # (their records say so) or the deadline: leaving at once would cost them our delta.
+        last = self.trainer.round - 1
+        linger_until = time.monotonic() + min(10.0, self.spec.rounds.deadline_s)
+        while time.monotonic() < linger_until and any(r.round <= last for r in self._records):
+            await asyncio.sleep(0.1)
         self.eval_loss = await self._in_pool(self.trainer.evaluate)
         digest = await self._in_pool(self.trainer.state_digest)
         await self._in_pool(self.trainer.save_model, os.path.join(self.cfg.state_dir, FINAL_MODEL))
@@ -389,6 +411,7 @@ class Daemon:
             "device": None if t is None else t.device.type,
             "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
             "rounds_completed": self.rounds_completed,
+            "shard": self.shard,
         }
 
 

@@ -82,8 +82,9 @@ def open_state_dir(path: str) -> int:
     return fd
 
 
-async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P:
-    """Start p2pd, retrying with backoff while the initial peers cannot be reached."""
+async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P | None:
+    """Start p2pd, retrying with backoff while the initial peers cannot be reached; None
+    when `should_stop` is set before it could."""
     delay = 1.0
     while True:
         try:
@@ -106,7 +107,8 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         log.warning("cannot reach any of the initial peers %s; retrying in %.0f s", ", ".join(net.peers), delay)
         try:
             await asyncio.wait_for(should_stop.wait(), delay)
-            raise NodeError("stopped before reaching the initial peers")
+            log.info("stopped before reaching the initial peers")
+            return None
         except asyncio.TimeoutError:
             pass
         delay = min(2 * delay, net.retry_max_s)

@@ -14,9 +14,12 @@ report late, so a round overshoots its target by a fraction of a step per peer; 
 overshoot (or shortfall) of the last round, from the token counts in its deltas, is taken
 off the next round's target, so over many rounds the swarm trains the tokens it planned.
 
-The round's participants are the peers that reported progress for it. After its own
-delta is out, a peer pulls theirs concurrently (at most `fanout`, chosen at random in
-bigger swarms), retrying "not yet" answers until the round's deadline; a peer whose
+The round's participants are the peers that report progress for it. Every live peer of
+the registry that should be in the round (its record is at this round or the one before)
+counts in the target and is waited for even before its first report, so that peers agree
+on the participants (a peer seen by some and not by others splits the outer state). After
+its own delta is out, a peer pulls theirs concurrently (at most `fanout`, chosen at random
+in bigger swarms), retrying "not yet" answers until the round's deadline; a peer whose
 stream fails or that sends a bad delta is dropped from the round, logged, never waited on.
 """
 
@@ -27,6 +30,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -57,12 +61,15 @@ class RoundProgress:
     """The swarm's token progress in one round, read and written through the DHT."""
 
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
-                 per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0) -> None:
+                 per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0,
+                 expected: Callable[[], set[str]] = frozenset) -> None:
         self.dht = dht
         self.key = progress_key(run_id, spec_hash, round_)
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
         self.carry = carry
+        self.expected = expected
+        """Live peers (from their records) that should train this round, reported or not yet."""
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self._others: dict[str, _Seen] = {}
@@ -101,11 +108,16 @@ class RoundProgress:
         now = time.monotonic()
         total = own_tokens
         others = self._others  # replaced whole by refresh(), never mutated: safe from the training thread
-        for seen in others.values():
+        counted = set(self.expected())
+        for peer, seen in others.items():
             p = seen.progress
+            if p.done and p.tokens == 0:
+                continue  # an empty claim neither trains nor raises the target
+            counted.add(peer)
             ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
             total += p.tokens + ahead
-        return total >= self.per_peer_tokens * (1 + len(others)) - self.carry
+        counted.discard(self.peer_id)
+        return total >= self.per_peer_tokens * (1 + len(counted)) - self.carry
 
 
 @dataclass(slots=True)
@@ -116,14 +128,16 @@ class Gathered:
     bytes_received: int = 0
 
 
-async def gather_deltas(p2p: P2P, peers: list[str], round_: int, spec: DeltaSpec, *, deadline_s: float,
+async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
                         fanout: int, rng: random.Random) -> Gathered:
-    """Pull round `round_`'s deltas from `peers` (at most `fanout` of them) until every one
-    is in or `deadline_s` has passed; whatever did not arrive is left out of the round."""
-    if len(peers) > fanout:
-        peers = rng.sample(peers, fanout)
+    """Pull round `round_`'s deltas from its participants (at most `fanout`) until every
+    one is in or `deadline_s` has passed. Participants are the peers that report progress
+    in the round; a live peer expected in it (`progress.expected()`) that has not reported
+    yet is waited for, so that peers agree on who took part. Whatever did not arrive by
+    the deadline is left out of the round."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
+    pulls: dict[str, asyncio.Task] = {}
 
     async def pull(peer: str) -> None:
         pid = PeerID.from_base58(peer)
@@ -157,5 +171,30 @@ async def gather_deltas(p2p: P2P, peers: list[str], round_: int, spec: DeltaSpec
             out.bytes_received += delta.nbytes + 8
             return
 
-    await asyncio.gather(*(pull(p) for p in peers))
+    try:
+        while True:
+            new = [p for p in progress.participants() if p not in pulls]
+            room = fanout - len(pulls)
+            for peer in (rng.sample(new, room) if len(new) > room else new):
+                pulls[peer] = asyncio.create_task(pull(peer))
+            pending = [t for t in pulls.values() if not t.done()]
+            unreported = set(progress.expected()) - set(progress.participants()) - {progress.peer_id}
+            if len(pulls) >= fanout:
+                unreported = set()
+            if (not pending and not unreported) or time.monotonic() >= stop_at:
+                break
+            if pending:
+                await asyncio.wait(pending, timeout=progress.interval_s)
+            else:
+                await asyncio.sleep(progress.interval_s)
+            try:
+                await progress.refresh()
+            except Exception as e:  # the DHT is slow: go on with the participants known
+                log.info("progress refresh failed: %s", e)
+        for peer in unreported:
+            out.failed[peer] = "did not report progress in this round before the deadline"
+    finally:
+        for task in pulls.values():
+            task.cancel()
+        await asyncio.gather(*pulls.values(), return_exceptions=True)
     return out

@@ -58,7 +58,8 @@ async def call_framed(
             try:
                 length = int.from_bytes(await reader.readexactly(HEADER), "big")
             except asyncio.IncompleteReadError:
-                raise MalformedMessage(f"peer {peer} closed the stream before the length header") from None
+                # Not a protocol fault: the peer is leaving, or its handler is gone.
+                raise ConnectionResetError(f"peer {peer} closed the stream before the length header") from None
             if length == 0:
                 return None
             if length > limit:

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from locoswarm.node.daemon import FINAL_MODEL
 from locoswarm.node.sim.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 
@@ -26,14 +27,24 @@ def bench_spec(num_peers: int, rounds: int, base: RunSpec | None = None) -> RunS
                    total_steps=rounds * spec.diloco.inner_steps)
 
 
-def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True,
-                    log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
+def replica_spread(paths: list[str]) -> float:
+    """max over pairs of peers of ‖θ_i − θ_j‖ / ‖θ_i‖ over all parameters of their replicas."""
+    import torch
+    from safetensors.torch import load_file
+
+    flats = [torch.cat([t.reshape(-1) for _, t in sorted(load_file(p).items())]) for p in paths]
+    return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
+
+
+def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
+                    overlap: bool = False, log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
     spec = bench_spec(num_peers, rounds)
+    spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
     with tempfile.TemporaryDirectory(prefix="locoswarm-bench-") as tmp:
         spec_path = os.path.join(tmp, "run.toml")
         write_spec(spec, spec_path)
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
-                           keep_dir=keep_dir)
+                           keep_dir=keep_dir, extra=["--fanout", str(fanout)])
         t0 = time.perf_counter()
         try:
             swarm.start()
@@ -44,6 +55,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                         f"train loss {statistics.fmean(x.loss for x in lines):.4f}")
 
             swarm.follow(on_round)
+            spread = replica_spread([os.path.join(p.state_dir, FINAL_MODEL) for p in swarm.peers])
         finally:
             swarm.stop()
         wall_s = time.perf_counter() - t0
@@ -64,6 +76,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
         "delta_bytes_per_peer_per_round": None,
+        "replica_spread": spread,
+        "fanout": fanout,
+        "overlap": spec.rounds.overlap,
         "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
         "wall_s": wall_s,
         "spec_hash": spec.hash().hex(),
@@ -95,11 +110,13 @@ def _simulate(spec: RunSpec, num_peers: int, rounds: int, log: Callable[[str], N
 
 
 def format_swarm(r: dict) -> str:
-    lines = [f"{r['peers']} peers × {r['rounds']} rounds on loopback, {r['wall_s']:.0f} s",
+    mode = "overlapped" if r["overlap"] else "synchronous"
+    lines = [f"{r['peers']} peers × {r['rounds']} {mode} rounds on loopback, {r['wall_s']:.0f} s",
              f"  rounds per minute      {r['rounds_per_minute']:.1f}",
              f"  train time share       {100 * r['train_time_share']:.1f} %",
              f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport)",
              f"  missing deltas         {r['deltas_missing']}",
+             f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
              f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]
     if "sim_eval_loss" in r:
         lines.append(f"  eval loss (simulation) {r['sim_eval_loss']:.4f}  ({r['sim_tokens']:,} tokens), "
