@@ -129,7 +129,7 @@ class Daemon:
         self._records: list[PeerRecord] = []
         self._rng = random.Random()
         self._carry = 0
-        """Tokens the last round trained beyond its target (negative: short of it)."""
+        """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -364,7 +364,8 @@ class Daemon:
         deltas = [trainer.decode(blob)] + got.deltas
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
         planned = trainer.round_tokens * len(deltas)
-        self._carry = max(-planned // 2, min(planned // 2, sum(d.num_tokens for d in deltas) - planned))
+        # Integral control: the accumulated overshoot, so a steady bias is cancelled, not halved.
+        self._carry = max(-planned // 2, min(planned // 2, self._carry + sum(d.num_tokens for d in deltas) - planned))
         self.states.publish(await run(trainer.state_snapshot), r + 1)
         self.rounds_completed += 1
         if self.cfg.eval_every and self.rounds_completed % self.cfg.eval_every == 0:

@@ -10,9 +10,10 @@ delta). Between reports a peer extrapolates the others' progress from their rate
 most a few report intervals: a peer that vanished stops counting. We chose tokens over
 wall-clock windows because the simulation, and the learning-rate schedule, are in tokens;
 a window would tie the algorithm to the slowest link. Peers see each other's progress a
-report late, so a round overshoots its target by a fraction of a step per peer; the
-overshoot (or shortfall) of the last round, from the token counts in its deltas, is taken
-off the next round's target, so over many rounds the swarm trains the tokens it planned.
+report late and a step is indivisible, so a round overshoots its target by about a step
+per peer; the swarm's accumulated overshoot (or shortfall), from the token counts in the
+rounds' deltas, is taken off the next round's target, so over many rounds the swarm trains
+the tokens it planned.
 
 The round's participants are the peers that report progress for it. Every live peer of
 the registry that should be in the round (its record is at this round or the one before)

@@ -92,6 +92,7 @@ class LocalSwarm:
         self.eval_every = eval_every
         self.extra = extra or []
         self.dir = keep_dir or tempfile.mkdtemp(prefix="locoswarm-swarm-")
+        os.makedirs(self.dir, exist_ok=True)
         self._own_dir = keep_dir is None
         self.peers: list[Peer] = []
 
@@ -143,12 +144,13 @@ class LocalSwarm:
         if m:
             if not peer.rounds:
                 peer.io_start = _io(peer.proc.pid)
+            elif int(m["round"]) == self.max_rounds - 1:
+                peer.io_end = _io(peer.proc.pid)  # before the daemon leaves and its sockets close
             peer.rounds.append(RoundLine(int(m["round"]), int(m["got"]), int(m["of"]), int(m["tokens"]),
                                          float(m["loss"]), float(m["eval"]), float(m["train"]), float(m["round_s"])))
             return
         m = FINAL_LINE.match(line)
         if m:
-            peer.io_end = _io(peer.proc.pid)
             peer.final = {"round": int(m["round"]), "eval_loss": float(m["eval"]), "digest": m["digest"]}
 
     def log_tail(self, peer: Peer, n: int = 2000) -> str:
