@@ -79,7 +79,8 @@ def swarm(
     threads: int = typer.Option(1, help="Torch CPU threads per peer."),
     simulate: bool = typer.Option(True, help="Also train the in-process simulation with the same settings."),
     fanout: int = typer.Option(16, help="F: deltas each peer pulls per round (below peers-1: partial gossip)."),
-    overlap: bool = typer.Option(False, help="Overlap each round's exchange with the next round's training."),
+    overlap: bool = typer.Option(True, help="Overlap each round's exchange with the next round's training "
+                                 "(the shipped default); --no-overlap: synchronous rounds."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""

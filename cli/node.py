@@ -38,7 +38,8 @@ def join(
                         "%(name)s: %(message)s")
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
-    from locoswarm.node.daemon import NodeConfig, run_daemon
+    from locoswarm.node.config import NodeConfig
+    from locoswarm.node.daemon import run_daemon
     from locoswarm.node.host import DEFAULT_LISTEN, NetworkConfig
     from locoswarm.node.spec import load_spec
 

@@ -27,64 +27,26 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 from typing import Callable
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 
+from locoswarm.node.config import NodeConfig
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
-from locoswarm.node.host import NetworkConfig, NodeError, open_state_dir, start_p2p
+from locoswarm.node.host import NodeError, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
-from locoswarm.node.statesync import StateServer, StateUnavailable, download_state
+from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
 
 log = logging.getLogger(__name__)
 FINAL_MODEL = "final-model.safetensors"
 """Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
-
-
-@dataclass(kw_only=True, slots=True)
-class NodeConfig:
-    state_dir: str
-    """Identity, lock and control file live here."""
-    net: NetworkConfig = field(default_factory=NetworkConfig)
-    """Listen addresses, initial peers, relay."""
-    device: str = "auto"
-    """auto, cuda, mps or cpu."""
-    max_rounds: int = 0
-    """Stop after this many rounds (0: run until stopped)."""
-    min_peers: int = 1
-    """Wait until this many peers (this one included) are live before training."""
-    shard: int | None = None
-    """Data shard; None: derived from the peer id."""
-    threads: int = 0
-    """Torch CPU threads of the training thread (0: torch's default)."""
-    eval_every: int = 1
-    """Evaluate on the held-out split every this many rounds (0: only at the end)."""
-    eval_sequences: int = 64
-    """Held-out sequences per evaluation."""
-    fanout: int = 16
-    """F: at most this many peers' deltas pulled per round."""
-    record_ttl_s: float = 10.0
-    """Lifetime of this peer's DHT record; refreshed every third of it."""
-    report_interval_s: float = 0.1
-    """How often round progress is written to and read from the DHT."""
-
-    def validate(self) -> None:
-        if self.max_rounds < 0:
-            raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
-        if self.min_peers < 1:
-            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
-        if self.fanout < 1:
-            raise ValueError(f"fanout must be >= 1, got {self.fanout}")
-        if self.eval_every < 0 or self.eval_sequences < 1:
-            raise ValueError("eval_every must be >= 0 and eval_sequences >= 1")
-        if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
-            raise ValueError("record_ttl_s and report_interval_s must be > 0")
 
 
 def _training_thread_init(threads: int) -> None:
@@ -161,8 +123,10 @@ class Daemon:
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
-            dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None)
-            registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s)
+            validator = RSASignatureValidator(RSAPrivateKey())
+            dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None, record_validator=validator)
+            registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
+                                    validator=validator)
             shard = self.cfg.shard
             if shard is None:
                 shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
@@ -250,19 +214,17 @@ class Daemon:
         donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1]
         self._rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
 
-        def progress(done: int, total: int) -> None:
-            if done == total or done % max(1, total // 4) == 0:
-                log.info("state download: %d/%d chunks", done, total)
-
-        for attempt in range(3):
-            try:
-                round_, tensors = await download_state(p2p, donors, self.trainer.state_spec, on_progress=progress)
-                break
-            except StateUnavailable as e:
-                log.warning("state download failed (%s); retrying", e)
-                await asyncio.sleep(1 + attempt)
-        else:
-            raise NodeError("could not download the swarm's state from any donor")
+        with DownloadProgress(self.trainer.state_spec.total_bytes) as progress:
+            for attempt in range(3):
+                try:
+                    round_, tensors = await download_state(p2p, donors, self.trainer.state_spec,
+                                                           on_progress=progress.update)
+                    break
+                except StateUnavailable as e:
+                    log.warning("state download failed (%s); retrying", e)
+                    await asyncio.sleep(1 + attempt)
+            else:
+                raise NodeError("could not download the swarm's state from any donor")
         self.bytes_received += self.trainer.state_spec.total_bytes
         await self._in_pool(self.trainer.load_state, round_, tensors)
         self.states.publish(self.trainer.state_snapshot(), round_)

@@ -4,14 +4,18 @@ vanishes (SIGKILL, cut network) is forgotten when its record expires, and one th
 cleanly withdraws it with an empty tombstone that outlives the record. Runs on the
 caller's event loop through hivemind's DHTNode (no forked DHT process).
 
-Until records are signed (issue 6), a record whose subkey is not its own peer id is
-refused: it is the one check that does not need signatures.
+Records are signed: with an RSASignatureValidator (hivemind's; the DHT node must be created
+with it) the subkey is the peer id followed by the owner's public key, and every DHT node
+refuses a write to it that the owner did not sign, so no peer can overwrite or withdraw
+another's record. A record whose subkey does not start with the peer id it names is
+refused, as is an unsigned one when this registry signs its own.
 """
 
 from __future__ import annotations
 
 import logging
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
@@ -26,8 +30,10 @@ def run_key(run_id: str) -> str:
 
 
 class PeerRegistry:
-    def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0) -> None:
+    def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0,
+                 validator: RSASignatureValidator | None = None) -> None:
         self.dht = dht
+        self.validator = validator
         self.key = run_key(run_id)
         self.spec_hash = spec_hash
         self.ttl_s = ttl_s
@@ -37,11 +43,16 @@ class PeerRegistry:
     async def announce(self, record: PeerRecord) -> bool:
         """Store or refresh this peer's record, valid for `ttl_s` from now."""
         return await self.dht.store(self.key, encode_record(record), get_dht_time() + self.ttl_s,
-                                    subkey=record.peer_id)
+                                    subkey=self._subkey(record.peer_id))
 
     async def withdraw(self, peer_id: str) -> bool:
         """Replace this peer's record by a tombstone that outlives it."""
-        return await self.dht.store(self.key, b"", get_dht_time() + 2 * self.ttl_s, subkey=peer_id)
+        return await self.dht.store(self.key, b"", get_dht_time() + 2 * self.ttl_s, subkey=self._subkey(peer_id))
+
+    def _subkey(self, peer_id: str) -> str | bytes:
+        if self.validator is None:
+            return peer_id
+        return peer_id.encode() + self.validator.local_public_key
 
     async def peers(self) -> list[PeerRecord]:
         """The valid, live records of this run, by peer id; refused ones go to `rejected`."""
@@ -49,7 +60,7 @@ class PeerRegistry:
         self.rejected = []
         if found is None or not isinstance(found.value, dict):
             return []
-        records = []
+        latest: dict[str, PeerRecord] = {}
         for subkey, item in sorted(found.value.items(), key=lambda kv: str(kv[0])):
             value = item.value
             if value == b"":
@@ -59,11 +70,21 @@ class PeerRegistry:
             except ProtocolError as e:
                 self._reject(subkey, str(e))
                 continue
-            if record.peer_id != subkey:
-                self._reject(subkey, f"record names peer {record.peer_id}, stored under {subkey}")
+            if isinstance(subkey, bytes):
+                owner, marker, _ = subkey.partition(b"[owner:")
+                owner = owner.decode(errors="replace")
+            else:
+                owner, marker = subkey, b""
+            if self.validator is not None and not marker:
+                self._reject(subkey, f"record of {record.peer_id} is not signed")
                 continue
-            records.append(record)
-        return records
+            if record.peer_id != owner:
+                self._reject(owner, f"record names peer {record.peer_id}, stored under {owner}")
+                continue
+            best = latest.get(record.peer_id)
+            if best is None or record.round > best.round:
+                latest[record.peer_id] = record  # after a restart with a new key, two records for a while
+        return [latest[p] for p in sorted(latest)]
 
     def _reject(self, subkey: object, reason: str) -> None:
         log.warning("peer record under %s refused: %s", subkey, reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
@@ -101,6 +102,35 @@ class StateServer:
         if kind == _CHUNK:
             return body[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
         return b""
+
+
+class DownloadProgress:
+    """A rich progress bar for the state download on a terminal; plain log lines at each
+    quarter otherwise (a service's journal, a test's pipe)."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self._bar = None
+
+    def __enter__(self) -> DownloadProgress:
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(f"downloading the swarm's state ({self.total_bytes / 1e6:.1f} MB)",
+                                            total=None)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+        elif done == total or done % max(1, total // 4) == 0:
+            log.info("state download: %d/%d chunks", done, total)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,

@@ -285,7 +285,7 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
 @pytest.mark.slow
 @pytest.mark.timeout(180, method="signal")
 def test_survivors_of_a_sigkilled_peer_finish_their_rounds_without_it(swarm: Swarm, tmp_path: Path):
-    num_rounds = 6
+    num_rounds = 7
     run = write_spec(tmp_path / "run.toml", deadline_s=5.0)
     a, b, victim = three_peers(swarm, "--max-rounds", str(num_rounds), run=run)
     for p in (a, b, victim):
@@ -294,8 +294,9 @@ def test_survivors_of_a_sigkilled_peer_finish_their_rounds_without_it(swarm: Swa
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(120))
         assert final(p)[0] >= num_rounds
-        # The victim may still count in the round it died in, never after it.
-        after = [(r, of) for r, _, of, _ in rounds(p) if r > 3]
+        # With overlapped rounds the victim, killed after printing round 2, may have been
+        # training round 4 while round 3 was exchanged: it may count up to round 4, never after.
+        after = [(r, of) for r, _, of, _ in rounds(p) if r > 4]
         assert after and all(of <= 2 for _, of in after), f"{p.name}: {rounds(p)}"
 
 

@@ -1,7 +1,8 @@
 """Peer discovery through a real DHT between processes on loopback: a live peer's record is
 found; a SIGKILLed peer is forgotten once its record expires; a withdrawn record is gone at
 once; records of another spec, garbage, or stored under another peer's id are refused with
-the reason."""
+the reason; a signed record cannot be overwritten by another peer, and a signing registry
+refuses unsigned records."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import signal
 import time
 
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
-from locoswarm.node.registry import PeerRegistry
+from locoswarm.node.registry import PeerRegistry, run_key
+from locoswarm.protocol.records import PeerRecord, encode_record
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "announce.py")
 _spec = importlib.util.spec_from_file_location("announce", SCRIPT)
@@ -67,3 +72,52 @@ def test_bad_records_are_refused_with_the_reason(spawn_peers, mode, reason):
     found, rejected = _look(addrs)
     assert found == []
     assert len(rejected) == 1 and reason in rejected[0][1]
+
+
+def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
+    """The owner's record stands after a forger writes a higher round under its subkey:
+    every node with the signature validator refuses the unsigned write."""
+    _, addrs = spawn_peers(SCRIPT, "signed")
+    victim = addrs[0].split("/p2p/")[1]
+
+    async def forge_then_look():
+        # The forger runs the validator too (with its own key): a node without it cannot even
+        # parse signed values.
+        forger = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
+                                      record_validator=RSASignatureValidator(RSAPrivateKey()))
+        found = await forger.get(run_key(announce.RUN), latest=True)
+        (subkey,) = [k for k in found.value if isinstance(k, bytes) and k.startswith(victim.encode())]
+        forged = PeerRecord(peer_id=victim, addrs=(addrs[0],), device="cpu", tokens_per_s=1.0, round=99,
+                            spec_hash=announce.SPEC_HASH)
+        await forger.store(run_key(announce.RUN), encode_record(forged), get_dht_time() + 30, subkey=subkey)
+        await forger.shutdown()
+        validator = RSASignatureValidator(RSAPrivateKey())
+        reader = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
+                                      record_validator=validator)
+        try:
+            reg = PeerRegistry(reader, announce.RUN, announce.SPEC_HASH, validator=validator)
+            return await reg.peers(), reg.rejected
+        finally:
+            await reader.shutdown()
+
+    found, rejected = asyncio.run(forge_then_look())
+    assert [(r.peer_id, r.round) for r in found] == [(victim, 4)]
+    assert rejected == []
+
+
+def test_an_unsigned_record_is_refused_by_a_signing_registry(spawn_peers):
+    _, addrs = spawn_peers(SCRIPT, "good")
+
+    async def look():
+        validator = RSASignatureValidator(RSAPrivateKey())
+        reader = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
+                                      record_validator=validator)
+        try:
+            reg = PeerRegistry(reader, announce.RUN, announce.SPEC_HASH, validator=validator)
+            return await reg.peers(), reg.rejected
+        finally:
+            await reader.shutdown()
+
+    found, rejected = asyncio.run(look())
+    assert found == []
+    assert len(rejected) == 1 and "not signed" in rejected[0][1]

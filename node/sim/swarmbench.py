@@ -37,7 +37,7 @@ def replica_spread(paths: list[str]) -> float:
 
 
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
-                    overlap: bool = False, log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
+                    overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
     with tempfile.TemporaryDirectory(prefix="locoswarm-bench-") as tmp:

@@ -2,7 +2,7 @@
 stdin's first line (or starts one), announces a record (or a bad one, by MODE) with a 3 s
 lifetime, prints its multiaddr, and runs until stdin closes or it is killed.
 
-usage: python announce.py MODE   (MODE: good | other_spec | garbage | impostor | withdraw)
+usage: python announce.py MODE   (MODE: good | signed | other_spec | garbage | impostor | withdraw)
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.registry import PeerRegistry, run_key
@@ -20,10 +22,11 @@ RUN, SPEC_HASH, TTL_S = "registry-test", b"r" * 32, 3.0
 
 
 async def main(mode: str) -> None:
-    dht = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    validator = RSASignatureValidator(RSAPrivateKey()) if mode == "signed" else None
+    dht = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validator=validator)
     maddr = str((await dht.protocol.p2p.get_visible_maddrs())[0])
     me = maddr.split("/p2p/")[1]
-    registry = PeerRegistry(dht, RUN, SPEC_HASH, ttl_s=TTL_S)
+    registry = PeerRegistry(dht, RUN, SPEC_HASH, ttl_s=TTL_S, validator=validator)
     record = PeerRecord(peer_id=me, addrs=(maddr,), device="cpu", tokens_per_s=1000.0, round=4,
                         spec_hash=b"x" * 32 if mode == "other_spec" else SPEC_HASH)
     if mode == "garbage":

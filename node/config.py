@@ -1,0 +1,47 @@
+"""The daemon's own settings (not shared with the swarm: those are the run spec's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from locoswarm.node.host import NetworkConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeConfig:
+    state_dir: str
+    """Identity, lock and control file live here."""
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    """Listen addresses, initial peers, relay."""
+    device: str = "auto"
+    """auto, cuda, mps or cpu."""
+    max_rounds: int = 0
+    """Stop after this many rounds (0: run until stopped)."""
+    min_peers: int = 1
+    """Wait until this many peers (this one included) are live before training."""
+    shard: int | None = None
+    """Data shard; None: derived from the peer id."""
+    threads: int = 0
+    """Torch CPU threads of the training thread (0: torch's default)."""
+    eval_every: int = 1
+    """Evaluate on the held-out split every this many rounds (0: only at the end)."""
+    eval_sequences: int = 64
+    """Held-out sequences per evaluation."""
+    fanout: int = 16
+    """F: at most this many peers' deltas pulled per round."""
+    record_ttl_s: float = 10.0
+    """Lifetime of this peer's DHT record; refreshed every third of it."""
+    report_interval_s: float = 0.1
+    """How often round progress is written to and read from the DHT."""
+
+    def validate(self) -> None:
+        if self.max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if self.min_peers < 1:
+            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
+        if self.fanout < 1:
+            raise ValueError(f"fanout must be >= 1, got {self.fanout}")
+        if self.eval_every < 0 or self.eval_sequences < 1:
+            raise ValueError("eval_every must be >= 0 and eval_sequences >= 1")
+        if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
+            raise ValueError("record_ttl_s and report_interval_s must be > 0")

@@ -1,0 +1,55 @@
+"""`locoswarm demo` and `locoswarm bench swarm` end to end: real daemon processes on
+loopback, driven through the CLI as a user would, each bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "locoswarm", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env=ENV)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_demo_shows_the_eval_loss_falling_round_by_round_and_peers_agreeing():
+    out = run_cli("demo", "--peers", "2", "--rounds", "4", "--threads", "1", timeout_s=200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [float(m) for m in re.findall(r"^round +\d+ +eval loss (\S+)", out.stdout, re.M)]
+    assert len(losses) == 4, out.stdout
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert "outer states are identical" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_swarm_writes_the_documented_json(tmp_path):
+    path = tmp_path / "swarm.json"
+    out = run_cli("bench", "swarm", "--peers", "2", "--rounds", "3", "--no-simulate", "--json", str(path),
+                  timeout_s=200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(path.read_text())
+    for key in ("peers", "rounds", "eval_loss", "train_time_share", "bytes_per_peer_per_round", "tokens",
+                "rounds_per_minute", "replica_spread", "consensus_equal"):
+        assert key in result, key
+    assert result["peers"] == 2 and result["rounds"] == 3
+    assert 0 < result["train_time_share"] <= 1
+    assert result["consensus_equal"] is True
+    # Two peers trading ≈11 KB deltas plus DHT traffic: far from zero, far from megabytes.
+    assert 10_000 < result["bytes_per_peer_per_round"] < 2_000_000
+    assert result["tokens"] >= 3 * 2 * 2560 * 0.5
+
+
+def test_bench_swarm_refuses_bad_counts_without_starting_anything():
+    out = run_cli("bench", "swarm", "--peers", "0", timeout_s=60)
+    assert out.returncode == 2
+    assert "--peers" in out.stderr
