@@ -27,7 +27,7 @@ def demo(
     swarm = LocalSwarm(peers, spec_path=None, max_rounds=rounds, threads=threads, eval_every=1,
                        keep_dir=tempfile.mkdtemp(prefix="locoswarm-demo-") if keep else None)
     typer.echo(f"starting {peers} peers on 127.0.0.1 (tiny model, bundled Shakespeare, {threads} thread(s) each); "
-               f"logs in {swarm.dir}")
+               f"logs in {swarm.dir}" + ("" if keep else " (removed at the end; --keep keeps them)"))
 
     def on_round(r, lines) -> None:
         typer.echo(f"round {r:>3}  eval loss {statistics.fmean(x.eval_loss for x in lines):.4f}  "

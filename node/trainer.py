@@ -228,6 +228,7 @@ class Trainer:
         """The replica's parameters as safetensors (no pickle), written atomically."""
         from safetensors.torch import save_file
 
+        self._take_shift()
         tmp = f"{path}.tmp"
         save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
                   tmp)
@@ -235,6 +236,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Held-out loss of the replica (training thread: a pending restart is applied first)."""
+        self._take_shift()
         total, count = 0.0, 0
         for x, y in self.eval:
             with self.autocast():
