@@ -74,6 +74,18 @@ def test_bad_records_are_refused_with_the_reason(spawn_peers, mode, reason):
     assert len(rejected) == 1 and reason in rejected[0][1]
 
 
+async def _signed_look(addrs: list[str]):
+    """(records, rejected) as a registry that signs its own records sees them."""
+    validator = RSASignatureValidator(RSAPrivateKey())
+    reader = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
+                                  record_validator=validator)
+    try:
+        reg = PeerRegistry(reader, announce.RUN, announce.SPEC_HASH, validator=validator)
+        return await reg.peers(), reg.rejected
+    finally:
+        await reader.shutdown()
+
+
 def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
     """The owner's record stands after a forger writes a higher round under its subkey:
     every node with the signature validator refuses the unsigned write."""
@@ -91,14 +103,7 @@ def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
                             spec_hash=announce.SPEC_HASH)
         await forger.store(run_key(announce.RUN), encode_record(forged), get_dht_time() + 30, subkey=subkey)
         await forger.shutdown()
-        validator = RSASignatureValidator(RSAPrivateKey())
-        reader = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
-                                      record_validator=validator)
-        try:
-            reg = PeerRegistry(reader, announce.RUN, announce.SPEC_HASH, validator=validator)
-            return await reg.peers(), reg.rejected
-        finally:
-            await reader.shutdown()
+        return await _signed_look(addrs)
 
     found, rejected = asyncio.run(forge_then_look())
     assert [(r.peer_id, r.round) for r in found] == [(victim, 4)]
@@ -107,17 +112,6 @@ def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
 
 def test_an_unsigned_record_is_refused_by_a_signing_registry(spawn_peers):
     _, addrs = spawn_peers(SCRIPT, "good")
-
-    async def look():
-        validator = RSASignatureValidator(RSAPrivateKey())
-        reader = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
-                                      record_validator=validator)
-        try:
-            reg = PeerRegistry(reader, announce.RUN, announce.SPEC_HASH, validator=validator)
-            return await reg.peers(), reg.rejected
-        finally:
-            await reader.shutdown()
-
-    found, rejected = asyncio.run(look())
+    found, rejected = asyncio.run(_signed_look(addrs))
     assert found == []
     assert len(rejected) == 1 and "not signed" in rejected[0][1]
