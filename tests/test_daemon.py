@@ -346,7 +346,7 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
 
 @pytest.mark.slow
 @pytest.mark.timeout(120, method="signal")
-def test_status_counts_the_other_peers_and_sigterm_leaves_with_exit_0_within_10_s(swarm: Swarm):
+def test_status_counts_the_other_peers_sigterm_leaves_with_exit_0_and_a_second_ctrl_c_forces(swarm: Swarm):
     a = swarm.join("a", "--min-peers", "2")
     b = swarm.join("b", "--min-peers", "2", peer=a)
     a.wait_for(r"^round 1 ", 90)
@@ -362,6 +362,13 @@ def test_status_counts_the_other_peers_and_sigterm_leaves_with_exit_0_within_10_
     assert_clean_exit(a, a.wait_exit(10))
     print(f"SIGTERM to exit: {time.monotonic() - t0:.2f} s")
     assert b.proc.poll() is None, b.tail()
+    # A second Ctrl-C while the first is still leaving forces the exit (130).
+    b.proc.send_signal(signal.SIGINT)
+    b.wait_for(r"SIGINT: leaving", 10, stderr=True)  # the first is being handled
+    b.proc.send_signal(signal.SIGINT)
+    code = b.wait_exit(10)
+    assert code == 130, (code, b.tail())
+    assert "forcing exit" in b.stderr(), b.tail()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # hivemind's import
