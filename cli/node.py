@@ -29,6 +29,8 @@ def join(
     shard: Optional[int] = typer.Option(None, help="Data shard (default: derived from the peer id)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
+    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints", help="Checkpoints kept."),
     fanout: int = typer.Option(16, help="F: at most this many peers' deltas pulled per round."),
     auto_relay: bool = typer.Option(False, "--auto-relay", help="Look for a relay when behind NAT."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
@@ -48,6 +50,7 @@ def join(
         peers = list(peer or []) or list(spec.initial_peers)
         cfg = NodeConfig(state_dir=str(state_dir), device=device, max_rounds=max_rounds, min_peers=min_peers,
                          shard=shard, threads=threads, eval_every=eval_every, fanout=fanout,
+                         checkpoint_every=checkpoint_every, checkpoint_keep=keep_checkpoints,
                          net=NetworkConfig(listen=list(listen or DEFAULT_LISTEN), announce=list(announce or []),
                                            peers=peers, auto_relay=auto_relay))
         cfg.validate()

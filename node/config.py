@@ -27,6 +27,10 @@ class NodeConfig:
     """Evaluate on the held-out split every this many rounds (0: only at the end)."""
     eval_sequences: int = 64
     """Held-out sequences per evaluation."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many rounds (0: never), and when leaving."""
+    checkpoint_keep: int = 3
+    """How many checkpoints to keep."""
     fanout: int = 16
     """F: at most this many peers' deltas pulled per round."""
     record_ttl_s: float = 10.0
@@ -39,6 +43,8 @@ class NodeConfig:
             raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
+        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
+            raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
         if self.fanout < 1:
             raise ValueError(f"fanout must be >= 1, got {self.fanout}")
         if self.eval_every < 0 or self.eval_sequences < 1:

@@ -11,6 +11,8 @@ Status JSON (every key always present):
   num_peers       live peers of this run spec other than this one
   bytes_sent      bytes this peer wrote to delta and state streams
   bytes_received  bytes this peer read from delta and state streams
+  checkpoint_round  round of the last checkpoint written or resumed from (null: none)
+  checkpoint_error  why the last checkpoint could not be written (null: it was)
   peer_id, addrs, device, tokens_per_s, rounds_completed, shard
 """
 

@@ -34,6 +34,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
+from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
@@ -91,6 +92,8 @@ class Daemon:
         self._records: list[PeerRecord] = []
         self._rng = random.Random()
         self._carry = 0
+        self.checkpoints = Checkpointer(os.path.join(cfg.state_dir, "checkpoints"), self.spec_hash,
+                                        keep=cfg.checkpoint_keep)
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,6 +135,9 @@ class Daemon:
                 shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
             self.shard = shard
             self.trainer = await self._in_pool(self._build_trainer, shard)
+            resumed = await self.checkpoints.resume(self.trainer, self._in_pool)
+            if resumed is not None:
+                self.emit(f"resumed from checkpoint round {resumed}")
             self.deltas = DeltaServer(p2p)
             self.states = StateServer(p2p, self.trainer.state_spec)
             self.states.on_encoded = lambda r, digest: self.emit(f"serving state round {r} digest {digest}")
@@ -205,7 +211,7 @@ class Daemon:
             raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
                             f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
         self._records = records
-        if records and max(r.round for r in records) > 0:
+        if records and max(r.round for r in records) > self.trainer.round:
             await self._sync(p2p, records)
 
     async def _sync(self, p2p: P2P, records: list[PeerRecord]) -> None:
@@ -271,6 +277,8 @@ class Daemon:
                 exchange = None
             if await self._catch_up(p2p):
                 continue  # what was trained on the old state is not sent
+            if self.cfg.checkpoint_every and trained and trained % self.cfg.checkpoint_every == 0:
+                await self.checkpoints.write(self.trainer, self._in_pool)
             work = await self._in_pool(trainer.end_round)
             trained += 1
             step = self._exchange(p2p, progress, work, train_s, overlap)
@@ -282,6 +290,10 @@ class Daemon:
             if self.should_exit.is_set():
                 exchange.cancel()
             await asyncio.gather(exchange, return_exceptions=True)
+        # Nothing may touch the outer state while the last checkpoint copies it.
+        await asyncio.to_thread(self._xpool.shutdown, True)
+        if self.cfg.checkpoint_every:
+            await self.checkpoints.write(self.trainer, self._in_pool, wait=True)
         if self.cfg.max_rounds and trained >= self.cfg.max_rounds and not self.should_exit.is_set():
             await self._finish()
 
@@ -375,6 +387,8 @@ class Daemon:
             "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
             "rounds_completed": self.rounds_completed,
             "shard": self.shard,
+            "checkpoint_round": self.checkpoints.round,
+            "checkpoint_error": self.checkpoints.error,
         }
 
 

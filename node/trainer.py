@@ -210,6 +210,68 @@ class Trainer:
         _, body = encode_state(self.state_spec, self.state_snapshot(), self.round)
         return hashlib.sha256(body).hexdigest()
 
+    # ------------------------------------------------------------------ checkpoints
+
+    @torch.no_grad()
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Copies of everything a restart needs, taken at a round boundary on the training
+        thread (nothing else is running): the outer state, the replica (its unsent progress
+        included: it is sent with the next delta), the residuals, AdamW's state, and the
+        data order. Returns (tensors, JSON-able metadata)."""
+        self._take_shift()
+        cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        tensors = {f"outer.{n}": cpu(t) for n, t in self.outer.state_tensors().items()}
+        tensors.update({f"model.{n}": cpu(p) for n, p in self.model.named_parameters()})
+        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
+            tensors[f"residual.{i}"] = cpu(err)
+            tensors[f"sent.{i}"] = cpu(mask).to(torch.uint8)
+        params = [p for group in self.inner.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for key, value in self.inner.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = cpu(value).reshape(-1) if value.dim() == 0 else cpu(value)
+        meta = {"round": self.round, "outer_steps": self.outer.num_steps,
+                "sampler": self.sampler.rng.bit_generator.state}
+        return tensors, meta
+
+    @torch.no_grad()
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Take a checkpoint written by `checkpoint_state` for this spec; ValueError, with
+        nothing changed, when its tensors do not fit this model."""
+        own, _ = self.checkpoint_state()
+        adam_keys = {k for k in own if k.startswith("adam.")}
+        need = {k: v for k, v in own.items() if k not in adam_keys}
+        missing = [k for k in need if k not in tensors]
+        wrong = [k for k in need if k in tensors and (tensors[k].shape != need[k].shape
+                                                      or tensors[k].dtype != need[k].dtype)]
+        if missing or wrong:
+            raise ValueError(f"checkpoint does not fit this model: missing {missing[:3]}, wrong shape {wrong[:3]}")
+        if not all(bool(torch.isfinite(tensors[k]).all()) for k in need if tensors[k].is_floating_point()):
+            raise ValueError("checkpoint holds non-finite values")
+        round_, outer_steps = meta.get("round"), meta.get("outer_steps")
+        if type(round_) is not int or type(outer_steps) is not int or round_ < 0 or outer_steps < 0:
+            raise ValueError(f"checkpoint metadata invalid: round {round_!r}, outer_steps {outer_steps!r}")
+        for n, t in self.outer.state_tensors().items():
+            t.copy_(tensors[f"outer.{n}"])
+        for n, p in self.model.named_parameters():
+            p.copy_(tensors[f"model.{n}"])
+        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
+            err.copy_(tensors[f"residual.{i}"])
+            mask.copy_(tensors[f"sent.{i}"].bool())
+        params = [p for group in self.inner.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            state = {key[len(f"adam.{i}."):]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
+            if state:
+                self.inner.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
+        try:
+            self.sampler.rng.bit_generator.state = meta["sampler"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint's data order unreadable: {e}") from None
+        self.outer.num_steps = outer_steps
+        self.round = round_
+        self.tokens = 0
+        self.losses = []
+        self._shift = None
+
     @torch.no_grad()
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         """Take a donor's outer state: parameters, momentum and round; the residual starts empty."""

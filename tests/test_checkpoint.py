@@ -1,0 +1,153 @@
+"""Crash-safe checkpoints: exact round trip of a trainer's state, fallback past a corrupt
+newest checkpoint, refusal of another spec's, pruning to the last K, a read-only folder
+reported with the old checkpoints intact, SIGKILL at random moments of repeated writes never
+leaving the latest checkpoint corrupt or missing, and a daemon killed with SIGKILL resuming
+its round count."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from locoswarm.node.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from locoswarm.node.spec import RunSpec
+from locoswarm.node.trainer import Trainer
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "write_checkpoints.py")
+_spec = importlib.util.spec_from_file_location("write_checkpoints", SCRIPT)
+writer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(writer)
+HASH = writer.SPEC_HASH
+
+
+def test_a_restored_trainer_continues_bit_for_bit_like_the_original(tmp_path):
+    spec = replace(RunSpec(), num_shards=2, batch_size=2)
+    stop = threading.Event()
+    a = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
+    a.train_until(stop, lambda n: n >= 3 * a.tokens_per_step)
+    work = a.end_round()
+    a.apply(work, [a.decode(a.encode(work, "me"))], overlapped=False)
+    a.train_until(stop, lambda n: True)
+    tensors, meta = a.checkpoint_state()
+    save_checkpoint(str(tmp_path), a.round, tensors, meta, spec_hash=spec.hash())
+    round_, tensors, meta = load_latest(str(tmp_path), spec.hash())
+    b = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
+    b.restore(tensors, meta)
+    assert round_ == a.round == b.round == 1
+    for t in (a, b):
+        t.train_until(stop, lambda n: True)
+        work = t.end_round()
+        t.apply(work, [t.decode(t.encode(work, "me"))], overlapped=False)
+    for x, y in zip(list(a.model.parameters()) + a.outer.params, list(b.model.parameters()) + b.outer.params):
+        assert torch.equal(x, y)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    for r in (1, 2):
+        save_checkpoint(str(tmp_path), r, writer.tensors_of(r), {"round": r}, spec_hash=HASH)
+    newest = tmp_path / "ckpt-0000000002" / "tensors.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    round_, tensors, meta = load_latest(str(tmp_path), HASH)
+    assert round_ == 1 and meta == {"round": 1} and bool((tensors["a"] == 1).all())
+    assert newest.exists()  # skipped, never deleted
+
+
+def test_another_specs_checkpoint_is_not_taken(tmp_path):
+    save_checkpoint(str(tmp_path), 5, writer.tensors_of(5), {}, spec_hash=HASH)
+    assert load_latest(str(tmp_path), b"d" * 32) is None
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    for r in range(1, 6):
+        save_checkpoint(str(tmp_path), r, writer.tensors_of(r), {}, spec_hash=HASH, keep=2)
+    assert list_checkpoints(str(tmp_path)) == [4, 5]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_a_read_only_folder_is_reported_and_the_last_checkpoint_kept(tmp_path):
+    save_checkpoint(str(tmp_path), 1, writer.tensors_of(1), {}, spec_hash=HASH)
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(CheckpointError, match="not written"):
+            save_checkpoint(str(tmp_path), 2, writer.tensors_of(2), {}, spec_hash=HASH)
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert load_latest(str(tmp_path), HASH)[0] == 1
+
+
+def test_a_full_disk_is_reported_and_the_last_checkpoint_kept(tmp_path, monkeypatch):
+    save_checkpoint(str(tmp_path), 1, writer.tensors_of(1), {}, spec_hash=HASH)
+    import locoswarm.node.checkpoint as ck
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", no_space)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_checkpoint(str(tmp_path), 2, writer.tensors_of(2), {}, spec_hash=HASH)
+    assert load_latest(str(tmp_path), HASH)[0] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_during_repeated_writes_never_leaves_a_corrupt_or_missing_latest_checkpoint(tmp_path):
+    rng = random.Random(7)
+    last = 0
+    for attempt in range(15):
+        proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        found = load_latest(str(tmp_path), HASH)
+        if found is None:
+            assert last == 0, f"attempt {attempt}: the checkpoints of earlier runs are gone"
+            continue
+        round_, tensors, meta = found
+        assert meta == {"round": round_}
+        assert bool((tensors["a"] == round_).all()) and bool((tensors["b"] == round_).all())
+        assert round_ >= last, f"attempt {attempt}: latest went back from {last} to {round_}"
+        last = round_
+    assert last > 0, "no checkpoint was ever completed"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
+    argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--state-dir", str(tmp_path / "node"), "--threads", "1", "--checkpoint-every", "1", "--eval-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                             start_new_session=True)
+    try:
+        for line in first.stdout:
+            m = re.match(r"^round (\d+) ", line)
+            if m and int(m[1]) >= 4:
+                break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    saved = list_checkpoints(str(tmp_path / "node" / "checkpoints"))
+    assert saved and max(saved) >= 3, saved
+    second = subprocess.run(argv + ["--max-rounds", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = int(re.search(r"^resumed from checkpoint round (\d+)$", second.stdout, re.M)[1])
+    assert resumed == max(saved)
+    (trained,) = [int(r) for r in re.findall(r"^round (\d+) ", second.stdout, re.M)]
+    assert trained == resumed
