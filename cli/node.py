@@ -1,18 +1,18 @@
 """`locoswarm node …`: run the volunteer daemon and ask it how it is doing. Thin: the
-daemon is locoswarm.node.daemon."""
+daemon is locoswarm.node.daemon; settings resolve through locoswarm.node.userconfig
+(defaults < config file < LOCOSWARM_* environment < these flags)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 app = typer.Typer(help="The volunteer daemon: join a swarm, ask it for its status.", no_args_is_help=True)
-DEFAULT_STATE_DIR = os.path.join(os.path.expanduser("~"), ".locoswarm", "node")
+CONFIG_HELP = "Config file (TOML); default: the platform's config dir, or $LOCOSWARM_CONFIG."
 
 
 @app.command()
@@ -22,17 +22,18 @@ def join(
     listen: Optional[list[str]] = typer.Option(None, "--listen", help="Multiaddr to listen on (repeatable); default "
                                                "TCP and QUIC on all interfaces, ports chosen by the OS."),
     announce: Optional[list[str]] = typer.Option(None, "--announce", help="Public multiaddr to announce (repeatable)."),
-    state_dir: Path = typer.Option(Path(DEFAULT_STATE_DIR), "--state-dir", help="Identity, lock and control file."),
-    device: str = typer.Option("auto", help="auto, cuda, mps or cpu."),
-    max_rounds: int = typer.Option(0, "--max-rounds", help="Leave after this many rounds (0: run until stopped)."),
-    min_peers: int = typer.Option(1, "--min-peers", help="Wait for this many peers (this one included) first."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Identity, lock, checkpoints, control file."),
+    device: Optional[str] = typer.Option(None, help="auto, cuda, mps or cpu."),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Leave after N rounds (0: run until stopped)."),
+    min_peers: Optional[int] = typer.Option(None, "--min-peers", help="Wait for K peers (this one included) first."),
     shard: Optional[int] = typer.Option(None, help="Data shard (default: derived from the peer id)."),
-    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
-    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
-    checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
-    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints", help="Checkpoints kept."),
-    fanout: int = typer.Option(16, help="F: at most this many peers' deltas pulled per round."),
-    auto_relay: bool = typer.Option(False, "--auto-relay", help="Look for a relay when behind NAT."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (0: torch's default)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept."),
+    fanout: Optional[int] = typer.Option(None, help="F: at most this many peers' deltas pulled per round."),
+    auto_relay: Optional[bool] = typer.Option(None, "--auto-relay/--no-auto-relay", help="Look for a relay behind NAT."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
 ) -> None:
     """Join a swarm (or start one) and train until stopped: Ctrl-C or SIGTERM leaves cleanly."""
@@ -40,23 +41,21 @@ def join(
                         "%(name)s: %(message)s")
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
-    from locoswarm.node.config import NodeConfig
     from locoswarm.node.daemon import run_daemon
-    from locoswarm.node.host import DEFAULT_LISTEN, NetworkConfig
     from locoswarm.node.spec import load_spec
+    from locoswarm.node.trainer import pick_device
+    from locoswarm.node.userconfig import node_config, resolve
 
+    flags = {"run": None if run is None else str(run), "peers": peer or None, "listen": listen or None,
+             "announce": announce or None, "state_dir": None if state_dir is None else str(state_dir),
+             "device": device, "max_rounds": max_rounds, "min_peers": min_peers, "shard": shard, "threads": threads,
+             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "checkpoint_keep": keep_checkpoints,
+             "fanout": fanout, "auto_relay": auto_relay}
     try:
-        spec = load_spec(None if run is None else str(run))
-        peers = list(peer or []) or list(spec.initial_peers)
-        cfg = NodeConfig(state_dir=str(state_dir), device=device, max_rounds=max_rounds, min_peers=min_peers,
-                         shard=shard, threads=threads, eval_every=eval_every, fanout=fanout,
-                         checkpoint_every=checkpoint_every, checkpoint_keep=keep_checkpoints,
-                         net=NetworkConfig(listen=list(listen or DEFAULT_LISTEN), announce=list(announce or []),
-                                           peers=peers, auto_relay=auto_relay))
-        cfg.validate()
-        from locoswarm.node.trainer import pick_device
-
-        pick_device(device)
+        values, _ = resolve(flags, config_path=None if config is None else str(config))
+        spec = load_spec(values["run"])
+        cfg = node_config(values, spec.initial_peers)
+        pick_device(cfg.device)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -65,14 +64,21 @@ def join(
 
 @app.command()
 def status(
-    state_dir: Path = typer.Option(Path(DEFAULT_STATE_DIR), "--state-dir", help="The daemon's state directory."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="The daemon's state directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (keys documented in the README)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Ask the running daemon for its state, round, loss, peers and traffic."""
     from locoswarm.node.control import read_status
+    from locoswarm.node.userconfig import resolve
 
     try:
-        st = read_status(str(state_dir))
+        values, _ = resolve({"state_dir": None if state_dir is None else str(state_dir)},
+                            config_path=None if config is None else str(config))
+        st = read_status(values["state_dir"])
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     except RuntimeError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
