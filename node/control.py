@@ -1,5 +1,6 @@
 """The daemon's control API: HTTP on 127.0.0.1 only, so nothing beyond this machine can
-reach it. `GET /status` answers the status JSON that `locoswarm node status` prints. The
+reach it. `GET /status` answers the status JSON that `locoswarm node status` prints;
+`GET /metrics` the same figures for Prometheus (prometheus-client's text format). The
 port is chosen by the OS and written, with the daemon's pid, to `control.json` in the state
 directory, which is how `node status` finds the daemon.
 
@@ -11,6 +12,7 @@ Status JSON (every key always present):
   num_peers       live peers of this run spec other than this one
   bytes_sent      bytes this peer wrote to delta and state streams
   bytes_received  bytes this peer read from delta and state streams
+  deltas_rejected  deltas refused (malformed, oversized, misattributed), counted since start
   checkpoint_round  round of the last checkpoint written or resumed from (null: none)
   checkpoint_error  why the last checkpoint could not be written (null: it was)
   peer_id, addrs, device, tokens_per_s, rounds_completed, shard
@@ -31,10 +33,43 @@ _MAX_REQUEST = 8192
 log = logging.getLogger(__name__)
 
 
+class StatusCollector:
+    """Prometheus metrics read from the status at scrape time (nothing to keep in sync)."""
+
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self.status = status
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.status()
+        gauges = {"round": ("the round being trained", st["round"]),
+                  "loss": ("mean training loss of the last round", st["loss"]),
+                  "eval_loss": ("held-out loss at the last evaluation", st["eval_loss"]),
+                  "peers": ("live peers of this run spec besides this one", st["num_peers"]),
+                  "tokens_per_second": ("training throughput", st["tokens_per_s"])}
+        for name, (doc, value) in gauges.items():
+            if value is not None:
+                yield GaugeMetricFamily(f"locoswarm_{name}", doc, value=value)
+        counters = {"rounds_completed": ("rounds this peer aggregated", st["rounds_completed"]),
+                    "bytes_sent": ("bytes written to delta and state streams", st["bytes_sent"]),
+                    "bytes_received": ("bytes read from delta and state streams", st["bytes_received"]),
+                    "deltas_rejected": ("deltas refused as malformed or misattributed", st["deltas_rejected"])}
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"locoswarm_{name}", doc, value=value)
+        state = GaugeMetricFamily("locoswarm_state", "1 for the daemon's current state", labels=["state"])
+        state.add_metric([st["state"]], 1)
+        yield state
+
+
 class ControlServer:
     def __init__(self, state_dir: str, status: Callable[[], dict]) -> None:
+        from prometheus_client import CollectorRegistry
+
         self.state_dir = state_dir
         self.status = status
+        self.registry = CollectorRegistry()
+        self.registry.register(StatusCollector(status))
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
@@ -56,11 +91,16 @@ class ControlServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            kind = "application/json"
             if len(line) >= 2 and line[0] == "GET" and line[1] == "/status":
                 code, body = "200 OK", json.dumps(self.status()).encode()
+            elif len(line) >= 2 and line[0] == "GET" and line[1] == "/metrics":
+                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                code, body, kind = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
             else:
-                code, body = "404 Not Found", b'{"error": "only GET /status is served"}'
-            writer.write(f"HTTP/1.0 {code}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                code, body = "404 Not Found", b'{"error": "GET /status or /metrics"}'
+            writer.write(f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
             await asyncio.wait_for(writer.drain(), 5.0)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as e:

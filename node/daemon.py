@@ -75,6 +75,7 @@ class Daemon:
         self.eval_loss: float | None = None
         self.num_peers = 0
         self.bytes_received = 0
+        self.deltas_rejected = 0
         self.peer_id = ""
         self.shard: int | None = None
         self.addrs: list[str] = []
@@ -331,6 +332,7 @@ class Daemon:
         got = await gather_deltas(p2p, progress, r, trainer.delta_spec,
                                   deadline_s=self.spec.rounds.deadline_s, fanout=self.cfg.fanout, rng=self._rng)
         self.bytes_received += got.bytes_received
+        self.deltas_rejected += got.rejected
         for peer, why in got.failed.items():
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
@@ -387,6 +389,7 @@ class Daemon:
             "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
             "rounds_completed": self.rounds_completed,
             "shard": self.shard,
+            "deltas_rejected": self.deltas_rejected,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
         }

@@ -127,6 +127,8 @@ class Gathered:
     failed: dict[str, str] = field(default_factory=dict)
     """peer id → why its delta is not in this round."""
     bytes_received: int = 0
+    rejected: int = 0
+    """Deltas refused as bad (not merely missing)."""
 
 
 async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
@@ -155,6 +157,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             except ProtocolError as e:
                 # A bad delta costs the sender its place in this round, never ours.
                 log.warning("delta of %s for round %d rejected: %s: %s", peer, round_, type(e).__name__, e)
+                out.rejected += 1
                 out.failed[peer] = f"{type(e).__name__}: {e}"
                 return
             except asyncio.TimeoutError:
@@ -166,6 +169,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 return
             if delta.sender != peer:
                 log.warning("delta from %s names sender %s: rejected", peer, delta.sender)
+                out.rejected += 1
                 out.failed[peer] = f"delta names sender {delta.sender}"
                 return
             out.deltas.append(delta)
