@@ -33,6 +33,10 @@ def join(
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept."),
     fanout: Optional[int] = typer.Option(None, help="F: at most this many peers' deltas pulled per round."),
     auto_relay: Optional[bool] = typer.Option(None, "--auto-relay/--no-auto-relay", help="Look for a relay behind NAT."),
+    allowed_hours: Optional[str] = typer.Option(None, "--allowed-hours", help="Train only in these local hours, "
+                                                "e.g. 22-8."),
+    max_other_cpu: Optional[int] = typer.Option(None, "--max-other-cpu", help="Pause while other processes use "
+                                                "more than this % of the CPUs (0: off)."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
 ) -> None:
@@ -50,7 +54,8 @@ def join(
              "announce": announce or None, "state_dir": None if state_dir is None else str(state_dir),
              "device": device, "max_rounds": max_rounds, "min_peers": min_peers, "shard": shard, "threads": threads,
              "eval_every": eval_every, "checkpoint_every": checkpoint_every, "checkpoint_keep": keep_checkpoints,
-             "fanout": fanout, "auto_relay": auto_relay}
+             "fanout": fanout, "auto_relay": auto_relay, "allowed_hours": allowed_hours,
+             "max_other_cpu_percent": max_other_cpu}
     try:
         values, _ = resolve(flags, config_path=None if config is None else str(config))
         spec = load_spec(values["run"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from locoswarm.node.governor import IdlePolicy
 from locoswarm.node.host import NetworkConfig
 
 
@@ -13,6 +14,10 @@ class NodeConfig:
     """Identity, lock and control file live here."""
     net: NetworkConfig = field(default_factory=NetworkConfig)
     """Listen addresses, initial peers, relay."""
+    idle: IdlePolicy = field(default_factory=IdlePolicy)
+    """When to step aside for the machine's owner."""
+    idle_check_s: float = 2.0
+    """How often the machine is read for the idle policy."""
     device: str = "auto"
     """auto, cuda, mps or cpu."""
     max_rounds: int = 0
@@ -45,6 +50,7 @@ class NodeConfig:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
+        self.idle.validate()
         if self.fanout < 1:
             raise ValueError(f"fanout must be >= 1, got {self.fanout}")
         if self.eval_every < 0 or self.eval_sequences < 1:

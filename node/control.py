@@ -5,7 +5,8 @@ port is chosen by the OS and written, with the daemon's pid, to `control.json` i
 directory, which is how `node status` finds the daemon.
 
 Status JSON (every key always present):
-  state           starting | syncing | waiting (for --min-peers) | training | exchanging | stopping
+  state           starting | syncing | waiting (for --min-peers) | paused | training | exchanging | stopping
+  paused          why the idle governor paused training (null: not paused)
   round           the round being trained
   loss            mean training loss of the last finished round (null before one)
   eval_loss       held-out loss at the last evaluation (null before one)

@@ -38,6 +38,7 @@ from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
+from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.host import NodeError, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.rounds import RoundProgress, gather_deltas
@@ -82,7 +83,10 @@ class Daemon:
         self.trainer = None
         self.deltas: DeltaServer | None = None
         self.states: StateServer | None = None
-        self._stop_training = threading.Event()
+        self._round_stop = threading.Event()
+        """Ends the current round's training early: leaving, or the owner needs the machine."""
+        self.idle = IdleWatch(Governor(cfg.idle), cfg.idle_check_s, on_pause=lambda: self._round_stop.set())
+        """The idle governor: `idle.paused` says why training is paused (None: it is not)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "locoswarm-train", _training_thread_init,
                                                            (cfg.threads,))
         self._xpool = concurrent.futures.ThreadPoolExecutor(1, "locoswarm-exchange", _training_thread_init,
@@ -105,7 +109,7 @@ class Daemon:
             os._exit(130)
         log.info("%s: leaving after the current step (again to force)", signal.Signals(signum).name)
         self.should_exit.set()
-        self._stop_training.set()
+        self._round_stop.set()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -151,12 +155,14 @@ class Daemon:
                 self.emit(f"listening {addr}")
             await self._join(p2p, registry)
             self._spawn(self._keep_record(registry))
+            await self.idle.check()  # before the first step: a fresh start must not train during a game
+            self._spawn(self.idle.watch())
             await self._wait_for_peers()
             await self._run_rounds(p2p, dht)
             return 0
         finally:
             self.state = "stopping"
-            self._stop_training.set()
+            self._round_stop.set()
             for task in self._tasks:
                 task.cancel()
             if registry is not None:
@@ -192,7 +198,7 @@ class Daemon:
         while True:
             record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
                                 tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.round,
-                                spec_hash=self.spec_hash)
+                                spec_hash=self.spec_hash, paused=self.idle.paused is not None)
             try:
                 await registry.announce(record)
                 self._records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
@@ -241,7 +247,7 @@ class Daemon:
     def _expected(self, round_: int) -> set[str]:
         """Live peers that should train `round_`: their record (refreshed every second, so
         possibly one round stale) is at it or the one before."""
-        return {r.peer_id for r in self._records if round_ - 1 <= r.round <= round_}
+        return {r.peer_id for r in self._records if round_ - 1 <= r.round <= round_ and not r.paused}
 
     async def _catch_up(self, p2p: P2P) -> bool:
         """A peer that fell more than a round behind the swarm takes its state again. The
@@ -257,6 +263,11 @@ class Daemon:
         await self._sync(p2p, ahead)
         return True
 
+    async def _wait_while_paused(self) -> None:
+        while self.idle.paused is not None and not self.should_exit.is_set():
+            self.state = "paused"
+            await asyncio.sleep(0.2)
+
     async def _wait_for_peers(self) -> None:
         while self.num_peers + 1 < self.cfg.min_peers and not self.should_exit.is_set():
             self.state = "waiting"
@@ -270,6 +281,9 @@ class Daemon:
         exchange: asyncio.Future | None = None
         trained = 0
         while not self.should_exit.is_set() and not (self.cfg.max_rounds and trained >= self.cfg.max_rounds):
+            await self._wait_while_paused()
+            if self.should_exit.is_set():
+                break
             progress, train_s = await self._train(dht)
             if self.should_exit.is_set():
                 break  # abandon the round: peers waiting for our delta drop us when our streams close
@@ -307,7 +321,10 @@ class Daemon:
                                  ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s), carry=self._carry,
                                  expected=functools.partial(self._expected, trainer.round))
         self.state = "training"
-        train = asyncio.ensure_future(self._in_pool(trainer.train_until, self._stop_training, progress.reached))
+        self._round_stop = threading.Event()
+        if self.should_exit.is_set():
+            self._round_stop.set()
+        train = asyncio.ensure_future(self._in_pool(trainer.train_until, self._round_stop, progress.reached))
         while not train.done():
             try:
                 await progress.report(trainer.tokens, trainer.tokens_per_s)
@@ -390,6 +407,7 @@ class Daemon:
             "rounds_completed": self.rounds_completed,
             "shard": self.shard,
             "deltas_rejected": self.deltas_rejected,
+            "paused": self.idle.paused,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
         }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from locoswarm.node.config import NodeConfig
+from locoswarm.node.governor import IdlePolicy
 from locoswarm.node.host import DEFAULT_LISTEN, NetworkConfig
 
 if sys.version_info >= (3, 11):
@@ -63,6 +64,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("checkpoint_keep", "int", 3, "checkpoints kept"),
     Setting("fanout", "int", 16, "deltas pulled per round at most"),
     Setting("auto_relay", "bool", False, "look for a relay when behind NAT"),
+    Setting("pause_on_gpu_use", "bool", True, "pause while another process uses the GPU"),
+    Setting("max_other_cpu_percent", "int", 0, "pause while others use more CPU than this % (0: off)"),
+    Setting("pause_on_battery", "bool", True, "pause while on battery"),
+    Setting("allowed_hours", "str", "", "train only in these local hours, e.g. 22-8"),
+    Setting("resume_after_idle_min", "int", 0, "resume after this many idle minutes"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -145,6 +151,10 @@ def node_config(values: Mapping[str, Any], initial_peers: list[str]) -> NodeConf
         min_peers=values["min_peers"], shard=values["shard"], threads=values["threads"],
         eval_every=values["eval_every"], fanout=values["fanout"], checkpoint_every=values["checkpoint_every"],
         checkpoint_keep=values["checkpoint_keep"],
+        idle=IdlePolicy(pause_on_gpu_use=values["pause_on_gpu_use"],
+                        max_other_cpu_percent=float(values["max_other_cpu_percent"]),
+                        pause_on_battery=values["pause_on_battery"], allowed_hours=values["allowed_hours"],
+                        resume_after_idle_min=float(values["resume_after_idle_min"])),
         net=NetworkConfig(listen=list(values["listen"]), announce=list(values["announce"]),
                           peers=list(values["peers"]) or list(initial_peers), auto_relay=values["auto_relay"]),
     )

@@ -14,11 +14,11 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
-_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec"})
+_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +35,14 @@ class PeerRecord:
     """The round the peer is at."""
     spec_hash: bytes
     """Hash of the run spec the peer runs."""
+    paused: bool = False
+    """Its owner's machine is busy (idle governor): reachable, but not training."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
-                          "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash},
+                          "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
+                          "paused": r.paused},
                          use_bin_type=True)
 
 
@@ -61,8 +64,10 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: tokens_per_s {tps!r} invalid")
     if type(round_) is not int or not 0 <= round_ < 2**62:
         raise MalformedMessage(f"peer record of {peer}: round {round_!r} invalid")
+    if not isinstance(m["paused"], bool):
+        raise MalformedMessage(f"peer record of {peer}: paused {m['paused']!r} is not a boolean")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
-                      spec_hash=m["spec"])
+                      spec_hash=m["spec"], paused=m["paused"])
 
 
 # ---------------------------------------------------------------- round progress

@@ -34,7 +34,7 @@ ROUND_LINE = r"^round (\d+) deltas (\d+)/(\d+) tokens (\d+) loss (\S+) eval_loss
 FINAL_LINE = r"^final round (\d+) eval_loss (\S+) digest ([0-9a-f]{64})$"
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}
-STATES = {"starting", "syncing", "waiting", "training", "exchanging", "stopping"}
+STATES = {"starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"}
 """The states node/control.py documents."""
 REPLICA_DRIFT_BOUND = 0.15
 """Bound on max over peer pairs of ||θ_i − θ_j|| / ||θ_i|| after 8 rounds of three peers.
