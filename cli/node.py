@@ -12,6 +12,19 @@ from typing import Optional
 import typer
 
 app = typer.Typer(help="The volunteer daemon: join a swarm, ask it for its status.", no_args_is_help=True)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors (journald, Docker, Loki)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 CONFIG_HELP = "Config file (TOML); default: the platform's config dir, or $LOCOSWARM_CONFIG."
 
 
@@ -38,11 +51,17 @@ def join(
     max_other_cpu: Optional[int] = typer.Option(None, "--max-other-cpu", help="Pause while other processes use "
                                                 "more than this % of the CPUs (0: off)."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+    log_format: str = typer.Option("text", "--log-format", help="text (readable lines) or json (one object a line)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
 ) -> None:
     """Join a swarm (or start one) and train until stopped: Ctrl-C or SIGTERM leaves cleanly."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s "
-                        "%(name)s: %(message)s")
+    if log_format not in ("text", "json"):
+        typer.echo(f"error: --log-format must be text or json, got {log_format!r}", err=True)
+        raise typer.Exit(2)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
     from locoswarm.node.daemon import run_daemon

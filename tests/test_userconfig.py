@@ -83,3 +83,30 @@ def test_join_with_a_bad_config_exits_2_and_starts_nothing(tmp_path):
     assert out.returncode == 2
     assert "unknown key 'bogus'" in out.stderr and cfg in out.stderr
     assert not state.exists()
+
+
+@pytest.mark.timeout(60)
+def test_log_format_json_writes_one_parsable_object_per_line(tmp_path):
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/QmcJ4LBNh6gXscQq9DrrCpvLntLHJjEESStMBXQLstDs22"
+    proc = subprocess.Popen([sys.executable, "-m", "locoswarm", "node", "join", "--state-dir", str(tmp_path / "n"),
+                             "--listen", "/ip4/127.0.0.1/tcp/0", "--peer", nobody, "--log-format", "json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+                break
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    (first,) = lines
+    assert set(first) == {"time", "level", "logger", "message"}
+    assert first["logger"] == "locoswarm.node.host" and "cannot reach any of the initial peers" in first["message"]
+
+
+def test_an_unknown_log_format_is_refused():
+    out = subprocess.run([sys.executable, "-m", "locoswarm", "node", "join", "--log-format", "xml"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--log-format" in out.stderr
