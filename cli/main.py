@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from locoswarm import __version__
-from locoswarm.cli import bench, config, demo, node, run
+from locoswarm.cli import bench, config, demo, doctor, node, run
 
 app = typer.Typer(
     name="locoswarm",
@@ -20,6 +20,7 @@ app.add_typer(run.app, name="run")
 app.add_typer(node.app, name="node")
 app.add_typer(config.app, name="config")
 app.command(name="demo")(demo.demo)
+app.command(name="doctor")(doctor.doctor)
 
 
 @app.command()

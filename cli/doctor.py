@@ -1,0 +1,46 @@
+"""`locoswarm doctor`: what this machine has, whether it can join a run, how it listens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def doctor(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run spec to check against; the embedded default."),
+    device: str = typer.Option("auto", help="auto, cuda, mps or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Detect the device and its memory, and say whether this machine can join the run."""
+    from locoswarm.node.hardware import report
+    from locoswarm.node.spec import load_spec
+    from locoswarm.node.userconfig import resolve
+
+    try:
+        spec = load_spec(None if run is None else str(run))
+        r = report(spec, device)
+        values, sources = resolve({})
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    r["listen"] = values["listen"]
+    r["reachability"] = "not checked: start `locoswarm node join` and ask a peer elsewhere to dial you"
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    d = r["device"]
+    gib = 1 << 30
+    typer.echo(f"device      {d['kind']}: {d['name']}, {d['free_bytes'] / gib:.1f} of {d['total_bytes'] / gib:.1f} GiB "
+               f"free, computes in {d['precision']}")
+    typer.echo(f"run         {spec.run_id} ({r['model']}, {r['params'] / 1e6:.1f}M parameters, spec "
+               f"{r['spec_hash'][:16]})")
+    typer.echo(f"needs       ≈{r['need_on_device_bytes'] / gib:.2f} GiB on the device"
+               + (f" + {r['need_on_host_bytes'] / gib:.2f} GiB in RAM" if r["need_on_host_bytes"] else ""))
+    typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}")
+    typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
+    typer.echo(f"reachable   {r['reachability']}")
+    if not r["fits"]:
+        raise typer.Exit(1)
