@@ -1,6 +1,8 @@
 """The daemon's control API: HTTP on 127.0.0.1 only, so nothing beyond this machine can
 reach it. `GET /status` answers the status JSON that `locoswarm node status` prints;
-`GET /metrics` the same figures for Prometheus (prometheus-client's text format). The
+`GET /metrics` the same figures for Prometheus (prometheus-client's text format); `GET /`
+a dashboard page (loss over rounds, the peers, traffic, state and why paused) that polls
+`/status` and `GET /history` (the last rounds and the peers' records). The
 port is chosen by the OS and written, with the daemon's pid, to `control.json` in the state
 directory, which is how `node status` finds the daemon.
 
@@ -64,11 +66,13 @@ class StatusCollector:
 
 
 class ControlServer:
-    def __init__(self, state_dir: str, status: Callable[[], dict]) -> None:
+    def __init__(self, state_dir: str, status: Callable[[], dict],
+                 history: Callable[[], dict] = lambda: {"rounds": [], "peers": []}) -> None:
         from prometheus_client import CollectorRegistry
 
         self.state_dir = state_dir
         self.status = status
+        self.history = history
         self.registry = CollectorRegistry()
         self.registry.register(StatusCollector(status))
         self._server: asyncio.AbstractServer | None = None
@@ -95,12 +99,16 @@ class ControlServer:
             kind = "application/json"
             if len(line) >= 2 and line[0] == "GET" and line[1] == "/status":
                 code, body = "200 OK", json.dumps(self.status()).encode()
+            elif len(line) >= 2 and line[0] == "GET" and line[1] == "/history":
+                code, body = "200 OK", json.dumps(self.history()).encode()
+            elif len(line) >= 2 and line[0] == "GET" and line[1] in ("/", "/index.html"):
+                code, body, kind = "200 OK", _dashboard(), "text/html; charset=utf-8"
             elif len(line) >= 2 and line[0] == "GET" and line[1] == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
                 code, body, kind = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
             else:
-                code, body = "404 Not Found", b'{"error": "GET /status or /metrics"}'
+                code, body = "404 Not Found", b'{"error": "GET /, /status, /history or /metrics"}'
             writer.write(f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
             await asyncio.wait_for(writer.drain(), 5.0)
@@ -108,6 +116,12 @@ class ControlServer:
             log.info("control request dropped: %s", type(e).__name__)
         finally:
             writer.close()
+
+
+def _dashboard() -> bytes:
+    from importlib.resources import files
+
+    return files("locoswarm.node").joinpath("static/dashboard.html").read_bytes()
 
 
 def read_status(state_dir: str, timeout_s: float = 5.0) -> dict:

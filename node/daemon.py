@@ -17,9 +17,11 @@ does the same.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -97,6 +99,7 @@ class Daemon:
         self._records: list[PeerRecord] = []
         self._rng = random.Random()
         self._carry = 0
+        self._history: collections.deque = collections.deque(maxlen=2000)
         self.checkpoints = Checkpointer(os.path.join(cfg.state_dir, "checkpoints"), self.spec_hash,
                                         keep=cfg.checkpoint_keep)
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
@@ -148,7 +151,7 @@ class Daemon:
             self.states.on_encoded = lambda r, digest: self.emit(f"serving state round {r} digest {digest}")
             await self.deltas.start()
             await self.states.start()
-            control = ControlServer(self.cfg.state_dir, self.status)
+            control = ControlServer(self.cfg.state_dir, self.status, self.history)
             await control.start()
             self.emit(f"peer {self.peer_id}")
             for addr in self.addrs:
@@ -368,6 +371,8 @@ class Daemon:
         ended = self._round_started.get(r + 1) if overlap else None
         round_s = (ended or time.perf_counter()) - started
         ev = "nan" if self.eval_loss is None else f"{self.eval_loss:.4f}"
+        self._history.append({"round": r, "loss": None if math.isnan(work.loss) else work.loss,
+                              "eval_loss": self.eval_loss, "deltas": len(deltas), "tokens": work.tokens})
         self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {work.tokens} "
                   f"loss {work.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
                   f"sent {self.bytes_sent} received {self.bytes_received}")
@@ -389,6 +394,12 @@ class Daemon:
     @property
     def bytes_sent(self) -> int:
         return sum(s.bytes_sent for s in (self.deltas, self.states) if s is not None)
+
+    def history(self) -> dict:
+        """The last rounds (for the dashboard's chart) and the live peers' records."""
+        peers = [{"peer_id": r.peer_id, "device": r.device, "tokens_per_s": r.tokens_per_s, "round": r.round,
+                  "paused": r.paused} for r in self._records]
+        return {"rounds": list(self._history), "peers": peers}
 
     def status(self) -> dict:
         t = self.trainer

@@ -51,6 +51,24 @@ def test_status_metrics_and_not_found_are_served_on_loopback(tmp_path):
     assert not (tmp_path / "control.json").exists()  # removed on stop
 
 
+def test_the_dashboard_page_and_its_history_are_served(tmp_path):
+    history = {"rounds": [{"round": 0, "loss": 5.1, "eval_loss": 4.9, "deltas": 3, "tokens": 2560}],
+               "peers": [{"peer_id": "QmPeer", "device": "cuda", "tokens_per_s": 1e4, "round": 1, "paused": False}]}
+
+    async def go():
+        server = ControlServer(str(tmp_path), lambda: STATUS, lambda: history)
+        port = await server.start()
+        try:
+            return await _get(port, "/"), await _get(port, "/history")
+        finally:
+            await server.stop()
+
+    page, hist = asyncio.run(go())
+    assert page[0].endswith("200 OK")
+    assert '<svg id="chart"' in page[1] and 'fetch("/history")' in page[1] and 'fetch("/status")' in page[1]
+    assert json.loads(hist[1]) == history
+
+
 def test_status_without_a_daemon_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no daemon is running"):
         read_status(str(tmp_path))
