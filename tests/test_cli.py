@@ -15,7 +15,10 @@ from locoswarm.cli.main import app
 
 @pytest.mark.parametrize(
     "argv",
-    [["-m", "locoswarm", "--help"], ["-m", "locoswarm", "bench", "--help"], ["-m", "locoswarm", "run", "--help"]],
+    [["-m", "locoswarm", "--help"], ["-m", "locoswarm", "bench", "--help"], ["-m", "locoswarm", "run", "--help"],
+     ["-m", "locoswarm", "node", "--help"], ["-m", "locoswarm", "node", "join", "--help"],
+     ["-m", "locoswarm", "config", "--help"], ["-m", "locoswarm", "demo", "--help"],
+     ["-m", "locoswarm", "doctor", "--help"]],
 )
 def test_help_does_not_import_torch(argv):
     code = (
