@@ -200,7 +200,7 @@ class Daemon:
     async def _keep_record(self, registry: PeerRegistry) -> None:
         while True:
             record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
-                                tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.round,
+                                tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.outer.num_steps,
                                 spec_hash=self.spec_hash, paused=self.idle.paused is not None)
             try:
                 await registry.announce(record)
@@ -221,7 +221,7 @@ class Daemon:
             raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
                             f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
         self._records = records
-        if records and max(r.round for r in records) > self.trainer.round:
+        if records and max(r.round for r in records) > self.trainer.outer.num_steps:
             await self._sync(p2p, records)
 
     async def _sync(self, p2p: P2P, records: list[PeerRecord]) -> None:
@@ -248,15 +248,16 @@ class Daemon:
         self.emit(f"synced round {round_} from {len(donors)} donors digest {digest}")
 
     def _expected(self, round_: int) -> set[str]:
-        """Live peers that should train `round_`: their record (refreshed every second, so
-        possibly one round stale) is at it or the one before."""
-        return {r.peer_id for r in self._records if round_ - 1 <= r.round <= round_ and not r.paused}
+        """Live peers that should train `round_`: their record's round (the outer steps they
+        have taken; one behind the round trained when rounds overlap, and refreshed every
+        second, so possibly one more stale) is within two rounds before it."""
+        return {r.peer_id for r in self._records if round_ - 2 <= r.round <= round_ and not r.paused}
 
     async def _catch_up(self, p2p: P2P) -> bool:
         """A peer that fell more than a round behind the swarm takes its state again. The
         peers ahead must be at least as many as those level with it (itself included): one
         peer that ran ahead alone (cut off, or seeing nobody) does not drag the swarm along."""
-        mine = self.trainer.round
+        mine = self.trainer.outer.num_steps
         ahead = [r for r in self._records if r.round > mine + 1]
         level = [r for r in self._records if abs(r.round - mine) <= 1]
         if not ahead or len(ahead) < 1 + len(level):
@@ -380,7 +381,7 @@ class Daemon:
     async def _finish(self) -> None:
         # Keep serving the last delta until the peers of the last round have moved past it
         # (their records say so) or the deadline: leaving at once would cost them our delta.
-        last = self.trainer.round - 1
+        last = self.trainer.outer.num_steps - 1  # records carry outer steps: past `last` means done with it
         linger_until = time.monotonic() + min(10.0, self.spec.rounds.deadline_s)
         while time.monotonic() < linger_until and any(r.round <= last for r in self._records):
             await asyncio.sleep(0.1)

@@ -32,7 +32,7 @@ class PeerRecord:
     tokens_per_s: float
     """Measured training throughput."""
     round: int
-    """The round the peer is at."""
+    """The outer steps the peer has taken (the round of the state it serves)."""
     spec_hash: bytes
     """Hash of the run spec the peer runs."""
     paused: bool = False
