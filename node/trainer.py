@@ -220,11 +220,8 @@ class Trainer:
         data order. Returns (tensors, JSON-able metadata)."""
         self._take_shift()
         cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
-        tensors = {f"outer.{n}": cpu(t) for n, t in self.outer.state_tensors().items()}
-        tensors.update({f"model.{n}": cpu(p) for n, p in self.model.named_parameters()})
-        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
-            tensors[f"residual.{i}"] = cpu(err)
-            tensors[f"sent.{i}"] = cpu(mask).to(torch.uint8)
+        tensors = {name: cpu(t).to(torch.uint8) if t.dtype == torch.bool else cpu(t)
+                   for name, t in self._fixed_tensors().items()}
         params = [p for group in self.inner.param_groups for p in group["params"]]
         for i, p in enumerate(params):
             for key, value in self.inner.state.get(p, {}).items():
@@ -233,16 +230,25 @@ class Trainer:
                 "sampler": self.sampler.rng.bit_generator.state}
         return tensors, meta
 
+    def _fixed_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpointed tensors whose names and shapes the spec fixes (AdamW's state
+        appears only after the first step), as views of the live ones: no copies."""
+        out = {f"outer.{n}": t for n, t in self.outer.state_tensors().items()}
+        out.update({f"model.{n}": p.detach() for n, p in self.model.named_parameters()})
+        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
+            out[f"residual.{i}"] = err
+            out[f"sent.{i}"] = mask
+        return out
+
     @torch.no_grad()
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Take a checkpoint written by `checkpoint_state` for this spec; ValueError, with
         nothing changed, when its tensors do not fit this model."""
-        own, _ = self.checkpoint_state()
-        adam_keys = {k for k in own if k.startswith("adam.")}
-        need = {k: v for k, v in own.items() if k not in adam_keys}
+        need = self._fixed_tensors()  # views: only names, shapes and dtypes are read
+        stored = lambda t: torch.uint8 if t.dtype == torch.bool else t.dtype  # noqa: E731
         missing = [k for k in need if k not in tensors]
         wrong = [k for k in need if k in tensors and (tensors[k].shape != need[k].shape
-                                                      or tensors[k].dtype != need[k].dtype)]
+                                                      or tensors[k].dtype != stored(need[k]))]
         if missing or wrong:
             raise ValueError(f"checkpoint does not fit this model: missing {missing[:3]}, wrong shape {wrong[:3]}")
         if not all(bool(torch.isfinite(tensors[k]).all()) for k in need if tensors[k].is_floating_point()):
@@ -250,13 +256,8 @@ class Trainer:
         round_, outer_steps = meta.get("round"), meta.get("outer_steps")
         if type(round_) is not int or type(outer_steps) is not int or round_ < 0 or outer_steps < 0:
             raise ValueError(f"checkpoint metadata invalid: round {round_!r}, outer_steps {outer_steps!r}")
-        for n, t in self.outer.state_tensors().items():
-            t.copy_(tensors[f"outer.{n}"])
-        for n, p in self.model.named_parameters():
-            p.copy_(tensors[f"model.{n}"])
-        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
-            err.copy_(tensors[f"residual.{i}"])
-            mask.copy_(tensors[f"sent.{i}"].bool())
+        for name, live in need.items():
+            live.copy_(tensors[name])  # a sent mask comes back from uint8 to bool by copy_
         params = [p for group in self.inner.param_groups for p in group["params"]]
         for i, p in enumerate(params):
             state = {key[len(f"adam.{i}."):]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}

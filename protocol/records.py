@@ -1,6 +1,6 @@
 """The peer record every peer keeps in the DHT under its run's key (issue 3): who it is,
 where to reach it, what it runs on, how fast it trains, which round it is at, and under
-which run spec. Encoded as a msgpack map, version 1; `decode_record` validates every field
+which run spec, and whether it is paused. Encoded as a msgpack map, version 2; `decode_record` validates every field
 and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
 overwrite another's record) is the DHT layer's job: hivemind's signature validator.
 """
