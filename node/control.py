@@ -75,6 +75,12 @@ class ControlServer:
         self.history = history
         self.registry = CollectorRegistry()
         self.registry.register(StatusCollector(status))
+        as_json = lambda fn: lambda: (json.dumps(fn()).encode(), "application/json")  # noqa: E731
+        self._routes: dict[str, Callable[[], tuple[bytes, str]]] = {
+            "/status": as_json(status), "/history": as_json(history), "/metrics": self._metrics,
+            "/": lambda: (_dashboard(), "text/html; charset=utf-8"),
+            "/index.html": lambda: (_dashboard(), "text/html; charset=utf-8"),
+        }
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
@@ -82,6 +88,11 @@ class ControlServer:
         port = self._server.sockets[0].getsockname()[1]
         write_atomic(os.path.join(self.state_dir, CONTROL_FILE), json.dumps({"port": port, "pid": os.getpid()}))
         return port
+
+    def _metrics(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -96,19 +107,11 @@ class ControlServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            kind = "application/json"
-            if len(line) >= 2 and line[0] == "GET" and line[1] == "/status":
-                code, body = "200 OK", json.dumps(self.status()).encode()
-            elif len(line) >= 2 and line[0] == "GET" and line[1] == "/history":
-                code, body = "200 OK", json.dumps(self.history()).encode()
-            elif len(line) >= 2 and line[0] == "GET" and line[1] in ("/", "/index.html"):
-                code, body, kind = "200 OK", _dashboard(), "text/html; charset=utf-8"
-            elif len(line) >= 2 and line[0] == "GET" and line[1] == "/metrics":
-                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-                code, body, kind = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
-            else:
-                code, body = "404 Not Found", b'{"error": "GET /, /status, /history or /metrics"}'
+            method, path = (line + ["", ""])[:2]
+            code, body, kind = "404 Not Found", b'{"error": "GET /, /status, /history or /metrics"}', "application/json"
+            if method == "GET" and path in self._routes:
+                code = "200 OK"
+                body, kind = self._routes[path]()
             writer.write(f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
             await asyncio.wait_for(writer.drain(), 5.0)
