@@ -21,8 +21,8 @@ def doctor(
 
     try:
         spec = load_spec(None if run is None else str(run))
-        r = report(spec, device)
         values, sources = resolve({})
+        r = report(spec, device, memory_fraction=values["max_gpu_memory_percent"] / 100)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -38,7 +38,10 @@ def doctor(
     typer.echo(f"run         {spec.run_id} ({r['model']}, {r['params'] / 1e6:.1f}M parameters, spec "
                f"{r['spec_hash'][:16]})")
     typer.echo(f"needs       ≈{r['need_on_device_bytes'] / gib:.2f} GiB on the device"
-               + (f" + {r['need_on_host_bytes'] / gib:.2f} GiB in RAM" if r["need_on_host_bytes"] else ""))
+               + (f" + {r['need_on_host_bytes'] / gib:.2f} GiB in RAM" if r["need_on_host_bytes"] else "")
+               + f" at micro-batch {r['micro_batch']} of {r['batch_size']}"
+               + (f" ({r['batch_size'] // r['micro_batch']} accumulated per step)"
+                  if r["micro_batch"] < r["batch_size"] else ""))
     typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}")
     typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
     typer.echo(f"reachable   {r['reachability']}")

@@ -41,6 +41,12 @@ def join(
     min_peers: Optional[int] = typer.Option(None, "--min-peers", help="Wait for K peers (this one included) first."),
     shard: Optional[int] = typer.Option(None, help="Data shard (default: derived from the peer id)."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads (0: torch's default)."),
+    precision: Optional[str] = typer.Option(None, help="auto, bf16, fp16 or fp32 (auto: bf16 on Ampere+, fp16 on "
+                                            "older CUDA, fp32 on CPU and MPS)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward pass, a divisor of "
+                                              "the spec's batch (0: fit to free memory)."),
+    max_gpu_memory: Optional[int] = typer.Option(None, "--max-gpu-memory", help="Take at most this % of the GPU's "
+                                                 "memory (0: no cap)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept."),
@@ -72,6 +78,7 @@ def join(
     flags = {"run": None if run is None else str(run), "peers": peer or None, "listen": listen or None,
              "announce": announce or None, "state_dir": None if state_dir is None else str(state_dir),
              "device": device, "max_rounds": max_rounds, "min_peers": min_peers, "shard": shard, "threads": threads,
+             "precision": precision, "micro_batch": micro_batch, "max_gpu_memory_percent": max_gpu_memory,
              "eval_every": eval_every, "checkpoint_every": checkpoint_every, "checkpoint_keep": keep_checkpoints,
              "fanout": fanout, "auto_relay": auto_relay, "allowed_hours": allowed_hours,
              "max_other_cpu_percent": max_other_cpu}

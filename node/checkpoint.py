@@ -24,6 +24,7 @@ import tempfile
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -76,8 +77,9 @@ def save_checkpoint(root: str, round_: int, tensors: dict[str, torch.Tensor], me
         os.rename(tmp, final)
         tmp = None
         _fsync_dir(root)
-    except OSError as e:
-        raise CheckpointError(f"checkpoint of round {round_} not written to {root}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        why = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(f"checkpoint of round {round_} not written to {root}: {why}") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,13 @@ class NodeConfig:
     shard: int | None = None
     """Data shard; None: derived from the peer id."""
     threads: int = 0
-    """Torch CPU threads of the training thread (0: torch's default)."""
+    """Torch CPU threads of the training thread (0: torch's default): the cap on CPU use."""
+    precision: str = "auto"
+    """auto, bf16, fp16 or fp32 (hardware.choose_precision)."""
+    micro_batch: int = 0
+    """Sequences per forward pass, a divisor of the spec's batch (0: fit to free memory)."""
+    max_gpu_memory_percent: int = 0
+    """Cap on this process's share of the GPU's memory, in % (0: no cap)."""
     eval_every: int = 1
     """Evaluate on the held-out split every this many rounds (0: only at the end)."""
     eval_sequences: int = 64
@@ -51,6 +57,14 @@ class NodeConfig:
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
         self.idle.validate()
+        if not 0 <= self.max_gpu_memory_percent <= 100:
+            raise ValueError(f"max_gpu_memory_percent must be in [0, 100], got {self.max_gpu_memory_percent}")
+        if self.micro_batch < 0 or self.threads < 0:
+            raise ValueError("micro_batch and threads must be >= 0")
+        from locoswarm.node.hardware import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.fanout < 1:
             raise ValueError(f"fanout must be >= 1, got {self.fanout}")
         if self.eval_every < 0 or self.eval_sequences < 1:

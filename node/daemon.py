@@ -35,6 +35,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
+from safetensors import SafetensorError
 
 from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
@@ -143,6 +144,9 @@ class Daemon:
                 shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
             self.shard = shard
             self.trainer = await self._in_pool(self._build_trainer, shard)
+            t = self.trainer
+            log.info("training on %s in %s, micro-batch %d of %d", t.device, t.precision, t.micro_batch,
+                     self.spec.batch_size)
             resumed = await self.checkpoints.resume(self.trainer, self._in_pool)
             if resumed is not None:
                 self.emit(f"resumed from checkpoint round {resumed}")
@@ -192,8 +196,10 @@ class Daemon:
     def _build_trainer(self, shard: int):
         from locoswarm.node.trainer import Trainer, pick_device
 
-        return Trainer(self.spec, self.spec_hash, shard=shard, device=pick_device(self.cfg.device),
-                       eval_sequences=self.cfg.eval_sequences)
+        cfg = self.cfg
+        return Trainer(self.spec, self.spec_hash, shard=shard, device=pick_device(cfg.device),
+                       eval_sequences=cfg.eval_sequences, precision=cfg.precision, micro_batch=cfg.micro_batch,
+                       memory_fraction=cfg.max_gpu_memory_percent / 100)
 
     # ------------------------------------------------------------------ peers
 
@@ -387,7 +393,10 @@ class Daemon:
             await asyncio.sleep(0.1)
         self.eval_loss = await self._in_pool(self.trainer.evaluate)
         digest = await self._in_pool(self.trainer.state_digest)
-        await self._in_pool(self.trainer.save_model, os.path.join(self.cfg.state_dir, FINAL_MODEL))
+        try:
+            await self._in_pool(self.trainer.save_model, os.path.join(self.cfg.state_dir, FINAL_MODEL))
+        except (OSError, SafetensorError) as e:  # a full or read-only disk: the checkpoints hold the state
+            log.error("final model not written to %s: %s", self.cfg.state_dir, getattr(e, "strerror", None) or e)
         self.emit(f"final round {self.trainer.round} eval_loss {self.eval_loss:.4f} digest {digest}")
 
     # ------------------------------------------------------------------ status

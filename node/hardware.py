@@ -24,7 +24,7 @@ class Device:
     total_bytes: int
     free_bytes: int
     precision: str
-    """What the trainer computes in: bf16 autocast on CUDA, fp32 elsewhere."""
+    """What the trainer computes in (`choose_precision` with "auto")."""
 
 
 def detect(device: str = "auto") -> Device:
@@ -37,49 +37,109 @@ def detect(device: str = "auto") -> Device:
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
         name = torch.cuda.get_device_name(dev)
-        # bf16 autocast needs Ampere (compute capability 8) or newer; older cards would want
-        # fp16 with a grad scaler, which the trainer does not do yet.
-        major, _ = torch.cuda.get_device_capability(dev)
-        return Device("cuda", name, total, free, "bf16 autocast" if major >= 8 else "fp32 (no bf16 before sm_80)")
+        return Device("cuda", name, total, free, choose_precision(dev))
     mem = psutil.virtual_memory()
     if dev.type == "mps":
-        return Device("mps", "Apple GPU (unified memory)", mem.total, mem.available, "fp32")
+        return Device("mps", "Apple GPU (unified memory)", mem.total, mem.available, choose_precision(dev))
     import platform
 
-    return Device("cpu", platform.processor() or platform.machine(), mem.total, mem.available, "fp32")
+    return Device("cpu", platform.processor() or platform.machine(), mem.total, mem.available, choose_precision(dev))
 
 
-def estimate_bytes(spec, vocab_size: int) -> dict[str, int]:
-    """Planning estimate of a spec's memory, split by where it lives."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def choose_precision(device, requested: str = "auto") -> str:
+    """What the inner steps compute in on `device` (a torch.device): bf16 autocast on CUDA
+    of compute capability 8 (Ampere) or newer; fp16 autocast with a loss scaler on older
+    CUDA, whose tensor cores have fp16 but no bf16; fp32 on the CPU (autocast there is
+    slower than fp32 on most CPUs) and on Apple MPS, where mixed precision has not been
+    tried on a Mac by this project. An explicit `requested` precision is honoured, except
+    bf16 on a CUDA card without it (ValueError)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    has_bf16 = True
+    if device.type == "cuda":
+        import torch
+
+        has_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    if requested != "auto":
+        if requested == "bf16" and not has_bf16:
+            raise ValueError("precision bf16: this CUDA card predates bf16 (compute capability < 8); use fp16")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if has_bf16 else "fp16"
+    return "fp32"
+
+
+def fit_micro_batch(batch: int, per_sequence_bytes: int, free_bytes: int, headroom: float = 0.8) -> int:
+    """The largest divisor of `batch` whose activations (`per_sequence_bytes` each) fit in
+    `headroom` of `free_bytes`; at least 1. A divisor, so the spec's batch per step is
+    kept exactly: the step accumulates batch / micro equal micro-batches."""
+    budget = headroom * max(0, free_bytes)
+    for micro in range(batch, 0, -1):
+        if batch % micro == 0 and micro * per_sequence_bytes <= budget:
+            return micro
+    return 1
+
+
+def next_micro_batch(batch: int, micro: int) -> int | None:
+    """The next smaller divisor of `batch` below `micro` (after running out of memory), or None."""
+    return next((m for m in range(micro - 1, 0, -1) if batch % m == 0), None)
+
+
+def _model_config(spec, vocab_size: int):
     from locoswarm.node.workload.model import model_config
 
     if spec.model == "hf:llama":
         from locoswarm.node.workload.model import _hf_config
 
-        cfg = _hf_config(vocab_size, spec.data.seq_len)
-    else:
-        cfg = model_config(spec.model, vocab_size, spec.data.seq_len)
+        return _hf_config(vocab_size, spec.data.seq_len)
+    return model_config(spec.model, vocab_size, spec.data.seq_len)
+
+
+def activation_bytes_per_sequence(spec, vocab_size: int) -> int:
+    """Activations kept for backward for one sequence of the spec's length (fp32 figure;
+    bf16 autocast needs less)."""
+    cfg = _model_config(spec, vocab_size)
+    seq = spec.data.seq_len
+    return 34 * seq * cfg.dim * cfg.num_layers + 8 * seq * cfg.vocab_size
+
+
+def estimate_bytes(spec, vocab_size: int, micro_batch: int | None = None) -> dict[str, int]:
+    """Planning estimate of a spec's memory, split by where it lives; activations for
+    `micro_batch` sequences at a time (default: the whole batch)."""
+    cfg = _model_config(spec, vocab_size)
     per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
     params = cfg.num_layers * per_layer + cfg.vocab_size * cfg.dim + cfg.dim  # the head is tied to the embedding
-    tokens = spec.batch_size * spec.data.seq_len
-    activations = 34 * tokens * cfg.dim * cfg.num_layers + 8 * tokens * cfg.vocab_size
+    activations = (micro_batch or spec.batch_size) * activation_bytes_per_sequence(spec, vocab_size)
     outer = 17 * params
     return {"params": params, "training": 16 * params + activations, "outer": outer}
 
 
-def report(spec, device: str = "auto") -> dict:
-    """Everything `locoswarm doctor` prints, as a dict (its --json)."""
+def report(spec, device: str = "auto", memory_fraction: float = 0.0) -> dict:
+    """Everything `locoswarm doctor` prints, as a dict (its --json). `memory_fraction`
+    (0: none) caps the share of the GPU's memory the daemon may take."""
     import psutil
 
     from locoswarm.node.workload.tokenizer import get_tokenizer
 
     dev = detect(device)
-    need = estimate_bytes(spec, get_tokenizer(spec.tokenizer).vocab_size)
-    on_device = need["training"] + (need["outer"] if spec.diloco.outer.device == "model" else 0)
+    vocab = get_tokenizer(spec.tokenizer).vocab_size
+    per_sequence = activation_bytes_per_sequence(spec, vocab)
+    need = estimate_bytes(spec, vocab, micro_batch=1)
+    outer_on_device = spec.diloco.outer.device == "model"
+    fixed = need["training"] - per_sequence + (need["outer"] if outer_on_device else 0)
     host_free = psutil.virtual_memory().available
-    on_host = need["outer"] if spec.diloco.outer.device == "cpu" else 0
-    fits = on_device <= dev.free_bytes and (dev.kind != "cpu" or on_device + on_host <= host_free) \
-        and on_host <= host_free
+    on_host = 0 if outer_on_device else need["outer"]
+    usable = dev.free_bytes
+    if memory_fraction > 0 and dev.kind == "cuda":
+        usable = min(usable, int(memory_fraction * dev.total_bytes))
+    if dev.kind == "cpu":
+        usable = min(usable, host_free - on_host)  # one memory for both
+    micro = fit_micro_batch(spec.batch_size, per_sequence, usable - fixed)
+    on_device = fixed + micro * per_sequence
+    fits = on_device <= usable and on_host <= host_free
     return {"device": asdict(dev), "spec_hash": spec.hash().hex(), "model": spec.model, "params": need["params"],
-            "need_on_device_bytes": on_device, "need_on_host_bytes": on_host, "host_free_bytes": host_free,
-            "fits": fits}
+            "batch_size": spec.batch_size, "micro_batch": micro, "need_on_device_bytes": on_device,
+            "need_on_host_bytes": on_host, "usable_bytes": usable, "host_free_bytes": host_free, "fits": fits}

@@ -1,6 +1,6 @@
 """What a daemon owns on this machine and on the network before it trains: its state
 directory (locked, so two daemons never share one), its libp2p identity (a key file in the
-state directory, written by hivemind with mode 0400, so the peer id survives restarts), and
+state directory, created with mode 0600 before p2pd starts, so the peer id survives restarts), and
 its p2pd with the listen addresses and relay policy.
 
 Relay policy (on purpose): a peer may *dial through* relays (`use_relay`), so it can reach
@@ -12,6 +12,7 @@ relaying strangers' traffic would spend the volunteer's upload on bytes that tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -68,6 +69,15 @@ def open_state_dir(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     identity = os.path.join(path, IDENTITY_FILE)
+    if not os.path.exists(identity):
+        try:
+            _create_identity(identity)
+        except OSError as e:
+            os.close(fd)
+            raise NodeError(f"state directory {path}: cannot write the identity file ({e.strerror})") from None
+    elif os.stat(identity).st_mode & 0o077:
+        log.warning("identity file %s was readable by others: restricting it to its owner (0600)", identity)
+        os.chmod(identity, 0o600)
     if os.path.exists(identity):
         try:
             with open(identity, "rb") as fh:
@@ -80,6 +90,26 @@ def open_state_dir(path: str) -> int:
             raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
                             "it is left as it is: move it away to start with a new peer id") from None
     return fd
+
+
+def _create_identity(path: str) -> None:
+    """A new libp2p private key (RSA, as hivemind makes them) at `path`, mode 0600 from
+    its creation (never readable by others, not even for a moment), written to a temporary
+    file, fsynced and renamed: a crash leaves either no identity or a whole one."""
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.SerializeToString())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from locoswarm.node.hardware import next_micro_batch
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.workload.data import Corpus
 from locoswarm.node.workload.model import build_model
@@ -34,6 +36,8 @@ from locoswarm.optim import (
 from locoswarm.optim.inner import load_params
 from locoswarm.protocol import DecodedDelta, DeltaMessage, decode_delta, encode_delta
 from locoswarm.protocol.state import StateSpec, encode_state
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS_FACTOR = 64
 """A delta may claim at most this many times the per-peer token target of a round."""
@@ -69,13 +73,32 @@ class RoundWork:
 
 class Trainer:
     def __init__(self, spec: RunSpec, spec_hash: bytes, *, shard: int, device: torch.device,
-                 eval_sequences: int = 64) -> None:
+                 eval_sequences: int = 64, precision: str = "auto", micro_batch: int = 0,
+                 memory_fraction: float = 0.0) -> None:
+        """`precision`: auto, bf16, fp16 or fp32 (hardware.choose_precision). `micro_batch`:
+        sequences per forward pass, a divisor of the spec's batch (0: the largest that fits
+        the free memory); the step accumulates gradients over the batch, so the spec's batch
+        per step is kept. `memory_fraction` (0: no cap) caps this process's share of the
+        GPU's memory (torch's per-process fraction)."""
         if spec.diloco.compression is None:
             raise ValueError("the swarm exchanges compressed deltas: the run spec needs diloco.compression")
         if not 0 <= shard < spec.num_shards:
             raise ValueError(f"shard {shard} outside [0, {spec.num_shards})")
+        from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precision
+
+        if micro_batch < 0 or (micro_batch and spec.batch_size % micro_batch):
+            raise ValueError(f"micro_batch {micro_batch} must divide the spec's batch size {spec.batch_size}")
+        if not 0.0 <= memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in [0, 1], got {memory_fraction}")
         self.spec = spec
         self.device = device
+        self.precision = choose_precision(device, precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        """fp16 has too little range for small gradients: the loss is scaled up and the step
+        skipped when the scaled gradients overflow."""
+        if memory_fraction > 0 and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+        self.memory_fraction = memory_fraction
         tok = get_tokenizer(spec.tokenizer)
         corpus = Corpus.load(spec.data, tok)
         self.model = build_model(spec.model, tok.vocab_size, spec.data.seq_len, spec.seed).to(device)
@@ -103,11 +126,71 @@ class Trainer:
         """Training losses of the current round."""
         self._shift: list[torch.Tensor] | None = None
         """The restart of an overlapped round, waiting for the training thread."""
+        self.micro_batch = micro_batch or self._fit_micro_batch(activation_bytes_per_sequence(spec, tok.vocab_size))
+        """Sequences per forward pass; halved (to the next divisor) when a step runs out of memory."""
+
+    def _fit_micro_batch(self, per_sequence: int) -> int:
+        """The largest divisor of the batch whose activations fit what is free on the
+        device, once AdamW's moments and the gradients (not allocated before the first
+        step) are set aside."""
+        import psutil
+
+        from locoswarm.node.hardware import fit_micro_batch
+
+        params = sum(p.numel() for p in self.model.parameters())
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            if self.memory_fraction > 0:
+                free = min(free, int(self.memory_fraction * total) - torch.cuda.memory_reserved(self.device))
+        else:
+            free = psutil.virtual_memory().available
+        return fit_micro_batch(self.spec.batch_size, per_sequence, free - 12 * params)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One inner step on the batch (x, y), accumulated over micro-batches; returns the
+        batch's mean loss (a tensor: no device sync here). Out of device memory, the
+        micro-batch shrinks to the next divisor and the step starts over."""
+        while True:
+            try:
+                return self._accumulate(x, y)
+            except torch.OutOfMemoryError:
+                self.inner.zero_grad(set_to_none=True)
+                smaller = next_micro_batch(self.spec.batch_size, self.micro_batch)
+                if smaller is None:
+                    raise
+            log.warning("out of device memory at micro-batch %d: retrying the step at %d (batch %d)",
+                        self.micro_batch, smaller, self.spec.batch_size)
+            self.micro_batch = smaller
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        total = torch.zeros((), device=self.device)
+        for start in range(0, batch, self.micro_batch):
+            xs, ys = x[start:start + self.micro_batch], y[start:start + self.micro_batch]
+            with self.autocast():
+                loss = self.model.loss(xs, ys) * (xs.shape[0] / batch)  # equal weight to every sequence
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().float()
+        clip = self.spec.diloco.inner.grad_clip
+        if self.scaler is not None:
+            self.scaler.unscale_(self.inner)  # clip the true gradients, not the scaled ones
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.inner)
+            self.scaler.update()
+        else:
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.inner.step()
+        self.inner.zero_grad(set_to_none=True)
+        return total
 
     # ------------------------------------------------------------------ the inner phase
 
@@ -123,14 +206,7 @@ class Trainer:
             set_lr(self.inner, lr_at(self.round * dl.inner_steps + min(steps, dl.inner_steps - 1),
                                      self.spec.total_steps, dl.inner))
             x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch(self.spec.batch_size))
-            with self.autocast():
-                loss = self.model.loss(x, y)
-            loss.backward()
-            if dl.inner.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), dl.inner.grad_clip)
-            self.inner.step()
-            self.inner.zero_grad(set_to_none=True)
-            self.losses.append(float(loss.detach()))
+            self.losses.append(float(self._step(x, y)))
             steps += 1
             self.tokens += self.tokens_per_step
             elapsed = time.perf_counter() - started
@@ -293,9 +369,14 @@ class Trainer:
 
         self._take_shift()
         tmp = f"{path}.tmp"
-        save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
-                  tmp)
-        os.replace(tmp, path)
+        try:
+            save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
+                      tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @torch.no_grad()
     def evaluate(self) -> float:

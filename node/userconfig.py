@@ -59,6 +59,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("min_peers", "int", 1, "wait for this many live peers before training"),
     Setting("shard", "int?", None, "data shard (unset: from the peer id)"),
     Setting("threads", "int", 0, "torch CPU threads (0: torch's default)"),
+    Setting("precision", "str", "auto", "auto, bf16, fp16 or fp32"),
+    Setting("micro_batch", "int", 0, "sequences per forward pass (0: fit to free memory)"),
+    Setting("max_gpu_memory_percent", "int", 0, "cap on the GPU memory taken, % (0: no cap)"),
     Setting("eval_every", "int", 1, "evaluate every N rounds (0: only at the end)"),
     Setting("checkpoint_every", "int", 10, "checkpoint every N rounds (0: never)"),
     Setting("checkpoint_keep", "int", 3, "checkpoints kept"),
@@ -149,6 +152,8 @@ def node_config(values: Mapping[str, Any], initial_peers: list[str]) -> NodeConf
     cfg = NodeConfig(
         state_dir=values["state_dir"], device=values["device"], max_rounds=values["max_rounds"],
         min_peers=values["min_peers"], shard=values["shard"], threads=values["threads"],
+        precision=values["precision"], micro_batch=values["micro_batch"],
+        max_gpu_memory_percent=values["max_gpu_memory_percent"],
         eval_every=values["eval_every"], fanout=values["fanout"], checkpoint_every=values["checkpoint_every"],
         checkpoint_keep=values["checkpoint_keep"],
         idle=IdlePolicy(pause_on_gpu_use=values["pause_on_gpu_use"],

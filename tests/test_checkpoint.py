@@ -6,6 +6,7 @@ its round count."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -77,6 +78,54 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
 
 
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A real tmpfs of `size` at `path`: a disk that fills up and can be remounted read-only.
+    Skips where mounting is not allowed (it needs root with CAP_SYS_ADMIN)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path) -> int:
+    """Write zeros into a file under `path` until the disk is full; returns the bytes written."""
+    written = 0
+    with open(os.path.join(path, "filler"), "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 20))
+                fh.flush()
+                written += 1 << 20
+        except OSError as e:
+            assert e.errno == 28, e
+    return written
+
+
+def test_a_full_disk_is_reported_and_the_last_checkpoint_kept(tmp_path):
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        save_checkpoint(str(disk), 1, writer.tensors_of(1), {}, spec_hash=HASH)
+        fill(disk)
+        with pytest.raises(CheckpointError, match="No space left"):
+            save_checkpoint(str(disk), 2, writer.tensors_of(2), {}, spec_hash=HASH)
+        assert load_latest(str(disk), HASH)[0] == 1
+        assert not [n for n in os.listdir(disk) if n.startswith(".tmp")]
+
+
+def test_a_read_only_disk_is_reported_and_the_last_checkpoint_kept(tmp_path):
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        save_checkpoint(str(disk), 1, writer.tensors_of(1), {}, spec_hash=HASH)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(CheckpointError, match="Read-only file system"):
+            save_checkpoint(str(disk), 2, writer.tensors_of(2), {}, spec_hash=HASH)
+        assert load_latest(str(disk), HASH)[0] == 1
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
 def test_a_read_only_folder_is_reported_and_the_last_checkpoint_kept(tmp_path):
     save_checkpoint(str(tmp_path), 1, writer.tensors_of(1), {}, spec_hash=HASH)
@@ -87,20 +136,6 @@ def test_a_read_only_folder_is_reported_and_the_last_checkpoint_kept(tmp_path):
     finally:
         os.chmod(tmp_path, 0o700)
     assert load_latest(str(tmp_path), HASH)[0] == 1
-
-
-def test_a_full_disk_is_reported_and_the_last_checkpoint_kept(tmp_path, monkeypatch):
-    save_checkpoint(str(tmp_path), 1, writer.tensors_of(1), {}, spec_hash=HASH)
-    import locoswarm.node.checkpoint as ck
-
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ck, "save_file", no_space)
-    with pytest.raises(CheckpointError, match="No space left"):
-        save_checkpoint(str(tmp_path), 2, writer.tensors_of(2), {}, spec_hash=HASH)
-    assert load_latest(str(tmp_path), HASH)[0] == 1
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
 
 
 @pytest.mark.timeout(120)
@@ -151,3 +186,35 @@ def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
     assert resumed == max(saved)
     (trained,) = [int(r) for r in re.findall(r"^round (\d+) ", second.stdout, re.M)]
     assert trained == resumed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_checkpoint(tmp_path):
+    """The state directory on a real tmpfs, filled to the last byte once round 1 is done:
+    the daemon logs why each later checkpoint (and the final model) was not written, trains
+    to --max-rounds, exits 0, and its newest checkpoint still loads."""
+    with tmpfs(tmp_path / "disk", "128m") as disk:
+        state = disk / "node"
+        argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--state-dir", str(state), "--threads", "1", "--checkpoint-every", "1", "--eval-every", "0",
+                "--max-rounds", "4"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            for line in proc.stdout:
+                if line.startswith("round 1 "):
+                    break
+            fill(disk)
+            out, err = proc.communicate(timeout=150)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        assert proc.returncode == 0, err[-2000:]
+        assert re.search(r"checkpoint of round \d+ not written to .*No space left on device", err), err[-2000:]
+        assert "final model not written" in err
+        assert re.search(r"^round 3 ", out, re.M), out
+        found = load_latest(str(state / "checkpoints"), RunSpec().hash())
+        assert found is not None and 1 <= found[0] <= 4
+        assert not [n for n in os.listdir(state / "checkpoints") if n.startswith(".tmp")]

@@ -60,3 +60,18 @@ def test_doctor_prints_a_json_verdict():
     r = json.loads(out.stdout)
     assert r["device"]["kind"] == "cpu" and r["fits"] is True and r["params"] == 1_238_784
     assert r["listen"] and "reachability" in r
+
+
+def test_a_batch_too_big_for_free_memory_is_split_into_micro_batches():
+    """A batch whose activations exceed free memory still fits at a smaller micro-batch (a
+    divisor of the batch): doctor says so instead of refusing the run."""
+    from locoswarm.node.hardware import activation_bytes_per_sequence, report
+
+    free = detect("cpu").free_bytes
+    spec = RunSpec()
+    per_sequence = activation_bytes_per_sequence(spec, 257)
+    batch = 1 << max(1, (2 * free // per_sequence).bit_length())  # a power of two, more than twice what fits
+    r = report(replace(spec, batch_size=batch), "cpu")
+    assert r["fits"] is True and r["batch_size"] == batch
+    assert 1 <= r["micro_batch"] < batch and batch % r["micro_batch"] == 0
+    assert r["micro_batch"] * per_sequence <= r["usable_bytes"]
