@@ -13,9 +13,12 @@ def doctor(
     run: Optional[Path] = typer.Option(None, "--run", help="Run spec to check against; the embedded default."),
     device: str = typer.Option("auto", help="auto, cuda, mps or cpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    network: bool = typer.Option(True, "--network/--no-network", help="Start p2pd on the listen addresses to see "
+                                 "how peers would reach this machine, and dial the initial peers."),
 ) -> None:
     """Detect the device and its memory, and say whether this machine can join the run."""
     from locoswarm.node.hardware import report
+    from locoswarm.node.host import probe_network
     from locoswarm.node.spec import load_spec
     from locoswarm.node.userconfig import resolve
 
@@ -27,7 +30,19 @@ def doctor(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     r["listen"] = values["listen"]
-    r["reachability"] = "not checked: start `locoswarm node join` and ask a peer elsewhere to dial you"
+    if network:
+        import asyncio
+
+        from locoswarm.node.userconfig import node_config
+
+        try:
+            net = node_config(values, spec.initial_peers).net
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        r["network"] = asyncio.run(probe_network(net))
+    else:
+        r["network"] = None
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -44,6 +59,15 @@ def doctor(
                   if r["micro_batch"] < r["batch_size"] else ""))
     typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}")
     typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
-    typer.echo(f"reachable   {r['reachability']}")
+    if r["network"] is None:
+        typer.echo("reachable   not checked (--no-network)")
+    else:
+        n = r["network"]
+        for a in n["addresses"]:
+            typer.echo(f"address     {a['maddr']}  ({a['class']})")
+        typer.echo(f"reachable   {n['verdict']}")
+        for p in n["peers"]:
+            typer.echo(f"peer        {p['peer']}: " + (f"reached in {p['ms']} ms" if p["reached"]
+                                                       else f"NOT reached: {p['error']}"))
     if not r["fits"]:
         raise typer.Exit(1)

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 from hivemind.p2p import P2P
@@ -142,3 +143,64 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         except asyncio.TimeoutError:
             pass
         delay = min(2 * delay, net.retry_max_s)
+
+
+def address_class(maddr: str) -> str:
+    """loopback, private (RFC 1918, carrier-grade NAT, link-local, IPv6 ULA) or public, from
+    a multiaddr's IP; "other" for a multiaddr without one (a relay circuit, DNS)."""
+    import ipaddress
+
+    m = re.match(r"^/ip[46]/([^/]+)/", maddr)
+    if not m:
+        return "other"
+    ip = ipaddress.ip_address(m[1])
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_private or ip.is_link_local or ip in ipaddress.ip_network("100.64.0.0/10"):
+        return "private"
+    return "public"
+
+
+async def probe_network(net: NetworkConfig, timeout_s: float = 10.0) -> dict:
+    """Start a throwaway p2pd (a fresh identity: the daemon may be running with ours) on the
+    configured listen addresses and report what peers would see: the visible addresses and
+    their class, a verdict, and, for each initial peer, whether it could be reached and how
+    fast. p2pd runs AutoNAT, but hivemind 1.1.12 gives no way to read its verdict, so the
+    verdict comes from the addresses."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        p2p = await asyncio.wait_for(P2P.create(host_maddrs=net.listen, announce_maddrs=net.announce or None,
+                                                use_relay=True, relay_hop_limit=0, auto_nat=True), timeout_s)
+    except P2PDaemonError as e:
+        return {"addresses": [], "verdict": f"p2pd did not start on {', '.join(net.listen)}: {str(e).strip()}",
+                "peers": []}
+    try:
+        visible = [str(a) for a in await p2p.get_visible_maddrs()]
+        classes = {a: address_class(a) for a in visible}
+        if "public" in classes.values():
+            verdict = ("public address: peers can dial you directly where your firewall lets the listen port in")
+        elif "private" in classes.values():
+            verdict = ("private addresses only (behind NAT): you can take part, since you dial out to peers, but "
+                       "peers cannot dial you first; forward a port and --announce your public address, or use "
+                       "--auto-relay")
+        else:
+            verdict = "loopback only: reachable from this machine alone (listen on 0.0.0.0 to join others)"
+        peers = []
+        for maddr in net.peers:
+            started = time.perf_counter()
+            try:
+                addr, sep, peer_id = maddr.rpartition("/p2p/")
+                if not sep:
+                    raise ValueError("the multiaddr has no /p2p/<peer id>")
+                # hivemind exposes no public connect; its daemon client's is the one P2P.create uses
+                await asyncio.wait_for(p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(addr)]),
+                                       timeout_s)
+                peers.append({"peer": maddr, "reached": True, "ms": round(1000 * (time.perf_counter() - started))})
+            except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the probe
+                peers.append({"peer": maddr, "reached": False, "error": str(e).strip() or type(e).__name__})
+        return {"addresses": [{"maddr": a, "class": c} for a, c in classes.items()], "verdict": verdict,
+                "peers": peers}
+    finally:
+        await p2p.shutdown()

@@ -4,6 +4,7 @@ bounds what training really allocates, and a verdict."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -59,7 +60,37 @@ def test_doctor_prints_a_json_verdict():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["device"]["kind"] == "cpu" and r["fits"] is True and r["params"] == 1_238_784
-    assert r["listen"] and "reachability" in r
+    assert r["listen"] and r["network"]["addresses"]
+
+
+def test_doctor_reports_its_addresses_and_dials_the_initial_peers():
+    """A live libp2p peer on loopback is reached (with its round-trip time); a dead address
+    is reported with the dial error; the visible addresses are classed."""
+    import asyncio
+
+    from hivemind.p2p import P2P
+
+    async def main():
+        peer = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        try:
+            live = f"{(await peer.get_visible_maddrs())[0]}"
+            dead = "/ip4/127.0.0.1/tcp/1/p2p/QmcpczcLxHrBmrsop4BFzjrf7e1DAuDZukrSRxmVAoAGYs"  # nobody
+            env = {**os.environ, "LOCOSWARM_LISTEN": "/ip4/127.0.0.1/tcp/0", "LOCOSWARM_PEERS": f"{live},{dead}"}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "locoswarm", "doctor", "--device", "cpu", "--json", env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            return proc.returncode, out.decode(), err.decode()
+        finally:
+            await peer.shutdown()
+
+    code, out, err = asyncio.run(main())
+    assert code == 0, err
+    net = json.loads(out)["network"]
+    assert {a["class"] for a in net["addresses"]} == {"loopback"} and "loopback only" in net["verdict"]
+    reached, refused = net["peers"]
+    assert reached["reached"] is True and reached["ms"] >= 0
+    assert refused["reached"] is False and "connection refused" in refused["error"]
 
 
 def test_a_batch_too_big_for_free_memory_is_split_into_micro_batches():
