@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 
 from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
+from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
 from locoswarm.node.governor import Governor, IdleWatch
@@ -70,7 +71,9 @@ class Daemon:
         self.spec = spec
         self.cfg = cfg
         self.spec_hash = spec.hash()
-        self.emit = emit
+        self._emit = emit
+        self.bar = RoundBar()
+        """The swarm's tokens of the current round, on a terminal only."""
         """Where the daemon's stdout lines go (addresses, one line per round)."""
         self.should_exit = asyncio.Event()
         self.state = "starting"
@@ -165,9 +168,11 @@ class Daemon:
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await self._wait_for_peers()
+            self.bar.start()
             await self._run_rounds(p2p, dht)
             return 0
         finally:
+            self.bar.stop()
             self.state = "stopping"
             self._round_stop.set()
             for task in self._tasks:
@@ -189,6 +194,11 @@ class Daemon:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def emit(self, line: str) -> None:
+        """One line of the daemon's plain output (stdout): above the round bar while it is drawn."""
+        if not self.bar.print(line):
+            self._emit(line)
 
     def _in_pool(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -341,6 +351,7 @@ class Daemon:
                 await progress.refresh()
             except Exception as e:  # a DHT hiccup: train on and report next time
                 log.info("progress report failed: %s", e)
+            self.bar.update(trainer.round, *progress.totals(trainer.tokens), progress.num_peers(), self.state)
             await asyncio.wait([train], timeout=cfg.report_interval_s)
         train.result()
         return progress, time.perf_counter() - t0

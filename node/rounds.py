@@ -106,6 +106,12 @@ class RoundProgress:
 
     def reached(self, own_tokens: int) -> bool:
         """Whether the swarm's tokens, ours plus the others' extrapolated, reach the target."""
+        done, target = self.totals(own_tokens)
+        return done >= target
+
+    def totals(self, own_tokens: int) -> tuple[float, int]:
+        """(the swarm's tokens in this round, ours plus the others' extrapolated; the round's
+        target, the per-peer share times the peers counted, less the carry)."""
         now = time.monotonic()
         total = own_tokens
         others = self._others  # replaced whole by refresh(), never mutated: safe from the training thread
@@ -118,7 +124,11 @@ class RoundProgress:
             ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
             total += p.tokens + ahead
         counted.discard(self.peer_id)
-        return total >= self.per_peer_tokens * (1 + len(counted)) - self.carry
+        return total, self.per_peer_tokens * (1 + len(counted)) - self.carry
+
+    def num_peers(self) -> int:
+        """Peers counted in this round's target, this one included."""
+        return 1 + len((set(self.expected()) | set(self._others)) - {self.peer_id})
 
 
 @dataclass(slots=True)
