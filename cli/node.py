@@ -106,10 +106,16 @@ def join(
 @app.command()
 def status(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="The daemon's state directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (keys documented in the README)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (see --schema)."),
+    schema: bool = typer.Option(False, "--schema", help="Print the status JSON's schema (JSON Schema) and exit."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Ask the running daemon for its state, round, loss, peers and traffic."""
+    if schema:
+        from locoswarm.node.control import STATUS_SCHEMA
+
+        typer.echo(json.dumps(STATUS_SCHEMA, indent=2))
+        return
     from locoswarm.node.control import read_status
     from locoswarm.node.userconfig import resolve
 

@@ -6,19 +6,8 @@ a dashboard page (loss over rounds, the peers, traffic, state and why paused) th
 port is chosen by the OS and written, with the daemon's pid, to `control.json` in the state
 directory, which is how `node status` finds the daemon.
 
-Status JSON (every key always present):
-  state           starting | syncing | waiting (for --min-peers) | paused | training | exchanging | stopping
-  paused          why the idle governor paused training (null: not paused)
-  round           the round being trained
-  loss            mean training loss of the last finished round (null before one)
-  eval_loss       held-out loss at the last evaluation (null before one)
-  num_peers       live peers of this run spec other than this one
-  bytes_sent      bytes this peer wrote to delta and state streams
-  bytes_received  bytes this peer read from delta and state streams
-  deltas_rejected  deltas refused (malformed, oversized, misattributed), counted since start
-  checkpoint_round  round of the last checkpoint written or resumed from (null: none)
-  checkpoint_error  why the last checkpoint could not be written (null: it was)
-  peer_id, addrs, device, tokens_per_s, rounds_completed, shard
+The status JSON's schema is STATUS_SCHEMA below (JSON Schema 2020-12, every key always
+present, nothing else); `locoswarm node status --schema` prints it.
 """
 
 from __future__ import annotations
@@ -30,6 +19,39 @@ import os
 from typing import Callable
 
 from locoswarm.node.files import write_atomic
+
+_STATES = ["starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
+_COUNT = {"type": "integer", "minimum": 0}
+_LOSS = {"type": ["number", "null"]}
+_STATUS_KEYS = {
+    "state": ({"enum": _STATES}, "what the daemon is doing; waiting: for --min-peers"),
+    "paused": ({"type": ["string", "null"]}, "why the idle governor paused training (null: not paused)"),
+    "round": (_COUNT, "the round being trained"),
+    "loss": (_LOSS, "mean training loss of the last finished round (null before one)"),
+    "eval_loss": (_LOSS, "held-out loss at the last evaluation (null before one)"),
+    "num_peers": (_COUNT, "live peers of this run spec other than this one"),
+    "bytes_sent": (_COUNT, "bytes this peer wrote to delta and state streams"),
+    "bytes_received": (_COUNT, "bytes this peer read from delta and state streams"),
+    "deltas_rejected": (_COUNT, "deltas refused (malformed, oversized, misattributed) since start"),
+    "checkpoint_round": ({"type": ["integer", "null"]}, "round of the last checkpoint written or resumed from"),
+    "checkpoint_error": ({"type": ["string", "null"]}, "why the last checkpoint was not written (null: it was)"),
+    "peer_id": ({"type": ["string", "null"]}, "this peer's libp2p id (null before p2pd started)"),
+    "addrs": ({"type": "array", "items": {"type": "string"}}, "the multiaddrs peers can dial"),
+    "device": ({"enum": ["cuda", "mps", "cpu", None]}, "the training device (null before the trainer exists)"),
+    "precision": ({"enum": ["bf16", "fp16", "fp32", None]}, "what the inner steps compute in"),
+    "micro_batch": ({"type": ["integer", "null"], "minimum": 1}, "sequences per forward pass"),
+    "tokens_per_s": ({"type": "number", "minimum": 0}, "training throughput of the current round"),
+    "rounds_completed": (_COUNT, "rounds this peer aggregated"),
+    "shard": ({"type": ["integer", "null"]}, "the data shard this peer trains on"),
+}
+STATUS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "locoswarm node status",
+    "type": "object",
+    "properties": {k: {**schema, "description": doc} for k, (schema, doc) in _STATUS_KEYS.items()},
+    "required": list(_STATUS_KEYS),
+    "additionalProperties": False,
+}
 
 CONTROL_FILE = "control.json"
 _MAX_REQUEST = 8192

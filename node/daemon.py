@@ -435,6 +435,8 @@ class Daemon:
             "peer_id": self.peer_id,
             "addrs": self.addrs,
             "device": None if t is None else t.device.type,
+            "precision": None if t is None else t.precision,
+            "micro_batch": None if t is None else t.micro_batch,
             "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
             "rounds_completed": self.rounds_completed,
             "shard": self.shard,

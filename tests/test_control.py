@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +16,7 @@ from locoswarm.node.control import ControlServer, read_status
 STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_peers": 2, "bytes_sent": 1234,
           "bytes_received": 5678, "peer_id": "QmX", "addrs": [], "device": "cpu", "tokens_per_s": 900.0,
           "rounds_completed": 3, "shard": 1, "deltas_rejected": 4, "checkpoint_round": None,
-          "checkpoint_error": None}
+          "checkpoint_error": None, "paused": None, "precision": "fp32", "micro_batch": 8}
 
 
 async def _get(port: int, path: str) -> tuple[str, str]:
@@ -72,3 +74,20 @@ def test_the_dashboard_page_and_its_history_are_served(tmp_path):
 def test_status_without_a_daemon_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no daemon is running"):
         read_status(str(tmp_path))
+
+
+def test_the_status_schema_is_printed_and_refuses_what_it_should():
+    import jsonschema
+
+    from locoswarm.node.control import STATUS_SCHEMA
+
+    out = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--schema"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout) == STATUS_SCHEMA
+    jsonschema.Draft202012Validator.check_schema(STATUS_SCHEMA)
+    good = dict(STATUS)
+    jsonschema.validate(good, STATUS_SCHEMA)
+    for bad in ({k: v for k, v in good.items() if k != "round"}, {**good, "state": "dancing"},
+                {**good, "bytes_sent": -1}, {**good, "surprise": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, STATUS_SCHEMA)

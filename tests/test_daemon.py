@@ -25,8 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
+
+from locoswarm.node.control import STATUS_SCHEMA
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 EVIL_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "evil_delta.py")
@@ -220,7 +223,9 @@ def node_status(state_dir: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(state_dir),
                            "--json"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    status = json.loads(done.stdout)
+    jsonschema.validate(status, STATUS_SCHEMA)  # the documented schema, on a live daemon's answer
+    return status
 
 
 def three_peers(swarm: Swarm, *args: str, run: Path | None = None) -> list[Child]:

@@ -79,6 +79,11 @@ def test_a_paused_daemon_stays_reachable_says_why_and_trains_nothing(tmp_path):
         time.sleep(3)
         st = read_status(str(state))
         assert st["state"] == "paused" and st["rounds_completed"] == 0
+        import jsonschema
+
+        from locoswarm.node.control import STATUS_SCHEMA
+
+        jsonschema.validate(st, STATUS_SCHEMA)  # a paused daemon's answer fits the documented schema
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
