@@ -49,3 +49,35 @@ def test_cuda_decode_and_aggregate_is_bitwise_repeatable():
         runs = [aggregate(decoded[::s], [s_ for _, s_ in shapes], "cuda", rule=rule) for s in (1, -1, 1)]
         for other in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_cuda_trainer_picks_bf16_and_fits_a_big_batch_under_a_memory_cap():
+    """On an Ampere-or-newer card the trainer computes in bf16; capped at 4 % of the card, a
+    batch whose activations cannot fit is split into micro-batches that do, the step runs,
+    and the memory torch reserved stays under the cap."""
+    import threading
+    from dataclasses import replace
+
+    from locoswarm.node.hardware import activation_bytes_per_sequence
+    from locoswarm.node.spec import RunSpec
+    from locoswarm.node.trainer import Trainer
+    from locoswarm.node.workload.tokenizer import get_tokenizer
+
+    dev = torch.device("cuda")
+    spec = replace(RunSpec(), model="small", batch_size=256, data=replace(RunSpec().data, seq_len=256))
+    free, total = torch.cuda.mem_get_info(dev)
+    cap = 0.04
+    try:
+        t = Trainer(spec, spec.hash(), shard=0, device=dev, memory_fraction=cap)
+        whole = spec.batch_size * activation_bytes_per_sequence(spec, get_tokenizer(spec.tokenizer).vocab_size)
+        print(f"micro-batch {t.micro_batch} of {spec.batch_size}; whole batch ≈{whole / 2**30:.1f} GiB, "
+              f"cap {cap * total / 2**30:.1f} GiB")
+        assert t.precision == ("bf16" if torch.cuda.get_device_capability(dev)[0] >= 8 else "fp16")
+        assert t.micro_batch < spec.batch_size and spec.batch_size % t.micro_batch == 0
+        torch.cuda.reset_peak_memory_stats(dev)
+        t.train_until(threading.Event(), lambda n: n >= 2 * t.tokens_per_step)
+        assert all(torch.isfinite(torch.tensor(t.losses)))
+        assert torch.cuda.max_memory_reserved(dev) <= cap * total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
