@@ -57,6 +57,11 @@ def join(
                                               "the spec's batch (0: fit to free memory)."),
     max_gpu_memory: Optional[int] = typer.Option(None, "--max-gpu-memory", help="Take at most this % of the GPU's "
                                                  "memory (0: no cap)."),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-"
+                                                            "checkpointing", help="Recompute activations in backward "
+                                                            "(less memory, ≈1/3 more compute)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer "
+                                            "blocks (CUDA)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept."),
@@ -89,6 +94,7 @@ def join(
              "announce": announce or None, "state_dir": None if state_dir is None else str(state_dir),
              "device": device, "max_rounds": max_rounds, "min_peers": min_peers, "shard": shard, "threads": threads,
              "precision": precision, "micro_batch": micro_batch, "max_gpu_memory_percent": max_gpu_memory,
+             "activation_checkpointing": activation_checkpointing, "compile": compile_,
              "eval_every": eval_every, "checkpoint_every": checkpoint_every, "checkpoint_keep": keep_checkpoints,
              "fanout": fanout, "auto_relay": auto_relay, "allowed_hours": allowed_hours,
              "max_other_cpu_percent": max_other_cpu}

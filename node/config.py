@@ -34,6 +34,10 @@ class NodeConfig:
     """Sequences per forward pass, a divisor of the spec's batch (0: fit to free memory)."""
     max_gpu_memory_percent: int = 0
     """Cap on this process's share of the GPU's memory, in % (0: no cap)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them (less memory, more compute)."""
+    compile: bool = False
+    """torch.compile the transformer blocks (CUDA)."""
     eval_every: int = 1
     """Evaluate on the held-out split every this many rounds (0: only at the end)."""
     eval_sequences: int = 64

@@ -209,7 +209,8 @@ class Daemon:
         cfg = self.cfg
         return Trainer(self.spec, self.spec_hash, shard=shard, device=pick_device(cfg.device),
                        eval_sequences=cfg.eval_sequences, precision=cfg.precision, micro_batch=cfg.micro_batch,
-                       memory_fraction=cfg.max_gpu_memory_percent / 100)
+                       memory_fraction=cfg.max_gpu_memory_percent / 100,
+                       activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     # ------------------------------------------------------------------ peers
 

@@ -74,12 +74,15 @@ class RoundWork:
 class Trainer:
     def __init__(self, spec: RunSpec, spec_hash: bytes, *, shard: int, device: torch.device,
                  eval_sequences: int = 64, precision: str = "auto", micro_batch: int = 0,
-                 memory_fraction: float = 0.0) -> None:
+                 memory_fraction: float = 0.0, activation_checkpointing: bool = False,
+                 compile: bool = False) -> None:
         """`precision`: auto, bf16, fp16 or fp32 (hardware.choose_precision). `micro_batch`:
         sequences per forward pass, a divisor of the spec's batch (0: the largest that fits
         the free memory); the step accumulates gradients over the batch, so the spec's batch
         per step is kept. `memory_fraction` (0: no cap) caps this process's share of the
-        GPU's memory (torch's per-process fraction)."""
+        GPU's memory (torch's per-process fraction). `activation_checkpointing`: recompute
+        each block's activations in backward instead of keeping them. `compile`:
+        torch.compile each transformer block (CUDA only; the first steps are slow)."""
         if spec.diloco.compression is None:
             raise ValueError("the swarm exchanges compressed deltas: the run spec needs diloco.compression")
         if not 0 <= shard < spec.num_shards:
@@ -102,6 +105,13 @@ class Trainer:
         tok = get_tokenizer(spec.tokenizer)
         corpus = Corpus.load(spec.data, tok)
         self.model = build_model(spec.model, tok.vocab_size, spec.data.seq_len, spec.seed).to(device)
+        if activation_checkpointing:
+            if not hasattr(self.model, "checkpoint_activations"):
+                raise ValueError(f"activation checkpointing is not available for model {spec.model!r}")
+            self.model.checkpoint_activations = True
+        if compile and device.type == "cuda" and hasattr(self.model, "blocks"):
+            for block in self.model.blocks:
+                block.compile()
         self.inner = make_inner_optimizer(self.model, spec.diloco.inner)
         # The same shard and seed the simulation gives replica `shard` of `num_shards`.
         self.sampler = corpus.sampler(shard, spec.num_shards, seed=spec.seed * 1000 + shard)
@@ -126,7 +136,10 @@ class Trainer:
         """Training losses of the current round."""
         self._shift: list[torch.Tensor] | None = None
         """The restart of an overlapped round, waiting for the training thread."""
-        self.micro_batch = micro_batch or self._fit_micro_batch(activation_bytes_per_sequence(spec, tok.vocab_size))
+        per_sequence = activation_bytes_per_sequence(spec, tok.vocab_size)
+        if activation_checkpointing:
+            per_sequence //= 4  # block inputs and one block's recomputation, not every block's intermediates
+        self.micro_batch = micro_batch or self._fit_micro_batch(per_sequence)
         """Sequences per forward pass; halved (to the next divisor) when a step runs out of memory."""
 
     def _fit_micro_batch(self, per_sequence: int) -> int:

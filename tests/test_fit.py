@@ -115,3 +115,14 @@ def test_fp16_with_a_loss_scaler_trains_and_skips_overflowing_steps():
     _train(t, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
     assert t.scaler.get_scale() < scale
+
+
+def test_activation_checkpointing_trains_the_same_steps():
+    spec = RunSpec()
+    plain = Trainer(spec, spec.hash(), shard=0, device=CPU)
+    ckpt = Trainer(spec, spec.hash(), shard=0, device=CPU, activation_checkpointing=True)
+    assert ckpt.model.checkpoint_activations and not plain.model.checkpoint_activations
+    _train(plain, 2)
+    _train(ckpt, 2)
+    for a, b in zip(plain.model.parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

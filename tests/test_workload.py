@@ -288,3 +288,29 @@ def test_get_tokenizer_rejects_an_unknown_name() -> None:
     assert get_tokenizer("byte").name == "byte"
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+def test_linear_cross_entropy_matches_the_plain_loss_and_gradients_without_keeping_logits() -> None:
+    """The sliced loss and its gradients equal plain cross-entropy of h · Wᵀ (slices not
+    dividing N included), and nothing of N × V size is saved for backward."""
+    import torch.nn.functional as F
+
+    from locoswarm.node.workload.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(3)
+    n, d, v = 300, 32, 1000
+    h = torch.randn(n, d, generator=gen).requires_grad_()
+    w = (0.1 * torch.randn(v, d, generator=gen)).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ours = linear_cross_entropy(h, w, y, slice_tokens=64)
+    ours.backward(torch.tensor(2.0))
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), y)
+    ref.backward(torch.tensor(2.0))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(got[0], h.grad)
+    torch.testing.assert_close(got[1], w.grad)
+    assert max(saved) <= max(n, v) * d < n * v, saved

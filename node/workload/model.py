@@ -2,8 +2,9 @@
 SwiGLU MLP, causal SDPA attention, tied input/output embeddings), in named sizes, or a
 Hugging Face `transformers` model built from a config (the `hf` extra).
 
-The loss is computed in slices of the sequence so that full-vocabulary logits for the
-whole batch never exist at once (GPT-2's 50k vocabulary makes them the largest tensor).
+The loss goes through `linear_cross_entropy`: full-vocabulary logits exist one slice at a
+time and are never kept for backward (GPT-2's 50k vocabulary makes them the largest
+tensor of a step).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -110,6 +112,9 @@ class Decoder(nn.Module):
         cos, sin = _rope_table(cfg.dim // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_activations = False
+        """Keep only each block's input for backward and recompute the rest (≈1/3 more
+        compute for a fraction of the activation memory)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -130,23 +135,80 @@ class Decoder(nn.Module):
         x = self.embed(tokens)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.norm(x)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits (B, T, vocab). For training use `loss`, which never holds them all."""
         return F.linear(self.hidden(tokens), self.embed.weight)
 
-    def loss(self, tokens: Tensor, targets: Tensor, slice_tokens: int = 8192) -> Tensor:
-        """Mean next-token cross-entropy, computed over slices of at most `slice_tokens`
-        positions so that logits for the whole batch are never materialized."""
+    def loss(self, tokens: Tensor, targets: Tensor, slice_tokens: int = 0) -> Tensor:
+        """Mean next-token cross-entropy through the tied output layer
+        (`linear_cross_entropy`): full-vocabulary logits exist one slice at a time, in the
+        forward pass and never again."""
         h = self.hidden(tokens).reshape(-1, self.cfg.dim)
-        y = targets.reshape(-1)
+        return linear_cross_entropy(h, self.embed.weight, targets.reshape(-1), slice_tokens)
+
+
+LOGITS_PER_SLICE = 1 << 25
+"""Default slice: about this many logits (128 MB in fp32) at a time."""
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i · Wᵀ, y_i) whose backward needs no logits: each slice's logits are
+    made, turned into the loss and into their gradient (softmax − one-hot) and multiplied
+    out into the gradients of h and W during the forward pass, then dropped. What is saved
+    for backward is dL/dh (N × D) and dL/dW (V × D, fp32): no N × V tensor outlives its
+    slice. (The approach of Liger Kernel's fused linear cross-entropy and of Apple's Cut
+    Cross-Entropy, here in plain torch.) Under autocast the two matrix products per slice
+    run in the autocast dtype; the softmax, the loss and dL/dW's accumulation in fp32."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, slice_tokens: int) -> Tensor:
+        n = h.shape[0]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, slice_tokens):
+            hs, ys = h[start:start + slice_tokens], targets[start:start + slice_tokens]
+            logits = F.linear(hs, weight).float()  # (n_s, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(hs.shape[0], device=h.device)
+            total += (lse - logits[rows, ys]).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[rows, ys] -= 1.0  # d(sum of CE)/d(logits)
+            g = probs.to(torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
+                         else h.dtype)
+            grad_h[start:start + slice_tokens] = (g @ weight.to(g.dtype)).to(h.dtype)
+            grad_w += (g.t() @ hs.to(g.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n = n
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, slice_tokens: int = 0) -> Tensor:
+    """Mean cross-entropy of the logits h · Wᵀ (h: N × D, W: V × D) against `targets` (N,),
+    never holding more than one slice of `slice_tokens` rows of logits (default: about
+    LOGITS_PER_SLICE logits). Targets must be in [0, V)."""
+    if slice_tokens <= 0:
+        slice_tokens = max(1, LOGITS_PER_SLICE // weight.shape[0])
+    if not (h.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], slice_tokens):
-            logits = F.linear(h[start : start + slice_tokens], self.embed.weight).float()
-            total = total + F.cross_entropy(logits, y[start : start + slice_tokens], reduction="sum")
-        return total / y.numel()
+            logits = F.linear(h[start:start + slice_tokens], weight).float()
+            total = total + F.cross_entropy(logits, targets[start:start + slice_tokens], reduction="sum")
+        return total / h.shape[0]
+    return _LinearCrossEntropy.apply(h, weight, targets, slice_tokens)
 
 
 class HFCausalLM(nn.Module):
