@@ -87,3 +87,10 @@ def test_corpus_smaller_than_a_sequence_exits_2_and_writes_nothing(tmp_path):
     assert res.exit_code == 2, res.output
     assert "smaller than" in res.output
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_bench_kernels_without_cuda_says_so_and_exits_2(tmp_path):
+    out = CliRunner().invoke(app, ["bench", "kernels", "--json", str(tmp_path / "k.json")])
+    assert out.exit_code == 2 and "needs a CUDA GPU" in out.output
+    assert not (tmp_path / "k.json").exists()

@@ -46,11 +46,13 @@ class ModelConfig:
 
 
 # Named sizes. Parameter counts with GPT-2's 50257 vocabulary (tiny: with the 257-entry
-# byte vocabulary it trains on CPU): tiny ≈1.2M (byte), small ≈30M, base ≈124M.
+# byte vocabulary it trains on CPU): tiny ≈1.2M (byte), small ≈30M, base ≈124M, 1b, 2b.
 SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=257, dim=128, num_layers=6, num_heads=4, ffn_dim=352),
     "small": ModelConfig(vocab_size=50257, dim=384, num_layers=6, num_heads=6, ffn_dim=1024),
     "base": ModelConfig(vocab_size=50257, dim=768, num_layers=12, num_heads=12, ffn_dim=2048),
+    "1b": ModelConfig(vocab_size=50257, dim=2048, num_layers=18, num_heads=16, ffn_dim=5632),  # ≈1.03B
+    "2b": ModelConfig(vocab_size=50257, dim=2560, num_layers=24, num_heads=20, ffn_dim=6912),  # ≈2.03B
 }
 
 
