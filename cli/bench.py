@@ -98,3 +98,29 @@ def swarm(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(result, indent=1))
         typer.echo(f"wrote {json_path}")
+
+
+@app.command()
+def kernels(
+    sizes: str = typer.Option("1e7,1e8,1e9", help="Buffer sizes (elements) for the compression kernels."),
+    inner: bool = typer.Option(True, "--inner/--no-inner", help="Also the inner step: tokens/s, MFU, peak memory."),
+    cap_gib: float = typer.Option(24.0, "--cap-gib", help="GPU memory cap for the largest-model test."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Needs CUDA: fused vs reference compression (time, GB/s against a device copy, extra
+    memory) and the inner step (tokens/s, MFU, peak memory; the largest model in a cap)."""
+    from locoswarm.node.sim.kernelbench import format_kernels, run
+
+    try:
+        parsed = tuple(float(s) for s in sizes.split(","))
+        result = run(sizes=parsed, inner=inner, cap_gib=cap_gib)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_kernels(result))
+    if json_path is not None:
+        from locoswarm.node.files import write_atomic
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=1))
+        typer.echo(f"wrote {json_path}")
