@@ -103,7 +103,8 @@ def swarm(
 @app.command()
 def kernels(
     sizes: str = typer.Option("1e7,1e8,1e9", help="Buffer sizes (elements) for the compression kernels."),
-    inner: bool = typer.Option(True, "--inner/--no-inner", help="Also the inner step: tokens/s, MFU, peak memory."),
+    inner: bool = typer.Option(True, "--inner/--no-inner", help="The inner step: tokens/s, MFU, peak memory."),
+    compression: bool = typer.Option(True, "--compression/--no-compression", help="The compression kernels."),
     cap_gib: float = typer.Option(24.0, "--cap-gib", help="GPU memory cap for the largest-model test."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
@@ -113,7 +114,7 @@ def kernels(
 
     try:
         parsed = tuple(float(s) for s in sizes.split(","))
-        result = run(sizes=parsed, inner=inner, cap_gib=cap_gib)
+        result = run(sizes=parsed, inner=inner, compression=compression, cap_gib=cap_gib)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -90,7 +90,8 @@ def inner_step(size: str, *, batch: int, seq_len: int, steps: int = 8, warmup: i
     return row
 
 
-def run(*, sizes: tuple[float, ...] = (1e7, 1e8, 1e9), inner: bool = True, cap_gib: float = 24.0) -> dict:
+def run(*, sizes: tuple[float, ...] = (1e7, 1e8, 1e9), inner: bool = True, compression: bool = True,
+        cap_gib: float = 24.0) -> dict:
     """The whole benchmark as a JSON-able dict."""
     import torch
 
@@ -98,9 +99,10 @@ def run(*, sizes: tuple[float, ...] = (1e7, 1e8, 1e9), inner: bool = True, cap_g
         raise ValueError("bench kernels needs a CUDA GPU")
     name = torch.cuda.get_device_name()
     out: dict = {"gpu": name, "torch": torch.__version__}
-    from locoswarm.kernels.bench import bench_kernels
+    if compression:
+        from locoswarm.kernels.bench import bench_kernels
 
-    out["compression"] = bench_kernels(sizes=tuple(int(s) for s in sizes))
+        out["compression"] = bench_kernels(sizes=tuple(int(s) for s in sizes))
     if inner:
         measured = matmul_rate()
         peak, source = peak_flops(name, measured)
