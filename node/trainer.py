@@ -100,7 +100,8 @@ class Trainer:
         """fp16 has too little range for small gradients: the loss is scaled up and the step
         skipped when the scaled gradients overflow."""
         if memory_fraction > 0 and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, index)
         self.memory_fraction = memory_fraction
         tok = get_tokenizer(spec.tokenizer)
         corpus = Corpus.load(spec.data, tok)

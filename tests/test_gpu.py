@@ -79,5 +79,5 @@ def test_cuda_trainer_picks_bf16_and_fits_a_big_batch_under_a_memory_cap():
         assert all(torch.isfinite(torch.tensor(t.losses)))
         assert torch.cuda.max_memory_reserved(dev) <= cap * total
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()

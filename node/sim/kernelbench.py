@@ -85,7 +85,7 @@ def inner_step(size: str, *, batch: int, seq_len: int, steps: int = 8, warmup: i
         row.update(ok=False, error=f"out of memory: {str(e).splitlines()[0]}")
     finally:
         del t
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()
     return row
 
