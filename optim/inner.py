@@ -15,7 +15,9 @@ def make_inner_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    on_cuda = all(p.is_cuda for p in decay + no_decay)
+    # CUDA: one fused kernel for the whole update (torch's fused AdamW); elsewhere foreach.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if on_cuda else {"foreach": True}))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

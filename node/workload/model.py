@@ -155,8 +155,9 @@ class Decoder(nn.Module):
         return linear_cross_entropy(h, self.embed.weight, targets.reshape(-1), slice_tokens)
 
 
-LOGITS_PER_SLICE = 1 << 25
-"""Default slice: about this many logits (128 MB in fp32) at a time."""
+LOGITS_PER_SLICE = {"cuda": 1 << 27, "other": 1 << 25}
+"""Default slice: about this many logits at a time (512 MB in fp32 on a GPU, where bigger
+slices keep the matrix units busy; 128 MB elsewhere)."""
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -201,9 +202,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, slice_tokens: int = 0) -> Tensor:
     """Mean cross-entropy of the logits h · Wᵀ (h: N × D, W: V × D) against `targets` (N,),
     never holding more than one slice of `slice_tokens` rows of logits (default: about
-    LOGITS_PER_SLICE logits). Targets must be in [0, V)."""
+    LOGITS_PER_SLICE's logits). Targets must be in [0, V)."""
     if slice_tokens <= 0:
-        slice_tokens = max(1, LOGITS_PER_SLICE // weight.shape[0])
+        per_slice = LOGITS_PER_SLICE["cuda" if h.is_cuda else "other"]
+        slice_tokens = max(1, per_slice // weight.shape[0])
     if not (h.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], slice_tokens):
