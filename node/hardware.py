@@ -111,7 +111,9 @@ def estimate_bytes(spec, vocab_size: int, micro_batch: int | None = None) -> dic
     `micro_batch` sequences at a time (default: the whole batch)."""
     cfg = _model_config(spec, vocab_size)
     per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
-    params = cfg.num_layers * per_layer + cfg.vocab_size * cfg.dim + cfg.dim  # the head is tied to the embedding
+    from locoswarm.node.workload.model import padded_vocab
+
+    params = cfg.num_layers * per_layer + padded_vocab(cfg.vocab_size) * cfg.dim + cfg.dim  # head tied to embedding
     activations = (micro_batch or spec.batch_size) * activation_bytes_per_sequence(spec, vocab_size)
     outer = 17 * params
     return {"params": params, "training": 16 * params + activations, "outer": outer}

@@ -314,3 +314,28 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_gradients_without_keepi
     torch.testing.assert_close(got[0], h.grad)
     torch.testing.assert_close(got[1], w.grad)
     assert max(saved) <= max(n, v) * d < n * v, saved
+
+
+def test_a_large_vocabulary_is_padded_with_rows_that_stay_zero_and_change_nothing() -> None:
+    """GPT-2's 50257 rows are padded to 50304 (a multiple of 64, for Hopper's matmul
+    kernels): the real rows are drawn exactly as an unpadded table's, the padding starts at
+    zero, gets no gradient, and the loss equals plain cross-entropy over the real rows."""
+    import torch.nn.functional as F
+
+    from locoswarm.node.workload.model import padded_vocab
+
+    assert padded_vocab(257) == 257 and padded_vocab(50257) == 50304
+    torch.manual_seed(0)
+    model = build_model("small", 50257, 16, seed=0)
+    w = model.embed.weight
+    assert w.shape[0] == 50304 and bool((w[50257:] == 0).all())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (2, 16), generator=gen)
+    y = torch.randint(0, 50257, (2, 16), generator=gen)
+    loss = model.loss(x, y)
+    loss.backward()
+    assert bool((w.grad[50257:] == 0).all())
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape[-1] == 50257
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 50257), y.reshape(-1)))
