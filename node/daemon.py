@@ -34,7 +34,6 @@ from typing import Callable
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.crypto import RSAPrivateKey
 from safetensors import SafetensorError
 
 from locoswarm.node.checkpoint import Checkpointer
@@ -43,7 +42,7 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
 from locoswarm.node.governor import Governor, IdleWatch
-from locoswarm.node.host import NodeError, open_state_dir, start_p2p
+from locoswarm.node.host import NodeError, identity_key, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
@@ -138,7 +137,7 @@ class Daemon:
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
-            validator = RSASignatureValidator(RSAPrivateKey())
+            validator = RSASignatureValidator(identity_key(self.cfg.state_dir))
             dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None, record_validator=validator)
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
                                     validator=validator)

@@ -113,6 +113,24 @@ def _create_identity(path: str) -> None:
     os.replace(tmp, path)
 
 
+def identity_key(state_dir: str):
+    """This peer's libp2p identity as hivemind's RSAPrivateKey, so that the key signing its
+    DHT records is the key its peer id is the hash of: a record can then be checked against
+    the peer id it names (registry.peer_id_of_owner), not merely against some key."""
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    path = os.path.join(state_dir, IDENTITY_FILE)
+    with open(path, "rb") as fh:
+        stored = crypto_pb2.PrivateKey.FromString(fh.read(1 << 16))
+    if stored.key_type != crypto_pb2.KeyType.RSA:
+        raise NodeError(f"identity file {path} holds a {crypto_pb2.KeyType.Name(stored.key_type)} key; records are "
+                        "signed with RSA keys: move it away to start with a new peer id")
+    key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind has no constructor from bytes; this is its unpickling
+    key.__setstate__({"_private_key": stored.data})
+    return key
+
+
 async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P | None:
     """Start p2pd, retrying with backoff while the initial peers cannot be reached; None
     when `should_stop` is set before it could."""

@@ -8,7 +8,11 @@ Records are signed: with an RSASignatureValidator (hivemind's; the DHT node must
 with it) the subkey is the peer id followed by the owner's public key, and every DHT node
 refuses a write to it that the owner did not sign, so no peer can overwrite or withdraw
 another's record. A record whose subkey does not start with the peer id it names is
-refused, as is an unsigned one when this registry signs its own.
+refused, as is an unsigned one when this registry signs its own. And the signing key must
+be the peer's libp2p identity (its peer id is the hash of that public key, which the DHT
+node checks when it authenticates a connection): a record signed by any other key — a
+stranger's advertising another peer's id under a subkey of its own — is refused, so a
+record names the peer that signed it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,22 @@ from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 
 log = logging.getLogger(__name__)
+
+
+def peer_id_of_owner(owner_key: bytes) -> str:
+    """The libp2p peer id (base58) of an RSA public key in the OpenSSH form hivemind's
+    validator puts in subkeys: sha2-256 multihash of the key's libp2p protobuf."""
+    import hashlib
+
+    import multihash
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.p2p import PeerID
+    from hivemind.proto import crypto_pb2
+
+    public = serialization.load_ssh_public_key(owner_key)
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), "sha2-256")).to_base58()
 
 
 def run_key(run_id: str) -> str:
@@ -70,9 +90,14 @@ class PeerRegistry:
             except ProtocolError as e:
                 self._reject(subkey, str(e))
                 continue
+            signer = None
             if isinstance(subkey, bytes):
-                owner, marker, _ = subkey.partition(b"[owner:")
+                owner, marker, rest = subkey.partition(b"[owner:")
                 owner = owner.decode(errors="replace")
+                try:
+                    signer = peer_id_of_owner(rest[:-1]) if marker else None
+                except (ValueError, TypeError):
+                    signer = "?"
             else:
                 owner, marker = subkey, b""
             if self.validator is not None and not marker:
@@ -80,6 +105,10 @@ class PeerRegistry:
                 continue
             if record.peer_id != owner:
                 self._reject(owner, f"record names peer {record.peer_id}, stored under {owner}")
+                continue
+            if self.validator is not None and signer != record.peer_id:
+                self._reject(owner, f"record of {record.peer_id} is signed by a key that is not its identity "
+                                    f"(that key's peer id: {signer})")
                 continue
             best = latest.get(record.peer_id)
             if best is None or record.round > best.round:

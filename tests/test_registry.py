@@ -110,6 +110,19 @@ def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
     assert rejected == []
 
 
+def test_a_signed_record_is_taken_only_when_the_signing_key_is_the_peers_identity(spawn_peers):
+    """A record signed with the peer's libp2p identity key is taken; one signed validly but
+    with another key (anyone can make one and put any peer id in it) is refused, naming
+    the key's real peer id."""
+    _, good = spawn_peers(SCRIPT, "signed")
+    found, rejected = asyncio.run(_signed_look(good))
+    assert [r.peer_id for r in found] == [good[0].split("/p2p/")[1]] and rejected == []
+    _, bad = spawn_peers(SCRIPT, "wrong_key")
+    found, rejected = asyncio.run(_signed_look(bad))
+    assert found == []
+    assert len(rejected) == 1 and "signed by a key that is not its identity" in rejected[0][1]
+
+
 def test_an_unsigned_record_is_refused_by_a_signing_registry(spawn_peers):
     _, addrs = spawn_peers(SCRIPT, "good")
     found, rejected = asyncio.run(_signed_look(addrs))
