@@ -33,6 +33,7 @@ _STATUS_KEYS = {
     "bytes_sent": (_COUNT, "bytes this peer wrote to delta and state streams"),
     "bytes_received": (_COUNT, "bytes this peer read from delta and state streams"),
     "deltas_rejected": (_COUNT, "deltas refused (malformed, oversized, misattributed) since start"),
+    "requests_refused": (_COUNT, "stream requests refused by the per-peer limits (concurrency, rate) since start"),
     "checkpoint_round": ({"type": ["integer", "null"]}, "round of the last checkpoint written or resumed from"),
     "checkpoint_error": ({"type": ["string", "null"]}, "why the last checkpoint was not written (null: it was)"),
     "peer_id": ({"type": ["string", "null"]}, "this peer's libp2p id (null before p2pd started)"),
@@ -79,7 +80,8 @@ class StatusCollector:
         counters = {"rounds_completed": ("rounds this peer aggregated", st["rounds_completed"]),
                     "bytes_sent": ("bytes written to delta and state streams", st["bytes_sent"]),
                     "bytes_received": ("bytes read from delta and state streams", st["bytes_received"]),
-                    "deltas_rejected": ("deltas refused as malformed or misattributed", st["deltas_rejected"])}
+                    "deltas_rejected": ("deltas refused as malformed or misattributed", st["deltas_rejected"]),
+                    "requests_refused": ("stream requests refused by the per-peer limits", st["requests_refused"])}
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"locoswarm_{name}", doc, value=value)
         state = GaugeMetricFamily("locoswarm_state", "1 for the daemon's current state", labels=["state"])

@@ -441,6 +441,7 @@ class Daemon:
             "rounds_completed": self.rounds_completed,
             "shard": self.shard,
             "deltas_rejected": self.deltas_rejected,
+            "requests_refused": sum(s.limits.refused for s in (self.deltas, self.states) if s is not None),
             "paused": self.idle.paused,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,

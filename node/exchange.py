@@ -15,7 +15,7 @@ import asyncio
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.streams import HEADER, call_framed, serve_framed
+from locoswarm.node.streams import HEADER, PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
 
 PROTOCOL = "locoswarm/delta/1"
@@ -33,6 +33,8 @@ class DeltaServer:
         self.p2p = p2p
         self.request_timeout_s = request_timeout_s
         self._deltas: dict[int, bytes] = {}
+        self.limits = PeerLimits(max_concurrent=2, rate=5.0, burst=10)
+        """A peer pulls one delta a round; retries stay far below this."""
         self.bytes_sent = 0
         """Bytes of deltas written to streams (headers included)."""
 
@@ -47,7 +49,7 @@ class DeltaServer:
 
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(
-            info, reader, writer, request_len=HEADER, timeout_s=self.request_timeout_s, what="delta",
+            info, reader, writer, request_len=HEADER, timeout_s=self.request_timeout_s, what="delta", limits=self.limits,
             answer=lambda request: self._deltas.get(int.from_bytes(request, "big"), b""),
         )
 

@@ -21,7 +21,7 @@ from typing import Callable
 from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
-from locoswarm.node.streams import call_framed, serve_framed
+from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
 
@@ -55,6 +55,8 @@ class StateServer:
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         self._encoded: dict[int, tuple[bytes, bytes]] = {}
         self._lock = asyncio.Lock()
+        self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
+        """A joiner asks one chunk at a time: 50 chunks of 4 MiB a second is 200 MiB/s."""
         self.bytes_sent = 0
         """Bytes written to state streams (headers included)."""
         self.on_encoded: Callable[[int, str], None] | None = None
@@ -85,7 +87,7 @@ class StateServer:
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
-                                              timeout_s=self.request_timeout_s, what="state")
+                                              timeout_s=self.request_timeout_s, what="state", limits=self.limits)
 
     async def _answer(self, request: bytes) -> bytes:
         kind, round_, index = request[0], int.from_bytes(request[1:9], "big"), int.from_bytes(request[9:], "big")

@@ -71,3 +71,57 @@ def test_server_forgets_rounds_older_than_the_last_two():
     for r in range(5):
         server.publish(r, bytes([r]))
     assert sorted(server._deltas) == [3, 4]
+
+
+def test_peer_limits_bound_concurrency_and_rate_per_peer():
+    from locoswarm.node.streams import PeerLimits
+
+    now = [0.0]
+    lim = PeerLimits(max_concurrent=2, rate=5.0, burst=3, clock=lambda: now[0])
+    assert lim.admit("a") is None and lim.admit("a") is None
+    assert "2 requests already in flight" in lim.admit("a")
+    assert lim.admit("b") is None  # another peer is not affected
+    lim.release("a")
+    assert lim.admit("a") is None  # third token of the burst
+    lim.release("a")
+    lim.release("a")
+    assert "requests a second" in lim.admit("a")  # burst spent, no time passed
+    now[0] += 0.2  # one token back at 5/s
+    assert lim.admit("a") is None
+    assert lim.refused == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served():
+    """A real DeltaServer; one client opens 40 streams as fast as it can: the server
+    answers at most its burst of them and closes the rest unanswered; a second client
+    pulls the delta."""
+    from locoswarm.node.streams import call_framed
+
+    async def go():
+        server_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        server = DeltaServer(server_p2p)
+        await server.start()
+        server.publish(7, b"x" * 1000)
+        maddrs = [str(a) for a in await server_p2p.get_visible_maddrs()]
+        flood = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        honest = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        try:
+            async def one(p2p):
+                try:
+                    return await call_framed(p2p, server_p2p.peer_id, "locoswarm/delta/1", (7).to_bytes(8, "big"),
+                                             limit=1 << 20, limit_name="limit", timeout_s=10)
+                except (ConnectionError, ProtocolError, asyncio.TimeoutError):
+                    return None
+
+            results = await asyncio.gather(*(one(flood) for _ in range(40)))
+            honest_got = await one(honest)
+            return results, honest_got, server.limits.refused
+        finally:
+            for p in (flood, honest, server_p2p):
+                await p.shutdown()
+
+    results, honest_got, refused = asyncio.run(go())
+    answered = sum(r == b"x" * 1000 for r in results)
+    assert 1 <= answered <= 10 and refused >= 30, (answered, refused)
+    assert honest_got == b"x" * 1000
