@@ -100,6 +100,9 @@ class Daemon:
         self._round_started: dict[int, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._records: list[PeerRecord] = []
+        self._admitted: set[str] = set()
+        """Peer ids whose records passed the run's access policy at the last refresh."""
+        self._validator: RSASignatureValidator | None = None
         self._rng = random.Random()
         self._carry = 0
         self._history: collections.deque = collections.deque(maxlen=2000)
@@ -137,10 +140,12 @@ class Daemon:
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
-            validator = RSASignatureValidator(identity_key(self.cfg.state_dir))
+            validator = self._validator = RSASignatureValidator(identity_key(self.cfg.state_dir))
             dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None, record_validator=validator)
+            access = self.spec.access
+            refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
-                                    validator=validator)
+                                    validator=validator, refuse=refuse)
             shard = self.cfg.shard
             if shard is None:
                 shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
@@ -152,8 +157,8 @@ class Daemon:
             resumed = await self.checkpoints.resume(self.trainer, self._in_pool)
             if resumed is not None:
                 self.emit(f"resumed from checkpoint round {resumed}")
-            self.deltas = DeltaServer(p2p)
-            self.states = StateServer(p2p, self.trainer.state_spec)
+            self.deltas = DeltaServer(p2p, admit=self._admit)
+            self.states = StateServer(p2p, self.trainer.state_spec, admit=self._admit)
             self.states.on_encoded = lambda r, digest: self.emit(f"serving state round {r} digest {digest}")
             await self.deltas.start()
             await self.states.start()
@@ -213,30 +218,48 @@ class Daemon:
 
     # ------------------------------------------------------------------ peers
 
+    def _record(self) -> PeerRecord:
+        return PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
+                          tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.outer.num_steps,
+                          spec_hash=self.spec_hash, paused=self.idle.paused is not None,
+                          proof=self.spec.access.proof(self.spec_hash, self.peer_id))
+
     async def _keep_record(self, registry: PeerRegistry) -> None:
         while True:
-            record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
-                                tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.outer.num_steps,
-                                spec_hash=self.spec_hash, paused=self.idle.paused is not None)
             try:
-                await registry.announce(record)
+                await registry.announce(self._record())
                 self._records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
+                self._admitted = {r.peer_id for r in self._records}
                 self.num_peers = len(self._records)
             except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
                 log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(min(1.0, self.cfg.record_ttl_s / 3))
+
+    @property
+    def _admit(self) -> Callable[[str], bool] | None:
+        """In a private run, whether a peer id is admitted: its record passed the access
+        policy at the last refresh. None in an open run (everyone with the spec)."""
+        if not self.spec.access.restricted:
+            return None
+        return lambda peer: peer in self._admitted
 
     async def _join(self, p2p: P2P, registry: PeerRegistry) -> None:
         """Take the swarm's outer state if there is a swarm; refuse a swarm of another spec."""
         self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
         if not self.cfg.net.peers:
             return
+        if self.spec.access.restricted:
+            # Donors serve only peers whose record they have seen: show ours and give them a
+            # refresh (they read records every second) before asking for the state.
+            await registry.announce(self._record())
+            await asyncio.sleep(2.5)
         records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
         if not records and registry.rejected:
             reasons = "; ".join(reason for _, reason in registry.rejected)
             raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
                             f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
         self._records = records
+        self._admitted = {r.peer_id for r in records}
         if records and max(r.round for r in records) > self.trainer.outer.num_steps:
             await self._sync(p2p, records)
 
@@ -339,7 +362,8 @@ class Daemon:
         progress = RoundProgress(dht, self.spec.run_id, self.spec_hash, trainer.round, self.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  ttl_s=max(60.0, 2 * self.spec.rounds.deadline_s), carry=self._carry,
-                                 expected=functools.partial(self._expected, trainer.round))
+                                 expected=functools.partial(self._expected, trainer.round),
+                                 validator=self._validator, admit=self._admit)
         self.state = "training"
         self._round_stop = threading.Event()
         if self.should_exit.is_set():

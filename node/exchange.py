@@ -12,6 +12,7 @@ never the node.
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
 
@@ -29,12 +30,15 @@ class DeltaUnavailable(Exception):
 class DeltaServer:
     """Serves this peer's encoded deltas of the last few rounds."""
 
-    def __init__(self, p2p: P2P, *, request_timeout_s: float = 10.0) -> None:
+    def __init__(self, p2p: P2P, *, request_timeout_s: float = 10.0,
+                 admit: Callable[[str], bool] | None = None) -> None:
+        """`admit(peer_id)`: whether to serve that peer at all (a private run's policy)."""
         self.p2p = p2p
+        self.admit = admit
         self.request_timeout_s = request_timeout_s
         self._deltas: dict[int, bytes] = {}
-        self.limits = PeerLimits(max_concurrent=2, rate=5.0, burst=10)
-        """A peer pulls one delta a round; retries stay far below this."""
+        self.limits = PeerLimits(max_concurrent=2, rate=10.0, burst=30)
+        """A peer pulls one delta a round, asking again at most 4 times a second while it is not ready."""
         self.bytes_sent = 0
         """Bytes of deltas written to streams (headers included)."""
 
@@ -50,6 +54,7 @@ class DeltaServer:
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(
             info, reader, writer, request_len=HEADER, timeout_s=self.request_timeout_s, what="delta", limits=self.limits,
+            admit=self.admit,
             answer=lambda request: self._deltas.get(int.from_bytes(request, "big"), b""),
         )
 

@@ -18,6 +18,7 @@ record names the peer that signed it.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
@@ -51,8 +52,12 @@ def run_key(run_id: str) -> str:
 
 class PeerRegistry:
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0,
-                 validator: RSASignatureValidator | None = None) -> None:
+                 validator: RSASignatureValidator | None = None,
+                 refuse: Callable[[PeerRecord], str | None] | None = None) -> None:
+        """`refuse(record)`: why a valid record's peer is not admitted (a private run's
+        access policy), None to take it."""
         self.dht = dht
+        self.refuse = refuse
         self.validator = validator
         self.key = run_key(run_id)
         self.spec_hash = spec_hash
@@ -109,6 +114,10 @@ class PeerRegistry:
             if self.validator is not None and signer != record.peer_id:
                 self._reject(owner, f"record of {record.peer_id} is signed by a key that is not its identity "
                                     f"(that key's peer id: {signer})")
+                continue
+            why = self.refuse(record) if self.refuse is not None else None
+            if why is not None:
+                self._reject(owner, why)
                 continue
             best = latest.get(record.peer_id)
             if best is None or record.round > best.round:

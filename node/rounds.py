@@ -22,11 +22,17 @@ on the participants (a peer seen by some and not by others splits the outer stat
 its own delta is out, a peer pulls theirs concurrently (at most `fanout`, chosen at random
 in bigger swarms), retrying "not yet" answers until the round's deadline; a peer whose
 stream fails or that sends a bad delta is dropped from the round, logged, never waited on.
+
+Progress entries are signed like peer records (hivemind's signature validator, the subkey
+naming the peer id and its identity key): an entry is taken only when the signing key is
+the identity of the peer it names, so no peer can report, inflate or stall the round for
+another; with an access policy, entries of peers not admitted are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -38,13 +44,25 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
+from locoswarm.node.registry import peer_id_of_owner
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.records import Progress, decode_progress, encode_progress
 
 log = logging.getLogger(__name__)
 EXTRAPOLATE_INTERVALS = 4
 """Another peer's progress is extrapolated for at most this many report intervals."""
-RETRY_S = 0.02
+RETRY_S = (0.02, 1.5, 0.25)
+"""Asking again for a delta that is not ready yet: after 20 ms, growing ×1.5 to at most
+250 ms (≤ 4 requests a second per peer once waiting long; servers refuse more than 10)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _signer(owner_key: bytes) -> str:
+    """The peer id of a subkey's owner key (cached: the same keys come back every refresh)."""
+    try:
+        return peer_id_of_owner(owner_key)
+    except (ValueError, TypeError):
+        return "?"
 
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -63,8 +81,14 @@ class RoundProgress:
 
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
                  per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0,
-                 expected: Callable[[], set[str]] = frozenset) -> None:
+                 expected: Callable[[], set[str]] = frozenset, validator=None,
+                 admit: Callable[[str], bool] | None = None) -> None:
+        """`validator`: hivemind's RSASignatureValidator holding this peer's identity key
+        (entries are then signed, and unsigned ones ignored); `admit(peer_id)`: whether a
+        peer may take part (a private run's policy)."""
         self.dht = dht
+        self.validator = validator
+        self.admit = admit
         self.key = progress_key(run_id, spec_hash, round_)
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
@@ -78,7 +102,8 @@ class RoundProgress:
 
     async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
         value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done))
-        await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=self.peer_id)
+        subkey = self.peer_id if self.validator is None else self.peer_id.encode() + self.validator.local_public_key
+        await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=subkey)
 
     async def refresh(self) -> None:
         found = await self.dht.get(self.key, latest=True)
@@ -87,18 +112,36 @@ class RoundProgress:
         now = time.monotonic()
         others = dict(self._others)
         for subkey, item in found.value.items():
-            if not isinstance(subkey, str) or subkey == self.peer_id:
+            peer = self._author(subkey)
+            if peer is None or peer == self.peer_id:
                 continue
             try:
                 seen = decode_progress(item.value)
             except ProtocolError as e:
                 self.rejected += 1
-                log.warning("progress of %s refused: %s", subkey, e)
+                log.warning("progress of %s refused: %s", peer, e)
                 continue
-            old = others.get(subkey)
+            old = others.get(peer)
             if old is None or old.progress != seen:
-                others[subkey] = _Seen(seen, now)
+                others[peer] = _Seen(seen, now)
         self._others = others
+
+    def _author(self, subkey: object) -> str | None:
+        """The peer an entry is from, None when it is not to be taken: unsigned while we
+        sign, signed by a key other than the identity of the peer it names, or a peer the
+        access policy does not admit."""
+        if self.validator is None:
+            peer = subkey if isinstance(subkey, str) else None
+        else:
+            if not isinstance(subkey, bytes):
+                return None
+            named, marker, rest = subkey.partition(b"[owner:")
+            peer = named.decode(errors="replace")
+            if not marker or _signer(rest[:-1]) != peer:
+                return None
+        if peer is not None and self.admit is not None and not self.admit(peer):
+            return None
+        return peer
 
     def participants(self) -> list[str]:
         """Peer ids (not ours) that reported progress in this round."""
@@ -154,6 +197,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
 
     async def pull(peer: str) -> None:
         pid = PeerID.from_base58(peer)
+        wait, grow, longest = RETRY_S
         while True:
             left = stop_at - time.monotonic()
             if left <= 0:
@@ -162,7 +206,8 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             try:
                 delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=left)
             except DeltaUnavailable:
-                await asyncio.sleep(RETRY_S)  # still training: ask again
+                await asyncio.sleep(wait)  # still training: ask again
+                wait = min(longest, wait * grow)
                 continue
             except ProtocolError as e:
                 # A bad delta costs the sender its place in this round, never ours.

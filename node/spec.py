@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import sys
@@ -48,6 +49,48 @@ class RoundPolicy:
 
 
 @dataclass(kw_only=True, slots=True)
+class AccessPolicy:
+    """Who may take part (empty: anyone with the spec). With `allow_peers`, only those peer
+    ids; with `secret`, only peers whose record proves they hold it (HMAC-SHA256 of the
+    spec hash and their peer id under the secret; records are signed with the peer's
+    identity, so a proof cannot be lifted into another peer's record). Everyone else's
+    records are refused and their requests for deltas and state closed unanswered, their
+    round progress ignored. A spec with a secret must be kept private; use a long random
+    one (`python -c "import secrets; print(secrets.token_hex(32))"`)."""
+
+    allow_peers: list[str] = field(default_factory=list)
+    """base58 peer ids admitted (empty: no list)."""
+    secret: str = ""
+    """Shared secret (empty: none); at least 16 characters."""
+
+    def validate(self) -> None:
+        for p in self.allow_peers:
+            if not 1 <= len(p) <= 128 or not p.isalnum():
+                raise ValueError(f"access.allow_peers: {p!r} is not a base58 peer id")
+        if self.secret and len(self.secret) < 16:
+            raise ValueError("access.secret must be at least 16 characters (or empty for none)")
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.allow_peers or self.secret)
+
+    def proof(self, spec_hash: bytes, peer_id: str) -> bytes:
+        """What a peer's record carries to show it holds the secret (empty without one)."""
+        if not self.secret:
+            return b""
+        return hmac.new(self.secret.encode(), b"locoswarm-access/1" + spec_hash + peer_id.encode(),
+                        hashlib.sha256).digest()
+
+    def refuse(self, spec_hash: bytes, peer_id: str, proof: bytes) -> str | None:
+        """Why `peer_id` is not admitted to the run (None: it is)."""
+        if self.allow_peers and peer_id not in self.allow_peers:
+            return f"peer {peer_id} is not on the run's allow-list"
+        if self.secret and not hmac.compare_digest(proof, self.proof(spec_hash, peer_id)):
+            return f"peer {peer_id} does not prove it holds the run's secret"
+        return None
+
+
+@dataclass(kw_only=True, slots=True)
 class RunSpec:
     run_id: str = "locoswarm-default"
     """Name of the run; peers of other runs are refused."""
@@ -69,6 +112,8 @@ class RunSpec:
     """Inner/outer optimizers, H and compression."""
     rounds: RoundPolicy = field(default_factory=RoundPolicy)
     """Round timing."""
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    """Private runs: an allow-list of peer ids and/or a shared secret."""
     initial_peers: list[str] = field(default_factory=list)
     """Multiaddrs of peers to join through; not part of the hash."""
 
@@ -86,6 +131,7 @@ class RunSpec:
         self.data.validate()
         self.diloco.validate()
         self.rounds.validate()
+        self.access.validate()
 
     def hash(self) -> bytes:
         """SHA-256 over every setting but `initial_peers` and `diloco.outer.device` (where a
@@ -93,6 +139,8 @@ class RunSpec:
         body = to_dict(self)
         body.pop("initial_peers")
         body["diloco"]["outer"].pop("device")
+        if not self.access.restricted:
+            body.pop("access")  # open runs hash as they did before access policies existed
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).digest()
 
@@ -114,6 +162,7 @@ _SECTIONS: dict[str, type] = {
     "diloco.outer": OuterConfig,
     "diloco.compression": CompressionConfig,
     "rounds": RoundPolicy,
+    "access": AccessPolicy,
 }
 
 

@@ -47,8 +47,10 @@ class StateServer:
     """
 
     def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,
-                 chunk_bytes: int = 4 << 20) -> None:
+                 chunk_bytes: int = 4 << 20, admit: Callable[[str], bool] | None = None) -> None:
         self.p2p = p2p
+        self.admit = admit
+        """Whether to serve a peer id at all (a private run's policy); None: everyone."""
         self.spec = spec
         self.request_timeout_s = request_timeout_s
         self.chunk_bytes = chunk_bytes
@@ -87,7 +89,8 @@ class StateServer:
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
-                                              timeout_s=self.request_timeout_s, what="state", limits=self.limits)
+                                              timeout_s=self.request_timeout_s, what="state", limits=self.limits,
+                                              admit=self.admit)
 
     async def _answer(self, request: bytes) -> bytes:
         kind, round_, index = request[0], int.from_bytes(request[1:9], "big"), int.from_bytes(request[9:], "big")

@@ -68,11 +68,18 @@ class PeerLimits:
 async def serve_framed(
     info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
     request_len: int, answer: Callable[[bytes], bytes | Awaitable[bytes]], timeout_s: float, what: str,
-    limits: PeerLimits | None = None,
+    limits: PeerLimits | None = None, admit: Callable[[str], bool] | None = None,
 ) -> int:
     """Answer one request with `answer(request)` (a function or a coroutine function);
-    returns the bytes written (0 if abandoned or refused by `limits`)."""
+    returns the bytes written (0 if abandoned, refused by `limits`, or from a peer `admit`
+    does not admit)."""
     peer = str(getattr(info, "peer_id", "?"))
+    if admit is not None and not admit(peer):
+        log.info("%s request from %s refused: not admitted to this private run", what, peer)
+        if limits is not None:
+            limits.refused += 1
+        writer.close()
+        return 0
     if limits is not None:
         why = limits.admit(peer)
         if why is not None:

@@ -1,6 +1,7 @@
 """The peer record every peer keeps in the DHT under its run's key (issue 3): who it is,
 where to reach it, what it runs on, how fast it trains, which round it is at, and under
-which run spec, and whether it is paused. Encoded as a msgpack map, version 2; `decode_record` validates every field
+which run spec, whether it is paused, and (in a private run) its proof of the run's secret.
+Encoded as a msgpack map, version 3; `decode_record` validates every field
 and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
 overwrite another's record) is the DHT layer's job: hivemind's signature validator.
 """
@@ -14,11 +15,11 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
-_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused"})
+_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +38,14 @@ class PeerRecord:
     """Hash of the run spec the peer runs."""
     paused: bool = False
     """Its owner's machine is busy (idle governor): reachable, but not training."""
+    proof: bytes = b""
+    """HMAC of the spec hash and peer id under the run's secret (empty: open run)."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
-                          "paused": r.paused},
+                          "paused": r.paused, "proof": r.proof},
                          use_bin_type=True)
 
 
@@ -66,8 +69,10 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: round {round_!r} invalid")
     if not isinstance(m["paused"], bool):
         raise MalformedMessage(f"peer record of {peer}: paused {m['paused']!r} is not a boolean")
+    if not isinstance(m["proof"], bytes) or len(m["proof"]) not in (0, 32):
+        raise MalformedMessage(f"peer record of {peer}: proof must be empty or 32 bytes")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
-                      spec_hash=m["spec"], paused=m["paused"])
+                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"])
 
 
 # ---------------------------------------------------------------- round progress

@@ -219,6 +219,14 @@ def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None) ->
     return path
 
 
+def write_private_spec(path: Path, secret: str) -> Path:
+    from locoswarm.node.spec import AccessPolicy, RunSpec
+    from locoswarm.node.spec import write_spec as write
+
+    write(dataclasses.replace(RunSpec(), access=AccessPolicy(secret=secret)), str(path))
+    return path
+
+
 def node_status(state_dir: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(state_dir),
                            "--json"], capture_output=True, text=True, timeout=30)
@@ -420,3 +428,33 @@ def test_a_corrupt_identity_key_exits_2_naming_the_file_and_leaves_it_unchanged(
     assert re.search(rf"^error: .*{re.escape(str(key))}", child.stderr(), re.M), child.tail()
     assert "Traceback" not in child.stderr()
     assert key.read_bytes() == junk
+
+
+# ---------------------------------------------------------------- private runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180, method="signal")
+def test_a_private_run_trains_its_members_and_refuses_a_stranger_who_knows_the_spec_hash(swarm: Swarm, tmp_path: Path):
+    """Two peers of a run with a shared secret train together; a stranger who signs a record
+    claiming the spec hash, reports inflated progress and asks for deltas is refused at
+    every step: its record with the reason, its delta requests unanswered, its progress
+    not counted (every round has the two members alone)."""
+    from locoswarm.node.spec import load_spec
+
+    INTRUDER = os.path.join(os.path.dirname(__file__), "peers", "intruder.py")
+    run = write_private_spec(tmp_path / "private.toml", "correct horse battery staple 42")
+    spec = load_spec(str(run))
+    a = swarm.join("a", "--min-peers", "2", "--max-rounds", "6", run=run)
+    b = swarm.join("b", "--min-peers", "2", "--max-rounds", "6", run=run, peer=a)
+    stranger = swarm.start("x", [sys.executable, INTRUDER, first_addr(a), spec.run_id, spec.hash().hex()],
+                           stdin=subprocess.PIPE)
+    stranger.wait_for(r"^ready$", 60)
+    for p in (a, b):
+        assert_clean_exit(p, p.wait_exit(150))
+    answers = [m[1] for m in stranger.find(r"^delta \d+ (\w+)$")]
+    assert answers and set(answers) == {"refused"}, stranger.tail()
+    assert a.wait_for(r"does not prove it holds the run's secret", 0, stderr=True)
+    for p in (a, b):
+        assert [(got, of) for _, got, of, _ in rounds(p)] == [(2, 2)] * 6, p.tail()
+    assert final(a)[2] == final(b)[2]

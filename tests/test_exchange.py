@@ -93,7 +93,7 @@ def test_peer_limits_bound_concurrency_and_rate_per_peer():
 
 @pytest.mark.timeout(120)
 def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served():
-    """A real DeltaServer; one client opens 40 streams as fast as it can: the server
+    """A real DeltaServer; one client opens 100 streams as fast as it can: the server
     answers at most its burst of them and closes the rest unanswered; a second client
     pulls the delta."""
     from locoswarm.node.streams import call_framed
@@ -114,7 +114,7 @@ def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served()
                 except (ConnectionError, ProtocolError, asyncio.TimeoutError):
                     return None
 
-            results = await asyncio.gather(*(one(flood) for _ in range(40)))
+            results = await asyncio.gather(*(one(flood) for _ in range(100)))
             honest_got = await one(honest)
             return results, honest_got, server.limits.refused
         finally:
@@ -123,5 +123,5 @@ def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served()
 
     results, honest_got, refused = asyncio.run(go())
     answered = sum(r == b"x" * 1000 for r in results)
-    assert 1 <= answered <= 10 and refused >= 30, (answered, refused)
+    assert 1 <= answered <= 40 and refused >= 60, (answered, refused)
     assert honest_got == b"x" * 1000

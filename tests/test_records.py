@@ -19,6 +19,8 @@ GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0
 
 def test_record_round_trips():
     assert decode_record(encode_record(GOOD), H) == GOOD
+    with_proof = PeerRecord(**{**{f: getattr(GOOD, f) for f in GOOD.__slots__}, "proof": b"p" * 32})
+    assert decode_record(encode_record(with_proof), H) == with_proof
 
 
 @pytest.mark.parametrize(
@@ -34,6 +36,8 @@ def test_record_round_trips():
         (lambda m: m.update(addrs=["not-a-multiaddr"]), MalformedMessage, "addrs"),
         (lambda m: m.update(peer="../../etc"), MalformedMessage, "peer id"),
         (lambda m: m.update(extra=1), MalformedMessage, "fields"),
+        (lambda m: m.update(proof=b"short"), MalformedMessage, "proof"),
+        (lambda m: m.update(proof="text"), MalformedMessage, "proof"),
     ],
 )
 def test_bad_record_is_refused_naming_the_field(mutate, error, message):

@@ -3,6 +3,7 @@ where to find peers), strict parsing that names the key and file, atomic init.""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -109,3 +110,23 @@ def test_run_show_prints_the_default_spec_and_its_hash():
     res = CliRunner().invoke(app, ["run", "show"])
     assert res.exit_code == 0
     assert RunSpec().hash().hex() in res.output
+
+
+def test_an_access_policy_admits_members_and_names_why_it_refuses_others(tmp_path) -> None:
+    from locoswarm.node.spec import AccessPolicy, load_spec, write_spec
+
+    open_hash = RunSpec().hash()
+    private = dataclasses.replace(RunSpec(), access=AccessPolicy(secret="s" * 20, allow_peers=["QmA", "QmB"]))
+    assert private.hash() != open_hash  # the policy is part of the spec
+    h = private.hash()
+    pol = private.access
+    assert pol.refuse(h, "QmA", pol.proof(h, "QmA")) is None
+    assert "does not prove it holds the run's secret" in pol.refuse(h, "QmA", pol.proof(h, "QmB"))
+    assert "not on the run's allow-list" in pol.refuse(h, "QmC", pol.proof(h, "QmC"))
+    assert AccessPolicy().proof(h, "QmA") == b"" and not AccessPolicy().restricted
+    write_spec(private, str(tmp_path / "p.toml"))
+    assert load_spec(str(tmp_path / "p.toml")).hash() == h
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        dataclasses.replace(RunSpec(), access=AccessPolicy(secret="short")).validate()
+    with pytest.raises(ValueError, match="not a base58 peer id"):
+        dataclasses.replace(RunSpec(), access=AccessPolicy(allow_peers=["no/slash"])).validate()

@@ -1,0 +1,62 @@
+"""A stranger to a private run, for the access tests: it knows the run id and spec hash
+(both public in the DHT) but not the secret. It joins the DHT through argv[1], signs a
+record of its own claiming the spec (without a valid proof), reports inflated progress for
+the first rounds, then asks the peer at argv[1] for its deltas, printing one line per
+attempt: `delta <round> refused|served|none`. Runs until stdin closes.
+
+usage: python intruder.py MADDR RUN_ID SPEC_HASH_HEX
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
+
+from locoswarm.node.exchange import PROTOCOL
+from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+from locoswarm.node.registry import PeerRegistry
+from locoswarm.node.rounds import RoundProgress
+from locoswarm.node.streams import call_framed
+from locoswarm.protocol.records import PeerRecord
+
+
+async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
+    state = tempfile.mkdtemp(prefix="intruder-")
+    os.close(open_state_dir(state))
+    validator = RSASignatureValidator(identity_key(state))
+    dht = await DHTNode.create(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                               record_validator=validator, identity_path=os.path.join(state, IDENTITY_FILE))
+    p2p = dht.protocol.p2p
+    me = p2p.peer_id.to_base58()
+    own = str((await p2p.get_visible_maddrs())[0])
+    registry = PeerRegistry(dht, run_id, spec_hash, ttl_s=30.0, validator=validator)
+    await registry.announce(PeerRecord(peer_id=me, addrs=(own,), device="cuda", tokens_per_s=1e9, round=0,
+                                       spec_hash=spec_hash, proof=b"\0" * 32))
+    for r in range(4):
+        progress = RoundProgress(dht, run_id, spec_hash, r, me, per_peer_tokens=1, interval_s=0.1, ttl_s=60.0,
+                                 validator=validator)
+        await progress.report(10**9, 1e9, done=True)
+    print("ready", flush=True)
+    target = PeerID.from_base58(maddr.split("/p2p/")[1])
+    for r in range(4):
+        try:
+            body = await call_framed(p2p, target, PROTOCOL, r.to_bytes(8, "big"), limit=1 << 26,
+                                     limit_name="limit", timeout_s=10)
+            print(f"delta {r} {'none' if body is None else 'served'}", flush=True)
+        except Exception:  # noqa: BLE001 - a refusal closes the stream: any failure is a refusal here
+            print(f"delta {r} refused", flush=True)
+        await asyncio.sleep(1.0)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await dht.shutdown()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])))
