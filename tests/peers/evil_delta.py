@@ -1,6 +1,7 @@
 """A malicious peer for the daemon tests: joins a swarm's DHT through ADDR, claims a place in
 every round (a finished round-progress entry with 0 tokens under the default run spec, for
-rounds 0..50) so that honest peers count it as a participant and pull its delta, and
+rounds 0..50, signed with its identity key as honest progress is) so that honest peers count
+it as a participant and pull its delta, and
 answers every delta request with a bad frame. Prints its peer id, then runs until stdin
 closes or it is killed.
 
@@ -13,14 +14,19 @@ usage: python evil_delta.py MODE ADDR
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
 import sys
+import tempfile
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import PROTOCOL
+from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.rounds import progress_key
 from locoswarm.node.spec import load_spec
 from locoswarm.protocol.records import Progress, encode_progress
@@ -45,8 +51,13 @@ async def main(mode: str, addr: str) -> None:
     spec = load_spec(None)
     key_of = {r: progress_key(spec.run_id, spec.hash(), r) for r in ROUNDS}
     rng = random.Random(mode)
-    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[addr])
+    state = tempfile.mkdtemp(prefix="evil-")
+    os.close(open_state_dir(state))
+    validator = RSASignatureValidator(identity_key(state))
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[addr],
+                           identity_path=os.path.join(state, IDENTITY_FILE))
     me = p2p.peer_id.to_base58()
+    subkey = me.encode() + validator.local_public_key
 
     async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -59,12 +70,13 @@ async def main(mode: str, addr: str) -> None:
             writer.close()
 
     await p2p.add_binary_stream_handler(PROTOCOL, rpc_get_delta)
-    dht = await DHTNode.create(p2p=p2p, initial_peers=[addr])
+    dht = await DHTNode.create(p2p=p2p, initial_peers=[addr], record_validator=validator)
     claim = encode_progress(Progress(tokens=0, tokens_per_s=0.0, done=True))
 
     async def keep_claiming() -> None:
         while True:  # stored again now and then, so honest peers that joined later find it too
-            await asyncio.gather(*(dht.store(key, claim, get_dht_time() + TTL_S, subkey=me) for key in key_of.values()))
+            await asyncio.gather(*(dht.store(key, claim, get_dht_time() + TTL_S, subkey=subkey)
+                                   for key in key_of.values()))
             await asyncio.sleep(REFRESH_S)
 
     claiming = asyncio.create_task(keep_claiming())
@@ -73,6 +85,7 @@ async def main(mode: str, addr: str) -> None:
     claiming.cancel()
     await dht.shutdown()
     await p2p.shutdown()
+    shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
