@@ -101,6 +101,11 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._records: list[PeerRecord] = []
         self._admitted: set[str] = set()
+        self._had_peers = False
+        """Some round of ours aggregated another peer's delta."""
+        self._alone_rounds = 0
+        """Rounds aggregated alone since; > 0 means the outer state went its own way."""
+        self._next_rediscovery = 0.0
         """Peer ids whose records passed the run's access policy at the last refresh."""
         self._validator: RSASignatureValidator | None = None
         self._rng = random.Random()
@@ -231,6 +236,8 @@ class Daemon:
                 self._records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
                 self._admitted = {r.peer_id for r in self._records}
                 self.num_peers = len(self._records)
+                if not self._records and self._had_peers:
+                    await self._rediscover(registry.dht)
             except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
                 log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(min(1.0, self.cfg.record_ttl_s / 3))
@@ -242,6 +249,26 @@ class Daemon:
         if not self.spec.access.restricted:
             return None
         return lambda peer: peer in self._admitted
+
+    async def _rediscover(self, dht: DHTNode) -> None:
+        """Seeing nobody after having had peers (a cut link, now maybe healed): dial the
+        initial peers again, at most every 5 s, and ping them back into the DHT's routing
+        table, which dropped them while they were unreachable."""
+        now = time.monotonic()
+        if now < self._next_rediscovery or not self.cfg.net.peers:
+            return
+        self._next_rediscovery = now + 5.0
+        from hivemind.utils.multiaddr import Multiaddr
+
+        for maddr in self.cfg.net.peers:
+            addr, _, pid = maddr.rpartition("/p2p/")
+            try:
+                peer = PeerID.from_base58(pid)
+                await asyncio.wait_for(dht.protocol.p2p._client.connect(peer, [Multiaddr(addr)]), 5.0)
+                if await asyncio.wait_for(dht.protocol.call_ping(peer), 5.0) is not None:
+                    log.info("reached initial peer %s again", pid)
+            except Exception as e:  # still cut off (or in libp2p's dial backoff): try again later
+                log.info("initial peer %s still unreachable: %s", pid, str(e).strip().splitlines()[0][:200])
 
     async def _join(self, p2p: P2P, registry: PeerRegistry) -> None:
         """Take the swarm's outer state if there is a swarm; refuse a swarm of another spec."""
@@ -295,8 +322,19 @@ class Daemon:
     async def _catch_up(self, p2p: P2P) -> bool:
         """A peer that fell more than a round behind the swarm takes its state again. The
         peers ahead must be at least as many as those level with it (itself included): one
-        peer that ran ahead alone (cut off, or seeing nobody) does not drag the swarm along."""
+        peer that ran ahead alone (cut off, or seeing nobody) does not drag the swarm along.
+        And a peer that aggregated rounds alone after having had peers (cut off by a
+        partition) takes the state of the peers it finds again, if they are at its round or
+        ahead: its own outer state went its own way and its deltas would not fit theirs."""
         mine = self.trainer.outer.num_steps
+        if self._alone_rounds:
+            found = [r for r in self._records if r.round >= mine and not r.paused]
+            if found:
+                log.warning("found %d peers again after %d rounds alone: taking the swarm's state",
+                            len(found), self._alone_rounds)
+                self._alone_rounds = 0
+                await self._sync(p2p, found)
+                return True
         ahead = [r for r in self._records if r.round > mine + 1]
         level = [r for r in self._records if abs(r.round - mine) <= 1]
         if not ahead or len(ahead) < 1 + len(level):
@@ -400,6 +438,9 @@ class Daemon:
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
         deltas = [trainer.decode(blob)] + got.deltas
+        if len(deltas) == 1 and self._had_peers:
+            self._alone_rounds += 1  # cut off: this round's outer step is ours alone
+        self._had_peers = self._had_peers or len(deltas) > 1
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
         planned = trainer.round_tokens * len(deltas)
         # Integral control: the accumulated overshoot, so a steady bias is cancelled, not halved.

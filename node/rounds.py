@@ -54,6 +54,10 @@ EXTRAPOLATE_INTERVALS = 4
 RETRY_S = (0.02, 1.5, 0.25)
 """Asking again for a delta that is not ready yet: after 20 ms, growing ×1.5 to at most
 250 ms (≤ 4 requests a second per peer once waiting long; servers refuse more than 10)."""
+STREAM_RETRY_S = (0.5, 1.0, 2.0, 4.0)
+"""Waits before asking again after a failed stream (a lost SYN, a dial in libp2p's 5 s dial
+backoff): dropping a peer's delta at the first failure made peers aggregate different sets
+of deltas over a lossy link, and their outer states split (seen over 1 % loss)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,6 +202,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
     async def pull(peer: str) -> None:
         pid = PeerID.from_base58(peer)
         wait, grow, longest = RETRY_S
+        failures = 0
         while True:
             left = stop_at - time.monotonic()
             if left <= 0:
@@ -218,7 +223,13 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             except asyncio.TimeoutError:
                 out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                 return
-            except Exception as e:  # the stream failed (peer gone, refused): drop it for this round
+            except Exception as e:  # the stream failed (peer gone, refused, link lossy): retry, then drop
+                if failures < len(STREAM_RETRY_S) and stop_at - time.monotonic() > STREAM_RETRY_S[failures]:
+                    log.info("delta of %s for round %d: stream failed (%s: %s), asking again in %g s", peer, round_,
+                             type(e).__name__, str(e).strip().replace("\n", " "), STREAM_RETRY_S[failures])
+                    await asyncio.sleep(STREAM_RETRY_S[failures])
+                    failures += 1
+                    continue
                 log.info("delta of %s for round %d unavailable: %s: %s", peer, round_, type(e).__name__, e)
                 out.failed[peer] = f"{type(e).__name__}: {e}"
                 return
