@@ -47,6 +47,7 @@ from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
+from locoswarm.optim.screen import apply_screen, screen
 from locoswarm.protocol.records import PeerRecord
 
 log = logging.getLogger(__name__)
@@ -437,7 +438,13 @@ class Daemon:
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        deltas = [trainer.decode(blob)] + got.deltas
+        screened = await run(screen, [trainer.decode(blob)] + got.deltas, self.spec.diloco.robust, self.peer_id)
+        for rejection in screened.rejected:
+            log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
+        for note in screened.notes:
+            log.warning("round %d: %s", r, note)
+        self.deltas_rejected += len(screened.rejected)
+        deltas = apply_screen(screened)
         if len(deltas) == 1 and self._had_peers:
             self._alone_rounds += 1  # cut off: this round's outer step is ours alone
         self._had_peers = self._had_peers or len(deltas) > 1

@@ -25,6 +25,7 @@ from locoswarm.node.workload.data import DataConfig
 from locoswarm.node.workload.model import check_model_name
 from locoswarm.node.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
+from locoswarm.optim.config import RobustConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -161,6 +162,7 @@ _SECTIONS: dict[str, type] = {
     "diloco.inner": InnerConfig,
     "diloco.outer": OuterConfig,
     "diloco.compression": CompressionConfig,
+    "diloco.robust": RobustConfig,
     "rounds": RoundPolicy,
     "access": AccessPolicy,
 }

@@ -98,6 +98,27 @@ class CompressionConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RobustConfig:
+    """How a round's deltas are screened before aggregation (optim/screen.py)."""
+
+    norm_rule: str = "clip"
+    """clip: a contribution whose norm exceeds norm_factor × the round's median is scaled
+    down to it; reject: it is left out; none: no norm rule. Non-finite deltas are always
+    refused."""
+    norm_factor: float = 4.0
+    """κ: how far above the round's median norm a contribution may go. Honest peers differ:
+    their rounds' token counts varied up to 2.4× the median on 2 shared cores."""
+    token_factor: float = 4.0
+    """A claimed token count above token_factor × the round's median claim is cut to it."""
+
+    def validate(self) -> None:
+        if self.norm_rule not in ("clip", "reject", "none"):
+            raise ValueError(f"diloco.robust.norm_rule must be clip, reject or none, got {self.norm_rule!r}")
+        if not self.norm_factor >= 1.0 or not self.token_factor >= 1.0:
+            raise ValueError("diloco.robust.norm_factor and token_factor must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
 class DiLoCoConfig:
     inner_steps: int = 5
     """H: inner steps between two outer steps."""
@@ -107,10 +128,13 @@ class DiLoCoConfig:
     """The outer optimizer."""
     compression: CompressionConfig | None = field(default_factory=CompressionConfig)
     """How pseudo-gradients are compressed; None sends them in full fp32."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    """Screening of received deltas: norm rule and token-claim cap."""
 
     def validate(self) -> None:
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        self.robust.validate()
         self.inner.validate()
         self.outer.validate()
         if self.compression is not None:

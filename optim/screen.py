@@ -1,0 +1,121 @@
+"""Screening a round's deltas before aggregation (issue 6): what one bad peer can do to a
+round is bounded here.
+
+- A delta with a non-finite value anywhere is refused (the protocol decoder already
+  refuses non-finite scales; this holds for any delta handed in).
+- Norms: each delta's L2 norm (of its decoded values, summed over tensors in float64) is
+  compared with the round's median; rule "clip" scales a delta above norm_factor × median
+  down to that norm (Templar clips to the median itself; κ = 4 leaves honest variation —
+  peers train different token counts — alone), rule "reject" leaves it out. The own delta
+  is counted in the median and never rejected.
+- Token claims: a delta's token count (its weight) above token_factor × the round's median
+  claim is cut to it. The issue asked for a bound from the peer's announced throughput ×
+  the round's duration; but each peer sees those at different moments, so peers would
+  weigh the same delta differently and their outer states would split. Every input here is
+  in the deltas themselves, so every peer holding the same deltas decides the same.
+
+Median of an even count: the mean of the two middle values. With fewer than 3 deltas there
+is no meaningful median: only non-finite deltas are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from locoswarm.kernels import dequantize
+from locoswarm.optim.config import RobustConfig
+from locoswarm.protocol import DecodedDelta
+
+MIN_FOR_MEDIAN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    sender: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Screened:
+    deltas: list[DecodedDelta] = field(default_factory=list)
+    """Kept deltas, ascending sender order."""
+    scales: dict[str, float] = field(default_factory=dict)
+    """sender → multiplier of its values (1.0 unless clipped)."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    """sender → the token count it is weighted by (its claim, or the cap)."""
+    rejected: list[Rejection] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What was changed but kept (clipped norms, cut claims), for the log."""
+
+
+def delta_norm(d: DecodedDelta) -> float:
+    """L2 norm of a delta's decoded values over all its tensors (NaN if any is not finite)."""
+    total = 0.0
+    for t in d.tensors:
+        values = dequantize(t.codes, t.scales, t.layout, t.bits).double()
+        total += float((values * values).sum())
+    return math.sqrt(total) if math.isfinite(total) else math.nan
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def screen(deltas: list[DecodedDelta], cfg: RobustConfig, own: str | None = None) -> Screened:
+    """Apply the rules to one round's deltas (any order in; sender order out)."""
+    out = Screened()
+    norms: dict[str, float] = {}
+    for d in sorted(deltas, key=lambda d: d.sender):
+        n = delta_norm(d)
+        if not math.isfinite(n):
+            out.rejected.append(Rejection(d.sender, "non-finite values in its delta"))
+            continue
+        norms[d.sender] = n
+        out.deltas.append(d)
+    if len(out.deltas) >= MIN_FOR_MEDIAN:
+        if cfg.norm_rule != "none":
+            mid = median(list(norms.values()))
+            limit = cfg.norm_factor * mid
+            kept = []
+            for d in out.deltas:
+                n = norms[d.sender]
+                if n > limit and mid > 0 and d.sender != own:
+                    ratio = f"norm {n:.3g} is {n / mid:.3g}× the round's median {mid:.3g} (limit {cfg.norm_factor:g}×)"
+                    if cfg.norm_rule == "reject":
+                        out.rejected.append(Rejection(d.sender, ratio))
+                        continue
+                    out.scales[d.sender] = limit / n
+                    out.notes.append(f"{d.sender}: {ratio}: clipped to {limit:.3g}")
+                kept.append(d)
+            out.deltas = kept
+        claims = median([float(d.num_tokens) for d in out.deltas])
+        cap = max(1, int(cfg.token_factor * claims))
+        for d in out.deltas:
+            if d.num_tokens > cap and d.sender != own:
+                out.notes.append(f"{d.sender}: claims {d.num_tokens} tokens, {d.num_tokens / claims:.3g}× the "
+                                 f"round's median claim: weighted as {cap}")
+    else:
+        cap = None
+    for d in out.deltas:
+        out.scales.setdefault(d.sender, 1.0)
+        out.tokens[d.sender] = d.num_tokens if cap is None or d.sender == own else min(d.num_tokens, cap)
+    return out
+
+
+def apply_screen(screened: Screened) -> list[DecodedDelta]:
+    """The kept deltas with their token counts replaced by the capped ones and their values
+    scaled by the clip multipliers (codes and indices untouched: the scale pair is scaled,
+    which scales every decoded value of the chunk)."""
+    import dataclasses
+
+    out = []
+    for d in screened.deltas:
+        k = screened.scales[d.sender]
+        tensors = d.tensors if k == 1.0 else tuple(dataclasses.replace(t, scales=t.scales * k) for t in d.tensors)
+        out.append(dataclasses.replace(d, num_tokens=screened.tokens[d.sender], tensors=tensors))
+    return out
