@@ -69,6 +69,14 @@ def _signer(owner_key: bytes) -> str:
         return "?"
 
 
+CLAIM_FACTOR = 4.0
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
     return f"locoswarm:{run_id}:{spec_hash[:8].hex()}:progress:{round_}"
 
@@ -163,13 +171,20 @@ class RoundProgress:
         total = own_tokens
         others = self._others  # replaced whole by refresh(), never mutated: safe from the training thread
         counted = set(self.expected())
+        claims = {}
         for peer, seen in others.items():
             p = seen.progress
             if p.done and p.tokens == 0:
                 continue  # an empty claim neither trains nor raises the target
             counted.add(peer)
             ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
-            total += p.tokens + ahead
+            claims[peer] = p.tokens + ahead
+        # One peer claiming a huge count must not end everyone's round: each claim counts for
+        # at most CLAIM_FACTOR × the median claim (ours included), and never less than the
+        # per-peer share, so a fast GPU doing most of the work still counts for it.
+        if claims:
+            cap = max(self.per_peer_tokens, CLAIM_FACTOR * _median(list(claims.values()) + [float(max(0, own_tokens))]))
+            total += sum(min(c, cap) for c in claims.values())
         counted.discard(self.peer_id)
         return total, self.per_peer_tokens * (1 + len(counted)) - self.carry
 
