@@ -54,6 +54,8 @@ EXTRAPOLATE_INTERVALS = 4
 RETRY_S = (0.02, 1.5, 0.25)
 """Asking again for a delta that is not ready yet: after 20 ms, growing ×1.5 to at most
 250 ms (≤ 4 requests a second per peer once waiting long; servers refuse more than 10)."""
+ATTEMPT_TIMEOUT_S = 8.0
+"""Longest wait for one delta request."""
 STREAM_RETRY_S = (0.5, 1.0, 2.0, 4.0)
 """Waits before asking again after a failed stream (a lost SYN, a dial in libp2p's 5 s dial
 backoff): dropping a peer's delta at the first failure made peers aggregate different sets
@@ -224,7 +226,9 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                 return
             try:
-                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=left)
+                # One attempt may hang (a stream opened on a starved or cut peer): bound it
+                # below the deadline and ask again, as after any failed stream.
+                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=min(left, ATTEMPT_TIMEOUT_S))
             except DeltaUnavailable:
                 await asyncio.sleep(wait)  # still training: ask again
                 wait = min(longest, wait * grow)
@@ -235,10 +239,10 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 out.rejected += 1
                 out.failed[peer] = f"{type(e).__name__}: {e}"
                 return
-            except asyncio.TimeoutError:
-                out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
-                return
-            except Exception as e:  # the stream failed (peer gone, refused, link lossy): retry, then drop
+            except Exception as e:  # the stream failed or hung (peer gone, refused, lossy link): retry, then drop
+                if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
+                    out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                    return
                 if failures < len(STREAM_RETRY_S) and stop_at - time.monotonic() > STREAM_RETRY_S[failures]:
                     log.info("delta of %s for round %d: stream failed (%s: %s), asking again in %g s", peer, round_,
                              type(e).__name__, str(e).strip().replace("\n", " "), STREAM_RETRY_S[failures])

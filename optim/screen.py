@@ -5,8 +5,8 @@ round is bounded here.
   refuses non-finite scales; this holds for any delta handed in).
 - Norms: each delta's L2 norm (of its decoded values, summed over tensors in float64) is
   compared with the round's median; rule "clip" scales a delta above norm_factor × median
-  down to that norm (Templar clips to the median itself; κ = 4 leaves honest variation —
-  peers train different token counts — alone), rule "reject" leaves it out. The own delta
+  down to that norm (κ = 1 by default: Templar's rule, clip to the median; config.py says
+  how it was chosen), rule "reject" leaves it out. The own delta
   is counted in the median and never rejected.
 - Token claims: a delta's token count (its weight) above token_factor × the round's median
   claim is cut to it. The issue asked for a bound from the peer's announced throughput ×

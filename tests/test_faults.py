@@ -148,3 +148,42 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     assert any(got < 3 for got, _ in seen), f"c was never left out: {seen}"
     alone = [got for _, got, _, _ in daemon.rounds(c) if got == 1]
     print(f"a's rounds {seen}; c aggregated {len(alone)} rounds alone, then took round {synced}'s state")
+
+
+@pytest.mark.timeout(400, method="signal")
+def test_malicious_peers_deltas_are_refused_or_bounded_and_the_honest_peers_train_on(swarm, clean_eval_loss):
+    """Three honest peers on loopback and five malicious ones, each claiming a place in every
+    round and answering delta requests with a well-formed but bad delta: NaN scales, values
+    about 1000 times an honest delta's, a delta of another round, an honest peer's old delta
+    replayed, and an inflated token count (the spec's maximum, plus 10⁹ tokens of progress).
+    Each is refused or bounded with a log line naming the peer; the honest peers agree on
+    one outer state and their loss stays within the margin of the clean run."""
+    import subprocess
+
+    modes = ("nan", "huge", "wrong_round", "replay", "inflated")
+    a = swarm.join("a", "--min-peers", "3", "--max-rounds", str(ROUNDS))
+    addr = daemon.first_addr(a)
+    evil = {m: swarm.start(f"evil-{m}", [sys.executable, "-u", daemon.EVIL_SCRIPT, m, addr], stdin=subprocess.PIPE)
+            for m in modes}
+    ids = {m: child.wait_for(r"^(\w+)$", 90)[1] for m, child in evil.items()}
+    honest = [a] + [swarm.join(n, "--min-peers", "3", "--max-rounds", str(ROUNDS), peer=a) for n in ("b", "c")]
+    for p in honest:
+        daemon.assert_clean_exit(p, p.wait_exit(300))
+    finals = [daemon.final(p) for p in honest]
+    assert len({d for *_, d in finals}) == 1, "honest outer states differ"
+    expected = {
+        "nan": r"delta of {pid} for round \d+ rejected: NonFiniteValue: .*non-finite",
+        "wrong_round": r"delta of {pid} for round \d+ rejected: MalformedMessage: .*with a delta of round",
+        "replay": r"(delta of {pid} for round \d+ rejected: MalformedMessage: .*with a delta of round|"
+                  r"delta from {pid} names sender)",
+        "huge": r"round \d+: {pid}: norm \S+ is \S+× the round's median .*clipped",
+        "inflated": r"round \d+: {pid}: claims \d+ tokens, .* weighted as \d+",
+    }
+    for p in honest:
+        err = p.stderr()
+        for mode, pattern in expected.items():
+            assert re.search(pattern.format(pid=ids[mode]), err), f"{p.name}: nothing logged for {mode}\n{p.tail()}"
+    loss = mean_eval(honest)
+    print(f"mean eval loss {loss:.4f} under five malicious peers; clean run {clean_eval_loss:.4f}")
+    print(f"finals {[f[1] for f in finals]}")
+    assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss

@@ -6,9 +6,15 @@ answers every delta request with a bad frame. Prints its peer id, then runs unti
 closes or it is killed.
 
 usage: python evil_delta.py MODE ADDR
-  MODE garbage:   a length header, then that many random bytes (not a delta)
-  MODE truncated: a length header larger than what follows, then the stream closes
-  MODE oversized: a length header of 2**40 bytes
+  MODE garbage:     a length header, then that many random bytes (not a delta)
+  MODE truncated:   a length header larger than what follows, then the stream closes
+  MODE oversized:   a length header of 2**40 bytes
+  well-formed deltas of the default spec, bad in one way:
+  MODE nan:         a scale pair of NaN
+  MODE huge:        values about 1000 times an honest delta's
+  MODE wrong_round: a delta of another round than the one asked
+  MODE replay:      the first honest peer's delta of the previous round, served again
+  MODE inflated:    a claim of the spec's maximum token count (and 10**9 tokens of progress)
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import tempfile
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import PROTOCOL
@@ -47,6 +53,30 @@ def frame(mode: str, rng: random.Random) -> bytes:
     raise SystemExit(f"unknown mode {mode!r}")
 
 
+CRAFTED = ("nan", "huge", "wrong_round", "replay", "inflated")
+
+
+def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
+    """A well-formed delta of the default spec for `round_`, bad as `mode` says."""
+    import torch
+
+    from locoswarm.optim import ErrorFeedbackCompressor
+    from locoswarm.protocol import DeltaMessage, encode_delta
+
+    gen = torch.Generator().manual_seed(round_)
+    scale = 5.0 if mode == "huge" else 5e-3  # honest deltas: about 5e-3 per entry after a round
+    comp = ErrorFeedbackCompressor(dspec.tensors, cfg, "cpu")
+    packed, _ = comp.compress([scale * torch.randn(t.shape, generator=gen) for t in dspec.tensors])
+    if mode == "nan":
+        first = packed[0]
+        packed[0] = type(first)(**{**{f: getattr(first, f) for f in first.__slots__},
+                                   "scales": b"\xc0\x7f" * (len(first.scales) // 2)})
+    msg = DeltaMessage(run_id=dspec.run_id, spec_hash=dspec.spec_hash,
+                       round=round_ + 7 if mode == "wrong_round" else round_, sender=me,
+                       num_tokens=dspec.max_tokens if mode == "inflated" else 2560, tensors=tuple(packed))
+    return encode_delta(msg)
+
+
 async def main(mode: str, addr: str) -> None:
     spec = load_spec(None)
     key_of = {r: progress_key(spec.run_id, spec.hash(), r) for r in ROUNDS}
@@ -59,19 +89,46 @@ async def main(mode: str, addr: str) -> None:
     me = p2p.peer_id.to_base58()
     subkey = me.encode() + validator.local_public_key
 
+    if mode in CRAFTED:
+        import torch
+
+        from locoswarm.node.workload.model import build_model
+        from locoswarm.node.workload.tokenizer import get_tokenizer
+        from locoswarm.optim import delta_spec
+
+        model = build_model(spec.model, get_tokenizer(spec.tokenizer).vocab_size, spec.data.seq_len, spec.seed)
+        named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        dspec = delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec.hash(),
+                           max_tokens=64 * spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len)
+        honest = PeerID.from_base58(addr.split("/p2p/")[1])
+        torch.set_num_threads(1)
+
+    async def answer(round_: int) -> bytes:
+        if mode not in CRAFTED:
+            return frame(mode, rng)
+        if mode == "replay":
+            from locoswarm.node.streams import call_framed
+
+            old = await call_framed(p2p, honest, PROTOCOL, max(0, round_ - 1).to_bytes(8, "big"), limit=1 << 24,
+                                    limit_name="limit", timeout_s=10)
+            body = old or b""
+        else:
+            body = crafted(mode, round_, me, dspec, spec.diloco.compression)
+        return len(body).to_bytes(8, "big") + body
+
     async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await reader.readexactly(8)
-            writer.write(frame(mode, rng))
+            round_ = int.from_bytes(await reader.readexactly(8), "big")
+            writer.write(await answer(round_))
             await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()
 
     await p2p.add_binary_stream_handler(PROTOCOL, rpc_get_delta)
     dht = await DHTNode.create(p2p=p2p, initial_peers=[addr], record_validator=validator)
-    claim = encode_progress(Progress(tokens=0, tokens_per_s=0.0, done=True))
+    claim = encode_progress(Progress(tokens=10**9 if mode == "inflated" else 0, tokens_per_s=0.0, done=True))
 
     async def keep_claiming() -> None:
         while True:  # stored again now and then, so honest peers that joined later find it too
