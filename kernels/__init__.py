@@ -1,6 +1,7 @@
 """Pure tensor functions for pseudo-gradient compression (chunked top-k, quantization,
-bit packing). Plain-torch references that run alike on CPU, CUDA and MPS; fused CUDA
-versions will replace them behind the same signatures. No I/O, no knowledge of peers."""
+bit packing). Plain-torch references that run alike on CPU, CUDA and MPS, and fused Triton
+versions for CUDA (kernels/fused.py, imported only where used: it imports Triton) with the
+same outputs. No I/O, no knowledge of peers."""
 
 from locoswarm.kernels.bitpack import pack_bits, packed_nbytes, unpack_bits
 from locoswarm.kernels.layout import ChunkLayout

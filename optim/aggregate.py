@@ -4,7 +4,8 @@ Deterministic by construction: contributions are summed in ascending sender orde
 decoded to a dense buffer with a non-accumulating scatter of unique positions, so every
 peer that holds the same set of deltas computes the same bits on the same device type (no
 atomics, no scatter_reduce; DeMo's reference notes that its scatter_reduce decode lets
-replicas drift).
+replicas drift). On CUDA the fused kernel (kernels/fused.py accumulate) does the same sums
+in the same order in one pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from locoswarm.kernels import scatter_chunks
 from locoswarm.protocol import DecodedDelta
-from locoswarm.optim.compress import densify
+from locoswarm.optim.compress import densify, fused_kernels
 
 
 def aggregate(
@@ -42,13 +43,19 @@ def aggregate(
     if rule == "masked" and shares is None:
         shares = coverage(ordered, device)
     out = []
+    fused = fused_kernels(torch.empty(0, device=device))
     for i, shape in enumerate(shapes):
-        numel = ordered[0].tensors[i].layout.numel
-        acc = torch.zeros(numel, dtype=torch.float32, device=device)
-        scratch = torch.empty_like(acc)
-        for d in ordered:
-            scratch.zero_()
-            acc.add_(densify(d.tensors[i], out=scratch, scale=d.num_tokens / total))
+        lay = ordered[0].tensors[i].layout
+        acc = torch.zeros(lay.numel, dtype=torch.float32, device=device)
+        if fused is not None:  # one pass over the dense buffer for all peers, the same bits
+            peers = [(d.tensors[i].indices.to(device), d.tensors[i].codes.to(device), d.tensors[i].scales.to(device))
+                     for d in ordered]
+            fused.accumulate(acc, peers, [d.num_tokens / total for d in ordered], lay, ordered[0].tensors[i].bits)
+        else:
+            scratch = torch.empty_like(acc)
+            for d in ordered:
+                scratch.zero_()
+                acc.add_(densify(d.tensors[i], out=scratch, scale=d.num_tokens / total))
         if rule == "masked":
             # where nobody sent a coordinate both acc and its share are 0: divide by 1 there
             w = shares[i]

@@ -10,12 +10,29 @@ was sent, up to the one fp32 rounding of the subtraction).
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
 
 from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks
 from locoswarm.protocol import DeltaSpec, PackedTensor, SparseTensor, TensorSpec
 from locoswarm.optim.config import CompressionConfig
+
+
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+def fused_kernels(t: Tensor):
+    """kernels.fused when it can run on `t` (CUDA with Triton, or Triton's CPU interpreter
+    under TRITON_INTERPRET=1), else None: CPU and MPS take the torch path and never import
+    Triton."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    from locoswarm.kernels import fused
+
+    return fused if fused.available(t) else None
 
 
 def tensor_specs(named_shapes: list[tuple[str, tuple[int, ...]]], cfg: CompressionConfig) -> tuple[TensorSpec, ...]:
@@ -64,11 +81,18 @@ class ErrorFeedbackCompressor:
         """Per tensor, flat bool: the coordinates this peer sent in its last message."""
 
     @torch.no_grad()
-    def compress(self, deltas: list[Tensor]) -> tuple[list[PackedTensor], list[Tensor]]:
+    def compress(self, deltas: list[Tensor], *, dense: bool = True) -> tuple[list[PackedTensor], list[Tensor]]:
         """Compress this round's deltas; returns the packed tensors and, per tensor, the
-        dense values a receiver will decode (flat fp32, for tests and local bookkeeping).
+        dense values a receiver will decode (flat fp32, for tests and local bookkeeping;
+        an empty list with `dense=False`).
+
+        On CUDA with Triton the fused kernels (kernels/fused.py) do it in one pass per
+        tensor with the same bits as the torch path below.
 
         Raises ValueError on a non-finite delta: a diverged replica must not send it."""
+        fused = fused_kernels(self.errors[0]) if self.errors else None
+        if fused is not None:
+            return self._compress_fused(fused, deltas, dense)
         packed, buffers, transmitted, sent_idx = [], [], [], []
         for spec, err, delta in zip(self.specs, self.errors, deltas):
             d = delta.reshape(-1).to(err.device, dtype=torch.float32)
@@ -107,6 +131,35 @@ class ErrorFeedbackCompressor:
         for mask, idx, spec in zip(self.sent_masks, sent_idx, self.specs):
             mask.zero_()
             scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), spec.layout, out=mask)
+        return packed, transmitted
+
+    def _compress_fused(self, fused, deltas: list[Tensor], dense: bool) -> tuple[list[PackedTensor], list[Tensor]]:
+        flat = [d.reshape(-1).to(e.device, dtype=torch.float32) for d, e in zip(deltas, self.errors)]
+        # Every refusal is decided before any residual is touched (the kernel writes them in
+        # place): one max per tensor sees NaN, inf and magnitudes beyond bfloat16's range.
+        decay = self.cfg.ef_decay
+        for spec, d, err in zip(self.specs, flat, self.errors):
+            peak = float(d.abs().amax())
+            if not math.isfinite(peak):
+                raise ValueError(f"pseudo-gradient of {spec.name!r} is not finite; refusing to send it")
+            if self.cfg.residual == "buffer":
+                peak += decay * float(err.abs().amax())
+            if peak > BF16_MAX:
+                raise ValueError(f"pseudo-gradient of {spec.name!r} exceeds the bfloat16 range of the scales")
+        packed, transmitted = [], []
+        for spec, d, err, mask in zip(self.specs, flat, self.errors, self.sent_masks):
+            lay = spec.layout
+            idx, codes, scales = fused.compress(err, d, lay, spec.bits, mode=self.cfg.residual, decay=decay)
+            if dense:
+                transmitted.append(scatter_chunks(idx.long(), dequantize(codes.long(), scales, lay, spec.bits), lay))
+            mask.zero_()
+            scatter_chunks(idx.long(), torch.ones(lay.num_selected, dtype=torch.bool, device=mask.device), lay,
+                           out=mask)
+            packed.append(PackedTensor(
+                name=spec.name, shape=spec.shape, chunk=spec.chunk, k=spec.k, bits=spec.bits,
+                indices=fused.pack_bits(idx, lay.index_bits).cpu().numpy().tobytes(),
+                values=fused.pack_bits(codes, spec.bits).cpu().numpy().tobytes(),
+                scales=scales.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()))
         return packed, transmitted
 
     @torch.no_grad()

@@ -1,0 +1,127 @@
+"""Timing of the compression kernels on CUDA (`locoswarm bench kernels`): the plain-torch
+reference path and the fused kernels on the same buffers, against a device-to-device copy
+measured in the same run.
+
+Byte accounting (the floor): compression reads the residual and the delta and writes the
+residual, 12 bytes per element (the selected entries' outputs are ≈1 % of that and left
+out); decode-and-accumulate of P peers writes the dense fp32 buffer once (zeroing it, 4
+bytes per element) and touches each peer's selected entries (left out). A copy moves 8
+bytes per element (read + write), so floor time = bytes / (8·n / copy time).
+
+Extra memory: the peak allocated while the path runs, less what was allocated before it
+(the inputs and the outputs' final size are allocated before for both paths).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from locoswarm.kernels.bitpack import pack_bits
+from locoswarm.kernels.layout import ChunkLayout
+from locoswarm.kernels.quant import dequantize, quantize
+from locoswarm.kernels.topk import chunked_topk, scatter_chunks
+
+
+def _time(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `reps` runs, CUDA events, after warm-up runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def _extra_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _reference_compress(err, delta, lay, bits):
+    buf = err + delta
+    idx, vals = chunked_topk(buf, lay)
+    codes, scales = quantize(vals, lay, bits)
+    t = scatter_chunks(idx, dequantize(codes, scales, lay, bits), lay)
+    err.copy_(buf.sub_(t))
+    return pack_bits(idx, lay.index_bits), pack_bits(codes, bits), scales
+
+
+def _reference_accumulate(acc, peers, shares, lay, bits):
+    acc.zero_()
+    scratch = torch.empty_like(acc)
+    for (idx, codes, scales), share in zip(peers, shares):
+        scratch.zero_()
+        values = dequantize(codes.long(), scales, lay, bits) * share
+        acc.add_(scatter_chunks(idx.long(), values, lay, out=scratch))
+    return acc
+
+
+def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, bits: int = 4, peers: int = 8,
+                  reps: int = 10) -> list[dict]:
+    from locoswarm.kernels import fused
+
+    rows = []
+    for n in sizes:
+        free = torch.cuda.mem_get_info()[0]
+        if 40 * n > free:  # the reference's temporaries need several buffers' worth
+            rows.append({"elements": n, "skipped": f"needs ≈{40 * n / 2**30:.0f} GiB, {free / 2**30:.0f} free"})
+            continue
+        lay = ChunkLayout.for_tensor(n, chunk, k / chunk)
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        delta = torch.randn(n, device="cuda", generator=gen)
+        err = torch.randn(n, device="cuda", generator=gen).mul_(0.01)
+        dst = torch.empty_like(delta)
+        t_copy = _time(lambda: dst.copy_(delta), reps)
+        del dst
+        copy_rate = 8 * n / t_copy
+        t_ref = _time(lambda: _reference_compress(err, delta, lay, bits), max(3, reps // 3))
+        mem_ref = _extra_bytes(lambda: _reference_compress(err, delta, lay, bits))
+
+        def fused_compress():
+            idx, codes, scales = fused.compress(err, delta, lay, bits, mode="buffer")
+            return fused.pack_bits(idx, lay.index_bits), fused.pack_bits(codes, bits), scales
+
+        t_fused = _time(fused_compress, reps)
+        mem_fused = _extra_bytes(fused_compress)
+        compressed = []
+        for p in range(peers):
+            e = torch.zeros(n, device="cuda")
+            compressed.append(fused.compress(e, torch.randn(n, device="cuda", generator=gen), lay, bits))
+            del e
+        shares = [1.0 / peers] * peers
+        acc = torch.empty(n, device="cuda")
+        t_acc_ref = _time(lambda: _reference_accumulate(acc, compressed, shares, lay, bits), max(3, reps // 3))
+        mem_acc_ref = _extra_bytes(lambda: _reference_accumulate(acc, compressed, shares, lay, bits))
+
+        def fused_accumulate():
+            acc.zero_()
+            return fused.accumulate(acc, compressed, shares, lay, bits)
+
+        t_acc = _time(fused_accumulate, reps)
+        mem_acc = _extra_bytes(fused_accumulate)
+        floor_c, floor_a = 12 * n / copy_rate, 4 * n / copy_rate
+        rows.append({
+            "elements": n, "copy_GBps": copy_rate / 1e9,
+            "compress_ref_ms": 1e3 * t_ref, "compress_fused_ms": 1e3 * t_fused, "compress_floor_ms": 1e3 * floor_c,
+            "compress_fused_GBps": 12 * n / t_fused / 1e9, "compress_vs_floor": t_fused / floor_c,
+            "compress_ref_extra_MiB": mem_ref / 2**20, "compress_fused_extra_MiB": mem_fused / 2**20,
+            "compress_fused_extra_pct": 100 * mem_fused / (4 * n),
+            f"accumulate{peers}_ref_ms": 1e3 * t_acc_ref, f"accumulate{peers}_fused_ms": 1e3 * t_acc,
+            "accumulate_floor_ms": 1e3 * floor_a, "accumulate_vs_floor": t_acc / floor_a,
+            "accumulate_ref_extra_MiB": mem_acc_ref / 2**20, "accumulate_fused_extra_MiB": mem_acc / 2**20,
+        })
+        del delta, err, acc, compressed
+        torch.cuda.empty_cache()
+    return rows
