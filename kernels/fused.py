@@ -21,13 +21,17 @@ Output layout (what `compress` returns, then what goes on the wire):
 
 How the reference's results are reproduced exactly:
 - selection: magnitudes' float bit patterns order like the magnitudes (they are ≥ 0); a
-  31-step binary search on the pattern finds the k-th largest, t; every entry above t is
+  search on the pattern, two bits a step (16 reductions), finds the k-th largest, t; every entry above t is
   kept and, of those equal to t, the lowest-indexed ones up to k (a prefix count): the
   reference's rule (a stable descending sort: ties go to the lower index).
 - arithmetic: every operation the reference does as its own torch kernel is done here as a
   correctly rounded single operation (Triton's `/` is an approximate division and `a*b+c`
   may be fused into one rounding, so `div_rn`, `mul_rn`, `add_rn`, `sub_rn` are used, and
-  `rint` for torch.round's half-to-even). The one exception: with the residual kept aside
+  `rint` for torch.round's half-to-even), and as torch does it on that device: torch's
+  CUDA kernels divide by a scalar as a product with its fp32 reciprocal (its CPU kernels
+  divide), which the quantizer's step (hi − lo) / (levels − 1) follows. (So a CUDA peer and
+  a CPU peer can decode a code to values one ulp apart: bitwise agreement holds among peers
+  of one device type, as the references' docstrings say.) The one exception: with the residual kept aside
   and a decay β ≠ 1, b = β·e + Δ may differ from torch's in the last bit (no ulp-exact
   form of it in one pass); the default keeps the residual in the model (b = Δ).
 - decode and accumulate: peers are added in the given order, one peer's values written
@@ -104,6 +108,14 @@ if triton is not None:
         return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
 
     @triton.jit
+    def _step(hi, lo, LEVELS: tl.constexpr, recip, EXACT: tl.constexpr):
+        """(hi − lo) / (levels − 1) as torch computes it: on CUDA torch divides by a scalar
+        as a product with its fp32 reciprocal; on the CPU it divides."""
+        if EXACT:
+            return libdevice.mul_rn(libdevice.sub_rn(hi, lo), recip)
+        return (hi - lo) / (LEVELS - 1.0)
+
+    @triton.jit
     def _to_bf16(x):
         """x ≥ 0 rounded to the nearest bfloat16, ties to even, as a float32 (torch's
         .to(torch.bfloat16)); spelled out on the bits because the interpreter truncates."""
@@ -112,7 +124,7 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _compress_kernel(err_ptr, delta_ptr, decay, idx_ptr, code_ptr, scale_ptr, numel,
+    def _compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, numel,
                          CHUNK: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
                          EXACT: tl.constexpr):
         # MODE 0: b = delta; 1: b = err + delta; 2: b = decay * err + delta
@@ -132,12 +144,22 @@ if triton is not None:
         pattern = tl.where(valid, mags.to(tl.int32, bitcast=True), -1)
         n_valid = tl.minimum(numel - pid.to(tl.int64) * CHUNK, CHUNK).to(tl.int32)
         k = tl.minimum(n_valid, K)
-        # The k-th largest pattern: the largest t with count(pattern >= t) >= k.
-        t = tl.zeros((), dtype=tl.int32)
-        for bit in tl.static_range(30, -1, -1):
-            cand = t | (1 << bit)
-            count = tl.sum((pattern >= cand).to(tl.int32), axis=0)
-            t = tl.where(count >= k, cand, t)
+        # The k-th largest pattern: the largest t with count(pattern >= t) >= k, two bits at a
+        # time (bit 30 alone first): the three counts of a step share one reduction, packed
+        # 16 bits apart in an int64 (a count is at most CHUNK ≤ 2^15).
+        t = tl.where(tl.sum((pattern >= (1 << 30)).to(tl.int32), axis=0) >= k, 1 << 30, 0)
+        for step in tl.static_range(15):
+            shift: tl.constexpr = 28 - 2 * step
+            c1 = t | (1 << shift)
+            c2 = t | (2 << shift)
+            c3 = t | (3 << shift)
+            packed = ((pattern >= c1).to(tl.int64) + ((pattern >= c2).to(tl.int64) << 16)
+                      + ((pattern >= c3).to(tl.int64) << 32))
+            counts = tl.sum(packed, axis=0)
+            n1 = (counts & 0xFFFF).to(tl.int32)
+            n2 = ((counts >> 16) & 0xFFFF).to(tl.int32)
+            n3 = ((counts >> 32) & 0xFFFF).to(tl.int32)
+            t = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, t)))
         above = pattern > t
         need = k - tl.sum(above.to(tl.int32), axis=0)
         equal = pattern == t
@@ -146,7 +168,7 @@ if triton is not None:
         lo = _to_bf16(tl.min(tl.where(kept, mags, float("inf")), axis=0))
         hi = _to_bf16(tl.max(tl.where(kept, mags, -1.0), axis=0))
         LEVELS: tl.constexpr = 1 << (BITS - 1)
-        step = _div(_sub(hi, lo, EXACT), LEVELS - 1.0, EXACT)
+        step = _step(hi, lo, LEVELS, recip, EXACT)
         safe = tl.where(step > 0, step, 1.0)
         q = _rint(_div(_sub(mags, lo, EXACT), safe, EXACT), EXACT)
         q = tl.where(step > 0, q, 0.0)
@@ -175,7 +197,7 @@ if triton is not None:
         tl.store(dst_ptr + byte, acc.to(tl.uint8), mask=byte < nbytes)
 
     @triton.jit
-    def _accumulate_kernel(acc_ptr, cover_ptr, idx_ptr, code_ptr, scale_ptr, shares_ptr, numel,
+    def _accumulate_kernel(acc_ptr, cover_ptr, idx_ptr, code_ptr, scale_ptr, shares_ptr, recip, numel,
                            num_selected, NUM_PEERS: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
                            BITS: tl.constexpr, COVER: tl.constexpr, EXACT: tl.constexpr):
         pid = tl.program_id(0)
@@ -193,7 +215,7 @@ if triton is not None:
             lo = tl.load(scale_ptr + row)
             hi = tl.load(scale_ptr + row + 1)
             share = tl.load(shares_ptr + p)
-            step = _div(_sub(hi, lo, EXACT), LEVELS - 1.0, EXACT)
+            step = _step(hi, lo, LEVELS, recip, EXACT)
             mag = _add(lo, _mul((code & (LEVELS - 1)).to(tl.float32), step, EXACT), EXACT)
             value = tl.where(((code >> (BITS - 1)) & 1) != 0, -mag, mag)
             value = _mul(value, share, EXACT)
@@ -204,6 +226,11 @@ if triton is not None:
                 w = tl.load(cover_ptr + pos, mask=live, other=0.0)
                 tl.store(cover_ptr + pos, _add(w, share, EXACT), mask=live)
             tl.debug_barrier()
+
+
+def _recip(bits: int) -> float:
+    """1 / (levels − 1) rounded to fp32, as torch's CUDA division by a scalar makes it."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / ((1 << (bits - 1)) - 1))
 
 
 def _exact(t: Tensor) -> bool:
@@ -219,13 +246,14 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     codes uint8, scales (num_chunks, 2) float32)."""
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
     assert err.numel() == delta.numel() == layout.numel
+    assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"
     delta = delta.contiguous()
     kernel_mode = 0 if mode == "model" else (1 if decay == 1.0 else 2)
     m = layout.num_chunks
     idx = torch.empty(layout.num_selected, dtype=torch.int32, device=err.device)
     codes = torch.empty(layout.num_selected, dtype=torch.uint8, device=err.device)
     scales = torch.empty((m, 2), dtype=torch.float32, device=err.device)
-    _compress_kernel[(m,)](err, delta, float(decay), idx, codes, scales, layout.numel, CHUNK=layout.chunk,
+    _compress_kernel[(m,)](err, delta, float(decay), _recip(bits), idx, codes, scales, layout.numel, CHUNK=layout.chunk,
                            K=layout.k, BITS=bits, MODE=kernel_mode, EXACT=_exact(err),
                            num_warps=8 if layout.chunk >= 2048 else 4)
     return idx, codes, scales
@@ -256,7 +284,7 @@ def accumulate(acc: Tensor, peers: list[tuple[Tensor, Tensor, Tensor]], shares: 
     scales = torch.stack([p[2].to(torch.float32) for p in peers]).contiguous()
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)
     _accumulate_kernel[(layout.num_chunks,)](
-        acc, cover if cover is not None else acc, idx, codes, scales, shares_t, layout.numel,
+        acc, cover if cover is not None else acc, idx, codes, scales, shares_t, _recip(bits), layout.numel,
         layout.num_selected, NUM_PEERS=len(peers), CHUNK=layout.chunk, K=layout.k, KB=triton.next_power_of_2(layout.k), BITS=bits,
         COVER=cover is not None, EXACT=_exact(acc))
     return acc

@@ -91,7 +91,7 @@ class ErrorFeedbackCompressor:
 
         Raises ValueError on a non-finite delta: a diverged replica must not send it."""
         fused = fused_kernels(self.errors[0]) if self.errors else None
-        if fused is not None:
+        if fused is not None and all(s.layout.chunk <= 1 << 15 for s in self.specs):
             return self._compress_fused(fused, deltas, dense)
         packed, buffers, transmitted, sent_idx = [], [], [], []
         for spec, err, delta in zip(self.specs, self.errors, deltas):
