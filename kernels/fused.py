@@ -149,7 +149,7 @@ if triton is not None:
         # 16 bits apart in an int64 (a count is at most CHUNK ≤ 2^15).
         t = tl.where(tl.sum((pattern >= (1 << 30)).to(tl.int32), axis=0) >= k, 1 << 30, 0)
         for step in tl.static_range(15):
-            shift: tl.constexpr = 28 - 2 * step
+            shift = 28 - 2 * step
             c1 = t | (1 << shift)
             c2 = t | (2 << shift)
             c3 = t | (3 << shift)
