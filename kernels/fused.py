@@ -228,6 +228,10 @@ if triton is not None:
             tl.debug_barrier()
 
 
+COMPRESS_WARPS = 8
+"""Warps per chunk of the compression kernel (see kernels/bench.py's sweep)."""
+
+
 def _recip(bits: int) -> float:
     """1 / (levels − 1) rounded to fp32, as torch's CUDA division by a scalar makes it."""
     return float(torch.tensor(1.0, dtype=torch.float32) / ((1 << (bits - 1)) - 1))
@@ -238,7 +242,7 @@ def _exact(t: Tensor) -> bool:
 
 
 def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode: str = "model",
-             decay: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+             decay: float = 1.0, num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused error-feedback compression of one flat fp32 tensor (see the module docstring).
 
     `mode` "model": b = delta (the residual lives in the replica); "buffer": b = decay·err +
@@ -255,7 +259,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     scales = torch.empty((m, 2), dtype=torch.float32, device=err.device)
     _compress_kernel[(m,)](err, delta, float(decay), _recip(bits), idx, codes, scales, layout.numel, CHUNK=layout.chunk,
                            K=layout.k, BITS=bits, MODE=kernel_mode, EXACT=_exact(err),
-                           num_warps=8 if layout.chunk >= 2048 else 4)
+                           num_warps=num_warps or COMPRESS_WARPS)
     return idx, codes, scales
 
 
