@@ -229,7 +229,8 @@ if triton is not None:
 
 
 COMPRESS_WARPS = 4
-"""Warps per chunk of the compression kernel: at 1e8 elements on the H100, 1 → 7.9 ms, 2 → 6.1, 4 → 2.0, 8 → 2.2, 16 → 2.6 (kernels/bench.py sweep_warps)."""
+"""Warps per chunk of the compression kernel: at 1e8 elements on the H100, 1 → 7.9 ms,
+2 → 6.1, 4 → 2.0, 8 → 2.2, 16 → 2.6 (kernels/bench.py sweep_warps)."""
 
 
 def _recip(bits: int) -> float:
