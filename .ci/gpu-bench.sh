@@ -5,10 +5,6 @@
 # package `locoswarm` without installing it. Usage: .ci/gpu-bench.sh OUTDIR [extra flags]
 set -euo pipefail
 out=${1:?output folder}; shift
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/locoswarm
-export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 python3 -m locoswarm bench convergence --preset gpu --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
