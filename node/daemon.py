@@ -438,7 +438,7 @@ class Daemon:
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        screened = await run(screen, [trainer.decode(blob)] + got.deltas, self.spec.diloco.robust, self.peer_id)
+        screened = await run(screen, [trainer.decode(blob)] + got.deltas, self.spec.diloco.robust)
         for rejection in screened.rejected:
             log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
         for note in screened.notes:

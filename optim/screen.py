@@ -6,8 +6,9 @@ round is bounded here.
 - Norms: each delta's L2 norm (of its decoded values, summed over tensors in float64) is
   compared with the round's median; rule "clip" scales a delta above norm_factor × median
   down to that norm (κ = 1 by default: Templar's rule, clip to the median; config.py says
-  how it was chosen), rule "reject" leaves it out. The own delta
-  is counted in the median and never rejected.
+  how it was chosen), rule "reject" leaves it out. A peer's own delta gets the same
+  treatment as everyone's: exempting it made each peer aggregate a different set of
+  weights, and three peers that had every delta ended on three outer states (seen in CI).
 - Token claims: a delta's token count (its weight) above token_factor × the round's median
   claim is cut to it. The issue asked for a bound from the peer's announced throughput ×
   the round's duration; but each peer sees those at different moments, so peers would
@@ -66,7 +67,7 @@ def median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def screen(deltas: list[DecodedDelta], cfg: RobustConfig, own: str | None = None) -> Screened:
+def screen(deltas: list[DecodedDelta], cfg: RobustConfig) -> Screened:
     """Apply the rules to one round's deltas (any order in; sender order out)."""
     out = Screened()
     norms: dict[str, float] = {}
@@ -84,7 +85,7 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, own: str | None = None
             kept = []
             for d in out.deltas:
                 n = norms[d.sender]
-                if n > limit and mid > 0 and d.sender != own:
+                if n > limit and mid > 0:
                     ratio = f"norm {n:.3g} is {n / mid:.3g}× the round's median {mid:.3g} (limit {cfg.norm_factor:g}×)"
                     if cfg.norm_rule == "reject":
                         out.rejected.append(Rejection(d.sender, ratio))
@@ -96,14 +97,14 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, own: str | None = None
         claims = median([float(d.num_tokens) for d in out.deltas])
         cap = max(1, int(cfg.token_factor * claims))
         for d in out.deltas:
-            if d.num_tokens > cap and d.sender != own:
+            if d.num_tokens > cap:
                 out.notes.append(f"{d.sender}: claims {d.num_tokens} tokens, {d.num_tokens / claims:.3g}× the "
                                  f"round's median claim: weighted as {cap}")
     else:
         cap = None
     for d in out.deltas:
         out.scales.setdefault(d.sender, 1.0)
-        out.tokens[d.sender] = d.num_tokens if cap is None or d.sender == own else min(d.num_tokens, cap)
+        out.tokens[d.sender] = d.num_tokens if cap is None else min(d.num_tokens, cap)
     return out
 
 
