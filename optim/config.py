@@ -108,7 +108,7 @@ class RobustConfig:
     norm_factor: float = 1.0
     """κ: how far above the round's median norm a contribution may go. 1 (Templar's rule,
     clip to the median): with κ = 4 and a token cap of 4×, two noise-sending peers among
-    three honest ones lifted the honest loss 15 % above a clean run; with 1 and 2×, 6.6 %
+    three honest ones lifted the honest loss 15 % above a clean run; with 1 and 2×, 6.6–7.3 %
     (tests/test_faults.py), and a clean run lost nothing measurable (3.67 vs 3.70–3.75)."""
     token_factor: float = 2.0
     """A claimed token count above token_factor × the round's median claim is cut to it."""
