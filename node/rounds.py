@@ -56,9 +56,9 @@ RETRY_S = (0.02, 1.5, 0.25)
 250 ms (≤ 4 requests a second per peer once waiting long; servers refuse more than 10)."""
 ATTEMPT_TIMEOUT_S = 8.0
 """Longest wait for one delta request."""
-STREAM_RETRY_S = (0.5, 1.0, 2.0, 4.0)
-"""Waits before asking again after a failed stream (a lost SYN, a dial in libp2p's 5 s dial
-backoff): dropping a peer's delta at the first failure made peers aggregate different sets
+STREAM_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Waits before asking again after a failed stream (a lost SYN, a dial in libp2p's dial
+backoff, which starts at 5 s and grows with each failed dial): dropping a peer's delta at the first failure made peers aggregate different sets
 of deltas over a lossy link, and their outer states split (seen over 1 % loss)."""
 
 
