@@ -17,6 +17,7 @@ record names the peer that signed it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -44,6 +45,26 @@ def peer_id_of_owner(owner_key: bytes) -> str:
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
     return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), "sha2-256")).to_base58()
+
+
+@functools.lru_cache(maxsize=4096)
+def _signer(owner_key: bytes) -> str | None:
+    """peer_id_of_owner, None for a key that cannot be read (cached: the same keys come back
+    at every refresh of records and round progress)."""
+    try:
+        return peer_id_of_owner(owner_key)
+    except (ValueError, TypeError):
+        return None
+
+
+def subkey_author(subkey: object) -> tuple[str, bool, str | None]:
+    """Who a DHT subkey says wrote its entry, and who signed it: (the peer id it names,
+    whether it carries an owner key, the peer id of that key or None when unreadable). The
+    entry is its named peer's only when the two ids agree."""
+    if not isinstance(subkey, bytes):
+        return str(subkey), False, None
+    named, marker, rest = subkey.partition(b"[owner:")
+    return named.decode(errors="replace"), bool(marker), _signer(rest[:-1]) if marker else None
 
 
 def run_key(run_id: str) -> str:
@@ -95,17 +116,8 @@ class PeerRegistry:
             except ProtocolError as e:
                 self._reject(subkey, str(e))
                 continue
-            signer = None
-            if isinstance(subkey, bytes):
-                owner, marker, rest = subkey.partition(b"[owner:")
-                owner = owner.decode(errors="replace")
-                try:
-                    signer = peer_id_of_owner(rest[:-1]) if marker else None
-                except (ValueError, TypeError):
-                    signer = "?"
-            else:
-                owner, marker = subkey, b""
-            if self.validator is not None and not marker:
+            owner, signed, signer = subkey_author(subkey)
+            if self.validator is not None and not signed:
                 self._reject(subkey, f"record of {record.peer_id} is not signed")
                 continue
             if record.peer_id != owner:
@@ -113,7 +125,7 @@ class PeerRegistry:
                 continue
             if self.validator is not None and signer != record.peer_id:
                 self._reject(owner, f"record of {record.peer_id} is signed by a key that is not its identity "
-                                    f"(that key's peer id: {signer})")
+                                    f"(that key's peer id: {signer or 'unreadable'})")
                 continue
             why = self.refuse(record) if self.refuse is not None else None
             if why is not None:

@@ -32,7 +32,6 @@ another; with an access policy, entries of peers not admitted are ignored.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -44,7 +43,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
-from locoswarm.node.registry import peer_id_of_owner
+from locoswarm.node.registry import subkey_author
+from locoswarm.optim.screen import median
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.records import Progress, decode_progress, encode_progress
 
@@ -58,25 +58,12 @@ ATTEMPT_TIMEOUT_S = 8.0
 """Longest wait for one delta request."""
 STREAM_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Waits before asking again after a failed stream (a lost SYN, a dial in libp2p's dial
-backoff, which starts at 5 s and grows with each failed dial): dropping a peer's delta at the first failure made peers aggregate different sets
-of deltas over a lossy link, and their outer states split (seen over 1 % loss)."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _signer(owner_key: bytes) -> str:
-    """The peer id of a subkey's owner key (cached: the same keys come back every refresh)."""
-    try:
-        return peer_id_of_owner(owner_key)
-    except (ValueError, TypeError):
-        return "?"
+backoff, which starts at 5 s and grows with each failed dial): dropping a peer's delta at
+the first failure made peers aggregate different sets of deltas over a lossy link, and
+their outer states split (seen over 1 % loss)."""
 
 
 CLAIM_FACTOR = 4.0
-
-
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -147,12 +134,8 @@ class RoundProgress:
         if self.validator is None:
             peer = subkey if isinstance(subkey, str) else None
         else:
-            if not isinstance(subkey, bytes):
-                return None
-            named, marker, rest = subkey.partition(b"[owner:")
-            peer = named.decode(errors="replace")
-            if not marker or _signer(rest[:-1]) != peer:
-                return None
+            named, _, signer = subkey_author(subkey)
+            peer = named if signer == named else None
         if peer is not None and self.admit is not None and not self.admit(peer):
             return None
         return peer
@@ -185,7 +168,7 @@ class RoundProgress:
         # at most CLAIM_FACTOR × the median claim (ours included), and never less than the
         # per-peer share, so a fast GPU doing most of the work still counts for it.
         if claims:
-            cap = max(self.per_peer_tokens, CLAIM_FACTOR * _median(list(claims.values()) + [float(max(0, own_tokens))]))
+            cap = max(self.per_peer_tokens, CLAIM_FACTOR * median(list(claims.values()) + [float(max(0, own_tokens))]))
             total += sum(min(c, cap) for c in claims.values())
         counted.discard(self.peer_id)
         return total, self.per_peer_tokens * (1 + len(counted)) - self.carry
