@@ -45,8 +45,6 @@ here leaves that check to its caller too (optim/compress.py checks every tensor 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -59,14 +57,6 @@ try:  # Triton is optional: CPU and MPS peers never need it
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
-
-
-def available(t: Tensor) -> bool:
-    """Whether the fused kernels can run on `t`: a CUDA tensor with Triton installed (or any
-    tensor under Triton's CPU interpreter, TRITON_INTERPRET=1, for tests)."""
-    if triton is None:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

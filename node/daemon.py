@@ -42,7 +42,7 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.exchange import DeltaServer
 from locoswarm.node.governor import Governor, IdleWatch
-from locoswarm.node.host import NodeError, identity_key, open_state_dir, start_p2p
+from locoswarm.node.host import NodeError, dial, identity_key, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
@@ -259,17 +259,13 @@ class Daemon:
         if now < self._next_rediscovery or not self.cfg.net.peers:
             return
         self._next_rediscovery = now + 5.0
-        from hivemind.utils.multiaddr import Multiaddr
-
         for maddr in self.cfg.net.peers:
-            addr, _, pid = maddr.rpartition("/p2p/")
             try:
-                peer = PeerID.from_base58(pid)
-                await asyncio.wait_for(dht.protocol.p2p._client.connect(peer, [Multiaddr(addr)]), 5.0)
+                peer = await dial(dht.protocol.p2p, maddr, 5.0)
                 if await asyncio.wait_for(dht.protocol.call_ping(peer), 5.0) is not None:
-                    log.info("reached initial peer %s again", pid)
+                    log.info("reached initial peer %s again", maddr)
             except Exception as e:  # still cut off (or in libp2p's dial backoff): try again later
-                log.info("initial peer %s still unreachable: %s", pid, str(e).strip().splitlines()[0][:200])
+                log.info("initial peer %s still unreachable: %s", maddr, str(e).strip().splitlines()[0][:200])
 
     async def _join(self, p2p: P2P, registry: PeerRegistry) -> None:
         """Take the swarm's outer state if there is a swarm; refuse a swarm of another spec."""

@@ -163,6 +163,21 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         delay = min(2 * delay, net.retry_max_s)
 
 
+async def dial(p2p: P2P, maddr: str, timeout_s: float):
+    """Connect p2pd to the peer at `maddr` (ending in /p2p/<peer id>) and return its PeerID;
+    ValueError when the multiaddr names no peer. hivemind exposes no public connect: this is
+    its daemon client's, the one P2P.create uses for initial peers."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    addr, sep, peer_id = maddr.rpartition("/p2p/")
+    if not sep:
+        raise ValueError("the multiaddr has no /p2p/<peer id>")
+    peer = PeerID.from_base58(peer_id)
+    await asyncio.wait_for(p2p._client.connect(peer, [Multiaddr(addr)]), timeout_s)
+    return peer
+
+
 def address_class(maddr: str) -> str:
     """loopback, private (RFC 1918, carrier-grade NAT, link-local, IPv6 ULA) or public, from
     a multiaddr's IP; "other" for a multiaddr without one (a relay circuit, DNS)."""
@@ -185,9 +200,6 @@ async def probe_network(net: NetworkConfig, timeout_s: float = 10.0) -> dict:
     their class, a verdict, and, for each initial peer, whether it could be reached and how
     fast. p2pd runs AutoNAT, but hivemind 1.1.12 gives no way to read its verdict, so the
     verdict comes from the addresses."""
-    from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
-
     try:
         p2p = await asyncio.wait_for(P2P.create(host_maddrs=net.listen, announce_maddrs=net.announce or None,
                                                 use_relay=True, relay_hop_limit=0, auto_nat=True), timeout_s)
@@ -209,12 +221,7 @@ async def probe_network(net: NetworkConfig, timeout_s: float = 10.0) -> dict:
         for maddr in net.peers:
             started = time.perf_counter()
             try:
-                addr, sep, peer_id = maddr.rpartition("/p2p/")
-                if not sep:
-                    raise ValueError("the multiaddr has no /p2p/<peer id>")
-                # hivemind exposes no public connect; its daemon client's is the one P2P.create uses
-                await asyncio.wait_for(p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(addr)]),
-                                       timeout_s)
+                await dial(p2p, maddr, timeout_s)
                 peers.append({"peer": maddr, "reached": True, "ms": round(1000 * (time.perf_counter() - started))})
             except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the probe
                 peers.append({"peer": maddr, "reached": False, "error": str(e).strip() or type(e).__name__})

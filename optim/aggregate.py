@@ -43,7 +43,7 @@ def aggregate(
     if rule == "masked" and shares is None:
         shares = coverage(ordered, device)
     out = []
-    fused = fused_kernels(torch.empty(0, device=device))
+    fused = fused_kernels(device)
     for i, shape in enumerate(shapes):
         lay = ordered[0].tensors[i].layout
         acc = torch.zeros(lay.numel, dtype=torch.float32, device=device)

@@ -24,15 +24,15 @@ from locoswarm.optim.config import CompressionConfig
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 
-def fused_kernels(t: Tensor):
-    """kernels.fused when it can run on `t` (CUDA with Triton, or Triton's CPU interpreter
-    under TRITON_INTERPRET=1), else None: CPU and MPS take the torch path and never import
-    Triton."""
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+def fused_kernels(device: torch.device | str):
+    """kernels.fused when it can run on `device` (CUDA with Triton, or Triton's CPU
+    interpreter under TRITON_INTERPRET=1), else None: CPU and MPS take the torch path and
+    never import Triton."""
+    if not (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     from locoswarm.kernels import fused
 
-    return fused if fused.available(t) else None
+    return fused if fused.triton is not None else None
 
 
 def tensor_specs(named_shapes: list[tuple[str, tuple[int, ...]]], cfg: CompressionConfig) -> tuple[TensorSpec, ...]:
@@ -90,7 +90,7 @@ class ErrorFeedbackCompressor:
         tensor with the same bits as the torch path below.
 
         Raises ValueError on a non-finite delta: a diverged replica must not send it."""
-        fused = fused_kernels(self.errors[0]) if self.errors else None
+        fused = fused_kernels(self.errors[0].device) if self.errors else None
         if fused is not None and all(s.layout.chunk <= 1 << 15 for s in self.specs):
             return self._compress_fused(fused, deltas, dense)
         packed, buffers, transmitted, sent_idx = [], [], [], []
