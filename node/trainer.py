@@ -195,13 +195,12 @@ class Trainer:
         clip = self.spec.diloco.inner.grad_clip
         if self.scaler is not None:
             self.scaler.unscale_(self.inner)  # clip the true gradients, not the scaled ones
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler is not None:
             self.scaler.step(self.inner)
             self.scaler.update()
         else:
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.inner.step()
         self.inner.zero_grad(set_to_none=True)
         return total

@@ -44,17 +44,23 @@ def matmul_rate(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def _bench_spec(size: str, batch: int, seq_len: int):
+    """The default run spec with model `size`, GPT-2 tokens, this batch and sequence length."""
+    from locoswarm.node.spec import RunSpec
+
+    base = RunSpec()
+    return replace(base, model=size, tokenizer="gpt2", batch_size=batch, data=replace(base.data, seq_len=seq_len))
+
+
 def inner_step(size: str, *, batch: int, seq_len: int, steps: int = 8, warmup: int = 3,
                memory_fraction: float = 0.0, checkpointing: bool = False, compile: bool = False) -> dict:
     """Tokens/s, FLOP/s and peak memory of the daemon's inner step for model `size`."""
     import torch
 
-    from locoswarm.node.spec import RunSpec
     from locoswarm.node.trainer import Trainer
     from locoswarm.node.workload.model import num_params
 
-    base = RunSpec()
-    spec = replace(base, model=size, tokenizer="gpt2", batch_size=batch, data=replace(base.data, seq_len=seq_len))
+    spec = _bench_spec(size, batch, seq_len)
     dev = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
@@ -159,11 +165,9 @@ def profile_inner(size: str, *, batch: int, seq_len: int, compile: bool = False,
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from locoswarm.node.spec import RunSpec
     from locoswarm.node.trainer import Trainer
 
-    base = RunSpec()
-    spec = replace(base, model=size, tokenizer="gpt2", batch_size=batch, data=replace(base.data, seq_len=seq_len))
+    spec = _bench_spec(size, batch, seq_len)
     t = Trainer(spec, spec.hash(), shard=0, device=torch.device("cuda"), compile=compile)
     stop = threading.Event()
     t.train_until(stop, lambda done: done >= 3 * t.tokens_per_step)
