@@ -4,8 +4,9 @@ measured in the same run.
 
 Byte accounting (the floor): compression reads the residual and the delta and writes the
 residual, 12 bytes per element (the selected entries' outputs are ≈1 % of that and left
-out); decode-and-accumulate of P peers writes the dense fp32 buffer once (zeroing it, 4
-bytes per element) and touches each peer's selected entries (left out). A copy moves 8
+out); with the residual kept in the model (the default) it reads only the delta, 8 bytes.
+Decode-and-accumulate of P peers writes the dense fp32 buffer once (4 bytes per element)
+and reads each peer's packed entries (left out: 0.8 % of the buffer a peer at k 64 of 4096). A copy moves 8
 bytes per element (read + write), so floor time = bytes / (8·n / copy time).
 
 Extra memory: the peak allocated while the path runs, less what was allocated before it
@@ -18,7 +19,7 @@ import statistics
 
 import torch
 
-from locoswarm.kernels.bitpack import pack_bits
+from locoswarm.kernels.bitpack import pack_bits, unpack_bits
 from locoswarm.kernels.layout import ChunkLayout
 from locoswarm.kernels.quant import dequantize, quantize
 from locoswarm.kernels.topk import chunked_topk, scatter_chunks
@@ -90,24 +91,29 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
         mem_ref = _extra_bytes(lambda: _reference_compress(err, delta, lay, bits))
 
         def fused_compress():
-            idx, codes, scales = fused.compress(err, delta, lay, bits, mode="buffer")
-            return fused.pack_bits(idx, lay.index_bits), fused.pack_bits(codes, bits), scales
+            return fused.compress(err, delta, lay, bits, mode="buffer")
 
         t_fused = _time(fused_compress, reps)
         mem_fused = _extra_bytes(fused_compress)
-        compressed = []
+        t_model = _time(lambda: fused.compress(err, delta, lay, bits, mode="model"), reps)
+        streams = []
         for p in range(peers):
             e = torch.zeros(n, device="cuda")
-            compressed.append(fused.compress(e, torch.randn(n, device="cuda", generator=gen), lay, bits))
+            streams.append(fused.compress(e, torch.randn(n, device="cuda", generator=gen), lay, bits))
             del e
         shares = [1.0 / peers] * peers
+        unpacked = [(unpack_bits(i, lay.index_bits, lay.num_selected), unpack_bits(c, bits, lay.num_selected), s)
+                    for i, c, s in streams]
         acc = torch.empty(n, device="cuda")
-        t_acc_ref = _time(lambda: _reference_accumulate(acc, compressed, shares, lay, bits), max(3, reps // 3))
-        mem_acc_ref = _extra_bytes(lambda: _reference_accumulate(acc, compressed, shares, lay, bits))
+        t_acc_ref = _time(lambda: _reference_accumulate(acc, unpacked, shares, lay, bits), max(3, reps // 3))
+        mem_acc_ref = _extra_bytes(lambda: _reference_accumulate(acc, unpacked, shares, lay, bits))
+        del unpacked
+        stacked = (fused.stack_streams([s[0] for s in streams]), fused.stack_streams([s[1] for s in streams]),
+                   torch.stack([s[2] for s in streams]))
+        del streams
 
         def fused_accumulate():
-            acc.zero_()
-            return fused.accumulate(acc, compressed, shares, lay, bits)
+            return fused.accumulate(acc, *stacked, shares, lay, bits)
 
         t_acc = _time(fused_accumulate, reps)
         mem_acc = _extra_bytes(fused_accumulate)
@@ -116,13 +122,14 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
             "elements": n, "copy_GBps": copy_rate / 1e9,
             "compress_ref_ms": 1e3 * t_ref, "compress_fused_ms": 1e3 * t_fused, "compress_floor_ms": 1e3 * floor_c,
             "compress_fused_GBps": 12 * n / t_fused / 1e9, "compress_vs_floor": t_fused / floor_c,
+            "compress_model_ms": 1e3 * t_model, "compress_model_vs_floor": t_model / (8 * n / copy_rate),
             "compress_ref_extra_MiB": mem_ref / 2**20, "compress_fused_extra_MiB": mem_fused / 2**20,
             "compress_fused_extra_pct": 100 * mem_fused / (4 * n),
             f"accumulate{peers}_ref_ms": 1e3 * t_acc_ref, f"accumulate{peers}_fused_ms": 1e3 * t_acc,
             "accumulate_floor_ms": 1e3 * floor_a, "accumulate_vs_floor": t_acc / floor_a,
             "accumulate_ref_extra_MiB": mem_acc_ref / 2**20, "accumulate_fused_extra_MiB": mem_acc / 2**20,
         })
-        del delta, err, acc, compressed
+        del delta, err, acc, stacked
         torch.cuda.empty_cache()
     return rows
 

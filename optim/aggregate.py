@@ -46,12 +46,17 @@ def aggregate(
     fused = fused_kernels(device)
     for i, shape in enumerate(shapes):
         lay = ordered[0].tensors[i].layout
-        acc = torch.zeros(lay.numel, dtype=torch.float32, device=device)
         if fused is not None:  # one pass over the dense buffer for all peers, the same bits
-            peers = [(d.tensors[i].indices.to(device), d.tensors[i].codes.to(device), d.tensors[i].scales.to(device))
-                     for d in ordered]
-            fused.accumulate(acc, peers, [d.num_tokens / total for d in ordered], lay, ordered[0].tensors[i].bits)
+            # The packed wire streams travel to the device (one copy per stream for all
+            # peers), not the int64 indices: the kernel unpacks them as it reads.
+            ts = [d.tensors[i] for d in ordered]
+            acc = torch.empty(lay.numel, dtype=torch.float32, device=device)
+            fused.accumulate(acc, fused.stack_streams([t.packed_indices for t in ts]).to(device),
+                             fused.stack_streams([t.packed_codes for t in ts]).to(device),
+                             torch.stack([t.scales for t in ts]).to(device), [d.num_tokens / total for d in ordered],
+                             lay, ts[0].bits)
         else:
+            acc = torch.zeros(lay.numel, dtype=torch.float32, device=device)
             scratch = torch.empty_like(acc)
             for d in ordered:
                 scratch.zero_()

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks
+from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks, unpack_bits
 from locoswarm.protocol import DeltaSpec, PackedTensor, SparseTensor, TensorSpec
 from locoswarm.optim.config import CompressionConfig
 
@@ -149,16 +149,14 @@ class ErrorFeedbackCompressor:
         packed, transmitted = [], []
         for spec, d, err, mask in zip(self.specs, flat, self.errors, self.sent_masks):
             lay = spec.layout
-            idx, codes, scales = fused.compress(err, d, lay, spec.bits, mode=self.cfg.residual, decay=decay)
+            idx, codes, scales = fused.compress(err, d, lay, spec.bits, mode=self.cfg.residual, decay=decay, sent=mask)
             if dense:
-                transmitted.append(scatter_chunks(idx.long(), dequantize(codes.long(), scales, lay, spec.bits), lay))
-            mask.zero_()
-            scatter_chunks(idx.long(), torch.ones(lay.num_selected, dtype=torch.bool, device=mask.device), lay,
-                           out=mask)
+                transmitted.append(scatter_chunks(unpack_bits(idx, lay.index_bits, lay.num_selected),
+                                                  dequantize(unpack_bits(codes, spec.bits, lay.num_selected), scales,
+                                                             lay, spec.bits), lay))
             packed.append(PackedTensor(
                 name=spec.name, shape=spec.shape, chunk=spec.chunk, k=spec.k, bits=spec.bits,
-                indices=fused.pack_bits(idx, lay.index_bits).cpu().numpy().tobytes(),
-                values=fused.pack_bits(codes, spec.bits).cpu().numpy().tobytes(),
+                indices=idx.cpu().numpy().tobytes(), values=codes.cpu().numpy().tobytes(),
                 scales=scales.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()))
         return packed, transmitted
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks
+from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks, unpack_bits
 from locoswarm.kernels import fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,6 +28,10 @@ def _input(numel: int, seed: int, ties: bool) -> torch.Tensor:
     return x.to(DEVICE)
 
 
+def unpack(stream: torch.Tensor, width: int, lay: ChunkLayout) -> torch.Tensor:
+    return unpack_bits(stream, width, lay.num_selected)
+
+
 def _reference(b: torch.Tensor, lay: ChunkLayout, bits: int):
     idx, vals = chunked_topk(b, lay)
     codes, scales = quantize(vals, lay, bits)
@@ -35,8 +39,10 @@ def _reference(b: torch.Tensor, lay: ChunkLayout, bits: int):
     return idx, codes, scales, b - t
 
 
+# Sizes that are not multiples of the chunk, chunks where the candidates are compacted and
+# chunks where they are too many (ties, high density) and the whole chunk is searched.
 CASES = [(1, 1024, 0.01), (7, 1024, 0.3), (300, 256, 0.05), (4096, 4096, 0.0156), (4097, 4096, 0.0156),
-         (10_000, 1024, 0.02), (3000, 512, 0.5)]
+         (10_000, 1024, 0.02), (3000, 512, 0.5), (20_000, 4096, 0.00366)]
 
 
 @pytest.mark.parametrize("numel, chunk, density", CASES)
@@ -46,14 +52,33 @@ def test_fused_compression_equals_the_reference_bit_for_bit(numel, chunk, densit
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     d = _input(numel, numel * 31 + bits, ties)
     err = torch.zeros(numel, device=DEVICE)
-    idx, codes, scales = fused.compress(err, d, lay, bits, mode="model")
+    sent = torch.ones(numel, dtype=torch.bool, device=DEVICE)  # poisoned: every entry must be written
+    err = torch.full((numel,), float("nan"), device=DEVICE)
+    idx, codes, scales = fused.compress(err, d, lay, bits, mode="model", sent=sent)
     r_idx, r_codes, r_scales, r_err = _reference(d.clone(), lay, bits)
-    assert torch.equal(idx.long(), r_idx)
-    assert torch.equal(codes.long(), r_codes)
+    assert torch.equal(idx, pack_bits(r_idx, lay.index_bits))
+    assert torch.equal(codes, pack_bits(r_codes, bits))
+    assert torch.equal(unpack(idx, lay.index_bits, lay), r_idx) and torch.equal(unpack(codes, bits, lay), r_codes)
     assert torch.equal(scales, r_scales)
     assert torch.equal(err, r_err)
-    assert torch.equal(fused.pack_bits(idx, lay.index_bits), pack_bits(r_idx, lay.index_bits))
-    assert torch.equal(fused.pack_bits(codes, bits), pack_bits(r_codes, bits))
+    assert torch.equal(sent, scatter_chunks(r_idx, torch.ones_like(r_idx, dtype=torch.bool), lay))
+
+
+@pytest.mark.parametrize("nonzero", [0, 5, 200])
+def test_a_chunk_of_mostly_zeros_keeps_its_nonzeros_then_the_lowest_indexed_zeros(nonzero):
+    """An embedding row nobody trained this round: fewer non-zeros than k (or none) make the
+    k-th largest 0, and the zeros that fill the chunk's slots go lowest index first."""
+    lay = ChunkLayout.for_tensor(3 * 4096, 4096, 0.0156)
+    d = torch.zeros(3 * 4096)
+    gen = torch.Generator().manual_seed(nonzero)
+    d[torch.randperm(4096, generator=gen)[:nonzero] + 4096] = torch.randn(nonzero, generator=gen)
+    d[8192:] = torch.randn(4096, generator=gen)
+    d = d.to(DEVICE)
+    err = torch.empty(3 * 4096, device=DEVICE)
+    idx, codes, scales = fused.compress(err, d, lay, 2)
+    r_idx, r_codes, r_scales, r_err = _reference(d.clone(), lay, 2)
+    assert torch.equal(unpack(idx, lay.index_bits, lay), r_idx) and torch.equal(unpack(codes, 2, lay), r_codes)
+    assert torch.equal(scales, r_scales) and torch.equal(err, r_err)
 
 
 @pytest.mark.parametrize("decay", [1.0, 0.95])
@@ -65,7 +90,8 @@ def test_the_residual_kept_aside_is_added_first(decay):
     b = e0 * decay + d if decay != 1.0 else e0 + d
     r_idx, r_codes, r_scales, r_err = _reference(b, lay, 4)
     if decay == 1.0:
-        assert torch.equal(idx.long(), r_idx) and torch.equal(codes.long(), r_codes) and torch.equal(err, r_err)
+        assert torch.equal(unpack(idx, lay.index_bits, lay), r_idx) and torch.equal(unpack(codes, 4, lay), r_codes)
+        assert torch.equal(err, r_err)
     else:  # b = β·e + Δ may differ in its last bit (no fused-multiply-add-free form in one pass)
         torch.testing.assert_close(err, r_err, rtol=0, atol=1e-6)
 
@@ -89,27 +115,32 @@ def test_non_finite_input_is_the_callers_to_refuse_and_stays_contained():
     err = torch.zeros(2048, device=DEVICE)
     idx, codes, scales = fused.compress(err, d, lay, 4)
     r_idx, r_codes, r_scales, _ = _reference(d[:1024].clone(), ChunkLayout.for_tensor(1024, 1024, 0.05), 4)
-    assert torch.equal(idx[: lay.k].long(), r_idx) and torch.equal(scales[0], r_scales[0])
+    assert torch.equal(unpack(idx, lay.index_bits, lay)[: lay.k], r_idx) and torch.equal(scales[0], r_scales[0])
 
 
-@pytest.mark.parametrize("numel, chunk, density, bits", [(5000, 1024, 0.03, 4), (4097, 4096, 0.0156, 2),
-                                                         (300, 256, 0.1, 8)])
-def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits):
+@pytest.mark.parametrize("numel, chunk, density, bits, num_peers", [
+    (5000, 1024, 0.03, 4, 4), (4097, 4096, 0.0156, 2, 11), (300, 256, 0.1, 8, 1), (3000, 512, 0.05, 4, 8)])
+def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits, num_peers):
+    """Peers in groups of fused.ACCUMULATE_GROUP (11 peers: a full group and a partial one)."""
     lay = ChunkLayout.for_tensor(numel, chunk, density)
-    peers, shares = [], [0.5, 0.3, 0.2, 0.125]
+    gen = torch.Generator().manual_seed(numel + num_peers)
+    peers, shares = [], (torch.rand(num_peers, generator=gen) / num_peers).tolist()
     for p in range(len(shares)):
         err = torch.zeros(numel, device=DEVICE)
-        peers.append(fused.compress(err, _input(numel, 100 + p, p == 2), lay, bits))
-    acc = torch.zeros(numel, device=DEVICE)
-    cover = torch.zeros(numel, device=DEVICE)
-    fused.accumulate(acc, peers, shares, lay, bits, cover=cover)
+        peers.append(fused.compress(err, _input(numel, 100 + p, p % 3 == 2), lay, bits))
+    streams = (fused.stack_streams([p[0] for p in peers]), fused.stack_streams([p[1] for p in peers]),
+               torch.stack([p[2] for p in peers]))
+    acc = torch.full((numel,), float("nan"), device=DEVICE)  # poisoned: the kernel overwrites every entry
+    cover = torch.full((numel,), float("nan"), device=DEVICE)
+    fused.accumulate(acc, *streams, shares, lay, bits, cover=cover)
     ref = torch.zeros(numel, device=DEVICE)
     ref_cover = torch.zeros(numel, device=DEVICE)
-    for (idx, codes, scales), share in zip(peers, shares):
+    for (packed_idx, packed_codes, scales), share in zip(peers, shares):
+        idx, codes = unpack(packed_idx, lay.index_bits, lay), unpack(packed_codes, bits, lay)
         values = dequantize(codes.long(), scales, lay, bits) * share
         ref.add_(scatter_chunks(idx.long(), values, lay, out=torch.zeros(numel, device=DEVICE)))
         marks = torch.full((lay.num_selected,), share, device=DEVICE)
         ref_cover.add_(scatter_chunks(idx.long(), marks, lay, out=torch.zeros(numel, device=DEVICE)))
     assert torch.equal(acc, ref) and torch.equal(cover, ref_cover)
-    again = fused.accumulate(torch.zeros(numel, device=DEVICE), peers, shares, lay, bits)
+    again = fused.accumulate(torch.empty(numel, device=DEVICE), *streams, shares, lay, bits)
     assert torch.equal(again, acc)
