@@ -1,0 +1,209 @@
+"""The fused compression kernels (kernels/fused.py's `compress` launches them): top-k
+selection by magnitude per chunk, quantization, the packed wire streams and the residual, in
+one pass over the chunk; bit for bit what the torch references give (fused.py's docstring
+says how and what the outputs are)."""
+
+from __future__ import annotations
+
+try:  # Triton is optional: CPU and MPS peers never need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+if triton is not None:
+    from locoswarm.kernels.fused_ops import add, div, mul, or_field, rint, quant_step, sub, to_bf16
+
+    @triton.jit
+    def _search(pattern, k, t, top, num_steps, FIELD: tl.constexpr):
+        """The k-th largest of `pattern` (int32 ≥ 0; −1 counts as absent), two bits a step
+        from bits (top+1, top) down: at entry t holds the bits above and at least k
+        patterns are ≥ t. The three counts of a step share one reduction, packed FIELD bits
+        apart (FIELD 10: in an int32, for blocks of at most 1023; 16: in an int64)."""
+        WIDE: tl.constexpr = 3 * FIELD > 31
+        for i in tl.static_range(16):  # a static bound with a uniform branch: the interpreter takes it too
+            if i < num_steps:
+                s = top - 2 * i
+                c1 = t | (1 << s)
+                c2 = tl.where(s >= 30, c1, t | (2 << s))  # bit 31 is the sign: never set
+                c3 = tl.where(s >= 30, c1, t | (3 << s))
+                if WIDE:
+                    packed = ((pattern >= c1).to(tl.int64) + ((pattern >= c2).to(tl.int64) << FIELD)
+                              + ((pattern >= c3).to(tl.int64) << (2 * FIELD)))
+                else:
+                    packed = ((pattern >= c1).to(tl.int32) + ((pattern >= c2).to(tl.int32) << FIELD)
+                              + ((pattern >= c3).to(tl.int32) << (2 * FIELD)))
+                counts = tl.sum(packed, axis=0)
+                n1 = (counts & ((1 << FIELD) - 1)).to(tl.int32)
+                n2 = ((counts >> FIELD) & ((1 << FIELD) - 1)).to(tl.int32)
+                n3 = ((counts >> (2 * FIELD)) & ((1 << FIELD) - 1)).to(tl.int32)
+                t = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, t)))
+        return t
+
+    @triton.jit
+    def _emit(b, pattern, local, k, t, top_pattern, pid, recip, idx_ptr, code_ptr, scale_ptr, K: tl.constexpr,
+              INDEX_BITS: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr):
+        """Given the k-th largest pattern t of a chunk whose entries (1-D, in ascending index
+        order, all those ≥ t among them) are b/pattern/local: keeps the entries above t and
+        the lowest-indexed ones equal to it up to k, quantizes them, ORs their indices and
+        codes into the streams, writes the chunk's scales. Returns (kept, sent values)."""
+        above = pattern > t
+        equal = pattern == t
+        need = k - tl.sum(above.to(tl.int32), axis=0)  # ≥ 1: t is the k-th largest
+        # One scan gives both prefix counts (16 bits apart: a chunk holds at most 2^15).
+        counts = tl.cumsum(above.to(tl.int32) + (equal.to(tl.int32) << 16), axis=0)
+        n_equal = counts >> 16
+        kept = above | (equal & (n_equal <= need))
+        slot = (counts & 0xFFFF) + tl.minimum(n_equal, need) - 1
+        # lo: the smallest kept magnitude is t itself; hi: the largest of the chunk is kept.
+        lo = to_bf16(t.to(tl.float32, bitcast=True))
+        hi = to_bf16(top_pattern.to(tl.float32, bitcast=True))
+        LEVELS: tl.constexpr = 1 << (BITS - 1)
+        step = quant_step(hi, lo, LEVELS, recip, EXACT)
+        safe = tl.where(step > 0, step, 1.0)
+        mags = tl.abs(b)
+        q = rint(div(sub(mags, lo, EXACT), safe, EXACT), EXACT)
+        q = tl.where(step > 0, q, 0.0)
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS - 1.0)
+        negative = b < 0
+        mag_t = add(lo, mul(q, step, EXACT), EXACT)
+        code = (negative.to(tl.int32) << (BITS - 1)) | q.to(tl.int32)
+        entry = pid.to(tl.int64) * K + slot
+        or_field(idx_ptr, entry, local, kept, INDEX_BITS)
+        or_field(code_ptr, entry, code, kept, BITS)
+        tl.store(scale_ptr + pid * 2, lo)
+        tl.store(scale_ptr + pid * 2 + 1, hi)
+        return kept, tl.where(negative, -mag_t, mag_t)
+
+    @triton.jit
+    def _buffer(err_ptr, delta_ptr, offs, valid, decay, MODE: tl.constexpr, EXACT: tl.constexpr):
+        """b, the buffer compressed: MODE 0 delta; 1 err + delta; 2 decay·err + delta."""
+        d = tl.load(delta_ptr + offs, mask=valid, other=0.0)
+        if MODE == 0:
+            return d
+        e = tl.load(err_ptr + offs, mask=valid, other=0.0)
+        if MODE == 1:
+            return add(e, d, EXACT)
+        return add(mul(e, decay, EXACT), d, EXACT)
+
+    @triton.jit
+    def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr, numel,
+                         CHUNK: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr,
+                         SLAB: tl.constexpr, INDEX_BITS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
+                         SENT: tl.constexpr, EXACT: tl.constexpr):
+        pid = tl.program_id(0)
+        base = pid.to(tl.int64) * CHUNK
+        n_valid = tl.minimum(numel - base, CHUNK).to(tl.int32)
+        k = tl.minimum(n_valid, K)
+        # The chunk as ROWS × COLS (ROWS ≥ k): the smallest of the rows' maxima is a lower
+        # bound of the k-th largest (at least ROWS ≥ k entries reach it), so only the
+        # candidates at or above it can be kept: typically a few per cent of the chunk.
+        # The chunk is walked in slabs of whole rows so that few registers hold it (more
+        # chunks in flight per multiprocessor); the first slab stays in registers, the
+        # others are read again (from L1/L2) when needed.
+        COLS: tl.constexpr = CHUNK // ROWS
+        NUM_SLABS: tl.constexpr = CHUNK // SLAB
+        sl = tl.arange(0, SLAB // COLS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        valid0 = sl < n_valid
+        d0 = tl.load(delta_ptr + base + sl, mask=valid0, other=0.0)
+        if MODE == 0:
+            b0 = d0
+        else:
+            e0 = tl.load(err_ptr + base + sl, mask=valid0, other=0.0)
+            if MODE == 1:
+                b0 = add(e0, d0, EXACT)
+            else:
+                b0 = add(mul(e0, decay, EXACT), d0, EXACT)
+        p0 = tl.where(valid0, tl.abs(b0).to(tl.int32, bitcast=True), -1)
+        row_max = tl.max(p0, axis=1)
+        bound = tl.min(row_max, axis=0)
+        top = tl.max(row_max, axis=0)
+        for s in tl.static_range(1, NUM_SLABS):
+            local = s * SLAB + sl
+            valid = local < n_valid
+            p = tl.where(valid, tl.abs(_buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)).to(
+                tl.int32, bitcast=True), -1)
+            row_max = tl.max(p, axis=1)
+            bound = tl.minimum(bound, tl.min(row_max, axis=0))
+            top = tl.maximum(top, tl.max(row_max, axis=0))
+        # Compact the candidates, in index order, into the chunk's first 2·CB residual slots
+        # (the first slab, held in registers; SLAB ≥ 2·CB): values, then their indices.
+        tl.debug_barrier()  # the first slab is read everywhere before it is overwritten
+        fits = 2 * CB <= n_valid
+        num_cand = tl.zeros((), dtype=tl.int32)
+        for s in tl.static_range(NUM_SLABS):
+            local = s * SLAB + sl
+            valid = local < n_valid
+            if s == 0:
+                b = b0
+            else:
+                b = _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)
+            cand = valid & (tl.abs(b).to(tl.int32, bitcast=True) >= bound)
+            per_row = tl.sum(cand.to(tl.int32), axis=1)
+            cslot = num_cand + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(cand.to(tl.int32), axis=1) - 1
+            room = cand & (cslot < CB) & fits
+            tl.store(err_ptr + base + cslot, b, mask=room)
+            tl.store(err_ptr + base + CB + cslot, local.to(tl.float32, bitcast=True), mask=room)
+            num_cand += tl.sum(per_row, axis=0)
+        if (num_cand > CB) | (not fits):
+            # Too many candidates (ties, a chunk of zeros, a short last chunk):
+            # compress_full_kernel searches the whole chunk; the residual is put back.
+            if MODE != 0:
+                tl.debug_barrier()
+                tl.store(err_ptr + base + sl, e0, mask=valid0)
+            tl.store(full_ptr + pid, 1)
+        else:
+            tl.debug_barrier()
+            j = tl.arange(0, CB)
+            live = j < num_cand
+            cb = tl.load(err_ptr + base + j, mask=live, other=0.0, cache_modifier=".cg")
+            cl = tl.load(err_ptr + base + CB + j, mask=live, other=0.0, cache_modifier=".cg").to(tl.int32,
+                                                                                                  bitcast=True)
+            cp = tl.where(live, tl.abs(cb).to(tl.int32, bitcast=True), -1)
+            # t lies in [bound, top]: the bits above their highest differing bit are fixed.
+            diff = top ^ bound
+            high = (diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # ≥ floor(log2(diff))
+            first = high & ~1
+            start = tl.where(first >= 30, 0, (bound >> (first + 2)) << (first + 2))
+            steps = (first // 2 + 1) * (diff != 0).to(tl.int32)  # none when bound = top
+            FIELD: tl.constexpr = 10 if CB < 1024 else 16
+            t = _search(cp, k, tl.where(diff == 0, bound, start), first, steps, FIELD)
+            kept, sent = _emit(cb, cp, cl, k, t, top, pid, recip, idx_ptr, code_ptr, scale_ptr, K, INDEX_BITS, BITS,
+                               EXACT)
+            tl.debug_barrier()  # every candidate read back before the residual overwrites them
+            # The residual where nothing was kept is b; then the kept entries' residuals.
+            tl.store(err_ptr + base + sl, b0, mask=valid0)
+            for s in tl.static_range(1, NUM_SLABS):
+                local = s * SLAB + sl
+                valid = local < n_valid
+                tl.store(err_ptr + base + local, _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT),
+                         mask=valid)
+            if SENT:
+                flat = tl.arange(0, CHUNK)
+                tl.store(sent_ptr + base + flat, tl.zeros((CHUNK,), dtype=tl.uint8), mask=flat < n_valid)
+            tl.debug_barrier()
+            tl.store(err_ptr + base + cl, sub(cb, sent, EXACT), mask=kept)
+            if SENT:
+                tl.store(sent_ptr + base + cl, tl.full((CB,), 1, dtype=tl.uint8), mask=kept)
+
+    @triton.jit
+    def compress_full_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr,
+                              numel, CHUNK: tl.constexpr, K: tl.constexpr, INDEX_BITS: tl.constexpr,
+                              BITS: tl.constexpr, MODE: tl.constexpr, SENT: tl.constexpr, EXACT: tl.constexpr):
+        """The chunks compress_kernel left (its flag set): the whole chunk searched. A
+        kernel of its own so that its registers do not cut the common path's occupancy."""
+        pid = tl.program_id(0)
+        if tl.load(full_ptr + pid) != 0:
+            base = pid.to(tl.int64) * CHUNK
+            n_valid = tl.minimum(numel - base, CHUNK).to(tl.int32)
+            k = tl.minimum(n_valid, K)
+            local = tl.arange(0, CHUNK)
+            valid = local < n_valid
+            b = _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)
+            pattern = tl.where(valid, tl.abs(b).to(tl.int32, bitcast=True), -1)
+            t = _search(pattern, k, tl.max(pattern, axis=0) * 0, 30, 16, 16)
+            kept, sent = _emit(b, pattern, local, k, t, tl.max(pattern, axis=0), pid, recip, idx_ptr, code_ptr,
+                               scale_ptr, K, INDEX_BITS, BITS, EXACT)
+            tl.store(err_ptr + base + local, tl.where(kept, sub(b, sent, EXACT), b), mask=valid)
+            if SENT:
+                tl.store(sent_ptr + base + local, kept.to(tl.uint8), mask=valid)

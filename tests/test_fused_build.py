@@ -1,0 +1,70 @@
+"""The fused Triton kernels on a machine without a GPU (as CI is): they compile for Hopper
+(sm_90) through Triton's own compiler and ptxas, and they give the torch references' bits
+under Triton's CPU interpreter. Skipped where Triton is not installed (it is in the test
+extra on Linux x86-64) and, for the interpreter run, where CUDA is there (tests/test_fused.py
+then runs on the GPU itself)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (test extra, Linux x86-64 only)")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from locoswarm.kernels import fused, fused_select  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+COMPRESS_SIG = {"err_ptr": "*fp32", "delta_ptr": "*fp32", "decay": "fp32", "recip": "fp32", "idx_ptr": "*i32",
+                "code_ptr": "*i32", "scale_ptr": "*fp32", "sent_ptr": "*u8", "full_ptr": "*i8", "numel": "i64"}
+ACCUMULATE_SIG = {"acc_ptr": "*fp32", "cover_ptr": "*fp32", "idx_ptr": "*i32", "code_ptr": "*i32", "scale_ptr": "*fp32",
+                  "shares_ptr": "*fp32", "recip": "fp32", "numel": "i64", "idx_words": "i64", "code_words": "i64",
+                  "num_peers": "i32"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+
+
+@pytest.mark.parametrize("k, bits, mode, sent", [(64, 4, 1, False), (15, 2, 0, True), (410, 8, 2, False)])
+def test_the_compression_kernels_compile_for_hopper(k, bits, mode, sent):
+    """Both compression kernels, for the layouts of the bench (k 64), the default spec (k 15)
+    and a dense one (10 %): a branch whose variables differ in shape, say, fails here, not
+    on the lent GPU."""
+    cb = max(16, min(2048, triton.next_power_of_2(8 * k)))
+    rows = triton.next_power_of_2(k)
+    common = dict(CHUNK=4096, K=k, INDEX_BITS=12, BITS=bits, MODE=mode, SENT=sent, EXACT=True)
+    main = _compile(fused_select.compress_kernel, COMPRESS_SIG,
+                    dict(common, ROWS=rows, CB=cb, SLAB=min(4096, max(2 * cb, 4096 // rows, 1024))), fused.COMPRESS_WARPS)
+    full = _compile(fused_select.compress_full_kernel, COMPRESS_SIG, common, fused.FULL_WARPS)
+    for kernel in (main, full):
+        assert re.findall(r"\satom\.global\.[\w.]*\bor\.b32", kernel.asm["ptx"]) and kernel.asm["cubin"], "no stream OR"
+
+
+def test_the_accumulate_kernel_compiles_for_hopper_without_atomics():
+    """Decode and accumulate must stay free of atomics (its sums would depend on their order)."""
+    kernel = _compile(fused._accumulate_kernel, ACCUMULATE_SIG,
+                      dict(NUM_GROUPS=2, CHUNK=4096, K=64, KB=64, GROUP=8, INDEX_BITS=12, BITS=4, COVER=True,
+                           EXACT=True), 4)
+    assert kernel.asm["cubin"] and not re.findall(r"\s(atom|red)\.", kernel.asm["ptx"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, tests/test_fused.py runs on the GPU itself")
+@pytest.mark.timeout(600)
+def test_the_fused_kernels_give_the_references_bits_under_the_interpreter():
+    root = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", str(root / "test_fused.py"), "-q", "-p", "no:cacheprovider"],
+                          env=env, capture_output=True, text=True, timeout=540)
+    tail = done.stdout[-3000:]
+    assert done.returncode == 0, tail
+    assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
