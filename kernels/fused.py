@@ -2,7 +2,7 @@
 accumulation of many peers' deltas: the same outputs as the plain-torch references
 (kernels/topk.py, quant.py, bitpack.py; optim/compress.py; optim/aggregate.py), bit for bit.
 
-`compress(err, delta, ...)`: one program per chunk reads the chunk once, forms the buffer
+`compress(err, delta, ...)`: one program per chunk reads the chunk from memory once, forms the buffer
 b (b = delta with the residual kept in the model; b = decay·err + delta with it kept
 aside), selects the chunk's top-k by magnitude, quantizes them, ORs the kept entries'
 indices and codes straight into the two packed wire streams, writes the chunk's scale
@@ -21,11 +21,16 @@ Output layout (what `compress` returns; the streams are the wire's bytes):
 - scales: (num_chunks, 2) float32 (lo, hi), each exactly a bfloat16.
 
 How the reference's results are reproduced exactly:
-- selection: magnitudes' float bit patterns order like the magnitudes (they are ≥ 0). A
-  radix select finds the k-th largest pattern t in four histogram passes over 8, 8, 8 and
-  7 bits, most significant first (tl.histogram: warp ballots, no sort); every entry above t
-  is kept and, of those equal to t, the lowest-indexed ones up to k (a prefix count): the
-  reference's rule (a stable descending sort: ties go to the lower index).
+- selection: magnitudes' float bit patterns order like the magnitudes (they are ≥ 0). The
+  chunk, seen as ROWS × COLS with ROWS ≥ k, gives a lower bound of the k-th largest: the
+  smallest of the rows' maxima (ROWS ≥ k entries reach it). The entries at or above it (a
+  few per cent) are compacted in index order into the chunk's own residual slots, and a
+  search two bits a step over the bits below the bound's and the maximum's common prefix
+  finds the k-th largest pattern t among them (one reduction a step). A chunk with more
+  candidates than the compact block holds (ties, runs of zeros, a short last chunk) is
+  flagged, left untouched, and searched whole by a second kernel (fused_select.py). Every
+  entry above t is kept and, of those equal to t, the lowest-indexed ones up to k (a prefix
+  count): the reference's rule (a stable descending sort: ties go to the lower index).
 - packing: an entry's bits land in one or two 32-bit words of the zeroed stream, set with
   an atomic OR. Entries never share a bit, so the OR of their fields is the same whatever
   order the atomics land in: the bytes are deterministic.
@@ -39,8 +44,9 @@ How the reference's results are reproduced exactly:
   of one device type, as the references' docstrings say.) The one exception: with the residual kept aside
   and a decay β ≠ 1, b = β·e + Δ may differ from torch's in the last bit (no ulp-exact
   form of it in one pass); the default keeps the residual in the model (b = Δ).
-- decode and accumulate: one program per chunk writes the chunk's zeros, then adds the
-  peers in the given order, one peer's values at its positions only (read, add, write;
+- decode and accumulate: one program per chunk writes the chunk's zeros, loads a group of
+  peers' fields at once, then adds the peers in the given order, one peer's values at its
+  positions only (read, add, write;
   positions within a chunk are unique, programs own disjoint chunks, a barrier separates
   peers): no atomics, the same bits every run, equal to the reference's
   acc + densify(peer)·share in the same order. The chunk stays in L2 between the writes,
