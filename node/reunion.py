@@ -24,7 +24,8 @@ else did (the others paused, or gone) has not diverged: its state is the swarm's
   keeps its state and the others take it: exactly one side moves, never both.
 - A peer that has not diverged and fell more than a round behind (paused, restarted from a
   checkpoint) takes the state of the peers ahead if they are at least as many as those level
-  with it, itself included: one peer that ran ahead alone drags no one along.
+  with it, itself included, counting only peers that have not diverged unless all have: one
+  peer that ran ahead alone drags no one along.
 
 Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
 dial backoff (5 s, growing with the square of the failed dials; hivemind gives no way to
@@ -72,7 +73,12 @@ def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_
         if lone and lone[0].peer_id < me:
             return Follow(f"every peer seen has diverged too; {lone[0].peer_id} has the smallest peer id", lone[:1])
         return None  # the others come to this one (or there is no one yet)
-    ahead = [r for r in live if r.round > round_ + 1]
+    # Diverged peers ahead are followed only when every other peer has diverged (the lone
+    # survivor of a swarm of two, found by a peer restarted from a checkpoint): following the
+    # runaway of a partition, when sound peers are there, was seen to set off a chase of
+    # downloads among all three peers in the fault suite.
+    pool = [r for r in live if not r.diverged] or live
+    ahead = [r for r in pool if r.round > round_ + 1]
     level = [r for r in live if abs(r.round - round_) <= 1]
     if ahead and len(ahead) >= 1 + len(level):
         return Follow(f"outer step {round_} is behind the swarm's {max(r.round for r in ahead)}", ahead)

@@ -56,6 +56,10 @@ def test_a_peer_behind_takes_the_state_of_the_peers_ahead_only_when_they_outnumb
     assert donors(whom_to_follow("Qb", 2, [rec("Qa", 8), rec("Qc", 8)], diverged_at=None)) == ["Qa", "Qc"]
     assert whom_to_follow("Qb", 2, [rec("Qa", 8, diverged=True), rec("Qc", 2)], diverged_at=None) is None
     assert whom_to_follow("Qb", 7, [rec("Qa", 8)], diverged_at=None) is None
+    # A diverged runaway is not followed while a sound peer is there, even one not level...
+    assert whom_to_follow("Qb", 6, [rec("Qa", 3), rec("Qc", 9, diverged=True)], diverged_at=None) is None
+    # ...but it is when it is the only one left (a swarm of two; b restarted from a checkpoint).
+    assert donors(whom_to_follow("Qb", 2, [rec("Qa", 9, diverged=True)], diverged_at=None)) == ["Qa"]
 
 
 def test_vanished_peers_are_dialed_every_few_seconds_until_back_withdrawn_or_forgotten():
