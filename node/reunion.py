@@ -5,7 +5,7 @@ A peer cut off from the swarm aggregates its own deltas alone and its outer stat
 own way, while the peers left together go on with theirs. Once they see each other again
 one side must take the other's state, or their deltas stop fitting. The round number does
 not say which side: a peer alone waits for nobody's delta, so it ends its rounds sooner and
-runs ahead (in the fault suite a cut-off peer was 15 rounds ahead 10 s after the heal, and
+runs ahead (in the fault suite a cut-off peer was 11 rounds ahead 9 s after the heal, and
 the two peers still together, each once missing the other's delta on the lossy link, took
 its state: the swarm followed the runaway, and both crashed when its rounds outran their
 download). Nor does a later round with everyone's deltas: it adds the same mean to states
