@@ -44,6 +44,7 @@ from locoswarm.node.exchange import DeltaServer
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.host import NodeError, dial, identity_key, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
+from locoswarm.node.reunion import LostPeers, redial, whom_to_follow
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
@@ -105,7 +106,12 @@ class Daemon:
         self._had_peers = False
         """Some round of ours aggregated another peer's delta."""
         self._alone_rounds = 0
-        """Rounds aggregated alone since; > 0 means the outer state went its own way."""
+        """Outer steps aggregated alone since the last sync (or the start)."""
+        self._diverged_at: int | None = None
+        """The round this peer aggregated alone while others trained it (reunion.py); None
+        while its outer state is the swarm's, or since it took another's."""
+        self._lost = LostPeers()
+        """Peers whose records vanished without a tombstone: dialed back from their last records."""
         self._next_rediscovery = 0.0
         """Peer ids whose records passed the run's access policy at the last refresh."""
         self._validator: RSASignatureValidator | None = None
@@ -228,7 +234,8 @@ class Daemon:
         return PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
                           tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.outer.num_steps,
                           spec_hash=self.spec_hash, paused=self.idle.paused is not None,
-                          proof=self.spec.access.proof(self.spec_hash, self.peer_id))
+                          proof=self.spec.access.proof(self.spec_hash, self.peer_id),
+                          diverged=self._diverged_at is not None)
 
     async def _keep_record(self, registry: PeerRegistry) -> None:
         while True:
@@ -237,6 +244,9 @@ class Daemon:
                 self._records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
                 self._admitted = {r.peer_id for r in self._records}
                 self.num_peers = len(self._records)
+                self._lost.update(self._records, registry.withdrawn)
+                for record in self._lost.due():
+                    self._spawn(self._redial(registry.dht, record))
                 if not self._records and self._had_peers:
                     await self._rediscover(registry.dht)
             except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
@@ -266,6 +276,10 @@ class Daemon:
                     log.info("reached initial peer %s again", maddr)
             except Exception as e:  # still cut off (or in libp2p's dial backoff): try again later
                 log.info("initial peer %s still unreachable: %s", maddr, str(e).strip().splitlines()[0][:200])
+
+    async def _redial(self, dht: DHTNode, record: PeerRecord) -> None:
+        if await redial(dht.protocol.p2p, dht, record):
+            log.info("reached vanished peer %s again", record.peer_id)
 
     async def _join(self, p2p: P2P, registry: PeerRegistry) -> None:
         """Take the swarm's outer state if there is a swarm; refuse a swarm of another spec."""
@@ -317,28 +331,25 @@ class Daemon:
         return {r.peer_id for r in self._records if round_ - 2 <= r.round <= round_ and not r.paused}
 
     async def _catch_up(self, p2p: P2P) -> bool:
-        """A peer that fell more than a round behind the swarm takes its state again. The
-        peers ahead must be at least as many as those level with it (itself included): one
-        peer that ran ahead alone (cut off, or seeing nobody) does not drag the swarm along.
-        And a peer that aggregated rounds alone after having had peers (cut off by a
-        partition) takes the state of the peers it finds again, if they are at its round or
-        ahead: its own outer state went its own way and its deltas would not fit theirs."""
-        mine = self.trainer.outer.num_steps
-        if self._alone_rounds:
-            found = [r for r in self._records if r.round >= mine and not r.paused]
-            if found:
-                log.warning("found %d peers again after %d rounds alone: taking the swarm's state",
-                            len(found), self._alone_rounds)
-                self._alone_rounds = 0
-                await self._sync(p2p, found)
-                return True
-        ahead = [r for r in self._records if r.round > mine + 1]
-        level = [r for r in self._records if abs(r.round - mine) <= 1]
-        if not ahead or len(ahead) < 1 + len(level):
+        """Take another state when reunion.whom_to_follow says so: after rounds aggregated
+        alone (cut off by a partition), or more than a round behind the swarm. A download
+        that fails is logged and tried again at the next round: the peer trains on its own
+        state meanwhile, and a failed exchange never ends the node."""
+        follow = whom_to_follow(self.peer_id, self.trainer.outer.num_steps, self._records,
+                                diverged_at=self._diverged_at)
+        if follow is None:
             return False
-        log.warning("round %d is behind the swarm's %d: downloading its state", self.trainer.round,
-                    max(r.round for r in ahead))
-        await self._sync(p2p, ahead)
+        if self._diverged_at is not None:
+            log.warning("found %d peers again after %d rounds alone: taking the swarm's state (%s)",
+                        len(self._records), self._alone_rounds, follow.why)
+        else:
+            log.warning("round %d: %s: downloading its state", self.trainer.round, follow.why)
+        try:
+            await self._sync(p2p, follow.donors)
+        except NodeError as e:
+            log.warning("could not take the swarm's state: %s; training on, trying again next round", e)
+            return False
+        self._alone_rounds, self._diverged_at = 0, None
         return True
 
     async def _wait_while_paused(self) -> None:
@@ -442,7 +453,12 @@ class Daemon:
         self.deltas_rejected += len(screened.rejected)
         deltas = apply_screen(screened)
         if len(deltas) == 1 and self._had_peers:
-            self._alone_rounds += 1  # cut off: this round's outer step is ours alone
+            self._alone_rounds += 1
+            if progress.participants() and self._diverged_at is None:
+                # Others trained this round and none of their deltas is in our step (cut
+                # off): our outer state goes its own way from here until we take another's;
+                # rounds with their deltas later do not undo it.
+                self._diverged_at = r
         self._had_peers = self._had_peers or len(deltas) > 1
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
         planned = trainer.round_tokens * len(deltas)

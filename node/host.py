@@ -165,17 +165,25 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
 
 async def dial(p2p: P2P, maddr: str, timeout_s: float):
     """Connect p2pd to the peer at `maddr` (ending in /p2p/<peer id>) and return its PeerID;
-    ValueError when the multiaddr names no peer. hivemind exposes no public connect: this is
-    its daemon client's, the one P2P.create uses for initial peers."""
+    ValueError when the multiaddr names no peer."""
     from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
 
     addr, sep, peer_id = maddr.rpartition("/p2p/")
     if not sep:
         raise ValueError("the multiaddr has no /p2p/<peer id>")
     peer = PeerID.from_base58(peer_id)
-    await asyncio.wait_for(p2p._client.connect(peer, [Multiaddr(addr)]), timeout_s)
+    await dial_addrs(p2p, peer, [addr], timeout_s)
     return peer
+
+
+async def dial_addrs(p2p: P2P, peer, addrs, timeout_s: float) -> None:
+    """Connect p2pd to `peer` (a PeerID) at any of `addrs` (multiaddrs, with or without their
+    /p2p/<peer id> tail). hivemind exposes no public connect: this is its daemon client's,
+    the one P2P.create uses for initial peers."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    bare = [Multiaddr(a.rpartition("/p2p/")[0] if "/p2p/" in a else a) for a in addrs]
+    await asyncio.wait_for(p2p._client.connect(peer, bare), timeout_s)
 
 
 def address_class(maddr: str) -> str:

@@ -85,6 +85,8 @@ class PeerRegistry:
         self.ttl_s = ttl_s
         self.rejected: list[tuple[str, str]] = []
         """(subkey, reason) of the records refused by the last `peers()` call."""
+        self.withdrawn: set[str] = set()
+        """Peer ids whose record the last `peers()` call found withdrawn (left on purpose)."""
 
     async def announce(self, record: PeerRecord) -> bool:
         """Store or refresh this peer's record, valid for `ttl_s` from now."""
@@ -104,13 +106,17 @@ class PeerRegistry:
         """The valid, live records of this run, by peer id; refused ones go to `rejected`."""
         found = await self.dht.get(self.key, latest=True)
         self.rejected = []
+        self.withdrawn = set()
         if found is None or not isinstance(found.value, dict):
             return []
         latest: dict[str, PeerRecord] = {}
         for subkey, item in sorted(found.value.items(), key=lambda kv: str(kv[0])):
             value = item.value
             if value == b"":
-                continue  # withdrawn
+                owner, _, signer = subkey_author(subkey)
+                if self.validator is None or signer == owner:
+                    self.withdrawn.add(owner)
+                continue
             try:
                 record = decode_record(value, self.spec_hash)
             except ProtocolError as e:

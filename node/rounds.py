@@ -44,6 +44,7 @@ from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
 from locoswarm.node.registry import subkey_author
+from locoswarm.node.streams import TruncatedBody
 from locoswarm.optim.screen import median
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.records import Progress, decode_progress, encode_progress
@@ -216,6 +217,19 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 await asyncio.sleep(wait)  # still training: ask again
                 wait = min(longest, wait * grow)
                 continue
+            except TruncatedBody as e:
+                # Cut inside the body: a lossy link, or a bad peer. Ask again like after a
+                # failed stream; only when those retries are spent is it held against the peer.
+                if failures < len(STREAM_RETRY_S) and stop_at - time.monotonic() > STREAM_RETRY_S[failures]:
+                    log.info("delta of %s for round %d cut short (%s), asking again in %g s", peer, round_, e,
+                             STREAM_RETRY_S[failures])
+                    await asyncio.sleep(STREAM_RETRY_S[failures])
+                    failures += 1
+                    continue
+                log.warning("delta of %s for round %d rejected: MalformedMessage: %s", peer, round_, e)
+                out.rejected += 1
+                out.failed[peer] = f"MalformedMessage: {e}"
+                return
             except ProtocolError as e:
                 # A bad delta costs the sender its place in this round, never ours.
                 log.warning("delta of %s for round %d rejected: %s: %s", peer, round_, type(e).__name__, e)

@@ -142,6 +142,8 @@ class RunSpec:
         body["diloco"]["outer"].pop("device")
         if not self.access.restricted:
             body.pop("access")  # open runs hash as they did before access policies existed
+        if not self.diloco.robust.trim:
+            body["diloco"]["robust"].pop("trim")  # off: the hash of specs from before the trimmed mean
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).digest()
 

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import sys
+import time
 from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
@@ -30,6 +31,9 @@ _MANIFEST, _CHUNK = 0, 1
 _REQUEST_LEN = 17
 _LATEST = (1 << 64) - 1
 _ROUNDS_KEPT = 2
+_PIN_S = 60.0
+"""An older round stays served while a joiner asked for it in the last this many seconds."""
+_MAX_PINNED = 2
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +46,12 @@ class StateServer:
 
     `publish` only keeps a snapshot; it is encoded (hashing a model-sized body) in a worker
     thread on the first request for it, so publishing after every outer step costs nothing
-    when nobody joins. The last `_ROUNDS_KEPT` rounds stay available, so a joiner that read
-    round r's manifest can finish downloading it after the swarm moved on to r + 1.
+    when nobody joins. The last `_ROUNDS_KEPT` rounds stay available, and an older one (at
+    most `_MAX_PINNED`) while a joiner asked for it in the last `_PIN_S` seconds: a joiner on
+    a slow link takes longer than a few rounds to download a state, and when the round it
+    read the manifest of was dropped under it, every retry of the download started on a
+    newer round and was dropped again (the fault suite saw three attempts fail so and,
+    before a failed catch-up stopped being fatal, the node exit).
     """
 
     def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,
@@ -57,6 +65,8 @@ class StateServer:
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         self._encoded: dict[int, tuple[bytes, bytes]] = {}
         self._lock = asyncio.Lock()
+        self._asked: dict[int, float] = {}
+        """round → when a joiner last asked for it (time.monotonic)."""
         self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
         """A joiner asks one chunk at a time: 50 chunks of 4 MiB a second is 200 MiB/s."""
         self.bytes_sent = 0
@@ -70,9 +80,12 @@ class StateServer:
     def publish(self, state: dict[str, Tensor], round_: int) -> None:
         """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`."""
         self._snapshots[round_] = state
-        for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT]:
+        now = time.monotonic()
+        pinned = sorted((r for r, at in self._asked.items() if now - at < _PIN_S), reverse=True)[:_MAX_PINNED]
+        for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT and r not in pinned]:
             del self._snapshots[old]
             self._encoded.pop(old, None)
+        self._asked = {r: at for r, at in self._asked.items() if r in self._snapshots}
 
     async def encoded(self, round_: int) -> tuple[bytes, bytes] | None:
         """(manifest, body) of `round_`, encoding it on first use; None when not kept."""
@@ -98,6 +111,8 @@ class StateServer:
             if not self._snapshots:
                 return b""
             round_ = max(self._snapshots)
+        if round_ in self._snapshots:
+            self._asked[round_] = time.monotonic()
         found = await self.encoded(round_)
         if found is None:
             return b""

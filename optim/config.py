@@ -112,8 +112,12 @@ class RobustConfig:
     (tests/test_faults.py), and a clean run lost nothing measurable (3.67 vs 3.70–3.75)."""
     token_factor: float = 2.0
     """A claimed token count above token_factor × the round's median claim is cut to it."""
+    trim: float = 0.0
+    """β of a coordinate-wise trimmed mean (optim/trimmed.py): ⌊β·n⌋ of n values cut at each end; 0: off."""
 
     def validate(self) -> None:
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"diloco.robust.trim must lie in [0, 0.5), got {self.trim}")
         if self.norm_rule not in ("clip", "reject", "none"):
             raise ValueError(f"diloco.robust.norm_rule must be clip, reject or none, got {self.norm_rule!r}")
         if not self.norm_factor >= 1.0 or not self.token_factor >= 1.0:

@@ -1,8 +1,9 @@
 """The peer record every peer keeps in the DHT under its run's key (issue 3): who it is,
 where to reach it, what it runs on, how fast it trains, which round it is at, and under
-which run spec, whether it is paused, and (in a private run) its proof of the run's secret.
-Encoded as a msgpack map, version 3; `decode_record` validates every field
-and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
+which run spec, whether it is paused, (in a private run) its proof of the run's secret, and
+whether its outer state went its own way (after a partition, that says which side takes
+whose state: node/reunion.py). Encoded as a msgpack map, version 4; `decode_record`
+validates every field and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
 overwrite another's record) is the DHT layer's job: hivemind's signature validator.
 """
 
@@ -15,11 +16,11 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
-_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof"})
+_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +41,14 @@ class PeerRecord:
     """Its owner's machine is busy (idle governor): reachable, but not training."""
     proof: bytes = b""
     """HMAC of the spec hash and peer id under the run's secret (empty: open run)."""
+    diverged: bool = False
+    """It aggregated a round alone while others trained it, and has not taken another's state since."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
-                          "paused": r.paused, "proof": r.proof},
+                          "paused": r.paused, "proof": r.proof, "diverged": r.diverged},
                          use_bin_type=True)
 
 
@@ -71,8 +74,10 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: paused {m['paused']!r} is not a boolean")
     if not isinstance(m["proof"], bytes) or len(m["proof"]) not in (0, 32):
         raise MalformedMessage(f"peer record of {peer}: proof must be empty or 32 bytes")
+    if not isinstance(m["diverged"], bool):
+        raise MalformedMessage(f"peer record of {peer}: diverged {m['diverged']!r} is not a boolean")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
-                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"])
+                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"])
 
 
 # ---------------------------------------------------------------- round progress

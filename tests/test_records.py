@@ -14,7 +14,7 @@ from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
-                  tokens_per_s=12345.5, round=42, spec_hash=H)
+                  tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True)
 
 
 def test_record_round_trips():
@@ -38,6 +38,7 @@ def test_record_round_trips():
         (lambda m: m.update(extra=1), MalformedMessage, "fields"),
         (lambda m: m.update(proof=b"short"), MalformedMessage, "proof"),
         (lambda m: m.update(proof="text"), MalformedMessage, "proof"),
+        (lambda m: m.update(diverged=1), MalformedMessage, "diverged"),
     ],
 )
 def test_bad_record_is_refused_naming_the_field(mutate, error, message):

@@ -5,7 +5,7 @@ it as a participant and pull its delta, and
 answers every delta request with a bad frame. Prints its peer id, then runs until stdin
 closes or it is killed.
 
-usage: python evil_delta.py MODE ADDR
+usage: python evil_delta.py MODE ADDR [SPEC]   (SPEC: a run spec TOML; the default spec without it)
   MODE garbage:     a length header, then that many random bytes (not a delta)
   MODE truncated:   a length header larger than what follows, then the stream closes
   MODE oversized:   a length header of 2**40 bytes
@@ -77,8 +77,8 @@ def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
     return encode_delta(msg)
 
 
-async def main(mode: str, addr: str) -> None:
-    spec = load_spec(None)
+async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
+    spec = load_spec(spec_path)
     key_of = {r: progress_key(spec.run_id, spec.hash(), r) for r in ROUNDS}
     rng = random.Random(mode)
     state = tempfile.mkdtemp(prefix="evil-")
@@ -146,4 +146,4 @@ async def main(mode: str, addr: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(*sys.argv[1:4]))

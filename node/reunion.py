@@ -1,0 +1,141 @@
+"""After a partition heals (issue 6): which peers take whose outer state, and dialing back
+the peers that vanished.
+
+A peer cut off from the swarm aggregates its own deltas alone and its outer state goes its
+own way, while the peers left together go on with theirs. Once they see each other again
+one side must take the other's state, or their deltas stop fitting. The round number does
+not say which side: a peer alone waits for nobody's delta, so it ends its rounds sooner and
+runs ahead (in the fault suite a cut-off peer was 11 rounds ahead 9 s after the heal, and
+the two peers still together, each once missing the other's delta on the lossy link, took
+its state: the swarm followed the runaway, and both crashed when its rounds outran their
+download). Nor does a later round with everyone's deltas: it adds the same mean to states
+that differ, and the difference stays (seen: a healed peer aggregating 3 of 3 again,
+on its own state, because it met the others between two round boundaries).
+
+What says it: a peer is *diverged* from the round it aggregated its own delta alone while
+others trained that round (they reported progress in it), until it takes another peer's
+state; its record says so (`PeerRecord.diverged`). A peer that trained alone because no one
+else did (the others paused, or gone) has not diverged: its state is the swarm's.
+
+- A diverged peer takes the state of the live peers that have not diverged and stepped past
+  the round it diverged in (so a peer that sat paused through the split, with an older
+  state, is not followed).
+- When every peer it sees has diverged too (a swarm of two cut in two), the smallest peer id
+  keeps its state and the others take it: exactly one side moves, never both.
+- A peer that has not diverged and fell more than a round behind (paused, restarted from a
+  checkpoint) takes the state of the peers ahead if they are at least as many as those level
+  with it, itself included, counting only peers that have not diverged unless all have: one
+  peer that ran ahead alone drags no one along.
+
+Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
+dial backoff (5 s, growing with the square of the failed dials; hivemind gives no way to
+clear it) holds its dials back for tens of seconds after the link is back. A dial from the
+other side does not wait on that backoff, and a connection made by either side serves
+both (libp2p reuses a live connection before it looks at the backoff): so every peer also
+dials the peers that vanished without withdrawing their record, from their last record's
+addresses, and pings them, which puts each in the other's DHT routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from locoswarm.protocol.records import PeerRecord
+
+log = logging.getLogger(__name__)
+REDIAL_S = 5.0
+"""Least time between two dials of the same vanished peer."""
+FORGET_S = 600.0
+"""A vanished peer is dialed for this long after it was last seen."""
+MAX_LOST = 16
+"""At most this many vanished peers are remembered (the most recently seen)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    why: str
+    """For the log line: why this peer takes another state."""
+    donors: list[PeerRecord]
+
+
+def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_at: int | None) -> Follow | None:
+    """Whose outer state peer `me` (at outer step `round_`) should take now, None to keep
+    its own. `diverged_at`: the round in which it diverged, None when it has not."""
+    live = [r for r in records if r.peer_id != me and not r.paused]
+    if diverged_at is not None:
+        sound = [r for r in live if not r.diverged and r.round > diverged_at]
+        if sound:
+            return Follow(f"{len(sound)} peers trained on without it since round {diverged_at}", sound)
+        lone = sorted((r for r in live if r.diverged), key=lambda r: r.peer_id)
+        if lone and lone[0].peer_id < me:
+            return Follow(f"every peer seen has diverged too; {lone[0].peer_id} has the smallest peer id", lone[:1])
+        return None  # the others come to this one (or there is no one yet)
+    # Diverged peers ahead are followed only when every other peer has diverged (the lone
+    # survivor of a swarm of two, found by a peer restarted from a checkpoint): following the
+    # runaway of a partition, when sound peers are there, was seen to set off a chase of
+    # downloads among all three peers in the fault suite.
+    pool = [r for r in live if not r.diverged] or live
+    ahead = [r for r in pool if r.round > round_ + 1]
+    level = [r for r in live if abs(r.round - round_) <= 1]
+    if ahead and len(ahead) >= 1 + len(level):
+        return Follow(f"outer step {round_} is behind the swarm's {max(r.round for r in ahead)}", ahead)
+    return None
+
+
+class LostPeers:
+    """Peers whose records vanished without a tombstone (cut off, or killed): their last
+    records, to dial them back (`due`)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._lost: dict[str, tuple[PeerRecord, float, float]] = {}
+        """peer id → (last record, when last seen, when next to dial)."""
+        self._seen: dict[str, PeerRecord] = {}
+
+    def update(self, records: list[PeerRecord], withdrawn: set[str]) -> None:
+        """The live records of this refresh, and the peer ids that left on purpose."""
+        now = self.clock()
+        live = {r.peer_id: r for r in records}
+        for peer, record in self._seen.items():
+            if peer not in live and peer not in withdrawn:
+                self._lost[peer] = (record, now, now)
+        for peer in list(self._lost):
+            if peer in live or peer in withdrawn or now - self._lost[peer][1] > FORGET_S:
+                del self._lost[peer]
+        if len(self._lost) > MAX_LOST:
+            for peer in sorted(self._lost, key=lambda p: self._lost[p][1])[:len(self._lost) - MAX_LOST]:
+                del self._lost[peer]
+        self._seen = live
+
+    def due(self) -> list[PeerRecord]:
+        """The vanished peers to dial now (each at most every REDIAL_S)."""
+        now = self.clock()
+        out = []
+        for peer, (record, seen, next_at) in self._lost.items():
+            if now >= next_at:
+                self._lost[peer] = (record, seen, now + REDIAL_S)
+                out.append(record)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._lost)
+
+
+async def redial(p2p, dht, record: PeerRecord, timeout_s: float = 5.0) -> bool:
+    """Dial a vanished peer at its last record's addresses and ping it into the DHT's
+    routing table; True when it answered."""
+    from hivemind.p2p import PeerID
+
+    from locoswarm.node.host import dial_addrs
+
+    peer = PeerID.from_base58(record.peer_id)
+    try:
+        await dial_addrs(p2p, peer, record.addrs, timeout_s)
+        return await asyncio.wait_for(dht.protocol.call_ping(peer), timeout_s) is not None
+    except Exception as e:  # still cut off, gone, or in libp2p's dial backoff: next time
+        log.debug("peer %s still unreachable: %s", record.peer_id, str(e).strip().splitlines()[0][:200] if str(e)
+                  else type(e).__name__)
+        return False
