@@ -34,7 +34,6 @@ from locoswarm.optim import (
     set_lr,
 )
 from locoswarm.optim.inner import load_params
-from locoswarm.optim.trimmed import trimmed_mean
 from locoswarm.protocol import DecodedDelta, DeltaMessage, decode_delta, encode_delta
 from locoswarm.protocol.state import StateSpec, encode_state
 
@@ -267,11 +266,8 @@ class Trainer:
         shapes = [tuple(p.shape) for p in self.outer.params]
         masked = cfg.aggregation == "masked"
         shares = coverage(received, device) if masked else None
-        trim = self.spec.diloco.robust.trim
-        if trim:
-            self.outer.step(trimmed_mean(received, shapes, device, trim=trim, masked=masked))
-        else:
-            self.outer.step(aggregate(received, shapes, device, rule=cfg.aggregation, shares=shares))
+        self.outer.step(aggregate(received, shapes, device, rule=cfg.aggregation, shares=shares,
+                                  trim=self.spec.diloco.robust.trim))
         if masked:
             self.compressor.forget([share > 0 for share in shares])
         start = self._restart_point()

@@ -16,6 +16,7 @@ from torch import Tensor
 from locoswarm.kernels import scatter_chunks
 from locoswarm.protocol import DecodedDelta
 from locoswarm.optim.compress import densify, fused_kernels
+from locoswarm.optim.trimmed import trimmed_mean
 
 
 def aggregate(
@@ -24,6 +25,7 @@ def aggregate(
     device: torch.device | str,
     rule: str = "mean",
     shares: list[Tensor] | None = None,
+    trim: float = 0.0,
 ) -> list[Tensor]:
     """Token-weighted average of the decoded deltas, one dense fp32 tensor per parameter.
 
@@ -32,9 +34,13 @@ def aggregate(
     rule "masked": at each coordinate, the average over the peers that sent it; a
     coordinate no peer sent stays 0. Raises ValueError when nothing can be averaged (no
     delta or no tokens): the caller then skips the outer step rather than applying a zero.
-    `shares`: `coverage(deltas)` when the caller already has it (rule "masked" needs it)."""
+    `shares`: `coverage(deltas)` when the caller already has it (rule "masked" needs it).
+    `trim` β > 0: the coordinate-wise trimmed mean of optim/trimmed.py under the same rule
+    instead (β = 0 is this plain average, bit for bit)."""
     if rule not in ("mean", "masked"):
         raise ValueError(f"aggregation rule must be 'mean' or 'masked', got {rule!r}")
+    if trim:
+        return trimmed_mean(deltas, shapes, device, trim=trim, masked=rule == "masked")
     ordered = sorted(deltas, key=lambda d: d.sender)
     _check_unique([d.sender for d in ordered])
     total = sum(d.num_tokens for d in ordered)

@@ -251,7 +251,9 @@ def run_diloco(
                 received.append(decode_delta(blob, spec))
             masked = compression.aggregation == "masked"
             shares = coverage(received, outer.params[0].device) if masked else None
-            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation, shares=shares)
+            # the daemon's aggregation, the optional trimmed mean included (no screening here: no bad peers)
+            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation, shares=shares,
+                            trim=dl.robust.trim)
         outer.step(avg)
         if compression is not None and masked:
             moved = [share > 0 for share in shares]
