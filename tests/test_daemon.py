@@ -352,6 +352,12 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
             assert set(named) <= subclasses, (mode, named)
             if expected[mode] is not None:  # random bytes may fail any of the decoder's checks
                 assert set(named) == {expected[mode]}, (mode, named)
+    # What the attackers sent changed nothing: the honest peers end on one outer state, and
+    # it evaluates below where their first round did.
+    (_, loss_a, digest_a), (_, loss_b, digest_b) = final(a), final(b)
+    assert digest_a == digest_b, "honest outer states differ"
+    first = rounds(a)[0][3]
+    assert max(loss_a, loss_b) < first, (first, loss_a, loss_b)
 
 
 # ---------------------------------------------------------------- lifecycle and bad input
