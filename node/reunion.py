@@ -71,6 +71,8 @@ class Follow:
     why: str
     """For the log line: why this peer takes another state."""
     donors: list[PeerRecord]
+    split_round: int | None = None
+    """The round at which the chains were compared (whom_to_rejoin only)."""
 
 
 def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_at: int | None) -> Follow | None:
@@ -135,7 +137,21 @@ def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -
     if winner == mine:
         return None
     donors = [r for r in pool if r.chain == winner]
-    return Follow(f"split at round {round_}: {len(donors)} of {len(pool) + 1} peers aggregated other deltas", donors)
+    return Follow(f"split at round {round_}: {len(donors)} of {len(pool) + 1} peers aggregated other deltas", donors,
+                  split_round=round_)
+
+
+def chain_at(round_: int, records: list[PeerRecord]) -> str:
+    """The chain the most of `records` at round `round_` show (ties: the smallest peer id's
+    group, as in whom_to_rejoin), "" when none does: what a peer that took the state of
+    round `round_` from them takes as its own chain."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        if r.round == round_ and r.chain and not r.diverged:
+            groups.setdefault(r.chain, []).append(r.peer_id)
+    if not groups:
+        return ""
+    return min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
 
 
 class LostPeers:

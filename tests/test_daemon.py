@@ -49,9 +49,10 @@ class Child:
     """A child process in its own process group, its stdout and stderr collected line by
     line by two threads; `wait_for` blocks until a stdout line matches."""
 
-    def __init__(self, name: str, argv: list[str], *, stdin: int = subprocess.DEVNULL) -> None:
+    def __init__(self, name: str, argv: list[str], *, stdin: int = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env, start_new_session=True)
         self.out: list[str] = []
@@ -145,16 +146,16 @@ class Swarm:
         self.children: list[Child] = []
 
     def join(self, name: str, *args: str, peer: Child | str | None = None, run: Path | None = None,
-             listen: str = LISTEN) -> Child:
+             listen: str = LISTEN, env: dict[str, str] | None = None) -> Child:
         """`locoswarm node join` with state directory root/name; `peer`: a multiaddr, or a
-        daemon whose first address to join through."""
+        daemon whose first address to join through; `env`: added to its environment."""
         argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", listen,
                 "--state-dir", str(self.root / name), "--threads", "1", *args]
         if peer is not None:
             argv += ["--peer", peer if isinstance(peer, str) else first_addr(peer)]
         if run is not None:
             argv += ["--run", str(run)]
-        return self.start(name, argv)
+        return self.start(name, argv, env=env)
 
     def start(self, name: str, argv: list[str], **kw) -> Child:
         child = Child(name, argv, **kw)
@@ -239,6 +240,12 @@ def node_status(state_dir: Path) -> dict:
 def three_peers(swarm: Swarm, *args: str, run: Path | None = None) -> list[Child]:
     a = swarm.join("a", "--min-peers", "3", *args, run=run)
     return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, run=run) for n in ("b", "c")]
+
+
+def three_peers_env(swarm: Swarm, env: dict[str, dict[str, str]], *args: str) -> list[Child]:
+    """three_peers, with `env[name]` added to that peer's environment."""
+    a = swarm.join("a", "--min-peers", "3", *args, env=env.get("a"))
+    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, env=env.get(n)) for n in ("b", "c")]
 
 
 def assert_clean_exit(child: Child, rc: int) -> None:

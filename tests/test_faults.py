@@ -185,6 +185,35 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     assert_checkpoints_load(swarm, ["a", "b", "c"], load_spec(str(run)).hash())
 
 
+@pytest.mark.timeout(300, method="signal")
+def test_a_peer_that_missed_one_delta_finds_the_silent_split_and_takes_the_majoritys_state(swarm):
+    """Three honest peers on loopback; c leaves out, in round 2, the delta of the first other
+    peer by id (LOCOSWARM_TEST_DROP_DELTA, what a timed-out request does), so it aggregates 2
+    deltas where a and b aggregate 3: no one is alone, nothing is diverged, yet c's outer
+    state differs from theirs from then on. The round chains in the records show it: c takes
+    a and b's state (the digest one of them served), they never move, all three end on one
+    digest and exit 0."""
+    from locoswarm.node.rounds import TEST_DROP_DELTA_ENV
+
+    a, b, c = peers = daemon.three_peers_env(swarm, {"c": {TEST_DROP_DELTA_ENV: "2:0"}}, "--max-rounds", str(ROUNDS))
+    for p in peers:
+        daemon.assert_clean_exit(p, p.wait_exit(250))
+    ids = sorted(daemon.peer_id(p, 0) for p in (a, b))
+    assert c.wait_for(rf"round 2: delta of {ids[0]} left out", 0, stderr=True)
+    assert [(got, of) for r, got, of, _ in daemon.rounds(c) if r == 2] == [(2, 3)]
+    m = c.wait_for(r"split at round (\d+): took the state of 2 peers", 0, stderr=True)
+    split = int(m[1])
+    s = c.wait_for(r"^synced round (\d+) from 2 donors digest ([0-9a-f]{64})$", 0)
+    served = {d for p in (a, b) for d in (x[1] for x in p.find(rf"^serving state round {s[1]} digest (\w+)$"))}
+    assert s[2] in served, f"c took {s[2]}, a and b served {served}"
+    for p in (a, b):
+        assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
+    finals = [daemon.final(p) for p in peers]
+    assert len({d for *_, d in finals}) == 1, f"outer states differ: {finals}"
+    print(f"c left out a delta in round 2, found the split at round {split} and took round {s[1]}'s state; "
+          f"rounds of c {[(r, got, of) for r, got, of, _ in daemon.rounds(c)]}")
+
+
 @pytest.mark.timeout(400, method="signal")
 def test_malicious_peers_deltas_are_refused_or_bounded_and_the_honest_peers_train_on(swarm, clean_eval_loss):
     """Three honest peers on loopback and five malicious ones, each claiming a place in every
