@@ -50,7 +50,7 @@ from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
 from locoswarm.optim.screen import apply_screen, screen
-from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.records import CHAIN_HEX_LEN, PeerRecord
 
 log = logging.getLogger(__name__)
 FINAL_MODEL = "final-model.safetensors"
@@ -174,9 +174,12 @@ class Daemon:
                      self.spec.batch_size)
             resumed = await self.checkpoints.resume(self.trainer, self._in_pool)
             if resumed is not None:
-                # The chain of a checkpoint's state is not stored: unknown until we take a
-                # donor's state; meanwhile this peer takes no part in split verdicts.
                 self.emit(f"resumed from checkpoint round {resumed}")
+                chain = self.checkpoints.resumed_meta.get("chain")
+                # Written by us, but a file on disk: a bad one leaves the chain unknown (this
+                # peer takes no part in split verdicts until it takes a donor's state).
+                if isinstance(chain, str) and len(chain) == CHAIN_HEX_LEN and set(chain) <= set("0123456789abcdef"):
+                    self._chains = {self.trainer.outer.num_steps: chain}
             else:
                 self._chains = {self.trainer.outer.num_steps: chain_start(self.spec_hash)}
             self.deltas = DeltaServer(p2p, admit=self._admit)
@@ -403,7 +406,7 @@ class Daemon:
             if await self._catch_up(p2p):
                 continue  # what was trained on the old state is not sent
             if self.cfg.checkpoint_every and trained and trained % self.cfg.checkpoint_every == 0:
-                await self.checkpoints.write(self.trainer, self._in_pool)
+                await self.checkpoints.write(self.trainer, self._in_pool, extra=self._checkpoint_extra())
             work = await self._in_pool(trainer.end_round)
             trained += 1
             step = self._exchange(p2p, progress, work, train_s, overlap)
@@ -418,7 +421,7 @@ class Daemon:
         # Nothing may touch the outer state while the last checkpoint copies it.
         await asyncio.to_thread(self._xpool.shutdown, True)
         if self.cfg.checkpoint_every:
-            await self.checkpoints.write(self.trainer, self._in_pool, wait=True)
+            await self.checkpoints.write(self.trainer, self._in_pool, wait=True, extra=self._checkpoint_extra())
         if self.cfg.max_rounds and trained >= self.cfg.max_rounds and not self.should_exit.is_set():
             await self._finish()
 
@@ -501,6 +504,10 @@ class Daemon:
         self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {work.tokens} "
                   f"loss {work.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
                   f"sent {self.bytes_sent} received {self.bytes_received}")
+
+    def _checkpoint_extra(self) -> dict:
+        """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
+        return {"chain": self._chains.get(self.trainer.outer.num_steps, "")}
 
     def _advance_chain(self, before: int, r: int, deltas) -> None:
         """Our chain after round `r`'s outer step (which took the outer steps from `before`):
