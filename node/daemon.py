@@ -486,7 +486,11 @@ class Daemon:
         self._had_peers = self._had_peers or len(deltas) > 1
         before = trainer.outer.num_steps
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
-        self._advance_chain(before, r, deltas)
+        # A round that pulled a sample of the participants (fanout below their number) left
+        # deltas out on purpose: peers then differ by design (README, "Fanout and drift"), and
+        # a chain that said so would have them all take one peer's state every round.
+        sampled = len(progress.participants()) > self.cfg.fanout
+        self._advance_chain(before, r, deltas, sampled=sampled)
         planned = trainer.round_tokens * len(deltas)
         # Integral control: the accumulated overshoot, so a steady bias is cancelled, not halved.
         self._carry = max(-planned // 2, min(planned // 2, self._carry + sum(d.num_tokens for d in deltas) - planned))
@@ -509,11 +513,13 @@ class Daemon:
         """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
         return {"chain": self._chains.get(self.trainer.outer.num_steps, "")}
 
-    def _advance_chain(self, before: int, r: int, deltas) -> None:
+    def _advance_chain(self, before: int, r: int, deltas, *, sampled: bool) -> None:
         """Our chain after round `r`'s outer step (which took the outer steps from `before`):
-        unknown when the chain before it was."""
+        unknown when the chain before it was, or the round pulled a sample of the deltas."""
         previous = self._chains.get(before)
-        if not previous:
+        if sampled:
+            self._chains = {}
+        if not previous or sampled:
             return
         self._chains[self.trainer.outer.num_steps] = round_chain(previous, r, [(d.sender, d.num_tokens)
                                                                               for d in deltas])

@@ -299,6 +299,23 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
     assert all(r >= synced_round for r, *_ in rounds(joiner)), rounds(joiner)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="signal")
+def test_peers_that_pull_a_sample_of_the_deltas_never_take_each_others_state_as_a_split(swarm: Swarm):
+    """Four peers with fanout 2 each aggregate a different set every round, on purpose
+    (README, "Fanout and drift"): their round chains must not call that a split, or they
+    would all take one peer's state every round (node/reunion.py)."""
+    a = swarm.join("a", "--min-peers", "4", "--max-rounds", "4", "--fanout", "2")
+    peers = [a] + [swarm.join(n, "--min-peers", "4", "--max-rounds", "4", "--fanout", "2", peer=a)
+                   for n in ("b", "c", "d")]
+    for p in peers:
+        assert_clean_exit(p, p.wait_exit(200))
+    sets = [(p.name, [(got, of) for _, got, of, _ in rounds(p)]) for p in peers]
+    assert any(got < of for _, seen in sets for got, of in seen), f"no round was sampled: {sets}"
+    for p in peers:
+        assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
+
+
 # ---------------------------------------------------------------- faults
 
 
