@@ -54,9 +54,9 @@ from locoswarm.protocol.records import CHAIN_HEX_LEN, PeerRecord
 
 log = logging.getLogger(__name__)
 FINAL_MODEL = "final-model.safetensors"
+"""Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 CHAINS_KEPT = 8
 """Round chains kept for comparing with records a few rounds old."""
-"""Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 
 
 def _training_thread_init(threads: int) -> None:
@@ -115,7 +115,8 @@ class Daemon:
         while its outer state is the swarm's, or since it took another's."""
         self._chains: dict[int, str] = {}
         """Outer steps → the round chain of our outer state then (reunion.py), the last
-        CHAINS_KEPT; empty while unknown (resumed from a checkpoint)."""
+        CHAINS_KEPT; empty while unknown (a checkpoint without one, a round that pulled a
+        sample of the deltas, a state taken at a round its donors' records no longer showed)."""
         self._lost = LostPeers()
         """Peers whose records vanished without a tombstone: dialed back from their last records."""
         self._next_rediscovery = 0.0
