@@ -138,6 +138,8 @@ class Checkpointer:
         """Round of the last checkpoint written or resumed from."""
         self.error: str | None = None
         """Why the last write failed (None: it did not)."""
+        self.resumed_meta: dict = {}
+        """The metadata of the checkpoint resumed from (empty: none)."""
         self._task: asyncio.Future | None = None
 
     async def resume(self, trainer, in_pool: Callable) -> int | None:
@@ -151,15 +153,17 @@ class Checkpointer:
         except ValueError as e:
             log.warning("checkpoint of round %d not used: %s; starting from the swarm's state", round_, e)
             return None
-        self.round = round_
+        self.round, self.resumed_meta = round_, meta
         return round_
 
-    async def write(self, trainer, in_pool: Callable, *, wait: bool = False) -> None:
+    async def write(self, trainer, in_pool: Callable, *, wait: bool = False, extra: dict | None = None) -> None:
+        """`extra`: metadata of the caller's, stored beside the trainer's (the daemon's round chain)."""
         if self._task is not None and not self._task.done():
             if not wait:
                 return
             await self._task
         tensors, meta = await in_pool(trainer.checkpoint_state)
+        meta = {**(extra or {}), **meta}
 
         async def go() -> None:
             try:

@@ -44,16 +44,19 @@ from locoswarm.node.exchange import DeltaServer
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.host import NodeError, dial, identity_key, open_state_dir, start_p2p
 from locoswarm.node.registry import PeerRegistry
-from locoswarm.node.reunion import LostPeers, redial, whom_to_follow
+from locoswarm.node.reunion import (LostPeers, chain_at, chain_start, redial, round_chain, whom_to_follow,
+                                   whom_to_rejoin)
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
 from locoswarm.optim.screen import apply_screen, screen
-from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.records import CHAIN_HEX_LEN, PeerRecord
 
 log = logging.getLogger(__name__)
 FINAL_MODEL = "final-model.safetensors"
 """Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
+CHAINS_KEPT = 8
+"""Round chains kept for comparing with records a few rounds old."""
 
 
 def _training_thread_init(threads: int) -> None:
@@ -110,6 +113,10 @@ class Daemon:
         self._diverged_at: int | None = None
         """The round this peer aggregated alone while others trained it (reunion.py); None
         while its outer state is the swarm's, or since it took another's."""
+        self._chains: dict[int, str] = {}
+        """Outer steps → the round chain of our outer state then (reunion.py), the last
+        CHAINS_KEPT; empty while unknown (a checkpoint without one, a round that pulled a
+        sample of the deltas, a state taken at a round its donors' records no longer showed)."""
         self._lost = LostPeers()
         """Peers whose records vanished without a tombstone: dialed back from their last records."""
         self._next_rediscovery = 0.0
@@ -169,6 +176,13 @@ class Daemon:
             resumed = await self.checkpoints.resume(self.trainer, self._in_pool)
             if resumed is not None:
                 self.emit(f"resumed from checkpoint round {resumed}")
+                chain = self.checkpoints.resumed_meta.get("chain")
+                # Written by us, but a file on disk: a bad one leaves the chain unknown (this
+                # peer takes no part in split verdicts until it takes a donor's state).
+                if isinstance(chain, str) and len(chain) == CHAIN_HEX_LEN and set(chain) <= set("0123456789abcdef"):
+                    self._chains = {self.trainer.outer.num_steps: chain}
+            else:
+                self._chains = {self.trainer.outer.num_steps: chain_start(self.spec_hash)}
             self.deltas = DeltaServer(p2p, admit=self._admit)
             self.states = StateServer(p2p, self.trainer.state_spec, admit=self._admit)
             self.states.on_encoded = lambda r, digest: self.emit(f"serving state round {r} digest {digest}")
@@ -235,7 +249,8 @@ class Daemon:
                           tokens_per_s=float(self.trainer.tokens_per_s), round=self.trainer.outer.num_steps,
                           spec_hash=self.spec_hash, paused=self.idle.paused is not None,
                           proof=self.spec.access.proof(self.spec_hash, self.peer_id),
-                          diverged=self._diverged_at is not None)
+                          diverged=self._diverged_at is not None,
+                          chain=self._chains.get(self.trainer.outer.num_steps, ""))
 
     async def _keep_record(self, registry: PeerRegistry) -> None:
         while True:
@@ -320,6 +335,10 @@ class Daemon:
                 raise NodeError("could not download the swarm's state from any donor")
         self.bytes_received += self.trainer.state_spec.total_bytes
         await self._in_pool(self.trainer.load_state, round_, tensors)
+        # The donors' chain at that round, from their records (those we read before the
+        # download, then the fresh ones): unknown when they moved on meanwhile.
+        chain = chain_at(round_, records) or chain_at(round_, self._records)
+        self._chains = {round_: chain} if chain else {}
         self.states.publish(self.trainer.state_snapshot(), round_)
         digest = await self._in_pool(self.trainer.state_digest)
         self.emit(f"synced round {round_} from {len(donors)} donors digest {digest}")
@@ -337,9 +356,13 @@ class Daemon:
         state meanwhile, and a failed exchange never ends the node."""
         follow = whom_to_follow(self.peer_id, self.trainer.outer.num_steps, self._records,
                                 diverged_at=self._diverged_at)
+        if follow is None and self._diverged_at is None:
+            follow = whom_to_rejoin(self.peer_id, self._chains, self._records)
         if follow is None:
             return False
-        if self._diverged_at is not None:
+        if follow.split_round is not None:
+            log.warning("%s: downloading the state of the larger group", follow.why)
+        elif self._diverged_at is not None:
             log.warning("found %d peers again after %d rounds alone: taking the swarm's state (%s)",
                         len(self._records), self._alone_rounds, follow.why)
         else:
@@ -349,6 +372,8 @@ class Daemon:
         except NodeError as e:
             log.warning("could not take the swarm's state: %s; training on, trying again next round", e)
             return False
+        if follow.split_round is not None:
+            log.warning("split at round %d: took the state of %d peers", follow.split_round, len(follow.donors))
         self._alone_rounds, self._diverged_at = 0, None
         return True
 
@@ -382,7 +407,7 @@ class Daemon:
             if await self._catch_up(p2p):
                 continue  # what was trained on the old state is not sent
             if self.cfg.checkpoint_every and trained and trained % self.cfg.checkpoint_every == 0:
-                await self.checkpoints.write(self.trainer, self._in_pool)
+                await self.checkpoints.write(self.trainer, self._in_pool, extra=self._checkpoint_extra())
             work = await self._in_pool(trainer.end_round)
             trained += 1
             step = self._exchange(p2p, progress, work, train_s, overlap)
@@ -397,7 +422,7 @@ class Daemon:
         # Nothing may touch the outer state while the last checkpoint copies it.
         await asyncio.to_thread(self._xpool.shutdown, True)
         if self.cfg.checkpoint_every:
-            await self.checkpoints.write(self.trainer, self._in_pool, wait=True)
+            await self.checkpoints.write(self.trainer, self._in_pool, wait=True, extra=self._checkpoint_extra())
         if self.cfg.max_rounds and trained >= self.cfg.max_rounds and not self.should_exit.is_set():
             await self._finish()
 
@@ -460,7 +485,13 @@ class Daemon:
                 # rounds with their deltas later do not undo it.
                 self._diverged_at = r
         self._had_peers = self._had_peers or len(deltas) > 1
+        before = trainer.outer.num_steps
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
+        # A round that pulled a sample of the participants (fanout below their number) left
+        # deltas out on purpose: peers then differ by design (README, "Fanout and drift"), and
+        # a chain that said so would have them all take one peer's state every round.
+        sampled = len(progress.participants()) > self.cfg.fanout
+        self._advance_chain(before, r, deltas, sampled=sampled)
         planned = trainer.round_tokens * len(deltas)
         # Integral control: the accumulated overshoot, so a steady bias is cancelled, not halved.
         self._carry = max(-planned // 2, min(planned // 2, self._carry + sum(d.num_tokens for d in deltas) - planned))
@@ -478,6 +509,23 @@ class Daemon:
         self.emit(f"round {r} deltas {len(deltas)}/{len(progress.participants()) + 1} tokens {work.tokens} "
                   f"loss {work.loss:.4f} eval_loss {ev} train_s {train_s:.3f} round_s {round_s:.3f} "
                   f"sent {self.bytes_sent} received {self.bytes_received}")
+
+    def _checkpoint_extra(self) -> dict:
+        """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
+        return {"chain": self._chains.get(self.trainer.outer.num_steps, "")}
+
+    def _advance_chain(self, before: int, r: int, deltas, *, sampled: bool) -> None:
+        """Our chain after round `r`'s outer step (which took the outer steps from `before`):
+        unknown when the chain before it was, or the round pulled a sample of the deltas."""
+        previous = self._chains.get(before)
+        if sampled:
+            self._chains = {}
+        if not previous or sampled:
+            return
+        self._chains[self.trainer.outer.num_steps] = round_chain(previous, r, [(d.sender, d.num_tokens)
+                                                                              for d in deltas])
+        for old in sorted(self._chains)[:-CHAINS_KEPT]:
+            del self._chains[old]
 
     async def _finish(self) -> None:
         # Keep serving the last delta until the peers of the last round have moved past it

@@ -27,6 +27,17 @@ else did (the others paused, or gone) has not diverged: its state is the swarm's
   with it, itself included, counting only peers that have not diverged unless all have: one
   peer that ran ahead alone drags no one along.
 
+A silent split: peers that each aggregated two or more deltas, but not the same ones (one
+peer's request for a delta timed out on a loaded machine; seen in the fault suite's
+malicious-peer case), are not diverged by the rule above, yet their outer states differ from
+that round on, forever. Each peer therefore keeps a round chain, h_r+1 = BLAKE2b(h_r ‖ r ‖
+the sorted (sender, tokens) pairs it aggregated), from h_0 = BLAKE2b(spec hash), and shows
+it in its record: equal chains at a round mean the same deltas since the same start, without
+hashing a model (trainer.state_digest hashes every tensor). When the live peers that have not
+diverged all stand at one round and this peer's chain there is not the largest group's
+(ties: the group holding the smallest peer id, so every peer picks the same), it takes that
+group's state (`whom_to_rejoin`); a peer of that group never moves.
+
 Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
 dial backoff (5 s, growing with the square of the failed dials; hivemind gives no way to
 clear it) holds its dials back for tens of seconds after the link is back. A dial from the
@@ -39,6 +50,7 @@ addresses, and pings them, which puts each in the other's DHT routing table.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -59,6 +71,8 @@ class Follow:
     why: str
     """For the log line: why this peer takes another state."""
     donors: list[PeerRecord]
+    split_round: int | None = None
+    """The round at which the chains were compared (whom_to_rejoin only)."""
 
 
 def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_at: int | None) -> Follow | None:
@@ -83,6 +97,61 @@ def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_
     if ahead and len(ahead) >= 1 + len(level):
         return Follow(f"outer step {round_} is behind the swarm's {max(r.round for r in ahead)}", ahead)
     return None
+
+
+def round_chain(previous: str, round_: int, aggregated: list[tuple[str, int]]) -> str:
+    """The chain after aggregating round `round_`: `aggregated` is the (sender, token count)
+    of each delta in the outer step, in any order. `previous` is the chain before it
+    (`chain_start` at round 0)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(bytes.fromhex(previous))
+    h.update(round_.to_bytes(8, "big"))
+    for sender, tokens in sorted(aggregated):
+        h.update(sender.encode() + b"\0" + tokens.to_bytes(8, "big"))
+    return h.hexdigest()
+
+
+def chain_start(spec_hash: bytes) -> str:
+    """The chain of a run's initial outer state (round 0)."""
+    return hashlib.blake2b(b"locoswarm round chain\0" + spec_hash, digest_size=16).hexdigest()
+
+
+def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -> Follow | None:
+    """Whose outer state peer `me` should take after a silent split, None to keep its own.
+    `chains`: its chain at each recent round (outer steps taken → chain). Only a level view
+    decides: the live peers that have not diverged, whose chain is known, all at one round,
+    and ours known there. A partial view (some peers a round on) could pick different winners
+    on different peers; the chains stay apart after a split, so a later round decides instead."""
+    pool = [r for r in records if r.peer_id != me and not r.paused and not r.diverged and r.chain]
+    if not pool or len({r.round for r in pool}) != 1:
+        return None
+    round_ = pool[0].round
+    mine = chains.get(round_)
+    if not mine:
+        return None  # we were never at that round with a known chain (stale, or we synced past it)
+    groups: dict[str, list[str]] = {mine: [me]}
+    for r in pool:
+        groups.setdefault(r.chain, []).append(r.peer_id)
+    # The most peers; among equals, the group with the smallest peer id.
+    winner = min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
+    if winner == mine:
+        return None
+    donors = [r for r in pool if r.chain == winner]
+    return Follow(f"split at round {round_}: {len(donors)} of {len(pool) + 1} peers aggregated other deltas", donors,
+                  split_round=round_)
+
+
+def chain_at(round_: int, records: list[PeerRecord]) -> str:
+    """The chain the most of `records` at round `round_` show (ties: the smallest peer id's
+    group, as in whom_to_rejoin), "" when none does: what a peer that took the state of
+    round `round_` from them takes as its own chain."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        if r.round == round_ and r.chain and not r.diverged:
+            groups.setdefault(r.chain, []).append(r.peer_id)
+    if not groups:
+        return ""
+    return min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
 
 
 class LostPeers:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,22 @@ their outer states split (seen over 1 % loss)."""
 
 
 CLAIM_FACTOR = 4.0
+
+TEST_DROP_DELTA_ENV = "LOCOSWARM_TEST_DROP_DELTA"
+"""Tests only (tests/test_faults.py): "R:I" makes this peer leave out, in round R, the delta
+of the I-th (0-based, by peer id) of the other peers it expects, as if its request had timed
+out: the one lost delta behind a silent split, on demand. Unset (always, outside tests):
+inert."""
+
+
+def _test_drop(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    round_, _, index = value.partition(":")
+    return int(round_), int(index)
+
+
+TEST_DROP_DELTA = _test_drop(os.environ.get(TEST_DROP_DELTA_ENV))
 
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -254,6 +271,12 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 out.rejected += 1
                 out.failed[peer] = f"delta names sender {delta.sender}"
                 return
+            if TEST_DROP_DELTA is not None and TEST_DROP_DELTA[0] == round_:
+                others = sorted((set(progress.participants()) | set(progress.expected())) - {progress.peer_id})
+                if TEST_DROP_DELTA[1] < len(others) and others[TEST_DROP_DELTA[1]] == peer:
+                    log.warning("round %d: delta of %s left out (%s)", round_, peer, TEST_DROP_DELTA_ENV)
+                    out.failed[peer] = f"left out by {TEST_DROP_DELTA_ENV}"
+                    return
             out.deltas.append(delta)
             out.bytes_received += delta.nbytes + 8
             return

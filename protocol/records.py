@@ -2,7 +2,9 @@
 where to reach it, what it runs on, how fast it trains, which round it is at, and under
 which run spec, whether it is paused, (in a private run) its proof of the run's secret, and
 whether its outer state went its own way (after a partition, that says which side takes
-whose state: node/reunion.py). Encoded as a msgpack map, version 4; `decode_record`
+whose state: node/reunion.py), and a digest of the deltas its outer state is made of (peers
+that aggregated different sets of deltas in a round see it: node/reunion.py). Encoded as a
+msgpack map, version 5; `decode_record`
 validates every field and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
 overwrite another's record) is the DHT layer's job: hivemind's signature validator.
 """
@@ -16,11 +18,15 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 4
+RECORD_VERSION = 5
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
-_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged"})
+CHAIN_HEX_LEN = 32
+"""A round chain is 16 bytes (BLAKE2b), written as lowercase hex."""
+_HEX = frozenset("0123456789abcdef")
+_KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
+                   "chain"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +49,16 @@ class PeerRecord:
     """HMAC of the spec hash and peer id under the run's secret (empty: open run)."""
     diverged: bool = False
     """It aggregated a round alone while others trained it, and has not taken another's state since."""
+    chain: str = ""
+    """The round chain of its outer state at `round` (reunion.round_chain), hex; empty when it
+    does not know it (resumed from a checkpoint, or the state it took moved on meanwhile)."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
-                          "paused": r.paused, "proof": r.proof, "diverged": r.diverged},
+                          "paused": r.paused, "proof": r.proof, "diverged": r.diverged,
+                          "chain": r.chain},
                          use_bin_type=True)
 
 
@@ -76,8 +86,11 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: proof must be empty or 32 bytes")
     if not isinstance(m["diverged"], bool):
         raise MalformedMessage(f"peer record of {peer}: diverged {m['diverged']!r} is not a boolean")
+    chain = m["chain"]
+    if not isinstance(chain, str) or len(chain) not in (0, CHAIN_HEX_LEN) or not set(chain) <= _HEX:
+        raise MalformedMessage(f"peer record of {peer}: chain must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
-                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"])
+                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"], chain=chain)
 
 
 # ---------------------------------------------------------------- round progress

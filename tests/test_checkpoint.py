@@ -2,7 +2,7 @@
 newest checkpoint, refusal of another spec's, pruning to the last K, a read-only folder
 reported with the old checkpoints intact, SIGKILL at random moments of repeated writes never
 leaving the latest checkpoint corrupt or missing, and a daemon killed with SIGKILL resuming
-its round count."""
+its round count (and keeping its round chain)."""
 
 from __future__ import annotations
 
@@ -180,6 +180,12 @@ def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
         first.wait(timeout=10)
     saved = list_checkpoints(str(tmp_path / "node" / "checkpoints"))
     assert saved and max(saved) >= 3, saved
+    # The round chain of the checkpointed state is kept (the resumed peer shows it again in
+    # its record and so takes part in split verdicts: node/reunion.py).
+    from locoswarm.node.spec import RunSpec as Spec
+
+    chain = load_latest(str(tmp_path / "node" / "checkpoints"), Spec().hash())[2]["chain"]
+    assert re.fullmatch(r"[0-9a-f]{32}", chain), chain
     second = subprocess.run(argv + ["--max-rounds", "1"], capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0, second.stderr[-2000:]
     resumed = int(re.search(r"^resumed from checkpoint round (\d+)$", second.stdout, re.M)[1])

@@ -49,9 +49,10 @@ class Child:
     """A child process in its own process group, its stdout and stderr collected line by
     line by two threads; `wait_for` blocks until a stdout line matches."""
 
-    def __init__(self, name: str, argv: list[str], *, stdin: int = subprocess.DEVNULL) -> None:
+    def __init__(self, name: str, argv: list[str], *, stdin: int = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env, start_new_session=True)
         self.out: list[str] = []
@@ -145,16 +146,16 @@ class Swarm:
         self.children: list[Child] = []
 
     def join(self, name: str, *args: str, peer: Child | str | None = None, run: Path | None = None,
-             listen: str = LISTEN) -> Child:
+             listen: str = LISTEN, env: dict[str, str] | None = None) -> Child:
         """`locoswarm node join` with state directory root/name; `peer`: a multiaddr, or a
-        daemon whose first address to join through."""
+        daemon whose first address to join through; `env`: added to its environment."""
         argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", listen,
                 "--state-dir", str(self.root / name), "--threads", "1", *args]
         if peer is not None:
             argv += ["--peer", peer if isinstance(peer, str) else first_addr(peer)]
         if run is not None:
             argv += ["--run", str(run)]
-        return self.start(name, argv)
+        return self.start(name, argv, env=env)
 
     def start(self, name: str, argv: list[str], **kw) -> Child:
         child = Child(name, argv, **kw)
@@ -241,6 +242,12 @@ def three_peers(swarm: Swarm, *args: str, run: Path | None = None) -> list[Child
     return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, run=run) for n in ("b", "c")]
 
 
+def three_peers_env(swarm: Swarm, env: dict[str, dict[str, str]], *args: str) -> list[Child]:
+    """three_peers, with `env[name]` added to that peer's environment."""
+    a = swarm.join("a", "--min-peers", "3", *args, env=env.get("a"))
+    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, env=env.get(n)) for n in ("b", "c")]
+
+
 def assert_clean_exit(child: Child, rc: int) -> None:
     assert rc == 0, f"{child.name} exited {rc}\n{child.tail()}"
     assert "Traceback" not in child.stderr(), child.tail()
@@ -290,6 +297,23 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
     assert digest in {d for _, d in served}, f"joiner took {digest}, donors served {served}"
     wait_any(peers + [joiner], r"^round \d+ deltas 4/4 ", 90)
     assert all(r >= synced_round for r, *_ in rounds(joiner)), rounds(joiner)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="signal")
+def test_peers_that_pull_a_sample_of_the_deltas_never_take_each_others_state_as_a_split(swarm: Swarm):
+    """Four peers with fanout 2 each aggregate a different set every round, on purpose
+    (README, "Fanout and drift"): their round chains must not call that a split, or they
+    would all take one peer's state every round (node/reunion.py)."""
+    a = swarm.join("a", "--min-peers", "4", "--max-rounds", "4", "--fanout", "2")
+    peers = [a] + [swarm.join(n, "--min-peers", "4", "--max-rounds", "4", "--fanout", "2", peer=a)
+                   for n in ("b", "c", "d")]
+    for p in peers:
+        assert_clean_exit(p, p.wait_exit(200))
+    sets = [(p.name, [(got, of) for _, got, of, _ in rounds(p)]) for p in peers]
+    assert any(got < of for _, seen in sets for got, of in seen), f"no round was sampled: {sets}"
+    for p in peers:
+        assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
 
 
 # ---------------------------------------------------------------- faults

@@ -185,6 +185,35 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     assert_checkpoints_load(swarm, ["a", "b", "c"], load_spec(str(run)).hash())
 
 
+@pytest.mark.timeout(300, method="signal")
+def test_a_peer_that_missed_one_delta_finds_the_silent_split_and_takes_the_majoritys_state(swarm):
+    """Three honest peers on loopback; c leaves out, in round 2, the delta of the first other
+    peer by id (LOCOSWARM_TEST_DROP_DELTA, what a timed-out request does), so it aggregates 2
+    deltas where a and b aggregate 3: no one is alone, nothing is diverged, yet c's outer
+    state differs from theirs from then on. The round chains in the records show it: c takes
+    a and b's state (the digest one of them served), they never move, all three end on one
+    digest and exit 0."""
+    from locoswarm.node.rounds import TEST_DROP_DELTA_ENV
+
+    a, b, c = peers = daemon.three_peers_env(swarm, {"c": {TEST_DROP_DELTA_ENV: "2:0"}}, "--max-rounds", str(ROUNDS))
+    for p in peers:
+        daemon.assert_clean_exit(p, p.wait_exit(250))
+    ids = sorted(daemon.peer_id(p, 0) for p in (a, b))
+    assert c.wait_for(rf"round 2: delta of {ids[0]} left out", 0, stderr=True)
+    assert [(got, of) for r, got, of, _ in daemon.rounds(c) if r == 2] == [(2, 3)]
+    m = c.wait_for(r"split at round (\d+): took the state of 2 peers", 0, stderr=True)
+    split = int(m[1])
+    s = c.wait_for(r"^synced round (\d+) from 2 donors digest ([0-9a-f]{64})$", 0)
+    served = {d for p in (a, b) for d in (x[1] for x in p.find(rf"^serving state round {s[1]} digest (\w+)$"))}
+    assert s[2] in served, f"c took {s[2]}, a and b served {served}"
+    for p in (a, b):
+        assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
+    finals = [daemon.final(p) for p in peers]
+    assert len({d for *_, d in finals}) == 1, f"outer states differ: {finals}"
+    print(f"c left out a delta in round 2, found the split at round {split} and took round {s[1]}'s state; "
+          f"rounds of c {[(r, got, of) for r, got, of, _ in daemon.rounds(c)]}")
+
+
 @pytest.mark.timeout(400, method="signal")
 def test_malicious_peers_deltas_are_refused_or_bounded_and_the_honest_peers_train_on(swarm, clean_eval_loss):
     """Three honest peers on loopback and five malicious ones, each claiming a place in every
@@ -192,18 +221,23 @@ def test_malicious_peers_deltas_are_refused_or_bounded_and_the_honest_peers_trai
     about 1000 times an honest delta's, a delta of another round, an honest peer's old delta
     replayed, and an inflated token count (the spec's maximum, plus 10⁹ tokens of progress).
     Each is refused or bounded with a log line naming the peer; the honest peers agree on
-    one outer state and their loss stays within the margin of the clean run."""
-    loss = attack(swarm)
+    one outer state and their loss stays within the margin of the clean run. On top, honest
+    c loses honest a's delta of round 2 (LOCOSWARM_TEST_DROP_DELTA, as a request timed out
+    under CPU load did): c finds the silent split and takes a and b's state, so the one
+    outer state still holds."""
+    loss = attack(swarm, drop_round=2)
     print(f"mean eval loss {loss:.4f} under five malicious peers; clean run {clean_eval_loss:.4f}")
     assert loss <= (1 + ATTACK_MARGIN) * clean_eval_loss
 
 
-def attack(swarm, run: Path | None = None) -> float:
+def attack(swarm, run: Path | None = None, drop_round: int | None = None) -> float:
     """The malicious-peer case under run spec `run` (the default without it): asserts the
     refusals, the one outer state and loadable checkpoints; returns the honest peers' mean
-    final eval loss."""
+    final eval loss. `drop_round`: honest c leaves out honest a's delta in that round, and
+    must heal the split that makes."""
     import subprocess
 
+    from locoswarm.node.rounds import TEST_DROP_DELTA_ENV
     from locoswarm.node.spec import load_spec
 
     modes = ("nan", "huge", "wrong_round", "replay", "inflated")
@@ -213,8 +247,14 @@ def attack(swarm, run: Path | None = None) -> float:
     evil = {m: swarm.start(f"evil-{m}", [sys.executable, "-u", daemon.EVIL_SCRIPT, m, addr, *spec_args],
                            stdin=subprocess.PIPE) for m in modes}
     ids = {m: child.wait_for(r"^(\w+)$", 90)[1] for m, child in evil.items()}
-    honest = [a] + [swarm.join(n, "--min-peers", "3", "--max-rounds", str(ROUNDS), "--checkpoint-every", "1", peer=a,
-                               run=run) for n in ("b", "c")]
+    args = ("--min-peers", "3", "--max-rounds", str(ROUNDS), "--checkpoint-every", "1")
+    b = swarm.join("b", *args, peer=a, run=run)
+    env = None
+    if drop_round is not None:
+        # c's index of a among the other peers it expects: a, b and the five malicious ones.
+        others = sorted([daemon.peer_id(a), daemon.peer_id(b), *ids.values()])
+        env = {TEST_DROP_DELTA_ENV: f"{drop_round}:{others.index(daemon.peer_id(a))}"}
+    honest = [a, b, swarm.join("c", *args, peer=a, run=run, env=env)]
     for p in honest:
         daemon.assert_clean_exit(p, p.wait_exit(300))
     finals = [daemon.final(p) for p in honest]
@@ -231,6 +271,12 @@ def attack(swarm, run: Path | None = None) -> float:
         err = p.stderr()
         for mode, pattern in expected.items():
             assert re.search(pattern.format(pid=ids[mode]), err), f"{p.name}: nothing logged for {mode}\n{p.tail()}"
+    if drop_round is not None:
+        c_err = honest[2].stderr()
+        assert re.search(rf"round {drop_round}: delta of {daemon.peer_id(a)} left out", c_err), honest[2].tail()
+        assert re.search(r"split at round \d+: took the state of 2 peers", c_err), honest[2].tail()
+        for p in honest[:2]:
+            assert "split at round" not in p.stderr(), f"{p.name} moved\n{p.tail()}"
     print(f"finals {[f[1] for f in finals]}")
     assert_checkpoints_load(swarm, ["a", "b", "c"], None if run is None else load_spec(str(run)).hash())
     return mean_eval(honest)

@@ -14,7 +14,8 @@ from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
-                  tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True)
+                  tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True,
+                  chain="0123456789abcdef" * 2)
 
 
 def test_record_round_trips():
@@ -39,6 +40,10 @@ def test_record_round_trips():
         (lambda m: m.update(proof=b"short"), MalformedMessage, "proof"),
         (lambda m: m.update(proof="text"), MalformedMessage, "proof"),
         (lambda m: m.update(diverged=1), MalformedMessage, "diverged"),
+        (lambda m: m.update(chain="0123456789abcdef"), MalformedMessage, "chain"),
+        (lambda m: m.update(chain="0123456789ABCDEF" * 2), MalformedMessage, "chain"),
+        (lambda m: m.update(chain="g" * 32), MalformedMessage, "chain"),
+        (lambda m: m.update(chain=b"\x00" * 16), MalformedMessage, "chain"),
     ],
 )
 def test_bad_record_is_refused_naming_the_field(mutate, error, message):

@@ -2,7 +2,9 @@
 together, whichever is ahead in rounds; in a swarm cut into lone peers exactly one keeps
 its state; a peer that sat paused is not followed; vanished peers are dialed back from
 their last records (real p2pd on loopback), and a donor keeps a round a joiner is
-downloading while the swarm moves on."""
+downloading while the swarm moves on. After a silent split (peers that aggregated different
+sets of deltas) the peers outside the largest group of equal round chains, and only they,
+take that group's state."""
 
 from __future__ import annotations
 
@@ -13,18 +15,77 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.reunion import REDIAL_S, LostPeers, redial, whom_to_follow
+from locoswarm.node.reunion import (REDIAL_S, LostPeers, chain_start, redial, round_chain, whom_to_follow,
+                                    whom_to_rejoin)
 from locoswarm.node.statesync import StateServer, download_state
 from locoswarm.protocol.records import PeerRecord
 
 
-def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False) -> PeerRecord:
+def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False, chain: str = "") -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=("/ip4/127.0.0.1/tcp/1",), device="cpu", tokens_per_s=1.0, round=round_,
-                      spec_hash=b"h" * 32, paused=paused, diverged=diverged)
+                      spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain)
 
 
 def donors(follow) -> list[str] | None:
     return None if follow is None else sorted(r.peer_id for r in follow.donors)
+
+
+START = chain_start(b"h" * 32)
+ALL = round_chain(START, 0, [("Qa", 100), ("Qb", 90), ("Qc", 80)])
+"""Round 0 with all three deltas."""
+NO_A = round_chain(START, 0, [("Qb", 90), ("Qc", 80)])
+"""Round 0 without a's delta (its request timed out)."""
+
+
+def test_round_chains_are_equal_exactly_for_the_same_aggregated_deltas_in_any_order():
+    assert ALL == round_chain(START, 0, [("Qc", 80), ("Qa", 100), ("Qb", 90)])
+    assert len({ALL, NO_A, round_chain(START, 0, [("Qa", 101), ("Qb", 90), ("Qc", 80)]),
+                round_chain(START, 1, [("Qa", 100), ("Qb", 90), ("Qc", 80)]),
+                round_chain(chain_start(b"x" * 32), 0, [("Qa", 100), ("Qb", 90), ("Qc", 80)])}) == 5
+    # The difference stays in every later chain, whatever those rounds aggregate.
+    same = [("Qa", 1), ("Qb", 1), ("Qc", 1)]
+    assert round_chain(ALL, 1, same) != round_chain(NO_A, 1, same)
+
+
+def test_after_a_silent_split_the_minority_takes_the_majoritys_state_and_the_majority_never_moves():
+    a, b, c = rec("Qa", 1, chain=ALL), rec("Qb", 1, chain=ALL), rec("Qc", 1, chain=NO_A)
+    follow = whom_to_rejoin("Qc", {0: START, 1: NO_A}, [a, b])
+    assert donors(follow) == ["Qa", "Qb"] and "split at round 1" in follow.why
+    assert whom_to_rejoin("Qa", {1: ALL}, [b, c]) is None
+    assert whom_to_rejoin("Qb", {1: ALL}, [a, c]) is None
+    # One peer ahead by a round (ours known there or not) is no level view: nobody decides.
+    assert whom_to_rejoin("Qc", {1: NO_A, 2: "ab" * 16}, [a, rec("Qb", 2, chain="cd" * 16)]) is None
+
+
+def test_a_tie_between_split_groups_goes_to_the_group_with_the_smallest_peer_id_on_every_peer():
+    a, b = rec("Qa", 1, chain=ALL), rec("Qb", 1, chain=NO_A)
+    assert whom_to_rejoin("Qa", {1: ALL}, [b]) is None
+    assert donors(whom_to_rejoin("Qb", {1: NO_A}, [a])) == ["Qa"]
+    # Four peers in two pairs: the pair holding Qa keeps its state.
+    c, d = rec("Qc", 1, chain=ALL), rec("Qd", 1, chain=NO_A)
+    assert whom_to_rejoin("Qc", {1: ALL}, [a, b, d]) is None
+    assert donors(whom_to_rejoin("Qd", {1: NO_A}, [a, b, c])) == ["Qa", "Qc"]
+    assert donors(whom_to_rejoin("Qb", {1: NO_A}, [a, c, d])) == ["Qa", "Qc"]
+    # Three peers, three chains: everyone takes Qa's.
+    third = "ef" * 16
+    assert donors(whom_to_rejoin("Qc", {1: third}, [a, b])) == ["Qa"]
+    assert whom_to_rejoin("Qa", {1: ALL}, [b, rec("Qc", 1, chain=third)]) is None
+
+
+def test_no_split_verdict_without_data_at_a_stale_round_or_from_diverged_and_paused_peers():
+    a, b = rec("Qa", 1, chain=ALL), rec("Qb", 1, chain=ALL)
+    assert whom_to_rejoin("Qc", {1: NO_A}, []) is None  # alone
+    assert whom_to_rejoin("Qc", {1: NO_A}, [rec("Qa", 1), rec("Qb", 1)]) is None  # their chains unknown
+    assert whom_to_rejoin("Qc", {}, [a, b]) is None  # ours unknown (resumed from a checkpoint)
+    assert whom_to_rejoin("Qc", {1: ""}, [a, b]) is None
+    # Their round is older than the chains we keep, or we never were at it: no comparison.
+    assert whom_to_rejoin("Qc", {5: NO_A, 6: NO_A}, [a, b]) is None
+    # Diverged peers are the partition rule's (whom_to_follow), paused ones are not in the
+    # round: neither counts, so the one sound peer left decides (a tie: Qa's group).
+    diverged, paused = rec("Qa", 1, chain=ALL, diverged=True), rec("Qb", 1, chain=ALL, paused=True)
+    assert whom_to_rejoin("Qc", {1: NO_A}, [diverged, paused]) is None
+    assert whom_to_rejoin("Qc", {1: NO_A}, [diverged, rec("Qd", 1, chain=NO_A), rec("Qb", 1, chain=ALL)]) is None
+    assert donors(whom_to_rejoin("Qc", {1: NO_A}, [diverged, rec("Qb", 1, chain=ALL)])) == ["Qb"]
 
 
 def test_a_peer_that_ran_ahead_alone_takes_the_state_of_the_two_that_stayed_together():
