@@ -107,6 +107,22 @@ def fill(path) -> int:
     return written
 
 
+def keep_full(path, stop: threading.Event) -> None:
+    """Fill the disk under `path` again, to the last byte, whenever room appears, until `stop`."""
+    n = 0
+    while not stop.is_set():
+        if os.statvfs(path).f_bavail > 0:
+            n += 1
+            with open(os.path.join(path, f"filler-{n}"), "wb", buffering=0) as fh:
+                for block in (1 << 20, 1 << 12, 1):  # down to the last byte
+                    try:
+                        while True:
+                            fh.write(b"\0" * block)
+                    except OSError as e:
+                        assert e.errno == 28, e
+        stop.wait(0.02)
+
+
 def test_a_full_disk_is_reported_and_the_last_checkpoint_kept(tmp_path):
     with tmpfs(tmp_path / "disk", "16m") as disk:
         save_checkpoint(str(disk), 1, writer.tensors_of(1), {}, spec_hash=HASH)
@@ -211,8 +227,17 @@ def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_
             for line in proc.stdout:
                 if line.startswith("round 1 "):
                     break
-            fill(disk)
-            out, err = proc.communicate(timeout=150)
+            # Keep the disk full until the daemon exits: a checkpoint still being written
+            # when it first fills fails and deletes its files, which frees room again
+            # (seen in CI: the final model then fitted).
+            stop = threading.Event()
+            keeper = threading.Thread(target=keep_full, args=(disk, stop), daemon=True)
+            keeper.start()
+            try:
+                out, err = proc.communicate(timeout=150)
+            finally:
+                stop.set()
+                keeper.join(timeout=10)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
