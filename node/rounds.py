@@ -221,6 +221,18 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
         pid = PeerID.from_base58(peer)
         wait, grow, longest = RETRY_S
         failures = 0
+
+        async def retry(what: str) -> bool:
+            """After a failed or cut stream: wait the next of STREAM_RETRY_S and say True,
+            while retries are left and the deadline allows the wait."""
+            nonlocal failures
+            if failures >= len(STREAM_RETRY_S) or stop_at - time.monotonic() <= STREAM_RETRY_S[failures]:
+                return False
+            log.info("delta of %s for round %d%s, asking again in %g s", peer, round_, what, STREAM_RETRY_S[failures])
+            await asyncio.sleep(STREAM_RETRY_S[failures])
+            failures += 1
+            return True
+
         while True:
             left = stop_at - time.monotonic()
             if left <= 0:
@@ -237,11 +249,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             except TruncatedBody as e:
                 # Cut inside the body: a lossy link, or a bad peer. Ask again like after a
                 # failed stream; only when those retries are spent is it held against the peer.
-                if failures < len(STREAM_RETRY_S) and stop_at - time.monotonic() > STREAM_RETRY_S[failures]:
-                    log.info("delta of %s for round %d cut short (%s), asking again in %g s", peer, round_, e,
-                             STREAM_RETRY_S[failures])
-                    await asyncio.sleep(STREAM_RETRY_S[failures])
-                    failures += 1
+                if await retry(f" cut short ({e})"):
                     continue
                 log.warning("delta of %s for round %d rejected: MalformedMessage: %s", peer, round_, e)
                 out.rejected += 1
@@ -257,11 +265,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
                     out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                     return
-                if failures < len(STREAM_RETRY_S) and stop_at - time.monotonic() > STREAM_RETRY_S[failures]:
-                    log.info("delta of %s for round %d: stream failed (%s: %s), asking again in %g s", peer, round_,
-                             type(e).__name__, str(e).strip().replace("\n", " "), STREAM_RETRY_S[failures])
-                    await asyncio.sleep(STREAM_RETRY_S[failures])
-                    failures += 1
+                if await retry(f": stream failed ({type(e).__name__}: {str(e).strip().replace(chr(10), ' ')})"):
                     continue
                 log.info("delta of %s for round %d unavailable: %s: %s", peer, round_, type(e).__name__, e)
                 out.failed[peer] = f"{type(e).__name__}: {e}"
