@@ -50,7 +50,7 @@ from locoswarm.node.rounds import RoundProgress, gather_deltas
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import DownloadProgress, StateServer, StateUnavailable, download_state
 from locoswarm.optim.screen import apply_screen, screen
-from locoswarm.protocol.records import CHAIN_HEX_LEN, PeerRecord
+from locoswarm.protocol.records import PeerRecord, is_chain
 
 log = logging.getLogger(__name__)
 FINAL_MODEL = "final-model.safetensors"
@@ -179,7 +179,7 @@ class Daemon:
                 chain = self.checkpoints.resumed_meta.get("chain")
                 # Written by us, but a file on disk: a bad one leaves the chain unknown (this
                 # peer takes no part in split verdicts until it takes a donor's state).
-                if isinstance(chain, str) and len(chain) == CHAIN_HEX_LEN and set(chain) <= set("0123456789abcdef"):
+                if is_chain(chain):
                     self._chains = {self.trainer.outer.num_steps: chain}
             else:
                 self._chains = {self.trainer.outer.num_steps: chain_start(self.spec_hash)}

@@ -132,8 +132,7 @@ def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -
     groups: dict[str, list[str]] = {mine: [me]}
     for r in pool:
         groups.setdefault(r.chain, []).append(r.peer_id)
-    # The most peers; among equals, the group with the smallest peer id.
-    winner = min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
+    winner = _largest(groups)
     if winner == mine:
         return None
     donors = [r for r in pool if r.chain == winner]
@@ -149,8 +148,12 @@ def chain_at(round_: int, records: list[PeerRecord]) -> str:
     for r in records:
         if r.round == round_ and r.chain and not r.diverged:
             groups.setdefault(r.chain, []).append(r.peer_id)
-    if not groups:
-        return ""
+    return _largest(groups) if groups else ""
+
+
+def _largest(groups: dict[str, list[str]]) -> str:
+    """The chain of the group with the most peers; among equals, the group holding the
+    smallest peer id: every peer that sees the same groups picks the same."""
     return min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
 
 

@@ -25,6 +25,12 @@ DEVICE_CLASSES = ("cuda", "mps", "cpu")
 CHAIN_HEX_LEN = 32
 """A round chain is 16 bytes (BLAKE2b), written as lowercase hex."""
 _HEX = frozenset("0123456789abcdef")
+
+
+def is_chain(value: object) -> bool:
+    """A round chain as records and checkpoints hold it: CHAIN_HEX_LEN lowercase hex digits."""
+    return isinstance(value, str) and len(value) == CHAIN_HEX_LEN and set(value) <= _HEX
+
 _KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
                    "chain"})
 
@@ -87,7 +93,7 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
     if not isinstance(m["diverged"], bool):
         raise MalformedMessage(f"peer record of {peer}: diverged {m['diverged']!r} is not a boolean")
     chain = m["chain"]
-    if not isinstance(chain, str) or len(chain) not in (0, CHAIN_HEX_LEN) or not set(chain) <= _HEX:
+    if chain != "" and not is_chain(chain):
         raise MalformedMessage(f"peer record of {peer}: chain must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
                       spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"], chain=chain)
