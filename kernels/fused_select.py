@@ -76,15 +76,20 @@ if triton is not None:
         return kept, tl.where(negative, -mag_t, mag_t)
 
     @triton.jit
+    def _combine(e, d, decay, MODE: tl.constexpr, EXACT: tl.constexpr):
+        """b from the residual e and the delta d when the residual is kept aside: MODE 1
+        e + d; 2 decay·e + d."""
+        if MODE == 1:
+            return add(e, d, EXACT)
+        return add(mul(e, decay, EXACT), d, EXACT)
+
+    @triton.jit
     def _buffer(err_ptr, delta_ptr, offs, valid, decay, MODE: tl.constexpr, EXACT: tl.constexpr):
         """b, the buffer compressed: MODE 0 delta; 1 err + delta; 2 decay·err + delta."""
         d = tl.load(delta_ptr + offs, mask=valid, other=0.0)
         if MODE == 0:
             return d
-        e = tl.load(err_ptr + offs, mask=valid, other=0.0)
-        if MODE == 1:
-            return add(e, d, EXACT)
-        return add(mul(e, decay, EXACT), d, EXACT)
+        return _combine(tl.load(err_ptr + offs, mask=valid, other=0.0), d, decay, MODE, EXACT)
 
     @triton.jit
     def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr, numel,
@@ -109,11 +114,8 @@ if triton is not None:
         if MODE == 0:
             b0 = d0
         else:
-            e0 = tl.load(err_ptr + base + sl, mask=valid0, other=0.0)
-            if MODE == 1:
-                b0 = add(e0, d0, EXACT)
-            else:
-                b0 = add(mul(e0, decay, EXACT), d0, EXACT)
+            e0 = tl.load(err_ptr + base + sl, mask=valid0, other=0.0)  # kept: put back if the chunk goes whole
+            b0 = _combine(e0, d0, decay, MODE, EXACT)
         p0 = tl.where(valid0, tl.abs(b0).to(tl.int32, bitcast=True), -1)
         row_max = tl.max(p0, axis=1)
         bound = tl.min(row_max, axis=0)
