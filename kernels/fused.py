@@ -1,5 +1,6 @@
-"""Fused CUDA kernels (Triton) for the compression of a pseudo-gradient and the decode and
-accumulation of many peers' deltas: the same outputs as the plain-torch references
+"""Fused CUDA kernels (Triton, and one CUDA C kernel shipped as PTX) for the compression of
+a pseudo-gradient and the decode and accumulation of many peers' deltas: the same outputs
+as the plain-torch references
 (kernels/topk.py, quant.py, bitpack.py; optim/compress.py; optim/aggregate.py), bit for bit.
 
 `compress(err, delta, ...)`: one program per chunk reads the chunk from memory once, forms the buffer
@@ -44,13 +45,15 @@ How the reference's results are reproduced exactly:
   of one device type, as the references' docstrings say.) The one exception: with the residual kept aside
   and a decay β ≠ 1, b = β·e + Δ may differ from torch's in the last bit (no ulp-exact
   form of it in one pass); the default keeps the residual in the model (b = Δ).
-- decode and accumulate: one program per chunk writes the chunk's zeros, loads a group of
-  peers' fields at once, then adds the peers in the given order, one peer's values at its
-  positions only (read, add, write;
-  positions within a chunk are unique, programs own disjoint chunks, a barrier separates
-  peers): no atomics, the same bits every run, equal to the reference's
-  acc + densify(peer)·share in the same order. The chunk stays in L2 between the writes,
-  so the dense buffer goes to memory about once.
+- decode and accumulate: on CUDA the CUDA C kernel of kernels/accumulate.cu (shipped as
+  PTX, compiled by the driver: kernels/cuda_module.py) sums a window of the chunk in shared
+  memory, peer after peer, and writes it once; where it cannot load (and under the
+  interpreter) a Triton kernel does the same in global memory: one program per chunk writes
+  the chunk's zeros, loads a group of peers' fields at once, then adds the peers in the
+  given order, one peer's values at its positions only (read, add, write). Either way
+  positions are unique within a peer, a barrier separates peers and there are no atomics:
+  the same bits every run, equal to the reference's acc + densify(peer)·share in the same
+  order.
 
 Non-finite input: the reference compressor refuses it before compressing; `compress`
 here leaves that check to its caller too (optim/compress.py checks every tensor first).
@@ -58,11 +61,18 @@ here leaves that check to its caller too (optim/compress.py checks every tensor 
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from locoswarm.kernels import cuda_module
 from locoswarm.kernels.bitpack import packed_nbytes
 from locoswarm.kernels.layout import ChunkLayout
+
+log = logging.getLogger(__name__)
 
 try:  # Triton is optional: CPU and MPS peers never need it
     import triton
@@ -125,9 +135,9 @@ if triton is not None:
                 tl.debug_barrier()  # positions are unique within a peer, not across peers
 
 
-COMPRESS_WARPS = 4
-"""Warps per chunk of the compression kernel: at 1e9 elements (chunk 4096, k 64, residual
-aside) on the H200, 4 → 9.9 ms, 8 → 10.0, 16 → 13.6 (node/sim/results/kernels-h200-sweep.log)."""
+ENTRIES_PER_WARP = 1024
+"""The compression kernel holds a chunk in registers, a warp per this many entries (32 a
+thread)."""
 FULL_WARPS = 8
 """Warps per chunk of the whole-chunk search (the few chunks with too many candidates)."""
 
@@ -171,8 +181,8 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
                   SENT=sent is not None, EXACT=_exact(err))
     rows = min(layout.chunk, triton.next_power_of_2(layout.k))
     cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
-    slab = min(layout.chunk, max(2 * cb, layout.chunk // rows, 1024))
-    compress_kernel[(m,)](*args, ROWS=rows, CB=cb, SLAB=slab, **common, num_warps=num_warps or COMPRESS_WARPS)
+    warps = num_warps or max(1, min(32, layout.chunk // ENTRIES_PER_WARP))
+    compress_kernel[(m,)](*args, ROWS=rows, CB=cb, **common, num_warps=warps)
     compress_full_kernel[(m,)](*args, **common, num_warps=FULL_WARPS)
     return (idx.view(torch.uint8)[: packed_nbytes(n_sel, layout.index_bits)],
             codes.view(torch.uint8)[: packed_nbytes(n_sel, bits)], scales)
@@ -190,7 +200,29 @@ def stack_streams(streams: list[Tensor]) -> Tensor:
 
 
 ACCUMULATE_GROUP = 8
-"""Peers whose fields one program loads at once."""
+"""Peers whose fields one program of the Triton accumulate kernel loads at once."""
+ACCUMULATE_PTX = Path(__file__).with_name("accumulate.ptx")
+"""kernels/accumulate.cu as PTX, made with `nvcc -arch=compute_75 -ptx -O3 kernels/accumulate.cu` and
+its `.version` line set to 7.5 (it uses nothing newer), so that drivers from CUDA 11.5 on
+can compile it."""
+ACCUMULATE_THREADS = 128
+ACCUMULATE_WINDOW = 4096
+"""Positions a block of the shared-memory kernel sums (its SHARED_FLOATS; half with the coverage)."""
+_ptx_failed: set[int] = set()
+
+
+def _ptx_function(device: torch.device):
+    """The shared-memory accumulate kernel for `device`, or None where the driver cannot
+    load it (then the Triton kernel runs: the same bits, slower)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _ptx_failed:
+        return None
+    try:
+        return cuda_module.load(ACCUMULATE_PTX, "accumulate_kernel", device)
+    except (cuda_module.CudaModuleError, OSError) as e:
+        _ptx_failed.add(index)
+        log.warning("decode-and-accumulate falls back to the Triton kernel on cuda:%d: %s", index, e)
+        return None
 
 
 def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shares: list[float], layout: ChunkLayout,
@@ -200,15 +232,31 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     peer p sent a value (optim.aggregate's coverage). `indices` and `codes`: the peers'
     packed streams as `stack_streams` makes them, (num_peers, words) int32, their indices
     validated (optim's decoder does); `scales`: (num_peers, num_chunks, 2) fp32. Bitwise
-    equal to the reference loop on the same device type."""
+    equal to the reference loop on the same device type. On CUDA the shared-memory kernel
+    of kernels/accumulate.cu runs; the Triton kernel where that cannot load (and under
+    Triton's interpreter); `num_warps` is the Triton kernel's."""
     num_peers = indices.shape[0]
     assert codes.shape[0] == num_peers == len(shares) and scales.shape == (num_peers, layout.num_chunks, 2)
     assert indices.shape[1] * 32 >= layout.num_selected * layout.index_bits
     assert codes.shape[1] * 32 >= layout.num_selected * bits
+    assert acc.dtype == torch.float32 and acc.is_contiguous() and acc.numel() == layout.numel
+    assert cover is None or (cover.dtype == torch.float32 and cover.is_contiguous() and cover.numel() == layout.numel)
+    indices, codes, scales = indices.contiguous(), codes.contiguous(), scales.contiguous()
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)
+    function = _ptx_function(acc.device) if acc.is_cuda else None
+    if function is not None:
+        window = ACCUMULATE_WINDOW // 2 if cover is not None else ACCUMULATE_WINDOW
+        grid = layout.num_chunks * -(-layout.chunk // window)
+        u64 = ctypes.c_uint64
+        args = [u64(acc.data_ptr()), u64((cover if cover is not None else acc).data_ptr()), u64(indices.data_ptr()),
+                u64(codes.data_ptr()), u64(scales.data_ptr()), u64(shares_t.data_ptr()), ctypes.c_float(_recip(bits)),
+                u64(layout.numel), u64(indices.shape[1]), u64(codes.shape[1])] + [
+            ctypes.c_uint32(v) for v in (num_peers, layout.chunk, layout.k, layout.index_bits, bits, cover is not None)]
+        cuda_module.launch(function, grid, ACCUMULATE_THREADS, args, acc.device)
+        return acc
     group = min(ACCUMULATE_GROUP, triton.next_power_of_2(max(num_peers, 1)))
     _accumulate_kernel[(layout.num_chunks,)](
-        acc, cover if cover is not None else acc, indices, codes, scales.contiguous(), shares_t, _recip(bits),
+        acc, cover if cover is not None else acc, indices, codes, scales, shares_t, _recip(bits),
         layout.numel, indices.shape[1], codes.shape[1], num_peers, NUM_GROUPS=-(-num_peers // group), CHUNK=layout.chunk,
         K=layout.k, KB=triton.next_power_of_2(layout.k), GROUP=group,
         INDEX_BITS=layout.index_bits, BITS=bits, COVER=cover is not None, EXACT=_exact(acc), num_warps=num_warps)

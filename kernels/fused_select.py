@@ -19,10 +19,13 @@ if triton is not None:
         """The k-th largest of `pattern` (int32 ≥ 0; −1 counts as absent), two bits a step
         from bits (top+1, top) down: at entry t holds the bits above and at least k
         patterns are ≥ t. The three counts of a step share one reduction, packed FIELD bits
-        apart (FIELD 10: in an int32, for blocks of at most 1023; 16: in an int64)."""
+        apart (FIELD 10: in an int32, for blocks of at most 1023; 16: in an int64). The
+        search stops once exactly k patterns are ≥ t (typically after 8 or 9 bits of a
+        mantissa rather than all 23): the k-th largest is then their minimum."""
         WIDE: tl.constexpr = 3 * FIELD > 31
+        n_t = tl.zeros((), dtype=tl.int32) - 1  # patterns ≥ t, when a step has counted them
         for i in tl.static_range(16):  # a static bound with a uniform branch: the interpreter takes it too
-            if i < num_steps:
+            if (i < num_steps) & (n_t != k):
                 s = top - 2 * i
                 c1 = t | (1 << s)
                 c2 = tl.where(s >= 30, c1, t | (2 << s))  # bit 31 is the sign: never set
@@ -37,8 +40,9 @@ if triton is not None:
                 n1 = (counts & ((1 << FIELD) - 1)).to(tl.int32)
                 n2 = ((counts >> FIELD) & ((1 << FIELD) - 1)).to(tl.int32)
                 n3 = ((counts >> (2 * FIELD)) & ((1 << FIELD) - 1)).to(tl.int32)
+                n_t = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, n_t)))
                 t = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, t)))
-        return t
+        return tl.min(tl.where(pattern >= t, pattern, 0x7FFFFFFF), axis=0)
 
     @triton.jit
     def _emit(b, pattern, local, k, t, top_pattern, pid, recip, idx_ptr, code_ptr, scale_ptr, K: tl.constexpr,
@@ -94,73 +98,43 @@ if triton is not None:
     @triton.jit
     def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr, numel,
                          CHUNK: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr,
-                         SLAB: tl.constexpr, INDEX_BITS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
-                         SENT: tl.constexpr, EXACT: tl.constexpr):
+                         INDEX_BITS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, SENT: tl.constexpr,
+                         EXACT: tl.constexpr):
         pid = tl.program_id(0)
         base = pid.to(tl.int64) * CHUNK
         n_valid = tl.minimum(numel - base, CHUNK).to(tl.int32)
         k = tl.minimum(n_valid, K)
+        # The chunk is read once and held in registers (fused.py launches a warp per 1024
+        # entries) until its residual is written back.
+        COLS: tl.constexpr = CHUNK // ROWS
+        local = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        valid = local < n_valid
+        b = _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)
+        p = tl.where(valid, tl.abs(b).to(tl.int32, bitcast=True), -1)
         # The chunk as ROWS × COLS (ROWS ≥ k): the smallest of the rows' maxima is a lower
         # bound of the k-th largest (at least ROWS ≥ k entries reach it), so only the
         # candidates at or above it can be kept: typically a few per cent of the chunk.
-        # The chunk is walked in slabs of whole rows so that few registers hold it (more
-        # chunks in flight per multiprocessor); the first slab stays in registers, the
-        # others are read again (from L1/L2) when needed.
-        COLS: tl.constexpr = CHUNK // ROWS
-        NUM_SLABS: tl.constexpr = CHUNK // SLAB
-        sl = tl.arange(0, SLAB // COLS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        valid0 = sl < n_valid
-        d0 = tl.load(delta_ptr + base + sl, mask=valid0, other=0.0)
-        if MODE == 0:
-            b0 = d0
-        else:
-            e0 = tl.load(err_ptr + base + sl, mask=valid0, other=0.0)  # kept: put back if the chunk goes whole
-            b0 = _combine(e0, d0, decay, MODE, EXACT)
-        p0 = tl.where(valid0, tl.abs(b0).to(tl.int32, bitcast=True), -1)
-        row_max = tl.max(p0, axis=1)
+        row_max = tl.max(p, axis=1)
         bound = tl.min(row_max, axis=0)
         top = tl.max(row_max, axis=0)
-        for s in tl.static_range(1, NUM_SLABS):
-            local = s * SLAB + sl
-            valid = local < n_valid
-            p = tl.where(valid, tl.abs(_buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)).to(
-                tl.int32, bitcast=True), -1)
-            row_max = tl.max(p, axis=1)
-            bound = tl.minimum(bound, tl.min(row_max, axis=0))
-            top = tl.maximum(top, tl.max(row_max, axis=0))
+        cand = (p >= bound).to(tl.int32)
+        per_row = tl.sum(cand, axis=1)
+        num_cand = tl.sum(per_row, axis=0)
+        fits = (2 * CB <= n_valid) & (num_cand <= CB)
         # Compact the candidates, in index order, into the chunk's first 2·CB residual slots
-        # (the first slab, held in registers; SLAB ≥ 2·CB): values, then their indices.
-        tl.debug_barrier()  # the first slab is read everywhere before it is overwritten
-        fits = 2 * CB <= n_valid
-        num_cand = tl.zeros((), dtype=tl.int32)
-        for s in tl.static_range(NUM_SLABS):
-            local = s * SLAB + sl
-            valid = local < n_valid
-            if s == 0:
-                b = b0
-            else:
-                b = _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)
-            cand = valid & (tl.abs(b).to(tl.int32, bitcast=True) >= bound)
-            per_row = tl.sum(cand.to(tl.int32), axis=1)
-            cslot = num_cand + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(cand.to(tl.int32), axis=1) - 1
-            room = cand & (cslot < CB) & fits
-            tl.store(err_ptr + base + cslot, b, mask=room)
-            tl.store(err_ptr + base + CB + cslot, local.to(tl.float32, bitcast=True), mask=room)
-            num_cand += tl.sum(per_row, axis=0)
-        if (num_cand > CB) | (not fits):
-            # Too many candidates (ties, a chunk of zeros, a short last chunk):
-            # compress_full_kernel searches the whole chunk; the residual is put back.
-            if MODE != 0:
-                tl.debug_barrier()
-                tl.store(err_ptr + base + sl, e0, mask=valid0)
-            tl.store(full_ptr + pid, 1)
-        else:
+        # as (index << 32 | value bits) pairs; the chunk is in registers, so they are free.
+        slot = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(cand, axis=1) - 1
+        pairs = (err_ptr + base).to(tl.pointer_type(tl.int64))
+        tl.debug_barrier()  # every entry of the chunk is read before its slots are overwritten
+        packed = (local.to(tl.int64) << 32) | b.to(tl.uint32, bitcast=True).to(tl.int64)
+        tl.store(pairs + slot, packed, mask=(cand != 0) & fits)
+        if fits:
             tl.debug_barrier()
             j = tl.arange(0, CB)
             live = j < num_cand
-            cb = tl.load(err_ptr + base + j, mask=live, other=0.0, cache_modifier=".cg")
-            cl = tl.load(err_ptr + base + CB + j, mask=live, other=0.0, cache_modifier=".cg").to(tl.int32,
-                                                                                                  bitcast=True)
+            pair = tl.load(pairs + j, mask=live, other=0, cache_modifier=".cg")
+            cb = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            cl = (pair >> 32).to(tl.int32)
             cp = tl.where(live, tl.abs(cb).to(tl.int32, bitcast=True), -1)
             # t lies in [bound, top]: the bits above their highest differing bit are fixed.
             diff = top ^ bound
@@ -174,12 +148,7 @@ if triton is not None:
                                EXACT)
             tl.debug_barrier()  # every candidate read back before the residual overwrites them
             # The residual where nothing was kept is b; then the kept entries' residuals.
-            tl.store(err_ptr + base + sl, b0, mask=valid0)
-            for s in tl.static_range(1, NUM_SLABS):
-                local = s * SLAB + sl
-                valid = local < n_valid
-                tl.store(err_ptr + base + local, _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT),
-                         mask=valid)
+            tl.store(err_ptr + base + local, b, mask=valid)
             if SENT:
                 flat = tl.arange(0, CHUNK)
                 tl.store(sent_ptr + base + flat, tl.zeros((CHUNK,), dtype=tl.uint8), mask=flat < n_valid)
@@ -187,13 +156,20 @@ if triton is not None:
             tl.store(err_ptr + base + cl, sub(cb, sent, EXACT), mask=kept)
             if SENT:
                 tl.store(sent_ptr + base + cl, tl.full((CB,), 1, dtype=tl.uint8), mask=kept)
+        else:
+            # Too many candidates (ties, a chunk of zeros, a short last chunk): the chunk's
+            # b goes to the residual buffer, and compress_full_kernel searches it whole.
+            tl.debug_barrier()
+            tl.store(err_ptr + base + local, b, mask=valid)
+            tl.store(full_ptr + pid, 1)
 
     @triton.jit
     def compress_full_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr,
                               numel, CHUNK: tl.constexpr, K: tl.constexpr, INDEX_BITS: tl.constexpr,
                               BITS: tl.constexpr, MODE: tl.constexpr, SENT: tl.constexpr, EXACT: tl.constexpr):
-        """The chunks compress_kernel left (its flag set): the whole chunk searched. A
-        kernel of its own so that its registers do not cut the common path's occupancy."""
+        """The chunks compress_kernel left (its flag set, their b in the residual buffer):
+        the whole chunk searched. A kernel of its own so that its registers do not cut the
+        common path's occupancy."""
         pid = tl.program_id(0)
         if tl.load(full_ptr + pid) != 0:
             base = pid.to(tl.int64) * CHUNK
@@ -201,7 +177,7 @@ if triton is not None:
             k = tl.minimum(n_valid, K)
             local = tl.arange(0, CHUNK)
             valid = local < n_valid
-            b = _buffer(err_ptr, delta_ptr, base + local, valid, decay, MODE, EXACT)
+            b = tl.load(err_ptr + base + local, mask=valid, other=0.0)  # compress_kernel left b there
             pattern = tl.where(valid, tl.abs(b).to(tl.int32, bitcast=True), -1)
             t = _search(pattern, k, tl.max(pattern, axis=0) * 0, 30, 16, 16)
             kept, sent = _emit(b, pattern, local, k, t, tl.max(pattern, axis=0), pid, recip, idx_ptr, code_ptr,

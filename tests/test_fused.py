@@ -1,4 +1,4 @@
-"""The fused Triton kernels (kernels/fused.py) against the plain-torch references on fresh
+"""The fused kernels (kernels/fused.py) against the plain-torch references on fresh
 random inputs (never zeros; ties made on purpose): the selected indices, codes and scales,
 the packed wire bytes, the updated residual, and the decode-and-accumulate of several
 peers, bit for bit; repeated runs give the same bits. They run on CUDA and, for these
@@ -118,16 +118,33 @@ def test_non_finite_input_is_the_callers_to_refuse_and_stays_contained():
     assert torch.equal(unpack(idx, lay.index_bits, lay)[: lay.k], r_idx) and torch.equal(scales[0], r_scales[0])
 
 
-@pytest.mark.parametrize("numel, chunk, density, bits, num_peers", [
-    (5000, 1024, 0.03, 4, 4), (4097, 4096, 0.0156, 2, 11), (300, 256, 0.1, 8, 1), (3000, 512, 0.05, 4, 8)])
-def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits, num_peers):
-    """Peers in groups of fused.ACCUMULATE_GROUP (11 peers: a full group and a partial one)."""
+# The shared-memory kernel of kernels/accumulate.cu (CUDA) and the Triton one (its fallback,
+# and the one the interpreter runs).
+KERNELS = ["shared", "triton"] if torch.cuda.is_available() else ["triton"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("numel, chunk, density, bits, num_peers, same", [
+    (5000, 1024, 0.03, 4, 4, False), (4097, 4096, 0.0156, 2, 11, False), (300, 256, 0.1, 8, 1, False),
+    (3000, 512, 0.05, 4, 8, False), (20_000, 8192, 0.02, 4, 3, False), (9000, 4096, 0.03, 4, 6, True),
+    (5000, 4096, 0.5, 4, 3, False)])
+def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits, num_peers, same, kernel,
+                                                               monkeypatch):
+    """Peers in groups of fused.ACCUMULATE_GROUP (11 peers: a full group and a partial one);
+    a chunk wider than the shared kernel's window (8192); peers that all picked the same
+    positions (`same`: every position's sum is a chain of additions in peer order); more
+    entries a chunk (2048) than the shared kernel stages at once."""
+    if kernel == "triton":
+        monkeypatch.setattr(fused, "_ptx_function", lambda device: None)
+    else:
+        assert fused._ptx_function(torch.device(DEVICE)) is not None, "the PTX kernel did not load"
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     gen = torch.Generator().manual_seed(numel + num_peers)
     peers, shares = [], (torch.rand(num_peers, generator=gen) / num_peers).tolist()
     for p in range(len(shares)):
         err = torch.zeros(numel, device=DEVICE)
-        peers.append(fused.compress(err, _input(numel, 100 + p, p % 3 == 2), lay, bits))
+        delta = _input(numel, 7, False) * (1 + p / 3) if same else _input(numel, 100 + p, p % 3 == 2)
+        peers.append(fused.compress(err, delta, lay, bits))
     streams = (fused.stack_streams([p[0] for p in peers]), fused.stack_streams([p[1] for p in peers]),
                torch.stack([p[2] for p in peers]))
     acc = torch.full((numel,), float("nan"), device=DEVICE)  # poisoned: the kernel overwrites every entry

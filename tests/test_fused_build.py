@@ -43,8 +43,8 @@ def test_the_compression_kernels_compile_for_hopper(k, bits, mode, sent):
     cb = max(16, min(2048, triton.next_power_of_2(8 * k)))
     rows = triton.next_power_of_2(k)
     common = dict(CHUNK=4096, K=k, INDEX_BITS=12, BITS=bits, MODE=mode, SENT=sent, EXACT=True)
-    main = _compile(fused_select.compress_kernel, COMPRESS_SIG,
-                    dict(common, ROWS=rows, CB=cb, SLAB=min(4096, max(2 * cb, 4096 // rows, 1024))), fused.COMPRESS_WARPS)
+    main = _compile(fused_select.compress_kernel, COMPRESS_SIG, dict(common, ROWS=rows, CB=cb),
+                    4096 // fused.ENTRIES_PER_WARP)
     full = _compile(fused_select.compress_full_kernel, COMPRESS_SIG, common, fused.FULL_WARPS)
     for kernel in (main, full):
         assert re.findall(r"\satom\.global\.[\w.]*\bor\.b32", kernel.asm["ptx"]) and kernel.asm["cubin"], "no stream OR"
@@ -56,6 +56,19 @@ def test_the_accumulate_kernel_compiles_for_hopper_without_atomics():
                       dict(NUM_GROUPS=2, CHUNK=4096, K=64, KB=64, GROUP=8, INDEX_BITS=12, BITS=4, COVER=True,
                            EXACT=True), 4)
     assert kernel.asm["cubin"] and not re.findall(r"\s(atom|red)\.", kernel.asm["ptx"])
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90a"])
+def test_the_shipped_accumulate_ptx_assembles_for_turing_and_hopper(arch, tmp_path):
+    """kernels/accumulate.ptx is what CUDA peers run (their driver compiles it): it must be
+    valid PTX for the oldest and newest GPUs we serve, and stay free of atomics."""
+    ptx = fused.ACCUMULATE_PTX.read_text()
+    assert ".entry accumulate_kernel" in ptx and not re.findall(r"\s(atom|red)\.", ptx)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    done = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(fused.ACCUMULATE_PTX), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "0 bytes spill" in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, tests/test_fused.py runs on the GPU itself")
