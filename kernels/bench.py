@@ -6,8 +6,9 @@ Byte accounting (the floor): compression reads the residual and the delta and wr
 residual, 12 bytes per element (the selected entries' outputs are ≈1 % of that and left
 out); with the residual kept in the model (the default) it reads only the delta, 8 bytes.
 Decode-and-accumulate of P peers writes the dense fp32 buffer once (4 bytes per element)
-and reads each peer's packed entries (left out: 0.8 % of the buffer a peer at k 64 of 4096). A copy moves 8
-bytes per element (read + write), so floor time = bytes / (8·n / copy time).
+and reads each peer's packed streams and scales (counted: about 0.27 bytes an element for 8 peers
+at k 64 of 4096, 4 bits). A copy moves 8 bytes per element (read + write), so floor time =
+bytes / (8·n / copy time).
 
 Extra memory: the peak allocated while the path runs, less what was allocated before it
 (the inputs and the outputs' final size are allocated before for both paths).
@@ -117,7 +118,14 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
 
         t_acc = _time(fused_accumulate, reps)
         mem_acc = _extra_bytes(fused_accumulate)
-        floor_c, floor_a = 12 * n / copy_rate, 4 * n / copy_rate
+        ptx_function = fused._ptx_function
+        fused._ptx_function = lambda device: None  # the Triton fallback, for comparison
+        try:
+            t_acc_triton = _time(fused_accumulate, reps)
+        finally:
+            fused._ptx_function = ptx_function
+        stream_bytes = sum(t.numel() * t.element_size() for t in stacked)
+        floor_c, floor_a = 12 * n / copy_rate, (4 * n + stream_bytes) / copy_rate
         rows.append({
             "elements": n, "copy_GBps": copy_rate / 1e9,
             "compress_ref_ms": 1e3 * t_ref, "compress_fused_ms": 1e3 * t_fused, "compress_floor_ms": 1e3 * floor_c,
@@ -126,6 +134,7 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
             "compress_ref_extra_MiB": mem_ref / 2**20, "compress_fused_extra_MiB": mem_fused / 2**20,
             "compress_fused_extra_pct": 100 * mem_fused / (4 * n),
             f"accumulate{peers}_ref_ms": 1e3 * t_acc_ref, f"accumulate{peers}_fused_ms": 1e3 * t_acc,
+            f"accumulate{peers}_triton_ms": 1e3 * t_acc_triton,
             "accumulate_floor_ms": 1e3 * floor_a, "accumulate_vs_floor": t_acc / floor_a,
             "accumulate_ref_extra_MiB": mem_acc_ref / 2**20, "accumulate_fused_extra_MiB": mem_acc / 2**20,
         })
@@ -135,7 +144,7 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
 
 
 def sweep_warps(n: int = 10**8, chunk: int = 4096, k: int = 64, bits: int = 4, reps: int = 10) -> dict[int, float]:
-    """Milliseconds of the fused compression at each warp count (for tuning COMPRESS_WARPS)."""
+    """Milliseconds of the fused compression at each warp count (for tuning ENTRIES_PER_WARP)."""
     from locoswarm.kernels import fused
 
     lay = ChunkLayout.for_tensor(n, chunk, k / chunk)
