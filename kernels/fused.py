@@ -138,6 +138,12 @@ if triton is not None:
 ENTRIES_PER_WARP = 1024
 """The compression kernel holds a chunk in registers, a warp per this many entries (32 a
 thread)."""
+
+
+def compress_warps(chunk: int) -> int:
+    """Warps of the compression kernel for a chunk of `chunk` entries (1 to 32)."""
+    return max(1, min(32, chunk // ENTRIES_PER_WARP))
+
 FULL_WARPS = 8
 """Warps per chunk of the whole-chunk search (the few chunks with too many candidates)."""
 
@@ -177,12 +183,12 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     full = torch.zeros(m, dtype=torch.int8, device=dev)
     args = (err, delta, float(decay), _recip(bits), idx, codes, scales, sent.view(torch.uint8) if sent is not None else err,
             full, layout.numel)
-    common = dict(CHUNK=layout.chunk, K=layout.k, INDEX_BITS=layout.index_bits, BITS=bits, MODE=kernel_mode,
-                  SENT=sent is not None, EXACT=_exact(err))
+    common = dict(CHUNK=layout.chunk, K=layout.k, INDEX_BITS=layout.index_bits, BITS=bits, SENT=sent is not None,
+                  EXACT=_exact(err))
     rows = min(layout.chunk, triton.next_power_of_2(layout.k))
     cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
-    warps = num_warps or max(1, min(32, layout.chunk // ENTRIES_PER_WARP))
-    compress_kernel[(m,)](*args, ROWS=rows, CB=cb, **common, num_warps=warps)
+    compress_kernel[(m,)](*args, ROWS=rows, CB=cb, MODE=kernel_mode, **common,
+                          num_warps=num_warps or compress_warps(layout.chunk))
     compress_full_kernel[(m,)](*args, **common, num_warps=FULL_WARPS)
     return (idx.view(torch.uint8)[: packed_nbytes(n_sel, layout.index_bits)],
             codes.view(torch.uint8)[: packed_nbytes(n_sel, bits)], scales)
@@ -226,7 +232,7 @@ def _ptx_function(device: torch.device):
 
 
 def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shares: list[float], layout: ChunkLayout,
-               bits: int, cover: Tensor | None = None, num_warps: int = 4) -> Tensor:
+               bits: int, cover: Tensor | None = None, num_warps: int = 4, shared: bool = True) -> Tensor:
     """acc (numel,) fp32 ← Σ_p share_p · decode(peer p), peers in the given order (acc's
     old contents are overwritten); `cover` (numel,) fp32, when given, ← Σ_p share_p where
     peer p sent a value (optim.aggregate's coverage). `indices` and `codes`: the peers'
@@ -234,7 +240,8 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     validated (optim's decoder does); `scales`: (num_peers, num_chunks, 2) fp32. Bitwise
     equal to the reference loop on the same device type. On CUDA the shared-memory kernel
     of kernels/accumulate.cu runs; the Triton kernel where that cannot load (and under
-    Triton's interpreter); `num_warps` is the Triton kernel's."""
+    Triton's interpreter, or with `shared` False, for comparison); `num_warps` is the Triton
+    kernel's."""
     num_peers = indices.shape[0]
     assert codes.shape[0] == num_peers == len(shares) and scales.shape == (num_peers, layout.num_chunks, 2)
     assert indices.shape[1] * 32 >= layout.num_selected * layout.index_bits
@@ -243,7 +250,7 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     assert cover is None or (cover.dtype == torch.float32 and cover.is_contiguous() and cover.numel() == layout.numel)
     indices, codes, scales = indices.contiguous(), codes.contiguous(), scales.contiguous()
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)
-    function = _ptx_function(acc.device) if acc.is_cuda else None
+    function = _ptx_function(acc.device) if shared and acc.is_cuda else None
     if function is not None:
         window = ACCUMULATE_WINDOW // 2 if cover is not None else ACCUMULATE_WINDOW
         grid = layout.num_chunks * -(-layout.chunk // window)

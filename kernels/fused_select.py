@@ -80,20 +80,15 @@ if triton is not None:
         return kept, tl.where(negative, -mag_t, mag_t)
 
     @triton.jit
-    def _combine(e, d, decay, MODE: tl.constexpr, EXACT: tl.constexpr):
-        """b from the residual e and the delta d when the residual is kept aside: MODE 1
-        e + d; 2 decay·e + d."""
-        if MODE == 1:
-            return add(e, d, EXACT)
-        return add(mul(e, decay, EXACT), d, EXACT)
-
-    @triton.jit
     def _buffer(err_ptr, delta_ptr, offs, valid, decay, MODE: tl.constexpr, EXACT: tl.constexpr):
         """b, the buffer compressed: MODE 0 delta; 1 err + delta; 2 decay·err + delta."""
         d = tl.load(delta_ptr + offs, mask=valid, other=0.0)
         if MODE == 0:
             return d
-        return _combine(tl.load(err_ptr + offs, mask=valid, other=0.0), d, decay, MODE, EXACT)
+        e = tl.load(err_ptr + offs, mask=valid, other=0.0)
+        if MODE == 1:
+            return add(e, d, EXACT)
+        return add(mul(e, decay, EXACT), d, EXACT)
 
     @triton.jit
     def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr, numel,
@@ -166,10 +161,10 @@ if triton is not None:
     @triton.jit
     def compress_full_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr,
                               numel, CHUNK: tl.constexpr, K: tl.constexpr, INDEX_BITS: tl.constexpr,
-                              BITS: tl.constexpr, MODE: tl.constexpr, SENT: tl.constexpr, EXACT: tl.constexpr):
-        """The chunks compress_kernel left (its flag set, their b in the residual buffer):
-        the whole chunk searched. A kernel of its own so that its registers do not cut the
-        common path's occupancy."""
+                              BITS: tl.constexpr, SENT: tl.constexpr, EXACT: tl.constexpr):
+        """The chunks compress_kernel left (its flag set, their b in the residual buffer,
+        whatever the mode): the whole chunk searched. A kernel of its own so that its
+        registers do not cut the common path's occupancy."""
         pid = tl.program_id(0)
         if tl.load(full_ptr + pid) != 0:
             base = pid.to(tl.int64) * CHUNK

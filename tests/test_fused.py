@@ -128,15 +128,13 @@ KERNELS = ["shared", "triton"] if torch.cuda.is_available() else ["triton"]
     (5000, 1024, 0.03, 4, 4, False), (4097, 4096, 0.0156, 2, 11, False), (300, 256, 0.1, 8, 1, False),
     (3000, 512, 0.05, 4, 8, False), (20_000, 8192, 0.02, 4, 3, False), (9000, 4096, 0.03, 4, 6, True),
     (5000, 4096, 0.5, 4, 3, False)])
-def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits, num_peers, same, kernel,
-                                                               monkeypatch):
+def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, density, bits, num_peers, same, kernel):
     """Peers in groups of fused.ACCUMULATE_GROUP (11 peers: a full group and a partial one);
     a chunk wider than the shared kernel's window (8192); peers that all picked the same
     positions (`same`: every position's sum is a chain of additions in peer order); more
     entries a chunk (2048) than the shared kernel stages at once."""
-    if kernel == "triton":
-        monkeypatch.setattr(fused, "_ptx_function", lambda device: None)
-    else:
+    shared = kernel == "shared"
+    if shared:
         assert fused._ptx_function(torch.device(DEVICE)) is not None, "the PTX kernel did not load"
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     gen = torch.Generator().manual_seed(numel + num_peers)
@@ -149,7 +147,7 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
                torch.stack([p[2] for p in peers]))
     acc = torch.full((numel,), float("nan"), device=DEVICE)  # poisoned: the kernel overwrites every entry
     cover = torch.full((numel,), float("nan"), device=DEVICE)
-    fused.accumulate(acc, *streams, shares, lay, bits, cover=cover)
+    fused.accumulate(acc, *streams, shares, lay, bits, cover=cover, shared=shared)
     ref = torch.zeros(numel, device=DEVICE)
     ref_cover = torch.zeros(numel, device=DEVICE)
     for (packed_idx, packed_codes, scales), share in zip(peers, shares):
@@ -159,5 +157,5 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
         marks = torch.full((lay.num_selected,), share, device=DEVICE)
         ref_cover.add_(scatter_chunks(idx.long(), marks, lay, out=torch.zeros(numel, device=DEVICE)))
     assert torch.equal(acc, ref) and torch.equal(cover, ref_cover)
-    again = fused.accumulate(torch.empty(numel, device=DEVICE), *streams, shares, lay, bits)
+    again = fused.accumulate(torch.empty(numel, device=DEVICE), *streams, shares, lay, bits, shared=shared)
     assert torch.equal(again, acc)

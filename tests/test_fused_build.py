@@ -42,9 +42,9 @@ def test_the_compression_kernels_compile_for_hopper(k, bits, mode, sent):
     on the lent GPU."""
     cb = max(16, min(2048, triton.next_power_of_2(8 * k)))
     rows = triton.next_power_of_2(k)
-    common = dict(CHUNK=4096, K=k, INDEX_BITS=12, BITS=bits, MODE=mode, SENT=sent, EXACT=True)
-    main = _compile(fused_select.compress_kernel, COMPRESS_SIG, dict(common, ROWS=rows, CB=cb),
-                    4096 // fused.ENTRIES_PER_WARP)
+    common = dict(CHUNK=4096, K=k, INDEX_BITS=12, BITS=bits, SENT=sent, EXACT=True)
+    main = _compile(fused_select.compress_kernel, COMPRESS_SIG, dict(common, ROWS=rows, CB=cb, MODE=mode),
+                    fused.compress_warps(4096))
     full = _compile(fused_select.compress_full_kernel, COMPRESS_SIG, common, fused.FULL_WARPS)
     for kernel in (main, full):
         assert re.findall(r"\satom\.global\.[\w.]*\bor\.b32", kernel.asm["ptx"]) and kernel.asm["cubin"], "no stream OR"
