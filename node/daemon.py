@@ -250,7 +250,8 @@ class Daemon:
                           spec_hash=self.spec_hash, paused=self.idle.paused is not None,
                           proof=self.spec.access.proof(self.spec_hash, self.peer_id),
                           diverged=self._diverged_at is not None,
-                          chain=self._chains.get(self.trainer.outer.num_steps, ""))
+                          chain=self._chains.get(self.trainer.outer.num_steps, ""),
+                          prev_chain=self._chains.get(self.trainer.outer.num_steps - 1, ""))
 
     async def _keep_record(self, registry: PeerRegistry) -> None:
         while True:

@@ -116,38 +116,47 @@ def chain_start(spec_hash: bytes) -> str:
     return hashlib.blake2b(b"locoswarm round chain\0" + spec_hash, digest_size=16).hexdigest()
 
 
+def known_chains(r: PeerRecord) -> dict[int, str]:
+    """The round chains record `r` shows: at its round and at the round before, where known."""
+    return {k: v for k, v in ((r.round, r.chain), (r.round - 1, r.prev_chain)) if v}
+
+
 def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -> Follow | None:
     """Whose outer state peer `me` should take after a silent split, None to keep its own.
-    `chains`: its chain at each recent round (outer steps taken → chain). Only a level view
-    decides: the live peers that have not diverged, whose chain is known, all at one round,
-    and ours known there. A partial view (some peers a round on) could pick different winners
-    on different peers; the chains stay apart after a split, so a later round decides instead."""
-    pool = [r for r in records if r.peer_id != me and not r.paused and not r.diverged and r.chain]
-    if not pool or len({r.round for r in pool}) != 1:
+    `chains`: its chain at each recent round (outer steps taken → chain). Only a full view
+    decides: the latest round at which every live peer that has not diverged shows its chain
+    (a record shows the chain at its round and the round before, so peers a round apart still
+    meet at one) and at which ours is known. A partial view could pick different winners on
+    different peers; the chains stay apart after a split, so a later round decides instead."""
+    pool = [r for r in records if r.peer_id != me and not r.paused and not r.diverged and (r.chain or r.prev_chain)]
+    if not pool:
         return None
-    round_ = pool[0].round
-    mine = chains.get(round_)
-    if not mine:
-        return None  # we were never at that round with a known chain (stale, or we synced past it)
+    shown = [known_chains(r) for r in pool]
+    common = {k for k, v in chains.items() if v}.intersection(*shown)
+    if not common:
+        return None  # no round known to all (some a round further apart, or we synced past it)
+    round_ = max(common)
+    mine = chains[round_]
     groups: dict[str, list[str]] = {mine: [me]}
-    for r in pool:
-        groups.setdefault(r.chain, []).append(r.peer_id)
+    for r, known in zip(pool, shown):
+        groups.setdefault(known[round_], []).append(r.peer_id)
     winner = _largest(groups)
     if winner == mine:
         return None
-    donors = [r for r in pool if r.chain == winner]
+    donors = [r for r, known in zip(pool, shown) if known[round_] == winner]
     return Follow(f"split at round {round_}: {len(donors)} of {len(pool) + 1} peers aggregated other deltas", donors,
                   split_round=round_)
 
 
 def chain_at(round_: int, records: list[PeerRecord]) -> str:
-    """The chain the most of `records` at round `round_` show (ties: the smallest peer id's
+    """The chain the most of `records` show at round `round_` (ties: the smallest peer id's
     group, as in whom_to_rejoin), "" when none does: what a peer that took the state of
     round `round_` from them takes as its own chain."""
     groups: dict[str, list[str]] = {}
     for r in records:
-        if r.round == round_ and r.chain and not r.diverged:
-            groups.setdefault(r.chain, []).append(r.peer_id)
+        chain = known_chains(r).get(round_)
+        if chain and not r.diverged:
+            groups.setdefault(chain, []).append(r.peer_id)
     return _largest(groups) if groups else ""
 
 

@@ -2,9 +2,10 @@
 where to reach it, what it runs on, how fast it trains, which round it is at, and under
 which run spec, whether it is paused, (in a private run) its proof of the run's secret, and
 whether its outer state went its own way (after a partition, that says which side takes
-whose state: node/reunion.py), and a digest of the deltas its outer state is made of (peers
-that aggregated different sets of deltas in a round see it: node/reunion.py). Encoded as a
-msgpack map, version 5; `decode_record`
+whose state: node/reunion.py), and a digest of the deltas its outer state is made of, at
+its round and the round before (peers that aggregated different sets of deltas in a round
+see it, even while some are a round ahead: node/reunion.py). Encoded as a msgpack map,
+version 6; `decode_record`
 validates every field and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
 overwrite another's record) is the DHT layer's job: hivemind's signature validator.
 """
@@ -18,7 +19,7 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 5
+RECORD_VERSION = 6
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
@@ -32,7 +33,7 @@ def is_chain(value: object) -> bool:
     return isinstance(value, str) and len(value) == CHAIN_HEX_LEN and set(value) <= _HEX
 
 _KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
-                   "chain"})
+                   "chain", "prev_chain"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +59,16 @@ class PeerRecord:
     chain: str = ""
     """The round chain of its outer state at `round` (reunion.round_chain), hex; empty when it
     does not know it (resumed from a checkpoint, or the state it took moved on meanwhile)."""
+    prev_chain: str = ""
+    """Its round chain at `round` − 1, empty when it does not know it: with it, peers a round
+    apart still show one round's chains side by side."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
                           "paused": r.paused, "proof": r.proof, "diverged": r.diverged,
-                          "chain": r.chain},
+                          "chain": r.chain, "prev_chain": r.prev_chain},
                          use_bin_type=True)
 
 
@@ -92,11 +96,14 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: proof must be empty or 32 bytes")
     if not isinstance(m["diverged"], bool):
         raise MalformedMessage(f"peer record of {peer}: diverged {m['diverged']!r} is not a boolean")
-    chain = m["chain"]
-    if chain != "" and not is_chain(chain):
-        raise MalformedMessage(f"peer record of {peer}: chain must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
+    for key in ("chain", "prev_chain"):
+        if m[key] != "" and not is_chain(m[key]):
+            raise MalformedMessage(f"peer record of {peer}: {key} must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
+    if m["prev_chain"] and round_ == 0:
+        raise MalformedMessage(f"peer record of {peer}: prev_chain given at round 0, which has no round before it")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
-                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"], chain=chain)
+                      spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"],
+                      chain=m["chain"], prev_chain=m["prev_chain"])
 
 
 # ---------------------------------------------------------------- round progress

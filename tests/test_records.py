@@ -15,7 +15,7 @@ from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
                   tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True,
-                  chain="0123456789abcdef" * 2)
+                  chain="0123456789abcdef" * 2, prev_chain="fedcba9876543210" * 2)
 
 
 def test_record_round_trips():
@@ -44,6 +44,10 @@ def test_record_round_trips():
         (lambda m: m.update(chain="0123456789ABCDEF" * 2), MalformedMessage, "chain"),
         (lambda m: m.update(chain="g" * 32), MalformedMessage, "chain"),
         (lambda m: m.update(chain=b"\x00" * 16), MalformedMessage, "chain"),
+        (lambda m: m.update(prev_chain="0" * 31), MalformedMessage, "prev_chain"),
+        (lambda m: m.update(prev_chain=None), MalformedMessage, "prev_chain"),
+        (lambda m: m.update(round=0), MalformedMessage, "prev_chain given at round 0"),
+        (lambda m: m.pop("prev_chain"), MalformedMessage, "fields"),
     ],
 )
 def test_bad_record_is_refused_naming_the_field(mutate, error, message):

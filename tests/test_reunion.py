@@ -15,15 +15,16 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.reunion import (REDIAL_S, LostPeers, chain_start, redial, round_chain, whom_to_follow,
+from locoswarm.node.reunion import (REDIAL_S, LostPeers, chain_at, chain_start, redial, round_chain, whom_to_follow,
                                     whom_to_rejoin)
 from locoswarm.node.statesync import StateServer, download_state
 from locoswarm.protocol.records import PeerRecord
 
 
-def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False, chain: str = "") -> PeerRecord:
+def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False, chain: str = "",
+        prev_chain: str = "") -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=("/ip4/127.0.0.1/tcp/1",), device="cpu", tokens_per_s=1.0, round=round_,
-                      spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain)
+                      spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain, prev_chain=prev_chain)
 
 
 def donors(follow) -> list[str] | None:
@@ -53,8 +54,27 @@ def test_after_a_silent_split_the_minority_takes_the_majoritys_state_and_the_maj
     assert donors(follow) == ["Qa", "Qb"] and "split at round 1" in follow.why
     assert whom_to_rejoin("Qa", {1: ALL}, [b, c]) is None
     assert whom_to_rejoin("Qb", {1: ALL}, [a, c]) is None
-    # One peer ahead by a round (ours known there or not) is no level view: nobody decides.
+    # One peer a round ahead shows its chain of the round before too: the view at round 1 is
+    # whole, and c decides there, whether or not it is itself a round on.
+    ahead = rec("Qb", 2, chain="cd" * 16, prev_chain=ALL)
+    assert donors(whom_to_rejoin("Qc", {1: NO_A}, [a, ahead])) == ["Qa", "Qb"]
+    assert donors(whom_to_rejoin("Qc", {1: NO_A, 2: "ab" * 16}, [a, ahead])) == ["Qa", "Qb"]
+    assert whom_to_rejoin("Qa", {1: ALL}, [ahead, c]) is None
+    # Without its chain of the round before (it took a state at round 2), no round is known to
+    # all: nobody decides on a partial view.
     assert whom_to_rejoin("Qc", {1: NO_A, 2: "ab" * 16}, [a, rec("Qb", 2, chain="cd" * 16)]) is None
+    # All a round on: the latest round they all show decides.
+    later = [rec(p, 2, chain="cd" * 16, prev_chain=ALL) for p in ("Qa", "Qb")]
+    assert whom_to_rejoin("Qc", {1: NO_A, 2: "ab" * 16}, later) is not None
+    assert donors(whom_to_rejoin("Qc", {1: NO_A, 2: "cd" * 16}, later)) is None
+
+
+def test_a_peer_that_takes_a_state_takes_the_chain_most_records_show_at_that_round():
+    records = [rec("Qa", 2, chain="cd" * 16, prev_chain=ALL), rec("Qb", 1, chain=ALL), rec("Qd", 1, chain=NO_A),
+               rec("Qe", 1, chain=NO_A, diverged=True)]
+    assert chain_at(1, records) == ALL  # Qa (a round on) and Qb against Qd; the diverged Qe is not counted
+    assert chain_at(2, records) == "cd" * 16
+    assert chain_at(0, records) == "" and chain_at(3, records) == ""
 
 
 def test_a_tie_between_split_groups_goes_to_the_group_with_the_smallest_peer_id_on_every_peer():
