@@ -97,6 +97,7 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
         t_fused = _time(fused_compress, reps)
         mem_fused = _extra_bytes(fused_compress)
         t_model = _time(lambda: fused.compress(err, delta, lay, bits, mode="model"), reps)
+        t_cuda = _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", kernel="cuda"), reps)
         streams = []
         for p in range(peers):
             e = torch.zeros(n, device="cuda")
@@ -118,14 +119,16 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
 
         t_acc = _time(fused_accumulate, reps)
         mem_acc = _extra_bytes(fused_accumulate)
-        t_acc_triton = _time(lambda: fused.accumulate(acc, *stacked, shares, lay, bits, shared=False), reps)
+        t_acc_triton = _time(lambda: fused.accumulate(acc, *stacked, shares, lay, bits, kernel="triton"), reps)
         stream_bytes = sum(t.numel() * t.element_size() for t in stacked)
         floor_c, floor_a = 12 * n / copy_rate, (4 * n + stream_bytes) / copy_rate
         rows.append({
             "elements": n, "copy_GBps": copy_rate / 1e9,
             "compress_ref_ms": 1e3 * t_ref, "compress_fused_ms": 1e3 * t_fused, "compress_floor_ms": 1e3 * floor_c,
             "compress_fused_GBps": 12 * n / t_fused / 1e9, "compress_vs_floor": t_fused / floor_c,
-            "compress_model_ms": 1e3 * t_model, "compress_model_vs_floor": t_model / (8 * n / copy_rate),
+            "compress_cuda_ms": 1e3 * t_cuda, "compress_cuda_vs_floor": t_cuda / floor_c,
+            "compress_model_ms": 1e3 * t_model,
+            "compress_model_vs_floor": t_model / (8 * n / copy_rate),
             "compress_ref_extra_MiB": mem_ref / 2**20, "compress_fused_extra_MiB": mem_fused / 2**20,
             "compress_fused_extra_pct": 100 * mem_fused / (4 * n),
             f"accumulate{peers}_ref_ms": 1e3 * t_acc_ref, f"accumulate{peers}_fused_ms": 1e3 * t_acc,
@@ -145,5 +148,6 @@ def sweep_warps(n: int = 10**8, chunk: int = 4096, k: int = 64, bits: int = 4, r
     lay = ChunkLayout.for_tensor(n, chunk, k / chunk)
     delta = torch.randn(n, device="cuda")
     err = torch.zeros(n, device="cuda")
-    return {w: 1e3 * _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", num_warps=w), reps)
+    return {w: 1e3 * _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", kernel="triton", num_warps=w),
+                           reps)
             for w in (1, 2, 4, 8, 16)}

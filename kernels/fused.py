@@ -1,4 +1,4 @@
-"""Fused CUDA kernels (Triton, and one CUDA C kernel shipped as PTX) for the compression of
+"""Fused CUDA kernels (Triton, and CUDA C kernels shipped as PTX) for the compression of
 a pseudo-gradient and the decode and accumulation of many peers' deltas: the same outputs
 as the plain-torch references
 (kernels/topk.py, quant.py, bitpack.py; optim/compress.py; optim/aggregate.py), bit for bit.
@@ -32,6 +32,11 @@ How the reference's results are reproduced exactly:
   flagged, left untouched, and searched whole by a second kernel (fused_select.py). Every
   entry above t is kept and, of those equal to t, the lowest-indexed ones up to k (a prefix
   count): the reference's rule (a stable descending sort: ties go to the lower index).
+  kernels/compress.cu does the same in CUDA C (a block a chunk, 16 entries a thread in
+  registers, groups of threads for the bound, the candidates compacted into shared memory
+  by a block scan, 4 bits of t a step counted with warp ballots); it is run on the CPU, a
+  thread per CUDA thread, in CI (tests/test_cuda_emulated.py). `compress` runs the Triton
+  kernel unless asked for that one (COMPRESS_KERNEL says why).
 - packing: an entry's bits land in one or two 32-bit words of the zeroed stream, set with
   an atomic OR. Entries never share a bit, so the OR of their fields is the same whatever
   order the atomics land in: the bytes are deterministic.
@@ -70,7 +75,7 @@ from torch import Tensor
 
 from locoswarm.kernels import cuda_module
 from locoswarm.kernels.bitpack import packed_nbytes
-from locoswarm.kernels.layout import ChunkLayout
+from locoswarm.kernels.layout import ChunkLayout, next_pow2
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +166,71 @@ def _words(count: int, width: int) -> int:
     return -(-count * width // 32)
 
 
+COMPRESS_KERNEL = "triton"
+"""The compression kernel `compress` runs by default on CUDA. The CUDA C one (kernels/compress.cu)
+gives the references' bits on the CPU emulation but has not yet run on a GPU: it becomes the
+default once tests/test_fused.py and `locoswarm bench kernels` have run it on one."""
+COMPRESS_PTX = Path(__file__).with_name("compress.ptx")
+"""kernels/compress.cu as PTX, made as ACCUMULATE_PTX is."""
+COMPRESS_VALUES = 16
+"""Entries a thread of the CUDA C compression kernel holds (its VALUES)."""
+COMPRESS_MAX_THREADS = 1024
+
+
+def compress_shape(layout: ChunkLayout, *tensors: Tensor | None) -> tuple[int, int] | None:
+    """(threads a block, threads a group of the bound) for the CUDA C compression kernel, or
+    None where it does not apply: a chunk under 16 or over 16384 entries, more groups of 16
+    entries needed than the chunk has (k above chunk/16), or a tensor not 16-byte aligned
+    for its vector loads."""
+    chunk, rows = layout.chunk, next_pow2(layout.k)
+    if not COMPRESS_VALUES <= chunk <= COMPRESS_VALUES * COMPRESS_MAX_THREADS:
+        return None
+    valid = chunk // COMPRESS_VALUES
+    if rows > valid or any(t is not None and t.data_ptr() % 16 for t in tensors):
+        return None
+    return max(32, valid), min(32, valid // rows)
+
+
+def _cuda_function(ptx: Path, name: str, device: torch.device):
+    """Kernel `name` of the shipped PTX for `device`, or None where the driver cannot load
+    it (then the Triton kernel runs: the same bits, slower)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if (ptx.name, index) in _ptx_failed:
+        return None
+    try:
+        return cuda_module.load(ptx, name, device)
+    except (cuda_module.CudaModuleError, OSError) as e:
+        _ptx_failed.add((ptx.name, index))
+        log.warning("%s falls back to its Triton kernel on cuda:%d: %s", name, index, e)
+        return None
+
+
+def compress_arguments(err: Tensor, delta: Tensor, idx: Tensor, codes: Tensor, scales: Tensor, sent: Tensor | None,
+                       full: Tensor, layout: ChunkLayout, bits: int, mode: int, decay: float, per_group: int, *,
+                       divide: bool) -> list:
+    """compress_kernel's parameters (kernels/compress.cu), in order, as ctypes scalars: `mode`
+    0, 1, 2 as the Triton kernel's MODE; `divide` the quantizer's step as torch's CPU kernels
+    compute it (for the CPU build of tests/cuda_emulator.hpp), else as its CUDA kernels do."""
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    return [u64(err.data_ptr()), u64(delta.data_ptr()), ctypes.c_float(decay), ctypes.c_float(_recip(bits)),
+            u64(idx.data_ptr()), u64(codes.data_ptr()), u64(scales.data_ptr()),
+            u64((sent if sent is not None else err).data_ptr()), u64(full.data_ptr()), u64(layout.numel)] + [
+        u32(v) for v in (layout.chunk, layout.k, per_group, layout.index_bits, bits, mode, sent is not None, divide)]
+
+
 def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode: str = "model",
-             decay: float = 1.0, sent: Tensor | None = None,
+             decay: float = 1.0, sent: Tensor | None = None, kernel: str = COMPRESS_KERNEL,
              num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused error-feedback compression of one flat fp32 tensor (see the module docstring).
 
     `mode` "model": b = delta (the residual lives in the replica); "buffer": b = decay·err +
     delta. `err` (numel,) fp32 is overwritten with the new residual; `sent` (numel,) bool,
     when given, with where an entry was kept. Returns (packed indices uint8, packed codes
-    uint8, scales (num_chunks, 2) float32), the streams exactly as the wire carries them."""
+    uint8, scales (num_chunks, 2) float32), the streams exactly as the wire carries them.
+    `kernel` "cuda": the CUDA C kernel of kernels/compress.cu where it applies (compress_shape)
+    and loads, else the Triton one; "triton": the Triton one (always under the interpreter).
+    `num_warps` is the Triton kernel's."""
+    assert kernel in ("cuda", "triton")
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
     assert err.numel() == delta.numel() == layout.numel
     assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"
@@ -185,10 +246,17 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
             full, layout.numel)
     common = dict(CHUNK=layout.chunk, K=layout.k, INDEX_BITS=layout.index_bits, BITS=bits, SENT=sent is not None,
                   EXACT=_exact(err))
-    rows = min(layout.chunk, triton.next_power_of_2(layout.k))
-    cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
-    compress_kernel[(m,)](*args, ROWS=rows, CB=cb, MODE=kernel_mode, **common,
-                          num_warps=num_warps or compress_warps(layout.chunk))
+    shape = compress_shape(layout, err, delta, sent) if kernel == "cuda" and err.is_cuda else None
+    function = _cuda_function(COMPRESS_PTX, "compress_kernel", dev) if shape is not None else None
+    if function is not None:
+        cargs = compress_arguments(err, delta, idx, codes, scales, sent, full, layout, bits, kernel_mode, decay,
+                                   shape[1], divide=False)
+        cuda_module.launch(function, m, shape[0], cargs, dev)
+    else:
+        rows = min(layout.chunk, triton.next_power_of_2(layout.k))
+        cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
+        compress_kernel[(m,)](*args, ROWS=rows, CB=cb, MODE=kernel_mode, **common,
+                              num_warps=num_warps or compress_warps(layout.chunk))
     compress_full_kernel[(m,)](*args, **common, num_warps=FULL_WARPS)
     return (idx.view(torch.uint8)[: packed_nbytes(n_sel, layout.index_bits)],
             codes.view(torch.uint8)[: packed_nbytes(n_sel, bits)], scales)
@@ -214,25 +282,12 @@ can compile it."""
 ACCUMULATE_THREADS = 128
 ACCUMULATE_WINDOW = 4096
 """Positions a block of the shared-memory kernel sums (its SHARED_FLOATS; half with the coverage)."""
-_ptx_failed: set[int] = set()
-
-
-def _ptx_function(device: torch.device):
-    """The shared-memory accumulate kernel for `device`, or None where the driver cannot
-    load it (then the Triton kernel runs: the same bits, slower)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _ptx_failed:
-        return None
-    try:
-        return cuda_module.load(ACCUMULATE_PTX, "accumulate_kernel", device)
-    except (cuda_module.CudaModuleError, OSError) as e:
-        _ptx_failed.add(index)
-        log.warning("decode-and-accumulate falls back to the Triton kernel on cuda:%d: %s", index, e)
-        return None
+_ptx_failed: set[tuple[str, int]] = set()
+"""(PTX file, device index) pairs the driver refused: not tried again."""
 
 
 def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shares: list[float], layout: ChunkLayout,
-               bits: int, cover: Tensor | None = None, num_warps: int = 4, shared: bool = True) -> Tensor:
+               bits: int, cover: Tensor | None = None, num_warps: int = 4, kernel: str = "cuda") -> Tensor:
     """acc (numel,) fp32 ← Σ_p share_p · decode(peer p), peers in the given order (acc's
     old contents are overwritten); `cover` (numel,) fp32, when given, ← Σ_p share_p where
     peer p sent a value (optim.aggregate's coverage). `indices` and `codes`: the peers'
@@ -240,8 +295,9 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     validated (optim's decoder does); `scales`: (num_peers, num_chunks, 2) fp32. Bitwise
     equal to the reference loop on the same device type. On CUDA the shared-memory kernel
     of kernels/accumulate.cu runs; the Triton kernel where that cannot load (and under
-    Triton's interpreter, or with `shared` False, for comparison); `num_warps` is the Triton
-    kernel's."""
+    Triton's interpreter, or with `kernel` "triton", for comparison); `num_warps` is the
+    Triton kernel's."""
+    assert kernel in ("cuda", "triton")
     num_peers = indices.shape[0]
     assert codes.shape[0] == num_peers == len(shares) and scales.shape == (num_peers, layout.num_chunks, 2)
     assert indices.shape[1] * 32 >= layout.num_selected * layout.index_bits
@@ -250,7 +306,7 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     assert cover is None or (cover.dtype == torch.float32 and cover.is_contiguous() and cover.numel() == layout.numel)
     indices, codes, scales = indices.contiguous(), codes.contiguous(), scales.contiguous()
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)
-    function = _ptx_function(acc.device) if shared and acc.is_cuda else None
+    function = _cuda_function(ACCUMULATE_PTX, "accumulate_kernel", acc.device) if kernel == "cuda" and acc.is_cuda else None
     if function is not None:
         window = ACCUMULATE_WINDOW // 2 if cover is not None else ACCUMULATE_WINDOW
         grid = layout.num_chunks * -(-layout.chunk // window)

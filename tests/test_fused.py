@@ -20,6 +20,16 @@ pytestmark = pytest.mark.skipif(fused.triton is None or not (torch.cuda.is_avail
                                 reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
 
+# The CUDA C kernels (kernels/compress.cu, accumulate.cu, shipped as PTX) and the Triton ones
+# (their fallbacks, and the ones the interpreter runs).
+KERNELS = ["cuda", "triton"] if torch.cuda.is_available() else ["triton"]
+
+
+def _loaded(kernel: str, ptx, name: str) -> None:
+    if kernel == "cuda":
+        assert fused._cuda_function(ptx, name, torch.device(DEVICE)) is not None, f"{ptx.name} did not load"
+
+
 def _input(numel: int, seed: int, ties: bool) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(numel, generator=gen) * torch.rand(numel, generator=gen).add_(0.1)
@@ -43,18 +53,22 @@ def _reference(b: torch.Tensor, lay: ChunkLayout, bits: int):
 # chunks where they are too many (ties, high density) and the whole chunk is searched.
 CASES = [(1, 1024, 0.01), (7, 1024, 0.3), (300, 256, 0.05), (4096, 4096, 0.0156), (4097, 4096, 0.0156),
          (10_000, 1024, 0.02), (3000, 512, 0.5), (20_000, 4096, 0.00366)]
+if torch.cuda.is_available():  # many chunks at the bench's layout (too slow for the interpreter)
+    CASES.append(((1 << 20) + 4096 * 3 + 5, 4096, 0.0156))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("numel, chunk, density", CASES)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("ties", [False, True])
-def test_fused_compression_equals_the_reference_bit_for_bit(numel, chunk, density, bits, ties):
+def test_fused_compression_equals_the_reference_bit_for_bit(numel, chunk, density, bits, ties, kernel):
+    _loaded(kernel, fused.COMPRESS_PTX, "compress_kernel")
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     d = _input(numel, numel * 31 + bits, ties)
     err = torch.zeros(numel, device=DEVICE)
     sent = torch.ones(numel, dtype=torch.bool, device=DEVICE)  # poisoned: every entry must be written
     err = torch.full((numel,), float("nan"), device=DEVICE)
-    idx, codes, scales = fused.compress(err, d, lay, bits, mode="model", sent=sent)
+    idx, codes, scales = fused.compress(err, d, lay, bits, mode="model", sent=sent, kernel=kernel)
     r_idx, r_codes, r_scales, r_err = _reference(d.clone(), lay, bits)
     assert torch.equal(idx, pack_bits(r_idx, lay.index_bits))
     assert torch.equal(codes, pack_bits(r_codes, bits))
@@ -64,8 +78,9 @@ def test_fused_compression_equals_the_reference_bit_for_bit(numel, chunk, densit
     assert torch.equal(sent, scatter_chunks(r_idx, torch.ones_like(r_idx, dtype=torch.bool), lay))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("nonzero", [0, 5, 200])
-def test_a_chunk_of_mostly_zeros_keeps_its_nonzeros_then_the_lowest_indexed_zeros(nonzero):
+def test_a_chunk_of_mostly_zeros_keeps_its_nonzeros_then_the_lowest_indexed_zeros(nonzero, kernel):
     """An embedding row nobody trained this round: fewer non-zeros than k (or none) make the
     k-th largest 0, and the zeros that fill the chunk's slots go lowest index first."""
     lay = ChunkLayout.for_tensor(3 * 4096, 4096, 0.0156)
@@ -75,18 +90,19 @@ def test_a_chunk_of_mostly_zeros_keeps_its_nonzeros_then_the_lowest_indexed_zero
     d[8192:] = torch.randn(4096, generator=gen)
     d = d.to(DEVICE)
     err = torch.empty(3 * 4096, device=DEVICE)
-    idx, codes, scales = fused.compress(err, d, lay, 2)
+    idx, codes, scales = fused.compress(err, d, lay, 2, kernel=kernel)
     r_idx, r_codes, r_scales, r_err = _reference(d.clone(), lay, 2)
     assert torch.equal(unpack(idx, lay.index_bits, lay), r_idx) and torch.equal(unpack(codes, 2, lay), r_codes)
     assert torch.equal(scales, r_scales) and torch.equal(err, r_err)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("decay", [1.0, 0.95])
-def test_the_residual_kept_aside_is_added_first(decay):
+def test_the_residual_kept_aside_is_added_first(decay, kernel):
     lay = ChunkLayout.for_tensor(5000, 1024, 0.03)
     e0, d = _input(5000, 1, False) * 0.1, _input(5000, 2, False)
     err = e0.clone()
-    idx, codes, scales = fused.compress(err, d, lay, 4, mode="buffer", decay=decay)
+    idx, codes, scales = fused.compress(err, d, lay, 4, mode="buffer", decay=decay, kernel=kernel)
     b = e0 * decay + d if decay != 1.0 else e0 + d
     r_idx, r_codes, r_scales, r_err = _reference(b, lay, 4)
     if decay == 1.0:
@@ -96,31 +112,40 @@ def test_the_residual_kept_aside_is_added_first(decay):
         torch.testing.assert_close(err, r_err, rtol=0, atol=1e-6)
 
 
-def test_fused_compression_is_repeatable():
+def test_a_tensor_off_the_16_byte_alignment_takes_the_triton_kernel_with_the_same_bits():
+    """The CUDA C kernel loads 16 bytes at a time: a view that starts one element into its
+    storage is compressed by the Triton kernel, to the same outputs."""
+    lay = ChunkLayout.for_tensor(8192, 4096, 0.0156)
+    d = _input(8193, 3, False)[1:]
+    outs = []
+    for shifted in (False, True):
+        err = torch.zeros(8193, device=DEVICE)[1:] if shifted else torch.zeros(8192, device=DEVICE)
+        outs.append((*fused.compress(err, d.clone() if not shifted else d, lay, 4, kernel="cuda"), err))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_compression_is_repeatable(kernel):
     lay = ChunkLayout.for_tensor(9000, 1024, 0.05)
     d = _input(9000, 5, True)
     outs = []
     for _ in range(3):
         err = torch.zeros(9000, device=DEVICE)
-        outs.append((*fused.compress(err, d, lay, 2), err))
+        outs.append((*fused.compress(err, d, lay, 2, kernel=kernel), err))
     assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
 
 
-def test_non_finite_input_is_the_callers_to_refuse_and_stays_contained():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_finite_input_is_the_callers_to_refuse_and_stays_contained(kernel):
     """The compressor (optim/compress.py) refuses non-finite deltas before calling; if one
     reaches the kernel anyway, NaN lands in that chunk's outputs only."""
     lay = ChunkLayout.for_tensor(2048, 1024, 0.05)
     d = _input(2048, 9, False)
     d[1500] = float("nan")
     err = torch.zeros(2048, device=DEVICE)
-    idx, codes, scales = fused.compress(err, d, lay, 4)
+    idx, codes, scales = fused.compress(err, d, lay, 4, kernel=kernel)
     r_idx, r_codes, r_scales, _ = _reference(d[:1024].clone(), ChunkLayout.for_tensor(1024, 1024, 0.05), 4)
     assert torch.equal(unpack(idx, lay.index_bits, lay)[: lay.k], r_idx) and torch.equal(scales[0], r_scales[0])
-
-
-# The shared-memory kernel of kernels/accumulate.cu (CUDA) and the Triton one (its fallback,
-# and the one the interpreter runs).
-KERNELS = ["shared", "triton"] if torch.cuda.is_available() else ["triton"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -133,9 +158,7 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
     a chunk wider than the shared kernel's window (8192); peers that all picked the same
     positions (`same`: every position's sum is a chain of additions in peer order); more
     entries a chunk (2048) than the shared kernel stages at once."""
-    shared = kernel == "shared"
-    if shared:
-        assert fused._ptx_function(torch.device(DEVICE)) is not None, "the PTX kernel did not load"
+    _loaded(kernel, fused.ACCUMULATE_PTX, "accumulate_kernel")
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     gen = torch.Generator().manual_seed(numel + num_peers)
     peers, shares = [], (torch.rand(num_peers, generator=gen) / num_peers).tolist()
@@ -147,7 +170,7 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
                torch.stack([p[2] for p in peers]))
     acc = torch.full((numel,), float("nan"), device=DEVICE)  # poisoned: the kernel overwrites every entry
     cover = torch.full((numel,), float("nan"), device=DEVICE)
-    fused.accumulate(acc, *streams, shares, lay, bits, cover=cover, shared=shared)
+    fused.accumulate(acc, *streams, shares, lay, bits, cover=cover, kernel=kernel)
     ref = torch.zeros(numel, device=DEVICE)
     ref_cover = torch.zeros(numel, device=DEVICE)
     for (packed_idx, packed_codes, scales), share in zip(peers, shares):
@@ -157,5 +180,5 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
         marks = torch.full((lay.num_selected,), share, device=DEVICE)
         ref_cover.add_(scatter_chunks(idx.long(), marks, lay, out=torch.zeros(numel, device=DEVICE)))
     assert torch.equal(acc, ref) and torch.equal(cover, ref_cover)
-    again = fused.accumulate(torch.empty(numel, device=DEVICE), *streams, shares, lay, bits, shared=shared)
+    again = fused.accumulate(torch.empty(numel, device=DEVICE), *streams, shares, lay, bits, kernel=kernel)
     assert torch.equal(again, acc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,17 +59,43 @@ def test_the_accumulate_kernel_compiles_for_hopper_without_atomics():
     assert kernel.asm["cubin"] and not re.findall(r"\s(atom|red)\.", kernel.asm["ptx"])
 
 
+SHIPPED = [(fused.ACCUMULATE_PTX, "accumulate_kernel"), (fused.COMPRESS_PTX, "compress_kernel")]
+
+
+@pytest.mark.parametrize("ptx, entry", SHIPPED, ids=lambda v: getattr(v, "name", v))
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90a"])
-def test_the_shipped_accumulate_ptx_assembles_for_turing_and_hopper(arch, tmp_path):
-    """kernels/accumulate.ptx is what CUDA peers run (their driver compiles it): it must be
-    valid PTX for the oldest and newest GPUs we serve, and stay free of atomics."""
-    ptx = fused.ACCUMULATE_PTX.read_text()
-    assert ".entry accumulate_kernel" in ptx and not re.findall(r"\s(atom|red)\.", ptx)
+def test_the_shipped_ptx_assembles_for_turing_and_hopper(ptx, entry, arch, tmp_path):
+    """kernels/*.ptx is what CUDA peers run (their driver compiles it): it must be valid PTX
+    for the oldest and newest GPUs we serve, with no spills; decode and accumulate stays free
+    of atomics (its sums would depend on their order), compression ORs its streams with them."""
+    text = ptx.read_text()
+    assert f".entry {entry}" in text
+    atomics = re.findall(r"\s(atom|red)\.", text)
+    assert bool(atomics) == (entry == "compress_kernel"), atomics
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    done = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(fused.ACCUMULATE_PTX), "-o", str(tmp_path / "k.cubin")],
+    done = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "0 bytes spill" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here to regenerate the PTX with")
+@pytest.mark.parametrize("ptx, entry", SHIPPED, ids=lambda v: getattr(v, "name", v))
+def test_the_shipped_ptx_is_what_its_cuda_source_compiles_to(ptx, entry, tmp_path):
+    """The PTX is made by hand from its .cu (fused.ACCUMULATE_PTX's docstring says how): a
+    source changed without regenerating it fails here wherever that same nvcc is installed."""
+    out = tmp_path / ptx.name
+    done = subprocess.run(["nvcc", "-arch=compute_75", "-ptx", "-O3", str(ptx.with_suffix(".cu")), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    build = [line for line in ptx.read_text().splitlines() if line.startswith("// Compiler Build ID")]
+    if build != [line for line in out.read_text().splitlines() if line.startswith("// Compiler Build ID")]:
+        pytest.skip(f"this nvcc is not the one that made {ptx.name} ({build}): its PTX may differ")
+
+    def body(text: str) -> list[str]:  # the code, without the compiler's banner and PTX version
+        return [line for line in text.splitlines() if not line.startswith(("//", ".version"))]
+
+    assert body(out.read_text()) == body(ptx.read_text()), f"{ptx.name} is stale: regenerate it from its .cu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, tests/test_fused.py runs on the GPU itself")

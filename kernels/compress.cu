@@ -1,0 +1,268 @@
+// Fused error-feedback compression of one flat fp32 tensor: the source of
+// kernels/compress.ptx, which kernels/fused.py's `compress` has the CUDA driver compile and
+// launch (kernels/cuda_module.py). Regenerate the PTX as fused.COMPRESS_PTX's docstring says.
+// The same outputs, bit for bit, as the Triton kernel of kernels/fused_select.py and the torch
+// references (fused.py's docstring gives the rule and the output layout).
+//
+// One block per chunk, 16 consecutive entries a thread, held in registers from the one read
+// of the chunk until its residual is written back:
+// 1. b (the buffer compressed) and its magnitude's bit pattern p (non-negative floats' bit
+//    patterns order like the floats).
+// 2. A lower bound of the k-th largest pattern: the chunk cut into at least k groups of
+//    consecutive entries (`per_group` threads each), the smallest of the groups' maxima (every group holds one entry at
+//    or above it, so at least k do). The entries at or above it, the candidates (a few per
+//    cent of the chunk), are compacted in index order into shared memory by a block scan.
+// 3. The k-th largest pattern t among the candidates, DIGIT bits a step below the common
+//    prefix of the bound and the maximum: each warp counts the candidates at or above some
+//    of the step's 2^DIGIT − 1 thresholds (a ballot per 32 candidates); the step takes the
+//    largest threshold with at least k. Once one has exactly k, t is the least of those.
+// 4. Every entry above t is kept and, of those equal to t, the lowest-indexed up to k (one
+//    block scan of both counts gives each kept entry its slot), quantized and ORed into the
+//    wire streams (entries never share a bit: any order of the atomics gives the same bytes).
+//    The residual of the chunk is written once: b − sent where kept, b elsewhere.
+// A chunk whose candidates overflow the shared buffer (ties, runs of zeros), or a short last
+// chunk, writes b to the residual and sets its flag: fused_select.compress_full_kernel then
+// searches it whole.
+//
+// Every operation the torch references do as a kernel of its own is one correctly rounded
+// operation here (__fadd_rn and the like: the compiler may fuse a plain a * b + c).
+
+#define VALUES 16     // entries a thread: fused.COMPRESS_VALUES
+#define CAPACITY 2048 // candidates the shared buffer holds: fused.COMPRESS_CAPACITY
+#define DIGIT 4       // bits of t found a step
+#define MAX_WARPS 32
+
+__device__ __forceinline__ float bf16_round(float x) {  // x ≥ 0, to nearest, ties to even
+    unsigned int bits = __float_as_uint(x);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ void or_field(unsigned int* words, long long entry, unsigned int value, int width) {
+    const long long g = entry * width;
+    const long long w = g >> 5;
+    const unsigned int o = (unsigned int)(g & 31);
+    atomicOr(words + w, value << o);
+    if (o + width > 32) atomicOr(words + w + 1, value >> (32 - o));
+}
+
+// Exclusive scan of `value` over the block, in thread order; `total` gets the sum. Uses
+// scratch[0 .. warps] and two barriers.
+__device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned int* scratch, unsigned int& total) {
+    const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    unsigned int inclusive = value;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, inclusive, d);
+        if (lane >= d) inclusive += up;
+    }
+    if (lane == 31) scratch[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned int w = lane < warps ? scratch[lane] : 0u;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, w, d);
+            if (lane >= d) w += up;
+        }
+        if (lane < warps) scratch[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    total = scratch[warps - 1];
+    const unsigned int before = warp == 0 ? 0u : scratch[warp - 1];
+    return before + inclusive - value;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
+    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
+    float* scales, unsigned char* sent, unsigned char* full, unsigned long long numel, unsigned int chunk,
+    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
+    unsigned int with_sent, unsigned int divide) {
+    __shared__ int cand[CAPACITY];
+    __shared__ unsigned int scratch[MAX_WARPS + 1];
+    __shared__ int reduce_lo[MAX_WARPS], reduce_hi[MAX_WARPS];
+    __shared__ unsigned int counts[2][1 << DIGIT];
+    __shared__ int least[MAX_WARPS];
+
+    const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const unsigned long long c = blockIdx.x;
+    const unsigned long long base = c * chunk;
+    const unsigned int n_valid = (unsigned int)min((unsigned long long)chunk, numel - base);
+    const unsigned int first = threadIdx.x * VALUES;  // this thread's first entry in the chunk
+    if (n_valid < chunk) {
+        // A short last chunk: its b to the residual, for the whole-chunk search.
+        for (unsigned int i = first; i < min(first + VALUES, n_valid); ++i) {
+            const float d = delta[base + i];
+            if (mode != 0) {
+                const float e = err[base + i];
+                err[base + i] = __fadd_rn(mode == 1 ? e : __fmul_rn(e, decay), d);
+            } else {
+                err[base + i] = d;
+            }
+        }
+        if (threadIdx.x == 0) full[c] = 1;
+        return;
+    }
+    const bool mine = first < chunk;  // chunk ≥ VALUES: a thread's entries are all in the chunk or all out
+
+    float b[VALUES];
+    if (mine) {
+        const float4* d4 = reinterpret_cast<const float4*>(delta + base + first);
+#pragma unroll
+        for (int i = 0; i < VALUES / 4; ++i) {
+            const float4 d = d4[i];
+            b[4 * i] = d.x, b[4 * i + 1] = d.y, b[4 * i + 2] = d.z, b[4 * i + 3] = d.w;
+        }
+        if (mode != 0) {
+            const float4* e4 = reinterpret_cast<const float4*>(err + base + first);
+#pragma unroll
+            for (int i = 0; i < VALUES / 4; ++i) {
+                const float4 e = e4[i];
+                const float ev[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    b[4 * i + j] = __fadd_rn(mode == 1 ? ev[j] : __fmul_rn(ev[j], decay), b[4 * i + j]);
+            }
+        }
+    }
+#define PATTERN(x) ((int)(__float_as_uint(x) & 0x7FFFFFFFu))
+    // 2. The groups' maxima (a group is `per_group` threads, a power of two ≤ 32, at least k
+    //    groups in the chunk), their least (the bound) and the chunk's maximum.
+    int my_max = -1;
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < VALUES; ++i) my_max = max(my_max, PATTERN(b[i]));
+    }
+    int group_max = my_max;
+    for (unsigned int d = 1; d < per_group; d <<= 1) group_max = max(group_max, __shfl_xor_sync(0xFFFFFFFFu, group_max, d));
+    int lo = mine ? group_max : 0x7FFFFFFF, hi = my_max;  // threads past a small chunk hold no group
+#pragma unroll
+    for (int d = 16; d >= 1; d >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, d));
+        hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
+    }
+    if (lane == 0) reduce_lo[warp] = lo, reduce_hi[warp] = hi;
+    __syncthreads();
+    int bound = reduce_lo[0], top = reduce_hi[0];
+    for (unsigned int w = 1; w < warps; ++w) bound = min(bound, reduce_lo[w]), top = max(top, reduce_hi[w]);
+
+    // Candidates: compacted in index order.
+    unsigned int mask = 0;
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < VALUES; ++i) mask |= (unsigned int)(PATTERN(b[i]) >= bound) << i;
+    }
+    unsigned int num_cand;
+    unsigned int slot = block_scan(__popc(mask), scratch, num_cand);
+    if (num_cand > CAPACITY) {
+        // The whole-chunk search takes it (fused_select.compress_full_kernel reads b here).
+        if (mine) {
+            float4* e4 = reinterpret_cast<float4*>(err + base + first);
+#pragma unroll
+            for (int i = 0; i < VALUES / 4; ++i) e4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+        }
+        if (threadIdx.x == 0) full[c] = 1;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < VALUES; ++i)
+        if (mask >> i & 1u) cand[slot++] = PATTERN(b[i]);
+    __syncthreads();
+
+    // 3. The k-th largest pattern t: below the common prefix of bound and top, DIGIT bits a step.
+    int t = bound;
+    bool exact = bound == top;  // then t = bound, the only candidate value
+    if (!exact) {
+        const int high = 31 - __clz(bound ^ top);  // the highest differing bit
+        t = bound & ~((int)(0xFFFFFFFFu >> (31 - high)));  // the common prefix, bits ≤ high cleared
+        int parity = 0;
+        for (int top_bit = high; top_bit >= 0 && !exact; top_bit -= DIGIT, parity ^= 1) {
+            const int low_bit = max(0, top_bit - DIGIT + 1);
+            const unsigned int thresholds = (1u << (top_bit - low_bit + 1)) - 1u;
+            for (unsigned int j = warp + 1; j <= thresholds; j += warps) {
+                const int threshold = t | (int)(j << low_bit);
+                unsigned int n = 0;
+                for (unsigned int i = lane; i - lane < num_cand; i += 32)
+                    n += __popc(__ballot_sync(0xFFFFFFFFu, i < num_cand && cand[i] >= threshold));
+                if (lane == 0) counts[parity][j] = n;
+            }
+            __syncthreads();  // counts[parity] are in place; counts[parity ^ 1] are free again
+            unsigned int pick = 0, n_pick = 0;
+            for (unsigned int j = thresholds; j >= 1; --j) {
+                const unsigned int n = counts[parity][j];
+                if (n >= k) {
+                    pick = j, n_pick = n;
+                    break;
+                }
+            }
+            t |= (int)(pick << low_bit);
+            exact = pick != 0 && n_pick == k;
+        }
+        if (exact) {  // exactly k candidates are ≥ t: the k-th largest is the least of them
+            int m = 0x7FFFFFFF;
+            for (unsigned int i = threadIdx.x; i < num_cand; i += blockDim.x)
+                if (cand[i] >= t) m = min(m, cand[i]);
+#pragma unroll
+            for (int d = 16; d >= 1; d >>= 1) m = min(m, __shfl_xor_sync(0xFFFFFFFFu, m, d));
+            if (lane == 0) least[warp] = m;
+            __syncthreads();
+            t = least[0];
+            for (unsigned int w = 1; w < warps; ++w) t = min(t, least[w]);
+        }
+    }
+
+    // 4. Keep the entries above t and the lowest-indexed equal ones up to k: one scan of both
+    //    counts, 16 bits apart (a chunk holds at most 2^15 entries).
+    unsigned int above = 0, equal = 0;
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < VALUES; ++i) {
+            above |= (unsigned int)(PATTERN(b[i]) > t) << i;
+            equal |= (unsigned int)(PATTERN(b[i]) == t) << i;
+        }
+    }
+    unsigned int totals;
+    const unsigned int before = block_scan(__popc(above) | (__popc(equal) << 16), scratch, totals);
+    const unsigned int need = k - (totals & 0xFFFFu);  // ≥ 1: t is the k-th largest
+    const float lo_f = bf16_round(__int_as_float(t)), hi_f = bf16_round(__int_as_float(top));
+    const unsigned int levels = 1u << (bits - 1);
+    // The quantizer's step as torch computes it: its CUDA kernels divide by a scalar as a product
+    // with its fp32 reciprocal, its CPU kernels divide (`divide`: this source run on the CPU,
+    // tests/cuda_emulator.hpp).
+    const float span = __fsub_rn(hi_f, lo_f);
+    const float step = divide ? __fdiv_rn(span, (float)(levels - 1)) : __fmul_rn(span, recip);
+    const float safe = step > 0.0f ? step : 1.0f;
+    if (threadIdx.x == 0) scales[2 * c] = lo_f, scales[2 * c + 1] = hi_f;
+    if (!mine) return;
+    unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
+    unsigned int flags = 0;
+#pragma unroll
+    for (int i = 0; i < VALUES; ++i) {
+        const bool is_above = above >> i & 1u, is_equal = equal >> i & 1u;
+        n_above += is_above, n_equal += is_equal;
+        if (is_above || (is_equal && n_equal <= need)) {
+            const unsigned int s = n_above + min(n_equal, need) - 1;
+            const float mag = fabsf(b[i]);
+            float q = step > 0.0f ? rintf(__fdiv_rn(__fsub_rn(mag, lo_f), safe)) : 0.0f;
+            q = fminf(fmaxf(q, 0.0f), (float)(levels - 1));
+            const bool negative = b[i] < 0.0f;
+            const float m = __fadd_rn(lo_f, __fmul_rn(q, step));
+            const long long entry = (long long)c * k + s;
+            or_field(idx_words, entry, first + i, index_bits);
+            or_field(code_words, entry, ((unsigned int)negative << (bits - 1)) | (unsigned int)q, bits);
+            b[i] = __fsub_rn(b[i], negative ? -m : m);
+            flags |= 1u << i;
+        }
+    }
+    float4* e4 = reinterpret_cast<float4*>(err + base + first);
+#pragma unroll
+    for (int i = 0; i < VALUES / 4; ++i) e4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+    if (with_sent) {
+        unsigned int words[VALUES / 4];
+#pragma unroll
+        for (int i = 0; i < VALUES / 4; ++i)
+            words[i] = (flags >> (4 * i) & 1u) | (flags >> (4 * i + 1) & 1u) << 8 | (flags >> (4 * i + 2) & 1u) << 16 |
+                       (flags >> (4 * i + 3) & 1u) << 24;
+        *reinterpret_cast<uint4*>(sent + base + first) = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+}

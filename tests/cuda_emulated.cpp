@@ -1,0 +1,16 @@
+// The CUDA C kernels of kernels/ built for the CPU through tests/cuda_emulator.hpp, with one
+// C entry point a kernel that tests/test_cuda_emulated.py calls through ctypes.
+#include "cuda_emulator.hpp"
+
+#include "compress.cu"
+
+extern "C" void run_compress(unsigned int grid, unsigned int block, float* err, const float* delta, float decay,
+                             float recip, unsigned int* idx, unsigned int* code, float* scales, unsigned char* sent,
+                             unsigned char* full, unsigned long long numel, unsigned int chunk, unsigned int k,
+                             unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
+                             unsigned int with_sent, unsigned int divide) {
+    emulate(grid, block, [&] {
+        compress_kernel(err, delta, decay, recip, idx, code, scales, sent, full, numel, chunk, k, per_group,
+                        index_bits, bits, mode, with_sent, divide);
+    });
+}

@@ -1,0 +1,136 @@
+"""The CUDA C compression kernel (kernels/compress.cu) run on the CPU, a thread per CUDA
+thread (tests/cuda_emulator.hpp), against the torch references bit for bit: its selection,
+tie rule, wire streams, scales, residual and sent flags, and which chunks it leaves to the
+whole-chunk search. What CI, which has no GPU, can check of the kernel CUDA peers run;
+tests/test_fused.py runs it on the GPU itself. Skipped where g++ is missing."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from locoswarm.kernels import ChunkLayout, fused, unpack_bits
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("fused_cases", HERE / "test_fused.py")
+fused_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fused_cases)
+CASES, _input, _reference = fused_cases.CASES, fused_cases._input, fused_cases._reference
+CAPACITY = 2048  # compress.cu's CAPACITY
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the kernel for the CPU")
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("emulated") / "kernels.so"
+    done = subprocess.run(["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                           f"-I{HERE}", f"-I{HERE.parent / 'kernels'}", str(HERE / "cuda_emulated.cpp"), "-o", str(lib)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay: float = 1.0, sent=None):
+    """What fused.compress launches on CUDA, on the CPU: (index words, code words, scales,
+    flags of the chunks left to the whole-chunk search)."""
+    shape = fused.compress_shape(lay, err, delta, sent)
+    assert shape is not None, "the CUDA C kernel does not take this layout"
+    idx = torch.zeros(-(-lay.num_selected * lay.index_bits // 32), dtype=torch.int32)
+    codes = torch.zeros(-(-lay.num_selected * bits // 32), dtype=torch.int32)
+    scales = torch.full((lay.num_chunks, 2), float("nan"))
+    full = torch.zeros(lay.num_chunks, dtype=torch.uint8)
+    args = fused.compress_arguments(err, delta, idx, codes, scales, sent, full, lay, bits, mode, decay, shape[1],
+                                    divide=True)
+    lib.run_compress(ctypes.c_uint(lay.num_chunks), ctypes.c_uint(shape[0]), *args)
+    return idx, codes, scales, full.bool()
+
+
+def expected_fallbacks(b: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
+    """The chunks the kernel must leave to the whole-chunk search: a short last chunk, or one
+    whose entries at or above the bound (the least of its groups' maxima) overflow the
+    shared buffer."""
+    threads, per_group = fused.compress_shape(lay)
+    flags = torch.zeros(lay.num_chunks, dtype=torch.bool)
+    pattern = b.abs().view(torch.int32)
+    for c in range(lay.num_chunks):
+        p = pattern[c * lay.chunk:(c + 1) * lay.chunk]
+        if p.numel() < lay.chunk:
+            flags[c] = True
+            continue
+        group_max = p.view(-1, per_group * fused.COMPRESS_VALUES).amax(dim=1)
+        flags[c] = int((p >= group_max.min()).sum()) > CAPACITY
+    return flags
+
+
+def check(lib, b, err, delta, lay, bits, mode, decay=1.0):
+    sent = torch.ones(lay.numel, dtype=torch.bool)  # poisoned: every entry of a chunk taken must be written
+    idx, codes, scales, full = compress(lib, err, delta, lay, bits, mode, decay, sent)
+    r_idx, r_codes, r_scales, r_err = _reference(b.clone(), lay, bits)
+    assert torch.equal(full, expected_fallbacks(b, lay))
+    per_entry = torch.arange(lay.num_chunks).repeat_interleave(lay.k)[: lay.num_selected]
+    taken = ~full[per_entry]
+    got_idx = unpack_bits(idx.view(torch.uint8)[: -(-lay.num_selected * lay.index_bits // 8)], lay.index_bits,
+                          lay.num_selected)
+    got_codes = unpack_bits(codes.view(torch.uint8)[: -(-lay.num_selected * bits // 8)], bits, lay.num_selected)
+    assert torch.equal(got_idx[taken], r_idx[taken]) and torch.equal(got_codes[taken], r_codes[taken])
+    assert not got_idx[~taken].any() and not got_codes[~taken].any(), "a chunk left to the search wrote its streams"
+    assert torch.equal(scales[~full], r_scales[~full])
+    per_value = torch.arange(lay.num_chunks).repeat_interleave(lay.chunk)[: lay.numel]
+    mine = ~full[per_value]
+    assert torch.equal(err[mine], r_err[mine]) and torch.equal(err[~mine], b[~mine])
+    marks = torch.zeros(lay.numel, dtype=torch.bool)
+    marks[per_entry * lay.chunk + r_idx] = True
+    assert torch.equal(sent[mine], marks[mine])
+    return int((~full).sum())
+
+
+TAKEN = [case for case in CASES if fused.compress_shape(ChunkLayout.for_tensor(*case)) is not None]
+
+
+@pytest.mark.parametrize("numel, chunk, density", TAKEN)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_cuda_kernel_equals_the_reference_on_the_chunks_it_takes(emulated, numel, chunk, density, bits, ties):
+    lay = ChunkLayout.for_tensor(numel, chunk, density)
+    d = _input(numel, numel * 31 + bits, ties).cpu()
+    err = torch.full((numel,), float("nan"))  # the residual kept in the model: never read
+    taken = check(emulated, d, err, d, lay, bits, mode=0)
+    if not ties:
+        assert taken == numel // lay.chunk, "a chunk of random values went to the whole-chunk search"
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.95])
+def test_the_residual_kept_aside_is_added_first(emulated, decay):
+    lay = ChunkLayout.for_tensor(3 * 4096, 4096, 64 / 4096)
+    e0, d = _input(lay.numel, 1, False).cpu() * 0.1, _input(lay.numel, 2, False).cpu()
+    b = e0 * decay + d if decay != 1.0 else e0 + d
+    assert check(emulated, b, e0.clone(), d, lay, 4, mode=1 if decay == 1.0 else 2, decay=decay) == 3
+
+
+@pytest.mark.parametrize("nonzero", [0, 5, 70, 200])
+def test_a_chunk_of_mostly_zeros_goes_to_the_search_or_keeps_its_nonzeros_first(emulated, nonzero):
+    """Fewer non-zeros than k: the zeros tie for the last slots and overflow the buffer (the
+    whole-chunk search takes the chunk); a few more than k: the kernel takes it."""
+    lay = ChunkLayout.for_tensor(2 * 4096, 4096, 64 / 4096)
+    d = torch.zeros(lay.numel)
+    gen = torch.Generator().manual_seed(nonzero)
+    d[torch.randperm(4096, generator=gen)[:nonzero]] = torch.randn(nonzero, generator=gen)
+    d[4096:] = torch.randn(4096, generator=gen)
+    check(emulated, d, torch.empty(lay.numel), d, lay, 2, mode=0)
+
+
+def test_equal_magnitudes_go_lowest_index_first_across_threads_and_warps(emulated):
+    """Every entry of a chunk ±1 but a few larger ones: the k-th largest is 1, its ties fill
+    the last slots in index order, across every thread and warp of the block; the bound is
+    1 too, so the kernel takes only chunks whose candidates fit (one here, of 1024)."""
+    lay = ChunkLayout.for_tensor(1024, 1024, 40 / 1024)
+    gen = torch.Generator().manual_seed(3)
+    d = torch.where(torch.rand(1024, generator=gen) < 0.5, -1.0, 1.0)
+    d[torch.randperm(1024, generator=gen)[:25]] *= 3.0
+    assert check(emulated, d, torch.empty(1024), d, lay, 4, mode=0) == 1
