@@ -286,6 +286,19 @@ _ptx_failed: set[tuple[str, int]] = set()
 """(PTX file, device index) pairs the driver refused: not tried again."""
 
 
+def accumulate_launch(acc: Tensor, cover: Tensor | None, indices: Tensor, codes: Tensor, scales: Tensor, shares: Tensor,
+                      layout: ChunkLayout, bits: int) -> tuple[int, list]:
+    """The grid (blocks of ACCUMULATE_THREADS) and accumulate_kernel's parameters
+    (kernels/accumulate.cu), in order, as ctypes scalars; `shares` (num_peers,) fp32."""
+    window = ACCUMULATE_WINDOW // 2 if cover is not None else ACCUMULATE_WINDOW
+    u64 = ctypes.c_uint64
+    args = [u64(acc.data_ptr()), u64((cover if cover is not None else acc).data_ptr()), u64(indices.data_ptr()),
+            u64(codes.data_ptr()), u64(scales.data_ptr()), u64(shares.data_ptr()), ctypes.c_float(_recip(bits)),
+            u64(layout.numel), u64(indices.shape[1]), u64(codes.shape[1])] + [
+        ctypes.c_uint32(v) for v in (indices.shape[0], layout.chunk, layout.k, layout.index_bits, bits, cover is not None)]
+    return layout.num_chunks * -(-layout.chunk // window), args
+
+
 def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shares: list[float], layout: ChunkLayout,
                bits: int, cover: Tensor | None = None, num_warps: int = 4, kernel: str = "cuda") -> Tensor:
     """acc (numel,) fp32 ← Σ_p share_p · decode(peer p), peers in the given order (acc's
@@ -308,13 +321,7 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)
     function = _cuda_function(ACCUMULATE_PTX, "accumulate_kernel", acc.device) if kernel == "cuda" and acc.is_cuda else None
     if function is not None:
-        window = ACCUMULATE_WINDOW // 2 if cover is not None else ACCUMULATE_WINDOW
-        grid = layout.num_chunks * -(-layout.chunk // window)
-        u64 = ctypes.c_uint64
-        args = [u64(acc.data_ptr()), u64((cover if cover is not None else acc).data_ptr()), u64(indices.data_ptr()),
-                u64(codes.data_ptr()), u64(scales.data_ptr()), u64(shares_t.data_ptr()), ctypes.c_float(_recip(bits)),
-                u64(layout.numel), u64(indices.shape[1]), u64(codes.shape[1])] + [
-            ctypes.c_uint32(v) for v in (num_peers, layout.chunk, layout.k, layout.index_bits, bits, cover is not None)]
+        grid, args = accumulate_launch(acc, cover, indices, codes, scales, shares_t, layout, bits)
         cuda_module.launch(function, grid, ACCUMULATE_THREADS, args, acc.device)
         return acc
     group = min(ACCUMULATE_GROUP, triton.next_power_of_2(max(num_peers, 1)))

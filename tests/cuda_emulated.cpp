@@ -14,3 +14,17 @@ extern "C" void run_compress(unsigned int grid, unsigned int block, float* err, 
                         index_bits, bits, mode, with_sent, divide);
     });
 }
+
+#include "accumulate.cu"
+
+extern "C" void run_accumulate(unsigned int grid, unsigned int block, float* acc, float* cover,
+                               const unsigned int* idx_words, const unsigned int* code_words, const float* scales,
+                               const float* shares, float recip, unsigned long long numel,
+                               unsigned long long idx_stride, unsigned long long code_stride, unsigned int num_peers,
+                               unsigned int chunk, unsigned int k, unsigned int index_bits, unsigned int bits,
+                               unsigned int with_cover) {
+    emulate(grid, block, [&] {
+        accumulate_kernel(acc, cover, idx_words, code_words, scales, shares, recip, numel, idx_stride, code_stride,
+                          num_peers, chunk, k, index_bits, bits, with_cover);
+    });
+}

@@ -1,8 +1,9 @@
-"""The CUDA C compression kernel (kernels/compress.cu) run on the CPU, a thread per CUDA
-thread (tests/cuda_emulator.hpp), against the torch references bit for bit: its selection,
-tie rule, wire streams, scales, residual and sent flags, and which chunks it leaves to the
-whole-chunk search. What CI, which has no GPU, can check of the kernel CUDA peers run;
-tests/test_fused.py runs it on the GPU itself. Skipped where g++ is missing."""
+"""The CUDA C kernels (kernels/compress.cu, accumulate.cu) run on the CPU, a thread per CUDA
+thread (tests/cuda_emulator.hpp), against the torch references bit for bit: the compression's
+selection, tie rule, wire streams, scales, residual and sent flags, and which chunks it leaves
+to the whole-chunk search; the decode-and-accumulate's sums and coverage. What CI, which has no
+GPU, can check of the kernels CUDA peers run; tests/test_fused.py runs them on the GPU itself.
+Skipped where g++ is missing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from locoswarm.kernels import ChunkLayout, fused, unpack_bits
+from locoswarm.kernels import ChunkLayout, fused, pack_bits, scatter_chunks, unpack_bits
+from locoswarm.kernels.topk import chunk_ids
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("fused_cases", HERE / "test_fused.py")
@@ -134,3 +136,44 @@ def test_equal_magnitudes_go_lowest_index_first_across_threads_and_warps(emulate
     d = torch.where(torch.rand(1024, generator=gen) < 0.5, -1.0, 1.0)
     d[torch.randperm(1024, generator=gen)[:25]] *= 3.0
     assert check(emulated, d, torch.empty(1024), d, lay, 4, mode=0) == 1
+
+
+def cuda_dequantize(codes, scales, lay: ChunkLayout, bits: int) -> torch.Tensor:
+    """quant.dequantize with the step as torch's CUDA kernels make it, (hi − lo) times the fp32
+    reciprocal of levels − 1 (its CPU kernels divide): what the CUDA C kernels compute."""
+    levels = 1 << (bits - 1)
+    ids = chunk_ids(lay, "cpu")
+    lo, hi = scales[:, 0][ids], scales[:, 1][ids]
+    step = (hi - lo) * torch.tensor(fused._recip(bits))
+    mag = lo + (codes & (levels - 1)).float() * step
+    return torch.where(((codes >> (bits - 1)) & 1).bool(), -mag, mag)
+
+
+@pytest.mark.parametrize("numel, chunk, density, bits, num_peers, same", [
+    (5000, 1024, 0.03, 4, 4, False), (4097, 4096, 0.0156, 2, 11, False), (300, 256, 0.1, 8, 1, False),
+    (20_000, 8192, 0.02, 4, 3, False), (9000, 4096, 0.03, 4, 6, True), (5000, 4096, 0.5, 4, 3, False)])
+@pytest.mark.parametrize("with_cover", [False, True])
+def test_the_cuda_accumulate_equals_the_reference_loop(emulated, numel, chunk, density, bits, num_peers, same,
+                                                       with_cover):
+    """As tests/test_fused.py's case: a chunk wider than the window (8192), peers that all
+    picked the same positions, more entries a chunk (2048) than a stage holds, 11 peers."""
+    lay = ChunkLayout.for_tensor(numel, chunk, density)
+    gen = torch.Generator().manual_seed(numel + num_peers)
+    shares = torch.rand(num_peers, generator=gen) / num_peers
+    peers = []
+    for p in range(num_peers):
+        delta = _input(numel, 7, False).cpu() * (1 + p / 3) if same else _input(numel, 100 + p, p % 3 == 2).cpu()
+        idx, codes, scales, _ = _reference(delta, lay, bits)
+        peers.append((idx, codes, scales))
+    streams = (fused.stack_streams([pack_bits(i, lay.index_bits) for i, _, _ in peers]),
+               fused.stack_streams([pack_bits(c, bits) for _, c, _ in peers]), torch.stack([s for *_, s in peers]))
+    acc = torch.full((numel,), float("nan"))  # poisoned: the kernel writes every entry
+    cover = torch.full((numel,), float("nan")) if with_cover else None
+    grid, args = fused.accumulate_launch(acc, cover, *streams, shares, lay, bits)
+    emulated.run_accumulate(ctypes.c_uint(grid), ctypes.c_uint(fused.ACCUMULATE_THREADS), *args)
+    ref, ref_cover = torch.zeros(numel), torch.zeros(numel)
+    for (idx, codes, scales), share in zip(peers, shares):
+        ref.add_(scatter_chunks(idx, cuda_dequantize(codes, scales, lay, bits) * share, lay))
+        ref_cover.add_(scatter_chunks(idx, share.expand(lay.num_selected).contiguous(), lay))
+    assert torch.equal(acc, ref)
+    assert cover is None or torch.equal(cover, ref_cover)
