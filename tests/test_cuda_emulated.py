@@ -109,7 +109,9 @@ def test_the_cuda_kernel_equals_the_reference_on_the_chunks_it_takes(emulated, n
 
 @pytest.mark.parametrize("decay", [1.0, 0.95])
 def test_the_residual_kept_aside_is_added_first(emulated, decay):
-    lay = ChunkLayout.for_tensor(3 * 4096, 4096, 64 / 4096)
+    """Three full chunks and a short last one, whose b (residual added) is left in the
+    residual buffer for the whole-chunk search."""
+    lay = ChunkLayout.for_tensor(3 * 4096 + 100, 4096, 64 / 4096)
     e0, d = _input(lay.numel, 1, False).cpu() * 0.1, _input(lay.numel, 2, False).cpu()
     b = e0 * decay + d if decay != 1.0 else e0 + d
     assert check(emulated, b, e0.clone(), d, lay, 4, mode=1 if decay == 1.0 else 2, decay=decay) == 3
