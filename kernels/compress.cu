@@ -46,6 +46,19 @@ __device__ __forceinline__ void or_field(unsigned int* words, long long entry, u
     if (o + width > 32) atomicOr(words + w + 1, value >> (32 - o));
 }
 
+// b, the buffer compressed, from the residual e and the delta d: mode 0 d (the residual kept
+// in the model; e is not read), 1 e + d, 2 decay·e + d.
+__device__ __forceinline__ float with_residual(float e, float d, unsigned int mode, float decay) {
+    return __fadd_rn(mode == 1 ? e : __fmul_rn(e, decay), d);
+}
+
+// A thread's VALUES entries to `out` (16-byte aligned), 16 bytes a store.
+__device__ __forceinline__ void store_values(float* out, const float* b) {
+    float4* o4 = reinterpret_cast<float4*>(out);
+#pragma unroll
+    for (int i = 0; i < VALUES / 4; ++i) o4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+}
+
 // Exclusive scan of `value` over the block, in thread order; `total` gets the sum. Uses
 // scratch[0 .. warps] and two barriers.
 __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned int* scratch, unsigned int& total) {
@@ -93,12 +106,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
         // A short last chunk: its b to the residual, for the whole-chunk search.
         for (unsigned int i = first; i < min(first + VALUES, n_valid); ++i) {
             const float d = delta[base + i];
-            if (mode != 0) {
-                const float e = err[base + i];
-                err[base + i] = __fadd_rn(mode == 1 ? e : __fmul_rn(e, decay), d);
-            } else {
-                err[base + i] = d;
-            }
+            err[base + i] = mode == 0 ? d : with_residual(err[base + i], d, mode, decay);
         }
         if (threadIdx.x == 0) full[c] = 1;
         return;
@@ -121,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
                 const float ev[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
-                    b[4 * i + j] = __fadd_rn(mode == 1 ? ev[j] : __fmul_rn(ev[j], decay), b[4 * i + j]);
+                    b[4 * i + j] = with_residual(ev[j], b[4 * i + j], mode, decay);
             }
         }
     }
@@ -156,11 +164,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     unsigned int slot = block_scan(__popc(mask), scratch, num_cand);
     if (num_cand > CAPACITY) {
         // The whole-chunk search takes it (fused_select.compress_full_kernel reads b here).
-        if (mine) {
-            float4* e4 = reinterpret_cast<float4*>(err + base + first);
-#pragma unroll
-            for (int i = 0; i < VALUES / 4; ++i) e4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
-        }
+        if (mine) store_values(err + base + first, b);
         if (threadIdx.x == 0) full[c] = 1;
         return;
     }
@@ -254,9 +258,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
             flags |= 1u << i;
         }
     }
-    float4* e4 = reinterpret_cast<float4*>(err + base + first);
-#pragma unroll
-    for (int i = 0; i < VALUES / 4; ++i) e4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+    store_values(err + base + first, b);
     if (with_sent) {
         unsigned int words[VALUES / 4];
 #pragma unroll

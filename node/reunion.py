@@ -128,22 +128,22 @@ def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -
     (a record shows the chain at its round and the round before, so peers a round apart still
     meet at one) and at which ours is known. A partial view could pick different winners on
     different peers; the chains stay apart after a split, so a later round decides instead."""
-    pool = [r for r in records if r.peer_id != me and not r.paused and not r.diverged and (r.chain or r.prev_chain)]
+    pool = [(r, known) for r in records
+            if r.peer_id != me and not r.paused and not r.diverged and (known := known_chains(r))]
     if not pool:
         return None
-    shown = [known_chains(r) for r in pool]
-    common = {k for k, v in chains.items() if v}.intersection(*shown)
+    common = {k for k, v in chains.items() if v}.intersection(*(known for _, known in pool))
     if not common:
         return None  # no round known to all (some a round further apart, or we synced past it)
     round_ = max(common)
     mine = chains[round_]
     groups: dict[str, list[str]] = {mine: [me]}
-    for r, known in zip(pool, shown):
+    for r, known in pool:
         groups.setdefault(known[round_], []).append(r.peer_id)
     winner = _largest(groups)
     if winner == mine:
         return None
-    donors = [r for r, known in zip(pool, shown) if known[round_] == winner]
+    donors = [r for r, known in pool if known[round_] == winner]
     return Follow(f"split at round {round_}: {len(donors)} of {len(pool) + 1} peers aggregated other deltas", donors,
                   split_round=round_)
 

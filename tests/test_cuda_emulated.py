@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from locoswarm.kernels import ChunkLayout, fused, pack_bits, scatter_chunks, unpack_bits
+from locoswarm.kernels.bitpack import packed_nbytes
 from locoswarm.kernels.topk import chunk_ids
 
 HERE = Path(__file__).resolve().parent
@@ -43,8 +44,8 @@ def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay:
     flags of the chunks left to the whole-chunk search)."""
     shape = fused.compress_shape(lay, err, delta, sent)
     assert shape is not None, "the CUDA C kernel does not take this layout"
-    idx = torch.zeros(-(-lay.num_selected * lay.index_bits // 32), dtype=torch.int32)
-    codes = torch.zeros(-(-lay.num_selected * bits // 32), dtype=torch.int32)
+    idx = torch.zeros(fused._words(lay.num_selected, lay.index_bits), dtype=torch.int32)
+    codes = torch.zeros(fused._words(lay.num_selected, bits), dtype=torch.int32)
     scales = torch.full((lay.num_chunks, 2), float("nan"))
     full = torch.zeros(lay.num_chunks, dtype=torch.uint8)
     args = fused.compress_arguments(err, delta, idx, codes, scales, sent, full, lay, bits, mode, decay, shape[1],
@@ -77,9 +78,9 @@ def check(lib, b, err, delta, lay, bits, mode, decay=1.0):
     assert torch.equal(full, expected_fallbacks(b, lay))
     per_entry = torch.arange(lay.num_chunks).repeat_interleave(lay.k)[: lay.num_selected]
     taken = ~full[per_entry]
-    got_idx = unpack_bits(idx.view(torch.uint8)[: -(-lay.num_selected * lay.index_bits // 8)], lay.index_bits,
+    got_idx = unpack_bits(idx.view(torch.uint8)[: packed_nbytes(lay.num_selected, lay.index_bits)], lay.index_bits,
                           lay.num_selected)
-    got_codes = unpack_bits(codes.view(torch.uint8)[: -(-lay.num_selected * bits // 8)], bits, lay.num_selected)
+    got_codes = unpack_bits(codes.view(torch.uint8)[: packed_nbytes(lay.num_selected, bits)], bits, lay.num_selected)
     assert torch.equal(got_idx[taken], r_idx[taken]) and torch.equal(got_codes[taken], r_codes[taken])
     assert not got_idx[~taken].any() and not got_codes[~taken].any(), "a chunk left to the search wrote its streams"
     assert torch.equal(scales[~full], r_scales[~full])
