@@ -236,6 +236,14 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"
     assert sent is None or (sent.dtype == torch.bool and sent.numel() == layout.numel and sent.is_contiguous())
     delta = delta.contiguous()
+    if err.data_ptr() % 8:
+        # The Triton kernel compacts a chunk's candidates as 8-byte pairs in err's storage: a
+        # view 4 bytes off works on an aligned copy (the compressor's own buffers are aligned).
+        aligned = err.clone()
+        out = compress(aligned, delta, layout, bits, mode=mode, decay=decay, sent=sent, kernel=kernel,
+                       num_warps=num_warps)
+        err.copy_(aligned)
+        return out
     kernel_mode = 0 if mode == "model" else (1 if decay == 1.0 else 2)
     m, n_sel, dev = layout.num_chunks, layout.num_selected, err.device
     idx = torch.zeros(_words(n_sel, layout.index_bits), dtype=torch.int32, device=dev)
