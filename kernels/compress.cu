@@ -13,13 +13,15 @@
 //    or above it, so at least k do). The entries at or above it, the candidates (a few per
 //    cent of the chunk), are compacted in index order into shared memory by a block scan.
 // 3. The k-th largest pattern t among the candidates, DIGIT bits a step below the common
-//    prefix of the bound and the maximum: each warp counts the candidates at or above some
-//    of the step's 2^DIGIT − 1 thresholds (a ballot per 32 candidates); the step takes the
-//    largest threshold with at least k. Once one has exactly k, t is the least of those.
+//    prefix of the bound and the maximum: the candidates that share t's bits above the step
+//    are counted in a histogram of the step's digit (shared-memory atomics: counts, so any
+//    order gives the same); a block scan of the bins, highest first, finds the largest digit
+//    with at least k candidates at or above it. Once exactly k are, t is the least of them.
 // 4. Every entry above t is kept and, of those equal to t, the lowest-indexed up to k (one
-//    block scan of both counts gives each kept entry its slot), quantized and ORed into the
-//    wire streams (entries never share a bit: any order of the atomics gives the same bytes).
-//    The residual of the chunk is written once: b − sent where kept, b elsewhere.
+//    block scan of both counts gives each kept entry its slot). The kept entries go to shared
+//    memory in slot order, where a thread a slot quantizes one and ORs its index and code
+//    into the wire streams (entries never share a bit: any order of the atomics gives the
+//    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere.
 // A chunk whose candidates overflow the shared buffer (ties, runs of zeros), or a short last
 // chunk, writes b to the residual and sets its flag: fused_select.compress_full_kernel then
 // searches it whole.
@@ -29,7 +31,8 @@
 
 #define VALUES 16     // entries a thread: fused.COMPRESS_VALUES
 #define CAPACITY 2048 // candidates the shared buffer holds: fused.COMPRESS_CAPACITY
-#define DIGIT 4       // bits of t found a step
+#define DIGIT 8       // bits of t found a step
+#define MAX_KEPT 1024 // entries kept a chunk: k ≤ chunk / VALUES (fused.compress_shape)
 #define MAX_WARPS 32
 
 __device__ __forceinline__ float bf16_round(float x) {  // x ≥ 0, to nearest, ties to even
@@ -94,7 +97,8 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     __shared__ int cand[CAPACITY];
     __shared__ unsigned int scratch[MAX_WARPS + 1];
     __shared__ int reduce_lo[MAX_WARPS], reduce_hi[MAX_WARPS];
-    __shared__ unsigned int counts[2][1 << DIGIT];
+    __shared__ unsigned int hist[1 << DIGIT];
+    __shared__ unsigned int choice[3];
     __shared__ int least[MAX_WARPS];
 
     const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -150,6 +154,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
         hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, d));
     }
     if (lane == 0) reduce_lo[warp] = lo, reduce_hi[warp] = hi;
+    for (unsigned int j = threadIdx.x; j < (1u << DIGIT); j += blockDim.x) hist[j] = 0;
     __syncthreads();
     int bound = reduce_lo[0], top = reduce_hi[0];
     for (unsigned int w = 1; w < warps; ++w) bound = min(bound, reduce_lo[w]), top = max(top, reduce_hi[w]);
@@ -174,35 +179,39 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     __syncthreads();
 
     // 3. The k-th largest pattern t: below the common prefix of bound and top, DIGIT bits a step.
+    //    A step counts, in a histogram, the candidates that share t's bits above it; the
+    //    digit is the largest whose candidates with those above t's prefix reach k.
     int t = bound;
-    bool exact = bound == top;  // then t = bound, the only candidate value
-    if (!exact) {
+    if (bound != top) {
         const int high = 31 - __clz(bound ^ top);  // the highest differing bit
         t = bound & ~((int)(0xFFFFFFFFu >> (31 - high)));  // the common prefix, bits ≤ high cleared
-        int parity = 0;
-        for (int top_bit = high; top_bit >= 0 && !exact; top_bit -= DIGIT, parity ^= 1) {
+        unsigned int above = 0;  // candidates above every pattern with t's bits above the step
+        bool exact = false;
+        for (int top_bit = high; top_bit >= 0 && !exact; top_bit -= DIGIT) {
             const int low_bit = max(0, top_bit - DIGIT + 1);
-            const unsigned int thresholds = (1u << (top_bit - low_bit + 1)) - 1u;
-            for (unsigned int j = warp + 1; j <= thresholds; j += warps) {
-                const int threshold = t | (int)(j << low_bit);
-                unsigned int n = 0;
-                for (unsigned int i = lane; i - lane < num_cand; i += 32)
-                    n += __popc(__ballot_sync(0xFFFFFFFFu, i < num_cand && cand[i] >= threshold));
-                if (lane == 0) counts[parity][j] = n;
+            const unsigned int bins = 1u << (top_bit - low_bit + 1);
+            const int prefix = t >> (top_bit + 1);
+            for (unsigned int i = threadIdx.x; i < num_cand; i += blockDim.x)
+                if (cand[i] >> (top_bit + 1) == prefix) atomicAdd(&hist[(cand[i] >> low_bit) & (bins - 1)], 1u);
+            __syncthreads();
+            // A thread's bins, highest first: a block scan gives the candidates in the bins above.
+            const unsigned int per = max(1u, bins / blockDim.x), r0 = threadIdx.x * per;
+            unsigned int mine_count = 0;
+            for (unsigned int r = r0; r < min(r0 + per, bins); ++r) mine_count += hist[bins - 1 - r];
+            unsigned int total;
+            unsigned int higher = above + block_scan(mine_count, scratch, total);
+            for (unsigned int r = r0; r < min(r0 + per, bins); ++r) {
+                const unsigned int j = bins - 1 - r, n = hist[j];
+                if (higher < k && higher + n >= k) choice[0] = j, choice[1] = higher, choice[2] = higher + n;
+                higher += n;
+                hist[j] = 0;  // every thread read its bins before the scan's barriers
             }
-            __syncthreads();  // counts[parity] are in place; counts[parity ^ 1] are free again
-            unsigned int pick = 0, n_pick = 0;
-            for (unsigned int j = thresholds; j >= 1; --j) {
-                const unsigned int n = counts[parity][j];
-                if (n >= k) {
-                    pick = j, n_pick = n;
-                    break;
-                }
-            }
-            t |= (int)(pick << low_bit);
-            exact = pick != 0 && n_pick == k;
+            __syncthreads();
+            t |= (int)(choice[0] << low_bit);
+            above = choice[1];
+            exact = choice[2] == k;  // exactly k candidates are ≥ t
         }
-        if (exact) {  // exactly k candidates are ≥ t: the k-th largest is the least of them
+        if (exact) {  // the k-th largest is the least of them
             int m = 0x7FFFFFFF;
             for (unsigned int i = threadIdx.x; i < num_cand; i += blockDim.x)
                 if (cand[i] >= t) m = min(m, cand[i]);
@@ -237,25 +246,46 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     const float step = divide ? __fdiv_rn(span, (float)(levels - 1)) : __fmul_rn(span, recip);
     const float safe = step > 0.0f ? step : 1.0f;
     if (threadIdx.x == 0) scales[2 * c] = lo_f, scales[2 * c + 1] = hi_f;
-    if (!mine) return;
-    unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
+    // The kept entries to shared memory in slot order (the candidates are no longer read:
+    // the scan's barriers passed), for k threads to quantize and OR into the wire streams.
+    unsigned int* kept_entry = reinterpret_cast<unsigned int*>(cand);      // index | code << 16
+    float* kept_value = reinterpret_cast<float*>(cand) + MAX_KEPT;         // b, then what was sent
     unsigned int flags = 0;
+    {
+        unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
 #pragma unroll
-    for (int i = 0; i < VALUES; ++i) {
-        const bool is_above = above >> i & 1u, is_equal = equal >> i & 1u;
-        n_above += is_above, n_equal += is_equal;
-        if (is_above || (is_equal && n_equal <= need)) {
-            const unsigned int s = n_above + min(n_equal, need) - 1;
-            const float mag = fabsf(b[i]);
-            float q = step > 0.0f ? rintf(__fdiv_rn(__fsub_rn(mag, lo_f), safe)) : 0.0f;
-            q = fminf(fmaxf(q, 0.0f), (float)(levels - 1));
-            const bool negative = b[i] < 0.0f;
-            const float m = __fadd_rn(lo_f, __fmul_rn(q, step));
-            const long long entry = (long long)c * k + s;
-            or_field(idx_words, entry, first + i, index_bits);
-            or_field(code_words, entry, ((unsigned int)negative << (bits - 1)) | (unsigned int)q, bits);
-            b[i] = __fsub_rn(b[i], negative ? -m : m);
-            flags |= 1u << i;
+        for (int i = 0; i < VALUES; ++i) {
+            const bool is_above = above >> i & 1u, is_equal = equal >> i & 1u;
+            n_above += is_above, n_equal += is_equal;
+            if (mine && (is_above || (is_equal && n_equal <= need))) {
+                const unsigned int s = n_above + min(n_equal, need) - 1;
+                kept_entry[s] = first + i, kept_value[s] = b[i];
+                flags |= 1u << i;
+            }
+        }
+    }
+    __syncthreads();
+    for (unsigned int s = threadIdx.x; s < k; s += blockDim.x) {
+        const float v = kept_value[s];
+        const float mag = fabsf(v);
+        float q = step > 0.0f ? rintf(__fdiv_rn(__fsub_rn(mag, lo_f), safe)) : 0.0f;
+        q = fminf(fmaxf(q, 0.0f), (float)(levels - 1));
+        const bool negative = v < 0.0f;
+        const float m = __fadd_rn(lo_f, __fmul_rn(q, step));
+        const long long entry = (long long)c * k + s;
+        or_field(idx_words, entry, kept_entry[s], index_bits);
+        or_field(code_words, entry, ((unsigned int)negative << (bits - 1)) | (unsigned int)q, bits);
+        kept_value[s] = negative ? -m : m;
+    }
+    __syncthreads();
+    if (!mine) return;
+    {
+        unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
+#pragma unroll
+        for (int i = 0; i < VALUES; ++i) {
+            const bool is_above = above >> i & 1u, is_equal = equal >> i & 1u;
+            n_above += is_above, n_equal += is_equal;
+            if (flags >> i & 1u) b[i] = __fsub_rn(b[i], kept_value[n_above + min(n_equal, need) - 1]);
         }
     }
     store_values(err + base + first, b);
