@@ -377,11 +377,14 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
             if expected[mode] is not None:  # random bytes may fail any of the decoder's checks
                 assert set(named) == {expected[mode]}, (mode, named)
     # What the attackers sent changed nothing: the honest peers end on one outer state, and
-    # it evaluates below where their first round did.
+    # each one's replica evaluates below where its own first round did. (Replicas differ by
+    # their unsent residuals, by a tenth of a nat or more here: one peer's first round is
+    # no yardstick for the other's replica.)
     (_, loss_a, digest_a), (_, loss_b, digest_b) = final(a), final(b)
     assert digest_a == digest_b, "honest outer states differ"
-    first = rounds(a)[0][3]
-    assert max(loss_a, loss_b) < first, (first, loss_a, loss_b)
+    for p, loss in ((a, loss_a), (b, loss_b)):
+        first = rounds(p)[0][3]
+        assert loss < first, (p.name, first, loss)
 
 
 # ---------------------------------------------------------------- lifecycle and bad input
