@@ -23,8 +23,8 @@
 //    into the wire streams (entries never share a bit: any order of the atomics gives the
 //    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere.
 // A chunk whose candidates overflow the shared buffer (ties, runs of zeros), or a short last
-// chunk, writes b to the residual and sets its flag: fused_select.compress_full_kernel then
-// searches it whole.
+// chunk, writes b to the residual and appends its index to the list `todo` (todo[0] counts
+// them): fused_select.compress_full_kernel then searches those whole.
 //
 // Every operation the torch references do as a kernel of its own is one correctly rounded
 // operation here (__fadd_rn and the like: the compiler may fuse a plain a * b + c).
@@ -91,7 +91,7 @@ __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned 
 
 extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
-    float* scales, unsigned char* sent, unsigned char* full, unsigned long long numel, unsigned int chunk,
+    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
     unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
     unsigned int with_sent, unsigned int divide) {
     __shared__ int cand[CAPACITY];
@@ -112,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
             const float d = delta[base + i];
             err[base + i] = mode == 0 ? d : with_residual(err[base + i], d, mode, decay);
         }
-        if (threadIdx.x == 0) full[c] = 1;
+        if (threadIdx.x == 0) todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
         return;
     }
     const bool mine = first < chunk;  // chunk ≥ VALUES: a thread's entries are all in the chunk or all out
@@ -170,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
     if (num_cand > CAPACITY) {
         // The whole-chunk search takes it (fused_select.compress_full_kernel reads b here).
         if (mine) store_values(err + base + first, b);
-        if (threadIdx.x == 0) full[c] = 1;
+        if (threadIdx.x == 0) todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
         return;
     }
 #pragma unroll

@@ -29,12 +29,13 @@ How the reference's results are reproduced exactly:
   search two bits a step over the bits below the bound's and the maximum's common prefix
   finds the k-th largest pattern t among them (one reduction a step). A chunk with more
   candidates than the compact block holds (ties, runs of zeros, a short last chunk) is
-  flagged, left untouched, and searched whole by a second kernel (fused_select.py). Every
+  listed, its b left in the residual buffer, and searched whole by a second kernel
+  (fused_select.py) whose few programs take the listed chunks in turn. Every
   entry above t is kept and, of those equal to t, the lowest-indexed ones up to k (a prefix
   count): the reference's rule (a stable descending sort: ties go to the lower index).
   kernels/compress.cu does the same in CUDA C (a block a chunk, 16 entries a thread in
   registers, groups of threads for the bound, the candidates compacted into shared memory
-  by a block scan, 4 bits of t a step counted with warp ballots); it is run on the CPU, a
+  by a block scan, 8 bits of t a step counted in a shared-memory histogram); it is run on the CPU, a
   thread per CUDA thread, in CI (tests/test_cuda_emulated.py). `compress` runs the Triton
   kernel unless asked for that one (COMPRESS_KERNEL says why).
 - packing: an entry's bits land in one or two 32-bit words of the zeroed stream, set with
@@ -151,6 +152,15 @@ def compress_warps(chunk: int) -> int:
 
 FULL_WARPS = 8
 """Warps per chunk of the whole-chunk search (the few chunks with too many candidates)."""
+FULL_PROGRAMS_PER_SM = 4
+"""Programs of the whole-chunk search a multiprocessor (they take the listed chunks in turn)."""
+
+
+def full_programs(device: torch.device, num_chunks: int) -> int:
+    """The whole-chunk search's grid: a few waves on a GPU, 4 programs under the CPU interpreter."""
+    per_device = (FULL_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+                  if device.type == "cuda" else 4)
+    return max(1, min(num_chunks, per_device))
 
 
 def _recip(bits: int) -> float:
@@ -206,7 +216,7 @@ def _cuda_function(ptx: Path, name: str, device: torch.device):
 
 
 def compress_arguments(err: Tensor, delta: Tensor, idx: Tensor, codes: Tensor, scales: Tensor, sent: Tensor | None,
-                       full: Tensor, layout: ChunkLayout, bits: int, mode: int, decay: float, per_group: int, *,
+                       todo: Tensor, layout: ChunkLayout, bits: int, mode: int, decay: float, per_group: int, *,
                        divide: bool) -> list:
     """compress_kernel's parameters (kernels/compress.cu), in order, as ctypes scalars: `mode`
     0, 1, 2 as the Triton kernel's MODE; `divide` the quantizer's step as torch's CPU kernels
@@ -214,7 +224,7 @@ def compress_arguments(err: Tensor, delta: Tensor, idx: Tensor, codes: Tensor, s
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     return [u64(err.data_ptr()), u64(delta.data_ptr()), ctypes.c_float(decay), ctypes.c_float(_recip(bits)),
             u64(idx.data_ptr()), u64(codes.data_ptr()), u64(scales.data_ptr()),
-            u64((sent if sent is not None else err).data_ptr()), u64(full.data_ptr()), u64(layout.numel)] + [
+            u64((sent if sent is not None else err).data_ptr()), u64(todo.data_ptr()), u64(layout.numel)] + [
         u32(v) for v in (layout.chunk, layout.k, per_group, layout.index_bits, bits, mode, sent is not None, divide)]
 
 
@@ -249,15 +259,15 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     idx = torch.zeros(_words(n_sel, layout.index_bits), dtype=torch.int32, device=dev)
     codes = torch.zeros(_words(n_sel, bits), dtype=torch.int32, device=dev)
     scales = torch.empty((m, 2), dtype=torch.float32, device=dev)
-    full = torch.zeros(m, dtype=torch.int8, device=dev)
+    todo = torch.zeros(m + 1, dtype=torch.int32, device=dev)  # count, then the chunks for the whole-chunk search
     args = (err, delta, float(decay), _recip(bits), idx, codes, scales, sent.view(torch.uint8) if sent is not None else err,
-            full, layout.numel)
+            todo, layout.numel)
     common = dict(CHUNK=layout.chunk, K=layout.k, INDEX_BITS=layout.index_bits, BITS=bits, SENT=sent is not None,
                   EXACT=_exact(err))
     shape = compress_shape(layout, err, delta, sent) if kernel == "cuda" and err.is_cuda else None
     function = _cuda_function(COMPRESS_PTX, "compress_kernel", dev) if shape is not None else None
     if function is not None:
-        cargs = compress_arguments(err, delta, idx, codes, scales, sent, full, layout, bits, kernel_mode, decay,
+        cargs = compress_arguments(err, delta, idx, codes, scales, sent, todo, layout, bits, kernel_mode, decay,
                                    shape[1], divide=False)
         cuda_module.launch(function, m, shape[0], cargs, dev)
     else:
@@ -265,7 +275,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
         cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
         compress_kernel[(m,)](*args, ROWS=rows, CB=cb, MODE=kernel_mode, **common,
                               num_warps=num_warps or compress_warps(layout.chunk))
-    compress_full_kernel[(m,)](*args, **common, num_warps=FULL_WARPS)
+    compress_full_kernel[(full_programs(dev, m),)](*args, **common, num_warps=FULL_WARPS)
     return (idx.view(torch.uint8)[: packed_nbytes(n_sel, layout.index_bits)],
             codes.view(torch.uint8)[: packed_nbytes(n_sel, bits)], scales)
 

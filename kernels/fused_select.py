@@ -91,7 +91,7 @@ if triton is not None:
         return add(mul(e, decay, EXACT), d, EXACT)
 
     @triton.jit
-    def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr, numel,
+    def compress_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, todo_ptr, numel,
                          CHUNK: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr,
                          INDEX_BITS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, SENT: tl.constexpr,
                          EXACT: tl.constexpr):
@@ -153,21 +153,26 @@ if triton is not None:
                 tl.store(sent_ptr + base + cl, tl.full((CB,), 1, dtype=tl.uint8), mask=kept)
         else:
             # Too many candidates (ties, a chunk of zeros, a short last chunk): the chunk's
-            # b goes to the residual buffer, and compress_full_kernel searches it whole.
+            # b goes to the residual buffer, its index to the list (todo[0] counts them), and
+            # compress_full_kernel searches it whole.
             tl.debug_barrier()
             tl.store(err_ptr + base + local, b, mask=valid)
-            tl.store(full_ptr + pid, 1)
+            tl.store(todo_ptr + 1 + tl.atomic_add(todo_ptr, 1), pid)
 
     @triton.jit
-    def compress_full_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, full_ptr,
+    def compress_full_kernel(err_ptr, delta_ptr, decay, recip, idx_ptr, code_ptr, scale_ptr, sent_ptr, todo_ptr,
                               numel, CHUNK: tl.constexpr, K: tl.constexpr, INDEX_BITS: tl.constexpr,
                               BITS: tl.constexpr, SENT: tl.constexpr, EXACT: tl.constexpr):
-        """The chunks compress_kernel left (its flag set, their b in the residual buffer,
-        whatever the mode): the whole chunk searched. A kernel of its own so that its
-        registers do not cut the common path's occupancy."""
-        pid = tl.program_id(0)
-        if tl.load(full_ptr + pid) != 0:
-            base = pid.to(tl.int64) * CHUNK
+        """The chunks compress_kernel listed (todo[1 .. todo[0]], their b in the residual
+        buffer, whatever the mode), each searched whole, program p taking the p-th, then
+        every num_programs-th after it: a grid of a few waves whatever the tensor's size (a
+        program a chunk cost 0.6 ms at 1e9 entries on the H200 with none listed). A kernel
+        of its own so that its registers do not cut the common path's occupancy."""
+        i = tl.program_id(0)
+        count = tl.load(todo_ptr)
+        while i < count:  # not range(): the interpreter cannot take a loaded bound there
+            c = tl.load(todo_ptr + 1 + i)
+            base = c.to(tl.int64) * CHUNK
             n_valid = tl.minimum(numel - base, CHUNK).to(tl.int32)
             k = tl.minimum(n_valid, K)
             local = tl.arange(0, CHUNK)
@@ -175,8 +180,9 @@ if triton is not None:
             b = tl.load(err_ptr + base + local, mask=valid, other=0.0)  # compress_kernel left b there
             pattern = tl.where(valid, tl.abs(b).to(tl.int32, bitcast=True), -1)
             t = _search(pattern, k, tl.max(pattern, axis=0) * 0, 30, 16, 16)
-            kept, sent = _emit(b, pattern, local, k, t, tl.max(pattern, axis=0), pid, recip, idx_ptr, code_ptr,
+            kept, sent = _emit(b, pattern, local, k, t, tl.max(pattern, axis=0), c, recip, idx_ptr, code_ptr,
                                scale_ptr, K, INDEX_BITS, BITS, EXACT)
             tl.store(err_ptr + base + local, tl.where(kept, sub(b, sent, EXACT), b), mask=valid)
             if SENT:
                 tl.store(sent_ptr + base + local, kept.to(tl.uint8), mask=valid)
+            i += tl.num_programs(0)

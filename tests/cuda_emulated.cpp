@@ -6,11 +6,11 @@
 
 extern "C" void run_compress(unsigned int grid, unsigned int block, float* err, const float* delta, float decay,
                              float recip, unsigned int* idx, unsigned int* code, float* scales, unsigned char* sent,
-                             unsigned char* full, unsigned long long numel, unsigned int chunk, unsigned int k,
+                             unsigned int* todo, unsigned long long numel, unsigned int chunk, unsigned int k,
                              unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
                              unsigned int with_sent, unsigned int divide) {
     emulate(grid, block, [&] {
-        compress_kernel(err, delta, decay, recip, idx, code, scales, sent, full, numel, chunk, k, per_group,
+        compress_kernel(err, delta, decay, recip, idx, code, scales, sent, todo, numel, chunk, k, per_group,
                         index_bits, bits, mode, with_sent, divide);
     });
 }

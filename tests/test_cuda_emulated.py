@@ -41,17 +41,22 @@ def emulated(tmp_path_factory):
 
 def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay: float = 1.0, sent=None):
     """What fused.compress launches on CUDA, on the CPU: (index words, code words, scales,
-    flags of the chunks left to the whole-chunk search)."""
+    flags of the chunks it listed for the whole-chunk search, each once)."""
     shape = fused.compress_shape(lay, err, delta, sent)
     assert shape is not None, "the CUDA C kernel does not take this layout"
     idx = torch.zeros(fused._words(lay.num_selected, lay.index_bits), dtype=torch.int32)
     codes = torch.zeros(fused._words(lay.num_selected, bits), dtype=torch.int32)
     scales = torch.full((lay.num_chunks, 2), float("nan"))
-    full = torch.zeros(lay.num_chunks, dtype=torch.uint8)
-    args = fused.compress_arguments(err, delta, idx, codes, scales, sent, full, lay, bits, mode, decay, shape[1],
+    todo = torch.full((lay.num_chunks + 1,), -1, dtype=torch.int32)  # poisoned: the count must start at 0
+    todo[0] = 0
+    args = fused.compress_arguments(err, delta, idx, codes, scales, sent, todo, lay, bits, mode, decay, shape[1],
                                     divide=True)
     lib.run_compress(ctypes.c_uint(lay.num_chunks), ctypes.c_uint(shape[0]), *args)
-    return idx, codes, scales, full.bool()
+    listed = todo[1:1 + int(todo[0])].long()
+    assert int(todo[0]) <= lay.num_chunks and (listed >= 0).all() and len(set(listed.tolist())) == len(listed), todo
+    full = torch.zeros(lay.num_chunks, dtype=torch.bool)
+    full[listed] = True
+    return idx, codes, scales, full
 
 
 def expected_fallbacks(b: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:

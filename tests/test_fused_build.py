@@ -25,7 +25,7 @@ from locoswarm.kernels import fused, fused_select  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 COMPRESS_SIG = {"err_ptr": "*fp32", "delta_ptr": "*fp32", "decay": "fp32", "recip": "fp32", "idx_ptr": "*i32",
-                "code_ptr": "*i32", "scale_ptr": "*fp32", "sent_ptr": "*u8", "full_ptr": "*i8", "numel": "i64"}
+                "code_ptr": "*i32", "scale_ptr": "*fp32", "sent_ptr": "*u8", "todo_ptr": "*i32", "numel": "i64"}
 ACCUMULATE_SIG = {"acc_ptr": "*fp32", "cover_ptr": "*fp32", "idx_ptr": "*i32", "code_ptr": "*i32", "scale_ptr": "*fp32",
                   "shares_ptr": "*fp32", "recip": "fp32", "numel": "i64", "idx_words": "i64", "code_words": "i64",
                   "num_peers": "i32"}
