@@ -89,7 +89,8 @@ __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned 
     return before + inclusive - value;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
+// The kernel's body, for the two entry points below.
+__device__ __forceinline__ void compress_chunk(
     float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
     float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
     unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
@@ -297,4 +298,25 @@ extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
                        (flags >> (4 * i + 3) & 1u) << 24;
         *reinterpret_cast<uint4*>(sent + base + first) = make_uint4(words[0], words[1], words[2], words[3]);
     }
+}
+
+// Any block size up to 1024 threads (chunks up to 16384 entries).
+extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
+    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
+    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
+    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
+    unsigned int with_sent, unsigned int divide) {
+    compress_chunk(err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group,
+                   index_bits, bits, mode, with_sent, divide);
+}
+
+// Blocks of 256 threads (chunks of 4096, the default), with registers capped for 5 blocks a
+// multiprocessor where 58 registers allow 4 (a few words spill to L1).
+extern "C" __global__ void __launch_bounds__(256, 5) compress_kernel_256(
+    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
+    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
+    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
+    unsigned int with_sent, unsigned int divide) {
+    compress_chunk(err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group,
+                   index_bits, bits, mode, with_sent, divide);
 }

@@ -31,7 +31,7 @@ inline Dim3 blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 struct float4 {
     float x, y, z, w;

@@ -27,7 +27,9 @@ KERNELS = ["cuda", "triton"] if torch.cuda.is_available() else ["triton"]
 
 def _loaded(kernel: str, ptx, name: str) -> None:
     if kernel == "cuda":
-        assert fused._cuda_function(ptx, name, torch.device(DEVICE)) is not None, f"{ptx.name} did not load"
+        names = [name, fused._compress_entry(256, torch.device(DEVICE))] if ptx == fused.COMPRESS_PTX else [name]
+        for n in names:
+            assert fused._cuda_function(ptx, n, torch.device(DEVICE)) is not None, f"{ptx.name} {n} did not load"
 
 
 def _input(numel: int, seed: int, ties: bool) -> torch.Tensor:

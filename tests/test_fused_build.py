@@ -60,6 +60,8 @@ def test_the_accumulate_kernel_compiles_for_hopper_without_atomics():
 
 
 SHIPPED = [(fused.ACCUMULATE_PTX, "accumulate_kernel"), (fused.COMPRESS_PTX, "compress_kernel")]
+CAPPED_SPILL_BYTES = 32
+"""Spill stores compress.cu's register-capped entry point may make (20 bytes on sm_90a)."""
 
 
 @pytest.mark.parametrize("ptx, entry", SHIPPED, ids=lambda v: getattr(v, "name", v))
@@ -76,7 +78,12 @@ def test_the_shipped_ptx_assembles_for_turing_and_hopper(ptx, entry, arch, tmp_p
     done = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "0 bytes spill" in done.stderr, done.stderr
+    spills = {name: int(stores) for name, stores in
+              re.findall(r"Function properties for (\w+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores", done.stderr)}
+    assert entry in spills and spills[entry] == 0, done.stderr
+    # The capped entry trades a few spilled words for a fifth block a multiprocessor.
+    assert all(stores == 0 or (name == "compress_kernel_256" and stores <= CAPPED_SPILL_BYTES)
+               for name, stores in spills.items()), spills
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc here to regenerate the PTX with")
