@@ -10,6 +10,9 @@ and reads each peer's packed streams and scales (counted: about 0.27 bytes an el
 at k 64 of 4096, 4 bits). A copy moves 8 bytes per element (read + write), so floor time =
 bytes / (8·n / copy time).
 
+Compression columns: `compress_fused_*` is what `fused.compress` runs by default
+(COMPRESS_KERNEL), `compress_cuda_*` and `compress_triton_*` each kernel forced.
+
 Extra memory: the peak allocated while the path runs, less what was allocated before it
 (the inputs and the outputs' final size are allocated before for both paths).
 """
@@ -98,6 +101,7 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
         mem_fused = _extra_bytes(fused_compress)
         t_model = _time(lambda: fused.compress(err, delta, lay, bits, mode="model"), reps)
         t_cuda = _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", kernel="cuda"), reps)
+        t_triton = _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", kernel="triton"), reps)
         streams = []
         for p in range(peers):
             e = torch.zeros(n, device="cuda")
@@ -127,6 +131,7 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
             "compress_ref_ms": 1e3 * t_ref, "compress_fused_ms": 1e3 * t_fused, "compress_floor_ms": 1e3 * floor_c,
             "compress_fused_GBps": 12 * n / t_fused / 1e9, "compress_vs_floor": t_fused / floor_c,
             "compress_cuda_ms": 1e3 * t_cuda, "compress_cuda_vs_floor": t_cuda / floor_c,
+            "compress_triton_ms": 1e3 * t_triton, "compress_triton_vs_floor": t_triton / floor_c,
             "compress_model_ms": 1e3 * t_model,
             "compress_model_vs_floor": t_model / (8 * n / copy_rate),
             "compress_ref_extra_MiB": mem_ref / 2**20, "compress_fused_extra_MiB": mem_fused / 2**20,

@@ -35,9 +35,9 @@ How the reference's results are reproduced exactly:
   count): the reference's rule (a stable descending sort: ties go to the lower index).
   kernels/compress.cu does the same in CUDA C (a block a chunk, 16 entries a thread in
   registers, groups of threads for the bound, the candidates compacted into shared memory
-  by a block scan, 8 bits of t a step counted in a shared-memory histogram); it is run on the CPU, a
-  thread per CUDA thread, in CI (tests/test_cuda_emulated.py). `compress` runs the Triton
-  kernel unless asked for that one (COMPRESS_KERNEL says why).
+  by a block scan, 8 bits of t a step counted in a shared-memory histogram); it is run on
+  the CPU, a thread per CUDA thread, in CI (tests/test_cuda_emulated.py). `compress` runs it on large
+  tensors, the Triton kernel on small ones (COMPRESS_KERNEL says why).
 - packing: an entry's bits land in one or two 32-bit words of the zeroed stream, set with
   an atomic OR. Entries never share a bit, so the OR of their fields is the same whatever
   order the atomics land in: the bytes are deterministic.
@@ -176,15 +176,23 @@ def _words(count: int, width: int) -> int:
     return -(-count * width // 32)
 
 
-COMPRESS_KERNEL = "triton"
-"""The compression kernel `compress` runs by default on CUDA. The CUDA C one (kernels/compress.cu)
-gives the references' bits on the CPU emulation but has not yet run on a GPU: it becomes the
-default once tests/test_fused.py and `locoswarm bench kernels` have run it on one."""
+COMPRESS_KERNEL = "auto"
+"""The compression kernel `compress` runs by default on CUDA: "auto" takes the CUDA C one
+(kernels/compress.cu) for tensors of COMPRESS_CUDA_MIN entries and more, the Triton one below.
+Both give the same bits; on the H200 the CUDA C kernel took 5.06 against 5.80 ms at 1e9 entries
+and 0.76 against 0.80 at 1e8, but 0.32 against 0.26 at 1e7, where its launch costs more (README,
+"Compression in CUDA C")."""
+COMPRESS_CUDA_MIN = 1 << 25
+"""Entries from which "auto" takes the CUDA C kernel: between the sizes measured (1e7, 1e8)."""
 COMPRESS_PTX = Path(__file__).with_name("compress.ptx")
 """kernels/compress.cu as PTX, made as ACCUMULATE_PTX is."""
 COMPRESS_VALUES = 16
 """Entries a thread of the CUDA C compression kernel holds (its VALUES)."""
 COMPRESS_MAX_THREADS = 1024
+COMPRESS_CAPPED_MAJORS = (9,)
+"""Compute capability majors whose 256-thread blocks run compress.cu's register-capped entry
+point (5 blocks a multiprocessor, not 4): Hopper, where it measured faster (5.12 against
+5.27 ms at 1e9 on the H200); other GPUs keep the uncapped one until measured there."""
 
 
 def compress_shape(layout: ChunkLayout, *tensors: Tensor | None) -> tuple[int, int] | None:
@@ -199,6 +207,11 @@ def compress_shape(layout: ChunkLayout, *tensors: Tensor | None) -> tuple[int, i
     if rows > valid or any(t is not None and t.data_ptr() % 16 for t in tensors):
         return None
     return max(32, valid), min(32, valid // rows)
+
+
+def _compress_entry(threads: int, device: torch.device) -> str:
+    capped = threads == 256 and torch.cuda.get_device_capability(device)[0] in COMPRESS_CAPPED_MAJORS
+    return "compress_kernel_256" if capped else "compress_kernel"
 
 
 def _cuda_function(ptx: Path, name: str, device: torch.device):
@@ -238,9 +251,10 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     when given, with where an entry was kept. Returns (packed indices uint8, packed codes
     uint8, scales (num_chunks, 2) float32), the streams exactly as the wire carries them.
     `kernel` "cuda": the CUDA C kernel of kernels/compress.cu where it applies (compress_shape)
-    and loads, else the Triton one; "triton": the Triton one (always under the interpreter).
+    and loads, else the Triton one; "triton": the Triton one (always under the interpreter);
+    "auto": "cuda" from COMPRESS_CUDA_MIN entries, else "triton".
     `num_warps` is the Triton kernel's."""
-    assert kernel in ("cuda", "triton")
+    assert kernel in ("auto", "cuda", "triton")
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
     assert err.numel() == delta.numel() == layout.numel
     assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"
@@ -264,8 +278,9 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
             todo, layout.numel)
     common = dict(CHUNK=layout.chunk, K=layout.k, INDEX_BITS=layout.index_bits, BITS=bits, SENT=sent is not None,
                   EXACT=_exact(err))
-    shape = compress_shape(layout, err, delta, sent) if kernel == "cuda" and err.is_cuda else None
-    function = _cuda_function(COMPRESS_PTX, "compress_kernel", dev) if shape is not None else None
+    cuda_c = kernel == "cuda" or (kernel == "auto" and layout.numel >= COMPRESS_CUDA_MIN)
+    shape = compress_shape(layout, err, delta, sent) if cuda_c and err.is_cuda else None
+    function = _cuda_function(COMPRESS_PTX, _compress_entry(shape[0], dev), dev) if shape is not None else None
     if function is not None:
         cargs = compress_arguments(err, delta, idx, codes, scales, sent, todo, layout, bits, kernel_mode, decay,
                                    shape[1], divide=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, unpack_bits
+from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, fused, pack_bits, quantize, unpack_bits
 from locoswarm.optim import CompressionConfig, ErrorFeedbackCompressor, aggregate, delta_spec
 from locoswarm.protocol import DeltaMessage, decode_delta, encode_delta
 
@@ -81,3 +81,22 @@ def test_cuda_trainer_picks_bf16_and_fits_a_big_batch_under_a_memory_cap():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()
+
+
+def test_the_default_runs_the_cuda_c_kernel_on_a_large_tensor_with_the_triton_kernels_bits(monkeypatch):
+    """Past COMPRESS_CUDA_MIN entries the default is the CUDA C kernel (on Hopper its capped
+    entry point), launched once, with the Triton kernel's bits."""
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    n = fused.COMPRESS_CUDA_MIN + 4096 * 3 + 5
+    lay = ChunkLayout.for_tensor(n, 4096, 64 / 4096)
+    d = torch.randn(n, generator=torch.Generator().manual_seed(11)).cuda()
+    dev = torch.device("cuda")
+    launched, launch = [], fused.cuda_module.launch
+    monkeypatch.setattr(fused.cuda_module, "launch", lambda f, *a: (launched.append(f.value), launch(f, *a)))
+    outs = []
+    for kernel in (fused.COMPRESS_KERNEL, "triton"):
+        err = torch.full((n,), float("nan"), device="cuda")
+        outs.append((*fused.compress(err, d, lay, 4, kernel=kernel), err))
+    assert launched == [fused._cuda_function(fused.COMPRESS_PTX, fused._compress_entry(256, dev), dev).value]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
