@@ -9,9 +9,11 @@
 // 1. b (the buffer compressed) and its magnitude's bit pattern p (non-negative floats' bit
 //    patterns order like the floats).
 // 2. A lower bound of the k-th largest pattern: the chunk cut into at least k groups of
-//    consecutive entries (`per_group` threads each), the smallest of the groups' maxima (every group holds one entry at
-//    or above it, so at least k do). The entries at or above it, the candidates (a few per
-//    cent of the chunk), are compacted in index order into shared memory by a block scan.
+//    consecutive entries (`per_group` threads each), the smallest of the groups' maxima
+//    (every group holds one entry at or above it, so at least k do). The non-zero entries at
+//    or above it, the candidates (a few per cent of the chunk), are compacted in index order
+//    into shared memory by a block scan. A bound of 0 (a group of zeros) may leave fewer than
+//    k: then t is 0, the non-zero entries are kept and the lowest-indexed zeros after them.
 // 3. The k-th largest pattern t among the candidates, DIGIT bits a step below the common
 //    prefix of the bound and the maximum: the candidates that share t's bits above the step
 //    are counted in a histogram of the step's digit (shared-memory atomics: counts, so any
@@ -22,9 +24,9 @@
 //    memory in slot order, where a thread a slot quantizes one and ORs its index and code
 //    into the wire streams (entries never share a bit: any order of the atomics gives the
 //    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere.
-// A chunk whose candidates overflow the shared buffer (ties, runs of zeros), or a short last
-// chunk, writes b to the residual and appends its index to the list `todo` (todo[0] counts
-// them): fused_select.compress_full_kernel then searches those whole.
+// A chunk whose candidates overflow the shared buffer (ties), or a short last chunk, writes b
+// to the residual and appends its index to the list `todo` (todo[0] counts them):
+// fused_select.compress_full_kernel then searches those whole.
 //
 // Every operation the torch references do as a kernel of its own is one correctly rounded
 // operation here (__fadd_rn and the like: the compiler may fuse a plain a * b + c).
@@ -160,11 +162,14 @@ __device__ __forceinline__ void compress_chunk(
     int bound = reduce_lo[0], top = reduce_hi[0];
     for (unsigned int w = 1; w < warps; ++w) bound = min(bound, reduce_lo[w]), top = max(top, reduce_hi[w]);
 
-    // Candidates: compacted in index order.
+    // Candidates: compacted in index order. Zeros never are: where a group is all zeros (the
+    // bound 0) the candidates are the non-zero entries, and when they are fewer than k the
+    // lowest-indexed zeros fill the rest (t = 0, no search), so a chunk of zeros stays here.
+    const int at_least = max(bound, 1);
     unsigned int mask = 0;
     if (mine) {
 #pragma unroll
-        for (int i = 0; i < VALUES; ++i) mask |= (unsigned int)(PATTERN(b[i]) >= bound) << i;
+        for (int i = 0; i < VALUES; ++i) mask |= (unsigned int)(PATTERN(b[i]) >= at_least) << i;
     }
     unsigned int num_cand;
     unsigned int slot = block_scan(__popc(mask), scratch, num_cand);
@@ -182,8 +187,8 @@ __device__ __forceinline__ void compress_chunk(
     // 3. The k-th largest pattern t: below the common prefix of bound and top, DIGIT bits a step.
     //    A step counts, in a histogram, the candidates that share t's bits above it; the
     //    digit is the largest whose candidates with those above t's prefix reach k.
-    int t = bound;
-    if (bound != top) {
+    int t = bound;  // 0 where fewer than k candidates (only a bound of 0 allows that)
+    if (num_cand >= k && bound != top) {
         const int high = 31 - __clz(bound ^ top);  // the highest differing bit
         t = bound & ~((int)(0xFFFFFFFFu >> (31 - high)));  // the common prefix, bits ≤ high cleared
         unsigned int above = 0;  // candidates above every pattern with t's bits above the step

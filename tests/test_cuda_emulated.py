@@ -61,8 +61,8 @@ def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay:
 
 def expected_fallbacks(b: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
     """The chunks the kernel must leave to the whole-chunk search: a short last chunk, or one
-    whose entries at or above the bound (the least of its groups' maxima) overflow the
-    shared buffer."""
+    whose non-zero entries at or above the bound (the least of its groups' maxima) overflow
+    the shared buffer."""
     threads, per_group = fused.compress_shape(lay)
     flags = torch.zeros(lay.num_chunks, dtype=torch.bool)
     pattern = b.abs().view(torch.int32)
@@ -72,7 +72,7 @@ def expected_fallbacks(b: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
             flags[c] = True
             continue
         group_max = p.view(-1, per_group * fused.COMPRESS_VALUES).amax(dim=1)
-        flags[c] = int((p >= group_max.min()).sum()) > CAPACITY
+        flags[c] = int((p >= max(int(group_max.min()), 1)).sum()) > CAPACITY
     return flags
 
 
@@ -124,15 +124,20 @@ def test_the_residual_kept_aside_is_added_first(emulated, decay):
 
 
 @pytest.mark.parametrize("nonzero", [0, 5, 70, 200])
-def test_a_chunk_of_mostly_zeros_goes_to_the_search_or_keeps_its_nonzeros_first(emulated, nonzero):
-    """Fewer non-zeros than k: the zeros tie for the last slots and overflow the buffer (the
-    whole-chunk search takes the chunk); a few more than k: the kernel takes it."""
-    lay = ChunkLayout.for_tensor(2 * 4096, 4096, 64 / 4096)
-    d = torch.zeros(lay.numel)
+def test_chunks_of_zeros_keep_their_nonzeros_first_and_stay_with_the_kernel(emulated, nonzero):
+    """A chunk of `nonzero` non-zeros among zeros (half of them −0.0): fewer than k, and the
+    lowest-indexed zeros fill the last slots; a few more than k, and the search runs among the
+    non-zeros. Either way the kernel takes it (zeros are no candidates), as it takes a chunk
+    whose first half is zeros (2048 non-zeros fit the buffer); one with 3096 non-zeros and a
+    group of zeros overflows it and goes to the whole-chunk search."""
+    lay = ChunkLayout.for_tensor(4 * 4096, 4096, 64 / 4096)
     gen = torch.Generator().manual_seed(nonzero)
+    d = torch.randn(lay.numel, generator=gen)
+    d[:4096] = torch.where(torch.arange(4096) % 2 == 0, 0.0, -0.0)
     d[torch.randperm(4096, generator=gen)[:nonzero]] = torch.randn(nonzero, generator=gen)
-    d[4096:] = torch.randn(4096, generator=gen)
-    check(emulated, d, torch.empty(lay.numel), d, lay, 2, mode=0)
+    d[2 * 4096:2 * 4096 + 2048] = 0.0
+    d[3 * 4096:3 * 4096 + 1000] = 0.0
+    assert check(emulated, d, torch.empty(lay.numel), d, lay, 2, mode=0) == 3
 
 
 def test_equal_magnitudes_go_lowest_index_first_across_threads_and_warps(emulated):
