@@ -91,12 +91,19 @@ __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned 
     return before + inclusive - value;
 }
 
+// The kernel's parameters, in the order fused.compress_arguments gives them, for its body and
+// its two entry points.
+#define COMPRESS_PARAMETERS                                                                                      \
+    float *err, const float *delta, float decay, float recip, unsigned int *idx_words, unsigned int *code_words, \
+        float *scales, unsigned char *sent, unsigned int *todo, unsigned long long numel, unsigned int chunk,    \
+        unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,   \
+        unsigned int with_sent, unsigned int divide
+#define COMPRESS_ARGUMENTS                                                                                    \
+    err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group, index_bits, \
+        bits, mode, with_sent, divide
+
 // The kernel's body, for the two entry points below.
-__device__ __forceinline__ void compress_chunk(
-    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
-    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
-    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
-    unsigned int with_sent, unsigned int divide) {
+__device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
     __shared__ int cand[CAPACITY];
     __shared__ unsigned int scratch[MAX_WARPS + 1];
     __shared__ int reduce_lo[MAX_WARPS], reduce_hi[MAX_WARPS];
@@ -306,22 +313,12 @@ __device__ __forceinline__ void compress_chunk(
 }
 
 // Any block size up to 1024 threads (chunks up to 16384 entries).
-extern "C" __global__ void __launch_bounds__(1024) compress_kernel(
-    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
-    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
-    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
-    unsigned int with_sent, unsigned int divide) {
-    compress_chunk(err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group,
-                   index_bits, bits, mode, with_sent, divide);
+extern "C" __global__ void __launch_bounds__(1024) compress_kernel(COMPRESS_PARAMETERS) {
+    compress_chunk(COMPRESS_ARGUMENTS);
 }
 
 // Blocks of 256 threads (chunks of 4096, the default), with registers capped for 5 blocks a
 // multiprocessor where 58 registers allow 4 (a few words spill to L1).
-extern "C" __global__ void __launch_bounds__(256, 5) compress_kernel_256(
-    float* err, const float* delta, float decay, float recip, unsigned int* idx_words, unsigned int* code_words,
-    float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel, unsigned int chunk,
-    unsigned int k, unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
-    unsigned int with_sent, unsigned int divide) {
-    compress_chunk(err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group,
-                   index_bits, bits, mode, with_sent, divide);
+extern "C" __global__ void __launch_bounds__(256, 5) compress_kernel_256(COMPRESS_PARAMETERS) {
+    compress_chunk(COMPRESS_ARGUMENTS);
 }
