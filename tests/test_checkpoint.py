@@ -158,23 +158,32 @@ def test_a_read_only_folder_is_reported_and_the_last_checkpoint_kept(tmp_path):
 def test_sigkill_during_repeated_writes_never_leaves_a_corrupt_or_missing_latest_checkpoint(tmp_path):
     rng = random.Random(7)
     last = 0
-    for attempt in range(15):
-        proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(rng.uniform(0.05, 0.6))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-        found = load_latest(str(tmp_path), HASH)
-        if found is None:
-            assert last == 0, f"attempt {attempt}: the checkpoints of earlier runs are gone"
-            continue
-        round_, tensors, meta = found
-        assert meta == {"round": round_}
-        assert bool((tensors["a"] == round_).all()) and bool((tensors["b"] == round_).all())
-        assert round_ >= last, f"attempt {attempt}: latest went back from {last} to {round_}"
-        last = round_
+    # Each attempt's writer is a fresh fork of one server that imported torch once.
+    server = subprocess.Popen([sys.executable, SCRIPT, "--fork"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        for attempt in range(15):
+            server.stdin.write(f"{tmp_path}\n")
+            server.stdin.flush()
+            ready, pid = server.stdout.readline().split()
+            assert ready == "ready"
+            try:
+                time.sleep(rng.uniform(0.05, 0.6))
+            finally:
+                os.kill(int(pid), signal.SIGKILL)
+            assert server.stdout.readline().split() == ["ended", pid, str(int(signal.SIGKILL))]
+            found = load_latest(str(tmp_path), HASH)
+            if found is None:
+                assert last == 0, f"attempt {attempt}: the checkpoints of earlier runs are gone"
+                continue
+            round_, tensors, meta = found
+            assert meta == {"round": round_}
+            assert bool((tensors["a"] == round_).all()) and bool((tensors["b"] == round_).all())
+            assert round_ >= last, f"attempt {attempt}: latest went back from {last} to {round_}"
+            last = round_
+    finally:
+        server.kill()
+        server.wait(timeout=10)
     assert last > 0, "no checkpoint was ever completed"
 
 
