@@ -355,18 +355,22 @@ def test_a_peer_of_another_run_spec_is_refused_and_the_swarm_goes_on(swarm: Swar
 
 @pytest.mark.slow
 @pytest.mark.timeout(180, method="signal")
-def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(swarm: Swarm):
+def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(swarm: Swarm, tmp_path: Path):
     from locoswarm.protocol import errors
 
     num_rounds = 3
     expected = {"garbage": None, "truncated": "MalformedMessage", "oversized": "OversizedMessage"}
     subclasses = {n for n, c in vars(errors).items()
                   if isinstance(c, type) and issubclass(c, errors.ProtocolError) and c is not errors.ProtocolError}
-    a = swarm.join("a", "--min-peers", "2", "--max-rounds", str(num_rounds))
-    evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", EVIL_SCRIPT, mode, first_addr(a)],
+    # A cut-short delta is asked for again after each of rounds.STREAM_RETRY_S while the
+    # deadline leaves room for the wait, then rejected: under the default 30 s deadline the
+    # truncated peer held every round 15.5 s; under 7 s it is rejected after 3.5 s.
+    run = write_spec(tmp_path / "run.toml", deadline_s=7.0)
+    a = swarm.join("a", "--min-peers", "2", "--max-rounds", str(num_rounds), run=run)
+    evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", EVIL_SCRIPT, mode, first_addr(a), str(run)],
                               stdin=subprocess.PIPE) for mode in expected}
     evil_ids = {mode: child.wait_for(r"^(\w+)$", 60)[1] for mode, child in evil.items()}
-    b = swarm.join("b", "--min-peers", "2", "--max-rounds", str(num_rounds), peer=a)
+    b = swarm.join("b", "--min-peers", "2", "--max-rounds", str(num_rounds), peer=a, run=run)
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(150))
         assert final(p)[0] >= num_rounds
