@@ -96,6 +96,17 @@ def mean_eval(peers) -> float:
     return sum(daemon.final(p)[1] for p in peers) / len(peers)
 
 
+def new_identity(state_dir: Path) -> str:
+    """Give a daemon's state directory a new identity key before the daemon starts; returns
+    its peer id."""
+    from hivemind.p2p import P2P, PeerID
+
+    state_dir.mkdir(mode=0o700, parents=True)
+    key = state_dir / "identity.key"
+    P2P.generate_identity(str(key))
+    return PeerID.from_identity(key.read_bytes()).to_base58()
+
+
 def join_in(swarm, net, i: int, name: str, *args: str, peer: str | None = None, run: Path | None = None):
     argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", f"/ip4/{net.addrs[i]}/tcp/0",
             "--state-dir", str(swarm.root / name), "--threads", "1", *args]
@@ -251,13 +262,15 @@ def attack(swarm, run: Path | None = None, drop_round: int | None = None) -> flo
                            stdin=subprocess.PIPE) for m in modes}
     ids = {m: child.wait_for(r"^(\w+)$", 90)[1] for m, child in evil.items()}
     args = ("--min-peers", "3", "--max-rounds", str(ROUNDS), "--checkpoint-every", "1")
+    b_id = new_identity(swarm.root / "b")  # known before b is up, so that c starts beside it
     b = swarm.join("b", *args, peer=a, run=run)
     env = None
     if drop_round is not None:
         # c's index of a among the other peers it expects: a, b and the five malicious ones.
-        others = sorted([daemon.peer_id(a), daemon.peer_id(b), *ids.values()])
+        others = sorted([daemon.peer_id(a), b_id, *ids.values()])
         env = {TEST_DROP_DELTA_ENV: f"{drop_round}:{others.index(daemon.peer_id(a))}"}
     honest = [a, b, swarm.join("c", *args, peer=a, run=run, env=env)]
+    assert daemon.peer_id(b) == b_id, b.tail()
     for p in honest:
         daemon.assert_clean_exit(p, p.wait_exit(300))
     finals = [daemon.final(p) for p in honest]
