@@ -531,9 +531,12 @@ class Daemon:
     async def _finish(self) -> None:
         # Keep serving the last delta until the peers of the last round have moved past it
         # (their records say so) or the deadline: leaving at once would cost them our delta.
+        # Those are the peers the round waited for (`_expected`): a record further behind is
+        # a peer that will not ask (dead, its record not expired yet; waiting for it kept the
+        # survivors of a SIGKILL the whole deadline).
         last = self.trainer.outer.num_steps - 1  # records carry outer steps: past `last` means done with it
         linger_until = time.monotonic() + min(10.0, self.spec.rounds.deadline_s)
-        while time.monotonic() < linger_until and any(r.round <= last for r in self._records):
+        while time.monotonic() < linger_until and self._expected(last):
             await asyncio.sleep(0.1)
         self.eval_loss = await self._in_pool(self.trainer.evaluate)
         digest = await self._in_pool(self.trainer.state_digest)
