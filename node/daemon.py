@@ -302,11 +302,6 @@ class Daemon:
         self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
         if not self.cfg.net.peers:
             return
-        if self.spec.access.restricted:
-            # Donors serve only peers whose record they have seen: show ours and give them a
-            # refresh (they read records every second) before asking for the state.
-            await registry.announce(self._record())
-            await asyncio.sleep(2.5)
         records = [r for r in await registry.peers() if r.peer_id != self.peer_id]
         if not records and registry.rejected:
             reasons = "; ".join(reason for _, reason in registry.rejected)
@@ -315,6 +310,11 @@ class Daemon:
         self._records = records
         self._admitted = {r.peer_id for r in records}
         if records and max(r.round for r in records) > self.trainer.outer.num_steps:
+            if self.spec.access.restricted:
+                # Donors serve only peers whose record they have seen: show ours and give them a
+                # refresh (they read records every second) before asking for the state.
+                await registry.announce(self._record())
+                await asyncio.sleep(2.5)
             await self._sync(p2p, records)
 
     async def _sync(self, p2p: P2P, records: list[PeerRecord]) -> None:
