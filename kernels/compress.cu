@@ -64,6 +64,12 @@ __device__ __forceinline__ void store_values(float* out, const float* b) {
     for (int i = 0; i < VALUES / 4; ++i) o4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
 }
 
+// Chunk c to the list of those the whole-chunk search takes: todo[0] counts them, the
+// atomic hands each its own slot (one thread of the block calls this).
+__device__ __forceinline__ void list_for_search(unsigned int* todo, unsigned long long c) {
+    todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
+}
+
 // Exclusive scan of `value` over the block, in thread order; `total` gets the sum. Uses
 // scratch[0 .. warps] and two barriers.
 __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned int* scratch, unsigned int& total) {
@@ -122,7 +128,7 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
             const float d = delta[base + i];
             err[base + i] = mode == 0 ? d : with_residual(err[base + i], d, mode, decay);
         }
-        if (threadIdx.x == 0) todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
+        if (threadIdx.x == 0) list_for_search(todo, c);
         return;
     }
     const bool mine = first < chunk;  // chunk ≥ VALUES: a thread's entries are all in the chunk or all out
@@ -183,7 +189,7 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
     if (num_cand > CAPACITY) {
         // The whole-chunk search takes it (fused_select.compress_full_kernel reads b here).
         if (mine) store_values(err + base + first, b);
-        if (threadIdx.x == 0) todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
+        if (threadIdx.x == 0) list_for_search(todo, c);
         return;
     }
 #pragma unroll

@@ -37,9 +37,9 @@ How the reference's results are reproduced exactly:
   registers, groups of threads for the bound, the candidates compacted into shared memory
   by a block scan, 8 bits of t a step counted in a shared-memory histogram; zeros are never
   candidates, so a chunk with fewer non-zeros than k keeps them and then its lowest-indexed
-  zeros without the whole-chunk search); it is run on
-  the CPU, a thread per CUDA thread, in CI (tests/test_cuda_emulated.py). `compress` runs it on large
-  tensors, the Triton kernel on small ones (COMPRESS_KERNEL says why).
+  zeros without the whole-chunk search); it is run on the CPU, a thread per CUDA thread, in
+  CI (tests/test_cuda_emulated.py). `compress` runs it on large tensors, the Triton kernel on
+  small ones (COMPRESS_KERNEL says why).
 - packing: an entry's bits land in one or two 32-bit words of the zeroed stream, set with
   an atomic OR. Entries never share a bit, so the OR of their fields is the same whatever
   order the atomics land in: the bytes are deterministic.

@@ -132,6 +132,7 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
         else:
             body = crafted(mode, round_, me, dspec, spec.diloco.compression)
             served[round_] = len(body).to_bytes(8, "big") + body
+            return served[round_]
         return len(body).to_bytes(8, "big") + body
 
     async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
