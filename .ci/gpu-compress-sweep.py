@@ -5,7 +5,8 @@ both on all-zero tensors (every chunk listed for the whole-chunk search); that s
 with none listed. First checks that every variant gives the Triton kernel's bits, ties
 included. Prints a line a size and writes $OUT/compress-sweep.json. The figures of 2026-12-02
 in node/sim/results/kernels-h200-sweep-2026-12-02.log (run 2) came from its first form (the same
-variants, checks and timing, written as one flat script); this one has not run on a GPU yet."""
+variants, checks and timing, written as one flat script); this one first ran on the H200 on the
+evening of 2026-12-02 (kernels-h200-sweep-2026-12-02-evening.log, run 2)."""
 from __future__ import annotations
 
 import json
