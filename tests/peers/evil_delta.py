@@ -131,9 +131,10 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
             body = replayed[max(earlier)] if earlier else b""
         else:
             body = crafted(mode, round_, me, dspec, spec.diloco.compression)
-            served[round_] = len(body).to_bytes(8, "big") + body
-            return served[round_]
-        return len(body).to_bytes(8, "big") + body
+        framed = len(body).to_bytes(8, "big") + body
+        if mode != "replay":  # a replayed answer may change once a newer round is fetched
+            served[round_] = framed
+        return framed
 
     async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
