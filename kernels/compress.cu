@@ -7,7 +7,10 @@
 // One block per chunk, 16 consecutive entries a thread, held in registers from the one read
 // of the chunk until its residual is written back:
 // 1. b (the buffer compressed) and its magnitude's bit pattern p (non-negative floats' bit
-//    patterns order like the floats).
+//    patterns order like the floats). The 256-thread entry point (chunks of 4096, the default;
+//    "staged") reads the chunk through shared memory, a warp's 16-byte loads at consecutive
+//    addresses, and keeps the chunk's b there too; the generic one reads a thread's 64 bytes
+//    where they lie (a warp's 16-byte access then spans 2 KB).
 // 2. A lower bound of the k-th largest pattern: the chunk cut into at least k groups of
 //    consecutive entries (`per_group` threads each), the smallest of the groups' maxima
 //    (every group holds one entry at or above it, so at least k do). The non-zero entries at
@@ -17,13 +20,17 @@
 // 3. The k-th largest pattern t among the candidates, DIGIT bits a step below the common
 //    prefix of the bound and the maximum: the candidates that share t's bits above the step
 //    are counted in a histogram of the step's digit (shared-memory atomics: counts, so any
-//    order gives the same); a block scan of the bins, highest first, finds the largest digit
+//    order gives the same); one warp's scan of the bins, highest first, finds the largest digit
 //    with at least k candidates at or above it. Once exactly k are, t is the least of them.
 // 4. Every entry above t is kept and, of those equal to t, the lowest-indexed up to k (one
 //    block scan of both counts gives each kept entry its slot). The kept entries go to shared
 //    memory in slot order, where a thread a slot quantizes one and ORs its index and code
 //    into the wire streams (entries never share a bit: any order of the atomics gives the
-//    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere.
+//    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere;
+//    staged, the slot's thread writes b − sent over b in shared memory and the block stores
+//    the chunk from there, coalesced; else each thread corrects and stores its own 16.
+//    On the H200 at 1e9 the staged entry took 3.46 ms against 4.88 for the kernel of
+//    2026-12-02, which read and wrote in place (node/sim/results/kernels-h200-2026-12-03.log).
 // A chunk whose candidates overflow the shared buffer (ties), or a short last chunk, writes b
 // to the residual and appends its index to the list `todo` (todo[0] counts them):
 // fused_select.compress_full_kernel then searches those whole.
@@ -57,11 +64,68 @@ __device__ __forceinline__ float with_residual(float e, float d, unsigned int mo
     return __fadd_rn(mode == 1 ? e : __fmul_rn(e, decay), d);
 }
 
-// A thread's VALUES entries to `out` (16-byte aligned), 16 bytes a store.
+#define STAGED_THREADS 256  // the block of the staged layout: a chunk of STAGED_THREADS · VALUES entries
+
+// The staged layout's place in shared memory of the 16 bytes j (0-3) of thread `owner`'s
+// entries: a thread's four in a row of 64 bytes, their order turned by bits 1-2 of the row, so
+// that neither the eight threads of a quarter-warp writing consecutive 16 bytes of the chunk
+// nor the eight reading their own j-th 16 bytes meet in a bank.
+__device__ __forceinline__ unsigned int staged_slot(unsigned int owner, unsigned int j) {
+    return owner * 4 + (j ^ ((owner >> 1) & 3));
+}
+
+// b of the thread's VALUES entries from d (and e where mode ≠ 0), 16-byte aligned: STAGED, a
+// warp's 16-byte loads at consecutive addresses, b exchanged through `stage`, where the chunk's
+// b stays (every thread of the block calls this, and chunk = STAGED_THREADS · VALUES); else the
+// thread's own 64 bytes.
+template <bool STAGED>
+__device__ __forceinline__ void load_values(float* b, const float* d, const float* e, unsigned int mode, float decay,
+                                            float4* stage) {
+    const float4* d4 = reinterpret_cast<const float4*>(d);
+    const float4* e4 = reinterpret_cast<const float4*>(e);
+#pragma unroll
+    for (int i = 0; i < VALUES / 4; ++i) {
+        const unsigned int at = STAGED ? i * STAGED_THREADS + threadIdx.x : threadIdx.x * (VALUES / 4) + i;
+        float4 v = d4[at];
+        if (mode != 0) {
+            const float4 r = e4[at];
+            v = make_float4(with_residual(r.x, v.x, mode, decay), with_residual(r.y, v.y, mode, decay),
+                            with_residual(r.z, v.z, mode, decay), with_residual(r.w, v.w, mode, decay));
+        }
+        if (STAGED) stage[staged_slot(at / 4, at % 4)] = v;
+        else b[4 * i] = v.x, b[4 * i + 1] = v.y, b[4 * i + 2] = v.z, b[4 * i + 3] = v.w;
+    }
+    if (!STAGED) return;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < VALUES / 4; ++i) {
+        const float4 v = stage[staged_slot(threadIdx.x, i)];
+        b[4 * i] = v.x, b[4 * i + 1] = v.y, b[4 * i + 2] = v.z, b[4 * i + 3] = v.w;
+    }
+}
+
+// The thread's VALUES entries b to `out`, the chunk's start (16-byte aligned), where they lie.
 __device__ __forceinline__ void store_values(float* out, const float* b) {
-    float4* o4 = reinterpret_cast<float4*>(out);
+    float4* o4 = reinterpret_cast<float4*>(out) + threadIdx.x * (VALUES / 4);
 #pragma unroll
     for (int i = 0; i < VALUES / 4; ++i) o4[i] = make_float4(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]);
+}
+
+// The chunk in `stage` (the staged layout) to `out`, its start, a warp's 16-byte stores at
+// consecutive addresses, once every thread has written its part (every thread calls this).
+__device__ __forceinline__ void store_stage(float* out, const float4* stage) {
+    __syncthreads();
+    float4* o4 = reinterpret_cast<float4*>(out);
+#pragma unroll
+    for (int i = 0; i < VALUES / 4; ++i) {
+        const unsigned int at = i * STAGED_THREADS + threadIdx.x;
+        o4[at] = stage[staged_slot(at / 4, at % 4)];
+    }
+}
+
+// Where entry `entry` of the chunk lies in the staged layout, as a float of `stage`.
+__device__ __forceinline__ unsigned int staged_float(unsigned int entry) {
+    return 4 * staged_slot(entry / VALUES, entry % VALUES / 4) + entry % 4;
 }
 
 // Chunk c to the list of those the whole-chunk search takes: todo[0] counts them, the
@@ -108,8 +172,10 @@ __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned 
     err, delta, decay, recip, idx_words, code_words, scales, sent, todo, numel, chunk, k, per_group, index_bits, \
         bits, mode, with_sent, divide
 
-// The kernel's body, for the two entry points below.
+// The kernel's body, for the two entry points below: STAGED the 256-thread one.
+template <bool STAGED>
 __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
+    __shared__ float4 stage[STAGED ? STAGED_THREADS * VALUES / 4 : 1];
     __shared__ int cand[CAPACITY];
     __shared__ unsigned int scratch[MAX_WARPS + 1];
     __shared__ int reduce_lo[MAX_WARPS], reduce_hi[MAX_WARPS];
@@ -134,25 +200,7 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
     const bool mine = first < chunk;  // chunk ≥ VALUES: a thread's entries are all in the chunk or all out
 
     float b[VALUES];
-    if (mine) {
-        const float4* d4 = reinterpret_cast<const float4*>(delta + base + first);
-#pragma unroll
-        for (int i = 0; i < VALUES / 4; ++i) {
-            const float4 d = d4[i];
-            b[4 * i] = d.x, b[4 * i + 1] = d.y, b[4 * i + 2] = d.z, b[4 * i + 3] = d.w;
-        }
-        if (mode != 0) {
-            const float4* e4 = reinterpret_cast<const float4*>(err + base + first);
-#pragma unroll
-            for (int i = 0; i < VALUES / 4; ++i) {
-                const float4 e = e4[i];
-                const float ev[4] = {e.x, e.y, e.z, e.w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    b[4 * i + j] = with_residual(ev[j], b[4 * i + j], mode, decay);
-            }
-        }
-    }
+    if (mine) load_values<STAGED>(b, delta + base, err + base, mode, decay, stage);  // STAGED: all are mine
 #define PATTERN(x) ((int)(__float_as_uint(x) & 0x7FFFFFFFu))
     // 2. The groups' maxima (a group is `per_group` threads, a power of two ≤ 32, at least k
     //    groups in the chunk), their least (the bound) and the chunk's maximum.
@@ -188,7 +236,8 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
     unsigned int slot = block_scan(__popc(mask), scratch, num_cand);
     if (num_cand > CAPACITY) {
         // The whole-chunk search takes it (fused_select.compress_full_kernel reads b here).
-        if (mine) store_values(err + base + first, b);
+        if (STAGED) store_stage(err + base, stage);  // b, as loaded
+        else if (mine) store_values(err + base, b);
         if (threadIdx.x == 0) list_for_search(todo, c);
         return;
     }
@@ -213,17 +262,25 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
             for (unsigned int i = threadIdx.x; i < num_cand; i += blockDim.x)
                 if (cand[i] >> (top_bit + 1) == prefix) atomicAdd(&hist[(cand[i] >> low_bit) & (bins - 1)], 1u);
             __syncthreads();
-            // A thread's bins, highest first: a block scan gives the candidates in the bins above.
-            const unsigned int per = max(1u, bins / blockDim.x), r0 = threadIdx.x * per;
-            unsigned int mine_count = 0;
-            for (unsigned int r = r0; r < min(r0 + per, bins); ++r) mine_count += hist[bins - 1 - r];
-            unsigned int total;
-            unsigned int higher = above + block_scan(mine_count, scratch, total);
-            for (unsigned int r = r0; r < min(r0 + per, bins); ++r) {
-                const unsigned int j = bins - 1 - r, n = hist[j];
-                if (higher < k && higher + n >= k) choice[0] = j, choice[1] = higher, choice[2] = higher + n;
-                higher += n;
-                hist[j] = 0;  // every thread read its bins before the scan's barriers
+            // Warp 0 finds the digit: a lane's bins, highest first, and a warp scan of their counts
+            // give the candidates in the bins above each.
+            if (warp == 0) {
+                const unsigned int per = max(1u, bins / 32), r0 = lane * per;
+                unsigned int mine_count = 0;
+                for (unsigned int r = r0; r < min(r0 + per, bins); ++r) mine_count += hist[bins - 1 - r];
+                unsigned int inclusive = mine_count;
+#pragma unroll
+                for (int d = 1; d < 32; d <<= 1) {
+                    const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, inclusive, d);
+                    if (lane >= d) inclusive += up;
+                }
+                unsigned int higher = above + inclusive - mine_count;
+                for (unsigned int r = r0; r < min(r0 + per, bins); ++r) {
+                    const unsigned int j = bins - 1 - r, n = hist[j];
+                    if (higher < k && higher + n >= k) choice[0] = j, choice[1] = higher, choice[2] = higher + n;
+                    higher += n;
+                    hist[j] = 0;
+                }
             }
             __syncthreads();
             t |= (int)(choice[0] << low_bit);
@@ -270,7 +327,20 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
     unsigned int* kept_entry = reinterpret_cast<unsigned int*>(cand);      // index | code << 16
     float* kept_value = reinterpret_cast<float*>(cand) + MAX_KEPT;         // b, then what was sent
     unsigned int flags = 0;
-    {
+    if (STAGED) {
+        // A thread's entries at or above t only, their b read from `stage`.
+        for (unsigned int rest = above | equal; rest != 0; rest &= rest - 1) {
+            const int i = __ffs(rest) - 1;
+            const unsigned int upto = (2u << i) - 1;  // entries 0 .. i of the thread
+            const unsigned int n_above = (before & 0xFFFFu) + __popc(above & upto);
+            const unsigned int n_equal = (before >> 16) + __popc(equal & upto);
+            if ((above >> i & 1u) || n_equal <= need) {
+                const unsigned int s = n_above + min(n_equal, need) - 1;
+                kept_entry[s] = first + i, kept_value[s] = reinterpret_cast<const float*>(stage)[staged_float(first + i)];
+                flags |= 1u << i;
+            }
+        }
+    } else {
         unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
 #pragma unroll
         for (int i = 0; i < VALUES; ++i) {
@@ -294,11 +364,15 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
         const long long entry = (long long)c * k + s;
         or_field(idx_words, entry, kept_entry[s], index_bits);
         or_field(code_words, entry, ((unsigned int)negative << (bits - 1)) | (unsigned int)q, bits);
-        kept_value[s] = negative ? -m : m;
+        // STAGED: the residual b − sent into `stage`, in place of b; else back to its thread.
+        if (STAGED) reinterpret_cast<float*>(stage)[staged_float(kept_entry[s])] = __fsub_rn(v, negative ? -m : m);
+        else kept_value[s] = negative ? -m : m;
     }
-    __syncthreads();
-    if (!mine) return;
-    {
+    if (STAGED) {
+        store_stage(err + base, stage);
+    } else {
+        __syncthreads();
+        if (!mine) return;
         unsigned int n_above = before & 0xFFFFu, n_equal = before >> 16;
 #pragma unroll
         for (int i = 0; i < VALUES; ++i) {
@@ -306,8 +380,8 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
             n_above += is_above, n_equal += is_equal;
             if (flags >> i & 1u) b[i] = __fsub_rn(b[i], kept_value[n_above + min(n_equal, need) - 1]);
         }
+        store_values(err + base, b);
     }
-    store_values(err + base + first, b);
     if (with_sent) {
         unsigned int words[VALUES / 4];
 #pragma unroll
@@ -320,11 +394,11 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
 
 // Any block size up to 1024 threads (chunks up to 16384 entries).
 extern "C" __global__ void __launch_bounds__(1024) compress_kernel(COMPRESS_PARAMETERS) {
-    compress_chunk(COMPRESS_ARGUMENTS);
+    compress_chunk<false>(COMPRESS_ARGUMENTS);
 }
 
-// Blocks of 256 threads (chunks of 4096, the default), with registers capped for 5 blocks a
-// multiprocessor where 58 registers allow 4 (a few words spill to L1).
-extern "C" __global__ void __launch_bounds__(256, 5) compress_kernel_256(COMPRESS_PARAMETERS) {
-    compress_chunk(COMPRESS_ARGUMENTS);
+// Blocks of STAGED_THREADS threads and chunks of 4096 entries (the default) only, staged, with
+// registers capped for 5 blocks a multiprocessor where 58 registers allow 4 (48, no spill).
+extern "C" __global__ void __launch_bounds__(STAGED_THREADS, 5) compress_kernel_256(COMPRESS_PARAMETERS) {
+    compress_chunk<true>(COMPRESS_ARGUMENTS);
 }

@@ -79,6 +79,7 @@ from torch import Tensor
 from locoswarm.kernels import cuda_module
 from locoswarm.kernels.bitpack import packed_nbytes
 from locoswarm.kernels.layout import ChunkLayout, next_pow2
+from locoswarm.kernels.quant import SUPPORTED_BITS
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,9 @@ def _words(count: int, width: int) -> int:
 COMPRESS_KERNEL = "auto"
 """The compression kernel `compress` runs by default on CUDA: "auto" takes the CUDA C one
 (kernels/compress.cu) for tensors of COMPRESS_CUDA_MIN entries and more, the Triton one below.
-Both give the same bits; on the H200 the CUDA C kernel took 5.06 against 5.80 ms at 1e9 entries
-and 0.76 against 0.80 at 1e8, but 0.32 against 0.26 at 1e7, where its launch costs more (README,
-"Compression in CUDA C")."""
+Both give the same bits; on the H200 (2026-12-03) the CUDA C kernel took 3.45 against 5.57 ms
+at 1e9 entries and 0.44 against 0.64 at 1e8, but 0.14 against 0.14 at 1e7, where its ctypes
+launch costs as much as it saves (README, "Compression in CUDA C")."""
 COMPRESS_CUDA_MIN = 1 << 25
 """Entries from which "auto" takes the CUDA C kernel: between the sizes measured (1e7, 1e8)."""
 COMPRESS_PTX = Path(__file__).with_name("compress.ptx")
@@ -192,9 +193,11 @@ COMPRESS_VALUES = 16
 """Entries a thread of the CUDA C compression kernel holds (its VALUES)."""
 COMPRESS_MAX_THREADS = 1024
 COMPRESS_CAPPED_MAJORS = (9,)
-"""Compute capability majors whose 256-thread blocks run compress.cu's register-capped entry
-point (5 blocks a multiprocessor, not 4): Hopper, where it measured faster (5.12 against
-5.27 ms at 1e9 on the H200); other GPUs keep the uncapped one until measured there."""
+"""Compute capability majors whose 256-thread blocks (chunks of 4096) run compress.cu's staged,
+register-capped entry point (the chunk through 25.5 KB of shared memory, 5 blocks a
+multiprocessor): Hopper, where it measured faster (3.55 against 5.31 ms for the generic entry at
+1e9 on the H200, .ci/gpu-compress-sweep.py); other GPUs, whose multiprocessors hold less shared
+memory, keep the generic one until measured there."""
 
 
 def compress_shape(layout: ChunkLayout, *tensors: Tensor | None) -> tuple[int, int] | None:
@@ -257,6 +260,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     "auto": "cuda" from COMPRESS_CUDA_MIN entries, else "triton".
     `num_warps` is the Triton kernel's."""
     assert kernel in ("auto", "cuda", "triton")
+    assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}"  # compress.cu packs up to 8
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
     assert err.numel() == delta.numel() == layout.numel
     assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"
@@ -351,6 +355,7 @@ def accumulate(acc: Tensor, indices: Tensor, codes: Tensor, scales: Tensor, shar
     assert indices.shape[1] * 32 >= layout.num_selected * layout.index_bits
     assert codes.shape[1] * 32 >= layout.num_selected * bits
     assert acc.dtype == torch.float32 and acc.is_contiguous() and acc.numel() == layout.numel
+    assert num_peers * layout.k < 1 << 32, "accumulate.cu counts a chunk's (peer, entry) pairs in 32 bits"
     assert cover is None or (cover.dtype == torch.float32 and cover.is_contiguous() and cover.numel() == layout.numel)
     indices, codes, scales = indices.contiguous(), codes.contiguous(), scales.contiguous()
     shares_t = torch.tensor(shares, dtype=torch.float32, device=acc.device)

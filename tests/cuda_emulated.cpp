@@ -4,14 +4,19 @@
 
 #include "compress.cu"
 
-extern "C" void run_compress(unsigned int grid, unsigned int block, float* err, const float* delta, float decay,
-                             float recip, unsigned int* idx, unsigned int* code, float* scales, unsigned char* sent,
-                             unsigned int* todo, unsigned long long numel, unsigned int chunk, unsigned int k,
-                             unsigned int per_group, unsigned int index_bits, unsigned int bits, unsigned int mode,
-                             unsigned int with_sent, unsigned int divide) {
+// `staged`: the 256-thread entry point, compress_kernel_256 (fused._compress_entry's choice on Hopper).
+extern "C" void run_compress(unsigned int staged, unsigned int grid, unsigned int block, float* err,
+                             const float* delta, float decay, float recip, unsigned int* idx, unsigned int* code,
+                             float* scales, unsigned char* sent, unsigned int* todo, unsigned long long numel,
+                             unsigned int chunk, unsigned int k, unsigned int per_group, unsigned int index_bits,
+                             unsigned int bits, unsigned int mode, unsigned int with_sent, unsigned int divide) {
     emulate(grid, block, [&] {
-        compress_kernel(err, delta, decay, recip, idx, code, scales, sent, todo, numel, chunk, k, per_group,
-                        index_bits, bits, mode, with_sent, divide);
+        if (staged)
+            compress_kernel_256(err, delta, decay, recip, idx, code, scales, sent, todo, numel, chunk, k, per_group,
+                                index_bits, bits, mode, with_sent, divide);
+        else
+            compress_kernel(err, delta, decay, recip, idx, code, scales, sent, todo, numel, chunk, k, per_group,
+                            index_bits, bits, mode, with_sent, divide);
     });
 }
 

@@ -39,11 +39,14 @@ def emulated(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay: float = 1.0, sent=None):
+def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay: float = 1.0, sent=None,
+             staged: bool = False):
     """What fused.compress launches on CUDA, on the CPU: (index words, code words, scales,
-    flags of the chunks it listed for the whole-chunk search, each once)."""
+    flags of the chunks it listed for the whole-chunk search, each once). `staged`: the
+    256-thread entry point, which Hopper runs for chunks of 4096, else the generic one."""
     shape = fused.compress_shape(lay, err, delta, sent)
     assert shape is not None, "the CUDA C kernel does not take this layout"
+    assert not staged or shape[0] == 256, "the staged entry point takes only blocks of 256 threads"
     idx = torch.zeros(fused._words(lay.num_selected, lay.index_bits), dtype=torch.int32)
     codes = torch.zeros(fused._words(lay.num_selected, bits), dtype=torch.int32)
     scales = torch.full((lay.num_chunks, 2), float("nan"))
@@ -51,7 +54,7 @@ def compress(lib, err, delta, lay: ChunkLayout, bits: int, mode: int = 0, decay:
     todo[0] = 0
     args = fused.compress_arguments(err, delta, idx, codes, scales, sent, todo, lay, bits, mode, decay, shape[1],
                                     divide=True)
-    lib.run_compress(ctypes.c_uint(lay.num_chunks), ctypes.c_uint(shape[0]), *args)
+    lib.run_compress(ctypes.c_uint(staged), ctypes.c_uint(lay.num_chunks), ctypes.c_uint(shape[0]), *args)
     listed = todo[1:1 + int(todo[0])].long()
     assert int(todo[0]) <= lay.num_chunks and (listed >= 0).all() and len(set(listed.tolist())) == len(listed), todo
     full = torch.zeros(lay.num_chunks, dtype=torch.bool)
@@ -76,9 +79,9 @@ def expected_fallbacks(b: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
     return flags
 
 
-def check(lib, b, err, delta, lay, bits, mode, decay=1.0):
+def check(lib, b, err, delta, lay, bits, mode, decay=1.0, staged=False):
     sent = torch.ones(lay.numel, dtype=torch.bool)  # poisoned: every entry of a chunk taken must be written
-    idx, codes, scales, full = compress(lib, err, delta, lay, bits, mode, decay, sent)
+    idx, codes, scales, full = compress(lib, err, delta, lay, bits, mode, decay, sent, staged)
     r_idx, r_codes, r_scales, r_err = _reference(b.clone(), lay, bits)
     assert torch.equal(full, expected_fallbacks(b, lay))
     per_entry = torch.arange(lay.num_chunks).repeat_interleave(lay.k)[: lay.num_selected]
@@ -98,33 +101,43 @@ def check(lib, b, err, delta, lay, bits, mode, decay=1.0):
     return int((~full).sum())
 
 
-TAKEN = [case for case in CASES if fused.compress_shape(ChunkLayout.for_tensor(*case)) is not None]
+def _entries(case):
+    """The entry points that take a case: the generic one, and the staged one for blocks of 256."""
+    shape = fused.compress_shape(ChunkLayout.for_tensor(*case))
+    return [] if shape is None else [False, True] if shape[0] == 256 else [False]
 
 
-@pytest.mark.parametrize("numel, chunk, density", TAKEN)
+TAKEN = [case + (staged,) for case in CASES for staged in _entries(case)]
+assert any(case[-1] for case in TAKEN), "no case runs the staged entry point"
+
+
+@pytest.mark.parametrize("numel, chunk, density, staged", TAKEN)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("ties", [False, True])
-def test_the_cuda_kernel_equals_the_reference_on_the_chunks_it_takes(emulated, numel, chunk, density, bits, ties):
+def test_the_cuda_kernel_equals_the_reference_on_the_chunks_it_takes(emulated, numel, chunk, density, staged, bits,
+                                                                     ties):
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     d = _input(numel, numel * 31 + bits, ties).cpu()
     err = torch.full((numel,), float("nan"))  # the residual kept in the model: never read
-    taken = check(emulated, d, err, d, lay, bits, mode=0)
+    taken = check(emulated, d, err, d, lay, bits, mode=0, staged=staged)
     if not ties:
         assert taken == numel // lay.chunk, "a chunk of random values went to the whole-chunk search"
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("decay", [1.0, 0.95])
-def test_the_residual_kept_aside_is_added_first(emulated, decay):
+def test_the_residual_kept_aside_is_added_first(emulated, decay, staged):
     """Three full chunks and a short last one, whose b (residual added) is left in the
     residual buffer for the whole-chunk search."""
     lay = ChunkLayout.for_tensor(3 * 4096 + 100, 4096, 64 / 4096)
     e0, d = _input(lay.numel, 1, False).cpu() * 0.1, _input(lay.numel, 2, False).cpu()
     b = e0 * decay + d if decay != 1.0 else e0 + d
-    assert check(emulated, b, e0.clone(), d, lay, 4, mode=1 if decay == 1.0 else 2, decay=decay) == 3
+    assert check(emulated, b, e0.clone(), d, lay, 4, mode=1 if decay == 1.0 else 2, decay=decay, staged=staged) == 3
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("nonzero", [0, 5, 70, 200])
-def test_chunks_of_zeros_keep_their_nonzeros_first_and_stay_with_the_kernel(emulated, nonzero):
+def test_chunks_of_zeros_keep_their_nonzeros_first_and_stay_with_the_kernel(emulated, nonzero, staged):
     """A chunk of `nonzero` non-zeros among zeros (half of them −0.0): fewer than k, and the
     lowest-indexed zeros fill the last slots; a few more than k, and the search runs among the
     non-zeros. Either way the kernel takes it (zeros are no candidates), as it takes a chunk
@@ -137,7 +150,7 @@ def test_chunks_of_zeros_keep_their_nonzeros_first_and_stay_with_the_kernel(emul
     d[torch.randperm(4096, generator=gen)[:nonzero]] = torch.randn(nonzero, generator=gen)
     d[2 * 4096:2 * 4096 + 2048] = 0.0
     d[3 * 4096:3 * 4096 + 1000] = 0.0
-    assert check(emulated, d, torch.empty(lay.numel), d, lay, 2, mode=0) == 3
+    assert check(emulated, d, torch.empty(lay.numel), d, lay, 2, mode=0, staged=staged) == 3
 
 
 def test_equal_magnitudes_go_lowest_index_first_across_threads_and_warps(emulated):
@@ -169,7 +182,7 @@ def cuda_dequantize(codes, scales, lay: ChunkLayout, bits: int) -> torch.Tensor:
 def test_the_cuda_accumulate_equals_the_reference_loop(emulated, numel, chunk, density, bits, num_peers, same,
                                                        with_cover):
     """As tests/test_fused.py's case: a chunk wider than the window (8192), peers that all
-    picked the same positions, more entries a chunk (2048) than a stage holds, 11 peers."""
+    picked the same positions, more entries a chunk (2048) than a batch of pairs holds, 11 peers."""
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     gen = torch.Generator().manual_seed(numel + num_peers)
     shares = torch.rand(num_peers, generator=gen) / num_peers

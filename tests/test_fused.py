@@ -159,7 +159,7 @@ def test_fused_decode_and_accumulate_equals_the_reference_loop(numel, chunk, den
     """Peers in groups of fused.ACCUMULATE_GROUP (11 peers: a full group and a partial one);
     a chunk wider than the shared kernel's window (8192); peers that all picked the same
     positions (`same`: every position's sum is a chain of additions in peer order); more
-    entries a chunk (2048) than the shared kernel stages at once."""
+    entries a chunk (2048) than the shared kernel decodes at once."""
     _loaded(kernel, fused.ACCUMULATE_PTX, "accumulate_kernel")
     lay = ChunkLayout.for_tensor(numel, chunk, density)
     gen = torch.Generator().manual_seed(numel + num_peers)
