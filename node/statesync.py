@@ -34,6 +34,12 @@ _ROUNDS_KEPT = 2
 _PIN_S = 60.0
 """An older round stays served while a joiner asked for it in the last this many seconds."""
 _MAX_PINNED = 2
+_CUTS_TOLERATED = 4
+"""Times one request is asked of a donor whose stream is cut or refused before any answer
+(a donor over its stream limits closes streams unanswered, as one under load may), a short
+wait between, before the donor counts as failed."""
+_CUT_WAIT_S = 0.05
+"""The first wait after a cut stream; it doubles each time."""
 log = logging.getLogger(__name__)
 
 
@@ -162,6 +168,20 @@ async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, l
     return body
 
 
+async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float) -> bytes:
+    """_request, asked again after a short wait while the donor cuts the stream before any
+    answer (up to _CUTS_TOLERATED times); other failures, and the last cut, are raised."""
+    for attempt in range(_CUTS_TOLERATED):
+        try:
+            return await _request(p2p, peer, kind, round_, index, limit, timeout_s)
+        except ConnectionError as e:
+            if attempt == _CUTS_TOLERATED - 1:
+                raise
+            log.info("request %d/%d from %s cut, asking again: %s", kind, index, peer, e)
+            await asyncio.sleep(_CUT_WAIT_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 async def download_state(
     p2p: P2P,
     donors: list[PeerID],
@@ -175,7 +195,7 @@ async def download_state(
     manifests: dict[PeerID, Manifest] = {}
     for peer in donors:
         try:
-            blob = await _request(p2p, peer, _MANIFEST, _LATEST, 0, manifest_limit, timeout_s)
+            blob = await _ask(p2p, peer, _MANIFEST, _LATEST, 0, manifest_limit, timeout_s)
             manifests[peer] = decode_manifest(blob, spec)
         except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
             log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
@@ -192,7 +212,7 @@ async def download_state(
             if peer in failed:
                 continue
             try:
-                asm.add(index, await _request(p2p, peer, _CHUNK, newest.round, index, newest.chunk_bytes, timeout_s))
+                asm.add(index, await _ask(p2p, peer, _CHUNK, newest.round, index, newest.chunk_bytes, timeout_s))
                 break
             except Exception as e:  # any failure: try the next donor for this chunk
                 log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)

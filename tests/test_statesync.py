@@ -1,6 +1,7 @@
 """A joiner downloads the outer state from real donor processes on loopback: intact from
 one donor, from the good one when another serves corrupted chunks, from the survivor when
-a donor is SIGKILLed mid-download, and the newest round when donors disagree."""
+a donor is SIGKILLed mid-download, the newest round when donors disagree, and intact from a
+lone donor that sheds streams (closes them unanswered, as one over its limits does)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def test_the_newest_round_wins_when_donors_disagree(spawn_peers):
     _, addrs = spawn_peers(DONOR, "stale", "good")
     round_, tensors = _download(addrs)
     assert round_ == serve_state.ROUND
+
+
+def test_a_lone_donor_that_sheds_every_other_stream_still_delivers_the_state(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "shedding")
+    round_, tensors = _download(addrs)
+    assert round_ == serve_state.ROUND
+    _assert_is_the_donors_state(tensors)
+
+
+def test_a_donor_that_never_answers_is_given_up_with_a_clear_error(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "mute")
+    with pytest.raises(StateUnavailable, match="manifest"):
+        _download(addrs)
 
 
 def test_no_valid_donor_is_a_clear_error(spawn_peers):

@@ -1,7 +1,10 @@
 """A real donor process for the state-download tests: serves a seeded outer state on
 loopback, prints its multiaddr, runs until stdin closes or it is killed.
 
-usage: python serve_state.py MODE   (MODE: good | corrupt | stale)
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute)
+
+shedding: closes every other stream unanswered, as a donor over its stream limits does;
+mute: closes every stream unanswered.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sys
 import torch
 from hivemind.p2p import P2P
 
-from locoswarm.node.statesync import StateServer
+from locoswarm.node.statesync import PROTOCOL, StateServer
 from locoswarm.protocol.state import StateSpec
 
 SPEC = StateSpec(run_id="state-test", spec_hash=b"t" * 32,
@@ -34,6 +37,19 @@ async def main(mode: str) -> None:
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
         server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
+    if mode in ("shedding", "mute"):
+        served = server.rpc_get_state
+        streams = []
+
+        async def shed(info, reader, writer):
+            streams.append(info)
+            if mode == "mute" or len(streams) % 2 == 1:
+                writer.close()  # what serve_framed does with a stream over the limits
+                return
+            await served(info, reader, writer)
+
+        await p2p.remove_binary_stream_handler(PROTOCOL)
+        await p2p.add_binary_stream_handler(PROTOCOL, shed)
     print(str((await p2p.get_visible_maddrs())[0]), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await p2p.shutdown()
