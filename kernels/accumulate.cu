@@ -86,8 +86,11 @@ extern "C" __global__ void accumulate_kernel(
     // The first batch's loads go out before the window is zeroed, so that their latency and
     // the zeroing overlap.
     Pair pairs[PAIRS];
-    decode_pairs(pairs, 0, total, k_c, c, k, num_chunks, idx_words, code_words, scales, shares, recip, idx_stride,
-                 code_stride, index_bits, bits, num_peers);
+    auto decode = [&](unsigned int first) {
+        decode_pairs(pairs, first, total, k_c, c, k, num_chunks, idx_words, code_words, scales, shares, recip,
+                     idx_stride, code_stride, index_bits, bits, num_peers);
+    };
+    decode(0);
     for (unsigned int i = threadIdx.x; i < width; i += blockDim.x) {
         sums[i] = 0.0f;
         if (with_cover) shares_sum[i] = 0.0f;
@@ -105,9 +108,7 @@ extern "C" __global__ void accumulate_kernel(
                 if (with_cover) shares_sum[pos - w0] = __fadd_rn(shares_sum[pos - w0], share);
             }
         }
-        if (first + batch < total)
-            decode_pairs(pairs, first + batch, total, k_c, c, k, num_chunks, idx_words, code_words, scales, shares,
-                         recip, idx_stride, code_stride, index_bits, bits, num_peers);
+        if (first + batch < total) decode(first + batch);
     }
     __syncthreads();
     float* out = acc + start + w0;

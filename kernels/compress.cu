@@ -134,25 +134,25 @@ __device__ __forceinline__ void list_for_search(unsigned int* todo, unsigned lon
     todo[1 + atomicAdd(todo, 1u)] = (unsigned int)c;
 }
 
+// Inclusive scan of `value` over the warp, in lane order (every lane calls this).
+__device__ __forceinline__ unsigned int warp_scan(unsigned int value, unsigned int lane) {
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, value, d);
+        if (lane >= d) value += up;
+    }
+    return value;
+}
+
 // Exclusive scan of `value` over the block, in thread order; `total` gets the sum. Uses
 // scratch[0 .. warps] and two barriers.
 __device__ __forceinline__ unsigned int block_scan(unsigned int value, unsigned int* scratch, unsigned int& total) {
     const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    unsigned int inclusive = value;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-        const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, inclusive, d);
-        if (lane >= d) inclusive += up;
-    }
+    const unsigned int inclusive = warp_scan(value, lane);
     if (lane == 31) scratch[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
-        unsigned int w = lane < warps ? scratch[lane] : 0u;
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-            const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, w, d);
-            if (lane >= d) w += up;
-        }
+        const unsigned int w = warp_scan(lane < warps ? scratch[lane] : 0u, lane);
         if (lane < warps) scratch[lane] = w;  // inclusive over warps
     }
     __syncthreads();
@@ -268,13 +268,7 @@ __device__ __forceinline__ void compress_chunk(COMPRESS_PARAMETERS) {
                 const unsigned int per = max(1u, bins / 32), r0 = lane * per;
                 unsigned int mine_count = 0;
                 for (unsigned int r = r0; r < min(r0 + per, bins); ++r) mine_count += hist[bins - 1 - r];
-                unsigned int inclusive = mine_count;
-#pragma unroll
-                for (int d = 1; d < 32; d <<= 1) {
-                    const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, inclusive, d);
-                    if (lane >= d) inclusive += up;
-                }
-                unsigned int higher = above + inclusive - mine_count;
+                unsigned int higher = above + warp_scan(mine_count, lane) - mine_count;
                 for (unsigned int r = r0; r < min(r0 + per, bins); ++r) {
                     const unsigned int j = bins - 1 - r, n = hist[j];
                     if (higher < k && higher + n >= k) choice[0] = j, choice[1] = higher, choice[2] = higher + n;

@@ -260,7 +260,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     "auto": "cuda" from COMPRESS_CUDA_MIN entries, else "triton".
     `num_warps` is the Triton kernel's."""
     assert kernel in ("auto", "cuda", "triton")
-    assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}"  # compress.cu packs up to 8
+    assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}"  # as the references take
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
     assert err.numel() == delta.numel() == layout.numel
     assert layout.chunk <= 1 << 15, "the fused kernel counts a chunk's entries in 16-bit fields"

@@ -171,15 +171,13 @@ async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, l
 async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float) -> bytes:
     """_request, asked again after a short wait while the donor cuts the stream before any
     answer (up to _CUTS_TOLERATED times); other failures, and the last cut, are raised."""
-    for attempt in range(_CUTS_TOLERATED):
+    for attempt in range(_CUTS_TOLERATED - 1):
         try:
             return await _request(p2p, peer, kind, round_, index, limit, timeout_s)
         except ConnectionError as e:
-            if attempt == _CUTS_TOLERATED - 1:
-                raise
             log.info("request %d/%d from %s cut, asking again: %s", kind, index, peer, e)
             await asyncio.sleep(_CUT_WAIT_S * 2**attempt)
-    raise AssertionError("unreachable")
+    return await _request(p2p, peer, kind, round_, index, limit, timeout_s)
 
 
 async def download_state(
