@@ -5,7 +5,7 @@ uncapped) and the staged, register-capped 256-thread one (`cuda_256x5`, Hopper's
 both on all-zero tensors (every chunk listed for the whole-chunk search); that search alone
 with none listed. First checks that every variant gives the Triton kernel's bits, ties
 included. Prints a line a size and writes $OUT/compress-sweep.json. The figures of 2026-12-02
-in node/sim/results/kernels-h200-sweep-2026-12-02.log (run 2) came from its first form (the same
+in bench/results/kernels-h200-sweep-2026-12-02.log (run 2) came from its first form (the same
 variants, checks and timing, written as one flat script); this one first ran on the H200 on the
 evening of 2026-12-02 (kernels-h200-sweep-2026-12-02-evening.log, run 2); its run of 2026-12-03,
 with the staged entry point, is kernels-h200-sweep-2026-12-03.log."""

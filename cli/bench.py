@@ -1,4 +1,4 @@
-"""`locoswarm bench …`: benchmarks. Thin: parse flags, build the config, call node.sim."""
+"""`locoswarm bench …`: benchmarks. Thin: parse flags, build the config, call locoswarm.bench."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def convergence(
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps."),
 ) -> None:
     """Train ddp, DiLoCo, compressed DiLoCo and a lone replica on the same tokens; compare."""
-    from locoswarm.node.sim import convergence as conv
-    from locoswarm.node.sim.settings import apply_overrides
-    from locoswarm.node.sim.sweep import format_frontier, run_sweep
+    from locoswarm.bench import convergence as conv
+    from locoswarm.bench.settings import apply_overrides
+    from locoswarm.bench.sweep import format_frontier, run_sweep
 
     try:
         if preset not in conv.PRESETS:
@@ -84,7 +84,7 @@ def swarm(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
-    from locoswarm.node.sim.swarmbench import format_swarm, run_swarm_bench
+    from locoswarm.bench.swarmbench import format_swarm, run_swarm_bench
 
     if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
         typer.echo("error: --peers, --rounds, --threads and --fanout must be >= 1", err=True)
@@ -110,7 +110,7 @@ def kernels(
 ) -> None:
     """Needs CUDA: fused vs reference compression (time, GB/s against a device copy, extra
     memory) and the inner step (tokens/s, MFU, peak memory; the largest model in a cap)."""
-    from locoswarm.node.sim.kernelbench import format_kernels, run
+    from locoswarm.bench.kernelbench import format_kernels, run
 
     try:
         parsed = tuple(float(s) for s in sizes.split(","))

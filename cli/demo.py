@@ -1,5 +1,5 @@
 """`locoswarm demo`: a local swarm of real peer processes on loopback, on the embedded
-default spec, printing the swarm's eval loss round by round. Thin: node/sim/swarm.py."""
+default spec, printing the swarm's eval loss round by round. Thin: bench/swarm.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def demo(
     import statistics
     import tempfile
 
-    from locoswarm.node.sim.swarm import LocalSwarm
+    from locoswarm.bench.swarm import LocalSwarm
 
     if peers < 1 or rounds < 1 or threads < 0:
         typer.echo("error: --peers and --rounds must be >= 1, --threads >= 0", err=True)

@@ -89,10 +89,10 @@ def next_micro_batch(batch: int, micro: int) -> int | None:
 
 
 def _model_config(spec, vocab_size: int):
-    from locoswarm.node.workload.model import model_config
+    from locoswarm.workload.model import model_config
 
     if spec.model == "hf:llama":
-        from locoswarm.node.workload.model import _hf_config
+        from locoswarm.workload.model import _hf_config
 
         return _hf_config(vocab_size, spec.data.seq_len)
     return model_config(spec.model, vocab_size, spec.data.seq_len)
@@ -111,7 +111,7 @@ def estimate_bytes(spec, vocab_size: int, micro_batch: int | None = None) -> dic
     `micro_batch` sequences at a time (default: the whole batch)."""
     cfg = _model_config(spec, vocab_size)
     per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
-    from locoswarm.node.workload.model import padded_vocab
+    from locoswarm.workload.model import padded_vocab
 
     params = cfg.num_layers * per_layer + padded_vocab(cfg.vocab_size) * cfg.dim + cfg.dim  # head tied to embedding
     activations = (micro_batch or spec.batch_size) * activation_bytes_per_sequence(spec, vocab_size)
@@ -124,7 +124,7 @@ def report(spec, device: str = "auto", memory_fraction: float = 0.0) -> dict:
     (0: none) caps the share of the GPU's memory the daemon may take."""
     import psutil
 
-    from locoswarm.node.workload.tokenizer import get_tokenizer
+    from locoswarm.workload.tokenizer import get_tokenizer
 
     dev = detect(device)
     vocab = get_tokenizer(spec.tokenizer).vocab_size

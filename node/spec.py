@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from locoswarm.node.files import write_atomic
-from locoswarm.node.workload.data import DataConfig
-from locoswarm.node.workload.model import check_model_name
-from locoswarm.node.workload.tokenizer import check_tokenizer_name
+from locoswarm.workload.data import DataConfig
+from locoswarm.workload.model import check_model_name
+from locoswarm.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 from locoswarm.optim.config import RobustConfig
 

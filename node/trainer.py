@@ -1,6 +1,6 @@
 """The training side of one peer (issue 3): its replica of the model, inner AdamW, data
 shard, error-feedback compressor and the outer optimizer, driven by the daemon round by
-round. The same algorithm as the in-process simulation (node/sim/convergence.py
+round. The same algorithm as the in-process simulation (bench/convergence.py
 `run_diloco`), one replica's share of it; every method runs on the daemon's one training
 thread, so torch work never blocks the event loop.
 """
@@ -20,9 +20,9 @@ import torch
 
 from locoswarm.node.hardware import next_micro_batch
 from locoswarm.node.spec import RunSpec
-from locoswarm.node.workload.data import Corpus
-from locoswarm.node.workload.model import build_model
-from locoswarm.node.workload.tokenizer import get_tokenizer
+from locoswarm.workload.data import Corpus
+from locoswarm.workload.model import build_model
+from locoswarm.workload.tokenizer import get_tokenizer
 from locoswarm.optim import (
     ErrorFeedbackCompressor,
     OuterOptimizer,

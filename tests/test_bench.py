@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from locoswarm.node.sim import convergence as conv
-from locoswarm.node.sim.settings import apply_overrides
-from locoswarm.node.workload.data import DataConfig
+from locoswarm.bench import convergence as conv
+from locoswarm.bench.settings import apply_overrides
+from locoswarm.workload.data import DataConfig
 from locoswarm.optim import CompressionConfig, DiLoCoConfig
 
 

@@ -61,7 +61,7 @@ def test_cuda_trainer_picks_bf16_and_fits_a_big_batch_under_a_memory_cap():
     from locoswarm.node.hardware import activation_bytes_per_sequence
     from locoswarm.node.spec import RunSpec
     from locoswarm.node.trainer import Trainer
-    from locoswarm.node.workload.tokenizer import get_tokenizer
+    from locoswarm.workload.tokenizer import get_tokenizer
 
     dev = torch.device("cuda")
     spec = replace(RunSpec(), model="small", batch_size=256, data=replace(RunSpec().data, seq_len=256))

@@ -13,7 +13,7 @@ import pytest
 
 from locoswarm.node.hardware import detect, estimate_bytes
 from locoswarm.node.spec import RunSpec
-from locoswarm.node.workload.model import build_model, num_params
+from locoswarm.workload.model import build_model, num_params
 
 
 @pytest.mark.parametrize("size, vocab", [("tiny", 257), ("small", 50257)])

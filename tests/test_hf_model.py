@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locoswarm.node.workload.model import build_model, num_params
+from locoswarm.workload.model import build_model, num_params
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from locoswarm.node.sim import convergence as conv
-from locoswarm.node.sim.sweep import default_grid, format_frontier, pareto, run_sweep
-from locoswarm.node.workload.data import DataConfig
+from locoswarm.bench import convergence as conv
+from locoswarm.bench.sweep import default_grid, format_frontier, pareto, run_sweep
+from locoswarm.workload.data import DataConfig
 from locoswarm.optim import CompressionConfig, DiLoCoConfig
 
 

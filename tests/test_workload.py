@@ -1,4 +1,4 @@
-"""Unit tests of locoswarm.node.workload: corpus sharding, document loading, batch
+"""Unit tests of locoswarm.workload: corpus sharding, document loading, batch
 sampling, the decoder model and the tokenizers."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from locoswarm.node.workload.data import BatchSampler, Corpus, DataConfig, load_documents, tokenize
-from locoswarm.node.workload.model import build_model, model_config
-from locoswarm.node.workload.tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer
+from locoswarm.workload.data import BatchSampler, Corpus, DataConfig, load_documents, tokenize
+from locoswarm.workload.model import build_model, model_config
+from locoswarm.workload.tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer
 
 SEQ_LEN, BLOCK_LEN, NUM_BLOCKS = 16, 64, 40
 
@@ -295,7 +295,7 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_gradients_without_keepi
     dividing N included), and nothing of N × V size is saved for backward."""
     import torch.nn.functional as F
 
-    from locoswarm.node.workload.model import linear_cross_entropy
+    from locoswarm.workload.model import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(3)
     n, d, v = 300, 32, 1000
@@ -322,7 +322,7 @@ def test_a_large_vocabulary_is_padded_with_rows_that_stay_zero_and_change_nothin
     zero, gets no gradient, and the loss equals plain cross-entropy over the real rows."""
     import torch.nn.functional as F
 
-    from locoswarm.node.workload.model import padded_vocab
+    from locoswarm.workload.model import padded_vocab
 
     assert padded_vocab(257) == 257 and padded_vocab(50257) == 50304
     torch.manual_seed(0)

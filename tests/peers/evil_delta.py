@@ -97,8 +97,8 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
     if mode in CRAFTED:
         import torch
 
-        from locoswarm.node.workload.model import build_model
-        from locoswarm.node.workload.tokenizer import get_tokenizer
+        from locoswarm.workload.model import build_model
+        from locoswarm.workload.tokenizer import get_tokenizer
         from locoswarm.optim import delta_spec
 
         model = build_model(spec.model, get_tokenizer(spec.tokenizer).vocab_size, spec.data.seq_len, spec.seed)

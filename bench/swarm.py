@@ -2,7 +2,7 @@
 swarm`): N `locoswarm node join` processes, the first started alone and the others
 through its address, each on its own data shard and state directory. Their stdout lines
 (node/daemon.py) are parsed into per-round records; the bench then trains the in-process
-simulation (node/sim/convergence.py) with the same settings and tokens and compares.
+simulation (bench/convergence.py) with the same settings and tokens and compares.
 
 Bytes are counted at the transport: the kernel's per-socket TCP counters (`ss -tinp`) of
 each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,

@@ -248,8 +248,11 @@ class HFCausalLM(nn.Module):
         super().__init__()
         try:
             from transformers import LlamaConfig, LlamaForCausalLM
-        except ImportError as e:  # optional dependency
-            raise ValueError("model 'hf:llama' needs the transformers package: pip install 'locoswarm[hf]'") from e
+        except ImportError as e:  # optional dependency, or one that is installed but fails to import
+            # Name the real failure: a package shadowed by a folder on sys.path, or a broken
+            # install, reads the same as a missing one otherwise.
+            raise ValueError(f"model 'hf:llama' needs the transformers package (pip install 'locoswarm[hf]'); "
+                             f"importing it failed: {type(e).__name__}: {e}") from e
         cfg.validate()
         self.cfg = cfg
         hf_cfg = LlamaConfig(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from locoswarm.node.sim.convergence import (
+from locoswarm.bench.convergence import (
     BenchConfig,
     Workload,
     flush_denormals,

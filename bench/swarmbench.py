@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Callable
 
 from locoswarm.node.daemon import FINAL_MODEL
-from locoswarm.node.sim.swarm import LocalSwarm, RoundLine
+from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 
 
@@ -92,7 +92,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
 def _simulate(spec: RunSpec, num_peers: int, rounds: int, log: Callable[[str], None], threads: int) -> dict:
     import torch
 
-    from locoswarm.node.sim.convergence import BenchConfig, Workload, flush_denormals, run_diloco
+    from locoswarm.bench.convergence import BenchConfig, Workload, flush_denormals, run_diloco
 
     cfg = BenchConfig(preset="swarm", model=spec.model, tokenizer=spec.tokenizer, data=spec.data,
                       replicas=num_peers, batch_size=spec.batch_size, total_steps=rounds * spec.diloco.inner_steps,

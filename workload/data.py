@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from locoswarm.node.workload.tokenizer import Tokenizer
+from locoswarm.workload.tokenizer import Tokenizer
 
 
 def _package_dir(package: str) -> str:

@@ -58,7 +58,7 @@ def inner_step(size: str, *, batch: int, seq_len: int, steps: int = 8, warmup: i
     import torch
 
     from locoswarm.node.trainer import Trainer
-    from locoswarm.node.workload.model import num_params
+    from locoswarm.workload.model import num_params
 
     spec = _bench_spec(size, batch, seq_len)
     dev = torch.device("cuda")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from locoswarm.node.sim.convergence import BenchConfig
+from locoswarm.bench.convergence import BenchConfig
 
 
 def apply_overrides(base: BenchConfig, **overrides: object) -> BenchConfig:

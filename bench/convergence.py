@@ -44,9 +44,9 @@ from locoswarm.optim import (
 )
 from locoswarm.optim.inner import load_params
 from locoswarm.protocol import DeltaMessage, decode_delta, encode_delta
-from locoswarm.node.workload.data import Corpus, DataConfig
-from locoswarm.node.workload.model import build_model, check_model_name, num_params
-from locoswarm.node.workload.tokenizer import check_tokenizer_name, get_tokenizer
+from locoswarm.workload.data import Corpus, DataConfig
+from locoswarm.workload.model import build_model, check_model_name, num_params
+from locoswarm.workload.tokenizer import check_tokenizer_name, get_tokenizer
 
 RUNS = ("ddp", "diloco", "compressed", "local")
 
@@ -56,7 +56,7 @@ class BenchConfig:
     preset: str = "custom"
     """Name of the preset these settings came from."""
     model: str = "tiny"
-    """Model size (see locoswarm.node.workload.model.SIZES) or 'hf:llama'."""
+    """Model size (see locoswarm.workload.model.SIZES) or 'hf:llama'."""
     tokenizer: str = "byte"
     """'byte' or 'gpt2'."""
     data: DataConfig = field(default_factory=DataConfig)

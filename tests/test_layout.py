@@ -1,0 +1,65 @@
+"""The repository root is the import package `locoswarm`, and its folders (`node`, `cli`,
+`kernels`, `optim`, `protocol`, `bench`, `workload`) share names with real packages: with
+the root on `sys.path` they shadow them (current `transformers` imports a package named
+`kernels`). The suite must run without it, as `pytest` with `--import-mode=importlib`
+does and `python -m pytest` does not."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import locoswarm
+
+ROOT = Path(locoswarm.__file__).resolve().parent
+LAYERS = ("kernels", "protocol", "optim", "workload", "node", "bench", "cli")
+"""Lowest first: a package may import only those before it (and itself)."""
+
+
+def _on_path(entry: str) -> bool:
+    return Path(entry or os.getcwd()).resolve() == ROOT
+
+
+def test_repository_root_is_not_on_sys_path_during_the_suite():
+    shadowing = [entry for entry in sys.path if _on_path(entry)]
+    assert not shadowing, (f"{ROOT} is on sys.path ({shadowing}): its folders shadow real packages; "
+                           "run the suite with `pytest`, not `python -m pytest`")
+
+
+def test_no_folder_of_ours_shadows_an_installed_package_in_a_fresh_interpreter():
+    # What a user's process sees: each top-level name resolves outside the repository.
+    code = ("import importlib.util, sys; "
+            "print('\\n'.join(f'{n} {getattr(importlib.util.find_spec(n), \"origin\", None)}' for n in sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, *LAYERS], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    for line in out.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(str(ROOT)), f"{name} resolves into the repository: {origin}"
+
+
+def _imported_layers(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out = set()
+    for node in ast.walk(tree):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "locoswarm" and len(parts) > 1 and parts[1] in LAYERS:
+                out.add(parts[1])
+    return out
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    wrong = []
+    for rank, layer in enumerate(LAYERS):
+        allowed = set(LAYERS[:rank + 1])
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            bad = _imported_layers(path) - allowed
+            if bad:
+                wrong.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not wrong, "\n".join(wrong)
