@@ -31,19 +31,15 @@ from torch import nn
 from locoswarm.optim import (
     CompressionConfig,
     DiLoCoConfig,
-    ErrorFeedbackCompressor,
     OuterOptimizer,
-    aggregate,
-    coverage,
     average_dense,
-    delta_spec,
     lr_at,
     make_inner_optimizer,
     pseudo_gradients,
     set_lr,
 )
 from locoswarm.optim.inner import load_params
-from locoswarm.protocol import DeltaMessage, decode_delta, encode_delta
+from locoswarm.optim.round import RoundStep
 from locoswarm.workload.data import Corpus, DataConfig
 from locoswarm.workload.model import build_model, check_model_name, num_params
 from locoswarm.workload.tokenizer import check_tokenizer_name, get_tokenizer
@@ -219,12 +215,12 @@ def run_diloco(
     opts = [make_inner_optimizer(m, dl.inner) for m in models]
     samplers = w.samplers(n)
     outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
-    shapes = [s for _, s in w.shapes]
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     if compression is not None:
-        spec = delta_spec(w.shapes, compression, run_id="bench", spec_hash=b"\0" * 32,
-                          max_tokens=tokens_per_step * dl.inner_steps)
-        compressors = [ErrorFeedbackCompressor(spec.tensors, compression, outer.params[0].device) for _ in range(n)]
+        # The peers' round step (optim/round.py), N replicas sharing one outer optimizer.
+        round_step = RoundStep(replace(dl, compression=compression), w.shapes, run_id="bench",
+                               spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps)
+        compressors = [round_step.compressor(outer.params[0].device) for _ in range(n)]
     sent = 0.0
     curve = []
     step = 0
@@ -236,32 +232,23 @@ def run_diloco(
                 w.train_step(models[r], opts[r], samplers[r].next_batch(cfg.batch_size), step + s)
         step += h
         tokens = h * tokens_per_step
-        deltas = [pseudo_gradients(outer.params, m) for m in models]
         if compression is None:
-            avg = average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)])
+            deltas = [pseudo_gradients(outer.params, m) for m in models]
+            outer.step(average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)]))
             sent += _ring_allreduce_bytes(w.params, n)
+            for m in models:
+                load_params(m, outer.params)
         else:
             received = []
-            for r, d in enumerate(deltas):
-                packed, _ = compressors[r].compress(d)
-                msg = DeltaMessage(run_id="bench", spec_hash=b"\0" * 32, round=rounds,
-                                   sender=f"replica-{r:04d}", num_tokens=tokens, tensors=tuple(packed))
-                blob = encode_delta(msg)
+            for r, m in enumerate(models):
+                blob = round_step.encode(compressors[r], outer.params, list(m.parameters()), round_=rounds,
+                                         sender=f"replica-{r:04d}", tokens=tokens)
                 sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
-                received.append(decode_delta(blob, spec))
-            masked = compression.aggregation == "masked"
-            shares = coverage(received, outer.params[0].device) if masked else None
-            # the daemon's aggregation, the optional trimmed mean included (no screening here: no bad peers)
-            avg = aggregate(received, shapes, outer.params[0].device, rule=compression.aggregation, shares=shares,
-                            trim=dl.robust.trim)
-        outer.step(avg)
-        if compression is not None and masked:
-            moved = [share > 0 for share in shares]
-            for r in range(n):
-                compressors[r].forget(moved)
-        local_residual = compression is not None and compression.residual == "model"
-        for r, m in enumerate(models):
-            load_params(m, outer.params, compressors[r].model_offsets() if local_residual else None)
+                received.append(round_step.decode(blob))
+            # No screening: the simulated replicas are honest (optim/round.py says why).
+            round_step.apply(outer, received, compressors)
+            for r, m in enumerate(models):
+                load_params(m, round_step.restart(outer, compressors[r]))
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))
@@ -270,7 +257,7 @@ def run_diloco(
     result = RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
     if keep is not None:
         keep.update(models=models, outer=outer, compressors=compressors if compression is not None else None)
-    if local_residual:
+    if compression is not None and compression.residual == "model":
         # Replicas differ by their unsent residuals: report the mean over the models the
         # peers hold, and the consensus parameters alone.
         result.eval_loss = sum(w.evaluate(m) for m in models) / n

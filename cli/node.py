@@ -87,7 +87,7 @@ def join(
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
     from locoswarm.node.daemon import run_daemon
     from locoswarm.node.spec import load_spec
-    from locoswarm.node.trainer import pick_device
+    from locoswarm.node.hardware import pick_device
     from locoswarm.node.userconfig import node_config, resolve
 
     flags = {"run": None if run is None else str(run), "peers": peer or None, "listen": listen or None,

@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from locoswarm.node import replica_state
+
 FORMAT_VERSION = 1
 TENSORS, META = "tensors.safetensors", "meta.json"
 _NAME = re.compile(r"^ckpt-(\d{10})$")
@@ -149,7 +151,7 @@ class Checkpointer:
             return None
         round_, tensors, meta = found
         try:
-            await in_pool(trainer.restore, tensors, meta)
+            await in_pool(replica_state.restore, trainer, tensors, meta)
         except ValueError as e:
             log.warning("checkpoint of round %d not used: %s; starting from the swarm's state", round_, e)
             return None
@@ -162,7 +164,7 @@ class Checkpointer:
             if not wait:
                 return
             await self._task
-        tensors, meta = await in_pool(trainer.checkpoint_state)
+        tensors, meta = await in_pool(replica_state.checkpoint_state, trainer)
         meta = {**(extra or {}), **meta}
 
         async def go() -> None:

@@ -43,6 +43,7 @@ _STATUS_KEYS = {
     "micro_batch": ({"type": ["integer", "null"], "minimum": 1}, "sequences per forward pass"),
     "tokens_per_s": ({"type": "number", "minimum": 0}, "training throughput of the current round"),
     "rounds_completed": (_COUNT, "rounds this peer aggregated"),
+    "rounds_discarded": (_COUNT, "rounds given up after a failure (logged), the node training on"),
     "shard": ({"type": ["integer", "null"]}, "the data shard this peer trains on"),
 }
 STATUS_SCHEMA = {
@@ -78,6 +79,7 @@ class StatusCollector:
             if value is not None:
                 yield GaugeMetricFamily(f"locoswarm_{name}", doc, value=value)
         counters = {"rounds_completed": ("rounds this peer aggregated", st["rounds_completed"]),
+                    "rounds_discarded": ("rounds given up after a failure", st["rounds_discarded"]),
                     "bytes_sent": ("bytes written to delta and state streams", st["bytes_sent"]),
                     "bytes_received": ("bytes read from delta and state streams", st["bytes_received"]),
                     "deltas_rejected": ("deltas refused as malformed or misattributed", st["deltas_rejected"]),

@@ -31,8 +31,6 @@ def detect(device: str = "auto") -> Device:
     import psutil
     import torch
 
-    from locoswarm.node.trainer import pick_device
-
     dev = pick_device(device)
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
@@ -44,6 +42,26 @@ def detect(device: str = "auto") -> Device:
     import platform
 
     return Device("cpu", platform.processor() or platform.machine(), mem.total, mem.available, choose_precision(dev))
+
+
+def pick_device(name: str):
+    """The torch.device to train on: `auto` takes CUDA, then MPS, then the CPU; an explicit
+    device that is absent is a ValueError naming it."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is present")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple MPS is not available here")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
+    return torch.device(name)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -1,4 +1,4 @@
-"""Round agreement and the per-round delta pull (issue 3).
+"""Round agreement and the per-round delta pull.
 
 Round boundaries follow global token progress, as hivemind's Optimizer does with its target
 batch size: every peer training round r reports in the DHT how many tokens it has trained
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -66,23 +65,6 @@ their outer states split (seen over 1 % loss)."""
 
 
 CLAIM_FACTOR = 4.0
-
-TEST_DROP_DELTA_ENV = "LOCOSWARM_TEST_DROP_DELTA"
-"""Tests only (tests/test_faults.py): "R:I" makes this peer leave out, in round R, the delta
-of the I-th (0-based, by peer id) of the other peers it expects, as if its request had timed
-out: the one lost delta behind a silent split, on demand. Unset (always, outside tests):
-inert."""
-
-
-def _test_drop(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    round_, _, index = value.partition(":")
-    return int(round_), int(index)
-
-
-TEST_DROP_DELTA = _test_drop(os.environ.get(TEST_DROP_DELTA_ENV))
-
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
     return f"locoswarm:{run_id}:{spec_hash[:8].hex()}:progress:{round_}"
@@ -118,6 +100,8 @@ class RoundProgress:
         self.ttl_s = ttl_s
         self._others: dict[str, _Seen] = {}
         self.rejected = 0
+        self.train_s = 0.0
+        """Seconds this peer trained in the round (set by the round loop when training ends)."""
 
     async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
         value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done))
@@ -161,6 +145,10 @@ class RoundProgress:
     def participants(self) -> list[str]:
         """Peer ids (not ours) that reported progress in this round."""
         return sorted(self._others)
+
+    def withdrawn(self) -> set[str]:
+        """Participants that gave the round up (done with no tokens: no delta will come)."""
+        return {peer for peer, seen in self._others.items() if seen.progress.done and seen.progress.tokens == 0}
 
     def reached(self, own_tokens: int) -> bool:
         """Whether the swarm's tokens, ours plus the others' extrapolated, reach the target."""
@@ -207,12 +195,14 @@ class Gathered:
 
 
 async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
-                        fanout: int, rng: random.Random) -> Gathered:
+                        fanout: int, rng: random.Random,
+                        keep: Callable[[str, list[str]], bool] | None = None) -> Gathered:
     """Pull round `round_`'s deltas from its participants (at most `fanout`) until every
     one is in or `deadline_s` has passed. Participants are the peers that report progress
     in the round; a live peer expected in it (`progress.expected()`) that has not reported
     yet is waited for, so that peers agree on who took part. Whatever did not arrive by
-    the deadline is left out of the round."""
+    the deadline is left out of the round. `keep(sender, others)`: a test's fault injector
+    (node/roundloop.py RoundFaults), False drops a delta that arrived as if it had not."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
@@ -243,6 +233,9 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 # below the deadline and ask again, as after any failed stream.
                 delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=min(left, ATTEMPT_TIMEOUT_S))
             except DeltaUnavailable:
+                if peer in progress.withdrawn():
+                    out.failed[peer] = "gave the round up"
+                    return
                 await asyncio.sleep(wait)  # still training: ask again
                 wait = min(longest, wait * grow)
                 continue
@@ -275,11 +268,11 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 out.rejected += 1
                 out.failed[peer] = f"delta names sender {delta.sender}"
                 return
-            if TEST_DROP_DELTA is not None and TEST_DROP_DELTA[0] == round_:
+            if keep is not None:
                 others = sorted((set(progress.participants()) | set(progress.expected())) - {progress.peer_id})
-                if TEST_DROP_DELTA[1] < len(others) and others[TEST_DROP_DELTA[1]] == peer:
-                    log.warning("round %d: delta of %s left out (%s)", round_, peer, TEST_DROP_DELTA_ENV)
-                    out.failed[peer] = f"left out by {TEST_DROP_DELTA_ENV}"
+                if not keep(peer, others):
+                    log.warning("round %d: delta of %s left out by a fault injector", round_, peer)
+                    out.failed[peer] = "left out by a fault injector"
                     return
             out.deltas.append(delta)
             out.bytes_received += delta.nbytes + 8
@@ -287,12 +280,13 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
 
     try:
         while True:
-            new = [p for p in progress.participants() if p not in pulls]
+            withdrawn = progress.withdrawn()
+            new = [p for p in progress.participants() if p not in pulls and p not in withdrawn]
             room = fanout - len(pulls)
             for peer in (rng.sample(new, room) if len(new) > room else new):
                 pulls[peer] = asyncio.create_task(pull(peer))
             pending = [t for t in pulls.values() if not t.done()]
-            unreported = set(progress.expected()) - set(progress.participants()) - {progress.peer_id}
+            unreported = set(progress.expected()) - set(progress.participants()) - {progress.peer_id} - withdrawn
             if len(pulls) >= fanout:
                 unreported = set()
             if (not pending and not unreported) or time.monotonic() >= stop_at:

@@ -1,8 +1,12 @@
-"""The training side of one peer (issue 3): its replica of the model, inner AdamW, data
-shard, error-feedback compressor and the outer optimizer, driven by the daemon round by
-round. The same algorithm as the in-process simulation (bench/convergence.py
-`run_diloco`), one replica's share of it; every method runs on the daemon's one training
-thread, so torch work never blocks the event loop.
+"""One peer's replica: its model, inner AdamW, data shard, and its side of the round
+(optim/round.py's RoundStep with this peer's outer optimizer and error-feedback residual),
+driven by the daemon round by round. The convergence simulation (bench/convergence.py) runs
+the same round step for N replicas in one process.
+
+Threads (node/threads.py says which runs what): inner steps, the round boundary, evaluation
+and state loads run on the training thread; encode, screen and the outer step on the
+exchange thread when rounds overlap. The training progress, the restart shift and the outer
+steps taken cross between them through the trainer's `Handoff`.
 """
 
 from __future__ import annotations
@@ -18,46 +22,24 @@ from typing import Callable
 
 import torch
 
-from locoswarm.node.hardware import next_micro_batch
+from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precision, fit_micro_batch, next_micro_batch
 from locoswarm.node.spec import RunSpec
+from locoswarm.node.threads import Handoff, Progress
+from locoswarm.optim import lr_at, make_inner_optimizer, set_lr
+from locoswarm.optim.inner import load_params
+from locoswarm.optim.outer import OuterOptimizer
+from locoswarm.optim.round import RoundStep
+from locoswarm.optim.screen import Screened
+from locoswarm.protocol import DecodedDelta
+from locoswarm.protocol.state import StateSpec, encode_state
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model
 from locoswarm.workload.tokenizer import get_tokenizer
-from locoswarm.optim import (
-    ErrorFeedbackCompressor,
-    OuterOptimizer,
-    aggregate,
-    coverage,
-    delta_spec,
-    lr_at,
-    make_inner_optimizer,
-    set_lr,
-)
-from locoswarm.optim.inner import load_params
-from locoswarm.protocol import DecodedDelta, DeltaMessage, decode_delta, encode_delta
-from locoswarm.protocol.state import StateSpec, encode_state
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_FACTOR = 64
 """A delta may claim at most this many times the per-peer token target of a round."""
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` takes CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is present")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple MPS is not available here")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
-    return torch.device(name)
 
 
 @dataclass(slots=True)
@@ -69,6 +51,8 @@ class RoundWork:
     loss: float
     snapshot: list[torch.Tensor]
     """The replica's parameters at the boundary, fp32 on the outer state's device."""
+    applied: bool = False
+    """The round's outer step is in (set by `Trainer.apply`)."""
 
 
 class Trainer:
@@ -87,8 +71,6 @@ class Trainer:
             raise ValueError("the swarm exchanges compressed deltas: the run spec needs diloco.compression")
         if not 0 <= shard < spec.num_shards:
             raise ValueError(f"shard {shard} outside [0, {spec.num_shards})")
-        from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precision
-
         if micro_batch < 0 or (micro_batch and spec.batch_size % micro_batch):
             raise ValueError(f"micro_batch {micro_batch} must divide the spec's batch size {spec.batch_size}")
         if not 0.0 <= memory_fraction <= 1.0:
@@ -122,34 +104,47 @@ class Trainer:
         self.tokens_per_step = spec.batch_size * spec.data.seq_len
         self.round_tokens = spec.diloco.inner_steps * self.tokens_per_step
         """The per-peer share of a round's global token target."""
-        self.delta_spec = delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec_hash,
-                                     max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
-        self.compressor = ErrorFeedbackCompressor(self.delta_spec.tensors, spec.diloco.compression,
-                                                  self.outer.params[0].device)
+        self.step = RoundStep(spec.diloco, named, run_id=spec.run_id, spec_hash=spec_hash,
+                              max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
+        """The round's algorithm (optim/round.py), shared with the simulation."""
+        self.delta_spec = self.step.spec
+        self.compressor = self.step.compressor(self.outer.params[0].device)
+        self.handoff = Handoff()
+        """What the training, exchange and event-loop threads share (node/threads.py)."""
         self.state_spec = StateSpec(run_id=spec.run_id, spec_hash=spec_hash,
                                     tensors=tuple((n, tuple(t.shape)) for n, t in self.outer.state_tensors().items()))
         self.round = 0
-        """The round being trained: the number of outer steps this replica has taken part in."""
+        """The round being trained: the number of outer steps this replica has taken part in
+        (written at the round boundary, which the event loop awaits)."""
         self.tokens = 0
-        """Tokens trained on in the current round (read by the event loop for progress)."""
-        self.tokens_per_s = 0.0
+        """Tokens trained on in the current round (training thread; others read `progress`)."""
         self.losses: list[float] = []
         """Training losses of the current round."""
-        self._shift: list[torch.Tensor] | None = None
-        """The restart of an overlapped round, waiting for the training thread."""
         per_sequence = activation_bytes_per_sequence(spec, tok.vocab_size)
         if activation_checkpointing:
             per_sequence //= 4  # block inputs and one block's recomputation, not every block's intermediates
         self.micro_batch = micro_batch or self._fit_micro_batch(per_sequence)
         """Sequences per forward pass; halved (to the next divisor) when a step runs out of memory."""
 
+    @property
+    def progress(self) -> Progress:
+        """This round's tokens and rate, as the training thread last published them."""
+        return self.handoff.progress
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.handoff.progress.tokens_per_s
+
+    @property
+    def outer_steps(self) -> int:
+        """Outer steps taken, as last published by the thread that took one (any thread may read)."""
+        return self.handoff.outer_steps
+
     def _fit_micro_batch(self, per_sequence: int) -> int:
         """The largest divisor of the batch whose activations fit what is free on the
         device, once AdamW's moments and the gradients (not allocated before the first
         step) are set aside."""
         import psutil
-
-        from locoswarm.node.hardware import fit_micro_batch
 
         params = sum(p.numel() for p in self.model.parameters())
         if self.device.type == "cuda":
@@ -214,7 +209,7 @@ class Trainer:
         steps = 0
         started = time.perf_counter()
         while True:
-            self._take_shift()
+            self.take_shift()
             # Global progress drives the schedule, as in the simulation: step = round·H + s.
             set_lr(self.inner, lr_at(self.round * dl.inner_steps + min(steps, dl.inner_steps - 1),
                                      self.spec.total_steps, dl.inner))
@@ -223,7 +218,7 @@ class Trainer:
             steps += 1
             self.tokens += self.tokens_per_step
             elapsed = time.perf_counter() - started
-            self.tokens_per_s = self.tokens / elapsed if elapsed > 0 else 0.0
+            self.handoff.report(Progress(self.tokens, self.tokens / elapsed if elapsed > 0 else 0.0))
             if stop.is_set() or should_stop(self.tokens):
                 return self.tokens
 
@@ -232,7 +227,7 @@ class Trainer:
     def end_round(self) -> RoundWork:
         """The round boundary (training thread): take in a pending restart shift, snapshot
         the replica's parameters, and count the next round from here."""
-        self._take_shift()
+        self.take_shift()
         snapshot = [p.detach().to(self.outer.params[0].device, torch.float32, copy=True)
                     for p in self.model.parameters()]
         work = RoundWork(round=self.round, tokens=max(1, self.tokens), snapshot=snapshot,
@@ -240,54 +235,71 @@ class Trainer:
         self.round += 1
         self.tokens = 0
         self.losses = []
+        self.handoff.report(Progress(0, self.tokens_per_s))  # the rate stands until the next step
         return work
 
     def encode(self, work: RoundWork, sender: str) -> bytes:
-        """The round's pseudo-gradient θ_outer − θ_replica, compressed (committing the
-        residual) and encoded."""
-        deltas = [o - s for o, s in zip(self.outer.params, work.snapshot)]
-        packed, _ = self.compressor.compress(deltas)
-        msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.delta_spec.spec_hash, round=work.round,
-                           sender=sender, num_tokens=work.tokens, tensors=tuple(packed))
-        return encode_delta(msg)
+        """The round's pseudo-gradient, compressed (committing the residual) and encoded;
+        ValueError, with nothing committed, when it is not finite (RoundStep.encode)."""
+        return self.step.encode(self.compressor, self.outer.params, work.snapshot, round_=work.round, sender=sender,
+                                tokens=work.tokens)
 
     def decode(self, blob: bytes) -> DecodedDelta:
-        return decode_delta(blob, self.delta_spec)
+        return self.step.decode(blob)
+
+    def screen(self, deltas: list[DecodedDelta]) -> Screened:
+        return self.step.screen(deltas)
 
     @torch.no_grad()
     def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool) -> None:
-        """Token-weighted aggregate of the round's deltas (this peer's own among them), the
-        outer step, and the replica's restart at θ_outer − its unsent residual. When the
-        next round's training already started from the snapshot (`overlapped`), the restart
-        is handed to the training thread as a shift, applied before its next step: the
-        replica ends where it would have, plus the progress it made meanwhile."""
-        cfg = self.spec.diloco.compression
-        device = self.outer.params[0].device
-        shapes = [tuple(p.shape) for p in self.outer.params]
-        masked = cfg.aggregation == "masked"
-        shares = coverage(received, device) if masked else None
-        self.outer.step(aggregate(received, shapes, device, rule=cfg.aggregation, shares=shares,
-                                  trim=self.spec.diloco.robust.trim))
-        if masked:
-            self.compressor.forget([share > 0 for share in shares])
-        start = self._restart_point()
-        if overlapped:
-            self._shift = [st - s for st, s in zip(start, work.snapshot)]
-        else:
-            load_params(self.model, start)
-
-    def _restart_point(self) -> list[torch.Tensor]:
-        if self.spec.diloco.compression.residual != "model":
-            return self.outer.params
-        offsets = self.compressor.model_offsets()
-        return [o - off.view(o.shape) for o, off in zip(self.outer.params, offsets)]
+        """The round's outer step from its screened deltas (this peer's own among them) and
+        the replica's restart (RoundStep.restart). When the next round's training already
+        started from the snapshot (`overlapped`), the restart is handed to the training
+        thread as a shift, applied before its next step: the replica ends where it would
+        have, plus the progress it made meanwhile."""
+        self.step.apply(self.outer, received, [self.compressor])
+        work.applied = True
+        self.handoff.publish_outer_steps(self.outer.num_steps)
+        self._restart(work, overlapped)
 
     @torch.no_grad()
-    def _take_shift(self) -> None:
-        shift, self._shift = self._shift, None
-        if shift is not None:
-            for p, d in zip(self.model.parameters(), shift):
-                p.add_(d.to(p.device, p.dtype))
+    def discard(self, work: RoundWork, *, overlapped: bool) -> None:
+        """A round given up before its outer step: the replica restarts where it would have
+        without it. A replica that went non-finite restarts there outright (what it trained
+        since is lost with it), and AdamW's state is dropped if the round left it
+        non-finite: a diverged step must not poison the next round."""
+        finite = all(bool(torch.isfinite(s).all()) for s in work.snapshot)
+        self._restart(work, overlapped, reset=not finite)
+
+    def _restart(self, work: RoundWork, overlapped: bool, *, reset: bool = False) -> None:
+        start = self.step.restart(self.outer, self.compressor)
+        if not overlapped:
+            load_params(self.model, start)
+            if reset:
+                self._drop_non_finite_moments(work.round)
+        elif reset:
+            self.handoff.put_shift([st.clone() for st in start], reset=True)
+        else:
+            self.handoff.put_shift([st - s for st, s in zip(start, work.snapshot)])
+
+    @torch.no_grad()
+    def take_shift(self) -> None:
+        """Apply a pending restart (training thread): add the shift, or load a reset."""
+        shift, reset = self.handoff.take_shift()
+        if shift is None:
+            return
+        if reset:
+            load_params(self.model, shift)
+            self._drop_non_finite_moments(self.round)
+            return
+        for p, d in zip(self.model.parameters(), shift):
+            p.add_(d.to(p.device, p.dtype))
+
+    def _drop_non_finite_moments(self, round_: int) -> None:
+        if not all(bool(torch.isfinite(v).all()) for st in self.inner.state.values() for v in st.values()
+                   if torch.is_tensor(v) and v.is_floating_point()):
+            log.warning("round %d left AdamW's state non-finite: starting it afresh", round_)
+            self.inner.state.clear()
 
     # ------------------------------------------------------------------ state for joiners
 
@@ -300,79 +312,17 @@ class Trainer:
         _, body = encode_state(self.state_spec, self.state_snapshot(), self.round)
         return hashlib.sha256(body).hexdigest()
 
-    # ------------------------------------------------------------------ checkpoints
-
-    @torch.no_grad()
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Copies of everything a restart needs, taken at a round boundary on the training
-        thread (nothing else is running): the outer state, the replica (its unsent progress
-        included: it is sent with the next delta), the residuals, AdamW's state, and the
-        data order. Returns (tensors, JSON-able metadata)."""
-        self._take_shift()
-        cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
-        tensors = {name: cpu(t).to(torch.uint8) if t.dtype == torch.bool else cpu(t)
-                   for name, t in self._fixed_tensors().items()}
-        params = [p for group in self.inner.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
-            for key, value in self.inner.state.get(p, {}).items():
-                tensors[f"adam.{i}.{key}"] = cpu(value).reshape(-1) if value.dim() == 0 else cpu(value)
-        meta = {"round": self.round, "outer_steps": self.outer.num_steps,
-                "sampler": self.sampler.rng.bit_generator.state}
-        return tensors, meta
-
-    def _fixed_tensors(self) -> dict[str, torch.Tensor]:
-        """The checkpointed tensors whose names and shapes the spec fixes (AdamW's state
-        appears only after the first step), as views of the live ones: no copies."""
-        out = {f"outer.{n}": t for n, t in self.outer.state_tensors().items()}
-        out.update({f"model.{n}": p.detach() for n, p in self.model.named_parameters()})
-        for i, (err, mask) in enumerate(zip(self.compressor.errors, self.compressor.sent_masks)):
-            out[f"residual.{i}"] = err
-            out[f"sent.{i}"] = mask
-        return out
-
-    @torch.no_grad()
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Take a checkpoint written by `checkpoint_state` for this spec; ValueError, with
-        nothing changed, when its tensors do not fit this model."""
-        need = self._fixed_tensors()  # views: only names, shapes and dtypes are read
-        stored = lambda t: torch.uint8 if t.dtype == torch.bool else t.dtype  # noqa: E731
-        missing = [k for k in need if k not in tensors]
-        wrong = [k for k in need if k in tensors and (tensors[k].shape != need[k].shape
-                                                      or tensors[k].dtype != stored(need[k]))]
-        if missing or wrong:
-            raise ValueError(f"checkpoint does not fit this model: missing {missing[:3]}, wrong shape {wrong[:3]}")
-        if not all(bool(torch.isfinite(tensors[k]).all()) for k in need if tensors[k].is_floating_point()):
-            raise ValueError("checkpoint holds non-finite values")
-        round_, outer_steps = meta.get("round"), meta.get("outer_steps")
-        if type(round_) is not int or type(outer_steps) is not int or round_ < 0 or outer_steps < 0:
-            raise ValueError(f"checkpoint metadata invalid: round {round_!r}, outer_steps {outer_steps!r}")
-        for name, live in need.items():
-            live.copy_(tensors[name])  # a sent mask comes back from uint8 to bool by copy_
-        params = [p for group in self.inner.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
-            state = {key[len(f"adam.{i}."):]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
-            if state:
-                self.inner.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
-        try:
-            self.sampler.rng.bit_generator.state = meta["sampler"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint's data order unreadable: {e}") from None
-        self.outer.num_steps = outer_steps
-        self.round = round_
-        self.tokens = 0
-        self.losses = []
-        self._shift = None
-
     @torch.no_grad()
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         """Take a donor's outer state: parameters, momentum and round; the residual starts empty."""
         for name, tensor in state.items():
             self.outer.state_tensors()[name].copy_(tensor)
         self.outer.num_steps = round_  # > 0: the momentum buffer is live, not to be re-seeded
+        self.handoff.publish_outer_steps(round_)
         for err in self.compressor.errors:
             err.zero_()
         self.round = round_
-        self._shift = None
+        self.handoff.put_shift(None)
         load_params(self.model, self.outer.params)
         self.tokens = 0
         self.losses = []
@@ -381,7 +331,7 @@ class Trainer:
         """The replica's parameters as safetensors (no pickle), written atomically."""
         from safetensors.torch import save_file
 
-        self._take_shift()
+        self.take_shift()
         tmp = f"{path}.tmp"
         try:
             save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
@@ -395,7 +345,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Held-out loss of the replica (training thread: a pending restart is applied first)."""
-        self._take_shift()
+        self.take_shift()
         total, count = 0.0, 0
         for x, y in self.eval:
             with self.autocast():

@@ -21,6 +21,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from locoswarm.node import replica_state
 from locoswarm.node.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.trainer import Trainer
@@ -40,11 +41,11 @@ def test_a_restored_trainer_continues_bit_for_bit_like_the_original(tmp_path):
     work = a.end_round()
     a.apply(work, [a.decode(a.encode(work, "me"))], overlapped=False)
     a.train_until(stop, lambda n: True)
-    tensors, meta = a.checkpoint_state()
+    tensors, meta = replica_state.checkpoint_state(a)
     save_checkpoint(str(tmp_path), a.round, tensors, meta, spec_hash=spec.hash())
     round_, tensors, meta = load_latest(str(tmp_path), spec.hash())
     b = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
-    b.restore(tensors, meta)
+    replica_state.restore(b, tensors, meta)
     assert round_ == a.round == b.round == 1
     for t in (a, b):
         t.train_until(stop, lambda n: True)
@@ -206,7 +207,7 @@ def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
     saved = list_checkpoints(str(tmp_path / "node" / "checkpoints"))
     assert saved and max(saved) >= 3, saved
     # The round chain of the checkpointed state is kept (the resumed peer shows it again in
-    # its record and so takes part in split verdicts: node/reunion.py).
+    # its record and so takes part in split verdicts: node/lineage.py).
     from locoswarm.node.spec import RunSpec as Spec
 
     chain = load_latest(str(tmp_path / "node" / "checkpoints"), Spec().hash())[2]["chain"]

@@ -33,6 +33,7 @@ from locoswarm.node.control import STATUS_SCHEMA
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 EVIL_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "evil_delta.py")
+FAULTY_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "faulty_node.py")
 ROUND_LINE = r"^round (\d+) deltas (\d+)/(\d+) tokens (\d+) loss (\S+) eval_loss (\S+) "
 FINAL_LINE = r"^final round (\d+) eval_loss (\S+) digest ([0-9a-f]{64})$"
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
@@ -146,10 +147,12 @@ class Swarm:
         self.children: list[Child] = []
 
     def join(self, name: str, *args: str, peer: Child | str | None = None, run: Path | None = None,
-             listen: str = LISTEN, env: dict[str, str] | None = None) -> Child:
+             listen: str = LISTEN, env: dict[str, str] | None = None, faults: list[str] | None = None) -> Child:
         """`locoswarm node join` with state directory root/name; `peer`: a multiaddr, or a
-        daemon whose first address to join through; `env`: added to its environment."""
-        argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", listen,
+        daemon whose first address to join through; `env`: added to its environment;
+        `faults`: run it through tests/peers/faulty_node.py with these faults injected."""
+        command = ["-m", "locoswarm"] if faults is None else [FAULTY_SCRIPT, *faults, "--"]
+        argv = [sys.executable, "-u", *command, "node", "join", "--listen", listen,
                 "--state-dir", str(self.root / name), "--threads", "1", *args]
         if peer is not None:
             argv += ["--peer", peer if isinstance(peer, str) else first_addr(peer)]
@@ -242,10 +245,10 @@ def three_peers(swarm: Swarm, *args: str, run: Path | None = None) -> list[Child
     return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, run=run) for n in ("b", "c")]
 
 
-def three_peers_env(swarm: Swarm, env: dict[str, dict[str, str]], *args: str) -> list[Child]:
-    """three_peers, with `env[name]` added to that peer's environment."""
-    a = swarm.join("a", "--min-peers", "3", *args, env=env.get("a"))
-    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, env=env.get(n)) for n in ("b", "c")]
+def three_peers_faults(swarm: Swarm, faults: dict[str, list[str]], *args: str) -> list[Child]:
+    """three_peers, with `faults[name]` injected into that peer (tests/peers/faulty_node.py)."""
+    a = swarm.join("a", "--min-peers", "3", *args, faults=faults.get("a"))
+    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, faults=faults.get(n)) for n in ("b", "c")]
 
 
 def assert_clean_exit(child: Child, rc: int) -> None:
@@ -304,7 +307,7 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
 def test_peers_that_pull_a_sample_of_the_deltas_never_take_each_others_state_as_a_split(swarm: Swarm):
     """Four peers with fanout 2 each aggregate a different set every round, on purpose
     (README, "Fanout and drift"): their round chains must not call that a split, or they
-    would all take one peer's state every round (node/reunion.py)."""
+    would all take one peer's state every round (node/lineage.py)."""
     a = swarm.join("a", "--min-peers", "4", "--max-rounds", "4", "--fanout", "2")
     peers = [a] + [swarm.join(n, "--min-peers", "4", "--max-rounds", "4", "--fanout", "2", peer=a)
                    for n in ("b", "c", "d")]

@@ -3,6 +3,9 @@ target arithmetic (extrapolation, vanished peers, carry) and the overlapped rest
 
 from __future__ import annotations
 
+import asyncio
+import math
+import random
 import threading
 import time
 from dataclasses import replace
@@ -30,6 +33,22 @@ def test_round_target_scales_with_the_number_of_reporting_peers():
     p = progress_with({"a": (100, 0.0, True, 0.0), "b": (100, 0.0, True, 0.0)})
     assert not p.reached(99)  # 299 of 300
     assert p.reached(100)
+
+
+def test_a_peer_done_with_no_tokens_has_given_the_round_up_and_is_not_waited_for():
+    p = progress_with({"a": (0, 0.0, True, 0.0), "b": (0, 0.0, False, 0.0), "c": (100, 0.0, True, 0.0)})
+    assert p.withdrawn() == {"a"}, "b is still training; c is done with a delta to pull"
+
+    async def gather():
+        from locoswarm.node.rounds import gather_deltas
+
+        p.expected = lambda: {"a"}
+        return await gather_deltas(None, p, 0, None, deadline_s=120.0, fanout=4, rng=random.Random(0))
+
+    p._others.pop("b"), p._others.pop("c")
+    started = time.monotonic()
+    got = asyncio.run(gather())
+    assert got.deltas == [] and not got.failed and time.monotonic() - started < 60, "no pull, no deadline wait"
 
 
 def test_live_peers_are_extrapolated_from_their_rate():
@@ -71,7 +90,7 @@ def test_an_overlapped_restart_lands_where_the_synchronous_one_does_before_any_e
     for t, w in zip((sync, over), works):
         blob = t.encode(w, "me")
         t.apply(w, [t.decode(blob)], overlapped=t is over)
-    assert over._shift is not None
+    assert over.handoff.has_shift
     over.evaluate()  # evaluating (like saving) first applies the pending restart
     for a, b in zip(sync.model.parameters(), over.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -90,8 +109,8 @@ def test_training_after_an_overlapped_boundary_keeps_its_progress(spec):
     t.train_until(stop, lambda n: n >= t.tokens_per_step)  # round 1 starts before round 0's exchange ends
     progress = [p.detach().clone() - s for p, s in zip(t.model.parameters(), work.snapshot)]
     t.apply(work, [t.decode(t.encode(work, "me"))], overlapped=True)
-    start = t._restart_point()
-    t._take_shift()
+    start = t.step.restart(t.outer, t.compressor)
+    t.take_shift()
     for p, st, d in zip(t.model.parameters(), start, progress):
         torch.testing.assert_close(p, st + d, rtol=0, atol=1e-5)
     assert torch.isfinite(torch.tensor(t.evaluate()))
@@ -151,3 +170,30 @@ def test_one_peer_claiming_a_huge_count_does_not_end_the_round():
     assert not liar.reached(10)
     fast = progress_with({"gpu": (350, 0.0, False, 0.0)})  # 3.5 shares: more than the 2 of the round
     assert fast.reached(0)
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_a_discarded_non_finite_round_resets_the_replica_and_drops_non_finite_adam_moments(spec, overlapped):
+    """A replica gone non-finite is not sent and not shifted (a shift from a NaN snapshot
+    stays NaN): it restarts at the round's restart point, and AdamW starts afresh where its
+    moments went non-finite; the outer state is untouched."""
+    t = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
+    stop = threading.Event()
+    t.train_until(stop, lambda n: n >= 2 * t.tokens_per_step)
+    with torch.no_grad():
+        next(t.model.parameters()).view(-1)[0] = math.nan
+        next(iter(t.inner.state.values()))["exp_avg"].view(-1)[0] = math.nan
+    work = t.end_round()
+    with pytest.raises(ValueError, match="not finite"):
+        t.encode(work, "me")
+    outer = [p.clone() for p in t.outer.params]
+    t.discard(work, overlapped=overlapped)
+    assert t.handoff.has_shift == overlapped
+    t.take_shift()
+    start = t.step.restart(t.outer, t.compressor)
+    for p, st in zip(t.model.parameters(), start):
+        assert torch.equal(p, st)
+    assert not t.inner.state, "non-finite moments dropped"
+    assert all(torch.equal(a, b) for a, b in zip(outer, t.outer.params))
+    t.train_until(stop, lambda n: n >= t.tokens_per_step)
+    assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())

@@ -1,16 +1,14 @@
-"""After a partition heals (issue 6): which peers take whose outer state, and dialing back
-the peers that vanished.
+"""A peer's lineage: which outer state it holds (its round chain), whether it went its own
+way (diverged), and whose state to take after a partition, a silent split or a discarded
+round.
 
 A peer cut off from the swarm aggregates its own deltas alone and its outer state goes its
 own way, while the peers left together go on with theirs. Once they see each other again
 one side must take the other's state, or their deltas stop fitting. The round number does
 not say which side: a peer alone waits for nobody's delta, so it ends its rounds sooner and
-runs ahead (in the fault suite a cut-off peer was 11 rounds ahead 9 s after the heal, and
-the two peers still together, each once missing the other's delta on the lossy link, took
-its state: the swarm followed the runaway, and both crashed when its rounds outran their
-download). Nor does a later round with everyone's deltas: it adds the same mean to states
-that differ, and the difference stays (seen: a healed peer aggregating 3 of 3 again,
-on its own state, because it met the others between two round boundaries).
+runs ahead, and following the runaway would drag the swarm after one peer. Nor does a later
+round with everyone's deltas: it adds the same mean to states that differ, and the
+difference stays.
 
 What says it: a peer is *diverged* from the round it aggregated its own delta alone while
 others trained that round (they reported progress in it), until it takes another peer's
@@ -26,44 +24,26 @@ else did (the others paused, or gone) has not diverged: its state is the swarm's
   checkpoint) takes the state of the peers ahead if they are at least as many as those level
   with it, itself included, counting only peers that have not diverged unless all have: one
   peer that ran ahead alone drags no one along.
+- A peer that discarded a round before its outer step (node/roundloop.py) missed a step the
+  swarm took: it takes the state of the peers that stepped past it.
 
 A silent split: peers that each aggregated two or more deltas, but not the same ones (one
-peer's request for a delta timed out on a loaded machine; seen in the fault suite's
-malicious-peer case), are not diverged by the rule above, yet their outer states differ from
-that round on, forever. Each peer therefore keeps a round chain, h_r+1 = BLAKE2b(h_r ‖ r ‖
-the sorted (sender, tokens) pairs it aggregated), from h_0 = BLAKE2b(spec hash), and shows
-it in its record: equal chains at a round mean the same deltas since the same start, without
-hashing a model (trainer.state_digest hashes every tensor). When the live peers that have not
+peer's request for a delta timed out), are not diverged by the rules above, yet their outer
+states differ from that round on, forever. Each peer therefore keeps a round chain,
+h_r+1 = BLAKE2b(h_r ‖ r ‖ the sorted (sender, tokens) pairs it aggregated), from
+h_0 = BLAKE2b(spec hash), and shows it in its record: equal chains at a round mean the same
+deltas since the same start, without hashing a model. When the live peers that have not
 diverged all stand at one round and this peer's chain there is not the largest group's
 (ties: the group holding the smallest peer id, so every peer picks the same), it takes that
 group's state (`whom_to_rejoin`); a peer of that group never moves.
-
-Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
-dial backoff (5 s, growing with the square of the failed dials; hivemind gives no way to
-clear it) holds its dials back for tens of seconds after the link is back. A dial from the
-other side does not wait on that backoff, and a connection made by either side serves
-both (libp2p reuses a live connection before it looks at the backoff): so every peer also
-dials the peers that vanished without withdrawing their record, from their last record's
-addresses, and pings them, which puts each in the other's DHT routing table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
-import time
 from dataclasses import dataclass
 
-from locoswarm.protocol.records import PeerRecord
-
-log = logging.getLogger(__name__)
-REDIAL_S = 5.0
-"""Least time between two dials of the same vanished peer."""
-FORGET_S = 600.0
-"""A vanished peer is dialed for this long after it was last seen."""
-MAX_LOST = 16
-"""At most this many vanished peers are remembered (the most recently seen)."""
+from locoswarm.protocol.records import PeerRecord, is_chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,57 +146,108 @@ def _largest(groups: dict[str, list[str]]) -> str:
     return min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
 
 
-class LostPeers:
-    """Peers whose records vanished without a tombstone (cut off, or killed): their last
-    records, to dial them back (`due`)."""
-
-    def __init__(self, clock=time.monotonic) -> None:
-        self.clock = clock
-        self._lost: dict[str, tuple[PeerRecord, float, float]] = {}
-        """peer id → (last record, when last seen, when next to dial)."""
-        self._seen: dict[str, PeerRecord] = {}
-
-    def update(self, records: list[PeerRecord], withdrawn: set[str]) -> None:
-        """The live records of this refresh, and the peer ids that left on purpose."""
-        now = self.clock()
-        live = {r.peer_id: r for r in records}
-        for peer, record in self._seen.items():
-            if peer not in live and peer not in withdrawn:
-                self._lost[peer] = (record, now, now)
-        for peer in list(self._lost):
-            if peer in live or peer in withdrawn or now - self._lost[peer][1] > FORGET_S:
-                del self._lost[peer]
-        if len(self._lost) > MAX_LOST:
-            for peer in sorted(self._lost, key=lambda p: self._lost[p][1])[:len(self._lost) - MAX_LOST]:
-                del self._lost[peer]
-        self._seen = live
-
-    def due(self) -> list[PeerRecord]:
-        """The vanished peers to dial now (each at most every REDIAL_S)."""
-        now = self.clock()
-        out = []
-        for peer, (record, seen, next_at) in self._lost.items():
-            if now >= next_at:
-                self._lost[peer] = (record, seen, now + REDIAL_S)
-                out.append(record)
-        return out
-
-    def __len__(self) -> int:
-        return len(self._lost)
+CHAINS_KEPT = 8
+"""Round chains kept for comparing with records a few rounds old."""
 
 
-async def redial(p2p, dht, record: PeerRecord, timeout_s: float = 5.0) -> bool:
-    """Dial a vanished peer at its last record's addresses and ping it into the DHT's
-    routing table; True when it answered."""
-    from hivemind.p2p import PeerID
+class Lineage:
+    """This peer's side of the rules above: its round chain at each recent outer step, the
+    round it diverged in, and the decision whom to follow. Plain inputs and outputs: the
+    round loop tells it what each round aggregated, it says what the peer record shows and
+    whose state to take."""
 
-    from locoswarm.node.host import dial_addrs
+    def __init__(self, spec_hash: bytes) -> None:
+        self.spec_hash = spec_hash
+        self.chains: dict[int, str] = {}
+        """Outer steps → the round chain of our outer state then, the last CHAINS_KEPT;
+        empty while unknown (a checkpoint without one, a round that pulled a sample of the
+        deltas, a state taken at a round its donors' records no longer showed, a discarded
+        round)."""
+        self.diverged_at: int | None = None
+        """The round this peer aggregated alone while others trained it; None while its
+        outer state is the swarm's, or since it took another's."""
+        self.alone_rounds = 0
+        """Outer steps aggregated alone since the last sync (or the start)."""
+        self.had_peers = False
+        """Some round of ours aggregated another peer's delta."""
+        self.behind_at: int | None = None
+        """Outer steps we held when we discarded a round the swarm may have stepped; None
+        when we discarded none since the last sync."""
 
-    peer = PeerID.from_base58(record.peer_id)
-    try:
-        await dial_addrs(p2p, peer, record.addrs, timeout_s)
-        return await asyncio.wait_for(dht.protocol.call_ping(peer), timeout_s) is not None
-    except Exception as e:  # still cut off, gone, or in libp2p's dial backoff: next time
-        log.debug("peer %s still unreachable: %s", record.peer_id, str(e).strip().splitlines()[0][:200] if str(e)
-                  else type(e).__name__)
-        return False
+    def start(self, outer_steps: int, chain: object = None, *, resumed: bool = False) -> None:
+        """A fresh start (the run's initial state) or a resumed checkpoint's `chain`: a
+        file on disk, so one that is not a chain leaves ours unknown (this peer then takes
+        no part in split verdicts until it takes a donor's state)."""
+        if not resumed:
+            self.chains = {outer_steps: chain_start(self.spec_hash)}
+        else:
+            self.chains = {outer_steps: chain} if is_chain(chain) else {}
+
+    def shown(self, outer_steps: int) -> dict:
+        """What the peer record shows of the lineage at `outer_steps`."""
+        return {"diverged": self.diverged_at is not None, "chain": self.chains.get(outer_steps, ""),
+                "prev_chain": self.chains.get(outer_steps - 1, "")}
+
+    def after_round(self, round_: int, before: int, after: int, aggregated: list[tuple[str, int]], *,
+                    others_trained: bool, sampled: bool) -> None:
+        """Round `round_`'s outer step took the outer steps from `before` to `after` with
+        the `aggregated` (sender, tokens) pairs, this peer's own among them.
+        `others_trained`: other peers reported progress in the round. `sampled`: the round
+        pulled a sample of the participants' deltas (fanout below their number)."""
+        if len(aggregated) == 1 and self.had_peers:
+            self.alone_rounds += 1
+            if others_trained and self.diverged_at is None:
+                # Others trained this round and none of their deltas is in our step (cut
+                # off): our outer state goes its own way from here until we take another's;
+                # rounds with their deltas later do not undo it.
+                self.diverged_at = round_
+        self.had_peers = self.had_peers or len(aggregated) > 1
+        previous = self.chains.get(before)
+        if sampled:
+            # Deltas left out on purpose: peers then differ by design (docs/swarm.md, "Fanout
+            # and drift"), and a chain that said so would have them all take one peer's
+            # state every round.
+            self.chains = {}
+        if not previous or sampled:
+            return
+        self.chains[after] = round_chain(previous, round_, aggregated)
+        for old in sorted(self.chains)[:-CHAINS_KEPT]:
+            del self.chains[old]
+
+    def discarded(self, outer_steps: int) -> None:
+        """We gave a round up before its outer step, at `outer_steps`: our chain is unknown
+        from here (we take no part in split verdicts) and the swarm's next state is to be
+        taken (`follow`)."""
+        self.chains = {}
+        if self.behind_at is None:
+            self.behind_at = outer_steps
+
+    def follow(self, me: str, outer_steps: int, records: list[PeerRecord]) -> Follow | None:
+        """Whose state to take now, None to keep ours: after a discarded round, the peers
+        that have not diverged and stepped past where we stopped (while there are none, our
+        state is as good as anyone's: alone, nobody stepped without us); then whom_to_follow
+        and whom_to_rejoin."""
+        if self.behind_at is not None:
+            live = [r for r in records if r.peer_id != me and not r.paused]
+            ahead = [r for r in live if not r.diverged and r.round > self.behind_at]
+            if ahead:
+                return Follow(f"a discarded round left outer step {outer_steps} behind the swarm's "
+                              f"{max(r.round for r in ahead)}", ahead)
+            if not live:
+                self.behind_at = None
+        found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at)
+        if found is None and self.diverged_at is None:
+            found = whom_to_rejoin(me, self.chains, records)
+        return found
+
+    def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord]) -> None:
+        """We took the state of round `round_` from `donors`: their chain at that round (from
+        the records read before the download, then the `fresh` ones), unknown when they moved
+        on meanwhile; and we are the swarm's again."""
+        chain = chain_at(round_, donors) or chain_at(round_, fresh)
+        self.chains = {round_: chain} if chain else {}
+        self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
+
+    def checkpoint_extra(self, outer_steps: int) -> dict:
+        """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
+        return {"chain": self.chains.get(outer_steps, "")}

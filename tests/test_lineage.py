@@ -4,7 +4,8 @@ its state; a peer that sat paused is not followed; vanished peers are dialed bac
 their last records (real p2pd on loopback), and a donor keeps a round a joiner is
 downloading while the swarm moves on. After a silent split (peers that aggregated different
 sets of deltas) the peers outside the largest group of equal round chains, and only they,
-take that group's state."""
+take that group's state. The Lineage and Membership objects the daemon keeps apply these
+rules to what each round aggregated and each registry refresh showed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.reunion import (REDIAL_S, LostPeers, chain_at, chain_start, redial, round_chain, whom_to_follow,
-                                    whom_to_rejoin)
+from locoswarm.node.lineage import Lineage, chain_at, chain_start, round_chain, whom_to_follow, whom_to_rejoin
+from locoswarm.node.membership import REDIAL_S, LostPeers, Membership, redial
 from locoswarm.node.statesync import StateServer, download_state
 from locoswarm.protocol.records import PeerRecord
 
@@ -141,6 +142,75 @@ def test_a_peer_behind_takes_the_state_of_the_peers_ahead_only_when_they_outnumb
     assert whom_to_follow("Qb", 6, [rec("Qa", 3), rec("Qc", 9, diverged=True)], diverged_at=None) is None
     # ...but it is when it is the only one left (a swarm of two; b restarted from a checkpoint).
     assert donors(whom_to_follow("Qb", 2, [rec("Qa", 9, diverged=True)], diverged_at=None)) == ["Qa"]
+
+
+def test_lineage_chain_follows_what_each_round_aggregated_and_forgets_a_sampled_round():
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    start = chain_start(b"h" * 32)
+    assert lin.shown(0) == {"diverged": False, "chain": start, "prev_chain": ""}
+    lin.after_round(0, 0, 1, [("b", 10), ("a", 12)], others_trained=True, sampled=False)
+    one = round_chain(start, 0, [("a", 12), ("b", 10)])
+    assert lin.shown(1) == {"diverged": False, "chain": one, "prev_chain": start}
+    assert lin.checkpoint_extra(1) == {"chain": one}
+    lin.after_round(1, 1, 2, [("a", 12), ("b", 10), ("c", 9)], others_trained=True, sampled=True)
+    assert lin.shown(2)["chain"] == "" and lin.chains == {}
+
+
+def test_lineage_diverges_only_when_others_trained_a_round_it_aggregated_alone():
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    lin.after_round(0, 0, 1, [("me", 5)], others_trained=True, sampled=False)
+    assert lin.diverged_at is None, "alone before ever having peers: the swarm's state"
+    lin.after_round(1, 1, 2, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
+    lin.after_round(2, 2, 3, [("me", 5)], others_trained=False, sampled=False)
+    assert lin.diverged_at is None and lin.alone_rounds == 1, "nobody else trained: not diverged"
+    lin.after_round(3, 3, 4, [("me", 5)], others_trained=True, sampled=False)
+    assert lin.diverged_at == 3 and lin.shown(4)["diverged"]
+    lin.synced(9, [rec("b", 9, chain="c9")], [])
+    assert (lin.diverged_at, lin.alone_rounds, lin.chains) == (None, 0, {9: "c9"})
+
+
+def test_a_resumed_checkpoint_without_a_valid_chain_leaves_the_lineage_unknown():
+    lin = Lineage(b"h" * 32)
+    lin.start(7, "not a chain", resumed=True)
+    assert lin.chains == {}
+    lin.start(7, "ab" * 16, resumed=True)
+    assert lin.chains == {7: "ab" * 16}
+
+
+def test_after_a_discarded_round_the_peer_takes_the_state_of_the_peers_that_stepped_past_it():
+    lin = Lineage(b"h" * 32)
+    lin.start(4, "ab" * 16, resumed=True)
+    lin.discarded(4)
+    assert lin.chains == {}, "a discarded round leaves the chain unknown"
+    assert lin.follow("me", 4, [rec("b", 4), rec("c", 4)]) is None, "nobody stepped past us yet"
+    follow = lin.follow("me", 4, [rec("b", 5), rec("c", 5, diverged=True), rec("d", 5, paused=True)])
+    assert donors(follow) == ["b"]
+    lin.synced(5, [rec("b", 5, chain="cd" * 16)], [])
+    assert lin.follow("me", 5, [rec("b", 6)]) is None and lin.chains == {5: "cd" * 16}
+
+
+def test_a_discarded_round_alone_is_forgotten_when_nobody_else_is_live():
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    lin.discarded(3)
+    assert lin.follow("me", 3, []) is None
+    assert lin.behind_at is None, "alone, nobody stepped without us: nothing to take later"
+
+
+def test_membership_keeps_the_others_admits_them_in_a_private_run_and_expects_recent_unpaused_peers():
+    now = [0.0]
+    m = Membership("me", restricted=True, clock=lambda: now[0])
+    due = m.update([rec("me", 5), rec("a", 5), rec("b", 3), rec("c", 5, paused=True), rec("d", 2)])
+    assert due == [] and m.num_peers == 4 and {r.peer_id for r in m.records} == {"a", "b", "c", "d"}
+    assert m.admit("a") and not m.admit("me") and not m.admit("zz")
+    assert m.expected(5) == {"a", "b"}, "within two rounds before, not paused"
+    assert Membership("me", restricted=False).admit is None, "an open run admits everyone"
+    now[0] = 1.0
+    due = m.update([rec("a", 6)], withdrawn={"b"})
+    assert sorted(r.peer_id for r in due) == ["c", "d"], "vanished without a tombstone: dialed back"
+    assert len(m.lost) == 2
 
 
 def test_vanished_peers_are_dialed_every_few_seconds_until_back_withdrawn_or_forgotten():

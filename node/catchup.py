@@ -1,0 +1,97 @@
+"""Taking another peer's outer state: a joiner's first download, a peer that fell behind
+or was cut off catching up, a peer on the smaller side of a split rejoining (node/lineage.py
+decides whom to follow; node/statesync.py moves the bytes). A download that fails is
+logged and tried again at the next round boundary: the peer trains on its own state
+meanwhile, and a failed download never ends the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from hivemind.p2p import PeerID
+
+from locoswarm.node.events import Synced
+from locoswarm.node.host import NodeError
+from locoswarm.node.statesync import DownloadProgress, StateUnavailable, download_state
+from locoswarm.protocol.records import PeerRecord
+
+if TYPE_CHECKING:
+    from locoswarm.node.roundloop import RoundContext
+
+log = logging.getLogger(__name__)
+DOWNLOAD_TRIES = 3
+"""Whole-download attempts (each over every donor) before a sync counts as failed."""
+PRIVATE_JOIN_WAIT_S = 2.5
+"""In a private run, how long a joiner waits after showing its record before it downloads:
+donors serve only peers whose record they have read, and read records every second."""
+
+
+class CatchUp:
+    def __init__(self, ctx_of: Callable[[], RoundContext]) -> None:
+        """`ctx_of`: the daemon's wiring, read when needed (it is built after this)."""
+        self._ctx_of = ctx_of
+
+    async def join(self, peers: list[PeerRecord], *, announce: Callable[[], Awaitable[object]]) -> None:
+        """Take the swarm's outer state when it is ahead of ours. `peers`: the others'
+        records read at start; `announce`: shows our record (a private run's donors serve
+        only peers whose record they have read)."""
+        ctx = self._ctx_of()
+        if not peers or max(r.round for r in peers) <= ctx.trainer.outer_steps:
+            return
+        if ctx.spec.access.restricted:
+            await announce()
+            await asyncio.sleep(PRIVATE_JOIN_WAIT_S)
+        await self.sync(peers)
+
+    async def maybe_follow(self) -> bool:
+        """At a round boundary: take another state when lineage.py says so; True when taken."""
+        ctx = self._ctx_of()
+        lineage, records = ctx.lineage, ctx.membership.records
+        follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records)
+        if follow is None:
+            return False
+        if follow.split_round is not None:
+            log.warning("%s: downloading the state of the larger group", follow.why)
+        elif lineage.diverged_at is not None:
+            log.warning("found %d peers again after %d rounds alone: taking the swarm's state (%s)",
+                        len(records), lineage.alone_rounds, follow.why)
+        else:
+            log.warning("round %d: %s: downloading its state", ctx.trainer.round, follow.why)
+        try:
+            await self.sync(follow.donors)
+        except NodeError as e:
+            log.warning("could not take the swarm's state: %s; training on, trying again next round", e)
+            return False
+        if follow.split_round is not None:
+            log.warning("split at round %d: took the state of %d peers", follow.split_round, len(follow.donors))
+        return True
+
+    async def sync(self, records: list[PeerRecord]) -> None:
+        """Download the newest outer state the peers of `records` serve and take it;
+        NodeError when no donor could give it."""
+        ctx = self._ctx_of()
+        trainer = ctx.trainer
+        ctx.stats.state = "syncing"
+        newest = max(r.round for r in records)
+        donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1]
+        ctx.rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
+        with DownloadProgress(trainer.state_spec.total_bytes) as progress:
+            for attempt in range(DOWNLOAD_TRIES):
+                try:
+                    round_, tensors = await download_state(ctx.p2p, donors, trainer.state_spec,
+                                                           on_progress=progress.update)
+                    break
+                except StateUnavailable as e:
+                    log.warning("state download failed (%s); retrying", e)
+                    await asyncio.sleep(1 + attempt)
+            else:
+                raise NodeError("could not download the swarm's state from any donor")
+        ctx.stats.bytes_received += trainer.state_spec.total_bytes
+        await ctx.pools.train(trainer.load_state, round_, tensors)
+        ctx.lineage.synced(round_, records, ctx.membership.records)
+        ctx.states.publish(trainer.state_snapshot(), round_)
+        digest = await ctx.pools.train(trainer.state_digest)
+        ctx.events(Synced(round=round_, donors=len(donors), digest=digest))

@@ -1,0 +1,180 @@
+"""Who is in the swarm, as this peer sees it: the live peers' records (refreshed from the
+registry), the peers the access policy admits, who should train a round, and the peers that
+vanished without a tombstone, which are dialed back.
+
+Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
+dial backoff (5 s, growing with the square of the failed dials; hivemind gives no way to
+clear it) holds its dials back for tens of seconds after the link is back. A dial from the
+other side does not wait on that backoff, and a connection made by either side serves
+both (libp2p reuses a live connection before it looks at the backoff): so every peer also
+dials the peers that vanished without withdrawing their record, from their last record's
+addresses, and pings them, which puts each in the other's DHT routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from locoswarm.protocol.records import PeerRecord
+
+log = logging.getLogger(__name__)
+REDIAL_S = 5.0
+"""Least time between two dials of the same vanished peer."""
+FORGET_S = 600.0
+"""A vanished peer is dialed for this long after it was last seen."""
+MAX_LOST = 16
+"""At most this many vanished peers are remembered (the most recently seen)."""
+
+
+class Membership:
+    """This peer's view of the others (plain inputs and outputs; the daemon feeds it each
+    registry refresh)."""
+
+    def __init__(self, me: str, *, restricted: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        """`restricted`: a private run, whose peers serve only the peers they admit."""
+        self.me = me
+        self.restricted = restricted
+        self.records: list[PeerRecord] = []
+        """The live records of the other peers at the last refresh."""
+        self.admitted: set[str] = set()
+        """Peer ids whose records passed the run's access policy at the last refresh."""
+        self.lost = LostPeers(clock)
+
+    def update(self, records: list[PeerRecord], withdrawn: set[str] = frozenset()) -> list[PeerRecord]:
+        """Take a refresh of the registry (`records` passed its checks, ours may be among
+        them; `withdrawn`: peer ids that left on purpose); returns the vanished peers to dial
+        now."""
+        self.records = [r for r in records if r.peer_id != self.me]
+        self.admitted = {r.peer_id for r in self.records}
+        self.lost.update(self.records, withdrawn)
+        return self.lost.due()
+
+    @property
+    def num_peers(self) -> int:
+        """Other live peers."""
+        return len(self.records)
+
+    @property
+    def admit(self) -> Callable[[str], bool] | None:
+        """In a private run, whether a peer id is admitted (its record passed the access
+        policy at the last refresh); None in an open run (everyone with the spec)."""
+        if not self.restricted:
+            return None
+        return lambda peer: peer in self.admitted
+
+    def expected(self, round_: int) -> set[str]:
+        """Live peers that should train `round_`: their record's round (the outer steps they
+        have taken; one behind the round trained when rounds overlap, and refreshed every
+        second, so possibly one more stale) is within two rounds before it, and not paused."""
+        return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused}
+
+
+class LostPeers:
+    """Peers whose records vanished without a tombstone (cut off, or killed): their last
+    records, to dial them back (`due`)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._lost: dict[str, tuple[PeerRecord, float, float]] = {}
+        """peer id → (last record, when last seen, when next to dial)."""
+        self._seen: dict[str, PeerRecord] = {}
+
+    def update(self, records: list[PeerRecord], withdrawn: set[str]) -> None:
+        """The live records of this refresh, and the peer ids that left on purpose."""
+        now = self.clock()
+        live = {r.peer_id: r for r in records}
+        for peer, record in self._seen.items():
+            if peer not in live and peer not in withdrawn:
+                self._lost[peer] = (record, now, now)
+        for peer in list(self._lost):
+            if peer in live or peer in withdrawn or now - self._lost[peer][1] > FORGET_S:
+                del self._lost[peer]
+        if len(self._lost) > MAX_LOST:
+            for peer in sorted(self._lost, key=lambda p: self._lost[p][1])[:len(self._lost) - MAX_LOST]:
+                del self._lost[peer]
+        self._seen = live
+
+    def due(self) -> list[PeerRecord]:
+        """The vanished peers to dial now (each at most every REDIAL_S)."""
+        now = self.clock()
+        out = []
+        for peer, (record, seen, next_at) in self._lost.items():
+            if now >= next_at:
+                self._lost[peer] = (record, seen, now + REDIAL_S)
+                out.append(record)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._lost)
+
+
+async def redial(p2p, dht, record: PeerRecord, timeout_s: float = 5.0) -> bool:
+    """Dial a vanished peer at its last record's addresses and ping it into the DHT's
+    routing table; True when it answered."""
+    from hivemind.p2p import PeerID
+
+    from locoswarm.node.host import dial_addrs
+
+    peer = PeerID.from_base58(record.peer_id)
+    try:
+        await dial_addrs(p2p, peer, record.addrs, timeout_s)
+        return await asyncio.wait_for(dht.protocol.call_ping(peer), timeout_s) is not None
+    except Exception as e:  # still cut off, gone, or in libp2p's dial backoff: next time
+        log.debug("peer %s still unreachable: %s", record.peer_id, str(e).strip().splitlines()[0][:200] if str(e)
+                  else type(e).__name__)
+        return False
+
+
+REDISCOVER_S = 5.0
+"""Least time between two rounds of dialing the initial peers again."""
+
+
+async def rediscover(dht, initial_peers: list[str]) -> None:
+    """Seeing nobody after having had peers (a cut link, now maybe healed): dial the
+    initial peers again and ping them back into the DHT's routing table, which dropped them
+    while they were unreachable. The caller calls it at most every REDISCOVER_S."""
+    from locoswarm.node.host import dial
+
+    for maddr in initial_peers:
+        try:
+            peer = await dial(dht.protocol.p2p, maddr, 5.0)
+            if await asyncio.wait_for(dht.protocol.call_ping(peer), 5.0) is not None:
+                log.info("reached initial peer %s again", maddr)
+        except Exception as e:  # still cut off (or in libp2p's dial backoff): try again later
+            log.info("initial peer %s still unreachable: %s", maddr, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+
+
+async def keep_record(registry, membership: Membership, record: Callable[[], PeerRecord], *, interval_s: float,
+                      initial_peers: list[str], had_peers: Callable[[], bool]) -> None:
+    """Show our `record()` in the registry and refresh `membership` from it every
+    `interval_s`; dial back the peers that vanished, and the initial peers when we see
+    nobody after having had peers (`had_peers()`). Runs until cancelled; a refresh that
+    fails keeps the last view."""
+    redials: set[asyncio.Task] = set()
+    next_rediscovery = 0.0
+    try:
+        while True:
+            try:
+                await registry.announce(record())
+                for lost in membership.update(await registry.peers(), registry.withdrawn):
+                    task = asyncio.create_task(_redial(registry.dht, lost))
+                    redials.add(task)
+                    task.add_done_callback(redials.discard)
+                now = time.monotonic()
+                if not membership.records and had_peers() and initial_peers and now >= next_rediscovery:
+                    next_rediscovery = now + REDISCOVER_S
+                    await rediscover(registry.dht, initial_peers)
+            except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
+                log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(interval_s)
+    finally:
+        for task in redials:
+            task.cancel()
+
+
+async def _redial(dht, record: PeerRecord) -> None:
+    if await redial(dht.protocol.p2p, dht, record):
+        log.info("reached vanished peer %s again", record.peer_id)

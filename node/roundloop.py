@@ -1,0 +1,326 @@
+"""The daemon's round loop: train until the swarm's tokens reach the round's target, take
+the round boundary, then exchange: encode and serve this peer's delta, pull the
+participants' deltas (node/rounds.py says how a round's end and its participants are
+agreed), screen, aggregate and take the outer step (optim/round.py's RoundStep, through the
+Trainer), serve the new outer state for joiners. With `rounds.overlap` the exchange of round
+r runs on the exchange thread while round r + 1 trains (node/threads.py).
+
+A round that fails (a non-finite pseudo-gradient, a DHT error, a peer or a disk that fails
+in a way nothing below caught) is discarded, logged and reported as an event, and the node
+trains on: `_guarded` is the one place that decides it. A round discarded before its outer
+step leaves this peer a step behind the swarm, so it takes the swarm's state at the next
+boundary (node/lineage.py). Only a failure that repeats MAX_FAILED_IN_A_ROW times ends the
+node: something is broken for good then (a device that fails every step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from safetensors import SafetensorError
+
+from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
+from locoswarm.node.rounds import RoundProgress, gather_deltas
+
+if TYPE_CHECKING:
+    from locoswarm.node.catchup import CatchUp
+    from locoswarm.node.console import RoundBar
+    from locoswarm.node.checkpoint import Checkpointer
+    from locoswarm.node.config import NodeConfig
+    from locoswarm.node.exchange import DeltaServer
+    from locoswarm.node.governor import IdleWatch
+    from locoswarm.node.lineage import Lineage
+    from locoswarm.node.membership import Membership
+    from locoswarm.node.spec import RunSpec
+    from locoswarm.node.statesync import StateServer
+    from locoswarm.node.threads import Pools
+    from locoswarm.node.trainer import RoundWork, Trainer
+
+log = logging.getLogger(__name__)
+FINAL_MODEL = "final-model.safetensors"
+"""Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
+MAX_FAILED_IN_A_ROW = 3
+"""Rounds that may fail one after another before the node gives up."""
+
+
+class RoundFaults:
+    """Where a test injects faults into a real daemon (as torchft's EventInjector does):
+    tests pass a subclass to the Daemon (tests/peers/faulty_node.py). This base is the
+    production one: it changes nothing."""
+
+    def trained(self, round_: int, work: RoundWork) -> None:
+        """At the round boundary, before the delta is encoded (may alter `work`)."""
+
+    def reporting(self, round_: int) -> None:
+        """Before this peer reports its round progress as done (may raise)."""
+
+    def keep_delta(self, round_: int, sender: str, others: list[str]) -> bool:
+        """Whether a received delta is kept: False drops it as if its request had timed
+        out. `others`: the peers this one expects in the round, by peer id."""
+        return True
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """What the node reports of itself (status, metrics, the dashboard); written on the loop."""
+
+    state: str = "starting"
+    rounds_completed: int = 0
+    rounds_discarded: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    bytes_received: int = 0
+    deltas_rejected: int = 0
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
+    """The last rounds, for the dashboard's chart."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundContext:
+    """What the round loop works with, wired by the Daemon."""
+
+    spec: RunSpec
+    spec_hash: bytes
+    cfg: NodeConfig
+    peer_id: str
+    validator: object
+    """hivemind's RSASignatureValidator holding this peer's identity key (signs progress)."""
+    p2p: object
+    dht: object
+    trainer: Trainer
+    pools: Pools
+    membership: Membership
+    lineage: Lineage
+    catch_up: CatchUp
+    deltas: DeltaServer
+    states: StateServer
+    checkpoints: Checkpointer
+    idle: IdleWatch
+    events: EventSink
+    stats: NodeStats
+    bar: RoundBar
+    should_exit: asyncio.Event
+    faults: RoundFaults
+    bytes_sent: Callable[[], int]
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class RoundLoop:
+    def __init__(self, ctx: RoundContext) -> None:
+        self.ctx = ctx
+        self.round_stop = threading.Event()
+        """Ends the current round's training early: leaving, or the owner needs the machine."""
+        self.carry = 0
+        """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
+        self._started: dict[int, float] = {}
+        self._failed_in_a_row = 0
+
+    def stop_round(self) -> None:
+        self.round_stop.set()
+
+    async def run(self) -> None:
+        ctx, trainer = self.ctx, self.ctx.trainer
+        cfg, overlap = ctx.cfg, ctx.spec.rounds.overlap
+        exchange: asyncio.Future | None = None
+        trained = 0
+        while not ctx.should_exit.is_set() and not (cfg.max_rounds and trained >= cfg.max_rounds):
+            await self._wait_while_paused()
+            if ctx.should_exit.is_set():
+                break
+            round_ = trainer.round
+            progress = await self._guarded(round_, self._train())
+            if ctx.should_exit.is_set():
+                break  # abandon the round: peers waiting for our delta drop us when our streams close
+            if exchange is not None:
+                await exchange  # round r's outer step must be in before round r + 1's delta is taken
+                exchange = None
+            if progress is None:  # training failed: take the round's boundary and drop it
+                await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
+                continue
+            if await ctx.catch_up.maybe_follow():
+                continue  # what was trained on the old state is not sent
+            if cfg.checkpoint_every and trained and trained % cfg.checkpoint_every == 0:
+                await ctx.checkpoints.write(trainer, ctx.pools.train,
+                                            extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
+            work = await ctx.pools.train(trainer.end_round)
+            trained += 1
+            ctx.faults.trained(work.round, work)
+            step = self._guarded(work.round, self._exchange(progress, work, overlap), work, overlapped=overlap)
+            if overlap:
+                exchange = asyncio.ensure_future(step)
+            else:
+                await step
+        if exchange is not None:
+            if ctx.should_exit.is_set():
+                exchange.cancel()
+            await asyncio.gather(exchange, return_exceptions=True)
+        await ctx.pools.close_exchange()  # nothing may touch the outer state while the last checkpoint copies it
+        if cfg.checkpoint_every:
+            await ctx.checkpoints.write(trainer, ctx.pools.train, wait=True,
+                                        extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
+        if cfg.max_rounds and trained >= cfg.max_rounds and not ctx.should_exit.is_set():
+            await self._finish()
+
+    async def _guarded(self, round_: int, phase: Awaitable, work: RoundWork | None = None, *,
+                       overlapped: bool = False):
+        """The one place a round's failure is decided: run one phase of round `round_`; on
+        failure discard the round (never the node) and return None. `work`: the round's
+        boundary, for the exchange phase (a failure before the outer step drops it; after,
+        the round stands and only its bookkeeping failed)."""
+        ctx = self.ctx
+        try:
+            return await phase
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed_in_a_row += 1
+            reason = f"{type(e).__name__}: {e}"
+            log.error("round %d discarded: %s", round_, reason, exc_info=log.isEnabledFor(logging.DEBUG))
+            if self._failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise RuntimeError(f"{MAX_FAILED_IN_A_ROW} rounds failed in a row, the last with {reason}") from e
+            ctx.stats.rounds_discarded += 1
+            ctx.events(RoundDiscarded(round=round_, reason=reason))
+            if work is not None and not work.applied:
+                await self._discard(work, overlapped=overlapped)
+            return None
+
+    async def _discard(self, work: RoundWork, *, overlapped: bool) -> None:
+        """Drop round `work.round` before its outer step: our outer state missed a step the
+        swarm took, so our chain is unknown and we take the swarm's state at the next
+        boundary (lineage.py); the replica restarts where it would have without the round."""
+        ctx = self.ctx
+        ctx.lineage.discarded(ctx.trainer.outer_steps)
+        await ctx.pools.exchange_compute(overlapped)(functools.partial(ctx.trainer.discard, work, overlapped=overlapped))
+
+    async def _train(self) -> RoundProgress:
+        ctx, trainer, cfg = self.ctx, self.ctx.trainer, self.ctx.cfg
+        t0 = time.perf_counter()
+        round_ = trainer.round
+        self._started[round_] = t0
+        progress = RoundProgress(ctx.dht, ctx.spec.run_id, ctx.spec_hash, round_, ctx.peer_id,
+                                 per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
+                                 ttl_s=max(60.0, 2 * ctx.spec.rounds.deadline_s), carry=self.carry,
+                                 expected=lambda: ctx.membership.expected(round_),
+                                 validator=ctx.validator, admit=ctx.membership.admit)
+        ctx.stats.state = "training"
+        self.round_stop = threading.Event()
+        if ctx.should_exit.is_set():
+            self.round_stop.set()
+        train = asyncio.ensure_future(ctx.pools.train(trainer.train_until, self.round_stop, progress.reached))
+        while not train.done():
+            now = trainer.progress
+            try:
+                await progress.report(now.tokens, now.tokens_per_s)
+                await progress.refresh()
+            except Exception as e:  # a DHT hiccup: train on and report next time
+                log.info("progress report failed: %s", e)
+            ctx.bar.update(round_, *progress.totals(now.tokens), progress.num_peers(), ctx.stats.state)
+            await asyncio.wait([train], timeout=cfg.report_interval_s)
+        train.result()
+        progress.train_s = time.perf_counter() - t0
+        return progress
+
+    async def _exchange(self, progress: RoundProgress, work: RoundWork, overlap: bool) -> None:
+        ctx, trainer, r = self.ctx, self.ctx.trainer, work.round
+        run = ctx.pools.exchange_compute(overlap)
+        if not overlap:
+            ctx.stats.state = "exchanging"
+        ctx.stats.loss = work.loss
+        try:
+            blob = await run(trainer.encode, work, ctx.peer_id)
+        except ValueError:
+            # No delta of ours will come (a non-finite replica): say so, so that nobody
+            # waits for it until the deadline (node/rounds.py, withdrawn peers).
+            await self._withdraw(progress, r)
+            raise
+        ctx.deltas.publish(r, blob)
+        try:
+            ctx.faults.reporting(r)
+            await progress.report(work.tokens, trainer.tokens_per_s, done=True)
+            await progress.refresh()
+        except Exception as e:  # the others still see our last report, and pull our delta
+            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
+        got = await gather_deltas(ctx.p2p, progress, r, trainer.delta_spec, deadline_s=ctx.spec.rounds.deadline_s,
+                                  fanout=ctx.cfg.fanout, rng=ctx.rng,
+                                  keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
+        ctx.stats.bytes_received += got.bytes_received
+        ctx.stats.deltas_rejected += got.rejected
+        for peer, why in got.failed.items():
+            log.info("round %d: no delta from %s: %s", r, peer, why)
+        # Our own delta goes through the same decode every receiver runs, so all peers
+        # aggregate the same values (the residual was committed against that decode).
+        screened = await run(trainer.screen, [trainer.decode(blob)] + got.deltas)
+        for rejection in screened.rejected:
+            log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
+        for note in screened.notes:
+            log.warning("round %d: %s", r, note)
+        ctx.stats.deltas_rejected += len(screened.rejected)
+        deltas = trainer.step.kept(screened)
+        before = trainer.outer_steps
+        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
+        # A round that pulled a sample of the participants (fanout below their number) left
+        # deltas out on purpose (lineage.py says what that does to the chain).
+        participants = progress.participants()
+        ctx.lineage.after_round(r, before, trainer.outer_steps, [(d.sender, d.num_tokens) for d in deltas],
+                                others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
+        self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens)
+        ctx.states.publish(await run(trainer.state_snapshot), r + 1)
+        ctx.stats.rounds_completed += 1
+        if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
+            # On the training thread: evaluating while it trains would read half-updated weights.
+            ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
+        self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
+
+    async def _withdraw(self, progress: RoundProgress, r: int) -> None:
+        try:
+            await progress.report(0, 0.0, done=True)
+        except Exception as e:  # the others then wait for our delta until the round's deadline
+            log.warning("round %d: could not tell the others it was given up: %s: %s", r, type(e).__name__, e)
+
+    def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool) -> None:
+        ctx, r = self.ctx, work.round
+        self._failed_in_a_row = 0  # a whole round went through
+        started = self._started.pop(r, None) or time.perf_counter()
+        ended = self._started.get(r + 1) if overlap else None
+        loss = None if math.isnan(work.loss) else work.loss
+        ctx.stats.history.append({"round": r, "loss": loss, "eval_loss": ctx.stats.eval_loss, "deltas": deltas,
+                                  "tokens": work.tokens})
+        ctx.events(RoundEnded(round=r, deltas=deltas, participants=participants, tokens=work.tokens, loss=loss,
+                              eval_loss=ctx.stats.eval_loss, train_s=train_s,
+                              round_s=(ended or time.perf_counter()) - started, sent=ctx.bytes_sent(),
+                              received=ctx.stats.bytes_received))
+
+    async def _finish(self) -> None:
+        """Leaving at --max-rounds: keep serving the last delta until the peers of the last
+        round have moved past it (their records say so) or the deadline, since leaving at
+        once would cost them our delta. Those are the peers the round waited for
+        (`Membership.expected`): a record further behind is a peer that will not ask (dead,
+        its record not expired yet). Then evaluate and write the final model."""
+        ctx, trainer = self.ctx, self.ctx.trainer
+        last = trainer.outer_steps - 1  # records carry outer steps: past `last` means done with it
+        linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
+        while time.monotonic() < linger_until and ctx.membership.expected(last):
+            await asyncio.sleep(0.1)
+        ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
+        digest = await ctx.pools.train(trainer.state_digest)
+        path = os.path.join(ctx.cfg.state_dir, FINAL_MODEL)
+        try:
+            await ctx.pools.train(trainer.save_model, path)
+        except (OSError, SafetensorError) as e:  # a full or read-only disk: the checkpoints hold the state
+            log.error("final model not written to %s: %s", ctx.cfg.state_dir, getattr(e, "strerror", None) or e)
+        ctx.events(Final(round=trainer.round, eval_loss=ctx.stats.eval_loss, digest=digest))
+
+    async def _wait_while_paused(self) -> None:
+        while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():
+            self.ctx.stats.state = "paused"
+            await asyncio.sleep(0.2)
