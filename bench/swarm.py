@@ -1,8 +1,9 @@
 """A local swarm of real daemon processes on loopback (`locoswarm demo`, `locoswarm bench
 swarm`): N `locoswarm node join` processes, the first started alone and the others
 through its address, each on its own data shard and state directory. Their stdout lines
-(node/daemon.py) are parsed into per-round records; the bench then trains the in-process
-simulation (bench/convergence.py) with the same settings and tokens and compares.
+are not parsed: each daemon writes its typed events (node/events.py) to a JSON-lines file,
+which is followed into per-round records; the bench then trains the in-process simulation
+(bench/convergence.py) with the same settings and tokens and compares.
 
 Bytes are counted at the transport: the kernel's per-socket TCP counters (`ss -tinp`) of
 each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,
@@ -12,23 +13,17 @@ libp2p framing and encryption are all included.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-ROUND_LINE = re.compile(
-    r"^round (?P<round>\d+) deltas (?P<got>\d+)/(?P<of>\d+) tokens (?P<tokens>\d+) loss (?P<loss>\S+) "
-    r"eval_loss (?P<eval>\S+) train_s (?P<train>\S+) round_s (?P<round_s>\S+) sent (?P<sent>\d+) "
-    r"received (?P<received>\d+)$")
-FINAL_LINE = re.compile(r"^final round (?P<round>\d+) eval_loss (?P<eval>\S+) digest (?P<digest>[0-9a-f]+)$")
+from locoswarm.node.events import EventTail
 
 
 @dataclass(slots=True)
@@ -48,7 +43,7 @@ class Peer:
     index: int
     proc: subprocess.Popen
     state_dir: str
-    lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    events: EventTail
     rounds: list[RoundLine] = field(default_factory=list)
     final: dict | None = None
     addr: str | None = None
@@ -98,60 +93,57 @@ class LocalSwarm:
 
     def _start(self, index: int, peer_addr: str | None) -> Peer:
         state_dir = os.path.join(self.dir, f"peer-{index}")
+        events = os.path.join(self.dir, f"peer-{index}.events.jsonl")
         cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
                "--state-dir", state_dir, "--max-rounds", str(self.max_rounds), "--min-peers", str(self.num_peers),
                "--shard", str(index), "--threads", str(self.threads), "--eval-every", str(self.eval_every),
-               *self.extra]
+               "--events", events, *self.extra]
         if self.spec_path:
             cmd += ["--run", self.spec_path]
         if peer_addr:
             cmd += ["--peer", peer_addr]
         log = open(os.path.join(self.dir, f"peer-{index}.log"), "w")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-        peer = Peer(index, proc, state_dir)
-        threading.Thread(target=self._read, args=(peer,), daemon=True).start()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        peer = Peer(index, proc, state_dir, EventTail(events))
         self.peers.append(peer)
         return peer
-
-    @staticmethod
-    def _read(peer: Peer) -> None:
-        for line in peer.proc.stdout:
-            peer.lines.put(line.rstrip("\n"))
-        peer.lines.put("")  # end of output
 
     def start(self, timeout_s: float = 120.0) -> None:
         first = self._start(0, None)
         deadline = time.monotonic() + timeout_s
         while first.addr is None:
-            line = self._next(first, deadline)
-            if line.startswith("listening ") and "/tcp/" in line:
-                first.addr = line.split(" ", 1)[1]
+            self._poll(first)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer 0 said nothing in time; log: {self.log_tail(first)}")
+            time.sleep(0.05)
         for i in range(1, self.num_peers):
             self._start(i, first.addr)
 
-    def _next(self, peer: Peer, deadline: float) -> str:
-        try:
-            line = peer.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            raise TimeoutError(f"peer {peer.index} said nothing in time; log: {self.log_tail(peer)}") from None
-        if line == "" and peer.proc.poll() is not None:
+    def _poll(self, peer: Peer) -> None:
+        """Take in the events `peer` wrote since the last poll; RuntimeError when it ended
+        before its final event."""
+        exited = peer.proc.poll() is not None  # before reading: what it wrote before exiting is read
+        for event in peer.events.poll():
+            self._take(peer, event)
+        if exited and peer.final is None:
             raise RuntimeError(f"peer {peer.index} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
-        self._parse(peer, line)
-        return line
 
-    def _parse(self, peer: Peer, line: str) -> None:
-        m = ROUND_LINE.match(line)
-        if m:
+    def _take(self, peer: Peer, event: dict) -> None:
+        kind = event["event"]
+        if kind == "listening":
+            peer.addr = next((a for a in event["addrs"] if "/tcp/" in a), None)
+        elif kind == "round":
             if not peer.rounds:
                 peer.io_start = _io(peer.proc.pid)
-            elif int(m["round"]) == self.max_rounds - 1:
+            elif event["round"] == self.max_rounds - 1:
                 peer.io_end = _io(peer.proc.pid)  # before the daemon leaves and its sockets close
-            peer.rounds.append(RoundLine(int(m["round"]), int(m["got"]), int(m["of"]), int(m["tokens"]),
-                                         float(m["loss"]), float(m["eval"]), float(m["train"]), float(m["round_s"])))
-            return
-        m = FINAL_LINE.match(line)
-        if m:
-            peer.final = {"round": int(m["round"]), "eval_loss": float(m["eval"]), "digest": m["digest"]}
+            nan = float("nan")
+            peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
+                                         nan if event["loss"] is None else event["loss"],
+                                         nan if event["eval_loss"] is None else event["eval_loss"],
+                                         event["train_s"], event["round_s"]))
+        elif kind == "final":
+            peer.final = {"round": event["round"], "eval_loss": event["eval_loss"], "digest": event["digest"]}
 
     def log_tail(self, peer: Peer, n: int = 2000) -> str:
         with open(os.path.join(self.dir, f"peer-{peer.index}.log")) as fh:
@@ -159,21 +151,14 @@ class LocalSwarm:
 
     def follow(self, on_round: Callable[[int, list[RoundLine]], None] | None = None,
                timeout_s: float = 3600.0) -> None:
-        """Read every peer's lines until all printed their final line; `on_round(r, lines)`
-        once every peer finished round r."""
+        """Follow every peer's events until all reported their final state; `on_round(r,
+        lines)` once every peer finished round r."""
         deadline = time.monotonic() + timeout_s
         reported = -1
         while any(p.final is None for p in self.peers):
             for p in self.peers:
-                while p.final is None:
-                    try:
-                        line = p.lines.get(timeout=0.05)
-                    except queue.Empty:
-                        break
-                    if line == "" and p.proc.poll() is not None:
-                        raise RuntimeError(f"peer {p.index} exited with {p.proc.returncode}; "
-                                           f"log: {self.log_tail(p)}")
-                    self._parse(p, line)
+                if p.final is None:
+                    self._poll(p)
             done = min((p.rounds[-1].round if p.rounds else -1) for p in self.peers)
             while reported < done:
                 reported += 1
@@ -182,6 +167,7 @@ class LocalSwarm:
                                         if any(x.round == reported for x in p.rounds)])
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
+            time.sleep(0.05)
         for p in self.peers:
             p.proc.wait(timeout=60)
 

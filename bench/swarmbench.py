@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from locoswarm.node.daemon import FINAL_MODEL
+from locoswarm.node.roundloop import FINAL_MODEL
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 

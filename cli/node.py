@@ -73,6 +73,8 @@ def join(
                                                 "more than this % of the CPUs (0: off)."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     log_format: str = typer.Option("text", "--log-format", help="text (readable lines) or json (one object a line)."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Also write the daemon's events (rounds, syncs, the "
+                                          "final state) to this file, one JSON object a line, for programs."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
 ) -> None:
     """Join a swarm (or start one) and train until stopped: Ctrl-C or SIGTERM leaves cleanly."""
@@ -106,7 +108,8 @@ def join(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line)))
+    raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
+                                events_path=None if events is None else str(events)))
 
 
 @app.command()

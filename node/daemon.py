@@ -278,7 +278,11 @@ def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = pri
         runner = uvloop.run
     except ImportError:  # uvloop is optional (no wheel on Windows)
         runner = asyncio.run
-    daemon = Daemon(spec, cfg, emit, events_path=events_path, faults=faults)
+    try:
+        daemon = Daemon(spec, cfg, emit, events_path=events_path, faults=faults)
+    except ValueError as e:  # a setting found bad before anything started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return runner(daemon.serve())
     except NodeError as e:

@@ -126,22 +126,60 @@ def to_json(event: Event, at: float | None = None) -> str:
     return json.dumps(body)
 
 
-def read_events(path: str | os.PathLike) -> list[dict]:
-    """The events a daemon wrote to `path` so far (a line still being written is left
-    out); ValueError naming the line for anything that is not one of ours."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    complete = text[:text.rfind("\n") + 1]
-    for number, line in enumerate(complete.splitlines(), 1):
+class EventTail:
+    """Follows a daemon's event file as it grows: each `poll` returns the events completed
+    since the last (a line still being written waits for the next poll)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self._line = 0
+
+    def poll(self) -> list[dict]:
+        """New events; ValueError naming the line for anything that is not one of ours."""
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON: {e}") from None
-        if not isinstance(item, dict) or item.get("event") not in EVENT_KINDS:
-            raise ValueError(f"{path}:{number}: not a locoswarm event: {line[:80]}")
-        out.append(item)
-    return out
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        out = []
+        for raw in lines:
+            self._line += 1
+            try:
+                item = json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{self._line}: not JSON: {e}") from None
+            if not isinstance(item, dict) or item.get("event") not in EVENT_KINDS:
+                raise ValueError(f"{self.path}:{self._line}: not a locoswarm event: {raw[:80]!r}")
+            out.append(item)
+        return out
+
+
+    def wait_for(self, where: Callable[[dict], bool], timeout_s: float,
+                 running: Callable[[], bool] = lambda: True) -> dict:
+        """The first new event for which `where` holds, polling until `timeout_s` has passed
+        (TimeoutError) or `running()` turns false with no such event (RuntimeError: the
+        daemon ended)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = running()  # before reading: what was written before it ended is read
+            found = [e for e in self.poll() if where(e)]
+            if found:
+                return found[0]
+            if not alive:
+                raise RuntimeError(f"the daemon ended without the awaited event in {self.path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no awaited event in {self.path} within {timeout_s} s")
+            time.sleep(0.05)
+
+
+def read_events(path: str | os.PathLike) -> list[dict]:
+    """The events a daemon wrote to `path` so far (EventTail.poll from the start)."""
+    return EventTail(path).poll()
 
 
 @dataclass(slots=True)
@@ -154,8 +192,12 @@ class EventSink:
 
     @classmethod
     def open(cls, print_line: Callable[[str], None], path: str | None) -> "EventSink":
-        """`path`: a file to append the JSON lines to (line-buffered), None for none."""
-        stream = None if path is None else open(path, "a", buffering=1, encoding="utf-8")
+        """`path`: a file to append the JSON lines to (line-buffered), None for none;
+        ValueError naming it when it cannot be opened."""
+        try:
+            stream = None if path is None else open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--events {path}: cannot write there: {e.strerror or e}") from None
         return cls(print_line, stream)
 
     def __call__(self, event: Event) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from locoswarm.node import replica_state
 from locoswarm.node.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from locoswarm.node.events import EventTail, read_events
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.trainer import Trainer
 
@@ -191,16 +192,16 @@ def test_sigkill_during_repeated_writes_never_leaves_a_corrupt_or_missing_latest
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
+    events = tmp_path / "events.jsonl"
     argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--state-dir", str(tmp_path / "node"), "--threads", "1", "--checkpoint-every", "1", "--eval-every", "0"]
+            "--state-dir", str(tmp_path / "node"), "--threads", "1", "--checkpoint-every", "1", "--eval-every", "0",
+            "--events", str(events)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                              start_new_session=True)
     try:
-        for line in first.stdout:
-            m = re.match(r"^round (\d+) ", line)
-            if m and int(m[1]) >= 4:
-                break
+        EventTail(events).wait_for(lambda e: e["event"] == "round" and e["round"] >= 4, 120,
+                                   lambda: first.poll() is None)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
@@ -212,11 +213,13 @@ def test_a_daemon_killed_with_sigkill_resumes_its_round_count(tmp_path):
 
     chain = load_latest(str(tmp_path / "node" / "checkpoints"), Spec().hash())[2]["chain"]
     assert re.fullmatch(r"[0-9a-f]{32}", chain), chain
+    events.unlink()
     second = subprocess.run(argv + ["--max-rounds", "1"], capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0, second.stderr[-2000:]
-    resumed = int(re.search(r"^resumed from checkpoint round (\d+)$", second.stdout, re.M)[1])
+    reported = read_events(events)
+    (resumed,) = [e["round"] for e in reported if e["event"] == "resumed"]
     assert resumed == max(saved)
-    (trained,) = [int(r) for r in re.findall(r"^round (\d+) ", second.stdout, re.M)]
+    (trained,) = [e["round"] for e in reported if e["event"] == "round"]
     assert trained == resumed
 
 
@@ -228,15 +231,15 @@ def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_
     to --max-rounds, exits 0, and its newest checkpoint still loads."""
     with tmpfs(tmp_path / "disk", "128m") as disk:
         state = disk / "node"
+        events = tmp_path / "events.jsonl"  # off the full disk
         argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
                 "--state-dir", str(state), "--threads", "1", "--checkpoint-every", "1", "--eval-every", "0",
-                "--max-rounds", "4"]
+                "--max-rounds", "4", "--events", str(events)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
         try:
-            for line in proc.stdout:
-                if line.startswith("round 1 "):
-                    break
+            EventTail(events).wait_for(lambda e: e["event"] == "round" and e["round"] >= 1, 120,
+                                       lambda: proc.poll() is None)
             # Keep the disk full until the daemon exits: a checkpoint still being written
             # when it first fills fails and deletes its files, which frees room again
             # (seen in CI: the final model then fitted).
@@ -255,7 +258,7 @@ def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_
         assert proc.returncode == 0, err[-2000:]
         assert re.search(r"checkpoint of round \d+ not written to .*No space left on device", err), err[-2000:]
         assert "final model not written" in err
-        assert re.search(r"^round 3 ", out, re.M), out
+        assert [e["round"] for e in read_events(events) if e["event"] == "round"] == [0, 1, 2, 3], out
         found = load_latest(str(state / "checkpoints"), RunSpec().hash())
         assert found is not None and 1 <= found[0] <= 4
         assert not [n for n in os.listdir(state / "checkpoints") if n.startswith(".tmp")]

@@ -4,16 +4,14 @@ swarm's state; a SIGKILLed peer, a peer of another spec and malicious delta serv
 the swarm at most a round's contribution, never a node; SIGTERM leaves cleanly; bad input
 ends with exit code 2 and a message naming what is wrong.
 
-Every daemon runs in its own process group, so that killing the group at teardown takes
-its p2pd with it, whatever the test did to the daemon itself; timeouts use the signal
-method, so that the teardown runs when a test overstays.
+tests/harness.py runs the daemons and reads their events; timeouts use the signal method,
+so that the teardown runs when a test overstays.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import itertools
-import json
 import os
 import random
 import re
@@ -21,21 +19,27 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import jsonschema
 import pytest
 import torch
 
-from locoswarm.node.control import STATUS_SCHEMA
 
-LISTEN = "/ip4/127.0.0.1/tcp/0"
-EVIL_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "evil_delta.py")
-FAULTY_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "faulty_node.py")
-ROUND_LINE = r"^round (\d+) deltas (\d+)/(\d+) tokens (\d+) loss (\S+) eval_loss (\S+) "
-FINAL_LINE = r"^final round (\d+) eval_loss (\S+) digest ([0-9a-f]{64})$"
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("harness", os.path.join(os.path.dirname(__file__), "harness.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+Child, Swarm = harness.Child, harness.Swarm
+first_addr, peer_id, rounds, final, wait_round = (harness.first_addr, harness.peer_id, harness.rounds, harness.final,
+                                                  harness.wait_round)
+three_peers, assert_clean_exit, node_status = harness.three_peers, harness.assert_clean_exit, harness.node_status
+write_spec, write_private_spec, LISTEN = harness.write_spec, harness.write_private_spec, harness.LISTEN
+
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}
 STATES = {"starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"}
@@ -46,129 +50,6 @@ Replicas restart each round at θ_outer − their own unsent residual, so they d
 their residuals; measured 0.060–0.079 (six runs, 2 CPU cores, about 0.067 typical)."""
 
 
-class Child:
-    """A child process in its own process group, its stdout and stderr collected line by
-    line by two threads; `wait_for` blocks until a stdout line matches."""
-
-    def __init__(self, name: str, argv: list[str], *, stdin: int = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None) -> None:
-        self.name = name
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, start_new_session=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = threading.Condition()
-        self._open = 2
-        self._readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
-                         for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream, lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._open -= 1
-            self._changed.notify_all()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def find(self, pattern: str) -> list[re.Match]:
-        """Every stdout line so far that matches `pattern`."""
-        rx = re.compile(pattern)
-        with self._changed:
-            return [m for m in map(rx.search, self.out) if m]
-
-    def wait_for(self, pattern: str, timeout_s: float, *, stderr: bool = False) -> re.Match:
-        """The first stdout (or stderr) line matching `pattern`, waiting up to `timeout_s` for it."""
-        rx = re.compile(pattern)
-        lines = self.err if stderr else self.out
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                for m in map(rx.search, lines):
-                    if m:
-                        return m
-                if self._open == 0:
-                    raise AssertionError(f"{self.name} ended (exit {self.proc.poll()}) without a line "
-                                         f"/{pattern}/\n{self.tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.name}: no line /{pattern}/ within {timeout_s} s\n{self.tail()}")
-                self._changed.wait(left)
-
-    def wait_exit(self, timeout_s: float) -> int:
-        """The exit code, once the process has ended and its output is read to the end."""
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout_s} s\n{self.tail()}") from None
-        for t in self._readers:
-            t.join(10)
-        return rc
-
-    def stderr(self) -> str:
-        with self._changed:
-            return "\n".join(self.err)
-
-    def tail(self, n: int = 30) -> str:
-        with self._changed:
-            return (f"--- {self.name} stdout\n" + "\n".join(self.out[-n:]) +
-                    f"\n--- {self.name} stderr\n" + "\n".join(self.err[-n:]))
-
-    def reap(self) -> None:
-        """Kill the whole process group (the daemon and its p2pd) and wait for the daemon."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-
-
-class Swarm:
-    """Starts daemons (and other peer processes) for one test; `reap` ends them all."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.children: list[Child] = []
-
-    def join(self, name: str, *args: str, peer: Child | str | None = None, run: Path | None = None,
-             listen: str = LISTEN, env: dict[str, str] | None = None, faults: list[str] | None = None) -> Child:
-        """`locoswarm node join` with state directory root/name; `peer`: a multiaddr, or a
-        daemon whose first address to join through; `env`: added to its environment;
-        `faults`: run it through tests/peers/faulty_node.py with these faults injected."""
-        command = ["-m", "locoswarm"] if faults is None else [FAULTY_SCRIPT, *faults, "--"]
-        argv = [sys.executable, "-u", *command, "node", "join", "--listen", listen,
-                "--state-dir", str(self.root / name), "--threads", "1", *args]
-        if peer is not None:
-            argv += ["--peer", peer if isinstance(peer, str) else first_addr(peer)]
-        if run is not None:
-            argv += ["--run", str(run)]
-        return self.start(name, argv, env=env)
-
-    def start(self, name: str, argv: list[str], **kw) -> Child:
-        child = Child(name, argv, **kw)
-        self.children.append(child)
-        return child
-
-    def reap(self) -> None:
-        for child in self.children:
-            child.reap()
-
 
 @pytest.fixture
 def swarm(tmp_path: Path):
@@ -177,83 +58,6 @@ def swarm(tmp_path: Path):
     s.reap()
     for child in s.children:  # pytest shows this only when the test failed
         print(child.tail(60))
-
-
-def first_addr(child: Child, timeout_s: float = 60) -> str:
-    return child.wait_for(r"^listening (/\S+)$", timeout_s).group(1)
-
-
-def peer_id(child: Child, timeout_s: float = 60) -> str:
-    return child.wait_for(r"^peer (\w+)$", timeout_s).group(1)
-
-
-def rounds(child: Child) -> list[tuple[int, int, int, float]]:
-    """(round, deltas aggregated, participants, eval_loss) of each round line."""
-    return [(int(m[1]), int(m[2]), int(m[3]), float(m[6])) for m in child.find(ROUND_LINE)]
-
-
-def final(child: Child) -> tuple[int, float, str]:
-    m = child.wait_for(FINAL_LINE, 0)
-    return int(m[1]), float(m[2]), m[3]
-
-
-def wait_any(children: list[Child], pattern: str, timeout_s: float) -> tuple[Child, re.Match]:
-    """The first of `children` to print a line matching `pattern`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for child in children:
-            found = child.find(pattern)
-            if found:
-                return child, found[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no peer printed /{pattern}/ within {timeout_s} s\n" +
-                                 "\n".join(c.tail(10) for c in children))
-        time.sleep(0.1)
-
-
-def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None) -> Path:
-    """The default run spec with these changes, written as `locoswarm run init` writes it."""
-    from locoswarm.node.spec import RoundPolicy, RunSpec
-    from locoswarm.node.spec import write_spec as write
-
-    spec = dataclasses.replace(RunSpec(), seed=seed)
-    if deadline_s is not None:
-        spec = dataclasses.replace(spec, rounds=RoundPolicy(deadline_s=deadline_s))
-    write(spec, str(path))
-    return path
-
-
-def write_private_spec(path: Path, secret: str) -> Path:
-    from locoswarm.node.spec import AccessPolicy, RunSpec
-    from locoswarm.node.spec import write_spec as write
-
-    write(dataclasses.replace(RunSpec(), access=AccessPolicy(secret=secret)), str(path))
-    return path
-
-
-def node_status(state_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(state_dir),
-                           "--json"], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    status = json.loads(done.stdout)
-    jsonschema.validate(status, STATUS_SCHEMA)  # the documented schema, on a live daemon's answer
-    return status
-
-
-def three_peers(swarm: Swarm, *args: str, run: Path | None = None) -> list[Child]:
-    a = swarm.join("a", "--min-peers", "3", *args, run=run)
-    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, run=run) for n in ("b", "c")]
-
-
-def three_peers_faults(swarm: Swarm, faults: dict[str, list[str]], *args: str) -> list[Child]:
-    """three_peers, with `faults[name]` injected into that peer (tests/peers/faulty_node.py)."""
-    a = swarm.join("a", "--min-peers", "3", *args, faults=faults.get("a"))
-    return [a] + [swarm.join(n, "--min-peers", "3", *args, peer=a, faults=faults.get(n)) for n in ("b", "c")]
-
-
-def assert_clean_exit(child: Child, rc: int) -> None:
-    assert rc == 0, f"{child.name} exited {rc}\n{child.tail()}"
-    assert "Traceback" not in child.stderr(), child.tail()
 
 
 # ---------------------------------------------------------------- training together
@@ -291,14 +95,14 @@ def test_three_peers_aggregate_every_delta_agree_on_the_outer_state_and_lower_th
 @pytest.mark.timeout(180, method="signal")
 def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_rounds(swarm: Swarm):
     peers = three_peers(swarm)
-    peers[0].wait_for(r"^round 2 ", 120)
+    wait_round(peers[0], 2, 120)
     joiner = swarm.join("d", peer=peers[0])
-    m = joiner.wait_for(r"^synced round (\d+) from (\d+) donors digest ([0-9a-f]{64})$", 90)
-    synced_round, digest = int(m[1]), m[3]
+    synced = joiner.wait_event("synced", 90)
+    synced_round, digest = synced["round"], synced["digest"]
     assert synced_round >= 2
-    served = [(p.name, s[1]) for p in peers for s in p.find(rf"^serving state round {synced_round} digest (\w+)$")]
-    assert digest in {d for _, d in served}, f"joiner took {digest}, donors served {served}"
-    wait_any(peers + [joiner], r"^round \d+ deltas 4/4 ", 90)
+    served = harness.served_digests(peers, synced_round)
+    assert digest in served, f"joiner took {digest}, donors served {served}"
+    harness.wait_any(peers + [joiner], "round", 90, lambda e: (e["deltas"], e["participants"]) == (4, 4))
     assert all(r >= synced_round for r, *_ in rounds(joiner)), rounds(joiner)
 
 
@@ -333,7 +137,7 @@ def test_survivors_of_a_sigkilled_peer_finish_their_rounds_without_it(swarm: Swa
     run = write_spec(tmp_path / "run.toml", deadline_s=3.0)
     a, b, victim = three_peers(swarm, "--max-rounds", str(num_rounds), run=run)
     for p in (a, b, victim):
-        p.wait_for(r"^round 2 ", 120)
+        wait_round(p, 2, 120)
     os.kill(victim.pid, signal.SIGKILL)  # the daemon only: its p2pd lingers, as after a crash
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(120))
@@ -349,14 +153,14 @@ def test_survivors_of_a_sigkilled_peer_finish_their_rounds_without_it(swarm: Swa
 def test_a_peer_of_another_run_spec_is_refused_and_the_swarm_goes_on(swarm: Swarm, tmp_path: Path):
     a = swarm.join("a", "--min-peers", "2")
     b = swarm.join("b", "--min-peers", "2", peer=a)
-    b.wait_for(r"^round 0 ", 90)
+    wait_round(b, 0, 90)
     other = swarm.join("other", peer=a, run=write_spec(tmp_path / "seed1.toml", seed=1))
     rc = other.wait_exit(90)
     assert rc == 2, other.tail()
     assert "another run spec" in other.stderr() and "Traceback" not in other.stderr(), other.tail()
     last = max(r for r, *_ in rounds(a))
     for p in (a, b):
-        p.wait_for(rf"^round {last + 2} ", 60)
+        wait_round(p, last + 2, 60)
         assert all(of <= 2 for _, _, of, _ in rounds(p)), f"the refused peer took part: {rounds(p)}"
 
 
@@ -374,7 +178,7 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
     # truncated peer held every round 15.5 s; under 7 s it is rejected after 3.5 s.
     run = write_spec(tmp_path / "run.toml", deadline_s=7.0)
     a = swarm.join("a", "--min-peers", "2", "--max-rounds", str(num_rounds), run=run)
-    evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", EVIL_SCRIPT, mode, first_addr(a), str(run)],
+    evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", harness.EVIL_SCRIPT, mode, first_addr(a), str(run)],
                               stdin=subprocess.PIPE) for mode in expected}
     evil_ids = {mode: child.wait_for(r"^(\w+)$", 60)[1] for mode, child in evil.items()}
     b = swarm.join("b", "--min-peers", "2", "--max-rounds", str(num_rounds), peer=a, run=run)
@@ -406,7 +210,7 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
 def test_status_counts_the_other_peers_sigterm_leaves_with_exit_0_and_a_second_ctrl_c_forces(swarm: Swarm):
     a = swarm.join("a", "--min-peers", "2")
     b = swarm.join("b", "--min-peers", "2", peer=a)
-    a.wait_for(r"^round 1 ", 90)
+    wait_round(a, 1, 90)
     st = node_status(swarm.root / "a")
     assert set(st) >= STATUS_KEYS, sorted(STATUS_KEYS - set(st))
     assert st["state"] in STATES and st["num_peers"] == 1 and st["peer_id"] == peer_id(a), st

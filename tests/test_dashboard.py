@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from locoswarm.node.events import EventTail
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -22,14 +24,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
 def test_the_dashboard_of_a_live_daemon_shows_a_loss_chart_with_data_points(tmp_path):
     state = tmp_path / "node"
+    events = tmp_path / "events.jsonl"
     daemon = subprocess.Popen([sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen",
-                               "/ip4/127.0.0.1/tcp/0", "--state-dir", str(state), "--threads", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               "/ip4/127.0.0.1/tcp/0", "--state-dir", str(state), "--threads", "1",
+                               "--events", str(events)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        for line in daemon.stdout:
-            if line.startswith("round 3 "):
-                break
+        EventTail(events).wait_for(lambda e: e["event"] == "round" and e["round"] >= 3, 150,
+                                   lambda: daemon.poll() is None)
         port = json.loads((state / "control.json").read_text())["port"]
         url = f"http://127.0.0.1:{port}/"
         common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=900,800",

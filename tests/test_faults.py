@@ -29,7 +29,7 @@ def _load(name: str, path: str):
     return module
 
 
-daemon = _load("daemon_harness", os.path.join(HERE, "test_daemon.py"))
+daemon = _load("harness", os.path.join(HERE, "harness.py"))
 netns = _load("netns", os.path.join(HERE, "peers", "netns.py"))
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -108,13 +108,8 @@ def new_identity(state_dir: Path) -> str:
 
 
 def join_in(swarm, net, i: int, name: str, *args: str, peer: str | None = None, run: Path | None = None):
-    argv = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", f"/ip4/{net.addrs[i]}/tcp/0",
-            "--state-dir", str(swarm.root / name), "--threads", "1", *args]
-    if peer is not None:
-        argv += ["--peer", peer]
-    if run is not None:
-        argv += ["--run", str(run)]
-    return swarm.start(name, net.argv(i, argv))
+    return swarm.join(name, *args, peer=peer, run=run, listen=f"/ip4/{net.addrs[i]}/tcp/0",
+                      wrap=lambda argv: net.argv(i, argv))
 
 
 def three_in(swarm, net, *args: str, run: Path | None = None):
@@ -167,19 +162,19 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
 
     run = daemon.write_spec(tmp_path / "run.toml", deadline_s=5.0)
     a, b, c = three_in(swarm, net, run=run)
-    c.wait_for(r"^round 2 ", 200)
+    daemon.wait_round(c, 2, 200)
     net.partition(2)
     time.sleep(10)
     net.heal(2)
     healed = time.monotonic()
-    m = c.wait_for(r"^synced round (\d+) from \d+ donors digest ([0-9a-f]{64})$", 120)
+    event = c.wait_event("synced", 120)
     back_s = time.monotonic() - healed
-    synced, digest = int(m[1]), m[2]
-    served = {d for p in (a, b) for d in (x[1] for x in p.find(rf"^serving state round {synced} digest (\w+)$"))}
+    synced, digest = event["round"], event["digest"]
+    served = daemon.served_digests([a, b], synced)
     assert digest in served, f"c took {digest}, a and b served {served}"
     assert c.wait_for(r"found \d+ peers again after \d+ rounds alone", 0, stderr=True)
     deadline = time.monotonic() + 120
-    while not (whole := [int(m[1]) for m in a.find(r"^round (\d+) deltas 3/3 ") if int(m[1]) > synced]):
+    while not (whole := [r for r, got, of, _ in daemon.rounds(a) if (got, of) == (3, 3) and r > synced]):
         assert time.monotonic() < deadline, f"a had no round of 3/3 deltas after round {synced} in 120 s\n{a.tail(10)}"
         time.sleep(0.2)
     for p in (a, b, c):
@@ -215,9 +210,10 @@ def test_a_peer_that_missed_one_delta_finds_the_silent_split_and_takes_the_major
     assert [(got, of) for r, got, of, _ in daemon.rounds(c) if r == 2] == [(2, 3)]
     m = c.wait_for(r"split at round (\d+): took the state of 2 peers", 0, stderr=True)
     split = int(m[1])
-    s = c.wait_for(r"^synced round (\d+) from 2 donors digest ([0-9a-f]{64})$", 0)
-    served = {d for p in (a, b) for d in (x[1] for x in p.find(rf"^serving state round {s[1]} digest (\w+)$"))}
-    assert s[2] in served, f"c took {s[2]}, a and b served {served}"
+    s = c.wait_event("synced", 0)
+    assert s["donors"] == 2, s
+    served = daemon.served_digests([a, b], s["round"])
+    assert s["digest"] in served, f"c took {s['digest']}, a and b served {served}"
     for p in (a, b):
         assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
     finals = [daemon.final(p) for p in peers]
@@ -241,13 +237,14 @@ def test_a_failed_round_is_discarded_and_logged_and_the_peer_trains_on_and_rejoi
     peers = [a, b, c]
     for p in peers:
         daemon.assert_clean_exit(p, p.wait_exit(250))
-    assert c.wait_for(r"^round 2 discarded: ValueError: pseudo-gradient of .* is not finite", 0)
+    discarded = c.wait_event("round_discarded", 0)
+    assert discarded["round"] == 2 and re.match(r"ValueError: pseudo-gradient of .* is not finite", discarded["reason"])
     assert c.wait_for(r"a discarded round left outer step \d+ behind the swarm's \d+", 0, stderr=True)
-    assert c.wait_for(r"^synced round \d+ from \d+ donors digest [0-9a-f]{64}$", 0)
+    assert c.wait_event("synced", 0)["round"] > 2
     assert c.wait_for(r"round 3: reporting the round done failed: ConnectionError: injected", 0, stderr=True)
     assert not [r for r, *_ in daemon.rounds(c) if r == 2], "no round line for the discarded round"
     for p in (a, b):
-        assert not p.find("discarded"), f"{p.name} discarded a round\n{p.tail()}"
+        assert not p.events("round_discarded"), f"{p.name} discarded a round\n{p.tail()}"
         # c said it gave round 2 up: nobody waited for its delta until the deadline.
         assert not re.search(r"round 2: no delta from \w+: no delta before the", p.stderr()), p.tail()
         assert [(got, of) for r, got, of, _ in daemon.rounds(p) if r == 2] == [(2, 3)]
@@ -347,7 +344,7 @@ def test_peers_killed_at_random_moments_come_back_and_never_leave_a_corrupt_chec
     addr = daemon.first_addr(live["a"])
     for n in ("b", "c"):
         live[n] = swarm.join(n, "--min-peers", "3", *args, peer=addr, run=run)
-    live["a"].wait_for(r"^round 1 ", 200)
+    daemon.wait_round(live["a"], 1, 200)
     killed = []
     for _ in range(4):
         name = rng.choice(["b", "c"])
@@ -360,9 +357,9 @@ def test_peers_killed_at_random_moments_come_back_and_never_leave_a_corrupt_chec
         killed.append((name, round(delay, 1), None if found is None else found[0]))
         live[name] = swarm.join(name, *args, peer=addr, run=run)
         if found is not None:
-            live[name].wait_for(rf"^resumed from checkpoint round {found[0]}$", 120)
+            assert live[name].wait_event("resumed", 120)["round"] == found[0]
     rounds_before = len(daemon.rounds(live["a"]))
-    daemon.wait_any([live["a"]], rf"^round {rounds_before + 2} ", 200)
+    daemon.wait_round(live["a"], rounds_before + 2, 200)
     for p in live.values():
         p.proc.send_signal(signal.SIGTERM)
     for p in live.values():

@@ -58,10 +58,11 @@ def test_a_paused_daemon_stays_reachable_says_why_and_trains_nothing(tmp_path):
     hour = time.localtime().tm_hour
     closed = f"{(hour + 1) % 24}-{(hour + 2) % 24}"  # a window that excludes now
     state = tmp_path / "node"
+    events = tmp_path / "events.jsonl"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen",
                              "/ip4/127.0.0.1/tcp/0", "--state-dir", str(state), "--threads", "1",
-                             "--allowed-hours", closed], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--allowed-hours", closed, "--events", str(events)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         from locoswarm.node.control import read_status
 
@@ -88,4 +89,7 @@ def test_a_paused_daemon_stays_reachable_says_why_and_trains_nothing(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    assert not [line for line in out.splitlines() if line.startswith("round ")]
+    from locoswarm.node.events import read_events
+
+    reported = [e["event"] for e in read_events(events)]
+    assert "listening" in reported and "round" not in reported, reported

@@ -148,7 +148,9 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
 
     await p2p.add_binary_stream_handler(PROTOCOL, rpc_get_delta)
     dht = await DHTNode.create(p2p=p2p, initial_peers=[addr], record_validator=validator)
-    claim = encode_progress(Progress(tokens=10**9 if mode == "inflated" else 0, tokens_per_s=0.0, done=True))
+    # Done with a token trained: a participant to pull from (done with none would be a peer
+    # that gave the round up, which nobody asks).
+    claim = encode_progress(Progress(tokens=10**9 if mode == "inflated" else 1, tokens_per_s=0.0, done=True))
 
     async def keep_claiming() -> None:
         while True:  # stored again now and then, so honest peers that joined later find it too
