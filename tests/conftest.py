@@ -4,6 +4,7 @@ fresh random inputs that are still reproducible from the test's name."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import zlib
 
@@ -12,6 +13,10 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
+
+# The suite's shared helpers (harness.py, protocol_cases.py) import by name from this folder;
+# the repository root stays off sys.path (its folders shadow real packages: test_layout.py).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Keep hypothesis from writing its caches and example database into the repository root.
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "locoswarm-hypothesis"))

@@ -10,7 +10,6 @@ so that the teardown runs when a test overstays.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import random
@@ -25,20 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("harness", os.path.join(os.path.dirname(__file__), "harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
-Child, Swarm = harness.Child, harness.Swarm
-first_addr, peer_id, rounds, final, wait_round = (harness.first_addr, harness.peer_id, harness.rounds, harness.final,
-                                                  harness.wait_round)
-three_peers, assert_clean_exit, node_status = harness.three_peers, harness.assert_clean_exit, harness.node_status
-write_spec, write_private_spec, LISTEN = harness.write_spec, harness.write_private_spec, harness.LISTEN
+import harness
+from harness import (LISTEN, Child, Swarm, assert_clean_exit, final, first_addr, node_status, peer_id, rounds,
+                     three_peers, wait_round, write_private_spec, write_spec)
 
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}

@@ -10,7 +10,6 @@ Links: 50 Mbit/s (kernel tbf), 25 ms each way through a user-space switch (50 ms
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
@@ -19,18 +18,8 @@ from pathlib import Path
 
 import pytest
 
-HERE = os.path.dirname(__file__)
-
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-daemon = _load("harness", os.path.join(HERE, "harness.py"))
-netns = _load("netns", os.path.join(HERE, "peers", "netns.py"))
+import harness as daemon
+from peers import netns
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 LOSS_MARGIN = 0.10
