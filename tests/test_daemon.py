@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import harness
-from harness import (LISTEN, Child, Swarm, assert_clean_exit, final, first_addr, node_status, peer_id, rounds,
-                     three_peers, wait_round, write_private_spec, write_spec)
+from harness import (Swarm, assert_clean_exit, final, first_addr, node_status, peer_id, rounds, three_peers,
+                     wait_round, write_private_spec, write_spec)
 
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}
