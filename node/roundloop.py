@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from safetensors import SafetensorError
 
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
+from locoswarm.node.host import NodeError
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ class RoundLoop:
             reason = f"{type(e).__name__}: {e}"
             log.error("round %d discarded: %s", round_, reason, exc_info=log.isEnabledFor(logging.DEBUG))
             if self._failed_in_a_row >= MAX_FAILED_IN_A_ROW:
-                raise RuntimeError(f"{MAX_FAILED_IN_A_ROW} rounds failed in a row, the last with {reason}") from e
+                raise NodeError(f"{MAX_FAILED_IN_A_ROW} rounds failed in a row, the last with {reason}") from e
             ctx.stats.rounds_discarded += 1
             ctx.events(RoundDiscarded(round=round_, reason=reason))
             if work is not None and not work.applied:
