@@ -1,6 +1,6 @@
-"""`locoswarm bench kernels` (issue 5; needs CUDA): the compression kernels against the
-plain-torch reference and a device-to-device copy, and the inner step's throughput, MFU and
-peak memory, with the largest model that trains inside a 24 GB cap.
+"""`locoswarm bench kernels` (needs CUDA): the compression kernels against the plain-torch
+reference and a device-to-device copy, and the inner step's throughput, MFU and peak memory,
+with the largest model that trains inside a 24 GB cap.
 
 Inner step: the daemon's own Trainer (its precision, micro-batch fit, fused linear
 cross-entropy, optional activation checkpointing and torch.compile) on GPT-2-tokenized

@@ -237,8 +237,8 @@ def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_
                 if line.startswith("round 1 "):
                     break
             # Keep the disk full until the daemon exits: a checkpoint still being written
-            # when it first fills fails and deletes its files, which frees room again
-            # (seen in CI: the final model then fitted).
+            # when it first fills fails and deletes its files, which frees room again,
+            # enough for the final model to fit.
             stop = threading.Event()
             keeper = threading.Thread(target=keep_full, args=(disk, stop), daemon=True)
             keeper.start()
