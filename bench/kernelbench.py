@@ -1,6 +1,6 @@
-"""`locoswarm bench kernels` (issue 5; needs CUDA): the compression kernels against the
-plain-torch reference and a device-to-device copy, and the inner step's throughput, MFU and
-peak memory, with the largest model that trains inside a 24 GB cap.
+"""`locoswarm bench kernels` (needs CUDA): the compression kernels against the plain-torch
+reference and a device-to-device copy, and the inner step's throughput, MFU and peak memory,
+with the largest model that trains inside a 24 GB cap.
 
 Inner step: the daemon's own Trainer (its precision, micro-batch fit, fused linear
 cross-entropy, optional activation checkpointing and torch.compile) on GPT-2-tokenized
@@ -158,22 +158,3 @@ def format_kernels(r: dict) -> str:
         lines.append(f"largest model trained within the cap: {r['largest_in_cap']}")
     return "\n".join(lines)
 
-
-def profile_inner(size: str, *, batch: int, seq_len: int, compile: bool = False, rows: int = 25) -> str:
-    """torch.profiler's table of the CUDA kernels of two inner steps (after warm-up): where
-    a step's time goes, for tuning."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from locoswarm.node.trainer import Trainer
-
-    spec = _bench_spec(size, batch, seq_len)
-    t = Trainer(spec, spec.hash(), shard=0, device=torch.device("cuda"), compile=compile)
-    stop = threading.Event()
-    t.train_until(stop, lambda done: done >= 3 * t.tokens_per_step)
-    torch.cuda.synchronize()
-    t.tokens = 0
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t.train_until(stop, lambda done: done >= 2 * t.tokens_per_step)
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)

@@ -1,8 +1,8 @@
-"""`locoswarm bench swarm`: N real daemons on loopback against the in-process simulation
-(issue 3). Reports rounds per minute, the share of wall time the peers spent training,
-bytes on the wire per peer per round (at the transport, see swarm.py), and the final eval
-loss of the swarm (mean over the peers' replicas, as the simulation reports it) against the
-simulation's with the same spec, shards, seeds and number of rounds.
+"""`locoswarm bench swarm`: N real daemons on loopback against the in-process simulation.
+Reports rounds per minute, the share of wall time the peers spent training, bytes on the
+wire per peer per round (at the transport, see swarm.py), and the final eval loss of the
+swarm (mean over the peers' replicas, as the simulation reports it) against the simulation's
+with the same spec, shards, seeds and number of rounds.
 """
 
 from __future__ import annotations

@@ -145,14 +145,3 @@ def bench_kernels(sizes=(10**7, 10**8, 10**9), chunk: int = 4096, k: int = 64, b
         torch.cuda.empty_cache()
     return rows
 
-
-def sweep_warps(n: int = 10**8, chunk: int = 4096, k: int = 64, bits: int = 4, reps: int = 10) -> dict[int, float]:
-    """Milliseconds of the fused compression at each warp count (for tuning ENTRIES_PER_WARP)."""
-    from locoswarm.kernels import fused
-
-    lay = ChunkLayout.for_tensor(n, chunk, k / chunk)
-    delta = torch.randn(n, device="cuda")
-    err = torch.zeros(n, device="cuda")
-    return {w: 1e3 * _time(lambda: fused.compress(err, delta, lay, bits, mode="buffer", kernel="triton", num_warps=w),
-                           reps)
-            for w in (1, 2, 4, 8, 16)}

@@ -29,8 +29,8 @@
 //    same bytes). The residual of the chunk is written once: b − sent where kept, b elsewhere;
 //    staged, the slot's thread writes b − sent over b in shared memory and the block stores
 //    the chunk from there, coalesced; else each thread corrects and stores its own 16.
-//    On the H200 at 1e9 the staged entry took 3.46 ms against 4.88 for the kernel of
-//    2026-12-02, which read and wrote in place (node/sim/results/kernels-h200-2026-12-03.log).
+//    On the H200 at 1e9 the staged entry took 3.46 ms against 4.88 for a kernel that read
+//    and wrote the chunk in place.
 // A chunk whose candidates overflow the shared buffer (ties), or a short last chunk, writes b
 // to the residual and appends its index to the list `todo` (todo[0] counts them):
 // fused_select.compress_full_kernel then searches those whole.

@@ -182,7 +182,7 @@ def _words(count: int, width: int) -> int:
 COMPRESS_KERNEL = "auto"
 """The compression kernel `compress` runs by default on CUDA: "auto" takes the CUDA C one
 (kernels/compress.cu) for tensors of COMPRESS_CUDA_MIN entries and more, the Triton one below.
-Both give the same bits; on the H200 (2026-12-03) the CUDA C kernel took 3.45 against 5.57 ms
+Both give the same bits; on the H200 the CUDA C kernel took 3.45 against 5.57 ms
 at 1e9 entries and 0.44 against 0.64 at 1e8, but 0.14 against 0.14 at 1e7, where its ctypes
 launch costs as much as it saves (README, "Compression in CUDA C")."""
 COMPRESS_CUDA_MIN = 1 << 25
@@ -247,8 +247,8 @@ def compress_arguments(err: Tensor, delta: Tensor, idx: Tensor, codes: Tensor, s
 
 
 def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode: str = "model",
-             decay: float = 1.0, sent: Tensor | None = None, kernel: str = COMPRESS_KERNEL,
-             num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             decay: float = 1.0, sent: Tensor | None = None,
+             kernel: str = COMPRESS_KERNEL) -> tuple[Tensor, Tensor, Tensor]:
     """Fused error-feedback compression of one flat fp32 tensor (see the module docstring).
 
     `mode` "model": b = delta (the residual lives in the replica); "buffer": b = decay·err +
@@ -257,8 +257,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
     uint8, scales (num_chunks, 2) float32), the streams exactly as the wire carries them.
     `kernel` "cuda": the CUDA C kernel of kernels/compress.cu where it applies (compress_shape)
     and loads, else the Triton one; "triton": the Triton one (always under the interpreter);
-    "auto": "cuda" from COMPRESS_CUDA_MIN entries, else "triton".
-    `num_warps` is the Triton kernel's."""
+    "auto": "cuda" from COMPRESS_CUDA_MIN entries, else "triton"."""
     assert kernel in ("auto", "cuda", "triton")
     assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}"  # as the references take
     assert err.dtype == torch.float32 and delta.dtype == torch.float32 and err.is_contiguous()
@@ -270,8 +269,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
         # The Triton kernel compacts a chunk's candidates as 8-byte pairs in err's storage: a
         # view 4 bytes off works on an aligned copy (the compressor's own buffers are aligned).
         aligned = err.clone()
-        out = compress(aligned, delta, layout, bits, mode=mode, decay=decay, sent=sent, kernel=kernel,
-                       num_warps=num_warps)
+        out = compress(aligned, delta, layout, bits, mode=mode, decay=decay, sent=sent, kernel=kernel)
         err.copy_(aligned)
         return out
     kernel_mode = 0 if mode == "model" else (1 if decay == 1.0 else 2)
@@ -295,7 +293,7 @@ def compress(err: Tensor, delta: Tensor, layout: ChunkLayout, bits: int, *, mode
         rows = min(layout.chunk, triton.next_power_of_2(layout.k))
         cb = max(16, min(layout.chunk // 2, triton.next_power_of_2(8 * layout.k)))
         compress_kernel[(m,)](*args, ROWS=rows, CB=cb, MODE=kernel_mode, **common,
-                              num_warps=num_warps or compress_warps(layout.chunk))
+                              num_warps=compress_warps(layout.chunk))
     compress_full_kernel[(full_programs(dev, m),)](*args, **common, num_warps=FULL_WARPS)
     return (idx.view(torch.uint8)[: packed_nbytes(n_sel, layout.index_bits)],
             codes.view(torch.uint8)[: packed_nbytes(n_sel, bits)], scales)

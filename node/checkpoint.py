@@ -1,5 +1,5 @@
-"""Crash-safe checkpoints (issue 4): tensors as safetensors plus JSON metadata, never
-pickle, since a checkpoint is a file we read back and files are untrusted.
+"""Crash-safe checkpoints: tensors as safetensors plus JSON metadata, never pickle, since a
+checkpoint is a file we read back and files are untrusted.
 
 A checkpoint is a directory `ckpt-<round>` under `<state-dir>/checkpoints` holding
 `tensors.safetensors` and `meta.json` (format version, round, spec hash, SHA-256 of the

@@ -56,7 +56,6 @@ STATUS_SCHEMA = {
 }
 
 CONTROL_FILE = "control.json"
-_MAX_REQUEST = 8192
 log = logging.getLogger(__name__)
 
 

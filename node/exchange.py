@@ -16,8 +16,9 @@ from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.streams import HEADER, PeerLimits, call_framed, serve_framed
+from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
+from locoswarm.protocol.framing import HEADER
 
 PROTOCOL = "locoswarm/delta/1"
 _ROUNDS_KEPT = 2

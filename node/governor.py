@@ -1,9 +1,9 @@
-"""The idle governor (issue 4): the volunteer's machine is theirs first. Like BOINC's
-computing preferences, the daemon pauses while another process uses the GPU (a game),
-while other processes use more than a share of the CPU, while on battery, or outside the
-allowed hours, and resumes only after the machine has been idle for a while. A paused peer
-stays reachable — it serves its state and last delta — but trains nothing and reports no
-progress, so rounds do not count on it; `node status` says why it is paused.
+"""The idle governor: the volunteer's machine is theirs first. Like BOINC's computing
+preferences, the daemon pauses while another process uses the GPU (a game), while other
+processes use more than a share of the CPU, while on battery, or outside the allowed hours,
+and resumes only after the machine has been idle for a while. A paused peer stays reachable
+— it serves its state and last delta — but trains nothing and reports no progress, so rounds
+do not count on it; `node status` says why it is paused.
 
 The decision (`Governor.decide`) is a pure function of readings, so it is tested on
 recorded ones; `read_machine` takes a reading with psutil and, where present, NVML.

@@ -1,6 +1,6 @@
-"""What this machine has, and whether it can take part in a run (issue 4, `locoswarm
-doctor`): the device (CUDA, MPS or CPU) and its memory, the precision the trainer uses on
-it, and an estimate of what a run spec needs against what is free.
+"""What this machine has, and whether it can take part in a run (`locoswarm doctor`): the
+device (CUDA, MPS or CPU) and its memory, the precision the trainer uses on it, and an
+estimate of what a run spec needs against what is free.
 
 The estimate counts, per parameter: the replica in fp32 with its gradient and AdamW's two
 moments (16 bytes) on the training device; the outer parameters and momentum, the

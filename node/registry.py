@@ -1,8 +1,8 @@
-"""Peer discovery through the DHT (issue 3): each peer keeps its record (protocol/records)
-under the run's key, one subkey per peer id, with an expiry it refreshes; a peer that
-vanishes (SIGKILL, cut network) is forgotten when its record expires, and one that leaves
-cleanly withdraws it with an empty tombstone that outlives the record. Runs on the
-caller's event loop through hivemind's DHTNode (no forked DHT process).
+"""Peer discovery through the DHT: each peer keeps its record (protocol/records) under the
+run's key, one subkey per peer id, with an expiry it refreshes; a peer that vanishes
+(SIGKILL, cut network) is forgotten when its record expires, and one that leaves cleanly
+withdraws it with an empty tombstone that outlives the record. Runs on the caller's event
+loop through hivemind's DHTNode (no forked DHT process).
 
 Records are signed: with an RSASignatureValidator (hivemind's; the DHT node must be created
 with it) the subkey is the peer id followed by the owner's public key, and every DHT node

@@ -44,9 +44,9 @@ from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
 from locoswarm.node.registry import subkey_author
-from locoswarm.node.streams import TruncatedBody
 from locoswarm.optim.screen import median
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
+from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.records import Progress, decode_progress, encode_progress
 
 log = logging.getLogger(__name__)

@@ -56,8 +56,8 @@ class StateServer:
     most `_MAX_PINNED`) while a joiner asked for it in the last `_PIN_S` seconds: a joiner on
     a slow link takes longer than a few rounds to download a state, and when the round it
     read the manifest of was dropped under it, every retry of the download started on a
-    newer round and was dropped again (the fault suite saw three attempts fail so and,
-    before a failed catch-up stopped being fatal, the node exit).
+    newer round and was dropped again (three attempts in a row on the fault suite's lossy
+    links).
     """
 
     def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,

@@ -1,9 +1,8 @@
-"""Request/response framing over libp2p binary streams (hivemind's p2pd), shared by the
-delta exchange and the state download. The request is a fixed number of bytes; the
-response an 8-byte big-endian length and that many bytes, length 0 meaning "nothing here".
-The server bounds every wait and drops only the request that stalls; the client refuses a
-declared length above its limit before reading a byte of the body, and bounds the whole
-exchange with a timeout.
+"""Request/response exchanges over libp2p binary streams (hivemind's p2pd), shared by the
+delta exchange and the state download: the request is a fixed number of bytes, the response
+one frame of protocol/framing.py. The server bounds every wait, drops only the request that
+stalls and admits each peer's requests under a concurrency and rate limit; the client
+bounds the whole exchange with a timeout.
 """
 
 from __future__ import annotations
@@ -15,17 +14,9 @@ from typing import Awaitable, Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.protocol import MalformedMessage, OversizedMessage
+from locoswarm.protocol.framing import frame_header, read_frame
 
-HEADER = 8
 log = logging.getLogger(__name__)
-
-
-class TruncatedBody(MalformedMessage):
-    """The stream ended inside the announced body. A bad peer can do it on purpose, but a
-    lossy link resets streams too (seen in the fault suite: a delta cut after its header at
-    1 % loss, dropped as malformed, and the peers' outer states split), so a caller may ask
-    again before it holds it against the peer."""
 
 
 class PeerLimits:
@@ -98,10 +89,11 @@ async def serve_framed(
         payload = answer(request)
         if asyncio.iscoroutine(payload):
             payload = await payload
-        writer.write(len(payload).to_bytes(HEADER, "big"))
+        header = frame_header(len(payload))
+        writer.write(header)
         writer.write(payload)
         await asyncio.wait_for(writer.drain(), timeout_s)
-        return HEADER + len(payload)
+        return len(header) + len(payload)
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
         # A slow or vanished client: drop this request only.
         log.info("%s request from %s abandoned: %s", what, peer, type(e).__name__)
@@ -116,27 +108,15 @@ async def call_framed(
     p2p: P2P, peer: PeerID, protocol: str, request: bytes, *, limit: int, limit_name: str, timeout_s: float,
 ) -> bytes | None:
     """Send `request` to `peer` and return the response body, None when the peer answered
-    "nothing here". Raises OversizedMessage above `limit`, MalformedMessage on a cut
-    stream, asyncio.TimeoutError after `timeout_s`."""
+    "nothing here". Raises what `read_frame` raises (OversizedMessage above `limit`,
+    TruncatedBody on a cut body), asyncio.TimeoutError after `timeout_s`."""
 
     async def go() -> bytes | None:
         _, reader, writer = await p2p.call_binary_stream_handler(peer, protocol)
         try:
             writer.write(request)
             await writer.drain()
-            try:
-                length = int.from_bytes(await reader.readexactly(HEADER), "big")
-            except asyncio.IncompleteReadError:
-                # Not a protocol fault: the peer is leaving, or its handler is gone.
-                raise ConnectionResetError(f"peer {peer} closed the stream before the length header") from None
-            if length == 0:
-                return None
-            if length > limit:
-                raise OversizedMessage(f"peer {peer} announced {length} bytes, above {limit_name} of {limit}")
-            try:
-                return await reader.readexactly(length)
-            except asyncio.IncompleteReadError as e:
-                raise TruncatedBody(f"peer {peer} sent {len(e.partial)} of {length} announced bytes") from None
+            return await read_frame(reader, peer=peer, limit=limit, limit_name=limit_name)
         finally:
             writer.close()
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from locoswarm.kernels import scatter_chunks
+from locoswarm.kernels import fused_kernels, scatter_chunks
 from locoswarm.protocol import DecodedDelta
-from locoswarm.optim.compress import densify, fused_kernels
+from locoswarm.optim.compress import densify
 from locoswarm.optim.trimmed import trimmed_mean
 
 

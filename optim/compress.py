@@ -11,28 +11,25 @@ was sent, up to the one fp32 rounding of the subtraction).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, pack_bits, quantize, scatter_chunks, unpack_bits
+from locoswarm.kernels import (
+    ChunkLayout,
+    chunked_topk,
+    dequantize,
+    fused_kernels,
+    pack_bits,
+    quantize,
+    scatter_chunks,
+    unpack_bits,
+)
 from locoswarm.protocol import DeltaSpec, PackedTensor, SparseTensor, TensorSpec
 from locoswarm.optim.config import CompressionConfig
 
 
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
-
-
-def fused_kernels(device: torch.device | str):
-    """kernels.fused when it can run on `device` (CUDA with Triton, or Triton's CPU
-    interpreter under TRITON_INTERPRET=1), else None: CPU and MPS take the torch path and
-    never import Triton."""
-    if not (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return None
-    from locoswarm.kernels import fused
-
-    return fused if fused.triton is not None else None
 
 
 def tensor_specs(named_shapes: list[tuple[str, tuple[int, ...]]], cfg: CompressionConfig) -> tuple[TensorSpec, ...]:

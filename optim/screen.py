@@ -1,5 +1,5 @@
-"""Screening a round's deltas before aggregation (issue 6): what one bad peer can do to a
-round is bounded here.
+"""Screening a round's deltas before aggregation: what one bad peer can do to a round is
+bounded here.
 
 - A delta with a non-finite value anywhere is refused (the protocol decoder already
   refuses non-finite scales; this holds for any delta handed in).
@@ -7,11 +7,11 @@ round is bounded here.
   compared with the round's median; rule "clip" scales a delta above norm_factor × median
   down to that norm (κ = 1 by default: Templar's rule, clip to the median; config.py says
   how it was chosen), rule "reject" leaves it out. A peer's own delta gets the same
-  treatment as everyone's: exempting it made each peer aggregate a different set of
-  weights, and three peers that had every delta ended on three outer states (seen in CI).
+  treatment as everyone's: exempting it makes each peer aggregate a different set of
+  weights, so peers that all hold every delta still end on different outer states.
 - Token claims: a delta's token count (its weight) above token_factor × the round's median
-  claim is cut to it. The issue asked for a bound from the peer's announced throughput ×
-  the round's duration; but each peer sees those at different moments, so peers would
+  claim is cut to it. A bound from the peer's announced throughput × the round's duration
+  would not do: each peer sees those at different moments, so peers would
   weigh the same delta differently and their outer states would split. Every input here is
   in the deltas themselves, so every peer holding the same deltas decides the same.
 

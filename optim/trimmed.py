@@ -1,7 +1,8 @@
-"""Coordinate-wise trimmed mean of a round's deltas (issue 6), after Yin et al. 2018,
-"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates" (arXiv:1803.01498):
-at every coordinate the values of the peers taking part there are sorted, the ⌊β·n⌋
-lowest and the ⌊β·n⌋ highest are dropped, and the rest are averaged, weighted by tokens.
+"""Coordinate-wise trimmed mean of a round's deltas, after Yin et al. 2018,
+"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"
+(arXiv:1803.01498): at every coordinate the values of the peers taking part there are
+sorted, the ⌊β·n⌋ lowest and the ⌊β·n⌋ highest are dropped, and the rest are averaged,
+weighted by tokens.
 
 Which peers take part at a coordinate follows the aggregation rule. "masked": the peers
 that sent it (a sparse delta says nothing about a coordinate it did not send), so a

@@ -1,13 +1,13 @@
-"""The peer record every peer keeps in the DHT under its run's key (issue 3): who it is,
-where to reach it, what it runs on, how fast it trains, which round it is at, and under
-which run spec, whether it is paused, (in a private run) its proof of the run's secret, and
-whether its outer state went its own way (after a partition, that says which side takes
-whose state: node/reunion.py), and a digest of the deltas its outer state is made of, at
-its round and the round before (peers that aggregated different sets of deltas in a round
-see it, even while some are a round ahead: node/reunion.py). Encoded as a msgpack map,
-version 6; `decode_record`
-validates every field and raises a ProtocolError subclass naming what was wrong. Signing (so that no peer can
-overwrite another's record) is the DHT layer's job: hivemind's signature validator.
+"""The peer record every peer keeps in the DHT under its run's key: who it is, where to
+reach it, what it runs on, how fast it trains, which round it is at, and under which run
+spec, whether it is paused, (in a private run) its proof of the run's secret, and whether
+its outer state went its own way (after a partition, that says which side takes whose state:
+node/reunion.py), and a digest of the deltas its outer state is made of, at its round and
+the round before (peers that aggregated different sets of deltas in a round see it, even
+while some are a round ahead: node/reunion.py). Encoded as a msgpack map, version 6;
+`decode_record` validates every field and raises a ProtocolError subclass naming what was
+wrong. Signing (so that no peer can overwrite another's record) is the DHT layer's job:
+hivemind's signature validator.
 """
 
 from __future__ import annotations

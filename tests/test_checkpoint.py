@@ -241,8 +241,8 @@ def test_a_daemon_whose_disk_fills_up_says_so_keeps_training_and_keeps_its_last_
             EventTail(events).wait_for(lambda e: e["event"] == "round" and e["round"] >= 1, 120,
                                        lambda: proc.poll() is None)
             # Keep the disk full until the daemon exits: a checkpoint still being written
-            # when it first fills fails and deletes its files, which frees room again
-            # (seen in CI: the final model then fitted).
+            # when it first fills fails and deletes its files, which frees room again,
+            # enough for the final model to fit.
             stop = threading.Event()
             keeper = threading.Thread(target=keep_full, args=(disk, stop), daemon=True)
             keeper.start()

@@ -1,8 +1,8 @@
-"""Fault injection (issue 6): real daemons in network namespaces this test creates, their
-links slowed, made lossy and cut, and real processes killed. Each case asserts that no
-honest peer crashes, the honest peers' eval loss stays within a stated margin of a clean
-run, and what was refused was logged. Cases that need namespaces skip, saying why, where
-they cannot be made (not root); the rest run anyway.
+"""Fault injection: real daemons in network namespaces this test creates, their links
+slowed, made lossy and cut, and real processes killed. Each case asserts that no honest peer
+crashes, the honest peers' eval loss stays within a stated margin of a clean run, and what
+was refused was logged. Cases that need namespaces skip, saying why, where they cannot be
+made (not root); the rest run anyway.
 
 Links: 50 Mbit/s (kernel tbf), 25 ms each way through a user-space switch (50 ms RTT),
 1 % of frames dropped at random (tests/peers/netns.py says why not tc netem).
@@ -104,7 +104,7 @@ def join_in(swarm, net, i: int, name: str, *args: str, peer: str | None = None, 
 def three_in(swarm, net, *args: str, run: Path | None = None):
     """Three peers, each started once the one before listens: two peers dialing each other
     at the same moment over the lossy link could both fail and sit in libp2p's dial backoff
-    for the whole first round (seen in CI)."""
+    for the whole first round."""
     a = join_in(swarm, net, 0, "a", "--min-peers", "3", *args, run=run)
     addr = daemon.first_addr(a)
     b = join_in(swarm, net, 1, "b", "--min-peers", "3", *args, peer=addr, run=run)

@@ -1,7 +1,7 @@
-"""Fitting the hardware (issue 4): the precision chosen per device, the micro-batch fitted
-to free memory with gradient accumulation that keeps the spec's batch per step, the
-fallback to a smaller micro-batch when a step runs out of memory, and fp16 with a loss
-scaler (what pre-Ampere CUDA gets), exercised here through the CPU's fp16 autocast."""
+"""Fitting the hardware: the precision chosen per device, the micro-batch fitted to free
+memory with gradient accumulation that keeps the spec's batch per step, the fallback to a
+smaller micro-batch when a step runs out of memory, and fp16 with a loss scaler (what
+pre-Ampere CUDA gets), exercised here through the CPU's fp16 autocast."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def test_progress_is_taken_only_from_the_peer_whose_identity_signed_it(tmp_path)
 def test_one_peer_claiming_a_huge_count_does_not_end_the_round():
     """Early in a round (everyone at 10 of a 100-token share), a claim of 10⁹ tokens counts
     for at most max(the share, 4 × the median claim): 10 + 10 + 10 + 100 = 130 of 400, the
-    round goes on (before, the claim ended it at once). A fast peer's real lead counts."""
+    round goes on (uncapped, the claim would end it at once). A fast peer's real lead counts."""
     liar = progress_with({"a": (10, 0.0, False, 0.0), "b": (10, 0.0, False, 0.0), "x": (10**9, 0.0, True, 0.0)})
     assert not liar.reached(10)
     fast = progress_with({"gpu": (350, 0.0, False, 0.0)})  # 3.5 shares: more than the 2 of the round
