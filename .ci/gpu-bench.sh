@@ -6,5 +6,5 @@
 set -euo pipefail
 out=${1:?output folder}; shift
 source "$(dirname "$0")/gpu-env.sh"
-python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
-python3 -m locoswarm bench convergence --preset gpu --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
+python3 -P -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+python3 -P -m locoswarm bench convergence --preset gpu --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"

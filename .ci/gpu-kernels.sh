@@ -6,6 +6,6 @@
 set -euo pipefail
 out=${1:?output folder}; shift
 source "$(dirname "$0")/gpu-env.sh"
-python3 -m pytest tests/test_gpu.py tests/test_fused.py -q -p no:cacheprovider -rs 2>&1 \
+python3 -P -m pytest tests/test_gpu.py tests/test_fused.py -q -p no:cacheprovider -rs 2>&1 \
   | tee "$out/gpu-tests.log" || true
-python3 -m locoswarm bench kernels --json "$out/kernels.json" "$@" 2>&1 | tee "$out/kernels.log"
+python3 -P -m locoswarm bench kernels --json "$out/kernels.json" "$@" 2>&1 | tee "$out/kernels.log"

@@ -1,7 +1,7 @@
 """`locoswarm bench convergence --sweep`: a grid over H, density, bits, the outer learning
 rate and momentum, and the error-feedback rule, each point trained on the same tokens as
 one shared ddp and one shared local run. Prints the frontier: eval-loss gap to ddp
-against traffic reduction. The shipped defaults are read off it (README)."""
+against traffic reduction. The shipped defaults are read off it (docs/convergence.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Benchmarks (figures for the README).", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks (their figures are in docs/).", no_args_is_help=True)
 
 
 @app.command()

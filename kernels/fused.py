@@ -184,7 +184,7 @@ COMPRESS_KERNEL = "auto"
 (kernels/compress.cu) for tensors of COMPRESS_CUDA_MIN entries and more, the Triton one below.
 Both give the same bits; on the H200 the CUDA C kernel took 3.45 against 5.57 ms
 at 1e9 entries and 0.44 against 0.64 at 1e8, but 0.14 against 0.14 at 1e7, where its ctypes
-launch costs as much as it saves (README, "Compression in CUDA C")."""
+launch costs as much as it saves (docs/kernels.md, "Compression in CUDA C")."""
 COMPRESS_CUDA_MIN = 1 << 25
 """Entries from which "auto" takes the CUDA C kernel: between the sizes measured (1e7, 1e8)."""
 COMPRESS_PTX = Path(__file__).with_name("compress.ptx")

@@ -163,7 +163,7 @@ class ErrorFeedbackCompressor:
         `coverage(...) > 0`) on a coordinate this peer did not send in its last message,
         drop this peer's residual there. The consensus now holds the senders' average for
         it; keeping our own unsent progress as well would count the same progress twice.
-        (Blending the two by token share instead measured worse in the sweep; README.)"""
+        (Blending the two by token share instead measured worse in the sweep; docs/algorithm.md.)"""
         for err, mask, sent in zip(self.errors, moved, self.sent_masks):
             err.masked_fill_(mask & ~sent, 0.0)
 

@@ -1,7 +1,8 @@
 """Configuration of the DiLoCo algorithm (Douillard et al. 2023, arXiv:2311.08105) and of
 the compressed exchange (top-k + quantization + error feedback, as in SparseLoCo and DeMo).
 
-Defaults are the settings chosen by `locoswarm bench convergence --sweep` (README).
+Defaults are the settings chosen by `locoswarm bench convergence --sweep` (docs/algorithm.md,
+"Defaults, and how they were chosen"; the sweep's table is in docs/convergence.md).
 """
 
 from __future__ import annotations

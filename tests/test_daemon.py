@@ -98,7 +98,7 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
 @pytest.mark.timeout(240, method="signal")
 def test_peers_that_pull_a_sample_of_the_deltas_never_take_each_others_state_as_a_split(swarm: Swarm):
     """Four peers with fanout 2 each aggregate a different set every round, on purpose
-    (README, "Fanout and drift"): their round chains must not call that a split, or they
+    (docs/swarm.md, "Fanout and drift"): their round chains must not call that a split, or they
     would all take one peer's state every round (node/lineage.py)."""
     a = swarm.join("a", "--min-peers", "4", "--max-rounds", "4", "--fanout", "2")
     peers = [a] + [swarm.join(n, "--min-peers", "4", "--max-rounds", "4", "--fanout", "2", peer=a)
