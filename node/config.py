@@ -194,7 +194,7 @@ SETTINGS: tuple[Setting, ...] = (
             to=None, flag="run"),
     _setting("state_dir", "Identity, lock, checkpoints and control file; default: the platform's data folder.",
              default_factory=default_state_dir),
-    _setting("net.listen", "Multiaddrs to listen on; default: TCP and QUIC on all interfaces, ports chosen by the OS."),
+    _setting("net.listen", "Multiaddrs to listen on (port 0: one the OS chooses)."),
     _setting("net.announce", "Public multiaddrs to announce instead of the listen addresses."),
     _setting("net.peers", "Multiaddrs of peers to join through; none: the spec's initial peers, else a new swarm.",
              flag="peer"),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from locoswarm.cli.main import app
@@ -165,6 +166,89 @@ def test_config_show_prints_values_and_sources(tmp_path, monkeypatch):
     assert shown["device"] == {"value": "cpu", "source": "env LOCOSWARM_DEVICE"}
 
 
+def join_params() -> dict[str, object]:
+    command = typer.main.get_command(app)
+    return {opt: p for p in command.commands["node"].commands["join"].params for opt in p.opts}
+
+
+def test_join_offers_every_setting_under_its_flag_and_hides_the_old_spellings():
+    params = join_params()
+    for s in SETTINGS:
+        assert not params[f"--{s.flag}"].hidden
+        if s.base is bool:
+            assert f"--no-{s.flag}" in params[f"--{s.flag}"].secondary_opts
+        for old in s.deprecated_flags:
+            assert params[f"--{old}"].hidden
+    assert {f"--{s.flag}" for s in SETTINGS}.isdisjoint({"--config", "--log-format", "--verbose", "--help"})
+
+
+@pytest.fixture
+def joined(monkeypatch, tmp_path):
+    """Runs `node join ARGS` in this process up to the daemon, which is replaced by one
+    that keeps the config it was given; no user config file or LOCOSWARM_* variable."""
+    import locoswarm.node.daemon as daemon
+
+    for var in [v for v in os.environ if v.startswith("LOCOSWARM_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("LOCOSWARM_CONFIG", os.devnull)
+    seen = []
+    monkeypatch.setattr(daemon, "run_daemon", lambda spec, cfg, **_: seen.append(cfg) or 0)
+
+    def join(*args: str):
+        out = CliRunner().invoke(app, ["node", "join", *args])
+        return out, (seen.pop() if seen else None)
+
+    return join
+
+
+def test_join_maps_every_flag_onto_the_daemons_config(tmp_path, joined):
+    from locoswarm.node.spec import RunSpec, write_spec
+
+    write_spec(RunSpec(), str(tmp_path / "r.toml"))
+    wanted = {s.name: other(s) for s in SETTINGS} | {"run": str(tmp_path / "r.toml"),
+                                                     "state_dir": str(tmp_path / "state")}
+    argv = []
+    for s in SETTINGS:
+        value = wanted[s.name]
+        if s.base is bool:
+            argv.append(f"--{s.flag}" if value else f"--no-{s.flag}")
+        else:
+            argv += [arg for v in (value if isinstance(value, list) else [value]) for arg in (f"--{s.flag}", str(v))]
+    out, cfg = joined(*argv)
+    assert out.exit_code == 0, out.output
+    for s in SETTINGS:
+        if s.to is not None:
+            assert attribute(cfg, s.to) == wanted[s.name], s.name
+
+
+def test_a_flag_left_out_lets_the_file_show_through(tmp_path, joined, monkeypatch):
+    monkeypatch.setenv("LOCOSWARM_CONFIG", write(tmp_path / "c.toml", "fanout = 4\ncompile = true\n"))
+    out, cfg = joined("--state-dir", str(tmp_path / "s"), "--device", "cpu", "--no-compile")
+    assert out.exit_code == 0, out.output
+    assert cfg.fanout == 4 and cfg.compile is False
+
+
+@pytest.mark.parametrize(("old", "new", "attr"), [
+    ("--max-gpu-memory", "--max-gpu-memory-percent", "max_gpu_memory_percent"),
+    ("--keep-checkpoints", "--checkpoint-keep", "checkpoint_keep"),
+    ("--max-other-cpu", "--max-other-cpu-percent", "idle.max_other_cpu_percent"),
+])
+def test_an_old_flag_spelling_still_works_with_a_warning(tmp_path, joined, old, new, attr):
+    out, cfg = joined("--state-dir", str(tmp_path / "s"), "--device", "cpu", old, "7")
+    assert out.exit_code == 0, out.output
+    assert f"warning: {old} is deprecated; use {new}" in out.output
+    assert attribute(cfg, attr) == 7
+    out, cfg = joined("--state-dir", str(tmp_path / "s"), "--device", "cpu", old, "7", new, "9")
+    assert attribute(cfg, attr) == 9
+
+
+def test_a_bad_flag_value_exits_2_naming_the_setting_and_starts_nothing(tmp_path, joined):
+    out, cfg = joined("--state-dir", str(tmp_path / "s"), "--fanout", "0")
+    assert out.exit_code == 2 and cfg is None
+    assert out.output.strip().splitlines() == ["error: fanout must be >= 1, got 0"]
+    assert not (tmp_path / "s").exists()
+
+
 def test_join_with_a_bad_config_exits_2_and_starts_nothing(tmp_path):
     cfg = write(tmp_path / "bad.toml", "fanout = -1\nbogus = true\n")
     state = tmp_path / "state"
@@ -200,3 +284,4 @@ def test_an_unknown_log_format_is_refused():
     out = subprocess.run([sys.executable, "-m", "locoswarm", "node", "join", "--log-format", "xml"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--log-format" in out.stderr
+
