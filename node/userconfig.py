@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from locoswarm.node.config import BY_NAME, ENV_PREFIX, SETTINGS, NodeConfig, config_from_settings
 from locoswarm.node.files import read_toml
 
-__all__ = ["ENV_CONFIG", "SETTINGS", "default_config_path", "env_name", "node_config", "resolve"]
+__all__ = ["ENV_CONFIG", "SETTINGS", "config_file", "default_config_path", "env_name", "node_config", "resolve"]
 
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
 assert ENV_CONFIG not in {s.env for s in SETTINGS}
@@ -25,6 +25,12 @@ def default_config_path() -> str:
     import platformdirs
 
     return os.path.join(platformdirs.user_config_dir("locoswarm"), "config.toml")
+
+
+def config_file(config_path: str | None = None, env: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """The config file that is read, and whether it was named (then it must exist)."""
+    named = config_path or env.get(ENV_CONFIG)
+    return named or default_config_path(), bool(named)
 
 
 def env_name(setting: str) -> str:
@@ -38,9 +44,8 @@ def resolve(flags: Mapping[str, Any], *, config_path: str | None = None,
     names to what the command line gave (None: not given)."""
     values = {s.name: s.default_value() for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
-    explicit = config_path or env.get(ENV_CONFIG)
-    path = explicit or default_config_path()
-    if explicit or os.path.exists(path):
+    path, named = config_file(config_path, env)
+    if named or os.path.exists(path):
         for key, value in read_toml(path, "config file").items():
             if key not in BY_NAME:
                 raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(BY_NAME)})")

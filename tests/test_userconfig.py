@@ -162,8 +162,16 @@ def test_config_show_prints_values_and_sources(tmp_path, monkeypatch):
     out = CliRunner().invoke(app, ["config", "show", "--json"])
     assert out.exit_code == 0, out.output
     shown = json.loads(out.output)
-    assert shown["threads"] == {"value": 2, "source": f"file {tmp_path / 'locoswarm' / 'config.toml'}"}
-    assert shown["device"] == {"value": "cpu", "source": "env LOCOSWARM_DEVICE"}
+    assert list(shown) == [s.name for s in SETTINGS]
+    assert shown["threads"] == {"value": 2, "source": f"file {tmp_path / 'locoswarm' / 'config.toml'}",
+                                "env": "LOCOSWARM_THREADS", "flag": "--threads"}
+    assert shown["device"] == {"value": "cpu", "source": "env LOCOSWARM_DEVICE", "env": "LOCOSWARM_DEVICE",
+                               "flag": "--device"}
+    assert shown["peers"]["flag"] == "--peer"
+    text = CliRunner().invoke(app, ["config", "show"]).output.splitlines()
+    assert text[0] == f"# config file: {tmp_path / 'locoswarm' / 'config.toml'}"
+    assert any(line.startswith("threads ") and "= 2 " in line and "set by LOCOSWARM_THREADS or --threads" in line
+               for line in text)
 
 
 def join_params() -> dict[str, object]:
@@ -285,3 +293,9 @@ def test_an_unknown_log_format_is_refused():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--log-format" in out.stderr
 
+
+def test_config_show_names_the_file_given_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCOSWARM_CONFIG", write(tmp_path / "mine.toml", "fanout = 2\n"))
+    out = CliRunner().invoke(app, ["config", "show"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0] == f"# config file: {tmp_path / 'mine.toml'}"
