@@ -172,15 +172,13 @@ def _setting(to: str, help: str, *, flag: str | None = None, deprecated_flags: t
              default_factory: Callable[[], Any] | None = None) -> Setting:
     """The setting that exposes NodeConfig's field `to` under the field's own name, with its
     type and default."""
-    owner: Any = NodeConfig
-    *heads, attr = to.split(".")
-    for head in heads:
-        owner = get_type_hints(owner)[head]
-    spec = next(f for f in fields(owner) if f.name == attr)
-    if spec.default is not MISSING:
-        default = spec.default
-    elif spec.default_factory is not MISSING:
-        default = spec.default_factory()
+    head, _, attr = to.rpartition(".")
+    owner = get_type_hints(NodeConfig)[head] if head else NodeConfig
+    declared = next(f for f in fields(owner) if f.name == attr)
+    if declared.default is not MISSING:
+        default = declared.default
+    elif declared.default_factory is not MISSING:
+        default = declared.default_factory()
     else:
         assert default_factory is not None, f"{to} has no default: the setting needs a default_factory"
         default = None
