@@ -1,16 +1,23 @@
 """`locoswarm node …`: run the volunteer daemon and ask it how it is doing. Thin: the
-daemon is locoswarm.node.daemon; settings resolve through locoswarm.node.userconfig
-(defaults < config file < LOCOSWARM_* environment < these flags)."""
+daemon is locoswarm.node.daemon; its settings are declared in locoswarm.node.config, which
+join's flags are generated from, and resolve through locoswarm.node.userconfig (defaults <
+config file < LOCOSWARM_* environment < these flags)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
+
+# The declarations only (no torch): --help builds every option from them.
+from locoswarm.node.config import BY_NAME, SETTINGS, Setting
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(help="The volunteer daemon: join a swarm, ask it for its status.", no_args_is_help=True)
 
@@ -38,44 +45,69 @@ class StderrHandler(logging.StreamHandler):
 CONFIG_HELP = "Config file (TOML); default: the platform's config dir, or $LOCOSWARM_CONFIG."
 
 
+def setting_options(*names: str) -> Callable[[F], F]:
+    """Gives the decorated command, which takes `**settings`, one option per setting named
+    (every setting when none is): typer reads the command's signature, so the options are
+    written into it from the declarations in node/config. Each option is the setting's
+    flag (--x/--no-x for a bool) with its help and default; earlier spellings of a flag
+    are hidden options of their own. Every option defaults to None, "not given", so that
+    the config file and the environment show through; the help states the real default."""
+    chosen = [BY_NAME[name] for name in names] if names else list(SETTINGS)
+
+    def decorate(command: F) -> F:
+        own = inspect.signature(command).parameters.values()
+        generated = []
+        for s in chosen:
+            generated.append(_parameter(s.name, s, s.flag, hidden=False))
+            generated += [_parameter(_deprecated(old), s, old, hidden=True) for old in s.deprecated_flags]
+        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            generated + [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD])
+        return command
+
+    return decorate
+
+
+def _parameter(name: str, s: Setting, flag: str, *, hidden: bool) -> inspect.Parameter:
+    repeatable = s.base is list
+    help = s.help + (" Repeatable." if repeatable else "")
+    if s.default_factory is None and s.default not in (None, "", []):
+        shown = ("on" if s.default else "off") if s.base is bool else \
+            " ".join(s.default) if repeatable else s.default
+        help += f" Default: {shown}."
+    option = typer.Option(None, f"--{flag}/--no-{flag}" if s.base is bool else f"--{flag}", help=help,
+                          hidden=hidden)
+    annotation = Optional[list[str]] if repeatable else Optional[s.base]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _deprecated(flag: str) -> str:
+    return "deprecated_" + flag.replace("-", "_")
+
+
+def given_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings the command line set, by name (a repeatable flag not given arrives as
+    an empty list); a value given with an earlier spelling of a flag counts, with a
+    one-line warning, unless the flag itself was also given."""
+    flags = {name: value for name, value in options.items() if name in BY_NAME and value not in (None, [], ())}
+    for s in SETTINGS:
+        for old in s.deprecated_flags:
+            value = options.get(_deprecated(old))
+            if value is not None:
+                typer.echo(f"warning: --{old} is deprecated; use --{s.flag}", err=True)
+                flags.setdefault(s.name, value)
+    return flags
+
+
 @app.command()
+@setting_options()
 def join(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run spec (TOML); the embedded default when omitted."),
-    peer: Optional[list[str]] = typer.Option(None, "--peer", help="Multiaddr of a peer to join through (repeatable)."),
-    listen: Optional[list[str]] = typer.Option(None, "--listen", help="Multiaddr to listen on (repeatable); default "
-                                               "TCP and QUIC on all interfaces, ports chosen by the OS."),
-    announce: Optional[list[str]] = typer.Option(None, "--announce", help="Public multiaddr to announce (repeatable)."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Identity, lock, checkpoints, control file."),
-    device: Optional[str] = typer.Option(None, help="auto, cuda, mps or cpu."),
-    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="Leave after N rounds (0: run until stopped)."),
-    min_peers: Optional[int] = typer.Option(None, "--min-peers", help="Wait for K peers (this one included) first."),
-    shard: Optional[int] = typer.Option(None, help="Data shard (default: derived from the peer id)."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (0: torch's default)."),
-    precision: Optional[str] = typer.Option(None, help="auto, bf16, fp16 or fp32 (auto: bf16 on Ampere+, fp16 on "
-                                            "older CUDA, fp32 on CPU and MPS)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward pass, a divisor of "
-                                              "the spec's batch (0: fit to free memory)."),
-    max_gpu_memory: Optional[int] = typer.Option(None, "--max-gpu-memory", help="Take at most this % of the GPU's "
-                                                 "memory (0: no cap)."),
-    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-"
-                                                            "checkpointing", help="Recompute activations in backward "
-                                                            "(less memory, ≈1/3 more compute)."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer "
-                                            "blocks (CUDA)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N rounds (0: only at the end)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N rounds (0: never)."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept."),
-    fanout: Optional[int] = typer.Option(None, help="F: at most this many peers' deltas pulled per round."),
-    auto_relay: Optional[bool] = typer.Option(None, "--auto-relay/--no-auto-relay", help="Look for a relay behind NAT."),
-    allowed_hours: Optional[str] = typer.Option(None, "--allowed-hours", help="Train only in these local hours, "
-                                                "e.g. 22-8."),
-    max_other_cpu: Optional[int] = typer.Option(None, "--max-other-cpu", help="Pause while other processes use "
-                                                "more than this % of the CPUs (0: off)."),
+    *,
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
     log_format: str = typer.Option("text", "--log-format", help="text (readable lines) or json (one object a line)."),
     events: Optional[Path] = typer.Option(None, "--events", help="Also write the daemon's events (rounds, syncs, the "
                                           "final state) to this file, one JSON object a line, for programs."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    **settings: Any,
 ) -> None:
     """Join a swarm (or start one) and train until stopped: Ctrl-C or SIGTERM leaves cleanly."""
     if log_format not in ("text", "json"):
@@ -92,16 +124,8 @@ def join(
     from locoswarm.node.hardware import pick_device
     from locoswarm.node.userconfig import node_config, resolve
 
-    flags = {"run": None if run is None else str(run), "peers": peer or None, "listen": listen or None,
-             "announce": announce or None, "state_dir": None if state_dir is None else str(state_dir),
-             "device": device, "max_rounds": max_rounds, "min_peers": min_peers, "shard": shard, "threads": threads,
-             "precision": precision, "micro_batch": micro_batch, "max_gpu_memory_percent": max_gpu_memory,
-             "activation_checkpointing": activation_checkpointing, "compile": compile_,
-             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "checkpoint_keep": keep_checkpoints,
-             "fanout": fanout, "auto_relay": auto_relay, "allowed_hours": allowed_hours,
-             "max_other_cpu_percent": max_other_cpu}
     try:
-        values, _ = resolve(flags, config_path=None if config is None else str(config))
+        values, _ = resolve(given_settings(settings), config_path=None if config is None else str(config))
         spec = load_spec(values["run"])
         cfg = node_config(values, spec.initial_peers)
         pick_device(cfg.device)
@@ -113,11 +137,13 @@ def join(
 
 
 @app.command()
+@setting_options("state_dir")
 def status(
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="The daemon's state directory."),
+    *,
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (see --schema)."),
     schema: bool = typer.Option(False, "--schema", help="Print the status JSON's schema (JSON Schema) and exit."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+    **settings: Any,
 ) -> None:
     """Ask the running daemon for its state, round, loss, peers and traffic."""
     if schema:
@@ -129,8 +155,7 @@ def status(
     from locoswarm.node.userconfig import resolve
 
     try:
-        values, _ = resolve({"state_dir": None if state_dir is None else str(state_dir)},
-                            config_path=None if config is None else str(config))
+        values, _ = resolve(given_settings(settings), config_path=None if config is None else str(config))
         st = read_status(values["state_dir"])
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)

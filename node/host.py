@@ -12,7 +12,6 @@ relaying strangers' traffic would spend the volunteer's upload on bytes that tra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -20,6 +19,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from locoswarm.node.files import leftover_temps, write_atomic
 
 # hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
 # settings through this module (`node status`, the Docker healthcheck that runs it, `config
@@ -98,23 +99,18 @@ def open_state_dir(path: str) -> int:
 
 
 def _create_identity(path: str) -> None:
-    """A new libp2p private key (RSA, as hivemind makes them) at `path`, mode 0600 from
-    its creation (never readable by others, not even for a moment), written to a temporary
-    file, fsynced and renamed: a crash leaves either no identity or a whole one."""
+    """A new libp2p private key (RSA, as hivemind makes them) at `path`, written by
+    files.write_atomic: mode 0600 from its creation (never readable by others, not even for
+    a moment), fsynced and renamed, so a crash leaves either no identity or a whole one.
+    Called under the state directory's lock, so no other writer is active and a temporary
+    key a killed daemon left behind can go."""
     from hivemind.proto import crypto_pb2
     from hivemind.utils.crypto import RSAPrivateKey
 
+    for stale in leftover_temps(path):
+        os.unlink(stale)
     key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-    tmp = f"{path}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key.SerializeToString())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, key.SerializeToString())
 
 
 def identity_key(state_dir: str):

@@ -16,21 +16,15 @@ import hashlib
 import hmac
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from locoswarm.node.files import write_atomic
+from locoswarm.node.files import read_toml, write_atomic
 from locoswarm.workload.data import DataConfig
 from locoswarm.workload.model import check_model_name
 from locoswarm.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 from locoswarm.optim.config import RobustConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 SPEC_VERSION = 1
 
@@ -232,13 +226,7 @@ def load_spec(path: str | None) -> RunSpec:
         spec = RunSpec()
         spec.validate()
         return spec
-    try:
-        with open(path, "rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"run spec {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    table = read_toml(path, "run spec")
     version = table.pop("spec_version", SPEC_VERSION)
     if version != SPEC_VERSION:
         raise ValueError(f"{path}: spec_version {version!r}; this build reads {SPEC_VERSION}")

@@ -9,6 +9,7 @@ import stat
 
 from hivemind.p2p import PeerID
 
+from locoswarm.node.files import TEMP_SUFFIX
 from locoswarm.node.host import IDENTITY_FILE, open_state_dir
 
 
@@ -39,7 +40,8 @@ def test_an_identity_readable_by_others_is_restricted(tmp_path):
 def test_a_leftover_temporary_key_from_a_crash_is_replaced(tmp_path):
     state = tmp_path / "s"
     state.mkdir()
-    (state / f"{IDENTITY_FILE}.tmp").write_bytes(b"half a key")
+    leftover = state / f".{IDENTITY_FILE}.k1ll3d{TEMP_SUFFIX}"  # as files.atomic_path names them
+    leftover.write_bytes(b"half a key")
     _open(state)
     PeerID.from_identity((state / IDENTITY_FILE).read_bytes())
-    assert not (state / f"{IDENTITY_FILE}.tmp").exists()
+    assert sorted(os.listdir(state)) == [IDENTITY_FILE, "lock"]
