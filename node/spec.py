@@ -1,4 +1,4 @@
-"""The run spec: everything peers of one training run must agree on (issue 3).
+"""The run spec: everything peers of one training run must agree on.
 
 A TOML file (`locoswarm run init` writes one) with the run id, genesis seed, model,
 tokenizer, data, DiLoCo and compression settings, round policy and initial peers. Its hash

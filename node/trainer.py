@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from locoswarm.node.files import atomic_path
 from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precision, fit_micro_batch, next_micro_batch
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Handoff, Progress
@@ -332,15 +332,9 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.take_shift()
-        tmp = f"{path}.tmp"
-        try:
+        with atomic_path(path) as tmp:
             save_file({n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.model.named_parameters()},
                       tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     @torch.no_grad()
     def evaluate(self) -> float:
