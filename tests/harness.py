@@ -160,6 +160,7 @@ class Swarm:
         `wrap(argv)`: the command that runs it (e.g. inside a network namespace)."""
         command = ["-m", "locoswarm"] if faults is None else [FAULTY_SCRIPT, *faults, "--"]
         events = self.root / f"{name}.events.jsonl"
+        events.unlink(missing_ok=True)  # a restart on the same state directory reports afresh
         argv = [sys.executable, "-u", *command, "node", "join", "--listen", listen,
                 "--state-dir", str(self.root / name), "--threads", "1", "--events", str(events), *args]
         if peer is not None:

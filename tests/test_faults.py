@@ -207,7 +207,7 @@ def test_a_peer_that_missed_one_delta_finds_the_silent_split_and_takes_the_major
         assert not re.search(r"split at round|downloading", p.stderr()), f"{p.name} moved\n{p.tail()}"
     finals = [daemon.final(p) for p in peers]
     assert len({d for *_, d in finals}) == 1, f"outer states differ: {finals}"
-    print(f"c left out a delta in round 2, found the split at round {split} and took round {s[1]}'s state; "
+    print(f"c left out a delta in round 2, found the split at round {split} and took round {s['round']}'s state; "
           f"rounds of c {[(r, got, of) for r, got, of, _ in daemon.rounds(c)]}")
 
 
