@@ -48,6 +48,8 @@ class NetworkConfig:
     """Initial peers to join through; empty: start a new swarm."""
     auto_relay: bool = False
     """Look for a relay to become reachable from behind NAT."""
+    keep_ports: bool = True
+    """Listen again on the ports of the last run where the listen port is 0 (node/ports.py)."""
     retry_max_s: float = 30.0
     """Longest wait between two attempts to reach the initial peers."""
 
@@ -137,17 +139,28 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
     from hivemind.p2p import P2P
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
+    from locoswarm.node import ports
+
+    listen = ports.pinned(net.listen, ports.remembered(state_dir)) if net.keep_ports else net.listen
     delay = 1.0
     while True:
         try:
-            return await P2P.create(
-                initial_peers=net.peers or None, host_maddrs=net.listen, announce_maddrs=net.announce or None,
+            p2p = await P2P.create(
+                initial_peers=net.peers or None, host_maddrs=listen, announce_maddrs=net.announce or None,
                 identity_path=os.path.join(state_dir, IDENTITY_FILE), use_relay=True, relay_hop_limit=0,
                 use_auto_relay=net.auto_relay,
             )
+            if net.keep_ports:
+                ports.remember(state_dir, ports.listened([str(a) for a in await p2p.get_visible_maddrs()]))
+            return p2p
         except P2PDaemonError as e:
             text = str(e)
             port = re.search(r"listen \w+ ([\d.:\[\]a-f]+): bind: address already in use", text)
+            if port and listen != net.listen:
+                # Taken since our last run (by another program): a new port beats not starting.
+                log.warning("the port kept from the last run, %s, is in use: listening on a new one", port.group(1))
+                listen = net.listen
+                continue
             if port:
                 raise NodeError(f"cannot listen on {port.group(1)}: the port is in use; "
                                 "choose another with --listen") from None

@@ -240,6 +240,29 @@ def test_an_unreachable_initial_peer_is_retried_and_its_state_dir_refuses_a_seco
     assert_clean_exit(waiting, waiting.wait_exit(10))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="signal")
+def test_a_restarted_daemon_listens_on_its_first_port_and_gives_a_taken_one_up_with_a_warning(swarm: Swarm):
+    """Port 0 means the OS picks a port once: a daemon restarted on its state directory
+    listens on the same one again, so the address others know it by survives. If another
+    program took that port meanwhile, it says so and listens on a new one."""
+    first = swarm.join("a", "--max-rounds", "1")
+    addr = first_addr(first)
+    assert_clean_exit(first, first.wait_exit(90))
+    again = swarm.join("a", "--max-rounds", "1")
+    assert first_addr(again) == addr
+    assert_clean_exit(again, again.wait_exit(90))
+    port = int(re.search(r"/tcp/(\d+)/", addr)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        third = swarm.join("a", "--max-rounds", "1")
+        moved = first_addr(third)
+        assert_clean_exit(third, third.wait_exit(90))
+    assert moved != addr and moved.endswith(addr.rsplit("/p2p/", 1)[1]), (addr, moved)
+    assert re.search(rf"the port kept from the last run, \S*{port}, is in use", third.stderr()), third.tail()
+
+
 @pytest.mark.timeout(60, method="signal")
 def test_a_listen_port_in_use_exits_2_naming_the_port(swarm: Swarm):
     with socket.socket() as held:
