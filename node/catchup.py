@@ -30,15 +30,14 @@ donors serve only peers whose record they have read, and read records every seco
 
 
 class CatchUp:
-    def __init__(self, ctx_of: Callable[[], RoundContext]) -> None:
-        """`ctx_of`: the daemon's wiring, read when needed (it is built after this)."""
-        self._ctx_of = ctx_of
+    def __init__(self, ctx: RoundContext) -> None:
+        self.ctx = ctx
 
     async def join(self, peers: list[PeerRecord], *, announce: Callable[[], Awaitable[object]]) -> None:
         """Take the swarm's outer state when it is ahead of ours. `peers`: the others'
         records read at start; `announce`: shows our record (a private run's donors serve
         only peers whose record they have read)."""
-        ctx = self._ctx_of()
+        ctx = self.ctx
         if not peers or max(r.round for r in peers) <= ctx.trainer.outer_steps:
             return
         if ctx.spec.access.restricted:
@@ -48,7 +47,7 @@ class CatchUp:
 
     async def maybe_follow(self) -> bool:
         """At a round boundary: take another state when lineage.py says so; True when taken."""
-        ctx = self._ctx_of()
+        ctx = self.ctx
         lineage, records = ctx.lineage, ctx.membership.records
         follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records)
         if follow is None:
@@ -72,7 +71,7 @@ class CatchUp:
     async def sync(self, records: list[PeerRecord]) -> None:
         """Download the newest outer state the peers of `records` serve and take it;
         NodeError when no donor could give it."""
-        ctx = self._ctx_of()
+        ctx = self.ctx
         trainer = ctx.trainer
         ctx.stats.state = "syncing"
         newest = max(r.round for r in records)

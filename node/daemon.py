@@ -29,7 +29,6 @@ import sys
 import zlib
 from typing import Callable
 
-from locoswarm.node.catchup import CatchUp
 from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.console import RoundBar
@@ -146,15 +145,14 @@ class Daemon:
             control = ControlServer(self.cfg.state_dir, self.status, self.history)
             await control.start()
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
-            catch_up = CatchUp(lambda: ctx)
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
                                validator=validator, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
-                               membership=self.membership, lineage=self.lineage, catch_up=catch_up,
+                               membership=self.membership, lineage=self.lineage,
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent)
             self.loop = RoundLoop(ctx)
-            await self._join(registry, catch_up)
+            await self._join(registry)
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=min(1.0, self.cfg.record_ttl_s / 3),
                                     initial_peers=self.cfg.net.peers, had_peers=lambda: self.lineage.had_peers))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
@@ -210,7 +208,7 @@ class Daemon:
                           paused=self.idle.paused is not None, proof=self.spec.access.proof(self.spec_hash, self.peer_id),
                           **self.lineage.shown(steps))
 
-    async def _join(self, registry, catch_up: CatchUp) -> None:
+    async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
         self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
@@ -222,7 +220,7 @@ class Daemon:
             reasons = "; ".join(reason for _, reason in registry.rejected)
             raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
                             f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
-        await catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
+        await self.loop.catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
 
     async def _wait_for_peers(self) -> None:
         while self.membership.num_peers + 1 < self.cfg.min_peers and not self.should_exit.is_set():

@@ -128,10 +128,12 @@ def to_json(event: Event, at: float | None = None) -> str:
 
 class EventTail:
     """Follows a daemon's event file as it grows: each `poll` returns the events completed
-    since the last (a line still being written waits for the next poll)."""
+    since the last (a line still being written waits for the next poll); `seen` keeps every
+    event read so far."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
+        self.seen: list[dict] = []
         self._offset = 0
         self._partial = b""
         self._line = 0
@@ -156,18 +158,20 @@ class EventTail:
             if not isinstance(item, dict) or item.get("event") not in EVENT_KINDS:
                 raise ValueError(f"{self.path}:{self._line}: not a locoswarm event: {raw[:80]!r}")
             out.append(item)
+        self.seen += out
         return out
 
 
     def wait_for(self, where: Callable[[dict], bool], timeout_s: float,
                  running: Callable[[], bool] = lambda: True) -> dict:
-        """The first new event for which `where` holds, polling until `timeout_s` has passed
-        (TimeoutError) or `running()` turns false with no such event (RuntimeError: the
-        daemon ended)."""
+        """The first event read so far, or read while polling, for which `where` holds;
+        TimeoutError once `timeout_s` has passed, RuntimeError when `running()` turns false
+        with no such event (the daemon ended)."""
         deadline = time.monotonic() + timeout_s
         while True:
             alive = running()  # before reading: what was written before it ended is read
-            found = [e for e in self.poll() if where(e)]
+            self.poll()
+            found = [e for e in self.seen if where(e)]
             if found:
                 return found[0]
             if not alive:

@@ -150,7 +150,7 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
                 identity_path=os.path.join(state_dir, IDENTITY_FILE), use_relay=True, relay_hop_limit=0,
                 use_auto_relay=net.auto_relay,
             )
-            if net.keep_ports:
+            if net.keep_ports and not net.announce:  # with --announce, p2pd shows the announced ports, not ours
                 ports.remember(state_dir, ports.listened([str(a) for a in await p2p.get_visible_maddrs()]))
             return p2p
         except P2PDaemonError as e:

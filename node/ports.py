@@ -3,7 +3,9 @@ OS picks, so the address it printed for others, and the one other peers remember
 would die with it at every restart; peers that knew only that address could not find it
 again. So the ports p2pd first listened on are kept in the state directory and asked for
 again when the daemon restarts on it. A port given explicitly (not 0) is used as given;
-`keep_ports = false` turns the memory off.
+`keep_ports = false` turns the memory off. With `--announce`, p2pd reports the announced
+addresses, not the ports it listens on, so nothing is kept (a peer that announces a
+forwarded port gives its listen port explicitly anyway).
 
 `ports.json` is a file on disk, read as untrusted: anything but {"tcp": port, "udp": port}
 with ports in 1..65535 is ignored (a fresh port is taken, and the file rewritten).

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from safetensors import SafetensorError
 
+from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
 from locoswarm.node.host import NodeError
 from locoswarm.node.rounds import RoundProgress, gather_deltas
 
 if TYPE_CHECKING:
-    from locoswarm.node.catchup import CatchUp
     from locoswarm.node.console import RoundBar
     from locoswarm.node.checkpoint import Checkpointer
     from locoswarm.node.config import NodeConfig
@@ -102,7 +102,6 @@ class RoundContext:
     pools: Pools
     membership: Membership
     lineage: Lineage
-    catch_up: CatchUp
     deltas: DeltaServer
     states: StateServer
     checkpoints: Checkpointer
@@ -119,6 +118,7 @@ class RoundContext:
 class RoundLoop:
     def __init__(self, ctx: RoundContext) -> None:
         self.ctx = ctx
+        self.catch_up = CatchUp(ctx)
         self.round_stop = threading.Event()
         """Ends the current round's training early: leaving, or the owner needs the machine."""
         self.carry = 0
@@ -148,7 +148,7 @@ class RoundLoop:
             if progress is None:  # training failed: take the round's boundary and drop it
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
                 continue
-            if await ctx.catch_up.maybe_follow():
+            if await self.catch_up.maybe_follow():
                 continue  # what was trained on the old state is not sent
             if cfg.checkpoint_every and trained and trained % cfg.checkpoint_every == 0:
                 await ctx.checkpoints.write(trainer, ctx.pools.train,
@@ -251,7 +251,7 @@ class RoundLoop:
             await progress.refresh()
         except Exception as e:  # the others still see our last report, and pull our delta
             log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
-        got = await gather_deltas(ctx.p2p, progress, r, trainer.delta_spec, deadline_s=ctx.spec.rounds.deadline_s,
+        got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
         ctx.stats.bytes_received += got.bytes_received
@@ -260,7 +260,7 @@ class RoundLoop:
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        screened = await run(trainer.screen, [trainer.decode(blob)] + got.deltas)
+        screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas)
         for rejection in screened.rejected:
             log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
         for note in screened.notes:

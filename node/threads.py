@@ -6,9 +6,10 @@
 | training (`locoswarm-train`) | every touch of the replica: building it, inner steps (`Trainer.train_until`), the round boundary (`end_round`), evaluation, checkpoints, loading a donor's state, the final model; and, when rounds do not overlap, the exchange's compute too |
 | exchange (`locoswarm-exchange`) | when rounds overlap: round r's encode, decode, screening, outer step and state snapshot, while the training thread trains round r + 1 |
 
-Each pool has one thread, so the work given to it runs in order. The loop never touches
-tensors; it hands work to a pool and awaits it. What one thread produces for another
-crosses through a `Handoff`, under its lock, and through nothing else:
+Each pool has one thread, so the work given to it runs in order. The loop runs no training
+compute: it hands that work to a pool and awaits it (it only turns the bytes it receives,
+deltas and a donor's state, into tensors). What one thread produces for another crosses
+through a `Handoff`, under its lock, and through nothing else:
 
 - the training progress (tokens this round, tokens per second), written by the training
   thread after each step and read by the loop for its progress reports;

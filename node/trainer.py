@@ -107,7 +107,6 @@ class Trainer:
         self.step = RoundStep(spec.diloco, named, run_id=spec.run_id, spec_hash=spec_hash,
                               max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
         """The round's algorithm (optim/round.py), shared with the simulation."""
-        self.delta_spec = self.step.spec
         self.compressor = self.step.compressor(self.outer.params[0].device)
         self.handoff = Handoff()
         """What the training, exchange and event-loop threads share (node/threads.py)."""

@@ -36,7 +36,6 @@ class Child:
         """`events`: the daemon's event file (`--events`), None for a process without one."""
         self.name = name
         self._tail = None if events is None else EventTail(events)
-        self._events: list[dict] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env, start_new_session=True)
@@ -71,23 +70,18 @@ class Child:
     def events(self, kind: str | None = None) -> list[dict]:
         """The daemon's events so far (of `kind`, e.g. "round"), in order."""
         assert self._tail is not None, f"{self.name} writes no events"
-        self._events += self._tail.poll()
-        return [e for e in self._events if kind is None or e["event"] == kind]
+        self._tail.poll()
+        return [e for e in self._tail.seen if kind is None or e["event"] == kind]
 
     def wait_event(self, kind: str, timeout_s: float, where=lambda e: True) -> dict:
         """The first event of `kind` for which `where(event)` holds, waiting up to `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            exited = self.proc.poll() is not None  # before reading: events written before exiting are read
-            found = [e for e in self.events(kind) if where(e)]
-            if found:
-                return found[0]
-            if exited:
-                raise AssertionError(f"{self.name} ended (exit {self.proc.returncode}) without a {kind} event "
-                                     f"that fits\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {kind} event that fits within {timeout_s} s\n{self.tail()}")
-            time.sleep(0.05)
+        assert self._tail is not None, f"{self.name} writes no events"
+        try:
+            return self._tail.wait_for(lambda e: e["event"] == kind and where(e), timeout_s,
+                                       lambda: self.proc.poll() is None)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{self.name} (exit {self.proc.poll()}): no fitting {kind} event: {e}\n"
+                                 f"{self.tail()}") from None
 
     def wait_for(self, pattern: str, timeout_s: float, *, stderr: bool = False) -> re.Match:
         """The first stdout (or stderr) line matching `pattern`, waiting up to `timeout_s` for it."""
