@@ -33,7 +33,10 @@ class NodeConfig:
     device: str = "auto"
     """auto, cuda, mps or cpu."""
     max_rounds: int = 0
-    """Stop after this many rounds (0: run until stopped)."""
+    """Stop after this many rounds of this process (0: run until stopped)."""
+    until_round: int = 0
+    """Stop once this peer's outer state reaches this round, the swarm's round count (0: no
+    such limit): a peer restarted or joined late stops with the others."""
     min_peers: int = 1
     """Wait until this many peers (this one included) are live before training."""
     shard: int | None = None
@@ -66,8 +69,8 @@ class NodeConfig:
     """How often round progress is written to and read from the DHT."""
 
     def validate(self) -> None:
-        if self.max_rounds < 0:
-            raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if self.max_rounds < 0 or self.until_round < 0:
+            raise ValueError(f"max_rounds and until_round must be >= 0, got {self.max_rounds} and {self.until_round}")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
@@ -197,7 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.peers", "Multiaddrs of peers to join through; none: the spec's initial peers, else a new swarm.",
              flag="peer"),
     _setting("device", "auto, cuda, mps or cpu."),
-    _setting("max_rounds", "Leave after this many rounds (0: run until stopped)."),
+    _setting("max_rounds", "Leave after this many rounds of this process (0: run until stopped)."),
+    _setting("until_round", "Leave once the outer state reaches this round of the swarm (0: no limit)."),
     _setting("min_peers", "Wait until this many peers (this one included) are live before training."),
     _setting("shard", "Data shard; unset: derived from the peer id."),
     _setting("threads", "Torch CPU threads of the training thread (0: torch's default)."),

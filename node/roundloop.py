@@ -134,7 +134,7 @@ class RoundLoop:
         cfg, overlap = ctx.cfg, ctx.spec.rounds.overlap
         exchange: asyncio.Future | None = None
         trained = 0
-        while not ctx.should_exit.is_set() and not (cfg.max_rounds and trained >= cfg.max_rounds):
+        while not ctx.should_exit.is_set() and not self._reached_limit(trained):
             await self._wait_while_paused()
             if ctx.should_exit.is_set():
                 break
@@ -169,8 +169,15 @@ class RoundLoop:
         if cfg.checkpoint_every:
             await ctx.checkpoints.write(trainer, ctx.pools.train, wait=True,
                                         extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
-        if cfg.max_rounds and trained >= cfg.max_rounds and not ctx.should_exit.is_set():
+        if self._reached_limit(trained) and not ctx.should_exit.is_set():
             await self._finish()
+
+    def _reached_limit(self, trained: int) -> bool:
+        """--max-rounds rounds trained by this process, or --until-round reached by the
+        outer state (a round in flight on the exchange thread counts once it is applied)."""
+        cfg = self.ctx.cfg
+        return bool(cfg.max_rounds and trained >= cfg.max_rounds
+                    or cfg.until_round and self.ctx.trainer.round >= cfg.until_round)
 
     async def _guarded(self, round_: int, phase: Awaitable, work: RoundWork | None = None, *,
                        overlapped: bool = False):
