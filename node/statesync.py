@@ -1,18 +1,24 @@
 """State download for joining peers, over libp2p binary streams (see protocol/state.py).
 
-A donor serves the manifest and chunks of its current outer state. A joiner asks every
-donor it knows for its manifest, keeps the donors whose manifest is valid for its run spec
-and agrees on the newest round's digest, and spreads chunk requests over them (chunk i goes
-first to donor i mod D, so joiners do not all drain one donor). A chunk that fails, times
-out or does not match its hash is asked again from the next donor; a donor that fails is
-skipped for the rest of the download. Frames, integers big-endian: the request is a kind
-byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest) and an 8-byte chunk
-index; the response an 8-byte length and that many bytes, length 0 meaning "not available".
+A donor serves the manifest and chunks of its current outer state, encoding each round's
+state at most once (on the first request for it). A joiner asks up to MANIFEST_DONORS
+donors for their manifests at once, keeps those valid for its run spec, and takes the
+newest state that at least two of them agree on (by digest; the newest single one when no
+two agree, as with one donor): one donor lying about a newer round cannot pick the state
+alone. It then pulls chunks from every donor of that digest in parallel, one request in
+flight per donor, from one shared queue. A chunk whose stream is cut inside the body is
+resumed where it stopped (from any donor of the digest); a chunk that fails, times out or
+does not match its hash goes back to the queue for another donor; a donor that fails
+DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download. Frames, integers big-endian: the request
+is a kind byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest), an 8-byte
+chunk index and an 8-byte offset into the chunk; the response an 8-byte length and that
+many bytes, length 0 meaning "not available".
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import sys
@@ -24,11 +30,21 @@ from torch import Tensor
 
 from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import MalformedMessage
+from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
 
-PROTOCOL = "locoswarm/state/2"
+PROTOCOL = "locoswarm/state/3"
 _MANIFEST, _CHUNK = 0, 1
-_REQUEST_LEN = 17
+_REQUEST_LEN = 25
+MANIFEST_DONORS = 4
+"""Donors asked for their manifest at once (the caller passes them shuffled)."""
+AGREEING = 2
+"""Donors that must show the same digest for a state to be taken over a newer single one."""
+DONOR_FAILURES = 2
+"""Failed chunk requests after which a donor is dropped from the download."""
+DONOR_CUTS = 8
+"""Chunk streams cut inside the body, one after another, after which a donor is dropped
+(each cut keeps what came; a delivered chunk starts the count again)."""
 _LATEST = (1 << 64) - 1
 _ROUNDS_KEPT = 2
 _PIN_S = 60.0
@@ -112,7 +128,8 @@ class StateServer:
                                               admit=self.admit)
 
     async def _answer(self, request: bytes) -> bytes:
-        kind, round_, index = request[0], int.from_bytes(request[1:9], "big"), int.from_bytes(request[9:], "big")
+        kind, round_ = request[0], int.from_bytes(request[1:9], "big")
+        index, offset = int.from_bytes(request[9:17], "big"), int.from_bytes(request[17:], "big")
         if round_ == _LATEST:
             if not self._snapshots:
                 return b""
@@ -125,8 +142,8 @@ class StateServer:
         manifest, body = found
         if kind == _MANIFEST:
             return manifest
-        if kind == _CHUNK:
-            return body[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        if kind == _CHUNK and offset < self.chunk_bytes:
+            return body[index * self.chunk_bytes + offset : (index + 1) * self.chunk_bytes]
         return b""
 
 
@@ -160,24 +177,40 @@ class DownloadProgress:
 
 
 async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,
-                   timeout_s: float) -> bytes:
-    request = bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big")
+                   timeout_s: float, offset: int = 0) -> bytes:
+    request = bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big") + offset.to_bytes(8, "big")
     body = await call_framed(p2p, peer, PROTOCOL, request, limit=limit, limit_name="the limit", timeout_s=timeout_s)
     if body is None:
         raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{round_}/{index}")
     return body
 
 
-async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float) -> bytes:
+async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float,
+               offset: int = 0) -> bytes:
     """_request, asked again after a short wait while the donor cuts the stream before any
     answer (up to _CUTS_TOLERATED times); other failures, and the last cut, are raised."""
     for attempt in range(_CUTS_TOLERATED - 1):
         try:
-            return await _request(p2p, peer, kind, round_, index, limit, timeout_s)
+            return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
         except ConnectionError as e:
             log.info("request %d/%d from %s cut, asking again: %s", kind, index, peer, e)
             await asyncio.sleep(_CUT_WAIT_S * 2**attempt)
-    return await _request(p2p, peer, kind, round_, index, limit, timeout_s)
+    return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
+
+
+async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float) -> Manifest | None:
+    try:
+        return decode_manifest(await _ask(p2p, peer, _MANIFEST, _LATEST, 0, 1 << 20, timeout_s), spec)
+    except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
+        log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
+        return None
+
+
+def choose_state(manifests: list[Manifest]) -> Manifest:
+    """The newest state (round and digest) at least AGREEING manifests show, else the newest one."""
+    counts = collections.Counter((m.round, m.digest) for m in manifests)
+    agreed = [m for m in manifests if counts[m.round, m.digest] >= AGREEING]
+    return max(agreed or manifests, key=lambda m: m.round)
 
 
 async def download_state(
@@ -188,35 +221,57 @@ async def download_state(
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, dict[str, Tensor]]:
-    """Download the newest state the donors agree on; returns (round, tensors)."""
-    manifest_limit = 1 << 20
-    manifests: dict[PeerID, Manifest] = {}
-    for peer in donors:
-        try:
-            blob = await _ask(p2p, peer, _MANIFEST, _LATEST, 0, manifest_limit, timeout_s)
-            manifests[peer] = decode_manifest(blob, spec)
-        except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
-            log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
+    """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
+    docstring); returns (round, tensors)."""
+    asked = donors[:MANIFEST_DONORS]
+    found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s) for peer in asked))
+    manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
     if not manifests:
         raise StateUnavailable("no donor returned a valid state manifest")
-    newest = max(manifests.values(), key=lambda m: m.round)
-    pool = [p for p, m in manifests.items() if m.digest == newest.digest]
-    asm = StateAssembler(spec, newest)
-    failed: set[PeerID] = set()
-    total = len(newest.chunks)
-    for index in asm.missing():
-        for attempt in range(len(pool)):
-            peer = pool[(index + attempt) % len(pool)]
-            if peer in failed:
+    chosen = choose_state(list(manifests.values()))
+    pool = [p for p, m in manifests.items() if (m.round, m.digest) == (chosen.round, chosen.digest)]
+    asm = StateAssembler(spec, chosen)
+    total = len(chosen.chunks)
+    queue = collections.deque(asm.missing())
+    partial: dict[int, bytes] = {}
+    """chunk index → the bytes of it that came before its stream was cut."""
+
+    in_flight = 0
+
+    async def worker(peer: PeerID) -> None:
+        nonlocal in_flight
+        failures = cuts = 0
+        while failures < DONOR_FAILURES and cuts < DONOR_CUTS:
+            if not queue:
+                if not in_flight:
+                    return
+                await asyncio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
                 continue
+            index = queue.popleft()
+            have = partial.pop(index, b"")
+            in_flight += 1
             try:
-                asm.add(index, await _ask(p2p, peer, _CHUNK, newest.round, index, newest.chunk_bytes, timeout_s))
-                break
-            except Exception as e:  # any failure: try the next donor for this chunk
+                rest = await _ask(p2p, peer, _CHUNK, chosen.round, index, chosen.chunk_bytes - len(have), timeout_s,
+                                  offset=len(have))
+                asm.add(index, have + rest)
+                cuts = 0
+            except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
+                log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, len(have) + len(e.partial))
+                partial[index] = have + e.partial
+                queue.appendleft(index)
+                cuts += 1
+                continue
+            except Exception as e:  # any failure: the chunk goes to another donor
                 log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
-                failed.add(peer)
-        else:
-            raise StateUnavailable(f"no donor delivered chunk {index} of {total}")
-        if on_progress is not None:
-            on_progress(total - len(asm.missing()), total)
-    return newest.round, asm.finish()
+                queue.append(index)
+                failures += 1
+                continue
+            finally:
+                in_flight -= 1
+            if on_progress is not None:
+                on_progress(total - len(asm.missing()), total)
+
+    await asyncio.gather(*(worker(peer) for peer in pool))
+    if asm.missing():
+        raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {total}")
+    return chosen.round, asm.finish()

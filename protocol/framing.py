@@ -20,7 +20,12 @@ HEADER = 8
 class TruncatedBody(MalformedMessage):
     """The stream ended inside the announced body. A bad peer can do it on purpose, but a
     lossy link resets streams too (at 1 % packet loss a delta was cut after its header), so
-    a caller may ask again before it holds it against the peer."""
+    a caller may ask again before it holds it against the peer, or ask for the rest only
+    (`partial` holds the bytes that came)."""
+
+    def __init__(self, message: str, partial: bytes = b"") -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 def frame_header(length: int) -> bytes:
@@ -45,4 +50,4 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: object, limit: int, 
     try:
         return await reader.readexactly(length)
     except asyncio.IncompleteReadError as e:
-        raise TruncatedBody(f"peer {peer} sent {len(e.partial)} of {length} announced bytes") from None
+        raise TruncatedBody(f"peer {peer} sent {len(e.partial)} of {length} announced bytes", e.partial) from None

@@ -38,8 +38,9 @@ def test_a_length_above_the_limit_is_refused_before_the_body_arrives():
 
 
 def test_a_body_cut_short_is_a_truncated_malformed_message():
-    with pytest.raises(TruncatedBody, match="3 of 10"):
+    with pytest.raises(TruncatedBody, match="3 of 10") as cut:
         _read(frame_header(10) + b"abc")
+    assert cut.value.partial == b"abc", "what came is kept: the rest can be asked for alone"
     assert issubclass(TruncatedBody, MalformedMessage)
 
 

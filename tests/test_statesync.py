@@ -1,12 +1,15 @@
 """A joiner downloads the outer state from real donor processes on loopback: intact from
 one donor, from the good one when another serves corrupted chunks, from the survivor when
-a donor is SIGKILLed mid-download, the newest round when donors disagree, and intact from a
-lone donor that sheds streams (closes them unanswered, as one over its limits does)."""
+a donor is SIGKILLed mid-download, the newest round when donors disagree and no two agree,
+the state two donors agree on over a newer single one, intact from a lone donor that sheds
+streams (closes them unanswered, as one over its limits does), and intact when every chunk's
+first stream is cut mid-body (each resumed where it stopped)."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import signal
 
@@ -94,3 +97,35 @@ def test_no_valid_donor_is_a_clear_error(spawn_peers):
     _, addrs = spawn_peers(DONOR, "corrupt")
     with pytest.raises(StateUnavailable, match="chunk"):
         _download(addrs)
+
+
+def test_the_state_two_donors_agree_on_wins_over_a_newer_one_shown_by_one_donor(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "good", "stale", "stale")
+    round_, tensors = _download(addrs)
+    assert round_ == serve_state.ROUND - 1, "one donor alone cannot pick a newer state over two that agree"
+    _assert_is_the_donors_state(tensors)
+
+
+def test_chunks_cut_mid_body_are_resumed_where_they_stopped(spawn_peers, caplog):
+    _, addrs = spawn_peers(DONOR, "cutting")
+    with caplog.at_level(logging.INFO, logger="locoswarm.node.statesync"):
+        round_, tensors = _download(addrs)
+    assert round_ == serve_state.ROUND
+    _assert_is_the_donors_state(tensors)
+    resumed = [r.getMessage() for r in caplog.records if "resuming it" in r.getMessage()]
+    total = -(-serve_state.SPEC.total_bytes // serve_state.CHUNK_BYTES)
+    assert len(resumed) == total, resumed  # each chunk cut once, each resumed from its half
+    assert all(f"cut after {serve_state.CHUNK_BYTES // 2} bytes" in m for m in resumed[:-1]), resumed
+
+
+def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest():
+    from locoswarm.node.statesync import choose_state
+    from locoswarm.protocol.state import Manifest
+
+    def m(round_: int, digest: bytes) -> Manifest:
+        return Manifest(round=round_, chunk_bytes=4096, chunks=(), digest=digest)
+
+    assert choose_state([m(9, b"x"), m(8, b"y"), m(8, b"y")]).round == 8
+    assert choose_state([m(9, b"x"), m(8, b"y")]).round == 9, "no two agree: the newest"
+    assert choose_state([m(9, b"x"), m(9, b"x"), m(8, b"y"), m(8, b"y")]).round == 9
+    assert choose_state([m(9, b"x"), m(8, b"x"), m(8, b"x")]).round == 8, "the same body at another round is another state"

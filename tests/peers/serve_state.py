@@ -1,10 +1,11 @@
 """A real donor process for the state-download tests: serves a seeded outer state on
 loopback, prints its multiaddr, runs until stdin closes or it is killed.
 
-usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute)
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute | cutting)
 
 shedding: closes every other stream unanswered, as a donor over its stream limits does;
-mute: closes every stream unanswered.
+mute: closes every stream unanswered; cutting: cuts the first answer for each chunk in the
+middle of its body, as a reset stream on a lossy link does.
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ async def main(mode: str) -> None:
 
         await p2p.remove_binary_stream_handler(PROTOCOL)
         await p2p.add_binary_stream_handler(PROTOCOL, shed)
+    if mode == "cutting":
+        answer = server._answer
+        cut: set[bytes] = set()
+
+        async def serve_cut(info, reader, writer):
+            request = await reader.readexactly(25)
+            body = await answer(request)
+            if request[0] == 1 and request[9:17] not in cut:
+                cut.add(request[9:17])
+                writer.write(len(body).to_bytes(8, "big") + body[: len(body) // 2])
+            else:
+                writer.write(len(body).to_bytes(8, "big") + body)
+            await writer.drain()
+            writer.close()
+
+        await p2p.remove_binary_stream_handler(PROTOCOL)
+        await p2p.add_binary_stream_handler(PROTOCOL, serve_cut)
     print(str((await p2p.get_visible_maddrs())[0]), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await p2p.shutdown()
