@@ -217,6 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("fanout", "At most this many peers' deltas pulled per round."),
     _setting("net.auto_relay", "Look for a relay when behind NAT."),
     _setting("net.keep_ports", "Listen again on the last run's ports where the listen port is 0."),
+    _setting("net.dht_client", "Take part in the DHT as a client only (behind NAT: others cannot dial us)."),
     _setting("idle.pause_on_gpu_use", "Pause while another process uses the GPU (a game)."),
     _setting("idle.max_other_cpu_percent", "Pause while other processes use more than this % of all CPUs (0: off).",
              deprecated_flags=("max-other-cpu",)),

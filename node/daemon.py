@@ -22,8 +22,10 @@ second forces the exit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import secrets
 import signal
 import sys
 import zlib
@@ -35,9 +37,10 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
-from locoswarm.node.host import NodeError, identity_key, open_state_dir, start_p2p
+from locoswarm.node.host import DHT_OPTIONS, NodeError, identity_key, open_state_dir, start_p2p
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership, keep_record
+from locoswarm.node.ports import remember_peers
 from locoswarm.node.roundloop import NodeStats, RoundContext, RoundFaults, RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
@@ -63,6 +66,10 @@ class Daemon:
         self.should_exit = asyncio.Event()
         self.stats = NodeStats()
         self.peer_id = ""
+        self.initial_peers: list[str] = []
+        """The peers p2pd bootstrapped from: the given ones, and those seen last time if none answered."""
+        self.incarnation = secrets.randbelow(2**63 - 1) + 1
+        """This life of the process (PeerRecord.incarnation): a restart shows a new one."""
         self.shard: int | None = None
         self.addrs: list[str] = []
         self.trainer = None
@@ -105,23 +112,24 @@ class Daemon:
             self.events.close()
 
     async def _serve(self) -> int:
-        from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
 
         from locoswarm.node.exchange import DeltaServer
-        from locoswarm.node.registry import PeerRegistry
+        from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
         from locoswarm.node.statesync import StateServer
 
-        p2p = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
-        if p2p is None:
+        started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
+        if started is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
+        p2p, self.initial_peers = started
         dht = control = registry = None
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
             self.membership = Membership(self.peer_id, restricted=self.spec.access.restricted)
-            validator = RSASignatureValidator(identity_key(self.cfg.state_dir))
-            dht = await DHTNode.create(p2p=p2p, initial_peers=self.cfg.net.peers or None, record_validator=validator)
+            validator = CachedSignatureValidator(identity_key(self.cfg.state_dir))
+            dht = await DHTNode.create(p2p=p2p, initial_peers=self.initial_peers or None, record_validator=validator,
+                                       client_mode=self.cfg.net.dht_client, **DHT_OPTIONS)
             access = self.spec.access
             refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
@@ -137,7 +145,7 @@ class Daemon:
                 self.events(Resumed(round=resumed))
             self.lineage.start(trainer.outer_steps, self.checkpoints.resumed_meta.get("chain"),
                                resumed=resumed is not None)
-            self.deltas = DeltaServer(p2p, admit=self.membership.admit)
+            self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
             self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
             await self.deltas.start()
@@ -146,6 +154,7 @@ class Daemon:
             await control.start()
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
+                               incarnation=self.incarnation,
                                validator=validator, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
                                membership=self.membership, lineage=self.lineage,
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
@@ -154,7 +163,8 @@ class Daemon:
             self.loop = RoundLoop(ctx)
             await self._join(registry)
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=min(1.0, self.cfg.record_ttl_s / 3),
-                                    initial_peers=self.cfg.net.peers, had_peers=lambda: self.lineage.had_peers))
+                                    initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
+                                    on_view=functools.partial(remember_peers, self.cfg.state_dir)))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await self._wait_for_peers()
@@ -206,19 +216,19 @@ class Daemon:
         return PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
                           tokens_per_s=float(self.trainer.tokens_per_s), round=steps, spec_hash=self.spec_hash,
                           paused=self.idle.paused is not None, proof=self.spec.access.proof(self.spec_hash, self.peer_id),
-                          **self.lineage.shown(steps))
+                          incarnation=self.incarnation, **self.lineage.shown(steps))
 
     async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
         self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
-        if not self.cfg.net.peers:
+        if not self.initial_peers:
             return
         records = await registry.peers()
         self.membership.update(records)
         if not self.membership.records and registry.rejected:
             reasons = "; ".join(reason for _, reason in registry.rejected)
-            raise NodeError(f"refused: the swarm at {self.cfg.net.peers[0]} is not ours ({reasons}); this node runs "
+            raise NodeError(f"refused: the swarm at {self.initial_peers[0]} is not ours ({reasons}); this node runs "
                             f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
         await self.loop.catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
 

@@ -2,8 +2,12 @@
 
 A peer serves its encoded delta of a round; others pull it by round number. Deltas travel
 over streams, not protobuf RPCs, which fail above 4 MiB. Frames, all integers 8-byte
-big-endian: the request is the round number; the response is a length then that many
-bytes, length 0 meaning "no delta for that round here". The client never trusts the
+big-endian: the request is the round number and the incarnation of the peer's process it
+is asked of (0: whichever runs); the response is a length then that many bytes: length 0
+means "not yet" (this peer may still train that round, or is encoding its delta), the one
+byte GONE means "never" (another incarnation is asked: it restarted; or it is past that
+round without a delta: it gave the round up or took another state), so that nobody waits
+for a delta that cannot come. Any other body is an encoded delta. The client never trusts the
 length: it refuses one above the spec's limit before reading, bounds every wait with a
 timeout, and hands the bytes to `decode_delta`, so a bad peer costs a round's contribution,
 never the node.
@@ -20,24 +24,40 @@ from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
 from locoswarm.protocol.framing import HEADER
 
-PROTOCOL = "locoswarm/delta/1"
+PROTOCOL = "locoswarm/delta/3"
+REQUEST_LEN = 16
+"""Round and incarnation, 8 bytes each."""
 _ROUNDS_KEPT = 2
+GONE = b"\x00"
+"""The answer for a round whose delta this peer will never serve (a delta is never one byte)."""
 
 
 class DeltaUnavailable(Exception):
-    """The peer has no delta for that round (yet, or any more)."""
+    """The peer has no delta for that round yet: it is still training it."""
+
+
+class DeltaGone(Exception):
+    """The peer will never serve a delta for that round (not training it: restarted, gave it
+    up, or past it)."""
 
 
 class DeltaServer:
     """Serves this peer's encoded deltas of the last few rounds."""
 
-    def __init__(self, p2p: P2P, *, request_timeout_s: float = 10.0,
+    def __init__(self, p2p: P2P, *, incarnation: int = 0, request_timeout_s: float = 10.0,
                  admit: Callable[[str], bool] | None = None) -> None:
-        """`admit(peer_id)`: whether to serve that peer at all (a private run's policy)."""
+        """`incarnation`: this process's (PeerRecord.incarnation); `admit(peer_id)`: whether
+        to serve that peer at all (a private run's policy)."""
         self.p2p = p2p
+        self.incarnation = incarnation
         self.admit = admit
         self.request_timeout_s = request_timeout_s
         self._deltas: dict[int, bytes] = {}
+        self._pending: set[int] = set()
+        """Rounds this process trains, or ended and has not published or given up yet."""
+        self._floor = 0
+        """The lowest round this process may still train: below it, a round not pending is gone."""
+        self._given_up: set[int] = set()
         self.limits = PeerLimits(max_concurrent=2, rate=10.0, burst=30)
         """A peer pulls one delta a round, asking again at most 4 times a second while it is not ready."""
         self.bytes_sent = 0
@@ -46,31 +66,59 @@ class DeltaServer:
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_delta)
 
+    def training(self, round_: int) -> None:
+        """This peer starts training `round_`: its delta is "not yet" until published or given up."""
+        self._pending.add(round_)
+        self._floor = max(self._floor, round_)
+        self._given_up = {r for r in self._given_up if r >= round_ - _ROUNDS_KEPT}
+
+    def give_up(self, round_: int) -> None:
+        """No delta of `round_` will come from this peer (discarded, withdrawn, or its state replaced)."""
+        self._pending.discard(round_)
+        self._given_up.add(round_)
+
     def publish(self, round_: int, blob: bytes) -> None:
         """Serve `blob` as this peer's delta of `round_`; forget rounds older than the last few."""
         self._deltas[round_] = blob
+        self._pending.discard(round_)
         for old in [r for r in self._deltas if r <= round_ - _ROUNDS_KEPT]:
             del self._deltas[old]
 
+    def answer(self, round_: int, incarnation: int = 0) -> bytes:
+        """The response body for a request of `round_`'s delta from `incarnation` (0: any)."""
+        if incarnation not in (0, self.incarnation):
+            return GONE  # asked of an earlier life of this peer: what it promised died with it
+        if round_ in self._deltas:
+            return self._deltas[round_]
+        if round_ in self._pending or (round_ >= self._floor and round_ not in self._given_up):
+            return b""
+        return GONE
+
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(
-            info, reader, writer, request_len=HEADER, timeout_s=self.request_timeout_s, what="delta", limits=self.limits,
-            admit=self.admit,
-            answer=lambda request: self._deltas.get(int.from_bytes(request, "big"), b""),
+            info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
+            limits=self.limits, admit=self.admit,
+            answer=lambda request: self.answer(int.from_bytes(request[:8], "big"), int.from_bytes(request[8:], "big")),
         )
 
 
-async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float) -> DecodedDelta:
-    """Pull `peer_id`'s delta of `round_` and validate it against `spec`.
+async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float,
+                         incarnation: int = 0) -> DecodedDelta:
+    """Pull `peer_id`'s delta of `round_` from its process of `incarnation` (0: whichever
+    runs) and validate it against `spec`.
 
-    Raises DeltaUnavailable when the peer has none, asyncio.TimeoutError when any step takes
+    Raises DeltaUnavailable when the peer has none yet, DeltaGone when it will have none,
+    asyncio.TimeoutError when any step takes
     longer than `timeout_s`, a ProtocolError when the bytes are bad (including a delta of
     another round)."""
 
-    blob = await call_framed(p2p, peer_id, PROTOCOL, round_.to_bytes(HEADER, "big"), limit=spec.max_message_bytes,
+    request = round_.to_bytes(HEADER, "big") + incarnation.to_bytes(8, "big")
+    blob = await call_framed(p2p, peer_id, PROTOCOL, request, limit=spec.max_message_bytes,
                              limit_name="the spec's limit", timeout_s=timeout_s)
     if blob is None:
-        raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_}")
+        raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_} yet")
+    if blob == GONE:
+        raise DeltaGone(f"peer {peer_id} will serve no delta for round {round_}")
     delta = decode_delta(blob, spec)
     if delta.round != round_:
         raise MalformedMessage(f"peer {peer_id} answered round {round_} with a delta of round {delta.round}")

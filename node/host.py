@@ -50,6 +50,9 @@ class NetworkConfig:
     """Look for a relay to become reachable from behind NAT."""
     keep_ports: bool = True
     """Listen again on the ports of the last run where the listen port is 0 (node/ports.py)."""
+    dht_client: bool = False
+    """Take part in the DHT as a client: store and read, answer no one's DHT requests (a
+    peer behind NAT that others cannot dial would only make their requests time out)."""
     retry_max_s: float = 30.0
     """Longest wait between two attempts to reach the initial peers."""
 
@@ -133,9 +136,10 @@ def identity_key(state_dir: str):
     return key
 
 
-async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> P2P | None:
-    """Start p2pd, retrying with backoff while the initial peers cannot be reached; None
-    when `should_stop` is set before it could."""
+async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> tuple[P2P, list[str]] | None:
+    """Start p2pd, retrying with backoff while the initial peers cannot be reached; after a
+    first failure the peers seen in the last run (ports.seen_peers) are dialed too. Returns
+    p2pd and the peers it bootstrapped from; None when `should_stop` is set before it could."""
     from hivemind.p2p import P2P
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
@@ -143,16 +147,17 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
 
     listen = ports.pinned(net.listen, ports.remembered(state_dir)) if net.keep_ports else net.listen
     delay = 1.0
+    initial = list(net.peers)
     while True:
         try:
             p2p = await P2P.create(
-                initial_peers=net.peers or None, host_maddrs=listen, announce_maddrs=net.announce or None,
+                initial_peers=initial or None, host_maddrs=listen, announce_maddrs=net.announce or None,
                 identity_path=os.path.join(state_dir, IDENTITY_FILE), use_relay=True, relay_hop_limit=0,
                 use_auto_relay=net.auto_relay,
             )
             if net.keep_ports and not net.announce:  # with --announce, p2pd shows the announced ports, not ours
                 ports.remember(state_dir, ports.listened([str(a) for a in await p2p.get_visible_maddrs()]))
-            return p2p
+            return p2p, initial
         except P2PDaemonError as e:
             text = str(e)
             port = re.search(r"listen \w+ ([\d.:\[\]a-f]+): bind: address already in use", text)
@@ -169,7 +174,13 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
                                 "running peer; each node needs its own state directory") from None
             if "failed to connect to bootstrap peers" not in text:
                 raise NodeError(f"p2pd did not start: {text.strip()}") from None
-        log.warning("cannot reach any of the initial peers %s; retrying in %.0f s", ", ".join(net.peers), delay)
+        seen = [a for a in ports.seen_peers(state_dir) if a not in initial]
+        if seen:
+            # The swarm may live on without the peers we were given: try those we saw last.
+            log.warning("cannot reach the initial peers: dialing also the %d peers seen last time", len(seen))
+            initial += seen
+            continue
+        log.warning("cannot reach any of the initial peers %s; retrying in %.0f s", ", ".join(initial), delay)
         try:
             await asyncio.wait_for(should_stop.wait(), delay)
             log.info("stopped before reaching the initial peers")
@@ -256,3 +267,14 @@ async def probe_network(net: NetworkConfig, timeout_s: float = 10.0) -> dict:
                 "peers": peers}
     finally:
         await p2p.shutdown()
+
+
+DHT_OPTIONS = dict(cache_nearest=0, cache_on_store=False, cache_refresh_before_expiry=0)
+"""hivemind DHTNode behaviours that only cost here, turned off. Our keys hold dictionaries
+that many peers write (one subkey each) and every owner rewrites its entry on a schedule:
+- cache_nearest: after a get, push the whole dictionary found to the nearest node that lacks
+  it, which re-validates every entry; the owners' own stores already reach the replicas.
+- cache_on_store: after a store into a dictionary held in the local cache, fetch the whole
+  key again in the background: one more full read for every write.
+- cache_refresh_before_expiry: re-read cached keys before they expire, whether anyone still
+  needs them or not; we read what we need when we need it."""

@@ -97,8 +97,25 @@ def chain_start(spec_hash: bytes) -> str:
 
 
 def known_chains(r: PeerRecord) -> dict[int, str]:
-    """The round chains record `r` shows: at its round and at the round before, where known."""
-    return {k: v for k, v in ((r.round, r.chain), (r.round - 1, r.prev_chain)) if v}
+    """The round chains record `r` shows: at its round, at the round before and at its
+    anchors, where known."""
+    return {k: v for k, v in ((r.round, r.chain), (r.round - 1, r.prev_chain), *r.anchors) if v}
+
+
+ANCHOR_EVERY = 8
+"""Rounds between two anchors: every record shows its chain at the last two multiples of
+this (PeerRecord.anchors), so peers whose records stand up to ANCHOR_EVERY rounds apart
+share a round to compare at. The timing assumption this makes explicit: records are
+refreshed once a second, so a split is found on any machine that runs fewer than
+ANCHOR_EVERY rounds a second; a faster swarm (which the round deadlines and state
+downloads do not allow) would compare only when its records happen to meet."""
+
+
+def anchor_rounds(outer_steps: int) -> list[int]:
+    """The anchor rounds a record at `outer_steps` shows: the last two multiples of
+    ANCHOR_EVERY at or before it."""
+    last = outer_steps - outer_steps % ANCHOR_EVERY
+    return [k for k in (last - ANCHOR_EVERY, last) if k >= 0]
 
 
 def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -> Follow | None:
@@ -186,7 +203,8 @@ class Lineage:
     def shown(self, outer_steps: int) -> dict:
         """What the peer record shows of the lineage at `outer_steps`."""
         return {"diverged": self.diverged_at is not None, "chain": self.chains.get(outer_steps, ""),
-                "prev_chain": self.chains.get(outer_steps - 1, "")}
+                "prev_chain": self.chains.get(outer_steps - 1, ""),
+                "anchors": tuple((k, self.chains[k]) for k in anchor_rounds(outer_steps) if self.chains.get(k))}
 
     def after_round(self, round_: int, before: int, after: int, aggregated: list[tuple[str, int]], *,
                     others_trained: bool, sampled: bool) -> None:
@@ -211,8 +229,10 @@ class Lineage:
         if not previous or sampled:
             return
         self.chains[after] = round_chain(previous, round_, aggregated)
+        anchors = anchor_rounds(after)
         for old in sorted(self.chains)[:-CHAINS_KEPT]:
-            del self.chains[old]
+            if old not in anchors:
+                del self.chains[old]
 
     def discarded(self, outer_steps: int) -> None:
         """We gave a round up before its outer step, at `outer_steps`: our chain is unknown

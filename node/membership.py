@@ -27,6 +27,9 @@ FORGET_S = 600.0
 """A vanished peer is dialed for this long after it was last seen."""
 MAX_LOST = 16
 """At most this many vanished peers are remembered (the most recently seen)."""
+SILENT_ROUNDS = 10
+"""Rounds for which a peer that did not answer a liveness probe is not asked again (unless
+it restarts or reports progress)."""
 
 
 class Membership:
@@ -42,6 +45,12 @@ class Membership:
         self.admitted: set[str] = set()
         """Peer ids whose records passed the run's access policy at the last refresh."""
         self.lost = LostPeers(clock)
+        self.proven: dict[str, int] = {}
+        """Peer id → the incarnation in which it delivered a delta to us: only these are
+        waited for before they report progress (`expected`). A record costs nothing to make;
+        a delivered delta shows a live peer that serves."""
+        self.silent: dict[str, tuple[int, int]] = {}
+        """Peer id → (incarnation, round) where a liveness probe of it found no answer."""
 
     def update(self, records: list[PeerRecord], withdrawn: set[str] = frozenset()) -> list[PeerRecord]:
         """Take a refresh of the registry (`records` passed its checks, ours may be among
@@ -50,7 +59,54 @@ class Membership:
         self.records = [r for r in records if r.peer_id != self.me]
         self.admitted = {r.peer_id for r in self.records}
         self.lost.update(self.records, withdrawn)
+        for peer in withdrawn:
+            self.proven.pop(peer, None)
+        live = {r.peer_id: r.incarnation for r in self.records}
+        for peer, incarnation in list(self.proven.items()):
+            if live.get(peer, incarnation) != incarnation:
+                del self.proven[peer]  # restarted: the new life proves itself again
         return self.lost.due()
+
+    def incarnation(self, peer: str) -> int:
+        """The incarnation `peer`'s live record shows, 0 when none is in the view."""
+        return next((r.incarnation for r in self.records if r.peer_id == peer), 0)
+
+    def prove(self, peers: list[str]) -> None:
+        """`peers` delivered a delta to us: live and serving, in the incarnation their record shows."""
+        live = {r.peer_id: r.incarnation for r in self.records}
+        for peer in peers:
+            self.silent.pop(peer, None)
+            if peer in live:
+                self.proven[peer] = live[peer]
+        if len(self.proven) > len(live) + MAX_LOST:  # expired records: forget the oldest proofs
+            for peer in [p for p in self.proven if p not in live][:len(self.proven) - len(live) - MAX_LOST]:
+                del self.proven[peer]
+
+    def candidates(self, round_: int) -> set[str]:
+        """Peers whose record puts them in `round_` but that have not proven themselves (a
+        newcomer, or a record with nothing behind it): each is asked for its delta and
+        waited for only if it answers within a liveness bound (node/rounds.py); one that
+        did not is left alone for SILENT_ROUNDS rounds."""
+        out = set()
+        for r in self.records:
+            if not round_ - 2 <= r.round <= round_ or r.paused or self.proven.get(r.peer_id) == r.incarnation:
+                continue
+            silent = self.silent.get(r.peer_id)
+            if silent is None or silent[0] != r.incarnation or round_ - silent[1] >= SILENT_ROUNDS:
+                out.add(r.peer_id)
+        return out
+
+    def mark_silent(self, peer: str, round_: int) -> None:
+        """`peer` did not answer a liveness probe in `round_`."""
+        self.silent[peer] = (self.incarnation(peer), round_)
+        if len(self.silent) > 4 * MAX_LOST + len(self.records):  # bounded: forget the oldest verdicts
+            for old in sorted(self.silent, key=lambda p: self.silent[p][1])[:len(self.silent) // 2]:
+                del self.silent[old]
+
+    def unprove(self, peer: str) -> None:
+        """`peer` could not be reached, or said it will not serve: it is not waited for again
+        until it delivers a delta."""
+        self.proven.pop(peer, None)
 
     @property
     def num_peers(self) -> int:
@@ -66,10 +122,13 @@ class Membership:
         return lambda peer: peer in self.admitted
 
     def expected(self, round_: int) -> set[str]:
-        """Live peers that should train `round_`: their record's round (the outer steps they
-        have taken; one behind the round trained when rounds overlap, and refreshed every
-        second, so possibly one more stale) is within two rounds before it, and not paused."""
-        return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused}
+        """Peers that should train `round_` and are waited for before they report progress:
+        proven (they delivered a delta to us in the incarnation their record shows), their
+        record's round (the outer steps they have taken; one behind the round trained when
+        rounds overlap, and refreshed every second, so possibly one more stale) within two
+        rounds before it, and not paused. A record alone never holds a round."""
+        return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused
+                and self.proven.get(r.peer_id) == r.incarnation}
 
 
 class LostPeers:
@@ -147,14 +206,20 @@ async def rediscover(dht, initial_peers: list[str]) -> None:
             log.info("initial peer %s still unreachable: %s", maddr, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
 
 
+VIEW_KEPT_S = 30.0
+"""Least time between two calls of keep_record's `on_view` (it writes a file)."""
+
+
 async def keep_record(registry, membership: Membership, record: Callable[[], PeerRecord], *, interval_s: float,
-                      initial_peers: list[str], had_peers: Callable[[], bool]) -> None:
+                      initial_peers: list[str], had_peers: Callable[[], bool],
+                      on_view: Callable[[list[PeerRecord]], None] | None = None) -> None:
     """Show our `record()` in the registry and refresh `membership` from it every
     `interval_s`; dial back the peers that vanished, and the initial peers when we see
-    nobody after having had peers (`had_peers()`). Runs until cancelled; a refresh that
-    fails keeps the last view."""
+    nobody after having had peers (`had_peers()`); hand the view to `on_view` at most every
+    VIEW_KEPT_S (kept for the next start). Runs until cancelled; a refresh that fails keeps
+    the last view."""
     redials: set[asyncio.Task] = set()
-    next_rediscovery = 0.0
+    next_rediscovery = next_view = 0.0
     try:
         while True:
             try:
@@ -164,6 +229,9 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
                     redials.add(task)
                     task.add_done_callback(redials.discard)
                 now = time.monotonic()
+                if on_view is not None and membership.records and now >= next_view:
+                    next_view = now + VIEW_KEPT_S
+                    on_view(membership.records)
                 if not membership.records and had_peers() and initial_peers and now >= next_rediscovery:
                     next_rediscovery = now + REDISCOVER_S
                     await rediscover(registry.dht, initial_peers)

@@ -94,6 +94,8 @@ class RoundContext:
     spec_hash: bytes
     cfg: NodeConfig
     peer_id: str
+    incarnation: int
+    """This process's life (PeerRecord.incarnation)."""
     validator: object
     """hivemind's RSASignatureValidator holding this peer's identity key (signs progress)."""
     p2p: object
@@ -149,7 +151,8 @@ class RoundLoop:
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
                 continue
             if await self.catch_up.maybe_follow():
-                continue  # what was trained on the old state is not sent
+                ctx.deltas.give_up(round_)  # what was trained on the old state is not sent
+                continue
             if cfg.checkpoint_every and trained and trained % cfg.checkpoint_every == 0:
                 await ctx.checkpoints.write(trainer, ctx.pools.train,
                                             extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
@@ -207,6 +210,7 @@ class RoundLoop:
         swarm took, so our chain is unknown and we take the swarm's state at the next
         boundary (lineage.py); the replica restarts where it would have without the round."""
         ctx = self.ctx
+        ctx.deltas.give_up(work.round)
         ctx.lineage.discarded(ctx.trainer.outer_steps)
         await ctx.pools.exchange_compute(overlapped)(functools.partial(ctx.trainer.discard, work, overlapped=overlapped))
 
@@ -219,8 +223,11 @@ class RoundLoop:
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  ttl_s=max(60.0, 2 * ctx.spec.rounds.deadline_s), carry=self.carry,
                                  expected=lambda: ctx.membership.expected(round_),
+                                 candidates=lambda: ctx.membership.candidates(round_),
+                                 incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
                                  validator=ctx.validator, admit=ctx.membership.admit)
         ctx.stats.state = "training"
+        ctx.deltas.training(round_)
         self.round_stop = threading.Event()
         if ctx.should_exit.is_set():
             self.round_stop.set()
@@ -263,6 +270,11 @@ class RoundLoop:
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.deltas_rejected += got.rejected
+        ctx.membership.prove([d.sender for d in got.deltas])
+        for peer in got.unreachable:
+            ctx.membership.unprove(peer)
+        for peer in got.silent:
+            ctx.membership.mark_silent(peer, r)
         for peer, why in got.failed.items():
             log.info("round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
@@ -290,6 +302,7 @@ class RoundLoop:
         self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
 
     async def _withdraw(self, progress: RoundProgress, r: int) -> None:
+        self.ctx.deltas.give_up(r)
         try:
             await progress.report(0, 0.0, done=True)
         except Exception as e:  # the others then wait for our delta until the round's deadline

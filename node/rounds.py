@@ -42,7 +42,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from locoswarm.node.exchange import DeltaUnavailable, call_get_delta
+from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.registry import subkey_author
 from locoswarm.optim.screen import median
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
@@ -64,6 +64,30 @@ the first failure made peers aggregate different sets of deltas over a lossy lin
 their outer states split (seen over 1 % loss)."""
 
 
+UNREACHABLE_S = 2.0
+"""A peer whose dials fail at once (its connection closed: the process is gone, the port
+shut, or it gave no address) for this long is not waited for this round. Slow failures (a
+lossy link) keep the STREAM_RETRY_S schedule."""
+REFUSED_RETRY_S = 0.5
+"""Wait between two dials of a peer whose dials are refused."""
+LIVENESS_S = 2.0
+"""How long a peer that has not proven itself (no delta delivered yet, no progress reported
+in the round) is given to answer at all ("not yet" counts) before the round goes on
+without it: a record alone holds a round at most this long, once per SILENT_ROUNDS."""
+
+
+def dial_refused(e: BaseException) -> bool:
+    """A stream that p2pd refused outright: no connection and none to be made now (refused,
+    in libp2p's dial backoff after a refused dial, or no address known for the peer), or a
+    peer that does not serve deltas (no daemon behind its p2pd: a crashed daemon's p2pd
+    lingers and answers "protocols not supported")."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+
+    text = str(e)
+    return isinstance(e, ControlFailure) and any(
+        sign in text for sign in ("failed to dial", "failed to find any peer", "protocols not supported"))
+
+
 CLAIM_FACTOR = 4.0
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -82,7 +106,8 @@ class RoundProgress:
 
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
                  per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0,
-                 expected: Callable[[], set[str]] = frozenset, validator=None,
+                 expected: Callable[[], set[str]] = frozenset, candidates: Callable[[], set[str]] = frozenset,
+                 incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0, validator=None,
                  admit: Callable[[str], bool] | None = None) -> None:
         """`validator`: hivemind's RSASignatureValidator holding this peer's identity key
         (entries are then signed, and unsigned ones ignored); `admit(peer_id)`: whether a
@@ -95,7 +120,13 @@ class RoundProgress:
         self.per_peer_tokens = per_peer_tokens
         self.carry = carry
         self.expected = expected
-        """Live peers (from their records) that should train this round, reported or not yet."""
+        """Proven peers (node/membership.py) that should train this round, reported or not yet."""
+        self.candidates = candidates
+        """Unproven peers whose record puts them in this round: probed for liveness."""
+        self.incarnation = incarnation
+        """This process's incarnation, reported with our progress."""
+        self.incarnations = incarnations
+        """A peer's incarnation as its record shows it (0: unknown)."""
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self._others: dict[str, _Seen] = {}
@@ -104,7 +135,8 @@ class RoundProgress:
         """Seconds this peer trained in the round (set by the round loop when training ends)."""
 
     async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
-        value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done))
+        value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done,
+                                         incarnation=self.incarnation))
         subkey = self.peer_id if self.validator is None else self.peer_id.encode() + self.validator.local_public_key
         await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=subkey)
 
@@ -142,6 +174,12 @@ class RoundProgress:
             return None
         return peer
 
+    def incarnation_of(self, peer: str) -> int:
+        """The incarnation to ask `peer`'s delta of: the one that reported progress in this
+        round, else the one its record shows, else 0 (any)."""
+        seen = self._others.get(peer)
+        return seen.progress.incarnation if seen is not None else self.incarnations(peer)
+
     def participants(self) -> list[str]:
         """Peer ids (not ours) that reported progress in this round."""
         return sorted(self._others)
@@ -165,8 +203,8 @@ class RoundProgress:
         claims = {}
         for peer, seen in others.items():
             p = seen.progress
-            if p.done and p.tokens == 0:
-                continue  # an empty claim neither trains nor raises the target
+            if p.tokens == 0:
+                continue  # an empty claim neither trains nor raises the target (a bare key reporting cannot stall it)
             counted.add(peer)
             ahead = 0.0 if p.done else p.tokens_per_s * min(now - seen.at, EXTRAPOLATE_INTERVALS * self.interval_s)
             claims[peer] = p.tokens + ahead
@@ -192,6 +230,10 @@ class Gathered:
     bytes_received: int = 0
     rejected: int = 0
     """Deltas refused as bad (not merely missing)."""
+    unreachable: set[str] = field(default_factory=set)
+    """Peers dropped because their dials were refused, or because they will serve no delta."""
+    silent: set[str] = field(default_factory=set)
+    """Unproven peers that did not answer within LIVENESS_S."""
 
 
 async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
@@ -199,18 +241,23 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                         keep: Callable[[str, list[str]], bool] | None = None) -> Gathered:
     """Pull round `round_`'s deltas from its participants (at most `fanout`) until every
     one is in or `deadline_s` has passed. Participants are the peers that report progress
-    in the round; a live peer expected in it (`progress.expected()`) that has not reported
-    yet is waited for, so that peers agree on who took part. Whatever did not arrive by
-    the deadline is left out of the round. `keep(sender, others)`: a test's fault injector
+    in the round; a proven peer expected in it (`progress.expected()`) that has not reported
+    yet is asked too, and waited for while it answers "not yet", so that peers agree on who
+    took part. A peer that says it will serve no delta for the round, or whose dials are
+    refused for UNREACHABLE_S, is dropped at once (`Gathered.unreachable`). Whatever did not
+    arrive by the deadline is left out of the round. `keep(sender, others)`: a test's fault injector
     (node/roundloop.py RoundFaults), False drops a delta that arrived as if it had not."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
 
-    async def pull(peer: str) -> None:
+    async def pull(peer: str, probe: bool) -> None:
+        """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
         pid = PeerID.from_base58(peer)
         wait, grow, longest = RETRY_S
         failures = 0
+        refused_since: float | None = None
+        answer_by = time.monotonic() + LIVENESS_S if probe else None
 
         async def retry(what: str) -> bool:
             """After a failed or cut stream: wait the next of STREAM_RETRY_S and say True,
@@ -224,15 +271,30 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             return True
 
         while True:
-            left = stop_at - time.monotonic()
+            now = time.monotonic()
+            left = stop_at - now
+            if answer_by is not None and now >= answer_by:
+                if peer in progress.participants():  # it reported progress meanwhile: a participant
+                    answer_by = None
+                else:
+                    out.failed[peer] = f"not proven and no answer within {LIVENESS_S:g} s"
+                    out.silent.add(peer)
+                    return
             if left <= 0:
                 out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                 return
+            limit = min(left, ATTEMPT_TIMEOUT_S) if answer_by is None else max(0.05, min(left, answer_by - now))
             try:
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
-                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=min(left, ATTEMPT_TIMEOUT_S))
+                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=limit,
+                                             incarnation=progress.incarnation_of(peer))
+            except DeltaGone:
+                out.failed[peer] = "will serve no delta for this round (restarted, gave it up, or took another state)"
+                out.unreachable.add(peer)
+                return
             except DeltaUnavailable:
+                answer_by = None  # it answered: live, training the round
                 if peer in progress.withdrawn():
                     out.failed[peer] = "gave the round up"
                     return
@@ -255,6 +317,20 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 out.failed[peer] = f"{type(e).__name__}: {e}"
                 return
             except Exception as e:  # the stream failed or hung (peer gone, refused, lossy link): retry, then drop
+                if answer_by is not None:
+                    await asyncio.sleep(min(REFUSED_RETRY_S, max(0.0, answer_by - time.monotonic())))
+                    continue  # an unproven peer: asked again until its liveness bound
+                if dial_refused(e) and failures == 0:
+                    # Its connection is closed and no new one can be made: a dead or fake peer.
+                    # Not waited for past UNREACHABLE_S (a restart on the same port answers in time).
+                    now = time.monotonic()
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= UNREACHABLE_S:
+                        out.failed[peer] = f"unreachable for {UNREACHABLE_S:g} s (dials refused)"
+                        out.unreachable.add(peer)
+                        return
+                    await asyncio.sleep(REFUSED_RETRY_S)
+                    continue
                 if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
                     out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                     return
@@ -280,27 +356,24 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
 
     try:
         while True:
+            # Expected peers that have not reported yet are asked too: a live one answers
+            # "not yet" and is waited for, a restarted one says "never" and a dead one refuses
+            # the dial, so neither holds the round.
             withdrawn = progress.withdrawn()
-            new = [p for p in progress.participants() if p not in pulls and p not in withdrawn]
+            known = (set(progress.participants()) | set(progress.expected())) - {progress.peer_id} - withdrawn
+            probes = set(progress.candidates()) - known - {progress.peer_id} - withdrawn
+            new = sorted(p for p in known | probes if p not in pulls)
             room = fanout - len(pulls)
             for peer in (rng.sample(new, room) if len(new) > room else new):
-                pulls[peer] = asyncio.create_task(pull(peer))
+                pulls[peer] = asyncio.create_task(pull(peer, probe=peer in probes))
             pending = [t for t in pulls.values() if not t.done()]
-            unreported = set(progress.expected()) - set(progress.participants()) - {progress.peer_id} - withdrawn
-            if len(pulls) >= fanout:
-                unreported = set()
-            if (not pending and not unreported) or time.monotonic() >= stop_at:
+            if not pending or time.monotonic() >= stop_at:
                 break
-            if pending:
-                await asyncio.wait(pending, timeout=progress.interval_s)
-            else:
-                await asyncio.sleep(progress.interval_s)
+            await asyncio.wait(pending, timeout=progress.interval_s)
             try:
                 await progress.refresh()
             except Exception as e:  # the DHT is slow: go on with the participants known
                 log.info("progress refresh failed: %s", e)
-        for peer in unreported:
-            out.failed[peer] = "did not report progress in this round before the deadline"
     finally:
         for task in pulls.values():
             task.cancel()

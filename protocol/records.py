@@ -4,7 +4,9 @@ spec, whether it is paused, (in a private run) its proof of the run's secret, an
 its outer state went its own way (after a partition, that says which side takes whose state:
 node/reunion.py), and a digest of the deltas its outer state is made of, at its round and
 the round before (peers that aggregated different sets of deltas in a round see it, even
-while some are a round ahead: node/reunion.py). Encoded as a msgpack map, version 6;
+while some are a round ahead: node/reunion.py), and its incarnation (a number drawn at each
+start of the process: a restarted peer, same identity, shows a new one, so nobody waits for
+what its previous life promised). Encoded as a msgpack map, version 7;
 `decode_record` validates every field and raises a ProtocolError subclass naming what was
 wrong. Signing (so that no peer can overwrite another's record) is the DHT layer's job:
 hivemind's signature validator.
@@ -19,7 +21,7 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 6
+RECORD_VERSION = 7
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
@@ -33,7 +35,8 @@ def is_chain(value: object) -> bool:
     return isinstance(value, str) and len(value) == CHAIN_HEX_LEN and set(value) <= _HEX
 
 _KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
-                   "chain", "prev_chain"})
+                   "chain", "prev_chain", "inc", "anchors"})
+MAX_ANCHORS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +65,21 @@ class PeerRecord:
     prev_chain: str = ""
     """Its round chain at `round` − 1, empty when it does not know it: with it, peers a round
     apart still show one round's chains side by side."""
+    anchors: tuple[tuple[int, str], ...] = ()
+    """(round, chain) at the last MAX_ANCHORS rounds before `round` that are multiples of
+    lineage.ANCHOR_EVERY, where known: peers whose records stand several rounds apart (fast
+    rounds, records refreshed once a second) still share a round to compare chains at."""
+    incarnation: int = 0
+    """Drawn at random when the process starts (0 < incarnation < 2⁶³): a new one says the
+    peer restarted, and what it promised before (a delta, a round) will not come."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
     return msgpack.packb({"v": RECORD_VERSION, "peer": r.peer_id, "addrs": list(r.addrs), "device": r.device,
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
                           "paused": r.paused, "proof": r.proof, "diverged": r.diverged,
-                          "chain": r.chain, "prev_chain": r.prev_chain},
+                          "chain": r.chain, "prev_chain": r.prev_chain, "inc": r.incarnation,
+                          "anchors": [[k, c] for k, c in r.anchors]},
                          use_bin_type=True)
 
 
@@ -99,18 +110,27 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
     for key in ("chain", "prev_chain"):
         if m[key] != "" and not is_chain(m[key]):
             raise MalformedMessage(f"peer record of {peer}: {key} must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
+    if type(m["inc"]) is not int or not 0 <= m["inc"] < 2**63:
+        raise MalformedMessage(f"peer record of {peer}: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
     if m["prev_chain"] and round_ == 0:
         raise MalformedMessage(f"peer record of {peer}: prev_chain given at round 0, which has no round before it")
+    anchors = m["anchors"]
+    if (not isinstance(anchors, list) or len(anchors) > MAX_ANCHORS
+            or not all(isinstance(a, list) and len(a) == 2 and type(a[0]) is int and 0 <= a[0] <= round_
+                       and is_chain(a[1]) for a in anchors)):
+        raise MalformedMessage(f"peer record of {peer}: anchors must be at most {MAX_ANCHORS} [round <= {round_}, "
+                               f"chain] pairs")
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
                       spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"],
-                      chain=m["chain"], prev_chain=m["prev_chain"])
+                      chain=m["chain"], prev_chain=m["prev_chain"], incarnation=m["inc"],
+                      anchors=tuple((k, c) for k, c in anchors))
 
 
 # ---------------------------------------------------------------- round progress
 
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2
 MAX_PROGRESS_BYTES = 128
-_PROGRESS_KEYS = frozenset({"v", "tokens", "tps", "done"})
+_PROGRESS_KEYS = frozenset({"v", "tokens", "tps", "done", "inc"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +143,14 @@ class Progress:
     """Its current throughput, for extrapolating between reports."""
     done: bool
     """It has stopped training for this round; `tokens` is final."""
+    incarnation: int = 0
+    """The incarnation of the process that reported it (PeerRecord.incarnation): a delta is
+    asked of that life only, and a restarted peer says "never" instead of "not yet"."""
 
 
 def encode_progress(p: Progress) -> bytes:
-    return msgpack.packb({"v": PROGRESS_VERSION, "tokens": p.tokens, "tps": float(p.tokens_per_s), "done": p.done},
-                         use_bin_type=True)
+    return msgpack.packb({"v": PROGRESS_VERSION, "tokens": p.tokens, "tps": float(p.tokens_per_s), "done": p.done,
+                          "inc": p.incarnation}, use_bin_type=True)
 
 
 def decode_progress(blob: bytes) -> Progress:
@@ -140,4 +163,6 @@ def decode_progress(blob: bytes) -> Progress:
         raise MalformedMessage(f"round progress: tokens_per_s {tps!r} invalid")
     if not isinstance(done, bool):
         raise MalformedMessage(f"round progress: done {done!r} is not a boolean")
-    return Progress(tokens=tokens, tokens_per_s=tps, done=done)
+    if type(m["inc"]) is not int or not 0 <= m["inc"] < 2**63:
+        raise MalformedMessage(f"round progress: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
+    return Progress(tokens=tokens, tokens_per_s=tps, done=done, incarnation=m["inc"])

@@ -263,6 +263,29 @@ def test_a_restarted_daemon_listens_on_its_first_port_and_gives_a_taken_one_up_w
     assert re.search(rf"the port kept from the last run, \S*{port}, is in use", third.stderr()), third.tail()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400, method="signal")
+def test_a_restart_whose_initial_peer_is_gone_dials_the_peers_it_saw_last_and_trains_with_them(swarm: Swarm):
+    """The bootstrap peer a volunteer was given may be gone for good while the swarm trains
+    on: a restarted peer that reaches none of its initial peers dials those it saw last
+    (kept in its state directory) and trains with them instead of retrying a dead address."""
+    a = swarm.join("a")
+    b = swarm.join("b", peer=a)
+    c = swarm.join("c", peer=a)
+    for p in (a, b, c):
+        wait_round(p, 1, 180)
+    gone = first_addr(a)
+    for p in (a, b):
+        p.proc.send_signal(signal.SIGTERM)
+        assert_clean_exit(p, p.wait_exit(60))
+    alone_from = max(e["round"] for e in c.events("round")) + 2
+    assert wait_round(c, alone_from, 120)["participants"] == 1  # c trains on alone
+    again = swarm.join("b", "--max-rounds", "2", peer=gone)
+    assert_clean_exit(again, again.wait_exit(240))
+    assert re.search(r"cannot reach the initial peers: dialing also the \d+ peers seen last time", again.stderr())
+    assert any(e["participants"] == 2 and e["deltas"] == 2 for e in again.events("round")), again.events("round")
+
+
 @pytest.mark.timeout(60, method="signal")
 def test_a_listen_port_in_use_exits_2_naming_the_port(swarm: Swarm):
     with socket.socket() as held:

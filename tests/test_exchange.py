@@ -11,7 +11,7 @@ import os
 import pytest
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.exchange import DeltaServer, DeltaUnavailable, call_get_delta
+from locoswarm.node.exchange import GONE, PROTOCOL, DeltaGone, DeltaServer, DeltaUnavailable, call_get_delta
 from locoswarm.protocol import MalformedMessage, OversizedMessage, ProtocolError
 
 SERVER = os.path.join(os.path.dirname(__file__), "peers", "serve_delta.py")
@@ -39,7 +39,9 @@ def test_a_served_delta_arrives_intact_from_another_process(spawn_peers):
     assert delta.nbytes == len(serve_delta.good_blob())
     assert delta.round == serve_delta.ROUND and delta.sender == "server" and delta.num_tokens == 1000
     with pytest.raises(DeltaUnavailable):
-        _pull(maddr, serve_delta.ROUND + 5)
+        _pull(maddr, serve_delta.ROUND + 1)  # the round it trains: not yet
+    with pytest.raises(DeltaGone):
+        _pull(maddr, serve_delta.ROUND - 1)  # a round it passed without a delta: never
 
 
 @pytest.mark.timeout(120)
@@ -66,11 +68,24 @@ def test_a_silent_peer_costs_a_timeout_not_a_hang(spawn_peers):
 
 
 def test_server_forgets_rounds_older_than_the_last_two():
-    server = DeltaServer.__new__(DeltaServer)
-    server._deltas = {}
+    server = DeltaServer(p2p=None)
     for r in range(5):
         server.publish(r, bytes([r]))
     assert sorted(server._deltas) == [3, 4]
+
+
+def test_server_says_never_for_rounds_it_passed_without_a_delta_and_to_a_request_of_another_life():
+    server = DeltaServer(p2p=None, incarnation=77)
+    assert server.answer(0) == b"" and server.answer(9) == b"", "before training: every round may still come"
+    server.training(5)
+    server.training(6)
+    assert server.answer(5) == b"" and server.answer(6) == b"" and server.answer(7) == b""  # not yet
+    assert server.answer(4) == GONE, "passed without a delta"
+    server.publish(5, b"delta 5")
+    assert server.answer(5) == b"delta 5" and server.answer(5, 77) == b"delta 5"
+    assert server.answer(5, 76) == GONE and server.answer(7, 76) == GONE, "asked of an earlier life: never"
+    server.give_up(6)  # discarded, or its state replaced by a download
+    assert server.answer(6) == GONE
 
 
 def test_peer_limits_bound_concurrency_and_rate_per_peer():
@@ -109,7 +124,7 @@ def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served()
         try:
             async def one(p2p):
                 try:
-                    return await call_framed(p2p, server_p2p.peer_id, "locoswarm/delta/1", (7).to_bytes(8, "big"),
+                    return await call_framed(p2p, server_p2p.peer_id, PROTOCOL, (7).to_bytes(8, "big") + bytes(8),
                                              limit=1 << 20, limit_name="limit", timeout_s=10)
                 except (ConnectionError, ProtocolError, asyncio.TimeoutError):
                     return None

@@ -16,16 +16,18 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.lineage import Lineage, chain_at, chain_start, round_chain, whom_to_follow, whom_to_rejoin
+from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, chain_at, chain_start, round_chain, whom_to_follow,
+                                    whom_to_rejoin)
 from locoswarm.node.membership import REDIAL_S, LostPeers, Membership, redial
 from locoswarm.node.statesync import StateServer, download_state
 from locoswarm.protocol.records import PeerRecord
 
 
 def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False, chain: str = "",
-        prev_chain: str = "") -> PeerRecord:
+        prev_chain: str = "", incarnation: int = 1) -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=("/ip4/127.0.0.1/tcp/1",), device="cpu", tokens_per_s=1.0, round=round_,
-                      spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain, prev_chain=prev_chain)
+                      spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain, prev_chain=prev_chain,
+                      incarnation=incarnation)
 
 
 def donors(follow) -> list[str] | None:
@@ -148,13 +150,47 @@ def test_lineage_chain_follows_what_each_round_aggregated_and_forgets_a_sampled_
     lin = Lineage(b"h" * 32)
     lin.start(0)
     start = chain_start(b"h" * 32)
-    assert lin.shown(0) == {"diverged": False, "chain": start, "prev_chain": ""}
+    assert lin.shown(0) == {"diverged": False, "chain": start, "prev_chain": "", "anchors": ((0, start),)}
     lin.after_round(0, 0, 1, [("b", 10), ("a", 12)], others_trained=True, sampled=False)
     one = round_chain(start, 0, [("a", 12), ("b", 10)])
-    assert lin.shown(1) == {"diverged": False, "chain": one, "prev_chain": start}
+    assert lin.shown(1) == {"diverged": False, "chain": one, "prev_chain": start, "anchors": ((0, start),)}
     assert lin.checkpoint_extra(1) == {"chain": one}
     lin.after_round(1, 1, 2, [("a", 12), ("b", 10), ("c", 9)], others_trained=True, sampled=True)
     assert lin.shown(2)["chain"] == "" and lin.chains == {}
+
+
+def _chains_through(rounds_: int, split_at: int | None = None) -> Lineage:
+    """A lineage that aggregated a and b's deltas each round (without b's from `split_at` on)."""
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    for r in range(rounds_):
+        lin.after_round(r, r, r + 1, [("a", 5)] if split_at is not None and r >= split_at else [("a", 5), ("b", 5)],
+                        others_trained=True, sampled=False)
+    return lin
+
+
+def _record_of(lin: Lineage, peer: str, outer_steps: int) -> PeerRecord:
+    return PeerRecord(peer_id=peer, addrs=("/ip4/127.0.0.1/tcp/1",), device="cpu", tokens_per_s=1.0,
+                      round=outer_steps, spec_hash=b"h" * 32, **lin.shown(outer_steps))
+
+
+def test_anchor_chains_outlive_the_recent_ones_and_records_show_the_last_two():
+    lin = _chains_through(30)
+    assert sorted(lin.chains) == [16, 23, 24, 25, 26, 27, 28, 29, 30], "8 recent rounds and the anchors 16, 24"
+    assert [k for k, _ in lin.shown(30)["anchors"]] == [16, 24]
+
+
+@pytest.mark.parametrize("apart", range(0, ANCHOR_EVERY + 1))
+def test_a_split_is_found_whenever_records_stand_up_to_anchor_every_rounds_apart(apart):
+    """The timing assumption of split healing, made explicit: records refreshed once a
+    second show their chain at their round, the one before and two anchors, so peers whose
+    records stand up to ANCHOR_EVERY rounds apart (a machine fast enough for that many
+    rounds a second) still compare chains at a common round."""
+    me = _chains_through(40, split_at=3)  # left out b's delta from round 3 on: split
+    majority = _chains_through(40)
+    others = [_record_of(majority, "Qb", 40), _record_of(majority, "Qc", 40 - apart)]  # refreshed at other times
+    found = whom_to_rejoin("Qz", me.chains, others)
+    assert found is not None and {r.peer_id for r in found.donors} == {"Qb", "Qc"}, (apart, me.chains.keys())
 
 
 def test_lineage_diverges_only_when_others_trained_a_round_it_aggregated_alone():
@@ -205,12 +241,47 @@ def test_membership_keeps_the_others_admits_them_in_a_private_run_and_expects_re
     due = m.update([rec("me", 5), rec("a", 5), rec("b", 3), rec("c", 5, paused=True), rec("d", 2)])
     assert due == [] and m.num_peers == 4 and {r.peer_id for r in m.records} == {"a", "b", "c", "d"}
     assert m.admit("a") and not m.admit("me") and not m.admit("zz")
-    assert m.expected(5) == {"a", "b"}, "within two rounds before, not paused"
+    assert m.expected(5) == set(), "a record alone is never waited for"
+    m.prove(["a", "b", "c", "d", "zz"])
+    assert m.expected(5) == {"a", "b"}, "proven, within two rounds before, not paused"
+    m.unprove("b")
+    assert m.expected(5) == {"a"}, "a peer found unreachable is not waited for until it delivers again"
     assert Membership("me", restricted=False).admit is None, "an open run admits everyone"
     now[0] = 1.0
     due = m.update([rec("a", 6)], withdrawn={"b"})
     assert sorted(r.peer_id for r in due) == ["c", "d"], "vanished without a tombstone: dialed back"
     assert len(m.lost) == 2
+
+
+def test_a_restarted_peer_is_not_waited_for_until_its_new_life_delivers_a_delta():
+    m = Membership("me", restricted=False)
+    m.update([rec("a", 5, incarnation=7), rec("b", 5, incarnation=3)])
+    m.prove(["a", "b"])
+    assert m.expected(5) == {"a", "b"}
+    m.update([rec("a", 2, incarnation=8), rec("b", 5, incarnation=3)])  # a restarted from an older checkpoint
+    assert m.expected(5) == {"b"} and m.expected(2) == set()
+    m.prove(["a"])
+    assert m.expected(3) == {"a"}
+    m.update([rec("b", 5, incarnation=3)], withdrawn={"a"})
+    assert "a" not in m.proven, "a withdrawn peer's proof is forgotten"
+
+
+def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_for_a_while():
+    from locoswarm.node.membership import SILENT_ROUNDS
+
+    m = Membership("me", restricted=False)
+    m.update([rec("new", 5, incarnation=1), rec("old", 5), rec("far", 1), rec("rest", 5, paused=True)])
+    m.prove(["old"])
+    assert m.candidates(5) == {"new"}, "unproven, in the round's range, not paused"
+    m.mark_silent("new", 5)
+    assert m.candidates(6) == set()
+    later = 5 + SILENT_ROUNDS
+    m.update([rec("new", later, incarnation=1), rec("old", later)])
+    assert m.candidates(later) == {"new"}, "asked again after SILENT_ROUNDS"
+    m.update([rec("new", 5, incarnation=2), rec("old", 5)])
+    assert m.candidates(6) == {"new"}, "a restart is probed again"
+    m.prove(["new"])
+    assert m.candidates(6) == set() and m.expected(6) == {"new", "old"} and not m.silent
 
 
 def test_vanished_peers_are_dialed_every_few_seconds_until_back_withdrawn_or_forgotten():

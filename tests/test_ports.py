@@ -39,3 +39,27 @@ def test_a_bad_ports_file_is_ignored_and_a_good_entry_beside_a_bad_one_is_kept(t
 
 def test_no_ports_file_means_nothing_remembered(tmp_path):
     assert ports.remembered(str(tmp_path / "missing")) == {}
+
+
+def _rec(peer: str, *addrs: str):
+    from locoswarm.protocol.records import PeerRecord
+
+    return PeerRecord(peer_id=peer, addrs=addrs, device="cpu", tokens_per_s=1.0, round=3, spec_hash=b"h" * 32)
+
+
+def test_the_peers_of_the_last_view_are_kept_by_their_first_tcp_address_and_read_back(tmp_path):
+    ports.remember_peers(str(tmp_path), [_rec("QmA", "/ip4/127.0.0.1/udp/9/quic-v1", "/ip4/127.0.0.1/tcp/4001"),
+                                          _rec("QmB", "/ip4/10.0.0.7/tcp/4002/p2p/QmB")])
+    assert ports.seen_peers(str(tmp_path)) == ["/ip4/127.0.0.1/tcp/4001/p2p/QmA", "/ip4/10.0.0.7/tcp/4002/p2p/QmB"]
+    many = [_rec(f"Qm{i}", f"/ip4/127.0.0.1/tcp/{5000 + i}") for i in range(ports.MAX_SEEN + 10)]
+    ports.remember_peers(str(tmp_path), many)
+    assert len(ports.seen_peers(str(tmp_path))) == ports.MAX_SEEN
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ports.PEERS_FILE], "no temporary file left"
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"a": 1}', '"x"', '[1, null, "/ip4/1.2.3.4/tcp/1"]',
+                                  '["/ip4/1.2.3.4/tcp/1/p2p/../../etc", "/ip4/1.2.3.4/tcp/1/p2p/QmOk"]'])
+def test_a_bad_peers_file_gives_no_peers_but_the_good_entries_beside_bad_ones(tmp_path, text):
+    (tmp_path / ports.PEERS_FILE).write_text(text)
+    good = ["/ip4/1.2.3.4/tcp/1/p2p/QmOk"] if "QmOk" in text else []
+    assert ports.seen_peers(str(tmp_path)) == good

@@ -15,7 +15,8 @@ from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
                   tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True,
-                  chain="0123456789abcdef" * 2, prev_chain="fedcba9876543210" * 2)
+                  chain="0123456789abcdef" * 2, prev_chain="fedcba9876543210" * 2, incarnation=2**62 + 5,
+                  anchors=((32, "ab" * 16), (40, "cd" * 16)))
 
 
 def test_record_round_trips():
@@ -48,6 +49,14 @@ def test_record_round_trips():
         (lambda m: m.update(prev_chain=None), MalformedMessage, "prev_chain"),
         (lambda m: m.update(round=0), MalformedMessage, "prev_chain given at round 0"),
         (lambda m: m.pop("prev_chain"), MalformedMessage, "fields"),
+        (lambda m: m.update(inc=-1), MalformedMessage, "incarnation"),
+        (lambda m: m.update(inc=2**63), MalformedMessage, "incarnation"),
+        (lambda m: m.update(inc=1.5), MalformedMessage, "incarnation"),
+        (lambda m: m.update(anchors=[[8, "ab" * 16]] * 3), MalformedMessage, "anchors"),
+        (lambda m: m.update(anchors=[[43, "ab" * 16]]), MalformedMessage, "anchors"),
+        (lambda m: m.update(anchors=[[8, "AB" * 16]]), MalformedMessage, "anchors"),
+        (lambda m: m.update(anchors=[[-8, "ab" * 16]]), MalformedMessage, "anchors"),
+        (lambda m: m.update(anchors={"8": "ab" * 16}), MalformedMessage, "anchors"),
     ],
 )
 def test_bad_record_is_refused_naming_the_field(mutate, error, message):
@@ -69,3 +78,17 @@ def test_garbage_record_raises_only_protocol_errors(blob):
         decode_record(blob, H)
     except ProtocolError:
         pass
+
+
+def test_progress_round_trips_and_a_bad_incarnation_or_field_is_refused_by_name():
+    from locoswarm.protocol.records import Progress, decode_progress, encode_progress
+
+    good = Progress(tokens=2560, tokens_per_s=1234.5, done=True, incarnation=2**63 - 1)
+    assert decode_progress(encode_progress(good)) == good
+    for mutate, message in [(lambda m: m.update(inc=-1), "incarnation"), (lambda m: m.update(inc="x"), "incarnation"),
+                            (lambda m: m.pop("inc"), "fields"), (lambda m: m.update(tokens=-5), "tokens"),
+                            (lambda m: m.update(v=1), "version")]:
+        m = msgpack.unpackb(encode_progress(good), raw=False)
+        mutate(m)
+        with pytest.raises(ProtocolError, match=message):
+            decode_progress(msgpack.packb(m, use_bin_type=True))

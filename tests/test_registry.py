@@ -128,3 +128,23 @@ def test_an_unsigned_record_is_refused_by_a_signing_registry(spawn_peers):
     found, rejected = asyncio.run(_signed_look(addrs))
     assert found == []
     assert len(rejected) == 1 and "not signed" in rejected[0][1]
+
+
+def test_the_cached_validator_verifies_each_signed_entry_once_and_still_refuses_a_forgery():
+    from hivemind.dht.validation import DHTRecord
+
+    from locoswarm.node.registry import CachedSignatureValidator
+
+    owner = CachedSignatureValidator(RSAPrivateKey())
+    reader = CachedSignatureValidator(RSAPrivateKey())
+    key, subkey = b"locoswarm:run:peers", b"QmOwner" + owner.local_public_key
+    unsigned = DHTRecord(key=key, subkey=subkey, value=b"record", expiration_time=123.0)
+    signed = DHTRecord(key=key, subkey=subkey, value=owner.sign_value(unsigned), expiration_time=123.0)
+    for _ in range(20):  # the same entry in twenty answers of one get
+        assert reader.validate(signed)
+    assert reader.verified == 1
+    forged = DHTRecord(key=key, subkey=subkey, value=signed.value.replace(b"record", b"forged"), expiration_time=123.0)
+    assert not reader.validate(forged) and not reader.validate(forged)
+    assert reader.verified == 2
+    later = DHTRecord(key=key, subkey=subkey, value=signed.value, expiration_time=124.0)  # a changed expiry is new content
+    assert not reader.validate(later), "the signature covers the expiration time"

@@ -32,7 +32,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from locoswarm.node.exchange import PROTOCOL
+from locoswarm.node.exchange import PROTOCOL, REQUEST_LEN
 from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.rounds import progress_key
 from locoswarm.node.spec import load_spec
@@ -120,7 +120,7 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
         if mode == "replay":
             from locoswarm.node.streams import call_framed
 
-            old = await call_framed(p2p, honest, PROTOCOL, max(0, round_ - 1).to_bytes(8, "big"), limit=1 << 24,
+            old = await call_framed(p2p, honest, PROTOCOL, max(0, round_ - 1).to_bytes(8, "big") + bytes(8), limit=1 << 24,
                                     limit_name="limit", timeout_s=10)
             if old:
                 replayed[round_] = old
@@ -138,7 +138,7 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
 
     async def rpc_get_delta(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            round_ = int.from_bytes(await reader.readexactly(8), "big")
+            round_ = int.from_bytes((await reader.readexactly(REQUEST_LEN))[:8], "big")
             writer.write(await answer(round_))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):

@@ -47,7 +47,7 @@ async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
     target = PeerID.from_base58(maddr.split("/p2p/")[1])
     for r in range(4):
         try:
-            body = await call_framed(p2p, target, PROTOCOL, r.to_bytes(8, "big"), limit=1 << 26,
+            body = await call_framed(p2p, target, PROTOCOL, r.to_bytes(8, "big") + bytes(8), limit=1 << 26,
                                      limit_name="limit", timeout_s=10)
             print(f"delta {r} {'none' if body is None else 'served'}", flush=True)
         except Exception:  # noqa: BLE001 - a refusal closes the stream: any failure is a refusal here

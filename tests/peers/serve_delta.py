@@ -12,7 +12,7 @@ import sys
 import torch
 from hivemind.p2p import P2P
 
-from locoswarm.node.exchange import PROTOCOL, DeltaServer
+from locoswarm.node.exchange import PROTOCOL, REQUEST_LEN, DeltaServer
 from locoswarm.optim import CompressionConfig, ErrorFeedbackCompressor, delta_spec
 from locoswarm.protocol import DeltaMessage, encode_delta
 
@@ -36,9 +36,10 @@ async def main(mode: str) -> None:
         server = DeltaServer(p2p)
         await server.start()
         server.publish(ROUND, good_blob(ROUND if mode == "good" else ROUND + 1))
+        server.training(ROUND + 1)
     else:
         async def evil(info, reader, writer):
-            await reader.readexactly(8)
+            await reader.readexactly(REQUEST_LEN)
             if mode == "garbage":
                 junk = bytes(range(256)) * 4
                 writer.write(len(junk).to_bytes(8, "big") + junk)
