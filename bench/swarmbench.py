@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 from locoswarm.node.roundloop import FINAL_MODEL
-from locoswarm.bench.churn import Churn, Phases, rate_per_minute
+from locoswarm.bench.churn import Churn, Phases, first_completed, rate_per_minute
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 
@@ -118,6 +118,8 @@ def _churn_figures(churn: Churn) -> dict:
         "churn_rounds": [phases.clean_end, phases.churn_end],
         "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
         "rounds_per_minute_churn": rate_per_minute(peers, phases.clean_end, phases.churn_end),
+        # Kills wait while the last victim catches up, so restarts may fall short of this / churn_s.
+        "churn_phase_s": first_completed(peers, phases.churn_end) - first_completed(peers, phases.clean_end),
         "final_rounds": sorted({p.final["round"] for p in peers}),
     }
 
@@ -167,6 +169,6 @@ def _format_churn(r: dict) -> list[str]:
     return [f"  rounds per minute      {clean:.1f} clean (rounds {c0}→{c1}), {churned:.1f} under churn "
             f"(rounds {k0}→{k1}): {churned / clean:.2f}× the clean rate",
             f"  churn                  a peer SIGKILLed every {r['churn_s']:g} s on average (seed {r['churn_seed']}): "
-            f"{r['restarts']} restarts, {r['resumed']} resumed from a checkpoint",
+            f"{r['restarts']} restarts in {r['churn_phase_s']:.0f} s, {r['resumed']} resumed from a checkpoint",
             f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'} at round "
             f"{', '.join(map(str, r['final_rounds']))}"]

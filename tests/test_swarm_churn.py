@@ -19,7 +19,7 @@ from locoswarm.bench.swarm import Peer, RoundLine
 from locoswarm.node.events import read_events
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-CHURN_KEYS = ("rounds_per_minute_clean", "rounds_per_minute_churn", "churn_s", "restarts")
+CHURN_KEYS = ("rounds_per_minute_clean", "rounds_per_minute_churn", "churn_s", "restarts", "churn_phase_s")
 KEPT_KEYS = ("peers", "rounds", "eval_loss", "consensus_equal", "tokens", "train_time_share", "replica_spread",
              "deltas_missing", "wall_s", "spec_hash")
 
@@ -98,6 +98,7 @@ def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one
     assert result["churn_s"] == 2 and result["peers"] == 3 and result["rounds"] == 12
     assert result["restarts"] >= 1
     assert result["rounds_per_minute_clean"] > 0 and result["rounds_per_minute_churn"] > 0
+    assert 0 < result["churn_phase_s"] < result["wall_s"]
     assert result["consensus_equal"] is True
     assert result["final_rounds"] == [12]
     # From the daemons' own event files: as many restarted lives as restarts, and each
