@@ -5,6 +5,12 @@ are not parsed: each daemon writes its typed events (node/events.py) to a JSON-l
 which is followed into per-round records; the bench then trains the in-process simulation
 (bench/convergence.py) with the same settings and tokens and compares.
 
+Each daemon runs in its own process group (session), so that `kill` takes its p2pd with it,
+as a machine that dies does, and `stop` can end both whatever state the daemon is in. A
+killed peer is started again with the same command on its state directory (same identity,
+same ports, its checkpoint), writing a fresh event file: the churn benchmark
+(bench/churn.py) does that.
+
 Bytes are counted at the transport: the kernel's per-socket TCP counters (`ss -tinp`) of
 each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,
 libp2p framing and encryption are all included.
@@ -36,6 +42,8 @@ class RoundLine:
     eval_loss: float
     train_s: float
     round_s: float
+    ended_unix_s: float = float("nan")
+    """When the daemon wrote the event (Unix seconds, its `time` field)."""
 
 
 @dataclass(slots=True)
@@ -44,7 +52,18 @@ class Peer:
     proc: subprocess.Popen
     state_dir: str
     events: EventTail
+    argv: list[str]
+    """The command of every life of this peer."""
+    lives: int = 1
+    """Processes started for this peer so far (1 + restarts)."""
     rounds: list[RoundLine] = field(default_factory=list)
+    """Every round it reported, over all its lives (a restarted peer may report a round again)."""
+    resumed: list[int] = field(default_factory=list)
+    """The checkpoint rounds its restarted lives resumed from (`resumed` events)."""
+    synced: list[int] = field(default_factory=list)
+    """The rounds of the swarm's states it took (`synced` events)."""
+    life_rounds: int = 0
+    """Rounds its current life reported: 0 while a restarted peer is still catching up."""
     final: dict | None = None
     addr: str | None = None
     io_start: tuple[int, int] | None = None
@@ -79,8 +98,12 @@ class LocalSwarm:
     """Start, watch and stop N daemons on loopback."""
 
     def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int,
-                 extra: list[str] | None = None, keep_dir: str | None = None) -> None:
+                 extra: list[str] | None = None, keep_dir: str | None = None, until_round: bool = False) -> None:
+        """`until_round`: end the peers with `--until-round max_rounds` (the swarm's round,
+        so a restarted peer ends with the others) instead of `--max-rounds` (rounds of one
+        process)."""
         self.num_peers = num_peers
+        self.until_round = until_round
         self.spec_path = spec_path
         self.max_rounds = max_rounds
         self.threads = threads
@@ -91,22 +114,42 @@ class LocalSwarm:
         self._own_dir = keep_dir is None
         self.peers: list[Peer] = []
 
+    def _events_path(self, index: int, life: int) -> str:
+        suffix = "" if life == 1 else f".life-{life}"
+        return os.path.join(self.dir, f"peer-{index}{suffix}.events.jsonl")
+
+    def _spawn(self, index: int, argv: list[str], life: int) -> subprocess.Popen:
+        with open(os.path.join(self.dir, f"peer-{index}.log"), "w" if life == 1 else "a") as log:
+            # Its own session: a kill of the group takes its p2pd too, and Ctrl-C in the
+            # terminal reaches only the bench, which stops every peer itself.
+            return subprocess.Popen([*argv, "--events", self._events_path(index, life)], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
     def _start(self, index: int, peer_addr: str | None) -> Peer:
         state_dir = os.path.join(self.dir, f"peer-{index}")
-        events = os.path.join(self.dir, f"peer-{index}.events.jsonl")
+        limit = "--until-round" if self.until_round else "--max-rounds"
         cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
-               "--state-dir", state_dir, "--max-rounds", str(self.max_rounds), "--min-peers", str(self.num_peers),
+               "--state-dir", state_dir, limit, str(self.max_rounds), "--min-peers", str(self.num_peers),
                "--shard", str(index), "--threads", str(self.threads), "--eval-every", str(self.eval_every),
-               "--events", events, *self.extra]
+               *self.extra]
         if self.spec_path:
             cmd += ["--run", self.spec_path]
         if peer_addr:
             cmd += ["--peer", peer_addr]
-        log = open(os.path.join(self.dir, f"peer-{index}.log"), "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        peer = Peer(index, proc, state_dir, EventTail(events))
+        peer = Peer(index, self._spawn(index, cmd, 1), state_dir, EventTail(self._events_path(index, 1)), cmd)
         self.peers.append(peer)
         return peer
+
+    def restart(self, peer: Peer) -> None:
+        """SIGKILL `peer` (its process group: the daemon and its p2pd) and start it again at
+        once with the same command on its state directory, reporting to a fresh event file."""
+        _kill_group(peer.proc)
+        for event in peer.events.poll():  # what the killed life wrote before it died
+            self._take(peer, event)
+        peer.lives += 1
+        peer.life_rounds = 0
+        peer.events = EventTail(self._events_path(peer.index, peer.lives))
+        peer.proc = self._spawn(peer.index, peer.argv, peer.lives)
 
     def start(self, timeout_s: float = 120.0) -> None:
         first = self._start(0, None)
@@ -141,7 +184,12 @@ class LocalSwarm:
             peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
                                          nan if event["loss"] is None else event["loss"],
                                          nan if event["eval_loss"] is None else event["eval_loss"],
-                                         event["train_s"], event["round_s"]))
+                                         event["train_s"], event["round_s"], event["time"]))
+            peer.life_rounds += 1
+        elif kind == "resumed":
+            peer.resumed.append(event["round"])
+        elif kind == "synced":
+            peer.synced.append(event["round"])
         elif kind == "final":
             peer.final = {"round": event["round"], "eval_loss": event["eval_loss"], "digest": event["digest"]}
 
@@ -150,9 +198,10 @@ class LocalSwarm:
             return fh.read()[-n:]
 
     def follow(self, on_round: Callable[[int, list[RoundLine]], None] | None = None,
-               timeout_s: float = 3600.0) -> None:
+               timeout_s: float = 3600.0, on_poll: Callable[[], None] | None = None) -> None:
         """Follow every peer's events until all reported their final state; `on_round(r,
-        lines)` once every peer finished round r."""
+        lines)` once every peer finished round r; `on_poll()` after each pass over the peers'
+        events (the churn benchmark kills and restarts peers there)."""
         deadline = time.monotonic() + timeout_s
         reported = -1
         while any(p.final is None for p in self.peers):
@@ -165,6 +214,8 @@ class LocalSwarm:
                 if on_round is not None:
                     on_round(reported, [next(x for x in p.rounds if x.round == reported) for p in self.peers
                                         if any(x.round == reported for x in p.rounds)])
+            if on_poll is not None:
+                on_poll()
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
             time.sleep(0.05)
@@ -172,6 +223,9 @@ class LocalSwarm:
             p.proc.wait(timeout=60)
 
     def stop(self) -> None:
+        """End every peer: SIGTERM (a graceful leave), then SIGKILL to the process group of
+        any still running after 15 s; the groups of those that left are killed too, for a
+        p2pd that outlived its daemon."""
         for p in self.peers:
             if p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM)
@@ -179,7 +233,16 @@ class LocalSwarm:
             try:
                 p.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait()
+                pass
+            _kill_group(p.proc)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group `proc` leads and wait for `proc`."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone already
+    proc.wait()

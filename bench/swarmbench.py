@@ -2,7 +2,9 @@
 Reports rounds per minute, the share of wall time the peers spent training, bytes on the
 wire per peer per round (at the transport, see swarm.py), and the final eval loss of the
 swarm (mean over the peers' replicas, as the simulation reports it) against the simulation's
-with the same spec, shards, seeds and number of rounds.
+with the same spec, shards, seeds and number of rounds. With `churn_s` > 0 the same swarm
+runs a clean phase and a churn phase (peers SIGKILLed and restarted, bench/churn.py) and
+the bench reports the rate of each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 from locoswarm.node.roundloop import FINAL_MODEL
+from locoswarm.bench.churn import Churn, Phases, first_completed, rate_per_minute
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 
@@ -37,14 +40,24 @@ def replica_spread(paths: list[str]) -> float:
 
 
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
-                    overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None) -> dict:
+                    overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
+                    churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None) -> dict:
+    """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
+    Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
+    end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
+    `--checkpoint-every` (None: the daemon's default)."""
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
+    phases = Phases.of(rounds) if churn_s else None  # ValueError before anything starts
+    extra = ["--fanout", str(fanout)]
+    if checkpoint_every is not None:
+        extra += ["--checkpoint-every", str(checkpoint_every)]
     with tempfile.TemporaryDirectory(prefix="locoswarm-bench-") as tmp:
         spec_path = os.path.join(tmp, "run.toml")
         write_spec(spec, spec_path)
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
-                           keep_dir=keep_dir, extra=["--fanout", str(fanout)])
+                           keep_dir=keep_dir, extra=extra, until_round=phases is not None)
+        churn = None if phases is None else Churn(swarm, phases, churn_s, seed, log=log)
         t0 = time.perf_counter()
         try:
             swarm.start()
@@ -54,7 +67,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     log(f"  round {r:>3}: {statistics.fmean(x.deltas for x in lines):.1f} deltas per peer, "
                         f"train loss {statistics.fmean(x.loss for x in lines):.4f}")
 
-            swarm.follow(on_round)
+            swarm.follow(on_round, on_poll=None if churn is None else churn.poll)
             spread = replica_spread([os.path.join(p.state_dir, FINAL_MODEL) for p in swarm.peers])
         finally:
             swarm.stop()
@@ -83,10 +96,32 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "wall_s": wall_s,
         "spec_hash": spec.hash().hex(),
     }
+    if churn is not None:
+        # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
+        del out["rounds_per_minute"], out["bytes_per_peer_per_round"]
+        out.update(_churn_figures(churn))
     if simulate:
         out.update(_simulate(spec, num_peers, rounds, log, threads))
         out["gap_pct"] = 100.0 * (out["eval_loss"] - out["sim_eval_loss"]) / out["sim_eval_loss"]
     return out
+
+
+def _churn_figures(churn: Churn) -> dict:
+    """The churn run's own keys (docs/swarm.md); rates as bench/churn.py defines them."""
+    peers, phases = churn.swarm.peers, churn.phases
+    return {
+        "churn_s": churn.mean_interval_s,
+        "churn_seed": churn.seed,
+        "restarts": churn.restarts,
+        "resumed": sum(len(p.resumed) for p in peers),
+        "clean_rounds": [0, phases.clean_end],
+        "churn_rounds": [phases.clean_end, phases.churn_end],
+        "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
+        "rounds_per_minute_churn": rate_per_minute(peers, phases.clean_end, phases.churn_end),
+        # Kills wait while the last victim catches up, so restarts may fall short of this / churn_s.
+        "churn_phase_s": first_completed(peers, phases.churn_end) - first_completed(peers, phases.clean_end),
+        "final_rounds": sorted({p.final["round"] for p in peers}),
+    }
 
 
 def _simulate(spec: RunSpec, num_peers: int, rounds: int, log: Callable[[str], None], threads: int) -> dict:
@@ -111,14 +146,29 @@ def _simulate(spec: RunSpec, num_peers: int, rounds: int, log: Callable[[str], N
 
 def format_swarm(r: dict) -> str:
     mode = "overlapped" if r["overlap"] else "synchronous"
-    lines = [f"{r['peers']} peers × {r['rounds']} {mode} rounds on loopback, {r['wall_s']:.0f} s",
-             f"  rounds per minute      {r['rounds_per_minute']:.1f}",
-             f"  train time share       {100 * r['train_time_share']:.1f} %",
-             f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport)",
-             f"  missing deltas         {r['deltas_missing']}",
-             f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
-             f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]
+    lines = [f"{r['peers']} peers × {r['rounds']} {mode} rounds on loopback, {r['wall_s']:.0f} s"]
+    if "churn_s" in r:
+        lines += _format_churn(r)
+    else:
+        lines.append(f"  rounds per minute      {r['rounds_per_minute']:.1f}")
+    lines.append(f"  train time share       {100 * r['train_time_share']:.1f} %")
+    if "bytes_per_peer_per_round" in r:
+        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport)")
+    lines += [f"  missing deltas         {r['deltas_missing']}",
+              f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
+              f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]
     if "sim_eval_loss" in r:
         lines.append(f"  eval loss (simulation) {r['sim_eval_loss']:.4f}  ({r['sim_tokens']:,} tokens), "
                      f"gap {r['gap_pct']:+.2f} %")
     return "\n".join(lines)
+
+
+def _format_churn(r: dict) -> list[str]:
+    clean, churned = r["rounds_per_minute_clean"], r["rounds_per_minute_churn"]
+    (c0, c1), (k0, k1) = r["clean_rounds"], r["churn_rounds"]
+    return [f"  rounds per minute      {clean:.1f} clean (rounds {c0}→{c1}), {churned:.1f} under churn "
+            f"(rounds {k0}→{k1}): {churned / clean:.2f}× the clean rate",
+            f"  churn                  a peer SIGKILLed every {r['churn_s']:g} s on average (seed {r['churn_seed']}): "
+            f"{r['restarts']} restarts in {r['churn_phase_s']:.0f} s, {r['resumed']} resumed from a checkpoint",
+            f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'} at round "
+            f"{', '.join(map(str, r['final_rounds']))}"]

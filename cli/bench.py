@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -81,16 +82,47 @@ def swarm(
     fanout: int = typer.Option(16, help="F: deltas each peer pulls per round (below peers-1: partial gossip)."),
     overlap: bool = typer.Option(True, help="Overlap each round's exchange with the next round's training "
                                  "(the shipped default); --no-overlap: synchronous rounds."),
+    churn: float = typer.Option(0.0, help="Kill a random peer (SIGKILL) every SECONDS on average, restarting it at "
+                                "once on its state directory, in the middle half of the rounds; report the rate "
+                                "clean and under churn (0: off; needs --rounds >= 8)."),
+    seed: int = typer.Option(0, help="Seed of the churn's kill times and victims."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
+                                                   help="The peers' --checkpoint-every (unset: the daemon's default)."),
+    keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
+                                            "event files here (unset: a temporary directory, removed at the end)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
+    from locoswarm.bench.churn import Phases
     from locoswarm.bench.swarmbench import format_swarm, run_swarm_bench
 
     if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
         typer.echo("error: --peers, --rounds, --threads and --fanout must be >= 1", err=True)
         raise typer.Exit(2)
-    result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
-                             log=typer.echo)
+    try:
+        if churn < 0:
+            raise ValueError(f"--churn must be >= 0 seconds, got {churn}")
+        if churn and peers < 2:
+            raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
+        if checkpoint_every is not None and checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        if churn:
+            Phases.of(rounds)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    # SIGTERM (a supervisor, a test's timeout) stops the peers as Ctrl-C does: the bench's
+    # cleanup runs, and the daemons, each in its own session, are not left behind.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
+                                 log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
+                                 keep_dir=None if keep_dir is None else str(keep_dir))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every peer was stopped", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     typer.echo(format_swarm(result))
     if json_path is not None:
         from locoswarm.node.files import write_atomic
@@ -98,6 +130,10 @@ def swarm(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(result, indent=1))
         typer.echo(f"wrote {json_path}")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command()

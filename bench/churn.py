@@ -1,0 +1,116 @@
+"""Churn for `locoswarm bench swarm --churn SECONDS`: while the swarm trains, a random peer
+is SIGKILLed (with its p2pd, as a machine that dies) at exponentially distributed intervals
+of mean SECONDS, a Poisson process, and started again at once on its state directory
+(bench/swarm.py `LocalSwarm.restart`), so it resumes from its checkpoint and takes the
+swarm's state. The same swarm runs a clean phase first and a churn phase after it, and the
+rate at which the swarm's round advances is measured in each.
+
+Phases, by the swarm's round (so a small run in a test and a long run on a fast machine
+split the same way): with R rounds, the clean phase runs from the end of round 0 (after the
+start-up and the wait for every peer) to the end of round C = R // 4, the churn phase from
+there to the end of round E = R − R // 4, and the last R // 4 rounds are a tail without
+kills in which the last restarted peer catches up and every peer runs on to round R
+(`--until-round`), so the swarm ends on one round and one digest.
+
+Rate of a phase from round a to round b: 60 · (b − a) / (t(b) − t(a)) rounds per minute,
+where t(r) is the moment the swarm first completed round r: the earliest `time` of a `round`
+event for round r or later from any peer (any life of it). The swarm's round is the highest
+round any peer completed, so a restarted peer redoing old rounds does not move it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from locoswarm.bench.swarm import LocalSwarm, Peer
+
+MIN_CHURN_ROUNDS = 8
+"""Fewest rounds a churn run takes: two each for the clean phase and the tail, four churned."""
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """Round boundaries of a churn run of `rounds` rounds (see the module docstring)."""
+
+    rounds: int
+    clean_end: int
+    """C: the clean phase runs from the end of round 0 to the end of round C."""
+    churn_end: int
+    """E: the churn phase runs from the end of round C to the end of round E."""
+
+    @classmethod
+    def of(cls, rounds: int) -> "Phases":
+        if rounds < MIN_CHURN_ROUNDS:
+            raise ValueError(f"--rounds must be >= {MIN_CHURN_ROUNDS} with --churn, got {rounds}")
+        return cls(rounds=rounds, clean_end=rounds // 4, churn_end=rounds - rounds // 4)
+
+
+def first_completed(peers: list[Peer], round_: int) -> float:
+    """t(r): when the swarm first completed round `round_` (Unix s); nan before it has."""
+    return min((x.ended_unix_s for p in peers for x in p.rounds if x.round >= round_), default=float("nan"))
+
+
+def swarm_round(peers: list[Peer]) -> int:
+    """The highest round any peer completed so far (−1: none yet)."""
+    return max((x.round for p in peers for x in p.rounds), default=-1)
+
+
+def rate_per_minute(peers: list[Peer], start_round: int, end_round: int) -> float:
+    """Rounds per minute from the end of `start_round` to the end of `end_round`."""
+    elapsed_s = first_completed(peers, end_round) - first_completed(peers, start_round)
+    return 60.0 * (end_round - start_round) / elapsed_s
+
+
+@dataclass(slots=True)
+class Churn:
+    """Kills and restarts peers of `swarm` during the churn phase; `poll()` is called by
+    `LocalSwarm.follow` after each pass over the peers' events."""
+
+    swarm: LocalSwarm
+    phases: Phases
+    mean_interval_s: float
+    seed: int
+    log: Callable[[str], None] = print
+    restarts: int = 0
+    started_unix_s: float | None = None
+    """When the bench saw the churn phase begin (round C completed)."""
+    stopped_unix_s: float | None = None
+    """When the bench saw it end (round E completed)."""
+    _rng: random.Random = field(init=False)
+    _next_kill: float = field(init=False, default=float("inf"))
+
+    def __post_init__(self) -> None:
+        if not self.mean_interval_s > 0:
+            raise ValueError(f"--churn must be > 0 seconds, got {self.mean_interval_s}")
+        self._rng = random.Random(self.seed)
+
+    def poll(self) -> None:
+        peers = self.swarm.peers
+        now = time.monotonic()
+        current = swarm_round(peers)
+        if self.started_unix_s is None:
+            if current >= self.phases.clean_end:
+                self.started_unix_s = time.time()
+                self._next_kill = now + self._rng.expovariate(1.0 / self.mean_interval_s)
+            return
+        if self.stopped_unix_s is not None:
+            return
+        if current >= self.phases.churn_end:
+            self.stopped_unix_s = time.time()
+            self.log(f"  churn stops at round {current}: {self.restarts} peers killed and restarted")
+            return
+        if now < self._next_kill:
+            return
+        # A kill that comes due while the last victim is still starting or catching up (no
+        # round in its new life yet) waits for it: at most one peer is down at a time, and
+        # the swarm never loses every copy of its state.
+        if any(p.life_rounds == 0 for p in peers):
+            return
+        victim = self._rng.choice(peers)
+        self.log(f"  churn: SIGKILL peer {victim.index} at swarm round {current}, restarting it")
+        self.swarm.restart(victim)
+        self.restarts += 1
+        self._next_kill = time.monotonic() + self._rng.expovariate(1.0 / self.mean_interval_s)
