@@ -1,4 +1,4 @@
-"""Churn for `locoswarm bench swarm --churn SECONDS`: while the swarm trains, a random peer
+"""Churn for `locoswarm bench swarm --churn SECONDS` (and fake identities for `--fakes K`): while the swarm trains, a random peer
 is SIGKILLed (with its p2pd, as a machine that dies) at exponentially distributed intervals
 of mean SECONDS, a Poisson process, and started again at once on its state directory
 (bench/swarm.py `LocalSwarm.restart`), so it resumes from its checkpoint and takes the
@@ -20,7 +20,11 @@ round any peer completed, so a restarted peer redoing old rounds does not move i
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +33,9 @@ from locoswarm.bench.swarm import LocalSwarm, Peer
 
 MIN_CHURN_ROUNDS = 8
 """Fewest rounds a churn run takes: two each for the clean phase and the tail, four churned."""
+FIRST_RESTART_S = 15.0
+"""How long a restart is assumed to take before one was seen (a daemon's start on 2 busy cores
+took 10–25 s; kills stop once the rounds left take less than twice the longest seen)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +86,12 @@ class Churn:
     """When the bench saw the churn phase begin (round C completed)."""
     stopped_unix_s: float | None = None
     """When the bench saw it end (round E completed)."""
+    restart_s: float = FIRST_RESTART_S
+    """The longest a victim took so far from its kill to its first round in the new life."""
     _rng: random.Random = field(init=False)
     _next_kill: float = field(init=False, default=float("inf"))
+    _victim: tuple[Peer, float] | None = field(init=False, default=None)
+    """The last victim and when it was killed (time.monotonic()), until it trained a round."""
 
     def __post_init__(self) -> None:
         if not self.mean_interval_s > 0:
@@ -98,7 +109,10 @@ class Churn:
             return
         if self.stopped_unix_s is not None:
             return
-        if current >= self.phases.churn_end:
+        if self._victim is not None and self._victim[0].life_rounds > 0:
+            self.restart_s = max(self.restart_s if self.restarts > 1 else 0.0, now - self._victim[1])
+            self._victim = None
+        if current >= self.phases.churn_end or self._too_late(current):
             self.stopped_unix_s = time.time()
             self.log(f"  churn stops at round {current}: {self.restarts} peers killed and restarted")
             return
@@ -112,5 +126,57 @@ class Churn:
         victim = self._rng.choice(peers)
         self.log(f"  churn: SIGKILL peer {victim.index} at swarm round {current}, restarting it")
         self.swarm.restart(victim)
+        self._victim = (victim, time.monotonic())
         self.restarts += 1
         self._next_kill = time.monotonic() + self._rng.expovariate(1.0 / self.mean_interval_s)
+
+    def _too_late(self, current: int) -> bool:
+        """A kill now could not come back before the swarm ends: the swarm runs on without
+        its victim (rounds wait for nobody), and a peer restarted after the others left
+        would wait for them forever. So kills stop once the rounds left, at the rate so far,
+        take less than twice the longest restart seen."""
+        rate = rate_per_minute(self.swarm.peers, 0, current) if current > 0 else 0.0
+        left_s = (self.phases.rounds - current) * 60.0 / rate if rate > 0 else float("inf")
+        return left_s < 2 * self.restart_s
+
+
+@dataclass(slots=True)
+class Fakes:
+    """`count` fake identities (bench/fake_peer.py: a signed record copying the swarm's round,
+    nothing served) present in the registry during the middle phase, started when round C
+    completes and stopped when round E does; `stop()` reaps any left (the bench calls it on
+    every path)."""
+
+    swarm: LocalSwarm
+    phases: Phases
+    count: int
+    log: Callable[[str], None] = print
+    started_unix_s: float | None = None
+    stopped_unix_s: float | None = None
+    _procs: list = field(default_factory=list)
+
+    def poll(self) -> None:
+        current = swarm_round(self.swarm.peers)
+        if self.started_unix_s is None and current >= self.phases.clean_end:
+            self.started_unix_s = time.time()
+            self.log(f"  {self.count} fake identities join at swarm round {current}")
+            argv = [sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path]
+            self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True)
+                           for _ in range(self.count)]
+        elif self.started_unix_s is not None and self.stopped_unix_s is None and current >= self.phases.churn_end:
+            self.stopped_unix_s = time.time()
+            self.log(f"  the fake identities leave at swarm round {current}")
+            self.stop()
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.stdin.close()  # the fake peer's signal to leave
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs = []

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 from locoswarm.node.roundloop import FINAL_MODEL
-from locoswarm.bench.churn import Churn, Phases, first_completed, rate_per_minute
+from locoswarm.bench.churn import Churn, Fakes, Phases, first_completed, rate_per_minute
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.node.spec import RunSpec, write_spec
 
@@ -41,14 +41,18 @@ def replica_spread(paths: list[str]) -> float:
 
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
-                    churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None) -> dict:
+                    churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
+                    fakes: int = 0) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
-    `--checkpoint-every` (None: the daemon's default)."""
+    `--checkpoint-every` (None: the daemon's default). `fakes` > 0 instead: that many fake
+    identities keep records in the registry during the middle half (bench/fake_peer.py)."""
+    if churn_s and fakes:
+        raise ValueError("--churn and --fakes measure one disturbance at a time: give one of them")
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
-    phases = Phases.of(rounds) if churn_s else None  # ValueError before anything starts
+    phases = Phases.of(rounds) if churn_s or fakes else None  # ValueError before anything starts
     extra = ["--fanout", str(fanout)]
     if checkpoint_every is not None:
         extra += ["--checkpoint-every", str(checkpoint_every)]
@@ -57,7 +61,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         write_spec(spec, spec_path)
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
                            keep_dir=keep_dir, extra=extra, until_round=phases is not None)
-        churn = None if phases is None else Churn(swarm, phases, churn_s, seed, log=log)
+        churn = Churn(swarm, phases, churn_s, seed, log=log) if churn_s else None
+        fake = Fakes(swarm, phases, fakes, log=log) if fakes else None
+        disturbance = churn or fake
         t0 = time.perf_counter()
         try:
             swarm.start()
@@ -67,9 +73,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     log(f"  round {r:>3}: {statistics.fmean(x.deltas for x in lines):.1f} deltas per peer, "
                         f"train loss {statistics.fmean(x.loss for x in lines):.4f}")
 
-            swarm.follow(on_round, on_poll=None if churn is None else churn.poll)
+            swarm.follow(on_round, on_poll=None if disturbance is None else disturbance.poll)
             spread = replica_spread([os.path.join(p.state_dir, FINAL_MODEL) for p in swarm.peers])
         finally:
+            if fake is not None:
+                fake.stop()
             swarm.stop()
         wall_s = time.perf_counter() - t0
     peers = swarm.peers
@@ -100,6 +108,12 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
         del out["rounds_per_minute"], out["bytes_per_peer_per_round"]
         out.update(_churn_figures(churn))
+    if fake is not None:
+        out.update({"fakes": fakes, "clean_rounds": [0, phases.clean_end], "fake_rounds": [phases.clean_end,
+                                                                                           phases.churn_end],
+                    "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
+                    "rounds_per_minute_fakes": rate_per_minute(peers, phases.clean_end, phases.churn_end),
+                    "final_rounds": sorted({p.final["round"] for p in peers})})
     if simulate:
         out.update(_simulate(spec, num_peers, rounds, log, threads))
         out["gap_pct"] = 100.0 * (out["eval_loss"] - out["sim_eval_loss"]) / out["sim_eval_loss"]
@@ -149,6 +163,11 @@ def format_swarm(r: dict) -> str:
     lines = [f"{r['peers']} peers × {r['rounds']} {mode} rounds on loopback, {r['wall_s']:.0f} s"]
     if "churn_s" in r:
         lines += _format_churn(r)
+    elif "fakes" in r:
+        clean, faked = r["rounds_per_minute_clean"], r["rounds_per_minute_fakes"]
+        lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} fake identities "
+                     f"(rounds {r['fake_rounds'][0]}→{r['fake_rounds'][1]}): {faked / clean:.2f}× the clean rate")
+        lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     else:
         lines.append(f"  rounds per minute      {r['rounds_per_minute']:.1f}")
     lines.append(f"  train time share       {100 * r['train_time_share']:.1f} %")

@@ -86,6 +86,9 @@ def swarm(
                                 "once on its state directory, in the middle half of the rounds; report the rate "
                                 "clean and under churn (0: off; needs --rounds >= 8)."),
     seed: int = typer.Option(0, help="Seed of the churn's kill times and victims."),
+    fakes: int = typer.Option(0, help="Fake identities that keep signed records (copying the swarm's round) but "
+                              "serve nothing, in the middle half of the rounds; report the rate clean and with "
+                              "them (0: off; needs --rounds >= 8)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
@@ -106,7 +109,11 @@ def swarm(
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-        if churn:
+        if fakes < 0:
+            raise ValueError(f"--fakes must be >= 0, got {fakes}")
+        if churn and fakes:
+            raise ValueError("--churn and --fakes measure one disturbance at a time: give one of them")
+        if churn or fakes:
             Phases.of(rounds)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -117,6 +124,7 @@ def swarm(
     try:
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
+                                 fakes=fakes,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

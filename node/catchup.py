@@ -80,7 +80,7 @@ class CatchUp:
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
             for attempt in range(DOWNLOAD_TRIES):
                 try:
-                    round_, tensors = await download_state(ctx.p2p, donors, trainer.state_spec,
+                    round_, tensors, chain = await download_state(ctx.p2p, donors, trainer.state_spec,
                                                            on_progress=progress.update)
                     break
                 except StateUnavailable as e:
@@ -90,7 +90,7 @@ class CatchUp:
                 raise NodeError("could not download the swarm's state from any donor")
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
         await ctx.pools.train(trainer.load_state, round_, tensors)
-        ctx.lineage.synced(round_, records, ctx.membership.records)
-        ctx.states.publish(trainer.state_snapshot(), round_)
+        ctx.lineage.synced(round_, records, ctx.membership.records, chain=chain)
+        ctx.states.publish(trainer.state_snapshot(), round_, ctx.lineage.chains.get(round_, ""))
         digest = await ctx.pools.train(trainer.state_digest)
         ctx.events(Synced(round=round_, donors=len(donors), digest=digest))

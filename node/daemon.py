@@ -221,7 +221,8 @@ class Daemon:
     async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
-        self.states.publish(self.trainer.state_snapshot(), self.trainer.round)
+        self.states.publish(self.trainer.state_snapshot(), self.trainer.round,
+                            self.lineage.chains.get(self.trainer.outer_steps, ""))
         if not self.initial_peers:
             return
         records = await registry.peers()

@@ -7,7 +7,10 @@ is asked of (0: whichever runs); the response is a length then that many bytes: 
 means "not yet" (this peer may still train that round, or is encoding its delta), the one
 byte GONE means "never" (another incarnation is asked: it restarted; or it is past that
 round without a delta: it gave the round up or took another state), so that nobody waits
-for a delta that cannot come. Any other body is an encoded delta. The client never trusts the
+for a delta that cannot come. Any other body is an encoded delta. A request for a round the
+peer is still training or encoding is held until its delta is published (at most
+LONG_POLL_S, then "not yet"): the delta leaves the moment it exists, instead of at the next
+poll of an asker, which on a fast machine cost a good part of a short round. The client never trusts the
 length: it refuses one above the spec's limit before reading, bounds every wait with a
 timeout, and hands the bytes to `decode_delta`, so a bad peer costs a round's contribution,
 never the node.
@@ -30,6 +33,9 @@ REQUEST_LEN = 16
 _ROUNDS_KEPT = 2
 GONE = b"\x00"
 """The answer for a round whose delta this peer will never serve (a delta is never one byte)."""
+LONG_POLL_S = 1.0
+"""Longest a request for a pending round is held before "not yet" (below node/rounds.py's
+LIVENESS_S, so a probed peer's answer arrives within the probe's bound)."""
 
 
 class DeltaUnavailable(Exception):
@@ -58,6 +64,8 @@ class DeltaServer:
         self._floor = 0
         """The lowest round this process may still train: below it, a round not pending is gone."""
         self._given_up: set[int] = set()
+        self._ready: dict[int, asyncio.Event] = {}
+        """round → set when its delta is published or given up (wakes held requests)."""
         self.limits = PeerLimits(max_concurrent=2, rate=10.0, burst=30)
         """A peer pulls one delta a round, asking again at most 4 times a second while it is not ready."""
         self.bytes_sent = 0
@@ -69,18 +77,28 @@ class DeltaServer:
     def training(self, round_: int) -> None:
         """This peer starts training `round_`: its delta is "not yet" until published or given up."""
         self._pending.add(round_)
+        self._ready.setdefault(round_, asyncio.Event())
         self._floor = max(self._floor, round_)
         self._given_up = {r for r in self._given_up if r >= round_ - _ROUNDS_KEPT}
+        for old in [r for r in self._ready if r < round_ - _ROUNDS_KEPT]:
+            self._wake(old)  # never published nor given up (a state taken meanwhile): let held requests go
 
     def give_up(self, round_: int) -> None:
         """No delta of `round_` will come from this peer (discarded, withdrawn, or its state replaced)."""
         self._pending.discard(round_)
         self._given_up.add(round_)
+        self._wake(round_)
+
+    def _wake(self, round_: int) -> None:
+        event = self._ready.pop(round_, None)
+        if event is not None:
+            event.set()
 
     def publish(self, round_: int, blob: bytes) -> None:
         """Serve `blob` as this peer's delta of `round_`; forget rounds older than the last few."""
         self._deltas[round_] = blob
         self._pending.discard(round_)
+        self._wake(round_)
         for old in [r for r in self._deltas if r <= round_ - _ROUNDS_KEPT]:
             del self._deltas[old]
 
@@ -94,11 +112,24 @@ class DeltaServer:
             return b""
         return GONE
 
+    async def respond(self, round_: int, incarnation: int = 0, hold_s: float = LONG_POLL_S) -> bytes:
+        """`answer`, holding a "not yet" for a round this peer trains until its delta is
+        published or given up, or `hold_s` passed."""
+        body = self.answer(round_, incarnation)
+        event = self._ready.get(round_)
+        if body == b"" and event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), hold_s)
+            except asyncio.TimeoutError:
+                pass
+            body = self.answer(round_, incarnation)
+        return body
+
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.bytes_sent += await serve_framed(
             info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
             limits=self.limits, admit=self.admit,
-            answer=lambda request: self.answer(int.from_bytes(request[:8], "big"), int.from_bytes(request[8:], "big")),
+            answer=lambda request: self.respond(int.from_bytes(request[:8], "big"), int.from_bytes(request[8:], "big")),
         )
 
 

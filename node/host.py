@@ -148,6 +148,11 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
     listen = ports.pinned(net.listen, ports.remembered(state_dir)) if net.keep_ports else net.listen
     delay = 1.0
     initial = list(net.peers)
+    # A peer that started the swarm (no initial peers) and restarts on its state directory
+    # rejoins the peers it saw last rather than starting a second swarm beside theirs.
+    alone_first = not initial and ports.seen_peers(state_dir)
+    if alone_first:
+        initial = ports.seen_peers(state_dir)
     while True:
         try:
             p2p = await P2P.create(
@@ -174,6 +179,10 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
                                 "running peer; each node needs its own state directory") from None
             if "failed to connect to bootstrap peers" not in text:
                 raise NodeError(f"p2pd did not start: {text.strip()}") from None
+            if alone_first:
+                log.warning("none of the %d peers seen last time answers: starting alone", len(initial))
+                initial, alone_first = [], False
+                continue
         seen = [a for a in ports.seen_peers(state_dir) if a not in initial]
         if seen:
             # The swarm may live on without the peers we were given: try those we saw last.

@@ -260,11 +260,12 @@ class Lineage:
             found = whom_to_rejoin(me, self.chains, records)
         return found
 
-    def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord]) -> None:
-        """We took the state of round `round_` from `donors`: their chain at that round (from
-        the records read before the download, then the `fresh` ones), unknown when they moved
-        on meanwhile; and we are the swarm's again."""
-        chain = chain_at(round_, donors) or chain_at(round_, fresh)
+    def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord], chain: str = "") -> None:
+        """We took the state of round `round_` from `donors`: its `chain` as the donors'
+        manifests gave it, else their chain at that round from the records read before the
+        download, then the `fresh` ones (unknown when they moved on meanwhile); and we are
+        the swarm's again."""
+        chain = chain or chain_at(round_, donors) or chain_at(round_, fresh)
         self.chains = {round_: chain} if chain else {}
         self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
 

@@ -294,7 +294,7 @@ class RoundLoop:
         ctx.lineage.after_round(r, before, trainer.outer_steps, [(d.sender, d.num_tokens) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens)
-        ctx.states.publish(await run(trainer.state_snapshot), r + 1)
+        ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""))
         ctx.stats.rounds_completed += 1
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.

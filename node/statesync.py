@@ -85,6 +85,8 @@ class StateServer:
         self.request_timeout_s = request_timeout_s
         self.chunk_bytes = chunk_bytes
         self._snapshots: dict[int, dict[str, Tensor]] = {}
+        self._chains: dict[int, str] = {}
+        """round → the round chain of the state served for it ("" unknown)."""
         self._encoded: dict[int, tuple[bytes, bytes]] = {}
         self._lock = asyncio.Lock()
         self._asked: dict[int, float] = {}
@@ -99,13 +101,16 @@ class StateServer:
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
 
-    def publish(self, state: dict[str, Tensor], round_: int) -> None:
-        """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`."""
+    def publish(self, state: dict[str, Tensor], round_: int, chain: str = "") -> None:
+        """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`,
+        whose round chain is `chain` ("" unknown)."""
         self._snapshots[round_] = state
+        self._chains[round_] = chain
         now = time.monotonic()
         pinned = sorted((r for r, at in self._asked.items() if now - at < _PIN_S), reverse=True)[:_MAX_PINNED]
         for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT and r not in pinned]:
             del self._snapshots[old]
+            self._chains.pop(old, None)
             self._encoded.pop(old, None)
         self._asked = {r: at for r, at in self._asked.items() if r in self._snapshots}
 
@@ -117,7 +122,7 @@ class StateServer:
                 if state is None:
                     return None
                 self._encoded[round_] = await asyncio.to_thread(encode_state, self.spec, state, round_,
-                                                                self.chunk_bytes)
+                                                                self.chunk_bytes, self._chains.get(round_, ""))
                 if self.on_encoded is not None:
                     self.on_encoded(round_, hashlib.sha256(self._encoded[round_][1]).hexdigest())
             return self._encoded[round_]
@@ -207,9 +212,10 @@ async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float) -
 
 
 def choose_state(manifests: list[Manifest]) -> Manifest:
-    """The newest state (round and digest) at least AGREEING manifests show, else the newest one."""
-    counts = collections.Counter((m.round, m.digest) for m in manifests)
-    agreed = [m for m in manifests if counts[m.round, m.digest] >= AGREEING]
+    """The newest state (round, digest and chain) at least AGREEING manifests show, else the
+    newest one."""
+    counts = collections.Counter((m.round, m.digest, m.chain) for m in manifests)
+    agreed = [m for m in manifests if counts[m.round, m.digest, m.chain] >= AGREEING]
     return max(agreed or manifests, key=lambda m: m.round)
 
 
@@ -220,16 +226,16 @@ async def download_state(
     *,
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[int, dict[str, Tensor]]:
+) -> tuple[int, dict[str, Tensor], str]:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
-    docstring); returns (round, tensors)."""
+    docstring); returns (round, tensors, the donors' round chain at that round or "")."""
     asked = donors[:MANIFEST_DONORS]
     found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
     if not manifests:
         raise StateUnavailable("no donor returned a valid state manifest")
     chosen = choose_state(list(manifests.values()))
-    pool = [p for p, m in manifests.items() if (m.round, m.digest) == (chosen.round, chosen.digest)]
+    pool = [p for p, m in manifests.items() if (m.round, m.digest, m.chain) == (chosen.round, chosen.digest, chosen.chain)]
     asm = StateAssembler(spec, chosen)
     total = len(chosen.chunks)
     queue = collections.deque(asm.missing())
@@ -274,4 +280,4 @@ async def download_state(
     await asyncio.gather(*(worker(peer) for peer in pool))
     if asm.missing():
         raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {total}")
-    return chosen.round, asm.finish()
+    return chosen.round, asm.finish(), chosen.chain

@@ -2,10 +2,14 @@
 momentum, round) from a donor, in verifiable chunks that can be resumed or fetched from
 another donor.
 
-A manifest (msgpack, version 1) comes first:
+A manifest (msgpack, version 2) comes first:
 
-    {"v": 1, "run": str, "spec": bytes, "round": int, "tensors": [[name, shape], …],
-     "chunk_bytes": int, "chunks": [sha256, …], "digest": sha256}
+    {"v": 2, "run": str, "spec": bytes, "round": int, "tensors": [[name, shape], …],
+     "chunk_bytes": int, "chunks": [sha256, …], "digest": sha256, "chain": str}
+
+`chain` is the donor's round chain at that round (node/lineage.py; 32 hex digits, "" when it
+does not know it): a joiner takes it with the state, so it can compare chains with the
+others (and be healed after a split) from its first round on.
 
 The body is every tensor's float32 values, little-endian, concatenated in manifest order and
 cut into `chunk_bytes` pieces; `chunks[i]` is the SHA-256 of piece i and `digest` that of
@@ -27,11 +31,12 @@ from torch import Tensor
 
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
+from locoswarm.protocol.records import is_chain
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 DEFAULT_CHUNK_BYTES = 4 << 20
 _MIN_CHUNK, _MAX_CHUNK = 1 << 10, 64 << 20
-_KEYS = frozenset({"v", "run", "spec", "round", "tensors", "chunk_bytes", "chunks", "digest"})
+_KEYS = frozenset({"v", "run", "spec", "round", "tensors", "chunk_bytes", "chunks", "digest", "chain"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +58,11 @@ class Manifest:
     chunk_bytes: int
     chunks: tuple[bytes, ...]
     digest: bytes
+    chain: str = ""
 
 
 def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[bytes, bytes]:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chain: str = "") -> tuple[bytes, bytes]:
     """Returns (manifest bytes, body bytes) for `state`, whose tensors follow `spec`'s order."""
     assert [n for n, _ in spec.tensors] == list(state), "state must follow the spec's tensor order"
     body = b"".join(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
@@ -66,7 +72,7 @@ def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
     manifest = {
         "v": STATE_VERSION, "run": spec.run_id, "spec": spec.spec_hash, "round": round_,
         "tensors": [[n, list(s)] for n, s in spec.tensors], "chunk_bytes": chunk_bytes,
-        "chunks": chunks, "digest": hashlib.sha256(body).digest(),
+        "chunks": chunks, "digest": hashlib.sha256(body).digest(), "chain": chain,
     }
     return msgpack.packb(manifest, use_bin_type=True), body
 
@@ -94,7 +100,9 @@ def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
                                f"expected {need}")
     if not all(isinstance(c, bytes) and len(c) == 32 for c in chunks + [m["digest"]]):
         raise MalformedMessage("state manifest hashes must be 32-byte SHA-256 digests")
-    return Manifest(round=round_, chunk_bytes=chunk_bytes, chunks=tuple(chunks), digest=m["digest"])
+    if m["chain"] != "" and not is_chain(m["chain"]):
+        raise MalformedMessage("state manifest chain must be empty or 32 lowercase hex digits")
+    return Manifest(round=round_, chunk_bytes=chunk_bytes, chunks=tuple(chunks), digest=m["digest"], chain=m["chain"])
 
 
 class StateAssembler:

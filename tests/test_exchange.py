@@ -140,3 +140,22 @@ def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served()
     answered = sum(r == b"x" * 1000 for r in results)
     assert 1 <= answered <= 40 and refused >= 60, (answered, refused)
     assert honest_got == b"x" * 1000
+
+
+def test_a_request_for_a_round_in_training_is_held_until_its_delta_is_published_or_given_up():
+    async def go():
+        server = DeltaServer(p2p=None, incarnation=5)
+        server.training(3)
+        server.training(4)
+        held = asyncio.ensure_future(server.respond(3, 5, hold_s=30))
+        gone = asyncio.ensure_future(server.respond(4, hold_s=30))
+        await asyncio.sleep(0.05)
+        assert not held.done() and not gone.done(), "held while the round trains"
+        server.publish(3, b"delta 3")
+        server.give_up(4)
+        expired = await server.respond(5, hold_s=0.01)  # not started: answered at once
+        server.training(5)
+        late = await server.respond(5, hold_s=0.05)  # held, then "not yet" when nothing came
+        return await asyncio.wait_for(held, 1), await asyncio.wait_for(gone, 1), expired, late
+
+    assert asyncio.run(go()) == (b"delta 3", GONE, b"", b"")

@@ -20,9 +20,9 @@ def _state(gen):
 
 def test_state_rebuilds_bit_for_bit_from_chunks_in_any_order(gen):
     state = _state(gen)
-    manifest_b, body = encode_state(SPEC, state, round_=12, chunk_bytes=1024)
+    manifest_b, body = encode_state(SPEC, state, round_=12, chunk_bytes=1024, chain="ab" * 16)
     m = decode_manifest(manifest_b, SPEC)
-    assert m.round == 12 and len(m.chunks) == -(-SPEC.total_bytes // 1024)
+    assert m.round == 12 and len(m.chunks) == -(-SPEC.total_bytes // 1024) and m.chain == "ab" * 16
     asm = StateAssembler(SPEC, m)
     order = list(range(len(m.chunks)))[::-1]
     for i in order:
@@ -49,7 +49,10 @@ def test_a_corrupted_chunk_is_refused_and_can_be_fetched_again(gen):
 @pytest.mark.parametrize(
     ("mutate", "error"),
     [
-        (lambda m: m.update(v=2), VersionMismatch),
+        (lambda m: m.update(v=1), VersionMismatch),
+        (lambda m: m.update(chain="AB" * 16), MalformedMessage),
+        (lambda m: m.update(chain=b"x" * 16), MalformedMessage),
+        (lambda m: m.pop("chain"), MalformedMessage),
         (lambda m: m.update(run="other"), SpecMismatch),
         (lambda m: m.update(spec=b"x" * 32), SpecMismatch),
         (lambda m: m.update(tensors=[["param.0", [3300, 70]], ["param.1", [9]], ["momentum.0", [33, 70]]]), ShapeMismatch),

@@ -32,7 +32,10 @@ def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0):
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
         try:
             peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
-            return await download_state(client, peers, serve_state.SPEC, timeout_s=timeout_s, on_progress=on_progress)
+            round_, tensors, chain = await download_state(client, peers, serve_state.SPEC, timeout_s=timeout_s,
+                                                          on_progress=on_progress)
+            assert chain == serve_state.CHAIN, "the donors' round chain comes with their state"
+            return round_, tensors
         finally:
             await client.shutdown()
 

@@ -22,6 +22,8 @@ from locoswarm.protocol.state import StateSpec
 SPEC = StateSpec(run_id="state-test", spec_hash=b"t" * 32,
                  tensors=(("param.0", (64, 100)), ("param.1", (7,)), ("momentum.0", (64, 100))))
 ROUND = 7
+CHAIN = "cd" * 16
+"""The round chain the donor's manifest gives (the same for every mode: one lineage)."""
 CHUNK_BYTES = 4096
 
 
@@ -34,7 +36,7 @@ async def main(mode: str) -> None:
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES)
     await server.start()
-    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND)
+    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN)
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
         server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
