@@ -36,6 +36,8 @@ class RoundLine:
     eval_loss: float
     train_s: float
     round_s: float
+    sent: int = 0
+    """Delta and state payload bytes the peer had sent by this round's end (cumulative)."""
 
 
 @dataclass(slots=True)
@@ -141,7 +143,7 @@ class LocalSwarm:
             peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
                                          nan if event["loss"] is None else event["loss"],
                                          nan if event["eval_loss"] is None else event["eval_loss"],
-                                         event["train_s"], event["round_s"]))
+                                         event["train_s"], event["round_s"], event.get("sent", 0)))
         elif kind == "final":
             peer.final = {"round": event["round"], "eval_loss": event["eval_loss"], "digest": event["digest"]}
 
