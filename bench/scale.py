@@ -9,7 +9,7 @@ itself with a run of real daemons (`bench swarm --json`). Figures: docs/scale.md
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from locoswarm.bench.scale_designs import BoundedDesign, CurrentDesign
@@ -66,6 +66,41 @@ def parse_peers(text: str) -> tuple[int, ...]:
     return out
 
 
+SECTIONS = ("current", "bounded", "workload", "links", "costs", "churn")
+
+
+def apply_settings(cfg: ScaleConfig, settings: list[str]) -> None:
+    """Set model fields from `section.field=value` strings (`--set`), converted to the
+    field's type (a pair as `lo:hi`); ValueError naming what is wrong."""
+    for item in settings:
+        name, eq, text = item.partition("=")
+        section, _, attr = name.strip().partition(".")
+        if not eq or section not in SECTIONS or not attr:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, SECTION one of {', '.join(SECTIONS)}")
+        target = getattr(cfg, section)
+        if attr not in {f.name for f in fields(target)}:
+            known = ", ".join(f.name for f in fields(target))
+            raise ValueError(f"--set {item!r}: {section} has no field {attr!r}; known: {known}")
+        old = getattr(target, attr)
+        text = text.strip()
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(old, tuple):
+                value = tuple(float(x) for x in text.split(":"))
+                if len(value) != len(old):
+                    raise ValueError(text)
+            elif old is None or isinstance(old, float):
+                value = float(text)
+            else:
+                value = type(old)(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a valid {type(old).__name__}") from None
+        setattr(target, attr, value)
+
+
 def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = lambda _: None) -> list[dict]:
     """One result per (swarm size, design), sizes in the order asked."""
     cfg.validate()
@@ -82,9 +117,12 @@ def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = lambda _: None) -> 
             log(f"  {design:>7} N={n:>6}: simulated {cfg.duration_s:.0f} s in {result['wall_s']:.2f} s")
             out.append(result)
     targets = check_targets(out, cfg.costs)
+    saturation = saturation_peers(cfg) if "current" in cfg.designs else None
     for r in out:
         if r["design"] == "bounded":
             r["targets"] = targets
+        else:
+            r["one_core_at_peers"] = saturation
     return out
 
 
@@ -114,6 +152,29 @@ def check_targets(results: list[dict], costs: Costs) -> list[dict]:
     return out
 
 
+def saturation_peers(cfg: ScaleConfig, *, max_peers: int = 500) -> dict:
+    """The smallest swarm at which today's control loop wants a whole core, counting the
+    signature checks alone and counting all its CPU (at the configured periods)."""
+    from locoswarm.bench.scale_designs import Dht, current_cycle
+
+    c, d = cfg.costs, cfg.current
+    out: dict[str, int | None] = {"signature_checks": None, "all_control_cpu": None}
+    for n in range(2, max_peers + 1):
+        dht = Dht(c, n, num_replicas=d.num_replicas, beam_size=d.beam_size, num_workers=d.num_workers, seed=cfg.seed)
+        total = (current_cycle(dht, d, n, c.registry_entry_bytes, period_s=d.record_refresh_s,
+                               refresh_s=d.record_refresh_s).scaled(1 / d.record_refresh_s)
+                 + current_cycle(dht, d, n, c.progress_entry_bytes, period_s=d.report_interval_s,
+                                 refresh_s=d.report_interval_s).scaled(1 / d.report_interval_s))
+        checks = (total.checks_cached if d.signature_cache else total.checks) * c.signature_check_s
+        if out["signature_checks"] is None and checks >= 1:
+            out["signature_checks"] = n
+        if out["all_control_cpu"] is None and checks + total.cpu_s >= 1:
+            out["all_control_cpu"] = n
+        if None not in out.values():
+            break
+    return out
+
+
 def _si(x: float | None, unit: str = "") -> str:
     if x is None:
         return "—"
@@ -138,6 +199,10 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         if r["broken"]:
             lines.append(f"{r['design']} at {r['peers']:,} peers: {r['broken_reason']}")
+    saturation = next((r["one_core_at_peers"] for r in results if r.get("one_core_at_peers")), None)
+    if saturation:
+        lines.append(f"current: the control loop wants a whole core from {saturation['all_control_cpu']} peers "
+                     f"(its signature checks alone from {saturation['signature_checks']})")
     targets = next((r["targets"] for r in results if r.get("targets")), [])
     for t in targets:
         lines.append(f"target {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:,.3g}")

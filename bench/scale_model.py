@@ -50,14 +50,15 @@ class Costs:
     entry_decode_s: float = 16e-6
     """Our side of one entry of a get's result: strip the signature, msgpack, decode_record
     with its validation: 15.8 µs measured here, 2026-12-04."""
-    rpc_cpu_s: float = 0.8e-3
+    rpc_cpu_s: float = 0.6e-3
     """Python CPU of one DHT RPC besides signatures and msgpack, both ends (hivemind's
     protocol and traversal, protobuf, the p2pd client, asyncio): real DHTNodes running the
-    progress loop spent 7.7, 18.6 and 31.4 ms per store + get at N = 3, 6 and 10 (5, 15
-    and 25 RPCs), 0.6–1.3 ms per RPC once checks and signing are taken off (2026-12-04)."""
-    p2pd_cpu_s: float = 1.0e-3
-    """CPU of both p2pd processes per RPC (noise, yamux, protobuf; Go, another core): 6.3,
-    14.7 and 22.0 ms per cycle in the same runs."""
+    progress loop (scale_validate.measure_dht_cycle) spent 4.8–7.7, 13.0–18.6 and 28.8–31.4 ms
+    per store + get at N = 3, 6 and 10 (5, 15 and 25 RPCs) in two runs, 0.5–1.3 ms per RPC
+    once checks and signing are taken off (2026-12-04)."""
+    p2pd_cpu_s: float = 0.75e-3
+    """CPU of both p2pd processes per RPC (noise, yamux, protobuf; Go, another core): 3.9–6.3,
+    9.9–14.7 and 19.3–22.0 ms per cycle in the same runs."""
     sign_s: float = 0.3e-3
     """RSASignatureValidator.sign_value of one entry (RSA-2048-PSS): 0.27 ms measured here."""
     progress_codec_s: float = 2e-6

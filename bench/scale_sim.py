@@ -100,7 +100,6 @@ class Simulation:
         self._seq = 0
         num_sampled = min(sample_peers, num_peers)
         self.sampled = [self._sample(slot) for slot in self.rng.sample(range(num_peers), num_sampled)]
-        self.sampled_slots = {s.slot for s in self.sampled}
 
     # ---------------------------------------------------------------- setup
 
@@ -129,10 +128,9 @@ class Simulation:
             self.lingering_in[b] -= 1
 
     def _leave(self, now: float) -> None:
-        """A peer leaves (not a sampled one: they observe) and a newcomer takes its slot."""
+        """A peer leaves and a newcomer takes its slot (a sampled slot's observer carries on
+        with the newcomer: its own join is not modelled)."""
         slot = self.rng.randrange(self.n)
-        while slot in self.sampled_slots:
-            slot = self.rng.randrange(self.n)
         killed = self.rng.random() >= self.churn.withdraw_fraction
         b = self.bucket[slot]
         until = now + (self.ttl_s - self.rng.uniform(0, self.refresh_s) if killed else 2 * self.ttl_s)
@@ -142,7 +140,7 @@ class Simulation:
         if killed:
             pulled = min(self.work.fanout, self.group - 1) / max(1, self.n - 1)
             for s in self.sampled:
-                if self.rng.random() < pulled:
+                if s.slot != slot and self.rng.random() < pulled:
                     s.killed_pulled += 1
         self.tps_sum -= self.tps[slot]
         self.tps[slot] = self._draw_tps()
@@ -274,7 +272,7 @@ class Simulation:
 
     def run(self, duration_s: float) -> None:
         rate = self.churn.rate_per_s(self.n)
-        if rate > 0 and self.n > len(self.sampled):
+        if rate > 0:
             self._push(self.rng.expovariate(rate), "leave", -1)
         for i, s in enumerate(self.sampled):
             for name, period in self.timers.items():

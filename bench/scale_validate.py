@@ -21,7 +21,7 @@ import sys
 import time
 
 from locoswarm.bench.scale import ScaleConfig, run_scale
-from locoswarm.bench.scale_model import Churn, Links, Workload
+from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
 
 _DAEMON = r"""
 import asyncio, os, sys, threading, time
@@ -120,7 +120,7 @@ def fair_share(cores: float, demands: list[float]) -> float:
 
 
 def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | None = None, seed: int = 0,
-                       duration_s: float = 120.0) -> dict:
+                       duration_s: float = 120.0, costs: Costs | None = None) -> dict:
     """Simulate the run `bench swarm --json` wrote (today's design, loopback, no churn) and
     compare. `rpc_s`: one request's round trip on that machine (None: measure it now with
     the run's number of daemons, ≈10 s)."""
@@ -133,7 +133,7 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
     links = Links.loopback()
     links.rpc_s = rpc_s
     cfg = ScaleConfig(peers=(n,), designs=("current",), duration_s=duration_s, seed=seed, sample_peers=n,
-                      churn=Churn(churn_s=1e12), links=links,
+                      churn=Churn(churn_s=1e12), links=links, costs=costs or Costs(),
                       workload=Workload(tokens_per_s_median=tps, tokens_per_s_sigma=0.0))
     unbound = run_scale(cfg)[0]
     links.cpu_share = min(1.0, fair_share(cores, [1.0] * n + [unbound["control_cpu_cores"]] * n
@@ -170,3 +170,93 @@ def format_comparison(c: dict) -> str:
             f"model {c['model_control_bytes_per_peer_per_round']:,.0f}  ({100 * c['control_bytes_gap']:+.0f} %)\n"
             f"  rounds/min                real {c['real_rounds_per_minute']:.1f}  "
             f"model {c['model_rounds_per_minute']:.1f}  ({100 * c['rounds_per_minute_gap']:+.0f} %)")
+
+
+def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float = 0.1) -> dict:
+    """`num_nodes` real hivemind DHTNodes in this process (each with its own p2pd and
+    RSASignatureValidator) run today's progress loop — store a signed progress entry, then
+    get(latest=True) the round's dictionary, every `interval_s` — for `seconds` after a
+    warm-up as long; returns per store + get cycle: bytes the p2pd sent (ss), and the CPU of
+    this process and of the p2pd. What scale_designs.current_cycle predicts, measured."""
+    import asyncio
+
+    import psutil
+
+    from locoswarm.bench.swarm import p2pd_io
+
+    async def run() -> dict:
+        from hivemind.dht.crypto import RSASignatureValidator
+        from hivemind.dht.node import DHTNode
+        from hivemind.p2p import P2P
+        from hivemind.utils import get_dht_time
+        from hivemind.utils.crypto import RSAPrivateKey
+
+        from locoswarm.protocol.records import Progress, encode_progress
+
+        nodes, p2ps, first = [], [], None
+        for _ in range(num_nodes):
+            validator = RSASignatureValidator(RSAPrivateKey())
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first or [])
+            node = await DHTNode.create(p2p=p2p, initial_peers=first, record_validator=validator)
+            first = first or [str(a) for a in await p2p.get_visible_maddrs()]
+            nodes.append((node, validator))
+            p2ps.append(p2p)
+        p2pds = [c for c in psutil.Process().children() if c.name() == "p2pd"]
+        cycles = [0]
+
+        async def loop(node, validator, until: float) -> None:
+            subkey = node.peer_id.to_base58().encode() + validator.local_public_key
+            tokens = 0
+            while time.monotonic() < until:
+                tokens += 512
+                value = encode_progress(Progress(tokens=tokens, tokens_per_s=1000.0, done=False))
+                await node.store("locoswarm:scale:progress:0", value, get_dht_time() + 60, subkey=subkey)
+                await node.get("locoswarm:scale:progress:0", latest=True)
+                cycles[0] += 1
+                await asyncio.sleep(interval_s)
+
+        try:
+            await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))  # warm the caches
+            cycles[0] = 0
+            sent0, cpu0 = p2pd_io({p.pid for p in p2pds})[0], time.process_time()
+            p2pd0 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
+            await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))
+            sent1, cpu1 = p2pd_io({p.pid for p in p2pds})[0], time.process_time()
+            p2pd1 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
+        finally:
+            for node, _ in nodes:
+                await node.shutdown()
+            for p2p in p2ps:
+                await p2p.shutdown()
+        k = max(1, cycles[0])
+        return {"nodes": num_nodes, "cycles_per_node_per_s": k / num_nodes / seconds,
+                "bytes_per_cycle": (sent1 - sent0) / k, "python_cpu_s_per_cycle": (cpu1 - cpu0) / k,
+                "p2pd_cpu_s_per_cycle": (p2pd1 - p2pd0) / k}
+
+    return asyncio.run(run())
+
+
+def compare_dht_cycle(measured: dict, costs: Costs | None = None) -> dict:
+    """`measure_dht_cycle`'s result beside what the model predicts for one such cycle."""
+    from locoswarm.bench.scale_designs import CurrentDesign, Dht, current_cycle
+
+    costs = costs or Costs()
+    design = CurrentDesign()
+    n = measured["nodes"]
+    dht = Dht(costs, n, num_replicas=design.num_replicas, beam_size=design.beam_size, num_workers=design.num_workers)
+    cycle = current_cycle(dht, design, n, costs.progress_entry_bytes, period_s=design.report_interval_s,
+                          refresh_s=design.report_interval_s)
+    model_cpu = cycle.cpu_s + cycle.checks * costs.signature_check_s
+    return {**measured, "model_bytes_per_cycle": cycle.bytes,
+            "bytes_gap": cycle.bytes / measured["bytes_per_cycle"] - 1,
+            "model_python_cpu_s_per_cycle": model_cpu,
+            "python_cpu_gap": model_cpu / measured["python_cpu_s_per_cycle"] - 1,
+            "model_p2pd_cpu_s_per_cycle": cycle.rpcs * costs.p2pd_cpu_s}
+
+
+def format_dht_cycle(c: dict) -> str:
+    return (f"{c['nodes']} real DHTNodes, store + get(latest) cycle: bytes real {c['bytes_per_cycle']:,.0f} "
+            f"model {c['model_bytes_per_cycle']:,.0f} ({100 * c['bytes_gap']:+.0f} %); Python CPU real "
+            f"{1000 * c['python_cpu_s_per_cycle']:.1f} ms model {1000 * c['model_python_cpu_s_per_cycle']:.1f} ms "
+            f"({100 * c['python_cpu_gap']:+.0f} %); p2pd CPU real {1000 * c['p2pd_cpu_s_per_cycle']:.1f} ms "
+            f"model {1000 * c['model_p2pd_cpu_s_per_cycle']:.1f} ms")
