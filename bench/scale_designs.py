@@ -153,6 +153,8 @@ class Dht:
         """Nodes listed in an answer: the nearest in the answerer's table, not itself or the requester."""
         self.p_replica = min(1.0, num_replicas / num_nodes)
         """Chance that the caller is one of a key's replicas."""
+        self.remote_replicas = min(num_replicas, num_nodes) - self.p_replica
+        """Replicas a store reaches over the network (the caller stores locally when it is one)."""
 
     def answers(self, stats: TraversalStats, value_bytes: float, entries: float) -> OpCost:
         """A traversal's answers: each lists neighbours; `value_answers` of them carry the value."""
@@ -187,8 +189,7 @@ def current_cycle(dht: Dht, design: CurrentDesign, entries: float, entry_bytes: 
     value = c.dict_bytes(entries, entry_bytes)
     others = 1.0 - dht.p_replica
     store = (dht.answers(dht.full, value, entries)
-             + dht.store_rpcs(dht.num_replicas * min(1.0, (dht.num_nodes - 1) / dht.num_replicas) - dht.p_replica,
-                              entry_bytes))
+             + dht.store_rpcs(dht.remote_replicas, entry_bytes))
     refresh = dht.answers(dht.first_any, value, entries).scaled(others)
     refresh.waves = 0.0  # runs in the background, off the loop's critical path
     get = dht.answers(dht.full, value, entries)
@@ -202,7 +203,7 @@ def current_cycle(dht: Dht, design: CurrentDesign, entries: float, entry_bytes: 
 
 def bounded_record(dht: Dht, design: BoundedDesign, entries: float, entry_bytes: float) -> OpCost:
     """A peer's store of its own entry into a key of `entries` entries."""
-    out = dht.store_rpcs(dht.num_replicas * min(1.0, (dht.num_nodes - 1) / dht.num_replicas), entry_bytes)
+    out = dht.store_rpcs(dht.remote_replicas, entry_bytes)
     if design.store == "traverse":
         out = out + dht.answers(dht.full_replicas, dht.costs.dict_bytes(entries, entry_bytes), entries)
     out.dht_calls = 1.0

@@ -118,7 +118,7 @@ def test_model_matches_real_daemons_within_a_fifth():
     round trip measured beside them; the model must stay within 20 %."""
     for name, rpc_s in (("scale-validate-swarm3.json", 0.0022), ("scale-validate-swarm6.json", 0.0049)):
         c = compare_with_swarm(load_swarm(str(RESULTS / name)), cores=2, rpc_s=rpc_s, duration_s=60)
-        assert abs(c["control_bytes_gap"]) <= 0.21, c
+        assert abs(c["control_bytes_gap"]) <= 0.2, c
         assert abs(c["rounds_per_minute_gap"]) <= 0.2, c
 
 
