@@ -2,8 +2,8 @@
 10,000, for the design the daemon runs today ("current") and the bounded one we intend to
 build ("bounded"), from a discrete-event simulation (bench/scale_sim.py) built on measured
 message sizes and CPU costs (bench/scale_model.py) and hivemind's traversal rules
-(bench/scale_dht.py). It checks the bounded design against its targets, and can compare
-itself with a run of real daemons (`bench swarm --json`). Figures: docs/scale.md.
+(bench/scale_dht.py), and checks the bounded design against its targets; the comparisons
+with real DHT nodes and real daemons are in bench/scale_validate.py. Figures: docs/scale.md.
 """
 
 from __future__ import annotations
