@@ -53,12 +53,12 @@ class Costs:
     rpc_cpu_s: float = 0.6e-3
     """Python CPU of one DHT RPC besides signatures and msgpack, both ends (hivemind's
     protocol and traversal, protobuf, the p2pd client, asyncio): real DHTNodes running the
-    progress loop (scale_validate.measure_dht_cycle) spent 4.8–7.7, 13.0–18.6 and 28.8–31.4 ms
-    per store + get at N = 3, 6 and 10 (5, 15 and 25 RPCs) in two runs, 0.5–1.3 ms per RPC
+    progress loop (scale_validate.measure_dht_cycle) spent 4.8–7.7, 12.8–18.6 and 27.2–31.4 ms
+    per store + get at N = 3, 6 and 10 (5, 15 and 25 RPCs) in four runs, 0.5–1.3 ms per RPC
     once checks and signing are taken off (2026-12-04)."""
     p2pd_cpu_s: float = 0.75e-3
-    """CPU of both p2pd processes per RPC (noise, yamux, protobuf; Go, another core): 3.9–6.3,
-    9.9–14.7 and 19.3–22.0 ms per cycle in the same runs."""
+    """CPU of both p2pd processes per RPC (noise, yamux, protobuf; Go, another core): 3.5–6.3,
+    9.9–14.7 and 16.9–22.0 ms per cycle in the same runs."""
     sign_s: float = 0.3e-3
     """RSASignatureValidator.sign_value of one entry (RSA-2048-PSS): 0.27 ms measured here."""
     progress_codec_s: float = 2e-6

@@ -77,7 +77,7 @@ asyncio.run(main())
 
 
 def measure_rpc_s(num_daemons: int, *, seconds: float = 4.0) -> float:
-    """Mean round trip of one small request and a 5 KB answer through two relay hops (the
+    """Median round trip of one small request and a 5 KB answer through two relay hops (the
     two p2pd) between two of `num_daemons` processes that each train a small torch model in
     a thread beside their asyncio loop, as `num_daemons` CPU peers on this machine do."""
     import socket
@@ -101,7 +101,7 @@ def measure_rpc_s(num_daemons: int, *, seconds: float = 4.0) -> float:
                               timeout=60 + seconds)
         if done.returncode != 0:
             raise RuntimeError(f"the request-latency probe failed: {done.stderr[-500:]}")
-        return float(done.stdout.split()[1])
+        return float(done.stdout.split()[0])
     finally:
         for p in procs:
             p.kill()
