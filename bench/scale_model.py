@@ -199,9 +199,10 @@ class Workload:
     trains ≈2,300 tokens/s per peer with 3 peers on 2 CPU cores (bench swarm, 2026-12-04);
     volunteers' machines vary, so a wide spread."""
     tokens_per_s_sigma: float = 0.5
-    delta_bytes: int = 2300
-    """One peer's compressed delta: 1.2M parameters at 0.375 % density, 12-bit positions and
-    2-bit codes (docs/protocol.md)."""
+    delta_bytes: int = 8600
+    """One peer's compressed delta of the 1.2M-parameter model (0.375 % of each 4096-entry
+    chunk, 12-bit positions, 2-bit codes: ≈4,400 entries × 14 bits): 6 real daemons each sent
+    43,098 B of delta payload per round to their 5 pullers (bench swarm, 2026-12-04)."""
     fanout: int = 16
     """F: deltas a peer pulls per round (NodeConfig.fanout)."""
     overlap: bool = True
