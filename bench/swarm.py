@@ -44,6 +44,8 @@ class RoundLine:
     round_s: float
     ended_unix_s: float = float("nan")
     """When the daemon wrote the event (Unix seconds, its `time` field)."""
+    sent: int = 0
+    """Delta and state payload bytes the peer had sent by this round's end (cumulative)."""
 
 
 @dataclass(slots=True)
@@ -77,8 +79,16 @@ def _io(pid: int) -> tuple[int, int]:
 
     try:
         p2pd = {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
+    except psutil.Error:
+        return (0, 0)
+    return p2pd_io(p2pd)
+
+
+def p2pd_io(pids: set[int]) -> tuple[int, int]:
+    """(bytes sent, bytes received) over TCP by the processes `pids`, from `ss -tinp`."""
+    try:
         text = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10).stdout
-    except (psutil.Error, OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):
         return (0, 0)
     sent = received = 0
     owner = None
@@ -87,7 +97,7 @@ def _io(pid: int) -> tuple[int, int]:
         if m:
             owner = int(m.group(1))
             continue
-        if owner in p2pd:
+        if owner in pids:
             sent += int(re.search(r"bytes_sent:(\d+)", line).group(1)) if "bytes_sent:" in line else 0
             received += int(re.search(r"bytes_received:(\d+)", line).group(1)) if "bytes_received:" in line else 0
         owner = None
@@ -190,7 +200,8 @@ class LocalSwarm:
             peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
                                          nan if event["loss"] is None else event["loss"],
                                          nan if event["eval_loss"] is None else event["eval_loss"],
-                                         event["train_s"], event["round_s"], event["time"]))
+                                         event["train_s"], event["round_s"], event["time"],
+                                         sent=event.get("sent", 0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

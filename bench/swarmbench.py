@@ -84,8 +84,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     train_s = sum(x.train_s for p in peers for x in p.rounds)
     round_s = sum(x.round_s for p in peers for x in p.rounds)
     digests = {p.final["digest"] for p in peers}
-    transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in peers
-                 if p.io_start and p.io_end and p.io_end[0] > 0]
+    counted = [p for p in peers if p.io_start and p.io_end and p.io_end[0] > 0]
+    transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in counted]
+    # The same window in the daemon's own counter of delta and state payload bytes: what is
+    # left of the transport bytes is the control plane (DHT, libp2p framing, pings).
+    payload = [(p.rounds[-1].sent - p.rounds[0].sent) / max(1, len(p.rounds) - 1) for p in counted]
     out = {
         "peers": num_peers,
         "rounds": rounds,
@@ -96,7 +99,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "train_time_share": train_s / round_s if round_s else 0.0,
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
-        "delta_bytes_per_peer_per_round": None,
+        "delta_bytes_per_peer_per_round": statistics.fmean(payload) if payload else None,
+        "control_bytes_per_peer_per_round": (statistics.fmean(transport) - statistics.fmean(payload)
+                                             if transport else None),
         "replica_spread": spread,
         "fanout": fanout,
         "overlap": spec.rounds.overlap,
@@ -106,7 +111,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     }
     if churn is not None:
         # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
-        del out["rounds_per_minute"], out["bytes_per_peer_per_round"]
+        for key in ("rounds_per_minute", "bytes_per_peer_per_round", "delta_bytes_per_peer_per_round",
+                    "control_bytes_per_peer_per_round"):
+            del out[key]
         out.update(_churn_figures(churn))
     if fake is not None:
         out.update({"fakes": fakes, "clean_rounds": [0, phases.clean_end], "fake_rounds": [phases.clean_end,
@@ -172,7 +179,8 @@ def format_swarm(r: dict) -> str:
         lines.append(f"  rounds per minute      {r['rounds_per_minute']:.1f}")
     lines.append(f"  train time share       {100 * r['train_time_share']:.1f} %")
     if "bytes_per_peer_per_round" in r:
-        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport)")
+        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport), "
+                     f"{r.get('delta_bytes_per_peer_per_round') or 0:,.0f} of them deltas and state")
     lines += [f"  missing deltas         {r['deltas_missing']}",
               f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
               f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]

@@ -169,3 +169,71 @@ def kernels(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(result, indent=1))
         typer.echo(f"wrote {json_path}")
+
+
+@app.command()
+def scale(
+    peers: str = typer.Option("10,100,1000,10000", help="Swarm sizes to simulate, comma-separated."),
+    design: str = typer.Option("both", help="current (what the daemon does today), bounded (the design to build) "
+                               "or both."),
+    duration_s: float = typer.Option(300.0, "--duration-s", help="Simulated seconds per swarm size and design."),
+    seed: int = typer.Option(0, help="Seed of the simulation."),
+    session_min: float = typer.Option(60.0, "--session-min", help="Mean peer session (exponential), minutes."),
+    churn_s: Optional[float] = typer.Option(None, "--churn-s", help="Instead: one peer killed every this many "
+                                            "seconds on average, whatever N (as bench swarm --churn)."),
+    loopback: bool = typer.Option(False, help="Links as on one machine: RTT 0.1 ms, no bandwidth cap."),
+    settings: list[str] = typer.Option([], "--set", help="Any model field, SECTION.FIELD=VALUE, e.g. "
+                                       "bounded.group_size=8, workload.delta_bytes=11000 (docs/scale.md lists them)."),
+    calibrate: bool = typer.Option(False, help="Measure message sizes and CPU costs on this machine first (≈5 s)."),
+    validate: list[Path] = typer.Option([], "--validate", help="Compare the model with this `bench swarm "
+                                        "--no-simulate --json` result instead of simulating (repeatable)."),
+    measure_dht: str = typer.Option("", "--measure-dht", help="Run real DHTNodes (e.g. 3,6,10) through today's "
+                                    "progress loop and compare bytes and CPU per cycle with the model."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Simulate the control plane for N peers: bytes, DHT operations, signature checks, CPU,
+    DHT value sizes, rounds/min and compute share, for today's design and the bounded one."""
+    from locoswarm.bench import scale as sc
+    from locoswarm.bench.scale_model import Churn, Links
+
+    try:
+        cfg = sc.ScaleConfig(peers=sc.parse_peers(peers), seed=seed,
+                             designs=sc.DESIGNS if design == "both" else (design,), duration_s=duration_s,
+                             churn=Churn(session_min=session_min, churn_s=churn_s),
+                             links=Links.loopback() if loopback else Links())
+        sc.apply_settings(cfg, settings)
+        cfg.validate()
+        measure = sc.parse_peers(measure_dht) if measure_dht else ()
+        if validate:
+            from locoswarm.bench.scale_validate import load_swarm
+        swarms = [(path, load_swarm(str(path))) for path in validate]
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if calibrate:
+        from locoswarm.bench.scale_model import calibrate as measure_costs
+
+        cfg.costs = measure_costs(cfg.costs)
+        typer.echo(f"calibrated: {cfg.costs}")
+    if swarms or measure:
+        from locoswarm.bench.scale_validate import (compare_dht_cycle, compare_with_swarm, format_comparison,
+                                                    format_dht_cycle, measure_dht_cycle)
+
+        result: object = {"swarm_comparisons": [], "dht_cycles": []}
+        for n in measure:
+            row = compare_dht_cycle(measure_dht_cycle(n), cfg.costs)
+            result["dht_cycles"].append(row)
+            typer.echo(format_dht_cycle(row))
+        for path, swarm in swarms:
+            row = {"path": str(path), **compare_with_swarm(swarm, seed=seed, costs=cfg.costs)}
+            result["swarm_comparisons"].append(row)
+            typer.echo(format_comparison(row))
+    else:
+        result = sc.run_scale(cfg, log=typer.echo)
+        typer.echo(sc.format_table(result))
+    if json_path is not None:
+        from locoswarm.node.files import write_atomic
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=1))
+        typer.echo(f"wrote {json_path}")
