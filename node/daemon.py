@@ -175,6 +175,8 @@ class Daemon:
             self.bar.stop()
             self.stats.state = "stopping"
             self._stop_round()
+            if self.deltas is not None:
+                self.deltas.stop()
             for task in self._tasks:
                 task.cancel()
             if registry is not None:

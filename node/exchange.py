@@ -64,6 +64,7 @@ class DeltaServer:
         self._floor = 0
         """The lowest round this process may still train: below it, a round not pending is gone."""
         self._given_up: set[int] = set()
+        self._stopping = False
         self._ready: dict[int, asyncio.Event] = {}
         """round → set when its delta is published or given up (wakes held requests)."""
         self.limits = PeerLimits(max_concurrent=2, rate=10.0, burst=30)
@@ -117,7 +118,7 @@ class DeltaServer:
         published or given up, or `hold_s` passed."""
         body = self.answer(round_, incarnation)
         event = self._ready.get(round_)
-        if body == b"" and event is not None:
+        if body == b"" and event is not None and not self._stopping:
             try:
                 await asyncio.wait_for(event.wait(), hold_s)
             except asyncio.TimeoutError:
@@ -125,12 +126,25 @@ class DeltaServer:
             body = self.answer(round_, incarnation)
         return body
 
+    def stop(self) -> None:
+        """Leaving: answer every held request now ("not yet" for what was not published), so
+        that none is still waiting when p2pd shuts down and cancels its handler."""
+        self._stopping = True
+        for round_ in list(self._ready):
+            self._wake(round_)
+
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.bytes_sent += await serve_framed(
-            info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
-            limits=self.limits, admit=self.admit,
-            answer=lambda request: self.respond(int.from_bytes(request[:8], "big"), int.from_bytes(request[8:], "big")),
-        )
+        try:
+            self.bytes_sent += await serve_framed(
+                info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
+                limits=self.limits, admit=self.admit,
+                answer=lambda request: self.respond(int.from_bytes(request[:8], "big"),
+                                                    int.from_bytes(request[8:], "big")),
+            )
+        except asyncio.CancelledError:
+            # p2pd shut down under a held request: the asker sees its stream close and asks
+            # again or drops us; nothing here is left to clean up.
+            writer.close()
 
 
 async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float,
