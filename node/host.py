@@ -150,9 +150,10 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
     initial = list(net.peers)
     # A peer that started the swarm (no initial peers) and restarts on its state directory
     # rejoins the peers it saw last rather than starting a second swarm beside theirs.
-    alone_first = not initial and ports.seen_peers(state_dir)
+    alone_first = not initial
     if alone_first:
         initial = ports.seen_peers(state_dir)
+        alone_first = bool(initial)
     while True:
         try:
             p2p = await P2P.create(

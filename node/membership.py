@@ -88,8 +88,8 @@ class Membership:
         waited for only if it answers within a liveness bound (node/rounds.py); one that
         did not is left alone for SILENT_ROUNDS rounds."""
         out = set()
-        for r in self.records:
-            if not round_ - 2 <= r.round <= round_ or r.paused or self.proven.get(r.peer_id) == r.incarnation:
+        for r in self._in_round(round_):
+            if self.proven.get(r.peer_id) == r.incarnation:
                 continue
             silent = self.silent.get(r.peer_id)
             if silent is None or silent[0] != r.incarnation or round_ - silent[1] >= SILENT_ROUNDS:
@@ -127,8 +127,11 @@ class Membership:
         record's round (the outer steps they have taken; one behind the round trained when
         rounds overlap, and refreshed every second, so possibly one more stale) within two
         rounds before it, and not paused. A record alone never holds a round."""
-        return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused
-                and self.proven.get(r.peer_id) == r.incarnation}
+        return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) == r.incarnation}
+
+    def _in_round(self, round_: int) -> list[PeerRecord]:
+        """Records that put their peer in `round_`: within two rounds before it, not paused."""
+        return [r for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused]
 
 
 class LostPeers:
