@@ -25,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -140,11 +141,18 @@ class Churn:
         return left_s < 2 * self.restart_s
 
 
+MIN_FAKE_ROUNDS = 4
+"""Fewest rounds the fake identities stay once their records are stored: every honest peer
+reads the registry (each second) and probes them in its next round."""
+
+
 @dataclass(slots=True)
 class Fakes:
     """`count` fake identities (bench/fake_peer.py: a signed record copying the swarm's round,
-    nothing served) present in the registry during the middle phase, started when round C
-    completes and stopped when round E does; `stop()` reaps any left (the bench calls it on
+    nothing served) present in the registry during the middle phase. They are started when
+    round C completes; the fake phase runs from the round the swarm had completed when all of
+    them had stored their records (a start takes seconds, more on a loaded machine) to round E,
+    and for at least MIN_FAKE_ROUNDS rounds. `stop()` reaps any left (the bench calls it on
     every path)."""
 
     swarm: LocalSwarm
@@ -152,22 +160,48 @@ class Fakes:
     count: int
     log: Callable[[str], None] = print
     started_unix_s: float | None = None
+    """When the last fake's record was first stored."""
     stopped_unix_s: float | None = None
+    rounds: tuple[int, int] | None = None
+    """(a, b): the fake phase, from the end of round a to the end of round b (b is −1 until they left)."""
     _procs: list = field(default_factory=list)
+    _announced: list = field(default_factory=list)
 
     def poll(self) -> None:
         current = swarm_round(self.swarm.peers)
-        if self.started_unix_s is None and current >= self.phases.clean_end:
-            self.started_unix_s = time.time()
-            self.log(f"  {self.count} fake identities join at swarm round {current}")
+        if not self._procs and self.started_unix_s is None and current >= self.phases.clean_end:
+            self.log(f"  {self.count} fake identities start at swarm round {current}")
             argv = [sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path]
-            self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL, start_new_session=True)
+            self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
                            for _ in range(self.count)]
-        elif self.started_unix_s is not None and self.stopped_unix_s is None and current >= self.phases.churn_end:
-            self.stopped_unix_s = time.time()
-            self.log(f"  the fake identities leave at swarm round {current}")
-            self.stop()
+            self._announced = [threading.Event() for _ in self._procs]
+            for proc, announced in zip(self._procs, self._announced):
+                threading.Thread(target=_watch, args=(proc, announced), daemon=True).start()
+        elif self.started_unix_s is None and self._announced and all(e.is_set() for e in self._announced):
+            self.started_unix_s = time.time()
+            self.rounds = (current, -1)
+            self.log(f"  the fake identities' records are stored at swarm round {current}")
+        elif self.rounds is not None and self.stopped_unix_s is None and \
+                current >= max(self.phases.churn_end, self.rounds[0] + MIN_FAKE_ROUNDS):
+            self.leave(current)
+
+    def leave(self, current: int) -> None:
+        """End the fake phase at swarm round `current`."""
+        self.stopped_unix_s = time.time()
+        self.rounds = (self.rounds[0], current)
+        self.log(f"  the fake identities leave at swarm round {current}")
+        self.stop()
+
+    def phase(self) -> tuple[int, int]:
+        """(a, b) once the swarm has ended; ValueError when the fakes were never all present for a round."""
+        if self.rounds is not None and self.stopped_unix_s is None:
+            self.leave(swarm_round(self.swarm.peers))
+        if self.rounds is None or self.rounds[1] <= self.rounds[0]:
+            raise ValueError(f"the {self.count} fake identities were not all in the registry for a whole round "
+                             f"before the swarm ended (started at round {self.phases.clean_end}): "
+                             f"give more --rounds")
+        return self.rounds
 
     def stop(self) -> None:
         for proc in self._procs:
@@ -180,3 +214,10 @@ class Fakes:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._procs = []
+
+
+def _watch(proc: subprocess.Popen, announced: threading.Event) -> None:
+    """Set `announced` when the fake peer says its record is stored; read its output to the end."""
+    for line in proc.stdout:
+        if line.rstrip().endswith(" announced"):
+            announced.set()

@@ -5,7 +5,8 @@ but it trains nothing and serves nothing (its p2pd answers no delta request). Wh
 measures: whether a record alone can hold the honest peers' rounds (node/membership.py: it
 must not).
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH   (runs until stdin closes or it is killed)
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH   (runs until stdin closes or it is killed;
+prints "fake <peer id> announced" once its record is first stored)
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ async def main(maddr: str, spec_path: str) -> None:
         addrs = tuple(str(a) for a in await dht.protocol.p2p.get_visible_maddrs())[:4]
         registry = PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=10.0, validator=validator)
         incarnation = secrets.randbelow(2**62) + 1
-        print(f"fake {me}", flush=True)
         stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        shown = False
         while not stdin_closed.done():
             newest = max((r.round for r in await registry.peers() if r.peer_id != me), default=0)
-            await registry.announce(PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5, round=newest,
-                                               spec_hash=spec.hash(), incarnation=incarnation))
+            stored = await registry.announce(PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5,
+                                                        round=newest, spec_hash=spec.hash(), incarnation=incarnation))
+            if stored and not shown:
+                print(f"fake {me} announced", flush=True)  # the bench's fake phase starts here (bench/churn.py)
+                shown = True
             await asyncio.wait([stdin_closed], timeout=REFRESH_S)
         await dht.shutdown()
     finally:

@@ -116,10 +116,10 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
             del out[key]
         out.update(_churn_figures(churn))
     if fake is not None:
-        out.update({"fakes": fakes, "clean_rounds": [0, phases.clean_end], "fake_rounds": [phases.clean_end,
-                                                                                           phases.churn_end],
+        a, b = fake.phase()
+        out.update({"fakes": fakes, "clean_rounds": [0, phases.clean_end], "fake_rounds": [a, b],
                     "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
-                    "rounds_per_minute_fakes": rate_per_minute(peers, phases.clean_end, phases.churn_end),
+                    "rounds_per_minute_fakes": rate_per_minute(peers, a, b),
                     "final_rounds": sorted({p.final["round"] for p in peers})})
     if simulate:
         out.update(_simulate(spec, num_peers, rounds, log, threads))
