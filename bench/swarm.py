@@ -46,6 +46,10 @@ class RoundLine:
     """When the daemon wrote the event (Unix seconds, its `time` field)."""
     sent: int = 0
     """Delta and state payload bytes the peer had sent by this round's end (cumulative)."""
+    wait_s: float = 0.0
+    """Of round_s − train_s: waiting for the previous round's exchange."""
+    boundary_s: float = 0.0
+    """Of round_s − train_s: the rest of the round's boundary."""
 
 
 @dataclass(slots=True)
@@ -201,7 +205,8 @@ class LocalSwarm:
                                          nan if event["loss"] is None else event["loss"],
                                          nan if event["eval_loss"] is None else event["eval_loss"],
                                          event["train_s"], event["round_s"], event["time"],
-                                         sent=event.get("sent", 0)))
+                                         sent=event.get("sent", 0), wait_s=event.get("wait_s", 0.0),
+                                         boundary_s=event.get("boundary_s", 0.0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

@@ -81,8 +81,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
             swarm.stop()
         wall_s = time.perf_counter() - t0
     peers = swarm.peers
-    train_s = sum(x.train_s for p in peers for x in p.rounds)
-    round_s = sum(x.round_s for p in peers for x in p.rounds)
+    # Steady state: with overlap a round's exchange runs while the next round trains, but a
+    # peer's last round has no next round, so its whole exchange would count as overhead.
+    steady = [x for p in peers for x in (p.rounds[:-1] if spec.rounds.overlap and len(p.rounds) > 1 else p.rounds)]
+    train_s = sum(x.train_s for x in steady)
+    round_s = sum(x.round_s for x in steady)
     digests = {p.final["digest"] for p in peers}
     counted = [p for p in peers if p.io_start and p.io_end and p.io_end[0] > 0]
     transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in counted]
@@ -97,6 +100,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "consensus_equal": len(digests) == 1,
         "tokens": sum(x.tokens for p in peers for x in p.rounds),
         "train_time_share": train_s / round_s if round_s else 0.0,
+        # Where a round's time outside training went, per round (node/events.py RoundEnded).
+        "overhead_s_per_round": {
+            "wait_for_exchange": statistics.fmean(x.wait_s for x in steady) if steady else 0.0,
+            "boundary": statistics.fmean(x.boundary_s for x in steady) if steady else 0.0,
+            "total": (round_s - train_s) / max(1, len(steady))},
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
         "delta_bytes_per_peer_per_round": statistics.fmean(payload) if payload else None,
@@ -178,6 +186,10 @@ def format_swarm(r: dict) -> str:
     else:
         lines.append(f"  rounds per minute      {r['rounds_per_minute']:.1f}")
     lines.append(f"  train time share       {100 * r['train_time_share']:.1f} %")
+    if "overhead_s_per_round" in r:
+        o = r["overhead_s_per_round"]
+        lines.append(f"  outside training       {1e3 * o['total']:.0f} ms a round: {1e3 * o['wait_for_exchange']:.0f} ms "
+                     f"waiting for the last exchange, {1e3 * o['boundary']:.0f} ms at the boundary")
     if "bytes_per_peer_per_round" in r:
         lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport), "
                      f"{r.get('delta_bytes_per_peer_per_round') or 0:,.0f} of them deltas and state")

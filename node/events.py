@@ -76,6 +76,12 @@ class RoundEnded:
     """The latest held-out loss (None: not evaluated yet)."""
     train_s: float
     round_s: float
+    wait_s: float
+    """Of round_s − train_s: how long the round's boundary waited for the previous round's
+    exchange (with overlap, its outer step must be in before this round's delta is taken)."""
+    boundary_s: float
+    """Of round_s − train_s: the rest of the boundary (catching up, a checkpoint, ending the
+    round on the training thread)."""
     sent: int
     """Bytes this peer has served so far (deltas and state)."""
     received: int

@@ -126,6 +126,8 @@ class RoundLoop:
         self.carry = 0
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
         self._started: dict[int, float] = {}
+        self._boundary: dict[int, tuple[float, float]] = {}
+        """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
 
     def stop_round(self) -> None:
@@ -144,9 +146,11 @@ class RoundLoop:
             progress = await self._guarded(round_, self._train())
             if ctx.should_exit.is_set():
                 break  # abandon the round: peers waiting for our delta drop us when our streams close
+            boundary_t0 = time.perf_counter()
             if exchange is not None:
                 await exchange  # round r's outer step must be in before round r + 1's delta is taken
                 exchange = None
+            wait_s = time.perf_counter() - boundary_t0
             if progress is None:  # training failed: take the round's boundary and drop it
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
                 continue
@@ -157,6 +161,7 @@ class RoundLoop:
                 await ctx.checkpoints.write(trainer, ctx.pools.train,
                                             extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
             work = await ctx.pools.train(trainer.end_round)
+            self._boundary[work.round] = (wait_s, time.perf_counter() - boundary_t0 - wait_s)
             trained += 1
             ctx.faults.trained(work.round, work)
             step = self._guarded(work.round, self._exchange(progress, work, overlap), work, overlapped=overlap)
@@ -259,15 +264,25 @@ class RoundLoop:
             await self._withdraw(progress, r)
             raise
         ctx.deltas.publish(r, blob)
+
+        async def report_done() -> None:
+            try:
+                ctx.faults.reporting(r)
+                await progress.report(work.tokens, trainer.tokens_per_s, done=True)
+                await progress.refresh()
+            except Exception as e:  # the others still see our last report, and pull our delta
+                log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
+
+        # Our delta is served already: the report (a DHT store, tens to hundreds of ms) runs
+        # while we pull, not before.
+        reported = asyncio.ensure_future(report_done())
         try:
-            ctx.faults.reporting(r)
-            await progress.report(work.tokens, trainer.tokens_per_s, done=True)
-            await progress.refresh()
-        except Exception as e:  # the others still see our last report, and pull our delta
-            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
-        got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
-                                  fanout=ctx.cfg.fanout, rng=ctx.rng,
-                                  keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
+            got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec,
+                                      deadline_s=ctx.spec.rounds.deadline_s,
+                                      fanout=ctx.cfg.fanout, rng=ctx.rng,
+                                      keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
+        finally:
+            await reported
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.deltas_rejected += got.rejected
         ctx.membership.prove([d.sender for d in got.deltas])
@@ -313,12 +328,14 @@ class RoundLoop:
         self._failed_in_a_row = 0  # a whole round went through
         started = self._started.pop(r, None) or time.perf_counter()
         ended = self._started.get(r + 1) if overlap else None
+        wait_s, boundary_s = self._boundary.pop(r, (0.0, 0.0))
         loss = None if math.isnan(work.loss) else work.loss
         ctx.stats.history.append({"round": r, "loss": loss, "eval_loss": ctx.stats.eval_loss, "deltas": deltas,
                                   "tokens": work.tokens})
         ctx.events(RoundEnded(round=r, deltas=deltas, participants=participants, tokens=work.tokens, loss=loss,
                               eval_loss=ctx.stats.eval_loss, train_s=train_s,
-                              round_s=(ended or time.perf_counter()) - started, sent=ctx.bytes_sent(),
+                              round_s=(ended or time.perf_counter()) - started, wait_s=wait_s,
+                              boundary_s=boundary_s, sent=ctx.bytes_sent(),
                               received=ctx.stats.bytes_received))
 
     async def _finish(self) -> None:
