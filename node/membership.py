@@ -210,7 +210,8 @@ async def rediscover(dht, initial_peers: list[str]) -> None:
 
 
 VIEW_KEPT_S = 30.0
-"""Least time between two calls of keep_record's `on_view` (it writes a file)."""
+"""Least time between two calls of keep_record's `on_view` (it writes a file), unless the
+view holds a peer the last call did not."""
 
 
 async def keep_record(registry, membership: Membership, record: Callable[[], PeerRecord], *, interval_s: float,
@@ -218,11 +219,12 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
                       on_view: Callable[[list[PeerRecord]], None] | None = None) -> None:
     """Show our `record()` in the registry and refresh `membership` from it every
     `interval_s`; dial back the peers that vanished, and the initial peers when we see
-    nobody after having had peers (`had_peers()`); hand the view to `on_view` at most every
-    VIEW_KEPT_S (kept for the next start). Runs until cancelled; a refresh that fails keeps
-    the last view."""
+    nobody after having had peers (`had_peers()`); hand the view to `on_view` (kept for the
+    next start) when it holds a peer the last one did not, else at most every VIEW_KEPT_S.
+    Runs until cancelled; a refresh that fails keeps the last view."""
     redials: set[asyncio.Task] = set()
     next_rediscovery = next_view = 0.0
+    kept: set[str] = set()
     try:
         while True:
             try:
@@ -232,8 +234,10 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
                     redials.add(task)
                     task.add_done_callback(redials.discard)
                 now = time.monotonic()
-                if on_view is not None and membership.records and now >= next_view:
-                    next_view = now + VIEW_KEPT_S
+                seen = {r.peer_id for r in membership.records}
+                if on_view is not None and seen and (now >= next_view or not seen <= kept):
+                    # A peer that joined just before we restart must be among those we dial then.
+                    next_view, kept = now + VIEW_KEPT_S, seen
                     on_view(membership.records)
                 if not membership.records and had_peers() and initial_peers and now >= next_rediscovery:
                     next_rediscovery = now + REDISCOVER_S
