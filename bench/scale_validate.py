@@ -182,7 +182,7 @@ def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float
 
     import psutil
 
-    from locoswarm.bench.swarm import p2pd_io
+    from locoswarm.bench.tcpio import tcp_io
 
     async def run() -> dict:
         from hivemind.dht.crypto import RSASignatureValidator
@@ -218,10 +218,10 @@ def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float
         try:
             await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))  # warm the caches
             cycles[0] = 0
-            sent0, cpu0 = p2pd_io({p.pid for p in p2pds})[0], time.process_time()
+            sent0, cpu0 = tcp_io({p.pid for p in p2pds})[0], time.process_time()
             p2pd0 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
             await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))
-            sent1, cpu1 = p2pd_io({p.pid for p in p2pds})[0], time.process_time()
+            sent1, cpu1 = tcp_io({p.pid for p in p2pds})[0], time.process_time()
             p2pd1 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
         finally:
             for node, _ in nodes:

@@ -11,7 +11,7 @@ killed peer is started again with the same command on its state directory (same 
 same ports, its checkpoint), writing a fresh event file: the churn benchmark
 (bench/churn.py) does that.
 
-Bytes are counted at the transport: the kernel's per-socket TCP counters (`ss -tinp`) of
+Bytes are counted at the transport: the kernel's per-socket TCP counters (bench/tcpio.py) of
 each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,
 libp2p framing and encryption are all included.
 """
@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from locoswarm.bench.tcpio import Unavailable, tcp_io
 from locoswarm.node.events import EventTail
 
 
@@ -76,36 +77,17 @@ class Peer:
     io_end: tuple[int, int] | None = None
 
 
-def _io(pid: int) -> tuple[int, int]:
+def _io(pid: int) -> tuple[int, int] | None:
     """(bytes sent, bytes received) over TCP by the p2pd of daemon `pid`, summed over its
-    open sockets from the kernel's tcp_info (`ss -tinp`); (0, 0) when unavailable."""
+    open sockets from the kernel's counters (bench/tcpio.py); None when the daemon is gone.
+    Unavailable when the counters cannot be read on this machine."""
     import psutil
 
     try:
         p2pd = {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
     except psutil.Error:
-        return (0, 0)
-    return p2pd_io(p2pd)
-
-
-def p2pd_io(pids: set[int]) -> tuple[int, int]:
-    """(bytes sent, bytes received) over TCP by the processes `pids`, from `ss -tinp`."""
-    try:
-        text = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return (0, 0)
-    sent = received = 0
-    owner = None
-    for line in text.splitlines():
-        m = re.search(r'users:\(\("[^"]*",pid=(\d+)', line)
-        if m:
-            owner = int(m.group(1))
-            continue
-        if owner in pids:
-            sent += int(re.search(r"bytes_sent:(\d+)", line).group(1)) if "bytes_sent:" in line else 0
-            received += int(re.search(r"bytes_received:(\d+)", line).group(1)) if "bytes_received:" in line else 0
-        owner = None
-    return (sent, received)
+        return None
+    return tcp_io(p2pd)
 
 
 class LocalSwarm:
@@ -126,6 +108,8 @@ class LocalSwarm:
         self.dir = keep_dir or tempfile.mkdtemp(prefix="locoswarm-swarm-")
         os.makedirs(self.dir, exist_ok=True)
         self._own_dir = keep_dir is None
+        self.io_unavailable: str | None = None
+        """Why transport bytes could not be counted on this machine (None: they were)."""
         self.peers: list[Peer] = []
 
     def _events_path(self, index: int, life: int) -> str:
@@ -191,15 +175,24 @@ class LocalSwarm:
         if exited and peer.final is None:
             raise RuntimeError(f"peer {peer.index} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
 
+    def _io(self, peer: Peer) -> tuple[int, int] | None:
+        if self.io_unavailable is not None:
+            return None
+        try:
+            return _io(peer.proc.pid)
+        except Unavailable as e:
+            self.io_unavailable = str(e)
+            return None
+
     def _take(self, peer: Peer, event: dict) -> None:
         kind = event["event"]
         if kind == "listening":
             peer.addr = next((a for a in event["addrs"] if "/tcp/" in a), None)
         elif kind == "round":
             if not peer.rounds:
-                peer.io_start = _io(peer.proc.pid)
+                peer.io_start = self._io(peer)
             elif event["round"] == self.max_rounds - 1:
-                peer.io_end = _io(peer.proc.pid)  # before the daemon leaves and its sockets close
+                peer.io_end = self._io(peer)  # before the daemon leaves and its sockets close
             nan = float("nan")
             peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
                                          nan if event["loss"] is None else event["loss"],

@@ -115,6 +115,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "overlap": spec.rounds.overlap,
         "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
         "wall_s": wall_s,
+        "bytes_not_counted": swarm.io_unavailable,
         "spec_hash": spec.hash().hex(),
     }
     if churn is not None:
@@ -190,8 +191,10 @@ def format_swarm(r: dict) -> str:
         o = r["overhead_s_per_round"]
         lines.append(f"  outside training       {1e3 * o['total']:.0f} ms a round: {1e3 * o['wait_for_exchange']:.0f} ms "
                      f"waiting for the last exchange, {1e3 * o['boundary']:.0f} ms at the boundary")
-    if "bytes_per_peer_per_round" in r:
-        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round'] or 0:,.0f} (transport), "
+    if r.get("bytes_not_counted"):
+        lines.append(f"  bytes/peer/round       not counted: {r['bytes_not_counted']}")
+    elif r.get("bytes_per_peer_per_round") is not None:
+        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round']:,.0f} (transport), "
                      f"{r.get('delta_bytes_per_peer_per_round') or 0:,.0f} of them deltas and state")
     lines += [f"  missing deltas         {r['deltas_missing']}",
               f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
