@@ -1,8 +1,19 @@
-"""Peer discovery through the DHT: each peer keeps its record (protocol/records) under the
-run's key, one subkey per peer id, with an expiry it refreshes; a peer that vanishes
-(SIGKILL, cut network) is forgotten when its record expires, and one that leaves cleanly
-withdraws it with an empty tombstone that outlives the record. Runs on the caller's event
-loop through hivemind's DHTNode (no forked DHT process).
+"""Peer discovery through the DHT, in bounded buckets (docs/scale.md, "The bounded design";
+the arithmetic is node/buckets.py). Each peer keeps its signed record (protocol/records)
+under its bucket key `locoswarm:<run>:peers:<L>:<b>` at two levels L, one subkey per peer,
+with an expiry it refreshes; a peer that vanishes (SIGKILL, cut network) is forgotten when
+its record expires, and one that leaves cleanly withdraws it with an empty tombstone at every
+level it wrote. Runs on the caller's event loop through hivemind's DHTNode (no forked DHT
+process).
+
+What a peer pays no longer grows with the swarm: it writes its own entry into two buckets
+(`call_store` at the replicas that a value-less traversal found, node/replicas.py, not
+DHTNode.store, whose traversal carries the whole bucket back from every node it asks), and
+reads its own bucket every refresh and a random sample of the others every VIEW_READ_S,
+each read stopping at the first copy fresh enough. A bucket holds 23–45 records on average
+whatever N is, so the bytes and signature checks of a read are bounded by that, and the
+view kept is at most VIEW_MAX records. Below ≈45 peers everything is in level 0's one
+bucket, read every refresh: every peer sees every other, as before buckets.
 
 Records are signed: with an RSASignatureValidator (hivemind's; the DHT node must be created
 with it) the subkey is the peer id followed by the owner's public key, and every DHT node
@@ -12,7 +23,12 @@ refused, as is an unsigned one when this registry signs its own. And the signing
 be the peer's libp2p identity (its peer id is the hash of that public key, which the DHT
 node checks when it authenticates a connection): a record signed by any other key — a
 stranger's advertising another peer's id under a subkey of its own — is refused, so a
-record names the peer that signed it.
+record names the peer that signed it. Every bucket read is untrusted: an entry whose peer id
+does not hash into the bucket is refused (no one fills a bucket with arbitrary ids; ids
+mined to land in one still can, a cost of about 2^L key generations per entry), as is one
+expiring further ahead than any honest clock, and at most MAX_ENTRIES_READ entries of a
+bucket are decoded per read (the freshest: a stuffing attacker can crowd honest entries
+out of one bucket's read, not make the read unbounded).
 """
 
 from __future__ import annotations

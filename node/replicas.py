@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 REPLICAS_REFRESH_S = 10.0
 """A key's replicas are looked up again after this long (nodes join and leave), and at once
 after a store that no replica took."""
+REFIND_MIN_S = 2.0
+"""Least time between two look-ups of a key's replicas prompted by a nearer node in the
+routing table."""
 
 
 class ReplicaStore:
@@ -56,16 +59,30 @@ class ReplicaStore:
         self._replicas.pop(DHTID.generate(source=key), None)
 
     async def _replicas_of(self, key_id: DHTID) -> dict:
+        """The nodes nearest `key_id` (ourselves among them when we are), looked up again
+        after REPLICAS_REFRESH_S, or after REFIND_MIN_S when our routing table has met a
+        node nearer than the farthest known replica (a newcomer that would otherwise get
+        no stores, and answer readers with a copy missing them, until the next lookup)."""
         known = self._replicas.get(key_id)
-        if known is not None and self.clock() - known[1] < REPLICAS_REFRESH_S:
-            return known[0]
+        k = self.dht.num_replicas
+        if known is not None:
+            age = self.clock() - known[1]
+            if age < REPLICAS_REFRESH_S and (age < REFIND_MIN_S or not self._nearer_known(key_id, known[0], k)):
+                return known[0]
         flipped = DHTID(key_id ^ 1)
-        found = await self.dht.find_nearest_nodes([flipped], k_nearest=self.dht.num_replicas)
+        found = await self.dht.find_nearest_nodes([flipped], k_nearest=k)
         nearest = dict(found.get(flipped, {}))
         if set(nearest) <= {self.dht.node_id}:
             return {}  # nobody else known: DHTNode.store handles the lone node
         self._replicas[key_id] = (nearest, self.clock())
         return nearest
+
+    def _nearer_known(self, key_id: DHTID, replicas: dict, k: int) -> bool:
+        """Whether the routing table holds a node that belongs among the k nearest to
+        `key_id` and is not a known replica (a local look-up, no request)."""
+        table = self.dht.protocol.routing_table.get_nearest_neighbors(key_id, k, exclude=self.dht.node_id)
+        nodes = sorted({node for node, _ in table} | set(replicas), key=key_id.xor_distance)[:k]
+        return not set(nodes) <= set(replicas)
 
     async def _store_at(self, replicas: dict, key_id: DHTID, subkey, value: bytes, expiration_time: float) -> bool:
         protocol = self.dht.protocol
