@@ -149,6 +149,10 @@ class BucketRead:
 
 
 class PeerRegistry:
+    """One peer's side of the registry: `announce` writes its record into its buckets at
+    both write levels, `withdraw` tombstones them, `peers()` reads and returns the partial
+    view; `peers_estimate` is the swarm size the reads suggest."""
+
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0,
                  validator: RSASignatureValidator | None = None,
                  refuse: Callable[[PeerRecord], str | None] | None = None,
