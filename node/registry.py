@@ -134,6 +134,10 @@ PROBE_S = 30.0
 MAX_ENTRIES_READ = 8 * BUCKET_ENTRIES
 """At most this many entries of one bucket are decoded per read (the freshest): bounds the
 work a stuffed bucket can cause. Honest buckets hold ≈45 at most."""
+READ_WORKERS = 2
+"""Requests a bucket read keeps in flight (hivemind's default is 4): each answer carries the
+whole bucket, and those still in flight when the first fresh copy arrives are paid for
+nothing (docs/scale.md: 4 workers cost ≈60 % more than 2)."""
 CLOCK_SLACK_S = 30.0
 """An entry may expire at most this long after now + TTL (clocks differ); one expiring later
 is refused, and a cached copy of a bucket that expires later is dropped before a read (it
@@ -292,7 +296,7 @@ class PeerRegistry:
             if cached is not None and cached.expiration_time > now + self.ttl_s + CLOCK_SLACK_S:
                 del cache[key_id]
         fresh_after = now + max(0.0, self.ttl_s - period_s / 2)
-        found = await self.dht.get_many(keys, sufficient_expiration_time=fresh_after)
+        found = await self.dht.get_many(keys, sufficient_expiration_time=fresh_after, num_workers=READ_WORKERS)
         out = []
         for key in keys:
             key_level = int(key.rsplit(":", 2)[1]) if level is None else level
