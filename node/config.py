@@ -64,7 +64,9 @@ class NodeConfig:
     fanout: int = 16
     """F: at most this many peers' deltas pulled per round."""
     record_ttl_s: float = 10.0
-    """Lifetime of this peer's DHT record; refreshed every third of it."""
+    """Lifetime of this peer's DHT record; the record is refreshed, and the own registry
+    bucket read, every second or every third of it if shorter (the other sampled buckets
+    every registry.VIEW_READ_S)."""
     report_interval_s: float = 0.1
     """How often round progress is written to and read from the DHT."""
 

@@ -29,7 +29,8 @@ _STATUS_KEYS = {
     "round": (_COUNT, "the round being trained"),
     "loss": (_LOSS, "mean training loss of the last finished round (null before one)"),
     "eval_loss": (_LOSS, "held-out loss at the last evaluation (null before one)"),
-    "num_peers": (_COUNT, "live peers of this run spec other than this one"),
+    "num_peers": (_COUNT, "live peers of this run spec other than this one (in this peer's partial view)"),
+    "peers_estimate": ({"type": "number", "minimum": 0}, "the swarm's size as estimated from the registry buckets read"),
     "bytes_sent": (_COUNT, "bytes this peer wrote to delta and state streams"),
     "bytes_received": (_COUNT, "bytes this peer read from delta and state streams"),
     "deltas_rejected": (_COUNT, "deltas refused (malformed, oversized, misattributed) since start"),
@@ -73,6 +74,7 @@ class StatusCollector:
                   "loss": ("mean training loss of the last round", st["loss"]),
                   "eval_loss": ("held-out loss at the last evaluation", st["eval_loss"]),
                   "peers": ("live peers of this run spec besides this one", st["num_peers"]),
+                  "peers_estimate": ("the swarm's size as estimated from the registry", st["peers_estimate"]),
                   "tokens_per_second": ("training throughput", st["tokens_per_s"])}
         for name, (doc, value) in gauges.items():
             if value is not None:

@@ -133,7 +133,8 @@ class Daemon:
             access = self.spec.access
             refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
-                                    validator=validator, refuse=refuse)
+                                    validator=validator, refuse=refuse, read_period_s=self._refresh_s,
+                                    peer_id=self.peer_id)
             self.shard = self.cfg.shard
             if self.shard is None:
                 self.shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
@@ -162,7 +163,7 @@ class Daemon:
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent)
             self.loop = RoundLoop(ctx)
             await self._join(registry)
-            self._spawn(keep_record(registry, self.membership, self._record, interval_s=min(1.0, self.cfg.record_ttl_s / 3),
+            self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir)))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
@@ -190,6 +191,12 @@ class Daemon:
             if dht is not None:
                 await dht.shutdown()
             await p2p.shutdown()
+
+    @property
+    def _refresh_s(self) -> float:
+        """How often our record is refreshed and our own registry bucket read: every second,
+        or a third of the record's lifetime if that is shorter."""
+        return min(1.0, self.cfg.record_ttl_s / 3)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -261,6 +268,7 @@ class Daemon:
             "loss": st.loss,
             "eval_loss": st.eval_loss,
             "num_peers": 0 if self.membership is None else self.membership.num_peers,
+            "peers_estimate": 1.0 if self.membership is None else self.membership.peers_estimate,
             "bytes_sent": self.bytes_sent,
             "bytes_received": st.bytes_received,
             "peer_id": self.peer_id,

@@ -51,14 +51,18 @@ class Membership:
         a delivered delta shows a live peer that serves."""
         self.silent: dict[str, tuple[int, int]] = {}
         """Peer id → (incarnation, round) where a liveness probe of it found no answer."""
+        self.peers_estimate = 1.0
+        """The registry's estimate of the swarm's size (node/buckets.py), this peer included."""
 
-    def update(self, records: list[PeerRecord], withdrawn: set[str] = frozenset()) -> list[PeerRecord]:
-        """Take a refresh of the registry (`records` passed its checks, ours may be among
-        them; `withdrawn`: peer ids that left on purpose); returns the vanished peers to dial
-        now."""
+    def update(self, records: list[PeerRecord], withdrawn: set[str] = frozenset(),
+               out_of_sight: set[str] = frozenset()) -> list[PeerRecord]:
+        """Take a refresh of the registry (`records`: the partial view, which passed its
+        checks, ours may be among them; `withdrawn`: peer ids that left on purpose;
+        `out_of_sight`: peers the view let go of for age or room, not seen to vanish);
+        returns the vanished peers to dial now."""
         self.records = [r for r in records if r.peer_id != self.me]
         self.admitted = {r.peer_id for r in self.records}
-        self.lost.update(self.records, withdrawn)
+        self.lost.update(self.records, withdrawn, out_of_sight)
         for peer in withdrawn:
             self.proven.pop(peer, None)
         live = {r.peer_id: r.incarnation for r in self.records}
@@ -144,12 +148,13 @@ class LostPeers:
         """peer id → (last record, when last seen, when next to dial)."""
         self._seen: dict[str, PeerRecord] = {}
 
-    def update(self, records: list[PeerRecord], withdrawn: set[str]) -> None:
-        """The live records of this refresh, and the peer ids that left on purpose."""
+    def update(self, records: list[PeerRecord], withdrawn: set[str], out_of_sight: set[str] = frozenset()) -> None:
+        """The live records of this refresh, the peer ids that left on purpose, and those
+        the partial view let go of without seeing them vanish (not dialed)."""
         now = self.clock()
         live = {r.peer_id: r for r in records}
         for peer, record in self._seen.items():
-            if peer not in live and peer not in withdrawn:
+            if peer not in live and peer not in withdrawn and peer not in out_of_sight:
                 self._lost[peer] = (record, now, now)
         for peer in list(self._lost):
             if peer in live or peer in withdrawn or now - self._lost[peer][1] > FORGET_S:
@@ -229,7 +234,9 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
         while True:
             try:
                 await registry.announce(record())
-                for lost in membership.update(await registry.peers(), registry.withdrawn):
+                view = await registry.peers()
+                membership.peers_estimate = registry.peers_estimate
+                for lost in membership.update(view, registry.withdrawn, registry.aged_out):
                     task = asyncio.create_task(_redial(registry.dht, lost))
                     redials.add(task)
                     task.add_done_callback(redials.discard)

@@ -304,6 +304,19 @@ def test_vanished_peers_are_dialed_every_few_seconds_until_back_withdrawn_or_for
     assert len(lost) == 0 and lost.due() == []
 
 
+def test_peers_the_partial_view_let_go_of_for_age_or_room_are_not_dialed_back():
+    """A peer aged out of the registry's partial view (its bucket not re-read lately) is out
+    of sight, not known to have vanished: dialing it would redial much of a large swarm."""
+    lost = LostPeers(clock=lambda: 0.0)
+    a, b = rec("Qa", 1, 3), rec("Qb", 1, 3)
+    lost.update([a, b], set())
+    lost.update([a], set(), out_of_sight={"Qb"})
+    assert len(lost) == 0 and lost.due() == []
+    m = Membership("me", restricted=False, clock=lambda: 0.0)
+    m.update([a, b])
+    assert m.update([a], out_of_sight={"Qb"}) == [] and m.num_peers == 1
+
+
 @pytest.mark.timeout(120)
 def test_redial_reaches_a_peer_from_its_record_and_puts_each_in_the_others_routing_table():
     async def go():

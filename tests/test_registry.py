@@ -18,7 +18,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from locoswarm.node.registry import PeerRegistry, run_key
+from locoswarm.node.buckets import bucket_key
+from locoswarm.node.registry import PeerRegistry
 from locoswarm.protocol.records import PeerRecord, encode_record
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "announce.py")
@@ -97,11 +98,11 @@ def test_a_signed_record_cannot_be_overwritten_by_another_peer(spawn_peers):
         # parse signed values.
         forger = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs,
                                       record_validator=RSASignatureValidator(RSAPrivateKey()))
-        found = await forger.get(run_key(announce.RUN), latest=True)
+        found = await forger.get(bucket_key(announce.RUN, 0, 0), latest=True)
         (subkey,) = [k for k in found.value if isinstance(k, bytes) and k.startswith(victim.encode())]
         forged = PeerRecord(peer_id=victim, addrs=(addrs[0],), device="cpu", tokens_per_s=1.0, round=99,
                             spec_hash=announce.SPEC_HASH)
-        await forger.store(run_key(announce.RUN), encode_record(forged), get_dht_time() + 30, subkey=subkey)
+        await forger.store(bucket_key(announce.RUN, 0, 0), encode_record(forged), get_dht_time() + 30, subkey=subkey)
         await forger.shutdown()
         return await _signed_look(addrs)
 

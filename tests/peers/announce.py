@@ -22,7 +22,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
-from locoswarm.node.registry import PeerRegistry, run_key
+from locoswarm.node.buckets import bucket_key
+from locoswarm.node.registry import PeerRegistry
 from locoswarm.protocol.records import PeerRecord, encode_record
 
 RUN, SPEC_HASH, TTL_S = "registry-test", b"r" * 32, 3.0
@@ -40,10 +41,11 @@ async def main(mode: str) -> None:
     registry = PeerRegistry(dht, RUN, SPEC_HASH, ttl_s=TTL_S, validator=validator)
     record = PeerRecord(peer_id=me, addrs=(maddr,), device="cpu", tokens_per_s=1000.0, round=4,
                         spec_hash=b"x" * 32 if mode == "other_spec" else SPEC_HASH)
+    level0 = bucket_key(RUN, 0, 0)  # the bucket every reader of a small swarm reads
     if mode == "garbage":
-        await dht.store(run_key(RUN), b"\xc1garbage", get_dht_time() + TTL_S, subkey=me)
+        await dht.store(level0, b"\xc1garbage", get_dht_time() + TTL_S, subkey=me)
     elif mode == "impostor":
-        await dht.store(run_key(RUN), encode_record(record), get_dht_time() + TTL_S, subkey="SomeoneElse")
+        await dht.store(level0, encode_record(record), get_dht_time() + TTL_S, subkey="SomeoneElse")
     else:
         await registry.announce(record)
         if mode == "withdraw":

@@ -1,0 +1,148 @@
+"""The arithmetic of the bounded peer registry (docs/scale.md, "The bounded design"): which
+bucket key a peer's record lives under, at which levels a peer writes and reads, the swarm
+size estimated from what it read, and the partial view kept from the reads. Pure functions
+and small classes, no I/O: node/registry.py does the DHT reads and writes.
+
+**Buckets.** At level L the registry is 2^L DHT keys `locoswarm:<run>:peers:<L>:<b>`; a
+peer's record lives in bucket b = the first L bits of sha256(its base58 peer id, as ASCII
+bytes), read as a big-endian integer. Level 0 is one key, bucket 0: everyone.
+
+**Levels agreed without agreement.** Each peer computes ℓ = log2(N_est / BUCKET_ENTRIES)
+from its own estimate N_est, clamped at 0, WRITES its record at levels ⌊ℓ⌋ and ⌊ℓ⌋ + 1 and
+READS at ⌊ℓ + ½⌋ (ℓ rounded, halves up). Two peers whose estimates differ by less than a
+factor √2 have |ℓ_reader − ℓ_writer| < ½, so ℓ_writer < ℓ_reader + ½ < ℓ_writer + 1 and the
+reader's level ⌊ℓ_reader + ½⌋ is ⌊ℓ_writer⌋ or ⌊ℓ_writer⌋ + 1: one of the writer's two
+levels, so the reader meets the writer. Clamping at 0 moves no two values further apart, so
+the argument holds there too. With BUCKET_ENTRIES = 32 and peers agreeing on ℓ, a read
+bucket holds N / 2^⌊ℓ+½⌋ entries on average: 32/√2 … 32·√2 (23–45), and every record is
+written twice (2 small stores a refresh). Below ≈45 peers (ℓ < ½) everyone reads level 0,
+the one key holding everyone, as the registry did before it had buckets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from locoswarm.protocol.records import PeerRecord
+
+BUCKET_ENTRIES = 32
+"""Records a bucket should hold on average: the level follows N_est / BUCKET_ENTRIES."""
+SAMPLE_ENTRIES = 64
+"""A view read aims to see this many records: round(SAMPLE_ENTRIES / mean occupancy) buckets."""
+VIEW_MAX = 200
+"""At most this many records are kept in the partial view (the most recently seen)."""
+MAX_LEVEL = 24
+"""The highest level considered (32 · 2^24 ≈ 5e8 peers): bounds the bootstrap probe and
+whatever an estimate says."""
+ESTIMATES_KEPT = 5
+"""The estimate used is the median of the last this many samples, so L does not flap."""
+
+
+def bucket_of(peer_id: str, level: int) -> int:
+    """The bucket of `peer_id` at `level`: the first `level` bits of sha256(peer id's ASCII)."""
+    if level == 0:
+        return 0
+    digest = hashlib.sha256(peer_id.encode()).digest()
+    return int.from_bytes(digest[:(level + 7) // 8], "big") >> (8 * ((level + 7) // 8) - level)
+
+
+def bucket_key(run_id: str, level: int, bucket: int) -> str:
+    """The DHT key of one bucket."""
+    return f"locoswarm:{run_id}:peers:{level}:{bucket}"
+
+
+def level_of(peers_estimate: float) -> float:
+    """ℓ = log2(N_est / BUCKET_ENTRIES), clamped to [0, MAX_LEVEL]."""
+    if not peers_estimate > BUCKET_ENTRIES:
+        return 0.0
+    return min(float(MAX_LEVEL), math.log2(peers_estimate / BUCKET_ENTRIES))
+
+
+def write_levels(peers_estimate: float) -> tuple[int, int]:
+    """The two levels a peer writes its record at: ⌊ℓ⌋ and ⌊ℓ⌋ + 1."""
+    low = math.floor(level_of(peers_estimate))
+    return low, low + 1
+
+
+def read_level(peers_estimate: float) -> int:
+    """The level a peer reads at: ℓ rounded, halves up (one of the writers' two levels for
+    every writer whose estimate is within a factor √2 of ours)."""
+    return math.floor(level_of(peers_estimate) + 0.5)
+
+
+def buckets_to_sample(level: int, mean_occupancy: float) -> int:
+    """How many buckets of `level` a view read covers, the own one included:
+    round(SAMPLE_ENTRIES / mean occupancy), at least 1, at most all 2^level."""
+    wanted = round(SAMPLE_ENTRIES / mean_occupancy) if mean_occupancy > 0 else 2 ** level
+    return max(1, min(2 ** level, wanted))
+
+
+class SizeEstimate:
+    """N_est: the median of the last ESTIMATES_KEPT samples, each the mean number of live
+    records per bucket read at one level times 2^level."""
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=ESTIMATES_KEPT)
+
+    def add(self, mean_entries: float, level: int) -> None:
+        self._samples.append(mean_entries * 2 ** level)
+
+    def reset(self, peers_estimate: float) -> None:
+        """Start again from one figure (a bootstrap probe found the level the swarm writes at)."""
+        self._samples.clear()
+        self._samples.append(peers_estimate)
+
+    @property
+    def value(self) -> float:
+        """The estimate; 1 (this peer alone) before any sample."""
+        return statistics.median(self._samples) if self._samples else 1.0
+
+
+@dataclass(slots=True)
+class Seen:
+    record: PeerRecord
+    key: str
+    """The bucket key it was last read from."""
+    at: float
+    """When (monotonic seconds) it was last read live."""
+
+
+class PartialView:
+    """The live records this peer knows of, at most VIEW_MAX. A record stays while the
+    bucket it was read from shows it at each re-read of that bucket, and for at most
+    `keep_s` after it was last seen (buckets sampled at random are not re-read every
+    period); one withdrawn, or missing when its bucket is read again, is dropped at once."""
+
+    def __init__(self, keep_s: float, clock=time.monotonic) -> None:
+        self.keep_s = keep_s
+        self.clock = clock
+        self._seen: dict[str, Seen] = {}
+        self.aged_out: set[str] = set()
+        """Peers the last `records()` call dropped for age or for room, not because their
+        bucket showed them gone: out of sight, not known to have vanished."""
+
+    def update(self, key: str, live: list[PeerRecord], withdrawn: set[str]) -> None:
+        """Take one read of bucket `key`: its live records and the peers withdrawn in it."""
+        now = self.clock()
+        present = {r.peer_id for r in live}
+        for peer in [p for p, s in self._seen.items() if (s.key == key and p not in present) or p in withdrawn]:
+            del self._seen[peer]
+        for record in live:
+            self._seen[record.peer_id] = Seen(record, key, now)
+
+    def records(self) -> list[PeerRecord]:
+        """The view, by peer id: records older than keep_s dropped, then the most recently
+        seen VIEW_MAX kept."""
+        now = self.clock()
+        self.aged_out = {p for p, s in self._seen.items() if now - s.at > self.keep_s}
+        if len(self._seen) - len(self.aged_out) > VIEW_MAX:
+            kept = sorted((p for p in self._seen if p not in self.aged_out), key=lambda p: self._seen[p].at)
+            self.aged_out.update(kept[:len(kept) - VIEW_MAX])
+        for peer in self.aged_out:
+            del self._seen[peer]
+        return [self._seen[p].record for p in sorted(self._seen)]

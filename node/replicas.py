@@ -1,0 +1,106 @@
+"""Direct stores into a DHT dictionary key (docs/scale.md, "store = direct"): a signed entry
+is sent with `call_store` to the nodes nearest the key, found beforehand by a traversal that
+carries no values, instead of hivemind's `DHTNode.store`, whose own traversal asks for the
+key itself and so brings the whole dictionary back from every node it asks.
+
+How the replicas are found without values: hivemind's `rpc_find` answers a query with the
+value it holds under that exact DHTID, if any, and the nearest nodes it knows. Asking
+`find_nearest_nodes` for the key's DHTID with its last bit flipped names an id no one stores
+anything under (it is not the sha1 of any key we use, but for a 2^-160 chance), so every
+answer is nodes only, and the nodes nearest that id are the nodes nearest the key: XOR
+distances to the two ids differ in the last bit only, which can reorder only two node ids
+that differ in their last bit alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+
+log = logging.getLogger(__name__)
+
+REPLICAS_REFRESH_S = 10.0
+"""A key's replicas are looked up again after this long (nodes join and leave), and at once
+after a store that no replica took."""
+REFIND_MIN_S = 2.0
+"""Least time between two look-ups of a key's replicas prompted by a nearer node in the
+routing table."""
+
+
+class ReplicaStore:
+    """Stores dictionary entries at the replicas of their keys, remembering the replicas."""
+
+    def __init__(self, dht: DHTNode, clock=time.monotonic) -> None:
+        self.dht = dht
+        self.clock = clock
+        self._replicas: dict[DHTID, tuple[dict, float]] = {}
+        """key id → ({node DHTID: PeerID}, when found)."""
+        self.fallbacks = 0
+        """Stores that went through DHTNode.store because no replica was known or none took it."""
+
+    async def store(self, key: str, subkey: bytes | str, value: bytes, expiration_time: float) -> bool:
+        """Store `value` under `key`/`subkey` until `expiration_time` at the key's replicas;
+        True when at least one took it."""
+        key_id = DHTID.generate(source=key)
+        replicas = await self._replicas_of(key_id)
+        if replicas and await self._store_at(replicas, key_id, subkey, value, expiration_time):
+            return True
+        self._replicas.pop(key_id, None)
+        self.fallbacks += 1
+        return await self.dht.store(key, value, expiration_time, subkey=subkey)
+
+    def forget(self, key: str) -> None:
+        self._replicas.pop(DHTID.generate(source=key), None)
+
+    async def _replicas_of(self, key_id: DHTID) -> dict:
+        """The nodes nearest `key_id` (ourselves among them when we are), looked up again
+        after REPLICAS_REFRESH_S, or after REFIND_MIN_S when our routing table has met a
+        node nearer than the farthest known replica (a newcomer that would otherwise get
+        no stores, and answer readers with a copy missing them, until the next lookup)."""
+        known = self._replicas.get(key_id)
+        k = self.dht.num_replicas
+        if known is not None:
+            age = self.clock() - known[1]
+            if age < REPLICAS_REFRESH_S and (age < REFIND_MIN_S or not self._nearer_known(key_id, known[0], k)):
+                return known[0]
+        flipped = DHTID(key_id ^ 1)
+        found = await self.dht.find_nearest_nodes([flipped], k_nearest=k)
+        nearest = dict(found.get(flipped, {}))
+        if set(nearest) <= {self.dht.node_id}:
+            return {}  # nobody else known: DHTNode.store handles the lone node
+        self._replicas[key_id] = (nearest, self.clock())
+        return nearest
+
+    def _nearer_known(self, key_id: DHTID, replicas: dict, k: int) -> bool:
+        """Whether the routing table holds a node that belongs among the k nearest to
+        `key_id` and is not a known replica (a local look-up, no request)."""
+        table = self.dht.protocol.routing_table.get_nearest_neighbors(key_id, k, exclude=self.dht.node_id)
+        nodes = sorted({node for node, _ in table} | set(replicas), key=key_id.xor_distance)[:k]
+        return not set(nodes) <= set(replicas)
+
+    async def _store_at(self, replicas: dict, key_id: DHTID, subkey, value: bytes, expiration_time: float) -> bool:
+        protocol = self.dht.protocol
+        record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), protocol.serializer.dumps(value),
+                           expiration_time)
+        if protocol.record_validator is not None:
+            record = dataclasses.replace(record, value=protocol.record_validator.sign_value(record))
+        stored = False
+        calls = []
+        for node_id, peer in replicas.items():
+            if node_id == self.dht.node_id:  # one of the replicas ourselves: into our own storage, as DHTNode.store does
+                if protocol.record_validator is None or protocol.record_validator.validate(record):
+                    stored |= protocol.storage.store(key_id, record.value, expiration_time, subkey=subkey)
+            else:
+                calls.append(protocol.call_store(peer, keys=[key_id], values=[record.value],
+                                                 expiration_time=[expiration_time], subkeys=[subkey]))
+        for answer in await asyncio.gather(*calls):
+            stored |= bool(answer and answer[0])
+        if not stored:
+            log.debug("no replica of %s took the entry", key_id)
+        return stored
