@@ -28,7 +28,7 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
     from hivemind.p2p import P2P
     from hivemind.utils import get_dht_time
 
-    from locoswarm.bench.swarm import p2pd_io
+    from locoswarm.bench.tcpio import tcp_io
     from locoswarm.node.host import DHT_OPTIONS, IDENTITY_FILE, identity_key, open_state_dir
     from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
     from locoswarm.protocol.records import PeerRecord, encode_record
@@ -69,9 +69,9 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
     try:
         await asyncio.gather(*(loop(*p, time.monotonic() + seconds) for p in peers))  # warm-up: levels, replicas
         refreshes[0] = 0
-        sent0 = p2pd_io(p2pds)[0]
+        sent0 = tcp_io(p2pds)[0]
         await asyncio.gather(*(loop(*p, time.monotonic() + seconds) for p in peers))
-        sent1 = p2pd_io(p2pds)[0]
+        sent1 = tcp_io(p2pds)[0]
     finally:
         for node, *_ in peers:
             await node.shutdown()

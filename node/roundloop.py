@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
 from locoswarm.node.host import NodeError
-from locoswarm.node.rounds import RoundProgress, gather_deltas
+from locoswarm.node.replicas import ReplicaStore
+from locoswarm.node.rounds import RoundProgress, gather_deltas, progress_key
 
 if TYPE_CHECKING:
     from locoswarm.node.console import RoundBar
@@ -126,6 +127,8 @@ class RoundLoop:
         self.carry = 0
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
         self._started: dict[int, float] = {}
+        self.replicas = ReplicaStore(ctx.dht)
+        """Where round progress is stored: straight at each round key's replicas."""
         self._boundary: dict[int, tuple[float, float]] = {}
         """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
@@ -230,7 +233,8 @@ class RoundLoop:
                                  expected=lambda: ctx.membership.expected(round_),
                                  candidates=lambda: ctx.membership.candidates(round_),
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
-                                 validator=ctx.validator, admit=ctx.membership.admit)
+                                 validator=ctx.validator, admit=ctx.membership.admit, store=self.replicas)
+        self.replicas.forget(progress_key(ctx.spec.run_id, ctx.spec_hash, round_ - 3))  # long exchanged
         ctx.stats.state = "training"
         ctx.deltas.training(round_)
         self.round_stop = threading.Event()

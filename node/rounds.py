@@ -39,11 +39,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.registry import subkey_author
+from locoswarm.node.replicas import ReplicaStore
 from locoswarm.optim.screen import median
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.framing import TruncatedBody
@@ -97,6 +99,12 @@ def dial_refused(e: BaseException) -> bool:
         sign in text for sign in ("failed to dial", "failed to find any peer", "protocols not supported"))
 
 
+REPORT_KEEPALIVE_S = 1.0
+"""An unchanged progress report is stored again after this long (and not before)."""
+PROGRESS_READ_WORKERS = 2
+"""Requests a progress read keeps in flight (hivemind's default 4): each answer carries the
+whole dictionary, and those in flight when the first fresh copy arrives are paid for nothing."""
+
 CLAIM_FACTOR = 4.0
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -117,14 +125,19 @@ class RoundProgress:
                  per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0,
                  expected: Callable[[], set[str]] = frozenset, candidates: Callable[[], set[str]] = frozenset,
                  incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0, validator=None,
-                 admit: Callable[[str], bool] | None = None) -> None:
+                 admit: Callable[[str], bool] | None = None, store: ReplicaStore | None = None) -> None:
         """`validator`: hivemind's RSASignatureValidator holding this peer's identity key
         (entries are then signed, and unsigned ones ignored); `admit(peer_id)`: whether a
-        peer may take part (a private run's policy)."""
+        peer may take part (a private run's policy); `store`: where reports go straight to
+        the key's replicas (node/replicas.py; None: through DHTNode.store)."""
         self.dht = dht
+        self.store = store
         self.validator = validator
         self.admit = admit
         self.key = progress_key(run_id, spec_hash, round_)
+        self._key_id = DHTID.generate(source=self.key)
+        self._reported: tuple[int, bool, float] = (-1, False, 0.0)
+        """(tokens, done, when) of our last stored report."""
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
         self.carry = carry
@@ -144,13 +157,35 @@ class RoundProgress:
         """Seconds this peer trained in the round (set by the round loop when training ends)."""
 
     async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
+        """Store our progress, unless it shows the same tokens as the last report and that one
+        is younger than REPORT_KEEPALIVE_S: a reader takes an unchanged count for no news (its
+        extrapolation runs from when the count last changed), so repeating it only costs."""
+        now = time.monotonic()
+        if (tokens, done) == self._reported[:2] and now - self._reported[2] < REPORT_KEEPALIVE_S:
+            return
         value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done,
                                          incarnation=self.incarnation))
         subkey = self.peer_id if self.validator is None else self.peer_id.encode() + self.validator.local_public_key
-        await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=subkey)
+        if self.store is not None:
+            await self.store.store(self.key, subkey, value, get_dht_time() + self.ttl_s)
+        else:
+            await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=subkey)
+        self._reported = (tokens, done, now)
 
     async def refresh(self) -> None:
-        found = await self.dht.get(self.key, latest=True)
+        """Read the round's progress. A copy of the key holding an entry stored within the
+        last report interval is enough: every peer stores at every replica (node/replicas.py),
+        so one replica's copy holds every entry that reached it. `latest=True` instead asks
+        every node near the key and merges all their copies: with ~20 nodes near it, 20 copies
+        of the whole dictionary, each entry's signature checked, 10 times a second. While the
+        round trains, every peer stores at least every REPORT_KEEPALIVE_S, which makes the first
+        replica's answer (or our own storage, when we are a replica) enough. The local cache's
+        copy, from our last read, is dropped first: it would pass for fresh without holding
+        what was stored since. Once every peer is done nothing new is stored and the read asks
+        every node near the key, as `latest=True` did."""
+        del self.dht.protocol.cache[self._key_id]  # only the replicas' copies (and our storage's) are fresh
+        found = await self.dht.get(self.key, sufficient_expiration_time=get_dht_time() + self.ttl_s
+                                   - REPORT_KEEPALIVE_S - self.interval_s, num_workers=PROGRESS_READ_WORKERS)
         if found is None or not isinstance(found.value, dict):
             return
         now = time.monotonic()
