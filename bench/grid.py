@@ -35,12 +35,18 @@ class GroupConfig:
     fp32 ring all-reduce, 2(N−1)/N·4·P each)."""
     mix_every: int = 1
     """K: mix after every K-th round (the states' bytes are paid once per K rounds)."""
+    mix_density: float = 0.0
+    """The "sparse" mix's top-k density; 0: the deltas' density."""
 
     def validate(self, replicas: int) -> None:
         if self.group_size < 0 or self.group_size == 1:
             raise ValueError(f"group_size must be 0 (full exchange) or >= 2, got {self.group_size}")
         if self.mix not in MIXES:
             raise ValueError(f"group mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
+        if not 0 <= self.mix_density <= 1:
+            raise ValueError(f"group mix_density must lie in [0, 1], got {self.mix_density}")
+        if self.mix_density and self.mix != "sparse":
+            raise ValueError(f"group mix_density applies to the sparse mix only, not {self.mix!r}")
         if self.mix_every < 1:
             raise ValueError(f"group mix_every must be >= 1, got {self.mix_every}")
         if self.group_size == 0:

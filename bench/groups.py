@@ -52,7 +52,8 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig, k
     compressors = [round_step.compressor(outers[0].params[0].device) for _ in range(n)]
     state_bytes = 4 * w.params
     if grp.mix == "sparse":
-        sparse = SparseMix(dl, compression, w.shapes, outers, d)
+        density = grp.mix_density or compression.density
+        sparse = SparseMix(dl, replace(compression, density=density), w.shapes, outers, d)
     sent = mixed = 0.0
     curve, spread_curve = [], []
     step = rounds = 0
@@ -101,7 +102,8 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig, k
     result.spread = spread_curve[-1][1]
     result.spread_curve = spread_curve
     result.mix_bytes_per_replica = int(round(mixed))
-    result.group = {"group_size": g, "dims": d, "mix": grp.mix, "mix_every": grp.mix_every}
+    result.group = {"group_size": g, "dims": d, "mix": grp.mix, "mix_every": grp.mix_every,
+                    "mix_density": grp.mix_density}
     if keep is not None:
         keep.update(models=models, outers=outers, compressors=compressors)
     load_params(models[0], mean_state([o.params for o in outers]))

@@ -77,7 +77,8 @@ def test_a_replica_count_that_is_not_a_power_of_the_group_size_is_refused_before
 
 
 @pytest.mark.parametrize("groups", [{"group_size": 1}, {"mix": "average"}, {"group_size": 2, "mix": "blend"},
-                                    {"group_size": 2, "mix_every": 0}])
+                                    {"group_size": 2, "mix_every": 0}, {"group_size": 2, "mix_density": 0.1},
+                                    {"group_size": 2, "mix": "sparse", "mix_density": 2.0}])
 def test_invalid_group_settings_are_refused_naming_the_field(groups):
     with pytest.raises(ValueError, match="group"):
         _small(**groups).validate()
@@ -86,7 +87,7 @@ def test_invalid_group_settings_are_refused_naming_the_field(groups):
 def test_one_group_of_every_replica_reproduces_the_full_exchange_bit_for_bit():
     full = _run(_small(replicas=4))
     one = _run(_small(replicas=4, group_size=4))
-    assert one.group == {"group_size": 4, "dims": 1, "mix": "none", "mix_every": 1}
+    assert one.group == {"group_size": 4, "dims": 1, "mix": "none", "mix_every": 1, "mix_density": 0.0}
     assert one.eval_loss == full.eval_loss
     assert one.replica_eval_loss == full.replica_eval_loss
     assert one.curve == full.curve
