@@ -226,7 +226,7 @@ def run_diloco(
     if compression is not None and cfg.groups.group_size:
         from locoswarm.bench.groups import run_grouped
 
-        return run_grouped(w, compression, dl, keep)
+        return run_grouped(w, compression, dl, on_round, keep)
     t0 = time.perf_counter()
     n = cfg.replicas
     models = [w.new_model() for _ in range(n)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,8 @@ from locoswarm.optim.inner import load_params
 from locoswarm.optim.round import RoundStep
 
 
-def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig, keep: dict | None = None) -> RunResult:
+def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
+                on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
     cfg = w.cfg
     grp = cfg.groups
     n, g = cfg.replicas, grp.group_size
@@ -96,6 +98,8 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig, k
         loss = w.evaluate(models[0])
         curve.append((step, loss))
         spread_curve.append((step, spread([o.params for o in outers])))
+        if on_round is not None:
+            on_round(rounds, loss)
     losses = [w.evaluate(m) for m in models]
     result = RunResult(sum(losses) / n, int(round(sent + mixed)), time.perf_counter() - t0, curve, rounds)
     result.replica_eval_loss = losses[0]
