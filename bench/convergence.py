@@ -38,6 +38,7 @@ from locoswarm.optim import (
     pseudo_gradients,
     set_lr,
 )
+from locoswarm.bench.grid import GroupConfig
 from locoswarm.optim.inner import load_params
 from locoswarm.optim.round import RoundStep
 from locoswarm.workload.data import Corpus, DataConfig
@@ -71,6 +72,8 @@ class BenchConfig:
     """'cpu', 'cuda' or 'mps'."""
     seed: int = 0
     """Genesis seed: initial weights and every replica's data order."""
+    groups: GroupConfig = field(default_factory=GroupConfig)
+    """The compressed run's exchange: the full swarm (group_size 0) or rotating grid groups."""
 
     def validate(self) -> None:
         if self.replicas < 1:
@@ -87,6 +90,7 @@ class BenchConfig:
             raise ValueError(f"device: unknown device {self.device!r}; use cpu, cuda or mps")
         self.data.validate()
         self.diloco.validate()
+        self.groups.validate(self.replicas)
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -127,6 +131,14 @@ class RunResult:
     curve: list[tuple[int, float]]
     rounds: int = 0
     consensus_eval_loss: float | None = None
+    replica_eval_loss: float | None = None
+    """Replica 0's model alone (eval_loss is the mean over the replicas when they differ)."""
+    spread: float | None = None
+    """max over pairs of ‖θi − θj‖ / ‖θi‖ of the replicas' outer states at the end (0: one state)."""
+    spread_curve: list[tuple[int, float]] | None = None
+    mix_bytes_per_replica: int = 0
+    """Of bytes_sent_per_replica, what the grouped run's state mixing sent."""
+    group: dict | None = None
 
 
 class Workload:
@@ -206,9 +218,15 @@ def run_diloco(
     keep: dict | None = None,
 ) -> RunResult:
     """N replicas with H inner steps per round; `compression` None exchanges fp32 deltas.
-    `keep`, when given, receives the final models, outer optimizer and compressors."""
+    `keep`, when given, receives the final models, outer optimizer and compressors.
+    With `cfg.groups.group_size` set the compressed run exchanges in rotating groups
+    (bench/groups.py); the uncompressed run always exchanges with the full swarm."""
     cfg = w.cfg
     dl = diloco or cfg.diloco
+    if compression is not None and cfg.groups.group_size:
+        from locoswarm.bench.groups import run_grouped
+
+        return run_grouped(w, compression, dl, on_round, keep)
     t0 = time.perf_counter()
     n = cfg.replicas
     models = [w.new_model() for _ in range(n)]
@@ -255,12 +273,15 @@ def run_diloco(
         if on_round is not None:
             on_round(rounds, loss)
     result = RunResult(curve[-1][1], int(round(sent)), time.perf_counter() - t0, curve, rounds)
+    result.spread = 0.0  # one outer state shared by every replica
     if keep is not None:
         keep.update(models=models, outer=outer, compressors=compressors if compression is not None else None)
     if compression is not None and compression.residual == "model":
         # Replicas differ by their unsent residuals: report the mean over the models the
         # peers hold, and the consensus parameters alone.
-        result.eval_loss = sum(w.evaluate(m) for m in models) / n
+        losses = [w.evaluate(m) for m in models]
+        result.eval_loss = sum(losses) / n
+        result.replica_eval_loss = losses[0]
         load_params(models[0], outer.params)
         result.consensus_eval_loss = w.evaluate(models[0])
     return result
@@ -270,6 +291,7 @@ def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
     """The benchmark's JSON: per run eval loss, gap to ddp, traffic and reduction."""
     cfg = w.cfg
     ddp = results.get("ddp")
+    local = results.get("local")
     runs = {}
     for name, r in results.items():
         gap = None if ddp is None else 100.0 * (r.eval_loss - ddp.eval_loss) / ddp.eval_loss
@@ -284,8 +306,14 @@ def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
             "reduction_vs_ddp": reduction,
             "rounds": r.rounds,
             "consensus_eval_loss": r.consensus_eval_loss,
+            "replica_eval_loss": r.replica_eval_loss,
+            "spread": r.spread,
+            "gain_kept": gain_kept(r.eval_loss, local and local.eval_loss, ddp and ddp.eval_loss),
+            "mix_bytes_per_replica": r.mix_bytes_per_replica,
+            "group": r.group,
             "wall_s": r.wall_s,
             "curve": r.curve,
+            "spread_curve": r.spread_curve,
         }
     out = {
         "preset": cfg.preset,
@@ -298,6 +326,14 @@ def summarize(w: Workload, results: dict[str, RunResult]) -> dict:
     }
     out.update(runs)  # the issue's flat keys: out["ddp"]["eval_loss"] …
     return out
+
+
+def gain_kept(loss: float, local: float | None, ddp: float | None) -> float | None:
+    """(local − loss) / (local − ddp): the share of data-parallel training's gain over a lone
+    peer that a run keeps (1: all of it, 0: none; None without both references)."""
+    if local is None or ddp is None or local == ddp:
+        return None
+    return (local - loss) / (local - ddp)
 
 
 @contextlib.contextmanager
@@ -350,6 +386,15 @@ def format_table(summary: dict) -> str:
         red = "—" if r["reduction_vs_ddp"] is None else f"{r['reduction_vs_ddp']:,.0f}×"
         lines.append(f"{name:<11}{r['eval_loss']:>10.4f}{gap:>12}{_human(r['bytes_sent_per_replica']):>15}{red:>12}"
                      f"{r['wall_s']:>8.0f}")
+    for name, r in summary["runs"].items():
+        if r["replica_eval_loss"] is None:
+            continue
+        where = "full exchange" if r["group"] is None else (
+            f"groups of {r['group']['group_size']} on {r['group']['dims']} dims, mix {r['group']['mix']}"
+            f" every {r['group']['mix_every']} ({_human(r['mix_bytes_per_replica'])} of it mixing)")
+        kept = "" if r["gain_kept"] is None else f", gain kept {r['gain_kept']:.2f}"
+        lines.append(f"{name}: {where}; replica 0 {r['replica_eval_loss']:.4f}, "
+                     f"consensus {r['consensus_eval_loss']:.4f}, spread {r['spread']:.2e}{kept}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,13 @@ def convergence(
     data: Optional[str] = typer.Option(None, help="builtin:shakespeare, builtin:kjv, a folder of .txt/.jsonl, or several joined by '+'."),
     tokenizer: Optional[str] = typer.Option(None, help="gpt2 or byte."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="G: the compressed run exchanges in "
+                                             "rotating grid groups of G (replicas must be G^d); 0: full exchange."),
+    mix: Optional[str] = typer.Option(None, help="With --group-size, the restoring force between replicas' outer "
+                                      "states: none, average (group mean state) or sync (swarm mean state)."),
+    mix_every: Optional[int] = typer.Option(None, "--mix-every", help="K: mix after every K-th round."),
+    mix_density: Optional[float] = typer.Option(None, "--mix-density", help="Top-k density of --mix sparse "
+                                                "(unset: the deltas' density)."),
 ) -> None:
     """Train ddp, DiLoCo, compressed DiLoCo and a lone replica on the same tokens; compare."""
     from locoswarm.bench import convergence as conv
@@ -46,6 +53,7 @@ def convergence(
             replicas=replicas, total_steps=steps, inner_steps=inner_steps, density=density, bits=bits,
             chunk=chunk, outer_lr=outer_lr, outer_momentum=outer_momentum, ef_decay=ef_decay, residual=residual,
             model=model, device=device, data=data, tokenizer=tokenizer,
+            group_size=group_size, mix=mix, mix_every=mix_every, mix_density=mix_density,
         )
         run_names = tuple(r.strip() for r in runs.split(",") if r.strip())
         for name in run_names:

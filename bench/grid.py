@@ -1,0 +1,108 @@
+"""Rotating grid groups for the convergence benchmark (issue 18, item 2), after Moshpit
+All-Reduce (Ryabinin et al. 2021): N = G^d peers sit on a d-dimensional grid of side G;
+in round r a group is the peers that share every coordinate except dimension r mod d, so
+every group has G members, every peer is in one group per round, and after d rounds
+every pair of peers has been connected through a chain of groups.
+
+Each member aggregates its group's compressed deltas and steps ITS OWN outer state. That
+is not Moshpit's averaging: averaging pseudo-gradients does not average states, so the
+replicas' outer states drift apart (a random walk with no restoring force). The mixing
+rules here add one back, each with the bytes it would cost (see `GroupConfig.mix`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MIXES = ("none", "average", "sparse", "sync")
+
+
+@dataclass(kw_only=True, slots=True)
+class GroupConfig:
+    group_size: int = 0
+    """G: peers per exchange group; 0 is the full exchange (every peer aggregates every delta)."""
+    mix: str = "none"
+    """The restoring force between the replicas' outer states, applied after the outer step of
+    every `mix_every`-th round. "none": pseudo-gradients only, states drift. "average": each
+    member replaces its outer state by its group's mean outer state (Moshpit's parameter
+    averaging, exact; it costs each peer (G−1) fp32 states). "sparse": the same averaging on
+    what each member's state moved since its group last met (groups recur every d rounds),
+    compressed like a delta, the unsent part kept in the member's state (one more compressed
+    message to the G−1). "sync": every replica takes the whole swarm's mean outer state (an
+    fp32 ring all-reduce, 2(N−1)/N·4·P each)."""
+    mix_every: int = 1
+    """K: mix after every K-th round (the states' bytes are paid once per K rounds)."""
+    mix_density: float = 0.0
+    """The "sparse" mix's top-k density; 0: the deltas' density."""
+
+    def validate(self, replicas: int) -> None:
+        if self.group_size < 0 or self.group_size == 1:
+            raise ValueError(f"group_size must be 0 (full exchange) or >= 2, got {self.group_size}")
+        if self.mix not in MIXES:
+            raise ValueError(f"group mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
+        if not 0 <= self.mix_density <= 1:
+            raise ValueError(f"group mix_density must lie in [0, 1], got {self.mix_density}")
+        if self.mix_density and self.mix != "sparse":
+            raise ValueError(f"group mix_density applies to the sparse mix only, not {self.mix!r}")
+        if self.mix_every < 1:
+            raise ValueError(f"group mix_every must be >= 1, got {self.mix_every}")
+        if self.group_size == 0:
+            if self.mix != "none":
+                raise ValueError(f"group mix {self.mix!r} needs a group_size (the full exchange has one state)")
+            return
+        grid_dims(replicas, self.group_size)
+
+
+def grid_dims(replicas: int, group_size: int) -> int:
+    """d with group_size^d == replicas; ValueError naming both otherwise."""
+    d, n = 0, 1
+    while n < replicas:
+        n *= group_size
+        d += 1
+    if n != replicas or d < 1:
+        raise ValueError(f"group_size {group_size} needs replicas = {group_size}^d (a full grid); "
+                         f"got replicas {replicas}")
+    return d
+
+
+def round_groups(replicas: int, group_size: int, round_: int) -> list[list[int]]:
+    """The groups of round `round_`: replica i has grid coordinates c_k = ⌊i / G^k⌋ mod G;
+    its group is the G replicas that differ from it in coordinate k = round_ mod d only.
+    Each group is listed in ascending replica order, groups by their smallest member."""
+    d = grid_dims(replicas, group_size)
+    stride = group_size ** (round_ % d)
+    groups = []
+    for base in range(replicas):
+        if (base // stride) % group_size == 0:
+            groups.append([base + m * stride for m in range(group_size)])
+    return groups
+
+
+@torch.no_grad()
+def mean_state(states: list[list[Tensor]]) -> list[Tensor]:
+    """The parameter-wise mean of several outer states (summed in the order given)."""
+    out = [t.clone() for t in states[0]]
+    for s in states[1:]:
+        for o, t in zip(out, s):
+            o.add_(t)
+    for o in out:
+        o.div_(len(states))
+    return out
+
+
+@torch.no_grad()
+def spread(states: list[list[Tensor]]) -> float:
+    """max over pairs i ≠ j of ‖θi − θj‖ / ‖θi‖, every parameter flattened into one vector:
+    0 when the replicas share one outer state."""
+    worst = 0.0
+    norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in s))) for s in states]
+    for i, a in enumerate(states):
+        for j, b in enumerate(states):
+            if i == j:
+                continue
+            dist = float(torch.sqrt(sum(((x - y).double() ** 2).sum() for x, y in zip(a, b))))
+            worst = max(worst, dist / norms[i])
+    return worst
