@@ -78,15 +78,6 @@ in the round) is given to answer at all ("not yet" counts) before the round goes
 without it: a record alone holds a round at most this long, once per SILENT_ROUNDS."""
 
 
-def serves_no_deltas(e: BaseException) -> bool:
-    """A stream p2pd refused because the peer's node does not serve the delta protocol: its
-    p2pd answers, but no daemon stands behind it (a crashed daemon's lingering p2pd, or a
-    record with nothing behind it). A daemon serves deltas before it shows a record."""
-    from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
-
-    return isinstance(e, ControlFailure) and "protocols not supported" in str(e)
-
-
 def dial_refused(e: BaseException) -> bool:
     """A stream that p2pd refused outright: no connection and none to be made now (refused,
     in libp2p's dial backoff after a refused dial, or no address known for the peer), or a
@@ -362,10 +353,6 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 return
             except Exception as e:  # the stream failed or hung (peer gone, refused, lossy link): retry, then drop
                 if answer_by is not None:
-                    if serves_no_deltas(e):  # nothing to wait for: it will not serve this round
-                        out.failed[peer] = "not proven and serves no deltas"
-                        out.silent.add(peer)
-                        return
                     await asyncio.sleep(min(REFUSED_RETRY_S, max(0.0, answer_by - time.monotonic())))
                     continue  # an unproven peer: asked again until its liveness bound
                 if dial_refused(e) and failures == 0:

@@ -159,31 +159,3 @@ def test_a_request_for_a_round_in_training_is_held_until_its_delta_is_published_
         return await asyncio.wait_for(held, 1), await asyncio.wait_for(gone, 1), expired, late
 
     assert asyncio.run(go()) == (b"delta 3", GONE, b"", b"")
-
-
-@pytest.mark.timeout(120)
-def test_an_unproven_peer_whose_node_serves_no_deltas_is_dropped_as_silent_without_its_liveness_wait():
-    """A record with nothing behind it: its p2pd answers but serves no delta protocol (a fake
-    identity, or a crashed daemon's lingering p2pd). Probed as an unproven candidate, it is
-    dropped on that answer and marked silent, not asked again until its liveness bound."""
-    import random
-
-    from locoswarm.node.rounds import RoundProgress, gather_deltas
-
-    async def go():
-        bare = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                  initial_peers=[str(a) for a in await bare.get_visible_maddrs()])
-        try:
-            peer = bare.peer_id.to_base58()
-            progress = RoundProgress(None, "run", b"h" * 32, 3, "me", per_peer_tokens=100, interval_s=0.1, ttl_s=10,
-                                     candidates=lambda: {peer})
-            return peer, await gather_deltas(client, progress, 3, serve_delta.SPEC, deadline_s=60.0, fanout=4,
-                                             rng=random.Random(0))
-        finally:
-            await client.shutdown()
-            await bare.shutdown()
-
-    peer, got = asyncio.run(go())
-    assert got.failed == {peer: "not proven and serves no deltas"} and got.silent == {peer}
-    assert got.deltas == [] and not got.unreachable
