@@ -141,6 +141,10 @@ class Churn:
         return left_s < 2 * self.restart_s
 
 
+class PhaseTooShort(RuntimeError):
+    """The swarm ended before a disturbance had a phase of its own to measure."""
+
+
 MIN_FAKE_ROUNDS = 4
 """Fewest rounds the fake identities stay once their records are stored: every honest peer
 reads the registry (each second) and probes them in its next round."""
@@ -194,11 +198,11 @@ class Fakes:
         self.stop()
 
     def phase(self) -> tuple[int, int]:
-        """(a, b) once the swarm has ended; ValueError when the fakes were never all present for a round."""
+        """(a, b) once the swarm has ended; PhaseTooShort when the fakes were never all present for a round."""
         if self.rounds is not None and self.stopped_unix_s is None:
             self.leave(swarm_round(self.swarm.peers))
         if self.rounds is None or self.rounds[1] <= self.rounds[0]:
-            raise ValueError(f"the {self.count} fake identities were not all in the registry for a whole round "
+            raise PhaseTooShort(f"the {self.count} fake identities were not all in the registry for a whole round "
                              f"before the swarm ended (started at round {self.phases.clean_end}): "
                              f"give more --rounds")
         return self.rounds

@@ -104,7 +104,7 @@ def swarm(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
-    from locoswarm.bench.churn import Phases
+    from locoswarm.bench.churn import Phases, PhaseTooShort
     from locoswarm.bench.swarmbench import format_swarm, run_swarm_bench
 
     if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
@@ -137,6 +137,9 @@ def swarm(
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)
         raise typer.Exit(130) from None
+    except PhaseTooShort as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     typer.echo(format_swarm(result))

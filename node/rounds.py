@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
@@ -92,10 +91,6 @@ def dial_refused(e: BaseException) -> bool:
 
 REPORT_KEEPALIVE_S = 1.0
 """An unchanged progress report is stored again after this long (and not before)."""
-PROGRESS_READ_WORKERS = 2
-"""Requests a progress read keeps in flight (hivemind's default 4): each answer carries the
-whole dictionary, and those in flight when the first fresh copy arrives are paid for nothing."""
-
 CLAIM_FACTOR = 4.0
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -126,7 +121,6 @@ class RoundProgress:
         self.validator = validator
         self.admit = admit
         self.key = progress_key(run_id, spec_hash, round_)
-        self._key_id = DHTID.generate(source=self.key)
         self._reported: tuple[int, bool, float] = (-1, False, 0.0)
         """(tokens, done, when) of our last stored report."""
         self.peer_id = peer_id
@@ -164,19 +158,12 @@ class RoundProgress:
         self._reported = (tokens, done, now)
 
     async def refresh(self) -> None:
-        """Read the round's progress. A copy of the key holding an entry stored within the
-        last report interval is enough: every peer stores at every replica (node/replicas.py),
-        so one replica's copy holds every entry that reached it. `latest=True` instead asks
-        every node near the key and merges all their copies: with ~20 nodes near it, 20 copies
-        of the whole dictionary, each entry's signature checked, 10 times a second. While the
-        round trains, every peer stores at least every REPORT_KEEPALIVE_S, which makes the first
-        replica's answer (or our own storage, when we are a replica) enough. The local cache's
-        copy, from our last read, is dropped first: it would pass for fresh without holding
-        what was stored since. Once every peer is done nothing new is stored and the read asks
-        every node near the key, as `latest=True` did."""
-        del self.dht.protocol.cache[self._key_id]  # only the replicas' copies (and our storage's) are fresh
-        found = await self.dht.get(self.key, sufficient_expiration_time=get_dht_time() + self.ttl_s
-                                   - REPORT_KEEPALIVE_S - self.interval_s, num_workers=PROGRESS_READ_WORKERS)
+        """Read the round's progress: every copy of the key near it, merged (`latest=True`).
+        A read that stops at the first fresh copy is cheaper, but a replica's own storage
+        then answers it alone, and holds only what reached it: a peer restarted before it
+        had met this replica stores elsewhere, and was never seen here (a churn run ended on
+        two digests that way)."""
+        found = await self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return
         now = time.monotonic()

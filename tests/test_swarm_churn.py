@@ -129,11 +129,13 @@ def test_a_fake_identity_with_a_signed_record_is_probed_dropped_and_the_swarm_en
     alone for a while; the swarm trains on and ends on one digest. (Its cost in rounds per
     minute is the benchmark's to measure, not this test's.)"""
     path, kept = tmp_path / "fakes.json", tmp_path / "swarm"
-    out = _run_bench(["bench", "swarm", "--peers", "3", "--rounds", "12", "--fakes", "1", "--no-simulate",
+    # 20 rounds: a fake's start (a process importing torch and hivemind, a DHT node) took up
+    # to 8 rounds on CI's loaded cores, and its phase lasts at least 4 rounds after it.
+    out = _run_bench(["bench", "swarm", "--peers", "3", "--rounds", "20", "--fakes", "1", "--no-simulate",
                       "--keep-dir", str(kept), "--json", str(path)], timeout_s=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(path.read_text())
-    assert result["fakes"] == 1 and result["consensus_equal"] is True and result["final_rounds"] == [12]
+    assert result["fakes"] == 1 and result["consensus_equal"] is True and result["final_rounds"] == [20]
     assert result["rounds_per_minute_clean"] > 0 and result["rounds_per_minute_fakes"] > 0
     logs = [p.read_text() for p in sorted(kept.glob("peer-*.log"))]
     dropped = [log.count("not proven and no answer within") for log in logs]
