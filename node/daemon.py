@@ -8,7 +8,8 @@ record, the control API; torch work runs on the training and exchange threads
 | module | concern |
 |---|---|
 | roundloop.py | the rounds: train, exchange, outer step; a failed round is discarded, never the node |
-| rounds.py | a round's progress in the DHT, its end and participants, the delta pull |
+| rounds.py | a round's progress in the DHT, its end and participants |
+| pull.py | the delta pull from a round's participants |
 | membership.py | who is live, who should train a round, who vanished and is dialed back |
 | lineage.py | round chains, divergence, whom to follow after a partition or a split |
 | catchup.py | joining and catching up: taking another peer's outer state |

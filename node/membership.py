@@ -89,7 +89,7 @@ class Membership:
     def candidates(self, round_: int) -> set[str]:
         """Peers whose record puts them in `round_` but that have not proven themselves (a
         newcomer, or a record with nothing behind it): each is asked for its delta and
-        waited for only if it answers within a liveness bound (node/rounds.py); one that
+        waited for only if it answers within a liveness bound (node/pull.py); one that
         did not is left alone for SILENT_ROUNDS rounds."""
         out = set()
         for r in self._in_round(round_):

@@ -33,7 +33,8 @@ from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
 from locoswarm.node.host import NodeError
 from locoswarm.node.replicas import ReplicaStore
-from locoswarm.node.rounds import RoundProgress, gather_deltas, progress_key
+from locoswarm.node.pull import gather_deltas
+from locoswarm.node.rounds import RoundProgress, progress_key
 
 if TYPE_CHECKING:
     from locoswarm.node.console import RoundBar

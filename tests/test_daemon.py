@@ -120,7 +120,7 @@ def test_survivors_of_a_sigkilled_peer_finish_their_rounds_without_it(swarm: Swa
     num_rounds = 7
     # Until its record expires the victim is still expected, and its lingering p2pd answers
     # each delta request "protocol not supported", asked again after 0.5, 1, 2 s while the
-    # deadline leaves room (rounds.STREAM_RETRY_S): 3.5 s a round under a 5 s deadline,
+    # deadline leaves room (pull.STREAM_RETRY_S): 3.5 s a round under a 5 s deadline,
     # 1.5 s under this one.
     run = write_spec(tmp_path / "run.toml", deadline_s=3.0)
     a, b, victim = three_peers(swarm, "--max-rounds", str(num_rounds), run=run)
@@ -161,7 +161,7 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
     expected = {"garbage": None, "truncated": "MalformedMessage", "oversized": "OversizedMessage"}
     subclasses = {n for n, c in vars(errors).items()
                   if isinstance(c, type) and issubclass(c, errors.ProtocolError) and c is not errors.ProtocolError}
-    # A cut-short delta is asked for again after each of rounds.STREAM_RETRY_S while the
+    # A cut-short delta is asked for again after each of pull.STREAM_RETRY_S while the
     # deadline leaves room for the wait, then rejected: under the default 30 s deadline the
     # truncated peer held every round 15.5 s; under 7 s it is rejected after 3.5 s.
     run = write_spec(tmp_path / "run.toml", deadline_s=7.0)

@@ -40,7 +40,7 @@ def test_a_peer_done_with_no_tokens_has_given_the_round_up_and_is_not_waited_for
     assert p.withdrawn() == {"a"}, "b is still training; c is done with a delta to pull"
 
     async def gather():
-        from locoswarm.node.rounds import gather_deltas
+        from locoswarm.node.pull import gather_deltas
 
         p.expected = lambda: {"a"}
         return await gather_deltas(None, p, 0, None, deadline_s=120.0, fanout=4, rng=random.Random(0))
