@@ -61,9 +61,7 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     step = rounds = 0
     while step < cfg.total_steps:
         h = min(dl.inner_steps, cfg.total_steps - step)
-        for r in range(n):
-            for s in range(h):
-                w.train_step(models[r], opts[r], samplers[r].next_batch(cfg.batch_size), step + s)
+        w.train_inner(models, opts, samplers, step, h)
         step += h
         tokens = h * tokens_per_step
         received = []

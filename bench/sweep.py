@@ -14,8 +14,8 @@ from locoswarm.bench.convergence import (
     flush_denormals,
     run_diloco,
     run_single,
-    summarize,
 )
+from locoswarm.bench.convergence_report import summarize
 from locoswarm.optim import CompressionConfig, DiLoCoConfig
 
 

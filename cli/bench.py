@@ -42,6 +42,7 @@ def convergence(
 ) -> None:
     """Train ddp, DiLoCo, compressed DiLoCo and a lone replica on the same tokens; compare."""
     from locoswarm.bench import convergence as conv
+    from locoswarm.bench.convergence_report import format_table
     from locoswarm.bench.settings import apply_overrides
     from locoswarm.bench.sweep import format_frontier, run_sweep
 
@@ -69,7 +70,7 @@ def convergence(
             typer.echo(format_frontier(result))
         else:
             result = conv.run_benchmark(cfg, run_names, log=typer.echo)
-            typer.echo(conv.format_table(result))
+            typer.echo(format_table(result))
     except ValueError as e:  # data or tokenizer refused while loading: nothing was written
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

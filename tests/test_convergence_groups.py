@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from locoswarm.bench import convergence as conv
+from locoswarm.bench import convergence_report as report
 from locoswarm.bench import groups as grouped
 from locoswarm.bench.grid import GroupConfig, grid_dims, round_groups
 from locoswarm.bench.settings import apply_overrides
@@ -166,15 +167,15 @@ def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(monkeypatch
 
 
 def test_summary_reports_the_gain_kept_between_local_and_ddp():
-    assert conv.gain_kept(2.0, 2.2, 1.8) == pytest.approx(0.5)
-    assert conv.gain_kept(2.0, None, 1.8) is None
+    assert report.gain_kept(2.0, 2.2, 1.8) == pytest.approx(0.5)
+    assert report.gain_kept(2.0, None, 1.8) is None
     summary = conv.run_benchmark(replace(_small(replicas=4, group_size=2), total_steps=4),
                                  runs=("ddp", "local", "compressed"), log=lambda _: None)
     c = summary["compressed"]
-    assert c["gain_kept"] == pytest.approx(conv.gain_kept(c["eval_loss"], summary["local"]["eval_loss"],
+    assert c["gain_kept"] == pytest.approx(report.gain_kept(c["eval_loss"], summary["local"]["eval_loss"],
                                                           summary["ddp"]["eval_loss"]))
     assert c["spread"] > 0 and c["replica_eval_loss"] is not None and c["group"]["dims"] == 2
-    assert "groups of 2 on 2 dims" in conv.format_table(summary)
+    assert "groups of 2 on 2 dims" in report.format_table(summary)
 
 
 def test_a_sparse_mix_keeps_the_group_mean_and_leaves_members_apart_only_by_what_they_did_not_send():
