@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,9 +35,6 @@ from locoswarm.bench.swarm import LocalSwarm, Peer
 
 MIN_CHURN_ROUNDS = 8
 """Fewest rounds a churn run takes: two each for the clean phase and the tail, four churned."""
-FIRST_RESTART_S = 15.0
-"""How long a restart is assumed to take before one was seen (a daemon's start on 2 busy cores
-took 10–25 s; kills stop once the rounds left take less than twice the longest seen)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +85,11 @@ class Churn:
     """When the bench saw the churn phase begin (round C completed)."""
     stopped_unix_s: float | None = None
     """When the bench saw it end (round E completed)."""
-    restart_s: float = FIRST_RESTART_S
-    """The longest a victim took so far from its kill to its first round in the new life."""
+    restart_s: float = float("nan")
+    """The longest a victim took so far from its kill to its first round in the new life;
+    before the first restart, the median peer's first start to its first round (set when
+    the churn phase begins): a machine's own figure, not a constant that is too long on a
+    fast machine (no kill before the end) and too short on a loaded one."""
     _rng: random.Random = field(init=False)
     _next_kill: float = field(init=False, default=float("inf"))
     _victim: tuple[Peer, float] | None = field(init=False, default=None)
@@ -106,6 +107,8 @@ class Churn:
         if self.started_unix_s is None:
             if current >= self.phases.clean_end:
                 self.started_unix_s = time.time()
+                self.restart_s = statistics.median(p.start_s for p in peers)
+                self.log(f"  churn starts at round {current} (a peer's start took {self.restart_s:.1f} s here)")
                 self._next_kill = now + self._rng.expovariate(1.0 / self.mean_interval_s)
             return
         if self.stopped_unix_s is not None:
@@ -130,6 +133,13 @@ class Churn:
         self._victim = (victim, time.monotonic())
         self.restarts += 1
         self._next_kill = time.monotonic() + self._rng.expovariate(1.0 / self.mean_interval_s)
+
+    def check(self) -> None:
+        """PhaseTooShort when the churn phase saw no restart: its rate would be a clean one."""
+        if self.restarts == 0:
+            raise PhaseTooShort(f"no peer was killed: from round {self.phases.clean_end} on, the rounds left took "
+                                f"less than twice a peer's restart ({self.restart_s:.1f} s) on this machine, "
+                                f"so a victim could not have come back before the end: give more --rounds")
 
     def _too_late(self, current: int) -> bool:
         """A kill now could not come back before the swarm ends: the swarm runs on without

@@ -75,6 +75,14 @@ class Peer:
     addr: str | None = None
     io_start: tuple[int, int] | None = None
     io_end: tuple[int, int] | None = None
+    spawned_unix_s: float = float("nan")
+    """When its first life was started (Unix seconds)."""
+
+    @property
+    def start_s(self) -> float:
+        """Seconds from its first start to the end of its first round (nan before it): what a
+        daemon's start, dial and first round take on this machine."""
+        return self.rounds[0].ended_unix_s - self.spawned_unix_s if self.rounds else float("nan")
 
 
 def _io(pid: int) -> tuple[int, int] | None:
@@ -134,7 +142,9 @@ class LocalSwarm:
             cmd += ["--run", self.spec_path]
         if peer_addr:
             cmd += ["--peer", peer_addr]
-        peer = Peer(index, self._spawn(index, cmd, 1), state_dir, EventTail(self._events_path(index, 1)), cmd)
+        spawned_unix_s = time.time()
+        peer = Peer(index, self._spawn(index, cmd, 1), state_dir, EventTail(self._events_path(index, 1)), cmd,
+                    spawned_unix_s=spawned_unix_s)
         self.peers.append(peer)
         return peer
 

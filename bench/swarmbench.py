@@ -119,6 +119,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "spec_hash": spec.hash().hex(),
     }
     if churn is not None:
+        churn.check()
         # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
         for key in ("rounds_per_minute", "bytes_per_peer_per_round", "delta_bytes_per_peer_per_round",
                     "control_bytes_per_peer_per_round"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from locoswarm.bench.churn import Phases, first_completed, rate_per_minute, swarm_round
+from locoswarm.bench.churn import Churn, Phases, PhaseTooShort, first_completed, rate_per_minute, swarm_round
 from locoswarm.bench.swarm import Peer, RoundLine
 from locoswarm.node.events import read_events
 
@@ -51,6 +51,34 @@ def test_rate_counts_the_swarms_highest_round_so_a_restarted_peer_redoing_rounds
     assert rate_per_minute(peers, 2, 4) == pytest.approx(60.0 * 2 / 28.0)
 
 
+class _Swarm:
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = peers
+
+
+def test_kills_stop_by_this_machines_restart_time_and_a_run_without_one_is_refused():
+    """Kills stop once the rounds left take less than twice a restart. Before one was seen, a
+    restart is taken to last as long as the median peer's first start did here: a constant
+    was too long on a fast machine (CI once ran 48 rounds without a kill and reported a clean
+    rate as the churn rate) and too short on a loaded one."""
+    peers = [_peer(i, [(0, 100.0), (12, 112.0)]) for i in range(3)]
+    for p, spawned in zip(peers, (90.0, 95.0, 70.0)):
+        p.spawned_unix_s = spawned
+    assert [p.start_s for p in peers] == [10.0, 5.0, 30.0]
+    churn = Churn(_Swarm(peers), Phases.of(48), 2.0, seed=0, log=lambda line: None)  # type: ignore[arg-type]
+    churn.poll()  # the swarm completed round 12: the churn phase begins
+    assert churn.restart_s == 10.0
+    # 1 round a second so far: 36 rounds left take 36 s, more than 2 × 10 s, so not too late
+    # yet; at round 30, 18 s are left, less than that.
+    assert not churn._too_late(12)
+    peers[0].rounds.append(RoundLine(30, 1, 1, 0, 0.0, 0.0, 0.0, 0.0, 130.0))
+    assert churn._too_late(30)
+    with pytest.raises(PhaseTooShort, match="--rounds"):
+        churn.check()
+    churn.restarts = 1
+    churn.check()
+
+
 def test_bench_swarm_refuses_churn_with_too_few_rounds_or_peers_without_starting_anything():
     for args, word in ((("--rounds", "4", "--churn", "5"), "--rounds"), (("--peers", "1", "--churn", "5"), "--peers"),
                        (("--churn", "-1"), "--churn")):
@@ -83,8 +111,8 @@ def _run_bench(args: list[str], timeout_s: float) -> subprocess.CompletedProcess
 @pytest.mark.timeout(720)
 def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one_digest(tmp_path: Path):
     # 3 peers × 48 rounds: rounds wait for no dead peer, so the swarm runs on fast while a
-    # victim restarts (10-25 s here), and kills stop once a restart could not come back
-    # before the end. Seed 1 kills peer 0, the one the others joined through, first, so the
+    # victim restarts (5-25 s here), and kills stop once a restart (as long as this machine's
+    # starts took) could not come back before the end. Seed 1 kills peer 0, the one the others joined through, first, so the
     # bootstrap peer's restart (it rejoins the peers it saw last) is covered; checkpoints
     # every 2 rounds give a restarted peer a checkpoint to resume from.
     path, kept = tmp_path / "churn.json", tmp_path / "swarm"
