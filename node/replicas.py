@@ -3,6 +3,14 @@ is sent with `call_store` to the nodes nearest the key, found beforehand by a tr
 carries no values, instead of hivemind's `DHTNode.store`, whose own traversal asks for the
 key itself and so brings the whole dictionary back from every node it asks.
 
+Reads go to the same replicas, one copy a read, taking them in turn: every replica holds
+what every writer stored (a writer stores at all of them), so one copy is the whole
+dictionary but for a store that some replica missed, and the next reads ask the others. A
+`latest=True` get asks every node near the key for its whole copy on every read, k times
+the bytes. Always asking the same replica is not enough: a replica that missed a writer
+(its store went to replicas found before this one joined) would hide it for good; and our
+own storage, when we are a replica, answers with what reached us alone.
+
 How the replicas are found without values: hivemind's `rpc_find` answers a query with the
 value it holds under that exact DHTID, if any, and the nearest nodes it knows. Asking
 `find_nearest_nodes` for the key's DHTID with its last bit flipped names an id no one stores
@@ -21,7 +29,9 @@ import time
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord
+from hivemind.utils import ValueWithExpiration
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,10 @@ class ReplicaStore:
         """key id → ({node DHTID: PeerID}, when found)."""
         self.fallbacks = 0
         """Stores that went through DHTNode.store because no replica was known or none took it."""
+        self.fallback_reads = 0
+        """Reads that went through DHTNode.get because no replica was known or the one asked failed."""
+        self._turn: dict[DHTID, int] = {}
+        """key id → reads of it so far (which replica answers the next)."""
 
     async def store(self, key: str, subkey: bytes | str, value: bytes, expiration_time: float) -> bool:
         """Store `value` under `key`/`subkey` until `expiration_time` at the key's replicas;
@@ -56,7 +70,48 @@ class ReplicaStore:
         return await self.dht.store(key, value, expiration_time, subkey=subkey)
 
     def forget(self, key: str) -> None:
-        self._replicas.pop(DHTID.generate(source=key), None)
+        key_id = DHTID.generate(source=key)
+        self._replicas.pop(key_id, None)
+        self._turn.pop(key_id, None)
+
+    async def read(self, key: str):
+        """One replica's copy of `key` (a ValueWithExpiration, None when it holds none), the
+        next replica each call; through DHTNode.get (latest) while no replica is known or
+        the one asked did not answer."""
+        key_id = DHTID.generate(source=key)
+        replicas = await self._replicas_of(key_id)
+        if replicas:
+            nodes = sorted(replicas, key=key_id.xor_distance)
+            turn = self._turn.get(key_id, 0)
+            self._turn[key_id] = turn + 1
+            node = nodes[turn % len(nodes)]
+            if node == self.dht.node_id:
+                return self._decoded(key_id, self.dht.protocol.storage.get(key_id))
+            answer = await self.dht.protocol.call_find(replicas[node], [key_id])
+            if answer is not None and key_id in answer:
+                return self._decoded(key_id, answer[key_id][0])
+            self._replicas.pop(key_id, None)  # look them up again next time
+        self.fallback_reads += 1
+        return await self.dht.get(key, latest=True)
+
+    def _decoded(self, key_id: DHTID, found):
+        """A stored copy as DHTNode.get returns it: entries deserialized, signatures stripped
+        (the protocol validated them on the way in: call_find on answer, our storage on store)."""
+        if found is None:
+            return None
+        protocol = self.dht.protocol
+        if not isinstance(found.value, DictionaryDHTValue):
+            return None  # a plain value where a dictionary belongs: nothing of ours
+        entries = {}
+        for subkey, (value, expiration_time) in found.value.items():
+            if protocol.record_validator is not None:
+                record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), value, expiration_time)
+                value = protocol.record_validator.strip_value(record)
+            try:
+                entries[subkey] = ValueWithExpiration(protocol.serializer.loads(value), expiration_time)
+            except Exception:  # not msgpack: the reader sees the entry missing
+                continue
+        return ValueWithExpiration(entries, found.expiration_time)
 
     async def _replicas_of(self, key_id: DHTID) -> dict:
         """The nodes nearest `key_id` (ourselves among them when we are), looked up again

@@ -60,6 +60,8 @@ class _Seen:
     progress: Progress
     at: float
     """time.monotonic() when we read it."""
+    expires: float = float("-inf")
+    """Its entry's DHT expiration time: the later, the newer the report."""
 
 
 class RoundProgress:
@@ -116,12 +118,15 @@ class RoundProgress:
         self._reported = (tokens, done, now)
 
     async def refresh(self) -> None:
-        """Read the round's progress: every copy of the key near it, merged (`latest=True`).
-        A read that stops at the first fresh copy is cheaper, but a replica's own storage
-        then answers it alone, and holds only what reached it: a peer restarted before it
-        had met this replica stores elsewhere, and was never seen here (a churn run ended on
-        two digests that way)."""
-        found = await self.dht.get(self.key, latest=True)
+        """Read the round's progress: one copy of the key a read, from its replicas in turn
+        (node/replicas.py ReplicaStore.read), merged into what earlier reads saw. A peer's
+        entry is taken only when it is newer (expires later) than the one we hold, so a
+        replica that missed the writer's last store cannot set its progress back; one that
+        missed a writer altogether is made up for by the next replica's copy."""
+        if self.store is not None:
+            found = await self.store.read(self.key)
+        else:
+            found = await self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return
         now = time.monotonic()
@@ -130,15 +135,19 @@ class RoundProgress:
             peer = self._author(subkey)
             if peer is None or peer == self.peer_id:
                 continue
+            old = others.get(peer)
+            if old is not None and not item.expiration_time > old.expires:
+                continue
             try:
                 seen = decode_progress(item.value)
             except ProtocolError as e:
                 self.rejected += 1
                 log.warning("progress of %s refused: %s", peer, e)
                 continue
-            old = others.get(peer)
             if old is None or old.progress != seen:
-                others[peer] = _Seen(seen, now)
+                others[peer] = _Seen(seen, now, item.expiration_time)
+            else:
+                others[peer] = _Seen(old.progress, old.at, item.expiration_time)
         self._others = others
 
     def _author(self, subkey: object) -> str | None:

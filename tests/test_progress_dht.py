@@ -110,3 +110,48 @@ def test_a_peer_cannot_report_progress_in_another_peers_name():
 
     honest_id, seen = asyncio.run(go())
     assert seen == {honest_id: 40}
+
+
+def test_a_read_asks_one_replica_in_turn_so_an_entry_one_replica_missed_is_seen_and_never_set_back():
+    """Reads take one copy each from the key's replicas in turn (node/replicas.py): an entry
+    that reached one replica only is seen within k reads, and a replica holding an older
+    report of the same peer does not set its progress back."""
+    async def go():
+        nodes = await _swarm(6)
+        try:
+            reader = _progress(*nodes[0])
+            key_id = DHTID.generate(source=reader.key)
+            asked = []
+            real_find = nodes[0][0].protocol.call_find
+
+            async def counted(peer, keys):
+                asked.append(peer)
+                return await real_find(peer, keys)
+
+            nodes[0][0].protocol.call_find = counted
+            replicas = await reader.store._replicas_of(key_id)
+            k = len(replicas)
+            writer = _progress(*nodes[1])
+            await writer.report(20, 10.0)  # at every replica
+            # A later report that reached one replica only (the rest missed the store).
+            one = max(replicas, key=key_id.xor_distance)
+            writer.store._replicas[key_id] = ({one: replicas[one]}, writer.store.clock())
+            await asyncio.sleep(0.01)  # a later expiration time: the newer entry
+            writer._reported = (-1, False, 0.0)
+            await writer.report(30, 10.0)
+            seen = []
+            for _ in range(2 * k):
+                before = len(asked)
+                await reader.refresh()
+                assert len(asked) - before <= 1, "one copy a read"
+                seen.append(reader._others[writer.peer_id].progress.tokens)
+            return k, seen, reader.store.fallback_reads
+        finally:
+            for node, _ in nodes:
+                await node.shutdown()
+
+    k, seen, fallback_reads = asyncio.run(go())
+    assert k >= 3 and fallback_reads == 0
+    assert 30 in seen[:k], seen  # every replica asked once within k reads
+    first = seen.index(30)
+    assert seen[first:] == [30] * (len(seen) - first), "an older copy set the progress back"
