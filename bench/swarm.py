@@ -19,7 +19,6 @@ libp2p framing and encryption are all included.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess

@@ -104,3 +104,20 @@ def spawn_peers():
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
+
+
+@pytest.fixture
+def encoded_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every delta RoundStep.encode produces in this test, in order."""
+    from locoswarm.optim.round import RoundStep
+
+    lengths: list[int] = []
+    real = RoundStep.encode
+
+    def recording(self, *args, **kwargs):
+        blob = real(self, *args, **kwargs)
+        lengths.append(len(blob))
+        return blob
+
+    monkeypatch.setattr(RoundStep, "encode", recording)
+    return lengths

@@ -13,7 +13,6 @@ from locoswarm.bench import convergence as conv
 from locoswarm.bench.settings import apply_overrides
 from locoswarm.workload.data import DataConfig
 from locoswarm.optim import CompressionConfig, DiLoCoConfig
-from locoswarm.optim.round import RoundStep
 
 
 def _small(**kw) -> conv.BenchConfig:
@@ -48,16 +47,8 @@ def test_benchmark_json_has_every_run_with_loss_gap_and_traffic():
     assert summary["compressed"]["rounds"] == 2
 
 
-def test_reported_bytes_equal_the_encoded_messages(monkeypatch):
-    lengths: list[int] = []
-    real = RoundStep.encode
-
-    def recording(self, *args, **kwargs):
-        blob = real(self, *args, **kwargs)
-        lengths.append(len(blob))
-        return blob
-
-    monkeypatch.setattr(RoundStep, "encode", recording)
+def test_reported_bytes_equal_the_encoded_messages(encoded_lengths):
+    lengths = encoded_lengths
     summary = conv.run_benchmark(_small(), runs=("compressed",), log=lambda _: None)
     n = 2
     assert len(lengths) == n * summary["compressed"]["rounds"]

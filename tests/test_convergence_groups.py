@@ -17,7 +17,6 @@ from locoswarm.bench import groups as grouped
 from locoswarm.bench.grid import GroupConfig, grid_dims, round_groups
 from locoswarm.bench.settings import apply_overrides
 from locoswarm.optim import CompressionConfig, DiLoCoConfig
-from locoswarm.optim.round import RoundStep
 from locoswarm.workload.data import DataConfig
 
 
@@ -138,16 +137,8 @@ def test_swarm_sync_leaves_every_replica_on_one_state():
 
 
 @pytest.mark.parametrize(("mix", "every"), [("none", 1), ("average", 1), ("sync", 2), ("sparse", 1)])
-def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(monkeypatch, mix, every):
-    lengths: list[int] = []
-    real = RoundStep.encode
-
-    def recording(self, *args, **kwargs):
-        blob = real(self, *args, **kwargs)
-        lengths.append(len(blob))
-        return blob
-
-    monkeypatch.setattr(RoundStep, "encode", recording)
+def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(encoded_lengths, mix, every):
+    lengths = encoded_lengths
     n, g = 4, 2
     cfg = _small(replicas=n, group_size=g, mix=mix, mix_every=every)
     with conv.flush_denormals():
