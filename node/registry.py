@@ -9,9 +9,8 @@ process).
 What a peer pays no longer grows with the swarm: it writes its own entry into two buckets
 (`call_store` at the replicas that a value-less traversal found, node/replicas.py, not
 DHTNode.store, whose traversal carries the whole bucket back from every node it asks), and
-reads its own bucket every refresh (one replica's copy a read, the replicas in turn, merged
-by entry expiration; the first read every replica's) and a random sample of the others every
-VIEW_READ_S (each stopping at the first copy fresh enough). A bucket holds 23–45 records on average
+reads its own bucket every refresh and a random sample of the others every VIEW_READ_S,
+each read stopping at the first copy fresh enough. A bucket holds 23–45 records on average
 whatever N is, so the bytes and signature checks of a read are bounded by that, and the
 view kept is at most VIEW_MAX records. Below ≈45 peers everything is in level 0's one
 bucket, read every refresh: every peer sees every other, as before buckets.
