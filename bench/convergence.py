@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from locoswarm.bench.grid import GroupConfig
 from locoswarm.optim import (
     CompressionConfig,
     DiLoCoConfig,
@@ -37,7 +38,6 @@ from locoswarm.optim import (
     pseudo_gradients,
     set_lr,
 )
-from locoswarm.bench.grid import GroupConfig
 from locoswarm.optim.inner import load_params
 from locoswarm.optim.round import RoundStep
 from locoswarm.workload.data import Corpus, DataConfig

@@ -100,9 +100,8 @@ def spread(states: list[list[Tensor]]) -> float:
     worst = 0.0
     norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in s))) for s in states]
     for i, a in enumerate(states):
-        for j, b in enumerate(states):
-            if i == j:
-                continue
-            dist = float(torch.sqrt(sum(((x - y).double() ** 2).sum() for x, y in zip(a, b))))
-            worst = max(worst, dist / norms[i])
+        for j in range(i + 1, len(states)):
+            # ‖θi − θj‖ is symmetric: the pair's larger ratio is over the smaller norm
+            dist = float(torch.sqrt(sum(((x - y).double() ** 2).sum() for x, y in zip(a, states[j]))))
+            worst = max(worst, dist / min(norms[i], norms[j]))
     return worst

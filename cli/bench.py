@@ -35,7 +35,8 @@ def convergence(
     group_size: Optional[int] = typer.Option(None, "--group-size", help="G: the compressed run exchanges in "
                                              "rotating grid groups of G (replicas must be G^d); 0: full exchange."),
     mix: Optional[str] = typer.Option(None, help="With --group-size, the restoring force between replicas' outer "
-                                      "states: none, average (group mean state) or sync (swarm mean state)."),
+                                      "states: none, average (group mean state), sparse (the same, compressed) "
+                                      "or sync (swarm mean state)."),
     mix_every: Optional[int] = typer.Option(None, "--mix-every", help="K: mix after every K-th round."),
     mix_density: Optional[float] = typer.Option(None, "--mix-density", help="Top-k density of --mix sparse "
                                                 "(unset: the deltas' density)."),

@@ -122,11 +122,6 @@ class CachedSignatureValidator(RSASignatureValidator):
         return verdict
 
 
-def run_key(run_id: str) -> str:
-    """The prefix of the run's registry keys: buckets are `<run_key>:<level>:<bucket>`."""
-    return f"locoswarm:{run_id}:peers"
-
-
 VIEW_READ_S = 20.0
 """At level ≥ 1, the other sampled buckets are read this often (the own bucket every refresh)."""
 PROBE_S = 30.0
@@ -201,10 +196,7 @@ class PeerRegistry:
         now = time.monotonic()
         for level in levels:
             self._written[level] = now
-        expiration = get_dht_time() + self.ttl_s
-        done = await asyncio.gather(*(self.store.store(self._own_key(level, record.peer_id), self._subkey(record.peer_id),
-                                                       encode_record(record), expiration) for level in levels))
-        return all(done)
+        return await self._store_own(record.peer_id, encode_record(record), levels)
 
     async def withdraw(self, peer_id: str) -> bool:
         """Replace this peer's record by a tombstone in every bucket it was written to within
@@ -213,8 +205,13 @@ class PeerRegistry:
         now = time.monotonic()
         levels = [level for level, at in self._written.items() if now - at <= self.ttl_s] or list(
             write_levels(self.estimate.value))
+        return await self._store_own(peer_id, b"", levels)
+
+    async def _store_own(self, peer_id: str, value: bytes, levels) -> bool:
+        """Store `value` as `peer_id`'s entry in its bucket at each of `levels`, for `ttl_s`
+        from now; True when every store was taken."""
         expiration = get_dht_time() + self.ttl_s
-        done = await asyncio.gather(*(self.store.store(self._own_key(level, peer_id), self._subkey(peer_id), b"",
+        done = await asyncio.gather(*(self.store.store(self._own_key(level, peer_id), self._subkey(peer_id), value,
                                                        expiration) for level in levels))
         return all(done)
 
