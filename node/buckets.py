@@ -110,6 +110,9 @@ class Seen:
     """The bucket key it was last read from."""
     at: float
     """When (monotonic seconds) it was last read live."""
+    expires: float | None = None
+    """Its entry's DHT expiration time, when it came from a one-replica read (None: from a
+    whole bucket read, dropped when a later read of the bucket no longer shows it)."""
 
 
 class PartialView:
@@ -118,27 +121,49 @@ class PartialView:
     `keep_s` after it was last seen (buckets sampled at random are not re-read every
     period); one withdrawn, or missing when its bucket is read again, is dropped at once."""
 
-    def __init__(self, keep_s: float, clock=time.monotonic) -> None:
+    def __init__(self, keep_s: float, clock=time.monotonic, dht_clock=time.time) -> None:
         self.keep_s = keep_s
         self.clock = clock
+        self.dht_clock = dht_clock
         self._seen: dict[str, Seen] = {}
         self.aged_out: set[str] = set()
         """Peers the last `records()` call dropped for age or for room, not because their
         bucket showed them gone: out of sight, not known to have vanished."""
 
-    def update(self, key: str, live: list[PeerRecord], withdrawn: set[str]) -> None:
-        """Take one read of bucket `key`: its live records and the peers withdrawn in it."""
+    def update(self, key: str, live: list[PeerRecord], withdrawn: set[str],
+               expires: dict[str, float] | None = None) -> None:
+        """Take one read of bucket `key`: its live records and the peers withdrawn in it.
+        `expires` (peer id → its entry's DHT expiration time, tombstones included) marks a
+        copy from one replica, which may have missed stores: a peer missing from it is
+        kept, and an entry is taken only when it expires later than the one held (an older
+        copy sets nothing back); such records are dropped once their entry expires."""
         now = self.clock()
-        present = {r.peer_id for r in live}
-        for peer in [p for p, s in self._seen.items() if (s.key == key and p not in present) or p in withdrawn]:
-            del self._seen[peer]
+        if expires is None:
+            present = {r.peer_id for r in live}
+            for peer in [p for p, s in self._seen.items() if (s.key == key and p not in present) or p in withdrawn]:
+                del self._seen[peer]
+            for record in live:
+                self._seen[record.peer_id] = Seen(record, key, now)
+            return
+        for peer in withdrawn:
+            held = self._seen.get(peer)
+            if held is not None and (held.expires is None or expires[peer] > held.expires):
+                del self._seen[peer]
         for record in live:
-            self._seen[record.peer_id] = Seen(record, key, now)
+            held = self._seen.get(record.peer_id)
+            when = expires[record.peer_id]
+            if held is None or held.expires is None or when > held.expires:
+                self._seen[record.peer_id] = Seen(record, key, now, when)
+            elif when == held.expires:
+                held.at = now
 
     def records(self) -> list[PeerRecord]:
         """The view, by peer id: records older than keep_s dropped, then the most recently
         seen VIEW_MAX kept."""
         now = self.clock()
+        dht_now = self.dht_clock()
+        for peer in [p for p, s in self._seen.items() if s.expires is not None and s.expires < dht_now]:
+            del self._seen[peer]  # its entry expired: gone, not aged out
         self.aged_out = {p for p, s in self._seen.items() if now - s.at > self.keep_s}
         if len(self._seen) - len(self.aged_out) > VIEW_MAX:
             kept = sorted((p for p in self._seen if p not in self.aged_out), key=lambda p: self._seen[p].at)

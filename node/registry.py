@@ -9,8 +9,9 @@ process).
 What a peer pays no longer grows with the swarm: it writes its own entry into two buckets
 (`call_store` at the replicas that a value-less traversal found, node/replicas.py, not
 DHTNode.store, whose traversal carries the whole bucket back from every node it asks), and
-reads its own bucket every refresh and a random sample of the others every VIEW_READ_S,
-each read stopping at the first copy fresh enough. A bucket holds 23–45 records on average
+reads its own bucket every refresh (one replica's copy a read, the replicas in turn, merged
+by entry expiration; the first read every replica's) and a random sample of the others every
+VIEW_READ_S (each stopping at the first copy fresh enough). A bucket holds 23–45 records on average
 whatever N is, so the bytes and signature checks of a read are bounded by that, and the
 view kept is at most VIEW_MAX records. Below ≈45 peers everything is in level 0's one
 bucket, read every refresh: every peer sees every other, as before buckets.
@@ -145,6 +146,8 @@ class BucketRead:
     key: str
     live: list[PeerRecord]
     withdrawn: set[str]
+    expires: dict[str, float] | None = None
+    """Peer id → its entry's expiration time, for a copy read from one replica (else None)."""
 
 
 class PeerRegistry:
@@ -170,7 +173,7 @@ class PeerRegistry:
         self.peer_id = peer_id or dht.peer_id.to_base58()
         self.store = ReplicaStore(dht)
         self.estimate = SizeEstimate()
-        self.view = PartialView(keep_s=2 * VIEW_READ_S + ttl_s)
+        self.view = PartialView(keep_s=2 * VIEW_READ_S + ttl_s, dht_clock=get_dht_time)
         self.rejected: list[tuple[str, str]] = []
         """(subkey, reason) of the records refused by the last `peers()` call."""
         self.withdrawn: set[str] = set()
@@ -235,7 +238,7 @@ class PeerRegistry:
             wanted = buckets_to_sample(level, self.estimate.value / 2 ** level) - 1
             mine = bucket_of(self.peer_id, level)
             others = [bucket_key(self.run_id, level, b) for b in _sample_buckets(level, mine, wanted)]
-        reads = [self._read([own], level, self.read_period_s)]
+        reads = [self._read_own(own, level)]
         if others:
             reads.append(self._read(others, level, VIEW_READ_S))
         found = [bucket for group in await asyncio.gather(*reads) for bucket in group]
@@ -246,7 +249,7 @@ class PeerRegistry:
             self._next_probe = now + PROBE_S
             found += await self._probe(level)
         for bucket in found:
-            self.view.update(bucket.key, bucket.live, bucket.withdrawn)
+            self.view.update(bucket.key, bucket.live, bucket.withdrawn, bucket.expires)
             self.withdrawn |= bucket.withdrawn
         return self.view.records()
 
@@ -276,6 +279,16 @@ class PeerRegistry:
         self.estimate.reset(best[1])
         return [best[2]]
 
+    async def _read_own(self, key: str, level: int) -> list[BucketRead]:
+        """Read our own bucket, read every refresh: one copy from one of its replicas, the
+        replicas in turn, the first read every replica's, merged (node/replicas.py
+        ReplicaStore.read; the view merges the copies by entry expiration). A read that stops at the first fresh copy would, on a replica,
+        be answered by its own storage alone, and hide for good a peer that stored at
+        replicas found before this one joined."""
+        read = self._check(key, level, int(key.rsplit(":", 1)[1]), await self.store.read(key, whole_first=True),
+                           expires={})
+        return [read]
+
     async def _read(self, keys: list[str], level: int | None, period_s: float) -> list[BucketRead]:
         """Read bucket `keys` in one traversal. The read asks the network for a copy written
         within about half a read period (`sufficient_expiration_time`): hivemind's get
@@ -300,9 +313,11 @@ class PeerRegistry:
             out.append(self._check(key, key_level, int(key.rsplit(":", 1)[1]), found.get(key)))
         return out
 
-    def _check(self, key: str, level: int, bucket: int, found) -> BucketRead:
-        """The entries of one bucket copy that pass every check; the rest to `rejected`."""
-        read = BucketRead(key, [], set())
+    def _check(self, key: str, level: int, bucket: int, found, expires: dict | None = None) -> BucketRead:
+        """The entries of one bucket copy that pass every check; the rest to `rejected`.
+        `expires`: a dictionary to fill with each taken entry's expiration time (a copy of
+        one replica's, merged by the view)."""
+        read = BucketRead(key, [], set(), expires)
         if found is None:
             return read
         if not isinstance(found.value, dict):
@@ -324,10 +339,12 @@ class PeerRegistry:
                               f"{MAX_ENTRIES_READ} freshest read")
             del entries[MAX_ENTRIES_READ:]
         latest: dict[str, PeerRecord] = {}
-        for _, owner, signed, signer, subkey, value in sorted(entries, key=lambda e: str(e[4])):
+        for expiration_time, owner, signed, signer, subkey, value in sorted(entries, key=lambda e: str(e[4])):
             if value == b"":
                 if self.validator is None or signer == owner:
                     read.withdrawn.add(owner)
+                    if expires is not None:
+                        expires[owner] = max(expires.get(owner, float("-inf")), expiration_time)
                 continue
             if not isinstance(value, bytes):
                 self._reject(owner, f"entry of {owner} is a {type(value).__name__}, not bytes")
@@ -354,6 +371,8 @@ class PeerRegistry:
             best = latest.get(record.peer_id)
             if best is None or record.round > best.round:
                 latest[record.peer_id] = record  # after a restart with a new key, two records for a while
+                if expires is not None:
+                    expires[record.peer_id] = expiration_time
         read.live = [latest[p] for p in sorted(latest) if p not in read.withdrawn]
         return read
 

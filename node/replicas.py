@@ -74,25 +74,35 @@ class ReplicaStore:
         self._replicas.pop(key_id, None)
         self._turn.pop(key_id, None)
 
-    async def read(self, key: str):
-        """One replica's copy of `key` (a ValueWithExpiration, None when it holds none), the
-        next replica each call; through DHTNode.get (latest) while no replica is known or
-        the one asked did not answer."""
+    async def read(self, key: str, *, whole_first: bool = False):
+        """A copy of `key` (a ValueWithExpiration, None when none is held): one replica's,
+        the next replica each call; with `whole_first`, the first read of a key asks every
+        replica and merges their copies (a newcomer's first view of the registry is whole;
+        a round's progress key, new each round, is not worth k copies a round). Through
+        DHTNode.get (latest) while no replica is known or none answered."""
         key_id = DHTID.generate(source=key)
         replicas = await self._replicas_of(key_id)
         if replicas:
             nodes = sorted(replicas, key=key_id.xor_distance)
             turn = self._turn.get(key_id, 0)
             self._turn[key_id] = turn + 1
-            node = nodes[turn % len(nodes)]
-            if node == self.dht.node_id:
-                return self._decoded(key_id, self.dht.protocol.storage.get(key_id))
-            answer = await self.dht.protocol.call_find(replicas[node], [key_id])
-            if answer is not None and key_id in answer:
-                return self._decoded(key_id, answer[key_id][0])
+            asked = nodes if turn == 0 and whole_first else [nodes[turn % len(nodes)]]
+            copies = await asyncio.gather(*(self._copy(key_id, node, replicas[node]) for node in asked))
+            answered = [c for c in copies if c is not False]
+            if answered:
+                return _merged([c for c in answered if c is not None])
             self._replicas.pop(key_id, None)  # look them up again next time
         self.fallback_reads += 1
         return await self.dht.get(key, latest=True)
+
+    async def _copy(self, key_id: DHTID, node: DHTID, peer):
+        """`node`'s copy of `key_id`, decoded; None when it holds none, False when it did not answer."""
+        if node == self.dht.node_id:
+            return self._decoded(key_id, self.dht.protocol.storage.get(key_id))
+        answer = await self.dht.protocol.call_find(peer, [key_id])
+        if answer is None or key_id not in answer:
+            return False
+        return self._decoded(key_id, answer[key_id][0])
 
     def _decoded(self, key_id: DHTID, found):
         """A stored copy as DHTNode.get returns it: entries deserialized, signatures stripped
@@ -127,6 +137,8 @@ class ReplicaStore:
         flipped = DHTID(key_id ^ 1)
         found = await self.dht.find_nearest_nodes([flipped], k_nearest=k)
         nearest = dict(found.get(flipped, {}))
+        if self.dht.protocol.client_mode:
+            nearest.pop(self.dht.node_id, None)  # nobody stores at a client: it is no replica
         if set(nearest) <= {self.dht.node_id}:
             return {}  # nobody else known: DHTNode.store handles the lone node
         self._replicas[key_id] = (nearest, self.clock())
@@ -159,3 +171,18 @@ class ReplicaStore:
         if not stored:
             log.debug("no replica of %s took the entry", key_id)
         return stored
+
+
+def _merged(copies: list):
+    """Copies of one dictionary key merged: per subkey, the entry that expires latest."""
+    if not copies:
+        return None
+    if len(copies) == 1:
+        return copies[0]
+    entries: dict = {}
+    for copy in copies:
+        for subkey, item in copy.value.items():
+            held = entries.get(subkey)
+            if held is None or item.expiration_time > held.expiration_time:
+                entries[subkey] = item
+    return ValueWithExpiration(entries, max(c.expiration_time for c in copies))

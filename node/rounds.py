@@ -49,6 +49,11 @@ EXTRAPOLATE_INTERVALS = 4
 
 REPORT_KEEPALIVE_S = 1.0
 """An unchanged progress report is stored again after this long (and not before)."""
+REPORT_SPACING_INTERVALS = EXTRAPOLATE_INTERVALS - 1
+"""A changed count (not yet done) is stored at most once per this many report intervals: a
+reader extrapolates our count from our rate for EXTRAPOLATE_INTERVALS, which spans the gap
+to our next report and one read of its own. Each store goes to every replica of the key, so
+storing every interval cost more than all the reads."""
 CLAIM_FACTOR = 4.0
 
 def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
@@ -103,10 +108,15 @@ class RoundProgress:
 
     async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
         """Store our progress, unless it shows the same tokens as the last report and that one
-        is younger than REPORT_KEEPALIVE_S: a reader takes an unchanged count for no news (its
-        extrapolation runs from when the count last changed), so repeating it only costs."""
+        is younger than REPORT_KEEPALIVE_S (a reader takes an unchanged count for no news: its
+        extrapolation runs from when the count last changed, so repeating it only costs), or
+        a changed count not yet done within REPORT_SPACING_INTERVALS of the last store. Done
+        (and given up) is stored at once."""
         now = time.monotonic()
-        if (tokens, done) == self._reported[:2] and now - self._reported[2] < REPORT_KEEPALIVE_S:
+        age = now - self._reported[2]
+        if (tokens, done) == self._reported[:2] and age < REPORT_KEEPALIVE_S:
+            return
+        if not done and done == self._reported[1] and age < REPORT_SPACING_INTERVALS * self.interval_s:
             return
         value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done,
                                          incarnation=self.incarnation))

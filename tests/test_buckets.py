@@ -83,6 +83,23 @@ def test_the_view_drops_a_peer_its_bucket_no_longer_shows_and_one_withdrawn():
     assert [r.peer_id for r in view.records()] == ["A"] and view.aged_out == set()
 
 
+def test_one_replica_copies_merge_by_expiration_and_their_records_go_when_their_entries_expire():
+    """A copy from one replica (`expires` given) may have missed stores: a peer missing from
+    it stays, an older entry sets nothing back, a tombstone newer than the record drops it,
+    and a record leaves once its entry's expiration time has passed."""
+    now, dht_now = [0.0], [1000.0]
+    view = PartialView(keep_s=50.0, clock=lambda: now[0], dht_clock=lambda: dht_now[0])
+    view.update("k0", [_record("A", 3), _record("B", 3)], set(), {"A": 1010.0, "B": 1010.0})
+    view.update("k0", [_record("A", 2)], set(), {"A": 1009.0})  # a replica that missed A's last store, and B
+    assert [(r.peer_id, r.round) for r in view.records()] == [("A", 3), ("B", 3)]
+    view.update("k0", [], {"B"}, {"B": 1005.0})  # an old tombstone (B left, then came back)
+    assert [r.peer_id for r in view.records()] == ["A", "B"]
+    view.update("k0", [], {"B"}, {"B": 1012.0})  # B left after its last record
+    assert [r.peer_id for r in view.records()] == ["A"]
+    dht_now[0] = 1010.5  # A's entry expired (a SIGKILLed peer refreshes it no more)
+    assert view.records() == [] and view.aged_out == set()
+
+
 def test_the_view_ages_out_what_is_not_reread_and_keeps_the_freshest_view_max(monkeypatch):
     monkeypatch.setattr(buckets, "VIEW_MAX", 5)
     now = [0.0]

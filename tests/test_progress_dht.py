@@ -15,7 +15,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from locoswarm.node.registry import subkey_author
 from locoswarm.node.replicas import ReplicaStore
-from locoswarm.node.rounds import RoundProgress
+from locoswarm.node.rounds import REPORT_SPACING_INTERVALS, RoundProgress
+from locoswarm.protocol.records import decode_progress
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,6 +53,7 @@ def test_a_read_sees_every_report_stored_since_the_last_read_although_the_reader
             seen = []
             for tokens in (10, 20, 30):
                 for w in writers:
+                    w._reported = (*w._reported[:2], w._reported[2] - 1.0)  # reports a second apart
                     await w.report(tokens, 100.0)
                 await reader.refresh()
                 seen.append(sorted(s.progress.tokens for s in reader._others.values()))
@@ -65,31 +67,39 @@ def test_a_read_sees_every_report_stored_since_the_last_read_although_the_reader
     assert fallbacks == [0, 0, 0], "every report went straight to the replicas"
 
 
-def test_an_unchanged_report_is_not_stored_again_before_its_keepalive_and_a_change_is(monkeypatch):
+def test_a_report_is_stored_when_it_is_news_and_no_more_often_than_readers_extrapolate():
+    """Unchanged: not stored again before its keepalive. Changed, not done: at most once per
+    REPORT_SPACING_INTERVALS (a reader extrapolates over that gap). Done: at once."""
     async def go():
         nodes = await _swarm(3)
         try:
             p = _progress(*nodes[0])
-            stores = []
+            stored = []
             real = p.store.store
 
             async def counted(*args, **kwargs):
-                stores.append(args[2])
+                progress = decode_progress(args[2])
+                stored.append((progress.tokens, progress.done))
                 return await real(*args, **kwargs)
+
+            def age(seconds: float) -> None:  # as if the last store were `seconds` older
+                p._reported = (*p._reported[:2], p._reported[2] - seconds)
 
             p.store.store = counted
             await p.report(50, 10.0)
             await p.report(50, 12.0)  # same count, a new rate: no news
+            await p.report(60, 12.0)  # news, but sooner than readers extrapolate to
+            age(REPORT_SPACING_INTERVALS * p.interval_s)
             await p.report(60, 12.0)
-            await p.report(60, 12.0, done=True)  # done is news
-            p._reported = (60, True, p._reported[2] - 10.0)  # as if the last store were 10 s old
-            await p.report(60, 12.0, done=True)
-            return len(stores)
+            await p.report(70, 12.0, done=True)  # done is stored at once
+            age(10.0)
+            await p.report(70, 12.0, done=True)  # the keepalive
+            return stored
         finally:
             for node, _ in nodes:
                 await node.shutdown()
 
-    assert asyncio.run(go()) == 4
+    assert asyncio.run(go()) == [(50, False), (60, False), (70, True), (70, True)]
 
 
 def test_a_peer_cannot_report_progress_in_another_peers_name():
@@ -112,7 +122,7 @@ def test_a_peer_cannot_report_progress_in_another_peers_name():
     assert seen == {honest_id: 40}
 
 
-def test_a_read_asks_one_replica_in_turn_so_an_entry_one_replica_missed_is_seen_and_never_set_back():
+def test_reads_ask_one_replica_in_turn_so_an_entry_one_replica_missed_is_seen_and_never_set_back():
     """Reads take one copy each from the key's replicas in turn (node/replicas.py): an entry
     that reached one replica only is seen within k reads, and a replica holding an older
     report of the same peer does not set its progress back."""
@@ -133,6 +143,8 @@ def test_a_read_asks_one_replica_in_turn_so_an_entry_one_replica_missed_is_seen_
             k = len(replicas)
             writer = _progress(*nodes[1])
             await writer.report(20, 10.0)  # at every replica
+            await reader.refresh()
+            assert reader._others[writer.peer_id].progress.tokens == 20
             # A later report that reached one replica only (the rest missed the store).
             one = max(replicas, key=key_id.xor_distance)
             writer.store._replicas[key_id] = ({one: replicas[one]}, writer.store.clock())
