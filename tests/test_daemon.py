@@ -278,7 +278,10 @@ def test_a_restart_whose_initial_peer_is_gone_dials_the_peers_it_saw_last_and_tr
     for p in (a, b):
         p.proc.send_signal(signal.SIGTERM)
         assert_clean_exit(p, p.wait_exit(60))
-    alone_from = max(e["round"] for e in c.events("round")) + 2
+    # With overlap, b reported progress in the round it trained when it left, and c's
+    # events may lag b's by a round: b can show in c's rounds up to c's last one + 2
+    # (seen once: participants 2 there, b's delta missing). From + 3 on, c is alone.
+    alone_from = max(e["round"] for e in c.events("round")) + 3
     assert wait_round(c, alone_from, 120)["participants"] == 1  # c trains on alone
     again = swarm.join("b", "--max-rounds", "2", peer=gone)
     assert_clean_exit(again, again.wait_exit(240))
