@@ -11,8 +11,8 @@ What a peer pays no longer grows with the swarm: it writes its own entry into tw
 DHTNode.store, whose traversal carries the whole bucket back from every node it asks), and
 reads its own bucket every refresh (one replica's copy a read, the replicas in turn, merged
 by entry expiration; the first read every replica's) and a random sample of the others every
-VIEW_READ_S (each stopping at the first copy fresh enough). A bucket holds 23–45 records on average
-whatever N is, so the bytes and signature checks of a read are bounded by that, and the
+VIEW_READ_S (each stopping at the first copy fresh enough). A bucket holds 23–45 records on
+average whatever N is, so the bytes and signature checks of a read are bounded by that, and the
 view kept is at most VIEW_MAX records. Below ≈45 peers everything is in level 0's one
 bucket, read every refresh: every peer sees every other, as before buckets.
 
@@ -282,9 +282,9 @@ class PeerRegistry:
     async def _read_own(self, key: str, level: int) -> list[BucketRead]:
         """Read our own bucket, read every refresh: one copy from one of its replicas, the
         replicas in turn, the first read every replica's, merged (node/replicas.py
-        ReplicaStore.read; the view merges the copies by entry expiration). A read that stops at the first fresh copy would, on a replica,
-        be answered by its own storage alone, and hide for good a peer that stored at
-        replicas found before this one joined."""
+        ReplicaStore.read; the view merges the copies by entry expiration). A read that
+        stops at the first fresh copy would, on a replica, be answered by its own storage
+        alone, and hide for good a peer that stored at replicas found before this one joined."""
         read = self._check(key, level, int(key.rsplit(":", 1)[1]), await self.store.read(key, whole_first=True),
                            expires={})
         return [read]
