@@ -116,6 +116,7 @@ class Daemon:
         from hivemind.dht.node import DHTNode
 
         from locoswarm.node.exchange import DeltaServer
+        from locoswarm.node.progress import ProgressBus
         from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
         from locoswarm.node.statesync import StateServer
 
@@ -123,7 +124,7 @@ class Daemon:
         if started is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         p2p, self.initial_peers = started
-        dht = control = registry = None
+        dht = control = registry = progress = None
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
@@ -150,15 +151,16 @@ class Daemon:
             self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
             self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
+            progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit)
             await self.deltas.start()
             await self.states.start()
+            await progress.start()
             control = ControlServer(self.cfg.state_dir, self.status, self.history)
             await control.start()
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
-                               incarnation=self.incarnation,
-                               validator=validator, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
-                               membership=self.membership, lineage=self.lineage,
+                               incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
+                               membership=self.membership, progress=progress, lineage=self.lineage,
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent)
@@ -179,6 +181,8 @@ class Daemon:
             self._stop_round()
             if self.deltas is not None:
                 self.deltas.stop()
+            if progress is not None:
+                progress.close()
             for task in self._tasks:
                 task.cancel()
             if registry is not None:

@@ -43,7 +43,8 @@ REFUSED_RETRY_S = 0.5
 LIVENESS_S = 2.0
 """How long a peer that has not proven itself (no delta delivered yet, no progress reported
 in the round) is given to answer at all ("not yet" counts) before the round goes on
-without it: a record alone holds a round at most this long, once per SILENT_ROUNDS."""
+without it: a record alone holds a round at most this long, ever more rarely (node/membership.py
+SILENT_ROUNDS)."""
 
 
 def dial_refused(e: BaseException) -> bool:
@@ -206,10 +207,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             if not pending or time.monotonic() >= stop_at:
                 break
             await asyncio.wait(pending, timeout=progress.interval_s)
-            try:
-                await progress.refresh()
-            except Exception as e:  # the DHT is slow: go on with the participants known
-                log.info("progress refresh failed: %s", e)
+            progress.refresh()
     finally:
         for task in pulls.values():
             task.cancel()

@@ -69,11 +69,6 @@ class ReplicaStore:
         self.fallbacks += 1
         return await self.dht.store(key, value, expiration_time, subkey=subkey)
 
-    def forget(self, key: str) -> None:
-        key_id = DHTID.generate(source=key)
-        self._replicas.pop(key_id, None)
-        self._turn.pop(key_id, None)
-
     async def read(self, key: str, *, whole_first: bool = False):
         """A copy of `key` (a ValueWithExpiration, None when none is held): one replica's,
         the next replica each call; with `whole_first`, the first read of a key asks every

@@ -32,9 +32,8 @@ from safetensors import SafetensorError
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
 from locoswarm.node.host import NodeError
-from locoswarm.node.replicas import ReplicaStore
 from locoswarm.node.pull import gather_deltas
-from locoswarm.node.rounds import RoundProgress, progress_key
+from locoswarm.node.rounds import RoundProgress
 
 if TYPE_CHECKING:
     from locoswarm.node.console import RoundBar
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
     from locoswarm.node.governor import IdleWatch
     from locoswarm.node.lineage import Lineage
     from locoswarm.node.membership import Membership
+    from locoswarm.node.progress import ProgressBus
     from locoswarm.node.spec import RunSpec
     from locoswarm.node.statesync import StateServer
     from locoswarm.node.threads import Pools
@@ -98,13 +98,12 @@ class RoundContext:
     peer_id: str
     incarnation: int
     """This process's life (PeerRecord.incarnation)."""
-    validator: object
-    """hivemind's RSASignatureValidator holding this peer's identity key (signs progress)."""
     p2p: object
     dht: object
     trainer: Trainer
     pools: Pools
     membership: Membership
+    progress: ProgressBus
     lineage: Lineage
     deltas: DeltaServer
     states: StateServer
@@ -128,8 +127,6 @@ class RoundLoop:
         self.carry = 0
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
         self._started: dict[int, float] = {}
-        self.replicas = ReplicaStore(ctx.dht)
-        """Where round progress is stored: straight at each round key's replicas."""
         self._boundary: dict[int, tuple[float, float]] = {}
         """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
@@ -228,14 +225,13 @@ class RoundLoop:
         t0 = time.perf_counter()
         round_ = trainer.round
         self._started[round_] = t0
-        progress = RoundProgress(ctx.dht, ctx.spec.run_id, ctx.spec_hash, round_, ctx.peer_id,
+        progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
-                                 ttl_s=max(60.0, 2 * ctx.spec.rounds.deadline_s), carry=self.carry,
-                                 expected=lambda: ctx.membership.expected(round_),
-                                 candidates=lambda: ctx.membership.candidates(round_),
-                                 incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
-                                 validator=ctx.validator, admit=ctx.membership.admit, store=self.replicas)
-        self.replicas.forget(progress_key(ctx.spec.run_id, ctx.spec_hash, round_ - 3))  # long exchanged
+                                 carry=self.carry, expected=lambda: ctx.membership.expected(round_),
+                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_)
+                                                     if ctx.progress.reachable(peer)},
+                                 in_round=lambda: ctx.membership.in_round(round_),
+                                 incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation)
         ctx.stats.state = "training"
         ctx.deltas.training(round_)
         self.round_stop = threading.Event()
@@ -244,11 +240,8 @@ class RoundLoop:
         train = asyncio.ensure_future(ctx.pools.train(trainer.train_until, self.round_stop, progress.reached))
         while not train.done():
             now = trainer.progress
-            try:
-                await progress.report(now.tokens, now.tokens_per_s)
-                await progress.refresh()
-            except Exception as e:  # a DHT hiccup: train on and report next time
-                log.info("progress report failed: %s", e)
+            progress.report(now.tokens, now.tokens_per_s)
+            progress.refresh()
             ctx.bar.update(round_, *progress.totals(now.tokens), progress.num_peers(), ctx.stats.state)
             await asyncio.wait([train], timeout=cfg.report_interval_s)
         train.result()
@@ -266,28 +259,19 @@ class RoundLoop:
         except ValueError:
             # No delta of ours will come (a non-finite replica): say so, so that nobody
             # waits for it until the deadline (node/rounds.py, withdrawn peers).
-            await self._withdraw(progress, r)
+            self._withdraw(progress, r)
             raise
         ctx.deltas.publish(r, blob)
 
-        async def report_done() -> None:
-            try:
-                ctx.faults.reporting(r)
-                await progress.report(work.tokens, trainer.tokens_per_s, done=True)
-                await progress.refresh()
-            except Exception as e:  # the others still see our last report, and pull our delta
-                log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
-
-        # Our delta is served already: the report (a DHT store, tens to hundreds of ms) runs
-        # while we pull, not before.
-        reported = asyncio.ensure_future(report_done())
         try:
-            got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec,
-                                      deadline_s=ctx.spec.rounds.deadline_s,
-                                      fanout=ctx.cfg.fanout, rng=ctx.rng,
-                                      keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
-        finally:
-            await reported
+            ctx.faults.reporting(r)
+            progress.report(work.tokens, trainer.tokens_per_s, done=True)
+            progress.refresh()
+        except Exception as e:  # the others still see our last report, and pull our delta
+            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
+        got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
+                                  fanout=ctx.cfg.fanout, rng=ctx.rng,
+                                  keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.deltas_rejected += got.rejected
         ctx.membership.prove([d.sender for d in got.deltas])
@@ -321,12 +305,9 @@ class RoundLoop:
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
 
-    async def _withdraw(self, progress: RoundProgress, r: int) -> None:
+    def _withdraw(self, progress: RoundProgress, r: int) -> None:
         self.ctx.deltas.give_up(r)
-        try:
-            await progress.report(0, 0.0, done=True)
-        except Exception as e:  # the others then wait for our delta until the round's deadline
-            log.warning("round %d: could not tell the others it was given up: %s: %s", r, type(e).__name__, e)
+        progress.report(0, 0.0, done=True)
 
     def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool) -> None:
         ctx, r = self.ctx, work.round

@@ -21,157 +21,84 @@ counts in the target and is waited for even before its first report, so that pee
 on the participants (a peer seen by some and not by others splits the outer state). Pulling
 the round's deltas from them is node/pull.py's.
 
-Progress entries are signed like peer records (hivemind's signature validator, the subkey
-naming the peer id and its identity key): an entry is taken only when the signing key is
-the identity of the peer it names, so no peer can report, inflate or stall the round for
-another; with an access policy, entries of peers not admitted are ignored.
+Progress travels over streams among the round's peers (node/progress.py): each stream is
+authenticated by its connection, so no peer can report, inflate or stall the round for
+another; with an access policy, the progress of peers not admitted is not taken.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-from hivemind.dht.node import DHTNode
-from hivemind.utils import get_dht_time
-
-from locoswarm.node.registry import subkey_author
-from locoswarm.node.replicas import ReplicaStore
+from locoswarm.node.progress import ProgressBus, Seen
 from locoswarm.optim.screen import median
-from locoswarm.protocol import ProtocolError
-from locoswarm.protocol.records import Progress, decode_progress, encode_progress
+from locoswarm.protocol.records import Progress
 
-log = logging.getLogger(__name__)
 EXTRAPOLATE_INTERVALS = 4
 """Another peer's progress is extrapolated for at most this many report intervals."""
-
-REPORT_KEEPALIVE_S = 1.0
-"""An unchanged progress report is stored again after this long (and not before)."""
 REPORT_SPACING_INTERVALS = EXTRAPOLATE_INTERVALS - 1
-"""A changed count (not yet done) is stored at most once per this many report intervals: a
+"""A changed count (not yet done) is told at most once per this many report intervals: a
 reader extrapolates our count from our rate for EXTRAPOLATE_INTERVALS, which spans the gap
-to our next report and one read of its own. Each store goes to every replica of the key, so
-storing every interval cost more than all the reads."""
+to our next report. Done (or given up) is told at once."""
 CLAIM_FACTOR = 4.0
-
-def progress_key(run_id: str, spec_hash: bytes, round_: int) -> str:
-    return f"locoswarm:{run_id}:{spec_hash[:8].hex()}:progress:{round_}"
-
-
-@dataclass(slots=True)
-class _Seen:
-    progress: Progress
-    at: float
-    """time.monotonic() when we read it."""
-    expires: float = float("-inf")
-    """Its entry's DHT expiration time: the later, the newer the report."""
 
 
 class RoundProgress:
-    """The swarm's token progress in one round, read and written through the DHT."""
+    """The swarm's token progress in one round, told and heard over the progress streams."""
 
-    def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, round_: int, peer_id: str, *,
-                 per_peer_tokens: int, interval_s: float, ttl_s: float, carry: int = 0,
-                 expected: Callable[[], set[str]] = frozenset, candidates: Callable[[], set[str]] = frozenset,
-                 incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0, validator=None,
-                 admit: Callable[[str], bool] | None = None, store: ReplicaStore | None = None) -> None:
-        """`validator`: hivemind's RSASignatureValidator holding this peer's identity key
-        (entries are then signed, and unsigned ones ignored); `admit(peer_id)`: whether a
-        peer may take part (a private run's policy); `store`: where reports go straight to
-        the key's replicas (node/replicas.py; None: through DHTNode.store)."""
-        self.dht = dht
-        self.store = store
-        self.validator = validator
-        self.admit = admit
-        self.key = progress_key(run_id, spec_hash, round_)
+    def __init__(self, bus: ProgressBus | None, round_: int, peer_id: str, *, per_peer_tokens: int,
+                 interval_s: float, carry: int = 0, expected: Callable[[], set[str]] = frozenset,
+                 candidates: Callable[[], set[str]] = frozenset, in_round: Callable[[], set[str]] = frozenset,
+                 incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0) -> None:
+        """`bus`: the progress streams (None: a test that sets what was heard itself);
+        `in_round()`: the live peers whose records put them in this round, proven or not:
+        told our progress, as is every peer that told us its own."""
+        self.bus = bus
+        self.round = round_
+        if bus is not None:
+            bus.open_round(round_)
         self._reported: tuple[int, bool, float] = (-1, False, 0.0)
-        """(tokens, done, when) of our last stored report."""
+        """(tokens, done, when) of our last report."""
+        self._message: Progress | None = None
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
         self.carry = carry
         self.expected = expected
         """Proven peers (node/membership.py) that should train this round, reported or not yet."""
         self.candidates = candidates
-        """Unproven peers whose record puts them in this round: probed for liveness."""
+        """Unproven peers whose record puts them in this round (and, in the daemon, to whom our
+        progress stream is open): probed for liveness."""
+        self.in_round = in_round
         self.incarnation = incarnation
         """This process's incarnation, reported with our progress."""
         self.incarnations = incarnations
         """A peer's incarnation as its record shows it (0: unknown)."""
         self.interval_s = interval_s
-        self.ttl_s = ttl_s
-        self._others: dict[str, _Seen] = {}
-        self.rejected = 0
+        self._others: dict[str, Seen] = {}
         self.train_s = 0.0
         """Seconds this peer trained in the round (set by the round loop when training ends)."""
 
-    async def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
-        """Store our progress, unless it shows the same tokens as the last report and that one
-        is younger than REPORT_KEEPALIVE_S (a reader takes an unchanged count for no news: its
-        extrapolation runs from when the count last changed, so repeating it only costs), or
-        a changed count not yet done within REPORT_SPACING_INTERVALS of the last store. Done
-        (and given up) is stored at once."""
+    def report(self, tokens: int, tokens_per_s: float, done: bool = False) -> None:
+        """Tell the round's peers our progress: a changed count at most every
+        REPORT_SPACING_INTERVALS (a reader extrapolates in between), done (and given up) at
+        once; a peer of the round we have not told yet is told the last report now."""
         now = time.monotonic()
-        age = now - self._reported[2]
-        if (tokens, done) == self._reported[:2] and age < REPORT_KEEPALIVE_S:
-            return
-        if not done and done == self._reported[1] and age < REPORT_SPACING_INTERVALS * self.interval_s:
-            return
-        value = encode_progress(Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done,
-                                         incarnation=self.incarnation))
-        subkey = self.peer_id if self.validator is None else self.peer_id.encode() + self.validator.local_public_key
-        if self.store is not None:
-            await self.store.store(self.key, subkey, value, get_dht_time() + self.ttl_s)
-        else:
-            await self.dht.store(self.key, value, get_dht_time() + self.ttl_s, subkey=subkey)
-        self._reported = (tokens, done, now)
+        changed = (tokens, done) != self._reported[:2]
+        spaced = done or done != self._reported[1] or now - self._reported[2] >= REPORT_SPACING_INTERVALS * self.interval_s
+        if changed and spaced:
+            self._message = Progress(tokens=tokens, tokens_per_s=tokens_per_s, done=done,
+                                     incarnation=self.incarnation, round=self.round)
+            self._reported = (tokens, done, now)
+        if self._message is not None and self.bus is not None:
+            self.bus.publish(self._message, (set(self.in_round()) | set(self._others)) - {self.peer_id})
 
-    async def refresh(self) -> None:
-        """Read the round's progress: one copy of the key a read, from its replicas in turn
-        (node/replicas.py ReplicaStore.read), merged into what earlier reads saw. A peer's
-        entry is taken only when it is newer (expires later) than the one we hold, so a
-        replica that missed the writer's last store cannot set its progress back; one that
-        missed a writer altogether is made up for by the next replica's copy."""
-        if self.store is not None:
-            found = await self.store.read(self.key)
-        else:
-            found = await self.dht.get(self.key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return
-        now = time.monotonic()
-        others = dict(self._others)
-        for subkey, item in found.value.items():
-            peer = self._author(subkey)
-            if peer is None or peer == self.peer_id:
-                continue
-            old = others.get(peer)
-            if old is not None and not item.expiration_time > old.expires:
-                continue
-            try:
-                seen = decode_progress(item.value)
-            except ProtocolError as e:
-                self.rejected += 1
-                log.warning("progress of %s refused: %s", peer, e)
-                continue
-            if old is None or old.progress != seen:
-                others[peer] = _Seen(seen, now, item.expiration_time)
-            else:
-                others[peer] = _Seen(old.progress, old.at, item.expiration_time)
-        self._others = others
-
-    def _author(self, subkey: object) -> str | None:
-        """The peer an entry is from, None when it is not to be taken: unsigned while we
-        sign, signed by a key other than the identity of the peer it names, or a peer the
-        access policy does not admit."""
-        if self.validator is None:
-            peer = subkey if isinstance(subkey, str) else None
-        else:
-            named, _, signer = subkey_author(subkey)
-            peer = named if signer == named else None
-        if peer is not None and self.admit is not None and not self.admit(peer):
-            return None
-        return peer
+    def refresh(self) -> None:
+        """Take what the round's peers told us so far."""
+        if self.bus is not None:
+            others = self.bus.seen(self.round)
+            others.pop(self.peer_id, None)
+            self._others = others
 
     def incarnation_of(self, peer: str) -> int:
         """The incarnation to ask `peer`'s delta of: the one that reported progress in this

@@ -128,14 +128,14 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
 
 # ---------------------------------------------------------------- round progress
 
-PROGRESS_VERSION = 2
+PROGRESS_VERSION = 3
 MAX_PROGRESS_BYTES = 128
-_PROGRESS_KEYS = frozenset({"v", "tokens", "tps", "done", "inc"})
+_PROGRESS_KEYS = frozenset({"v", "r", "tokens", "tps", "done", "inc"})
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """A peer's progress in one round, as it reports it in the DHT."""
+    """A peer's progress in one round, as it tells the round's peers (node/progress.py)."""
 
     tokens: int
     """Tokens it has trained on in this round so far."""
@@ -146,17 +146,21 @@ class Progress:
     incarnation: int = 0
     """The incarnation of the process that reported it (PeerRecord.incarnation): a delta is
     asked of that life only, and a restarted peer says "never" instead of "not yet"."""
+    round: int = 0
+    """The round it reports on."""
 
 
 def encode_progress(p: Progress) -> bytes:
-    return msgpack.packb({"v": PROGRESS_VERSION, "tokens": p.tokens, "tps": float(p.tokens_per_s), "done": p.done,
-                          "inc": p.incarnation}, use_bin_type=True)
+    return msgpack.packb({"v": PROGRESS_VERSION, "r": p.round, "tokens": p.tokens, "tps": float(p.tokens_per_s),
+                          "done": p.done, "inc": p.incarnation}, use_bin_type=True)
 
 
 def decode_progress(blob: bytes) -> Progress:
     m = unpack_envelope(blob, "round progress", max_bytes=MAX_PROGRESS_BYTES, version=PROGRESS_VERSION,
                         keys=_PROGRESS_KEYS, max_bin_len=0, max_str_len=16, max_array_len=0)
-    tokens, tps, done = m["tokens"], m["tps"], m["done"]
+    round_, tokens, tps, done = m["r"], m["tokens"], m["tps"], m["done"]
+    if type(round_) is not int or not 0 <= round_ < 2**62:
+        raise MalformedMessage(f"round progress: round {round_!r} invalid")
     if type(tokens) is not int or not 0 <= tokens < 2**62:
         raise MalformedMessage(f"round progress: tokens {tokens!r} invalid")
     if not isinstance(tps, float) or not 0 <= tps < 1e12:
@@ -165,4 +169,4 @@ def decode_progress(blob: bytes) -> Progress:
         raise MalformedMessage(f"round progress: done {done!r} is not a boolean")
     if type(m["inc"]) is not int or not 0 <= m["inc"] < 2**63:
         raise MalformedMessage(f"round progress: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
-    return Progress(tokens=tokens, tokens_per_s=tps, done=done, incarnation=m["inc"])
+    return Progress(tokens=tokens, tokens_per_s=tps, done=done, incarnation=m["inc"], round=round_)

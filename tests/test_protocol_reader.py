@@ -1,6 +1,6 @@
 """docs/protocol.md is enough to read a live swarm: a plain hivemind client that imports
-nothing of locoswarm (tests/peers/read_swarm.py) finds every daemon's peer record and its
-round progress, with the fields the document gives."""
+nothing of locoswarm (tests/peers/read_swarm.py) finds every daemon's peer record, with the
+fields the document gives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,21 +31,14 @@ def swarm(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300, method="signal")
-def test_a_plain_hivemind_client_reads_the_swarms_records_and_progress_from_the_documented_keys(swarm: Swarm):
+def test_a_plain_hivemind_client_reads_the_swarms_records_from_the_documented_keys(swarm: Swarm):
     spec = RunSpec()
     a = swarm.join("a")
     b = swarm.join("b", peer=a)
     for p in (a, b):
         wait_round(p, 2, 180)
-    # A round both trained to its end: b joined later, and a peer that takes the other's state
-    # at a round's boundary (the join race a split heals) gives that round up, done never reported.
-    deadline = time.monotonic() + 180
-    while not (common := {e["round"] for e in a.events("round")} & {e["round"] for e in b.events("round")}):
-        assert time.monotonic() < deadline, "a and b never ended a round together"
-        time.sleep(0.5)
-    both = max(common)
-    out = subprocess.run([sys.executable, READER, first_addr(a), spec.run_id, spec.hash().hex(), str(both)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, READER, first_addr(a), spec.run_id], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["modules"] == [], "the reader needs nothing of locoswarm"
@@ -57,8 +49,3 @@ def test_a_plain_hivemind_client_reads_the_swarms_records_and_progress_from_the_
         assert set(record) == RECORD_FIELDS and record["v"] == 7
         assert record["peer"] == peer and record["spec"] == spec.hash().hex() and record["device"] == "cpu"
         assert record["round"] >= 2 and record["inc"] > 0 and record["addrs"][0].startswith("/ip4/127.0.0.1/tcp/")
-    assert ids <= set(seen["progress"]), seen["progress"]
-    for peer in ids:
-        progress = seen["progress"][peer]
-        assert set(progress) == {"v", "tokens", "tps", "done", "inc"} and progress["v"] == 2
-        assert progress["done"] and progress["tokens"] > 0 and progress["inc"] == seen["peers"][peer]["inc"]

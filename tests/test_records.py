@@ -83,11 +83,12 @@ def test_garbage_record_raises_only_protocol_errors(blob):
 def test_progress_round_trips_and_a_bad_incarnation_or_field_is_refused_by_name():
     from locoswarm.protocol.records import Progress, decode_progress, encode_progress
 
-    good = Progress(tokens=2560, tokens_per_s=1234.5, done=True, incarnation=2**63 - 1)
+    good = Progress(tokens=2560, tokens_per_s=1234.5, done=True, incarnation=2**63 - 1, round=2**62 - 1)
     assert decode_progress(encode_progress(good)) == good
-    for mutate, message in [(lambda m: m.update(inc=-1), "incarnation"), (lambda m: m.update(inc="x"), "incarnation"),
+    for mutate, message in [(lambda m: m.update(r=-1), "round"), (lambda m: m.update(r=2**62), "round"),
+                            (lambda m: m.pop("r"), "fields"), (lambda m: m.update(inc=-1), "incarnation"), (lambda m: m.update(inc="x"), "incarnation"),
                             (lambda m: m.pop("inc"), "fields"), (lambda m: m.update(tokens=-5), "tokens"),
-                            (lambda m: m.update(v=1), "version")]:
+                            (lambda m: m.update(v=2), "version")]:
         m = msgpack.unpackb(encode_progress(good), raw=False)
         mutate(m)
         with pytest.raises(ProtocolError, match=message):

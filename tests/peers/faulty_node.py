@@ -45,7 +45,7 @@ class Faults(RoundFaults):
 
     def reporting(self, round_) -> None:
         if round_ in self.report:
-            raise ConnectionError(f"injected: the DHT failed while reporting round {round_}")
+            raise ConnectionError(f"injected: telling the peers round {round_} is done failed")
 
     def keep_delta(self, round_, sender, others) -> bool:
         if self.drop is None or self.drop[0] != round_:

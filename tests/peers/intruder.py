@@ -1,7 +1,7 @@
 """A stranger to a private run, for the access tests: it knows the run id and spec hash
 (both public in the DHT) but not the secret. It joins the DHT through argv[1], signs a
-record of its own claiming the spec (without a valid proof), reports inflated progress for
-the first rounds, then asks the peer at argv[1] for its deltas, printing one line per
+record of its own claiming the spec (without a valid proof), tells the run's peers inflated
+progress for the first rounds, then asks the peer at argv[1] for its deltas, printing one line per
 attempt: `delta <round> refused|served|none`. Runs until stdin closes.
 
 usage: python intruder.py MADDR RUN_ID SPEC_HASH_HEX
@@ -22,9 +22,9 @@ from hivemind.p2p import PeerID
 from locoswarm.node.exchange import PROTOCOL
 from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.registry import PeerRegistry
-from locoswarm.node.rounds import RoundProgress
+from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame
 from locoswarm.node.streams import call_framed
-from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.records import PeerRecord, Progress
 
 
 async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
@@ -39,12 +39,18 @@ async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
     registry = PeerRegistry(dht, run_id, spec_hash, ttl_s=30.0, validator=validator)
     await registry.announce(PeerRecord(peer_id=me, addrs=(own,), device="cuda", tokens_per_s=1e9, round=0,
                                        spec_hash=spec_hash, proof=b"\0" * 32))
-    for r in range(4):
-        progress = RoundProgress(dht, run_id, spec_hash, r, me, per_peer_tokens=1, interval_s=0.1, ttl_s=60.0,
-                                 validator=validator)
-        await progress.report(10**9, 1e9, done=True)
-    print("ready", flush=True)
     target = PeerID.from_base58(maddr.split("/p2p/")[1])
+    claims = b"".join(progress_frame(Progress(tokens=10**9, tokens_per_s=1e9, done=True, round=r)) for r in range(4))
+    for peer in {target.to_base58()} | {r.peer_id for r in await registry.peers()} - {me}:
+        try:  # a refused stream is what the test expects; one accepted would let the claims in
+            _, _, writer = await asyncio.wait_for(
+                p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROGRESS_PROTOCOL), 10)
+            writer.write(claims)
+            await writer.drain()
+            writer.close()
+        except Exception:  # noqa: BLE001
+            pass
+    print("ready", flush=True)
     for r in range(4):
         try:
             body = await call_framed(p2p, target, PROTOCOL, r.to_bytes(8, "big") + bytes(8), limit=1 << 26,

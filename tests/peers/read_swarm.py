@@ -1,10 +1,10 @@
 """A third-party reader of a live swarm, for the protocol test: it joins the DHT through
 argv[1] as a plain hivemind client and reads the run's peer records (from the registry's
-bucket keys) and one round's progress, knowing only docs/protocol.md. It imports hivemind and msgpack, nothing of
+bucket keys), knowing only docs/protocol.md. It imports hivemind and msgpack, nothing of
 locoswarm, and prints one JSON object: {"modules": [locoswarm modules loaded], "peers":
-{peer id: record map}, "progress": {peer id: progress map}}.
+{peer id: record map}}.
 
-usage: python read_swarm.py MADDR RUN_ID SPEC_HASH_HEX ROUND
+usage: python read_swarm.py MADDR RUN_ID
 """
 
 from __future__ import annotations
@@ -64,22 +64,21 @@ async def read_peers(dht: DHTNode, run_id: str) -> dict[str, object]:
     return out
 
 
-async def main(maddr: str, run_id: str, spec_hex: str, round_: int) -> None:
+async def main(maddr: str, run_id: str) -> None:
     # Without the signature validator the entries' signatures are not stripped and checked,
     # and our keys' values are refused (docs/protocol.md).
     dht = await DHTNode.create(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True,
                                record_validator=RSASignatureValidator())
     try:
         peers = await read_peers(dht, run_id)
-        progress = entries(await dht.get(f"locoswarm:{run_id}:{spec_hex[:16]}:progress:{round_}", latest=True))
     finally:
         await dht.shutdown()
     for record in peers.values():
         record["spec"] = record["spec"].hex()
         record["proof"] = record["proof"].hex()
-    print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("locoswarm")), "peers": peers,
-                      "progress": progress}), flush=True)
+    print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("locoswarm")), "peers": peers}),
+          flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

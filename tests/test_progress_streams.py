@@ -1,0 +1,192 @@
+"""Round progress over the progress streams (node/progress.py): told between two real
+p2pd peers on loopback, attributed by the connection, kept per round within the window,
+told again on a new stream after a break, refused from a peer the policy does not admit,
+and a malformed or flooding stream is dropped without touching what honest peers told."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hivemind.p2p import P2P, PeerID
+
+from locoswarm.node.progress import MESSAGE_BURST, PROTOCOL, ROUNDS_AHEAD, ROUNDS_KEPT, ProgressBus, progress_frame
+from locoswarm.node.rounds import RoundProgress
+from locoswarm.protocol.records import Progress
+
+
+def _progress(tokens: int, round_: int = 0, done: bool = False) -> Progress:
+    return Progress(tokens=tokens, tokens_per_s=10.0, done=done, incarnation=7, round=round_)
+
+
+async def _pair(admit=None):
+    """Two connected peers, each with a started bus (A's with the access policy `admit`)."""
+    a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                         initial_peers=[str(m) for m in await a.get_visible_maddrs()])
+    bus_a = ProgressBus(a, a.peer_id.to_base58(), admit=admit)
+    bus_b = ProgressBus(b, b.peer_id.to_base58())
+    await bus_a.start()
+    await bus_b.start()
+    return a, b, bus_a, bus_b
+
+
+async def _close(*nodes) -> None:
+    for node in nodes:
+        await node.shutdown()
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:
+    """Wait for `condition()` (loopback delivery takes milliseconds; the bound is for a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not delivered in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(120)
+def test_progress_reaches_the_rounds_peer_under_the_senders_connection_identity_latest_kept():
+    """And a peer whose progress stream opened is reachable; a bare p2pd is not."""
+    async def go():
+        a, b, bus_a, bus_b = await _pair()
+        ida, idb = bus_a.me, bus_b.me
+        try:
+            bus_a.open_round(0)
+            bus_b.publish(_progress(100), [ida])
+            await _until(lambda: idb in bus_a.seen(0))
+            first = bus_a.seen(0)[idb]
+            assert first.progress == _progress(100)
+            bus_b.publish(_progress(300, done=True), [ida])
+            await _until(lambda: bus_a.seen(0)[idb].progress.done)
+            assert bus_a.seen(0)[idb].progress.tokens == 300 and bus_a.seen(0)[idb].at >= first.at
+            # The same message again is not sent again; a round's message goes to its round only.
+            sent = bus_b.messages_sent
+            bus_b.publish(_progress(300, done=True), [ida])
+            bus_b.publish(_progress(50, round_=1), [ida])
+            await _until(lambda: idb in bus_a.seen(1))
+            assert bus_b.messages_sent == sent + 1 and bus_a.seen(0)[idb].progress.tokens == 300
+            assert bus_b.reachable(ida)
+            # A p2pd with no daemon behind it (what a bare record points at) never is.
+            bare = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                    initial_peers=[str(m) for m in await a.get_visible_maddrs()])
+            try:
+                bus_b.publish(_progress(300, done=True), [bare.peer_id.to_base58()])
+                await asyncio.sleep(1.0)
+                assert not bus_b.reachable(bare.peer_id.to_base58()) and bus_b.reachable(ida)
+            finally:
+                await bare.shutdown()
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_the_receiver_closed_is_opened_again_and_a_newly_told_peer_gets_the_last_report():
+    async def go():
+        a, b, bus_a, bus_b = await _pair()
+        ida, idb = bus_a.me, bus_b.me
+        try:
+            bus_a.open_round(0)
+            progress = RoundProgress(bus_b, 0, idb, per_peer_tokens=100, interval_s=0.1)
+            progress.report(40, 10.0)  # nobody in the round yet: nobody told
+            await asyncio.sleep(0.3)
+            assert idb not in bus_a.seen(0)
+            progress.in_round = lambda: {ida}  # A's record shows up: told the last report at once
+            progress.report(40, 10.0)
+            await _until(lambda: idb in bus_a.seen(0))
+            bus_a._inbound[idb].close()  # the receiver drops the stream (as when it restarts its handler)
+            await _until(lambda: idb not in bus_a._inbound)
+            progress.report(90, 10.0, done=True)
+            await _until(lambda: bus_a.seen(0)[idb].progress.done)
+            assert bus_a.seen(0)[idb].progress.tokens == 90
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_not_admitted_is_not_heard_and_once_admitted_is_heard_without_telling_again():
+    """A private run's peer does not hear a peer whose record it has not read yet, and hears
+    what it told before as soon as it has, without a new report."""
+    admitted = [False]
+
+    async def go():
+        a, b, bus_a, bus_b = await _pair(admit=lambda peer: admitted[0])
+        try:
+            bus_a.open_round(0)
+            bus_b.publish(_progress(100, done=True), [bus_a.me])
+            await asyncio.sleep(1.0)
+            assert bus_a.seen(0) == {}
+            admitted[0] = True  # its record has been read
+            await _until(lambda: bus_b.me in bus_a.seen(0))
+            assert bus_a.seen(0)[bus_b.me].progress == _progress(100, done=True)
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", ["zero_length", "garbage", "flood"])
+def test_a_malformed_or_flooding_stream_is_dropped_and_the_peer_heard_again_on_a_new_one(attack):
+    async def go():
+        a, b, bus_a, bus_b = await _pair()
+        ida, idb = bus_a.me, bus_b.me
+        try:
+            bus_a.open_round(0)
+            _, _, writer = await b.call_binary_stream_handler(PeerID.from_base58(ida), PROTOCOL)
+            if attack == "zero_length":
+                writer.write(b"\x00")
+            elif attack == "garbage":
+                writer.write(b"\x05hello")
+            else:
+                writer.write(progress_frame(_progress(1)) * (3 * MESSAGE_BURST))
+            await writer.drain()
+            await _until(lambda: bus_a.rejected == 1)
+            writer.close()
+            bus_b.publish(_progress(100), [ida])  # an honest stream of the same peer afterwards
+            await _until(lambda: bus_a.seen(0).get(idb) is not None and bus_a.seen(0)[idb].progress.tokens == 100)
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
+
+
+def test_progress_is_kept_for_the_open_rounds_only_and_never_our_own():
+    bus = ProgressBus(None, "me")
+    window = ROUNDS_KEPT + ROUNDS_AHEAD + 1
+    for r in range(40, 40 + 2 * window):  # nothing opened yet: the first rounds told are kept, a window's worth
+        bus.take("p", _progress(1, round_=r))
+    assert sorted(bus._rounds) == list(range(40, 40 + window))
+    bus.open_round(10)
+    assert bus._rounds == {}
+    for r in range(10 - ROUNDS_KEPT - 1, 10 + ROUNDS_AHEAD + 2):
+        bus.take("p", _progress(r, round_=r))
+    bus.take("me", _progress(5, round_=10))
+    assert sorted(bus._rounds) == list(range(10 - ROUNDS_KEPT, 10 + ROUNDS_AHEAD + 1))
+    assert set(bus.seen(10)) == {"p"}
+    bus.open_round(12)
+    assert min(bus._rounds) == 12 - ROUNDS_KEPT
+
+
+def test_an_unchanged_count_keeps_the_time_it_last_changed_for_extrapolation():
+    clock = [100.0]
+    bus = ProgressBus(None, "me", clock=lambda: clock[0])
+    bus.open_round(0)
+    bus.take("p", _progress(10))
+    clock[0] = 101.0
+    bus.take("p", _progress(10))
+    assert bus.seen(0)["p"].at == 100.0
+    bus.take("p", _progress(20))
+    assert bus.seen(0)["p"].at == 101.0
