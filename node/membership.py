@@ -29,7 +29,12 @@ MAX_LOST = 16
 """At most this many vanished peers are remembered (the most recently seen)."""
 SILENT_ROUNDS = 10
 """Rounds for which a peer that did not answer a liveness probe is not asked again (unless
-it restarts or reports progress)."""
+it restarts or reports progress); doubled at each probe it leaves unanswered in a row, up to
+MAX_SILENT_ROUNDS: a record with nothing behind it then costs a round LIVENESS_S (node/pull.py)
+ever more rarely, probed at rounds 0, 10, 30, 70, 150 and 310 where a fixed 10 probed 32 times
+(with one such record among six peers the fixed 10 measured 0.93× the clean throughput on 2
+cores, 0.90× on 16)."""
+MAX_SILENT_ROUNDS = 320
 
 
 class Membership:
@@ -49,8 +54,9 @@ class Membership:
         """Peer id → the incarnation in which it delivered a delta to us: only these are
         waited for before they report progress (`expected`). A record costs nothing to make;
         a delivered delta shows a live peer that serves."""
-        self.silent: dict[str, tuple[int, int]] = {}
-        """Peer id → (incarnation, round) where a liveness probe of it found no answer."""
+        self.silent: dict[str, tuple[int, int, int]] = {}
+        """Peer id → (incarnation, round, rounds left alone from there) where a liveness probe
+        of it found no answer."""
         self.peers_estimate = 1.0
         """The registry's estimate of the swarm's size (node/buckets.py), this peer included."""
 
@@ -96,13 +102,16 @@ class Membership:
             if self.proven.get(r.peer_id) == r.incarnation:
                 continue
             silent = self.silent.get(r.peer_id)
-            if silent is None or silent[0] != r.incarnation or round_ - silent[1] >= SILENT_ROUNDS:
+            if silent is None or silent[0] != r.incarnation or round_ - silent[1] >= silent[2]:
                 out.add(r.peer_id)
         return out
 
     def mark_silent(self, peer: str, round_: int) -> None:
-        """`peer` did not answer a liveness probe in `round_`."""
-        self.silent[peer] = (self.incarnation(peer), round_)
+        """`peer` did not answer a liveness probe in `round_`: left alone for SILENT_ROUNDS,
+        twice as long as last time when it was silent at its last probe too (same incarnation)."""
+        incarnation, last = self.incarnation(peer), self.silent.get(peer)
+        alone = SILENT_ROUNDS if last is None or last[0] != incarnation else min(MAX_SILENT_ROUNDS, 2 * last[2])
+        self.silent[peer] = (incarnation, round_, alone)
         if len(self.silent) > 4 * MAX_LOST + len(self.records):  # bounded: forget the oldest verdicts
             for old in sorted(self.silent, key=lambda p: self.silent[p][1])[:len(self.silent) // 2]:
                 del self.silent[old]
@@ -132,6 +141,10 @@ class Membership:
         rounds overlap, and refreshed every second, so possibly one more stale) within two
         rounds before it, and not paused. A record alone never holds a round."""
         return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) == r.incarnation}
+
+    def in_round(self, round_: int) -> set[str]:
+        """Peers whose record puts them in `round_`, proven or not: told our progress in it."""
+        return {r.peer_id for r in self._in_round(round_)}
 
     def _in_round(self, round_: int) -> list[PeerRecord]:
         """Records that put their peer in `round_`: within two rounds before it, not paused."""

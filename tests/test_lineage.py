@@ -266,8 +266,8 @@ def test_a_restarted_peer_is_not_waited_for_until_its_new_life_delivers_a_delta(
     assert "a" not in m.proven, "a withdrawn peer's proof is forgotten"
 
 
-def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_for_a_while():
-    from locoswarm.node.membership import SILENT_ROUNDS
+def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_ever_longer():
+    from locoswarm.node.membership import MAX_SILENT_ROUNDS, SILENT_ROUNDS
 
     m = Membership("me", restricted=False)
     m.update([rec("new", 5, incarnation=1), rec("old", 5), rec("far", 1), rec("rest", 5, paused=True)])
@@ -278,6 +278,14 @@ def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_for
     later = 5 + SILENT_ROUNDS
     m.update([rec("new", later, incarnation=1), rec("old", later)])
     assert m.candidates(later) == {"new"}, "asked again after SILENT_ROUNDS"
+    m.mark_silent("new", later)  # silent again: left alone twice as long
+    m.update([rec("new", later + SILENT_ROUNDS, incarnation=1), rec("old", later + SILENT_ROUNDS)])
+    assert m.candidates(later + SILENT_ROUNDS) == set()
+    m.update([rec("new", later + 2 * SILENT_ROUNDS, incarnation=1), rec("old", later + 2 * SILENT_ROUNDS)])
+    assert m.candidates(later + 2 * SILENT_ROUNDS) == {"new"}
+    for _ in range(12):  # never left alone for more than MAX_SILENT_ROUNDS
+        m.mark_silent("new", later)
+    assert m.silent["new"][2] == MAX_SILENT_ROUNDS
     m.update([rec("new", 5, incarnation=2), rec("old", 5)])
     assert m.candidates(6) == {"new"}, "a restart is probed again"
     m.prove(["new"])
