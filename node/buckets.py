@@ -16,7 +16,9 @@ levels, so the reader meets the writer. Clamping at 0 moves no two values furthe
 the argument holds there too. With BUCKET_ENTRIES = 32 and peers agreeing on ℓ, a read
 bucket holds N / 2^⌊ℓ+½⌋ entries on average: 32/√2 … 32·√2 (23–45), and every record is
 written twice (2 small stores a refresh). Below ≈45 peers (ℓ < ½) everyone reads level 0,
-the one key holding everyone, as the registry did before it had buckets.
+the one key holding everyone, as the registry did before it had buckets; below 32/√2 ≈ 23
+(an estimate whose every reader within √2 stays under 32, so reads level 0) a record is
+written at level 0 only: one store a refresh where most swarms start.
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def level_of(peers_estimate: float) -> float:
     return min(float(MAX_LEVEL), math.log2(peers_estimate / BUCKET_ENTRIES))
 
 
-def write_levels(peers_estimate: float) -> tuple[int, int]:
-    """The two levels a peer writes its record at: ⌊ℓ⌋ and ⌊ℓ⌋ + 1."""
+def write_levels(peers_estimate: float) -> tuple[int, ...]:
+    """The levels a peer writes its record at: ⌊ℓ⌋ and ⌊ℓ⌋ + 1; only level 0 below
+    BUCKET_ENTRIES / √2 peers, where every reader within a factor √2 reads level 0."""
+    if peers_estimate < BUCKET_ENTRIES / math.sqrt(2):
+        return (0,)
     low = math.floor(level_of(peers_estimate))
     return low, low + 1
 

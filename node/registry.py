@@ -1,9 +1,9 @@
 """Peer discovery through the DHT, in bounded buckets (docs/scale.md, "The bounded design";
 the arithmetic is node/buckets.py). Each peer keeps its signed record (protocol/records)
-under its bucket key `locoswarm:<run>:peers:<L>:<b>` at two levels L, one subkey per peer,
-with an expiry it refreshes; a peer that vanishes (SIGKILL, cut network) is forgotten when
-its record expires, and one that leaves cleanly withdraws it with an empty tombstone at every
-level it wrote. Runs on the caller's event loop through hivemind's DHTNode (no forked DHT
+under its bucket key `locoswarm:<run>:peers:<L>:<b>` at its write levels L (two, one in a
+small swarm), one subkey per peer, with an expiry it refreshes; a peer that vanishes
+(SIGKILL, cut network) is forgotten when its record expires, and one that leaves cleanly
+withdraws it with an empty tombstone at every level it wrote. Runs on the caller's event loop through hivemind's DHTNode (no forked DHT
 process).
 
 What a peer pays no longer grows with the swarm: it writes its own entry into two buckets
@@ -152,7 +152,7 @@ class BucketRead:
 
 class PeerRegistry:
     """One peer's side of the registry: `announce` writes its record into its buckets at
-    both write levels, `withdraw` tombstones them, `peers()` reads and returns the partial
+    its write levels, `withdraw` tombstones them, `peers()` reads and returns the partial
     view; `peers_estimate` is the swarm size the reads suggest."""
 
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0,
@@ -194,7 +194,7 @@ class PeerRegistry:
 
     async def announce(self, record: PeerRecord) -> bool:
         """Store or refresh this peer's record, valid for `ttl_s` from now, in its buckets at
-        both write levels; True when both stores were taken."""
+        its write levels; True when every store was taken."""
         levels = write_levels(self.estimate.value)
         now = time.monotonic()
         for level in levels:
@@ -377,7 +377,7 @@ class PeerRegistry:
         return read
 
     def _reject(self, subkey: object, reason: str) -> None:
-        """Log and keep one refusal (once a call: a record is written at two levels, and a
+        """Log and keep one refusal (once a call: a record is written at up to two levels, and a
         probe may read it at both)."""
         if (str(subkey), reason) in self.rejected:
             return

@@ -46,8 +46,10 @@ def test_estimates_a_factor_1_5_apart_can_miss_each_other_so_the_bound_is_tight(
     assert write_levels(writer) == (1, 2) and read_level(reader) == 0
 
 
-def test_small_swarms_read_level_0_and_write_levels_0_and_1():
-    for n in (0, 1, 3, 10, 32, 45):
+def test_small_swarms_read_level_0_and_write_it_alone_below_32_over_sqrt2():
+    for n in (0, 1, 3, 10, 22.6):
+        assert level_of(n) < 0.5 and read_level(n) == 0 and write_levels(n) == (0,)
+    for n in (22.7, 32, 45):
         assert level_of(n) < 0.5 and read_level(n) == 0 and write_levels(n) == (0, 1)
     assert read_level(46) == 1  # 32·√2 ≈ 45.25
     assert level_of(10**30) == buckets.MAX_LEVEL
