@@ -98,6 +98,12 @@ async def serve_framed(
         # A slow or vanished client: drop this request only.
         log.info("%s request from %s abandoned: %s", what, peer, type(e).__name__)
         return 0
+    except asyncio.CancelledError:
+        # The daemon is stopping (p2pd's handler tasks are cancelled at shutdown). Nothing
+        # awaits this task but asyncio's stream callback, which would log the cancellation
+        # as an error with a traceback: end it quietly instead.
+        log.info("%s request from %s abandoned: the daemon is stopping", what, peer)
+        return 0
     finally:
         if limits is not None:
             limits.release(peer)
