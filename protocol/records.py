@@ -6,7 +6,9 @@ node/reunion.py), and a digest of the deltas its outer state is made of, at its 
 the round before (peers that aggregated different sets of deltas in a round see it, even
 while some are a round ahead: node/reunion.py), and its incarnation (a number drawn at each
 start of the process: a restarted peer, same identity, shows a new one, so nobody waits for
-what its previous life promised). Encoded as a msgpack map, version 7;
+what its previous life promised), and a sequence number within that incarnation (the same
+record also travels over the progress streams, node/progress.py: the larger number is the
+newer statement). Encoded as a msgpack map, version 8;
 `decode_record` validates every field and raises a ProtocolError subclass naming what was
 wrong. Signing (so that no peer can overwrite another's record) is the DHT layer's job:
 hivemind's signature validator.
@@ -21,7 +23,7 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 7
+RECORD_VERSION = 8
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
@@ -35,7 +37,7 @@ def is_chain(value: object) -> bool:
     return isinstance(value, str) and len(value) == CHAIN_HEX_LEN and set(value) <= _HEX
 
 _KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
-                   "chain", "prev_chain", "inc", "anchors"})
+                   "chain", "prev_chain", "inc", "anchors", "seq"})
 MAX_ANCHORS = 2
 
 
@@ -72,6 +74,9 @@ class PeerRecord:
     incarnation: int = 0
     """Drawn at random when the process starts (0 < incarnation < 2⁶³): a new one says the
     peer restarted, and what it promised before (a delta, a round) will not come."""
+    seq: int = 0
+    """Counts the changes of the record within its incarnation: of two records of one life
+    (one read from the DHT, one told over a stream), the larger number is the newer."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
@@ -79,7 +84,7 @@ def encode_record(r: PeerRecord) -> bytes:
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
                           "paused": r.paused, "proof": r.proof, "diverged": r.diverged,
                           "chain": r.chain, "prev_chain": r.prev_chain, "inc": r.incarnation,
-                          "anchors": [[k, c] for k, c in r.anchors]},
+                          "anchors": [[k, c] for k, c in r.anchors], "seq": r.seq},
                          use_bin_type=True)
 
 
@@ -112,6 +117,8 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
             raise MalformedMessage(f"peer record of {peer}: {key} must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
     if type(m["inc"]) is not int or not 0 <= m["inc"] < 2**63:
         raise MalformedMessage(f"peer record of {peer}: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
+    if type(m["seq"]) is not int or not 0 <= m["seq"] < 2**63:
+        raise MalformedMessage(f"peer record of {peer}: seq {m['seq']!r} is not an integer in [0, 2**63)")
     if m["prev_chain"] and round_ == 0:
         raise MalformedMessage(f"peer record of {peer}: prev_chain given at round 0, which has no round before it")
     anchors = m["anchors"]
@@ -123,7 +130,7 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
                       spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"],
                       chain=m["chain"], prev_chain=m["prev_chain"], incarnation=m["inc"],
-                      anchors=tuple((k, c) for k, c in anchors))
+                      anchors=tuple((k, c) for k, c in anchors), seq=m["seq"])
 
 
 # ---------------------------------------------------------------- round progress

@@ -15,7 +15,7 @@ from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
                   tokens_per_s=12345.5, round=42, spec_hash=H, diverged=True,
-                  chain="0123456789abcdef" * 2, prev_chain="fedcba9876543210" * 2, incarnation=2**62 + 5,
+                  chain="0123456789abcdef" * 2, prev_chain="fedcba9876543210" * 2, incarnation=2**62 + 5, seq=2**63 - 1,
                   anchors=((32, "ab" * 16), (40, "cd" * 16)))
 
 
@@ -52,6 +52,9 @@ def test_record_round_trips():
         (lambda m: m.update(inc=-1), MalformedMessage, "incarnation"),
         (lambda m: m.update(inc=2**63), MalformedMessage, "incarnation"),
         (lambda m: m.update(inc=1.5), MalformedMessage, "incarnation"),
+        (lambda m: m.update(seq=-1), MalformedMessage, "seq"),
+        (lambda m: m.update(seq=True), MalformedMessage, "seq"),
+        (lambda m: m.pop("seq"), MalformedMessage, "fields"),
         (lambda m: m.update(anchors=[[8, "ab" * 16]] * 3), MalformedMessage, "anchors"),
         (lambda m: m.update(anchors=[[43, "ab" * 16]]), MalformedMessage, "anchors"),
         (lambda m: m.update(anchors=[[8, "AB" * 16]]), MalformedMessage, "anchors"),
