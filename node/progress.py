@@ -11,14 +11,22 @@ half of all control traffic and grew with the round's size (docs/scale.md has th
 Here a report costs one small message to each of the round's peers and a read costs
 nothing; the group rounds of the bounded design (docs/scale.md) keep that set bounded.
 
-A message is a one-byte length (1..MAX_PROGRESS_BYTES) and the progress (protocol/records.py
-`encode_progress`, which names its round). Delivery is best effort with memory: a sender
-keeps the latest message of each open round per peer and sends it again on a new stream
-when the last one broke, so a report is lost only with its peer. The receiver keeps the
+The same streams carry the sender's peer record (protocol/records.py), whenever it changed:
+its round, chains, paused flag and incarnation reach the round's peers at once, where the
+registry shows them only at its next refresh and read, every few seconds (node/membership.py
+takes the newer of the two by the record's sequence number).
+
+A message is a kind byte (KIND_PROGRESS, KIND_RECORD), a two-byte big-endian length and the
+body: a progress (`encode_progress`, which names its round, 1..MAX_PROGRESS_BYTES) or a
+record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and naming the sender).
+Delivery is best effort with memory: a sender keeps its latest record and the latest message
+of each open round per peer and sends them again on a new stream when the last one broke,
+so a report is lost only with its peer. The receiver keeps the
 latest message per peer and round for the rounds open here (ROUNDS_KEPT before the newest,
 ROUNDS_AHEAD after), reads one stream per peer (a newer one replaces the older), takes at
 most MESSAGE_RATE messages a second from a peer and drops a stream that sends anything
-malformed; with an access policy, what a peer not admitted told is not heard (`seen`).
+malformed (a record of another spec or naming another peer included); with an access
+policy, what a peer not admitted told is not heard (`seen`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from typing import Callable, Iterable
 from locoswarm.node.streams import PeerLimits
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.records import MAX_PROGRESS_BYTES, Progress, decode_progress, encode_progress
+from locoswarm.protocol.records import (MAX_PROGRESS_BYTES, MAX_RECORD_BYTES, PeerRecord, Progress,
+                                        decode_progress, decode_record, encode_progress, encode_record)
 
 log = logging.getLogger(__name__)
 PROTOCOL = "locoswarm/progress/1"
@@ -45,7 +54,7 @@ ahead reports before we get there, and its "done" is sent once."""
 MAX_PEERS_PER_ROUND = 4096
 """Peers whose progress is kept per round: memory bounded under a flood of identities."""
 MAX_STREAMS = 1024
-"""Inbound progress streams held at once."""
+"""Progress streams held at once, each way."""
 MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
 """Messages a second taken from one peer (honest peers send a few a second per round)."""
 IDLE_S = 30.0
@@ -56,12 +65,23 @@ RETRY_S = (0.25, 2.0, 4.0)
 """After a failed open or write: wait 250 ms, doubling to at most 4 s, then try again."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
+KIND_PROGRESS, KIND_RECORD = 1, 2
+_LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES}
+RECORD_SLOT = -1
+"""An outbox's slot for our record (the others are rounds, ≥ 0): sent before any progress."""
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    """One message on a progress stream: its kind, a two-byte length and the body."""
+    return bytes([kind]) + len(body).to_bytes(2, "big") + body
 
 
 def progress_frame(progress: Progress) -> bytes:
-    """One message on a progress stream: a one-byte length and the encoded progress."""
-    body = encode_progress(progress)
-    return bytes([len(body)]) + body
+    return frame(KIND_PROGRESS, encode_progress(progress))
+
+
+def record_frame(record: PeerRecord) -> bytes:
+    return frame(KIND_RECORD, encode_record(record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +96,23 @@ class ProgressBus:
     one outbox per peer we tell."""
 
     def __init__(self, p2p, me: str, *, admit: Callable[[str], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`admit(peer_id)`: whether a peer may take part (a private run's policy)."""
+                 clock: Callable[[], float] = time.monotonic, spec_hash: bytes = b"",
+                 record: Callable[[], PeerRecord] | None = None,
+                 on_record: Callable[[PeerRecord], None] | None = None) -> None:
+        """`admit(peer_id)`: whether a peer may take part (a private run's policy);
+        `record()`: our current peer record, told with our progress; `on_record(record)`:
+        a record a peer told us (checked: of `spec_hash`, naming the peer that sent it)."""
         self.p2p, self.me, self.admit, self.clock = p2p, me, admit, clock
+        self.spec_hash, self.record, self.on_record = spec_hash, record, on_record
+        self._record: tuple[PeerRecord, bytes] | None = None
+        """Our last record and its frame (encoded once per change)."""
         self.newest = -1
         """The newest round opened here (-1: none yet)."""
         self._rounds: dict[int, dict[str, Seen]] = {}
         self._inbound: dict[str, asyncio.StreamWriter] = {}
         self._outboxes: dict[str, _Outbox] = {}
+        self._mine: dict[int, bytes] = {}
+        """Round → our latest message in it (told back to a peer that tells us its own)."""
         self.limits = PeerLimits(max_concurrent=1, rate=MESSAGE_RATE, burst=MESSAGE_BURST)
         self.rejected = 0
         """Streams dropped for a malformed message or a flood."""
@@ -108,6 +137,8 @@ class ProgressBus:
             del self._rounds[old]
         for outbox in self._outboxes.values():
             outbox.forget(lambda r: not self._kept(r))
+        for old in [r for r in self._mine if not self._kept(r)]:
+            del self._mine[old]
 
     def seen(self, round_: int) -> dict[str, Seen]:
         """Peer id → its latest progress in `round_`, of the peers the access policy admits
@@ -137,6 +168,11 @@ class ProgressBus:
         changed = old is None or old.progress != progress
         # Replaced, never mutated: the training thread reads a copy taken on the loop.
         peers[peer] = Seen(progress, self.clock() if changed else old.at)
+        mine = self._mine.get(progress.round)
+        if mine is not None and (self.admit is None or self.admit(peer)):
+            # It trains a round we told: it hears ours too, even when it told us after our
+            # last report of the round (a peer that joined or restarted into it late).
+            self._tell(peer, progress.round, mine)
 
     async def rpc_progress(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one peer's progress stream until it ends."""
@@ -149,20 +185,32 @@ class ProgressBus:
         if older is not None:
             older.close()  # the sender opened a new stream: its old one broke on its side
         self._inbound[peer] = writer
+        outbox = self._outboxes.get(peer)
+        if outbox is not None:
+            outbox.back.set()  # it is up and serves the protocol (again): no backoff before we write
         try:
             while True:
-                length = (await asyncio.wait_for(reader.readexactly(1), 2 * IDLE_S))[0]
-                if not 0 < length <= MAX_PROGRESS_BYTES:
-                    raise MalformedMessage(f"progress message of {length} bytes (1..{MAX_PROGRESS_BYTES})")
+                kind = (await asyncio.wait_for(reader.readexactly(1), 2 * IDLE_S))[0]
+                if kind not in _LIMITS:
+                    raise MalformedMessage(f"progress stream: message kind {kind} unknown")
+                head = await asyncio.wait_for(reader.readexactly(2), WRITE_TIMEOUT_S)
+                length = int.from_bytes(head, "big")
+                if not 0 < length <= _LIMITS[kind]:
+                    raise MalformedMessage(f"progress stream: message of {length} bytes (1..{_LIMITS[kind]})")
                 body = await asyncio.wait_for(reader.readexactly(length), WRITE_TIMEOUT_S)
                 why = self.limits.admit(peer)
                 if why is not None:
                     raise MalformedMessage(f"flood: {why}")
                 self.limits.release(peer)
                 self.messages_received += 1
-                self.take(peer, decode_progress(body))
+                if kind == KIND_PROGRESS:
+                    self.take(peer, decode_progress(body))
+                else:
+                    self._heard_record(peer, body)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass  # the sender left, went idle or broke the stream: it opens a new one when it has news
+        except asyncio.CancelledError:
+            pass  # we are stopping (node/streams.py serve_framed says why this ends quietly)
         except ProtocolError as e:
             self.rejected += 1
             log.warning("progress stream of %s dropped: %s", peer, e)
@@ -171,12 +219,39 @@ class ProgressBus:
                 del self._inbound[peer]
             writer.close()
 
+    def _heard_record(self, peer: str, body: bytes) -> None:
+        record = decode_record(body, self.spec_hash)
+        if record.peer_id != peer:
+            raise MalformedMessage(f"progress stream: a record of {record.peer_id}, not of its sender")
+        if self.on_record is not None:
+            self.on_record(record)
+
     # ------------------------------------------------------------------ what we tell
+
+    def _record_frame(self) -> bytes | None:
+        """The frame of our current record (None: no record to tell), encoded again only
+        when its sequence number moved: the throughput it also carries changes every step
+        and is no news worth a message."""
+        if self.record is None:
+            return None
+        record = self.record()
+        if self._record is None or self._record[0].seq != record.seq:
+            self._record = (record, record_frame(record))
+        return self._record[1]
+
+    def show(self) -> None:
+        """Tell every peer we tell our progress our current record, where it changed since
+        they were last told (the daemon calls it at each registry refresh: a pause, which
+        no progress report follows, reaches them then)."""
+        record = self._record_frame()
+        if record is not None:
+            for outbox in self._outboxes.values():
+                outbox.put(RECORD_SLOT, record)
 
     def publish(self, progress: Progress, peers: Iterable[str]) -> None:
         """Tell `peers` our `progress` (each at most once: a peer already told this exact
         message is not told again; a new peer of the round is told at once)."""
-        frame = progress_frame(progress)
+        message = self._mine[progress.round] = progress_frame(progress)
         told = 0
         for peer in peers:
             if peer == self.me:
@@ -184,10 +259,18 @@ class ProgressBus:
             if told >= MAX_TARGETS:
                 break
             told += 1
-            outbox = self._outboxes.get(peer)
-            if outbox is None:
-                outbox = self._outboxes[peer] = _Outbox(self, peer)
-            outbox.put(progress.round, frame)
+            self._tell(peer, progress.round, message)
+
+    def _tell(self, peer: str, round_: int, message: bytes) -> None:
+        outbox = self._outboxes.get(peer)
+        if outbox is None:
+            if len(self._outboxes) >= MAX_STREAMS:
+                return
+            outbox = self._outboxes[peer] = _Outbox(self, peer)
+        record = self._record_frame()
+        if record is not None:
+            outbox.put(RECORD_SLOT, record)
+        outbox.put(round_, message)
 
     def reachable(self, peer: str) -> bool:
         """Whether our progress stream to `peer` is open: a daemon of the protocol answers
@@ -201,29 +284,43 @@ class ProgressBus:
 
 
 class _Outbox:
-    """One peer we tell: the latest message of each open round, sent on one stream that is
-    opened again when it breaks (the messages of the open rounds then go again)."""
+    """One peer we tell: our latest record and the latest message of each open round, sent
+    on one stream that is opened again when it breaks (they then all go again)."""
 
     def __init__(self, bus: ProgressBus, peer: str) -> None:
         self.bus, self.peer = bus, peer
         self.pending: dict[int, bytes] = {}
         self.sent: dict[int, bytes] = {}
         self.wake = asyncio.Event()
+        self.back = asyncio.Event()
+        """Set when the peer opened a progress stream to us: it is up, with its handler."""
         self.open = False
         """A stream to the peer is open now."""
         self.task = asyncio.ensure_future(self.run())
         self.task.add_done_callback(lambda _: bus._closed(self))
 
-    def put(self, round_: int, frame: bytes) -> None:
-        if self.pending.get(round_, self.sent.get(round_)) == frame:
+    def put(self, slot: int, message: bytes) -> None:
+        """`message` for `slot` (a round, or RECORD_SLOT), replacing what the slot held."""
+        if self.pending.get(slot, self.sent.get(slot)) == message:
             return
-        self.pending[round_] = frame
+        self.pending[slot] = message
         self.wake.set()
 
     def forget(self, old: Callable[[int], bool]) -> None:
         for box in (self.pending, self.sent):
-            for r in [r for r in box if old(r)]:
+            for r in [r for r in box if r != RECORD_SLOT and old(r)]:
                 del box[r]
+
+    async def _retry_after(self, wait: float) -> bool:
+        """Sleep `wait` before trying again, less when the peer shows it is back (a peer
+        that restarted opens its stream to us within a second; a backoff of seconds would
+        miss a short life entirely); True when it did."""
+        try:
+            await asyncio.wait_for(self.back.wait(), wait)
+        except asyncio.TimeoutError:
+            return False
+        self.back.clear()
+        return True
 
     async def run(self) -> None:
         from hivemind.p2p import PeerID
@@ -246,11 +343,12 @@ class _Outbox:
                     # told last may be lost: tell the open rounds again on a new stream, after
                     # a wait that grows while streams keep being closed at once.
                     writer.close()
+                    _drop(closed)
                     reader = writer = closed = None
                     self.open = False
                     wait = RETRY_S[0] if time.monotonic() - opened_at > IDLE_S else min(RETRY_S[2], wait * RETRY_S[1])
                     self.pending = {**self.sent, **self.pending}
-                    await asyncio.sleep(wait)
+                    await self._retry_after(wait)
                 self.wake.clear()
                 if not self.pending:
                     continue
@@ -263,28 +361,39 @@ class _Outbox:
                         self.open = True
                         closed = asyncio.ensure_future(reader.read(1))
                         self.pending = {**self.sent, **self.pending}  # a new stream: tell it all again
-                    batch = sorted(self.pending.items())
-                    writer.write(b"".join(frame for _, frame in batch))
+                    batch = sorted(self.pending.items())  # the record (slot −1) first
+                    writer.write(b"".join(message for _, message in batch))
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 except Exception as e:  # unreachable for now, or the stream broke: keep the news, try again
                     log.debug("progress to %s: %s: %s", self.peer, type(e).__name__, e)
                     if writer is not None:
                         writer.close()
-                    if closed is not None:
-                        closed.cancel()
+                    _drop(closed)
                     reader = writer = closed = None
                     self.open = False
-                    await asyncio.sleep(wait)
-                    wait = min(RETRY_S[2], wait * RETRY_S[1])
+                    if await self._retry_after(wait):
+                        wait = RETRY_S[0]
+                    else:
+                        wait = min(RETRY_S[2], wait * RETRY_S[1])
                     self.wake.set()
                     continue
                 self.bus.messages_sent += len(batch)
-                for r, frame in batch:
-                    self.sent[r] = frame
-                    if self.pending.get(r) is frame:
-                        del self.pending[r]
+                for slot, message in batch:
+                    self.sent[slot] = message
+                    if self.pending.get(slot) is message:
+                        del self.pending[slot]
         finally:
-            if closed is not None:
-                closed.cancel()
+            _drop(closed)
             if writer is not None:
                 writer.close()
+
+
+def _drop(future: asyncio.Future | None) -> None:
+    """Let go of a read that watches a stream: cancelled if still running, its error (a
+    reset connection) taken if it ended with one, so that asyncio does not log it."""
+    if future is None:
+        return
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()

@@ -11,22 +11,32 @@ import time
 import pytest
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.progress import MESSAGE_BURST, PROTOCOL, ROUNDS_AHEAD, ROUNDS_KEPT, ProgressBus, progress_frame
+from locoswarm.node.progress import (KIND_RECORD, MESSAGE_BURST, PROTOCOL, ROUNDS_AHEAD, ROUNDS_KEPT, ProgressBus,
+                                     frame, progress_frame, record_frame)
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.protocol.records import Progress
+from locoswarm.protocol.records import PeerRecord, Progress, encode_record
+
+SPEC = b"s" * 32
 
 
 def _progress(tokens: int, round_: int = 0, done: bool = False) -> Progress:
     return Progress(tokens=tokens, tokens_per_s=10.0, done=done, incarnation=7, round=round_)
 
 
-async def _pair(admit=None):
-    """Two connected peers, each with a started bus (A's with the access policy `admit`)."""
+def _record(peer: str, seq: int = 1, **fields) -> PeerRecord:
+    return PeerRecord(**{"peer_id": peer, "addrs": ("/ip4/127.0.0.1/tcp/1",), "device": "cpu", "tokens_per_s": 1.0,
+                         "round": 3, "spec_hash": SPEC, "incarnation": 7, "seq": seq, **fields})
+
+
+async def _pair(admit=None, record=None, on_record=None):
+    """Two connected peers, each with a started bus (A's with the access policy `admit` and
+    `on_record`, B's telling `record(B's id)`)."""
     a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                          initial_peers=[str(m) for m in await a.get_visible_maddrs()])
-    bus_a = ProgressBus(a, a.peer_id.to_base58(), admit=admit)
-    bus_b = ProgressBus(b, b.peer_id.to_base58())
+    idb = b.peer_id.to_base58()
+    bus_a = ProgressBus(a, a.peer_id.to_base58(), admit=admit, spec_hash=SPEC, on_record=on_record)
+    bus_b = ProgressBus(b, idb, spec_hash=SPEC, record=None if record is None else lambda: record(idb))
     await bus_a.start()
     await bus_b.start()
     return a, b, bus_a, bus_b
@@ -95,7 +105,7 @@ def test_a_stream_the_receiver_closed_is_opened_again_and_a_newly_told_peer_gets
             progress.report(40, 10.0)  # nobody in the round yet: nobody told
             await asyncio.sleep(0.3)
             assert idb not in bus_a.seen(0)
-            progress.in_round = lambda: {ida}  # A's record shows up: told the last report at once
+            progress.told = lambda: {ida}  # A's record shows up: told the last report at once
             progress.report(40, 10.0)
             await _until(lambda: idb in bus_a.seen(0))
             bus_a._inbound[idb].close()  # the receiver drops the stream (as when it restarts its handler)
@@ -136,22 +146,25 @@ def test_a_peer_not_admitted_is_not_heard_and_once_admitted_is_heard_without_tel
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("attack", ["zero_length", "garbage", "flood"])
+@pytest.mark.parametrize("attack", ["zero_length", "garbage", "unknown_kind", "oversized", "flood",
+                                    "record_of_another_peer", "record_of_another_spec"])
 def test_a_malformed_or_flooding_stream_is_dropped_and_the_peer_heard_again_on_a_new_one(attack):
     async def go():
-        a, b, bus_a, bus_b = await _pair()
+        heard = []
+        a, b, bus_a, bus_b = await _pair(on_record=heard.append)
         ida, idb = bus_a.me, bus_b.me
         try:
             bus_a.open_round(0)
             _, _, writer = await b.call_binary_stream_handler(PeerID.from_base58(ida), PROTOCOL)
-            if attack == "zero_length":
-                writer.write(b"\x00")
-            elif attack == "garbage":
-                writer.write(b"\x05hello")
-            else:
-                writer.write(progress_frame(_progress(1)) * (3 * MESSAGE_BURST))
+            writer.write({"zero_length": b"\x01\x00\x00", "garbage": b"\x01\x00\x05hello",
+                          "unknown_kind": b"\x07\x00\x01x", "oversized": b"\x01\x01\x00" + bytes(256),
+                          "flood": progress_frame(_progress(1)) * (3 * MESSAGE_BURST),
+                          "record_of_another_peer": record_frame(_record(ida)),
+                          "record_of_another_spec": frame(KIND_RECORD, encode_record(_record(idb, spec_hash=b"x" * 32))),
+                          }[attack])
             await writer.drain()
             await _until(lambda: bus_a.rejected == 1)
+            assert heard == []
             writer.close()
             bus_b.publish(_progress(100), [ida])  # an honest stream of the same peer afterwards
             await _until(lambda: bus_a.seen(0).get(idb) is not None and bus_a.seen(0)[idb].progress.tokens == 100)
@@ -190,3 +203,56 @@ def test_an_unchanged_count_keeps_the_time_it_last_changed_for_extrapolation():
     assert bus.seen(0)["p"].at == 100.0
     bus.take("p", _progress(20))
     assert bus.seen(0)["p"].at == 101.0
+
+
+@pytest.mark.timeout(120)
+def test_the_senders_record_goes_with_its_progress_once_per_change_and_on_show():
+    """The record reaches the peers told progress before that progress, once per sequence
+    number (a throughput that moved is no news), and `show()` tells them a change no report
+    follows (a pause)."""
+    async def go():
+        heard, current = [], {"seq": 1, "tokens_per_s": 1.0, "paused": False}
+        a, b, bus_a, bus_b = await _pair(record=lambda peer: _record(peer, **current), on_record=heard.append)
+        ida, idb = bus_a.me, bus_b.me
+        try:
+            bus_a.open_round(0)
+            bus_b.publish(_progress(100), [ida])
+            await _until(lambda: idb in bus_a.seen(0))
+            assert [(r.peer_id, r.seq) for r in heard] == [(idb, 1)]
+            current["tokens_per_s"] = 5.0
+            bus_b.publish(_progress(200), [ida])
+            await _until(lambda: bus_a.seen(0)[idb].progress.tokens == 200)
+            assert len(heard) == 1
+            current.update(seq=2, paused=True)
+            bus_b.show()
+            await _until(lambda: len(heard) == 2)
+            assert heard[-1].paused and heard[-1].seq == 2
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_tells_a_round_late_is_told_back_our_message_of_that_round():
+    """A reported its round (done) to nobody it knew; B, which joined late, tells A its own:
+    A answers with its message of that round, so B hears A without A reporting again."""
+    async def go():
+        a, b, bus_a, bus_b = await _pair()
+        ida, idb = bus_a.me, bus_b.me
+        try:
+            bus_a.open_round(4)
+            bus_b.open_round(4)
+            bus_a.publish(_progress(700, round_=4, done=True), [])
+            bus_b.publish(_progress(10, round_=4), [ida])
+            await _until(lambda: ida in bus_b.seen(4))
+            assert bus_b.seen(4)[ida].progress == _progress(700, round_=4, done=True)
+            assert bus_a.seen(4)[idb].progress.tokens == 10
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(go())
