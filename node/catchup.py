@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 3
 """Whole-download attempts (each over every donor) before a sync counts as failed."""
-PRIVATE_JOIN_WAIT_S = 2.5
-"""In a private run, how long a joiner waits after showing its record before it downloads:
-donors serve only peers whose record they have read, and read records every second."""
+PRIVATE_JOIN_SLACK_S = 1.5
+"""In a private run, a joiner waits one registry refresh (a third of the record TTL) and
+this long after showing its record before it downloads: donors serve only peers whose
+record they have read, and read the registry once a refresh."""
 
 
 class CatchUp:
@@ -42,7 +43,7 @@ class CatchUp:
             return
         if ctx.spec.access.restricted:
             await announce()
-            await asyncio.sleep(PRIVATE_JOIN_WAIT_S)
+            await asyncio.sleep(ctx.cfg.record_ttl_s / 3 + PRIVATE_JOIN_SLACK_S)
         await self.sync(peers)
 
     async def maybe_follow(self) -> bool:

@@ -65,10 +65,11 @@ class NodeConfig:
     """F: at most this many peers' deltas pulled per round."""
     record_ttl_s: float = 10.0
     """Lifetime of this peer's DHT record; the record is refreshed, and the own registry
-    bucket read, every second or every third of it if shorter (the other sampled buckets
-    every registry.VIEW_READ_S)."""
+    bucket read, every third of it (the other sampled buckets every registry.VIEW_READ_S).
+    What changes every round travels over the progress streams meanwhile (node/progress.py)."""
     report_interval_s: float = 0.1
-    """How often round progress is written to and read from the DHT."""
+    """How often round progress is told to the round's peers (a changed count at most every
+    third interval, node/rounds.py) and what they told is read."""
 
     def validate(self) -> None:
         if self.max_rounds < 0 or self.until_round < 0:

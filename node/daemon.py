@@ -23,6 +23,7 @@ second forces the exit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -84,6 +85,8 @@ class Daemon:
         self.checkpoints = Checkpointer(os.path.join(cfg.state_dir, "checkpoints"), self.spec_hash,
                                         keep=cfg.checkpoint_keep)
         self._tasks: set[asyncio.Task] = set()
+        self._last_record: PeerRecord | None = None
+        self._record_seq = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,7 +154,8 @@ class Daemon:
             self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
             self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
-            progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit)
+            progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
+                                   record=self._record, on_record=self.membership.heard)
             await self.deltas.start()
             await self.states.start()
             await progress.start()
@@ -168,7 +172,8 @@ class Daemon:
             await self._join(registry)
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
-                                    on_view=functools.partial(remember_peers, self.cfg.state_dir)))
+                                    on_view=functools.partial(remember_peers, self.cfg.state_dir),
+                                    shown=progress.show))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await self._wait_for_peers()
@@ -199,9 +204,10 @@ class Daemon:
 
     @property
     def _refresh_s(self) -> float:
-        """How often our record is refreshed and our own registry bucket read: every second,
-        or a third of the record's lifetime if that is shorter."""
-        return min(1.0, self.cfg.record_ttl_s / 3)
+        """How often our record is refreshed and our own registry bucket read: a third of the
+        record's lifetime (3.3 s by default). What changes every round (round, chains) and
+        a pause reach the peers we train with over the progress streams at once."""
+        return self.cfg.record_ttl_s / 3
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -226,11 +232,17 @@ class Daemon:
     # ------------------------------------------------------------------ peers
 
     def _record(self) -> PeerRecord:
+        """Our record now; its sequence number grows with each change of anything but the
+        throughput (which moves every step, and is news to nobody)."""
         steps = self.trainer.outer_steps
-        return PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
-                          tokens_per_s=float(self.trainer.tokens_per_s), round=steps, spec_hash=self.spec_hash,
-                          paused=self.idle.paused is not None, proof=self.spec.access.proof(self.spec_hash, self.peer_id),
-                          incarnation=self.incarnation, **self.lineage.shown(steps))
+        record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
+                            tokens_per_s=0.0, round=steps, spec_hash=self.spec_hash,
+                            paused=self.idle.paused is not None,
+                            proof=self.spec.access.proof(self.spec_hash, self.peer_id),
+                            incarnation=self.incarnation, **self.lineage.shown(steps))
+        if record != self._last_record:
+            self._last_record, self._record_seq = record, self._record_seq + 1
+        return dataclasses.replace(record, seq=self._record_seq, tokens_per_s=float(self.trainer.tokens_per_s))
 
     async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm

@@ -105,9 +105,11 @@ def known_chains(r: PeerRecord) -> dict[int, str]:
 ANCHOR_EVERY = 8
 """Rounds between two anchors: every record shows its chain at the last two multiples of
 this (PeerRecord.anchors), so peers whose records stand up to ANCHOR_EVERY rounds apart
-share a round to compare at. The timing assumption this makes explicit: records are
-refreshed once a second, so a split is found on any machine that runs fewer than
-ANCHOR_EVERY rounds a second; a faster swarm (which the round deadlines and state
+share a round to compare at. The timing assumption this makes explicit: a peer's record
+reaches the peers it trains with over the progress streams at each change (node/progress.py)
+and the others through the registry, refreshed and read every third of the record TTL
+(3.3 s by default), so a split is found on any machine that runs fewer than ANCHOR_EVERY
+rounds per refresh (2.4 a second); a faster swarm (which the round deadlines and state
 downloads do not allow) would compare only when its records happen to meet."""
 
 

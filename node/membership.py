@@ -1,5 +1,6 @@
 """Who is in the swarm, as this peer sees it: the live peers' records (refreshed from the
-registry), the peers the access policy admits, who should train a round, and the peers that
+registry, each replaced by a newer one its peer told us over the progress streams), the
+peers the access policy admits, who should train a round, and the peers that
 vanished without a tombstone, which are dialed back.
 
 Dialing back: a cut-off peer sees nobody and dials its initial peers again, but p2pd's
@@ -35,6 +36,8 @@ ever more rarely, probed at rounds 0, 10, 30, 70, 150 and 310 where a fixed 10 p
 (with one such record among six peers the fixed 10 measured 0.93× the clean throughput on 2
 cores, 0.90× on 16)."""
 MAX_SILENT_ROUNDS = 320
+TOLD_BEHIND = 8
+"""A peer whose record is at most this many rounds behind a round is told our progress in it."""
 
 
 class Membership:
@@ -43,10 +46,18 @@ class Membership:
 
     def __init__(self, me: str, *, restricted: bool, clock: Callable[[], float] = time.monotonic) -> None:
         """`restricted`: a private run, whose peers serve only the peers they admit."""
-        self.me = me
+        self.me, self.clock = me, clock
         self.restricted = restricted
         self.records: list[PeerRecord] = []
-        """The live records of the other peers at the last refresh."""
+        """The live records of the other peers: those of the last registry refresh, each the
+        newer of its registry entry and what its peer last told us (`heard`)."""
+        self._listed: dict[str, PeerRecord] = {}
+        """Peer id → its record as the last registry refresh read it."""
+        self._listed_at: dict[str, float] = {}
+        """Peer id → when (clock) its listed record was first read as it is."""
+        self._heard: dict[str, tuple[PeerRecord, float]] = {}
+        """Peer id → the record it told us over its progress stream, and when (clock) we
+        heard it first; only for listed peers."""
         self.admitted: set[str] = set()
         """Peer ids whose records passed the run's access policy at the last refresh."""
         self.lost = LostPeers(clock)
@@ -66,8 +77,16 @@ class Membership:
         checks, ours may be among them; `withdrawn`: peer ids that left on purpose;
         `out_of_sight`: peers the view let go of for age or room, not seen to vanish);
         returns the vanished peers to dial now."""
-        self.records = [r for r in records if r.peer_id != self.me]
-        self.admitted = {r.peer_id for r in self.records}
+        now = self.clock()
+        listed = {r.peer_id: r for r in records if r.peer_id != self.me}
+        for peer, record in listed.items():
+            if self._listed.get(peer) != record:
+                self._listed_at[peer] = now
+        self._listed = listed
+        self._listed_at = {peer: self._listed_at[peer] for peer in listed}
+        self._heard = {peer: heard for peer, heard in self._heard.items() if peer in listed}
+        self._merge()
+        self.admitted = set(listed)
         self.lost.update(self.records, withdrawn, out_of_sight)
         for peer in withdrawn:
             self.proven.pop(peer, None)
@@ -76,6 +95,25 @@ class Membership:
             if live.get(peer, incarnation) != incarnation:
                 del self.proven[peer]  # restarted: the new life proves itself again
         return self.lost.due()
+
+    def heard(self, record: PeerRecord) -> None:
+        """`record` came from its peer over its progress stream (node/progress.py; the
+        connection authenticated it): it replaces the registry's record of a listed peer
+        when newer (`_newer`). A peer the registry does not list yet is heard once it does."""
+        peer = record.peer_id
+        if peer not in self._listed:
+            return
+        old = self._heard.get(peer)
+        if old is None or old[0] != record:
+            self._heard[peer] = (record, self.clock())
+            self._merge()
+
+    def _merge(self) -> None:
+        out = []
+        for peer, listed in self._listed.items():
+            heard = self._heard.get(peer)
+            out.append(heard[0] if heard is not None and _newer(heard, (listed, self._listed_at[peer])) else listed)
+        self.records = out
 
     def incarnation(self, peer: str) -> int:
         """The incarnation `peer`'s live record shows, 0 when none is in the view."""
@@ -138,17 +176,32 @@ class Membership:
         """Peers that should train `round_` and are waited for before they report progress:
         proven (they delivered a delta to us in the incarnation their record shows), their
         record's round (the outer steps they have taken; one behind the round trained when
-        rounds overlap, and refreshed every second, so possibly one more stale) within two
-        rounds before it, and not paused. A record alone never holds a round."""
+        rounds overlap, and possibly one more stale) within two rounds before it, and not
+        paused. A record alone never holds a round."""
         return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) == r.incarnation}
 
-    def in_round(self, round_: int) -> set[str]:
-        """Peers whose record puts them in `round_`, proven or not: told our progress in it."""
-        return {r.peer_id for r in self._in_round(round_)}
+    def told(self, round_: int) -> set[str]:
+        """Peers told our progress in `round_`: proven or not, not paused, their record's
+        round within TOLD_BEHIND rounds before it to 2 after. Wider than the peers waited
+        for: a record read from the registry can be several fast rounds old, and a peer not
+        told would not tell back, so neither would hear of the other (each then ends the
+        round alone: a split). Once they talk, their records travel with their progress
+        and stay fresh."""
+        return {r.peer_id for r in self.records if round_ - TOLD_BEHIND <= r.round <= round_ + 2 and not r.paused}
 
     def _in_round(self, round_: int) -> list[PeerRecord]:
         """Records that put their peer in `round_`: within two rounds before it, not paused."""
         return [r for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused]
+
+
+def _newer(a: tuple[PeerRecord, float], b: tuple[PeerRecord, float]) -> bool:
+    """Whether (record, when first seen here) `a` is newer than `b`: within one incarnation
+    the larger sequence number; across two (a restart), the one seen here last, the other
+    being the dead life's (its last record lingers in the registry until it expires)."""
+    (ra, at_a), (rb, at_b) = a, b
+    if ra.incarnation == rb.incarnation:
+        return ra.seq > rb.seq
+    return at_a > at_b
 
 
 class LostPeers:
@@ -234,12 +287,14 @@ view holds a peer the last call did not."""
 
 async def keep_record(registry, membership: Membership, record: Callable[[], PeerRecord], *, interval_s: float,
                       initial_peers: list[str], had_peers: Callable[[], bool],
-                      on_view: Callable[[list[PeerRecord]], None] | None = None) -> None:
+                      on_view: Callable[[list[PeerRecord]], None] | None = None,
+                      shown: Callable[[], None] | None = None) -> None:
     """Show our `record()` in the registry and refresh `membership` from it every
     `interval_s`; dial back the peers that vanished, and the initial peers when we see
     nobody after having had peers (`had_peers()`); hand the view to `on_view` (kept for the
-    next start) when it holds a peer the last one did not, else at most every VIEW_KEPT_S.
-    Runs until cancelled; a refresh that fails keeps the last view."""
+    next start) when it holds a peer the last one did not, else at most every VIEW_KEPT_S;
+    call `shown()` after each store (the daemon tells its progress streams' peers the record
+    too). Runs until cancelled; a refresh that fails keeps the last view."""
     redials: set[asyncio.Task] = set()
     next_rediscovery = next_view = 0.0
     kept: set[str] = set()
@@ -247,6 +302,8 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
         while True:
             try:
                 await registry.announce(record())
+                if shown is not None:
+                    shown()  # and to the peers we train with, where it changed (a pause)
                 view = await registry.peers()
                 membership.peers_estimate = registry.peers_estimate
                 for lost in membership.update(view, registry.withdrawn, registry.aged_out):

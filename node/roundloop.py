@@ -230,7 +230,7 @@ class RoundLoop:
                                  carry=self.carry, expected=lambda: ctx.membership.expected(round_),
                                  candidates=lambda: {peer for peer in ctx.membership.candidates(round_)
                                                      if ctx.progress.reachable(peer)},
-                                 in_round=lambda: ctx.membership.in_round(round_),
+                                 told=lambda: ctx.membership.told(round_),
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation)
         ctx.stats.state = "training"
         ctx.deltas.training(round_)

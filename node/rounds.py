@@ -1,8 +1,8 @@
 """Round agreement: when a round ends and who took part in it.
 
 Round boundaries follow global token progress, as hivemind's Optimizer does with its target
-batch size: every peer training round r reports in the DHT how many tokens it has trained
-on in r and at what rate, under the round's key (one subkey per peer). The round ends when
+batch size: every peer training round r tells the round's peers how many tokens it has
+trained on in r and at what rate (node/progress.py). The round ends when
 the swarm's tokens reach H · batch · seq_len per participating peer, so on average each
 peer does the H inner steps of the algorithm, and a fast GPU and a slow CPU both
 contribute to every round they reach (each with its own token count, which weighs its
@@ -15,15 +15,17 @@ per peer; the swarm's accumulated overshoot (or shortfall), from the token count
 rounds' deltas, is taken off the next round's target, so over many rounds the swarm trains
 the tokens it planned.
 
-The round's participants are the peers that report progress for it. Every live peer of
-the registry that should be in the round (its record is at this round or the one before)
-counts in the target and is waited for even before its first report, so that peers agree
-on the participants (a peer seen by some and not by others splits the outer state). Pulling
-the round's deltas from them is node/pull.py's.
+The round's participants are the peers that report progress for it. Every live peer that
+proved itself (delivered a delta) and should be in the round (its record, the newer of the
+registry's and the one it told over its stream, is within two rounds before it) counts in
+the target and is waited for even before its first report, so that peers agree on the
+participants (a peer seen by some and not by others splits the outer state). Pulling the
+round's deltas from them is node/pull.py's.
 
-Progress travels over streams among the round's peers (node/progress.py): each stream is
-authenticated by its connection, so no peer can report, inflate or stall the round for
-another; with an access policy, the progress of peers not admitted is not taken.
+Progress travels over streams (node/progress.py) to the peers whose records put them near
+the round and to every peer that told us its own: each stream is authenticated by its
+connection, so no peer can report, inflate or stall the round for another; with an access
+policy, the progress of peers not admitted is not taken.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ class RoundProgress:
 
     def __init__(self, bus: ProgressBus | None, round_: int, peer_id: str, *, per_peer_tokens: int,
                  interval_s: float, carry: int = 0, expected: Callable[[], set[str]] = frozenset,
-                 candidates: Callable[[], set[str]] = frozenset, in_round: Callable[[], set[str]] = frozenset,
+                 candidates: Callable[[], set[str]] = frozenset, told: Callable[[], set[str]] = frozenset,
                  incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0) -> None:
         """`bus`: the progress streams (None: a test that sets what was heard itself);
-        `in_round()`: the live peers whose records put them in this round, proven or not:
+        `told()`: the live peers whose records put them near this round, proven or not:
         told our progress, as is every peer that told us its own."""
         self.bus = bus
         self.round = round_
@@ -69,7 +71,7 @@ class RoundProgress:
         self.candidates = candidates
         """Unproven peers whose record puts them in this round (and, in the daemon, to whom our
         progress stream is open): probed for liveness."""
-        self.in_round = in_round
+        self.told = told
         self.incarnation = incarnation
         """This process's incarnation, reported with our progress."""
         self.incarnations = incarnations
@@ -91,12 +93,15 @@ class RoundProgress:
                                      incarnation=self.incarnation, round=self.round)
             self._reported = (tokens, done, now)
         if self._message is not None and self.bus is not None:
-            self.bus.publish(self._message, (set(self.in_round()) | set(self._others)) - {self.peer_id})
+            self.bus.publish(self._message, (set(self.told()) | set(self._others)) - {self.peer_id})
 
     def refresh(self) -> None:
         """Take what the round's peers told us so far."""
         if self.bus is not None:
-            others = self.bus.seen(self.round)
+            # Merged into what was heard before: a peer heard stays heard for the round when
+            # the access policy stops admitting it (it left after telling us; its delta may
+            # be in our step already).
+            others = {**self._others, **self.bus.seen(self.round)}
             others.pop(self.peer_id, None)
             self._others = others
 

@@ -24,10 +24,10 @@ from locoswarm.protocol.records import PeerRecord
 
 
 def rec(peer: str, round_: int, diverged: bool = False, paused: bool = False, chain: str = "",
-        prev_chain: str = "", incarnation: int = 1) -> PeerRecord:
+        prev_chain: str = "", incarnation: int = 1, seq: int = 0) -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=("/ip4/127.0.0.1/tcp/1",), device="cpu", tokens_per_s=1.0, round=round_,
                       spec_hash=b"h" * 32, paused=paused, diverged=diverged, chain=chain, prev_chain=prev_chain,
-                      incarnation=incarnation)
+                      incarnation=incarnation, seq=seq)
 
 
 def donors(follow) -> list[str] | None:
@@ -242,6 +242,8 @@ def test_membership_keeps_the_others_admits_them_in_a_private_run_and_expects_re
     assert due == [] and m.num_peers == 4 and {r.peer_id for r in m.records} == {"a", "b", "c", "d"}
     assert m.admit("a") and not m.admit("me") and not m.admit("zz")
     assert m.expected(5) == set(), "a record alone is never waited for"
+    assert m.told(5) == {"a", "b", "d"} and m.told(11) == {"a", "b"} and m.told(0) == {"d"}, \
+        "told: not paused, from 8 rounds behind to 2 ahead"
     m.prove(["a", "b", "c", "d", "zz"])
     assert m.expected(5) == {"a", "b"}, "proven, within two rounds before, not paused"
     m.unprove("b")
@@ -251,6 +253,35 @@ def test_membership_keeps_the_others_admits_them_in_a_private_run_and_expects_re
     due = m.update([rec("a", 6)], withdrawn={"b"})
     assert sorted(r.peer_id for r in due) == ["c", "d"], "vanished without a tombstone: dialed back"
     assert len(m.lost) == 2
+
+
+def test_a_record_told_over_a_stream_replaces_the_registrys_while_it_is_the_newer_statement():
+    """Within one incarnation the larger sequence number wins, whichever way it came; across a
+    restart the life seen last; a peer the registry does not list is not taken from a stream."""
+    now = [0.0]
+    m = Membership("me", restricted=True, clock=lambda: now[0])
+    m.update([rec("a", 5, seq=3), rec("b", 5)])
+    m.heard(rec("a", 7, chain="ab" * 16, seq=5))
+    m.heard(rec("zz", 9, seq=9))
+    assert {r.peer_id: r.round for r in m.records} == {"a": 7, "b": 5} and not m.admit("zz")
+    now[0] = 1.0
+    m.update([rec("a", 6, seq=4), rec("b", 5)])  # the registry's copy, stored before the stream's news
+    assert {r.peer_id: r.round for r in m.records}["a"] == 7
+    m.prove(["a"])
+    assert m.expected(7) == {"a"} and m.expected(9) == {"a"} and m.expected(5) == set()
+    m.update([rec("a", 8, seq=6), rec("b", 5)])
+    assert {r.peer_id: r.round for r in m.records}["a"] == 8
+    now[0] = 2.0
+    m.heard(rec("a", 2, incarnation=9, seq=1))  # restarted from an older checkpoint: told before the registry shows it
+    assert m.incarnation("a") == 9 and m.expected(8) == set(), "its new life proves itself again"
+    now[0] = 3.0
+    m.update([rec("a", 8, seq=6), rec("b", 5)])  # the dead life's record, not expired yet
+    assert m.incarnation("a") == 9
+    m.update([rec("a", 2, incarnation=9, seq=1), rec("b", 5)])
+    m.heard(rec("a", 3, incarnation=9, seq=2))
+    assert {r.peer_id: r.round for r in m.records}["a"] == 3
+    m.update([rec("b", 5)])
+    assert [r.peer_id for r in m.records] == ["b"], "gone from the registry: gone, whatever it told"
 
 
 def test_a_restarted_peer_is_not_waited_for_until_its_new_life_delivers_a_delta():

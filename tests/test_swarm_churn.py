@@ -153,9 +153,10 @@ def test_bench_swarm_refuses_fakes_with_churn_or_too_few_rounds_without_starting
 @pytest.mark.timeout(720)
 def test_a_fake_identity_with_a_signed_record_is_probed_dropped_and_the_swarm_ends_on_one_digest(tmp_path: Path):
     """A record that nothing serves behind: every honest peer sees it (its record copies the
-    swarm's round), probes it, drops it as unproven after the liveness bound and leaves it
-    alone for a while; the swarm trains on and ends on one digest. (Its cost in rounds per
-    minute is the benchmark's to measure, not this test's.)"""
+    swarm's round) but never waits for it: no daemon answers its progress stream, so it is
+    never probed (node/membership.py candidates, node/roundloop.py); the swarm trains on and
+    ends on one digest. (Its cost in rounds per minute is the benchmark's to measure, not
+    this test's.)"""
     path, kept = tmp_path / "fakes.json", tmp_path / "swarm"
     # 20 rounds: a fake's start (a process importing torch and hivemind, a DHT node) took up
     # to 8 rounds on CI's loaded cores, and its phase lasts at least 4 rounds after it.
@@ -166,6 +167,6 @@ def test_a_fake_identity_with_a_signed_record_is_probed_dropped_and_the_swarm_en
     assert result["fakes"] == 1 and result["consensus_equal"] is True and result["final_rounds"] == [20]
     assert result["rounds_per_minute_clean"] > 0 and result["rounds_per_minute_fakes"] > 0
     logs = [p.read_text() for p in sorted(kept.glob("peer-*.log"))]
-    dropped = [log.count("not proven and no answer within") for log in logs]
-    assert all(n >= 1 for n in dropped), f"every honest peer probed and dropped the fake: {dropped}"
+    waited = [log.count("not proven and no answer within") for log in logs]
+    assert len(logs) == 3 and waited == [0, 0, 0], f"an honest peer waited for the fake: {waited}"
     assert "fake identities" in out.stdout and "× the clean rate" in out.stdout
