@@ -42,6 +42,20 @@ async def _pair(admit=None, record=None, on_record=None):
     return a, b, bus_a, bus_b
 
 
+def _run_pair(go, **pair_args) -> None:
+    """Run `go(a, b, bus_a, bus_b)` on a fresh pair (`_pair(**pair_args)`), closed after."""
+    async def run() -> None:
+        a, b, bus_a, bus_b = await _pair(**pair_args)
+        try:
+            await go(a, b, bus_a, bus_b)
+        finally:
+            bus_a.close()
+            bus_b.close()
+            await _close(b, a)
+
+    asyncio.run(run())
+
+
 async def _close(*nodes) -> None:
     for node in nodes:
         await node.shutdown()
@@ -58,67 +72,55 @@ async def _until(condition, timeout_s: float = 20.0) -> None:
 @pytest.mark.timeout(120)
 def test_progress_reaches_the_rounds_peer_under_the_senders_connection_identity_latest_kept():
     """And a peer whose progress stream opened is reachable; a bare p2pd is not."""
-    async def go():
-        a, b, bus_a, bus_b = await _pair()
+    async def go(a, b, bus_a, bus_b):
         ida, idb = bus_a.me, bus_b.me
+        bus_a.open_round(0)
+        bus_b.publish(_progress(100), [ida])
+        await _until(lambda: idb in bus_a.seen(0))
+        first = bus_a.seen(0)[idb]
+        assert first.progress == _progress(100)
+        bus_b.publish(_progress(300, done=True), [ida])
+        await _until(lambda: bus_a.seen(0)[idb].progress.done)
+        assert bus_a.seen(0)[idb].progress.tokens == 300 and bus_a.seen(0)[idb].at >= first.at
+        # The same message again is not sent again; a round's message goes to its round only.
+        sent = bus_b.messages_sent
+        bus_b.publish(_progress(300, done=True), [ida])
+        bus_b.publish(_progress(50, round_=1), [ida])
+        await _until(lambda: idb in bus_a.seen(1))
+        assert bus_b.messages_sent == sent + 1 and bus_a.seen(0)[idb].progress.tokens == 300
+        assert bus_b.reachable(ida)
+        # A p2pd with no daemon behind it (what a bare record points at) never is.
+        bare = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                initial_peers=[str(m) for m in await a.get_visible_maddrs()])
         try:
-            bus_a.open_round(0)
-            bus_b.publish(_progress(100), [ida])
-            await _until(lambda: idb in bus_a.seen(0))
-            first = bus_a.seen(0)[idb]
-            assert first.progress == _progress(100)
-            bus_b.publish(_progress(300, done=True), [ida])
-            await _until(lambda: bus_a.seen(0)[idb].progress.done)
-            assert bus_a.seen(0)[idb].progress.tokens == 300 and bus_a.seen(0)[idb].at >= first.at
-            # The same message again is not sent again; a round's message goes to its round only.
-            sent = bus_b.messages_sent
-            bus_b.publish(_progress(300, done=True), [ida])
-            bus_b.publish(_progress(50, round_=1), [ida])
-            await _until(lambda: idb in bus_a.seen(1))
-            assert bus_b.messages_sent == sent + 1 and bus_a.seen(0)[idb].progress.tokens == 300
-            assert bus_b.reachable(ida)
-            # A p2pd with no daemon behind it (what a bare record points at) never is.
-            bare = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                    initial_peers=[str(m) for m in await a.get_visible_maddrs()])
-            try:
-                bus_b.publish(_progress(300, done=True), [bare.peer_id.to_base58()])
-                await asyncio.sleep(1.0)
-                assert not bus_b.reachable(bare.peer_id.to_base58()) and bus_b.reachable(ida)
-            finally:
-                await bare.shutdown()
+            bus_b.publish(_progress(300, done=True), [bare.peer_id.to_base58()])
+            await asyncio.sleep(1.0)
+            assert not bus_b.reachable(bare.peer_id.to_base58()) and bus_b.reachable(ida)
         finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+            await bare.shutdown()
 
-    asyncio.run(go())
+    _run_pair(go)
 
 
 @pytest.mark.timeout(120)
 def test_a_stream_the_receiver_closed_is_opened_again_and_a_newly_told_peer_gets_the_last_report():
-    async def go():
-        a, b, bus_a, bus_b = await _pair()
+    async def go(a, b, bus_a, bus_b):
         ida, idb = bus_a.me, bus_b.me
-        try:
-            bus_a.open_round(0)
-            progress = RoundProgress(bus_b, 0, idb, per_peer_tokens=100, interval_s=0.1)
-            progress.report(40, 10.0)  # nobody in the round yet: nobody told
-            await asyncio.sleep(0.3)
-            assert idb not in bus_a.seen(0)
-            progress.told = lambda: {ida}  # A's record shows up: told the last report at once
-            progress.report(40, 10.0)
-            await _until(lambda: idb in bus_a.seen(0))
-            bus_a._inbound[idb].close()  # the receiver drops the stream (as when it restarts its handler)
-            await _until(lambda: idb not in bus_a._inbound)
-            progress.report(90, 10.0, done=True)
-            await _until(lambda: bus_a.seen(0)[idb].progress.done)
-            assert bus_a.seen(0)[idb].progress.tokens == 90
-        finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+        bus_a.open_round(0)
+        progress = RoundProgress(bus_b, 0, idb, per_peer_tokens=100, interval_s=0.1)
+        progress.report(40, 10.0)  # nobody in the round yet: nobody told
+        await asyncio.sleep(0.3)
+        assert idb not in bus_a.seen(0)
+        progress.told = lambda: {ida}  # A's record shows up: told the last report at once
+        progress.report(40, 10.0)
+        await _until(lambda: idb in bus_a.seen(0))
+        bus_a._inbound[idb].close()  # the receiver drops the stream (as when it restarts its handler)
+        await _until(lambda: idb not in bus_a._inbound)
+        progress.report(90, 10.0, done=True)
+        await _until(lambda: bus_a.seen(0)[idb].progress.done)
+        assert bus_a.seen(0)[idb].progress.tokens == 90
 
-    asyncio.run(go())
+    _run_pair(go)
 
 
 @pytest.mark.timeout(120)
@@ -127,53 +129,42 @@ def test_a_peer_not_admitted_is_not_heard_and_once_admitted_is_heard_without_tel
     what it told before as soon as it has, without a new report."""
     admitted = [False]
 
-    async def go():
-        a, b, bus_a, bus_b = await _pair(admit=lambda peer: admitted[0])
-        try:
-            bus_a.open_round(0)
-            bus_b.publish(_progress(100, done=True), [bus_a.me])
-            await asyncio.sleep(1.0)
-            assert bus_a.seen(0) == {}
-            admitted[0] = True  # its record has been read
-            await _until(lambda: bus_b.me in bus_a.seen(0))
-            assert bus_a.seen(0)[bus_b.me].progress == _progress(100, done=True)
-        finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+    async def go(a, b, bus_a, bus_b):
+        bus_a.open_round(0)
+        bus_b.publish(_progress(100, done=True), [bus_a.me])
+        await asyncio.sleep(1.0)
+        assert bus_a.seen(0) == {}
+        admitted[0] = True  # its record has been read
+        await _until(lambda: bus_b.me in bus_a.seen(0))
+        assert bus_a.seen(0)[bus_b.me].progress == _progress(100, done=True)
 
-    asyncio.run(go())
+    _run_pair(go, admit=lambda peer: admitted[0])
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("attack", ["zero_length", "garbage", "unknown_kind", "oversized", "flood",
                                     "record_of_another_peer", "record_of_another_spec"])
 def test_a_malformed_or_flooding_stream_is_dropped_and_the_peer_heard_again_on_a_new_one(attack):
-    async def go():
-        heard = []
-        a, b, bus_a, bus_b = await _pair(on_record=heard.append)
-        ida, idb = bus_a.me, bus_b.me
-        try:
-            bus_a.open_round(0)
-            _, _, writer = await b.call_binary_stream_handler(PeerID.from_base58(ida), PROTOCOL)
-            writer.write({"zero_length": b"\x01\x00\x00", "garbage": b"\x01\x00\x05hello",
-                          "unknown_kind": b"\x07\x00\x01x", "oversized": b"\x01\x01\x00" + bytes(256),
-                          "flood": progress_frame(_progress(1)) * (3 * MESSAGE_BURST),
-                          "record_of_another_peer": record_frame(_record(ida)),
-                          "record_of_another_spec": frame(KIND_RECORD, encode_record(_record(idb, spec_hash=b"x" * 32))),
-                          }[attack])
-            await writer.drain()
-            await _until(lambda: bus_a.rejected == 1)
-            assert heard == []
-            writer.close()
-            bus_b.publish(_progress(100), [ida])  # an honest stream of the same peer afterwards
-            await _until(lambda: bus_a.seen(0).get(idb) is not None and bus_a.seen(0)[idb].progress.tokens == 100)
-        finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+    heard = []
 
-    asyncio.run(go())
+    async def go(a, b, bus_a, bus_b):
+        ida, idb = bus_a.me, bus_b.me
+        bus_a.open_round(0)
+        _, _, writer = await b.call_binary_stream_handler(PeerID.from_base58(ida), PROTOCOL)
+        writer.write({"zero_length": b"\x01\x00\x00", "garbage": b"\x01\x00\x05hello",
+                      "unknown_kind": b"\x07\x00\x01x", "oversized": b"\x01\x01\x00" + bytes(256),
+                      "flood": progress_frame(_progress(1)) * (3 * MESSAGE_BURST),
+                      "record_of_another_peer": record_frame(_record(ida)),
+                      "record_of_another_spec": frame(KIND_RECORD, encode_record(_record(idb, spec_hash=b"x" * 32))),
+                      }[attack])
+        await writer.drain()
+        await _until(lambda: bus_a.rejected == 1)
+        assert heard == []
+        writer.close()
+        bus_b.publish(_progress(100), [ida])  # an honest stream of the same peer afterwards
+        await _until(lambda: bus_a.seen(0).get(idb) is not None and bus_a.seen(0)[idb].progress.tokens == 100)
+
+    _run_pair(go, on_record=heard.append)
 
 
 def test_progress_is_kept_for_the_open_rounds_only_and_never_our_own():
@@ -210,49 +201,38 @@ def test_the_senders_record_goes_with_its_progress_once_per_change_and_on_show()
     """The record reaches the peers told progress before that progress, once per sequence
     number (a throughput that moved is no news), and `show()` tells them a change no report
     follows (a pause)."""
-    async def go():
-        heard, current = [], {"seq": 1, "tokens_per_s": 1.0, "paused": False}
-        a, b, bus_a, bus_b = await _pair(record=lambda peer: _record(peer, **current), on_record=heard.append)
-        ida, idb = bus_a.me, bus_b.me
-        try:
-            bus_a.open_round(0)
-            bus_b.publish(_progress(100), [ida])
-            await _until(lambda: idb in bus_a.seen(0))
-            assert [(r.peer_id, r.seq) for r in heard] == [(idb, 1)]
-            current["tokens_per_s"] = 5.0
-            bus_b.publish(_progress(200), [ida])
-            await _until(lambda: bus_a.seen(0)[idb].progress.tokens == 200)
-            assert len(heard) == 1
-            current.update(seq=2, paused=True)
-            bus_b.show()
-            await _until(lambda: len(heard) == 2)
-            assert heard[-1].paused and heard[-1].seq == 2
-        finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+    heard, current = [], {"seq": 1, "tokens_per_s": 1.0, "paused": False}
 
-    asyncio.run(go())
+    async def go(a, b, bus_a, bus_b):
+        ida, idb = bus_a.me, bus_b.me
+        bus_a.open_round(0)
+        bus_b.publish(_progress(100), [ida])
+        await _until(lambda: idb in bus_a.seen(0))
+        assert [(r.peer_id, r.seq) for r in heard] == [(idb, 1)]
+        current["tokens_per_s"] = 5.0
+        bus_b.publish(_progress(200), [ida])
+        await _until(lambda: bus_a.seen(0)[idb].progress.tokens == 200)
+        assert len(heard) == 1
+        current.update(seq=2, paused=True)
+        bus_b.show()
+        await _until(lambda: len(heard) == 2)
+        assert heard[-1].paused and heard[-1].seq == 2
+
+    _run_pair(go, record=lambda peer: _record(peer, **current), on_record=heard.append)
 
 
 @pytest.mark.timeout(120)
 def test_a_peer_that_tells_a_round_late_is_told_back_our_message_of_that_round():
     """A reported its round (done) to nobody it knew; B, which joined late, tells A its own:
     A answers with its message of that round, so B hears A without A reporting again."""
-    async def go():
-        a, b, bus_a, bus_b = await _pair()
+    async def go(a, b, bus_a, bus_b):
         ida, idb = bus_a.me, bus_b.me
-        try:
-            bus_a.open_round(4)
-            bus_b.open_round(4)
-            bus_a.publish(_progress(700, round_=4, done=True), [])
-            bus_b.publish(_progress(10, round_=4), [ida])
-            await _until(lambda: ida in bus_b.seen(4))
-            assert bus_b.seen(4)[ida].progress == _progress(700, round_=4, done=True)
-            assert bus_a.seen(4)[idb].progress.tokens == 10
-        finally:
-            bus_a.close()
-            bus_b.close()
-            await _close(b, a)
+        bus_a.open_round(4)
+        bus_b.open_round(4)
+        bus_a.publish(_progress(700, round_=4, done=True), [])
+        bus_b.publish(_progress(10, round_=4), [ida])
+        await _until(lambda: ida in bus_b.seen(4))
+        assert bus_b.seen(4)[ida].progress == _progress(700, round_=4, done=True)
+        assert bus_a.seen(4)[idb].progress.tokens == 10
 
-    asyncio.run(go())
+    _run_pair(go)
