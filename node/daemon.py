@@ -131,12 +131,13 @@ class Daemon:
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
-            self.membership = Membership(self.peer_id, restricted=self.spec.access.restricted)
+            access = self.spec.access
+            refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
+            self.membership = Membership(self.peer_id, restricted=access.restricted, refuse=refuse,
+                                         heard_ttl_s=self.cfg.record_ttl_s)
             validator = CachedSignatureValidator(identity_key(self.cfg.state_dir))
             dht = await DHTNode.create(p2p=p2p, initial_peers=self.initial_peers or None, record_validator=validator,
                                        client_mode=self.cfg.net.dht_client, **DHT_OPTIONS)
-            access = self.spec.access
-            refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
                                     validator=validator, refuse=refuse, read_period_s=self._refresh_s,
                                     peer_id=self.peer_id)
@@ -190,6 +191,11 @@ class Daemon:
                 progress.close()
             for task in self._tasks:
                 task.cancel()
+            if self.membership is not None:
+                # The view now, with the peers heard over streams since the last registry
+                # refresh (every few seconds): a short life would otherwise keep only the
+                # peers of its first read, and a restart could dial nobody alive.
+                remember_peers(self.cfg.state_dir, self.membership.records)
             if registry is not None:
                 try:
                     await asyncio.wait_for(registry.withdraw(self.peer_id), 3.0)

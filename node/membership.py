@@ -37,6 +37,8 @@ ever more rarely, probed at rounds 0, 10, 30, 70, 150 and 310 where a fixed 10 p
 cores, 0.90× on 16)."""
 MAX_SILENT_ROUNDS = 320
 TOLD_BEHIND = 8
+MAX_HEARD = 256
+"""Records told over streams kept at most (a view holds at most 200 peers)."""
 """A peer whose record is at most this many rounds behind a round is told our progress in it."""
 
 
@@ -44,8 +46,12 @@ class Membership:
     """This peer's view of the others (plain inputs and outputs; the daemon feeds it each
     registry refresh)."""
 
-    def __init__(self, me: str, *, restricted: bool, clock: Callable[[], float] = time.monotonic) -> None:
-        """`restricted`: a private run, whose peers serve only the peers they admit."""
+    def __init__(self, me: str, *, restricted: bool, clock: Callable[[], float] = time.monotonic,
+                 refuse: Callable[[PeerRecord], str | None] | None = None, heard_ttl_s: float = 10.0) -> None:
+        """`restricted`: a private run, whose peers serve only the peers they admit;
+        `refuse(record)`: why its access policy does not admit a record's peer (None: it
+        does), for records told over streams; `heard_ttl_s`: how long a peer the registry
+        does not list stays in the view after it last told us its record."""
         self.me, self.clock = me, clock
         self.restricted = restricted
         self.records: list[PeerRecord] = []
@@ -55,9 +61,10 @@ class Membership:
         """Peer id → its record as the last registry refresh read it."""
         self._listed_at: dict[str, float] = {}
         """Peer id → when (clock) its listed record was first read as it is."""
-        self._heard: dict[str, tuple[PeerRecord, float]] = {}
-        """Peer id → the record it told us over its progress stream, and when (clock) we
-        heard it first; only for listed peers."""
+        self._heard: dict[str, tuple[PeerRecord, float, float]] = {}
+        """Peer id → the record it told us over its progress stream, when (clock) we heard
+        it first, and when we last heard a record of it."""
+        self.refuse, self.heard_ttl_s = refuse, heard_ttl_s
         self.admitted: set[str] = set()
         """Peer ids whose records passed the run's access policy at the last refresh."""
         self.lost = LostPeers(clock)
@@ -84,9 +91,9 @@ class Membership:
                 self._listed_at[peer] = now
         self._listed = listed
         self._listed_at = {peer: self._listed_at[peer] for peer in listed}
-        self._heard = {peer: heard for peer, heard in self._heard.items() if peer in listed}
+        self._heard = {peer: heard for peer, heard in self._heard.items()
+                       if peer not in withdrawn and (peer in listed or now - heard[2] <= self.heard_ttl_s)}
         self._merge()
-        self.admitted = set(listed)
         self.lost.update(self.records, withdrawn, out_of_sight)
         for peer in withdrawn:
             self.proven.pop(peer, None)
@@ -98,22 +105,32 @@ class Membership:
 
     def heard(self, record: PeerRecord) -> None:
         """`record` came from its peer over its progress stream (node/progress.py; the
-        connection authenticated it): it replaces the registry's record of a listed peer
-        when newer (`_newer`). A peer the registry does not list yet is heard once it does."""
-        peer = record.peer_id
-        if peer not in self._listed:
+        connection authenticated it): it replaces the registry's record of the peer when
+        newer (`_newer`), and puts a peer the registry does not list (yet: it reads every
+        few seconds; or it is out of our partial view) in the view until heard_ttl_s after
+        it last told us one, if the access policy admits it."""
+        peer, now = record.peer_id, self.clock()
+        if peer == self.me:
+            return
+        if peer not in self._listed and self.restricted and (self.refuse is None or self.refuse(record) is not None):
             return
         old = self._heard.get(peer)
-        if old is None or old[0] != record:
-            self._heard[peer] = (record, self.clock())
-            self._merge()
+        if old is not None and old[0] == record:
+            self._heard[peer] = (old[0], old[1], now)
+            return
+        self._heard[peer] = (record, now, now)
+        if len(self._heard) > MAX_HEARD:  # bounded: forget the longest silent
+            del self._heard[min(self._heard, key=lambda p: self._heard[p][2])]
+        self._merge()
 
     def _merge(self) -> None:
         out = []
         for peer, listed in self._listed.items():
             heard = self._heard.get(peer)
-            out.append(heard[0] if heard is not None and _newer(heard, (listed, self._listed_at[peer])) else listed)
+            out.append(heard[0] if heard is not None and _newer(heard[:2], (listed, self._listed_at[peer])) else listed)
+        out += [heard[0] for peer, heard in self._heard.items() if peer not in self._listed]
         self.records = out
+        self.admitted = {r.peer_id for r in out}
 
     def incarnation(self, peer: str) -> int:
         """The incarnation `peer`'s live record shows, 0 when none is in the view."""

@@ -10,6 +10,7 @@ rules to what each round aggregated and each registry refresh showed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -281,7 +282,32 @@ def test_a_record_told_over_a_stream_replaces_the_registrys_while_it_is_the_newe
     m.heard(rec("a", 3, incarnation=9, seq=2))
     assert {r.peer_id: r.round for r in m.records}["a"] == 3
     m.update([rec("b", 5)])
-    assert [r.peer_id for r in m.records] == ["b"], "gone from the registry: gone, whatever it told"
+    assert {r.peer_id: r.round for r in m.records} == {"a": 3, "b": 5}, "told within the TTL: still in view"
+    now[0] = 13.5
+    m.update([rec("b", 5)])
+    assert [r.peer_id for r in m.records] == ["b"], "neither listed nor heard for a TTL: gone"
+
+
+def test_a_peer_the_registry_does_not_list_yet_joins_the_view_by_its_stream_if_the_policy_admits_it():
+    now = [0.0]
+    m = Membership("me", restricted=True, clock=lambda: now[0], heard_ttl_s=10.0,
+                   refuse=lambda r: None if r.proof == b"p" * 32 else "no proof")
+    m.update([rec("b", 5)])
+    m.heard(rec("zz", 5))
+    m.heard(dataclasses.replace(rec("new", 5, seq=1), proof=b"p" * 32))
+    assert sorted(r.peer_id for r in m.records) == ["b", "new"] and m.admit("new") and not m.admit("zz")
+    now[0] = 8.0
+    m.heard(dataclasses.replace(rec("new", 5, seq=1), proof=b"p" * 32))  # the same record again: still alive
+    now[0] = 15.0
+    m.update([rec("b", 5)], withdrawn=set())
+    assert "new" in {r.peer_id for r in m.records}
+    m.update([rec("b", 5)], withdrawn={"new"})
+    assert "new" not in {r.peer_id for r in m.records}, "withdrawn: gone at once"
+    m.heard(dataclasses.replace(rec("open", 1), proof=b""))
+    assert "open" not in m.admitted
+    o = Membership("me", restricted=False, clock=lambda: now[0])
+    o.heard(rec("x", 3))
+    assert [r.peer_id for r in o.records] == ["x"], "an open run takes any peer of its spec"
 
 
 def test_a_restarted_peer_is_not_waited_for_until_its_new_life_delivers_a_delta():
