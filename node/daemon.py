@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import functools
 import logging
 import os
@@ -49,6 +50,8 @@ from locoswarm.node.threads import Pools
 from locoswarm.protocol.records import PeerRecord
 
 log = logging.getLogger(__name__)
+STOP_LIMIT_S = 60.0
+"""The longest a daemon may take to stop once it began (normally a few seconds)."""
 
 
 class Daemon:
@@ -182,6 +185,10 @@ class Daemon:
             await self.loop.run()
             return 0
         finally:
+            # A stop must end: should anything below hang (it happened once in CI's fault
+            # suite, after the final round, cause not found), every thread's stack goes to
+            # stderr and the process exits 1 after STOP_LIMIT_S.
+            faulthandler.dump_traceback_later(STOP_LIMIT_S, exit=True)
             self.bar.stop()
             self.stats.state = "stopping"
             self._stop_round()
