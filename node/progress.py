@@ -104,7 +104,7 @@ class ProgressBus:
         a record a peer told us (checked: of `spec_hash`, naming the peer that sent it)."""
         self.p2p, self.me, self.admit, self.clock = p2p, me, admit, clock
         self.spec_hash, self.record, self.on_record = spec_hash, record, on_record
-        self._record: tuple[PeerRecord, bytes] | None = None
+        self._last_record: tuple[PeerRecord, bytes] | None = None
         """Our last record and its frame (encoded once per change)."""
         self.newest = -1
         """The newest round opened here (-1: none yet)."""
@@ -172,7 +172,7 @@ class ProgressBus:
         if mine is not None and (self.admit is None or self.admit(peer)):
             # It trains a round we told: it hears ours too, even when it told us after our
             # last report of the round (a peer that joined or restarted into it late).
-            self._tell(peer, progress.round, mine)
+            self._tell(peer, progress.round, mine, self._record_frame())
 
     async def rpc_progress(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one peer's progress stream until it ends."""
@@ -235,9 +235,9 @@ class ProgressBus:
         if self.record is None:
             return None
         record = self.record()
-        if self._record is None or self._record[0].seq != record.seq:
-            self._record = (record, record_frame(record))
-        return self._record[1]
+        if self._last_record is None or self._last_record[0].seq != record.seq:
+            self._last_record = (record, record_frame(record))
+        return self._last_record[1]
 
     def show(self) -> None:
         """Tell every peer we tell our progress our current record, where it changed since
@@ -252,6 +252,7 @@ class ProgressBus:
         """Tell `peers` our `progress` (each at most once: a peer already told this exact
         message is not told again; a new peer of the round is told at once)."""
         message = self._mine[progress.round] = progress_frame(progress)
+        record = self._record_frame()
         told = 0
         for peer in peers:
             if peer == self.me:
@@ -259,15 +260,15 @@ class ProgressBus:
             if told >= MAX_TARGETS:
                 break
             told += 1
-            self._tell(peer, progress.round, message)
+            self._tell(peer, progress.round, message, record)
 
-    def _tell(self, peer: str, round_: int, message: bytes) -> None:
+    def _tell(self, peer: str, round_: int, message: bytes, record: bytes | None) -> None:
+        """Put our `record` frame (None: none to tell) and `message` of `round_` in `peer`'s outbox."""
         outbox = self._outboxes.get(peer)
         if outbox is None:
             if len(self._outboxes) >= MAX_STREAMS:
                 return
             outbox = self._outboxes[peer] = _Outbox(self, peer)
-        record = self._record_frame()
         if record is not None:
             outbox.put(RECORD_SLOT, record)
         outbox.put(round_, message)
