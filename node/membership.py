@@ -37,9 +37,9 @@ ever more rarely, probed at rounds 0, 10, 30, 70, 150 and 310 where a fixed 10 p
 cores, 0.90× on 16)."""
 MAX_SILENT_ROUNDS = 320
 TOLD_BEHIND = 8
+"""A peer whose record is at most this many rounds behind a round is told our progress in it."""
 MAX_HEARD = 256
 """Records told over streams kept at most (a view holds at most 200 peers)."""
-"""A peer whose record is at most this many rounds behind a round is told our progress in it."""
 
 
 class Membership:
@@ -57,16 +57,16 @@ class Membership:
         self.records: list[PeerRecord] = []
         """The live records of the other peers: those of the last registry refresh, each the
         newer of its registry entry and what its peer last told us (`heard`)."""
-        self._listed: dict[str, PeerRecord] = {}
-        """Peer id → its record as the last registry refresh read it."""
-        self._listed_at: dict[str, float] = {}
-        """Peer id → when (clock) its listed record was first read as it is."""
+        self._listed: dict[str, tuple[PeerRecord, float]] = {}
+        """Peer id → its record as the last registry refresh read it, and when (clock) it
+        was first read as it is."""
         self._heard: dict[str, tuple[PeerRecord, float, float]] = {}
         """Peer id → the record it told us over its progress stream, when (clock) we heard
         it first, and when we last heard a record of it."""
         self.refuse, self.heard_ttl_s = refuse, heard_ttl_s
         self.admitted: set[str] = set()
-        """Peer ids whose records passed the run's access policy at the last refresh."""
+        """Peer ids of `records`: each passed the run's access policy (in the registry, or
+        when it was told over its stream)."""
         self.lost = LostPeers(clock)
         self.proven: dict[str, int] = {}
         """Peer id → the incarnation in which it delivered a delta to us: only these are
@@ -85,12 +85,12 @@ class Membership:
         `out_of_sight`: peers the view let go of for age or room, not seen to vanish);
         returns the vanished peers to dial now."""
         now = self.clock()
-        listed = {r.peer_id: r for r in records if r.peer_id != self.me}
-        for peer, record in listed.items():
-            if self._listed.get(peer) != record:
-                self._listed_at[peer] = now
+        listed: dict[str, tuple[PeerRecord, float]] = {}
+        for r in records:
+            if r.peer_id != self.me:
+                old = self._listed.get(r.peer_id)
+                listed[r.peer_id] = old if old is not None and old[0] == r else (r, now)
         self._listed = listed
-        self._listed_at = {peer: self._listed_at[peer] for peer in listed}
         self._heard = {peer: heard for peer, heard in self._heard.items()
                        if peer not in withdrawn and (peer in listed or now - heard[2] <= self.heard_ttl_s)}
         self._merge()
@@ -127,7 +127,7 @@ class Membership:
         out = []
         for peer, listed in self._listed.items():
             heard = self._heard.get(peer)
-            out.append(heard[0] if heard is not None and _newer(heard[:2], (listed, self._listed_at[peer])) else listed)
+            out.append(heard[0] if heard is not None and _newer(heard[:2], listed) else listed[0])
         out += [heard[0] for peer, heard in self._heard.items() if peer not in self._listed]
         self.records = out
         self.admitted = {r.peer_id for r in out}

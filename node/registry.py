@@ -3,10 +3,10 @@ the arithmetic is node/buckets.py). Each peer keeps its signed record (protocol/
 under its bucket key `locoswarm:<run>:peers:<L>:<b>` at its write levels L (two, one in a
 small swarm), one subkey per peer, with an expiry it refreshes; a peer that vanishes
 (SIGKILL, cut network) is forgotten when its record expires, and one that leaves cleanly
-withdraws it with an empty tombstone at every level it wrote. Runs on the caller's event loop through hivemind's DHTNode (no forked DHT
-process).
+withdraws it with an empty tombstone at every level it wrote. Runs on the caller's event
+loop through hivemind's DHTNode (no forked DHT process).
 
-What a peer pays no longer grows with the swarm: it writes its own entry into two buckets
+What a peer pays no longer grows with the swarm: it writes its own entry into one or two buckets
 (`call_store` at the replicas that a value-less traversal found, node/replicas.py, not
 DHTNode.store, whose traversal carries the whole bucket back from every node it asks), and
 reads its own bucket every refresh (one replica's copy a read, the replicas in turn, merged
@@ -377,8 +377,8 @@ class PeerRegistry:
         return read
 
     def _reject(self, subkey: object, reason: str) -> None:
-        """Log and keep one refusal (once a call: a record is written at up to two levels, and a
-        probe may read it at both)."""
+        """Log and keep one refusal (once a call: a record is written at up to two levels,
+        and a probe may read it at both)."""
         if (str(subkey), reason) in self.rejected:
             return
         log.warning("peer record under %s refused: %s", subkey, reason)
