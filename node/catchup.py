@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from hivemind.p2p import PeerID
@@ -24,10 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 3
 """Whole-download attempts (each over every donor) before a sync counts as failed."""
-PRIVATE_JOIN_SLACK_S = 1.5
-"""In a private run, a joiner waits one registry refresh (a third of the record TTL) and
-this long after showing its record before it downloads: donors serve only peers whose
-record they have read, and read the registry once a refresh."""
+INTRODUCE_TIMEOUT_S = 10.0
+"""The longest a joiner waits for its record to reach the peers it read in the registry
+over the progress streams, and again for theirs to come back, before it decides whether to
+download (a private run's donors serve only peers whose record they have)."""
 
 
 class CatchUp:
@@ -36,14 +37,27 @@ class CatchUp:
 
     async def join(self, peers: list[PeerRecord], *, announce: Callable[[], Awaitable[object]]) -> None:
         """Take the swarm's outer state when it is ahead of ours. `peers`: the others'
-        records read at start; `announce`: shows our record (a private run's donors serve
-        only peers whose record they have read)."""
+        records read at start; `announce`: shows our record in the registry. A private
+        run's donors serve only peers whose record they have: ours is told to them over the
+        progress streams first (the registry's copy reaches them only at their next read,
+        up to a third of the record TTL later)."""
         ctx = self.ctx
-        if not peers or max(r.round for r in peers) <= ctx.trainer.outer_steps:
+        if not peers:
             return
         if ctx.spec.access.restricted:
             await announce()
-            await asyncio.sleep(ctx.cfg.record_ttl_s / 3 + PRIVATE_JOIN_SLACK_S)
+        # The registry's copies are up to a refresh old (a third of the record TTL: many
+        # rounds); the peers told our record tell theirs back, as it is now.
+        ids = [r.peer_id for r in peers]
+        ctx.progress.introduce(ids)
+        reached = await ctx.progress.delivered(ids, INTRODUCE_TIMEOUT_S)
+        deadline = time.monotonic() + INTRODUCE_TIMEOUT_S
+        while not all(ctx.membership.streamed(p) for p in reached) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if ctx.membership.records:
+            peers = ctx.membership.records
+        if max(r.round for r in peers) <= ctx.trainer.outer_steps:
+            return
         await self.sync(peers)
 
     async def maybe_follow(self) -> bool:

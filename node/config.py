@@ -63,10 +63,12 @@ class NodeConfig:
     """How many checkpoints to keep."""
     fanout: int = 16
     """F: at most this many peers' deltas pulled per round."""
-    record_ttl_s: float = 10.0
+    record_ttl_s: float = 60.0
     """Lifetime of this peer's DHT record; the record is refreshed, and the own registry
     bucket read, every third of it (the other sampled buckets every registry.VIEW_READ_S).
-    What changes every round travels over the progress streams meanwhile (node/progress.py)."""
+    What changes every round travels over the progress streams meanwhile, and a peer that
+    died is out of the view once its stream fails to open (node/progress.py), not when its
+    record expires."""
     report_interval_s: float = 0.1
     """How often round progress is told to the round's peers (a changed count at most every
     third interval, node/rounds.py) and what they told is read."""
@@ -205,7 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("device", "auto, cuda, mps or cpu."),
     _setting("max_rounds", "Leave after this many rounds of this process (0: run until stopped)."),
     _setting("until_round", "Leave once the outer state reaches this round of the swarm (0: no limit)."),
-    _setting("min_peers", "Wait until this many peers (this one included) are live before training."),
+    _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not joining) before training."),
     _setting("shard", "Data shard; unset: derived from the peer id."),
     _setting("threads", "Torch CPU threads of the training thread (0: torch's default)."),
     _setting("precision", "auto, bf16, fp16 or fp32 (auto: bf16 on Ampere+, fp16 on older CUDA, fp32 on CPU/MPS)."),

@@ -90,6 +90,10 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._last_record: PeerRecord | None = None
         self._record_seq = 0
+        self._joining = True
+        """Until the join (state download included) is over: our record says paused, so
+        that the peers it reaches before we train neither count us toward --min-peers nor
+        tell us rounds we cannot take part in."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,7 +163,8 @@ class Daemon:
             self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
             progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
-                                   record=self._record, on_record=self.membership.heard)
+                                   record=self._record, on_record=self.membership.heard,
+                                   on_gone=self.membership.gone)
             await self.deltas.start()
             await self.states.start()
             await progress.start()
@@ -174,10 +179,11 @@ class Daemon:
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent)
             self.loop = RoundLoop(ctx)
             await self._join(registry)
+            self._joining = False
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir),
-                                    shown=progress.show))
+                                    shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await self._wait_for_peers()
@@ -218,8 +224,9 @@ class Daemon:
     @property
     def _refresh_s(self) -> float:
         """How often our record is refreshed and our own registry bucket read: a third of the
-        record's lifetime (3.3 s by default). What changes every round (round, chains) and
-        a pause reach the peers we train with over the progress streams at once."""
+        record's lifetime (20 s by default; every EMPTY_VIEW_REFRESH_S while the view is
+        empty). What changes every round (round, chains) and a pause reach the peers we
+        train with over the progress streams at once."""
         return self.cfg.record_ttl_s / 3
 
     def _spawn(self, coro) -> None:
@@ -250,7 +257,7 @@ class Daemon:
         steps = self.trainer.outer_steps
         record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
                             tokens_per_s=0.0, round=steps, spec_hash=self.spec_hash,
-                            paused=self.idle.paused is not None,
+                            paused=self.idle.paused is not None or self._joining,
                             proof=self.spec.access.proof(self.spec_hash, self.peer_id),
                             incarnation=self.incarnation, **self.lineage.shown(steps))
         if record != self._last_record:
@@ -273,8 +280,13 @@ class Daemon:
         await self.loop.catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
 
     async def _wait_for_peers(self) -> None:
-        while self.membership.num_peers + 1 < self.cfg.min_peers and not self.should_exit.is_set():
+        """Until `min_peers` that train (not paused, not joining) are in the view. Those we
+        see are told our record over the progress streams, so that a peer that has not read
+        us in the registry yet (it reads every third of the record TTL) sees us at once."""
+        while (sum(not r.paused for r in self.membership.records) + 1 < self.cfg.min_peers
+               and not self.should_exit.is_set()):
             self.stats.state = "waiting"
+            self.loop.ctx.progress.introduce([r.peer_id for r in self.membership.records])
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ status

@@ -63,6 +63,13 @@ class Membership:
         self._heard: dict[str, tuple[PeerRecord, float, float]] = {}
         """Peer id → the record it told us over its progress stream, when (clock) we heard
         it first, and when we last heard a record of it."""
+        self._gone: dict[str, float] = {}
+        """Peer id → when (clock) our progress stream to it could not be opened (node/progress.py
+        GONE_S): its records seen before then are out of the view; a record first seen after,
+        anything it tells us, or a dial that reaches it (`back`) puts it in again."""
+        self._streamed: set[str] = set()
+        """Peers whose record in `records` is the one they told us (fresh, where the registry's
+        copy can be a refresh period old)."""
         self.refuse, self.heard_ttl_s = refuse, heard_ttl_s
         self.admitted: set[str] = set()
         """Peer ids of `records`: each passed the run's access policy (in the registry, or
@@ -93,6 +100,7 @@ class Membership:
         self._listed = listed
         self._heard = {peer: heard for peer, heard in self._heard.items()
                        if peer not in withdrawn and (peer in listed or now - heard[2] <= self.heard_ttl_s)}
+        self._gone = {peer: at for peer, at in self._gone.items() if peer in listed or peer in self._heard}
         self._merge()
         self.lost.update(self.records, withdrawn, out_of_sight)
         for peer in withdrawn:
@@ -115,21 +123,59 @@ class Membership:
         if peer not in self._listed and self.restricted and (self.refuse is None or self.refuse(record) is not None):
             return
         old = self._heard.get(peer)
+        back = self._gone.pop(peer, None) is not None  # it talks to us: there
         if old is not None and old[0] == record:
             self._heard[peer] = (old[0], old[1], now)
+            if back:
+                self._merge()
             return
         self._heard[peer] = (record, now, now)
         if len(self._heard) > MAX_HEARD:  # bounded: forget the longest silent
             del self._heard[min(self._heard, key=lambda p: self._heard[p][2])]
         self._merge()
 
+    def streamed(self, peer: str) -> bool:
+        """Whether the record of `peer` in the view is one it told us over its stream."""
+        return peer in self._streamed
+
+    def gone(self, peer: str, served: bool) -> None:
+        """Our progress stream to `peer` could not be opened for a while (node/progress.py
+        GONE_S): it is out of the view at once (not told, not waited for, no donor), where
+        its record would stay listed until it expires. `served`: a stream to it opened
+        before, so a daemon of ours ran there (killed, or cut off): it is dialed back like
+        a peer whose record vanished (`LostPeers`). One that never served (a bare record)
+        is not."""
+        record = next((r for r in self.records if r.peer_id == peer), None)
+        if record is None:
+            return
+        self._gone[peer] = self.clock()
+        self.proven.pop(peer, None)
+        if served:
+            self.lost.add(record)
+        self._merge()
+        log.info("peer %s is gone: no progress stream opens to it", peer)
+
+    def back(self, peer: str) -> None:
+        """A dial reached `peer` again (after `gone`): in the view again where a record of
+        it is."""
+        if self._gone.pop(peer, None) is not None:
+            self._merge()
+
     def _merge(self) -> None:
-        out = []
-        for peer, listed in self._listed.items():
-            heard = self._heard.get(peer)
-            out.append(heard[0] if heard is not None and _newer(heard[:2], listed) else listed[0])
-        out += [heard[0] for peer, heard in self._heard.items() if peer not in self._listed]
-        self.records = out
+        out, streamed = [], set()
+        # What its peer told us unless the registry's copy is newer (an equal sequence
+        # number: the same record, which the stream gave fresh).
+        chosen = [(peer, heard[:2] if heard is not None and not _newer(listed, heard[:2]) else listed, heard is not None)
+                  for peer, listed in self._listed.items() for heard in [self._heard.get(peer)]]
+        chosen += [(peer, heard[:2], True) for peer, heard in self._heard.items() if peer not in self._listed]
+        for peer, (record, first_seen), was_heard in chosen:
+            gone_at = self._gone.get(peer)
+            if gone_at is not None and first_seen <= gone_at:
+                continue
+            out.append(record)
+            if was_heard and record is self._heard[peer][0]:
+                streamed.add(peer)
+        self.records, self._streamed = out, streamed
         self.admitted = {r.peer_id for r in out}
 
     def incarnation(self, peer: str) -> int:
@@ -203,8 +249,12 @@ class Membership:
         for: a record read from the registry can be several fast rounds old, and a peer not
         told would not tell back, so neither would hear of the other (each then ends the
         round alone: a split). Once they talk, their records travel with their progress
-        and stay fresh."""
-        return {r.peer_id for r in self.records if round_ - TOLD_BEHIND <= r.round <= round_ + 2 and not r.paused}
+        and stay fresh. A record only the registry gave us is told whatever round it shows:
+        it is up to a refresh period old, which is many fast rounds (a dead peer's is
+        dropped once its stream fails to open, `gone`)."""
+        return {r.peer_id for r in self.records
+                if (round_ - TOLD_BEHIND <= r.round or r.peer_id not in self._streamed)
+                and r.round <= round_ + 2 and not r.paused}
 
     def _in_round(self, round_: int) -> list[PeerRecord]:
         """Records that put their peer in `round_`: within two rounds before it, not paused."""
@@ -246,6 +296,14 @@ class LostPeers:
             for peer in sorted(self._lost, key=lambda p: self._lost[p][1])[:len(self._lost) - MAX_LOST]:
                 del self._lost[peer]
         self._seen = live
+
+    def add(self, record: PeerRecord) -> None:
+        """`record`'s peer vanished otherwise (its streams fail): dialed back from now on."""
+        self._seen.pop(record.peer_id, None)
+        now = self.clock()
+        self._lost[record.peer_id] = (record, now, now)
+        if len(self._lost) > MAX_LOST:
+            del self._lost[min(self._lost, key=lambda p: self._lost[p][1])]
 
     def due(self) -> list[PeerRecord]:
         """The vanished peers to dial now (each at most every REDIAL_S)."""
@@ -297,6 +355,9 @@ async def rediscover(dht, initial_peers: list[str]) -> None:
             log.info("initial peer %s still unreachable: %s", maddr, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
 
 
+EMPTY_VIEW_REFRESH_S = 2.0
+"""How often the registry is refreshed and read while the view holds nobody, or too few
+peers to start."""
 VIEW_KEPT_S = 30.0
 """Least time between two calls of keep_record's `on_view` (it writes a file), unless the
 view holds a peer the last call did not."""
@@ -305,28 +366,43 @@ view holds a peer the last call did not."""
 async def keep_record(registry, membership: Membership, record: Callable[[], PeerRecord], *, interval_s: float,
                       initial_peers: list[str], had_peers: Callable[[], bool],
                       on_view: Callable[[list[PeerRecord]], None] | None = None,
-                      shown: Callable[[], None] | None = None) -> None:
+                      shown: Callable[[], None] | None = None, waiting: Callable[[], bool] = lambda: False) -> None:
     """Show our `record()` in the registry and refresh `membership` from it every
     `interval_s`; dial back the peers that vanished, and the initial peers when we see
     nobody after having had peers (`had_peers()`); hand the view to `on_view` (kept for the
     next start) when it holds a peer the last one did not, else at most every VIEW_KEPT_S;
     call `shown()` after each store (the daemon tells its progress streams' peers the record
-    too). Runs until cancelled; a refresh that fails keeps the last view."""
+    too). Every EMPTY_VIEW_REFRESH_S instead while the view is empty or `waiting()` (for
+    enough peers to start). Runs until cancelled; a refresh that fails keeps the last view."""
     redials: set[asyncio.Task] = set()
-    next_rediscovery = next_view = 0.0
+    next_rediscovery = next_view = next_refresh = 0.0
     kept: set[str] = set()
+
+    def dial_back(lost: list[PeerRecord]) -> None:
+        for record in lost:
+            task = asyncio.create_task(_redial(registry.dht, membership, record))
+            redials.add(task)
+            task.add_done_callback(redials.discard)
+
     try:
         while True:
+            # Peers found gone between refreshes (their streams failed) are dialed back
+            # within a second, not at the next refresh (a third of the record TTL).
+            dial_back(membership.lost.due())
+            if time.monotonic() < next_refresh:
+                await asyncio.sleep(min(1.0, interval_s))
+                continue
+            # Seeing nobody (a newcomer whose first read came too early, or cut off), or
+            # too few to start: read again soon, not a third of the TTL later.
+            soon = not membership.records or waiting()
+            next_refresh = time.monotonic() + (min(interval_s, EMPTY_VIEW_REFRESH_S) if soon else interval_s)
             try:
                 await registry.announce(record())
                 if shown is not None:
                     shown()  # and to the peers we train with, where it changed (a pause)
                 view = await registry.peers()
                 membership.peers_estimate = registry.peers_estimate
-                for lost in membership.update(view, registry.withdrawn, registry.aged_out):
-                    task = asyncio.create_task(_redial(registry.dht, lost))
-                    redials.add(task)
-                    task.add_done_callback(redials.discard)
+                dial_back(membership.update(view, registry.withdrawn, registry.aged_out))
                 now = time.monotonic()
                 seen = {r.peer_id for r in membership.records}
                 if on_view is not None and seen and (now >= next_view or not seen <= kept):
@@ -338,12 +414,12 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
                     await rediscover(registry.dht, initial_peers)
             except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
                 log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(interval_s)
     finally:
         for task in redials:
             task.cancel()
 
 
-async def _redial(dht, record: PeerRecord) -> None:
+async def _redial(dht, membership: Membership, record: PeerRecord) -> None:
     if await redial(dht.protocol.p2p, dht, record):
         log.info("reached vanished peer %s again", record.peer_id)
+        membership.back(record.peer_id)

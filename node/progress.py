@@ -63,6 +63,11 @@ OPEN_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 5.0
 RETRY_S = (0.25, 2.0, 4.0)
 """After a failed open or write: wait 250 ms, doubling to at most 4 s, then try again."""
+GONE_S = 1.5
+"""A peer none of whose stream opens succeeded for this long (two failures at least: at
+0, 0.25, 0.75 and 1.75 s when refused at once) is reported gone (`on_gone`): its process
+died, its link is cut, or it serves no daemon of ours. Where opens time out instead (a cut
+link), two of OPEN_TIMEOUT_S each come first."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
 KIND_PROGRESS, KIND_RECORD = 1, 2
@@ -98,12 +103,15 @@ class ProgressBus:
     def __init__(self, p2p, me: str, *, admit: Callable[[str], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic, spec_hash: bytes = b"",
                  record: Callable[[], PeerRecord] | None = None,
-                 on_record: Callable[[PeerRecord], None] | None = None) -> None:
+                 on_record: Callable[[PeerRecord], None] | None = None,
+                 on_gone: Callable[[str, bool], None] | None = None) -> None:
         """`admit(peer_id)`: whether a peer may take part (a private run's policy);
         `record()`: our current peer record, told with our progress; `on_record(record)`:
-        a record a peer told us (checked: of `spec_hash`, naming the peer that sent it)."""
+        a record a peer told us (checked: of `spec_hash`, naming the peer that sent it);
+        `on_gone(peer_id, served)`: no stream to a peer we tell could be opened for GONE_S
+        (`served`: one had opened before, so it ran a daemon of ours); we stop telling it."""
         self.p2p, self.me, self.admit, self.clock = p2p, me, admit, clock
-        self.spec_hash, self.record, self.on_record = spec_hash, record, on_record
+        self.spec_hash, self.record, self.on_record, self.on_gone = spec_hash, record, on_record, on_gone
         self._last_record: tuple[PeerRecord, bytes] | None = None
         """Our last record and its frame (encoded once per change)."""
         self.newest = -1
@@ -225,6 +233,10 @@ class ProgressBus:
             raise MalformedMessage(f"progress stream: a record of {record.peer_id}, not of its sender")
         if self.on_record is not None:
             self.on_record(record)
+        if self.admit is None or self.admit(peer):
+            # Told back where it has not been told ours yet: a joiner, which has only the
+            # registry's copies of our records (up to a refresh old), learns our round now.
+            self.introduce([peer])
 
     # ------------------------------------------------------------------ what we tell
 
@@ -264,14 +276,50 @@ class ProgressBus:
 
     def _tell(self, peer: str, round_: int, message: bytes, record: bytes | None) -> None:
         """Put our `record` frame (None: none to tell) and `message` of `round_` in `peer`'s outbox."""
-        outbox = self._outboxes.get(peer)
+        outbox = self._outbox(peer)
         if outbox is None:
-            if len(self._outboxes) >= MAX_STREAMS:
-                return
-            outbox = self._outboxes[peer] = _Outbox(self, peer)
+            return
         if record is not None:
             outbox.put(RECORD_SLOT, record)
         outbox.put(round_, message)
+
+    def _outbox(self, peer: str) -> "_Outbox | None":
+        """`peer`'s outbox, opened if need be; None when MAX_STREAMS are open already."""
+        outbox = self._outboxes.get(peer)
+        if outbox is None and len(self._outboxes) < MAX_STREAMS:
+            outbox = self._outboxes[peer] = _Outbox(self, peer)
+        return outbox
+
+    def introduce(self, peers: Iterable[str]) -> None:
+        """Tell `peers` our record now, progress or not (a joiner, before it asks them for
+        their state: a private run's donor serves only peers whose record it has)."""
+        record = self._record_frame()
+        if record is None:
+            return
+        for peer in peers:
+            outbox = self._outbox(peer) if peer != self.me else None
+            if outbox is not None:
+                outbox.put(RECORD_SLOT, record)
+
+    async def delivered(self, peers: Iterable[str], timeout_s: float) -> set[str]:
+        """Wait until our current record went out on an open stream to each of `peers`
+        (`introduce`) that is not found gone meanwhile, at most `timeout_s`; the peers it
+        reached."""
+        record, peers = self._record_frame(), [p for p in peers if p != self.me]
+        deadline = time.monotonic() + timeout_s
+        reached: set[str] = set()
+        while record is not None:
+            waiting = False
+            for peer in peers:
+                outbox = self._outboxes.get(peer)
+                if outbox is not None and outbox.sent.get(RECORD_SLOT) == record:
+                    reached.add(peer)
+                elif outbox is not None:
+                    waiting = True
+            if not waiting or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        return reached
 
     def reachable(self, peer: str) -> bool:
         """Whether our progress stream to `peer` is open: a daemon of the protocol answers
@@ -282,6 +330,16 @@ class ProgressBus:
     def _closed(self, outbox: "_Outbox") -> None:
         if self._outboxes.get(outbox.peer) is outbox:
             del self._outboxes[outbox.peer]
+
+    def _gone(self, outbox: "_Outbox") -> None:
+        """`outbox`'s peer could not be reached for GONE_S: forget what it was to be told
+        (its outbox ends) and say so, unless it has a stream open to us (then it is there,
+        and only our way to it failed)."""
+        if outbox.peer in self._inbound:
+            return
+        outbox.task.cancel()
+        if self.on_gone is not None:
+            self.on_gone(outbox.peer, outbox.served)
 
 
 class _Outbox:
@@ -297,6 +355,10 @@ class _Outbox:
         """Set when the peer opened a progress stream to us: it is up, with its handler."""
         self.open = False
         """A stream to the peer is open now."""
+        self.served = False
+        """A stream to the peer opened at least once (it runs a daemon of ours)."""
+        self.failing: tuple[float, int] | None = None
+        """Since when (time.monotonic()) opens have failed without one succeeding, and how many."""
         self.task = asyncio.ensure_future(self.run())
         self.task.add_done_callback(lambda _: bus._closed(self))
 
@@ -359,7 +421,8 @@ class _Outbox:
                             self.bus.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer), PROTOCOL),
                             OPEN_TIMEOUT_S)
                         opened_at = time.monotonic()
-                        self.open = True
+                        self.open = self.served = True
+                        self.failing = None
                         closed = asyncio.ensure_future(reader.read(1))
                         self.pending = {**self.sent, **self.pending}  # a new stream: tell it all again
                     batch = sorted(self.pending.items())  # the record (slot −1) first
@@ -367,7 +430,13 @@ class _Outbox:
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 except Exception as e:  # unreachable for now, or the stream broke: keep the news, try again
                     log.debug("progress to %s: %s: %s", self.peer, type(e).__name__, e)
-                    if writer is not None:
+                    if writer is None:  # the open failed
+                        now = time.monotonic()
+                        since, failures = self.failing or (now, 0)
+                        self.failing = (since, failures + 1)
+                        if failures >= 1 and now - since >= GONE_S:
+                            self.bus._gone(self)
+                    else:
                         writer.close()
                     _drop(closed)
                     reader = writer = closed = None

@@ -165,11 +165,13 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
     # deadline leaves room for the wait, then rejected: under the default 30 s deadline the
     # truncated peer held every round 15.5 s; under 7 s it is rejected after 3.5 s.
     run = write_spec(tmp_path / "run.toml", deadline_s=7.0)
-    a = swarm.join("a", "--min-peers", "2", "--max-rounds", str(num_rounds), run=run)
+    # Both leave at the swarm's round, not after a count of their own rounds: b may join
+    # while a trains round 0 or after it (then it takes a's state at round 1).
+    a = swarm.join("a", "--min-peers", "2", "--until-round", str(num_rounds), run=run)
     evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", harness.EVIL_SCRIPT, mode, first_addr(a), str(run)],
                               stdin=subprocess.PIPE) for mode in expected}
     evil_ids = {mode: child.wait_for(r"^(\w+)$", 60)[1] for mode, child in evil.items()}
-    b = swarm.join("b", "--min-peers", "2", "--max-rounds", str(num_rounds), peer=a, run=run)
+    b = swarm.join("b", "--min-peers", "2", "--until-round", str(num_rounds), peer=a, run=run)
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(150))
         assert final(p)[0] >= num_rounds

@@ -243,8 +243,13 @@ def test_membership_keeps_the_others_admits_them_in_a_private_run_and_expects_re
     assert due == [] and m.num_peers == 4 and {r.peer_id for r in m.records} == {"a", "b", "c", "d"}
     assert m.admit("a") and not m.admit("me") and not m.admit("zz")
     assert m.expected(5) == set(), "a record alone is never waited for"
-    assert m.told(5) == {"a", "b", "d"} and m.told(11) == {"a", "b"} and m.told(0) == {"d"}, \
-        "told: not paused, from 8 rounds behind to 2 ahead"
+    assert m.told(5) == {"a", "b", "d"} and m.told(11) == {"a", "b", "d"} and m.told(0) == {"d"}, \
+        "told: not paused, at most 2 ahead; a registry record whatever its round (it can be a refresh old)"
+    fresh = Membership("me", restricted=False)
+    fresh.update([rec("a", 5), rec("d", 2)])
+    fresh.heard(rec("d", 2, seq=2))
+    assert fresh.told(11) == {"a"} and fresh.told(10) == {"a", "d"}, \
+        "a record its peer told us is fresh: told from 8 rounds behind"
     m.prove(["a", "b", "c", "d", "zz"])
     assert m.expected(5) == {"a", "b"}, "proven, within two rounds before, not paused"
     m.unprove("b")
@@ -321,6 +326,36 @@ def test_a_restarted_peer_is_not_waited_for_until_its_new_life_delivers_a_delta(
     assert m.expected(3) == {"a"}
     m.update([rec("b", 5, incarnation=3)], withdrawn={"a"})
     assert "a" not in m.proven, "a withdrawn peer's proof is forgotten"
+
+
+def test_a_peer_whose_stream_fails_is_out_of_the_view_at_once_until_it_shows_life_again():
+    """Its record stays listed in the registry until it expires (a minute by default), but
+    the peer is neither told, waited for nor a donor from the moment its streams fail;
+    dialed back only when a daemon of ours ran there."""
+    now = [0.0]
+    m = Membership("me", restricted=False, clock=lambda: now[0])
+    m.update([rec("a", 5, seq=3), rec("b", 5, seq=3), rec("fake", 5)])
+    m.prove(["a", "b"])
+    now[0] = 1.0
+    m.gone("a", served=True)
+    m.gone("fake", served=False)
+    m.gone("nobody", served=True)
+    assert {r.peer_id for r in m.records} == {"b"} and m.expected(5) == {"b"} and m.told(5) == {"b"}
+    assert [r.peer_id for r in m.lost.due()] == ["a"], "dialed back at once; the bare record never"
+    now[0] = 2.0
+    m.update([rec("a", 5, seq=3), rec("b", 6, seq=4), rec("fake", 5)])
+    assert {r.peer_id for r in m.records} == {"b"}, "the registry's unchanged copies do not bring them back"
+    m.back("a")  # a dial reached it (a cut link healed)
+    assert {r.peer_id for r in m.records} == {"a", "b"} and m.expected(6) == {"b"}, "back, but proves itself again"
+    m.gone("a", served=True)
+    m.heard(rec("a", 5, seq=3))  # it talks to us: there, whatever record it tells
+    assert "a" in {r.peer_id for r in m.records}
+    m.gone("a", served=True)
+    now[0] = 3.0
+    m.update([rec("a", 2, incarnation=9), rec("b", 6, seq=4), rec("fake", 5)])  # restarted: a new record
+    assert {r.peer_id for r in m.records} == {"a", "b"}
+    m.update([rec("a", 2, incarnation=9), rec("b", 6, seq=4)])
+    assert "fake" not in m._gone, "forgotten with its record"
 
 
 def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_ever_longer():

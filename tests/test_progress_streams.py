@@ -236,3 +236,42 @@ def test_a_peer_that_tells_a_round_late_is_told_back_our_message_of_that_round()
         assert bus_a.seen(4)[idb].progress.tokens == 10
 
     _run_pair(go)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_whose_streams_no_longer_open_is_reported_gone_and_a_record_is_introduced_before_any_progress():
+    """Killed (its p2pd gone: dials refused) or never a daemon of ours (a bare p2pd: no
+    handler): reported gone within GONE_S of the first failed open, `served` telling the
+    two apart, and no longer told. A joiner's record reaches a peer before any progress, and
+    the peer's comes back."""
+    async def go() -> None:
+        a = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        boot = [str(m) for m in await a.get_visible_maddrs()]
+        b = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=boot)
+        bare = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=boot)
+        ida, idb, idbare = (n.peer_id.to_base58() for n in (a, b, bare))
+        heard, heard_back, gone = [], [], {}
+        bus_a = ProgressBus(a, ida, spec_hash=SPEC, on_record=heard.append, record=lambda: _record(ida))
+        bus_b = ProgressBus(b, idb, spec_hash=SPEC, record=lambda: _record(idb), on_record=heard_back.append,
+                            on_gone=lambda peer, served: gone.setdefault(peer, (served,)))
+        await bus_a.start()
+        await bus_b.start()
+        try:
+            bus_b.introduce([ida])
+            assert await bus_b.delivered([ida], timeout_s=20.0) == {ida}
+            await _until(lambda: [r.peer_id for r in heard] == [idb])
+            await _until(lambda: [r.peer_id for r in heard_back] == [ida]), "told ours back"
+            bus_b.publish(_progress(100), [ida, idbare])
+            await _until(lambda: idbare in gone)
+            assert gone[idbare][0] is False and bus_b.reachable(ida) and ida not in gone
+            bus_a.close()
+            await a.shutdown()
+            bus_b.publish(_progress(200), [ida])
+            await _until(lambda: ida in gone)
+            assert gone[ida][0] is True and not bus_b.reachable(ida) and ida not in bus_b._outboxes
+            assert await bus_b.delivered([ida, idbare], timeout_s=5.0) == set(), "nobody left to deliver to"
+        finally:
+            bus_b.close()
+            await _close(bare, b)
+
+    asyncio.run(go())
