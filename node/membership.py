@@ -102,7 +102,8 @@ class Membership:
                        if peer not in withdrawn and (peer in listed or now - heard[2] <= self.heard_ttl_s)}
         self._gone = {peer: at for peer, at in self._gone.items() if peer in listed or peer in self._heard}
         self._merge()
-        self.lost.update(self.records, withdrawn, out_of_sight)
+        # A peer out of the view because its streams fail was handed to `lost` then, if at all.
+        self.lost.update(self.records, withdrawn, set(out_of_sight) | set(self._gone))
         for peer in withdrawn:
             self.proven.pop(peer, None)
         live = {r.peer_id: r.incarnation for r in self.records}
@@ -134,6 +135,10 @@ class Membership:
             del self._heard[min(self._heard, key=lambda p: self._heard[p][2])]
         self._merge()
 
+    def is_gone(self, peer: str) -> bool:
+        """Whether `peer` is out of the view because its progress streams fail (`gone`)."""
+        return peer in self._gone
+
     def streamed(self, peer: str) -> bool:
         """Whether the record of `peer` in the view is one it told us over its stream."""
         return peer in self._streamed
@@ -156,8 +161,9 @@ class Membership:
         log.info("peer %s is gone: no progress stream opens to it", peer)
 
     def back(self, peer: str) -> None:
-        """A dial reached `peer` again (after `gone`): in the view again where a record of
-        it is."""
+        """A dial reached `peer` again (after `gone`, or after its record vanished): in the
+        view again where a record of it is, and not dialed again."""
+        self.lost.forget(peer)
         if self._gone.pop(peer, None) is not None:
             self._merge()
 
@@ -304,6 +310,10 @@ class LostPeers:
         self._lost[record.peer_id] = (record, now, now)
         if len(self._lost) > MAX_LOST:
             del self._lost[min(self._lost, key=lambda p: self._lost[p][1])]
+
+    def forget(self, peer: str) -> None:
+        """`peer` was reached again: no more dials (it is dialed again if it vanishes again)."""
+        self._lost.pop(peer, None)
 
     def due(self) -> list[PeerRecord]:
         """The vanished peers to dial now (each at most every REDIAL_S)."""

@@ -40,6 +40,8 @@ shut, or it gave no address) for this long is not waited for this round. Slow fa
 lossy link) keep the STREAM_RETRY_S schedule."""
 REFUSED_RETRY_S = 0.5
 """Wait between two dials of a peer whose dials are refused."""
+LOST_CHECK_S = 0.25
+"""While waiting to ask a peer again, how often to look whether it was found gone or restarted."""
 LIVENESS_S = 2.0
 """How long a peer that has not proven itself (no delta delivered yet, no progress reported
 in the round) is given to answer at all ("not yet" counts) before the round goes on
@@ -75,7 +77,8 @@ class Gathered:
 
 async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
                         fanout: int, rng: random.Random,
-                        keep: Callable[[str, list[str]], bool] | None = None) -> Gathered:
+                        keep: Callable[[str, list[str]], bool] | None = None,
+                        gone: Callable[[str], bool] | None = None) -> Gathered:
     """Pull round `round_`'s deltas from its participants (at most `fanout`) until every
     one is in or `deadline_s` has passed. Participants are the peers that report progress
     in the round; a proven peer expected in it (`progress.expected()`) that has not reported
@@ -83,7 +86,10 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
     took part. A peer that says it will serve no delta for the round, or whose dials are
     refused for UNREACHABLE_S, is dropped at once (`Gathered.unreachable`). Whatever did not
     arrive by the deadline is left out of the round. `keep(sender, others)`: a test's fault injector
-    (node/roundloop.py RoundFaults), False drops a delta that arrived as if it had not."""
+    (node/roundloop.py RoundFaults), False drops a delta that arrived as if it had not.
+    `gone(peer)`: whether the peer is found gone (node/membership.py: its progress streams no
+    longer open); such a peer, or one whose record shows another incarnation than the one
+    asked of (it restarted), is dropped at its next attempt."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
@@ -95,6 +101,21 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
         failures = 0
         refused_since: float | None = None
         answer_by = time.monotonic() + LIVENESS_S if probe else None
+        asked_of = progress.incarnation_of(peer)
+
+        def lost() -> str | None:
+            """Why the delta asked for will never come, if it will not."""
+            if gone is not None and gone(peer):
+                return "gone (no progress stream opens to it)"
+            if progress.incarnations(peer) not in (asked_of, 0):
+                return "restarted (its record shows another incarnation)"
+            return None
+
+        async def nap(seconds: float) -> None:
+            """Sleep `seconds`, less once the delta is known `lost()`."""
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0 and lost() is None:
+                await asyncio.sleep(min(left, LOST_CHECK_S))
 
         async def retry(what: str) -> bool:
             """After a failed or cut stream: wait the next of STREAM_RETRY_S and say True,
@@ -103,11 +124,16 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             if failures >= len(STREAM_RETRY_S) or stop_at - time.monotonic() <= STREAM_RETRY_S[failures]:
                 return False
             log.info("delta of %s for round %d%s, asking again in %g s", peer, round_, what, STREAM_RETRY_S[failures])
-            await asyncio.sleep(STREAM_RETRY_S[failures])
+            await nap(STREAM_RETRY_S[failures])
             failures += 1
             return True
 
         while True:
+            why = lost()
+            if why is not None:
+                out.failed[peer] = why
+                out.unreachable.add(peer)
+                return
             now = time.monotonic()
             left = stop_at - now
             if answer_by is not None and now >= answer_by:
@@ -124,8 +150,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             try:
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
-                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=limit,
-                                             incarnation=progress.incarnation_of(peer))
+                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=limit, incarnation=asked_of)
             except DeltaGone:
                 out.failed[peer] = "will serve no delta for this round (restarted, gave it up, or took another state)"
                 out.unreachable.add(peer)

@@ -271,7 +271,8 @@ class RoundLoop:
             log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
         got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
-                                  keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others))
+                                  keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
+                                  gone=ctx.membership.is_gone)
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.deltas_rejected += got.rejected
         ctx.membership.prove([d.sender for d in got.deltas])

@@ -347,11 +347,13 @@ def test_a_peer_whose_stream_fails_is_out_of_the_view_at_once_until_it_shows_lif
     assert {r.peer_id for r in m.records} == {"b"}, "the registry's unchanged copies do not bring them back"
     m.back("a")  # a dial reached it (a cut link healed)
     assert {r.peer_id for r in m.records} == {"a", "b"} and m.expected(6) == {"b"}, "back, but proves itself again"
+    now[0] = 10.0
+    assert m.lost.due() == [], "reached: not dialed again"
     m.gone("a", served=True)
     m.heard(rec("a", 5, seq=3))  # it talks to us: there, whatever record it tells
     assert "a" in {r.peer_id for r in m.records}
     m.gone("a", served=True)
-    now[0] = 3.0
+    now[0] = 11.0
     m.update([rec("a", 2, incarnation=9), rec("b", 6, seq=4), rec("fake", 5)])  # restarted: a new record
     assert {r.peer_id for r in m.records} == {"a", "b"}
     m.update([rec("a", 2, incarnation=9), rec("b", 6, seq=4)])

@@ -51,6 +51,40 @@ def test_a_peer_done_with_no_tokens_has_given_the_round_up_and_is_not_waited_for
     assert got.deltas == [] and not got.failed and time.monotonic() - started < 60, "no pull, no deadline wait"
 
 
+@pytest.mark.parametrize("how", ["gone", "restarted"])
+def test_a_pull_that_keeps_failing_ends_once_its_peer_is_found_gone_or_restarted(how):
+    """Failed streams are asked again on pull.STREAM_RETRY_S (a lossy link) up to the
+    deadline; a peer the membership finds gone (its progress streams fail) or whose record
+    shows a new life is dropped at once instead: its delta will never come."""
+    from locoswarm.node.pull import gather_deltas
+
+    p = progress_with({"b": (100, 0.0, True, 0.0)})
+    p._others["b"] = Seen(Progress(tokens=100, tokens_per_s=0.0, done=True, incarnation=7), time.monotonic())
+    life = {"b": 7}
+    p.incarnations = lambda peer: life.get(peer, 0)
+    found_gone: set[str] = set()
+
+    async def gather():
+        async def later():
+            await asyncio.sleep(0.5)
+            if how == "gone":
+                found_gone.add("b")
+            else:
+                life["b"] = 8
+
+        flip = asyncio.ensure_future(later())
+        # No network (p2p None): every attempt fails as a broken stream would.
+        got = await gather_deltas(None, p, 0, None, deadline_s=120.0, fanout=4, rng=random.Random(0),
+                                  gone=found_gone.__contains__)
+        await flip
+        return got
+
+    started = time.monotonic()
+    got = asyncio.run(gather())
+    assert got.deltas == [] and got.unreachable == {"b"} and how in got.failed["b"], got.failed
+    assert time.monotonic() - started < 60, "not held to the deadline"
+
+
 def test_live_peers_are_extrapolated_from_their_rate():
     # b reported 50 tokens 0.2 s ago at 500 tokens/s: about 150 now.
     p = progress_with({"b": (50, 500.0, False, 0.2)}, interval_s=0.1)
