@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # On a lent many-core GPU machine (no hivemind there): the control-plane checks that depend on
-# machine speed. Needs .whl/ and .whl-net/ carried (hivemind 1.1.12 and its dependencies as
-# wheels for the machine's Python). Writes logs and JSON to $OUT. One part per call (a call
-# is limited to 10 minutes):
-#   overhead: the GPU kernel tests (top-k on CUDA against the CPU rule), bench swarm with 4 CPU
-#             peers (train_time_share on a fast machine) and with 6 peers and one fake identity;
-#   scale:    the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor
-#             chains) and bench swarm with 24 CPU peers (every peer sees the others and trains);
-#   churn:    bench swarm with 6 peers, a random one SIGKILLed and restarted every 10 s on
-#             average (rounds/min with churn against the same run's clean phase).
+# machine speed. Needs .whl/ and .whl-net/ carried (hivemind 1.1.12, its dependencies and the
+# test dependencies as wheels for the machine's Python). Writes logs and JSON to $OUT. Takes
+# one or more parts (a call is limited to 10 minutes):
+#   kernels: the GPU kernel tests (top-k on CUDA against the CPU rule);
+#   swarm4:  bench swarm with 4 CPU peers (train_time_share on a fast machine);
+#   fakes:   6 peers and one fake identity (rounds of 0.6 s here: 120 rounds for a fake
+#            phase of tens of seconds);
+#   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
+#   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
+#   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
+#            at 48 the rounds left after the clean phase took less than two restarts here).
+# Shorthands: overhead = kernels swarm4 fakes; scale = split swarm24.
 set -uo pipefail
 out=${OUT:?}
-part=${1:?usage: .ci/gpu-swarm.sh overhead|scale|churn}
+[ $# -gt 0 ] || { echo "usage: .ci/gpu-swarm.sh PART..." >&2; exit 2; }
 . .ci/gpu-env.sh >/dev/null
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-net/*.whl >/dev/null 2>&1
 chmod +x /tmp/site/hivemind/hivemind_cli/p2pd
@@ -22,16 +25,23 @@ swarm() {  # name timeout args...
         --json "$out/$name.json" "$@" > "$out/$name.log" 2>&1
     echo "$name rc=$?" | tee -a "$out/summary.txt"; tail -12 "$out/$name.log"
 }
-if [ "$part" = overhead ]; then
-    timeout 120 pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$out/kernels.log" 2>&1
-    echo "kernels rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/kernels.log"
-    swarm swarm4 190 --peers 4 --rounds 24
-    swarm fakes6 240 --peers 6 --rounds 40 --fakes 1
-elif [ "$part" = churn ]; then
-    swarm churn6 300 --peers 6 --rounds 48 --churn 10
-else
-    LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 150 pytest -q -p no:cacheprovider tests/test_faults.py \
-        -k silent_split > "$out/split.log" 2>&1
-    echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/split.log"
-    swarm swarm24 230 --peers 24 --rounds 4
-fi
+parts=()
+for p in "$@"; do
+    case $p in overhead) parts+=(kernels swarm4 fakes);; scale) parts+=(split swarm24);; *) parts+=("$p");; esac
+done
+for part in "${parts[@]}"; do
+    case $part in
+    kernels)
+        timeout 120 pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$out/kernels.log" 2>&1
+        echo "kernels rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/kernels.log";;
+    swarm4) swarm swarm4 190 --peers 4 --rounds 24;;
+    fakes) swarm fakes6 240 --peers 6 --rounds 120 --fakes 1;;
+    split)
+        LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 150 pytest -q -p no:cacheprovider tests/test_faults.py \
+            -k silent_split > "$out/split.log" 2>&1
+        echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/split.log";;
+    swarm24) swarm swarm24 230 --peers 24 --rounds 4;;
+    churn) swarm churn6 300 --peers 6 --rounds 160 --churn 10;;
+    *) echo "unknown part $part" >&2; exit 2;;
+    esac
+done
