@@ -50,6 +50,10 @@ class RoundLine:
     """Of round_s − train_s: waiting for the previous round's exchange."""
     boundary_s: float = 0.0
     """Of round_s − train_s: the rest of the round's boundary."""
+    progress_sent: int = 0
+    """Bytes written to progress streams by this round's end (cumulative)."""
+    registry_sent: int = 0
+    """Signed registry entry bytes stored at other replicas by this round's end (cumulative)."""
 
 
 @dataclass(slots=True)
@@ -208,7 +212,9 @@ class LocalSwarm:
                                          nan if event["eval_loss"] is None else event["eval_loss"],
                                          event["train_s"], event["round_s"], event["time"],
                                          sent=event.get("sent", 0), wait_s=event.get("wait_s", 0.0),
-                                         boundary_s=event.get("boundary_s", 0.0)))
+                                         boundary_s=event.get("boundary_s", 0.0),
+                                         progress_sent=event.get("progress_sent", 0),
+                                         registry_sent=event.get("registry_sent", 0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

@@ -92,6 +92,13 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     # The same window in the daemon's own counter of delta and state payload bytes: what is
     # left of the transport bytes is the control plane (DHT, libp2p framing, pings).
     payload = [(p.rounds[-1].sent - p.rounds[0].sent) / max(1, len(p.rounds) - 1) for p in counted]
+
+    def per_round(field: str) -> float | None:
+        """A cumulative counter of the round events, per peer per round over the same window."""
+        values = [(getattr(p.rounds[-1], field) - getattr(p.rounds[0], field)) / max(1, len(p.rounds) - 1)
+                  for p in counted]
+        return statistics.fmean(values) if values else None
+
     out = {
         "peers": num_peers,
         "rounds": rounds,
@@ -110,6 +117,10 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "delta_bytes_per_peer_per_round": statistics.fmean(payload) if payload else None,
         "control_bytes_per_peer_per_round": (statistics.fmean(transport) - statistics.fmean(payload)
                                              if transport else None),
+        # Of the control bytes, what the daemons' own code wrote (before libp2p's framing):
+        # progress streams (records and progress) and registry entries stored at replicas.
+        "progress_bytes_per_peer_per_round": per_round("progress_sent"),
+        "registry_bytes_per_peer_per_round": per_round("registry_sent"),
         "replica_spread": spread,
         "fanout": fanout,
         "overlap": spec.rounds.overlap,
@@ -122,7 +133,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         churn.check()
         # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
         for key in ("rounds_per_minute", "bytes_per_peer_per_round", "delta_bytes_per_peer_per_round",
-                    "control_bytes_per_peer_per_round"):
+                    "control_bytes_per_peer_per_round", "progress_bytes_per_peer_per_round",
+                    "registry_bytes_per_peer_per_round"):
             del out[key]
         out.update(_churn_figures(churn))
     if fake is not None:
@@ -197,6 +209,10 @@ def format_swarm(r: dict) -> str:
     elif r.get("bytes_per_peer_per_round") is not None:
         lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round']:,.0f} (transport), "
                      f"{r.get('delta_bytes_per_peer_per_round') or 0:,.0f} of them deltas and state")
+        if r.get("progress_bytes_per_peer_per_round") is not None:
+            lines.append(f"  control, by its code   {r['progress_bytes_per_peer_per_round']:,.0f} to progress streams, "
+                         f"{r['registry_bytes_per_peer_per_round']:,.0f} of registry entries stored (the rest: "
+                         f"libp2p and the DHT's own requests and answers)")
     lines += [f"  missing deltas         {r['deltas_missing']}",
               f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
               f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]

@@ -176,7 +176,8 @@ class Daemon:
                                membership=self.membership, progress=progress, lineage=self.lineage,
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
-                               faults=self.faults, bytes_sent=lambda: self.bytes_sent)
+                               faults=self.faults, bytes_sent=lambda: self.bytes_sent,
+                               registry_sent=lambda: registry.store.bytes_stored)
             self.loop = RoundLoop(ctx)
             await self._join(registry)
             self._joining = False

@@ -86,6 +86,10 @@ class RoundEnded:
     """Bytes this peer has served so far (deltas and state)."""
     received: int
     """Bytes this peer has received so far."""
+    progress_sent: int = 0
+    """Bytes this peer has written to progress streams so far (records and progress)."""
+    registry_sent: int = 0
+    """Signed registry entry bytes this peer has sent to other replicas so far."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

@@ -126,6 +126,8 @@ class ProgressBus:
         """Streams dropped for a malformed message or a flood."""
         self.messages_sent = 0
         self.messages_received = 0
+        self.bytes_sent = 0
+        """Bytes of frames written to progress streams (before libp2p's framing)."""
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_progress)
@@ -426,7 +428,8 @@ class _Outbox:
                         closed = asyncio.ensure_future(reader.read(1))
                         self.pending = {**self.sent, **self.pending}  # a new stream: tell it all again
                     batch = sorted(self.pending.items())  # the record (slot −1) first
-                    writer.write(b"".join(message for _, message in batch))
+                    data = b"".join(message for _, message in batch)
+                    writer.write(data)
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 except Exception as e:  # unreachable for now, or the stream broke: keep the news, try again
                     log.debug("progress to %s: %s: %s", self.peer, type(e).__name__, e)
@@ -448,6 +451,7 @@ class _Outbox:
                     self.wake.set()
                     continue
                 self.bus.messages_sent += len(batch)
+                self.bus.bytes_sent += len(data)
                 for slot, message in batch:
                     self.sent[slot] = message
                     if self.pending.get(slot) is message:

@@ -57,6 +57,8 @@ class ReplicaStore:
         """Reads that went through DHTNode.get because no replica was known or the one asked failed."""
         self._turn: dict[DHTID, int] = {}
         """key id → reads of it so far (which replica answers the next)."""
+        self.bytes_stored = 0
+        """Signed entry bytes sent to other replicas in store requests (before the RPC's framing)."""
 
     async def store(self, key: str, subkey: bytes | str, value: bytes, expiration_time: float) -> bool:
         """Store `value` under `key`/`subkey` until `expiration_time` at the key's replicas;
@@ -159,6 +161,7 @@ class ReplicaStore:
                 if protocol.record_validator is None or protocol.record_validator.validate(record):
                     stored |= protocol.storage.store(key_id, record.value, expiration_time, subkey=subkey)
             else:
+                self.bytes_stored += len(record.value)
                 calls.append(protocol.call_store(peer, keys=[key_id], values=[record.value],
                                                  expiration_time=[expiration_time], subkeys=[subkey]))
         for answer in await asyncio.gather(*calls):

@@ -115,6 +115,8 @@ class RoundContext:
     should_exit: asyncio.Event
     faults: RoundFaults
     bytes_sent: Callable[[], int]
+    registry_sent: Callable[[], int] = lambda: 0
+    """Signed registry entry bytes stored at other replicas so far (node/replicas.py)."""
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -322,7 +324,8 @@ class RoundLoop:
         ctx.events(RoundEnded(round=r, deltas=deltas, participants=participants, tokens=work.tokens, loss=loss,
                               eval_loss=ctx.stats.eval_loss, train_s=train_s,
                               round_s=(ended or time.perf_counter()) - started, wait_s=wait_s,
-                              boundary_s=boundary_s, sent=ctx.bytes_sent(),
+                              boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
+                              registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received))
 
     async def _finish(self) -> None:
