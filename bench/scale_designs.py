@@ -1,7 +1,7 @@
 """The two control planes `locoswarm bench scale` compares, as what one operation of each
 costs on the wire and in CPU, given the size of the values it touches.
 
-current — what the daemon does today. keep_record (node/membership.py) stores the peer's
+current — what the daemon does today. keep_record (node/upkeep.py) stores the peer's
 signed record under the run's one registry key and reads the whole dictionary back with
 get(latest=True) every second; the round loop (node/roundloop.py `_train`, node/rounds.py
 RoundProgress) does the same with the round's progress key every 0.1 s. In hivemind 1.1.12

@@ -10,7 +10,8 @@ record, the control API; torch work runs on the training and exchange threads
 | roundloop.py | the rounds: train, exchange, outer step; a failed round is discarded, never the node |
 | rounds.py | a round's progress in the DHT, its end and participants |
 | pull.py | the delta pull from a round's participants |
-| membership.py | who is live, who should train a round, who vanished and is dialed back |
+| membership.py | who is live, who should train a round, who vanished or is gone |
+| upkeep.py | the registry refresh loop, and dialing back the peers that vanished or are gone |
 | lineage.py | round chains, divergence, whom to follow after a partition or a split |
 | catchup.py | joining and catching up: taking another peer's outer state |
 | trainer.py | the replica and its side of the round (optim/round.py) |
@@ -42,7 +43,8 @@ from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.host import DHT_OPTIONS, NodeError, identity_key, open_state_dir, start_p2p
 from locoswarm.node.lineage import Lineage
-from locoswarm.node.membership import Membership, keep_record
+from locoswarm.node.membership import Membership
+from locoswarm.node.upkeep import keep_record
 from locoswarm.node.ports import remember_peers
 from locoswarm.node.roundloop import NodeStats, RoundContext, RoundFaults, RoundLoop
 from locoswarm.node.spec import RunSpec

@@ -19,7 +19,7 @@ takes the newer of the two by the record's sequence number).
 A message is a kind byte (KIND_PROGRESS, KIND_RECORD), a two-byte big-endian length and the
 body: a progress (`encode_progress`, which names its round, 1..MAX_PROGRESS_BYTES) or a
 record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and naming the sender).
-Delivery is best effort with memory: a sender keeps its latest record and the latest message
+Delivery is best effort with memory: a sender (node/outbox.py) keeps its latest record and the latest message
 of each open round per peer and sends them again on a new stream when the last one broke,
 so a report is lost only with its peer. The receiver keeps the
 latest message per peer and round for the rounds open here (ROUNDS_KEPT before the newest,
@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from locoswarm.node.outbox import IDLE_S, RECORD_SLOT, WRITE_TIMEOUT_S, Outbox
 from locoswarm.node.streams import PeerLimits
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.errors import MalformedMessage
@@ -57,23 +58,10 @@ MAX_STREAMS = 1024
 """Progress streams held at once, each way."""
 MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
 """Messages a second taken from one peer (honest peers send a few a second per round)."""
-IDLE_S = 30.0
-"""A stream with nothing to say for this long is closed (by the sender; the receiver waits twice as long)."""
-OPEN_TIMEOUT_S = 5.0
-WRITE_TIMEOUT_S = 5.0
-RETRY_S = (0.25, 2.0, 4.0)
-"""After a failed open or write: wait 250 ms, doubling to at most 4 s, then try again."""
-GONE_S = 1.5
-"""A peer none of whose stream opens succeeded for this long (two failures at least: at
-0, 0.25, 0.75 and 1.75 s when refused at once) is reported gone (`on_gone`): its process
-died, its link is cut, or it serves no daemon of ours. Where opens time out instead (a cut
-link), two of OPEN_TIMEOUT_S each come first."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
 KIND_PROGRESS, KIND_RECORD = 1, 2
 _LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES}
-RECORD_SLOT = -1
-"""An outbox's slot for our record (the others are rounds, ≥ 0): sent before any progress."""
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -108,7 +96,7 @@ class ProgressBus:
         """`admit(peer_id)`: whether a peer may take part (a private run's policy);
         `record()`: our current peer record, told with our progress; `on_record(record)`:
         a record a peer told us (checked: of `spec_hash`, naming the peer that sent it);
-        `on_gone(peer_id, served)`: no stream to a peer we tell could be opened for GONE_S
+        `on_gone(peer_id, served)`: no stream to a peer we tell could be opened for GONE_S (node/outbox.py)
         (`served`: one had opened before, so it ran a daemon of ours); we stop telling it."""
         self.p2p, self.me, self.admit, self.clock = p2p, me, admit, clock
         self.spec_hash, self.record, self.on_record, self.on_gone = spec_hash, record, on_record, on_gone
@@ -118,7 +106,7 @@ class ProgressBus:
         """The newest round opened here (-1: none yet)."""
         self._rounds: dict[int, dict[str, Seen]] = {}
         self._inbound: dict[str, asyncio.StreamWriter] = {}
-        self._outboxes: dict[str, _Outbox] = {}
+        self._outboxes: dict[str, Outbox] = {}
         self._mine: dict[int, bytes] = {}
         """Round → our latest message in it (told back to a peer that tells us its own)."""
         self.limits = PeerLimits(max_concurrent=1, rate=MESSAGE_RATE, burst=MESSAGE_BURST)
@@ -285,11 +273,11 @@ class ProgressBus:
             outbox.put(RECORD_SLOT, record)
         outbox.put(round_, message)
 
-    def _outbox(self, peer: str) -> "_Outbox | None":
+    def _outbox(self, peer: str) -> "Outbox | None":
         """`peer`'s outbox, opened if need be; None when MAX_STREAMS are open already."""
         outbox = self._outboxes.get(peer)
         if outbox is None and len(self._outboxes) < MAX_STREAMS:
-            outbox = self._outboxes[peer] = _Outbox(self, peer)
+            outbox = self._outboxes[peer] = Outbox(self, peer, PROTOCOL)
         return outbox
 
     def introduce(self, peers: Iterable[str]) -> None:
@@ -329,11 +317,11 @@ class ProgressBus:
         outbox = self._outboxes.get(peer)
         return outbox is not None and outbox.open
 
-    def _closed(self, outbox: "_Outbox") -> None:
+    def _closed(self, outbox: "Outbox") -> None:
         if self._outboxes.get(outbox.peer) is outbox:
             del self._outboxes[outbox.peer]
 
-    def _gone(self, outbox: "_Outbox") -> None:
+    def _gone(self, outbox: "Outbox") -> None:
         """`outbox`'s peer could not be reached for GONE_S: forget what it was to be told
         (its outbox ends) and say so, unless it has a stream open to us (then it is there,
         and only our way to it failed)."""
@@ -342,132 +330,3 @@ class ProgressBus:
         outbox.task.cancel()
         if self.on_gone is not None:
             self.on_gone(outbox.peer, outbox.served)
-
-
-class _Outbox:
-    """One peer we tell: our latest record and the latest message of each open round, sent
-    on one stream that is opened again when it breaks (they then all go again)."""
-
-    def __init__(self, bus: ProgressBus, peer: str) -> None:
-        self.bus, self.peer = bus, peer
-        self.pending: dict[int, bytes] = {}
-        self.sent: dict[int, bytes] = {}
-        self.wake = asyncio.Event()
-        self.back = asyncio.Event()
-        """Set when the peer opened a progress stream to us: it is up, with its handler."""
-        self.open = False
-        """A stream to the peer is open now."""
-        self.served = False
-        """A stream to the peer opened at least once (it runs a daemon of ours)."""
-        self.failing: tuple[float, int] | None = None
-        """Since when (time.monotonic()) opens have failed without one succeeding, and how many."""
-        self.task = asyncio.ensure_future(self.run())
-        self.task.add_done_callback(lambda _: bus._closed(self))
-
-    def put(self, slot: int, message: bytes) -> None:
-        """`message` for `slot` (a round, or RECORD_SLOT), replacing what the slot held."""
-        if self.pending.get(slot, self.sent.get(slot)) == message:
-            return
-        self.pending[slot] = message
-        self.wake.set()
-
-    def forget(self, old: Callable[[int], bool]) -> None:
-        for box in (self.pending, self.sent):
-            for r in [r for r in box if r != RECORD_SLOT and old(r)]:
-                del box[r]
-
-    async def _retry_after(self, wait: float) -> bool:
-        """Sleep `wait` before trying again, less when the peer shows it is back (a peer
-        that restarted opens its stream to us within a second; a backoff of seconds would
-        miss a short life entirely); True when it did."""
-        try:
-            await asyncio.wait_for(self.back.wait(), wait)
-        except asyncio.TimeoutError:
-            return False
-        self.back.clear()
-        return True
-
-    async def run(self) -> None:
-        from hivemind.p2p import PeerID
-
-        reader = writer = closed = None
-        """`closed` ends when the receiver closes the stream (it never writes to it)."""
-        opened_at = 0.0
-        wait = RETRY_S[0]
-        try:
-            while True:
-                woken = asyncio.ensure_future(self.wake.wait())
-                done, _ = await asyncio.wait([woken] + ([closed] if closed else []), timeout=IDLE_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                if not done:
-                    return  # nothing to say: close; the next report opens a new stream
-                if closed is not None and closed.done():
-                    # The receiver closed it: it restarted its handler, or does not admit us
-                    # (yet: a private run's peer before it has read our record). What it was
-                    # told last may be lost: tell the open rounds again on a new stream, after
-                    # a wait that grows while streams keep being closed at once.
-                    writer.close()
-                    _drop(closed)
-                    reader = writer = closed = None
-                    self.open = False
-                    wait = RETRY_S[0] if time.monotonic() - opened_at > IDLE_S else min(RETRY_S[2], wait * RETRY_S[1])
-                    self.pending = {**self.sent, **self.pending}
-                    await self._retry_after(wait)
-                self.wake.clear()
-                if not self.pending:
-                    continue
-                try:
-                    if writer is None:
-                        _, reader, writer = await asyncio.wait_for(
-                            self.bus.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer), PROTOCOL),
-                            OPEN_TIMEOUT_S)
-                        opened_at = time.monotonic()
-                        self.open = self.served = True
-                        self.failing = None
-                        closed = asyncio.ensure_future(reader.read(1))
-                        self.pending = {**self.sent, **self.pending}  # a new stream: tell it all again
-                    batch = sorted(self.pending.items())  # the record (slot −1) first
-                    data = b"".join(message for _, message in batch)
-                    writer.write(data)
-                    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
-                except Exception as e:  # unreachable for now, or the stream broke: keep the news, try again
-                    log.debug("progress to %s: %s: %s", self.peer, type(e).__name__, e)
-                    if writer is None:  # the open failed
-                        now = time.monotonic()
-                        since, failures = self.failing or (now, 0)
-                        self.failing = (since, failures + 1)
-                        if failures >= 1 and now - since >= GONE_S:
-                            self.bus._gone(self)
-                    else:
-                        writer.close()
-                    _drop(closed)
-                    reader = writer = closed = None
-                    self.open = False
-                    if await self._retry_after(wait):
-                        wait = RETRY_S[0]
-                    else:
-                        wait = min(RETRY_S[2], wait * RETRY_S[1])
-                    self.wake.set()
-                    continue
-                self.bus.messages_sent += len(batch)
-                self.bus.bytes_sent += len(data)
-                for slot, message in batch:
-                    self.sent[slot] = message
-                    if self.pending.get(slot) is message:
-                        del self.pending[slot]
-        finally:
-            _drop(closed)
-            if writer is not None:
-                writer.close()
-
-
-def _drop(future: asyncio.Future | None) -> None:
-    """Let go of a read that watches a stream: cancelled if still running, its error (a
-    reset connection) taken if it ended with one, so that asyncio does not log it."""
-    if future is None:
-        return
-    if not future.done():
-        future.cancel()
-    elif not future.cancelled():
-        future.exception()

@@ -143,7 +143,7 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     """Peer c's link goes down for 10 s after round 2, then comes back. a and b carry on
     without it (rounds with 2 of 3 deltas, after the 5 s deadline); c trains alone, its
     outer state diverged, and runs ahead in rounds; once the link is back c finds a and b
-    again (both sides dial: node/membership.py) and takes their state, and rounds have 3 of 3
+    again (both sides dial: node/upkeep.py) and takes their state, and rounds have 3 of 3
     deltas again. Measured: c took the swarm's state 12.2–14.3 s after the heal in 6 runs in
     a row (the 120 s bound leaves room for a loaded machine). No one crashes; SIGTERM ends
     them all with exit 0."""

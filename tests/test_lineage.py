@@ -19,7 +19,8 @@ from hivemind.p2p import P2P
 
 from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, chain_at, chain_start, round_chain, whom_to_follow,
                                     whom_to_rejoin)
-from locoswarm.node.membership import REDIAL_S, LostPeers, Membership, redial
+from locoswarm.node.membership import Membership
+from locoswarm.node.upkeep import REDIAL_S, LostPeers, redial
 from locoswarm.node.statesync import StateServer, download_state
 from locoswarm.protocol.records import PeerRecord
 
