@@ -89,15 +89,16 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     digests = {p.final["digest"] for p in peers}
     counted = [p for p in peers if p.io_start and p.io_end and p.io_end[0] > 0]
     transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in counted]
-    # The same window in the daemon's own counter of delta and state payload bytes: what is
-    # left of the transport bytes is the control plane (DHT, libp2p framing, pings).
-    payload = [(p.rounds[-1].sent - p.rounds[0].sent) / max(1, len(p.rounds) - 1) for p in counted]
 
     def per_round(field: str) -> float | None:
         """A cumulative counter of the round events, per peer per round over the same window."""
         values = [(getattr(p.rounds[-1], field) - getattr(p.rounds[0], field)) / max(1, len(p.rounds) - 1)
                   for p in counted]
         return statistics.fmean(values) if values else None
+
+    # The same window in the daemon's own counter of delta and state payload bytes: what is
+    # left of the transport bytes is the control plane (DHT, libp2p framing, pings).
+    payload = per_round("sent")
 
     out = {
         "peers": num_peers,
@@ -114,9 +115,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
             "total": (round_s - train_s) / max(1, len(steady))},
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
-        "delta_bytes_per_peer_per_round": statistics.fmean(payload) if payload else None,
-        "control_bytes_per_peer_per_round": (statistics.fmean(transport) - statistics.fmean(payload)
-                                             if transport else None),
+        "delta_bytes_per_peer_per_round": payload,
+        "control_bytes_per_peer_per_round": statistics.fmean(transport) - payload if transport else None,
         # Of the control bytes, what the daemons' own code wrote (before libp2p's framing):
         # progress streams (records and progress) and registry entries stored at replicas.
         "progress_bytes_per_peer_per_round": per_round("progress_sent"),

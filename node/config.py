@@ -67,7 +67,7 @@ class NodeConfig:
     """Lifetime of this peer's DHT record; the record is refreshed, and the own registry
     bucket read, every third of it (the other sampled buckets every registry.VIEW_READ_S).
     What changes every round travels over the progress streams meanwhile, and a peer that
-    died is out of the view once its stream fails to open (node/progress.py), not when its
+    died is out of the view once its stream fails to open (node/outbox.py), not when its
     record expires."""
     report_interval_s: float = 0.1
     """How often round progress is told to the round's peers (a changed count at most every

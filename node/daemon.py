@@ -44,11 +44,11 @@ from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.host import DHT_OPTIONS, NodeError, identity_key, open_state_dir, start_p2p
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership
-from locoswarm.node.upkeep import keep_record
 from locoswarm.node.ports import remember_peers
 from locoswarm.node.roundloop import NodeStats, RoundContext, RoundFaults, RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
+from locoswarm.node.upkeep import keep_record
 from locoswarm.protocol.records import PeerRecord
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,8 @@ class Daemon:
     @property
     def _refresh_s(self) -> float:
         """How often our record is refreshed and our own registry bucket read: a third of the
-        record's lifetime (20 s by default; every EMPTY_VIEW_REFRESH_S while the view is
-        empty). What changes every round (round, chains) and a pause reach the peers we
+        record's lifetime (20 s by default; every upkeep.EMPTY_VIEW_REFRESH_S while the view
+        is empty or too small to start). What changes every round (round, chains) and a pause reach the peers we
         train with over the progress streams at once."""
         return self.cfg.record_ttl_s / 3
 

@@ -245,10 +245,7 @@ class ProgressBus:
         """Tell every peer we tell our progress our current record, where it changed since
         they were last told (the daemon calls it at each registry refresh: a pause, which
         no progress report follows, reaches them then)."""
-        record = self._record_frame()
-        if record is not None:
-            for outbox in self._outboxes.values():
-                outbox.put(RECORD_SLOT, record)
+        self.introduce(list(self._outboxes))
 
     def publish(self, progress: Progress, peers: Iterable[str]) -> None:
         """Tell `peers` our `progress` (each at most once: a peer already told this exact

@@ -260,7 +260,7 @@ def test_a_peer_whose_streams_no_longer_open_is_reported_gone_and_a_record_is_in
             bus_b.introduce([ida])
             assert await bus_b.delivered([ida], timeout_s=20.0) == {ida}
             await _until(lambda: [r.peer_id for r in heard] == [idb])
-            await _until(lambda: [r.peer_id for r in heard_back] == [ida]), "told ours back"
+            await _until(lambda: [r.peer_id for r in heard_back] == [ida])  # told ours back
             bus_b.publish(_progress(100), [ida, idbare])
             await _until(lambda: idbare in gone)
             assert gone[idbare][0] is False and bus_b.reachable(ida) and ida not in gone
