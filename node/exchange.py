@@ -135,12 +135,15 @@ class DeltaServer:
 
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            self.bytes_sent += await serve_framed(
+            # Not `self.bytes_sent += await …`: that reads the counter before the await, and
+            # the requests held for one round end together, each storing its own sum.
+            sent = await serve_framed(
                 info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
                 limits=self.limits, admit=self.admit,
                 answer=lambda request: self.respond(int.from_bytes(request[:8], "big"),
                                                     int.from_bytes(request[8:], "big")),
             )
+            self.bytes_sent += sent
         except asyncio.CancelledError:
             # p2pd shut down under a held request: the asker sees its stream close and asks
             # again or drops us; nothing here is left to clean up.

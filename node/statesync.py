@@ -128,9 +128,10 @@ class StateServer:
             return self._encoded[round_]
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.bytes_sent += await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
-                                              timeout_s=self.request_timeout_s, what="state", limits=self.limits,
-                                              admit=self.admit)
+        sent = await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
+                                  timeout_s=self.request_timeout_s, what="state", limits=self.limits,
+                                  admit=self.admit)
+        self.bytes_sent += sent  # after the await: chunks are served concurrently (see exchange.py)
 
     async def _answer(self, request: bytes) -> bytes:
         kind, round_ = request[0], int.from_bytes(request[1:9], "big")

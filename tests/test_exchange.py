@@ -159,3 +159,42 @@ def test_a_request_for_a_round_in_training_is_held_until_its_delta_is_published_
         return await asyncio.wait_for(held, 1), await asyncio.wait_for(gone, 1), expired, late
 
     assert asyncio.run(go()) == (b"delta 3", GONE, b"", b"")
+
+
+@pytest.mark.timeout(120)
+def test_deltas_served_at_once_are_all_counted():
+    """Requests held for one round end together when its delta is published: every byte
+    written counts in `bytes_sent` (a `+= await` read the counter before waiting and lost
+    all but one of them; bench swarm took the missing deltas for control traffic)."""
+    from locoswarm.node.streams import call_framed
+    from locoswarm.protocol.framing import frame_header
+
+    async def go():
+        server_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        server = DeltaServer(server_p2p)
+        await server.start()
+        server.training(7)
+        held, respond = [], server.respond
+
+        async def counted(*args, **kwargs):
+            held.append(args)
+            return await respond(*args, **kwargs)
+
+        server.respond = counted
+        maddrs = [str(a) for a in await server_p2p.get_visible_maddrs()]
+        clients = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs) for _ in range(3)]
+        try:
+            pulls = [asyncio.ensure_future(call_framed(c, server_p2p.peer_id, PROTOCOL, (7).to_bytes(8, "big") + bytes(8),
+                                                       limit=1 << 20, limit_name="limit", timeout_s=30))
+                     for c in clients]
+            while len(held) < 3:  # all three requests reached the server and wait for the delta
+                await asyncio.sleep(0.02)
+            server.publish(7, b"x" * 1000)
+            return await asyncio.gather(*pulls), server.bytes_sent
+        finally:
+            for p in (*clients, server_p2p):
+                await p.shutdown()
+
+    bodies, sent = asyncio.run(go())
+    assert bodies == [b"x" * 1000] * 3
+    assert sent == 3 * (len(frame_header(1000)) + 1000)
