@@ -1,6 +1,7 @@
 """`locoswarm bench scale`: what the swarm's control plane costs each peer at N = 10 …
-10,000, for the design the daemon runs today ("current") and the bounded one we intend to
-build ("bounded"), from a discrete-event simulation (bench/scale_sim.py) built on measured
+10,000, for the first daemon's design ("current": one registry key, progress read from the
+DHT) and the bounded one the daemon runs now ("bounded": registry buckets, progress and
+records over streams; grid groups above a group's size, not built in the daemon yet), from a discrete-event simulation (bench/scale_sim.py) built on measured
 message sizes and CPU costs (bench/scale_model.py) and hivemind's traversal rules
 (bench/scale_dht.py), and checks the bounded design against its targets; the comparisons
 with real DHT nodes and real daemons are in bench/scale_validate.py. Figures: docs/scale.md.

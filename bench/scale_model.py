@@ -15,6 +15,11 @@ import time
 from dataclasses import dataclass, replace
 
 MIB = 1 << 20
+WRITE_FRAMING_BYTES = 32
+"""What libp2p adds to one write on a stream between two p2pd (yamux header, TLS record):
+100 small writes measured through the kernel's socket counters, 2026-12-05."""
+WAN_ADDRS = ("/ip4/203.0.113.5/tcp/31337", "/ip4/203.0.113.5/udp/31337/quic-v1", "/ip6/2001:db8::5/tcp/31337")
+"""A volunteer's listen addresses in the records `calibrate` builds."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,9 +41,20 @@ class Costs:
     rpc_overhead_bytes: int = 200
     """One unary DHT RPC besides its value and neighbours: the request (46 B for one key), the
     answer's header (26 B), p2pd's unary-call framing, yamux and noise (estimate: 2 × 64 B)."""
-    stream_message_bytes: int = 112
-    """One progress message on a long-lived stream inside a group: msgpack Progress (≈40 B),
-    round number and length prefix, yamux and noise framing (estimate)."""
+    stream_message_bytes: int = 88
+    """One progress message on a long-lived stream, written alone: its frame (node/progress.py
+    progress_frame: kind, length, msgpack Progress with round and incarnation; 56 B late in a
+    run, `message_sizes`) and what libp2p adds to one write between two p2pd (WRITE_FRAMING_BYTES)."""
+    record_message_bytes: int = 610
+    """A peer record told over a progress stream (node/progress.py record_frame, no signature)
+    with three addresses (tcp, quic, ip6), its chains and two anchors (`message_sizes`); it
+    shares a write with a progress message. On loopback, with one address, the daemons'
+    frames measured 364–433 B (3 peers, 2026-12-05)."""
+    request_stream_bytes: int = 360
+    """A delta request beside the delta itself: the 16-byte request and what opening a libp2p
+    stream for it costs (multistream negotiation, yamux and TLS framing of both ways): 344 B
+    beyond the request and answer, measured between two p2pd over 50 request streams of 6 kB,
+    2026-12-05."""
     signature_check_s: float = 70e-6
     """hivemind's RSASignatureValidator.validate of one entry (parse the key, RSA-2048-PSS
     verify): DESIGN.md; `calibrate()` measured 68 µs on 2 busy AMD EPYC cores."""
@@ -75,6 +91,24 @@ class Costs:
     def answer_bytes(self, value_bytes: float, neighbours: int) -> float:
         """One find answer carrying `value_bytes` and `neighbours` nearest nodes."""
         return self.rpc_overhead_bytes + value_bytes + neighbours * self.neighbour_bytes
+
+
+def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int]:
+    """(record frame, progress frame) bytes on a progress stream, built with the daemon's
+    encoders late in a run (round 1,234, both chains and two anchors known) for a peer that
+    listens on `addrs`."""
+    import hashlib
+
+    from locoswarm.node.progress import progress_frame, record_frame
+    from locoswarm.protocol.records import PeerRecord, Progress
+
+    peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjh001"
+    record = PeerRecord(peer_id=peer, addrs=tuple(f"{a}/p2p/{peer}" for a in addrs), device="cuda",
+                        tokens_per_s=12345.6, round=1234, spec_hash=hashlib.sha256(b"scale").digest(),
+                        chain="a" * 32, prev_chain="b" * 32, anchors=((1232, "c" * 32), (1224, "d" * 32)),
+                        incarnation=(1 << 62) + 1, seq=2468)
+    progress = Progress(tokens=123456, tokens_per_s=1234.5, done=False, incarnation=(1 << 62) + 1, round=1234)
+    return len(record_frame(record)), len(progress_frame(progress))
 
 
 def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 0.5) -> Costs:
@@ -131,8 +165,11 @@ def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 
             decode_record(MSGPackSerializer.loads(raw), spec)
 
     check_s = rate(lambda: [validator.validate(r) for r in records]) / entries
+    record_frame_bytes, progress_frame_bytes = message_sizes()
     return replace(
         base,
+        record_message_bytes=record_frame_bytes,
+        stream_message_bytes=progress_frame_bytes + WRITE_FRAMING_BYTES,
         registry_entry_bytes=round((len(reg_blob) - 16) / entries),
         progress_entry_bytes=round((len(prog_blob) - 16) / entries),
         signature_check_s=check_s,

@@ -32,7 +32,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from locoswarm.bench.scale_designs import (BoundedDesign, CurrentDesign, Dht, OpCost, bounded_groups,
-                                           bounded_hot_node, bounded_progress, bounded_read, bounded_record,
+                                           bounded_hot_node, bounded_progress, bounded_read, bounded_record, bounded_round,
                                            current_cycle, current_hot_node)
 from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
 
@@ -66,6 +66,8 @@ class Sampled:
     """When the last round's exchange ends (the next round's delta waits for it)."""
     reads: deque = field(default_factory=deque)
     """(time, bucket, entries) of its registry reads in the last TTL (bounded)."""
+    round_cost: OpCost = field(default_factory=OpCost)
+    """What its rounds cost besides the timers, summed (bounded: records, "done", delta requests)."""
 
 
 class Simulation:
@@ -87,7 +89,12 @@ class Simulation:
         self.timers = ({"registry": current.record_refresh_s, "progress": current.report_interval_s}
                        if design == "current" else
                        {"record": bounded.record_refresh_s, "sample": bounded.read_period_s,
-                        "progress": bounded.report_interval_s, "groups": bounded.group_epoch_s})
+                        # A count is told when it changes, once a step, at most every report interval.
+                        "progress": max(bounded.report_interval_s,
+                                        workload.batch_size * workload.seq_len / workload.tokens_per_s_median),
+                        "groups": bounded.group_epoch_s})
+        if design == "bounded" and num_peers <= bounded.group_size:
+            del self.timers["groups"]  # one group holds the swarm: no grid, no group keys
         self.tps = [self._draw_tps() for _ in range(num_peers)]
         self.tps_sum = sum(self.tps)
         self.bucket = [self.rng.getrandbits(self.bits) if self.bits else 0 for _ in range(num_peers)]
@@ -251,6 +258,12 @@ class Simulation:
             exchange += 2 * s.rtt_s + max(pulled * w.delta_bytes / s.down_bytes_per_s,
                                           pulled * w.delta_bytes / s.up_bytes_per_s) + w.poll_s
             exchange += w.detect_killed_s if s.killed_pulled else 0.0
+        if self.design == "bounded":
+            key = ("round", self.group, pulled)
+            cost = self.memo.get(key)
+            if cost is None:
+                cost = self.memo[key] = bounded_round(self.dht, self.bnd, self.group, pulled)
+            s.round_cost = s.round_cost + cost
         if w.overlap:
             waits_for, s.exchange_done = s.exchange_done, now + exchange
         else:
@@ -311,6 +324,10 @@ class Simulation:
                 offered = offered + total.scaled(1.0 / (fired[name] * self.timers[name]))
                 by_op[name] += total.bytes / (fired[name] * self.timers[name]) / len(self.sampled)
                 achieved = achieved + total.scaled(1.0 / duration_s)
+            if s.rounds and s.last_round_end > 0:
+                per_s = s.round_cost.scaled(1.0 / s.last_round_end)
+                offered, achieved = offered + per_s, achieved + per_s
+                by_op["round"] += per_s.bytes / len(self.sampled)
         k = len(self.sampled)
         offered, achieved = offered.scaled(1 / k), achieved.scaled(1 / k)
         stretch = sum(s.stretch for s in self.sampled) / k

@@ -19,9 +19,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 from locoswarm.bench.scale import ScaleConfig, run_scale
-from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
+from locoswarm.bench.scale_designs import BoundedDesign
+from locoswarm.bench.scale_model import WRITE_FRAMING_BYTES, Churn, Costs, Links, Workload, message_sizes
 
 _DAEMON = r"""
 import asyncio, os, sys, threading, time
@@ -119,12 +121,22 @@ def fair_share(cores: float, demands: list[float]) -> float:
     return left / len(wanting)
 
 
+def run_design(swarm: dict) -> str:
+    """The design the daemons of a `bench swarm --json` run ran: "bounded" where they told
+    their progress over streams (the run counts those bytes), "current" before."""
+    return "bounded" if swarm.get("progress_bytes_per_peer_per_round") is not None else "current"
+
+
 def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | None = None, seed: int = 0,
-                       duration_s: float = 120.0, costs: Costs | None = None) -> dict:
-    """Simulate the run `bench swarm --json` wrote (today's design, loopback, no churn) and
-    compare. `rpc_s`: one request's round trip on that machine (None: measure it now with
-    the run's number of daemons, ≈10 s)."""
+                       duration_s: float = 120.0, costs: Costs | None = None, design: str | None = None,
+                       bounded: BoundedDesign | None = None) -> dict:
+    """Simulate the run `bench swarm --json` wrote (loopback, no churn) in `design` (None:
+    the one its daemons ran, `run_design`) and compare. `rpc_s`: one request's round trip on
+    that machine (None: measure it now with the run's number of daemons, ≈10 s). The
+    bounded design is simulated as the daemon runs it below its view's size: one group of
+    every peer (`bounded` for its other fields)."""
     n, rounds = swarm["peers"], swarm["rounds"]
+    design = design or run_design(swarm)
     cores = cores or os.cpu_count() or 1
     rpc_s = measure_rpc_s(n) if rpc_s is None else rpc_s
     round_s = 60.0 / swarm["rounds_per_minute"]
@@ -132,9 +144,14 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
     tps = tokens_per_round / (round_s * swarm["train_time_share"])
     links = Links.loopback()
     links.rpc_s = rpc_s
-    cfg = ScaleConfig(peers=(n,), designs=("current",), duration_s=duration_s, seed=seed, sample_peers=n,
-                      churn=Churn(churn_s=1e12), links=links, costs=costs or Costs(),
-                      workload=Workload(tokens_per_s_median=tps, tokens_per_s_sigma=0.0))
+    record_frame_bytes, progress_frame_bytes = message_sizes(("/ip4/127.0.0.1/tcp/40000",))
+    costs = replace(costs or Costs(), record_message_bytes=record_frame_bytes,
+                    stream_message_bytes=progress_frame_bytes + WRITE_FRAMING_BYTES)
+    cfg = ScaleConfig(peers=(n,), designs=(design,), duration_s=duration_s, seed=seed, sample_peers=n,
+                      churn=Churn(churn_s=1e12), links=links, costs=costs,
+                      bounded=replace(bounded or BoundedDesign(), group_size=max(2, n)),
+                      workload=Workload(tokens_per_s_median=tps, tokens_per_s_sigma=0.0,
+                                        fanout=swarm.get("fanout") or Workload().fanout))
     unbound = run_scale(cfg)[0]
     links.cpu_share = min(1.0, fair_share(cores, [1.0] * n + [unbound["control_cpu_cores"]] * n
                                           + [unbound["p2pd_cpu_cores"]] * n))
@@ -142,7 +159,7 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
     model_bytes = model["achieved_control_bytes_per_peer_per_s"] * model["seconds_per_round"]
     real_bytes = swarm["control_bytes_per_peer_per_round"]
     return {
-        "peers": n, "cores": cores, "tokens_per_s": tps, "cpu_share": links.cpu_share, "rpc_s": rpc_s,
+        "design": design, "peers": n, "cores": cores, "tokens_per_s": tps, "cpu_share": links.cpu_share, "rpc_s": rpc_s,
         "real_control_bytes_per_peer_per_round": real_bytes, "model_control_bytes_per_peer_per_round": model_bytes,
         "control_bytes_gap": model_bytes / real_bytes - 1,
         "real_rounds_per_minute": swarm["rounds_per_minute"], "model_rounds_per_minute": model["rounds_per_minute"],
@@ -164,7 +181,7 @@ def load_swarm(path: str) -> dict:
 
 
 def format_comparison(c: dict) -> str:
-    return (f"{c['peers']} real daemons on {c['cores']} cores vs the model (loop share {c['cpu_share']:.2f} core, "
+    return (f"{c['peers']} real daemons on {c['cores']} cores vs the {c['design']} design's model (loop share {c['cpu_share']:.2f} core, "
             f"request round trip {1000 * c['rpc_s']:.1f} ms, {c['tokens_per_s']:,.0f} tokens/s per peer):\n"
             f"  control bytes/peer/round  real {c['real_control_bytes_per_peer_per_round']:,.0f}  "
             f"model {c['model_control_bytes_per_peer_per_round']:,.0f}  ({100 * c['control_bytes_gap']:+.0f} %)\n"

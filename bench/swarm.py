@@ -54,6 +54,12 @@ class RoundLine:
     """Bytes written to progress streams by this round's end (cumulative)."""
     registry_sent: int = 0
     """Signed registry entry bytes stored at other replicas by this round's end (cumulative)."""
+    progress_messages: int = 0
+    """Messages (records and progress) written to progress streams by this round's end (cumulative)."""
+    progress_writes: int = 0
+    """Writes to progress streams by this round's end (cumulative)."""
+    delta_requests: int = 0
+    """Delta requests made by this round's end (cumulative)."""
 
 
 @dataclass(slots=True)
@@ -214,7 +220,10 @@ class LocalSwarm:
                                          sent=event.get("sent", 0), wait_s=event.get("wait_s", 0.0),
                                          boundary_s=event.get("boundary_s", 0.0),
                                          progress_sent=event.get("progress_sent", 0),
-                                         registry_sent=event.get("registry_sent", 0)))
+                                         registry_sent=event.get("registry_sent", 0),
+                                         progress_messages=event.get("progress_messages", 0),
+                                         progress_writes=event.get("progress_writes", 0),
+                                         delta_requests=event.get("delta_requests", 0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

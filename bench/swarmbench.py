@@ -121,6 +121,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         # progress streams (records and progress) and registry entries stored at replicas.
         "progress_bytes_per_peer_per_round": per_round("progress_sent"),
         "registry_bytes_per_peer_per_round": per_round("registry_sent"),
+        # What libp2p frames besides those bytes: each write to a progress stream, each
+        # delta request's stream (bench scale --validate charges them).
+        "progress_messages_per_peer_per_round": per_round("progress_messages"),
+        "progress_writes_per_peer_per_round": per_round("progress_writes"),
+        "delta_requests_per_peer_per_round": per_round("delta_requests"),
         "replica_spread": spread,
         "fanout": fanout,
         "overlap": spec.rounds.overlap,

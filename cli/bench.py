@@ -187,8 +187,9 @@ def kernels(
 @app.command()
 def scale(
     peers: str = typer.Option("10,100,1000,10000", help="Swarm sizes to simulate, comma-separated."),
-    design: str = typer.Option("both", help="current (what the daemon does today), bounded (the design to build) "
-                               "or both."),
+    design: str = typer.Option("both", help="current (the first daemon's: one registry key, progress read from the "
+                               "DHT), bounded (the daemon's since 2026-12-05, with groups above their size) or both; "
+                               "with --validate, both means the one the run's daemons ran."),
     duration_s: float = typer.Option(300.0, "--duration-s", help="Simulated seconds per swarm size and design."),
     seed: int = typer.Option(0, help="Seed of the simulation."),
     session_min: float = typer.Option(60.0, "--session-min", help="Mean peer session (exponential), minutes."),
@@ -238,7 +239,8 @@ def scale(
             result["dht_cycles"].append(row)
             typer.echo(format_dht_cycle(row))
         for path, swarm in swarms:
-            row = {"path": str(path), **compare_with_swarm(swarm, seed=seed, costs=cfg.costs)}
+            row = {"path": str(path), **compare_with_swarm(swarm, seed=seed, costs=cfg.costs, bounded=cfg.bounded,
+                                                           design=None if design == "both" else design)}
             result["swarm_comparisons"].append(row)
             typer.echo(format_comparison(row))
     else:

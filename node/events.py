@@ -90,6 +90,12 @@ class RoundEnded:
     """Bytes this peer has written to progress streams so far (records and progress)."""
     registry_sent: int = 0
     """Signed registry entry bytes this peer has sent to other replicas so far."""
+    progress_messages: int = 0
+    """Messages (records and progress) written to progress streams so far."""
+    progress_writes: int = 0
+    """Writes to progress streams so far (each a message or several, framed once by libp2p)."""
+    delta_requests: int = 0
+    """Delta requests this peer has made so far (a stream opened for each)."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

@@ -137,6 +137,7 @@ class Outbox:
                     self.wake.set()
                     continue
                 self.bus.messages_sent += len(batch)
+                self.bus.writes_sent += 1
                 self.bus.bytes_sent += len(data)
                 for slot, message in batch:
                     self.sent[slot] = message

@@ -113,6 +113,8 @@ class ProgressBus:
         self.rejected = 0
         """Streams dropped for a malformed message or a flood."""
         self.messages_sent = 0
+        self.writes_sent = 0
+        """Writes to our outboxes' streams (a batch of messages each)."""
         self.messages_received = 0
         self.bytes_sent = 0
         """Bytes of frames written to progress streams (before libp2p's framing)."""

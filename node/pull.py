@@ -67,6 +67,8 @@ class Gathered:
     failed: dict[str, str] = field(default_factory=dict)
     """peer id → why its delta is not in this round."""
     bytes_received: int = 0
+    requests: int = 0
+    """Delta requests made (streams opened), answered or not."""
     rejected: int = 0
     """Deltas refused as bad (not merely missing)."""
     unreachable: set[str] = field(default_factory=set)
@@ -150,6 +152,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
             try:
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
+                out.requests += 1
                 delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=limit, incarnation=asked_of)
             except DeltaGone:
                 out.failed[peer] = "will serve no delta for this round (restarted, gave it up, or took another state)"

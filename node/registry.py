@@ -130,10 +130,12 @@ PROBE_S = 30.0
 MAX_ENTRIES_READ = 8 * BUCKET_ENTRIES
 """At most this many entries of one bucket are decoded per read (the freshest): bounds the
 work a stuffed bucket can cause. Honest buckets hold ≈45 at most."""
-READ_WORKERS = 2
-"""Requests a bucket read keeps in flight (hivemind's default is 4): each answer carries the
-whole bucket, and those still in flight when the first fresh copy arrives are paid for
-nothing (docs/scale.md: 4 workers cost ≈60 % more than 2)."""
+READ_WORKERS = 1
+"""Requests a read of sampled buckets keeps in flight (hivemind's default is 4): each answer
+carries the whole bucket, and those still in flight when the first fresh copy arrives are
+paid for nothing (docs/scale.md: 4 workers cost ≈60 % more than 2; the model puts one at
+half of two). These reads run in the background every VIEW_READ_S, where the round trips
+one at a time cost nothing; the own bucket is read one replica's copy at a time already."""
 CLOCK_SLACK_S = 30.0
 """An entry may expire at most this long after now + TTL (clocks differ); one expiring later
 is refused, and a cached copy of a bucket that expires later is dropped before a read (it

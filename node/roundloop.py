@@ -83,6 +83,7 @@ class NodeStats:
     loss: float | None = None
     eval_loss: float | None = None
     bytes_received: int = 0
+    delta_requests: int = 0
     deltas_rejected: int = 0
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
     """The last rounds, for the dashboard's chart."""
@@ -276,6 +277,7 @@ class RoundLoop:
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
                                   gone=ctx.membership.is_gone)
         ctx.stats.bytes_received += got.bytes_received
+        ctx.stats.delta_requests += got.requests
         ctx.stats.deltas_rejected += got.rejected
         ctx.membership.prove([d.sender for d in got.deltas])
         for peer in got.unreachable:
@@ -325,6 +327,8 @@ class RoundLoop:
                               eval_loss=ctx.stats.eval_loss, train_s=train_s,
                               round_s=(ended or time.perf_counter()) - started, wait_s=wait_s,
                               boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
+                              progress_messages=ctx.progress.messages_sent,
+                              progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received))
 

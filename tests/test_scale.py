@@ -60,6 +60,22 @@ def test_bounded_design_meets_its_targets(default_run):
     assert large["bucket_bits"] == 9 and 100 <= large["view_size"] <= 200
 
 
+def test_a_round_charges_records_done_and_delta_requests_and_one_group_needs_no_grid():
+    """Besides its timers, each round of the bounded design tells every other member our
+    record as it changes and "done", and opens a request stream per delta pulled; a swarm
+    that fits in one group joins no group keys."""
+    from locoswarm.bench.scale_designs import BoundedDesign
+
+    small, big = sc.run_scale(sc.ScaleConfig(peers=(6, 100), designs=("bounded",), duration_s=120))
+    assert "groups" not in small["control_bytes_by_operation"] and big["control_bytes_by_operation"]["groups"] > 0
+    c, d = Costs(), BoundedDesign()
+    told = pulled = 5
+    per_round = told * (d.records_per_round * c.record_message_bytes + c.stream_message_bytes) \
+        + pulled * c.request_stream_bytes
+    rounds_per_s = small["rounds_per_minute"] / 60
+    assert small["control_bytes_by_operation"]["round"] == pytest.approx(per_round * rounds_per_s, rel=0.02)
+
+
 def test_a_design_that_reads_whole_groups_from_the_dht_misses_the_traffic_target():
     cfg = sc.ScaleConfig(peers=(1000,), designs=("bounded",), duration_s=60)
     sc.apply_settings(cfg, ["bounded.progress_via=group_key"])
@@ -115,9 +131,15 @@ def test_fair_share_gives_what_is_left_to_those_that_want_more():
 
 def test_model_matches_real_daemons_within_a_fifth():
     """Recorded `bench swarm --no-simulate` runs on 2 cores (docs/scale.md), with the request
-    round trip measured beside them; the model must stay within 20 %."""
-    for name, rpc_s in (("scale-validate-swarm3.json", 0.0022), ("scale-validate-swarm6.json", 0.0049)):
+    round trip measured beside them; the model of the design each run's daemons ran must stay
+    within 20 %: the first design (progress read from the DHT), then the bounded one."""
+    runs = (("scale-validate-swarm3.json", 0.0022, "current"), ("scale-validate-swarm6.json", 0.0049, "current"),
+            ("swarm-3x12-2core-bounded-validate.json", 0.0008, "bounded"),
+            ("swarm-6x12-2core-bounded-validate.json", 0.0014, "bounded"),
+            ("swarm-10x10-2core-bounded-validate.json", 0.0078, "bounded"))
+    for name, rpc_s, design in runs:
         c = compare_with_swarm(load_swarm(str(RESULTS / name)), cores=2, rpc_s=rpc_s, duration_s=60)
+        assert c["design"] == design
         assert abs(c["control_bytes_gap"]) <= 0.2, c
         assert abs(c["rounds_per_minute_gap"]) <= 0.2, c
 
@@ -128,7 +150,9 @@ def test_calibrated_entry_sizes_agree_with_the_defaults():
     measured, default = calibrate(seconds=0.02, entries=4), Costs()
     assert measured.registry_entry_bytes == pytest.approx(default.registry_entry_bytes, rel=0.1)
     assert measured.progress_entry_bytes == pytest.approx(default.progress_entry_bytes, rel=0.05)
-    assert 1e-5 < measured.signature_check_s < 1e-3
+    assert (measured.record_message_bytes, measured.stream_message_bytes) == \
+        (default.record_message_bytes, default.stream_message_bytes)
+    assert measured.signature_check_s > 0  # a time: its size depends on the machine and its load
 
 
 def test_settings_reach_the_model_and_bad_ones_are_refused():

@@ -47,6 +47,10 @@ def test_bench_swarm_writes_the_documented_json(tmp_path):
     # Two peers trading ≈11 KB deltas plus DHT traffic: far from zero, far from megabytes.
     assert 10_000 < result["bytes_per_peer_per_round"] < 2_000_000
     assert result["tokens"] >= 3 * 2 * 2560 * 0.5
+    # What bench scale --validate takes: the control bytes and what the daemons' code wrote of them.
+    assert 0 < result["progress_bytes_per_peer_per_round"] < result["control_bytes_per_peer_per_round"]
+    assert result["progress_writes_per_peer_per_round"] <= result["progress_messages_per_peer_per_round"]
+    assert result["delta_requests_per_peer_per_round"] >= 1  # the other peer's delta, once a round at least
 
 
 def test_bench_swarm_refuses_bad_counts_without_starting_anything():
