@@ -70,9 +70,14 @@ def format_table(summary: dict) -> str:
     for name, r in summary["runs"].items():
         if r["replica_eval_loss"] is None:
             continue
-        where = "full exchange" if r["group"] is None else (
-            f"groups of {r['group']['group_size']} on {r['group']['dims']} dims, mix {r['group']['mix']}"
-            f" every {r['group']['mix_every']} ({_human(r['mix_bytes_per_replica'])} of it mixing)")
+        group = r["group"]
+        if group is None:
+            where = "full exchange"
+        elif group.get("scheme") == "two-level":
+            where = f"two-level: rows of {group['group_size']}, then the rows' aggregates"
+        else:
+            where = (f"groups of {group['group_size']} on {group['dims']} dims, mix {group['mix']}"
+                     f" every {group['mix_every']} ({_human(r['mix_bytes_per_replica'])} of it mixing)")
         kept = "" if r["gain_kept"] is None else f", gain kept {r['gain_kept']:.2f}"
         lines.append(f"{name}: {where}; replica 0 {r['replica_eval_loss']:.4f}, "
                      f"consensus {r['consensus_eval_loss']:.4f}, spread {r['spread']:.2e}{kept}")

@@ -32,13 +32,15 @@ import torch
 from locoswarm.bench.convergence import RunResult, Workload, _ring_allreduce_bytes
 from locoswarm.bench.grid import grid_dims, mean_state, round_groups, spread
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, OuterOptimizer, make_inner_optimizer
-from locoswarm.optim.aggregate import aggregate
+from locoswarm.optim.aggregate import aggregate, coverage
 from locoswarm.optim.inner import load_params
 from locoswarm.optim.round import RoundStep
 
 
 def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
                 on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
+    if w.cfg.groups.scheme == "two-level":
+        return run_two_level(w, compression, dl, on_round, keep)
     cfg = w.cfg
     grp = cfg.groups
     n, g = cfg.replicas, grp.group_size
@@ -104,11 +106,91 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     result.spread = spread_curve[-1][1]
     result.spread_curve = spread_curve
     result.mix_bytes_per_replica = int(round(mixed))
-    result.group = {"group_size": g, "dims": d, "mix": grp.mix, "mix_every": grp.mix_every,
+    result.group = {"group_size": g, "dims": d, "scheme": "grid", "mix": grp.mix, "mix_every": grp.mix_every,
                     "mix_density": grp.mix_density}
     if keep is not None:
         keep.update(models=models, outers=outers, compressors=compressors)
     load_params(models[0], mean_state([o.params for o in outers]))
+    result.consensus_eval_loss = w.evaluate(models[0])
+    return result
+
+
+def run_two_level(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
+                  on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
+    """One consensus from two exchanges of G − 1 messages each (N = G², rows of the grid
+    fixed). A round: every replica encodes its delta against the shared outer state, as in
+    the full exchange, and sends it to the G − 1 others of its row; every member of a row
+    aggregates the row's deltas alike (the run's rule, token-weighted); the row aggregate is
+    compressed again (top-k + b bits at the deltas' density) by an error-feedback compressor
+    whose residual every member of the row holds alike, so any member can serve it; every
+    replica fetches the G − 1 other rows' aggregates and steps the one outer state with the
+    average of the G (weighted by the rows' tokens). Bytes: (G − 1) deltas and (G − 1) row
+    aggregates a replica a round."""
+    cfg = w.cfg
+    n, g = cfg.replicas, cfg.groups.group_size
+    t0 = time.perf_counter()
+    models = [w.new_model() for _ in range(n)]
+    opts = [make_inner_optimizer(m, dl.inner) for m in models]
+    samplers = w.samplers(n)
+    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    device = outer.params[0].device
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    round_step = RoundStep(replace(dl, compression=compression), w.shapes, run_id="bench",
+                           spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps)
+    compressors = [round_step.compressor(device) for _ in range(n)]
+    # The rows' compressors keep their residual aside ("buffer"): a row aggregate is no
+    # replica's model, so there is nowhere else to keep what it did not send.
+    row_step = RoundStep(replace(dl, compression=replace(compression, residual="buffer")), w.shapes, run_id="bench",
+                         spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps * g)
+    rows = round_groups(n, g, 0)
+    row_compressors = [row_step.compressor(device) for _ in rows]
+    shapes = [tuple(p.shape) for p in outer.params]
+    sent = 0.0
+    curve = []
+    step = rounds = 0
+    while step < cfg.total_steps:
+        h = min(dl.inner_steps, cfg.total_steps - step)
+        w.train_inner(models, opts, samplers, step, h)
+        step += h
+        tokens = h * tokens_per_step
+        received = []
+        for r, m in enumerate(models):
+            blob = round_step.encode(compressors[r], outer.params, list(m.parameters()), round_=rounds,
+                                     sender=f"replica-{r:04d}", tokens=tokens)
+            sent += (g - 1) * len(blob) / n  # to the G − 1 others of its row
+            received.append(round_step.decode(blob))
+        row_deltas = []
+        with torch.no_grad():
+            for k, row in enumerate(rows):
+                deltas = [received[j] for j in row]
+                shares = coverage(deltas, device) if compression.aggregation == "masked" else None
+                mean = aggregate(deltas, shapes, device, rule=compression.aggregation, shares=shares)
+                # encode takes θ_outer − θ: hand it θ_outer − mean to send the row's mean
+                blob = row_step.encode(row_compressors[k], outer.params, [o - a for o, a in zip(outer.params, mean)],
+                                       round_=rounds, sender=f"row-{k:04d}", tokens=sum(d.num_tokens for d in deltas))
+                sent += (g - 1) * len(blob) * g / n  # every replica fetches it once from a member of the row
+                row_deltas.append(row_step.decode(blob))
+        # The outer step: the rows' aggregates averaged (the run's rule); under "masked" each
+        # replica drops its residual where the consensus moved, as in the full exchange.
+        round_step.apply(outer, row_deltas, compressors)
+        for r, m in enumerate(models):
+            load_params(m, round_step.restart(outer, compressors[r]))
+        rounds += 1
+        loss = w.evaluate(models[0])
+        curve.append((step, loss))
+        if on_round is not None:
+            on_round(rounds, loss)
+    losses = [w.evaluate(m) for m in models]
+    result = RunResult(sum(losses) / n, int(round(sent)), time.perf_counter() - t0, curve, rounds)
+    result.replica_eval_loss = losses[0]
+    result.spread = 0.0  # one outer state
+    result.spread_curve = [(s, 0.0) for s, _ in curve]
+    result.mix_bytes_per_replica = 0
+    result.group = {"group_size": g, "dims": 2, "scheme": "two-level", "mix": "none", "mix_every": 1,
+                    "mix_density": 0.0}
+    if keep is not None:
+        keep.update(models=models, outer=outer, compressors=compressors, row_compressors=row_compressors)
+    load_params(models[0], outer.params)
     result.consensus_eval_loss = w.evaluate(models[0])
     return result
 

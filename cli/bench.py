@@ -34,6 +34,10 @@ def convergence(
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="G: the compressed run exchanges in "
                                              "rotating grid groups of G (replicas must be G^d); 0: full exchange."),
+    group_scheme: Optional[str] = typer.Option(None, "--group-scheme", help="With --group-size: grid (each replica "
+                                               "steps its own state with its group's aggregate) or two-level (rows "
+                                               "aggregate, then every replica averages the rows' aggregates: one "
+                                               "state; replicas must be G^2)."),
     mix: Optional[str] = typer.Option(None, help="With --group-size, the restoring force between replicas' outer "
                                       "states: none, average (group mean state), sparse (the same, compressed) "
                                       "or sync (swarm mean state)."),
@@ -55,7 +59,7 @@ def convergence(
             replicas=replicas, total_steps=steps, inner_steps=inner_steps, density=density, bits=bits,
             chunk=chunk, outer_lr=outer_lr, outer_momentum=outer_momentum, ef_decay=ef_decay, residual=residual,
             model=model, device=device, data=data, tokenizer=tokenizer,
-            group_size=group_size, mix=mix, mix_every=mix_every, mix_density=mix_density,
+            group_size=group_size, scheme=group_scheme, mix=mix, mix_every=mix_every, mix_density=mix_density,
         )
         run_names = tuple(r.strip() for r in runs.split(",") if r.strip())
         for name in run_names:

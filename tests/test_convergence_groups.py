@@ -78,7 +78,9 @@ def test_a_replica_count_that_is_not_a_power_of_the_group_size_is_refused_before
 
 @pytest.mark.parametrize("groups", [{"group_size": 1}, {"mix": "average"}, {"group_size": 2, "mix": "blend"},
                                     {"group_size": 2, "mix_every": 0}, {"group_size": 2, "mix_density": 0.1},
-                                    {"group_size": 2, "mix": "sparse", "mix_density": 2.0}])
+                                    {"group_size": 2, "mix": "sparse", "mix_density": 2.0},
+                                    {"scheme": "two-level"}, {"group_size": 2, "scheme": "tree"},
+                                    {"group_size": 2, "scheme": "two-level", "mix": "average"}])
 def test_invalid_group_settings_are_refused_naming_the_field(groups):
     with pytest.raises(ValueError, match="group"):
         _small(**groups).validate()
@@ -87,7 +89,8 @@ def test_invalid_group_settings_are_refused_naming_the_field(groups):
 def test_one_group_of_every_replica_reproduces_the_full_exchange_bit_for_bit():
     full = _run(_small(replicas=4))
     one = _run(_small(replicas=4, group_size=4))
-    assert one.group == {"group_size": 4, "dims": 1, "mix": "none", "mix_every": 1, "mix_density": 0.0}
+    assert one.group == {"group_size": 4, "dims": 1, "scheme": "grid", "mix": "none", "mix_every": 1,
+                         "mix_density": 0.0}
     assert one.eval_loss == full.eval_loss
     assert one.replica_eval_loss == full.replica_eval_loss
     assert one.curve == full.curve
@@ -155,6 +158,29 @@ def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(encoded_len
     assert result.mix_bytes_per_replica == round(mixes * per_mix)
     # each replica sends its delta to the G−1 others of its group; the mean over replicas
     assert result.bytes_sent_per_replica == round((g - 1) * sum(lengths) / n + mixes * per_mix)
+
+
+def test_the_two_level_scheme_needs_a_square_grid():
+    with pytest.raises(ValueError, match="group_size\\^2"):
+        _small(replicas=8, group_size=2, scheme="two-level").validate()
+
+
+def test_two_level_rounds_keep_one_state_and_count_both_exchanges(encoded_lengths):
+    """Rows of 2 among 4 replicas: per round 4 deltas and 2 row aggregates are encoded;
+    each replica receives the other member's delta and the other row's aggregate; one
+    outer state for all, which every replica restarts from."""
+    n, g = 4, 2
+    keep: dict = {}
+    result = _run(_small(replicas=n, group_size=g, scheme="two-level"), keep)
+    assert result.group["scheme"] == "two-level" and result.spread == 0.0
+    assert len(encoded_lengths) == (n + g) * result.rounds
+    deltas = [x for i, x in enumerate(encoded_lengths) if i % (n + g) < n]
+    rows = [x for i, x in enumerate(encoded_lengths) if i % (n + g) >= n]
+    assert result.bytes_sent_per_replica == round((g - 1) * (sum(deltas) + g * sum(rows)) / n)
+    assert len(keep["row_compressors"]) == g
+    # the rows' residuals hold what their aggregates did not send
+    assert all(any(e.abs().sum() > 0 for e in c.errors) for c in keep["row_compressors"])
+    assert math.isfinite(result.eval_loss) and result.consensus_eval_loss < 6.0
 
 
 def test_summary_reports_the_gain_kept_between_local_and_ddp():
