@@ -73,8 +73,8 @@ def format_table(summary: dict) -> str:
         group = r["group"]
         if group is None:
             where = "full exchange"
-        elif group.get("scheme") == "two-level":
-            where = f"two-level: rows of {group['group_size']}, then the rows' aggregates"
+        elif group.get("scheme") == "tree":
+            where = f"tree: groups of {group['group_size']} aggregated up {group['dims']} levels"
         else:
             where = (f"groups of {group['group_size']} on {group['dims']} dims, mix {group['mix']}"
                      f" every {group['mix_every']} ({_human(r['mix_bytes_per_replica'])} of it mixing)")

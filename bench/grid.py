@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 MIXES = ("none", "average", "sparse", "sync")
-SCHEMES = ("grid", "two-level")
+SCHEMES = ("grid", "tree")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -27,11 +27,12 @@ class GroupConfig:
     """G: peers per exchange group; 0 is the full exchange (every peer aggregates every delta)."""
     scheme: str = "grid"
     """"grid": each member steps its own outer state with its group's aggregate (the groups
-    rotate over the grid's dimensions; states drift apart, see `mix`). "two-level" (N = G²):
-    one consensus kept by two exchanges a round: each row of the grid aggregates its G deltas
-    (every member computes the same row aggregate), the row aggregate is compressed again
-    with error feedback of its own (held alike by every member of the row), and every peer
-    takes the G row aggregates' average: 2(G − 1) messages a peer, one outer state."""
+    rotate over the grid's dimensions; states drift apart, see `mix`). "tree": one consensus
+    kept by d exchanges a round up the grid's dimensions: each row aggregates its G deltas
+    (every member computes the same aggregate), which is compressed again with an error
+    feedback of its own (held alike by every member), then G rows' aggregates are
+    aggregated alike, and so on up to the whole grid: d(G − 1) messages a peer, one outer
+    state (bench/groups.py run_tree; d = 2: rows, then the rows' aggregates)."""
     mix: str = "none"
     """The restoring force between the replicas' outer states, applied after the outer step of
     every `mix_every`-th round. "none": pseudo-gradients only, states drift. "average": each
@@ -59,12 +60,8 @@ class GroupConfig:
             raise ValueError(f"group mix_every must be >= 1, got {self.mix_every}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"group scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        if self.scheme == "two-level":
-            if self.mix != "none":
-                raise ValueError(f"group mix {self.mix!r} does not apply to the two-level scheme (one outer state)")
-            if self.group_size and grid_dims(replicas, self.group_size) != 2:
-                raise ValueError(f"the two-level scheme needs replicas = group_size^2; got replicas {replicas}, "
-                                 f"group_size {self.group_size}")
+        if self.scheme == "tree" and self.mix != "none":
+            raise ValueError(f"group mix {self.mix!r} does not apply to the tree scheme (one outer state)")
         if self.group_size == 0:
             if self.mix != "none" or self.scheme != "grid":
                 what = f"mix {self.mix!r}" if self.mix != "none" else f"scheme {self.scheme!r}"

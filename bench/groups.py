@@ -39,8 +39,8 @@ from locoswarm.optim.round import RoundStep
 
 def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
                 on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
-    if w.cfg.groups.scheme == "two-level":
-        return run_two_level(w, compression, dl, on_round, keep)
+    if w.cfg.groups.scheme == "tree":
+        return run_tree(w, compression, dl, on_round, keep)
     cfg = w.cfg
     grp = cfg.groups
     n, g = cfg.replicas, grp.group_size
@@ -115,19 +115,22 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     return result
 
 
-def run_two_level(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
-                  on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
-    """One consensus from two exchanges of G − 1 messages each (N = G², rows of the grid
-    fixed). A round: every replica encodes its delta against the shared outer state, as in
-    the full exchange, and sends it to the G − 1 others of its row; every member of a row
-    aggregates the row's deltas alike (the run's rule, token-weighted); the row aggregate is
-    compressed again (top-k + b bits at the deltas' density) by an error-feedback compressor
-    whose residual every member of the row holds alike, so any member can serve it; every
-    replica fetches the G − 1 other rows' aggregates and steps the one outer state with the
-    average of the G (weighted by the rows' tokens). Bytes: (G − 1) deltas and (G − 1) row
-    aggregates a replica a round."""
+def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
+             on_round: Callable[[int, float], None] | None = None, keep: dict | None = None) -> RunResult:
+    """One consensus from d exchanges of G − 1 messages each, up the grid's d dimensions
+    (N = G^d, the grid fixed). A round: every replica encodes its delta against the one
+    outer state, as in the full exchange. Level 1: the G replicas of a row (consecutive
+    ids) fetch each other's deltas and aggregate them alike (the run's rule, token-weighted).
+    Level k: the G level-(k − 1) groups that share every coordinate from k on fetch each
+    other's aggregates and aggregate those alike. Below the top, an aggregate is compressed
+    again (top-k + b bits at the deltas' density) by an error-feedback compressor whose
+    residual every member of that group holds alike, so any member can serve it. The top
+    level's aggregate (the whole grid) steps the one outer state. Bytes: G − 1 messages of
+    each level a replica a round. With d = 2 this is the two-level exchange: rows, then the
+    rows' aggregates."""
     cfg = w.cfg
     n, g = cfg.replicas, cfg.groups.group_size
+    d = grid_dims(n, g)
     t0 = time.perf_counter()
     models = [w.new_model() for _ in range(n)]
     opts = [make_inner_optimizer(m, dl.inner) for m in models]
@@ -138,12 +141,12 @@ def run_two_level(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     round_step = RoundStep(replace(dl, compression=compression), w.shapes, run_id="bench",
                            spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps)
     compressors = [round_step.compressor(device) for _ in range(n)]
-    # The rows' compressors keep their residual aside ("buffer"): a row aggregate is no
+    # The groups' compressors keep their residual aside ("buffer"): an aggregate is no
     # replica's model, so there is nowhere else to keep what it did not send.
-    row_step = RoundStep(replace(dl, compression=replace(compression, residual="buffer")), w.shapes, run_id="bench",
-                         spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps * g)
-    rows = round_groups(n, g, 0)
-    row_compressors = [row_step.compressor(device) for _ in rows]
+    group_step = RoundStep(replace(dl, compression=replace(compression, residual="buffer")), w.shapes, run_id="bench",
+                           spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps * n)
+    group_compressors = [[group_step.compressor(device) for _ in range(n // g ** k)] for k in range(1, d)]
+    """group_compressors[k − 1][j]: level k's group j (replicas j·G^k … (j + 1)·G^k − 1)."""
     shapes = [tuple(p.shape) for p in outer.params]
     sent = 0.0
     curve = []
@@ -153,26 +156,30 @@ def run_two_level(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
         w.train_inner(models, opts, samplers, step, h)
         step += h
         tokens = h * tokens_per_step
-        received = []
+        items = []
         for r, m in enumerate(models):
             blob = round_step.encode(compressors[r], outer.params, list(m.parameters()), round_=rounds,
                                      sender=f"replica-{r:04d}", tokens=tokens)
             sent += (g - 1) * len(blob) / n  # to the G − 1 others of its row
-            received.append(round_step.decode(blob))
-        row_deltas = []
+            items.append(round_step.decode(blob))
         with torch.no_grad():
-            for k, row in enumerate(rows):
-                deltas = [received[j] for j in row]
-                shares = coverage(deltas, device) if compression.aggregation == "masked" else None
-                mean = aggregate(deltas, shapes, device, rule=compression.aggregation, shares=shares)
-                # encode takes θ_outer − θ: hand it θ_outer − mean to send the row's mean
-                blob = row_step.encode(row_compressors[k], outer.params, [o - a for o, a in zip(outer.params, mean)],
-                                       round_=rounds, sender=f"row-{k:04d}", tokens=sum(d.num_tokens for d in deltas))
-                sent += (g - 1) * len(blob) * g / n  # every replica fetches it once from a member of the row
-                row_deltas.append(row_step.decode(blob))
-        # The outer step: the rows' aggregates averaged (the run's rule); under "masked" each
-        # replica drops its residual where the consensus moved, as in the full exchange.
-        round_step.apply(outer, row_deltas, compressors)
+            for k in range(1, d):
+                below, items = items, []
+                for j in range(n // g ** k):
+                    members = below[j * g:(j + 1) * g]
+                    shares = coverage(members, device) if compression.aggregation == "masked" else None
+                    mean = aggregate(members, shapes, device, rule=compression.aggregation, shares=shares)
+                    # encode takes θ_outer − θ: hand it θ_outer − mean to send the group's mean
+                    blob = group_step.encode(group_compressors[k - 1][j], outer.params,
+                                             [o - a for o, a in zip(outer.params, mean)], round_=rounds,
+                                             sender=f"level-{k}-{j:04d}", tokens=sum(x.num_tokens for x in members))
+                    # fetched once by every replica of its parent group outside it
+                    sent += (g - 1) * g ** k * len(blob) / n
+                    items.append(group_step.decode(blob))
+        # The top level: the whole grid's aggregate steps the one outer state; under
+        # "masked" each replica drops its residual where the consensus moved, as in the
+        # full exchange.
+        round_step.apply(outer, items, compressors)
         for r, m in enumerate(models):
             load_params(m, round_step.restart(outer, compressors[r]))
         rounds += 1
@@ -186,10 +193,9 @@ def run_two_level(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     result.spread = 0.0  # one outer state
     result.spread_curve = [(s, 0.0) for s, _ in curve]
     result.mix_bytes_per_replica = 0
-    result.group = {"group_size": g, "dims": 2, "scheme": "two-level", "mix": "none", "mix_every": 1,
-                    "mix_density": 0.0}
+    result.group = {"group_size": g, "dims": d, "scheme": "tree", "mix": "none", "mix_every": 1, "mix_density": 0.0}
     if keep is not None:
-        keep.update(models=models, outer=outer, compressors=compressors, row_compressors=row_compressors)
+        keep.update(models=models, outer=outer, compressors=compressors, group_compressors=group_compressors)
     load_params(models[0], outer.params)
     result.consensus_eval_loss = w.evaluate(models[0])
     return result

@@ -35,9 +35,9 @@ def convergence(
     group_size: Optional[int] = typer.Option(None, "--group-size", help="G: the compressed run exchanges in "
                                              "rotating grid groups of G (replicas must be G^d); 0: full exchange."),
     group_scheme: Optional[str] = typer.Option(None, "--group-scheme", help="With --group-size: grid (each replica "
-                                               "steps its own state with its group's aggregate) or two-level (rows "
-                                               "aggregate, then every replica averages the rows' aggregates: one "
-                                               "state; replicas must be G^2)."),
+                                               "steps its own state with its group's aggregate) or tree (rows "
+                                               "aggregate, then groups of G rows' aggregates, up the grid's d "
+                                               "dimensions: one state)."),
     mix: Optional[str] = typer.Option(None, help="With --group-size, the restoring force between replicas' outer "
                                       "states: none, average (group mean state), sparse (the same, compressed) "
                                       "or sync (swarm mean state)."),

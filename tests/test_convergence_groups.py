@@ -79,8 +79,8 @@ def test_a_replica_count_that_is_not_a_power_of_the_group_size_is_refused_before
 @pytest.mark.parametrize("groups", [{"group_size": 1}, {"mix": "average"}, {"group_size": 2, "mix": "blend"},
                                     {"group_size": 2, "mix_every": 0}, {"group_size": 2, "mix_density": 0.1},
                                     {"group_size": 2, "mix": "sparse", "mix_density": 2.0},
-                                    {"scheme": "two-level"}, {"group_size": 2, "scheme": "tree"},
-                                    {"group_size": 2, "scheme": "two-level", "mix": "average"}])
+                                    {"scheme": "tree"}, {"group_size": 2, "scheme": "ring"},
+                                    {"group_size": 2, "scheme": "tree", "mix": "average"}])
 def test_invalid_group_settings_are_refused_naming_the_field(groups):
     with pytest.raises(ValueError, match="group"):
         _small(**groups).validate()
@@ -160,26 +160,27 @@ def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(encoded_len
     assert result.bytes_sent_per_replica == round((g - 1) * sum(lengths) / n + mixes * per_mix)
 
 
-def test_the_two_level_scheme_needs_a_square_grid():
-    with pytest.raises(ValueError, match="group_size\\^2"):
-        _small(replicas=8, group_size=2, scheme="two-level").validate()
-
-
-def test_two_level_rounds_keep_one_state_and_count_both_exchanges(encoded_lengths):
-    """Rows of 2 among 4 replicas: per round 4 deltas and 2 row aggregates are encoded;
-    each replica receives the other member's delta and the other row's aggregate; one
-    outer state for all, which every replica restarts from."""
-    n, g = 4, 2
+@pytest.mark.parametrize(("n", "g"), [(4, 2), (8, 2)])
+def test_tree_rounds_keep_one_state_and_count_every_level(encoded_lengths, n, g):
+    """Per round: n deltas, then at each level below the top one aggregate per group (n/G
+    rows, n/G² groups of rows, …), each compressed again; a replica fetches G − 1 messages of
+    every level; one outer state for all, which every replica restarts from."""
     keep: dict = {}
-    result = _run(_small(replicas=n, group_size=g, scheme="two-level"), keep)
-    assert result.group["scheme"] == "two-level" and result.spread == 0.0
-    assert len(encoded_lengths) == (n + g) * result.rounds
-    deltas = [x for i, x in enumerate(encoded_lengths) if i % (n + g) < n]
-    rows = [x for i, x in enumerate(encoded_lengths) if i % (n + g) >= n]
-    assert result.bytes_sent_per_replica == round((g - 1) * (sum(deltas) + g * sum(rows)) / n)
-    assert len(keep["row_compressors"]) == g
-    # the rows' residuals hold what their aggregates did not send
-    assert all(any(e.abs().sum() > 0 for e in c.errors) for c in keep["row_compressors"])
+    result = _run(_small(replicas=n, group_size=g, scheme="tree"), keep)
+    d = grid_dims(n, g)
+    assert result.group["scheme"] == "tree" and result.group["dims"] == d and result.spread == 0.0
+    per_level = [n // g ** k for k in range(d)]  # messages encoded at levels 0 … d − 1
+    assert len(encoded_lengths) == sum(per_level) * result.rounds
+    fetched = 0.0
+    for r in range(result.rounds):
+        at = r * sum(per_level)
+        for k, count in enumerate(per_level):
+            fetched += sum((g - 1) * g ** k * x for x in encoded_lengths[at:at + count]) / n
+            at += count
+    assert result.bytes_sent_per_replica == round(fetched)
+    assert [len(level) for level in keep["group_compressors"]] == per_level[1:]
+    # the groups' residuals hold what their aggregates did not send
+    assert all(any(e.abs().sum() > 0 for e in c.errors) for level in keep["group_compressors"] for c in level)
     assert math.isfinite(result.eval_loss) and result.consensus_eval_loss < 6.0
 
 
