@@ -120,6 +120,12 @@ class BoundedDesign:
     progress_via: str = "streams"
     """"streams": to each group member over a long-lived stream (authenticated by the
     connection, no signature); "group_key": a signed entry in a group key, read back."""
+    exchange: str = "grid"
+    """Above one group: "grid", each peer steps its own state with its group's aggregate
+    (Moshpit groups rotating over the grid); "tree", one consensus aggregated up the grid's
+    d dimensions (bench/groups.py run_tree, the design docs/scale.md chose): at each level
+    above the row a peer fetches the G − 1 other groups' aggregates (a request stream each)
+    and tells the level's group which it took (a stream message each).)"""
     group_epoch_s: float = 60.0
     """Grid positions are drawn for an epoch; a peer joins one group key per grid dimension."""
     num_replicas: int = 5
@@ -131,6 +137,8 @@ class BoundedDesign:
     def validate(self) -> None:
         if self.store not in ("direct", "traverse"):
             raise ValueError(f"bounded.store must be direct or traverse, got {self.store!r}")
+        if self.exchange not in ("grid", "tree"):
+            raise ValueError(f"bounded.exchange must be grid or tree, got {self.exchange!r}")
         if self.progress_via not in ("streams", "group_key"):
             raise ValueError(f"bounded.progress_via must be streams or group_key, got {self.progress_via!r}")
         if self.bucket_entries < 1 or self.group_size < 2 or self.sample_entries < 1 or self.read_workers < 1:
@@ -239,18 +247,21 @@ def bounded_progress(dht: Dht, design: BoundedDesign, group: int) -> OpCost:
     return bounded_record(dht, design, group, c.progress_entry_bytes) + bounded_read(dht, group, c.progress_entry_bytes)
 
 
-def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int) -> OpCost:
+def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int, levels: int = 1) -> OpCost:
     """What a round adds besides the timers: to each other member of the group, our record
     as it changes and "done"; a request stream for each delta pulled (the deltas themselves
-    are not control traffic)."""
+    are not control traffic); in a tree of `levels`, at each level above the row a request
+    stream for each of the G − 1 other groups' aggregates and a message to each saying which
+    this peer took."""
     c = dht.costs
+    above = (levels - 1) * (group - 1) if design.exchange == "tree" else 0
     if design.progress_via != "streams":
-        return OpCost(bytes=pulled * c.request_stream_bytes)
+        return OpCost(bytes=(pulled + above) * c.request_stream_bytes)
     told = group - 1
     return OpCost(bytes=told * (design.records_per_round * c.record_message_bytes + c.stream_message_bytes)
-                  + pulled * c.request_stream_bytes,
-                  stream_msgs=told * (design.records_per_round + 1),
-                  cpu_s=told * (design.records_per_round + 1) * 2 * c.progress_codec_s)
+                  + pulled * c.request_stream_bytes + above * (c.request_stream_bytes + c.stream_message_bytes),
+                  stream_msgs=told * (design.records_per_round + 1) + above,
+                  cpu_s=(told * (design.records_per_round + 1) + above) * 2 * c.progress_codec_s)
 
 
 def bounded_groups(dht: Dht, design: BoundedDesign, group: int) -> OpCost:

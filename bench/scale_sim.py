@@ -86,6 +86,8 @@ class Simulation:
         self.ttl_s = d.record_ttl_s
         self.refresh_s = d.record_refresh_s
         self.group = min(bounded.group_size, num_peers) if design == "bounded" else num_peers
+        self.levels = bounded.grid_dims(num_peers) if design == "bounded" and num_peers > bounded.group_size else 1
+        """Levels of a tree exchange (bounded.exchange = "tree"): rows, then groups of rows, …"""
         self.timers = ({"registry": current.record_refresh_s, "progress": current.report_interval_s}
                        if design == "current" else
                        {"record": bounded.record_refresh_s, "sample": bounded.read_period_s,
@@ -258,11 +260,15 @@ class Simulation:
             exchange += 2 * s.rtt_s + max(pulled * w.delta_bytes / s.down_bytes_per_s,
                                           pulled * w.delta_bytes / s.up_bytes_per_s) + w.poll_s
             exchange += w.detect_killed_s if s.killed_pulled else 0.0
+            if self.design == "bounded" and self.bnd.exchange == "tree":
+                # each level above the row: its groups' aggregates, fetched once the level below is in
+                up = (self.group - 1) * w.delta_bytes
+                exchange += (self.levels - 1) * (2 * s.rtt_s + max(up / s.down_bytes_per_s, up / s.up_bytes_per_s))
         if self.design == "bounded":
-            key = ("round", self.group, pulled)
+            key = ("round", self.group, pulled, self.levels)
             cost = self.memo.get(key)
             if cost is None:
-                cost = self.memo[key] = bounded_round(self.dht, self.bnd, self.group, pulled)
+                cost = self.memo[key] = bounded_round(self.dht, self.bnd, self.group, pulled, self.levels)
             s.round_cost = s.round_cost + cost
         if w.overlap:
             waits_for, s.exchange_done = s.exchange_done, now + exchange

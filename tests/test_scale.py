@@ -7,12 +7,14 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from locoswarm.bench import scale as sc
+from locoswarm.bench.scale_designs import BoundedDesign
 from locoswarm.bench.scale_dht import Network, traversal_stats
 from locoswarm.bench.scale_model import Churn, Costs
 from locoswarm.bench.scale_validate import compare_with_swarm, fair_share, load_swarm
@@ -64,8 +66,6 @@ def test_a_round_charges_records_done_and_delta_requests_and_one_group_needs_no_
     """Besides its timers, each round of the bounded design tells every other member our
     record as it changes and "done", and opens a request stream per delta pulled; a swarm
     that fits in one group joins no group keys."""
-    from locoswarm.bench.scale_designs import BoundedDesign
-
     small, big = sc.run_scale(sc.ScaleConfig(peers=(6, 100), designs=("bounded",), duration_s=120))
     assert "groups" not in small["control_bytes_by_operation"] and big["control_bytes_by_operation"]["groups"] > 0
     c, d = Costs(), BoundedDesign()
@@ -74,6 +74,22 @@ def test_a_round_charges_records_done_and_delta_requests_and_one_group_needs_no_
         + pulled * c.request_stream_bytes
     rounds_per_s = small["rounds_per_minute"] / 60
     assert small["control_bytes_by_operation"]["round"] == pytest.approx(per_round * rounds_per_s, rel=0.02)
+
+
+def test_a_tree_exchange_fetches_and_tells_at_every_level_above_the_row():
+    """At 1,000 peers in groups of 16 the tree has d = 3 levels: above the row, at each of
+    the 2 others, a request stream for each of the 15 other groups' aggregates and a message
+    to each; that is all a round adds to the grid's."""
+    grid, tree = (sc.run_scale(replace(sc.ScaleConfig(peers=(1000,), designs=("bounded",), duration_s=120), bounded=b))[0]
+                  for b in (BoundedDesign(), BoundedDesign(exchange="tree")))
+    c = Costs()
+
+    def per_round(r):
+        return r["control_bytes_by_operation"]["round"] / (r["rounds_per_minute"] / 60)
+
+    assert per_round(tree) - per_round(grid) == pytest.approx(2 * 15 * (c.request_stream_bytes + c.stream_message_bytes),
+                                                              rel=0.02)
+    assert tree["control_bytes_per_peer_per_s"] > grid["control_bytes_per_peer_per_s"]
 
 
 def test_a_design_that_reads_whole_groups_from_the_dht_misses_the_traffic_target():
