@@ -113,10 +113,10 @@ class BoundedDesign:
     every 3 of its 0.1 s report intervals (node/rounds.py REPORT_SPACING_INTERVALS), and
     "done" at once (charged per round)."""
     records_per_round: float = 1.2
-    """Records told to each group member per round: a record changes when its round moves
-    and again when the round's chain is known, and a change not yet written replaces the one
-    before it; 1.13 and 1.28 measured on daemons at 3 and 6 peers (from bytes and message
-    counts, 2026-12-05)."""
+    """Record changes told to each group member per round (as updates of the record the
+    stream carried whole first): a record changes when its round moves and again when the
+    round's chain is known, and a change not yet written replaces the one before it; 1.13
+    and 1.28 measured on daemons at 3 and 6 peers (from bytes and message counts, 2026-12-05)."""
     progress_via: str = "streams"
     """"streams": to each group member over a long-lived stream (authenticated by the
     connection, no signature); "group_key": a signed entry in a group key, read back."""
@@ -248,8 +248,9 @@ def bounded_progress(dht: Dht, design: BoundedDesign, group: int) -> OpCost:
 
 
 def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int, levels: int = 1) -> OpCost:
-    """What a round adds besides the timers: to each other member of the group, our record
-    as it changes and "done"; a request stream for each delta pulled (the deltas themselves
+    """What a round adds besides the timers: to each other member of the group, our record's
+    changes (updates of the record the stream carried whole when it opened, which this does
+    not charge: streams stay open while rounds run) and "done"; a request stream for each delta pulled (the deltas themselves
     are not control traffic); in a tree of `levels`, at each level above the row a request
     stream for each of the G − 1 other groups' aggregates and a message to each saying which
     this peer took."""
@@ -258,7 +259,7 @@ def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int, leve
     if design.progress_via != "streams":
         return OpCost(bytes=(pulled + above) * c.request_stream_bytes)
     told = group - 1
-    return OpCost(bytes=told * (design.records_per_round * c.record_message_bytes + c.stream_message_bytes)
+    return OpCost(bytes=told * (design.records_per_round * c.update_message_bytes + c.stream_message_bytes)
                   + pulled * c.request_stream_bytes + above * (c.request_stream_bytes + c.stream_message_bytes),
                   stream_msgs=told * (design.records_per_round + 1) + above,
                   cpu_s=(told * (design.records_per_round + 1) + above) * 2 * c.progress_codec_s)

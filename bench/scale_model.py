@@ -46,10 +46,14 @@ class Costs:
     progress_frame: kind, length, msgpack Progress with round and incarnation; 56 B late in a
     run, `message_sizes`) and what libp2p adds to one write between two p2pd (WRITE_FRAMING_BYTES)."""
     record_message_bytes: int = 610
-    """A peer record told over a progress stream (node/progress.py record_frame, no signature)
-    with three addresses (tcp, quic, ip6), its chains and two anchors (`message_sizes`); it
-    shares a write with a progress message. On loopback, with one address, the daemons'
-    frames measured 364–433 B (3 peers, 2026-12-05)."""
+    """A peer record told whole over a progress stream (node/progress.py record_frame, no
+    signature) with three addresses (tcp, quic, ip6), its chains and two anchors
+    (`message_sizes`): the first on each stream, and whenever its addresses change. On
+    loopback, with one address, the daemons' frames measured 364–433 B (3 peers, 2026-12-05)."""
+    update_message_bytes: int = 122
+    """A record told as an update of the last one the stream carried (node/progress.py
+    KIND_UPDATE: round, chains, anchors, flags, throughput, sequence number; `message_sizes`),
+    what a round's changes cost; it shares a write with a progress message."""
     request_stream_bytes: int = 360
     """A delta request beside the delta itself: the 16-byte request and what opening a libp2p
     stream for it costs (multistream negotiation, yamux and TLS framing of both ways): 344 B
@@ -93,13 +97,13 @@ class Costs:
         return self.rpc_overhead_bytes + value_bytes + neighbours * self.neighbour_bytes
 
 
-def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int]:
-    """(record frame, progress frame) bytes on a progress stream, built with the daemon's
-    encoders late in a run (round 1,234, both chains and two anchors known) for a peer that
-    listens on `addrs`."""
+def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int, int]:
+    """(record frame, record update frame, progress frame) bytes on a progress stream, built
+    with the daemon's encoders late in a run (round 1,234, both chains and two anchors known)
+    for a peer that listens on `addrs`."""
     import hashlib
 
-    from locoswarm.node.progress import progress_frame, record_frame
+    from locoswarm.node.progress import progress_frame, record_frames
     from locoswarm.protocol.records import PeerRecord, Progress
 
     peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjh001"
@@ -108,7 +112,8 @@ def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int]:
                         chain="a" * 32, prev_chain="b" * 32, anchors=((1232, "c" * 32), (1224, "d" * 32)),
                         incarnation=(1 << 62) + 1, seq=2468)
     progress = Progress(tokens=123456, tokens_per_s=1234.5, done=False, incarnation=(1 << 62) + 1, round=1234)
-    return len(record_frame(record)), len(progress_frame(progress))
+    frames = record_frames(record)
+    return len(frames.full), len(frames.update), len(progress_frame(progress))
 
 
 def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 0.5) -> Costs:
@@ -165,10 +170,11 @@ def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 
             decode_record(MSGPackSerializer.loads(raw), spec)
 
     check_s = rate(lambda: [validator.validate(r) for r in records]) / entries
-    record_frame_bytes, progress_frame_bytes = message_sizes()
+    record_frame_bytes, update_frame_bytes, progress_frame_bytes = message_sizes()
     return replace(
         base,
         record_message_bytes=record_frame_bytes,
+        update_message_bytes=update_frame_bytes,
         stream_message_bytes=progress_frame_bytes + WRITE_FRAMING_BYTES,
         registry_entry_bytes=round((len(reg_blob) - 16) / entries),
         progress_entry_bytes=round((len(prog_blob) - 16) / entries),

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from locoswarm.node.progress import ProgressBus
+    from locoswarm.node.progress import ProgressBus, RecordFrames
 
 log = logging.getLogger(__name__)
 IDLE_S = 30.0
@@ -47,6 +47,11 @@ class Outbox:
         """A stream to the peer opened at least once (it runs a daemon of ours)."""
         self.failing: tuple[float, int] | None = None
         """Since when (time.monotonic()) opens have failed without one succeeding, and how many."""
+        self.record: RecordFrames | None = None
+        """Our latest record's frames (the RECORD_SLOT holds its whole frame)."""
+        self.stream_base: tuple | None = None
+        """The base (protocol/records.py record_base) of the last whole record the open stream
+        carried: a record of the same base goes on it as an update."""
         self.task = asyncio.ensure_future(self.run())
         self.task.add_done_callback(lambda _: bus._closed(self))
 
@@ -56,6 +61,22 @@ class Outbox:
             return
         self.pending[slot] = message
         self.wake.set()
+
+    def put_record(self, record: RecordFrames) -> None:
+        """Our latest record for RECORD_SLOT: written whole on a stream that carried none of
+        its base yet, else as an update."""
+        self.record = record
+        self.put(RECORD_SLOT, record.full)
+
+    def _wire(self, slot: int, message: bytes) -> bytes:
+        """What goes on the stream for `message` in `slot`."""
+        record = self.record
+        if slot != RECORD_SLOT or record is None or message != record.full:
+            return message
+        if self.stream_base == record.base:
+            return record.update
+        self.stream_base = record.base
+        return message
 
     def forget(self, old: Callable[[int], bool]) -> None:
         for box in (self.pending, self.sent):
@@ -111,10 +132,11 @@ class Outbox:
                         opened_at = time.monotonic()
                         self.open = self.served = True
                         self.failing = None
+                        self.stream_base = None
                         closed = asyncio.ensure_future(reader.read(1))
                         self.pending = {**self.sent, **self.pending}  # a new stream: tell it all again
                     batch = sorted(self.pending.items())  # the record (slot −1) first
-                    data = b"".join(message for _, message in batch)
+                    data = b"".join(self._wire(slot, message) for slot, message in batch)
                     writer.write(data)
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 except Exception as e:  # unreachable for now, or the stream broke: keep the news, try again

@@ -16,9 +16,12 @@ its round, chains, paused flag and incarnation reach the round's peers at once, 
 registry shows them only at its next refresh and read, every few seconds (node/membership.py
 takes the newer of the two by the record's sequence number).
 
-A message is a kind byte (KIND_PROGRESS, KIND_RECORD), a two-byte big-endian length and the
-body: a progress (`encode_progress`, which names its round, 1..MAX_PROGRESS_BYTES) or a
-record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and naming the sender).
+A message is a kind byte (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE), a two-byte big-endian
+length and the body: a progress (`encode_progress`, which names its round,
+1..MAX_PROGRESS_BYTES), a record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and
+naming the sender) or, on a stream that already carried a record, an update of it
+(`encode_update`, 1..MAX_UPDATE_BYTES: what changes as a peer trains, a third of a record;
+the receiver applies it to the last record of the stream and checks the result as a record).
 Delivery is best effort with memory: a sender (node/outbox.py) keeps its latest record and the latest message
 of each open round per peer and sends them again on a new stream when the last one broke,
 so a report is lost only with its peer. The receiver keeps the
@@ -41,8 +44,9 @@ from locoswarm.node.outbox import IDLE_S, RECORD_SLOT, WRITE_TIMEOUT_S, Outbox
 from locoswarm.node.streams import PeerLimits
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.records import (MAX_PROGRESS_BYTES, MAX_RECORD_BYTES, PeerRecord, Progress,
-                                        decode_progress, decode_record, encode_progress, encode_record)
+from locoswarm.protocol.records import (MAX_PROGRESS_BYTES, MAX_RECORD_BYTES, MAX_UPDATE_BYTES, PeerRecord, Progress,
+                                        apply_update, decode_progress, decode_record, encode_progress, encode_record,
+                                        encode_update, record_base)
 
 log = logging.getLogger(__name__)
 PROTOCOL = "locoswarm/progress/1"
@@ -60,8 +64,8 @@ MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
 """Messages a second taken from one peer (honest peers send a few a second per round)."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
-KIND_PROGRESS, KIND_RECORD = 1, 2
-_LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES}
+KIND_PROGRESS, KIND_RECORD, KIND_UPDATE = 1, 2, 3
+_LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES, KIND_UPDATE: MAX_UPDATE_BYTES}
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -75,6 +79,19 @@ def progress_frame(progress: Progress) -> bytes:
 
 def record_frame(record: PeerRecord) -> bytes:
     return frame(KIND_RECORD, encode_record(record))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFrames:
+    """Our record as a stream carries it: whole (`full`, the first on a stream, or when its
+    `base` changed), else as an update of the last one the stream carried."""
+    full: bytes
+    base: tuple
+    update: bytes
+
+
+def record_frames(record: PeerRecord) -> RecordFrames:
+    return RecordFrames(record_frame(record), record_base(record), frame(KIND_UPDATE, encode_update(record)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +117,8 @@ class ProgressBus:
         (`served`: one had opened before, so it ran a daemon of ours); we stop telling it."""
         self.p2p, self.me, self.admit, self.clock = p2p, me, admit, clock
         self.spec_hash, self.record, self.on_record, self.on_gone = spec_hash, record, on_record, on_gone
-        self._last_record: tuple[PeerRecord, bytes] | None = None
-        """Our last record and its frame (encoded once per change)."""
+        self._last_record: tuple[PeerRecord, RecordFrames] | None = None
+        """Our last record and its frames (encoded once per change)."""
         self.newest = -1
         """The newest round opened here (-1: none yet)."""
         self._rounds: dict[int, dict[str, Seen]] = {}
@@ -172,7 +189,7 @@ class ProgressBus:
         if mine is not None and (self.admit is None or self.admit(peer)):
             # It trains a round we told: it hears ours too, even when it told us after our
             # last report of the round (a peer that joined or restarted into it late).
-            self._tell(peer, progress.round, mine, self._record_frame())
+            self._tell(peer, progress.round, mine, self._record_frames())
 
     async def rpc_progress(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one peer's progress stream until it ends."""
@@ -188,6 +205,8 @@ class ProgressBus:
         outbox = self._outboxes.get(peer)
         if outbox is not None:
             outbox.back.set()  # it is up and serves the protocol (again): no backoff before we write
+        base: PeerRecord | None = None
+        """The last record this stream carried: what an update applies to."""
         try:
             while True:
                 kind = (await asyncio.wait_for(reader.readexactly(1), 2 * IDLE_S))[0]
@@ -205,8 +224,12 @@ class ProgressBus:
                 self.messages_received += 1
                 if kind == KIND_PROGRESS:
                     self.take(peer, decode_progress(body))
+                elif kind == KIND_RECORD:
+                    base = self._heard_record(peer, decode_record(body, self.spec_hash))
+                elif base is None:
+                    raise MalformedMessage("progress stream: a record update before any record")
                 else:
-                    self._heard_record(peer, body)
+                    base = self._heard_record(peer, apply_update(base, body, self.spec_hash))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass  # the sender left, went idle or broke the stream: it opens a new one when it has news
         except asyncio.CancelledError:
@@ -219,8 +242,8 @@ class ProgressBus:
                 del self._inbound[peer]
             writer.close()
 
-    def _heard_record(self, peer: str, body: bytes) -> None:
-        record = decode_record(body, self.spec_hash)
+    def _heard_record(self, peer: str, record: PeerRecord) -> PeerRecord:
+        """A record `peer` told us (whole, or its last one updated); returns it."""
         if record.peer_id != peer:
             raise MalformedMessage(f"progress stream: a record of {record.peer_id}, not of its sender")
         if self.on_record is not None:
@@ -229,18 +252,19 @@ class ProgressBus:
             # Told back where it has not been told ours yet: a joiner, which has only the
             # registry's copies of our records (up to a refresh old), learns our round now.
             self.introduce([peer])
+        return record
 
     # ------------------------------------------------------------------ what we tell
 
-    def _record_frame(self) -> bytes | None:
-        """The frame of our current record (None: no record to tell), encoded again only
+    def _record_frames(self) -> RecordFrames | None:
+        """The frames of our current record (None: no record to tell), encoded again only
         when its sequence number moved: the throughput it also carries changes every step
         and is no news worth a message."""
         if self.record is None:
             return None
         record = self.record()
         if self._last_record is None or self._last_record[0].seq != record.seq:
-            self._last_record = (record, record_frame(record))
+            self._last_record = (record, record_frames(record))
         return self._last_record[1]
 
     def show(self) -> None:
@@ -253,7 +277,7 @@ class ProgressBus:
         """Tell `peers` our `progress` (each at most once: a peer already told this exact
         message is not told again; a new peer of the round is told at once)."""
         message = self._mine[progress.round] = progress_frame(progress)
-        record = self._record_frame()
+        record = self._record_frames()
         told = 0
         for peer in peers:
             if peer == self.me:
@@ -263,13 +287,13 @@ class ProgressBus:
             told += 1
             self._tell(peer, progress.round, message, record)
 
-    def _tell(self, peer: str, round_: int, message: bytes, record: bytes | None) -> None:
-        """Put our `record` frame (None: none to tell) and `message` of `round_` in `peer`'s outbox."""
+    def _tell(self, peer: str, round_: int, message: bytes, record: RecordFrames | None) -> None:
+        """Put our `record` (None: none to tell) and `message` of `round_` in `peer`'s outbox."""
         outbox = self._outbox(peer)
         if outbox is None:
             return
         if record is not None:
-            outbox.put(RECORD_SLOT, record)
+            outbox.put_record(record)
         outbox.put(round_, message)
 
     def _outbox(self, peer: str) -> "Outbox | None":
@@ -282,26 +306,26 @@ class ProgressBus:
     def introduce(self, peers: Iterable[str]) -> None:
         """Tell `peers` our record now, progress or not (a joiner, before it asks them for
         their state: a private run's donor serves only peers whose record it has)."""
-        record = self._record_frame()
+        record = self._record_frames()
         if record is None:
             return
         for peer in peers:
             outbox = self._outbox(peer) if peer != self.me else None
             if outbox is not None:
-                outbox.put(RECORD_SLOT, record)
+                outbox.put_record(record)
 
     async def delivered(self, peers: Iterable[str], timeout_s: float) -> set[str]:
         """Wait until our current record went out on an open stream to each of `peers`
         (`introduce`) that is not found gone meanwhile, at most `timeout_s`; the peers it
         reached."""
-        record, peers = self._record_frame(), [p for p in peers if p != self.me]
+        record, peers = self._record_frames(), [p for p in peers if p != self.me]
         deadline = time.monotonic() + timeout_s
         reached: set[str] = set()
         while record is not None:
             waiting = False
             for peer in peers:
                 outbox = self._outboxes.get(peer)
-                if outbox is not None and outbox.sent.get(RECORD_SLOT) == record:
+                if outbox is not None and outbox.sent.get(RECORD_SLOT) == record.full:
                     reached.add(peer)
                 elif outbox is not None:
                     waiting = True

@@ -11,10 +11,10 @@ import time
 import pytest
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.progress import (KIND_RECORD, MESSAGE_BURST, PROTOCOL, ROUNDS_AHEAD, ROUNDS_KEPT, ProgressBus,
-                                     frame, progress_frame, record_frame)
+from locoswarm.node.progress import (KIND_RECORD, KIND_UPDATE, MESSAGE_BURST, PROTOCOL, ROUNDS_AHEAD, ROUNDS_KEPT,
+                                     ProgressBus, frame, progress_frame, record_frame)
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.protocol.records import PeerRecord, Progress, encode_record
+from locoswarm.protocol.records import PeerRecord, Progress, encode_record, encode_update
 
 SPEC = b"s" * 32
 
@@ -143,7 +143,7 @@ def test_a_peer_not_admitted_is_not_heard_and_once_admitted_is_heard_without_tel
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("attack", ["zero_length", "garbage", "unknown_kind", "oversized", "flood",
-                                    "record_of_another_peer", "record_of_another_spec"])
+                                    "record_of_another_peer", "record_of_another_spec", "update_before_any_record"])
 def test_a_malformed_or_flooding_stream_is_dropped_and_the_peer_heard_again_on_a_new_one(attack):
     heard = []
 
@@ -156,6 +156,7 @@ def test_a_malformed_or_flooding_stream_is_dropped_and_the_peer_heard_again_on_a
                       "flood": progress_frame(_progress(1)) * (3 * MESSAGE_BURST),
                       "record_of_another_peer": record_frame(_record(ida)),
                       "record_of_another_spec": frame(KIND_RECORD, encode_record(_record(idb, spec_hash=b"x" * 32))),
+                      "update_before_any_record": frame(KIND_UPDATE, encode_update(_record(idb))),
                       }[attack])
         await writer.drain()
         await _until(lambda: bus_a.rejected == 1)
@@ -217,6 +218,41 @@ def test_the_senders_record_goes_with_its_progress_once_per_change_and_on_show()
         bus_b.show()
         await _until(lambda: len(heard) == 2)
         assert heard[-1].paused and heard[-1].seq == 2
+
+    _run_pair(go, record=lambda peer: _record(peer, **current), on_record=heard.append)
+
+
+@pytest.mark.timeout(120)
+def test_a_changed_record_goes_as_an_update_on_a_stream_that_carried_it_whole_and_whole_on_a_new_one():
+    """The receiver rebuilds the whole record from the update (what it heard equals what was
+    told); the update costs a fraction of the record; a stream opened again starts with the
+    whole record, and a record whose base changed (a new address) goes whole."""
+    heard, current = [], {"seq": 1, "round": 3, "chain": "a" * 32}
+
+    async def go(a, b, bus_a, bus_b):
+        ida, idb = bus_a.me, bus_b.me
+        bus_a.open_round(0)
+        bus_b.publish(_progress(100), [ida])
+        await _until(lambda: len(heard) == 1)
+        whole = bus_b.bytes_sent
+        current.update(seq=2, round=4, prev_chain="a" * 32, chain="b" * 32)
+        bus_b.publish(_progress(200), [ida])
+        await _until(lambda: len(heard) == 2)
+        assert heard[-1] == _record(idb, **current)
+        update = bus_b.bytes_sent - whole
+        assert update < 0.6 * whole, (update, whole)
+        bus_a._inbound[idb].close()  # the stream breaks: the next one starts with the whole record
+        await _until(lambda: idb not in bus_a._inbound)
+        current.update(seq=3, round=5, prev_chain="b" * 32, chain="c" * 32)
+        before = bus_b.bytes_sent
+        bus_b.publish(_progress(300), [ida])
+        await _until(lambda: len(heard) == 3)
+        assert heard[-1] == _record(idb, **current) and bus_b.bytes_sent - before > update
+        current.update(seq=4, addrs=("/ip4/127.0.0.1/tcp/2",))
+        bus_b.show()
+        await _until(lambda: len(heard) == 4)
+        assert heard[-1].addrs == ("/ip4/127.0.0.1/tcp/2",) and heard[-1] == _record(idb, **current)
+        assert bus_a.rejected == 0
 
     _run_pair(go, record=lambda peer: _record(peer, **current), on_record=heard.append)
 

@@ -46,6 +46,6 @@ def test_a_plain_hivemind_client_reads_the_swarms_records_from_the_documented_ke
     assert ids <= set(seen["peers"]), seen["peers"].keys()
     for peer in ids:
         record = seen["peers"][peer]
-        assert set(record) == RECORD_FIELDS and record["v"] == 8
+        assert set(record) == RECORD_FIELDS and record["v"] == 9
         assert record["peer"] == peer and record["spec"] == spec.hash().hex() and record["device"] == "cpu"
         assert record["round"] >= 2 and record["inc"] > 0 and record["addrs"][0].startswith("/ip4/127.0.0.1/tcp/")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from locoswarm.protocol import MalformedMessage, OversizedMessage, ProtocolError, SpecMismatch, VersionMismatch
-from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
+from locoswarm.protocol.records import PeerRecord, apply_update, decode_record, encode_record, encode_update
 
 H = b"h" * 32
 GOOD = PeerRecord(peer_id="12D3KooWJTTo2Du6D21zfPSKfqDzGTC3", addrs=("/ip4/127.0.0.1/tcp/4000",), device="cuda",
@@ -28,7 +28,7 @@ def test_record_round_trips():
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [
-        (lambda m: m.update(v=9), VersionMismatch, "version"),
+        (lambda m: m.update(v=8), VersionMismatch, "version"),  # an older daemon's: another protocol
         (lambda m: m.update(spec=b"x" * 32), SpecMismatch, "another run spec"),
         (lambda m: m.update(device="tpu"), MalformedMessage, "device"),
         (lambda m: m.update(tokens_per_s=math.nan), MalformedMessage, "tokens_per_s"),
@@ -96,3 +96,21 @@ def test_progress_round_trips_and_a_bad_incarnation_or_field_is_refused_by_name(
         mutate(m)
         with pytest.raises(ProtocolError, match=message):
             decode_progress(msgpack.packb(m, use_bin_type=True))
+
+
+def test_an_update_carries_what_training_changes_and_is_checked_as_a_whole_record():
+    base = decode_record(encode_record(GOOD), GOOD.spec_hash)
+    later = PeerRecord(**{**{f: getattr(GOOD, f) for f in GOOD.__dataclass_fields__}, "round": GOOD.round + 1,
+                          "chain": "c" * 32, "prev_chain": GOOD.chain, "seq": 5, "paused": True})
+    blob = encode_update(later)
+    assert len(blob) < len(encode_record(later)) / 2
+    assert apply_update(base, blob, GOOD.spec_hash) == later
+    m = msgpack.unpackb(blob)
+    for field, value, message in (("c", b"\x01" * 8, "chain"), ("r", -1, "round"), ("s", "1", "seq"),
+                                  ("c", "ab" * 16, "record update"), ("a", [[10**9, b"\xaa" * 16]], "anchors"),
+                                  ("x", 1, "x")):
+        bad = {**m, field: value}
+        with pytest.raises(ProtocolError, match=message):
+            apply_update(base, msgpack.packb(bad), GOOD.spec_hash)
+    with pytest.raises(OversizedMessage):
+        apply_update(base, blob + bytes(600), GOOD.spec_hash)
