@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -195,6 +195,38 @@ class Workload:
         opt.zero_grad(set_to_none=True)
 
 
+def trained_rounds(w: Workload, dl: DiLoCoConfig, models: list, opts: list, samplers: list) -> Iterator[tuple[int, int]]:
+    """Train every replica H inner steps a round (fewer in the last) until the run's steps
+    are done; after each round's training yield (steps so far, tokens each replica trained)."""
+    step, tokens_per_step = 0, w.cfg.batch_size * w.cfg.data.seq_len
+    while step < w.cfg.total_steps:
+        h = min(dl.inner_steps, w.cfg.total_steps - step)
+        w.train_inner(models, opts, samplers, step, h)
+        step += h
+        yield step, h * tokens_per_step
+
+
+def encode_replicas(round_step: RoundStep, compressors: list, outer_params: Callable[[int], list], models: list,
+                    round_: int, tokens: int) -> list[tuple[int, object]]:
+    """Every replica's delta of the round as a peer sends it: (encoded bytes, decoded delta),
+    replica r's taken against `outer_params(r)`."""
+    out = []
+    for r, m in enumerate(models):
+        blob = round_step.encode(compressors[r], outer_params(r), list(m.parameters()), round_=round_,
+                                 sender=f"replica-{r:04d}", tokens=tokens)
+        out.append((len(blob), round_step.decode(blob)))
+    return out
+
+
+def step_consensus(round_step: RoundStep, outer: OuterOptimizer, deltas: list, compressors: list,
+                   models: list) -> None:
+    """The one outer state steps with `deltas` (no screening: the simulated replicas are
+    honest, optim/round.py says why) and every replica restarts from it."""
+    round_step.apply(outer, deltas, compressors)
+    for r, m in enumerate(models):
+        load_params(m, round_step.restart(outer, compressors[r]))
+
+
 def _ring_allreduce_bytes(params: int, n: int) -> float:
     return 2 * (n - 1) / n * 4 * params
 
@@ -247,13 +279,8 @@ def run_diloco(
         compressors = [round_step.compressor(outer.params[0].device) for _ in range(n)]
     sent = 0.0
     curve = []
-    step = 0
     rounds = 0
-    while step < cfg.total_steps:
-        h = min(dl.inner_steps, cfg.total_steps - step)
-        w.train_inner(models, opts, samplers, step, h)
-        step += h
-        tokens = h * tokens_per_step
+    for step, tokens in trained_rounds(w, dl, models, opts, samplers):
         if compression is None:
             deltas = [pseudo_gradients(outer.params, m) for m in models]
             outer.step(average_dense([(f"replica-{r:04d}", tokens, d) for r, d in enumerate(deltas)]))
@@ -261,16 +288,9 @@ def run_diloco(
             for m in models:
                 load_params(m, outer.params)
         else:
-            received = []
-            for r, m in enumerate(models):
-                blob = round_step.encode(compressors[r], outer.params, list(m.parameters()), round_=rounds,
-                                         sender=f"replica-{r:04d}", tokens=tokens)
-                sent += (n - 1) * len(blob) / n  # mean over replicas of what each uploads
-                received.append(round_step.decode(blob))
-            # No screening: the simulated replicas are honest (optim/round.py says why).
-            round_step.apply(outer, received, compressors)
-            for r, m in enumerate(models):
-                load_params(m, round_step.restart(outer, compressors[r]))
+            encoded = encode_replicas(round_step, compressors, lambda r: outer.params, models, rounds, tokens)
+            sent += sum((n - 1) * length / n for length, _ in encoded)  # mean over replicas of what each uploads
+            step_consensus(round_step, outer, [delta for _, delta in encoded], compressors, models)
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))

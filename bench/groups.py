@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from locoswarm.bench.convergence import RunResult, Workload, _ring_allreduce_bytes
+from locoswarm.bench.convergence import (RunResult, Workload, _ring_allreduce_bytes, encode_replicas, step_consensus,
+                                        trained_rounds)
 from locoswarm.bench.grid import grid_dims, mean_state, round_groups, spread
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, OuterOptimizer, make_inner_optimizer
 from locoswarm.optim.aggregate import aggregate, coverage
@@ -60,18 +61,11 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
         sparse = SparseMix(dl, replace(compression, density=density), w.shapes, outers, d)
     sent = mixed = 0.0
     curve, spread_curve = [], []
-    step = rounds = 0
-    while step < cfg.total_steps:
-        h = min(dl.inner_steps, cfg.total_steps - step)
-        w.train_inner(models, opts, samplers, step, h)
-        step += h
-        tokens = h * tokens_per_step
-        received = []
-        for r, m in enumerate(models):
-            blob = round_step.encode(compressors[r], outers[r].params, list(m.parameters()), round_=rounds,
-                                     sender=f"replica-{r:04d}", tokens=tokens)
-            sent += (g - 1) * len(blob) / n  # to the G−1 others of its group; mean over replicas
-            received.append(round_step.decode(blob))
+    rounds = 0
+    for step, tokens in trained_rounds(w, dl, models, opts, samplers):
+        encoded = encode_replicas(round_step, compressors, lambda r: outers[r].params, models, rounds, tokens)
+        sent += sum((g - 1) * length / n for length, _ in encoded)  # to the G−1 others of its group
+        received = [delta for _, delta in encoded]
         groups = round_groups(n, g, rounds)
         for group in groups:
             deltas = [received[j] for j in group]
@@ -150,18 +144,11 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     shapes = [tuple(p.shape) for p in outer.params]
     sent = 0.0
     curve = []
-    step = rounds = 0
-    while step < cfg.total_steps:
-        h = min(dl.inner_steps, cfg.total_steps - step)
-        w.train_inner(models, opts, samplers, step, h)
-        step += h
-        tokens = h * tokens_per_step
-        items = []
-        for r, m in enumerate(models):
-            blob = round_step.encode(compressors[r], outer.params, list(m.parameters()), round_=rounds,
-                                     sender=f"replica-{r:04d}", tokens=tokens)
-            sent += (g - 1) * len(blob) / n  # to the G − 1 others of its row
-            items.append(round_step.decode(blob))
+    rounds = 0
+    for step, tokens in trained_rounds(w, dl, models, opts, samplers):
+        encoded = encode_replicas(round_step, compressors, lambda r: outer.params, models, rounds, tokens)
+        sent += sum((g - 1) * length / n for length, _ in encoded)  # to the G − 1 others of its row
+        items = [delta for _, delta in encoded]
         with torch.no_grad():
             for k in range(1, d):
                 below, items = items, []
@@ -179,9 +166,7 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
         # The top level: the whole grid's aggregate steps the one outer state; under
         # "masked" each replica drops its residual where the consensus moved, as in the
         # full exchange.
-        round_step.apply(outer, items, compressors)
-        for r, m in enumerate(models):
-            load_params(m, round_step.restart(outer, compressors[r]))
+        step_consensus(round_step, outer, items, compressors, models)
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))
