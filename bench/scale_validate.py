@@ -151,7 +151,9 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
                       churn=Churn(churn_s=1e12), links=links, costs=costs,
                       bounded=replace(bounded or BoundedDesign(), group_size=max(2, n)),
                       workload=Workload(tokens_per_s_median=tps, tokens_per_s_sigma=0.0,
-                                        fanout=swarm.get("fanout") or Workload().fanout))
+                                        fanout=swarm.get("fanout") or Workload().fanout,
+                                        # runs before 2026-12-05 07:50 did not say: the tiny spec's
+                                        **{k: swarm[k] for k in ("inner_steps", "batch_size", "seq_len") if swarm.get(k)}))
     unbound = run_scale(cfg)[0]
     links.cpu_share = min(1.0, fair_share(cores, [1.0] * n + [unbound["control_cpu_cores"]] * n
                                           + [unbound["p2pd_cpu_cores"]] * n))

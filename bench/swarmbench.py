@@ -128,6 +128,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "delta_requests_per_peer_per_round": per_round("delta_requests"),
         "replica_spread": spread,
         "fanout": fanout,
+        # The round's shape, for bench scale --validate: a count is told once a step.
+        "inner_steps": spec.diloco.inner_steps, "batch_size": spec.batch_size, "seq_len": spec.data.seq_len,
         "overlap": spec.rounds.overlap,
         "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
         "wall_s": wall_s,

@@ -51,6 +51,7 @@ def test_bench_swarm_writes_the_documented_json(tmp_path):
     assert 0 < result["progress_bytes_per_peer_per_round"] < result["control_bytes_per_peer_per_round"]
     assert result["progress_writes_per_peer_per_round"] <= result["progress_messages_per_peer_per_round"]
     assert result["delta_requests_per_peer_per_round"] >= 1  # the other peer's delta, once a round at least
+    assert (result["inner_steps"], result["batch_size"], result["seq_len"]) == (5, 8, 64)  # the default spec's
 
 
 def test_bench_swarm_refuses_bad_counts_without_starting_anything():
