@@ -15,6 +15,7 @@ from typing import Callable
 
 from locoswarm.bench.scale_designs import BoundedDesign, CurrentDesign
 from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
+from locoswarm.bench.scale_results import summarize
 from locoswarm.bench.scale_sim import Simulation
 
 DESIGNS = ("current", "bounded")
@@ -112,7 +113,7 @@ def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = lambda _: None) -> 
             sim = Simulation(design, n, current=cfg.current, bounded=cfg.bounded, costs=cfg.costs, links=cfg.links,
                              workload=cfg.workload, churn=cfg.churn, sample_peers=cfg.sample_peers, seed=cfg.seed)
             sim.run(cfg.duration_s)
-            result = sim.result(cfg.duration_s)
+            result = summarize(sim, cfg.duration_s)
             result["simulated_s"] = cfg.duration_s
             result["wall_s"] = time.perf_counter() - t0
             log(f"  {design:>7} N={n:>6}: simulated {cfg.duration_s:.0f} s in {result['wall_s']:.2f} s")

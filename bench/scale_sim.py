@@ -31,9 +31,8 @@ import random
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from locoswarm.bench.scale_designs import (BoundedDesign, CurrentDesign, Dht, OpCost, bounded_groups,
-                                           bounded_hot_node, bounded_progress, bounded_read, bounded_record, bounded_round,
-                                           current_cycle, current_hot_node)
+from locoswarm.bench.scale_designs import (BoundedDesign, CurrentDesign, Dht, OpCost, bounded_groups, bounded_progress,
+                                           bounded_read, bounded_record, bounded_round, current_cycle)
 from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
 
 REESTIMATE_S = 5.0
@@ -174,7 +173,7 @@ class Simulation:
                                              period_s=self.cur.report_interval_s, refresh_s=self.cur.report_interval_s)
         elif name == "sample":
             own = self.bucket[s.slot]
-            others = self.rng.sample([b for b in range(2 ** self.bits) if b != own], self._buckets_per_read() - 1)
+            others = self.rng.sample([b for b in range(2 ** self.bits) if b != own], self.buckets_per_read() - 1)
             key = (name, tuple(sorted(self.occupancy(b) for b in [own] + others)))
             for b in [own] + others:
                 s.reads.append((now, b, self.occupancy(b)))
@@ -193,7 +192,7 @@ class Simulation:
             cost = self.memo[key] = make()
         return key, cost
 
-    def _buckets_per_read(self) -> int:
+    def buckets_per_read(self) -> int:
         return min(2 ** self.bits, max(1, round(self.bnd.sample_entries / (self.n / 2 ** self.bits))))
 
     def cpu_s(self, cost: OpCost) -> float:
@@ -313,104 +312,3 @@ class Simulation:
     def _trim_reads(self, s: Sampled, now: float) -> None:
         while s.reads and s.reads[0][0] < now - self.ttl_s:
             s.reads.popleft()
-
-    # ---------------------------------------------------------------- results
-
-    def result(self, duration_s: float) -> dict:
-        """Per-peer means over the sampled peers (see the module docstring)."""
-        c, d = self.costs, (self.bnd if self.design == "bounded" else self.cur)
-        offered, achieved, by_op = OpCost(), OpCost(), Counter()
-        for s in self.sampled:
-            per_timer: dict[str, OpCost] = {}
-            fired = Counter()
-            for key, count in s.fired.items():
-                per_timer[key[0]] = per_timer.get(key[0], OpCost()) + self.memo[key].scaled(count)
-                fired[key[0]] += count
-            for name, total in per_timer.items():
-                offered = offered + total.scaled(1.0 / (fired[name] * self.timers[name]))
-                by_op[name] += total.bytes / (fired[name] * self.timers[name]) / len(self.sampled)
-                achieved = achieved + total.scaled(1.0 / duration_s)
-            if s.rounds and s.last_round_end > 0:
-                per_s = s.round_cost.scaled(1.0 / s.last_round_end)
-                offered, achieved = offered + per_s, achieved + per_s
-                by_op["round"] += per_s.bytes / len(self.sampled)
-        k = len(self.sampled)
-        offered, achieved = offered.scaled(1 / k), achieved.scaled(1 / k)
-        stretch = sum(s.stretch for s in self.sampled) / k
-        value = self.max_value()
-        rounds = sum(s.rounds for s in self.sampled)
-        wall = sum(s.last_round_end for s in self.sampled)
-        out = {
-            "design": self.design, "peers": self.n,
-            "control_bytes_per_peer_per_s": offered.bytes,
-            "control_bytes_by_operation": dict(by_op),
-            "dht_ops_per_peer_per_s": offered.dht_calls,
-            "dht_rpcs_per_peer_per_s": offered.rpcs,
-            "stream_msgs_per_peer_per_s": offered.stream_msgs,
-            "signature_checks_per_peer_per_s": offered.checks,
-            "signature_checks_cached_per_peer_per_s": offered.checks_cached,
-            "signature_cache": d.signature_cache,
-            "control_cpu_cores": self.cpu_s(offered),
-            "p2pd_cpu_cores": offered.rpcs * c.p2pd_cpu_s,
-            "loop_stretch": stretch,
-            "achieved_control_bytes_per_peer_per_s": achieved.bytes,
-            "max_dht_value_bytes": value[0], "max_dht_value_key": value[1],
-            "rounds_per_minute": 60.0 * rounds / wall if wall else 0.0,
-            "compute_share": sum(s.compute_s for s in self.sampled) / wall if wall else 0.0,
-            "seconds_per_round": wall / rounds if rounds else None,
-            **self.hot_node(),
-        }
-        if self.design == "bounded":
-            out.update(self.bucket_view())
-        out["broken"], out["broken_reason"] = self.broken(value[0], stretch)
-        if value[0] > c.max_dht_value_bytes:
-            out["rounds_per_minute"] = out["compute_share"] = 0.0  # the key is unreadable: no swarm forms
-        return out
-
-    def max_value(self) -> tuple[int, str]:
-        """The largest DHT value seen, and which key it was."""
-        c = self.costs
-        if self.design == "current":
-            return max((round(c.dict_bytes(self.max_entries, c.registry_entry_bytes)), "registry"),
-                       (round(c.dict_bytes(self.n, c.progress_entry_bytes)), "progress"))
-        found = [(round(c.dict_bytes(self.max_entries, c.registry_entry_bytes)), "registry bucket"),
-                 (round(c.dict_bytes(self.group, c.group_entry_bytes)), "group")]
-        if self.bnd.progress_via == "group_key":
-            found.append((round(c.dict_bytes(self.group, c.progress_entry_bytes)), "group progress"))
-        return max(found)
-
-    def broken(self, value_bytes: int, stretch: float) -> tuple[bool, str | None]:
-        c = self.costs
-        if value_bytes > c.max_dht_value_bytes:
-            return True, (f"a {value_bytes / 2**20:.1f} MiB DHT value is above hivemind's 4 MiB RPC limit: "
-                          "no answer comes back and the key is unreadable for everyone")
-        refresh = self.refresh_s * stretch
-        if refresh > self.ttl_s:
-            return True, (f"records expire before they are refreshed: the loop is {stretch:.0f}× behind "
-                          f"(refresh every {refresh:.0f} s, TTL {self.ttl_s:.0f} s), peers drop out of each other's view")
-        return False, None
-
-    def hot_node(self) -> dict:
-        """The busiest node: the one nearest a key, which every traversal of it reaches."""
-        if self.design == "current":
-            out_bytes, cpu = current_hot_node(self.dht, self.cur, self.n)
-        else:
-            out_bytes, cpu = bounded_hot_node(self.costs, self.bnd, self.n, self.bits, self._buckets_per_read())
-        return {"hot_node_bytes_per_s": out_bytes, "hot_node_cpu_cores": cpu}
-
-    def bucket_view(self) -> dict:
-        """What the bounded design's sampling tells each peer: its estimate of N from the
-        occupancy of the buckets it read in the last TTL, and its partial view."""
-        errors, views, other_bits = [], [], 0
-        for s in self.sampled:
-            latest = {b: e for _, b, e in s.reads}
-            if not latest:
-                continue
-            estimate = sum(latest.values()) / len(latest) * 2 ** self.bits
-            errors.append(abs(estimate - self.n) / self.n)
-            views.append(min(self.bnd.view_max, sum(latest.values()) - 1))
-            other_bits += self.bnd.bucket_bits(estimate) != self.bits
-        k = max(1, len(errors))
-        return {"bucket_bits": self.bits, "buckets": 2 ** self.bits, "buckets_read_per_period": self._buckets_per_read(),
-                "peers_estimate_error": sum(errors) / k, "peers_estimate_other_bits": other_bits / k,
-                "view_size": sum(views) / k}
