@@ -125,7 +125,7 @@ class BoundedDesign:
     (Moshpit groups rotating over the grid); "tree", one consensus aggregated up the grid's
     d dimensions (bench/groups.py run_tree, the design docs/scale.md chose): at each level
     above the row a peer fetches the G − 1 other groups' aggregates (a request stream each)
-    and tells the level's group which it took (a stream message each).)"""
+    and tells the level's group which it took (a stream message each)."""
     group_epoch_s: float = 60.0
     """Grid positions are drawn for an epoch; a peer joins one group key per grid dimension."""
     num_replicas: int = 5
@@ -250,10 +250,10 @@ def bounded_progress(dht: Dht, design: BoundedDesign, group: int) -> OpCost:
 def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int, levels: int = 1) -> OpCost:
     """What a round adds besides the timers: to each other member of the group, our record's
     changes (updates of the record the stream carried whole when it opened, which this does
-    not charge: streams stay open while rounds run) and "done"; a request stream for each delta pulled (the deltas themselves
-    are not control traffic); in a tree of `levels`, at each level above the row a request
-    stream for each of the G − 1 other groups' aggregates and a message to each saying which
-    this peer took."""
+    not charge: streams stay open while rounds run) and "done"; a request stream for each
+    delta pulled (the deltas themselves are not control traffic); in a tree of `levels`, at
+    each level above the row a request stream for each of the G − 1 other groups'
+    aggregates and a message to each saying which this peer took."""
     c = dht.costs
     above = (levels - 1) * (group - 1) if design.exchange == "tree" else 0
     if design.progress_via != "streams":

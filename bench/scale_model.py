@@ -97,10 +97,11 @@ class Costs:
         return self.rpc_overhead_bytes + value_bytes + neighbours * self.neighbour_bytes
 
 
-def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int, int]:
-    """(record frame, record update frame, progress frame) bytes on a progress stream, built
-    with the daemon's encoders late in a run (round 1,234, both chains and two anchors known)
-    for a peer that listens on `addrs`."""
+def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> dict[str, int]:
+    """The Costs fields of the progress streams' messages (`record_message_bytes`,
+    `update_message_bytes`, `stream_message_bytes`), built with the daemon's encoders late in
+    a run (round 1,234, both chains and two anchors known) for a peer that listens on `addrs`;
+    a progress message is charged the framing of the write that carries it."""
     import hashlib
 
     from locoswarm.node.progress import progress_frame, record_frames
@@ -113,7 +114,8 @@ def message_sizes(addrs: tuple[str, ...] = WAN_ADDRS) -> tuple[int, int, int]:
                         incarnation=(1 << 62) + 1, seq=2468)
     progress = Progress(tokens=123456, tokens_per_s=1234.5, done=False, incarnation=(1 << 62) + 1, round=1234)
     frames = record_frames(record)
-    return len(frames.full), len(frames.update), len(progress_frame(progress))
+    return {"record_message_bytes": len(frames.full), "update_message_bytes": len(frames.update),
+            "stream_message_bytes": len(progress_frame(progress)) + WRITE_FRAMING_BYTES}
 
 
 def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 0.5) -> Costs:
@@ -170,12 +172,9 @@ def calibrate(base: Costs | None = None, *, entries: int = 50, seconds: float = 
             decode_record(MSGPackSerializer.loads(raw), spec)
 
     check_s = rate(lambda: [validator.validate(r) for r in records]) / entries
-    record_frame_bytes, update_frame_bytes, progress_frame_bytes = message_sizes()
     return replace(
         base,
-        record_message_bytes=record_frame_bytes,
-        update_message_bytes=update_frame_bytes,
-        stream_message_bytes=progress_frame_bytes + WRITE_FRAMING_BYTES,
+        **message_sizes(),
         registry_entry_bytes=round((len(reg_blob) - 16) / entries),
         progress_entry_bytes=round((len(prog_blob) - 16) / entries),
         signature_check_s=check_s,

@@ -187,10 +187,14 @@ class Simulation:
         else:
             key = (name,)
             make = lambda: bounded_groups(self.dht, self.bnd, self.group)
+        return key, self._memoized(key, make)
+
+    def _memoized(self, key: tuple, make) -> OpCost:
+        """An operation's cost, computed once per key (the values it depends on are in the key)."""
         cost = self.memo.get(key)
         if cost is None:
             cost = self.memo[key] = make()
-        return key, cost
+        return cost
 
     def buckets_per_read(self) -> int:
         return min(2 ** self.bits, max(1, round(self.bnd.sample_entries / (self.n / 2 ** self.bits))))
@@ -264,10 +268,8 @@ class Simulation:
                 up = (self.group - 1) * w.delta_bytes
                 exchange += (self.levels - 1) * (2 * s.rtt_s + max(up / s.down_bytes_per_s, up / s.up_bytes_per_s))
         if self.design == "bounded":
-            key = ("round", self.group, pulled, self.levels)
-            cost = self.memo.get(key)
-            if cost is None:
-                cost = self.memo[key] = bounded_round(self.dht, self.bnd, self.group, pulled, self.levels)
+            cost = self._memoized(("round", self.group, pulled, self.levels),
+                                  lambda: bounded_round(self.dht, self.bnd, self.group, pulled, self.levels))
             s.round_cost = s.round_cost + cost
         if w.overlap:
             waits_for, s.exchange_done = s.exchange_done, now + exchange

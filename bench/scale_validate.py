@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from locoswarm.bench.scale import ScaleConfig, run_scale
 from locoswarm.bench.scale_designs import BoundedDesign
-from locoswarm.bench.scale_model import WRITE_FRAMING_BYTES, Churn, Costs, Links, Workload, message_sizes
+from locoswarm.bench.scale_model import Churn, Costs, Links, Workload, message_sizes
 
 _DAEMON = r"""
 import asyncio, os, sys, threading, time
@@ -144,9 +144,7 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
     tps = tokens_per_round / (round_s * swarm["train_time_share"])
     links = Links.loopback()
     links.rpc_s = rpc_s
-    record_frame_bytes, update_frame_bytes, progress_frame_bytes = message_sizes(("/ip4/127.0.0.1/tcp/40000",))
-    costs = replace(costs or Costs(), record_message_bytes=record_frame_bytes, update_message_bytes=update_frame_bytes,
-                    stream_message_bytes=progress_frame_bytes + WRITE_FRAMING_BYTES)
+    costs = replace(costs or Costs(), **message_sizes(("/ip4/127.0.0.1/tcp/40000",)))
     cfg = ScaleConfig(peers=(n,), designs=(design,), duration_s=duration_s, seed=seed, sample_peers=n,
                       churn=Churn(churn_s=1e12), links=links, costs=costs,
                       bounded=replace(bounded or BoundedDesign(), group_size=max(2, n)),

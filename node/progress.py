@@ -20,7 +20,7 @@ A message is a kind byte (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE), a two-byte b
 length and the body: a progress (`encode_progress`, which names its round,
 1..MAX_PROGRESS_BYTES), a record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and
 naming the sender) or, on a stream that already carried a record, an update of it
-(`encode_update`, 1..MAX_UPDATE_BYTES: what changes as a peer trains, a third of a record;
+(`encode_update`, 1..MAX_UPDATE_BYTES: what changes as a peer trains, a fifth to a third of a record;
 the receiver applies it to the last record of the stream and checks the result as a record).
 Delivery is best effort with memory: a sender (node/outbox.py) keeps its latest record and the latest message
 of each open round per peer and sends them again on a new stream when the last one broke,
