@@ -60,6 +60,8 @@ class RoundLine:
     """Writes to progress streams by this round's end (cumulative)."""
     delta_requests: int = 0
     """Delta requests made by this round's end (cumulative)."""
+    delta_streams: int = 0
+    """Streams opened for delta requests by this round's end (cumulative)."""
 
 
 @dataclass(slots=True)
@@ -223,7 +225,8 @@ class LocalSwarm:
                                          registry_sent=event.get("registry_sent", 0),
                                          progress_messages=event.get("progress_messages", 0),
                                          progress_writes=event.get("progress_writes", 0),
-                                         delta_requests=event.get("delta_requests", 0)))
+                                         delta_requests=event.get("delta_requests", 0),
+                                         delta_streams=event.get("delta_streams", 0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

@@ -122,10 +122,11 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "progress_bytes_per_peer_per_round": per_round("progress_sent"),
         "registry_bytes_per_peer_per_round": per_round("registry_sent"),
         # What libp2p frames besides those bytes: each write to a progress stream, each
-        # delta request's stream (bench scale --validate charges them).
+        # delta request and each stream opened for them (bench scale --validate charges them).
         "progress_messages_per_peer_per_round": per_round("progress_messages"),
         "progress_writes_per_peer_per_round": per_round("progress_writes"),
         "delta_requests_per_peer_per_round": per_round("delta_requests"),
+        "delta_streams_per_peer_per_round": per_round("delta_streams"),
         "replica_spread": spread,
         "fanout": fanout,
         # The round's shape, for bench scale --validate: a count is told once a step.

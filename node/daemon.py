@@ -127,7 +127,7 @@ class Daemon:
     async def _serve(self) -> int:
         from hivemind.dht.node import DHTNode
 
-        from locoswarm.node.exchange import DeltaServer
+        from locoswarm.node.exchange import DeltaServer, delta_streams
         from locoswarm.node.progress import ProgressBus
         from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
         from locoswarm.node.statesync import StateServer
@@ -136,7 +136,7 @@ class Daemon:
         if started is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         p2p, self.initial_peers = started
-        dht = control = registry = progress = None
+        dht = control = registry = progress = pulls = None
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
@@ -167,6 +167,7 @@ class Daemon:
             progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
                                    record=self._record, on_record=self.membership.heard,
                                    on_gone=self.membership.gone)
+            pulls = delta_streams(p2p)
             await self.deltas.start()
             await self.states.start()
             await progress.start()
@@ -178,7 +179,7 @@ class Daemon:
                                membership=self.membership, progress=progress, lineage=self.lineage,
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
-                               faults=self.faults, bytes_sent=lambda: self.bytes_sent,
+                               faults=self.faults, bytes_sent=lambda: self.bytes_sent, delta_streams=pulls,
                                registry_sent=lambda: registry.store.bytes_stored)
             self.loop = RoundLoop(ctx)
             await self._join(registry)
@@ -205,6 +206,8 @@ class Daemon:
                 self.deltas.stop()
             if progress is not None:
                 progress.close()
+            if pulls is not None:
+                pulls.close()
             for task in self._tasks:
                 task.cancel()
             if self.membership is not None:

@@ -95,7 +95,9 @@ class RoundEnded:
     progress_writes: int = 0
     """Writes to progress streams so far (each a message or several, framed once by libp2p)."""
     delta_requests: int = 0
-    """Delta requests this peer has made so far (a stream opened for each)."""
+    """Delta requests this peer has made so far."""
+    delta_streams: int = 0
+    """Streams this peer has opened for its delta requests so far (a stream is kept for the next)."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

@@ -10,7 +10,9 @@ round without a delta: it gave the round up or took another state), so that nobo
 for a delta that cannot come. Any other body is an encoded delta. A request for a round the
 peer is still training or encoding is held until its delta is published (at most
 LONG_POLL_S, then "not yet"): the delta leaves the moment it exists, instead of at the next
-poll of an asker, which on a fast machine cost a good part of a short round. The client never trusts the
+poll of an asker, which on a fast machine cost a good part of a short round. A stream carries
+one request after another (node/streams.py KeptStreams): a peer pulls from the same peers
+round after round, and a stream opened per request cost more than the request. The client never trusts the
 length: it refuses one above the spec's limit before reading, bounds every wait with a
 timeout, and hands the bytes to `decode_delta`, so a bad peer costs a round's contribution,
 never the node.
@@ -23,11 +25,11 @@ from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
+from locoswarm.node.streams import KeptStreams, PeerLimits, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
 from locoswarm.protocol.framing import HEADER
 
-PROTOCOL = "locoswarm/delta/3"
+PROTOCOL = "locoswarm/delta/4"
 REQUEST_LEN = 16
 """Round and incarnation, 8 bytes each."""
 _ROUNDS_KEPT = 2
@@ -36,6 +38,9 @@ GONE = b"\x00"
 LONG_POLL_S = 1.0
 """Longest a request for a pending round is held before "not yet" (below node/rounds.py's
 LIVENESS_S, so a probed peer's answer arrives within the probe's bound)."""
+KEPT_IDLE_S = 30.0
+"""A puller closes a stream it has not asked on for this long (a peer pulled from every
+round asks again within a round; the server gives up on it after twice this)."""
 
 
 class DeltaUnavailable(Exception):
@@ -134,23 +139,30 @@ class DeltaServer:
             self._wake(round_)
 
     async def rpc_get_delta(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def count(sent: int) -> None:
+            # Counted as each answer goes (not `self.bytes_sent += await …`, which reads the
+            # counter before the await: requests held for one round end together).
+            self.bytes_sent += sent
+
         try:
-            # Not `self.bytes_sent += await …`: that reads the counter before the await, and
-            # the requests held for one round end together, each storing its own sum.
-            sent = await serve_framed(
+            await serve_framed(
                 info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
-                limits=self.limits, admit=self.admit,
+                limits=self.limits, admit=self.admit, idle_s=2 * KEPT_IDLE_S, sent=count,
                 answer=lambda request: self.respond(int.from_bytes(request[:8], "big"),
                                                     int.from_bytes(request[8:], "big")),
             )
-            self.bytes_sent += sent
         except asyncio.CancelledError:
             # p2pd shut down under a held request: the asker sees its stream close and asks
             # again or drops us; nothing here is left to clean up.
             writer.close()
 
 
-async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float,
+def delta_streams(p2p: P2P) -> KeptStreams:
+    """The kept streams a puller asks for deltas on."""
+    return KeptStreams(p2p, PROTOCOL, idle_s=KEPT_IDLE_S)
+
+
+async def call_get_delta(streams: KeptStreams, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float,
                          incarnation: int = 0) -> DecodedDelta:
     """Pull `peer_id`'s delta of `round_` from its process of `incarnation` (0: whichever
     runs) and validate it against `spec`.
@@ -161,8 +173,8 @@ async def call_get_delta(p2p: P2P, peer_id: PeerID, round_: int, spec: DeltaSpec
     another round)."""
 
     request = round_.to_bytes(HEADER, "big") + incarnation.to_bytes(8, "big")
-    blob = await call_framed(p2p, peer_id, PROTOCOL, request, limit=spec.max_message_bytes,
-                             limit_name="the spec's limit", timeout_s=timeout_s)
+    blob = await streams.call(peer_id, request, limit=spec.max_message_bytes, limit_name="the spec's limit",
+                              timeout_s=timeout_s)
     if blob is None:
         raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_} yet")
     if blob == GONE:

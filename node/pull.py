@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
 
 from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.rounds import RoundProgress
+from locoswarm.node.streams import KeptStreams
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.framing import TruncatedBody
 
@@ -68,7 +69,7 @@ class Gathered:
     """peer id → why its delta is not in this round."""
     bytes_received: int = 0
     requests: int = 0
-    """Delta requests made (streams opened), answered or not."""
+    """Delta requests made, answered or not (`streams.num_opened` counts the streams opened for them)."""
     rejected: int = 0
     """Deltas refused as bad (not merely missing)."""
     unreachable: set[str] = field(default_factory=set)
@@ -77,12 +78,12 @@ class Gathered:
     """Unproven peers that did not answer within LIVENESS_S."""
 
 
-async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
+async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
                         fanout: int, rng: random.Random,
                         keep: Callable[[str, list[str]], bool] | None = None,
                         gone: Callable[[str], bool] | None = None) -> Gathered:
-    """Pull round `round_`'s deltas from its participants (at most `fanout`) until every
-    one is in or `deadline_s` has passed. Participants are the peers that report progress
+    """Pull round `round_`'s deltas from its participants (at most `fanout`), on `streams`,
+    until every one is in or `deadline_s` has passed. Participants are the peers that report progress
     in the round; a proven peer expected in it (`progress.expected()`) that has not reported
     yet is asked too, and waited for while it answers "not yet", so that peers agree on who
     took part. A peer that says it will serve no delta for the round, or whose dials are
@@ -153,7 +154,7 @@ async def gather_deltas(p2p: P2P, progress: RoundProgress, round_: int, spec: De
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
                 out.requests += 1
-                delta = await call_get_delta(p2p, pid, round_, spec, timeout_s=limit, incarnation=asked_of)
+                delta = await call_get_delta(streams, pid, round_, spec, timeout_s=limit, incarnation=asked_of)
             except DeltaGone:
                 out.failed[peer] = "will serve no delta for this round (restarted, gave it up, or took another state)"
                 out.unreachable.add(peer)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from locoswarm.node.progress import ProgressBus
     from locoswarm.node.spec import RunSpec
     from locoswarm.node.statesync import StateServer
+    from locoswarm.node.streams import KeptStreams
     from locoswarm.node.threads import Pools
     from locoswarm.node.trainer import RoundWork, Trainer
 
@@ -116,6 +117,8 @@ class RoundContext:
     should_exit: asyncio.Event
     faults: RoundFaults
     bytes_sent: Callable[[], int]
+    delta_streams: KeptStreams
+    """The streams this peer asks for deltas on (node/exchange.py delta_streams)."""
     registry_sent: Callable[[], int] = lambda: 0
     """Signed registry entry bytes stored at other replicas so far (node/replicas.py)."""
     rng: random.Random = field(default_factory=random.Random)
@@ -272,7 +275,7 @@ class RoundLoop:
             progress.refresh()
         except Exception as e:  # the others still see our last report, and pull our delta
             log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
-        got = await gather_deltas(ctx.p2p, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
+        got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
                                   gone=ctx.membership.is_gone)
@@ -329,6 +332,7 @@ class RoundLoop:
                               boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
                               progress_messages=ctx.progress.messages_sent,
                               progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,
+                              delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received))
 
