@@ -124,7 +124,7 @@ class BoundedDesign:
     """Above one group: "grid", each peer steps its own state with its group's aggregate
     (Moshpit groups rotating over the grid); "tree", one consensus aggregated up the grid's
     d dimensions (bench/groups.py run_tree, the design docs/scale.md chose): at each level
-    above the row a peer fetches the G − 1 other groups' aggregates (a request stream each)
+    above the row a peer fetches the G − 1 other groups' aggregates (a request each)
     and tells the level's group which it took (a stream message each)."""
     group_epoch_s: float = 60.0
     """Grid positions are drawn for an epoch; a peer joins one group key per grid dimension."""
@@ -167,6 +167,7 @@ class Dht:
         self.first_replicas = traversal_stats(num_nodes, "first_replicas", num_workers=read_workers or num_workers,
                                               **kw)
         self.full_replicas = traversal_stats(num_nodes, "full_replicas", num_workers=num_workers, **kw)
+        self.lookup = traversal_stats(num_nodes, "lookup", num_workers=num_workers, **kw)
         self.neighbours = min(beam_size, max(0, num_nodes - 2))
         """Nodes listed in an answer: the nearest in the answerer's table, not itself or the requester."""
         self.p_replica = min(1.0, num_replicas / num_nodes)
@@ -229,12 +230,33 @@ def bounded_record(dht: Dht, design: BoundedDesign, entries: float, entry_bytes:
 
 
 def bounded_read(dht: Dht, entries: float, entry_bytes: float) -> OpCost:
-    """A read of a key of `entries` entries that stops at the first fresh copy; every entry
-    read is a version this peer has not seen (a bucket is read at most every 20 s)."""
+    """A read of a sampled bucket of `entries` entries (node/registry.py, hivemind's get with
+    one request in flight) that stops at the first fresh copy; every entry read is a version
+    this peer has not seen (a bucket is read at most every 20 s)."""
     out = dht.answers(dht.first_replicas, dht.costs.dict_bytes(entries, entry_bytes), entries)
     out.cpu_s += entries * dht.costs.entry_decode_s
     out.dht_calls = 1.0
     out.checks_cached = entries if dht.first_replicas.visits else 0.0
+    return out
+
+
+def bounded_own_read(dht: Dht, entries: float, entry_bytes: float) -> OpCost:
+    """A read of this peer's own bucket as node/replicas.py reads it: a look-up of the key's
+    replicas (a traversal whose answers carry no value; looked up again after 10 s, so once
+    every 20-s read, shared with the store that follows), then one replica's copy, the
+    replicas asked in turn, ourselves among them where we are one (a copy that missed a
+    store then sets nothing back): over the network but for our own turn."""
+    c = dht.costs
+    lookup = dht.answers(dht.lookup, 0.0, 0.0)
+    value = c.dict_bytes(entries, entry_bytes)
+    remote = 1.0 - dht.p_replica / max(1, min(dht.num_replicas, dht.num_nodes))
+    received = remote * (c.rpc_overhead_bytes + value)
+    copy = OpCost(bytes=received, received_bytes=received, rpcs=remote, checks=remote * entries,
+                  checks_cached=entries,
+                  cpu_s=(remote * (value / c.msgpack_decode_bytes_per_s + value / c.msgpack_encode_bytes_per_s
+                                   + c.rpc_cpu_s) + entries * c.entry_decode_s), waves=remote)
+    out = lookup + copy
+    out.dht_calls = 1.0
     return out
 
 
@@ -251,26 +273,28 @@ def bounded_round(dht: Dht, design: BoundedDesign, group: int, pulled: int, leve
     """What a round adds besides the timers: to each other member of the group, our record's
     changes (updates of the record the stream carried whole when it opened, which this does
     not charge: streams stay open while rounds run) and "done"; a request stream for each
-    delta pulled (the deltas themselves are not control traffic); in a tree of `levels`, at
-    each level above the row a request stream for each of the G − 1 other groups'
+    delta pulled on a kept stream (the deltas themselves are not control traffic); in a tree of
+    `levels`, at each level above the row a request for each of the G − 1 other groups'
     aggregates and a message to each saying which this peer took."""
     c = dht.costs
     above = (levels - 1) * (group - 1) if design.exchange == "tree" else 0
     if design.progress_via != "streams":
-        return OpCost(bytes=(pulled + above) * c.request_stream_bytes)
+        return OpCost(bytes=(pulled + above) * c.request_bytes)
     told = group - 1
     return OpCost(bytes=told * (design.records_per_round * c.update_message_bytes + c.stream_message_bytes)
-                  + pulled * c.request_stream_bytes + above * (c.request_stream_bytes + c.stream_message_bytes),
+                  + pulled * c.request_bytes + above * (c.request_bytes + c.stream_message_bytes),
                   stream_msgs=told * (design.records_per_round + 1) + above,
                   cpu_s=(told * (design.records_per_round + 1) + above) * 2 * c.progress_codec_s)
 
 
 def bounded_groups(dht: Dht, design: BoundedDesign, group: int) -> OpCost:
     """Joining one epoch's groups: per grid dimension, read the group key (to find its
-    replicas and the members so far), store this peer's entry there, read it again later."""
+    replicas and the members so far), store this peer's entry there, read it again later,
+    and open a stream to each of the group's G − 1 others for the epoch's requests (kept
+    while the epoch lasts)."""
     c = dht.costs
     one = (bounded_read(dht, group / 2, c.group_entry_bytes) + bounded_record(dht, design, group, c.group_entry_bytes)
-           + bounded_read(dht, group, c.group_entry_bytes))
+           + bounded_read(dht, group, c.group_entry_bytes) + OpCost(bytes=(group - 1) * c.stream_open_bytes))
     return one.scaled(design.grid_dims(dht.num_nodes))
 
 

@@ -171,8 +171,10 @@ def traversal_stats(num_nodes: int, kind: str, *, num_replicas: int = 5, beam_si
     "first_replicas": a get that a first copy satisfies, only the `num_replicas` nodes
     nearest the key holding it (a key that readers do not cache for others);
     "full_replicas": a store's find on such a key (the whole beam, the replicas answering
-    with the value)."""
-    if kind not in ("full", "first_any", "first_replicas", "full_replicas"):
+    with the value);
+    "lookup": `find_nearest_nodes`, the whole beam, no answer carrying a value (the daemon's
+    look-up of a key's replicas, node/replicas.py)."""
+    if kind not in ("full", "first_any", "first_replicas", "full_replicas", "lookup"):
         raise ValueError(f"unknown traversal kind {kind!r}")
     net = Network(num_nodes, bucket_size=beam_size, seed=seed)
     rng = random.Random(seed + 1)
@@ -181,6 +183,8 @@ def traversal_stats(num_nodes: int, kind: str, *, num_replicas: int = 5, beam_si
         key = rng.getrandbits(ID_BITS)
         start = rng.choice(net.ids)
         holders = set(net.nearest(key, num_replicas)) if kind.endswith("replicas") else None
+        if kind == "lookup":
+            holders = set()
         if kind == "first_replicas" and start in holders:
             continue  # a replica reads its own storage: no request at all
         out = net.traverse(start, key, beam_size=beam_size, num_workers=num_workers, holders=holders,

@@ -38,9 +38,11 @@ class Costs:
     neighbour_bytes: int = 58
     """One of the up to 20 nearest nodes every find answer lists (node id 20 B, peer id 34 B,
     protobuf tags): (1,198 − 26) / 20 from hivemind's dht_pb2 FindResponse."""
-    rpc_overhead_bytes: int = 200
+    rpc_overhead_bytes: int = 443
     """One unary DHT RPC besides its value and neighbours: the request (46 B for one key), the
-    answer's header (26 B), p2pd's unary-call framing, yamux and noise (estimate: 2 × 64 B)."""
+    answer's header (26 B), and 371 B of what p2pd adds (a libp2p stream opened per call, its
+    negotiation and framing both ways: `python -m locoswarm.bench.request_cost`, 50 call_find
+    between two DHT nodes, two runs, 2026-12-05; 200 B, an estimate, before)."""
     stream_message_bytes: int = 88
     """One progress message on a long-lived stream, written alone: its frame (node/progress.py
     progress_frame: kind, length, msgpack Progress with round and incarnation; 56 B late in a
@@ -54,11 +56,16 @@ class Costs:
     """A record told as an update of the last one the stream carried (node/progress.py
     KIND_UPDATE: round, chains, anchors, flags, throughput, sequence number; `message_sizes`),
     what a round's changes cost; it shares a write with a progress message."""
-    request_stream_bytes: int = 360
-    """A delta request beside the delta itself: the 16-byte request and what opening a libp2p
-    stream for it costs (multistream negotiation, yamux and TLS framing of both ways): 344 B
-    beyond the request and answer, measured between two p2pd over 50 request streams of 6 kB,
-    2026-12-05."""
+    request_bytes: int = 85
+    """A delta request beside the delta itself, on a kept stream (node/streams.py KeptStreams):
+    the 16-byte request and libp2p's framing of it and its answer both ways, 63–71 B
+    measured (`python -m locoswarm.bench.request_cost`: 50 requests for 6 kB between two p2pd,
+    three runs, 2026-12-05)."""
+    stream_open_bytes: int = 295
+    """Opening a libp2p stream (multistream negotiation, the stream's open and close): a
+    request on a stream of its own cost 358–415 B beside the request and answer in the same
+    runs (median 361), 294 B more than on a kept stream. The daemon keeps its delta streams
+    while it pulls from the same peers: charged once per group member per epoch."""
     signature_check_s: float = 70e-6
     """hivemind's RSASignatureValidator.validate of one entry (parse the key, RSA-2048-PSS
     verify): DESIGN.md; `calibrate()` measured 68 µs on 2 busy AMD EPYC cores."""

@@ -31,8 +31,8 @@ import random
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from locoswarm.bench.scale_designs import (BoundedDesign, CurrentDesign, Dht, OpCost, bounded_groups, bounded_progress,
-                                           bounded_read, bounded_record, bounded_round, current_cycle)
+from locoswarm.bench.scale_designs import (BoundedDesign, CurrentDesign, Dht, OpCost, bounded_groups, bounded_own_read,
+                                           bounded_progress, bounded_read, bounded_record, bounded_round, current_cycle)
 from locoswarm.bench.scale_model import Churn, Costs, Links, Workload
 
 REESTIMATE_S = 5.0
@@ -174,10 +174,11 @@ class Simulation:
         elif name == "sample":
             own = self.bucket[s.slot]
             others = self.rng.sample([b for b in range(2 ** self.bits) if b != own], self.buckets_per_read() - 1)
-            key = (name, tuple(sorted(self.occupancy(b) for b in [own] + others)))
+            key = (name, self.occupancy(own), tuple(sorted(self.occupancy(b) for b in others)))
             for b in [own] + others:
                 s.reads.append((now, b, self.occupancy(b)))
-            make = lambda: sum((bounded_read(self.dht, e, c.registry_entry_bytes) for e in key[1]), OpCost())
+            make = lambda: sum((bounded_read(self.dht, e, c.registry_entry_bytes) for e in key[2]),
+                               bounded_own_read(self.dht, key[1], c.registry_entry_bytes))
         elif name == "record":
             key = (name, self.occupancy(self.bucket[s.slot]))
             make = lambda: bounded_record(self.dht, self.bnd, key[1], c.registry_entry_bytes)

@@ -167,6 +167,9 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
         "real_tokens_per_round": tokens_per_round, "model_tokens_per_round": cfg.workload.round_tokens,
         "model_offered_control_bytes_per_peer_per_s": model["control_bytes_per_peer_per_s"],
         "model_achieved_control_bytes_per_peer_per_s": model["achieved_control_bytes_per_peer_per_s"],
+        # Where the model's bytes go, per peer per round (offered), beside the run's own counts.
+        "model_control_bytes_per_round_by_operation": {
+            op: b * model["seconds_per_round"] for op, b in model["control_bytes_by_operation"].items()},
     }
 
 

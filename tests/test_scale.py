@@ -64,21 +64,21 @@ def test_bounded_design_meets_its_targets(default_run):
 
 def test_a_round_charges_records_done_and_delta_requests_and_one_group_needs_no_grid():
     """Besides its timers, each round of the bounded design tells every other member our
-    record as it changes and "done", and opens a request stream per delta pulled; a swarm
+    record as it changes and "done", and asks for each delta pulled on a kept stream; a swarm
     that fits in one group joins no group keys."""
     small, big = sc.run_scale(sc.ScaleConfig(peers=(6, 100), designs=("bounded",), duration_s=120))
     assert "groups" not in small["control_bytes_by_operation"] and big["control_bytes_by_operation"]["groups"] > 0
     c, d = Costs(), BoundedDesign()
     told = pulled = 5
     per_round = told * (d.records_per_round * c.update_message_bytes + c.stream_message_bytes) \
-        + pulled * c.request_stream_bytes
+        + pulled * c.request_bytes
     rounds_per_s = small["rounds_per_minute"] / 60
     assert small["control_bytes_by_operation"]["round"] == pytest.approx(per_round * rounds_per_s, rel=0.02)
 
 
 def test_a_tree_exchange_fetches_and_tells_at_every_level_above_the_row():
     """At 1,000 peers in groups of 16 the tree has d = 3 levels: above the row, at each of
-    the 2 others, a request stream for each of the 15 other groups' aggregates and a message
+    the 2 others, a request for each of the 15 other groups' aggregates and a message
     to each; that is all a round adds to the grid's."""
     grid, tree = (sc.run_scale(replace(sc.ScaleConfig(peers=(1000,), designs=("bounded",), duration_s=120), bounded=b))[0]
                   for b in (BoundedDesign(), BoundedDesign(exchange="tree")))
@@ -87,7 +87,7 @@ def test_a_tree_exchange_fetches_and_tells_at_every_level_above_the_row():
     def per_round(r):
         return r["control_bytes_by_operation"]["round"] / (r["rounds_per_minute"] / 60)
 
-    assert per_round(tree) - per_round(grid) == pytest.approx(2 * 15 * (c.request_stream_bytes + c.stream_message_bytes),
+    assert per_round(tree) - per_round(grid) == pytest.approx(2 * 15 * (c.request_bytes + c.stream_message_bytes),
                                                               rel=0.02)
     assert tree["control_bytes_per_peer_per_s"] > grid["control_bytes_per_peer_per_s"]
 
@@ -150,9 +150,9 @@ def test_model_matches_real_daemons_within_a_fifth():
     round trip measured beside them; the model of the design each run's daemons ran must stay
     within 20 %: the first design (progress read from the DHT), then the bounded one."""
     runs = (("scale-validate-swarm3.json", 0.0022, "current"), ("scale-validate-swarm6.json", 0.0049, "current"),
-            ("swarm-3x12-2core-bounded-validate.json", 0.0009, "bounded"),
-            ("swarm-6x12-2core-bounded-validate.json", 0.0011, "bounded"),
-            ("swarm-10x10-2core-bounded-validate.json", 0.0241, "bounded"))
+            ("swarm-3x48-2core-kept-validate.json", 0.0010, "bounded"),
+            ("swarm-6x24-2core-kept-validate.json", 0.0045, "bounded"),
+            ("swarm-10x10-2core-kept-validate.json", 0.0269, "bounded"))
     for name, rpc_s, design in runs:
         c = compare_with_swarm(load_swarm(str(RESULTS / name)), cores=2, rpc_s=rpc_s, duration_s=60)
         assert c["design"] == design
