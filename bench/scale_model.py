@@ -47,7 +47,7 @@ class Costs:
     """One progress message on a long-lived stream, written alone: its frame (node/progress.py
     progress_frame: kind, length, msgpack Progress with round and incarnation; 56 B late in a
     run, `message_sizes`) and what libp2p adds to one write between two p2pd (WRITE_FRAMING_BYTES)."""
-    record_message_bytes: int = 610
+    record_message_bytes: int = 618
     """A peer record told whole over a progress stream (node/progress.py record_frame, no
     signature) with three addresses (tcp, quic, ip6), its chains and two anchors
     (`message_sizes`): the first on each stream, and whenever its addresses change. On

@@ -189,6 +189,34 @@ def kernels(
 
 
 @app.command()
+def identity(
+    bits: str = typer.Option("8,10,12", help="Difficulties to mine at (bits, comma-separated), 5 times each."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """What a proof of work on an identity costs (a run's `access.work_bits`): one scrypt
+    evaluation, mining at small difficulties, and what larger ones cost one peer and a
+    thousand identities."""
+    from locoswarm.bench.identity import format_result, measure
+    from locoswarm.protocol.work import MAX_WORK_BITS
+
+    try:
+        parsed = tuple(int(b) if b.strip().isdigit() else -1 for b in bits.split(","))
+        if not all(1 <= b <= min(MAX_WORK_BITS, 16) for b in parsed):
+            raise ValueError(f"--bits: comma-separated integers in [1, 16] to be mined here, got {bits!r}")
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    result = measure(parsed)
+    typer.echo(format_result(result))
+    if json_path is not None:
+        from locoswarm.node.files import write_atomic
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=1))
+        typer.echo(f"wrote {json_path}")
+
+
+@app.command()
 def scale(
     peers: str = typer.Option("10,100,1000,10000", help="Swarm sizes to simulate, comma-separated."),
     design: str = typer.Option("both", help="current (the first daemon's: one registry key, progress read from the "

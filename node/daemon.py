@@ -49,7 +49,9 @@ from locoswarm.node.roundloop import NodeStats, RoundContext, RoundFaults, Round
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
 from locoswarm.node.upkeep import keep_record
+from locoswarm.node.work import prove_work
 from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.work import WorkCheck
 
 log = logging.getLogger(__name__)
 STOP_LIMIT_S = 60.0
@@ -93,6 +95,8 @@ class Daemon:
         self._last_record: PeerRecord | None = None
         self._record_seq = 0
         self._joining = True
+        self.work = 0
+        """The nonce proving this identity's work for the run (node/work.py; 0: none asked)."""
         """Until the join (state download included) is over: our record says paused, so
         that the peers it reaches before we train neither count us toward --min-peers nor
         tell us rounds we cannot take part in."""
@@ -141,7 +145,13 @@ class Daemon:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
             access = self.spec.access
-            refuse = (lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof)) if access.restricted else None
+            work = await prove_work(self.cfg.state_dir, self.spec_hash, self.peer_id, access.work_bits, self.should_exit)
+            if work is None:
+                return 0  # stopped (Ctrl-C, SIGTERM) while proving work
+            self.work = work
+            check_work = WorkCheck(self.spec_hash, access.work_bits) if access.work_bits else None
+            refuse = ((lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof, r.work, check_work))
+                      if access.restricted else None)
             self.membership = Membership(self.peer_id, restricted=access.restricted, refuse=refuse,
                                          heard_ttl_s=self.cfg.record_ttl_s)
             validator = CachedSignatureValidator(identity_key(self.cfg.state_dir))
@@ -264,7 +274,7 @@ class Daemon:
         record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
                             tokens_per_s=0.0, round=steps, spec_hash=self.spec_hash,
                             paused=self.idle.paused is not None or self._joining,
-                            proof=self.spec.access.proof(self.spec_hash, self.peer_id),
+                            proof=self.spec.access.proof(self.spec_hash, self.peer_id), work=self.work,
                             incarnation=self.incarnation, **self.lineage.shown(steps))
         if record != self._last_record:
             self._last_record, self._record_seq = record, self._record_seq + 1

@@ -17,7 +17,7 @@ import hmac
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from locoswarm.node.files import read_toml, write_atomic
 from locoswarm.workload.data import DataConfig
@@ -25,6 +25,7 @@ from locoswarm.workload.model import check_model_name
 from locoswarm.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 from locoswarm.optim.config import RobustConfig
+from locoswarm.protocol.work import MAX_WORK_BITS, meets
 
 SPEC_VERSION = 1
 
@@ -57,6 +58,9 @@ class AccessPolicy:
     """base58 peer ids admitted (empty: no list)."""
     secret: str = ""
     """Shared secret (empty: none); at least 16 characters."""
+    work_bits: int = 0
+    """Proof of work each identity must show for this run (protocol/work.py): about 2^bits
+    scrypt evaluations of ≈2 ms on one core, paid once per identity (0: none; at most 32)."""
 
     def validate(self) -> None:
         for p in self.allow_peers:
@@ -64,10 +68,13 @@ class AccessPolicy:
                 raise ValueError(f"access.allow_peers: {p!r} is not a base58 peer id")
         if self.secret and len(self.secret) < 16:
             raise ValueError("access.secret must be at least 16 characters (or empty for none)")
+        if type(self.work_bits) is not int or not 0 <= self.work_bits <= MAX_WORK_BITS:
+            raise ValueError(f"access.work_bits must be an integer in [0, {MAX_WORK_BITS}], got {self.work_bits!r}")
 
     @property
     def restricted(self) -> bool:
-        return bool(self.allow_peers or self.secret)
+        """Peers are admitted one by one (their records checked), not everyone with the spec."""
+        return bool(self.allow_peers or self.secret or self.work_bits)
 
     def proof(self, spec_hash: bytes, peer_id: str) -> bytes:
         """What a peer's record carries to show it holds the secret (empty without one)."""
@@ -76,12 +83,18 @@ class AccessPolicy:
         return hmac.new(self.secret.encode(), b"locoswarm-access/1" + spec_hash + peer_id.encode(),
                         hashlib.sha256).digest()
 
-    def refuse(self, spec_hash: bytes, peer_id: str, proof: bytes) -> str | None:
-        """Why `peer_id` is not admitted to the run (None: it is)."""
+    def refuse(self, spec_hash: bytes, peer_id: str, proof: bytes, work: int = 0,
+               check_work: Callable[[str, int], bool] | None = None) -> str | None:
+        """Why `peer_id` is not admitted to the run (None: it is). `check_work(peer_id,
+        nonce)`: a cached protocol/work.py check (None: check afresh)."""
         if self.allow_peers and peer_id not in self.allow_peers:
             return f"peer {peer_id} is not on the run's allow-list"
         if self.secret and not hmac.compare_digest(proof, self.proof(spec_hash, peer_id)):
             return f"peer {peer_id} does not prove it holds the run's secret"
+        if self.work_bits:
+            ok = check_work(peer_id, work) if check_work is not None else meets(spec_hash, peer_id, work, self.work_bits)
+            if not ok:
+                return f"peer {peer_id} shows no proof of {self.work_bits} bits of work for this run (nonce {work})"
         return None
 
 
@@ -136,6 +149,8 @@ class RunSpec:
         body["diloco"]["outer"].pop("device")
         if not self.access.restricted:
             body.pop("access")  # open runs hash as they did before access policies existed
+        elif not self.access.work_bits:
+            body["access"].pop("work_bits")  # private runs without work: as before it existed
         if not self.diloco.robust.trim:
             body["diloco"]["robust"].pop("trim")  # off: the hash of specs from before the trimmed mean
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))

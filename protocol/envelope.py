@@ -21,7 +21,8 @@ def unpack_envelope(
     if len(blob) > max_bytes:
         raise OversizedMessage(f"{what} of {len(blob)} bytes exceeds the limit of {max_bytes}")
     try:
-        m = msgpack.unpackb(bytes(blob), raw=False, use_list=True, strict_map_key=True, max_map_len=16,
+        m = msgpack.unpackb(bytes(blob), raw=False, use_list=True, strict_map_key=True,
+                            max_map_len=max(16, len(keys) + 1),
                             max_ext_len=0, **limits)
     except Exception as e:  # msgpack raises many types for bad input; all mean "malformed"
         raise MalformedMessage(f"{what} is not valid msgpack: {type(e).__name__}: {e}") from None

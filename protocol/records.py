@@ -8,7 +8,8 @@ while some are a round ahead: node/reunion.py), and its incarnation (a number dr
 start of the process: a restarted peer, same identity, shows a new one, so nobody waits for
 what its previous life promised), and a sequence number within that incarnation (the same
 record also travels over the progress streams, node/progress.py: the larger number is the
-newer statement). Encoded as a msgpack map, version 8;
+newer statement), and (in a run that asks for it) its proof of work on its identity
+(protocol/work.py). Encoded as a msgpack map, version 10;
 `decode_record` validates every field and raises a ProtocolError subclass naming what was
 wrong. Signing (so that no peer can overwrite another's record) is the DHT layer's job:
 hivemind's signature validator.
@@ -23,7 +24,7 @@ import msgpack
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
-RECORD_VERSION = 9
+RECORD_VERSION = 10
 MAX_RECORD_BYTES = 4096
 MAX_ADDRS = 16
 DEVICE_CLASSES = ("cuda", "mps", "cpu")
@@ -37,7 +38,7 @@ def is_chain(value: object) -> bool:
     return isinstance(value, str) and len(value) == CHAIN_HEX_LEN and set(value) <= _HEX
 
 _KEYS = frozenset({"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
-                   "chain", "prev_chain", "inc", "anchors", "seq"})
+                   "chain", "prev_chain", "inc", "anchors", "seq", "work"})
 MAX_ANCHORS = 2
 
 
@@ -77,6 +78,9 @@ class PeerRecord:
     seq: int = 0
     """Counts the changes of the record within its incarnation: of two records of one life
     (one read from the DHT, one told over a stream), the larger number is the newer."""
+    work: int = 0
+    """The nonce proving work on this identity for the run (protocol/work.py; 0 where the run
+    asks for none)."""
 
 
 def encode_record(r: PeerRecord) -> bytes:
@@ -84,7 +88,7 @@ def encode_record(r: PeerRecord) -> bytes:
                           "tokens_per_s": float(r.tokens_per_s), "round": r.round, "spec": r.spec_hash,
                           "paused": r.paused, "proof": r.proof, "diverged": r.diverged,
                           "chain": r.chain, "prev_chain": r.prev_chain, "inc": r.incarnation,
-                          "anchors": [[k, c] for k, c in r.anchors], "seq": r.seq},
+                          "anchors": [[k, c] for k, c in r.anchors], "seq": r.seq, "work": r.work},
                          use_bin_type=True)
 
 
@@ -119,6 +123,8 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
     if type(m["seq"]) is not int or not 0 <= m["seq"] < 2**63:
         raise MalformedMessage(f"peer record of {peer}: seq {m['seq']!r} is not an integer in [0, 2**63)")
+    if type(m["work"]) is not int or not 0 <= m["work"] < 2**64:
+        raise MalformedMessage(f"peer record of {peer}: work {m['work']!r} is not an integer in [0, 2**64)")
     if m["prev_chain"] and round_ == 0:
         raise MalformedMessage(f"peer record of {peer}: prev_chain given at round 0, which has no round before it")
     anchors = m["anchors"]
@@ -130,7 +136,7 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
     return PeerRecord(peer_id=peer, addrs=tuple(addrs), device=device, tokens_per_s=tps, round=round_,
                       spec_hash=m["spec"], paused=m["paused"], proof=m["proof"], diverged=m["diverged"],
                       chain=m["chain"], prev_chain=m["prev_chain"], incarnation=m["inc"],
-                      anchors=tuple((k, c) for k, c in anchors), seq=m["seq"])
+                      anchors=tuple((k, c) for k, c in anchors), seq=m["seq"], work=m["work"])
 
 
 # ---------------------------------------------------------------- record updates
@@ -144,8 +150,8 @@ the chains as their 16 bytes rather than hex, for a message sent every round."""
 
 def record_base(r: PeerRecord) -> tuple:
     """What a record update leaves as it was: who the peer is, where it listens, what it
-    runs, and which life of its process this is."""
-    return r.peer_id, r.addrs, r.device, r.spec_hash, r.proof, r.incarnation
+    runs, its proofs, and which life of its process this is."""
+    return r.peer_id, r.addrs, r.device, r.spec_hash, r.proof, r.incarnation, r.work
 
 
 def encode_update(r: PeerRecord) -> bytes:

@@ -229,11 +229,11 @@ def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None) ->
     return path
 
 
-def write_private_spec(path: Path, secret: str) -> Path:
+def write_private_spec(path: Path, secret: str = "", work_bits: int = 0) -> Path:
     from locoswarm.node.spec import AccessPolicy, RunSpec
     from locoswarm.node.spec import write_spec as write
 
-    write(dataclasses.replace(RunSpec(), access=AccessPolicy(secret=secret)), str(path))
+    write(dataclasses.replace(RunSpec(), access=AccessPolicy(secret=secret, work_bits=work_bits)), str(path))
     return path
 
 

@@ -322,26 +322,36 @@ def test_a_corrupt_identity_key_exits_2_naming_the_file_and_leaves_it_unchanged(
 
 @pytest.mark.slow
 @pytest.mark.timeout(180, method="signal")
-def test_a_private_run_trains_its_members_and_refuses_a_stranger_who_knows_the_spec_hash(swarm: Swarm, tmp_path: Path):
-    """Two peers of a run with a shared secret train together; a stranger who signs a record
-    claiming the spec hash, reports inflated progress and asks for deltas is refused at
-    every step: its record with the reason, its delta requests unanswered, its progress
-    not counted (every round has the two members alone)."""
+@pytest.mark.parametrize("gate", ["secret", "work"])
+def test_a_private_run_trains_its_members_and_refuses_a_stranger_who_knows_the_spec_hash(swarm: Swarm, tmp_path: Path,
+                                                                                          gate: str):
+    """Two peers of a run with a shared secret, or of a run that asks each identity for 8
+    bits of proof of work, train together; a stranger who signs a record claiming the spec
+    hash (without the secret's proof, or with a nonce that proves too little work), reports
+    inflated progress and asks for deltas is refused at every step: its record with the
+    reason, its delta requests unanswered, its progress not counted (every round has the
+    two members alone). The members keep their nonce in their state directories."""
     from locoswarm.node.spec import load_spec
+    from locoswarm.node.work import kept_nonce
 
     INTRUDER = os.path.join(os.path.dirname(__file__), "peers", "intruder.py")
-    run = write_private_spec(tmp_path / "private.toml", "correct horse battery staple 42")
+    access = {"secret": "correct horse battery staple 42"} if gate == "secret" else {"work_bits": 8}
+    run = write_private_spec(tmp_path / "private.toml", **access)
     spec = load_spec(str(run))
     a = swarm.join("a", "--min-peers", "2", "--max-rounds", "6", run=run)
     b = swarm.join("b", "--min-peers", "2", "--max-rounds", "6", run=run, peer=a)
-    stranger = swarm.start("x", [sys.executable, INTRUDER, first_addr(a), spec.run_id, spec.hash().hex()],
-                           stdin=subprocess.PIPE)
+    stranger = swarm.start("x", [sys.executable, INTRUDER, first_addr(a), spec.run_id, spec.hash().hex(),
+                                 *(["8"] if gate == "work" else [])], stdin=subprocess.PIPE)
     stranger.wait_for(r"^ready$", 60)
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(150))
     answers = [m[1] for m in stranger.find(r"^delta \d+ (\w+)$")]
     assert answers and set(answers) == {"refused"}, stranger.tail()
-    assert a.wait_for(r"does not prove it holds the run's secret", 0, stderr=True)
+    why = r"does not prove it holds the run's secret" if gate == "secret" else r"shows no proof of 8 bits of work"
+    assert a.wait_for(why, 0, stderr=True)
+    if gate == "work":
+        assert all(kept_nonce(str(swarm.root / name), spec.hash(), peer_id(p), 8) is not None
+                   for name, p in (("a", a), ("b", b)))
     for p in (a, b):
         assert [(got, of) for _, got, of, _ in rounds(p)] == [(2, 2)] * 6, p.tail()
     assert final(a)[2] == final(b)[2]

@@ -17,7 +17,7 @@ from locoswarm.node.spec import RunSpec
 
 READER = os.path.join(os.path.dirname(__file__), "peers", "read_swarm.py")
 RECORD_FIELDS = {"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
-                 "chain", "prev_chain", "inc", "anchors", "seq"}
+                 "chain", "prev_chain", "inc", "anchors", "seq", "work"}
 
 
 @pytest.fixture
@@ -46,6 +46,6 @@ def test_a_plain_hivemind_client_reads_the_swarms_records_from_the_documented_ke
     assert ids <= set(seen["peers"]), seen["peers"].keys()
     for peer in ids:
         record = seen["peers"][peer]
-        assert set(record) == RECORD_FIELDS and record["v"] == 9
+        assert set(record) == RECORD_FIELDS and record["v"] == 10
         assert record["peer"] == peer and record["spec"] == spec.hash().hex() and record["device"] == "cpu"
         assert record["round"] >= 2 and record["inc"] > 0 and record["addrs"][0].startswith("/ip4/127.0.0.1/tcp/")

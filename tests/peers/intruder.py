@@ -1,10 +1,12 @@
 """A stranger to a private run, for the access tests: it knows the run id and spec hash
-(both public in the DHT) but not the secret. It joins the DHT through argv[1], signs a
-record of its own claiming the spec (without a valid proof), tells the run's peers inflated
-progress for the first rounds, then asks the peer at argv[1] for its deltas, printing one line per
-attempt: `delta <round> refused|served|none`. Runs until stdin closes.
+(both public in the DHT) but not the secret, or has not done the work the run asks of an
+identity. It joins the DHT through argv[1], signs a record of its own claiming the spec
+(without a valid proof; with WORK_BITS, with a nonce that proves less than that), tells the
+run's peers inflated progress for the first rounds, then asks the peer at argv[1] for its
+deltas, printing one line per attempt: `delta <round> refused|served|none`. Runs until stdin
+closes.
 
-usage: python intruder.py MADDR RUN_ID SPEC_HASH_HEX
+usage: python intruder.py MADDR RUN_ID SPEC_HASH_HEX [WORK_BITS]
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol.records import PeerRecord, Progress
+from locoswarm.protocol.work import meets
 
 
-async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
+async def main(maddr: str, run_id: str, spec_hash: bytes, work_bits: int = 0) -> None:
     state = tempfile.mkdtemp(prefix="intruder-")
     os.close(open_state_dir(state))
     validator = RSASignatureValidator(identity_key(state))
@@ -37,8 +40,9 @@ async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
     me = p2p.peer_id.to_base58()
     own = str((await p2p.get_visible_maddrs())[0])
     registry = PeerRegistry(dht, run_id, spec_hash, ttl_s=30.0, validator=validator)
+    work = next(n for n in range(1 << 20) if not meets(spec_hash, me, n, work_bits)) if work_bits else 0
     await registry.announce(PeerRecord(peer_id=me, addrs=(own,), device="cuda", tokens_per_s=1e9, round=0,
-                                       spec_hash=spec_hash, proof=b"\0" * 32))
+                                       spec_hash=spec_hash, proof=b"\0" * 32, work=work))
     target = PeerID.from_base58(maddr.split("/p2p/")[1])
     claims = b"".join(progress_frame(Progress(tokens=10**9, tokens_per_s=1e9, done=True, round=r)) for r in range(4))
     for peer in {target.to_base58()} | {r.peer_id for r in await registry.peers()} - {me}:
@@ -65,4 +69,4 @@ async def main(maddr: str, run_id: str, spec_hash: bytes) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0))
