@@ -173,6 +173,11 @@ class Fakes:
     phases: Phases
     count: int
     log: Callable[[str], None] = print
+    kind: str = "fake"
+    """"fake": bench/fake_peer.py; "flood": bench/state_flood.py (identities that ask every
+    peer for its state over and over, and report the bytes they received)."""
+    received: list = field(default_factory=list)
+    """Bytes each flood identity reported receiving when it left."""
     started_unix_s: float | None = None
     """When the last fake's record was first stored."""
     stopped_unix_s: float | None = None
@@ -180,22 +185,27 @@ class Fakes:
     """(a, b): the fake phase, from the end of round a to the end of round b (b is −1 until they left)."""
     _procs: list = field(default_factory=list)
     _announced: list = field(default_factory=list)
+    _readers: list = field(default_factory=list)
 
     def poll(self) -> None:
         current = swarm_round(self.swarm.peers)
         if not self._procs and self.started_unix_s is None and current >= self.phases.clean_end:
-            self.log(f"  {self.count} fake identities start at swarm round {current}")
-            argv = [sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path]
+            self.log(f"  {self.count} {self.kind} identities start at swarm round {current}")
+            argv = ([sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path]
+                    if self.kind == "fake" else
+                    [sys.executable, "-m", "locoswarm.bench.state_flood", *(p.addr for p in self.swarm.peers)])
             self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
                            for _ in range(self.count)]
             self._announced = [threading.Event() for _ in self._procs]
-            for proc, announced in zip(self._procs, self._announced):
-                threading.Thread(target=_watch, args=(proc, announced), daemon=True).start()
+            self._readers = [threading.Thread(target=_watch, args=(proc, announced, self.received), daemon=True)
+                             for proc, announced in zip(self._procs, self._announced)]
+            for reader in self._readers:
+                reader.start()
         elif self.started_unix_s is None and self._announced and all(e.is_set() for e in self._announced):
             self.started_unix_s = time.time()
             self.rounds = (current, -1)
-            self.log(f"  the fake identities' records are stored at swarm round {current}")
+            self.log(f"  the {self.kind} identities are in at swarm round {current}")
         elif self.rounds is not None and self.stopped_unix_s is None and \
                 current >= max(self.phases.churn_end, self.rounds[0] + MIN_FAKE_ROUNDS):
             self.leave(current)
@@ -204,7 +214,7 @@ class Fakes:
         """End the fake phase at swarm round `current`."""
         self.stopped_unix_s = time.time()
         self.rounds = (self.rounds[0], current)
-        self.log(f"  the fake identities leave at swarm round {current}")
+        self.log(f"  the {self.kind} identities leave at swarm round {current}")
         self.stop()
 
     def phase(self) -> tuple[int, int]:
@@ -212,7 +222,7 @@ class Fakes:
         if self.rounds is not None and self.stopped_unix_s is None:
             self.leave(swarm_round(self.swarm.peers))
         if self.rounds is None or self.rounds[1] <= self.rounds[0]:
-            raise PhaseTooShort(f"the {self.count} fake identities were not all in the registry for a whole round "
+            raise PhaseTooShort(f"the {self.count} {self.kind} identities were not all in for a whole round "
                              f"before the swarm ended (started at round {self.phases.clean_end}): "
                              f"give more --rounds")
         return self.rounds
@@ -227,11 +237,16 @@ class Fakes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self._procs = []
+        for reader in self._readers:
+            reader.join(timeout=5)  # their last line (a flood's bytes) is read
+        self._procs, self._readers = [], []
 
 
-def _watch(proc: subprocess.Popen, announced: threading.Event) -> None:
-    """Set `announced` when the fake peer says its record is stored; read its output to the end."""
+def _watch(proc: subprocess.Popen, announced: threading.Event, received: list) -> None:
+    """Set `announced` when the fake peer says its record is stored (a flood identity: that
+    it is connected); read its output to the end, noting the bytes a flood received."""
     for line in proc.stdout:
         if line.rstrip().endswith(" announced"):
             announced.set()
+        elif line.startswith("flood received "):
+            received.append(int(line.split()[-1]))

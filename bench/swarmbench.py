@@ -42,17 +42,19 @@ def replica_spread(paths: list[str]) -> float:
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
-                    fakes: int = 0) -> dict:
+                    fakes: int = 0, flood: int = 0) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
     `--checkpoint-every` (None: the daemon's default). `fakes` > 0 instead: that many fake
-    identities keep records in the registry during the middle half (bench/fake_peer.py)."""
-    if churn_s and fakes:
-        raise ValueError("--churn and --fakes measure one disturbance at a time: give one of them")
+    identities keep records in the registry during the middle half (bench/fake_peer.py);
+    `flood` > 0: that many identities ask every peer for its state over and over during the
+    middle half (bench/state_flood.py)."""
+    if sum(map(bool, (churn_s, fakes, flood))) > 1:
+        raise ValueError("--churn, --fakes and --flood measure one disturbance at a time: give one of them")
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
-    phases = Phases.of(rounds) if churn_s or fakes else None  # ValueError before anything starts
+    phases = Phases.of(rounds) if churn_s or fakes or flood else None  # ValueError before anything starts
     extra = ["--fanout", str(fanout)]
     if checkpoint_every is not None:
         extra += ["--checkpoint-every", str(checkpoint_every)]
@@ -62,7 +64,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
                            keep_dir=keep_dir, extra=extra, until_round=phases is not None)
         churn = Churn(swarm, phases, churn_s, seed, log=log) if churn_s else None
-        fake = Fakes(swarm, phases, fakes, log=log) if fakes else None
+        fake = (Fakes(swarm, phases, fakes, log=log) if fakes else
+                Fakes(swarm, phases, flood, log=log, kind="flood") if flood else None)
         disturbance = churn or fake
         t0 = time.perf_counter()
         try:
@@ -147,10 +150,15 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         out.update(_churn_figures(churn))
     if fake is not None:
         a, b = fake.phase()
-        out.update({"fakes": fakes, "clean_rounds": [0, phases.clean_end], "fake_rounds": [a, b],
-                    "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
-                    "rounds_per_minute_fakes": rate_per_minute(peers, a, b),
+        out.update({"clean_rounds": [0, phases.clean_end], "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
                     "final_rounds": sorted({p.final["round"] for p in peers})})
+        if fakes:
+            out.update({"fakes": fakes, "fake_rounds": [a, b], "rounds_per_minute_fakes": rate_per_minute(peers, a, b)})
+        else:
+            seconds = fake.stopped_unix_s - fake.started_unix_s
+            out.update({"flood": flood, "flood_rounds": [a, b], "rounds_per_minute_flood": rate_per_minute(peers, a, b),
+                        "flood_bytes_received": sum(fake.received), "flood_seconds": seconds,
+                        "flood_bytes_per_s_per_peer": sum(fake.received) / seconds / num_peers if seconds > 0 else None})
     if simulate:
         out.update(_simulate(spec, num_peers, rounds, log, threads))
         out["gap_pct"] = 100.0 * (out["eval_loss"] - out["sim_eval_loss"]) / out["sim_eval_loss"]
@@ -204,6 +212,14 @@ def format_swarm(r: dict) -> str:
         clean, faked = r["rounds_per_minute_clean"], r["rounds_per_minute_fakes"]
         lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} fake identities "
                      f"(rounds {r['fake_rounds'][0]}→{r['fake_rounds'][1]}): {faked / clean:.2f}× the clean rate")
+        lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
+    elif "flood" in r:
+        clean, flooded = r["rounds_per_minute_clean"], r["rounds_per_minute_flood"]
+        lines.append(f"  rounds per minute      {clean:.1f} clean, {flooded:.1f} with {r['flood']} identities flooding "
+                     f"state requests (rounds {r['flood_rounds'][0]}→{r['flood_rounds'][1]}): "
+                     f"{flooded / clean:.2f}× the clean rate")
+        lines.append(f"  the flood took         {r['flood_bytes_received'] / 1e6:,.1f} MB in {r['flood_seconds']:.0f} s, "
+                     f"{(r['flood_bytes_per_s_per_peer'] or 0) / 1e6:.2f} MB/s off each peer")
         lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     else:
         lines.append(f"  rounds per minute      {r['rounds_per_minute']:.1f}")

@@ -103,6 +103,9 @@ def swarm(
     fakes: int = typer.Option(0, help="Fake identities that keep signed records (copying the swarm's round) but "
                               "serve nothing, in the middle half of the rounds; report the rate clean and with "
                               "them (0: off; needs --rounds >= 8)."),
+    flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
+                              "half of the rounds; report the rate clean and under the flood, and the bytes it "
+                              "took (0: off; needs --rounds >= 8)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
@@ -123,11 +126,11 @@ def swarm(
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-        if fakes < 0:
-            raise ValueError(f"--fakes must be >= 0, got {fakes}")
-        if churn and fakes:
-            raise ValueError("--churn and --fakes measure one disturbance at a time: give one of them")
-        if churn or fakes:
+        if fakes < 0 or flood < 0:
+            raise ValueError(f"--fakes and --flood must be >= 0, got {fakes} and {flood}")
+        if sum(map(bool, (churn, fakes, flood))) > 1:
+            raise ValueError("--churn, --fakes and --flood measure one disturbance at a time: give one of them")
+        if churn or fakes or flood:
             Phases.of(rounds)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -138,7 +141,7 @@ def swarm(
     try:
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
-                                 fakes=fakes,
+                                 fakes=fakes, flood=flood,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

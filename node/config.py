@@ -91,6 +91,9 @@ class NodeConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.fanout < 1:
             raise ValueError(f"fanout must be >= 1, got {self.fanout}")
+        if not 0 <= self.net.state_upload_mbit <= 1e6:
+            raise ValueError(f"net.state_upload_mbit must lie in [0, 1e6] Mbit/s (0: no limit), "
+                             f"got {self.net.state_upload_mbit}")
         if self.eval_every < 0 or self.eval_sequences < 1:
             raise ValueError("eval_every must be >= 0 and eval_sequences >= 1")
         if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
@@ -223,6 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.auto_relay", "Look for a relay when behind NAT."),
     _setting("net.keep_ports", "Listen again on the last run's ports where the listen port is 0."),
     _setting("net.dht_client", "Take part in the DHT as a client only (behind NAT: others cannot dial us)."),
+    _setting("net.state_upload_mbit", "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
     _setting("idle.pause_on_gpu_use", "Pause while another process uses the GPU (a game)."),
     _setting("idle.max_other_cpu_percent", "Pause while other processes use more than this % of all CPUs (0: off).",
              deprecated_flags=("max-other-cpu",)),

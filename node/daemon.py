@@ -172,7 +172,8 @@ class Daemon:
             self.lineage.start(trainer.outer_steps, self.checkpoints.resumed_meta.get("chain"),
                                resumed=resumed is not None)
             self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
-            self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit)
+            self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit,
+                                      upload_bytes_per_s=self.cfg.net.state_upload_mbit * 1e6 / 8)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
             progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
                                    record=self._record, on_record=self.membership.heard,

@@ -25,7 +25,7 @@ from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.streams import KeptStreams, PeerLimits, serve_framed
+from locoswarm.node.streams import Busy, KeptStreams, PeerLimits, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
 from locoswarm.protocol.framing import HEADER
 
@@ -38,6 +38,10 @@ GONE = b"\x00"
 LONG_POLL_S = 1.0
 """Longest a request for a pending round is held before "not yet" (below node/rounds.py's
 LIVENESS_S, so a probed peer's answer arrives within the probe's bound)."""
+MAX_SENDS_PER_ROUND = 6
+"""A peer is sent one round's delta at most this many times: an honest puller asks once, and
+again after each stream cut inside the delta (node/pull.py STREAM_RETRY_S allows five). One
+identity asking in a loop then costs a few deltas a round, not its request rate's worth."""
 KEPT_IDLE_S = 30.0
 """A puller closes a stream it has not asked on for this long (a peer pulled from every
 round asks again within a round; the server gives up on it after twice this)."""
@@ -76,6 +80,8 @@ class DeltaServer:
         """A peer pulls one delta a round, asking again at most 4 times a second while it is not ready."""
         self.bytes_sent = 0
         """Bytes of deltas written to streams (headers included)."""
+        self._sends: dict[tuple[str, int], int] = {}
+        """(peer, round) → times that round's delta was sent to that peer."""
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_delta)
@@ -107,6 +113,7 @@ class DeltaServer:
         self._wake(round_)
         for old in [r for r in self._deltas if r <= round_ - _ROUNDS_KEPT]:
             del self._deltas[old]
+        self._sends = {key: n for key, n in self._sends.items() if key[1] > round_ - _ROUNDS_KEPT}
 
     def answer(self, round_: int, incarnation: int = 0) -> bytes:
         """The response body for a request of `round_`'s delta from `incarnation` (0: any)."""
@@ -131,6 +138,18 @@ class DeltaServer:
             body = self.answer(round_, incarnation)
         return body
 
+    async def respond_to(self, peer: str, request: bytes) -> bytes:
+        """The answer to `peer`'s `request`; Busy once it was sent that round's delta
+        MAX_SENDS_PER_ROUND times."""
+        round_ = int.from_bytes(request[:8], "big")
+        body = await self.respond(round_, int.from_bytes(request[8:], "big"))
+        if len(body) > len(GONE):
+            sent = self._sends.get((peer, round_), 0)
+            if sent >= MAX_SENDS_PER_ROUND:
+                raise Busy(f"round {round_}'s delta was sent to it {sent} times already")
+            self._sends[(peer, round_)] = sent + 1
+        return body
+
     def stop(self) -> None:
         """Leaving: answer every held request now ("not yet" for what was not published), so
         that none is still waiting when p2pd shuts down and cancels its handler."""
@@ -144,13 +163,12 @@ class DeltaServer:
             # counter before the await: requests held for one round end together).
             self.bytes_sent += sent
 
+        peer = str(getattr(info, "peer_id", "?"))
         try:
             await serve_framed(
                 info, reader, writer, request_len=REQUEST_LEN, timeout_s=self.request_timeout_s, what="delta",
                 limits=self.limits, admit=self.admit, idle_s=2 * KEPT_IDLE_S, sent=count,
-                answer=lambda request: self.respond(int.from_bytes(request[:8], "big"),
-                                                    int.from_bytes(request[8:], "big")),
-            )
+                answer=lambda request: self.respond_to(peer, request))
         except asyncio.CancelledError:
             # p2pd shut down under a held request: the asker sees its stream close and asks
             # again or drops us; nothing here is left to clean up.

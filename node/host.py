@@ -55,6 +55,10 @@ class NetworkConfig:
     peer behind NAT that others cannot dial would only make their requests time out)."""
     retry_max_s: float = 30.0
     """Longest wait between two attempts to reach the initial peers."""
+    state_upload_mbit: float = 100.0
+    """At most this many Mbit/s for serving the swarm's state to joiners, all of them
+    together (0: no limit): joiners, or identities pretending to be, cannot take the
+    volunteer's uplink or the training's share of the machine."""
 
 
 def open_state_dir(path: str) -> int:

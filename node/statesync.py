@@ -28,7 +28,7 @@ from typing import Callable
 from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
-from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
+from locoswarm.node.streams import ByteBudget, PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
@@ -77,7 +77,11 @@ class StateServer:
     """
 
     def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,
-                 chunk_bytes: int = 4 << 20, admit: Callable[[str], bool] | None = None) -> None:
+                 chunk_bytes: int = 4 << 20, admit: Callable[[str], bool] | None = None,
+                 upload_bytes_per_s: float = 0.0) -> None:
+        """`upload_bytes_per_s`: what serving states may send a second, all joiners
+        together (0: no budget); a chunk waits for it up to half `request_timeout_s`, then
+        is refused (the joiner asks again, or another donor)."""
         self.p2p = p2p
         self.admit = admit
         """Whether to serve a peer id at all (a private run's policy); None: everyone."""
@@ -93,6 +97,10 @@ class StateServer:
         """round → when a joiner last asked for it (time.monotonic)."""
         self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
         """A joiner asks one chunk at a time: 50 chunks of 4 MiB a second is 200 MiB/s."""
+        self.budget = (ByteBudget(upload_bytes_per_s, burst_bytes=2 * chunk_bytes, max_wait_s=request_timeout_s / 2)
+                       if upload_bytes_per_s > 0 else None)
+        """Bytes a second for all joiners together: three identities flooding chunks took 5.4 GB
+        in 30 s off one peer before there was one (issue 19), however many identities ask."""
         self.bytes_sent = 0
         """Bytes written to state streams (headers included)."""
         self.on_encoded: Callable[[int, str], None] | None = None
@@ -147,10 +155,14 @@ class StateServer:
             return b""
         manifest, body = found
         if kind == _MANIFEST:
-            return manifest
-        if kind == _CHUNK and offset < self.chunk_bytes:
-            return body[index * self.chunk_bytes + offset : (index + 1) * self.chunk_bytes]
-        return b""
+            answer = manifest
+        elif kind == _CHUNK and offset < self.chunk_bytes:
+            answer = body[index * self.chunk_bytes + offset : (index + 1) * self.chunk_bytes]
+        else:
+            return b""
+        if self.budget is not None:
+            await self.budget.take(len(answer))
+        return answer
 
 
 class DownloadProgress:

@@ -21,6 +21,25 @@ from hivemind.p2p import P2P, PeerID
 from locoswarm.protocol.framing import frame_header, read_frame
 
 log = logging.getLogger(__name__)
+WARN_EVERY_S = 10.0
+"""Refusals of one kind to one peer are warned about at most this often (with a count of
+those between): a flood must show in the log without becoming one."""
+_warned: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def warn_refused(what: str, peer: str, why: str, clock: Callable[[], float] = time.monotonic) -> None:
+    """Log a refused or dropped request of `peer` as a warning, at most every WARN_EVERY_S
+    per (what, peer)."""
+    now = clock()
+    last, since = _warned.get((what, peer), (float("-inf"), 0))
+    if now - last < WARN_EVERY_S:
+        _warned[(what, peer)] = (last, since + 1)
+        return
+    if len(_warned) >= 4096:
+        _warned.clear()  # bounded under an id-rotating flood; a warning may come early
+    _warned[(what, peer)] = (now, 0)
+    more = f" ({since} more since the last warning)" if since else ""
+    log.warning("%s request from %s refused: %s%s", what, peer, why, more)
 
 
 class PeerLimits:
@@ -107,6 +126,7 @@ async def serve_framed(
     stream's total comes only when it ends."""
     peer = str(getattr(info, "peer_id", "?"))
     if admit is not None and not admit(peer):
+        # Not a warning: a joiner of a private run asks before its record has been read.
         log.info("%s request from %s refused: not admitted to this private run", what, peer)
         if limits is not None:
             limits.refused += 1
@@ -116,7 +136,7 @@ async def serve_framed(
     if kept:
         why = limits.open_stream(peer, writer)
         if why is not None:
-            log.info("%s stream from %s refused: %s", what, peer, why)
+            warn_refused(what, peer, why)
             writer.close()
             return 0
     total = 0
@@ -131,7 +151,7 @@ async def serve_framed(
             if limits is not None:
                 why = limits.admit(peer)
                 if why is not None:
-                    log.info("%s request from %s refused: %s", what, peer, why)
+                    warn_refused(what, peer, why)
                     return total
             try:
                 payload = answer(request)
@@ -149,6 +169,9 @@ async def serve_framed(
                 sent(len(header) + len(payload))
             if idle_s is None:
                 return total
+    except Busy as e:
+        warn_refused(what, peer, str(e))
+        return total
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
         # A slow or vanished client: drop this request only.
         log.info("%s request from %s abandoned: %s", what, peer, type(e).__name__)
@@ -247,3 +270,45 @@ class KeptStreams:
         for _, writer, _ in self._idle.values():
             writer.close()
         self._idle.clear()
+
+
+class Busy(Exception):
+    """The server will not answer this request now (over its byte budget): the stream is
+    closed unanswered, and the client asks again later or elsewhere."""
+
+
+class ByteBudget:
+    """Bytes a server may send per second, whoever asks (the generic cell rate algorithm,
+    reservations served in order): an answer waits until the budget allows it, and is refused
+    (`Busy`) when that wait would pass `max_wait_s`. It counts bytes, not identities: a
+    hundred identities asking at once share it as one does, and what the node itself must
+    send (its deltas) keeps the rest of the link."""
+
+    def __init__(self, bytes_per_s: float, *, burst_bytes: float, max_wait_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.bytes_per_s, self.max_wait_s, self.clock = bytes_per_s, max_wait_s, clock
+        self.tolerance_s = burst_bytes / bytes_per_s
+        """How far ahead of the rate reservations may run: `burst_bytes` go at once after a pause."""
+        self._paid_at = clock()
+        """When every reservation so far is paid for at the rate."""
+        self.refused = 0
+        self.waited_s = 0.0
+        """Total time answers waited for the budget."""
+
+    def reserve(self, nbytes: int) -> float:
+        """Reserve `nbytes`: the seconds to wait before sending them; Busy if too long."""
+        now = self.clock()
+        paid_at = max(self._paid_at, now)
+        wait = max(0.0, paid_at - self.tolerance_s - now)
+        if wait > self.max_wait_s:
+            self.refused += 1
+            raise Busy(f"the upload budget of {self.bytes_per_s / 1e6:.3g} MB/s is taken for the next {wait:.1f} s")
+        self._paid_at = paid_at + nbytes / self.bytes_per_s
+        self.waited_s += wait
+        return wait
+
+    async def take(self, nbytes: int) -> None:
+        """Wait until `nbytes` may go (raises Busy when the wait would pass `max_wait_s`)."""
+        wait = self.reserve(nbytes)
+        if wait > 0:
+            await asyncio.sleep(wait)

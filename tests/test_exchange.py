@@ -68,6 +68,18 @@ def test_a_silent_peer_costs_a_timeout_not_a_hang(spawn_peers):
         _pull(maddr, serve_delta.ROUND, timeout_s=2.0)
 
 
+async def _serving(num_clients: int):
+    """A real DeltaServer with round 7's delta (1,000 bytes) published, and `num_clients`
+    peers connected to it: (its P2P, the server, the clients' P2Ps)."""
+    server_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    server = DeltaServer(server_p2p)
+    await server.start()
+    server.publish(7, b"x" * 1000)
+    maddrs = [str(a) for a in await server_p2p.get_visible_maddrs()]
+    clients = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs) for _ in range(num_clients)]
+    return server_p2p, server, clients
+
+
 def test_server_forgets_rounds_older_than_the_last_two():
     server = DeltaServer(p2p=None)
     for r in range(5):
@@ -116,13 +128,7 @@ def test_a_peer_flooding_a_delta_server_is_refused_and_another_is_still_served()
     from locoswarm.node.streams import call_framed
 
     async def go():
-        server_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        server = DeltaServer(server_p2p)
-        await server.start()
-        server.publish(7, b"x" * 1000)
-        maddrs = [str(a) for a in await server_p2p.get_visible_maddrs()]
-        flood = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
-        honest = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        server_p2p, server, (flood, honest) = await _serving(2)
         try:
             async def one(p2p):
                 try:
@@ -273,3 +279,54 @@ def test_a_peer_keeps_a_bounded_number_of_streams_open_at_a_server():
     for s in a[1:]:
         lim.close_stream("a", s)
     assert lim.open_stream("c", Stream()) is None, "room again once a's streams ended"
+
+
+def test_a_byte_budget_paces_answers_in_order_and_refuses_past_its_wait():
+    """Whoever asks, a server sends at most its budget: answers within the burst go at once,
+    later ones wait their turn at the rate, and one that would wait past max_wait_s is
+    refused (the client asks again later or elsewhere)."""
+    from locoswarm.node.streams import Busy, ByteBudget
+
+    now = [0.0]
+    budget = ByteBudget(1000.0, burst_bytes=2000, max_wait_s=3.0, clock=lambda: now[0])
+    assert [budget.reserve(1000) for _ in range(5)] == [0.0, 0.0, 0.0, 1.0, 2.0]
+    with pytest.raises(Busy, match="budget"):
+        budget.reserve(1000)  # would wait 3 s... and one more reservation beyond
+        budget.reserve(1000)
+    assert budget.refused == 1
+    now[0] = 100.0  # idle: the burst is back, no more
+    assert [budget.reserve(1000) for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.timeout(120)
+def test_one_peer_is_sent_a_rounds_delta_a_bounded_number_of_times():
+    """A peer asking for the same round's delta in a loop gets it MAX_SENDS_PER_ROUND times
+    (an honest puller's retries after cut streams fit), then its requests are closed
+    unanswered; another peer is still served, and a new round starts the count again."""
+    from locoswarm.node.exchange import MAX_SENDS_PER_ROUND
+    from locoswarm.node.streams import call_framed
+
+    async def go():
+        server_p2p, server, (greedy, other) = await _serving(2)
+
+        async def ask(p2p, round_):
+            try:
+                return await call_framed(p2p, server_p2p.peer_id, PROTOCOL, round_.to_bytes(8, "big") + bytes(8),
+                                         limit=1 << 20, limit_name="limit", timeout_s=10)
+            except ConnectionError:
+                return None
+
+        try:
+            looped = [await ask(greedy, 7) for _ in range(MAX_SENDS_PER_ROUND + 3)]
+            other_got = await ask(other, 7)
+            server.publish(8, b"y" * 1000)
+            next_round = await ask(greedy, 8)
+            return looped, other_got, next_round
+        finally:
+            for p in (greedy, other, server_p2p):
+                await p.shutdown()
+
+    looped, other_got, next_round = asyncio.run(go())
+    assert looped[:MAX_SENDS_PER_ROUND] == [b"x" * 1000] * MAX_SENDS_PER_ROUND
+    assert looped[MAX_SENDS_PER_ROUND:] == [None] * 3
+    assert other_got == b"x" * 1000 and next_round == b"y" * 1000

@@ -132,3 +132,38 @@ def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest
     assert choose_state([m(9, b"x"), m(8, b"y")]).round == 9, "no two agree: the newest"
     assert choose_state([m(9, b"x"), m(9, b"x"), m(8, b"y"), m(8, b"y")]).round == 9
     assert choose_state([m(9, b"x"), m(8, b"x"), m(8, b"x")]).round == 8, "the same body at another round is another state"
+
+
+def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the_state(spawn_peers):
+    """A donor with an upload budget serves two joiners at once (two identities) no faster
+    than the budget allows both together, and each gets the state intact: joiners, or
+    identities pretending to be, cannot take more of the volunteer's link than it gives."""
+    import time
+
+    from locoswarm.protocol.state import encode_state
+
+    _, (addr,) = spawn_peers(DONOR, "budget")
+    _, body = encode_state(serve_state.SPEC, serve_state.state(), serve_state.ROUND, serve_state.CHUNK_BYTES,
+                           serve_state.CHAIN)
+
+    async def two():
+        async def one():
+            client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[addr])
+            try:
+                return await download_state(client, [PeerID.from_base58(addr.split("/p2p/")[1])], serve_state.SPEC,
+                                            timeout_s=30.0)
+            finally:
+                await client.shutdown()
+
+        return await asyncio.gather(one(), one())
+
+    started = time.monotonic()
+    got = asyncio.run(two())
+    elapsed = time.monotonic() - started
+    for round_, tensors, _ in got:
+        assert round_ == serve_state.ROUND
+        _assert_is_the_donors_state(tensors)
+    # The budget lets a burst of two chunks go at once, then its rate: a faster machine cannot
+    # beat this bound, a slower one only takes longer.
+    floor_s = (2 * len(body) - 3 * serve_state.CHUNK_BYTES) / serve_state.BUDGET_BYTES_PER_S
+    assert elapsed >= floor_s, (elapsed, floor_s)

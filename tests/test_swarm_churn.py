@@ -143,7 +143,8 @@ def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one
 
 def test_bench_swarm_refuses_fakes_with_churn_or_too_few_rounds_without_starting_anything():
     for args, word in ((("--rounds", "4", "--fakes", "1"), "--rounds"), (("--fakes", "-1"), "--fakes"),
-                       (("--churn", "5", "--fakes", "1"), "one disturbance")):
+                       (("--churn", "5", "--fakes", "1"), "one disturbance"), (("--flood", "-1"), "--flood"),
+                       (("--fakes", "1", "--flood", "1"), "one disturbance"), (("--rounds", "4", "--flood", "1"), "--rounds")):
         out = subprocess.run([sys.executable, "-m", "locoswarm", "bench", "swarm", *args], capture_output=True,
                              text=True, timeout=60, env=ENV)
         assert out.returncode == 2 and word in out.stderr, (args, out.stderr)

@@ -1,11 +1,12 @@
 """A real donor process for the state-download tests: serves a seeded outer state on
 loopback, prints its multiaddr, runs until stdin closes or it is killed.
 
-usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute | cutting)
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute | cutting | budget)
 
 shedding: closes every other stream unanswered, as a donor over its stream limits does;
 mute: closes every stream unanswered; cutting: cuts the first answer for each chunk in the
-middle of its body, as a reset stream on a lossy link does.
+middle of its body, as a reset stream on a lossy link does; budget: serves at most
+BUDGET_BYTES_PER_S, all joiners together.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROUND = 7
 CHAIN = "cd" * 16
 """The round chain the donor's manifest gives (the same for every mode: one lineage)."""
 CHUNK_BYTES = 4096
+BUDGET_BYTES_PER_S = 20_000
 
 
 def state() -> dict[str, torch.Tensor]:
@@ -34,7 +36,8 @@ def state() -> dict[str, torch.Tensor]:
 
 async def main(mode: str) -> None:
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES)
+    server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES,
+                         upload_bytes_per_s=BUDGET_BYTES_PER_S if mode == "budget" else 0.0)
     await server.start()
     server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN)
     if mode == "corrupt":
