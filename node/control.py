@@ -20,11 +20,12 @@ from typing import Callable
 
 from locoswarm.node.files import write_atomic
 
-_STATES = ["starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
+_STATES = ["starting", "proving", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
 _COUNT = {"type": "integer", "minimum": 0}
 _LOSS = {"type": ["number", "null"]}
 _STATUS_KEYS = {
-    "state": ({"enum": _STATES}, "what the daemon is doing; waiting: for --min-peers"),
+    "state": ({"enum": _STATES}, "what the daemon is doing; proving: the proof of work the run asks of its "
+              "identity (once); waiting: for --min-peers"),
     "paused": ({"type": ["string", "null"]}, "why the idle governor paused training (null: not paused)"),
     "round": (_COUNT, "the round being trained"),
     "loss": (_LOSS, "mean training loss of the last finished round (null before one)"),
@@ -34,7 +35,7 @@ _STATUS_KEYS = {
     "bytes_sent": (_COUNT, "bytes this peer wrote to delta and state streams"),
     "bytes_received": (_COUNT, "bytes this peer read from delta and state streams"),
     "deltas_rejected": (_COUNT, "deltas refused (malformed, oversized, misattributed) since start"),
-    "requests_refused": (_COUNT, "stream requests refused by the per-peer limits (concurrency, rate) since start"),
+    "requests_refused": (_COUNT, "stream requests refused by the per-peer limits (concurrency, rate, sends of a round's delta) or the upload budget since start"),
     "checkpoint_round": ({"type": ["integer", "null"]}, "round of the last checkpoint written or resumed from"),
     "checkpoint_error": ({"type": ["string", "null"]}, "why the last checkpoint was not written (null: it was)"),
     "peer_id": ({"type": ["string", "null"]}, "this peer's libp2p id (null before p2pd started)"),

@@ -145,10 +145,6 @@ class Daemon:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
             access = self.spec.access
-            work = await prove_work(self.cfg.state_dir, self.spec_hash, self.peer_id, access.work_bits, self.should_exit)
-            if work is None:
-                return 0  # stopped (Ctrl-C, SIGTERM) while proving work
-            self.work = work
             check_work = WorkCheck(self.spec_hash, access.work_bits) if access.work_bits else None
             refuse = ((lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof, r.work, check_work))
                       if access.restricted else None)
@@ -184,6 +180,13 @@ class Daemon:
             await progress.start()
             control = ControlServer(self.cfg.state_dir, self.status, self.history)
             await control.start()
+            if access.work_bits:
+                self.stats.state = "proving"  # node status says why nothing trains yet (minutes at 16 bits)
+                work = await prove_work(self.cfg.state_dir, self.spec_hash, self.peer_id, access.work_bits,
+                                        self.should_exit)
+                if work is None:
+                    return 0  # stopped (Ctrl-C, SIGTERM) while proving work
+                self.work, self.stats.state = work, "starting"
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
                                incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,

@@ -171,6 +171,8 @@ async def serve_framed(
                 return total
     except Busy as e:
         warn_refused(what, peer, str(e))
+        if limits is not None:
+            limits.refused += 1  # node status' requests_refused
         return total
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
         # A slow or vanished client: drop this request only.

@@ -11,6 +11,7 @@ so that the teardown runs when a test overstays.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import re
@@ -193,6 +194,33 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
 
 
 # ---------------------------------------------------------------- lifecycle and bad input
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_peer_proving_work_says_so_in_its_status_and_ctrl_c_stops_it_at_once(swarm: Swarm, tmp_path: Path):
+    """A run asking 24 bits of work (hours of one core: the test never sees it end) shows
+    `proving` in node status while the daemon mines, and Ctrl-C ends it with exit 0, keeping
+    no nonce."""
+    from locoswarm.node.spec import load_spec
+    from locoswarm.node.work import work_path
+
+    run = write_private_spec(tmp_path / "work.toml", work_bits=24)
+    a = swarm.join("a", run=run)
+    deadline = time.monotonic() + 60
+    while (state := _status_or_none(swarm.root / "a")) != "proving":
+        assert time.monotonic() < deadline and a.proc.poll() is None, (state, a.tail())
+        time.sleep(0.2)
+    a.wait_for(r"asks each identity for 24 bits of work", 10, stderr=True)
+    a.proc.send_signal(signal.SIGINT)
+    assert_clean_exit(a, a.wait_exit(30))
+    assert not os.path.exists(work_path(str(swarm.root / "a"), load_spec(str(run)).hash()))
+
+
+def _status_or_none(state_dir: Path) -> str | None:
+    """The daemon's state, None while it has no control file yet."""
+    done = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(state_dir),
+                           "--json"], capture_output=True, text=True, timeout=30)
+    return json.loads(done.stdout)["state"] if done.returncode == 0 else None
 
 
 @pytest.mark.slow
