@@ -76,6 +76,8 @@ class Gathered:
     """Peers dropped because their dials were refused, or because they will serve no delta."""
     silent: set[str] = field(default_factory=set)
     """Unproven peers that did not answer within LIVENESS_S."""
+    stalled: set[str] = field(default_factory=set)
+    """Peers the round waited for until its deadline (their delta never came)."""
 
 
 async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
@@ -148,6 +150,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                     return
             if left <= 0:
                 out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                out.stalled.add(peer)
                 return
             limit = min(left, ATTEMPT_TIMEOUT_S) if answer_by is None else max(0.05, min(left, answer_by - now))
             try:
@@ -199,6 +202,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                     continue
                 if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
                     out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                    out.stalled.add(peer)
                     return
                 if await retry(f": stream failed ({type(e).__name__}: {str(e).strip().replace(chr(10), ' ')})"):
                     continue
@@ -237,6 +241,10 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                 break
             await asyncio.wait(pending, timeout=progress.interval_s)
             progress.refresh()
+        for peer, task in pulls.items():
+            if not task.done():  # still asking at the deadline: the round waited for it to the end
+                out.failed.setdefault(peer, f"no delta before the {deadline_s:g} s deadline")
+                out.stalled.add(peer)
     finally:
         for task in pulls.values():
             task.cancel()

@@ -288,7 +288,10 @@ class RoundLoop:
         for peer in got.silent:
             ctx.membership.mark_silent(peer, r)
         for peer, why in got.failed.items():
-            log.info("round %d: no delta from %s: %s", r, peer, why)
+            # A peer that held the round to its deadline, or an unproven one that held it
+            # LIVENESS_S, is a stall worth a warning; one found gone or restarted is churn.
+            stall = peer in got.stalled or peer in got.silent
+            log.log(logging.WARNING if stall else logging.INFO, "round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
         screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas)

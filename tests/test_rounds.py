@@ -85,6 +85,23 @@ def test_a_pull_that_keeps_failing_ends_once_its_peer_is_found_gone_or_restarted
     assert time.monotonic() - started < 60, "not held to the deadline"
 
 
+def test_a_peer_that_answers_not_yet_until_the_deadline_is_a_stall_not_churn():
+    """A participant that keeps answering "not yet" holds the round to its deadline: it is
+    reported as a stall (the round loop warns about it), unlike a peer found gone."""
+    from locoswarm.node.pull import gather_deltas
+
+    class NotYet:
+        async def call(self, *args, **kwargs):
+            return None  # the "not yet" answer
+
+    class Spec:
+        max_message_bytes = 1 << 20
+
+    p = progress_with({"b": (50, 0.0, False, 0.0)})
+    got = asyncio.run(gather_deltas(NotYet(), p, 0, Spec(), deadline_s=0.5, fanout=4, rng=random.Random(0)))
+    assert got.stalled == {"b"} and "deadline" in got.failed["b"] and not got.unreachable, got
+
+
 def test_live_peers_are_extrapolated_from_their_rate():
     # b reported 50 tokens 0.2 s ago at 500 tokens/s: about 150 now.
     p = progress_with({"b": (50, 500.0, False, 0.2)}, interval_s=0.1)
