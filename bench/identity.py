@@ -10,7 +10,7 @@ import os
 import statistics
 import time
 
-from locoswarm.protocol.work import SCRYPT_N, SCRYPT_R, mine, work_digest
+from locoswarm.protocol.work import SCRYPT_MEMORY_BYTES, SCRYPT_N, SCRYPT_R, mine, work_digest
 
 
 def measure(bits: tuple[int, ...] = (8, 10, 12), *, evaluations: int = 200, mines: int = 5,
@@ -35,7 +35,7 @@ def measure(bits: tuple[int, ...] = (8, 10, 12), *, evaluations: int = 200, mine
             runs.append((time.perf_counter() - t0, nonce + 1))
         mined[b] = {"seconds_mean": statistics.fmean(s for s, _ in runs),
                     "tries_mean": statistics.fmean(t for _, t in runs), "runs": len(runs), "expected_tries": 2 ** b}
-    return {"scrypt": {"n": SCRYPT_N, "r": SCRYPT_R, "memory_bytes": SCRYPT_N * SCRYPT_R * 128},
+    return {"scrypt": {"n": SCRYPT_N, "r": SCRYPT_R, "memory_bytes": SCRYPT_MEMORY_BYTES},
             "evaluation_s": eval_s, "mined": mined,
             "projected": {b: {"one_identity_s": eval_s * 2 ** b, "thousand_identities_core_h": eval_s * 2 ** b * 1000 / 3600}
                           for b in project}}

@@ -39,6 +39,18 @@ def replica_spread(paths: list[str]) -> float:
     return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
 
 
+def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:
+    """The phases of a run with one disturbance (None: none asked); ValueError naming the
+    flag when the disturbances asked cannot be measured."""
+    if churn_s < 0:
+        raise ValueError(f"--churn must be >= 0 seconds, got {churn_s}")
+    if fakes < 0 or flood < 0:
+        raise ValueError(f"--fakes and --flood must be >= 0, got {fakes} and {flood}")
+    if sum(map(bool, (churn_s, fakes, flood))) > 1:
+        raise ValueError("--churn, --fakes and --flood measure one disturbance at a time: give one of them")
+    return Phases.of(rounds) if churn_s or fakes or flood else None
+
+
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
@@ -50,11 +62,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     identities keep records in the registry during the middle half (bench/fake_peer.py);
     `flood` > 0: that many identities ask every peer for its state over and over during the
     middle half (bench/state_flood.py)."""
-    if sum(map(bool, (churn_s, fakes, flood))) > 1:
-        raise ValueError("--churn, --fakes and --flood measure one disturbance at a time: give one of them")
+    phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
-    phases = Phases.of(rounds) if churn_s or fakes or flood else None  # ValueError before anything starts
     extra = ["--fanout", str(fanout)]
     if checkpoint_every is not None:
         extra += ["--checkpoint-every", str(checkpoint_every)]

@@ -113,25 +113,18 @@ def swarm(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
-    from locoswarm.bench.churn import Phases, PhaseTooShort
-    from locoswarm.bench.swarmbench import format_swarm, run_swarm_bench
+    from locoswarm.bench.churn import PhaseTooShort
+    from locoswarm.bench.swarmbench import disturbance_phases, format_swarm, run_swarm_bench
 
     if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
         typer.echo("error: --peers, --rounds, --threads and --fanout must be >= 1", err=True)
         raise typer.Exit(2)
     try:
-        if churn < 0:
-            raise ValueError(f"--churn must be >= 0 seconds, got {churn}")
+        disturbance_phases(rounds, churn_s=churn, fakes=fakes, flood=flood)
         if churn and peers < 2:
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-        if fakes < 0 or flood < 0:
-            raise ValueError(f"--fakes and --flood must be >= 0, got {fakes} and {flood}")
-        if sum(map(bool, (churn, fakes, flood))) > 1:
-            raise ValueError("--churn, --fakes and --flood measure one disturbance at a time: give one of them")
-        if churn or fakes or flood:
-            Phases.of(rounds)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

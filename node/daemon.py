@@ -95,11 +95,11 @@ class Daemon:
         self._last_record: PeerRecord | None = None
         self._record_seq = 0
         self._joining = True
-        self.work = 0
-        """The nonce proving this identity's work for the run (node/work.py; 0: none asked)."""
         """Until the join (state download included) is over: our record says paused, so
         that the peers it reaches before we train neither count us toward --min-peers nor
         tell us rounds we cannot take part in."""
+        self.work = 0
+        """The nonce proving this identity's work for the run (node/work.py; 0: none asked)."""
 
     # ------------------------------------------------------------------ lifecycle
 

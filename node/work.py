@@ -11,7 +11,7 @@ import os
 import threading
 
 from locoswarm.node.files import write_atomic
-from locoswarm.protocol.work import SCRYPT_N, SCRYPT_R, meets, mine
+from locoswarm.protocol.work import SCRYPT_MEMORY_BYTES, meets, mine
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ async def prove_work(state_dir: str, spec_hash: bytes, peer_id: str, bits: int,
     if nonce is not None:
         return nonce
     log.info("this run asks each identity for %d bits of work: about %d scrypt evaluations (%d KiB each), "
-             "done once, kept in %s", bits, 2 ** bits, SCRYPT_N * SCRYPT_R * 128 >> 10, work_path(state_dir, spec_hash))
+             "done once, kept in %s", bits, 2 ** bits, SCRYPT_MEMORY_BYTES >> 10, work_path(state_dir, spec_hash))
     stop = threading.Event()
     watch = asyncio.ensure_future(should_exit.wait())
     watch.add_done_callback(lambda _: stop.set())

@@ -17,7 +17,9 @@ from collections import OrderedDict
 
 WORK_SALT = b"locoswarm-work/1"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1024, 8, 1
-"""scrypt's cost: N × r × 128 bytes = 1 MiB of memory, ≈2 ms an evaluation on one CPU core."""
+"""scrypt's cost: ≈2 ms an evaluation on one CPU core."""
+SCRYPT_MEMORY_BYTES = 128 * SCRYPT_N * SCRYPT_R
+"""What one evaluation holds in memory: 1 MiB."""
 MAX_WORK_BITS = 32
 NONCE_BYTES = 8
 
@@ -26,7 +28,7 @@ def work_digest(spec_hash: bytes, peer_id: str, nonce: int) -> bytes:
     """scrypt of the run spec's hash, the base58 peer id and the nonce (8 bytes, big-endian)."""
     message = spec_hash + peer_id.encode() + nonce.to_bytes(NONCE_BYTES, "big")
     return hashlib.scrypt(message, salt=WORK_SALT, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32,
-                          maxmem=4 * SCRYPT_N * SCRYPT_R * 128)
+                          maxmem=4 * SCRYPT_MEMORY_BYTES)
 
 
 def leading_zero_bits(digest: bytes) -> int:
@@ -53,7 +55,7 @@ def mine(spec_hash: bytes, peer_id: str, bits: int, *, start: int = 0, stop: thr
     nonce, t0 = start, time.monotonic()
     next_report = t0 + progress_every_s
     while True:
-        if leading_zero_bits(work_digest(spec_hash, peer_id, nonce)) >= bits:
+        if meets(spec_hash, peer_id, nonce, bits):
             return nonce
         nonce += 1
         if nonce & 15 == 0:
