@@ -5,8 +5,15 @@ but it trains nothing and serves nothing (its p2pd answers no delta request). Wh
 measures: whether a record alone can hold the honest peers' rounds (node/membership.py: it
 must not).
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH   (runs until stdin closes or it is killed;
-prints "fake <peer id> announced" once its record is first stored)
+With AHEAD > 0 its record shows the slowest record's round plus AHEAD instead: an identity
+"ahead of the swarm" at a dialable address that serves no state (issue 19), announced once a
+first line arrives on stdin (so that the caller picks the moment), and told over the progress
+streams to every peer it reads, as an attacker would (the registry shows a record only at its
+next read). What that measures: that no peer with earned weight in its ledger follows it
+(node/lineage.py).
+
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [AHEAD]   (runs until stdin closes or
+it is killed; prints "fake <peer id> announced" once its record is first stored)
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import tempfile
 REFRESH_S = 1.0
 
 
-async def main(maddr: str, spec_path: str) -> None:
+async def main(maddr: str, spec_path: str, ahead: int = 0) -> None:
     from hivemind.dht.node import DHTNode
 
+    from locoswarm.node.config import NodeConfig
     from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+    from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, record_frame
     from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
     from locoswarm.node.spec import load_spec
     from locoswarm.protocol.records import PeerRecord
@@ -38,14 +47,31 @@ async def main(maddr: str, spec_path: str) -> None:
                                    record_validator=validator, identity_path=os.path.join(state, IDENTITY_FILE))
         me = dht.protocol.p2p.peer_id.to_base58()
         addrs = tuple(str(a) for a in await dht.protocol.p2p.get_visible_maddrs())[:4]
-        registry = PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=10.0, validator=validator)
+        # The daemons' record lifetime: with a shorter one the registry refuses their records
+        # as expiring too far ahead, and a fake saw no round but 0 (found 2026-12-05).
+        ttl_s = NodeConfig.__dataclass_fields__["record_ttl_s"].default
+        registry = PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=ttl_s, validator=validator)
         incarnation = secrets.randbelow(2**62) + 1
-        stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        shown = False
+        loop = asyncio.get_running_loop()
+        if ahead:
+            # Progress streams to it open (and are read to the end): a peer whose streams
+            # fail is out of the others' view within seconds (node/membership.py gone).
+            await dht.protocol.p2p.add_binary_stream_handler(PROGRESS_PROTOCOL, _drain)
+            await loop.run_in_executor(None, sys.stdin.readline)
+        stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+        shown, seq = False, 1
         while not stdin_closed.done():
-            newest = max((r.round for r in await registry.peers() if r.peer_id != me), default=0)
-            stored = await registry.announce(PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5,
-                                                        round=newest, spec_hash=spec.hash(), incarnation=incarnation))
+            records = [r for r in await registry.peers() if r.peer_id != me]
+            rounds, others = [r.round for r in records], [r.peer_id for r in records]
+            # Ahead of the slowest record, not the newest: several fakes ahead of each
+            # other's rounds would run away together.
+            newest = (min if ahead else max)(rounds, default=0)
+            record = PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5, round=newest + ahead,
+                                spec_hash=spec.hash(), incarnation=incarnation, seq=seq)
+            seq += 1
+            stored = await registry.announce(record)
+            if ahead:
+                await asyncio.gather(*(_tell(dht.protocol.p2p, peer, record_frame(record)) for peer in others))
             if stored and not shown:
                 print(f"fake {me} announced", flush=True)  # the bench's fake phase starts here (bench/churn.py)
                 shown = True
@@ -55,5 +81,30 @@ async def main(maddr: str, spec_path: str) -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
+async def _drain(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while await reader.read(1 << 16):
+            pass
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _tell(p2p, peer: str, message: bytes) -> None:
+    from hivemind.p2p import PeerID
+
+    from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL
+
+    try:
+        _, _, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                             PROGRESS_PROTOCOL), 5.0)
+        writer.write(message)
+        await asyncio.wait_for(writer.drain(), 5.0)
+        writer.close()
+    except Exception:  # noqa: BLE001 - a peer gone or unreachable: the next pass tries again
+        pass
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4])))

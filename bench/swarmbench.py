@@ -54,17 +54,21 @@ def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
-                    fakes: int = 0, flood: int = 0) -> dict:
+                    fakes: int = 0, flood: int = 0, earn_rounds: int | None = None) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
     `--checkpoint-every` (None: the daemon's default). `fakes` > 0 instead: that many fake
     identities keep records in the registry during the middle half (bench/fake_peer.py);
     `flood` > 0: that many identities ask every peer for its state over and over during the
-    middle half (bench/state_flood.py)."""
+    middle half (bench/state_flood.py). `earn_rounds`: the spec's diloco.robust.earn_rounds
+    (None: the default; 0 turns earned weight off, to compare)."""
     phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
+    if earn_rounds is not None:
+        spec = replace(spec, diloco=replace(spec.diloco, robust=replace(spec.diloco.robust, earn_rounds=earn_rounds)))
+        spec.validate()
     extra = ["--fanout", str(fanout)]
     if checkpoint_every is not None:
         extra += ["--checkpoint-every", str(checkpoint_every)]
@@ -144,7 +148,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "fanout": fanout,
         # The round's shape, for bench scale --validate: a count is told once a step.
         "inner_steps": spec.diloco.inner_steps, "batch_size": spec.batch_size, "seq_len": spec.data.seq_len,
-        "overlap": spec.rounds.overlap,
+        "overlap": spec.rounds.overlap, "earn_rounds": spec.diloco.robust.earn_rounds,
         "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
         "wall_s": wall_s,
         "bytes_not_counted": swarm.io_unavailable,

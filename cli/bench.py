@@ -106,6 +106,8 @@ def swarm(
     flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
                               "half of the rounds; report the rate clean and under the flood, and the bytes it "
                               "took (0: off; needs --rounds >= 8)."),
+    earn_rounds: Optional[int] = typer.Option(None, "--earn-rounds", help="The run spec's diloco.robust.earn_rounds "
+                                              "(unset: the default; 0: earned weight off, to compare)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
@@ -125,6 +127,8 @@ def swarm(
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        if earn_rounds is not None and not 0 <= earn_rounds <= 10_000:
+            raise ValueError(f"--earn-rounds must lie in [0, 10000], got {earn_rounds}")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -134,7 +138,7 @@ def swarm(
     try:
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
-                                 fakes=fakes, flood=flood,
+                                 fakes=fakes, flood=flood, earn_rounds=earn_rounds,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

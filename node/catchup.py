@@ -16,6 +16,7 @@ from hivemind.p2p import PeerID
 
 from locoswarm.node.events import Synced
 from locoswarm.node.host import NodeError
+from locoswarm.node.lineage import unearned_ahead, weigh
 from locoswarm.node.statesync import DownloadProgress, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
 
@@ -34,6 +35,8 @@ download (a private run's donors serve only peers whose record they have)."""
 class CatchUp:
     def __init__(self, ctx: RoundContext) -> None:
         self.ctx = ctx
+        self._passed_over: set[str] = set()
+        """Peers logged as ahead without earned weight (each once)."""
 
     async def join(self, peers: list[PeerRecord], *, announce: Callable[[], Awaitable[object]]) -> None:
         """Take the swarm's outer state when it is ahead of ours. `peers`: the others'
@@ -56,7 +59,11 @@ class CatchUp:
             await asyncio.sleep(0.05)
         if ctx.membership.records:
             peers = ctx.membership.records
-        if max(r.round for r in peers) <= ctx.trainer.outer_steps:
+        # A peer resumed from a checkpoint knows whose weight is earned: it follows only them
+        # (a joiner with an empty ledger weighs every peer alike: see node/lineage.py weigh).
+        w = weigh([ctx.peer_id] + [r.peer_id for r in peers], ctx.trainer.ledger.established)
+        peers = [r for r in peers if w(r.peer_id)]
+        if not peers or max(r.round for r in peers) <= ctx.trainer.outer_steps:
             return
         await self.sync(peers)
 
@@ -64,8 +71,14 @@ class CatchUp:
         """At a round boundary: take another state when lineage.py says so; True when taken."""
         ctx = self.ctx
         lineage, records = ctx.lineage, ctx.membership.records
-        follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records)
+        trusted = ctx.trainer.ledger.established
+        follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records, trusted)
         if follow is None:
+            for r in unearned_ahead(ctx.peer_id, ctx.trainer.outer_steps, records, trusted):
+                if r.peer_id not in self._passed_over:
+                    self._passed_over.add(r.peer_id)
+                    log.warning("%s shows round %d, ahead of our %d, but has no earned weight here: not followed",
+                                r.peer_id, r.round, ctx.trainer.outer_steps)
             return False
         if follow.split_round is not None:
             log.warning("%s: downloading the state of the larger group", follow.why)
@@ -95,8 +108,7 @@ class CatchUp:
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
             for attempt in range(DOWNLOAD_TRIES):
                 try:
-                    round_, tensors, chain = await download_state(ctx.p2p, donors, trainer.state_spec,
-                                                           on_progress=progress.update)
+                    got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update)
                     break
                 except StateUnavailable as e:
                     log.warning("state download failed (%s); retrying", e)
@@ -104,8 +116,10 @@ class CatchUp:
             else:
                 raise NodeError("could not download the swarm's state from any donor")
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
-        await ctx.pools.train(trainer.load_state, round_, tensors)
-        ctx.lineage.synced(round_, records, ctx.membership.records, chain=chain)
-        ctx.states.publish(trainer.state_snapshot(), round_, ctx.lineage.chains.get(round_, ""))
+        await ctx.pools.train(trainer.load_state, got.round, got.tensors, got.ledger)
+        ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,
+                           trusted=trainer.ledger.established)
+        ctx.states.publish(trainer.state_snapshot(), got.round, ctx.lineage.chains.get(got.round, ""),
+                           trainer.ledger.pairs())
         digest = await ctx.pools.train(trainer.state_digest)
-        ctx.events(Synced(round=round_, donors=len(donors), digest=digest))
+        ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))

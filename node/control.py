@@ -47,6 +47,9 @@ _STATUS_KEYS = {
     "rounds_completed": (_COUNT, "rounds this peer aggregated"),
     "rounds_discarded": (_COUNT, "rounds given up after a failure (logged), the node training on"),
     "shard": ({"type": ["integer", "null"]}, "the data shard this peer trains on"),
+    "established_peers": (_COUNT, "peers the outer state's ledger counts as established (earned weight, docs/trust.md)"),
+    "earned_rounds": ({"type": "number", "minimum": 0}, "this peer's credit in the ledger, in rounds of its planned "
+                      "work (established from the spec's diloco.robust.earn_rounds on)"),
 }
 STATUS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -288,7 +288,7 @@ class Daemon:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
         self.states.publish(self.trainer.state_snapshot(), self.trainer.round,
-                            self.lineage.chains.get(self.trainer.outer_steps, ""))
+                            self.lineage.chains.get(self.trainer.outer_steps, ""), self.trainer.ledger.pairs())
         if not self.initial_peers:
             return
         records = await registry.peers()
@@ -347,6 +347,8 @@ class Daemon:
             "paused": self.idle.paused,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
+            "established_peers": 0 if t is None else sum(map(t.ledger.established, t.ledger.credits)),
+            "earned_rounds": 0.0 if t is None else t.ledger.credits.get(self.peer_id, 0) / t.ledger.per_peer_tokens,
         }
 
 

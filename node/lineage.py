@@ -36,12 +36,20 @@ deltas since the same start, without hashing a model. When the live peers that h
 diverged all stand at one round and this peer's chain there is not the largest group's
 (ties: the group holding the smallest peer id, so every peer picks the same), it takes that
 group's state (`whom_to_rejoin`); a peer of that group never moves.
+
+Every count above is of earned weight (optim/credit.py, `weigh`): while some peer in a
+decision is established in our outer state's ledger, peers without earned weight count for
+nothing there and are never followed, so fresh identities "ahead", a sybil group showing an
+invented chain or a bare key holding the smallest peer id move no one. Where nobody in a
+decision has earned weight (a run's first rounds, or a ledger that knows none of them) the
+rules count peers as they always did.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from locoswarm.protocol.records import PeerRecord, is_chain
 
@@ -55,15 +63,32 @@ class Follow:
     """The round at which the chains were compared (whom_to_rejoin only)."""
 
 
-def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_at: int | None) -> Follow | None:
+Trusted = Callable[[str], bool]
+"""Whether a peer has earned its weight in our outer state (optim/credit.py Ledger.established)."""
+
+
+def weigh(ids: Iterable[str], trusted: Trusted | None) -> Callable[[str], int]:
+    """A peer's weight in a decision among `ids`: 1 with earned weight, 0 without; 1 for
+    every peer when none of them has any (a run's first rounds, earned weight off, or a
+    peer whose ledger knows nobody here: the rules then count peers, as before)."""
+    if trusted is None or not any(trusted(p) for p in ids):
+        return lambda peer: 1
+    return lambda peer: int(trusted(peer))
+
+
+def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_at: int | None,
+                   trusted: Trusted | None = None) -> Follow | None:
     """Whose outer state peer `me` (at outer step `round_`) should take now, None to keep
-    its own. `diverged_at`: the round in which it diverged, None when it has not."""
+    its own. `diverged_at`: the round in which it diverged, None when it has not.
+    `trusted`: whose weight is earned; peers without it are never followed while some
+    peer here has it (however many there are and whatever they show)."""
     live = [r for r in records if r.peer_id != me and not r.paused]
+    w = weigh([me] + [r.peer_id for r in live], trusted)
     if diverged_at is not None:
-        sound = [r for r in live if not r.diverged and r.round > diverged_at]
+        sound = [r for r in live if not r.diverged and r.round > diverged_at and w(r.peer_id)]
         if sound:
             return Follow(f"{len(sound)} peers trained on without it since round {diverged_at}", sound)
-        lone = sorted((r for r in live if r.diverged), key=lambda r: r.peer_id)
+        lone = sorted((r for r in live if r.diverged and w(r.peer_id)), key=lambda r: r.peer_id)
         if lone and lone[0].peer_id < me:
             return Follow(f"every peer seen has diverged too; {lone[0].peer_id} has the smallest peer id", lone[:1])
         return None  # the others come to this one (or there is no one yet)
@@ -72,11 +97,19 @@ def whom_to_follow(me: str, round_: int, records: list[PeerRecord], *, diverged_
     # runaway of a partition, when sound peers are there, was seen to set off a chase of
     # downloads among all three peers in the fault suite.
     pool = [r for r in live if not r.diverged] or live
-    ahead = [r for r in pool if r.round > round_ + 1]
+    ahead = [r for r in pool if r.round > round_ + 1 and w(r.peer_id)]
     level = [r for r in live if abs(r.round - round_) <= 1]
-    if ahead and len(ahead) >= 1 + len(level):
+    if ahead and len(ahead) >= w(me) + sum(w(r.peer_id) for r in level):
         return Follow(f"outer step {round_} is behind the swarm's {max(r.round for r in ahead)}", ahead)
     return None
+
+
+def unearned_ahead(me: str, round_: int, records: list[PeerRecord], trusted: Trusted | None) -> list[PeerRecord]:
+    """The live records more than a round ahead of `round_` that the rules above pass over
+    because their peers have no earned weight while others here have some: for the log."""
+    live = [r for r in records if r.peer_id != me and not r.paused]
+    w = weigh([me] + [r.peer_id for r in live], trusted)
+    return [r for r in live if r.round > round_ + 1 and not w(r.peer_id)]
 
 
 def round_chain(previous: str, round_: int, aggregated: list[tuple[str, int]]) -> str:
@@ -120,15 +153,22 @@ def anchor_rounds(outer_steps: int) -> list[int]:
     return [k for k in (last - ANCHOR_EVERY, last) if k >= 0]
 
 
-def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -> Follow | None:
+def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord],
+                   trusted: Trusted | None = None) -> Follow | None:
     """Whose outer state peer `me` should take after a silent split, None to keep its own.
     `chains`: its chain at each recent round (outer steps taken → chain). Only a full view
     decides: the latest round at which every live peer that has not diverged shows its chain
     (a record shows the chain at its round and the round before, so peers a round apart still
     meet at one) and at which ours is known. A partial view could pick different winners on
-    different peers; the chains stay apart after a split, so a later round decides instead."""
+    different peers; the chains stay apart after a split, so a later round decides instead.
+    Groups weigh by earned weight (`weigh`): a group of fresh identities showing an invented
+    chain, or a bare key holding the smallest peer id, weighs nothing."""
     pool = [(r, known) for r in records
             if r.peer_id != me and not r.paused and not r.diverged and (known := known_chains(r))]
+    w = weigh([me] + [r.peer_id for r, _ in pool], trusted)
+    # Only peers of weight take part: one without could otherwise keep the full view from
+    # ever forming (a record showing no chain at the rounds the others share).
+    pool = [(r, known) for r, known in pool if w(r.peer_id)]
     if not pool:
         return None
     common = {k for k, v in chains.items() if v}.intersection(*(known for _, known in pool))
@@ -139,7 +179,7 @@ def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -
     groups: dict[str, list[str]] = {mine: [me]}
     for r, known in pool:
         groups.setdefault(known[round_], []).append(r.peer_id)
-    winner = _largest(groups)
+    winner = _largest(groups, w)
     if winner == mine:
         return None
     donors = [r for r, known in pool if known[round_] == winner]
@@ -147,22 +187,25 @@ def whom_to_rejoin(me: str, chains: dict[int, str], records: list[PeerRecord]) -
                   split_round=round_)
 
 
-def chain_at(round_: int, records: list[PeerRecord]) -> str:
-    """The chain the most of `records` show at round `round_` (ties: the smallest peer id's
-    group, as in whom_to_rejoin), "" when none does: what a peer that took the state of
-    round `round_` from them takes as its own chain."""
+def chain_at(round_: int, records: list[PeerRecord], trusted: Trusted | None = None) -> str:
+    """The chain the most weight of `records` shows at round `round_` (ties: the smallest
+    peer id's group, as in whom_to_rejoin), "" when none does: what a peer that took the
+    state of round `round_` from them takes as its own chain."""
     groups: dict[str, list[str]] = {}
     for r in records:
         chain = known_chains(r).get(round_)
         if chain and not r.diverged:
             groups.setdefault(chain, []).append(r.peer_id)
-    return _largest(groups) if groups else ""
+    return _largest(groups, weigh([p for ids in groups.values() for p in ids], trusted)) if groups else ""
 
 
-def _largest(groups: dict[str, list[str]]) -> str:
-    """The chain of the group with the most peers; among equals, the group holding the
-    smallest peer id: every peer that sees the same groups picks the same."""
-    return min(groups, key=lambda chain: (-len(groups[chain]), min(groups[chain])))
+def _largest(groups: dict[str, list[str]], w: Callable[[str], int]) -> str:
+    """The chain of the group of the most weight; among equals, the group holding the
+    smallest peer id of weight: every peer that sees the same groups picks the same."""
+    def rank(chain: str) -> tuple[int, str]:
+        weighed = [p for p in groups[chain] if w(p)]
+        return -len(weighed), min(weighed, default="\uffff")
+    return min(groups, key=rank)
 
 
 CHAINS_KEPT = 8
@@ -244,30 +287,33 @@ class Lineage:
         if self.behind_at is None:
             self.behind_at = outer_steps
 
-    def follow(self, me: str, outer_steps: int, records: list[PeerRecord]) -> Follow | None:
+    def follow(self, me: str, outer_steps: int, records: list[PeerRecord], trusted: Trusted | None = None
+               ) -> Follow | None:
         """Whose state to take now, None to keep ours: after a discarded round, the peers
         that have not diverged and stepped past where we stopped (while there are none, our
         state is as good as anyone's: alone, nobody stepped without us); then whom_to_follow
-        and whom_to_rejoin."""
+        and whom_to_rejoin. `trusted`: whose weight is earned (see `weigh`)."""
         if self.behind_at is not None:
             live = [r for r in records if r.peer_id != me and not r.paused]
-            ahead = [r for r in live if not r.diverged and r.round > self.behind_at]
+            w = weigh([me] + [r.peer_id for r in live], trusted)
+            ahead = [r for r in live if not r.diverged and r.round > self.behind_at and w(r.peer_id)]
             if ahead:
                 return Follow(f"a discarded round left outer step {outer_steps} behind the swarm's "
                               f"{max(r.round for r in ahead)}", ahead)
             if not live:
                 self.behind_at = None
-        found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at)
+        found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
         if found is None and self.diverged_at is None:
-            found = whom_to_rejoin(me, self.chains, records)
+            found = whom_to_rejoin(me, self.chains, records, trusted)
         return found
 
-    def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord], chain: str = "") -> None:
+    def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord], chain: str = "",
+               trusted: Trusted | None = None) -> None:
         """We took the state of round `round_` from `donors`: its `chain` as the donors'
         manifests gave it, else their chain at that round from the records read before the
         download, then the `fresh` ones (unknown when they moved on meanwhile); and we are
         the swarm's again."""
-        chain = chain or chain_at(round_, donors) or chain_at(round_, fresh)
+        chain = chain or chain_at(round_, donors, trusted) or chain_at(round_, fresh, trusted)
         self.chains = {round_: chain} if chain else {}
         self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
 

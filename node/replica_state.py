@@ -1,6 +1,7 @@
 """What a restart needs of a peer's replica, as tensors and metadata for node/checkpoint.py:
-the outer state, the replica (its unsent progress included: it is sent with the next
-delta), the error-feedback residuals and sent masks, AdamW's state and the data order.
+the outer state and its earned weight (the ledger), the replica (its unsent progress
+included: it is sent with the next delta), the error-feedback residuals and sent masks,
+AdamW's state and the data order.
 Both functions run on the training thread at a round boundary (node/threads.py).
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from locoswarm.protocol.state import check_ledger
 
 if TYPE_CHECKING:
     from locoswarm.node.trainer import Trainer
@@ -29,7 +32,7 @@ def checkpoint_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
         for key, value in trainer.inner.state.get(p, {}).items():
             tensors[f"adam.{i}.{key}"] = cpu(value).reshape(-1) if value.dim() == 0 else cpu(value)
     meta = {"round": trainer.round, "outer_steps": trainer.outer.num_steps,
-            "sampler": trainer.sampler.rng.bit_generator.state}
+            "sampler": trainer.sampler.rng.bit_generator.state, "ledger": [list(p) for p in trainer.ledger.pairs()]}
     return tensors, meta
 
 
@@ -60,6 +63,9 @@ def restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> N
     round_, outer_steps = meta.get("round"), meta.get("outer_steps")
     if type(round_) is not int or type(outer_steps) is not int or round_ < 0 or outer_steps < 0:
         raise ValueError(f"checkpoint metadata invalid: round {round_!r}, outer_steps {outer_steps!r}")
+    # A checkpoint from before earned weight has none: the peer starts with an empty
+    # ledger, as a run's first peers do, and learns the swarm's with its next state taken.
+    ledger = check_ledger(meta.get("ledger", []), "checkpoint ledger")
     for name, live in need.items():
         live.copy_(tensors[name])  # a sent mask comes back from uint8 to bool by copy_
     params = [p for group in trainer.inner.param_groups for p in group["params"]]
@@ -72,6 +78,7 @@ def restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> N
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"checkpoint's data order unreadable: {e}") from None
     trainer.outer.num_steps = outer_steps
+    trainer.ledger.load(ledger)
     trainer.handoff.publish_outer_steps(outer_steps)
     trainer.round = round_
     trainer.tokens = 0

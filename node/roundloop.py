@@ -302,14 +302,15 @@ class RoundLoop:
         ctx.stats.deltas_rejected += len(screened.rejected)
         deltas = trainer.step.kept(screened)
         before = trainer.outer_steps
-        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap))
+        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned))
         # A round that pulled a sample of the participants (fanout below their number) left
         # deltas out on purpose (lineage.py says what that does to the chain).
         participants = progress.participants()
         ctx.lineage.after_round(r, before, trainer.outer_steps, [(d.sender, d.num_tokens) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens)
-        ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""))
+        ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),
+                           trainer.ledger.pairs())
         ctx.stats.rounds_completed += 1
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.

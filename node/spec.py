@@ -153,6 +153,8 @@ class RunSpec:
             body["access"].pop("work_bits")  # private runs without work: as before it existed
         if not self.diloco.robust.trim:
             body["diloco"]["robust"].pop("trim")  # off: the hash of specs from before the trimmed mean
+        if not self.diloco.robust.earn_rounds:
+            body["diloco"]["robust"].pop("earn_rounds")  # off: as before earned weight
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).digest()
 

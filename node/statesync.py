@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from hivemind.p2p import P2P, PeerID
 from torch import Tensor
@@ -31,7 +30,8 @@ from torch import Tensor
 from locoswarm.node.streams import ByteBudget, PeerLimits, call_framed, serve_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
+from locoswarm.protocol.state import (Ledger, Manifest, StateAssembler, StateSpec, decode_manifest, encode_state,
+                                      state_digest)
 
 PROTOCOL = "locoswarm/state/3"
 _MANIFEST, _CHUNK = 0, 1
@@ -89,8 +89,8 @@ class StateServer:
         self.request_timeout_s = request_timeout_s
         self.chunk_bytes = chunk_bytes
         self._snapshots: dict[int, dict[str, Tensor]] = {}
-        self._chains: dict[int, str] = {}
-        """round → the round chain of the state served for it ("" unknown)."""
+        self._meta: dict[int, tuple[str, Ledger]] = {}
+        """round → the round chain ("" unknown) and the ledger of the state served for it."""
         self._encoded: dict[int, tuple[bytes, bytes]] = {}
         self._lock = asyncio.Lock()
         self._asked: dict[int, float] = {}
@@ -104,21 +104,21 @@ class StateServer:
         self.bytes_sent = 0
         """Bytes written to state streams (headers included)."""
         self.on_encoded: Callable[[int, str], None] | None = None
-        """Called with (round, SHA-256 hex of the body) when a round's state is first encoded."""
+        """Called with (round, its state_digest) when a round's state is first encoded."""
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
 
-    def publish(self, state: dict[str, Tensor], round_: int, chain: str = "") -> None:
+    def publish(self, state: dict[str, Tensor], round_: int, chain: str = "", ledger: Ledger = ()) -> None:
         """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`,
-        whose round chain is `chain` ("" unknown)."""
+        whose round chain is `chain` ("" unknown) and earned weight `ledger`."""
         self._snapshots[round_] = state
-        self._chains[round_] = chain
+        self._meta[round_] = (chain, ledger)
         now = time.monotonic()
         pinned = sorted((r for r, at in self._asked.items() if now - at < _PIN_S), reverse=True)[:_MAX_PINNED]
         for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT and r not in pinned]:
             del self._snapshots[old]
-            self._chains.pop(old, None)
+            self._meta.pop(old, None)
             self._encoded.pop(old, None)
         self._asked = {r: at for r, at in self._asked.items() if r in self._snapshots}
 
@@ -129,10 +129,11 @@ class StateServer:
                 state = self._snapshots.get(round_)
                 if state is None:
                     return None
+                chain, ledger = self._meta.get(round_, ("", ()))
                 self._encoded[round_] = await asyncio.to_thread(encode_state, self.spec, state, round_,
-                                                                self.chunk_bytes, self._chains.get(round_, ""))
+                                                                self.chunk_bytes, chain, ledger)
                 if self.on_encoded is not None:
-                    self.on_encoded(round_, hashlib.sha256(self._encoded[round_][1]).hexdigest())
+                    self.on_encoded(round_, state_digest(self._encoded[round_][1], ledger))
             return self._encoded[round_]
 
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -224,11 +225,25 @@ async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float) -
         return None
 
 
+def _same(m: Manifest) -> tuple:
+    """What two donors must both show to serve one state."""
+    return m.round, m.digest, m.chain, m.ledger
+
+
+class Downloaded(NamedTuple):
+    round: int
+    tensors: dict[str, Tensor]
+    chain: str
+    """The donors' round chain at that round ("" unknown)."""
+    ledger: Ledger
+    """The state's earned weight (protocol/state.py)."""
+
+
 def choose_state(manifests: list[Manifest]) -> Manifest:
-    """The newest state (round, digest and chain) at least AGREEING manifests show, else the
+    """The newest state (round, digest, chain and ledger) at least AGREEING manifests show, else the
     newest one."""
-    counts = collections.Counter((m.round, m.digest, m.chain) for m in manifests)
-    agreed = [m for m in manifests if counts[m.round, m.digest, m.chain] >= AGREEING]
+    counts = collections.Counter(_same(m) for m in manifests)
+    agreed = [m for m in manifests if counts[_same(m)] >= AGREEING]
     return max(agreed or manifests, key=lambda m: m.round)
 
 
@@ -239,16 +254,16 @@ async def download_state(
     *,
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[int, dict[str, Tensor], str]:
+) -> Downloaded:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
-    docstring); returns (round, tensors, the donors' round chain at that round or "")."""
+    docstring)."""
     asked = donors[:MANIFEST_DONORS]
     found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
     if not manifests:
         raise StateUnavailable("no donor returned a valid state manifest")
     chosen = choose_state(list(manifests.values()))
-    pool = [p for p, m in manifests.items() if (m.round, m.digest, m.chain) == (chosen.round, chosen.digest, chosen.chain)]
+    pool = [p for p, m in manifests.items() if _same(m) == _same(chosen)]
     asm = StateAssembler(spec, chosen)
     total = len(chosen.chunks)
     queue = collections.deque(asm.missing())
@@ -293,4 +308,4 @@ async def download_state(
     await asyncio.gather(*(worker(peer) for peer in pool))
     if asm.missing():
         raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {total}")
-    return chosen.round, asm.finish(), chosen.chain
+    return Downloaded(chosen.round, asm.finish(), chosen.chain, chosen.ledger)

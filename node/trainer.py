@@ -12,7 +12,6 @@ steps taken cross between them through the trainer's `Handoff`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -31,7 +30,7 @@ from locoswarm.optim.outer import OuterOptimizer
 from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
-from locoswarm.protocol.state import StateSpec, encode_state
+from locoswarm.protocol.state import Ledger, StateSpec, encode_state, state_digest
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model
 from locoswarm.workload.tokenizer import get_tokenizer
@@ -108,6 +107,9 @@ class Trainer:
                               max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
         """The round's algorithm (optim/round.py), shared with the simulation."""
         self.compressor = self.step.compressor(self.outer.params[0].device)
+        self.ledger = self.step.ledger(self.round_tokens)
+        """The outer state's earned weight (optim/credit.py): screened against, credited
+        by each outer step, taken with a donor's state."""
         self.handoff = Handoff()
         """What the training, exchange and event-loop threads share (node/threads.py)."""
         self.state_spec = StateSpec(run_id=spec.run_id, spec_hash=spec_hash,
@@ -247,16 +249,18 @@ class Trainer:
         return self.step.decode(blob)
 
     def screen(self, deltas: list[DecodedDelta]) -> Screened:
-        return self.step.screen(deltas)
+        return self.step.screen(deltas, self.ledger)
 
     @torch.no_grad()
-    def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool) -> None:
+    def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool,
+              earned: dict[str, int] | None = None) -> None:
         """The round's outer step from its screened deltas (this peer's own among them) and
         the replica's restart (RoundStep.restart). When the next round's training already
         started from the snapshot (`overlapped`), the restart is handed to the training
         thread as a shift, applied before its next step: the replica ends where it would
-        have, plus the progress it made meanwhile."""
-        self.step.apply(self.outer, received, [self.compressor])
+        have, plus the progress it made meanwhile. `earned`: the screening's credits
+        (Screened.earned) for the ledger."""
+        self.step.apply(self.outer, received, [self.compressor], self.ledger, earned)
         work.applied = True
         self.handoff.publish_outer_steps(self.outer.num_steps)
         self._restart(work, overlapped)
@@ -307,13 +311,16 @@ class Trainer:
         return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in self.outer.state_tensors().items()}
 
     def state_digest(self) -> str:
-        """SHA-256 of the outer state's wire body: equal on a donor and on a joiner that took its state."""
+        """SHA-256 of the outer state's wire body and its ledger (protocol/state.py
+        state_digest): equal on a donor and on a joiner that took its state."""
         _, body = encode_state(self.state_spec, self.state_snapshot(), self.round)
-        return hashlib.sha256(body).hexdigest()
+        return state_digest(body, self.ledger.pairs())
 
     @torch.no_grad()
-    def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
-        """Take a donor's outer state: parameters, momentum and round; the residual starts empty."""
+    def load_state(self, round_: int, state: dict[str, torch.Tensor], ledger: Ledger = ()) -> None:
+        """Take a donor's outer state: parameters, momentum, round and earned weight
+        (validated by the manifest's decoder); the residual starts empty."""
+        self.ledger.load(ledger)
         for name, tensor in state.items():
             self.outer.state_tensors()[name].copy_(tensor)
         self.outer.num_steps = round_  # > 0: the momentum buffer is live, not to be re-seeded

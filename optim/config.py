@@ -115,12 +115,19 @@ class RobustConfig:
     """A claimed token count above token_factor × the round's median claim is cut to it."""
     trim: float = 0.0
     """β of a coordinate-wise trimmed mean (optim/trimmed.py): ⌊β·n⌋ of n values cut at each end; 0: off."""
+    earn_rounds: int = 8
+    """Rounds of a peer's full planned work after which it is established (optim/credit.py):
+    only established peers set the clip reference and the token-claim median and count in
+    decisions whose state to follow, and the round's newcomers share one peer's weight.
+    0: off, every peer counts from its first delta (the rule before earned weight)."""
 
     def validate(self) -> None:
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"diloco.robust.trim must lie in [0, 0.5), got {self.trim}")
         if self.norm_rule not in ("clip", "reject", "none"):
             raise ValueError(f"diloco.robust.norm_rule must be clip, reject or none, got {self.norm_rule!r}")
+        if type(self.earn_rounds) is not int or not 0 <= self.earn_rounds <= 10_000:
+            raise ValueError(f"diloco.robust.earn_rounds must be an integer in [0, 10000], got {self.earn_rounds!r}")
         if not self.norm_factor >= 1.0 or not self.token_factor >= 1.0:
             raise ValueError("diloco.robust.norm_factor and token_factor must be >= 1")
 

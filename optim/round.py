@@ -9,7 +9,8 @@ these steps, so the simulation computes what the peers compute:
 
 1. `encode`: Δ = θ_outer − θ_replica, compressed with error feedback (the residual is
    committed against the decode every receiver runs) and framed as a delta message.
-2. `screen`: the peers' defence against bad deltas (optim/screen.py). The simulation's
+2. `screen`: the peers' defence against bad deltas (optim/screen.py), weighing senders by
+   the work the outer state's ledger credits them with (optim/credit.py). The simulation's
    replicas are honest and skip it, as its published figures always did (clipping to the
    median norm also moves a clean run a little).
 3. `apply`: the token-weighted aggregate (rule "mean" or "masked", optionally a trimmed
@@ -28,6 +29,7 @@ from torch import Tensor
 from locoswarm.optim.aggregate import aggregate, coverage
 from locoswarm.optim.compress import ErrorFeedbackCompressor, delta_spec
 from locoswarm.optim.config import DiLoCoConfig
+from locoswarm.optim.credit import Ledger
 from locoswarm.optim.outer import OuterOptimizer
 from locoswarm.optim.screen import Screened, apply_screen, screen
 from locoswarm.protocol import DecodedDelta, DeltaMessage, DeltaSpec, decode_delta, encode_delta
@@ -69,11 +71,16 @@ class RoundStep:
         """A delta off the wire, validated against this run's layout (ProtocolError if bad)."""
         return decode_delta(blob, self.spec)
 
-    def screen(self, deltas: list[DecodedDelta]) -> Screened:
-        """The round's deltas screened (optim/screen.py); `kept` of the result is what
-        `apply` takes. The own delta must be among them, decoded like everyone's: all
-        peers holding the same deltas then screen and aggregate the same values."""
-        return screen(deltas, self.cfg.robust)
+    def screen(self, deltas: list[DecodedDelta], ledger: Ledger | None = None) -> Screened:
+        """The round's deltas screened (optim/screen.py) against the earned weight of
+        `ledger`; `kept` of the result is what `apply` takes. The own delta must be among
+        them, decoded like everyone's: all peers holding the same deltas then screen and
+        aggregate the same values."""
+        return screen(deltas, self.cfg.robust, ledger)
+
+    def ledger(self, per_peer_tokens: int) -> Ledger:
+        """An outer state's earned weight, empty: one per outer state, credited by `apply`."""
+        return Ledger(earn_rounds=self.cfg.robust.earn_rounds, per_peer_tokens=per_peer_tokens)
 
     @staticmethod
     def kept(screened: Screened) -> list[DecodedDelta]:
@@ -82,17 +89,21 @@ class RoundStep:
 
     @torch.no_grad()
     def apply(self, outer: OuterOptimizer, deltas: list[DecodedDelta],
-              compressors: list[ErrorFeedbackCompressor]) -> None:
+              compressors: list[ErrorFeedbackCompressor], ledger: Ledger | None = None,
+              earned: dict[str, int] | None = None) -> None:
         """Aggregate `deltas` into one outer step of `outer`; after a "masked" round each of
         `compressors` (the replicas that share this outer state) drops its residual where the
-        consensus moved on a coordinate it did not send. ValueError when nothing can be
-        aggregated: the outer state is then untouched."""
+        consensus moved on a coordinate it did not send; `ledger` (the outer state's earned
+        weight) is credited with the screening's `earned`. ValueError when nothing can be
+        aggregated: the outer state and the ledger are then untouched."""
         device = outer.params[0].device
         shapes = [tuple(p.shape) for p in outer.params]
         masked = self.compression.aggregation == "masked"
         shares = coverage(deltas, device) if masked else None
         outer.step(aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
                              trim=self.cfg.robust.trim))
+        if ledger is not None:
+            ledger.credit(earned or {})
         if masked:
             moved = [share > 0 for share in shares]
             for compressor in compressors:

@@ -15,8 +15,14 @@ bounded here.
   weigh the same delta differently and their outer states would split. Every input here is
   in the deltas themselves, so every peer holding the same deltas decides the same.
 
+Earned weight (optim/credit.py): when some sender of the round is established, the medians
+are taken over the established senders only, every newcomer is held to them whatever the
+round's size, and the newcomers together weigh as much as one established peer's median
+claim. Identities cost nothing; the work that establishes one does.
+
 Median of an even count: the mean of the two middle values. With fewer than 3 deltas there
-is no meaningful median: only non-finite deltas are refused.
+is no meaningful median of the round: only non-finite deltas are refused, and newcomers held
+to the established peers' median.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 
 from locoswarm.kernels import dequantize
 from locoswarm.optim.config import RobustConfig
+from locoswarm.optim.credit import Ledger, Standing
 from locoswarm.protocol import DecodedDelta
 
 MIN_FOR_MEDIAN = 3
@@ -49,7 +55,10 @@ class Screened:
     """sender → the token count it is weighted by (its claim, or the cap)."""
     rejected: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """What was changed but kept (clipped norms, cut claims), for the log."""
+    """What was changed but kept (clipped norms, cut claims, pooled newcomers), for the log."""
+    earned: dict[str, int] = field(default_factory=dict)
+    """sender → the credit its delta earns in the ledger (optim/credit.py): the tokens it is
+    weighted by times its clip multiplier."""
 
 
 def delta_norm(d: DecodedDelta) -> float:
@@ -67,8 +76,10 @@ def median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def screen(deltas: list[DecodedDelta], cfg: RobustConfig) -> Screened:
-    """Apply the rules to one round's deltas (any order in; sender order out)."""
+def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None = None) -> Screened:
+    """Apply the rules to one round's deltas (any order in; sender order out). `ledger`:
+    whose weight is earned (optim/credit.py); without one, or while no sender of the round
+    is established, every sender counts alike."""
     out = Screened()
     norms: dict[str, float] = {}
     for d in sorted(deltas, key=lambda d: d.sender):
@@ -78,34 +89,60 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig) -> Screened:
             continue
         norms[d.sender] = n
         out.deltas.append(d)
-    if len(out.deltas) >= MIN_FOR_MEDIAN:
-        if cfg.norm_rule != "none":
-            mid = median(list(norms.values()))
-            limit = cfg.norm_factor * mid
-            kept = []
-            for d in out.deltas:
-                n = norms[d.sender]
-                if n > limit and mid > 0:
-                    ratio = f"norm {n:.3g} is {n / mid:.3g}× the round's median {mid:.3g} (limit {cfg.norm_factor:g}×)"
-                    if cfg.norm_rule == "reject":
-                        out.rejected.append(Rejection(d.sender, ratio))
-                        continue
-                    out.scales[d.sender] = limit / n
-                    out.notes.append(f"{d.sender}: {ratio}: clipped to {limit:.3g}")
-                kept.append(d)
-            out.deltas = kept
-        claims = median([float(d.num_tokens) for d in out.deltas])
-        cap = max(1, int(cfg.token_factor * claims))
-        for d in out.deltas:
-            if d.num_tokens > cap:
-                out.notes.append(f"{d.sender}: claims {d.num_tokens} tokens, {d.num_tokens / claims:.3g}× the "
-                                 f"round's median claim: weighted as {cap}")
+    standing = ledger.standing([d.sender for d in out.deltas]) if ledger is not None else None
+    # The references come from the established senders when there are any: newcomers,
+    # however many, neither move the median nor escape it. Established deltas are held to
+    # it from MIN_FOR_MEDIAN deltas on (as before earned weight); newcomers always are.
+    reference = [d for d in out.deltas if standing is None or d.sender in standing.established]
+    if standing is not None:
+        held = [d for d in out.deltas if len(out.deltas) >= MIN_FOR_MEDIAN or d.sender in standing.newcomers]
     else:
-        cap = None
+        held = out.deltas if len(out.deltas) >= MIN_FOR_MEDIAN else []
+    of = "the established peers' median" if standing is not None else "the round's median"
+    if held and cfg.norm_rule != "none":
+        mid = median([norms[d.sender] for d in reference])
+        limit = cfg.norm_factor * mid
+        for d in held:
+            n = norms[d.sender]
+            if n > limit and mid > 0:
+                ratio = f"norm {n:.3g} is {n / mid:.3g}× {of} {mid:.3g} (limit {cfg.norm_factor:g}×)"
+                if cfg.norm_rule == "reject":
+                    out.rejected.append(Rejection(d.sender, ratio))
+                    continue
+                out.scales[d.sender] = limit / n
+                out.notes.append(f"{d.sender}: {ratio}: clipped to {limit:.3g}")
+        refused = {r.sender for r in out.rejected}
+        out.deltas = [d for d in out.deltas if d.sender not in refused]
+        reference = [d for d in reference if d.sender not in refused]
     for d in out.deltas:
         out.scales.setdefault(d.sender, 1.0)
-        out.tokens[d.sender] = d.num_tokens if cap is None else min(d.num_tokens, cap)
+        out.tokens[d.sender] = d.num_tokens
+    if held:
+        claims = median([float(d.num_tokens) for d in reference])
+        cap = max(1, int(cfg.token_factor * claims))
+        for d in held:
+            if d.sender in out.tokens and d.num_tokens > cap:
+                out.notes.append(f"{d.sender}: claims {d.num_tokens} tokens, {d.num_tokens / claims:.3g}× "
+                                 f"{of.replace('median', 'median claim')}: weighted as {cap}")
+                out.tokens[d.sender] = cap
+        if standing is not None:
+            _pool_newcomers(out, standing, one_peer=max(1, int(claims)))
+    for d in out.deltas:
+        out.earned[d.sender] = int(out.tokens[d.sender] * min(1.0, out.scales[d.sender]))
     return out
+
+
+def _pool_newcomers(out: Screened, standing: Standing, *, one_peer: int) -> None:
+    """The round's newcomers share the weight of one peer (the established peers' median
+    claim), in proportion to their claims: a hundred fresh identities weigh as one."""
+    fresh = [d.sender for d in out.deltas if d.sender in standing.newcomers]
+    total = sum(out.tokens[s] for s in fresh)
+    if total <= one_peer:
+        return
+    for s in fresh:
+        out.tokens[s] = out.tokens[s] * one_peer // total
+    out.notes.append(f"{len(fresh)} newcomers ({total} tokens claimed) share one established peer's weight, "
+                     f"{one_peer} tokens")
 
 
 def apply_screen(screened: Screened) -> list[DecodedDelta]:

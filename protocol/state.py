@@ -2,14 +2,17 @@
 momentum, round) from a donor, in verifiable chunks that can be resumed or fetched from
 another donor.
 
-A manifest (msgpack, version 2) comes first:
+A manifest (msgpack, version 3) comes first:
 
-    {"v": 2, "run": str, "spec": bytes, "round": int, "tensors": [[name, shape], …],
-     "chunk_bytes": int, "chunks": [sha256, …], "digest": sha256, "chain": str}
+    {"v": 3, "run": str, "spec": bytes, "round": int, "tensors": [[name, shape], …],
+     "chunk_bytes": int, "chunks": [sha256, …], "digest": sha256, "chain": str,
+     "ledger": [[peer id, credit], …]}
 
 `chain` is the donor's round chain at that round (node/lineage.py; 32 hex digits, "" when it
 does not know it): a joiner takes it with the state, so it can compare chains with the
-others (and be healed after a split) from its first round on.
+others (and be healed after a split) from its first round on. `ledger` is the earned weight
+of that outer state (optim/credit.py; at most MAX_LEDGER_ENTRIES pairs in ascending peer id
+order): the joiner weighs peers as the donors do from its first round on.
 
 The body is every tensor's float32 values, little-endian, concatenated in manifest order and
 cut into `chunk_bytes` pieces; `chunks[i]` is the SHA-256 of piece i and `digest` that of
@@ -33,10 +36,16 @@ from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
 from locoswarm.protocol.records import is_chain
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 DEFAULT_CHUNK_BYTES = 4 << 20
 _MIN_CHUNK, _MAX_CHUNK = 1 << 10, 64 << 20
-_KEYS = frozenset({"v", "run", "spec", "round", "tensors", "chunk_bytes", "chunks", "digest", "chain"})
+_KEYS = frozenset({"v", "run", "spec", "round", "tensors", "chunk_bytes", "chunks", "digest", "chain", "ledger"})
+MAX_LEDGER_ENTRIES = 4096
+"""Peers a ledger holds at most (optim/credit.py keeps no more)."""
+MAX_CREDIT = 2**62
+MAX_PEER_ID_LEN = 128
+Ledger = tuple[tuple[str, int], ...]
+"""Earned weight as (peer id, credit) pairs in ascending peer id order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +68,44 @@ class Manifest:
     chunks: tuple[bytes, ...]
     digest: bytes
     chain: str = ""
+    ledger: Ledger = ()
+
+
+def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
+    """`pairs` as a Ledger, or MalformedMessage naming what is wrong: a list of at most
+    MAX_LEDGER_ENTRIES [peer id, credit] pairs, peer ids of 1..MAX_PEER_ID_LEN characters in
+    strictly ascending order, credits integers in [0, MAX_CREDIT]."""
+    if not isinstance(pairs, (list, tuple)):
+        raise MalformedMessage(f"{what} must be a list of [peer id, credit] pairs, got {type(pairs).__name__}")
+    if len(pairs) > MAX_LEDGER_ENTRIES:
+        raise MalformedMessage(f"{what} holds {len(pairs)} entries, more than {MAX_LEDGER_ENTRIES}")
+    out, last = [], ""
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise MalformedMessage(f"{what} entry {i} is not a [peer id, credit] pair")
+        peer, credit = pair
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_ID_LEN:
+            raise MalformedMessage(f"{what} entry {i}: peer id must be a string of 1..{MAX_PEER_ID_LEN} characters")
+        if type(credit) is not int or not 0 <= credit <= MAX_CREDIT:
+            raise MalformedMessage(f"{what} entry {i} ({peer}): credit {credit!r} outside [0, 2**62]")
+        if peer <= last:
+            raise MalformedMessage(f"{what} entry {i} ({peer}): peer ids must be unique and in ascending order")
+        out.append((peer, credit))
+        last = peer
+    return tuple(out)
+
+
+def state_digest(body: bytes, ledger: Ledger = ()) -> str:
+    """SHA-256 (hex) of an outer state: its body, then its ledger's pairs when it has any
+    (so a state without earned weight hashes as its body alone)."""
+    h = hashlib.sha256(body)
+    for peer, credit in ledger:
+        h.update(peer.encode() + b"\0" + credit.to_bytes(8, "big"))
+    return h.hexdigest()
 
 
 def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chain: str = "") -> tuple[bytes, bytes]:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chain: str = "", ledger: Ledger = ()) -> tuple[bytes, bytes]:
     """Returns (manifest bytes, body bytes) for `state`, whose tensors follow `spec`'s order."""
     assert [n for n, _ in spec.tensors] == list(state), "state must follow the spec's tensor order"
     body = b"".join(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
@@ -73,6 +116,7 @@ def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
         "v": STATE_VERSION, "run": spec.run_id, "spec": spec.spec_hash, "round": round_,
         "tensors": [[n, list(s)] for n, s in spec.tensors], "chunk_bytes": chunk_bytes,
         "chunks": chunks, "digest": hashlib.sha256(body).digest(), "chain": chain,
+        "ledger": [list(pair) for pair in ledger],
     }
     return msgpack.packb(manifest, use_bin_type=True), body
 
@@ -80,9 +124,11 @@ def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
 def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
     """Validate a donor's manifest against `spec`; raises a ProtocolError subclass."""
     num_chunks_max = spec.total_bytes // _MIN_CHUNK + 1
-    limit = 1024 + 64 * num_chunks_max + sum(64 + len(n.encode()) + 10 * len(s) for n, s in spec.tensors)
+    limit = (1024 + 64 * num_chunks_max + sum(64 + len(n.encode()) + 10 * len(s) for n, s in spec.tensors)
+             + MAX_LEDGER_ENTRIES * (MAX_PEER_ID_LEN + 16))
     m = unpack_envelope(blob, "state manifest", max_bytes=limit, version=STATE_VERSION, keys=_KEYS,
-                        max_bin_len=64, max_str_len=4096, max_array_len=max(num_chunks_max, len(spec.tensors)) + 16)
+                        max_bin_len=64, max_str_len=4096,
+                        max_array_len=max(num_chunks_max, len(spec.tensors), MAX_LEDGER_ENTRIES) + 16)
     if m["run"] != spec.run_id or m["spec"] != spec.spec_hash:
         raise SpecMismatch("state manifest is from another run or run spec")
     expected = [[n, list(s)] for n, s in spec.tensors]
@@ -102,7 +148,8 @@ def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
         raise MalformedMessage("state manifest hashes must be 32-byte SHA-256 digests")
     if m["chain"] != "" and not is_chain(m["chain"]):
         raise MalformedMessage("state manifest chain must be empty or 32 lowercase hex digits")
-    return Manifest(round=round_, chunk_bytes=chunk_bytes, chunks=tuple(chunks), digest=m["digest"], chain=m["chain"])
+    return Manifest(round=round_, chunk_bytes=chunk_bytes, chunks=tuple(chunks), digest=m["digest"], chain=m["chain"],
+                    ledger=check_ledger(m["ledger"], "state manifest ledger"))
 
 
 class StateAssembler:

@@ -40,14 +40,20 @@ def test_a_restored_trainer_continues_bit_for_bit_like_the_original(tmp_path):
     a = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
     a.train_until(stop, lambda n: n >= 3 * a.tokens_per_step)
     work = a.end_round()
-    a.apply(work, [a.decode(a.encode(work, "me"))], overlapped=False)
+    a.apply(work, [a.decode(a.encode(work, "me"))], overlapped=False, earned={"me": work.tokens, "other": 5})
     a.train_until(stop, lambda n: True)
     tensors, meta = replica_state.checkpoint_state(a)
     save_checkpoint(str(tmp_path), a.round, tensors, meta, spec_hash=spec.hash())
     round_, tensors, meta = load_latest(str(tmp_path), spec.hash())
     b = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu"))
+    bad = dict(meta, ledger=[["other", 5], ["me", work.tokens]])
+    with pytest.raises(ValueError, match="checkpoint ledger entry 1 .*ascending"):
+        replica_state.restore(b, tensors, bad)
+    assert b.round == 0 and b.ledger.pairs() == (), "a refused checkpoint changes nothing"
     replica_state.restore(b, tensors, meta)
     assert round_ == a.round == b.round == 1
+    assert b.ledger.pairs() == a.ledger.pairs() == (("me", work.tokens), ("other", 5))
+    assert b.state_digest() == a.state_digest()
     for t in (a, b):
         t.train_until(stop, lambda n: True)
         work = t.end_round()

@@ -233,6 +233,8 @@ def test_status_counts_the_other_peers_sigterm_leaves_with_exit_0_and_a_second_c
     assert set(st) >= STATUS_KEYS, sorted(STATUS_KEYS - set(st))
     assert st["state"] in STATES and st["num_peers"] == 1 and st["peer_id"] == peer_id(a), st
     assert st["rounds_completed"] >= 1 and st["round"] >= 1 and st["addrs"], st
+    # Its rounds of work earned it credit; 8 rounds' worth make it established (the default).
+    assert st["earned_rounds"] > 0 and st["established_peers"] >= (st["earned_rounds"] >= 8), st
     deadline = time.monotonic() + 30
     while node_status(swarm.root / "a")["state"] != "training":
         assert time.monotonic() < deadline, "never seen training"

@@ -311,6 +311,56 @@ def attack(swarm, run: Path | None = None, drop_round: int | None = None) -> flo
     return mean_eval(honest)
 
 
+@pytest.mark.timeout(450, method="signal")
+def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_never_followed(swarm, tmp_path,
+                                                                                             clean_eval_loss):
+    """Issue 19's sybil attacks against three honest peers that have earned their weight
+    (earn_rounds 1 here, so that they are established after round 1 of a 6-round run). Four
+    identities then send deltas of about 10× an honest one's norm, each its own noise:
+    before earned weight they held the round's median, nothing was clipped or logged, and
+    the honest loss ended above the untrained model's. Three more identities show records 5
+    rounds or more ahead of the swarm at dialable addresses that serve no state: before, every honest
+    peer set out to download from them. Now each sybil delta is clipped to the established
+    peers' median and the four share one peer's weight, both logged; no honest peer follows
+    anyone; the honest peers end on one outer state within LOSS_MARGIN of the clean run."""
+    import subprocess
+
+    run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1)
+    args = ("--min-peers", "3", "--max-rounds", str(ROUNDS))
+    a = swarm.join("a", *args, run=run)
+    addr = daemon.first_addr(a)
+    # Ready before round 0 (a waits for b and c), the sybils claim rounds 2 on only, and the
+    # identities ahead show their records once told to, when round 1 ended.
+    sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "2"],
+                          stdin=subprocess.PIPE) for i in range(4)]
+    ahead = [swarm.start(f"ahead-{i}", [sys.executable, "-u", "-m", "locoswarm.bench.fake_peer", addr, str(run), "20"],
+                         stdin=subprocess.PIPE) for i in range(3)]
+    ids = [child.wait_for(r"^(\w+)$", 90)[1] for child in sybils]
+    honest = [a] + [swarm.join(name, *args, peer=a, run=run) for name in ("b", "c")]
+    daemon.wait_round(a, 1, 150)
+    for child in ahead:
+        child.proc.stdin.write("go\n")
+        child.proc.stdin.flush()
+    fakes = [child.wait_for(r"^fake (\w+) announced", 60)[1] for child in ahead]
+    for p in honest:
+        daemon.assert_clean_exit(p, p.wait_exit(300))
+    finals = [daemon.final(p) for p in honest]
+    assert len({d for *_, d in finals}) == 1, "honest outer states differ"
+    for p in honest:
+        err = p.stderr()
+        assert "downloading its state" not in err and "took the state" not in err, f"{p.name} followed\n{p.tail()}"
+        passed = [f for f in fakes if re.search(rf"{f} shows round \d+, ahead of our \d+, but has no earned weight", err)]
+        assert passed, f"{p.name} never saw the identities ahead\n{p.tail()}"
+        clipped = [i for i in ids if re.search(rf"round \d+: {i}: norm \S+ is \S+× the established peers' median", err)]
+        assert clipped == ids, f"{p.name}: sybil deltas clipped {len(clipped)} of 4\n{p.tail()}"
+        assert re.search(r"round \d+: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
+            p.tail()
+    loss = mean_eval(honest)
+    print(f"mean eval loss {loss:.4f} under 4 loud sybils and 3 identities ahead; clean run {clean_eval_loss:.4f}; "
+          f"finals {[f[1] for f in finals]}")
+    assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
+
+
 @pytest.mark.timeout(500, method="signal")
 def test_peers_killed_at_random_moments_come_back_and_never_leave_a_corrupt_checkpoint(swarm, tmp_path,
                                                                                      clean_eval_loss):

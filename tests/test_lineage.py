@@ -476,7 +476,7 @@ def test_a_donor_keeps_the_round_being_downloaded_while_it_publishes_newer_ones(
             newer[0] += 1
 
         try:
-            round_, tensors, _ = await download_state(joiner, [donor.peer_id], spec, on_progress=moved_on)
+            round_, tensors, _, _ = await download_state(joiner, [donor.peer_id], spec, on_progress=moved_on)
         finally:
             await joiner.shutdown()
             await donor.shutdown()

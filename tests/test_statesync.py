@@ -32,9 +32,10 @@ def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0):
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
         try:
             peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
-            round_, tensors, chain = await download_state(client, peers, serve_state.SPEC, timeout_s=timeout_s,
-                                                          on_progress=on_progress)
+            round_, tensors, chain, ledger = await download_state(client, peers, serve_state.SPEC,
+                                                                  timeout_s=timeout_s, on_progress=on_progress)
             assert chain == serve_state.CHAIN, "the donors' round chain comes with their state"
+            assert ledger == serve_state.LEDGER, "and their ledger of earned weight"
             return round_, tensors
         finally:
             await client.shutdown()
@@ -125,13 +126,16 @@ def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest
     from locoswarm.node.statesync import choose_state
     from locoswarm.protocol.state import Manifest
 
-    def m(round_: int, digest: bytes) -> Manifest:
-        return Manifest(round=round_, chunk_bytes=4096, chunks=(), digest=digest)
+    def m(round_: int, digest: bytes, ledger=()) -> Manifest:
+        return Manifest(round=round_, chunk_bytes=4096, chunks=(), digest=digest, ledger=ledger)
 
     assert choose_state([m(9, b"x"), m(8, b"y"), m(8, b"y")]).round == 8
     assert choose_state([m(9, b"x"), m(8, b"y")]).round == 9, "no two agree: the newest"
     assert choose_state([m(9, b"x"), m(9, b"x"), m(8, b"y"), m(8, b"y")]).round == 9
     assert choose_state([m(9, b"x"), m(8, b"x"), m(8, b"x")]).round == 8, "the same body at another round is another state"
+    other = (("QmSybil", 10**6),)
+    assert choose_state([m(9, b"x"), m(9, b"x", other), m(8, b"y"), m(8, b"y")]).round == 8, \
+        "the same body with another ledger is another state"
 
 
 def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the_state(spawn_peers):
@@ -160,7 +164,7 @@ def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the
     started = time.monotonic()
     got = asyncio.run(two())
     elapsed = time.monotonic() - started
-    for round_, tensors, _ in got:
+    for round_, tensors, *_ in got:
         assert round_ == serve_state.ROUND
         _assert_is_the_donors_state(tensors)
     # The budget lets a burst of two chunks go at once, then its rate: a faster machine cannot

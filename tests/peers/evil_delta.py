@@ -5,13 +5,16 @@ REFRESH_S) so that honest peers count it as a participant and pull its delta, an
 answers every delta request with a bad frame. Prints its peer id, then runs until stdin
 closes or it is killed.
 
-usage: python evil_delta.py MODE ADDR [SPEC]   (SPEC: a run spec TOML; the default spec without it)
+usage: python evil_delta.py MODE ADDR [SPEC [FIRST]]   (SPEC: a run spec TOML, "" or none for the default
+  spec; FIRST: claim rounds FIRST..15 only, an identity that joins late)
   MODE garbage:     a length header, then that many random bytes (not a delta)
   MODE truncated:   a length header larger than what follows, then the stream closes
   MODE oversized:   a length header of 2**40 bytes
   well-formed deltas of the default spec, bad in one way:
   MODE nan:         a scale pair of NaN
   MODE huge:        values about 1000 times an honest delta's
+  MODE loud:        values about 10 times an honest delta's (a sybil group's attack: together
+                    they would hold the round's median, so nothing gets clipped)
   MODE wrong_round: a delta of another round than the one asked
   MODE replay:      the first honest peer's delta of the previous round, served again (its
                     newest older one fetched, once that peer no longer serves that round)
@@ -26,6 +29,7 @@ import random
 import shutil
 import sys
 import tempfile
+import zlib
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
@@ -55,7 +59,7 @@ def frame(mode: str, rng: random.Random) -> bytes:
     raise SystemExit(f"unknown mode {mode!r}")
 
 
-CRAFTED = ("nan", "huge", "wrong_round", "replay", "inflated")
+CRAFTED = ("nan", "huge", "loud", "wrong_round", "replay", "inflated")
 
 
 def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
@@ -65,8 +69,8 @@ def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
     from locoswarm.optim import ErrorFeedbackCompressor
     from locoswarm.protocol import DeltaMessage, encode_delta
 
-    gen = torch.Generator().manual_seed(round_)
-    scale = 5.0 if mode == "huge" else 5e-3  # honest deltas: about 5e-3 per entry after a round
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{me}:{round_}".encode()))  # each identity its own noise
+    scale = {"huge": 5.0, "loud": 5e-2}.get(mode, 5e-3)  # honest deltas: about 5e-3 per entry after a round
     comp = ErrorFeedbackCompressor(dspec.tensors, cfg, "cpu")
     packed, _ = comp.compress([scale * torch.randn(t.shape, generator=gen) for t in dspec.tensors])
     if mode == "nan":
@@ -79,8 +83,8 @@ def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
     return encode_delta(msg)
 
 
-async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
-    spec = load_spec(spec_path)
+async def main(mode: str, addr: str, spec_path: str | None = None, first: str = "0") -> None:
+    spec = load_spec(spec_path or None)
     rng = random.Random(mode)
     state = tempfile.mkdtemp(prefix="evil-")
     os.close(open_state_dir(state))
@@ -147,7 +151,7 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
     # Done with a token trained: a participant to pull from (done with none would be a peer
     # that gave the round up, which nobody asks).
     claims = b"".join(progress_frame(Progress(tokens=10**9 if mode == "inflated" else 1, tokens_per_s=0.0, done=True,
-                                              round=r)) for r in ROUNDS)
+                                              round=r)) for r in ROUNDS if r >= int(first))
 
     async def claim_to(peer: str) -> None:
         try:
@@ -178,4 +182,4 @@ async def main(mode: str, addr: str, spec_path: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:5]))

@@ -24,6 +24,7 @@ SPEC = StateSpec(run_id="state-test", spec_hash=b"t" * 32,
                  tensors=(("param.0", (64, 100)), ("param.1", (7,)), ("momentum.0", (64, 100))))
 ROUND = 7
 CHAIN = "cd" * 16
+LEDGER = (("QmDonorA", 9000), ("QmDonorB", 120))
 """The round chain the donor's manifest gives (the same for every mode: one lineage)."""
 CHUNK_BYTES = 4096
 BUDGET_BYTES_PER_S = 20_000
@@ -39,7 +40,7 @@ async def main(mode: str) -> None:
     server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES,
                          upload_bytes_per_s=BUDGET_BYTES_PER_S if mode == "budget" else 0.0)
     await server.start()
-    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN)
+    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER)
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
         server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash

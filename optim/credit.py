@@ -1,0 +1,107 @@
+"""Earned weight: a ledger of the work each peer has been seen to contribute, kept in the
+consensus so that every peer holding the same outer state weighs peers the same.
+
+A peer id is the hash of a key anyone can make in milliseconds, so no rule may count
+identities. What a peer is credited with instead is the weight its deltas were given in the
+outer steps of this outer state: after each round, every sender of an aggregated delta is
+credited with the tokens it was weighted by, times its clip multiplier (a delta scaled down
+to the median norm earns in proportion), and every credit decays by 1/2^DECAY_SHIFT a round.
+A peer is *established* once its credit reaches `earn_rounds` rounds of the per-peer plan:
+8 rounds of full work by default, about 130 rounds of absence to lose it again.
+
+The robust rules (optim/screen.py) take their references from established peers, and the
+newcomers of a round share one peer's weight between them (a hundred fresh identities weigh
+as much as one, and each earns a hundredth of what one would), so minting identities buys
+nothing until each has done the work itself. Decisions about whose state to follow
+(node/lineage.py) weigh only established peers. In a run's first rounds nobody is
+established yet and every peer counts, as before (docs/trust.md says what that leaves open).
+
+Deterministic by construction: the ledger changes only through `credit`, with integer
+arithmetic on what the round's screening decided, which every peer that aggregated the same
+deltas decided the same; so peers on one round chain hold one ledger, and the ledger travels
+with the outer state (the state manifest, checkpoints) like the parameters do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from locoswarm.protocol.state import MAX_CREDIT, MAX_LEDGER_ENTRIES, check_ledger
+
+DECAY_SHIFT = 6
+"""Each round every credit loses credit >> DECAY_SHIFT (1/64, at least 1): a peer that keeps working
+settles at 64 rounds of its work, one that left drops below 8 after about 130 rounds."""
+MAX_ENTRIES = MAX_LEDGER_ENTRIES
+"""Peers the ledger keeps; past it the smallest credits go (a flood of identities each
+credited a sliver cannot push an established peer out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """What a ledger says of one round's senders: who counts as established."""
+
+    established: frozenset[str]
+    newcomers: frozenset[str]
+
+
+class Ledger:
+    """Credits by peer id. Replaced whole on every change (`credit` builds a new dict), so
+    a reader on another thread always sees one round's ledger, never half of one."""
+
+    def __init__(self, *, earn_rounds: int, per_peer_tokens: int, credits: dict[str, int] | None = None) -> None:
+        if earn_rounds < 0 or per_peer_tokens < 1:
+            raise ValueError(f"earn_rounds must be >= 0 and per_peer_tokens >= 1, got {earn_rounds}, {per_peer_tokens}")
+        self.earn_rounds = earn_rounds
+        self.per_peer_tokens = per_peer_tokens
+        self.threshold = earn_rounds * per_peer_tokens
+        """Credit at which a peer is established."""
+        self.credits: dict[str, int] = dict(credits or {})
+
+    @property
+    def enabled(self) -> bool:
+        return self.earn_rounds > 0
+
+    def established(self, peer: str) -> bool:
+        """Whether `peer` has earned its weight (never, while earned weight is off)."""
+        return self.enabled and self.credits.get(peer, 0) >= self.threshold
+
+    def standing(self, senders: list[str]) -> Standing | None:
+        """Which of a round's `senders` are established; None when none is (or earned
+        weight is off): every sender then counts as before."""
+        established = frozenset(s for s in senders if self.established(s))
+        if not established:
+            return None
+        return Standing(established, frozenset(senders) - established)
+
+    def credit(self, earned: dict[str, int]) -> None:
+        """One round's outer step is in: every credit decays, each sender of `earned` gains
+        what it earned (tokens weighted × clip multiplier, >= 0), and entries that fell to
+        nothing, or past MAX_ENTRIES the smallest, are dropped."""
+        if not self.enabled:
+            return
+        floor = max(1, self.per_peer_tokens >> DECAY_SHIFT)  # a 64th of a round's work
+        out = {}
+        for peer, c in self.credits.items():
+            c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
+            if c >= floor or earned.get(peer, 0) > 0:
+                out[peer] = c
+        for peer, gain in earned.items():
+            assert gain >= 0, "credit is earned, never taken"
+            if gain > 0:  # a delta weighted to nothing (clipped or pooled to 0) earns no entry
+                out[peer] = min(MAX_CREDIT, out.get(peer, 0) + gain)
+        if len(out) > MAX_ENTRIES:  # keep the largest; among equals the smaller peer id
+            out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_ENTRIES])
+        self.credits = out
+
+    def pairs(self) -> tuple[tuple[str, int], ...]:
+        """The ledger as (peer id, credit) pairs in peer id order: its wire and file form."""
+        return tuple(sorted(self.credits.items()))
+
+    def load(self, pairs: object) -> None:
+        """Take a ledger from a donor's state or a checkpoint (untrusted): see
+        protocol/state.py check_ledger. MalformedMessage (a ValueError) naming what is
+        wrong, with nothing changed."""
+        self.credits = dict(check_ledger(pairs))
+
+    def copy(self) -> Ledger:
+        return Ledger(earn_rounds=self.earn_rounds, per_peer_tokens=self.per_peer_tokens, credits=self.credits)
