@@ -10,7 +10,11 @@
 #   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
 #   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
-#            at 48 the rounds left after the clean phase took less than two restarts here).
+#            at 48 the rounds left after the clean phase took less than two restarts here);
+#   flood:   3 peers, 48 rounds, 3 identities flooding state requests in the middle half, with
+#            the default state upload budget (flood3) and without it (flood3-nobudget,
+#            LOCOSWARM_STATE_UPLOAD_MBIT=0): how much of the 2-core figures was the flooders
+#            sharing the peers' cores.
 # Shorthands: overhead = kernels swarm4 fakes; scale = split swarm24.
 set -uo pipefail
 out=${OUT:?}
@@ -29,19 +33,26 @@ parts=()
 for p in "$@"; do
     case $p in overhead) parts+=(kernels swarm4 fakes);; scale) parts+=(split swarm24);; *) parts+=("$p");; esac
 done
+n_split=0
 for part in "${parts[@]}"; do
+    start=$SECONDS
     case $part in
     kernels)
         timeout 120 pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$out/kernels.log" 2>&1
         echo "kernels rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/kernels.log";;
     swarm4) swarm swarm4 190 --peers 4 --rounds 24;;
     fakes) swarm fakes6 240 --peers 6 --rounds 120 --fakes 1;;
-    split)
+    split)  # split.log, then split-2.log, split-3.log… when given more than once
+        n_split=$((n_split + 1)); log=$out/split$([ $n_split -gt 1 ] && echo "-$n_split").log
         LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 150 pytest -q -p no:cacheprovider tests/test_faults.py \
-            -k silent_split > "$out/split.log" 2>&1
-        echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/split.log";;
+            -k silent_split > "$log" 2>&1
+        echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$log";;
     swarm24) swarm swarm24 230 --peers 24 --rounds 4;;
     churn) swarm churn6 300 --peers 6 --rounds 160 --churn 10;;
+    flood)
+        swarm flood3 150 --peers 3 --rounds 48 --flood 3
+        (export LOCOSWARM_STATE_UPLOAD_MBIT=0; swarm flood3-nobudget 150 --peers 3 --rounds 48 --flood 3);;
     *) echo "unknown part $part" >&2; exit 2;;
     esac
+    echo "  $part took $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 done
