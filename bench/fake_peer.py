@@ -5,20 +5,25 @@ but it trains nothing and serves nothing (its p2pd answers no delta request). Wh
 measures: whether a record alone can hold the honest peers' rounds (node/membership.py: it
 must not).
 
-With AHEAD > 0 its record shows the slowest record's round plus AHEAD instead: an identity
-"ahead of the swarm" at a dialable address that serves no state (issue 19), announced once a
-first line arrives on stdin (so that the caller picks the moment), and told over the progress
-streams to every peer it reads, as an attacker would (the registry shows a record only at its
-next read). What that measures: that no peer with earned weight in its ledger follows it
-(node/lineage.py).
+Two more attacks of issue 19, each announced once a first line arrives on stdin (so that the
+caller picks the moment) and told over the progress streams to every peer it reads, as an
+attacker would (the registry shows a record only at its next read); the fake answers those
+streams, so it stays in the others' view. What they measure: that no peer with earned weight
+in its ledger follows them (node/lineage.py).
+- `ahead:K`: its record shows the slowest record's round plus K, at a dialable address that
+  serves no state.
+- `chain`: its record shows an invented round chain at round 0 (an anchor every record
+  shows), the same for every fake of the run: a group of fakes that outnumbers the honest
+  peers wins the silent-split vote where identities are counted.
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [AHEAD]   (runs until stdin closes or
-it is killed; prints "fake <peer id> announced" once its record is first stored)
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain]   (runs until stdin
+closes or it is killed; prints "fake <peer id> announced" once its record is first stored)
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import shutil
@@ -28,7 +33,7 @@ import tempfile
 REFRESH_S = 1.0
 
 
-async def main(maddr: str, spec_path: str, ahead: int = 0) -> None:
+async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from hivemind.dht.node import DHTNode
 
     from locoswarm.node.config import NodeConfig
@@ -38,7 +43,11 @@ async def main(maddr: str, spec_path: str, ahead: int = 0) -> None:
     from locoswarm.node.spec import load_spec
     from locoswarm.protocol.records import PeerRecord
 
+    ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
+    if mode and not ahead and mode != "chain":
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0) or chain")
     spec = load_spec(spec_path)
+    invented = ((0, hashlib.blake2b(b"invented" + spec.hash(), digest_size=16).hexdigest()),) if mode == "chain" else ()
     state = tempfile.mkdtemp(prefix="locoswarm-fake-")
     try:
         os.close(open_state_dir(state))
@@ -53,7 +62,7 @@ async def main(maddr: str, spec_path: str, ahead: int = 0) -> None:
         registry = PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=ttl_s, validator=validator)
         incarnation = secrets.randbelow(2**62) + 1
         loop = asyncio.get_running_loop()
-        if ahead:
+        if mode:
             # Progress streams to it open (and are read to the end): a peer whose streams
             # fail is out of the others' view within seconds (node/membership.py gone).
             await dht.protocol.p2p.add_binary_stream_handler(PROGRESS_PROTOCOL, _drain)
@@ -67,10 +76,10 @@ async def main(maddr: str, spec_path: str, ahead: int = 0) -> None:
             # other's rounds would run away together.
             newest = (min if ahead else max)(rounds, default=0)
             record = PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5, round=newest + ahead,
-                                spec_hash=spec.hash(), incarnation=incarnation, seq=seq)
+                                spec_hash=spec.hash(), incarnation=incarnation, seq=seq, anchors=invented)
             seq += 1
             stored = await registry.announce(record)
-            if ahead:
+            if mode:
                 await asyncio.gather(*(_tell(dht.protocol.p2p, peer, record_frame(record)) for peer in others))
             if stored and not shown:
                 print(f"fake {me} announced", flush=True)  # the bench's fake phase starts here (bench/churn.py)
@@ -107,4 +116,4 @@ async def _tell(p2p, peer: str, message: bytes) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4])))
+    asyncio.run(main(*sys.argv[1:4]))

@@ -63,9 +63,11 @@ class CatchUp:
         # (a joiner with an empty ledger weighs every peer alike: see node/lineage.py weigh).
         w = weigh([ctx.peer_id] + [r.peer_id for r in peers], ctx.trainer.ledger.established)
         peers = [r for r in peers if w(r.peer_id)]
-        if not peers or max(r.round for r in peers) <= ctx.trainer.outer_steps:
+        vouching = self.vouching()
+        ahead = [r for r in peers if r.peer_id in vouching] if vouching else peers
+        if not ahead or max(r.round for r in ahead) <= ctx.trainer.outer_steps:
             return
-        await self.sync(peers)
+        await self.sync(peers, vouching)
 
     async def maybe_follow(self) -> bool:
         """At a round boundary: take another state when lineage.py says so; True when taken."""
@@ -96,19 +98,47 @@ class CatchUp:
             log.warning("split at round %d: took the state of %d peers", follow.split_round, len(follow.donors))
         return True
 
-    async def sync(self, records: list[PeerRecord]) -> None:
-        """Download the newest outer state the peers of `records` serve and take it;
-        NodeError when no donor could give it."""
+    def vouching(self) -> frozenset[str]:
+        """Whose manifest vouches for the state a joiner takes while its ledger knows none
+        of the live peers (docs/trust.md): the run's anchors (the spec's
+        trust.anchors), or without any, the peers it was told to join through; empty when
+        its ledger knows some (earned weight decides whom to follow, node/lineage.py) or
+        none of them is live (the donors' agreement decides, as before). NodeError when the
+        spec names anchors and none of them is live: no state is taken without one."""
+        ctx = self.ctx
+        live = ctx.membership.records
+        if any(ctx.trainer.ledger.established(r.peer_id) for r in live):
+            return frozenset()
+        anchors = set(ctx.spec.trust.anchors) - {ctx.peer_id}
+        present = frozenset(r.peer_id for r in live if r.peer_id in (anchors or ctx.bootstrap))
+        if anchors and not present:
+            raise NodeError(f"none of the run's {len(anchors)} anchors (trust.anchors) is live: this peer takes no "
+                            f"state that one of them does not vouch for")
+        return present
+
+    async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset()) -> None:
+        """Download the newest outer state the peers of `records` serve and take it; with
+        `vouching` peers (a joiner: `vouching`), the newest one of those serve. NodeError
+        when no donor could give it. After a join, whom to follow is decided by earned
+        weight where the ledger knows some peer, else by counting (node/lineage.py): a
+        vouching peer is no reason to refuse a split's or the swarm's verdict."""
         ctx = self.ctx
         trainer = ctx.trainer
         ctx.stats.state = "syncing"
-        newest = max(r.round for r in records)
-        donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1]
+        if vouching:
+            # Their state, whatever the others show: a record ahead of theirs is no reason.
+            records = [r for r in ctx.membership.records if r.peer_id in vouching] + [
+                r for r in records if r.peer_id not in vouching]
+            newest = max(r.round for r in records if r.peer_id in vouching)
+        else:
+            newest = max(r.round for r in records)
+        donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1 or r.peer_id in vouching]
         ctx.rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
             for attempt in range(DOWNLOAD_TRIES):
                 try:
-                    got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update)
+                    got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update,
+                                               attesters=vouching)
                     break
                 except StateUnavailable as e:
                     log.warning("state download failed (%s); retrying", e)

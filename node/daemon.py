@@ -194,7 +194,8 @@ class Daemon:
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent, delta_streams=pulls,
-                               registry_sent=lambda: registry.store.bytes_stored)
+                               registry_sent=lambda: registry.store.bytes_stored,
+                               bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
             await self._join(registry)
             self._joining = False

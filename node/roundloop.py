@@ -121,6 +121,9 @@ class RoundContext:
     """The streams this peer asks for deltas on (node/exchange.py delta_streams)."""
     registry_sent: Callable[[], int] = lambda: 0
     """Signed registry entry bytes stored at other replicas so far (node/replicas.py)."""
+    bootstrap: frozenset[str] = frozenset()
+    """Peer ids of the peers this node was told to join through (--peer, the spec's
+    initial_peers): they vouch for the state it takes while it knows no earned weight."""
     rng: random.Random = field(default_factory=random.Random)
 
 

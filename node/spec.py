@@ -99,6 +99,22 @@ class AccessPolicy:
 
 
 @dataclass(kw_only=True, slots=True)
+class TrustPolicy:
+    """Whose outer state a peer takes while it knows no earned weight (a joiner; docs/trust.md)."""
+
+    anchors: list[str] = field(default_factory=list)
+    """base58 peer ids of the run's organiser peers. A peer whose ledger knows nobody takes
+    only a state whose manifest one of them served it (any donor may then serve the chunks,
+    checked against that manifest), and waits while none is live. Empty: the peers it joined
+    through vouch instead, and where none of them serves, the state most donors agree on."""
+
+    def validate(self) -> None:
+        for p in self.anchors:
+            if not 1 <= len(p) <= 128 or not p.isalnum():
+                raise ValueError(f"trust.anchors: {p!r} is not a base58 peer id")
+
+
+@dataclass(kw_only=True, slots=True)
 class RunSpec:
     run_id: str = "locoswarm-default"
     """Name of the run; peers of other runs are refused."""
@@ -122,6 +138,8 @@ class RunSpec:
     """Round timing."""
     access: AccessPolicy = field(default_factory=AccessPolicy)
     """Private runs: an allow-list of peer ids and/or a shared secret."""
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
+    """The organiser peers whose state a joiner takes."""
     initial_peers: list[str] = field(default_factory=list)
     """Multiaddrs of peers to join through; not part of the hash."""
 
@@ -140,6 +158,7 @@ class RunSpec:
         self.diloco.validate()
         self.rounds.validate()
         self.access.validate()
+        self.trust.validate()
 
     def hash(self) -> bytes:
         """SHA-256 over every setting but `initial_peers` and `diloco.outer.device` (where a
@@ -153,6 +172,8 @@ class RunSpec:
             body["access"].pop("work_bits")  # private runs without work: as before it existed
         if not self.diloco.robust.trim:
             body["diloco"]["robust"].pop("trim")  # off: the hash of specs from before the trimmed mean
+        if not self.trust.anchors:
+            body.pop("trust")  # no anchors: as before they existed
         if not self.diloco.robust.earn_rounds:
             body["diloco"]["robust"].pop("earn_rounds")  # off: as before earned weight
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
@@ -178,6 +199,7 @@ _SECTIONS: dict[str, type] = {
     "diloco.robust": RobustConfig,
     "rounds": RoundPolicy,
     "access": AccessPolicy,
+    "trust": TrustPolicy,
 }
 
 

@@ -7,7 +7,9 @@ newest state that at least two of them agree on (by digest; the newest single on
 two agree, as with one donor): one donor lying about a newer round cannot pick the state
 alone. It then pulls chunks from every donor of that digest in parallel, one request in
 flight per donor, from one shared queue. A chunk whose stream is cut inside the body is
-resumed where it stopped (from any donor of the digest); a chunk that fails, times out or
+resumed where it stopped (from any donor of the digest); with attesters (a joiner that knows
+no earned weight yet: node/catchup.py), the state is the one an attester's manifest shows,
+whatever the others agree on, and the others only serve its chunks. A chunk that fails, times out or
 does not match its hash goes back to the queue for another donor; a donor that fails
 DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download. Frames, integers big-endian: the request
 is a kind byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest), an 8-byte
@@ -217,9 +219,10 @@ async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit
     return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
 
 
-async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float) -> Manifest | None:
+async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float,
+                    round_: int = _LATEST) -> Manifest | None:
     try:
-        return decode_manifest(await _ask(p2p, peer, _MANIFEST, _LATEST, 0, 1 << 20, timeout_s), spec)
+        return decode_manifest(await _ask(p2p, peer, _MANIFEST, round_, 0, 1 << 20, timeout_s), spec)
     except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
         log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
         return None
@@ -254,15 +257,29 @@ async def download_state(
     *,
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
+    attesters: frozenset[str] = frozenset(),
 ) -> Downloaded:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
-    docstring)."""
-    asked = donors[:MANIFEST_DONORS]
+    docstring). With `attesters` (peer ids) the state is the newest one an attester among
+    `donors` served the manifest of, whatever the others show, and StateUnavailable when none
+    did; the others that serve that state (asked for its round) serve chunks too, each
+    checked against the attester's manifest."""
+    trusted = [p for p in donors if p.to_base58() in attesters]
+    asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
     found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
-    if not manifests:
+    if attesters:
+        vouched = [m for p, m in manifests.items() if p in trusted]
+        if not vouched:
+            raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")
+        chosen = max(vouched, key=lambda m: m.round)
+        behind = [p for p, m in manifests.items() if m.round != chosen.round]
+        again = await asyncio.gather(*(_manifest(p2p, p, spec, timeout_s, chosen.round) for p in behind))
+        manifests.update({p: m for p, m in zip(behind, again) if m is not None})
+    elif not manifests:
         raise StateUnavailable("no donor returned a valid state manifest")
-    chosen = choose_state(list(manifests.values()))
+    else:
+        chosen = choose_state(list(manifests.values()))
     pool = [p for p, m in manifests.items() if _same(m) == _same(chosen)]
     asm = StateAssembler(spec, chosen)
     total = len(chosen.chunks)

@@ -225,3 +225,32 @@ def test_the_ledger_travels_in_the_state_manifest_and_counts_in_the_state_digest
     with pytest.raises(MalformedMessage, match="credit"):
         decode_manifest(msgpack.packb(m), spec)
     assert check_ledger([]) == ()
+
+
+def _catch_up(records: list[str], *, ledger: Ledger | None = None, anchors: tuple[str, ...] = (),
+              bootstrap: frozenset[str] = frozenset(), me: str = "me"):
+    from types import SimpleNamespace
+
+    from locoswarm.node.catchup import CatchUp
+    from locoswarm.node.spec import TrustPolicy
+
+    ctx = SimpleNamespace(membership=SimpleNamespace(records=[_record(p, 5) for p in records]),
+                          trainer=SimpleNamespace(ledger=ledger or Ledger(earn_rounds=8, per_peer_tokens=PLAN)),
+                          spec=SimpleNamespace(trust=TrustPolicy(anchors=list(anchors))), peer_id=me,
+                          bootstrap=bootstrap)
+    return CatchUp(ctx)
+
+
+def test_a_joiner_that_knows_nobody_takes_the_state_its_anchors_or_bootstrap_peers_vouch_for():
+    from locoswarm.node.host import NodeError
+
+    assert _catch_up(["b", "x"], bootstrap=frozenset({"b"})).vouching() == {"b"}
+    assert _catch_up(["b", "x"]).vouching() == frozenset(), "nobody vouches: the donors' agreement decides"
+    assert _catch_up(["A", "b", "x"], anchors=("A",), bootstrap=frozenset({"b"})).vouching() == {"A"}, \
+        "the run's anchors before the peers it joined through"
+    with pytest.raises(NodeError, match="none of the run's 1 anchors"):
+        _catch_up(["b", "x"], anchors=("A",), bootstrap=frozenset({"b"})).vouching()
+    assert _catch_up(["b"], anchors=("me",), bootstrap=frozenset({"b"})).vouching() == {"b"}, \
+        "an anchor rejoining its own run is vouched for by the peers it joins through"
+    assert _catch_up(["b", "x"], ledger=_ledger(["x"]), bootstrap=frozenset({"b"})).vouching() == frozenset(), \
+        "a ledger that knows a live peer: earned weight decides"

@@ -320,9 +320,11 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
     before earned weight they held the round's median, nothing was clipped or logged, and
     the honest loss ended above the untrained model's. Three more identities show records 5
     rounds or more ahead of the swarm at dialable addresses that serve no state: before, every honest
-    peer set out to download from them. Now each sybil delta is clipped to the established
-    peers' median and the four share one peer's weight, both logged; no honest peer follows
-    anyone; the honest peers end on one outer state within LOSS_MARGIN of the clean run."""
+    peer set out to download from them. Four more show one invented round chain (at round 0,
+    an anchor every record shows): before, they outnumbered the honest peers in the
+    silent-split vote. Now each sybil delta is clipped to the established peers' median and
+    the four share one peer's weight, both logged; no honest peer follows anyone or finds a
+    split; the honest peers end on one outer state within LOSS_MARGIN of the clean run."""
     import subprocess
 
     run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1)
@@ -333,15 +335,18 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
     # identities ahead show their records once told to, when round 1 ended.
     sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "2"],
                           stdin=subprocess.PIPE) for i in range(4)]
-    ahead = [swarm.start(f"ahead-{i}", [sys.executable, "-u", "-m", "locoswarm.bench.fake_peer", addr, str(run), "20"],
-                         stdin=subprocess.PIPE) for i in range(3)]
+    fake = [sys.executable, "-u", "-m", "locoswarm.bench.fake_peer", addr, str(run)]
+    ahead = [swarm.start(f"ahead-{i}", fake + ["ahead:20"], stdin=subprocess.PIPE) for i in range(3)]
+    chain = [swarm.start(f"chain-{i}", fake + ["chain"], stdin=subprocess.PIPE) for i in range(4)]
     ids = [child.wait_for(r"^(\w+)$", 90)[1] for child in sybils]
     honest = [a] + [swarm.join(name, *args, peer=a, run=run) for name in ("b", "c")]
     daemon.wait_round(a, 1, 150)
-    for child in ahead:
+    for child in ahead + chain:
         child.proc.stdin.write("go\n")
         child.proc.stdin.flush()
     fakes = [child.wait_for(r"^fake (\w+) announced", 60)[1] for child in ahead]
+    for child in chain:
+        child.wait_for(r"^fake \w+ announced", 60)
     for p in honest:
         daemon.assert_clean_exit(p, p.wait_exit(300))
     finals = [daemon.final(p) for p in honest]
@@ -349,6 +354,7 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
     for p in honest:
         err = p.stderr()
         assert "downloading its state" not in err and "took the state" not in err, f"{p.name} followed\n{p.tail()}"
+        assert "split at round" not in err, f"{p.name} took the invented chain's side\n{p.tail()}"
         passed = [f for f in fakes if re.search(rf"{f} shows round \d+, ahead of our \d+, but has no earned weight", err)]
         assert passed, f"{p.name} never saw the identities ahead\n{p.tail()}"
         clipped = [i for i in ids if re.search(rf"round \d+: {i}: norm \S+ is \S+× the established peers' median", err)]
@@ -356,9 +362,41 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
         assert re.search(r"round \d+: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
             p.tail()
     loss = mean_eval(honest)
-    print(f"mean eval loss {loss:.4f} under 4 loud sybils and 3 identities ahead; clean run {clean_eval_loss:.4f}; "
+    print(f"mean eval loss {loss:.4f} under 4 loud sybils, 3 identities ahead and 4 with an invented chain; "
+          f"clean run {clean_eval_loss:.4f}; "
           f"finals {[f[1] for f in finals]}")
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
+
+
+STRANGER_ROUNDS = 40
+
+
+@pytest.mark.timeout(400, method="signal")
+def test_a_joiner_takes_the_state_its_bootstrap_peer_vouches_for_not_a_newer_one_a_stranger_shows(swarm):
+    """A peer that trained alone to round 40 (a real state, not the swarm's; alone, a round
+    takes a fraction of a swarm's) joins a swarm of three a few rounds in, its record far
+    ahead of theirs. A joiner told to join through b,
+    whose ledger knows nobody yet, used to take the newest state on offer: the stranger's. It
+    takes the state b vouches for (b's manifest; any donor of that manifest may serve chunks)
+    and the stranger's record drags none of the three along."""
+    x = swarm.join("x", "--max-rounds", str(STRANGER_ROUNDS), "--checkpoint-every", "1")
+    daemon.assert_clean_exit(x, x.wait_exit(240))
+    x_digest = daemon.final(x)[2]
+    honest = daemon.three_peers(swarm)
+    daemon.wait_round(honest[0], 2, 150)
+    x = swarm.join("x", peer=honest[0])  # resumes on its state directory
+    x.wait_for(rf"resumed from checkpoint round {STRANGER_ROUNDS}", 60)
+    daemon.first_addr(x)
+    joiner = swarm.join("d", peer=honest[1])
+    synced = joiner.wait_event("synced", 90)
+    served = daemon.served_digests(honest, synced["round"])
+    assert synced["digest"] in served, f"joiner took {synced['digest']} at round {synced['round']}, honest served {served}"
+    assert synced["round"] < STRANGER_ROUNDS and synced["digest"] != x_digest, "the stranger was not ahead"
+    # The joiner saw the stranger and asked it (its manifest, encoded for that request only):
+    # it was on offer, and not taken.
+    assert any(e["round"] >= STRANGER_ROUNDS for e in x.events("serving_state")), "the stranger was never asked"
+    for p in honest:
+        assert "downloading its state" not in p.stderr(), f"{p.name} followed the stranger\n{p.tail()}"
 
 
 @pytest.mark.timeout(500, method="signal")

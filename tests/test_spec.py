@@ -130,3 +130,18 @@ def test_an_access_policy_admits_members_and_names_why_it_refuses_others(tmp_pat
         dataclasses.replace(RunSpec(), access=AccessPolicy(secret="short")).validate()
     with pytest.raises(ValueError, match="not a base58 peer id"):
         dataclasses.replace(RunSpec(), access=AccessPolicy(allow_peers=["no/slash"])).validate()
+
+
+def test_trust_anchors_round_trip_through_toml_and_leave_the_hash_of_specs_without_them_alone(tmp_path):
+    import dataclasses
+
+    from locoswarm.node.spec import RunSpec, TrustPolicy, load_spec, write_spec
+
+    spec = dataclasses.replace(RunSpec(), trust=TrustPolicy(anchors=["QmAnchorOne", "QmAnchorTwo"]))
+    write_spec(spec, str(tmp_path / "run.toml"))
+    assert load_spec(str(tmp_path / "run.toml")).trust.anchors == ["QmAnchorOne", "QmAnchorTwo"]
+    assert spec.hash() != RunSpec().hash(), "anchors are part of the run"
+    assert dataclasses.replace(RunSpec(), trust=TrustPolicy()).hash() == RunSpec().hash()
+    (tmp_path / "bad.toml").write_text('[trust]\nanchors = ["not a peer id!"]\n')
+    with pytest.raises(ValueError, match="trust.anchors: 'not a peer id!' is not a base58 peer id"):
+        load_spec(str(tmp_path / "bad.toml"))

@@ -27,13 +27,14 @@ _spec.loader.exec_module(serve_state)
 pytestmark = pytest.mark.timeout(120)
 
 
-def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0):
+def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0, attesters: frozenset[str] = frozenset()):
     async def go():
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
         try:
             peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
             round_, tensors, chain, ledger = await download_state(client, peers, serve_state.SPEC,
-                                                                  timeout_s=timeout_s, on_progress=on_progress)
+                                                                  timeout_s=timeout_s, on_progress=on_progress,
+                                                                  attesters=attesters)
             assert chain == serve_state.CHAIN, "the donors' round chain comes with their state"
             assert ledger == serve_state.LEDGER, "and their ledger of earned weight"
             return round_, tensors
@@ -120,6 +121,16 @@ def test_chunks_cut_mid_body_are_resumed_where_they_stopped(spawn_peers, caplog)
     total = -(-serve_state.SPEC.total_bytes // serve_state.CHUNK_BYTES)
     assert len(resumed) == total, resumed  # each chunk cut once, each resumed from its half
     assert all(f"cut after {serve_state.CHUNK_BYTES // 2} bytes" in m for m in resumed[:-1]), resumed
+
+
+def test_with_an_attester_the_state_is_the_one_it_serves_whatever_the_others_agree_on(spawn_peers):
+    _, addrs = spawn_peers(DONOR, "stale", "good", "good")
+    stale = addrs[0].split("/p2p/")[1]
+    round_, tensors = _download(addrs, attesters=frozenset({stale}))
+    assert round_ == serve_state.ROUND - 1, "two newer donors agreeing do not outvote the attester"
+    _assert_is_the_donors_state(tensors)
+    with pytest.raises(StateUnavailable, match="none of the 0 trusted donors"):
+        _download(addrs, attesters=frozenset({"QmSomeoneNotAmongTheDonors"}))
 
 
 def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest():
