@@ -240,7 +240,8 @@ class RoundLoop:
                                  candidates=lambda: {peer for peer in ctx.membership.candidates(round_)
                                                      if ctx.progress.reachable(peer)},
                                  told=lambda: ctx.membership.told(round_),
-                                 incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation)
+                                 incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
+                                 trusted=trainer.ledger.established)
         ctx.stats.state = "training"
         ctx.deltas.training(round_)
         self.round_stop = threading.Event()
@@ -311,7 +312,7 @@ class RoundLoop:
         participants = progress.participants()
         ctx.lineage.after_round(r, before, trainer.outer_steps, [(d.sender, d.num_tokens) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
-        self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens)
+        self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),
                            trainer.ledger.pairs())
         ctx.stats.rounds_completed += 1

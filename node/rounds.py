@@ -15,6 +15,10 @@ per peer; the swarm's accumulated overshoot (or shortfall), from the token count
 rounds' deltas, is taken off the next round's target, so over many rounds the swarm trains
 the tokens it planned.
 
+Earned weight (optim/credit.py): while some counted peer is established, the peers without
+earned weight count as one peer in the target together, and their claims fill at most one
+share: identities reporting a token each cannot make the others train their shares.
+
 The round's participants are the peers that report progress for it. Every live peer that
 proved itself (delivered a delta) and should be in the round (its record, the newer of the
 registry's and the one it told over its stream, is within two rounds before it) counts in
@@ -52,10 +56,13 @@ class RoundProgress:
     def __init__(self, bus: ProgressBus | None, round_: int, peer_id: str, *, per_peer_tokens: int,
                  interval_s: float, carry: int = 0, expected: Callable[[], set[str]] = frozenset,
                  candidates: Callable[[], set[str]] = frozenset, told: Callable[[], set[str]] = frozenset,
-                 incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0) -> None:
+                 incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0,
+                 trusted: Callable[[str], bool] | None = None) -> None:
         """`bus`: the progress streams (None: a test that sets what was heard itself);
         `told()`: the live peers whose records put them near this round, proven or not:
-        told our progress, as is every peer that told us its own."""
+        told our progress, as is every peer that told us its own. `trusted`: whose weight
+        is earned (optim/credit.py): while some counted peer has it, the others together
+        count as one peer in the target and their claims as at most one peer's share."""
         self.bus = bus
         self.round = round_
         if bus is not None:
@@ -65,6 +72,7 @@ class RoundProgress:
         self._message: Progress | None = None
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
+        self.trusted = trusted
         self.carry = carry
         self.expected = expected
         """Proven peers (node/membership.py) that should train this round, reported or not yet."""
@@ -144,9 +152,22 @@ class RoundProgress:
         # per-peer share, so a fast GPU doing most of the work still counts for it.
         if claims:
             cap = max(self.per_peer_tokens, CLAIM_FACTOR * median(list(claims.values()) + [float(max(0, own_tokens))]))
-            total += sum(min(c, cap) for c in claims.values())
+            claims = {peer: min(c, cap) for peer, c in claims.items()}
         counted.discard(self.peer_id)
-        return total, self.per_peer_tokens * (1 + len(counted)) - self.carry
+        fresh = self._newcomers(counted)
+        # Newcomers (no earned weight, while some counted peer has it) raise the target by one
+        # peer's share together and fill at most that much of it: identities that report a
+        # token each cannot make the established peers train their share, nor a crowd of
+        # inflated claims end the round.
+        total += sum(c for peer, c in claims.items() if peer not in fresh)
+        total += min(self.per_peer_tokens, sum(c for peer, c in claims.items() if peer in fresh))
+        return total, self.per_peer_tokens * (1 + len(counted - fresh) + bool(fresh)) - self.carry
+
+    def _newcomers(self, counted: set[str]) -> set[str]:
+        """The counted peers without earned weight, when some counted peer (or this one) has it."""
+        if self.trusted is None or not any(map(self.trusted, counted | {self.peer_id})):
+            return set()
+        return {peer for peer in counted if not self.trusted(peer)}
 
     def num_peers(self) -> int:
         """Peers counted in this round's target, this one included."""

@@ -118,10 +118,11 @@ class RoundStep:
         return [o - off.view(o.shape) for o, off in zip(outer.params, compressor.model_offsets())]
 
     @staticmethod
-    def carry(carry: int, deltas: list[DecodedDelta], per_peer_tokens: int) -> int:
+    def carry(carry: int, deltas: list[DecodedDelta], per_peer_tokens: int, shares: int | None = None) -> int:
         """The swarm's accumulated token overshoot (negative: shortfall) after a round whose
-        aggregated `deltas` planned `per_peer_tokens` each. Integral control: the sum, so a
-        steady bias is cancelled rather than halved; bounded by half a round's plan so one
-        odd round cannot swing the next far."""
-        planned = per_peer_tokens * len(deltas)
+        aggregated `deltas` planned `per_peer_tokens` each, or `shares` peers' worth in all
+        (Screened.shares: the round's newcomers plan one share together). Integral control:
+        the sum, so a steady bias is cancelled rather than halved; bounded by half a round's
+        plan so one odd round cannot swing the next far."""
+        planned = per_peer_tokens * (len(deltas) if shares is None else shares)
         return max(-planned // 2, min(planned // 2, carry + sum(d.num_tokens for d in deltas) - planned))

@@ -56,6 +56,9 @@ class Screened:
     rejected: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """What was changed but kept (clipped norms, cut claims, pooled newcomers), for the log."""
+    shares: int = 0
+    """Peers' worth of planned work the kept deltas stand for: one each, the round's
+    newcomers one together while some sender is established (RoundStep.carry)."""
     earned: dict[str, int] = field(default_factory=dict)
     """sender → the credit its delta earns in the ledger (optim/credit.py): the tokens it is
     weighted by times its clip multiplier."""
@@ -129,6 +132,8 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None 
             _pool_newcomers(out, standing, one_peer=max(1, int(claims)))
     for d in out.deltas:
         out.earned[d.sender] = int(out.tokens[d.sender] * min(1.0, out.scales[d.sender]))
+    fresh = [d for d in out.deltas if standing is not None and d.sender in standing.newcomers]
+    out.shares = len(out.deltas) - len(fresh) + bool(fresh)
     return out
 
 

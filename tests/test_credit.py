@@ -131,12 +131,17 @@ def test_sybils_that_hold_the_median_are_clipped_to_the_established_peers_and_sh
         assert delta_norm(kept[d.sender]) == pytest.approx(reference, rel=1e-5)
         assert any(n.startswith(f"{d.sender}: norm") and "the established peers' median" in n for n in out.notes)
     assert sum(out.tokens[d.sender] for d in sybils) <= PLAN, "four newcomers weigh one peer"
+    assert out.shares == 4 and before_shares(honest + sybils) == 7, "and plan one share of work together"
     assert all(out.tokens[d.sender] == PLAN for d in honest)
     assert any("4 newcomers (4000 tokens claimed) share one established peer's weight, 1000 tokens" in n
                for n in out.notes)
     # Credit follows the weight: a sybil earns a fraction of a round of what an honest peer does.
     assert all(out.earned[d.sender] <= PLAN // 4 * 0.15 for d in sybils)
     assert all(out.earned[d.sender] >= PLAN * 0.5 for d in honest)
+
+
+def before_shares(deltas) -> int:
+    return screen(deltas, RobustConfig()).shares
 
 
 def test_a_hundred_fresh_identities_weigh_as_one_and_each_earns_a_hundredth(gen):

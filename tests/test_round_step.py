@@ -106,3 +106,5 @@ def test_token_carry_integrates_the_overshoot_and_is_bounded_by_half_a_round():
     assert RoundStep.carry(10, [d(110), d(100)], 100) == 20, "a steady bias accumulates"
     assert RoundStep.carry(0, [d(1000), d(100)], 100) == 100, "bounded by half the round's plan"
     assert RoundStep.carry(0, [d(0), d(0)], 100) == -100
+    # Four newcomers pooled into one share beside two established peers: 3 shares planned.
+    assert RoundStep.carry(0, [d(100), d(100)] + [d(25)] * 4, 100, shares=3) == 0

@@ -21,8 +21,8 @@ from locoswarm.protocol.records import Progress
 
 
 def progress_with(others: dict[str, tuple[int, float, bool, float]], *, per_peer: int = 100,
-                  interval_s: float = 0.1, carry: int = 0) -> RoundProgress:
-    p = RoundProgress(None, 0, "me", per_peer_tokens=per_peer, interval_s=interval_s, carry=carry)
+                  interval_s: float = 0.1, carry: int = 0, trusted=None) -> RoundProgress:
+    p = RoundProgress(None, 0, "me", per_peer_tokens=per_peer, interval_s=interval_s, carry=carry, trusted=trusted)
     now = time.monotonic()
     p._others = {k: Seen(Progress(tokens=t, tokens_per_s=tps, done=d), now - age)
                  for k, (t, tps, d, age) in others.items()}
@@ -175,6 +175,26 @@ def test_one_peer_claiming_a_huge_count_does_not_end_the_round():
     assert not liar.reached(10)
     fast = progress_with({"gpu": (350, 0.0, False, 0.0)})  # 3.5 shares: more than the 2 of the round
     assert fast.reached(0)
+
+
+def test_newcomers_raise_the_target_by_one_share_together_and_fill_at_most_that_much_of_it():
+    """Two established peers and this one, plus four identities without earned weight that
+    report a token each: counted one by one the target is 7 shares (700) that the three
+    honest peers must fill; pooled it is 4 (400). Four inflated newcomer claims fill at most
+    one share; a lone honest newcomer that trains its share still counts it in full."""
+    established = {"me", "a", "b"}.__contains__
+    honest = {"a": (100, 0.0, True, 0.0), "b": (100, 0.0, True, 0.0)}
+    idle_sybils = {f"s{i}": (1, 0.0, True, 0.0) for i in range(4)}
+    assert progress_with(honest | idle_sybils).totals(100)[1] == 700, "counting identities (the rule before)"
+    pooled = progress_with(honest | idle_sybils, trusted=established)
+    assert pooled.totals(100)[1] == 400 and not pooled.reached(100) and pooled.reached(199)
+    loud = progress_with({"a": (10, 0.0, False, 0.0), "b": (10, 0.0, False, 0.0)}
+                         | {f"s{i}": (10**6, 0.0, True, 0.0) for i in range(4)}, trusted=established)
+    assert loud.totals(10) == (130, 400) and not loud.reached(10), "four inflated claims fill one share"
+    joiner = progress_with(honest | {"new": (100, 0.0, True, 0.0)}, trusted=established)
+    assert joiner.totals(100) == (400, 400) and joiner.reached(100)
+    nobody = progress_with(honest | idle_sybils, trusted=lambda peer: False)
+    assert nobody.totals(100)[1] == 700, "nobody has earned weight: every peer counts, as before"
 
 
 @pytest.mark.parametrize("overlapped", [False, True])
