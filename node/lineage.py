@@ -30,7 +30,7 @@ else did (the others paused, or gone) has not diverged: its state is the swarm's
 A silent split: peers that each aggregated two or more deltas, but not the same ones (one
 peer's request for a delta timed out), are not diverged by the rules above, yet their outer
 states differ from that round on, forever. Each peer therefore keeps a round chain,
-h_r+1 = BLAKE2b(h_r ‖ r ‖ the sorted (sender, tokens) pairs it aggregated), from
+h_r+1 = BLAKE2b(h_r ‖ r ‖ the sorted (sender, tokens, content digest) of the deltas it aggregated), from
 h_0 = BLAKE2b(spec hash), and shows it in its record: equal chains at a round mean the same
 deltas since the same start, without hashing a model. When the live peers that have not
 diverged all stand at one round and this peer's chain there is not the largest group's
@@ -112,16 +112,29 @@ def unearned_ahead(me: str, round_: int, records: list[PeerRecord], trusted: Tru
     return [r for r in live if r.round > round_ + 1 and not w(r.peer_id)]
 
 
-def round_chain(previous: str, round_: int, aggregated: list[tuple[str, int]]) -> str:
+def round_chain(previous: str, round_: int, aggregated: list[tuple]) -> str:
     """The chain after aggregating round `round_`: `aggregated` is the (sender, token count)
-    of each delta in the outer step, in any order. `previous` is the chain before it
-    (`chain_start` at round 0)."""
+    or (sender, token count, content digest: `delta_content`) of each delta in the outer
+    step, in any order. `previous` is the chain before it (`chain_start` at round 0)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(bytes.fromhex(previous))
     h.update(round_.to_bytes(8, "big"))
-    for sender, tokens in sorted(aggregated):
-        h.update(sender.encode() + b"\0" + tokens.to_bytes(8, "big"))
+    for sender, tokens, *content in sorted(aggregated):
+        h.update(sender.encode() + b"\0" + tokens.to_bytes(8, "big") + b"".join(content))
     return h.hexdigest()
+
+
+def delta_content(d) -> bytes:
+    """A digest of what a screened delta adds to the outer state (its packed indices and
+    codes and its scales, after the clip): two deltas of one sender with one token count
+    but other values (a peer that served a round's delta, then another after taking a
+    state, or one that serves each asker a different one) make different chains, where
+    (sender, tokens) alone let the outer states part unseen."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in d.tensors:
+        for part in (t.packed_indices, t.packed_codes, t.scales):
+            h.update(part.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.digest()
 
 
 def chain_start(spec_hash: bytes) -> str:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import EventSink, Final, RoundDiscarded, RoundEnded
 from locoswarm.node.host import NodeError
+from locoswarm.node.lineage import delta_content
 from locoswarm.node.pull import gather_deltas
 from locoswarm.node.rounds import RoundProgress
 
@@ -310,7 +311,8 @@ class RoundLoop:
         # A round that pulled a sample of the participants (fanout below their number) left
         # deltas out on purpose (lineage.py says what that does to the chain).
         participants = progress.participants()
-        ctx.lineage.after_round(r, before, trainer.outer_steps, [(d.sender, d.num_tokens) for d in deltas],
+        ctx.lineage.after_round(r, before, trainer.outer_steps,
+                                [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),

@@ -259,3 +259,15 @@ def test_a_joiner_that_knows_nobody_takes_the_state_its_anchors_or_bootstrap_pee
         "an anchor rejoining its own run is vouched for by the peers it joins through"
     assert _catch_up(["b", "x"], ledger=_ledger(["x"]), bootstrap=frozenset({"b"})).vouching() == frozenset(), \
         "a ledger that knows a live peer: earned weight decides"
+
+
+def test_the_round_chain_tells_two_deltas_of_one_sender_and_token_count_apart(gen):
+    from locoswarm.node.lineage import chain_start, delta_content, round_chain
+
+    first, second = _delta(gen, "a"), _delta(gen, "a")  # one sender, one token count, other values
+    kept = apply_screen(screen([first], RobustConfig()))[0]
+    assert delta_content(kept) == delta_content(first), "what every peer holding the delta computes"
+    start = chain_start(b"s" * 32)
+    one, other = (round_chain(start, 0, [(d.sender, d.num_tokens, delta_content(d))]) for d in (first, second))
+    assert one != other
+    assert round_chain(start, 0, [("a", PLAN)]) == round_chain(start, 0, [("a", PLAN)]), "pairs still chain"

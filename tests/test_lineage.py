@@ -51,6 +51,8 @@ def test_round_chains_are_equal_exactly_for_the_same_aggregated_deltas_in_any_or
     # The difference stays in every later chain, whatever those rounds aggregate.
     same = [("Qa", 1), ("Qb", 1), ("Qc", 1)]
     assert round_chain(ALL, 1, same) != round_chain(NO_A, 1, same)
+    # One sender's two different deltas of one round, with one token count: other chains.
+    assert round_chain(START, 0, [("Qa", 100, b"x" * 16)]) != round_chain(START, 0, [("Qa", 100, b"y" * 16)])
 
 
 def test_after_a_silent_split_the_minority_takes_the_majoritys_state_and_the_majority_never_moves():
