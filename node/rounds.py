@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from locoswarm.node.lineage import weigh
 from locoswarm.node.progress import ProgressBus, Seen
 from locoswarm.optim.screen import median
 from locoswarm.protocol.records import Progress
@@ -165,9 +166,8 @@ class RoundProgress:
 
     def _newcomers(self, counted: set[str]) -> set[str]:
         """The counted peers without earned weight, when some counted peer (or this one) has it."""
-        if self.trusted is None or not any(map(self.trusted, counted | {self.peer_id})):
-            return set()
-        return {peer for peer in counted if not self.trusted(peer)}
+        w = weigh(counted | {self.peer_id}, self.trusted)
+        return {peer for peer in counted if not w(peer)}
 
     def num_peers(self) -> int:
         """Peers counted in this round's target, this one included."""

@@ -102,6 +102,3 @@ class Ledger:
         protocol/state.py check_ledger. MalformedMessage (a ValueError) naming what is
         wrong, with nothing changed."""
         self.credits = dict(check_ledger(pairs))
-
-    def copy(self) -> Ledger:
-        return Ledger(earn_rounds=self.earn_rounds, per_peer_tokens=self.per_peer_tokens, credits=self.credits)

@@ -97,10 +97,8 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None 
     # however many, neither move the median nor escape it. Established deltas are held to
     # it from MIN_FOR_MEDIAN deltas on (as before earned weight); newcomers always are.
     reference = [d for d in out.deltas if standing is None or d.sender in standing.established]
-    if standing is not None:
-        held = [d for d in out.deltas if len(out.deltas) >= MIN_FOR_MEDIAN or d.sender in standing.newcomers]
-    else:
-        held = out.deltas if len(out.deltas) >= MIN_FOR_MEDIAN else []
+    held = [d for d in out.deltas
+            if len(out.deltas) >= MIN_FOR_MEDIAN or (standing is not None and d.sender in standing.newcomers)]
     of = "the established peers' median" if standing is not None else "the round's median"
     if held and cfg.norm_rule != "none":
         mid = median([norms[d.sender] for d in reference])
