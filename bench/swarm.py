@@ -62,6 +62,10 @@ class RoundLine:
     """Delta requests made by this round's end (cumulative)."""
     delta_streams: int = 0
     """Streams opened for delta requests by this round's end (cumulative)."""
+    least_agreement: float | None = None
+    """The lowest agreement of the peer's checks of the round's deltas (None: none checked)."""
+    check_s: float = 0.0
+    """Seconds the peer's checks of the round took."""
 
 
 @dataclass(slots=True)
@@ -226,7 +230,9 @@ class LocalSwarm:
                                          progress_messages=event.get("progress_messages", 0),
                                          progress_writes=event.get("progress_writes", 0),
                                          delta_requests=event.get("delta_requests", 0),
-                                         delta_streams=event.get("delta_streams", 0)))
+                                         delta_streams=event.get("delta_streams", 0),
+                                         least_agreement=event.get("least_agreement"),
+                                         check_s=event.get("check_s", 0.0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

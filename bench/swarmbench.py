@@ -54,7 +54,8 @@ def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
-                    fakes: int = 0, flood: int = 0, earn_rounds: int | None = None) -> dict:
+                    fakes: int = 0, flood: int = 0, earn_rounds: int | None = None,
+                    check_agreement: float | None = None) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
@@ -62,12 +63,14 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     identities keep records in the registry during the middle half (bench/fake_peer.py);
     `flood` > 0: that many identities ask every peer for its state over and over during the
     middle half (bench/state_flood.py). `earn_rounds`: the spec's diloco.robust.earn_rounds
-    (None: the default; 0 turns earned weight off, to compare)."""
+    (None: the default; 0 turns earned weight off, to compare); `check_agreement` its
+    diloco.robust.check_agreement likewise (0: no checks)."""
     phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
-    if earn_rounds is not None:
-        spec = replace(spec, diloco=replace(spec.diloco, robust=replace(spec.diloco.robust, earn_rounds=earn_rounds)))
+    robust = {k: v for k, v in (("earn_rounds", earn_rounds), ("check_agreement", check_agreement)) if v is not None}
+    if robust:
+        spec = replace(spec, diloco=replace(spec.diloco, robust=replace(spec.diloco.robust, **robust)))
         spec.validate()
     extra = ["--fanout", str(fanout)]
     if checkpoint_every is not None:
@@ -150,6 +153,12 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "inner_steps": spec.diloco.inner_steps, "batch_size": spec.batch_size, "seq_len": spec.data.seq_len,
         "overlap": spec.rounds.overlap, "earn_rounds": spec.diloco.robust.earn_rounds,
         "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
+        # Checked contributions (optim/check.py): how close the honest deltas came to failing,
+        # and what the checks cost (on the exchange thread; with overlap, beside training).
+        "least_agreement": min((x.least_agreement for p in peers for x in p.rounds if x.least_agreement is not None),
+                               default=None),
+        "check_threshold": spec.diloco.robust.check_agreement,
+        "check_share": sum(x.check_s for x in steady) / round_s if round_s else 0.0,
         "wall_s": wall_s,
         "bytes_not_counted": swarm.io_unavailable,
         "spec_hash": spec.hash().hex(),
@@ -251,6 +260,9 @@ def format_swarm(r: dict) -> str:
             lines.append(f"  control, by its code   {r['progress_bytes_per_peer_per_round']:,.0f} to progress streams, "
                          f"{r['registry_bytes_per_peer_per_round']:,.0f} of registry entries stored (the rest: "
                          f"libp2p and the DHT's own requests and answers)")
+    if r.get("least_agreement") is not None:
+        lines.append(f"  checks                 least agreement {r['least_agreement']:.3f} (fails below "
+                     f"{r['check_threshold']:g}), {100 * r['check_share']:.2f} % of round time")
     lines += [f"  missing deltas         {r['deltas_missing']}",
               f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
               f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]

@@ -12,6 +12,21 @@ import typer
 app = typer.Typer(help="Benchmarks (their figures are in docs/).", no_args_is_help=True)
 
 
+def _emit(text: str, result: dict, json_path: Optional[Path]) -> None:
+    """Print a benchmark's figures and, with --json, write them (atomically)."""
+    typer.echo(text)
+    _write_json(result, json_path)
+
+
+def _write_json(result: object, json_path: Optional[Path]) -> None:
+    if json_path is not None:
+        from locoswarm.node.files import write_atomic
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=1))
+        typer.echo(f"wrote {json_path}")
+
+
 @app.command()
 def convergence(
     preset: str = typer.Option("quick", help="quick (tiny model, 2 CPU cores, ≤5 min) or gpu (≥100M params, one H100)."),
@@ -79,12 +94,7 @@ def convergence(
     except ValueError as e:  # data or tokenizer refused while loading: nothing was written
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if json_path is not None:
-        from locoswarm.node.files import write_atomic
-
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(result, indent=1))
-        typer.echo(f"wrote {json_path}")
+    _write_json(result, json_path)
 
 
 @app.command()
@@ -108,6 +118,9 @@ def swarm(
                               "took (0: off; needs --rounds >= 8)."),
     earn_rounds: Optional[int] = typer.Option(None, "--earn-rounds", help="The run spec's diloco.robust.earn_rounds "
                                               "(unset: the default; 0: earned weight off, to compare)."),
+    check_agreement: Optional[float] = typer.Option(None, "--check-agreement", help="The run spec's "
+                                                    "diloco.robust.check_agreement (unset: the default; 0: no "
+                                                    "checks of contributions, to compare)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
@@ -129,6 +142,8 @@ def swarm(
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
         if earn_rounds is not None and not 0 <= earn_rounds <= 10_000:
             raise ValueError(f"--earn-rounds must lie in [0, 10000], got {earn_rounds}")
+        if check_agreement is not None and not 0 <= check_agreement < 1:
+            raise ValueError(f"--check-agreement must lie in [0, 1), got {check_agreement}")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -138,7 +153,7 @@ def swarm(
     try:
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
-                                 fakes=fakes, flood=flood, earn_rounds=earn_rounds,
+                                 fakes=fakes, flood=flood, earn_rounds=earn_rounds, check_agreement=check_agreement,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)
@@ -148,13 +163,7 @@ def swarm(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    typer.echo(format_swarm(result))
-    if json_path is not None:
-        from locoswarm.node.files import write_atomic
-
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(result, indent=1))
-        typer.echo(f"wrote {json_path}")
+    _emit(format_swarm(result), result, json_path)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -179,13 +188,29 @@ def kernels(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(format_kernels(result))
-    if json_path is not None:
-        from locoswarm.node.files import write_atomic
+    _emit(format_kernels(result), result, json_path)
 
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(result, indent=1))
-        typer.echo(f"wrote {json_path}")
+
+@app.command()
+def checks(
+    preset: str = typer.Option("quick", help="The convergence preset whose model and data to use: quick (tiny, "
+                               "CPU) or gpu (124M, CUDA)."),
+    replicas: int = typer.Option(8, help="Replicas trained; one checks the other replicas' deltas."),
+    rounds: int = typer.Option(3, help="Rounds trained; the last one's deltas are checked."),
+    repeats: int = typer.Option(20, help="Timed repetitions of the checks (the median is reported)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (unset: the preset's)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """What checking contributions costs (docs/trust.md): one peer's checks of a round's
+    deltas against its own work, timed against its inner phase of that round."""
+    from locoswarm.bench.check_cost import format_result, measure
+
+    try:
+        result = measure(preset, replicas=replicas, rounds=rounds, repeats=repeats, device=device)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _emit(format_result(result), result, json_path)
 
 
 @app.command()
@@ -207,13 +232,7 @@ def identity(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     result = measure(parsed)
-    typer.echo(format_result(result))
-    if json_path is not None:
-        from locoswarm.node.files import write_atomic
-
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(result, indent=1))
-        typer.echo(f"wrote {json_path}")
+    _emit(format_result(result), result, json_path)
 
 
 @app.command()
@@ -278,9 +297,4 @@ def scale(
     else:
         result = sc.run_scale(cfg, log=typer.echo)
         typer.echo(sc.format_table(result))
-    if json_path is not None:
-        from locoswarm.node.files import write_atomic
-
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(json_path, json.dumps(result, indent=1))
-        typer.echo(f"wrote {json_path}")
+    _write_json(result, json_path)

@@ -50,6 +50,12 @@ _STATUS_KEYS = {
     "established_peers": (_COUNT, "peers the outer state's ledger counts as established (earned weight, docs/trust.md)"),
     "earned_rounds": ({"type": "number", "minimum": 0}, "this peer's credit in the ledger, in rounds of its planned "
                       "work (established from the spec's diloco.robust.earn_rounds on)"),
+    "checks": (_COUNT, "other peers' deltas this peer checked against its own work since start (docs/trust.md)"),
+    "checks_failed": (_COUNT, "of them, those that failed (each logged as a warning and told to the swarm)"),
+    "least_agreement": (_LOSS, "the lowest agreement of the last round's checks (honest deltas: 0.3 and up; "
+                        "null: none checked)"),
+    "excluded_peers": (_COUNT, "peers the outer state's ledger excludes: their deltas failed the checks of "
+                       "established peers holding a majority of the earned weight"),
 }
 STATUS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -79,7 +85,8 @@ class StatusCollector:
                   "eval_loss": ("held-out loss at the last evaluation", st["eval_loss"]),
                   "peers": ("live peers of this run spec besides this one", st["num_peers"]),
                   "peers_estimate": ("the swarm's size as estimated from the registry", st["peers_estimate"]),
-                  "tokens_per_second": ("training throughput", st["tokens_per_s"])}
+                  "tokens_per_second": ("training throughput", st["tokens_per_s"]),
+                  "excluded_peers": ("peers the swarm's checks excluded", st["excluded_peers"])}
         for name, (doc, value) in gauges.items():
             if value is not None:
                 yield GaugeMetricFamily(f"locoswarm_{name}", doc, value=value)
@@ -88,7 +95,9 @@ class StatusCollector:
                     "bytes_sent": ("bytes written to delta and state streams", st["bytes_sent"]),
                     "bytes_received": ("bytes read from delta and state streams", st["bytes_received"]),
                     "deltas_rejected": ("deltas refused as malformed or misattributed", st["deltas_rejected"]),
-                    "requests_refused": ("stream requests refused by the per-peer limits", st["requests_refused"])}
+                    "requests_refused": ("stream requests refused by the per-peer limits", st["requests_refused"]),
+                    "checks": ("other peers' deltas checked against this peer's work", st["checks"]),
+                    "checks_failed": ("checks of other peers' deltas that failed", st["checks_failed"])}
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"locoswarm_{name}", doc, value=value)
         state = GaugeMetricFamily("locoswarm_state", "1 for the daemon's current state", labels=["state"])

@@ -349,7 +349,12 @@ class Daemon:
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
             "established_peers": 0 if t is None else sum(map(t.ledger.established, t.ledger.credits)),
-            "earned_rounds": 0.0 if t is None else t.ledger.credits.get(self.peer_id, 0) / t.ledger.per_peer_tokens,
+            "earned_rounds": 0.0 if t is None else max(0, t.ledger.credits.get(self.peer_id, 0))
+            / t.ledger.per_peer_tokens,
+            "checks": st.checks,
+            "checks_failed": st.checks_failed,
+            "least_agreement": st.least_agreement,
+            "excluded_peers": 0 if t is None else t.ledger.num_banned,
         }
 
 

@@ -98,6 +98,11 @@ class RoundEnded:
     """Delta requests this peer has made so far."""
     delta_streams: int = 0
     """Streams this peer has opened for its delta requests so far (a stream is kept for the next)."""
+    least_agreement: float | None = None
+    """The lowest agreement of this peer's checks of the round's deltas (optim/check.py; None:
+    none checked)."""
+    check_s: float = 0.0
+    """Seconds the checks took (on the exchange thread, before the outer step)."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

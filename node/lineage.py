@@ -241,6 +241,9 @@ class Lineage:
         self.diverged_at: int | None = None
         """The round this peer aggregated alone while others trained it; None while its
         outer state is the swarm's, or since it took another's."""
+        self.trusted_then: frozenset[str] = frozenset()
+        """The peers established in our ledger when we diverged: while diverged, our ledger's
+        later credits are our own rounds alone, and would have us trust ourselves only."""
         self.alone_rounds = 0
         """Outer steps aggregated alone since the last sync (or the start)."""
         self.had_peers = False
@@ -265,11 +268,12 @@ class Lineage:
                 "anchors": tuple((k, self.chains[k]) for k in anchor_rounds(outer_steps) if self.chains.get(k))}
 
     def after_round(self, round_: int, before: int, after: int, aggregated: list[tuple[str, int]], *,
-                    others_trained: bool, sampled: bool) -> None:
+                    others_trained: bool, sampled: bool, established: frozenset[str] = frozenset()) -> None:
         """Round `round_`'s outer step took the outer steps from `before` to `after` with
         the `aggregated` (sender, tokens) pairs, this peer's own among them.
         `others_trained`: other peers reported progress in the round. `sampled`: the round
-        pulled a sample of the participants' deltas (fanout below their number)."""
+        pulled a sample of the participants' deltas (fanout below their number).
+        `established`: the peers our ledger counts as established before the round."""
         if len(aggregated) == 1 and self.had_peers:
             self.alone_rounds += 1
             if others_trained and self.diverged_at is None:
@@ -277,6 +281,7 @@ class Lineage:
                 # off): our outer state goes its own way from here until we take another's;
                 # rounds with their deltas later do not undo it.
                 self.diverged_at = round_
+                self.trusted_then = established
         self.had_peers = self.had_peers or len(aggregated) > 1
         previous = self.chains.get(before)
         if sampled:
@@ -315,6 +320,11 @@ class Lineage:
                               f"{max(r.round for r in ahead)}", ahead)
             if not live:
                 self.behind_at = None
+        if self.diverged_at is not None:
+            # Alone, our ledger credits nobody but us: weigh the others as when we diverged
+            # (nobody established then: every peer counts). Without this, a peer cut off
+            # for earn_rounds rounds would trust only itself and never take the swarm's state.
+            trusted = self.trusted_then.__contains__
         found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
         if found is None and self.diverged_at is None:
             found = whom_to_rejoin(me, self.chains, records, trusted)
@@ -329,6 +339,7 @@ class Lineage:
         chain = chain or chain_at(round_, donors, trusted) or chain_at(round_, fresh, trusted)
         self.chains = {round_: chain} if chain else {}
         self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
+        self.trusted_then = frozenset()
 
     def checkpoint_extra(self, outer_steps: int) -> dict:
         """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""

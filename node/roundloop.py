@@ -35,6 +35,7 @@ from locoswarm.node.host import NodeError
 from locoswarm.node.lineage import delta_content
 from locoswarm.node.pull import gather_deltas
 from locoswarm.node.rounds import RoundProgress
+from locoswarm.optim.check import SCALE, threshold_milli
 
 if TYPE_CHECKING:
     from locoswarm.node.console import RoundBar
@@ -63,8 +64,9 @@ class RoundFaults:
     tests pass a subclass to the Daemon (tests/peers/faulty_node.py). This base is the
     production one: it changes nothing."""
 
-    def trained(self, round_: int, work: RoundWork) -> None:
-        """At the round boundary, before the delta is encoded (may alter `work`)."""
+    def trained(self, round_: int, work: RoundWork, outer: list) -> None:
+        """At the round boundary, before the delta is encoded (may alter `work`; `outer`: the
+        outer state's parameters the round started from, read only)."""
 
     def reporting(self, round_: int) -> None:
         """Before this peer reports its round progress as done (may raise)."""
@@ -87,6 +89,11 @@ class NodeStats:
     bytes_received: int = 0
     delta_requests: int = 0
     deltas_rejected: int = 0
+    checks: int = 0
+    """Other peers' deltas this peer checked against its own work (optim/check.py)."""
+    checks_failed: int = 0
+    least_agreement: float | None = None
+    """The lowest agreement of the last round's checks (honest deltas measured 0.3 and up)."""
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
     """The last rounds, for the dashboard's chart."""
 
@@ -140,6 +147,8 @@ class RoundLoop:
         self._boundary: dict[int, tuple[float, float]] = {}
         """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
+        self._check_s = 0.0
+        """Seconds the last round's checks took (optim/check.py)."""
 
     def stop_round(self) -> None:
         self.round_stop.set()
@@ -174,7 +183,7 @@ class RoundLoop:
             work = await ctx.pools.train(trainer.end_round)
             self._boundary[work.round] = (wait_s, time.perf_counter() - boundary_t0 - wait_s)
             trained += 1
-            ctx.faults.trained(work.round, work)
+            ctx.faults.trained(work.round, work, trainer.outer.params)
             step = self._guarded(work.round, self._exchange(progress, work, overlap), work, overlapped=overlap)
             if overlap:
                 exchange = asyncio.ensure_future(step)
@@ -237,12 +246,14 @@ class RoundLoop:
         self._started[round_] = t0
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
-                                 carry=self.carry, expected=lambda: ctx.membership.expected(round_),
-                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_)
-                                                     if ctx.progress.reachable(peer)},
+                                 carry=self.carry,
+                                 expected=lambda: {peer for peer in ctx.membership.expected(round_)
+                                                   if not trainer.ledger.banned(peer)},
+                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_) if
+                                                     ctx.progress.reachable(peer) and not trainer.ledger.banned(peer)},
                                  told=lambda: ctx.membership.told(round_),
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
-                                 trusted=trainer.ledger.established)
+                                 trusted=trainer.ledger.established, excluded=trainer.ledger.banned)
         ctx.stats.state = "training"
         ctx.deltas.training(round_)
         self.round_stop = threading.Event()
@@ -266,7 +277,10 @@ class RoundLoop:
             ctx.stats.state = "exchanging"
         ctx.stats.loss = work.loss
         try:
-            blob = await run(trainer.encode, work, ctx.peer_id)
+            # The round chain of the outer state the delta is taken from: peers on another
+            # one leave it out (optim/screen.py), and it tells what our checks judge.
+            base = ctx.lineage.chains.get(trainer.outer_steps, "")
+            blob = await run(trainer.encode, work, ctx.peer_id, base)
         except ValueError:
             # No delta of ours will come (a non-finite replica): say so, so that nobody
             # waits for it until the deadline (node/rounds.py, withdrawn peers).
@@ -299,21 +313,28 @@ class RoundLoop:
             log.log(logging.WARNING if stall else logging.INFO, "round %d: no delta from %s: %s", r, peer, why)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas)
+        screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas, base)
         for rejection in screened.rejected:
             log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
         for note in screened.notes:
             log.warning("round %d: %s", r, note)
         ctx.stats.deltas_rejected += len(screened.rejected)
+        t_check = time.perf_counter()
+        checks = await run(trainer.check, work, screened.deltas, ctx.peer_id)
+        self._check_s = time.perf_counter() - t_check
+        self._log_checks(r, checks)
         deltas = trainer.step.kept(screened)
         before = trainer.outer_steps
-        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned))
+        established = frozenset(filter(trainer.ledger.established, trainer.ledger.credits))
+        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,
+                                    banned=screened.banned))
         # A round that pulled a sample of the participants (fanout below their number) left
         # deltas out on purpose (lineage.py says what that does to the chain).
         participants = progress.participants()
         ctx.lineage.after_round(r, before, trainer.outer_steps,
                                 [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
-                                others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout)
+                                others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
+                                established=established)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),
                            trainer.ledger.pairs())
@@ -322,6 +343,19 @@ class RoundLoop:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
+
+    def _log_checks(self, r: int, checks: list) -> None:
+        """Failed checks as warnings (they go out with our next delta); the round's least
+        agreement for status and the round event."""
+        ctx, threshold = self.ctx, self.ctx.spec.diloco.robust.check_agreement
+        for c in checks:
+            if c.agreement < threshold_milli(threshold):
+                ctx.stats.checks_failed += 1
+                log.warning("round %d: delta of %s failed our check: it agrees with our own pseudo-gradient at %.2f "
+                            "of our delta's agreement (below %.2f); told to the swarm with our next delta",
+                            r, c.sender, c.agreement / SCALE, threshold)
+        ctx.stats.checks += len(checks)
+        ctx.stats.least_agreement = min((c.agreement / SCALE for c in checks), default=None)
 
     def _withdraw(self, progress: RoundProgress, r: int) -> None:
         self.ctx.deltas.give_up(r)
@@ -344,7 +378,8 @@ class RoundLoop:
                               progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,
                               delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),
-                              received=ctx.stats.bytes_received))
+                              received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
+                              check_s=self._check_s))
 
     async def _finish(self) -> None:
         """Leaving at --max-rounds: keep serving the last delta until the peers of the last

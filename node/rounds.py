@@ -58,12 +58,16 @@ class RoundProgress:
                  interval_s: float, carry: int = 0, expected: Callable[[], set[str]] = frozenset,
                  candidates: Callable[[], set[str]] = frozenset, told: Callable[[], set[str]] = frozenset,
                  incarnation: int = 0, incarnations: Callable[[str], int] = lambda peer: 0,
-                 trusted: Callable[[str], bool] | None = None) -> None:
+                 trusted: Callable[[str], bool] | None = None,
+                 excluded: Callable[[str], bool] = lambda peer: False) -> None:
         """`bus`: the progress streams (None: a test that sets what was heard itself);
         `told()`: the live peers whose records put them near this round, proven or not:
         told our progress, as is every peer that told us its own. `trusted`: whose weight
         is earned (optim/credit.py): while some counted peer has it, the others together
-        count as one peer in the target and their claims as at most one peer's share."""
+        count as one peer in the target and their claims as at most one peer's share.
+        `excluded`: peers the ledger excludes (optim/check.py): what they report is not heard,
+        so they are neither counted nor waited for, and their deltas are not pulled (the
+        caller leaves them out of `expected` and `candidates` too)."""
         self.bus = bus
         self.round = round_
         if bus is not None:
@@ -74,6 +78,7 @@ class RoundProgress:
         self.peer_id = peer_id
         self.per_peer_tokens = per_peer_tokens
         self.trusted = trusted
+        self.excluded = excluded
         self.carry = carry
         self.expected = expected
         """Proven peers (node/membership.py) that should train this round, reported or not yet."""
@@ -112,6 +117,7 @@ class RoundProgress:
             # be in our step already).
             others = {**self._others, **self.bus.seen(self.round)}
             others.pop(self.peer_id, None)
+            others = {peer: seen for peer, seen in others.items() if not self.excluded(peer)}
             self._others = others
 
     def incarnation_of(self, peer: str) -> int:

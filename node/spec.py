@@ -176,6 +176,8 @@ class RunSpec:
             body.pop("trust")  # no anchors: as before they existed
         if not self.diloco.robust.earn_rounds:
             body["diloco"]["robust"].pop("earn_rounds")  # off: as before earned weight
+        if not self.diloco.robust.check_agreement:
+            body["diloco"]["robust"].pop("check_agreement")  # off: as before checked contributions
         canonical = json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).digest()
 

@@ -25,11 +25,13 @@ from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precis
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Handoff, Progress
 from locoswarm.optim import lr_at, make_inner_optimizer, set_lr
+from locoswarm.optim.check import Check, failing
 from locoswarm.optim.inner import load_params
 from locoswarm.optim.outer import OuterOptimizer
 from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
+from locoswarm.protocol.delta import MAX_CHECKS
 from locoswarm.protocol.state import Ledger, StateSpec, encode_state, state_digest
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model
@@ -110,6 +112,8 @@ class Trainer:
         self.ledger = self.step.ledger(self.round_tokens)
         """The outer state's earned weight (optim/credit.py): screened against, credited
         by each outer step, taken with a donor's state."""
+        self.told: tuple[int, tuple[tuple[str, int], ...]] = (-1, ())
+        """(round, failed checks of its deltas): told with the next round's delta (exchange thread)."""
         self.handoff = Handoff()
         """What the training, exchange and event-loop threads share (node/threads.py)."""
         self.state_spec = StateSpec(run_id=spec.run_id, spec_hash=spec_hash,
@@ -239,28 +243,39 @@ class Trainer:
         self.handoff.report(Progress(0, self.tokens_per_s))  # the rate stands until the next step
         return work
 
-    def encode(self, work: RoundWork, sender: str) -> bytes:
+    def encode(self, work: RoundWork, sender: str, base: str = "") -> bytes:
         """The round's pseudo-gradient, compressed (committing the residual) and encoded;
         ValueError, with nothing committed, when it is not finite (RoundStep.encode)."""
+        round_, checks = self.told
         return self.step.encode(self.compressor, self.outer.params, work.snapshot, round_=work.round, sender=sender,
-                                tokens=work.tokens)
+                                tokens=work.tokens, base=base, checks=checks if round_ == work.round - 1 else ())
 
     def decode(self, blob: bytes) -> DecodedDelta:
         return self.step.decode(blob)
 
-    def screen(self, deltas: list[DecodedDelta]) -> Screened:
-        return self.step.screen(deltas, self.ledger)
+    def screen(self, deltas: list[DecodedDelta], base: str = "") -> Screened:
+        return self.step.screen(deltas, self.ledger, base)
+
+    def check(self, work: RoundWork, deltas: list[DecodedDelta], me: str) -> list[Check]:
+        """This peer's checks of the round's `deltas` (its own, `me`'s, among them) before the
+        round's outer step (optim/check.py); the failed ones go out with the next delta."""
+        own = next((d for d in deltas if d.sender == me), None)
+        checks = [] if own is None else self.step.check(self.outer.params, work.snapshot, own, deltas,
+                                                         self.round_tokens)
+        failed = sorted(failing(checks, self.spec.diloco.robust.check_agreement), key=lambda c: c.agreement)
+        self.told = (work.round, tuple(sorted((c.sender, c.agreement) for c in failed[:MAX_CHECKS])))
+        return checks
 
     @torch.no_grad()
     def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool,
-              earned: dict[str, int] | None = None) -> None:
+              earned: dict[str, int] | None = None, banned: tuple[str, ...] = ()) -> None:
         """The round's outer step from its screened deltas (this peer's own among them) and
         the replica's restart (RoundStep.restart). When the next round's training already
         started from the snapshot (`overlapped`), the restart is handed to the training
         thread as a shift, applied before its next step: the replica ends where it would
         have, plus the progress it made meanwhile. `earned`: the screening's credits
-        (Screened.earned) for the ledger."""
-        self.step.apply(self.outer, received, [self.compressor], self.ledger, earned)
+        (Screened.earned) for the ledger, `banned` the peers it excludes (Screened.banned)."""
+        self.step.apply(self.outer, received, [self.compressor], self.ledger, earned, banned)
         work.applied = True
         self.handoff.publish_outer_steps(self.outer.num_steps)
         self._restart(work, overlapped)

@@ -120,6 +120,11 @@ class RobustConfig:
     only established peers set the clip reference and the token-claim median and count in
     decisions whose state to follow, and the round's newcomers share one peer's weight.
     0: off, every peer counts from its first delta (the rule before earned weight)."""
+    check_agreement: float = 0.15
+    """A received delta whose agreement with this peer's own pseudo-gradient (optim/check.py)
+    is below this fails its check; a peer that established peers holding a majority of the
+    earned weight find failing is excluded. Honest deltas measured 0.30 and up, noise below
+    0.10. 0: no checks (the rule before checked contributions)."""
 
     def validate(self) -> None:
         if not 0 <= self.trim < 0.5:
@@ -128,6 +133,8 @@ class RobustConfig:
             raise ValueError(f"diloco.robust.norm_rule must be clip, reject or none, got {self.norm_rule!r}")
         if type(self.earn_rounds) is not int or not 0 <= self.earn_rounds <= 10_000:
             raise ValueError(f"diloco.robust.earn_rounds must be an integer in [0, 10000], got {self.earn_rounds!r}")
+        if not 0.0 <= self.check_agreement < 1.0:
+            raise ValueError(f"diloco.robust.check_agreement must lie in [0, 1), got {self.check_agreement}")
         if not self.norm_factor >= 1.0 or not self.token_factor >= 1.0:
             raise ValueError("diloco.robust.norm_factor and token_factor must be >= 1")
 

@@ -16,6 +16,11 @@ nothing until each has done the work itself. Decisions about whose state to foll
 (node/lineage.py) weigh only established peers. In a run's first rounds nobody is
 established yet and every peer counts, as before (docs/trust.md says what that leaves open).
 
+Excluded peers (optim/check.py: peers holding a majority of the established weight found
+their delta failing) stay in the ledger as a negative entry, −(round excluded + 1), neither
+decaying nor earning: their deltas are refused from then on, and they never count as
+established. The newest MAX_BANNED are kept.
+
 Deterministic by construction: the ledger changes only through `credit`, with integer
 arithmetic on what the round's screening decided, which every peer that aggregated the same
 deltas decided the same; so peers on one round chain hold one ledger, and the ledger travels
@@ -34,6 +39,9 @@ settles at 64 rounds of its work, one that left drops below 8 after about 130 ro
 MAX_ENTRIES = MAX_LEDGER_ENTRIES
 """Peers the ledger keeps; past it the smallest credits go (a flood of identities each
 credited a sliver cannot push an established peer out)."""
+MAX_BANNED = MAX_LEDGER_ENTRIES // 4
+"""Excluded peers the ledger remembers, the newest first: identities an attacker gets excluded
+on purpose cannot push the established peers out of the ledger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,18 @@ class Ledger:
         """Whether `peer` has earned its weight (never, while earned weight is off)."""
         return self.enabled and self.credits.get(peer, 0) >= self.threshold
 
+    def banned(self, peer: str) -> bool:
+        """Whether `peer` was excluded (optim/check.py): its deltas are refused."""
+        return self.credits.get(peer, 0) < 0
+
+    def banned_at(self, peer: str) -> int:
+        """The round in which `peer` was excluded (it must be banned)."""
+        return -self.credits[peer] - 1
+
+    @property
+    def num_banned(self) -> int:
+        return sum(1 for c in self.credits.values() if c < 0)
+
     def standing(self, senders: list[str]) -> Standing | None:
         """Which of a round's `senders` are established; None when none is (or earned
         weight is off): every sender then counts as before."""
@@ -73,25 +93,34 @@ class Ledger:
             return None
         return Standing(established, frozenset(senders) - established)
 
-    def credit(self, earned: dict[str, int]) -> None:
-        """One round's outer step is in: every credit decays, each sender of `earned` gains
-        what it earned (tokens weighted × clip multiplier, >= 0), and entries that fell to
-        nothing, or past MAX_ENTRIES the smallest, are dropped."""
+    def credit(self, earned: dict[str, int], banned: tuple[str, ...] = (), round_: int = 0) -> None:
+        """One round's outer step (of round `round_`) is in: every credit decays, each sender of
+        `earned` gains what it earned (tokens weighted × clip multiplier, >= 0), the peers of
+        `banned` are excluded from here on, and entries that fell to nothing, or past
+        MAX_ENTRIES the smallest (past MAX_BANNED the oldest exclusions), are dropped."""
         if not self.enabled:
             return
         floor = max(1, self.per_peer_tokens >> DECAY_SHIFT)  # a 64th of a round's work
-        out = {}
+        out, bans = {}, {}
         for peer, c in self.credits.items():
+            if c < 0:
+                bans[peer] = c
+                continue
             c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
             if c >= floor or earned.get(peer, 0) > 0:
                 out[peer] = c
         for peer, gain in earned.items():
             assert gain >= 0, "credit is earned, never taken"
-            if gain > 0:  # a delta weighted to nothing (clipped or pooled to 0) earns no entry
+            if gain > 0 and peer not in bans:  # a delta weighted to nothing (clipped or pooled to 0) earns no entry
                 out[peer] = min(MAX_CREDIT, out.get(peer, 0) + gain)
-        if len(out) > MAX_ENTRIES:  # keep the largest; among equals the smaller peer id
-            out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_ENTRIES])
-        self.credits = out
+        for peer in banned:
+            out.pop(peer, None)
+            bans.setdefault(peer, -(min(round_, MAX_CREDIT - 1) + 1))
+        if len(bans) > MAX_BANNED:  # keep the newest; among equals the smaller peer id
+            bans = dict(sorted(bans.items(), key=lambda kv: (kv[1], kv[0]))[:MAX_BANNED])
+        if len(out) + len(bans) > MAX_ENTRIES:  # keep the largest; among equals the smaller peer id
+            out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_ENTRIES - len(bans)])
+        self.credits = {**out, **bans}
 
     def pairs(self) -> tuple[tuple[str, int], ...]:
         """The ledger as (peer id, credit) pairs in peer id order: its wire and file form."""

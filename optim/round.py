@@ -10,7 +10,10 @@ these steps, so the simulation computes what the peers compute:
 1. `encode`: Δ = θ_outer − θ_replica, compressed with error feedback (the residual is
    committed against the decode every receiver runs) and framed as a delta message.
 2. `screen`: the peers' defence against bad deltas (optim/screen.py), weighing senders by
-   the work the outer state's ledger credits them with (optim/credit.py). The simulation's
+   the work the outer state's ledger credits them with (optim/credit.py) and excluding
+   those whose deltas the established peers' checks failed; `check`: this replica's checks
+   of the round's deltas against its own pseudo-gradient (optim/check.py), told with its
+   next delta. The simulation's
    replicas are honest and skip it, as its published figures always did (clipping to the
    median norm also moves a clean run a little).
 3. `apply`: the token-weighted aggregate (rule "mean" or "masked", optionally a trimmed
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from locoswarm.optim.aggregate import aggregate, coverage
+from locoswarm.optim.check import Check, check_round
 from locoswarm.optim.compress import ErrorFeedbackCompressor, delta_spec
 from locoswarm.optim.config import DiLoCoConfig
 from locoswarm.optim.credit import Ledger
@@ -56,27 +60,40 @@ class RoundStep:
 
     @torch.no_grad()
     def encode(self, compressor: ErrorFeedbackCompressor, outer_params: list[Tensor], replica: list[Tensor], *,
-               round_: int, sender: str, tokens: int) -> bytes:
+               round_: int, sender: str, tokens: int, base: str = "",
+               checks: tuple[tuple[str, int], ...] = ()) -> bytes:
         """The round's pseudo-gradient θ_outer − θ_replica, compressed (committing the
         residual) and encoded. `replica`: the replica's parameters at the round boundary.
         ValueError, with nothing committed, when the pseudo-gradient is not finite or
-        exceeds the scales' range: such a delta must not be sent."""
+        exceeds the scales' range: such a delta must not be sent. `base`: the round chain of
+        `outer_params` ("" unknown); `checks`: the sender's failed checks of the round before
+        (optim/check.py), carried with the delta."""
         deltas = [o - p.detach().to(o.device, torch.float32) for o, p in zip(outer_params, replica)]
         packed, _ = compressor.compress(deltas)
         msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.spec.spec_hash, round=round_, sender=sender,
-                           num_tokens=tokens, tensors=tuple(packed))
+                           num_tokens=tokens, tensors=tuple(packed), base=base, checks=checks)
         return encode_delta(msg)
 
     def decode(self, blob: bytes) -> DecodedDelta:
         """A delta off the wire, validated against this run's layout (ProtocolError if bad)."""
         return decode_delta(blob, self.spec)
 
-    def screen(self, deltas: list[DecodedDelta], ledger: Ledger | None = None) -> Screened:
+    def screen(self, deltas: list[DecodedDelta], ledger: Ledger | None = None, base: str = "") -> Screened:
         """The round's deltas screened (optim/screen.py) against the earned weight of
-        `ledger`; `kept` of the result is what `apply` takes. The own delta must be among
+        `ledger`, refusing deltas taken from another outer state than round chain `base`;
+        `kept` of the result is what `apply` takes. The own delta must be among
         them, decoded like everyone's: all peers holding the same deltas then screen and
         aggregate the same values."""
-        return screen(deltas, self.cfg.robust, ledger)
+        return screen(deltas, self.cfg.robust, ledger, base)
+
+    def check(self, outer_params: list[Tensor], replica: list[Tensor], own: DecodedDelta,
+              deltas: list[DecodedDelta], per_peer_tokens: int) -> list[Check]:
+        """This replica's checks (optim/check.py) of a round's other `deltas`, before the
+        round's outer step: `replica` its parameters at the round boundary, `own` its delta
+        as decoded. Empty while checks are off (diloco.robust.check_agreement 0)."""
+        if not self.cfg.robust.check_agreement:
+            return []
+        return check_round(outer_params, replica, own, deltas, plan_tokens=per_peer_tokens)
 
     def ledger(self, per_peer_tokens: int) -> Ledger:
         """An outer state's earned weight, empty: one per outer state, credited by `apply`."""
@@ -90,11 +107,12 @@ class RoundStep:
     @torch.no_grad()
     def apply(self, outer: OuterOptimizer, deltas: list[DecodedDelta],
               compressors: list[ErrorFeedbackCompressor], ledger: Ledger | None = None,
-              earned: dict[str, int] | None = None) -> None:
+              earned: dict[str, int] | None = None, banned: tuple[str, ...] = ()) -> None:
         """Aggregate `deltas` into one outer step of `outer`; after a "masked" round each of
         `compressors` (the replicas that share this outer state) drops its residual where the
         consensus moved on a coordinate it did not send; `ledger` (the outer state's earned
-        weight) is credited with the screening's `earned`. ValueError when nothing can be
+        weight) is credited with the screening's `earned` and excludes its `banned` (both
+        Screened's). ValueError when nothing can be
         aggregated: the outer state and the ledger are then untouched."""
         device = outer.params[0].device
         shapes = [tuple(p.shape) for p in outer.params]
@@ -103,7 +121,7 @@ class RoundStep:
         outer.step(aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
                              trim=self.cfg.robust.trim))
         if ledger is not None:
-            ledger.credit(earned or {})
+            ledger.credit(earned or {}, banned, outer.num_steps - 1)
         if masked:
             moved = [share > 0 for share in shares]
             for compressor in compressors:

@@ -20,6 +20,13 @@ are taken over the established senders only, every newcomer is held to them what
 round's size, and the newcomers together weigh as much as one established peer's median
 claim. Identities cost nothing; the work that establishes one does.
 
+Checked contributions (optim/check.py): a delta of an excluded sender (a negative ledger
+entry) is refused. The failed checks a round's deltas carry (each about the round before) are
+weighed by the ledger: a peer that established senders holding more than half of the round's
+established weight (the checked peer's own included: two peers cannot exclude two others of
+four) say failed is excluded from this round on. Without an established sender nobody is
+excluded: identities would decide.
+
 Median of an even count: the mean of the two middle values. With fewer than 3 deltas there
 is no meaningful median of the round: only non-finite deltas are refused, and newcomers held
 to the established peers' median.
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 
 
 from locoswarm.kernels import dequantize
+from locoswarm.optim.check import SCALE, threshold_milli
 from locoswarm.optim.config import RobustConfig
 from locoswarm.optim.credit import Ledger, Standing
 from locoswarm.protocol import DecodedDelta
@@ -62,6 +70,8 @@ class Screened:
     earned: dict[str, int] = field(default_factory=dict)
     """sender → the credit its delta earns in the ledger (optim/credit.py): the tokens it is
     weighted by times its clip multiplier."""
+    banned: tuple[str, ...] = ()
+    """Peers the round's checks exclude from here on (optim/check.py), ascending."""
 
 
 def delta_norm(d: DecodedDelta) -> float:
@@ -79,13 +89,24 @@ def median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None = None) -> Screened:
+def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None = None, base: str = "") -> Screened:
     """Apply the rules to one round's deltas (any order in; sender order out). `ledger`:
     whose weight is earned (optim/credit.py); without one, or while no sender of the round
-    is established, every sender counts alike."""
+    is established, every sender counts alike. `base`: the round chain of this peer's outer
+    state ("" unknown): a delta taken from another known one is refused (a diverged peer's:
+    it moves another outer state, and cannot be checked against this one)."""
     out = Screened()
     norms: dict[str, float] = {}
     for d in sorted(deltas, key=lambda d: d.sender):
+        if base and d.base and d.base != base:
+            out.rejected.append(Rejection(d.sender, f"taken from another outer state (round chain {d.base[:12]}…, "
+                                                    f"ours {base[:12]}…): a diverged peer's, left out until it "
+                                                    "takes the swarm's state"))
+            continue
+        if ledger is not None and ledger.banned(d.sender):
+            out.rejected.append(Rejection(d.sender, f"excluded at round {ledger.banned_at(d.sender)}: "
+                                                    "its delta failed the checks of the established peers"))
+            continue
         n = delta_norm(d)
         if not math.isfinite(n):
             out.rejected.append(Rejection(d.sender, "non-finite values in its delta"))
@@ -93,6 +114,11 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None 
         norms[d.sender] = n
         out.deltas.append(d)
     standing = ledger.standing([d.sender for d in out.deltas]) if ledger is not None else None
+    if standing is not None and cfg.check_agreement > 0:
+        out.banned = _judge(out, standing, ledger, threshold_milli(cfg.check_agreement))
+        if out.banned:
+            out.deltas = [d for d in out.deltas if d.sender not in out.banned]
+            standing = ledger.standing([d.sender for d in out.deltas])
     # The references come from the established senders when there are any: newcomers,
     # however many, neither move the median nor escape it. Established deltas are held to
     # it from MIN_FOR_MEDIAN deltas on (as before earned weight); newcomers always are.
@@ -133,6 +159,37 @@ def screen(deltas: list[DecodedDelta], cfg: RobustConfig, ledger: Ledger | None 
     fresh = [d for d in out.deltas if standing is not None and d.sender in standing.newcomers]
     out.shares = len(out.deltas) - len(fresh) + bool(fresh)
     return out
+
+
+def _judge(out: Screened, standing: Standing, ledger: Ledger, threshold: int) -> tuple[str, ...]:
+    """The peers the failed checks carried by the round's established senders exclude: those
+    that senders holding more than half of the round's established credit (the checked
+    peer's own included) found below `threshold` (thousandths). Their deltas of this round,
+    if any, are refused with the reason."""
+    credit = {s: ledger.credits[s] for s in standing.established}
+    total = sum(credit.values())
+    against: dict[str, list[tuple[str, int]]] = {}
+    for d in out.deltas:
+        if d.sender not in credit:
+            continue  # a newcomer's checks do not count: identities would decide
+        for peer, agreement in d.checks:
+            if agreement < threshold and peer != d.sender:
+                against.setdefault(peer, []).append((d.sender, agreement))
+    banned = []
+    for peer, verdicts in sorted(against.items()):
+        weight = sum(credit[v] for v, _ in verdicts)
+        if 2 * weight <= total or ledger.banned(peer):
+            continue
+        banned.append(peer)
+        agreements = ", ".join(f"{a / SCALE:.2f}" for _, a in verdicts)
+        why = (f"its delta of the round before failed the checks of {len(verdicts)} established peers holding "
+               f"{weight / total:.0%} of the established weight "
+               f"(agreement {agreements}; threshold {threshold / SCALE:.2f}): excluded")
+        if any(d.sender == peer for d in out.deltas):
+            out.rejected.append(Rejection(peer, why))
+        else:
+            out.notes.append(f"{peer}: {why}")
+    return tuple(banned)
 
 
 def _pool_newcomers(out: Screened, standing: Standing, *, one_peer: int) -> None:

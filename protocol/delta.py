@@ -1,15 +1,26 @@
 """The wire format of one peer's compressed pseudo-gradient for one round.
 
-A msgpack map, format version 1:
+A msgpack map, format version 2:
 
-    {"v": 1, "run": str, "spec": bytes (spec hash), "round": int, "sender": str,
-     "tokens": int, "tensors": [[name, shape, chunk, k, bits, indices, values, scales], …]}
+    {"v": 2, "run": str, "spec": bytes (spec hash), "round": int, "sender": str,
+     "tokens": int, "tensors": [[name, shape, chunk, k, bits, indices, values, scales], …],
+     "base": str, "checks": [[peer id, agreement], …]}
 
 per tensor, in the spec's order: `indices` packs each kept entry's position inside its
 chunk at log2(chunk) bits, `values` packs its b-bit sign-magnitude code, `scales` holds
 (lo, hi) per chunk as little-endian bfloat16 (see locoswarm.kernels for both layouts).
 The chunk layout (how many chunks, how many entries each) follows from the spec, so every
 byte string has one exact length. The encoded size is `len(encode_delta(msg))`.
+
+`base` is the round chain (node/lineage.py, 32 hex digits; "" when the sender does not know
+it) of the outer state the delta was taken from: a peer on another outer state (a diverged
+one) cannot be checked against, and its delta is not aggregated (optim/screen.py).
+
+`checks` are the sender's failed checks of the round before (optim/check.py): the peers whose
+deltas of that round agreed with the sender's own pseudo-gradient less than the spec allows,
+each with the agreement measured (thousandths), at most MAX_CHECKS, in ascending peer id
+order. They travel inside the delta, so the noise-authenticated stream that brings the delta
+vouches for them and the round chain that hashes its content (node/lineage.py) covers them.
 
 `decode_delta` trusts nothing: it bounds the message by the spec before parsing, checks
 every field's type, value and exact length, and the ranges of indices and scales, and
@@ -30,10 +41,15 @@ from locoswarm.kernels import ChunkLayout, packed_nbytes, unpack_bits
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import IndexOutOfRange, MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_SENDER_LEN = 128
 MAX_ROUND = 2**62
-_TOP_KEYS = frozenset({"v", "run", "spec", "round", "sender", "tokens", "tensors"})
+MAX_CHECKS = 256
+"""Failed checks one delta may carry (a round aggregates at most the fanout's deltas)."""
+MAX_AGREEMENT = 10**6
+"""Bound of a check's agreement, in thousandths (optim/check.py clamps to far less)."""
+MAX_BASE_LEN = 64
+_TOP_KEYS = frozenset({"v", "run", "spec", "round", "sender", "tokens", "tensors", "base", "checks"})
 _TENSOR_FIELDS = 8
 
 
@@ -81,7 +97,8 @@ class DeltaSpec:
         # Strings are counted in UTF-8 bytes: a sender may use 4 bytes per character.
         framing = 512 + len(self.run_id.encode()) + len(self.spec_hash) + 4 * MAX_SENDER_LEN
         framing += sum(64 + len(t.name.encode()) + 10 * len(t.shape) for t in self.tensors)
-        return payload + framing
+        checks = MAX_CHECKS * (4 * MAX_SENDER_LEN + 16)
+        return payload + framing + checks
 
     @property
     def max_string_bytes(self) -> int:
@@ -114,6 +131,10 @@ class DeltaMessage:
     sender: str
     num_tokens: int
     tensors: tuple[PackedTensor, ...]
+    base: str = ""
+    """The round chain of the outer state the delta was taken from ("": unknown)."""
+    checks: tuple[tuple[str, int], ...] = ()
+    """(peer id, agreement in thousandths) of the sender's failed checks of the round before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +167,10 @@ class DecodedDelta:
     tensors: tuple[SparseTensor, ...]
     nbytes: int
     """Size of the message on the wire."""
+    base: str = ""
+    """The round chain the delta was taken from (DeltaMessage.base), validated."""
+    checks: tuple[tuple[str, int], ...] = ()
+    """The sender's failed checks of the round before (DeltaMessage.checks), validated."""
 
 
 def encode_delta(msg: DeltaMessage) -> bytes:
@@ -160,6 +185,8 @@ def encode_delta(msg: DeltaMessage) -> bytes:
             [t.name, list(t.shape), t.chunk, t.k, t.bits, t.indices, t.values, t.scales]
             for t in msg.tensors
         ],
+        "base": msg.base,
+        "checks": [[peer, agreement] for peer, agreement in msg.checks],
     }
     return msgpack.packb(body, use_bin_type=True)
 
@@ -169,7 +196,8 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
     limit = spec.max_message_bytes
     body = unpack_envelope(
         data, "delta", max_bytes=limit, version=FORMAT_VERSION, keys=_TOP_KEYS,
-        max_bin_len=limit, max_str_len=spec.max_string_bytes, max_array_len=max(16, 8 * len(spec.tensors) + 64),
+        max_bin_len=limit, max_str_len=spec.max_string_bytes,
+        max_array_len=max(2 * MAX_CHECKS, 8 * len(spec.tensors) + 64),  # a few too many: named below
     )
     if body["run"] != spec.run_id:
         raise SpecMismatch(f"delta is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
@@ -185,7 +213,32 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
         count = len(items) if isinstance(items, list) else type(items).__name__
         raise ShapeMismatch(f"delta carries {count} tensors, the spec has {len(spec.tensors)}")
     tensors = tuple(_decode_tensor(item, ts) for item, ts in zip(items, spec.tensors))
-    return DecodedDelta(round=round_, sender=sender, num_tokens=tokens, tensors=tensors, nbytes=len(data))
+    base = body["base"]
+    if not isinstance(base, str) or len(base) > MAX_BASE_LEN or base.strip("0123456789abcdef"):
+        raise MalformedMessage(f"base must be a string of at most {MAX_BASE_LEN} lowercase hex digits")
+    return DecodedDelta(round=round_, sender=sender, num_tokens=tokens, tensors=tensors, nbytes=len(data),
+                        base=base, checks=_decode_checks(body["checks"]))
+
+
+def _decode_checks(items: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(items, list) or len(items) > MAX_CHECKS:
+        count = len(items) if isinstance(items, list) else type(items).__name__
+        raise MalformedMessage(f"checks must be a list of at most {MAX_CHECKS} [peer id, agreement] pairs, got {count}")
+    out, last = [], ""
+    for i, item in enumerate(items):
+        if not isinstance(item, list) or len(item) != 2:
+            raise MalformedMessage(f"checks entry {i} is not a [peer id, agreement] pair")
+        peer, agreement = item
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_SENDER_LEN:
+            raise MalformedMessage(f"checks entry {i}: peer id must be a string of 1..{MAX_SENDER_LEN} characters")
+        if peer <= last:
+            raise MalformedMessage(f"checks entry {i} ({peer}): peer ids must be unique and in ascending order")
+        if type(agreement) is not int or not -MAX_AGREEMENT <= agreement <= MAX_AGREEMENT:
+            raise MalformedMessage(f"checks entry {i} ({peer}): agreement {agreement!r} outside "
+                                   f"[-{MAX_AGREEMENT}, {MAX_AGREEMENT}]")
+        out.append((peer, agreement))
+        last = peer
+    return tuple(out)
 
 
 def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:

@@ -74,7 +74,8 @@ class Manifest:
 def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
     """`pairs` as a Ledger, or MalformedMessage naming what is wrong: a list of at most
     MAX_LEDGER_ENTRIES [peer id, credit] pairs, peer ids of 1..MAX_PEER_ID_LEN characters in
-    strictly ascending order, credits integers in [0, MAX_CREDIT]."""
+    strictly ascending order, credits integers in [-MAX_CREDIT, MAX_CREDIT] (a negative one
+    marks a peer excluded, optim/credit.py)."""
     if not isinstance(pairs, (list, tuple)):
         raise MalformedMessage(f"{what} must be a list of [peer id, credit] pairs, got {type(pairs).__name__}")
     if len(pairs) > MAX_LEDGER_ENTRIES:
@@ -86,8 +87,8 @@ def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
         peer, credit = pair
         if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_ID_LEN:
             raise MalformedMessage(f"{what} entry {i}: peer id must be a string of 1..{MAX_PEER_ID_LEN} characters")
-        if type(credit) is not int or not 0 <= credit <= MAX_CREDIT:
-            raise MalformedMessage(f"{what} entry {i} ({peer}): credit {credit!r} outside [0, 2**62]")
+        if type(credit) is not int or not -MAX_CREDIT <= credit <= MAX_CREDIT:
+            raise MalformedMessage(f"{what} entry {i} ({peer}): credit {credit!r} outside [-2**62, 2**62]")
         if peer <= last:
             raise MalformedMessage(f"{what} entry {i} ({peer}): peer ids must be unique and in ascending order")
         out.append((peer, credit))
@@ -100,7 +101,7 @@ def state_digest(body: bytes, ledger: Ledger = ()) -> str:
     (so a state without earned weight hashes as its body alone)."""
     h = hashlib.sha256(body)
     for peer, credit in ledger:
-        h.update(peer.encode() + b"\0" + credit.to_bytes(8, "big"))
+        h.update(peer.encode() + b"\0" + credit.to_bytes(8, "big", signed=True))
     return h.hexdigest()
 
 

@@ -217,8 +217,8 @@ def wait_any(children: list[Child], kind: str, timeout_s: float, where=lambda e:
         time.sleep(0.1)
 
 
-def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None, earn_rounds: int | None = None
-               ) -> Path:
+def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None, earn_rounds: int | None = None,
+               check_agreement: float | None = None) -> Path:
     """The default run spec with these changes, written as `locoswarm run init` writes it."""
     from locoswarm.node.spec import RoundPolicy, RunSpec
     from locoswarm.node.spec import write_spec as write
@@ -226,8 +226,9 @@ def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None, ea
     spec = dataclasses.replace(RunSpec(), seed=seed)
     if deadline_s is not None:
         spec = dataclasses.replace(spec, rounds=RoundPolicy(deadline_s=deadline_s))
-    if earn_rounds is not None:
-        robust = dataclasses.replace(spec.diloco.robust, earn_rounds=earn_rounds)
+    robust = {k: v for k, v in (("earn_rounds", earn_rounds), ("check_agreement", check_agreement)) if v is not None}
+    if robust:
+        robust = dataclasses.replace(spec.diloco.robust, **robust)
         spec = dataclasses.replace(spec, diloco=dataclasses.replace(spec.diloco, robust=robust))
     write(spec, str(path))
     return path

@@ -113,3 +113,18 @@ def test_corpus_smaller_than_one_sequence_is_refused(tmp_path):
     cfg = _small(data=DataConfig(source=str(tmp_path), seq_len=32))
     with pytest.raises(ValueError, match="smaller than"):
         conv.run_benchmark(cfg, log=lambda _: None)
+
+
+def test_the_checks_benchmark_times_real_checks_of_honest_deltas_against_a_round_of_training():
+    """`locoswarm bench checks`: one replica's checks of the others' deltas of real training
+    (all honest: every one agrees well above the threshold), and their cost against its inner phase."""
+    from locoswarm.bench.check_cost import format_result, measure
+    from locoswarm.optim.config import RobustConfig
+
+    r = measure("quick", replicas=3, rounds=2, repeats=2)
+    assert r["deltas_checked"] == 2 and len(r["agreements"]) == 2
+    assert min(r["agreements"]) > 2 * RobustConfig().check_agreement
+    assert 0 < r["check_s"] and 0 < r["check_share"] < 1 and r["inner_phase_s"] > 0
+    assert "honest agreements" in format_result(r)
+    with pytest.raises(ValueError, match="replicas must be >= 2"):
+        measure("quick", replicas=1)

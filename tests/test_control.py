@@ -17,7 +17,8 @@ STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_
           "bytes_received": 5678, "peer_id": "QmX", "addrs": [], "device": "cpu", "tokens_per_s": 900.0,
           "rounds_completed": 3, "rounds_discarded": 0, "shard": 1, "deltas_rejected": 4, "checkpoint_round": None,
           "checkpoint_error": None, "paused": None, "precision": "fp32", "micro_batch": 8,
-          "requests_refused": 0, "established_peers": 2, "earned_rounds": 9.5}
+          "requests_refused": 0, "established_peers": 2, "earned_rounds": 9.5,
+          "checks": 6, "checks_failed": 1, "least_agreement": 0.04, "excluded_peers": 1}
 
 
 async def _get(port: int, path: str) -> tuple[str, str]:

@@ -323,8 +323,10 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
     peer set out to download from them. Four more show one invented round chain (at round 0,
     an anchor every record shows): before, they outnumbered the honest peers in the
     silent-split vote. Now each sybil delta is clipped to the established peers' median and
-    the four share one peer's weight, both logged; no honest peer follows anyone or finds a
-    split; the honest peers end on one outer state within LOSS_MARGIN of the clean run."""
+    the four share one peer's weight, both logged, and the honest peers' checks of them fail
+    (noise agrees with no one's training): they are excluded with the next round's deltas.
+    No honest peer follows anyone or finds a split; the honest peers end on one outer state
+    within LOSS_MARGIN of the clean run."""
     import subprocess
 
     run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1)
@@ -361,10 +363,59 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
         assert clipped == ids, f"{p.name}: sybil deltas clipped {len(clipped)} of 4\n{p.tail()}"
         assert re.search(r"round \d+: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
             p.tail()
+        # Noise agrees with no one's training: the established peers' checks exclude them.
+        excluded = [i for i in ids if re.search(rf"delta of {i} refused: its delta of the round before failed the "
+                                                 rf"checks of 3 established peers", err)]
+        assert excluded == ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
     loss = mean_eval(honest)
     print(f"mean eval loss {loss:.4f} under 4 loud sybils, 3 identities ahead and 4 with an invented chain; "
           f"clean run {clean_eval_loss:.4f}; "
           f"finals {[f[1] for f in finals]}")
+    assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
+
+
+TURN = 2
+"""The round from which the turned peers send the negated direction."""
+
+
+@pytest.mark.timeout(450, method="signal")
+def test_peers_that_earned_their_weight_then_send_the_negated_direction_are_checked_and_excluded(swarm, tmp_path,
+                                                                                               clean_eval_loss):
+    """Issue 19's attack of two identities sending the negated honest direction at a norm the
+    clip allows, by peers that earned their weight honestly first (earn_rounds 1: everyone is
+    established after round 1). From round 2, d and e send their pseudo-gradients negated,
+    2 of 5 peers: no norm rule bounds that, and before checked contributions they kept their
+    weight for good. Each honest peer's check of their round-2 deltas fails (logged) and goes
+    out with its round-3 delta; the three honest peers hold 3/5 of the established weight, so
+    every peer's screening of round 3 excludes d and e: from then on they are not waited
+    for, nor their deltas pulled (rounds of 3/3). No honest delta fails a check; the honest peers end on one outer state within
+    LOSS_MARGIN of the clean run."""
+    run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1)
+    args = ("--min-peers", "5", "--max-rounds", str(ROUNDS))
+    a = swarm.join("a", *args, run=run)
+    honest = [a] + [swarm.join(name, *args, peer=a, run=run) for name in ("b", "c")]
+    turned = [swarm.join(name, *args, peer=a, run=run, faults=[f"negate={TURN}"]) for name in ("d", "e")]
+    ids = [daemon.peer_id(p) for p in turned]
+    for p in honest + turned:
+        daemon.assert_clean_exit(p, p.wait_exit(300))
+    finals = [daemon.final(p) for p in honest]
+    assert len({d for *_, d in finals}) == 1, "honest outer states differ"
+    honest_ids = [daemon.peer_id(p) for p in honest]
+    for p in honest:
+        err = p.stderr()
+        for i in ids:
+            assert re.search(rf"round {TURN}: delta of {i} failed our check: it agrees with our own pseudo-gradient "
+                             rf"at -\d", err), f"{p.name}: no failed check of {i}\n{p.tail()}"
+            assert re.search(rf"round {TURN + 1}: delta of {i} refused: its delta of the round before failed the "
+                             rf"checks of 3 established peers holding \d+% of the established weight", err), p.tail()
+        for i in honest_ids:
+            assert not re.search(rf"delta of {i} failed our check", err), f"{p.name} failed an honest delta"
+        # Excluded, d and e are neither waited for nor asked for their deltas.
+        later = [(got, of) for r, got, of, _ in daemon.rounds(p) if r >= TURN + 2]
+        assert later and all(x == (3, 3) for x in later), f"{p.name}: rounds after the exclusion {later}"
+    loss = mean_eval(honest)
+    print(f"mean eval loss {loss:.4f} with 2 of 5 peers turned to the negated direction at round {TURN}; "
+          f"clean run {clean_eval_loss:.4f}; finals {[f[1] for f in finals]}")
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
 
 

@@ -211,6 +211,25 @@ def test_lineage_diverges_only_when_others_trained_a_round_it_aggregated_alone()
     assert (lin.diverged_at, lin.alone_rounds, lin.chains) == (None, 0, {9: "c9"})
 
 
+def test_a_diverged_peer_weighs_the_others_as_its_ledger_did_when_it_diverged_not_by_its_rounds_alone():
+    """Cut off for longer than earn_rounds, a peer's ledger credits only itself: weighing by
+    it, the peer would trust itself alone and never take the swarm's state back (its deltas
+    and the swarm's, taken from different outer states, are refused both ways)."""
+    only_me = {"me"}.__contains__
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    lin.after_round(0, 0, 1, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
+    lin.after_round(1, 1, 2, [("me", 5)], others_trained=True, sampled=False, established=frozenset())
+    assert lin.diverged_at == 1
+    swarm = [rec("b", 12), rec("c", 12)]
+    assert whom_to_follow("me", 12, swarm, diverged_at=1, trusted=only_me) is None, "the rule without it"
+    assert donors(lin.follow("me", 12, swarm, only_me)) == ["b", "c"], "nobody established then: peers count"
+    lin.synced(12, swarm, [])
+    lin.after_round(12, 12, 13, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
+    lin.after_round(13, 13, 14, [("me", 5)], others_trained=True, sampled=False, established=frozenset({"b"}))
+    assert donors(lin.follow("me", 20, [rec("b", 20), rec("x", 20)], only_me)) == ["b"], "b was established then"
+
+
 def test_a_resumed_checkpoint_without_a_valid_chain_leaves_the_lineage_unknown():
     lin = Lineage(b"h" * 32)
     lin.start(7, "not a chain", resumed=True)

@@ -29,6 +29,23 @@ def progress_with(others: dict[str, tuple[int, float, bool, float]], *, per_peer
     return p
 
 
+def test_a_peer_the_ledger_excludes_is_not_heard_counted_or_waited_for():
+    """Its deltas failed the established peers' checks (optim/check.py): whatever it reports
+    neither ends nor stretches the round, and it is no participant whose delta is pulled."""
+    class Bus:
+        def open_round(self, round_): pass
+
+        def seen(self, round_):
+            now = time.monotonic()
+            return {"b": Seen(Progress(tokens=100, tokens_per_s=0.0, done=True), now),
+                    "x": Seen(Progress(tokens=10**6, tokens_per_s=0.0, done=True), now)}
+
+    p = RoundProgress(Bus(), 0, "me", per_peer_tokens=100, interval_s=0.1, excluded={"x"}.__contains__)
+    p.refresh()
+    assert p.participants() == ["b"] and p.num_peers() == 2
+    assert p.totals(40) == (140, 200) and not p.reached(40)
+
+
 def test_round_target_scales_with_the_number_of_reporting_peers():
     p = progress_with({"a": (100, 0.0, True, 0.0), "b": (100, 0.0, True, 0.0)})
     assert not p.reached(99)  # 299 of 300

@@ -69,14 +69,14 @@ def test_a_run_asking_for_work_refuses_a_record_without_it_and_admits_one_with_i
     assert "no proof of 6 bits of work" in spec.access.refuse(h, PEER, b"", bad, check)
     assert spec.access.refuse(h, PEER, b"", nonce) is None, "checked afresh without a cache"
     # Runs without work hash as they did before the setting existed (computed at 9d6ce54), with
-    # earned weight off as it was then: the default spec turned it on, a rule that changes
-    # what peers aggregate and so the hash (optim/credit.py).
+    # earned weight and checks off as they were then: the default spec turned them on, rules
+    # that change what peers aggregate and so the hash (optim/credit.py, optim/check.py).
     from dataclasses import replace
 
     from locoswarm.optim.config import RobustConfig
 
     before = RunSpec()
-    before = replace(before, diloco=replace(before.diloco, robust=RobustConfig(earn_rounds=0)))
+    before = replace(before, diloco=replace(before.diloco, robust=RobustConfig(earn_rounds=0, check_agreement=0.0)))
     assert before.hash().hex() == "e410ca7fd8fe62e022c05da164d51679e039bd61fbaf761997ab125ec718441f"
     assert RunSpec().hash() != before.hash()
     private = replace(before, access=AccessPolicy(secret="s" * 16))

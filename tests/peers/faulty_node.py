@@ -10,6 +10,8 @@ FAULT:
                peers this one expects, as if its request had timed out
   nan=R        make round R's pseudo-gradient non-finite (a diverged replica)
   report=R     fail while reporting round R done (a DHT that errors)
+  negate=R     from round R on, send the negated pseudo-gradient (a peer that earned its weight
+               honestly, then turns: the norm is an honest one's, so no clip bounds it)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Faults(RoundFaults):
         self.drop: tuple[int, int] | None = None
         self.nan: set[int] = set()
         self.report: set[int] = set()
+        self.negate: int | None = None
         for spec in specs:
             kind, _, value = spec.partition("=")
             if kind == "drop":
@@ -36,12 +39,17 @@ class Faults(RoundFaults):
                 self.nan.add(int(value))
             elif kind == "report":
                 self.report.add(int(value))
+            elif kind == "negate":
+                self.negate = int(value)
             else:
                 raise SystemExit(f"unknown fault {spec!r}")
 
-    def trained(self, round_, work) -> None:
+    def trained(self, round_, work, outer) -> None:
         if round_ in self.nan:
             work.snapshot[0].view(-1)[0] = math.nan
+        if self.negate is not None and round_ >= self.negate:
+            for s, o in zip(work.snapshot, outer):  # θ' = 2·θ_outer − θ: the pseudo-gradient negated
+                s.mul_(-1).add_(o.to(s.device), alpha=2)
 
     def reporting(self, round_) -> None:
         if round_ in self.report:

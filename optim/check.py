@@ -1,0 +1,110 @@
+"""Checked contributions: every peer checks the deltas it aggregates against its own work of
+the same round, and tells the swarm which failed; peers holding a majority of the earned
+weight that say so exclude a sender for good (optim/screen.py, optim/credit.py).
+
+The check. A peer's own pseudo-gradient g = θ_outer − θ_replica of a round (the shared round
+start, its own data) is an independent estimate of where the round's training goes; a delta D
+that came from training on the run's data agrees with it. How much depends on the model, the
+compression and the data, so the measure is relative to the peer's own delta D_own (the same
+compression of g):
+
+    agreement = cos(D, g) / cos(D_own, g) = (D·g · ‖D_own‖) / (‖D‖ · D_own·g)
+
+computed on D's support alone (a gather of g at the positions sent: a few milliseconds a
+round for the default model, one copy of the model's size while it runs). Measured on the quick preset of `bench convergence`
+(4 replicas, 64 rounds, every ordered pair of replicas, 2026-12-05; docs/trust.md):
+
+| delta                                                   | agreement (min … max, median) |
+|---------------------------------------------------------|-------------------------------|
+| another replica's, honest                               | 0.295 … 0.927, 0.548          |
+| the same, negated                                       | −0.927 … −0.295               |
+| its support and magnitudes with random signs (noise)    | −0.118 … 0.090                |
+| noise plus a tenth of the honest delta                  | −0.066 … 0.146                |
+| the honest delta of 5 rounds before (a replay)          | 0.011 … 0.487, 0.053          |
+
+A delta fails below `[diloco.robust] check_agreement` (0.15): twice below the least honest
+agreement seen, above noise. What no check of this kind catches: a copy of another peer's
+delta of the same round (it agrees as well as the original); such a copy is clipped to the
+established median and, from a newcomer, pooled (optim/screen.py), and it earns its sender
+weight without work: docs/trust.md says what that leaves open.
+
+A check is a local measurement in floating point: two peers may judge one delta a little
+differently. So a verdict acts only through the consensus: the failed checks travel in the
+checker's next delta (protocol/delta.py `checks`), every peer aggregating that round reads
+the same checks, and the screening weighs them by the ledger every such peer holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from locoswarm.kernels import dequantize
+from locoswarm.kernels.topk import chunk_ids
+from locoswarm.protocol import DecodedDelta
+
+SCALE = 1000
+"""Agreements travel as integers, in thousandths."""
+LIMIT = 4 * SCALE
+"""Agreements are clamped to ±4 (an honest one lies below 1)."""
+MIN_SHARE = 4
+"""Neither side of a check may have trained less than 1/MIN_SHARE of a round's plan: a
+delta of a step or two is a noisy direction, and its weight in the round is small anyway."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    sender: str
+    agreement: int
+    """cos(D, g) / cos(D_own, g), in thousandths, clamped to ±LIMIT."""
+
+
+def _dot_and_norm(d: DecodedDelta, g: list[Tensor], bases: list[Tensor]) -> tuple[float, float]:
+    """(D·g, ‖D‖) over D's support: g (flat, per tensor) gathered at the positions D sent;
+    `bases`: each tensor's chunk offsets of its selected entries (the layout's, shared by all)."""
+    dot, norm2 = 0.0, 0.0
+    for t, flat, base in zip(d.tensors, g, bases):
+        values = dequantize(t.codes.to(flat.device), t.scales.to(flat.device), t.layout, t.bits)
+        dot += float(torch.dot(values, flat[base + t.indices.to(flat.device)]))
+        norm2 += float(torch.dot(values, values))
+    return dot, norm2 ** 0.5
+
+
+@torch.no_grad()
+def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, deltas: list[DecodedDelta],
+                *, plan_tokens: int) -> list[Check]:
+    """The agreement of each of `deltas` (other senders', of the round `own` was sent in) with
+    this peer's pseudo-gradient outer − replica; empty when this peer's own round is no
+    measure (fewer than plan_tokens / MIN_SHARE tokens, or its delta does not agree with its
+    own pseudo-gradient). Deltas claiming fewer tokens than that, or all zero, go unchecked."""
+    least = max(1, plan_tokens // MIN_SHARE)
+    if own.num_tokens < least:
+        return []
+    g = [(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)]
+    bases = [chunk_ids(t.layout, flat.device) * t.layout.chunk for t, flat in zip(own.tensors, g)]
+    own_dot, own_norm = _dot_and_norm(own, g, bases)
+    if not own_dot > 0 or not own_norm > 0:
+        return []
+    out = []
+    for d in sorted(deltas, key=lambda d: d.sender):
+        if d.sender == own.sender or d.num_tokens < least:
+            continue
+        dot, norm = _dot_and_norm(d, g, bases)
+        if not norm > 0:
+            continue
+        ratio = dot * own_norm / (norm * own_dot)
+        out.append(Check(d.sender, max(-LIMIT, min(LIMIT, round(SCALE * ratio)))))
+    return out
+
+
+def failing(checks: list[Check], threshold: float) -> list[Check]:
+    """The checks below `threshold` (a fraction, e.g. 0.15): what a peer tells the swarm."""
+    limit = threshold_milli(threshold)
+    return [c for c in checks if c.agreement < limit]
+
+
+def threshold_milli(threshold: float) -> int:
+    """The threshold as the receivers compare it with the integers a delta carries."""
+    return round(threshold * SCALE)

@@ -1,0 +1,241 @@
+"""Checked contributions (optim/check.py): the check itself on deltas of real training, the
+exclusion the screening decides from the checks a round's deltas carry (optim/screen.py),
+the ledger that remembers it (optim/credit.py), and the checks' travel inside a delta
+(protocol/delta.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import protocol_cases as cases
+from locoswarm.bench import convergence as conv
+from locoswarm.optim.check import SCALE, check_round, failing
+from locoswarm.optim.config import RobustConfig
+from locoswarm.optim.credit import MAX_BANNED, MAX_ENTRIES, Ledger
+from locoswarm.optim.round import RoundStep
+from locoswarm.optim.screen import screen
+from locoswarm.protocol import MalformedMessage, decode_delta, encode_delta
+from locoswarm.protocol.delta import MAX_CHECKS
+from locoswarm.protocol.state import check_ledger
+
+from test_credit import PLAN, _delta, _ledger
+
+THRESHOLD = RobustConfig().check_agreement
+
+
+@pytest.fixture(scope="module")
+def trained_round():
+    """Three replicas of the tiny model after two rounds of the compressed swarm on their own
+    shards (bench/convergence.py, the quick preset's data): the outer parameters of round 2,
+    each replica's parameters at its boundary, and their deltas as every peer decodes them."""
+    cfg = replace(conv.PRESETS["quick"], replicas=3, total_steps=15)
+    w = conv.Workload(cfg)
+    dl = cfg.diloco
+    models = [w.new_model() for _ in range(3)]
+    opts = [conv.make_inner_optimizer(m, dl.inner) for m in models]
+    samplers = w.samplers(3)
+    outer = conv.OuterOptimizer(list(models[0].parameters()), dl.outer, device="cpu")
+    tokens = cfg.batch_size * cfg.data.seq_len * dl.inner_steps
+    step = RoundStep(dl, w.shapes, run_id="bench", spec_hash=b"\0" * 32, max_tokens=tokens)
+    comps = [step.compressor("cpu") for _ in range(3)]
+    with conv.flush_denormals():
+        for r, _ in enumerate(conv.trained_rounds(w, dl, models, opts, samplers)):
+            deltas = [d for _, d in conv.encode_replicas(step, comps, lambda i: outer.params, models, r, tokens)]
+            if r == 2:
+                replicas = [[p.detach().clone() for p in m.parameters()] for m in models]
+                return step, [p.clone() for p in outer.params], replicas, deltas, tokens
+            conv.step_consensus(step, outer, deltas, comps, models)
+
+
+def _negated(step: RoundStep, d, sender: str):
+    """`d`'s values with the opposite sign, re-encoded as `sender` (what a turned peer sends:
+    an honest norm, the opposite direction)."""
+    from locoswarm.kernels import dequantize
+    from locoswarm.kernels.topk import chunk_ids
+
+    dense = []
+    for t in d.tensors:
+        lay = t.layout
+        flat = torch.zeros(lay.numel)
+        flat[chunk_ids(lay, "cpu") * lay.chunk + t.indices] = dequantize(t.codes, t.scales, lay, t.bits)
+        dense.append(flat)
+    zero = [torch.zeros_like(x) for x in dense]  # the delta sent is zero − dense
+    blob = step.encode(step.compressor("cpu"), zero, dense, round_=d.round, sender=sender, tokens=d.num_tokens)
+    return step.decode(blob)
+
+
+def _noise(step: RoundStep, d, sender: str, gen: torch.Generator):
+    """`d`'s support and magnitudes with random signs: a delta of an honest norm that
+    carries no training."""
+    import dataclasses
+
+    tensors = []
+    for t in d.tensors:
+        half = 1 << (t.bits - 1)  # sign-magnitude codes: the top bit is the sign
+        flip = torch.randint(0, 2, t.codes.shape, generator=gen) * half
+        tensors.append(dataclasses.replace(t, codes=t.codes ^ flip))
+    return dataclasses.replace(d, sender=sender, tensors=tuple(tensors))
+
+
+def test_honest_deltas_pass_and_negated_or_noise_deltas_fail_a_peers_check(trained_round, gen):
+    step, outer, replicas, deltas, tokens = trained_round
+    for me in range(3):
+        others = [d for i, d in enumerate(deltas) if i != me]
+        bad = [_negated(step, others[0], "x-negated"), _noise(step, others[0], "y-noise", gen)]
+        checked = check_round(outer, replicas[me], deltas[me], others + bad + [deltas[me]], plan_tokens=tokens)
+        checks = {c.sender: c.agreement for c in checked}
+        assert deltas[me].sender not in checks, "a peer does not check itself"
+        honest = [checks[d.sender] for d in others]
+        assert min(honest) >= 2 * THRESHOLD * SCALE, f"honest agreements {honest}"
+        assert checks["x-negated"] == pytest.approx(-checks[others[0].sender], abs=0.1 * SCALE)
+        assert checks["x-negated"] < 0 and checks["y-noise"] < THRESHOLD * SCALE, checks
+        told = {c.sender for c in failing(check_round(outer, replicas[me], deltas[me], others + bad,
+                                                      plan_tokens=tokens), THRESHOLD)}
+        assert told == {"x-negated", "y-noise"}
+
+
+def test_a_peer_whose_own_round_is_no_measure_checks_nothing_and_small_claims_go_unchecked(trained_round):
+    step, outer, replicas, deltas, tokens = trained_round
+    assert check_round(outer, replicas[0], deltas[0], deltas, plan_tokens=8 * tokens) == [], \
+        "own round of an eighth of the plan: no measure"
+    small = replace(deltas[1], num_tokens=tokens // 8)
+    assert [c.sender for c in check_round(outer, replicas[0], deltas[0], [small, deltas[2]], plan_tokens=tokens)] \
+        == [deltas[2].sender]
+    off = RoundStep(replace(step.cfg, robust=replace(step.cfg.robust, check_agreement=0.0)),
+                    [(t.name, t.shape) for t in step.spec.tensors], run_id="bench", spec_hash=b"\0" * 32,
+                    max_tokens=tokens)
+    assert off.check(outer, replicas[0], deltas[0], deltas, tokens) == []
+
+
+# --------------------------------------------------------------------------- exclusion
+
+
+def _with_checks(d, checks):
+    return replace(d, checks=tuple(sorted(checks)))
+
+
+def _fail(peer: str) -> tuple[str, int]:
+    return (peer, -400)
+
+
+def test_peers_holding_a_majority_of_the_earned_weight_exclude_a_sender_and_its_delta_of_the_round(gen):
+    led = _ledger(["a", "b", "c", "d", "e"])
+    cfg = RobustConfig()
+    deltas = [_with_checks(_delta(gen, "a"), [_fail("e")]), _with_checks(_delta(gen, "b"), [_fail("e")]),
+              _with_checks(_delta(gen, "c"), [_fail("e"), ("d", 900)]), _delta(gen, "d"), _delta(gen, "e")]
+    out = screen(deltas, cfg, led)
+    assert out.banned == ("e",)
+    assert [d.sender for d in out.deltas] == ["a", "b", "c", "d"]
+    [rejection] = out.rejected
+    assert rejection.sender == "e"
+    assert ("failed the checks of 3 established peers holding 60% of the established weight (agreement -0.40, -0.40, "
+            "-0.40; threshold 0.15): excluded") in rejection.reason
+    assert "e" not in out.earned, "an excluded peer earns nothing"
+
+
+def test_a_minority_of_the_earned_weight_or_newcomers_cannot_exclude_anyone(gen):
+    led = _ledger(["a", "b", "c", "d"])
+    cfg = RobustConfig()
+    # Two of four established peers accuse the other two: half of the weight is no majority
+    # (the accused peer's own weight counts, or two peers could exclude two others).
+    half = [_with_checks(_delta(gen, "a"), [_fail("c"), _fail("d")]),
+            _with_checks(_delta(gen, "b"), [_fail("c"), _fail("d")]), _delta(gen, "c"), _delta(gen, "d")]
+    assert screen(half, cfg, led).banned == ()
+    # Twenty fresh identities accuse an established peer: newcomers' checks do not count.
+    crowd = [_with_checks(_delta(gen, f"n{i:02d}", tokens=PLAN), [_fail("a")]) for i in range(20)]
+    out = screen([_delta(gen, "a"), _delta(gen, "b"), *crowd], cfg, led)
+    assert out.banned == () and "a" in out.earned
+    # Before anyone is established nobody is excluded: identities would decide.
+    fresh = Ledger(earn_rounds=8, per_peer_tokens=PLAN)
+    assert screen([_with_checks(_delta(gen, "a"), [_fail("c")]), _with_checks(_delta(gen, "b"), [_fail("c")]),
+                   _delta(gen, "c")], cfg, fresh).banned == ()
+    # Checks off (check_agreement 0): a majority's failed checks exclude nobody.
+    off = RobustConfig(check_agreement=0.0)
+    assert screen([_with_checks(_delta(gen, "a"), [_fail("c")]), _with_checks(_delta(gen, "b"), [_fail("c")]),
+                   _delta(gen, "c")], off, _ledger(["a", "b", "c"])).banned == ()
+
+
+def test_a_check_above_the_threshold_or_of_itself_is_no_accusation(gen):
+    led = _ledger(["a", "b", "c"])
+    ok = [_with_checks(_delta(gen, "a"), [("c", int(THRESHOLD * SCALE))]),
+          _with_checks(_delta(gen, "b"), [("b", -900), ("c", 200)]), _delta(gen, "c")]
+    assert screen(ok, RobustConfig(), led).banned == ()
+
+
+def test_an_excluded_peer_stays_out_its_deltas_refused_and_the_peers_agree_on_one_ledger(gen):
+    cfg = RobustConfig()
+    ledgers = [_ledger(["a", "b", "c", "e"]) for _ in range(2)]
+    deltas = [_with_checks(_delta(gen, s), [_fail("e")]) for s in "abc"] + [_delta(gen, "e")]
+    for led in ledgers:  # two peers aggregating the same deltas
+        out = screen(deltas, cfg, led)
+        led.credit(out.earned, out.banned, 7)
+    assert ledgers[0].pairs() == ledgers[1].pairs()
+    led = ledgers[0]
+    assert led.banned("e") and led.banned_at("e") == 7 and not led.established("e") and led.num_banned == 1
+    later = screen([_delta(gen, s) for s in "abce"], cfg, led)
+    assert [r.sender for r in later.rejected] == ["e"] and "excluded at round 7" in later.rejected[0].reason
+    for _ in range(500):
+        led.credit({"e": PLAN})
+    assert led.banned("e") and led.banned_at("e") == 7, "an exclusion neither decays nor is earned back"
+    assert dict(check_ledger(list(map(list, led.pairs()))))["e"] == -8, "it travels with the ledger"
+
+
+def test_the_ledger_keeps_the_newest_exclusions_and_they_cannot_push_established_peers_out():
+    led = _ledger([f"p{i:04d}" for i in range(8)])
+    for r in range(MAX_BANNED + 40):
+        led.credit({f"p{i:04d}": PLAN for i in range(8)}, (f"x{r:05d}",), r)
+    assert led.num_banned == MAX_BANNED
+    assert led.banned(f"x{MAX_BANNED + 39:05d}") and not led.banned("x00000"), "the oldest exclusions go first"
+    assert all(led.established(f"p{i:04d}") for i in range(8))
+    led.credit({f"n{i:05d}": 1 for i in range(MAX_ENTRIES)})
+    assert len(led.credits) <= MAX_ENTRIES and led.num_banned == MAX_BANNED
+    assert all(led.established(f"p{i:04d}") for i in range(8))
+
+
+def test_a_delta_taken_from_another_outer_state_is_refused_and_goes_unchecked(gen):
+    """A diverged peer's delta moves another outer state than ours: it is left out (and so
+    never judged by a check that could not measure it) until the peer takes the swarm's state;
+    a delta whose base is unknown on either side is screened as before."""
+    ours, theirs = "a1" * 16, "b2" * 16
+    deltas = [replace(_delta(gen, "a"), base=ours), replace(_delta(gen, "b"), base=ours),
+              replace(_delta(gen, "c"), base=theirs), _delta(gen, "d")]
+    out = screen(deltas, RobustConfig(), _ledger(["a", "b", "c", "d"]), ours)
+    assert [d.sender for d in out.deltas] == ["a", "b", "d"]
+    [rejection] = out.rejected
+    assert rejection.sender == "c" and "taken from another outer state (round chain b2b2b2b2b2b2…, ours a1a1a1a1a1a1…)" \
+        in rejection.reason
+    assert [d.sender for d in screen(deltas, RobustConfig(), None, "").deltas] == ["a", "b", "c", "d"]
+
+
+# --------------------------------------------------------------------------- on the wire
+
+
+def test_checks_and_base_travel_inside_a_delta_and_malformed_ones_are_refused_naming_what_is_wrong(gen):
+    spec, msg, _, _ = cases.make(gen)
+    told = replace(msg, checks=(("peer-b", -412), ("peer-c", 88)), base="0f" * 16)
+    got = decode_delta(encode_delta(told), spec)
+    assert got.checks == (("peer-b", -412), ("peer-c", 88)) and got.base == "0f" * 16
+    assert decode_delta(encode_delta(msg), spec).checks == () and decode_delta(encode_delta(msg), spec).base == ""
+    full = replace(msg, checks=tuple((f"{'p' * 120}{i:06d}", -10**6) for i in range(MAX_CHECKS)))
+    blob = encode_delta(full)
+    assert len(blob) <= spec.max_message_bytes and len(decode_delta(blob, spec).checks) == MAX_CHECKS
+    bad = {
+        "not a list": ("checks must be a list", {"a": 1}),
+        "too many": ("at most 256", [[f"p{i:04d}", 0] for i in range(MAX_CHECKS + 1)]),
+        "not a pair": ("not a [peer id, agreement] pair", [["p", 1, 2]]),
+        "empty id": ("peer id must be", [["", 1]]),
+        "unordered": ("ascending order", [["q", 1], ["p", 1]]),
+        "repeated": ("ascending order", [["p", 1], ["p", 2]]),
+        "float": ("agreement 0.5 outside", [["p", 0.5]]),
+        "huge": ("outside [-1000000, 1000000]", [["p", 10**7]]),
+    }
+    data = encode_delta(msg)
+    for name, (why, value) in bad.items():
+        with pytest.raises(MalformedMessage, match=why.replace("[", r"\[")):
+            decode_delta(cases.mutated(data, lambda b: b.__setitem__("checks", value)), spec)
+    for base in ("0F" * 16, "x", "0" * 65, 7, None):
+        with pytest.raises(MalformedMessage, match="base must be a string of at most 64 lowercase hex digits"):
+            decode_delta(cases.mutated(data, lambda b: b.__setitem__("base", base)), spec)
