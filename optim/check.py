@@ -10,8 +10,10 @@ compression of g):
 
     agreement = cos(D, g) / cos(D_own, g) = (D·g · ‖D_own‖) / (‖D‖ · D_own·g)
 
-computed on D's support alone (a gather of g at the positions sent: a few milliseconds a
-round for the default model, one copy of the model's size while it runs). Measured on the quick preset of `bench convergence`
+computed on D's support alone (a gather of g at the positions sent, every tensor at once:
+under a millisecond a delta for the default model, one copy of the model's size while it
+runs). The values decode with quant.dequantize's arithmetic (tests/test_check.py holds the
+two equal). Measured on the quick preset of `bench convergence`
 (4 replicas, 64 rounds, every ordered pair of replicas, 2026-12-05; docs/trust.md):
 
 | delta                                                   | agreement (min … max, median) |
@@ -41,7 +43,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from locoswarm.kernels import dequantize
 from locoswarm.kernels.topk import chunk_ids
 from locoswarm.protocol import DecodedDelta
 
@@ -61,15 +62,46 @@ class Check:
     """cos(D, g) / cos(D_own, g), in thousandths, clamped to ±LIMIT."""
 
 
-def _dot_and_norm(d: DecodedDelta, g: list[Tensor], bases: list[Tensor]) -> tuple[float, float]:
-    """(D·g, ‖D‖) over D's support: g (flat, per tensor) gathered at the positions D sent;
-    `bases`: each tensor's chunk offsets of its selected entries (the layout's, shared by all)."""
-    dot, norm2 = 0.0, 0.0
-    for t, flat, base in zip(d.tensors, g, bases):
-        values = dequantize(t.codes.to(flat.device), t.scales.to(flat.device), t.layout, t.bits)
-        dot += float(torch.dot(values, flat[base + t.indices.to(flat.device)]))
-        norm2 += float(torch.dot(values, values))
-    return dot, norm2 ** 0.5
+class _Layout:
+    """Where every selected entry of a delta of this run lands, for all its tensors at once
+    (the layouts are the spec's, the same for every delta): a check is then a handful of
+    operations on the whole delta, not a handful per tensor."""
+
+    def __init__(self, d: DecodedDelta, device: torch.device) -> None:
+        chunks, positions, bits = [], [], []
+        chunk_at, numel_at = 0, 0
+        for t in d.tensors:
+            lay = t.layout
+            ids = chunk_ids(lay, device)
+            chunks.append(ids + chunk_at)
+            positions.append(ids * lay.chunk + numel_at)
+            bits.append(torch.full((lay.num_selected,), t.bits, dtype=torch.int64, device=device))
+            chunk_at += lay.num_chunks
+            numel_at += lay.numel
+        self.chunk = torch.cat(chunks)
+        """(entries,) the chunk of each selected entry, counted over all tensors."""
+        self.base = torch.cat(positions)
+        """(entries,) the flat position of each entry's chunk start, over all tensors."""
+        self.sign_shift = torch.cat(bits) - 1
+        self.levels = torch.ones_like(self.sign_shift) << self.sign_shift
+        self.device = device
+
+    def values(self, d: DecodedDelta) -> tuple[Tensor, Tensor]:
+        """(the decoded values, their flat positions) of delta `d`: quant.dequantize's
+        arithmetic on every tensor at once."""
+        codes = torch.cat([t.codes for t in d.tensors]).to(self.device)
+        scales = torch.cat([t.scales for t in d.tensors]).to(self.device)
+        indices = torch.cat([t.indices for t in d.tensors]).to(self.device)
+        lo, hi = scales[self.chunk, 0], scales[self.chunk, 1]
+        mag = lo + (codes & (self.levels - 1)).float() * (hi - lo) / (self.levels - 1).float()
+        negative = ((codes >> self.sign_shift) & 1).bool()
+        return torch.where(negative, -mag, mag), self.base + indices
+
+
+def _dot_and_norm(d: DecodedDelta, g: Tensor, layout: _Layout) -> tuple[float, float]:
+    """(D·g, ‖D‖) over D's support: g (flat, all tensors) gathered at the positions D sent."""
+    values, positions = layout.values(d)
+    return float(torch.dot(values, g[positions])), float(torch.dot(values, values)) ** 0.5
 
 
 @torch.no_grad()
@@ -82,16 +114,16 @@ def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, d
     least = max(1, plan_tokens // MIN_SHARE)
     if own.num_tokens < least:
         return []
-    g = [(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)]
-    bases = [chunk_ids(t.layout, flat.device) * t.layout.chunk for t, flat in zip(own.tensors, g)]
-    own_dot, own_norm = _dot_and_norm(own, g, bases)
+    g = torch.cat([(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)])
+    layout = _Layout(own, g.device)
+    own_dot, own_norm = _dot_and_norm(own, g, layout)
     if not own_dot > 0 or not own_norm > 0:
         return []
     out = []
     for d in sorted(deltas, key=lambda d: d.sender):
         if d.sender == own.sender or d.num_tokens < least:
             continue
-        dot, norm = _dot_and_norm(d, g, bases)
+        dot, norm = _dot_and_norm(d, g, layout)
         if not norm > 0:
             continue
         ratio = dot * own_norm / (norm * own_dot)

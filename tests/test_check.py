@@ -97,6 +97,22 @@ def test_honest_deltas_pass_and_negated_or_noise_deltas_fail_a_peers_check(train
         assert told == {"x-negated", "y-noise"}
 
 
+def test_a_check_decodes_every_tensor_at_once_as_dequantize_does_one_by_one(trained_round):
+    from locoswarm.kernels import dequantize
+    from locoswarm.kernels.topk import chunk_ids
+    from locoswarm.optim.check import _Layout
+
+    _, _, _, deltas, _ = trained_round
+    values, positions = _Layout(deltas[0], torch.device("cpu")).values(deltas[1])
+    offset, want_v, want_p = 0, [], []
+    for t in deltas[1].tensors:
+        lay = t.layout
+        want_v.append(dequantize(t.codes, t.scales, lay, t.bits))
+        want_p.append(chunk_ids(lay, "cpu") * lay.chunk + t.indices + offset)
+        offset += lay.numel
+    assert torch.equal(values, torch.cat(want_v)) and torch.equal(positions, torch.cat(want_p))
+
+
 def test_a_peer_whose_own_round_is_no_measure_checks_nothing_and_small_claims_go_unchecked(trained_round):
     step, outer, replicas, deltas, tokens = trained_round
     assert check_round(outer, replicas[0], deltas[0], deltas, plan_tokens=8 * tokens) == [], \
