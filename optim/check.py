@@ -38,6 +38,7 @@ the same checks, and the screening weighs them by the ledger every such peer hol
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,9 +125,9 @@ def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, d
         if d.sender == own.sender or d.num_tokens < least:
             continue
         dot, norm = _dot_and_norm(d, g, layout)
-        if not norm > 0:
+        ratio = dot * own_norm / (norm * own_dot) if norm > 0 else math.nan
+        if not math.isfinite(ratio):
             continue
-        ratio = dot * own_norm / (norm * own_dot)
         out.append(Check(d.sender, max(-LIMIT, min(LIMIT, round(SCALE * ratio)))))
     return out
 
