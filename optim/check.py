@@ -38,12 +38,14 @@ the same checks, and the screening weighs them by the ledger every such peer hol
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from locoswarm.kernels.layout import ChunkLayout
 from locoswarm.kernels.topk import chunk_ids
 from locoswarm.protocol import DecodedDelta
 
@@ -68,15 +70,15 @@ class _Layout:
     (the layouts are the spec's, the same for every delta): a check is then a handful of
     operations on the whole delta, not a handful per tensor."""
 
-    def __init__(self, d: DecodedDelta, device: torch.device) -> None:
+    def __init__(self, shapes: tuple[tuple[ChunkLayout, int], ...], device: torch.device) -> None:
+        """`shapes`: each tensor's (layout, bits)."""
         chunks, positions, bits = [], [], []
         chunk_at, numel_at = 0, 0
-        for t in d.tensors:
-            lay = t.layout
+        for lay, b in shapes:
             ids = chunk_ids(lay, device)
             chunks.append(ids + chunk_at)
             positions.append(ids * lay.chunk + numel_at)
-            bits.append(torch.full((lay.num_selected,), t.bits, dtype=torch.int64, device=device))
+            bits.append(torch.full((lay.num_selected,), b, dtype=torch.int64, device=device))
             chunk_at += lay.num_chunks
             numel_at += lay.numel
         self.chunk = torch.cat(chunks)
@@ -99,6 +101,13 @@ class _Layout:
         return torch.where(negative, -mag, mag), self.base + indices
 
 
+@functools.lru_cache(maxsize=4)
+def _layout(shapes: tuple[tuple[ChunkLayout, int], ...], device: torch.device) -> _Layout:
+    """The run's _Layout, built once: its ~6 small operations per tensor cost more than a
+    delta's check on a GPU (4.6 ms for the 124M model's 74 tensors on an H100)."""
+    return _Layout(shapes, device)
+
+
 def _dot_and_norm(d: DecodedDelta, g: Tensor, layout: _Layout) -> tuple[float, float]:
     """(D·g, ‖D‖) over D's support: g (flat, all tensors) gathered at the positions D sent."""
     values, positions = layout.values(d)
@@ -116,7 +125,7 @@ def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, d
     if own.num_tokens < least:
         return []
     g = torch.cat([(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)])
-    layout = _Layout(own, g.device)
+    layout = _layout(tuple((t.layout, t.bits) for t in own.tensors), g.device)
     own_dot, own_norm = _dot_and_norm(own, g, layout)
     if not own_dot > 0 or not own_norm > 0:
         return []

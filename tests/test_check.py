@@ -103,7 +103,8 @@ def test_a_check_decodes_every_tensor_at_once_as_dequantize_does_one_by_one(trai
     from locoswarm.optim.check import _Layout
 
     _, _, _, deltas, _ = trained_round
-    values, positions = _Layout(deltas[0], torch.device("cpu")).values(deltas[1])
+    shapes = tuple((t.layout, t.bits) for t in deltas[0].tensors)
+    values, positions = _Layout(shapes, torch.device("cpu")).values(deltas[1])
     offset, want_v, want_p = 0, [], []
     for t in deltas[1].tensors:
         lay = t.layout
