@@ -21,7 +21,7 @@ from locoswarm.node.statesync import DownloadProgress, StateUnavailable, downloa
 from locoswarm.protocol.records import PeerRecord
 
 if TYPE_CHECKING:
-    from locoswarm.node.roundloop import RoundContext
+    from locoswarm.node.roundcontext import RoundContext
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 3

@@ -8,6 +8,7 @@ record, the control API; torch work runs on the training and exchange threads
 | module | concern |
 |---|---|
 | roundloop.py | the rounds: train, exchange, outer step; a failed round is discarded, never the node |
+| roundcontext.py | what the daemon wires into the round loop: its collaborators, the node's figures, the fault hooks |
 | rounds.py | a round's progress in the DHT, its end and participants |
 | pull.py | the delta pull from a round's participants |
 | membership.py | who is live, who should train a round, who vanished or is gone |
@@ -41,11 +42,13 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
-from locoswarm.node.host import DHT_OPTIONS, NodeError, identity_key, open_state_dir, start_p2p
+from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_key, open_state_dir, start_p2p,
+                                 stop_p2p)
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
-from locoswarm.node.roundloop import NodeStats, RoundContext, RoundFaults, RoundLoop
+from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
+from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
 from locoswarm.node.upkeep import keep_record
@@ -56,8 +59,6 @@ from locoswarm.protocol.work import WorkCheck
 log = logging.getLogger(__name__)
 STOP_LIMIT_S = 60.0
 """The longest a daemon may take to stop once it began (normally a few seconds)."""
-STOP_STEP_S = 10.0
-"""The longest one step of the stop (the DHT's, p2pd's) may take before it is cut short."""
 
 
 class Daemon:
@@ -245,7 +246,7 @@ class Daemon:
                     await asyncio.wait_for(dht.shutdown(), STOP_STEP_S)
                 except Exception as e:  # leaving anyway (a timeout among them): p2pd's end closes its streams
                     log.warning("the DHT did not stop cleanly: %s", type(e).__name__)
-            await stop_p2pd(p2p)
+            await stop_p2p(p2p)
 
     @property
     def _refresh_s(self) -> float:
@@ -361,23 +362,6 @@ class Daemon:
             "least_agreement": st.least_agreement,
             "excluded_peers": 0 if t is None else t.ledger.num_banned,
         }
-
-
-async def stop_p2pd(p2p) -> None:
-    """Stop p2pd: SIGTERM and wait (hivemind's P2P.shutdown, which waits as long as p2pd
-    takes), SIGKILL after STOP_STEP_S. A daemon of the fault suite once sat out its whole
-    STOP_LIMIT_S after its last round with nothing but the stop left to do (2026-12-05, on a
-    loaded 2-core machine): waiting on p2pd without a bound is one way that happens."""
-    try:
-        await asyncio.wait_for(p2p.shutdown(), STOP_STEP_S)
-        return
-    except asyncio.TimeoutError:
-        pass
-    child = getattr(p2p, "_child", None)
-    if child is not None and child.returncode is None:
-        log.warning("p2pd did not stop within %.0f s of SIGTERM: killing it", STOP_STEP_S)
-        child.kill()
-        await asyncio.wait_for(child.wait(), STOP_STEP_S)
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,

@@ -60,6 +60,9 @@ class NetworkConfig:
     together (0: no limit): joiners, or identities pretending to be, cannot take the
     volunteer's uplink or the training's share of the machine."""
 
+STOP_STEP_S = 10.0
+"""The longest one step of the stop (the DHT's, p2pd's) may take before it is cut short."""
+
 
 def open_state_dir(path: str) -> int:
     """Create `path` if needed and lock it; returns the lock's file descriptor (keep it open)."""
@@ -202,6 +205,23 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         except asyncio.TimeoutError:
             pass
         delay = min(2 * delay, net.retry_max_s)
+
+
+async def stop_p2p(p2p: P2P) -> None:
+    """Stop p2pd: SIGTERM and wait (hivemind's P2P.shutdown, which waits as long as p2pd
+    takes), SIGKILL after STOP_STEP_S. A daemon of the fault suite once sat out its whole
+    STOP_LIMIT_S after its last round with nothing but the stop left to do (2026-12-05, on a
+    loaded 2-core machine): waiting on p2pd without a bound is one way that happens."""
+    try:
+        await asyncio.wait_for(p2p.shutdown(), STOP_STEP_S)
+        return
+    except asyncio.TimeoutError:
+        pass
+    child = getattr(p2p, "_child", None)
+    if child is not None and child.returncode is None:
+        log.warning("p2pd did not stop within %.0f s of SIGTERM: killing it", STOP_STEP_S)
+        child.kill()
+        await asyncio.wait_for(child.wait(), STOP_STEP_S)
 
 
 async def dial(p2p: P2P, maddr: str, timeout_s: float):

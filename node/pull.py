@@ -91,7 +91,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
     took part. A peer that says it will serve no delta for the round, or whose dials are
     refused for UNREACHABLE_S, is dropped at once (`Gathered.unreachable`). Whatever did not
     arrive by the deadline is left out of the round. `keep(sender, others)`: a test's fault injector
-    (node/roundloop.py RoundFaults), False drops a delta that arrived as if it had not.
+    (node/roundcontext.py RoundFaults), False drops a delta that arrived as if it had not.
     `gone(peer)`: whether the peer is found gone (node/membership.py: its progress streams no
     longer open); such a peer, or one whose record shows another incarnation than the one
     asked of (it restarted), is dropped at its next attempt."""

@@ -1,4 +1,4 @@
-"""A real daemon with a fault injector passed in (node/roundloop.py RoundFaults): the
+"""A real daemon with a fault injector passed in (node/roundcontext.py RoundFaults): the
 production command, `locoswarm node join`, run in this process with its daemon given the
 faults named on the command line. Production code reads no test settings; this script is
 how the tests hand the faults in.
@@ -21,7 +21,7 @@ import math
 import sys
 
 from locoswarm.node import daemon
-from locoswarm.node.roundloop import RoundFaults
+from locoswarm.node.roundcontext import RoundFaults
 
 
 class Faults(RoundFaults):
