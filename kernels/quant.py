@@ -61,10 +61,14 @@ def dequantize(codes: Tensor, scales: Tensor, layout: ChunkLayout, bits: int) ->
     """Inverse of `quantize`: codes (num_selected,) int, scales (num_chunks, 2) float32
     → values (num_selected,) float32."""
     assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}"
-    levels = 1 << (bits - 1)
     ids = chunk_ids(layout, codes.device)
-    lo = scales[:, 0][ids]
-    hi = scales[:, 1][ids]
+    return decode_levels(codes, scales[:, 0][ids], scales[:, 1][ids], bits)
+
+
+def decode_levels(codes: Tensor, lo: Tensor, hi: Tensor, bits: int | Tensor) -> Tensor:
+    """The values of `codes` given each entry's scale pair (lo, hi) and `bits` (one for all,
+    or one per entry: several tensors' entries decoded at once, optim/check.py)."""
+    levels = 1 << (bits - 1)
     step = (hi - lo) / (levels - 1)
     q = (codes & (levels - 1)).float()
     mag = lo + q * step

@@ -354,7 +354,7 @@ class Daemon:
             "paused": self.idle.paused,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
-            "established_peers": 0 if t is None else sum(map(t.ledger.established, t.ledger.credits)),
+            "established_peers": 0 if t is None else len(t.ledger.established_peers()),
             "earned_rounds": 0.0 if t is None else max(0, t.ledger.credits.get(self.peer_id, 0))
             / t.ledger.per_peer_tokens,
             "checks": st.checks,

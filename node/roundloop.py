@@ -33,7 +33,7 @@ from locoswarm.node.lineage import delta_content
 from locoswarm.node.pull import gather_deltas
 from locoswarm.node.roundcontext import RoundContext
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.optim.check import SCALE, threshold_milli
+from locoswarm.optim.check import SCALE, failing
 
 if TYPE_CHECKING:
     from locoswarm.node.trainer import RoundWork
@@ -235,7 +235,7 @@ class RoundLoop:
         self._log_checks(r, checks)
         deltas = trainer.step.kept(screened)
         before = trainer.outer_steps
-        established = frozenset(filter(trainer.ledger.established, trainer.ledger.credits))
+        established = trainer.ledger.established_peers()
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,
                                     banned=screened.banned))
         # A round that pulled a sample of the participants (fanout below their number) left
@@ -258,12 +258,11 @@ class RoundLoop:
         """Failed checks as warnings (they go out with our next delta); the round's least
         agreement for status and the round event."""
         ctx, threshold = self.ctx, self.ctx.spec.diloco.robust.check_agreement
-        for c in checks:
-            if c.agreement < threshold_milli(threshold):
-                ctx.stats.checks_failed += 1
-                log.warning("round %d: delta of %s failed our check: it agrees with our own pseudo-gradient at %.2f "
-                            "of our delta's agreement (below %.2f); told to the swarm with our next delta",
-                            r, c.sender, c.agreement / SCALE, threshold)
+        for c in failing(checks, threshold):
+            ctx.stats.checks_failed += 1
+            log.warning("round %d: delta of %s failed our check: it agrees with our own pseudo-gradient at %.2f "
+                        "of our delta's agreement (below %.2f); told to the swarm with our next delta",
+                        r, c.sender, c.agreement / SCALE, threshold)
         ctx.stats.checks += len(checks)
         ctx.stats.least_agreement = min((c.agreement / SCALE for c in checks), default=None)
 

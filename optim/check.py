@@ -12,8 +12,8 @@ compression of g):
 
 computed on D's support alone (a gather of g at the positions sent, every tensor at once:
 under a millisecond a delta for the default model, one copy of the model's size while it
-runs). The values decode with quant.dequantize's arithmetic (tests/test_check.py holds the
-two equal). Measured on the quick preset of `bench convergence`
+runs). The values decode through quant.dequantize's own arithmetic (`decode_levels`).
+Measured on the quick preset of `bench convergence`
 (4 replicas, 64 rounds, every ordered pair of replicas, 2026-12-05; docs/trust.md):
 
 | delta                                                   | agreement (min … max, median) |
@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from locoswarm.kernels.layout import ChunkLayout
+from locoswarm.kernels.quant import decode_levels
 from locoswarm.kernels.topk import chunk_ids
 from locoswarm.protocol import DecodedDelta
 
@@ -85,20 +86,17 @@ class _Layout:
         """(entries,) the chunk of each selected entry, counted over all tensors."""
         self.base = torch.cat(positions)
         """(entries,) the flat position of each entry's chunk start, over all tensors."""
-        self.sign_shift = torch.cat(bits) - 1
-        self.levels = torch.ones_like(self.sign_shift) << self.sign_shift
+        self.bits = torch.cat(bits)
+        """(entries,) each entry's bits."""
         self.device = device
 
     def values(self, d: DecodedDelta) -> tuple[Tensor, Tensor]:
-        """(the decoded values, their flat positions) of delta `d`: quant.dequantize's
-        arithmetic on every tensor at once."""
+        """(the decoded values, their flat positions) of delta `d`: quant.dequantize on every
+        tensor at once."""
         codes = torch.cat([t.codes for t in d.tensors]).to(self.device)
         scales = torch.cat([t.scales for t in d.tensors]).to(self.device)
         indices = torch.cat([t.indices for t in d.tensors]).to(self.device)
-        lo, hi = scales[self.chunk, 0], scales[self.chunk, 1]
-        mag = lo + (codes & (self.levels - 1)).float() * (hi - lo) / (self.levels - 1).float()
-        negative = ((codes >> self.sign_shift) & 1).bool()
-        return torch.where(negative, -mag, mag), self.base + indices
+        return decode_levels(codes, scales[self.chunk, 0], scales[self.chunk, 1], self.bits), self.base + indices
 
 
 @functools.lru_cache(maxsize=4)

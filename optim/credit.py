@@ -73,6 +73,10 @@ class Ledger:
         """Whether `peer` has earned its weight (never, while earned weight is off)."""
         return self.enabled and self.credits.get(peer, 0) >= self.threshold
 
+    def established_peers(self) -> frozenset[str]:
+        """Every peer of the ledger that is established."""
+        return frozenset(filter(self.established, self.credits))
+
     def banned(self, peer: str) -> bool:
         """Whether `peer` was excluded (optim/check.py): its deltas are refused."""
         return self.credits.get(peer, 0) < 0
