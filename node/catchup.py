@@ -16,7 +16,7 @@ from hivemind.p2p import PeerID
 
 from locoswarm.node.events import Synced
 from locoswarm.node.host import NodeError
-from locoswarm.node.lineage import unearned_ahead, weigh
+from locoswarm.node.lineage import Attested, attested_state, unearned_ahead, weigh
 from locoswarm.node.statesync import DownloadProgress, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
 
@@ -30,6 +30,10 @@ INTRODUCE_TIMEOUT_S = 10.0
 """The longest a joiner waits for its record to reach the peers it read in the registry
 over the progress streams, and again for theirs to come back, before it decides whether to
 download (a private run's donors serve only peers whose record they have)."""
+
+
+class Unattested(NodeError):
+    """Peers of earned weight show their round chains, and no state has a majority of that weight."""
 
 
 class CatchUp:
@@ -67,7 +71,10 @@ class CatchUp:
         ahead = [r for r in peers if r.peer_id in vouching] if vouching else peers
         if not ahead or max(r.round for r in ahead) <= ctx.trainer.outer_steps:
             return
-        await self.sync(peers, vouching)
+        try:
+            await self.sync(peers, vouching)
+        except Unattested as e:  # resumed with a ledger: train on ours, decide again at each round boundary
+            log.warning("%s; training on from the checkpoint", e)
 
     async def maybe_follow(self) -> bool:
         """At a round boundary: take another state when lineage.py says so; True when taken."""
@@ -116,6 +123,24 @@ class CatchUp:
                             f"state that one of them does not vouch for")
         return present
 
+    def attested(self) -> Attested | None:
+        """The state a peer whose ledger knows some live peer may take: the newest that live
+        peers holding a majority of the earned weight attest (node/lineage.py attested_state,
+        docs/trust.md), never the newest that two donors agree on. None where earned weight
+        decides nothing (no live peer established here) or no peer of weight shows a chain (a
+        swarm of sampled rounds: node/pull.py): the donors' agreement decides, as before.
+        Unattested when they show chains and none has a majority."""
+        ctx = self.ctx
+        live = ctx.membership.records
+        trusted = ctx.lineage.weighing(ctx.trainer.ledger.established)
+        if trusted is None or not any(trusted(r.peer_id) for r in live):
+            return None
+        found, shown = attested_state(ctx.peer_id, live, trusted)
+        if found is None and shown:
+            raise Unattested(f"no state is attested by a majority of the {shown} live peers of earned weight that "
+                             f"show their round chains: none taken")
+        return found
+
     async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset()) -> None:
         """Download the newest outer state the peers of `records` serve and take it; with
         `vouching` peers (a joiner: `vouching`), the newest one of those serve. NodeError
@@ -124,6 +149,18 @@ class CatchUp:
         vouching peer is no reason to refuse a split's or the swarm's verdict."""
         ctx = self.ctx
         trainer = ctx.trainer
+        attested = None if vouching else self.attested()
+        if attested is not None:
+            if (attested.round == trainer.outer_steps
+                    and ctx.lineage.chains.get(attested.round) == attested.chain):
+                log.info("the state %d of %d peers of earned weight attest is ours already", len(attested.attesters),
+                         attested.shown)
+                return
+            # Those still serving it: a donor keeps its last two rounds (statesync._ROUNDS_KEPT).
+            records = [r for r in attested.attesters if r.round - attested.round in (0, 1)]
+            if not records:
+                raise NodeError(f"the state of round {attested.round} that {len(attested.attesters)} of "
+                                f"{attested.shown} peers of earned weight attest is no longer served")
         ctx.stats.state = "syncing"
         if vouching:
             # Their state, whatever the others show: a record ahead of theirs is no reason.
@@ -138,7 +175,8 @@ class CatchUp:
             for attempt in range(DOWNLOAD_TRIES):
                 try:
                     got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update,
-                                               attesters=vouching)
+                                               attesters=vouching,
+                                               target=attested and (attested.round, attested.chain))
                     break
                 except StateUnavailable as e:
                     log.warning("state download failed (%s); retrying", e)

@@ -112,6 +112,42 @@ def unearned_ahead(me: str, round_: int, records: list[PeerRecord], trusted: Tru
     return [r for r in live if r.round > round_ + 1 and not w(r.peer_id)]
 
 
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """A state that live peers holding most of the earned weight vouch for (`attested_state`)."""
+    round: int
+    chain: str
+    attesters: list[PeerRecord]
+    """The live records showing `chain` at `round`: the state's donors."""
+    shown: int
+    """The earned weight of the live peers that show some chain: `attesters` hold more than half of it."""
+
+
+def attested_state(me: str, records: list[PeerRecord], trusted: Trusted | None) -> tuple[Attested | None, int]:
+    """The newest (round, chain) that live peers holding more than half of the earned weight
+    seen attest, and that weight: what a peer with a ledger may take (docs/trust.md, "No state
+    on a count"). A record is a statement its peer signed (the registry's RSA signatures, or
+    its own authenticated stream) of its chain at each round it shows (`known_chains`: its
+    round, the one before and its anchors), so a peer a round further on still attests the
+    round behind it. The majority is of the weight of every live peer that has not diverged
+    and shows a chain at all, not of those showing one at that round: peers of weight showing
+    a round nobody else has reached are a majority only if they are most of the weight.
+    (None, 0) when no peer of weight shows a chain (a run's sampled rounds keep none, node/pull.py)."""
+    live = [r for r in records if r.peer_id != me and not r.paused and not r.diverged]
+    w = weigh([me] + [r.peer_id for r in live], trusted)
+    showing = [(r, known) for r in live if w(r.peer_id) and (known := known_chains(r))]
+    shown = len(showing)
+    support: dict[tuple[int, str], list[PeerRecord]] = {}
+    for r, known in showing:
+        for state in known.items():
+            support.setdefault(state, []).append(r)
+    majority = [state for state, rs in support.items() if 2 * len(rs) > shown]
+    if not majority:
+        return None, shown
+    round_, chain = max(majority)  # one round has at most one chain of a majority
+    return Attested(round_, chain, support[round_, chain], shown), shown
+
+
 def round_chain(previous: str, round_: int, aggregated: list[tuple]) -> str:
     """The chain after aggregating round `round_`: `aggregated` is the (sender, token count)
     or (sender, token count, content digest: `delta_content`) of each delta in the outer
@@ -320,15 +356,18 @@ class Lineage:
                               f"{max(r.round for r in ahead)}", ahead)
             if not live:
                 self.behind_at = None
-        if self.diverged_at is not None:
-            # Alone, our ledger credits nobody but us: weigh the others as when we diverged
-            # (nobody established then: every peer counts). Without this, a peer cut off
-            # for earn_rounds rounds would trust only itself and never take the swarm's state.
-            trusted = self.trusted_then.__contains__
+        trusted = self.weighing(trusted)
         found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
         if found is None and self.diverged_at is None:
             found = whom_to_rejoin(me, self.chains, records, trusted)
         return found
+
+    def weighing(self, trusted: Trusted | None) -> Trusted | None:
+        """Whose weight counts in our decisions now: our ledger's `trusted`, or while diverged
+        the peers established when we diverged. Alone, our ledger credits nobody but us
+        (nobody established then: every peer counts); without this, a peer cut off for
+        earn_rounds rounds would trust only itself and never take the swarm's state."""
+        return self.trusted_then.__contains__ if self.diverged_at is not None else trusted
 
     def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord], chain: str = "",
                trusted: Trusted | None = None) -> None:

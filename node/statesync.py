@@ -9,7 +9,9 @@ alone. It then pulls chunks from every donor of that digest in parallel, one req
 flight per donor, from one shared queue. A chunk whose stream is cut inside the body is
 resumed where it stopped (from any donor of the digest); with attesters (a joiner that knows
 no earned weight yet: node/catchup.py), the state is the one an attester's manifest shows,
-whatever the others agree on, and the others only serve its chunks. A chunk that fails, times out or
+whatever the others agree on, and the others only serve its chunks; with a target (a peer
+with a ledger: the round and chain a majority of earned weight attests), only manifests of
+that round and chain are taken. A chunk that fails, times out or
 does not match its hash goes back to the queue for another donor; a donor that fails
 DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download. Frames, integers big-endian: the request
 is a kind byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest), an 8-byte
@@ -258,17 +260,29 @@ async def download_state(
     timeout_s: float = 30.0,
     on_progress: Callable[[int, int], None] | None = None,
     attesters: frozenset[str] = frozenset(),
+    target: tuple[int, str] | None = None,
 ) -> Downloaded:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
     docstring). With `attesters` (peer ids) the state is the newest one an attester among
     `donors` served the manifest of, whatever the others show, and StateUnavailable when none
     did; the others that serve that state (asked for its round) serve chunks too, each
-    checked against the attester's manifest."""
+    checked against the attester's manifest. With a `target` (round, chain), the state a
+    majority of earned weight attests (node/lineage.py attested_state), only manifests of that
+    round and chain are taken, whatever newer one donors agree on: of those, the one most of
+    them show (body and ledger)."""
     trusted = [p for p in donors if p.to_base58() in attesters]
     asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
-    found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s) for peer in asked))
+    round_ = _LATEST if target is None else target[0]
+    found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s, round_) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
-    if attesters:
+    if target is not None:
+        manifests = {p: m for p, m in manifests.items() if (m.round, m.chain) == target}
+        if not manifests:
+            raise StateUnavailable(f"none of the {len(asked)} donors asked served the attested state of round "
+                                   f"{target[0]} (chain {target[1][:12]}…)")
+        counts = collections.Counter(_same(m) for m in manifests.values())
+        chosen = max(manifests.values(), key=lambda m: counts[_same(m)])
+    elif attesters:
         vouched = [m for p, m in manifests.items() if p in trusted]
         if not vouched:
             raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")

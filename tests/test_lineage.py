@@ -17,7 +17,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, chain_at, chain_start, round_chain, whom_to_follow,
+from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, attested_state, chain_at, chain_start, round_chain, whom_to_follow,
                                     whom_to_rejoin)
 from locoswarm.node.membership import Membership
 from locoswarm.node.upkeep import REDIAL_S, LostPeers, redial
@@ -148,6 +148,31 @@ def test_a_peer_behind_takes_the_state_of_the_peers_ahead_only_when_they_outnumb
     assert whom_to_follow("Qb", 6, [rec("Qa", 3), rec("Qc", 9, diverged=True)], diverged_at=None) is None
     # ...but it is when it is the only one left (a swarm of two; b restarted from a checkpoint).
     assert donors(whom_to_follow("Qb", 2, [rec("Qa", 9, diverged=True)], diverged_at=None)) == ["Qa"]
+
+
+def test_the_state_taken_is_the_newest_a_majority_of_earned_weight_attests_never_the_newest_shown():
+    y48, y49, x49, x50 = "a" * 32, "b" * 32, "c" * 32, "d" * 32
+    honest = [rec("Qa", 49, chain=y49, prev_chain=y48), rec("Qb", 49, chain=y49, prev_chain=y48),
+              rec("Qc", 48, chain=y48)]
+    liars = [rec("Qd", 50, chain=x50, prev_chain=x49), rec("Qe", 50, chain=x50, prev_chain=x49)]
+    everyone = {"Qa", "Qb", "Qc", "Qd", "Qe"}.__contains__
+    found, shown = attested_state("me", honest + liars, everyone)
+    assert shown == 5
+    assert (found.round, found.chain) == (48, y48), "round 49's chain has 2 of 5: the round behind it has 3"
+    assert sorted(r.peer_id for r in found.attesters) == ["Qa", "Qb", "Qc"]
+    # Two established minorities of equal weight: nothing has a majority, nothing is taken.
+    found, shown = attested_state("me", honest[:2] + liars, everyone)
+    assert found is None and shown == 4
+    # Identities without earned weight are not counted at all, however many and however far ahead.
+    sybils = [rec(f"Qs{i}", 90, chain=x50) for i in range(20)]
+    found, shown = attested_state("me", honest + sybils, {"Qa", "Qb", "Qc"}.__contains__)
+    assert (found.round, found.chain, shown) == (49, y49, 3), "a peer a round further on attests the round behind"
+    # Diverged, paused and chainless records are not in the weight the majority is of; we are not either.
+    others = [rec("Qd", 50, chain=x50, diverged=True), rec("Qe", 50, chain=x50, paused=True), rec("Qf", 30),
+              rec("me", 50, chain=x50)]
+    found, shown = attested_state("me", honest[2:] + others, None)
+    assert (found.round, found.chain, shown) == (48, y48, 1)
+    assert attested_state("me", [rec("Qa", 30), rec("Qb", 31)], everyone) == (None, 0), "nobody shows a chain"
 
 
 def test_lineage_chain_follows_what_each_round_aggregated_and_forgets_a_sampled_round():

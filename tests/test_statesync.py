@@ -27,15 +27,16 @@ _spec.loader.exec_module(serve_state)
 pytestmark = pytest.mark.timeout(120)
 
 
-def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0, attesters: frozenset[str] = frozenset()):
+def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0, attesters: frozenset[str] = frozenset(),
+              target: tuple[int, str] | None = None, want_chain: str = serve_state.CHAIN):
     async def go():
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
         try:
             peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
             round_, tensors, chain, ledger = await download_state(client, peers, serve_state.SPEC,
                                                                   timeout_s=timeout_s, on_progress=on_progress,
-                                                                  attesters=attesters)
-            assert chain == serve_state.CHAIN, "the donors' round chain comes with their state"
+                                                                  attesters=attesters, target=target)
+            assert chain == want_chain, "the donors' round chain comes with their state"
             assert ledger == serve_state.LEDGER, "and their ledger of earned weight"
             return round_, tensors
         finally:
@@ -131,6 +132,24 @@ def test_with_an_attester_the_state_is_the_one_it_serves_whatever_the_others_agr
     _assert_is_the_donors_state(tensors)
     with pytest.raises(StateUnavailable, match="none of the 0 trusted donors"):
         _download(addrs, attesters=frozenset({"QmSomeoneNotAmongTheDonors"}))
+
+
+def test_with_a_target_only_the_attested_round_and_chain_is_taken_whatever_newer_state_donors_agree_on(spawn_peers):
+    """A peer with a ledger takes the state a majority of earned weight attests
+    (node/lineage.py attested_state); two donors serving an invented lineage ahead of it,
+    who would win on their agreement alone, serve nothing it takes."""
+    _, addrs = spawn_peers(DONOR, "forged", "forged", "good")
+    forged = serve_state.ROUND + serve_state.FORGED_ROUNDS
+    round_, tensors = _download(addrs, want_chain=serve_state.FORGED_CHAIN)
+    assert round_ == forged, "without a target, the newest state two donors agree on"
+    assert not torch.equal(tensors["param.0"], serve_state.state()["param.0"])
+    round_, tensors = _download(addrs, target=(serve_state.ROUND, serve_state.CHAIN))
+    assert round_ == serve_state.ROUND
+    _assert_is_the_donors_state(tensors)
+    with pytest.raises(StateUnavailable, match="attested state of round 7"):
+        _download(addrs[:2], target=(serve_state.ROUND, serve_state.CHAIN))
+    with pytest.raises(StateUnavailable, match="attested state of round 10"):  # that round, another chain
+        _download(addrs, target=(forged, serve_state.CHAIN))
 
 
 def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest():

@@ -1,7 +1,10 @@
 """A real donor process for the state-download tests: serves a seeded outer state on
 loopback, prints its multiaddr, runs until stdin closes or it is killed.
 
-usage: python serve_state.py MODE   (MODE: good | corrupt | stale | shedding | mute | cutting | budget)
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale | forged | shedding | mute | cutting | budget)
+
+forged: serves another state, FORGED_ROUNDS ahead, on another chain (FORGED_CHAIN), as peers
+that invented a lineage do;
 
 shedding: closes every other stream unanswered, as a donor over its stream limits does;
 mute: closes every stream unanswered; cutting: cuts the first answer for each chunk in the
@@ -26,12 +29,14 @@ ROUND = 7
 CHAIN = "cd" * 16
 LEDGER = (("QmDonorA", 9000), ("QmDonorB", 120))
 """The round chain the donor's manifest gives (the same for every mode: one lineage)."""
+FORGED_ROUNDS = 3
+FORGED_CHAIN = "ee" * 16
 CHUNK_BYTES = 4096
 BUDGET_BYTES_PER_S = 20_000
 
 
-def state() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(5)
+def state(seed: int = 5) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=gen) for n, s in SPEC.tensors}
 
 
@@ -40,7 +45,10 @@ async def main(mode: str) -> None:
     server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES,
                          upload_bytes_per_s=BUDGET_BYTES_PER_S if mode == "budget" else 0.0)
     await server.start()
-    server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER)
+    if mode == "forged":
+        server.publish(state(6), ROUND + FORGED_ROUNDS, FORGED_CHAIN, LEDGER)
+    else:
+        server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER)
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
         server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
