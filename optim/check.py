@@ -1,6 +1,7 @@
 """Checked contributions: every peer checks the deltas it aggregates against its own work of
 the same round, and tells the swarm which failed; peers holding a majority of the earned
-weight that say so exclude a sender for good (optim/screen.py, optim/credit.py).
+weight that say so exclude a sender for credit.EXCLUSION_ROUNDS rounds (optim/screen.py,
+optim/credit.py).
 
 The check. A peer's own pseudo-gradient g = θ_outer − θ_replica of a round (the shared round
 start, its own data) is an independent estimate of where the round's training goes; a delta D

@@ -18,8 +18,14 @@ established yet and every peer counts, as before (docs/trust.md says what that l
 
 Excluded peers (optim/check.py: peers holding a majority of the established weight found
 their delta failing) stay in the ledger as a negative entry, −(round excluded + 1), neither
-decaying nor earning: their deltas are refused from then on, and they never count as
-established. The newest MAX_BANNED are kept.
+decaying nor earning: their deltas are refused, and they do not count as established, for
+EXCLUSION_ROUNDS rounds. Then the entry goes and the peer is a newcomer: its deltas pooled
+with the round's other newcomers (one peer's weight between them) and checked, its weight to
+earn again from nothing. A check is a measurement, and an honest peer can fail one (seen
+under churn: a peer restarted from an old checkpoint failed every check in its first full
+round after taking the swarm's state, and was excluded for good); an attacker that comes
+back does a newcomer's share of damage for a round before it is excluded again. The newest
+MAX_BANNED are kept.
 
 Deterministic by construction: the ledger changes only through `credit`, with integer
 arithmetic on what the round's screening decided, which every peer that aggregated the same
@@ -39,6 +45,8 @@ settles at 64 rounds of its work, one that left drops below 8 after about 130 ro
 MAX_ENTRIES = MAX_LEDGER_ENTRIES
 """Peers the ledger keeps; past it the smallest credits go (a flood of identities each
 credited a sliver cannot push an established peer out)."""
+EXCLUSION_ROUNDS = 16
+"""Rounds an exclusion lasts (from the round it was decided in)."""
 MAX_BANNED = MAX_LEDGER_ENTRIES // 4
 """Excluded peers the ledger remembers, the newest first: identities an attacker gets excluded
 on purpose cannot push the established peers out of the ledger."""
@@ -101,14 +109,16 @@ class Ledger:
         """One round's outer step (of round `round_`) is in: every credit decays, each sender of
         `earned` gains what it earned (tokens weighted × clip multiplier, >= 0), the peers of
         `banned` are excluded from here on, and entries that fell to nothing, or past
-        MAX_ENTRIES the smallest (past MAX_BANNED the oldest exclusions), are dropped."""
+        MAX_ENTRIES the smallest (past MAX_BANNED the oldest exclusions), are dropped, as are
+        exclusions EXCLUSION_ROUNDS old: those peers start again as newcomers."""
         if not self.enabled:
             return
         floor = max(1, self.per_peer_tokens >> DECAY_SHIFT)  # a 64th of a round's work
         out, bans = {}, {}
         for peer, c in self.credits.items():
             if c < 0:
-                bans[peer] = c
+                if round_ - (-c - 1) < EXCLUSION_ROUNDS:
+                    bans[peer] = c
                 continue
             c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
             if c >= floor or earned.get(peer, 0) > 0:

@@ -14,7 +14,7 @@ import protocol_cases as cases
 from locoswarm.bench import convergence as conv
 from locoswarm.optim.check import SCALE, check_round, failing
 from locoswarm.optim.config import RobustConfig
-from locoswarm.optim.credit import MAX_BANNED, MAX_ENTRIES, Ledger
+from locoswarm.optim.credit import EXCLUSION_ROUNDS, MAX_BANNED, MAX_ENTRIES, Ledger
 from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import screen
 from locoswarm.protocol import MalformedMessage, decode_delta, encode_delta
@@ -194,18 +194,23 @@ def test_an_excluded_peer_stays_out_its_deltas_refused_and_the_peers_agree_on_on
     assert led.banned("e") and led.banned_at("e") == 7 and not led.established("e") and led.num_banned == 1
     later = screen([_delta(gen, s) for s in "abce"], cfg, led)
     assert [r.sender for r in later.rejected] == ["e"] and "excluded at round 7" in later.rejected[0].reason
-    for _ in range(500):
-        led.credit({"e": PLAN})
-    assert led.banned("e") and led.banned_at("e") == 7, "an exclusion neither decays nor is earned back"
     assert dict(check_ledger(list(map(list, led.pairs()))))["e"] == -8, "it travels with the ledger"
+    for r in range(8, 7 + EXCLUSION_ROUNDS):
+        led.credit({"e": PLAN, "a": PLAN}, (), r)
+        assert led.banned("e") and led.banned_at("e") == 7, "an exclusion neither decays nor is earned back"
+    led.credit({"a": PLAN}, (), 7 + EXCLUSION_ROUNDS)  # its delta of that round was still refused
+    assert not led.banned("e") and "e" not in led.credits, "it lasts EXCLUSION_ROUNDS rounds, then the peer is new"
+    back = screen([_delta(gen, s) for s in "abce"], cfg, led)
+    assert not back.rejected and "e" in back.earned and not led.established("e")
 
 
 def test_the_ledger_keeps_the_newest_exclusions_and_they_cannot_push_established_peers_out():
     led = _ledger([f"p{i:04d}" for i in range(8)])
-    for r in range(MAX_BANNED + 40):
-        led.credit({f"p{i:04d}": PLAN for i in range(8)}, (f"x{r:05d}",), r)
+    per_round = MAX_BANNED // 4 + 10
+    for r in range(4):  # within EXCLUSION_ROUNDS of each other
+        led.credit({f"p{i:04d}": PLAN for i in range(8)}, tuple(f"x{r}{j:05d}" for j in range(per_round)), r)
     assert led.num_banned == MAX_BANNED
-    assert led.banned(f"x{MAX_BANNED + 39:05d}") and not led.banned("x00000"), "the oldest exclusions go first"
+    assert led.banned(f"x3{per_round - 1:05d}") and not led.banned(f"x0{per_round - 1:05d}"), "the oldest go first"
     assert all(led.established(f"p{i:04d}") for i in range(8))
     led.credit({f"n{i:05d}": 1 for i in range(MAX_ENTRIES)})
     assert len(led.credits) <= MAX_ENTRIES and led.num_banned == MAX_BANNED
