@@ -186,17 +186,24 @@ class RoundLoop:
         if not overlap:
             ctx.stats.state = "exchanging"
         ctx.stats.loss = work.loss
-        # The round chain of the outer state the delta is taken from: peers on another one
-        # leave it out (optim/screen.py), and it tells what our checks judge.
-        base = ctx.lineage.chains.get(trainer.outer_steps, "")
-        held = trainer.holding > 0
-        if held:  # after taking a state (Trainer.hold): nobody waits for a delta of ours
-            trainer.holding -= 1
-            log.info("round %d: our delta is held, not sent: we took another peer's state (%d more rounds)", r,
-                     trainer.holding)
+        try:
+            # The round chain of the outer state the delta is taken from: peers on another
+            # one leave it out (optim/screen.py), and it tells what our checks judge.
+            base = ctx.lineage.chains.get(trainer.outer_steps, "")
+            blob = await run(trainer.encode, work, ctx.peer_id, base)
+        except ValueError:
+            # No delta of ours will come (a non-finite replica): say so, so that nobody
+            # waits for it until the deadline (node/rounds.py, withdrawn peers).
             self._withdraw(progress, r)
-        else:
-            blob = await self._send(run, progress, work, base)
+            raise
+        ctx.deltas.publish(r, blob)
+
+        try:
+            ctx.faults.reporting(r)
+            progress.report(work.tokens, trainer.tokens_per_s, done=True)
+            progress.refresh()
+        except Exception as e:  # the others still see our last report, and pull our delta
+            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
         got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
@@ -214,12 +221,9 @@ class RoundLoop:
             # LIVENESS_S, is a stall worth a warning; one found gone or restarted is churn.
             stall = peer in got.stalled or peer in got.silent
             log.log(logging.WARNING if stall else logging.INFO, "round %d: no delta from %s: %s", r, peer, why)
-        if held:
-            await run(trainer.hold, work)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        own = [] if held else [await run(trainer.decode, blob)]
-        screened = await run(trainer.screen, own + got.deltas, base)
+        screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas, base)
         for rejection in screened.rejected:
             log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
         for note in screened.notes:
@@ -232,17 +236,15 @@ class RoundLoop:
         deltas = trainer.step.kept(screened)
         before = trainer.outer_steps
         established = trainer.ledger.established_peers()
-        # Held, with no other delta either (alone, or every other peer holds too: two that took
-        # each other's state): the step is the outer momentum's alone, the same on each.
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,
-                                    banned=screened.banned, none_sent=held and not got.deltas))
+                                    banned=screened.banned))
         # A round that pulled a sample of the participants (fanout below their number) left
         # deltas out on purpose (lineage.py says what that does to the chain).
         participants = progress.participants()
         ctx.lineage.after_round(r, before, trainer.outer_steps,
                                 [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
-                                established=established, own_sent=not held)
+                                established=established)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),
                            trainer.ledger.pairs())
@@ -251,26 +253,6 @@ class RoundLoop:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
-
-    async def _send(self, run, progress: RoundProgress, work: RoundWork, base: str) -> bytes:
-        """Encode our delta of the round (on `run`, the exchange's compute), serve it and
-        report the round done; the encoded delta."""
-        ctx, r = self.ctx, work.round
-        try:
-            blob = await run(ctx.trainer.encode, work, ctx.peer_id, base)
-        except ValueError:
-            # No delta of ours will come (a non-finite replica): say so, so that nobody
-            # waits for it until the deadline (node/rounds.py, withdrawn peers).
-            self._withdraw(progress, r)
-            raise
-        ctx.deltas.publish(r, blob)
-        try:
-            ctx.faults.reporting(r)
-            progress.report(work.tokens, ctx.trainer.tokens_per_s, done=True)
-            progress.refresh()
-        except Exception as e:  # the others still see our last report, and pull our delta
-            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
-        return blob
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

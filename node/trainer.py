@@ -40,14 +40,6 @@ from locoswarm.workload.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_FACTOR = 64
-HOLD_ROUNDS = 2
-"""Rounds a peer that took another's outer state keeps its delta (Trainer.hold) before it
-sends again. Its residual starts empty, so its replica starts at the outer state where
-everyone else's starts at θ_outer − β·e, ahead by its unsent progress: its first deltas
-are unlike the others' (agreement 0.11–0.19 with the swarm's for six rounds on the quick
-preset, failing the checks of optim/check.py in the first two; an honest peer restarted
-under churn was excluded so). Held one round, its first delta sent agreed at 0.51, held
-three at 0.48–0.52, like everyone's (docs/trust.md): two leave a margin."""
 """A delta may claim at most this many times the per-peer token target of a round."""
 
 
@@ -120,9 +112,6 @@ class Trainer:
         self.ledger = self.step.ledger(self.round_tokens)
         """The outer state's earned weight (optim/credit.py): screened against, credited
         by each outer step, taken with a donor's state."""
-        self.holding = 0
-        """Rounds left whose delta is held, not sent (HOLD_ROUNDS after taking a state); the
-        round loop counts them down, one per round, held or sent alone."""
         self.told: tuple[int, tuple[tuple[str, int], ...]] = (-1, ())
         """(round, failed checks of its deltas): told with the next round's delta (exchange thread)."""
         self.handoff = Handoff()
@@ -261,12 +250,6 @@ class Trainer:
         return self.step.encode(self.compressor, self.outer.params, work.snapshot, round_=work.round, sender=sender,
                                 tokens=work.tokens, base=base, checks=checks if round_ == work.round - 1 else ())
 
-    def hold(self, work: RoundWork) -> None:
-        """The round's pseudo-gradient kept whole in the residual, not sent (`holding`): the
-        replica restarts from the next outer state with all of it, like a peer whose top-k
-        was empty, so nothing trained is lost. ValueError when it is not finite."""
-        self.compressor.hold([o - s for o, s in zip(self.outer.params, work.snapshot)])
-
     def decode(self, blob: bytes) -> DecodedDelta:
         return self.step.decode(blob)
 
@@ -285,15 +268,14 @@ class Trainer:
 
     @torch.no_grad()
     def apply(self, work: RoundWork, received: list[DecodedDelta], *, overlapped: bool,
-              earned: dict[str, int] | None = None, banned: tuple[str, ...] = (), none_sent: bool = False) -> None:
+              earned: dict[str, int] | None = None, banned: tuple[str, ...] = ()) -> None:
         """The round's outer step from its screened deltas (this peer's own among them) and
         the replica's restart (RoundStep.restart). When the next round's training already
         started from the snapshot (`overlapped`), the restart is handed to the training
         thread as a shift, applied before its next step: the replica ends where it would
         have, plus the progress it made meanwhile. `earned`: the screening's credits
-        (Screened.earned) for the ledger, `banned` the peers it excludes (Screened.banned);
-        `none_sent`: we held ours and no other delta came (RoundStep.apply)."""
-        self.step.apply(self.outer, received, [self.compressor], self.ledger, earned, banned, none_sent=none_sent)
+        (Screened.earned) for the ledger, `banned` the peers it excludes (Screened.banned)."""
+        self.step.apply(self.outer, received, [self.compressor], self.ledger, earned, banned)
         work.applied = True
         self.handoff.publish_outer_steps(self.outer.num_steps)
         self._restart(work, overlapped)
@@ -352,8 +334,7 @@ class Trainer:
     @torch.no_grad()
     def load_state(self, round_: int, state: dict[str, torch.Tensor], ledger: Ledger = ()) -> None:
         """Take a donor's outer state: parameters, momentum, round and earned weight
-        (validated by the manifest's decoder); the residual starts empty, and with checks on
-        the next HOLD_ROUNDS rounds' deltas are held (`hold`)."""
+        (validated by the manifest's decoder); the residual starts empty."""
         self.ledger.load(ledger)
         for name, tensor in state.items():
             self.outer.state_tensors()[name].copy_(tensor)
@@ -362,7 +343,6 @@ class Trainer:
         for err in self.compressor.errors:
             err.zero_()
         self.round = round_
-        self.holding = HOLD_ROUNDS if self.spec.diloco.robust.check_agreement else 0
         self.handoff.put_shift(None)
         load_params(self.model, self.outer.params)
         self.tokens = 0

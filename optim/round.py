@@ -107,23 +107,15 @@ class RoundStep:
     @torch.no_grad()
     def apply(self, outer: OuterOptimizer, deltas: list[DecodedDelta],
               compressors: list[ErrorFeedbackCompressor], ledger: Ledger | None = None,
-              earned: dict[str, int] | None = None, banned: tuple[str, ...] = (), *,
-              none_sent: bool = False) -> None:
+              earned: dict[str, int] | None = None, banned: tuple[str, ...] = ()) -> None:
         """Aggregate `deltas` into one outer step of `outer`; after a "masked" round each of
         `compressors` (the replicas that share this outer state) drops its residual where the
         consensus moved on a coordinate it did not send; `ledger` (the outer state's earned
         weight) is credited with the screening's `earned` and excludes its `banned` (both
         Screened's). ValueError when nothing can be
-        aggregated: the outer state and the ledger are then untouched; but with `none_sent`
-        (no delta was sent at all: every peer of the round held its own, node/trainer.py
-        Trainer.hold) the step is the outer momentum's alone, the same on every such peer."""
+        aggregated: the outer state and the ledger are then untouched."""
         device = outer.params[0].device
         shapes = [tuple(p.shape) for p in outer.params]
-        if not deltas and none_sent:
-            outer.step([torch.zeros(s, device=device) for s in shapes])
-            if ledger is not None:
-                ledger.credit({}, (), outer.num_steps - 1)
-            return
         masked = self.compression.aggregation == "masked"
         shares = coverage(deltas, device) if masked else None
         outer.step(aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
