@@ -117,7 +117,7 @@ class Ledger:
         out, bans = {}, {}
         for peer, c in self.credits.items():
             if c < 0:
-                if round_ - (-c - 1) < EXCLUSION_ROUNDS:
+                if round_ - self.banned_at(peer) < EXCLUSION_ROUNDS:
                     bans[peer] = c
                 continue
             c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
