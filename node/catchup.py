@@ -176,7 +176,8 @@ class CatchUp:
                 try:
                     got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update,
                                                attesters=vouching,
-                                               target=attested and (attested.round, attested.chain))
+                                               target=attested and (attested.round, attested.chain),
+                                               residual_spec=trainer.residual_spec)
                     break
                 except StateUnavailable as e:
                     log.warning("state download failed (%s); retrying", e)
@@ -184,10 +185,11 @@ class CatchUp:
             else:
                 raise NodeError("could not download the swarm's state from any donor")
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
-        await ctx.pools.train(trainer.load_state, got.round, got.tensors, got.ledger)
+        start = await ctx.pools.train(trainer.load_state, got.round, got.tensors, got.ledger, got.residual)
+        log.info("took the state of round %d; the replica starts %s", got.round, start.describe())
         ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,
                            trusted=trainer.ledger.established)
-        ctx.states.publish(trainer.state_snapshot(), got.round, ctx.lineage.chains.get(got.round, ""),
-                           trainer.ledger.pairs())
+        state, residual = trainer.served()
+        ctx.states.publish(state, got.round, ctx.lineage.chains.get(got.round, ""), trainer.ledger.pairs(), residual)
         digest = await ctx.pools.train(trainer.state_digest)
         ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))

@@ -172,7 +172,8 @@ class Daemon:
                                resumed=resumed is not None)
             self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
             self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit,
-                                      upload_bytes_per_s=self.cfg.net.state_upload_mbit * 1e6 / 8)
+                                      upload_bytes_per_s=self.cfg.net.state_upload_mbit * 1e6 / 8,
+                                      residual_spec=trainer.residual_spec)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
             progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
                                    record=self._record, on_record=self.membership.heard,
@@ -294,8 +295,9 @@ class Daemon:
     async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
-        self.states.publish(self.trainer.state_snapshot(), self.trainer.round,
-                            self.lineage.chains.get(self.trainer.outer_steps, ""), self.trainer.ledger.pairs())
+        state, residual = self.trainer.served()
+        self.states.publish(state, self.trainer.round, self.lineage.chains.get(self.trainer.outer_steps, ""),
+                            self.trainer.ledger.pairs(), residual)
         if not self.initial_peers:
             return
         records = await registry.peers()

@@ -246,8 +246,9 @@ class RoundLoop:
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
                                 established=established)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
-        ctx.states.publish(await run(trainer.state_snapshot), r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""),
-                           trainer.ledger.pairs())
+        state, residual = await run(trainer.served)
+        ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
+                           residual)
         ctx.stats.rounds_completed += 1
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.

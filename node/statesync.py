@@ -13,10 +13,17 @@ whatever the others agree on, and the others only serve its chunks; with a targe
 with a ledger: the round and chain a majority of earned weight attests), only manifests of
 that round and chain are taken. A chunk that fails, times out or
 does not match its hash goes back to the queue for another donor; a donor that fails
-DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download. Frames, integers big-endian: the request
-is a kind byte (0 manifest, 1 chunk), an 8-byte round (all ones: the newest), an 8-byte
-chunk index and an 8-byte offset into the chunk; the response an 8-byte length and that
-many bytes, length 0 meaning "not available".
+DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download.
+
+Then the joiner takes one donor's residual of that round (protocol/state.py), whole, from the
+first donor of the state that serves one (RESIDUAL_DONORS tried): a peer that took a state
+with an empty residual restarts at the outer state, where every other replica restarts ahead
+by its unsent progress, and its first deltas failed the swarm's checks (docs/trust.md).
+
+Frames, integers big-endian: the request is a kind byte (0 manifest, 1 chunk, 2 residual
+manifest, 3 residual chunk), an 8-byte round (all ones: the newest), an 8-byte chunk index
+and an 8-byte offset into the chunk; the response an 8-byte length and that many bytes,
+length 0 meaning "not available" (a donor of an older release answers so for kinds 2, 3).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from locoswarm.protocol.state import (Ledger, Manifest, StateAssembler, StateSpe
                                       state_digest)
 
 PROTOCOL = "locoswarm/state/3"
-_MANIFEST, _CHUNK = 0, 1
+_MANIFEST, _CHUNK, _RESIDUAL_MANIFEST, _RESIDUAL_CHUNK = 0, 1, 2, 3
 _REQUEST_LEN = 25
 MANIFEST_DONORS = 4
 """Donors asked for their manifest at once (the caller passes them shuffled)."""
@@ -47,6 +54,8 @@ AGREEING = 2
 DONOR_FAILURES = 2
 """Failed chunk requests after which a donor is dropped from the download."""
 DONOR_CUTS = 8
+RESIDUAL_DONORS = 2
+"""Donors of the state asked for their residual, one after another, before going without."""
 """Chunk streams cut inside the body, one after another, after which a donor is dropped
 (each cut keeps what came; a delivered chunk starts the count again)."""
 _LATEST = (1 << 64) - 1
@@ -82,14 +91,18 @@ class StateServer:
 
     def __init__(self, p2p: P2P, spec: StateSpec, *, request_timeout_s: float = 10.0,
                  chunk_bytes: int = 4 << 20, admit: Callable[[str], bool] | None = None,
-                 upload_bytes_per_s: float = 0.0) -> None:
+                 upload_bytes_per_s: float = 0.0, residual_spec: StateSpec | None = None) -> None:
         """`upload_bytes_per_s`: what serving states may send a second, all joiners
         together (0: no budget); a chunk waits for it up to half `request_timeout_s`, then
-        is refused (the joiner asks again, or another donor)."""
+        is refused (the joiner asks again, or another donor). `residual_spec`: the layout
+        of the residuals given to `publish` (None: none is served)."""
         self.p2p = p2p
         self.admit = admit
         """Whether to serve a peer id at all (a private run's policy); None: everyone."""
         self.spec = spec
+        self.residual_spec = residual_spec
+        self._residuals: dict[int, dict[str, Tensor]] = {}
+        self._encoded_residuals: dict[int, tuple[bytes, bytes]] = {}
         self.request_timeout_s = request_timeout_s
         self.chunk_bytes = chunk_bytes
         self._snapshots: dict[int, dict[str, Tensor]] = {}
@@ -113,17 +126,26 @@ class StateServer:
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
 
-    def publish(self, state: dict[str, Tensor], round_: int, chain: str = "", ledger: Ledger = ()) -> None:
+    def publish(self, state: dict[str, Tensor], round_: int, chain: str = "", ledger: Ledger = (),
+                residual: dict[str, Tensor] | None = None) -> None:
         """Serve `state` (tensors this server may keep: pass copies) as the state of `round_`,
-        whose round chain is `chain` ("" unknown) and earned weight `ledger`."""
+        whose round chain is `chain` ("" unknown) and earned weight `ledger`; with it this
+        peer's `residual` at that round (following `residual_spec`), None for none."""
         self._snapshots[round_] = state
         self._meta[round_] = (chain, ledger)
+        self._encoded_residuals.pop(round_, None)
+        if residual is not None and self.residual_spec is not None:
+            self._residuals[round_] = residual
+        else:
+            self._residuals.pop(round_, None)
         now = time.monotonic()
         pinned = sorted((r for r, at in self._asked.items() if now - at < _PIN_S), reverse=True)[:_MAX_PINNED]
         for old in [r for r in self._snapshots if r <= round_ - _ROUNDS_KEPT and r not in pinned]:
             del self._snapshots[old]
             self._meta.pop(old, None)
             self._encoded.pop(old, None)
+            self._residuals.pop(old, None)
+            self._encoded_residuals.pop(old, None)
         self._asked = {r: at for r, at in self._asked.items() if r in self._snapshots}
 
     async def encoded(self, round_: int) -> tuple[bytes, bytes] | None:
@@ -140,6 +162,18 @@ class StateServer:
                     self.on_encoded(round_, state_digest(self._encoded[round_][1], ledger))
             return self._encoded[round_]
 
+    async def encoded_residual(self, round_: int) -> tuple[bytes, bytes] | None:
+        """(manifest, body) of this peer's residual at `round_`, encoding it on first use;
+        None when it serves none for that round."""
+        async with self._lock:
+            if round_ not in self._encoded_residuals:
+                residual = self._residuals.get(round_)
+                if residual is None:
+                    return None
+                self._encoded_residuals[round_] = await asyncio.to_thread(encode_state, self.residual_spec, residual,
+                                                                          round_, self.chunk_bytes)
+            return self._encoded_residuals[round_]
+
     async def rpc_get_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sent = await serve_framed(info, reader, writer, request_len=_REQUEST_LEN, answer=self._answer,
                                   timeout_s=self.request_timeout_s, what="state", limits=self.limits,
@@ -155,13 +189,18 @@ class StateServer:
             round_ = max(self._snapshots)
         if round_ in self._snapshots:
             self._asked[round_] = time.monotonic()
-        found = await self.encoded(round_)
+        if kind in (_MANIFEST, _CHUNK):
+            found = await self.encoded(round_)
+        elif kind in (_RESIDUAL_MANIFEST, _RESIDUAL_CHUNK):
+            found = await self.encoded_residual(round_)
+        else:
+            return b""
         if found is None:
             return b""
         manifest, body = found
-        if kind == _MANIFEST:
+        if kind in (_MANIFEST, _RESIDUAL_MANIFEST):
             answer = manifest
-        elif kind == _CHUNK and offset < self.chunk_bytes:
+        elif offset < self.chunk_bytes:
             answer = body[index * self.chunk_bytes + offset : (index + 1) * self.chunk_bytes]
         else:
             return b""
@@ -222,9 +261,9 @@ async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit
 
 
 async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float,
-                    round_: int = _LATEST) -> Manifest | None:
+                    round_: int = _LATEST, kind: int = _MANIFEST) -> Manifest | None:
     try:
-        return decode_manifest(await _ask(p2p, peer, _MANIFEST, round_, 0, 1 << 20, timeout_s), spec)
+        return decode_manifest(await _ask(p2p, peer, kind, round_, 0, 1 << 20, timeout_s), spec)
     except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
         log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
         return None
@@ -242,6 +281,9 @@ class Downloaded(NamedTuple):
     """The donors' round chain at that round ("" unknown)."""
     ledger: Ledger
     """The state's earned weight (protocol/state.py)."""
+    residual: dict[str, Tensor] | None = None
+    """One donor's residual at that round (float32 tensors), None when none was asked or
+    none came."""
 
 
 def choose_state(manifests: list[Manifest]) -> Manifest:
@@ -261,6 +303,7 @@ async def download_state(
     on_progress: Callable[[int, int], None] | None = None,
     attesters: frozenset[str] = frozenset(),
     target: tuple[int, str] | None = None,
+    residual_spec: StateSpec | None = None,
 ) -> Downloaded:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
     docstring). With `attesters` (peer ids) the state is the newest one an attester among
@@ -269,7 +312,8 @@ async def download_state(
     checked against the attester's manifest. With a `target` (round, chain), the state a
     majority of earned weight attests (node/lineage.py attested_state), only manifests of that
     round and chain are taken, whatever newer one donors agree on: of those, the one most of
-    them show (body and ledger)."""
+    them show (body and ledger). With `residual_spec`, a donor's residual of that round too
+    (`_residual`)."""
     trusted = [p for p in donors if p.to_base58() in attesters]
     asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
     round_ = _LATEST if target is None else target[0]
@@ -296,7 +340,21 @@ async def download_state(
         chosen = choose_state(list(manifests.values()))
     pool = [p for p, m in manifests.items() if _same(m) == _same(chosen)]
     asm = StateAssembler(spec, chosen)
-    total = len(chosen.chunks)
+    await _pull(p2p, pool, asm, _CHUNK, timeout_s, on_progress)
+    if asm.missing():
+        raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
+    tensors = asm.finish()
+    residual = None if residual_spec is None else await _residual(p2p, pool, residual_spec, chosen.round, timeout_s)
+    return Downloaded(chosen.round, tensors, chosen.chain, chosen.ledger, residual)
+
+
+async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, timeout_s: float,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of
+    `pool`, one request in flight per donor, from one shared queue; what is missing when
+    every donor gave up stays missing."""
+    round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
+    total = len(asm.manifest.chunks)
     queue = collections.deque(asm.missing())
     partial: dict[int, bytes] = {}
     """chunk index → the bytes of it that came before its stream was cut."""
@@ -316,7 +374,7 @@ async def download_state(
             have = partial.pop(index, b"")
             in_flight += 1
             try:
-                rest = await _ask(p2p, peer, _CHUNK, chosen.round, index, chosen.chunk_bytes - len(have), timeout_s,
+                rest = await _ask(p2p, peer, kind, round_, index, chunk_bytes - len(have), timeout_s,
                                   offset=len(have))
                 asm.add(index, have + rest)
                 cuts = 0
@@ -337,6 +395,21 @@ async def download_state(
                 on_progress(total - len(asm.missing()), total)
 
     await asyncio.gather(*(worker(peer) for peer in pool))
-    if asm.missing():
-        raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {total}")
-    return Downloaded(chosen.round, asm.finish(), chosen.chain, chosen.ledger)
+
+
+async def _residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
+                    timeout_s: float) -> dict[str, Tensor] | None:
+    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
+    tried) that serves a valid one; None when none does."""
+    for peer in pool[:RESIDUAL_DONORS]:
+        manifest = await _manifest(p2p, peer, spec, timeout_s, round_, kind=_RESIDUAL_MANIFEST)
+        if manifest is None or manifest.round != round_:
+            continue
+        asm = StateAssembler(spec, manifest)
+        await _pull(p2p, [peer], asm, _RESIDUAL_CHUNK, timeout_s)
+        try:
+            return asm.finish()
+        except Exception as e:  # incomplete, or values no replica can start from
+            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
+    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
+    return None

@@ -20,6 +20,12 @@ the whole body. The joiner checks the manifest against what its own run spec say
 looks like (names and shapes, hence the exact byte count: nothing a donor sends can make it
 allocate more), then accepts pieces in any order from any donor whose manifest has the same
 digest, verifying each against its hash before writing it.
+
+A donor's residual (its error-feedback residual e at that round, what its replica restarts
+from: θ_outer − β·e) travels the same way, as a second manifest and body of its own: tensors
+`residual.<i>` in bfloat16 (the 16-bit patterns, little-endian). It is the donor's own, not
+the swarm's: no two donors hold the same, so it is taken from one donor whole, and the joiner
+keeps it only where it helps (node/trainer.py `load_state`).
 """
 
 from __future__ import annotations
@@ -48,17 +54,26 @@ Ledger = tuple[tuple[str, int], ...]
 """Earned weight as (peer id, credit) pairs in ascending peer id order."""
 
 
+_ITEMSIZE = {"float32": 4, "bfloat16": 2}
+
+
 @dataclass(frozen=True, slots=True)
 class StateSpec:
-    """What the run spec says the outer state looks like."""
+    """What the run spec says the outer state (or a donor's residual) looks like."""
 
     run_id: str
     spec_hash: bytes
     tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    dtype: str = "float32"
+    """How the body holds the values: "float32", or "bfloat16" (a residual)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _ITEMSIZE:
+            raise ValueError(f"state dtype must be one of {sorted(_ITEMSIZE)}, got {self.dtype!r}")
 
     @property
     def total_bytes(self) -> int:
-        return sum(4 * int(np.prod(shape, dtype=np.int64)) for _, shape in self.tensors)
+        return sum(_ITEMSIZE[self.dtype] * int(np.prod(shape, dtype=np.int64)) for _, shape in self.tensors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +124,7 @@ def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, chain: str = "", ledger: Ledger = ()) -> tuple[bytes, bytes]:
     """Returns (manifest bytes, body bytes) for `state`, whose tensors follow `spec`'s order."""
     assert [n for n, _ in spec.tensors] == list(state), "state must follow the spec's tensor order"
-    body = b"".join(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
-                    for t in state.values())
+    body = b"".join(_bytes(t, spec.dtype) for t in state.values())
     assert len(body) == spec.total_bytes
     chunks = [hashlib.sha256(body[i : i + chunk_bytes]).digest() for i in range(0, len(body), chunk_bytes)]
     manifest = {
@@ -120,6 +134,20 @@ def encode_state(spec: StateSpec, state: dict[str, Tensor], round_: int,
         "ledger": [list(pair) for pair in ledger],
     }
     return msgpack.packb(manifest, use_bin_type=True), body
+
+
+def _bytes(t: Tensor, dtype: str) -> bytes:
+    if dtype == "bfloat16":
+        return t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def _tensor(body: bytearray, dtype: str, count: int, offset: int) -> Tensor:
+    """`count` values of `dtype` at byte `offset` of `body`, as float32."""
+    if dtype == "bfloat16":
+        bits = np.frombuffer(body, dtype="<i2", count=count, offset=offset).astype(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).float()
+    return torch.from_numpy(np.frombuffer(body, dtype="<f4", count=count, offset=offset).astype(np.float32))
 
 
 def decode_manifest(blob: bytes, spec: StateSpec) -> Manifest:
@@ -188,9 +216,8 @@ class StateAssembler:
         out, offset = {}, 0
         for name, shape in self.spec.tensors:
             n = int(np.prod(shape, dtype=np.int64))
-            arr = np.frombuffer(self._body, dtype="<f4", count=n, offset=offset)
-            out[name] = torch.from_numpy(arr.astype(np.float32)).view(shape)
-            offset += 4 * n
+            out[name] = _tensor(self._body, self.spec.dtype, n, offset).view(shape)
+            offset += _ITEMSIZE[self.spec.dtype] * n
         bad = [n for n, t in out.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise NonFiniteValue(f"state tensors {bad} hold non-finite values")

@@ -522,11 +522,11 @@ def test_a_donor_keeps_the_round_being_downloaded_while_it_publishes_newer_ones(
             newer[0] += 1
 
         try:
-            round_, tensors, _, _ = await download_state(joiner, [donor.peer_id], spec, on_progress=moved_on)
+            got = await download_state(joiner, [donor.peer_id], spec, on_progress=moved_on)
         finally:
             await joiner.shutdown()
             await donor.shutdown()
-        return round_, tensors, newer[0]
+        return got.round, got.tensors, newer[0]
 
     round_, tensors, published = asyncio.run(go())
     assert published > 13, "the donor moved on by more than the rounds it keeps"

@@ -93,3 +93,25 @@ def test_wrong_chunk_size_or_index_is_refused(gen):
         asm.add(0, body[:1000])
     with pytest.raises(MalformedMessage, match="outside"):
         asm.add(10_000, body[:1024])
+
+
+def test_a_bfloat16_body_carries_a_residual_bit_for_bit_at_half_the_bytes(gen):
+    """A donor's residual travels as bfloat16 (protocol/state.py): every 16-bit pattern,
+    negative zero and subnormals included, comes back as the float32 it widens to."""
+    spec = StateSpec(run_id="r", spec_hash=b"s" * 32, dtype="bfloat16",
+                     tensors=(("residual.0", (33, 17)), ("residual.1", (5,))))
+    assert spec.total_bytes == 2 * (33 * 17 + 5)
+    residual = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in spec.tensors}
+    residual["residual.1"][:3] = torch.tensor([-0.0, 1e-40, -3e38]).to(torch.bfloat16)
+    manifest, body = encode_state(spec, residual, 4, chunk_bytes=1024)
+    asm = StateAssembler(spec, decode_manifest(manifest, spec))
+    for i in reversed(asm.missing()):
+        asm.add(i, body[i * 1024 : (i + 1) * 1024])
+    out = asm.finish()
+    for name, want in residual.items():
+        assert out[name].dtype == torch.float32
+        assert torch.equal(out[name].to(torch.bfloat16).view(torch.int16), want.view(torch.int16)), name
+    with pytest.raises(ShapeMismatch):  # a residual's manifest is no outer state's, nor the reverse
+        decode_manifest(manifest, SPEC)
+    with pytest.raises(ValueError, match="dtype"):
+        StateSpec(run_id="r", spec_hash=b"s" * 32, tensors=(), dtype="float16")

@@ -3,7 +3,8 @@ one donor, from the good one when another serves corrupted chunks, from the surv
 a donor is SIGKILLed mid-download, the newest round when donors disagree and no two agree,
 the state two donors agree on over a newer single one, intact from a lone donor that sheds
 streams (closes them unanswered, as one over its limits does), and intact when every chunk's
-first stream is cut mid-body (each resumed where it stopped)."""
+first stream is cut mid-body (each resumed where it stopped). With the state, one donor's
+residual, whole, from the first donor that serves a valid one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.statesync import StateUnavailable, download_state
+from locoswarm.node.statesync import Downloaded, StateUnavailable, download_state
+from locoswarm.protocol.state import StateSpec
 
 DONOR = os.path.join(os.path.dirname(__file__), "peers", "serve_state.py")
 _spec = importlib.util.spec_from_file_location("serve_state", DONOR)
@@ -29,16 +31,22 @@ pytestmark = pytest.mark.timeout(120)
 
 def _download(addrs: list[str], on_progress=None, timeout_s: float = 10.0, attesters: frozenset[str] = frozenset(),
               target: tuple[int, str] | None = None, want_chain: str = serve_state.CHAIN):
+    got = _downloaded(addrs, on_progress, timeout_s, attesters, target, want_chain)
+    return got.round, got.tensors
+
+
+def _downloaded(addrs: list[str], on_progress=None, timeout_s: float = 10.0, attesters: frozenset[str] = frozenset(),
+                target: tuple[int, str] | None = None, want_chain: str = serve_state.CHAIN,
+                residual_spec: StateSpec | None = None) -> Downloaded:
     async def go():
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
         try:
             peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
-            round_, tensors, chain, ledger = await download_state(client, peers, serve_state.SPEC,
-                                                                  timeout_s=timeout_s, on_progress=on_progress,
-                                                                  attesters=attesters, target=target)
-            assert chain == want_chain, "the donors' round chain comes with their state"
-            assert ledger == serve_state.LEDGER, "and their ledger of earned weight"
-            return round_, tensors
+            got = await download_state(client, peers, serve_state.SPEC, timeout_s=timeout_s, on_progress=on_progress,
+                                       attesters=attesters, target=target, residual_spec=residual_spec)
+            assert got.chain == want_chain, "the donors' round chain comes with their state"
+            assert got.ledger == serve_state.LEDGER, "and their ledger of earned weight"
+            return got
         finally:
             await client.shutdown()
 
@@ -152,6 +160,40 @@ def test_with_a_target_only_the_attested_round_and_chain_is_taken_whatever_newer
         _download(addrs, target=(forged, serve_state.CHAIN))
 
 
+def _residual_of(mode: str) -> dict[str, torch.Tensor]:
+    return {n: t.float() for n, t in serve_state.residual(mode).items()}
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_with_the_state_comes_one_donors_residual_whole_and_bit_for_bit(spawn_peers):
+    """Two donors of one state serve different residuals (each its own): the joiner takes
+    the first one's whole, never a mixture of chunks, bit for bit as the bfloat16 it holds."""
+    _, addrs = spawn_peers(DONOR, "good", "own-residual")
+    got = _downloaded(addrs, residual_spec=serve_state.RESIDUAL_SPEC)
+    _assert_is_the_donors_state(got.tensors)
+    _assert_same(got.residual, _residual_of("good"))
+    got = _downloaded(addrs[::-1], residual_spec=serve_state.RESIDUAL_SPEC)
+    _assert_same(got.residual, _residual_of("own-residual"))
+    assert _downloaded(addrs).residual is None, "none asked, none taken"
+
+
+def test_a_donor_without_a_residual_or_with_a_non_finite_one_is_passed_over(spawn_peers):
+    """A donor of an older release (no residual) or one serving NaN: the next donor's is
+    taken; when no donor serves a valid one, the state still comes, without a residual."""
+    _, addrs = spawn_peers(DONOR, "no-residual", "nan-residual", "good")
+    got = _downloaded(addrs[0::2], residual_spec=serve_state.RESIDUAL_SPEC)
+    _assert_same(got.residual, _residual_of("good"))
+    got = _downloaded(addrs[1:], residual_spec=serve_state.RESIDUAL_SPEC)
+    _assert_same(got.residual, _residual_of("good"))
+    got = _downloaded(addrs[:2], residual_spec=serve_state.RESIDUAL_SPEC)
+    _assert_is_the_donors_state(got.tensors)
+    assert got.residual is None
+
+
 def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest():
     from locoswarm.node.statesync import choose_state
     from locoswarm.protocol.state import Manifest
@@ -201,3 +243,64 @@ def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the
     # beat this bound, a slower one only takes longer.
     floor_s = (2 * len(body) - 3 * serve_state.CHUNK_BYTES) / serve_state.BUDGET_BYTES_PER_S
     assert elapsed >= floor_s, (elapsed, floor_s)
+
+
+def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_with_the_swarm():
+    """Trainer.load_state with the donor's residual: the replica restarts where the donor's
+    did (ahead of the outer state by its unsent progress), scores a lower held-out loss there
+    than at the outer state, and its first delta agrees with the swarm's better than a
+    replica started at the outer state with an empty residual (whose deltas failed the
+    swarm's checks in a churn run, docs/trust.md). A residual that does not help is refused."""
+    import threading
+    from dataclasses import replace
+
+    from locoswarm.node.spec import RunSpec
+    from locoswarm.node.trainer import Trainer
+    from locoswarm.optim.check import check_round
+
+    spec = replace(RunSpec(), num_shards=3, batch_size=4)
+    stop = threading.Event()
+
+    def trainer(shard: int) -> Trainer:
+        return Trainer(spec, spec.hash(), shard=shard, device=torch.device("cpu"))
+
+    def one_round(peers: list[Trainer], names: list[str]):
+        works = []
+        for t in peers:
+            t.train_until(stop, lambda n: n >= t.round_tokens)
+            works.append(t.end_round())
+        return works, [t.decode(t.encode(w, n)) for t, w, n in zip(peers, works, names)]
+
+    a, b = trainer(0), trainer(1)
+    for _ in range(6):
+        works, deltas = one_round([a, b], ["a", "b"])
+        for t, w in zip((a, b), works):
+            t.apply(w, deltas, overlapped=False)
+    state, residual = a.served()
+    assert all(t.dtype == torch.bfloat16 for t in residual.values())
+    donors, empty = trainer(2), trainer(2)
+    start = donors.load_state(a.round, state, a.ledger.pairs(), residual)
+    assert start.donors and start.donor_loss < start.outer_loss
+    assert empty.load_state(a.round, state, a.ledger.pairs()).outer_loss is None
+    ahead = a.step.restart(a.outer, a.compressor)
+    for p, want, o in zip(donors.model.parameters(), ahead, a.outer.params):
+        assert torch.allclose(p, want, rtol=0, atol=1e-2 * float((want - o).abs().max()) + 1e-7)
+    assert donors.state_digest() == empty.state_digest() == a.state_digest()
+
+    peers = [a, b, donors, empty]
+    works, deltas = one_round(peers, ["a", "b", "donors", "empty"])
+    seen = {name: {c.sender: c.agreement for c in check_round(t.outer.params, w.snapshot, d, deltas,
+                                                                plan_tokens=t.round_tokens)}
+            for name, t, w, d in zip(("a", "b"), peers, works, deltas)}
+    print(f"held-out loss {start.donor_loss:.4f} from the donor's residual, {start.outer_loss:.4f} at the outer "
+          f"state; first-round agreement (thousandths) {seen}")
+    assert min(s["donors"] for s in seen.values()) > max(s["empty"] for s in seen.values()), seen
+
+    refused = trainer(2)
+    noise = {n: 1e3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+             for n, t in residual.items()}
+    start = refused.load_state(a.round, state, a.ledger.pairs(), noise)
+    assert not start.donors and start.donor_loss > start.outer_loss
+    assert "refusing" in start.describe()
+    assert all(not e.any() for e in refused.compressor.errors)
+    assert all(torch.equal(p, o) for p, o in zip(refused.model.parameters(), refused.outer.params))

@@ -1,7 +1,12 @@
 """A real donor process for the state-download tests: serves a seeded outer state on
 loopback, prints its multiaddr, runs until stdin closes or it is killed.
 
-usage: python serve_state.py MODE   (MODE: good | corrupt | stale | forged | shedding | mute | cutting | budget)
+usage: python serve_state.py MODE   (MODE: good | corrupt | stale | forged | shedding | mute | cutting | budget
+                                     | own-residual | no-residual | nan-residual)
+
+Every donor serves its residual (RESIDUAL_SEED) with the state, except: own-residual serves
+another one (OWN_RESIDUAL_SEED); no-residual none (as a donor of an older release);
+nan-residual one holding NaN.
 
 forged: serves another state, FORGED_ROUNDS ahead, on another chain (FORGED_CHAIN), as peers
 that invented a lineage do;
@@ -32,23 +37,37 @@ LEDGER = (("QmDonorA", 9000), ("QmDonorB", 120))
 FORGED_ROUNDS = 3
 FORGED_CHAIN = "ee" * 16
 CHUNK_BYTES = 4096
+RESIDUAL_SPEC = StateSpec(run_id=SPEC.run_id, spec_hash=SPEC.spec_hash, dtype="bfloat16",
+                          tensors=(("residual.0", (64, 100)), ("residual.1", (7,))))
+RESIDUAL_SEED, OWN_RESIDUAL_SEED = 11, 12
 BUDGET_BYTES_PER_S = 20_000
 
 
-def state(seed: int = 5) -> dict[str, torch.Tensor]:
+def state(seed: int = 5, spec: StateSpec = SPEC) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen) for n, s in SPEC.tensors}
+    return {n: torch.randn(s, generator=gen) for n, s in spec.tensors}
+
+
+def residual(mode: str) -> dict[str, torch.Tensor] | None:
+    """What a donor of `mode` serves as its residual (bfloat16, as a trainer does)."""
+    if mode == "no-residual":
+        return None
+    out = state(OWN_RESIDUAL_SEED if mode == "own-residual" else RESIDUAL_SEED, RESIDUAL_SPEC)
+    if mode == "nan-residual":
+        out["residual.1"][3] = float("nan")
+    return {n: t.to(torch.bfloat16) for n, t in out.items()}
 
 
 async def main(mode: str) -> None:
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = StateServer(p2p, SPEC, chunk_bytes=CHUNK_BYTES,
-                         upload_bytes_per_s=BUDGET_BYTES_PER_S if mode == "budget" else 0.0)
+                         upload_bytes_per_s=BUDGET_BYTES_PER_S if mode == "budget" else 0.0,
+                         residual_spec=RESIDUAL_SPEC)
     await server.start()
     if mode == "forged":
-        server.publish(state(6), ROUND + FORGED_ROUNDS, FORGED_CHAIN, LEDGER)
+        server.publish(state(6), ROUND + FORGED_ROUNDS, FORGED_CHAIN, LEDGER, residual(mode))
     else:
-        server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER)
+        server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER, residual(mode))
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
         server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
