@@ -304,13 +304,16 @@ class Lineage:
                 "anchors": tuple((k, self.chains[k]) for k in anchor_rounds(outer_steps) if self.chains.get(k))}
 
     def after_round(self, round_: int, before: int, after: int, aggregated: list[tuple[str, int]], *,
-                    others_trained: bool, sampled: bool, established: frozenset[str] = frozenset()) -> None:
+                    others_trained: bool, sampled: bool, established: frozenset[str] = frozenset(),
+                    own_sent: bool = True) -> None:
         """Round `round_`'s outer step took the outer steps from `before` to `after` with
         the `aggregated` (sender, tokens) pairs, this peer's own among them.
         `others_trained`: other peers reported progress in the round. `sampled`: the round
         pulled a sample of the participants' deltas (fanout below their number).
-        `established`: the peers our ledger counts as established before the round."""
-        if len(aggregated) == 1 and self.had_peers:
+        `established`: the peers our ledger counts as established before the round.
+        `own_sent`: our own delta is among `aggregated` (not when it was held: node/trainer.py
+        Trainer.hold), so a round of one delta is a round alone."""
+        if own_sent and len(aggregated) == 1 and self.had_peers:
             self.alone_rounds += 1
             if others_trained and self.diverged_at is None:
                 # Others trained this round and none of their deltas is in our step (cut

@@ -186,24 +186,15 @@ class RoundLoop:
         if not overlap:
             ctx.stats.state = "exchanging"
         ctx.stats.loss = work.loss
-        try:
-            # The round chain of the outer state the delta is taken from: peers on another
-            # one leave it out (optim/screen.py), and it tells what our checks judge.
-            base = ctx.lineage.chains.get(trainer.outer_steps, "")
-            blob = await run(trainer.encode, work, ctx.peer_id, base)
-        except ValueError:
-            # No delta of ours will come (a non-finite replica): say so, so that nobody
-            # waits for it until the deadline (node/rounds.py, withdrawn peers).
+        # The round chain of the outer state the delta is taken from: peers on another one
+        # leave it out (optim/screen.py), and it tells what our checks judge.
+        base = ctx.lineage.chains.get(trainer.outer_steps, "")
+        held = trainer.holds == r
+        if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
+            log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
             self._withdraw(progress, r)
-            raise
-        ctx.deltas.publish(r, blob)
-
-        try:
-            ctx.faults.reporting(r)
-            progress.report(work.tokens, trainer.tokens_per_s, done=True)
-            progress.refresh()
-        except Exception as e:  # the others still see our last report, and pull our delta
-            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
+        else:
+            blob = await self._send(run, progress, work, base)
         got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
@@ -221,9 +212,12 @@ class RoundLoop:
             # LIVENESS_S, is a stall worth a warning; one found gone or restarted is churn.
             stall = peer in got.stalled or peer in got.silent
             log.log(logging.WARNING if stall else logging.INFO, "round %d: no delta from %s: %s", r, peer, why)
+        if held:
+            await run(trainer.hold, work)
         # Our own delta goes through the same decode every receiver runs, so all peers
         # aggregate the same values (the residual was committed against that decode).
-        screened = await run(trainer.screen, [await run(trainer.decode, blob)] + got.deltas, base)
+        own = [] if held else [await run(trainer.decode, blob)]
+        screened = await run(trainer.screen, own + got.deltas, base)
         for rejection in screened.rejected:
             log.warning("round %d: delta of %s refused: %s", r, rejection.sender, rejection.reason)
         for note in screened.notes:
@@ -244,7 +238,7 @@ class RoundLoop:
         ctx.lineage.after_round(r, before, trainer.outer_steps,
                                 [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
-                                established=established)
+                                established=established, own_sent=not held)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         state, residual = await run(trainer.served)
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
@@ -266,6 +260,26 @@ class RoundLoop:
                         r, c.sender, c.agreement / SCALE, threshold)
         ctx.stats.checks += len(checks)
         ctx.stats.least_agreement = min((c.agreement / SCALE for c in checks), default=None)
+
+    async def _send(self, run, progress: RoundProgress, work: RoundWork, base: str) -> bytes:
+        """Encode our delta of the round (on `run`, the exchange's compute), serve it and
+        report the round done; the encoded delta."""
+        ctx, r = self.ctx, work.round
+        try:
+            blob = await run(ctx.trainer.encode, work, ctx.peer_id, base)
+        except ValueError:
+            # No delta of ours will come (a non-finite replica): say so, so that nobody
+            # waits for it until the deadline (node/rounds.py, withdrawn peers).
+            self._withdraw(progress, r)
+            raise
+        ctx.deltas.publish(r, blob)
+        try:
+            ctx.faults.reporting(r)
+            progress.report(work.tokens, ctx.trainer.tokens_per_s, done=True)
+            progress.refresh()
+        except Exception as e:  # the others still see our last report, and pull our delta
+            log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
+        return blob
 
     def _withdraw(self, progress: RoundProgress, r: int) -> None:
         self.ctx.deltas.give_up(r)

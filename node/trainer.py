@@ -134,6 +134,9 @@ class Trainer:
         self.ledger = self.step.ledger(self.round_tokens)
         """The outer state's earned weight (optim/credit.py): screened against, credited
         by each outer step, taken with a donor's state."""
+        self.holds: int | None = None
+        """The round whose delta is held, not sent (`hold`): the first one trained in a state
+        taken from others; None when there is none."""
         self.told: tuple[int, tuple[tuple[str, int], ...]] = (-1, ())
         """(round, failed checks of its deltas): told with the next round's delta (exchange thread)."""
         self.handoff = Handoff()
@@ -278,6 +281,16 @@ class Trainer:
         return self.step.encode(self.compressor, self.outer.params, work.snapshot, round_=work.round, sender=sender,
                                 tokens=work.tokens, base=base, checks=checks if round_ == work.round - 1 else ())
 
+    def hold(self, work: RoundWork) -> None:
+        """The round's pseudo-gradient kept whole in the residual, not sent: the replica
+        restarts from the next outer state with all of it, so nothing trained is lost.
+        A peer holds the first round it trains in a state it took (`holds`): it joined that
+        round late, after the others had counted its participants, and where it aggregated
+        its own delta and they did not, its outer state split from theirs at once (3 of 4
+        restarts in a 6-peer churn run, each healed by one or two more downloads).
+        ValueError when it is not finite."""
+        self.compressor.hold([o - s for o, s in zip(self.outer.params, work.snapshot)])
+
     def decode(self, blob: bytes) -> DecodedDelta:
         return self.step.decode(blob)
 
@@ -391,6 +404,7 @@ class Trainer:
             err.zero_()
             sent.zero_()  # nothing sent yet
         self.round = round_
+        self.holds = round_
         self.handoff.put_shift(None)
         load_params(self.model, self.outer.params)
         start = StartFrom()

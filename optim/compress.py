@@ -158,6 +158,23 @@ class ErrorFeedbackCompressor:
         return packed, transmitted
 
     @torch.no_grad()
+    def hold(self, deltas: list[Tensor]) -> None:
+        """A round whose delta is not sent (a peer's first round in a state it took,
+        node/trainer.py): the whole pseudo-gradient goes into the residual, as if its top-k
+        had been empty, and nothing counts as sent. ValueError, with nothing committed, on a
+        non-finite delta."""
+        flat = [d.reshape(-1).to(e.device, dtype=torch.float32) for d, e in zip(deltas, self.errors)]
+        for spec, d in zip(self.specs, flat):
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"pseudo-gradient of {spec.name!r} is not finite")
+        for err, d, mask in zip(self.errors, flat, self.sent_masks):
+            if self.cfg.residual == "buffer":
+                err.mul_(self.cfg.ef_decay).add_(d)
+            else:
+                err.copy_(d)  # the replica started at θ_outer − β·e, so Δ already holds β·e
+            mask.zero_()
+
+    @torch.no_grad()
     def forget(self, moved: list[Tensor]) -> None:
         """After a "masked" round: where the consensus moved (`moved`, flat bool, from
         `coverage(...) > 0`) on a coordinate this peer did not send in its last message,

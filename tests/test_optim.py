@@ -67,6 +67,27 @@ def test_error_feedback_conserves_decayed_residual_plus_delta_as_sent_plus_new_r
             assert any(float(e.abs().max()) > 0 for e in comp.errors)
 
 
+@pytest.mark.parametrize("residual", ["buffer", "model"])
+def test_a_held_round_keeps_the_whole_pseudo_gradient_in_the_residual_and_sends_nothing(
+    residual: str, gen: torch.Generator
+) -> None:
+    cfg = CompressionConfig(density=0.05, bits=4, chunk=256, ef_decay=0.9, residual=residual)
+    comp = ErrorFeedbackCompressor(tensor_specs(SHAPES, cfg), cfg, "cpu")
+    comp.compress([torch.randn(shape, generator=gen) for _, shape in SHAPES])
+    e_old = [e.clone() for e in comp.errors]
+    assert all(bool(m.any()) for m in comp.sent_masks)
+    deltas = [torch.randn(shape, generator=gen) for _, shape in SHAPES]
+    comp.hold(deltas)
+    for eo, d, en, mask in zip(e_old, deltas, comp.errors, comp.sent_masks):
+        # residual "model": the replica started at θ_outer − β·e, so Δ already holds β·e
+        want = 0.9 * eo + d.reshape(-1) if residual == "buffer" else d.reshape(-1)
+        assert torch.allclose(en, want, atol=1e-6) and not bool(mask.any())
+    kept = [e.clone() for e in comp.errors]
+    with pytest.raises(ValueError, match="not finite"):
+        comp.hold([torch.full(shape, math.nan) for _, shape in SHAPES])
+    assert all(torch.equal(a, b) for a, b in zip(kept, comp.errors)), "a refused hold commits nothing"
+
+
 def test_error_feedback_sends_what_the_receiver_decodes(gen: torch.Generator) -> None:
     cfg = CompressionConfig(density=0.05, bits=4, chunk=256)
     spec = delta_spec(SHAPES, cfg, run_id="r", spec_hash=b"h", max_tokens=100)
