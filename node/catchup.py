@@ -185,6 +185,8 @@ class CatchUp:
             else:
                 raise NodeError("could not download the swarm's state from any donor")
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
+        if got.residual is not None:
+            ctx.stats.bytes_received += trainer.residual_spec.total_bytes
         start = await ctx.pools.train(trainer.load_state, got.round, got.tensors, got.ledger, got.residual)
         log.info("took the state of round %d; the replica starts %s", got.round, start.describe())
         ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,

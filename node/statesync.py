@@ -15,8 +15,8 @@ that round and chain are taken. A chunk that fails, times out or
 does not match its hash goes back to the queue for another donor; a donor that fails
 DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download.
 
-Then the joiner takes one donor's residual of that round (protocol/state.py), whole, from the
-first donor of the state that serves one (RESIDUAL_DONORS tried): a peer that took a state
+With it the joiner takes one donor's residual of that round (protocol/state.py), whole, from
+the first donor of the state that serves one (RESIDUAL_DONORS tried): a peer that took a state
 with an empty residual restarts at the outer state, where every other replica restarts ahead
 by its unsent progress, and its first deltas failed the swarm's checks (docs/trust.md).
 
@@ -340,11 +340,19 @@ async def download_state(
         chosen = choose_state(list(manifests.values()))
     pool = [p for p, m in manifests.items() if _same(m) == _same(chosen)]
     asm = StateAssembler(spec, chosen)
-    await _pull(p2p, pool, asm, _CHUNK, timeout_s, on_progress)
-    if asm.missing():
-        raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
-    tensors = asm.finish()
-    residual = None if residual_spec is None else await _residual(p2p, pool, residual_spec, chosen.round, timeout_s)
+    # The residual comes from one donor while the state's chunks come from all of them, at
+    # once: a join then waits for the slower of the two, not for both one after the other.
+    wanted = (asyncio.ensure_future(_residual(p2p, pool, residual_spec, chosen.round, timeout_s))
+              if residual_spec is not None else None)
+    try:
+        await _pull(p2p, pool, asm, _CHUNK, timeout_s, on_progress)
+        if asm.missing():
+            raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
+        tensors = asm.finish()
+        residual = None if wanted is None else await wanted
+    finally:
+        if wanted is not None and not wanted.done():
+            wanted.cancel()
     return Downloaded(chosen.round, tensors, chosen.chain, chosen.ledger, residual)
 
 
