@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TRIES = 3
-"""Whole-download attempts (each over every donor) before a sync counts as failed."""
+"""Whole-download attempts (each over every donor) before a sync counts as failed, waiting
+1 s, 2 s, … between them."""
+JOIN_TRIES = 6
+"""The same for a joiner, which has nothing to train on meanwhile: about 30 s of waits. A donor
+under an upload budget refuses requests while another joiner takes it; three tries in 6 s
+ended a joiner that came a second after another (2026-12-05)."""
 INTRODUCE_TIMEOUT_S = 10.0
 """The longest a joiner waits for its record to reach the peers it read in the registry
 over the progress streams, and again for theirs to come back, before it decides whether to
@@ -72,7 +77,7 @@ class CatchUp:
         if not ahead or max(r.round for r in ahead) <= ctx.trainer.outer_steps:
             return
         try:
-            await self.sync(peers, vouching)
+            await self.sync(peers, vouching, tries=JOIN_TRIES)
         except Unattested as e:  # resumed with a ledger: train on ours, decide again at each round boundary
             log.warning("%s; training on from the checkpoint", e)
 
@@ -141,7 +146,8 @@ class CatchUp:
                              f"show their round chains: none taken")
         return found
 
-    async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset()) -> None:
+    async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset(), *,
+                   tries: int = DOWNLOAD_TRIES) -> None:
         """Download the newest outer state the peers of `records` serve and take it; with
         `vouching` peers (a joiner: `vouching`), the newest one of those serve. NodeError
         when no donor could give it. After a join, whom to follow is decided by earned
@@ -172,7 +178,7 @@ class CatchUp:
         donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1 or r.peer_id in vouching]
         ctx.rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
-            for attempt in range(DOWNLOAD_TRIES):
+            for attempt in range(tries):
                 try:
                     got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update,
                                                attesters=vouching,
@@ -180,10 +186,13 @@ class CatchUp:
                                                residual_spec=trainer.residual_spec)
                     break
                 except StateUnavailable as e:
-                    log.warning("state download failed (%s); retrying", e)
-                    await asyncio.sleep(1 + attempt)
+                    failure = e
+                    if attempt + 1 < tries:
+                        log.warning("state download failed (%s); retrying", e)
+                        await asyncio.sleep(min(2**attempt, 16))
             else:
-                raise NodeError("could not download the swarm's state from any donor")
+                raise NodeError(f"could not download the swarm's state from any donor in {tries} tries, the last: "
+                                f"{failure}")
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
         if got.residual is not None:
             ctx.stats.bytes_received += trainer.residual_spec.total_bytes

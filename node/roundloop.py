@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from safetensors import SafetensorError
 
@@ -73,7 +73,7 @@ class RoundLoop:
             if ctx.should_exit.is_set():
                 break
             round_ = trainer.round
-            progress = await self._guarded(round_, self._train())
+            progress = await self._guarded(round_, self._train)
             if ctx.should_exit.is_set():
                 break  # abandon the round: peers waiting for our delta drop us when our streams close
             boundary_t0 = time.perf_counter()
@@ -94,7 +94,8 @@ class RoundLoop:
             self._boundary[work.round] = (wait_s, time.perf_counter() - boundary_t0 - wait_s)
             trained += 1
             ctx.faults.trained(work.round, work, trainer.outer.params)
-            step = self._guarded(work.round, self._exchange(progress, work, overlap), work, overlapped=overlap)
+            step = self._guarded(work.round, functools.partial(self._exchange, progress, work, overlap), work,
+                                 overlapped=overlap)
             if overlap:
                 exchange = asyncio.ensure_future(step)
             else:
@@ -117,15 +118,16 @@ class RoundLoop:
         return bool(cfg.max_rounds and trained >= cfg.max_rounds
                     or cfg.until_round and self.ctx.trainer.round >= cfg.until_round)
 
-    async def _guarded(self, round_: int, phase: Awaitable, work: RoundWork | None = None, *,
+    async def _guarded(self, round_: int, phase: Callable[[], Awaitable], work: RoundWork | None = None, *,
                        overlapped: bool = False):
-        """The one place a round's failure is decided: run one phase of round `round_`; on
-        failure discard the round (never the node) and return None. `work`: the round's
-        boundary, for the exchange phase (a failure before the outer step drops it; after,
-        the round stands and only its bookkeeping failed)."""
+        """The one place a round's failure is decided: run one phase of round `round_` (made
+        here, so that a step cancelled before it starts, as at SIGTERM, leaves no coroutine
+        never awaited); on failure discard the round (never the node) and return None.
+        `work`: the round's boundary, for the exchange phase (a failure before the outer step
+        drops it; after, the round stands and only its bookkeeping failed)."""
         ctx = self.ctx
         try:
-            return await phase
+            return await phase()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -228,6 +230,16 @@ class RoundLoop:
         self._check_s = time.perf_counter() - t_check
         self._log_checks(r, checks)
         deltas = trainer.step.kept(screened)
+        if held and not deltas:
+            # Nothing to step with: the others' deltas of this round are gone (we took a state
+            # rounds behind them) or none came. Not a failure of ours: the round is dropped and
+            # the swarm's state taken at the next boundary; the replica keeps what it trained.
+            log.warning("round %d: no other peer's delta came for the round we held: discarded, we take the "
+                        "swarm's state at the next boundary", r)
+            ctx.stats.rounds_discarded += 1
+            ctx.events(RoundDiscarded(round=r, reason="held, and no other peer's delta came"))
+            await self._discard(work, overlapped=overlap)
+            return
         before = trainer.outer_steps
         established = trainer.ledger.established_peers()
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,

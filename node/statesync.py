@@ -76,6 +76,27 @@ class StateUnavailable(Exception):
     """No donor could provide a complete, valid state."""
 
 
+MAX_CHUNKS = 16384
+"""Chunks a state is cut into at most: their hashes keep its manifest under 1 MiB."""
+
+
+def budget_chunk(chunk_bytes: int, total_bytes: int, bytes_per_s: float, max_wait_s: float) -> int:
+    """The chunk size a donor serves a state of `total_bytes` in under an upload budget of
+    `bytes_per_s` (0: none) whose answers wait at most `max_wait_s`: `chunk_bytes`, halved
+    until one chunk takes at most half that wait at the budget's rate, so that a joiner's next
+    chunk, and a manifest behind it, wait for at most two; not below 64 KiB nor below
+    total_bytes / MAX_CHUNKS. With whole 4 MiB chunks, a donor at 4 Mbit/s (8 s a chunk, 5 s
+    of wait allowed) refused every request once its burst was spent, manifests included, and
+    its joiners gave up (2026-12-05)."""
+    if bytes_per_s <= 0:
+        return chunk_bytes
+    least = max(64 << 10, -(-total_bytes // MAX_CHUNKS))
+    size = chunk_bytes
+    while size // 2 >= least and size > bytes_per_s * max_wait_s / 2:
+        size //= 2
+    return size
+
+
 class StateServer:
     """Serves the manifest and chunks of the last few states given to `publish`.
 
@@ -104,7 +125,8 @@ class StateServer:
         self._residuals: dict[int, dict[str, Tensor]] = {}
         self._encoded_residuals: dict[int, tuple[bytes, bytes]] = {}
         self.request_timeout_s = request_timeout_s
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = budget_chunk(chunk_bytes, spec.total_bytes, upload_bytes_per_s, request_timeout_s / 2)
+        """`chunk_bytes`, or smaller under an upload budget (`budget_chunk`)."""
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         self._meta: dict[int, tuple[str, Ledger]] = {}
         """round → the round chain ("" unknown) and the ledger of the state served for it."""
@@ -114,7 +136,8 @@ class StateServer:
         """round → when a joiner last asked for it (time.monotonic)."""
         self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
         """A joiner asks one chunk at a time: 50 chunks of 4 MiB a second is 200 MiB/s."""
-        self.budget = (ByteBudget(upload_bytes_per_s, burst_bytes=2 * chunk_bytes, max_wait_s=request_timeout_s / 2)
+        self.budget = (ByteBudget(upload_bytes_per_s, burst_bytes=2 * self.chunk_bytes,
+                                  max_wait_s=request_timeout_s / 2)
                        if upload_bytes_per_s > 0 else None)
         """Bytes a second for all joiners together: three identities flooding chunks took 5.4 GB
         in 30 s off one peer before there was one (issue 19), however many identities ask."""
@@ -338,7 +361,8 @@ async def download_state(
         raise StateUnavailable("no donor returned a valid state manifest")
     else:
         chosen = choose_state(list(manifests.values()))
-    pool = [p for p, m in manifests.items() if _same(m) == _same(chosen)]
+    # Donors cut the state alike only at the same chunk size (an upload budget makes it smaller).
+    pool = [p for p, m in manifests.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
     asm = StateAssembler(spec, chosen)
     # The residual comes from one donor while the state's chunks come from all of them, at
     # once: a join then waits for the slower of the two, not for both one after the other.

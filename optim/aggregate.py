@@ -79,6 +79,8 @@ def coverage(deltas: list[DecodedDelta], device: torch.device | str) -> list[Ten
     """Per parameter, a flat fp32 tensor: at each coordinate the token share of the peers
     that sent it (0 where nobody did), summed in ascending sender order."""
     ordered = sorted(deltas, key=lambda d: d.sender)
+    if not ordered:
+        raise ValueError("no pseudo-gradient to aggregate")
     total = sum(d.num_tokens for d in ordered)
     out = []
     for i in range(len(ordered[0].tensors)):

@@ -108,3 +108,16 @@ def test_token_carry_integrates_the_overshoot_and_is_bounded_by_half_a_round():
     assert RoundStep.carry(0, [d(0), d(0)], 100) == -100
     # Four newcomers pooled into one share beside two established peers: 3 shares planned.
     assert RoundStep.carry(0, [d(100), d(100)] + [d(25)] * 4, 100, shares=3) == 0
+
+
+def test_a_round_with_no_delta_leaves_the_outer_state_and_the_ledger_untouched():
+    """A peer that held its own delta and got no other (node/roundloop.py): nothing to
+    aggregate is a ValueError, under either rule, and nothing moved."""
+    for rule in ("masked", "mean"):
+        step, outer = make(aggregation=rule)
+        ledger = step.ledger(100)
+        before = [p.clone() for p in outer.params]
+        with pytest.raises(ValueError, match="no pseudo-gradient"):
+            step.apply(outer, [], [step.compressor("cpu")], ledger)
+        assert outer.num_steps == 0 and ledger.pairs() == ()
+        assert all(torch.equal(a, b) for a, b in zip(before, outer.params))

@@ -304,3 +304,31 @@ def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_wit
     assert "refusing" in start.describe()
     assert all(not e.any() for e in refused.compressor.errors)
     assert all(torch.equal(p, o) for p, o in zip(refused.model.parameters(), refused.outer.params))
+
+
+def test_a_donor_with_a_small_upload_budget_cuts_its_state_so_that_a_joiner_is_never_refused():
+    """A donor at 4 Mbit/s serving a 10 MiB state: with whole 4 MiB chunks (8 s each at that
+    rate, 5 s of wait allowed) its lone joiner's fourth request was refused, and every
+    request after it, manifests included (seen: joiners gave up). Cut by budget_chunk, a
+    joiner asking chunk after chunk, with a residual's request beside each and a manifest
+    between, waits for each but is never refused, and the whole takes the budget's time."""
+    from locoswarm.node.statesync import budget_chunk
+    from locoswarm.node.streams import Busy, ByteBudget
+
+    rate, wait, total = 4e6 / 8, 5.0, 10 << 20
+
+    def joiner(chunk: int) -> float:
+        now = [0.0]
+        budget = ByteBudget(rate, burst_bytes=2 * chunk, max_wait_s=wait, clock=lambda: now[0])
+        for i in range(-(-total // chunk)):
+            for size in (chunk, chunk // 2, 300 << 10 if i == 3 else 0):  # a chunk, a residual's, a manifest
+                if size:
+                    now[0] += budget.reserve(size)
+        return now[0]
+
+    with pytest.raises(Busy, match="upload budget"):
+        joiner(4 << 20)
+    chunk = budget_chunk(4 << 20, total, rate, wait)
+    assert chunk == 1 << 20
+    took = joiner(chunk)
+    assert took <= (total * 1.5 + (300 << 10)) / rate
