@@ -177,13 +177,14 @@ class CatchUp:
             newest = max(r.round for r in records)
         donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= newest - 1 or r.peer_id in vouching]
         ctx.rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
+        kept: dict = {}  # what an attempt verified, for the next one (download_state `kept`)
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
             for attempt in range(tries):
                 try:
                     got = await download_state(ctx.p2p, donors, trainer.state_spec, on_progress=progress.update,
                                                attesters=vouching,
                                                target=attested and (attested.round, attested.chain),
-                                               residual_spec=trainer.residual_spec)
+                                               residual_spec=trainer.residual_spec, kept=kept)
                     break
                 except StateUnavailable as e:
                     failure = e

@@ -327,6 +327,7 @@ async def download_state(
     attesters: frozenset[str] = frozenset(),
     target: tuple[int, str] | None = None,
     residual_spec: StateSpec | None = None,
+    kept: dict | None = None,
 ) -> Downloaded:
     """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
     docstring). With `attesters` (peer ids) the state is the newest one an attester among
@@ -336,7 +337,9 @@ async def download_state(
     majority of earned weight attests (node/lineage.py attested_state), only manifests of that
     round and chain are taken, whatever newer one donors agree on: of those, the one most of
     them show (body and ledger). With `residual_spec`, a donor's residual of that round too
-    (`_residual`)."""
+    (`_residual`). `kept`: a dict the caller passes to every attempt of one download: the
+    chunks an attempt verified stay there, and the next attempt that chooses the same state
+    (manifest) asks only for the rest, so a retry on a slow link does not start again."""
     trusted = [p for p in donors if p.to_base58() in attesters]
     asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
     round_ = _LATEST if target is None else target[0]
@@ -363,7 +366,12 @@ async def download_state(
         chosen = choose_state(list(manifests.values()))
     # Donors cut the state alike only at the same chunk size (an upload budget makes it smaller).
     pool = [p for p, m in manifests.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
-    asm = StateAssembler(spec, chosen)
+    if kept is not None and kept.get("manifest") == chosen:
+        asm = kept["assembler"]
+    else:
+        asm = StateAssembler(spec, chosen)
+        if kept is not None:
+            kept.update(manifest=chosen, assembler=asm)
     # The residual comes from one donor while the state's chunks come from all of them, at
     # once: a join then waits for the slower of the two, not for both one after the other.
     wanted = (asyncio.ensure_future(_residual(p2p, pool, residual_spec, chosen.round, timeout_s))

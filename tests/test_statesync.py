@@ -332,3 +332,35 @@ def test_a_donor_with_a_small_upload_budget_cuts_its_state_so_that_a_joiner_is_n
     assert chunk == 1 << 20
     took = joiner(chunk)
     assert took <= (total * 1.5 + (300 << 10)) / rate
+
+
+def test_a_retried_download_keeps_the_chunks_an_earlier_attempt_verified(spawn_peers):
+    """Attempt 1 asks a donor that is SIGKILLed after a few chunks and fails; attempt 2,
+    passed the same `kept`, asks another donor of the same state only for the rest (a
+    joiner on a slow link used to start again from nothing), and the state is intact."""
+    procs, addrs = spawn_peers(DONOR, "good", "good")
+    peers = [PeerID.from_base58(a.split("/p2p/")[1]) for a in addrs]
+    first, second = [], []
+
+    def kill_after_three(done: int, total: int) -> None:
+        first.append(done)
+        if done == 3:
+            os.kill(procs[0].pid, signal.SIGKILL)
+
+    async def go():
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=addrs)
+        kept: dict = {}
+        try:
+            with pytest.raises(StateUnavailable):
+                await download_state(client, peers[:1], serve_state.SPEC, timeout_s=5.0, kept=kept,
+                                     on_progress=kill_after_three)
+            return await download_state(client, peers[1:], serve_state.SPEC, timeout_s=5.0, kept=kept,
+                                        on_progress=lambda done, total: second.append((done, total)))
+        finally:
+            await client.shutdown()
+
+    got = asyncio.run(go())
+    _assert_is_the_donors_state(got.tensors)
+    total = second[-1][1]
+    assert max(first) >= 3 and second[0][0] == max(first) + 1, (first, second)
+    assert second[-1][0] == total and len(second) == total - max(first)
