@@ -21,7 +21,8 @@ async def main(maddrs: list[str]) -> None:
     import msgpack
     from hivemind.p2p import P2P, PeerID
 
-    from locoswarm.node.statesync import _CHUNK, _LATEST, _MANIFEST, _request
+    from locoswarm.node.statedownload import _request
+    from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST
 
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
     received = 0
@@ -31,11 +32,11 @@ async def main(maddrs: list[str]) -> None:
         nonlocal received
         while not stop.done():
             try:
-                blob = await _request(p2p, peer, _MANIFEST, _LATEST, 0, 1 << 20, 10.0)
+                blob = await _request(p2p, peer, MANIFEST, LATEST, 0, 1 << 20, 10.0)
                 manifest = msgpack.unpackb(blob)  # trusted enough for a flood: nothing is kept
                 received += len(blob)
                 for index in range(len(manifest["chunks"])):
-                    received += len(await _request(p2p, peer, _CHUNK, manifest["round"], index, 1 << 26, 10.0))
+                    received += len(await _request(p2p, peer, CHUNK, manifest["round"], index, 1 << 26, 10.0))
                     if stop.done():
                         return
             except Exception:  # noqa: BLE001 - refused, cut or busy: ask again, as a flood does

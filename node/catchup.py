@@ -17,7 +17,8 @@ from hivemind.p2p import PeerID
 from locoswarm.node.events import Synced
 from locoswarm.node.host import NodeError
 from locoswarm.node.lineage import Attested, attested_state, unearned_ahead, weigh
-from locoswarm.node.statesync import DownloadProgress, StateUnavailable, download_state
+from locoswarm.node.handover import served, take_state
+from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
 
 if TYPE_CHECKING:
@@ -197,11 +198,11 @@ class CatchUp:
         ctx.stats.bytes_received += trainer.state_spec.total_bytes
         if got.residual is not None:
             ctx.stats.bytes_received += trainer.residual_spec.total_bytes
-        start = await ctx.pools.train(trainer.load_state, got.round, got.tensors, got.ledger, got.residual)
+        start = await ctx.pools.train(take_state, trainer, got.round, got.tensors, got.ledger, got.residual)
         log.info("took the state of round %d; the replica starts %s", got.round, start.describe())
         ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,
                            trusted=trainer.ledger.established)
-        state, residual = trainer.served()
+        state, residual = served(trainer)
         ctx.states.publish(state, got.round, ctx.lineage.chains.get(got.round, ""), trainer.ledger.pairs(), residual)
         digest = await ctx.pools.train(trainer.state_digest)
         ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))

@@ -42,6 +42,7 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
+from locoswarm.node.handover import served
 from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_key, open_state_dir, start_p2p,
                                  stop_p2p)
 from locoswarm.node.lineage import Lineage
@@ -295,7 +296,7 @@ class Daemon:
     async def _join(self, registry) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
-        state, residual = self.trainer.served()
+        state, residual = served(self.trainer)
         self.states.publish(state, self.trainer.round, self.lineage.chains.get(self.trainer.outer_steps, ""),
                             self.trainer.ledger.pairs(), residual)
         if not self.initial_peers:

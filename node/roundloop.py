@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
+from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
 from locoswarm.node.lineage import delta_content
 from locoswarm.node.pull import gather_deltas
@@ -252,7 +253,7 @@ class RoundLoop:
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
                                 established=established, own_sent=not held)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
-        state, residual = await run(trainer.served)
+        state, residual = await run(served, trainer)
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
                            residual)
         ctx.stats.rounds_completed += 1

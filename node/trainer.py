@@ -32,7 +32,7 @@ from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
 from locoswarm.protocol.delta import MAX_CHECKS
-from locoswarm.protocol.state import Ledger, StateSpec, encode_state, state_digest
+from locoswarm.protocol.state import StateSpec, encode_state, state_digest
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model
 from locoswarm.workload.tokenizer import get_tokenizer
@@ -41,28 +41,6 @@ log = logging.getLogger(__name__)
 
 MAX_TOKENS_FACTOR = 64
 """A delta may claim at most this many times the per-peer token target of a round."""
-
-
-@dataclass(slots=True)
-class StartFrom:
-    """Where a replica that took a donor's state starts (Trainer.load_state)."""
-
-    outer_loss: float | None = None
-    """Held-out loss at the outer state; None when no residual came."""
-    donor_loss: float | None = None
-    """Held-out loss where the donor's residual puts the replica."""
-
-    @property
-    def donors(self) -> bool:
-        """Whether the replica starts where the donor's did."""
-        return self.donor_loss is not None and self.donor_loss < self.outer_loss
-
-    def describe(self) -> str:
-        if self.outer_loss is None:
-            return "at the outer state (no donor served its residual)"
-        verb = "from" if self.donors else "at the outer state, refusing"
-        return (f"{verb} the donor's residual (held-out loss {self.donor_loss:.4f} there, "
-                f"{self.outer_loss:.4f} at the outer state)")
 
 
 @dataclass(slots=True)
@@ -360,67 +338,17 @@ class Trainer:
             log.warning("round %d left AdamW's state non-finite: starting it afresh", round_)
             self.inner.state.clear()
 
-    # ------------------------------------------------------------------ state for joiners
+    # ------------------------------------------------------------------ state for joiners (node/handover.py)
 
     def state_snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of the outer state (parameters and momentum), on the CPU."""
         return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in self.outer.state_tensors().items()}
-
-    def served(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """What a donor serves of the round just stepped: (state_snapshot, residual_snapshot)."""
-        return self.state_snapshot(), self.residual_snapshot()
-
-    def residual_snapshot(self) -> dict[str, torch.Tensor] | None:
-        """A bfloat16 copy, on the CPU, of the residual the replica restarts from (half the
-        parameters' size), served to joiners with the state; None without a residual_spec."""
-        if self.residual_spec is None:
-            return None
-        return {name: e.detach().view(shape).to("cpu", torch.bfloat16, copy=True)
-                for (name, shape), e in zip(self.residual_spec.tensors, self.compressor.errors)}
 
     def state_digest(self) -> str:
         """SHA-256 of the outer state's wire body and its ledger (protocol/state.py
         state_digest): equal on a donor and on a joiner that took its state."""
         _, body = encode_state(self.state_spec, self.state_snapshot(), self.round)
         return state_digest(body, self.ledger.pairs())
-
-    @torch.no_grad()
-    def load_state(self, round_: int, state: dict[str, torch.Tensor], ledger: Ledger = (),
-                   residual: dict[str, torch.Tensor] | None = None) -> StartFrom:
-        """Take a donor's outer state: parameters, momentum, round and earned weight
-        (validated by the manifest's decoder), and with it the donor's `residual` where it
-        helps: the replica then restarts where the donor's did, ahead of the outer state by
-        the donor's unsent progress, as every other replica restarts ahead by its own.
-        Started at the outer state with an empty residual, a replica trained 0.8 nats
-        behind the others in its first round (quick preset) and its deltas failed the
-        swarm's checks (docs/trust.md). The residual is one donor's word, not the swarm's:
-        it is kept only when its start scores a lower held-out loss than the outer state."""
-        self.ledger.load(ledger)
-        for name, tensor in state.items():
-            self.outer.state_tensors()[name].copy_(tensor)
-        self.outer.num_steps = round_  # > 0: the momentum buffer is live, not to be re-seeded
-        self.handoff.publish_outer_steps(round_)
-        for err, sent in zip(self.compressor.errors, self.compressor.sent_masks):
-            err.zero_()
-            sent.zero_()  # nothing sent yet
-        self.round = round_
-        self.holds = round_
-        self.handoff.put_shift(None)
-        load_params(self.model, self.outer.params)
-        start = StartFrom()
-        if residual is not None and self.residual_spec is not None:
-            start.outer_loss = self.evaluate()
-            for err, (name, _) in zip(self.compressor.errors, self.residual_spec.tensors):
-                err.copy_(residual[name].reshape(-1))
-            load_params(self.model, self.step.restart(self.outer, self.compressor))
-            start.donor_loss = self.evaluate()
-            if not start.donor_loss < start.outer_loss:
-                for err in self.compressor.errors:
-                    err.zero_()
-                load_params(self.model, self.outer.params)
-        self.tokens = 0
-        self.losses = []
-        return start
 
     def save_model(self, path: str) -> None:
         """The replica's parameters as safetensors (no pickle), written atomically."""

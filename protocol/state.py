@@ -25,7 +25,7 @@ A donor's residual (its error-feedback residual e at that round, what its replic
 from: θ_outer − β·e) travels the same way, as a second manifest and body of its own: tensors
 `residual.<i>` in bfloat16 (the 16-bit patterns, little-endian). It is the donor's own, not
 the swarm's: no two donors hold the same, so it is taken from one donor whole, and the joiner
-keeps it only where it helps (node/trainer.py `load_state`).
+keeps it only where it helps (node/handover.py `take_state`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, attested_state, chain
                                     whom_to_rejoin)
 from locoswarm.node.membership import Membership
 from locoswarm.node.upkeep import REDIAL_S, LostPeers, redial
-from locoswarm.node.statesync import StateServer, download_state
+from locoswarm.node.statedownload import download_state
+from locoswarm.node.statesync import StateServer
 from locoswarm.protocol.records import PeerRecord
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.node.statesync import Downloaded, StateUnavailable, download_state
+from locoswarm.node.statedownload import Downloaded, StateUnavailable, download_state
 from locoswarm.protocol.state import StateSpec
 
 DONOR = os.path.join(os.path.dirname(__file__), "peers", "serve_state.py")
@@ -122,7 +122,7 @@ def test_the_state_two_donors_agree_on_wins_over_a_newer_one_shown_by_one_donor(
 
 def test_chunks_cut_mid_body_are_resumed_where_they_stopped(spawn_peers, caplog):
     _, addrs = spawn_peers(DONOR, "cutting")
-    with caplog.at_level(logging.INFO, logger="locoswarm.node.statesync"):
+    with caplog.at_level(logging.INFO, logger="locoswarm.node.statedownload"):
         round_, tensors = _download(addrs)
     assert round_ == serve_state.ROUND
     _assert_is_the_donors_state(tensors)
@@ -195,7 +195,7 @@ def test_a_donor_without_a_residual_or_with_a_non_finite_one_is_passed_over(spaw
 
 
 def test_the_chosen_state_is_the_newest_that_two_donors_agree_on_else_the_newest():
-    from locoswarm.node.statesync import choose_state
+    from locoswarm.node.statedownload import choose_state
     from locoswarm.protocol.state import Manifest
 
     def m(round_: int, digest: bytes, ledger=()) -> Manifest:
@@ -246,7 +246,7 @@ def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the
 
 
 def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_with_the_swarm():
-    """Trainer.load_state with the donor's residual: the replica restarts where the donor's
+    """handover.take_state with the donor's residual: the replica restarts where the donor's
     did (ahead of the outer state by its unsent progress), scores a lower held-out loss there
     than at the outer state, and its first delta agrees with the swarm's better than a
     replica started at the outer state with an empty residual (whose deltas failed the
@@ -254,6 +254,7 @@ def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_wit
     import threading
     from dataclasses import replace
 
+    from locoswarm.node.handover import served, take_state
     from locoswarm.node.spec import RunSpec
     from locoswarm.node.trainer import Trainer
     from locoswarm.optim.check import check_round
@@ -276,12 +277,12 @@ def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_wit
         works, deltas = one_round([a, b], ["a", "b"])
         for t, w in zip((a, b), works):
             t.apply(w, deltas, overlapped=False)
-    state, residual = a.served()
+    state, residual = served(a)
     assert all(t.dtype == torch.bfloat16 for t in residual.values())
     donors, empty = trainer(2), trainer(2)
-    start = donors.load_state(a.round, state, a.ledger.pairs(), residual)
+    start = take_state(donors, a.round, state, a.ledger.pairs(), residual)
     assert start.donors and start.donor_loss < start.outer_loss
-    assert empty.load_state(a.round, state, a.ledger.pairs()).outer_loss is None
+    assert take_state(empty, a.round, state, a.ledger.pairs()).outer_loss is None
     ahead = a.step.restart(a.outer, a.compressor)
     for p, want, o in zip(donors.model.parameters(), ahead, a.outer.params):
         assert torch.allclose(p, want, rtol=0, atol=1e-2 * float((want - o).abs().max()) + 1e-7)
@@ -299,7 +300,7 @@ def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_wit
     refused = trainer(2)
     noise = {n: 1e3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
              for n, t in residual.items()}
-    start = refused.load_state(a.round, state, a.ledger.pairs(), noise)
+    start = take_state(refused, a.round, state, a.ledger.pairs(), noise)
     assert not start.donors and start.donor_loss > start.outer_loss
     assert "refusing" in start.describe()
     assert all(not e.any() for e in refused.compressor.errors)

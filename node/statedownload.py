@@ -1,0 +1,283 @@
+"""The joiner's side of the state download (node/statesync.py serves it).
+
+A joiner asks up to MANIFEST_DONORS donors for their manifests at once, keeps those valid
+for its run spec, and takes the newest state that at least two of them agree on (by digest;
+the newest single one when no two agree, as with one donor): one donor lying about a newer
+round cannot pick the state alone. It then pulls chunks from every donor of that digest in
+parallel, one request in flight per donor, from one shared queue. A chunk whose stream is
+cut inside the body is resumed where it stopped (from any donor of the digest); with
+attesters (a joiner that knows no earned weight yet: node/catchup.py), the state is the one
+an attester's manifest shows, whatever the others agree on, and the others only serve its
+chunks; with a target (a peer with a ledger: the round and chain a majority of earned weight
+attests), only manifests of that round and chain are taken. A chunk that fails, times out
+or does not match its hash goes back to the queue for another donor; a donor that fails
+DONOR_FAILURES times (or cuts DONOR_CUTS streams in a row) is dropped from the download.
+
+With it the joiner takes one donor's residual of that round (protocol/state.py), whole, from
+the first donor of the state that serves one (RESIDUAL_DONORS tried): a peer that took a state
+with an empty residual restarts at the outer state, where every other replica restarts ahead
+by its unsent progress, and its first deltas failed the swarm's checks (docs/trust.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sys
+from typing import Callable, NamedTuple
+
+from hivemind.p2p import P2P, PeerID
+from torch import Tensor
+
+from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL_CHUNK, RESIDUAL_MANIFEST
+from locoswarm.node.streams import call_framed
+from locoswarm.protocol import MalformedMessage
+from locoswarm.protocol.framing import TruncatedBody
+from locoswarm.protocol.state import Ledger, Manifest, StateAssembler, StateSpec, decode_manifest
+
+MANIFEST_DONORS = 4
+"""Donors asked for their manifest at once (the caller passes them shuffled)."""
+AGREEING = 2
+"""Donors that must show the same digest for a state to be taken over a newer single one."""
+DONOR_FAILURES = 2
+"""Failed chunk requests after which a donor is dropped from the download."""
+DONOR_CUTS = 8
+"""Chunk streams cut inside the body, one after another, after which a donor is dropped
+(each cut keeps what came; a delivered chunk starts the count again)."""
+RESIDUAL_DONORS = 2
+"""Donors of the state asked for their residual, one after another, before going without."""
+_CUTS_TOLERATED = 4
+"""Times one request is asked of a donor whose stream is cut or refused before any answer
+(a donor over its stream limits closes streams unanswered, as one under load may), a short
+wait between, before the donor counts as failed."""
+_CUT_WAIT_S = 0.05
+"""The first wait after a cut stream; it doubles each time."""
+log = logging.getLogger(__name__)
+
+
+class StateUnavailable(Exception):
+    """No donor could provide a complete, valid state."""
+
+
+class DownloadProgress:
+    """A rich progress bar for the state download on a terminal; plain log lines at each
+    quarter otherwise (a service's journal, a test's pipe)."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self._bar = None
+
+    def __enter__(self) -> DownloadProgress:
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(f"downloading the swarm's state ({self.total_bytes / 1e6:.1f} MB)",
+                                            total=None)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+        elif done == total or done % max(1, total // 4) == 0:
+            log.info("state download: %d/%d chunks", done, total)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,
+                   timeout_s: float, offset: int = 0) -> bytes:
+    request = bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big") + offset.to_bytes(8, "big")
+    body = await call_framed(p2p, peer, PROTOCOL, request, limit=limit, limit_name="the limit", timeout_s=timeout_s)
+    if body is None:
+        raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{round_}/{index}")
+    return body
+
+
+async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float,
+               offset: int = 0) -> bytes:
+    """_request, asked again after a short wait while the donor cuts the stream before any
+    answer (up to _CUTS_TOLERATED times); other failures, and the last cut, are raised."""
+    for attempt in range(_CUTS_TOLERATED - 1):
+        try:
+            return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
+        except ConnectionError as e:
+            log.info("request %d/%d from %s cut, asking again: %s", kind, index, peer, e)
+            await asyncio.sleep(_CUT_WAIT_S * 2**attempt)
+    return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
+
+
+async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float,
+                    round_: int = LATEST, kind: int = MANIFEST) -> Manifest | None:
+    try:
+        return decode_manifest(await _ask(p2p, peer, kind, round_, 0, 1 << 20, timeout_s), spec)
+    except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
+        log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
+        return None
+
+
+def _same(m: Manifest) -> tuple:
+    """What two donors must both show to serve one state."""
+    return m.round, m.digest, m.chain, m.ledger
+
+
+class Downloaded(NamedTuple):
+    round: int
+    tensors: dict[str, Tensor]
+    chain: str
+    """The donors' round chain at that round ("" unknown)."""
+    ledger: Ledger
+    """The state's earned weight (protocol/state.py)."""
+    residual: dict[str, Tensor] | None = None
+    """One donor's residual at that round (float32 tensors), None when none was asked or
+    none came."""
+
+
+def choose_state(manifests: list[Manifest]) -> Manifest:
+    """The newest state (round, digest, chain and ledger) at least AGREEING manifests show, else the
+    newest one."""
+    counts = collections.Counter(_same(m) for m in manifests)
+    agreed = [m for m in manifests if counts[_same(m)] >= AGREEING]
+    return max(agreed or manifests, key=lambda m: m.round)
+
+
+async def download_state(
+    p2p: P2P,
+    donors: list[PeerID],
+    spec: StateSpec,
+    *,
+    timeout_s: float = 30.0,
+    on_progress: Callable[[int, int], None] | None = None,
+    attesters: frozenset[str] = frozenset(),
+    target: tuple[int, str] | None = None,
+    residual_spec: StateSpec | None = None,
+    kept: dict | None = None,
+) -> Downloaded:
+    """Download the state the first MANIFEST_DONORS of `donors` agree on (see the module
+    docstring). With `attesters` (peer ids) the state is the newest one an attester among
+    `donors` served the manifest of, whatever the others show, and StateUnavailable when none
+    did; the others that serve that state (asked for its round) serve chunks too, each
+    checked against the attester's manifest. With a `target` (round, chain), the state a
+    majority of earned weight attests (node/lineage.py attested_state), only manifests of that
+    round and chain are taken, whatever newer one donors agree on: of those, the one most of
+    them show (body and ledger). With `residual_spec`, a donor's residual of that round too
+    (`_residual`). `kept`: a dict the caller passes to every attempt of one download: the
+    chunks an attempt verified stay there, and the next attempt that chooses the same state
+    (manifest) asks only for the rest, so a retry on a slow link does not start again."""
+    trusted = [p for p in donors if p.to_base58() in attesters]
+    asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
+    round_ = LATEST if target is None else target[0]
+    found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s, round_) for peer in asked))
+    manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
+    if target is not None:
+        manifests = {p: m for p, m in manifests.items() if (m.round, m.chain) == target}
+        if not manifests:
+            raise StateUnavailable(f"none of the {len(asked)} donors asked served the attested state of round "
+                                   f"{target[0]} (chain {target[1][:12]}…)")
+        counts = collections.Counter(_same(m) for m in manifests.values())
+        chosen = max(manifests.values(), key=lambda m: counts[_same(m)])
+    elif attesters:
+        vouched = [m for p, m in manifests.items() if p in trusted]
+        if not vouched:
+            raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")
+        chosen = max(vouched, key=lambda m: m.round)
+        behind = [p for p, m in manifests.items() if m.round != chosen.round]
+        again = await asyncio.gather(*(_manifest(p2p, p, spec, timeout_s, chosen.round) for p in behind))
+        manifests.update({p: m for p, m in zip(behind, again) if m is not None})
+    elif not manifests:
+        raise StateUnavailable("no donor returned a valid state manifest")
+    else:
+        chosen = choose_state(list(manifests.values()))
+    # Donors cut the state alike only at the same chunk size (an upload budget makes it smaller).
+    pool = [p for p, m in manifests.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
+    if kept is not None and kept.get("manifest") == chosen:
+        asm = kept["assembler"]
+    else:
+        asm = StateAssembler(spec, chosen)
+        if kept is not None:
+            kept.update(manifest=chosen, assembler=asm)
+    # The residual comes from one donor while the state's chunks come from all of them, at
+    # once: a join then waits for the slower of the two, not for both one after the other.
+    wanted = (asyncio.ensure_future(_residual(p2p, pool, residual_spec, chosen.round, timeout_s))
+              if residual_spec is not None else None)
+    try:
+        await _pull(p2p, pool, asm, CHUNK, timeout_s, on_progress)
+        if asm.missing():
+            raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
+        tensors = asm.finish()
+        residual = None if wanted is None else await wanted
+    finally:
+        if wanted is not None and not wanted.done():
+            wanted.cancel()
+    return Downloaded(chosen.round, tensors, chosen.chain, chosen.ledger, residual)
+
+
+async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, timeout_s: float,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of
+    `pool`, one request in flight per donor, from one shared queue; what is missing when
+    every donor gave up stays missing."""
+    round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
+    total = len(asm.manifest.chunks)
+    queue = collections.deque(asm.missing())
+    partial: dict[int, bytes] = {}
+    """chunk index → the bytes of it that came before its stream was cut."""
+
+    in_flight = 0
+
+    async def worker(peer: PeerID) -> None:
+        nonlocal in_flight
+        failures = cuts = 0
+        while failures < DONOR_FAILURES and cuts < DONOR_CUTS:
+            if not queue:
+                if not in_flight:
+                    return
+                await asyncio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
+                continue
+            index = queue.popleft()
+            have = partial.pop(index, b"")
+            in_flight += 1
+            try:
+                rest = await _ask(p2p, peer, kind, round_, index, chunk_bytes - len(have), timeout_s,
+                                  offset=len(have))
+                asm.add(index, have + rest)
+                cuts = 0
+            except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
+                log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, len(have) + len(e.partial))
+                partial[index] = have + e.partial
+                queue.appendleft(index)
+                cuts += 1
+                continue
+            except Exception as e:  # any failure: the chunk goes to another donor
+                log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
+                queue.append(index)
+                failures += 1
+                continue
+            finally:
+                in_flight -= 1
+            if on_progress is not None:
+                on_progress(total - len(asm.missing()), total)
+
+    await asyncio.gather(*(worker(peer) for peer in pool))
+
+
+async def _residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
+                    timeout_s: float) -> dict[str, Tensor] | None:
+    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
+    tried) that serves a valid one; None when none does."""
+    for peer in pool[:RESIDUAL_DONORS]:
+        manifest = await _manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
+        if manifest is None or manifest.round != round_:
+            continue
+        asm = StateAssembler(spec, manifest)
+        await _pull(p2p, [peer], asm, RESIDUAL_CHUNK, timeout_s)
+        try:
+            return asm.finish()
+        except Exception as e:  # incomplete, or values no replica can start from
+            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
+    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
+    return None
