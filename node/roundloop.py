@@ -126,7 +126,6 @@ class RoundLoop:
         never awaited); on failure discard the round (never the node) and return None.
         `work`: the round's boundary, for the exchange phase (a failure before the outer step
         drops it; after, the round stands and only its bookkeeping failed)."""
-        ctx = self.ctx
         try:
             return await phase()
         except asyncio.CancelledError:
@@ -137,11 +136,16 @@ class RoundLoop:
             log.error("round %d discarded: %s", round_, reason, exc_info=log.isEnabledFor(logging.DEBUG))
             if self._failed_in_a_row >= MAX_FAILED_IN_A_ROW:
                 raise NodeError(f"{MAX_FAILED_IN_A_ROW} rounds failed in a row, the last with {reason}") from e
-            ctx.stats.rounds_discarded += 1
-            ctx.events(RoundDiscarded(round=round_, reason=reason))
-            if work is not None and not work.applied:
-                await self._discard(work, overlapped=overlapped)
+            await self._dropped(round_, reason, work, overlapped=overlapped)
             return None
+
+    async def _dropped(self, round_: int, reason: str, work: RoundWork | None, *, overlapped: bool) -> None:
+        """Count and report round `round_` as discarded for `reason`; before its outer step
+        (`work` not applied), drop it (`_discard`)."""
+        self.ctx.stats.rounds_discarded += 1
+        self.ctx.events(RoundDiscarded(round=round_, reason=reason))
+        if work is not None and not work.applied:
+            await self._discard(work, overlapped=overlapped)
 
     async def _discard(self, work: RoundWork, *, overlapped: bool) -> None:
         """Drop round `work.round` before its outer step: our outer state missed a step the
@@ -237,9 +241,7 @@ class RoundLoop:
             # the swarm's state taken at the next boundary; the replica keeps what it trained.
             log.warning("round %d: no other peer's delta came for the round we held: discarded, we take the "
                         "swarm's state at the next boundary", r)
-            ctx.stats.rounds_discarded += 1
-            ctx.events(RoundDiscarded(round=r, reason="held, and no other peer's delta came"))
-            await self._discard(work, overlapped=overlap)
+            await self._dropped(r, "held, and no other peer's delta came", work, overlapped=overlap)
             return
         before = trainer.outer_steps
         established = trainer.ledger.established_peers()
