@@ -3,6 +3,11 @@ or was cut off catching up, a peer on the smaller side of a split rejoining (nod
 decides whom to follow; node/statesync.py moves the bytes). A download that fails is
 logged and tried again at the next round boundary: the peer trains on its own state
 meanwhile, and a failed download never ends the node.
+
+A peer behind on the swarm's own lineage, by at most REPLAY_ROUNDS, catches up by the
+rounds' deltas instead (node/replay.py), and so does a joiner whose download ended rounds
+behind the swarm: it used to find itself behind again at its next round boundary and take
+a whole state again, for ever on a slow link.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from hivemind.p2p import PeerID
 
-from locoswarm.node.events import Synced
+from locoswarm.node import replay
+from locoswarm.node.events import CaughtUp, Synced
 from locoswarm.node.host import NodeError
-from locoswarm.node.lineage import Attested, attested_state, unearned_ahead, weigh
+from locoswarm.node.lineage import Attested, attested_state, chain_at, known_chains, unearned_ahead, weigh
 from locoswarm.node.handover import served, take_state
+from locoswarm.node.statesync import REPLAY_ROUNDS
 from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
 
@@ -32,6 +39,12 @@ JOIN_TRIES = 6
 """The same for a joiner, which has nothing to train on meanwhile: about 30 s of waits. A donor
 under an upload budget refuses requests while another joiner takes it; three tries in 6 s
 ended a joiner that came a second after another (2026-12-05)."""
+REPLAY_PASSES = 3
+"""Catch-ups by deltas in a row: the swarm steps on while a peer catches up, and a peer that
+starts its next round a round or two behind finds the deltas of the round it holds gone
+(a joiner in a swarm of half-second rounds, 2026-12-06)."""
+REPLAY_TIMEOUT_S = 10.0
+"""The longest one request for a round's delta (or the state's manifest) may take."""
 INTRODUCE_TIMEOUT_S = 10.0
 """The longest a joiner waits for its record to reach the peers it read in the registry
 over the progress streams, and again for theirs to come back, before it decides whether to
@@ -47,6 +60,8 @@ class CatchUp:
         self.ctx = ctx
         self._passed_over: set[str] = set()
         """Peers logged as ahead without earned weight (each once)."""
+        self.replays = True
+        """Whether catching up goes by the rounds' deltas where it can (`by_deltas`)."""
 
     async def join(self, peers: list[PeerRecord], *, announce: Callable[[], Awaitable[object]]) -> None:
         """Take the swarm's outer state when it is ahead of ours. `peers`: the others'
@@ -101,8 +116,11 @@ class CatchUp:
             log.warning("found %d peers again after %d rounds alone: taking the swarm's state (%s)",
                         len(records), lineage.alone_rounds, follow.why)
         else:
-            log.warning("round %d: %s: downloading its state", ctx.trainer.round, follow.why)
+            log.warning("round %d: %s: catching up", ctx.trainer.round, follow.why)
         try:
+            # Only on the swarm's lineage do its deltas lead to its state.
+            if follow.split_round is None and lineage.diverged_at is None and await self.by_deltas():
+                return True
             await self.sync(follow.donors)
         except NodeError as e:
             log.warning("could not take the swarm's state: %s; training on, trying again next round", e)
@@ -146,6 +164,78 @@ class CatchUp:
             raise Unattested(f"no state is attested by a majority of the {shown} live peers of earned weight that "
                              f"show their round chains: none taken")
         return found
+
+    def head(self) -> tuple[int, str, list[PeerRecord]] | None:
+        """The newest state of the swarm: its round, round chain, and the live records showing
+        that chain there. The attested state where earned weight decides (`attested`); else the
+        chain most peers show at the newest round any shows one (node/lineage.py chain_at, the
+        count that decides there). None when no peer shows a chain, or none is attested."""
+        try:
+            attested = self.attested()
+        except Unattested:
+            return None
+        if attested is not None:
+            return attested.round, attested.chain, attested.attesters
+        live = [r for r in self.ctx.membership.records if not r.paused and not r.diverged and r.chain]
+        if not live:
+            return None
+        round_ = max(r.round for r in live)
+        chain = chain_at(round_, live)
+        return round_, chain, [r for r in live if known_chains(r).get(round_) == chain]
+
+    async def by_deltas(self) -> bool:
+        """Catch up from our outer state to the swarm's newest (`head`) by the deltas of the
+        rounds between (node/replay.py), where ours is of the swarm's lineage (its chain known)
+        and at most REPLAY_ROUNDS behind; again while the swarm stepped on meanwhile (up to
+        REPLAY_PASSES times). True when caught up; False, with nothing changed, when not tried
+        or refused (logged): the caller then downloads the state. A state that comes out
+        other than the donor's manifest is downloaded here (NodeError when that fails), and
+        no later catch-up of this process goes by deltas."""
+        caught = False
+        for _ in range(REPLAY_PASSES):
+            if not await self._replay():
+                break
+            caught = True
+        return caught
+
+    async def _replay(self) -> bool:
+        ctx, trainer = self.ctx, self.ctx.trainer
+        first = trainer.outer_steps
+        chain = ctx.lineage.chains.get(first)
+        head = self.head() if chain and self.replays else None
+        if head is None or not 0 < head[0] - first <= REPLAY_ROUNDS:
+            return False
+        last, target, records = head
+        donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= last]
+        ctx.rng.shuffle(donors)
+        try:
+            got = await replay.fetch(ctx.p2p, donors, trainer, first, last, target, timeout_s=REPLAY_TIMEOUT_S)
+            reached, steps = await ctx.pools.train(replay.verify, trainer, chain, first, got.steps)
+            if reached != target:
+                raise replay.ReplayRefused(f"its deltas make round chain {reached[:12]}…, the swarm's is "
+                                           f"{target[:12]}…")
+        except replay.ReplayRefused as e:
+            log.warning("could not catch up from round %d to %d by the rounds' deltas: %s", first, last, e)
+            return False
+        ctx.stats.bytes_received += got.nbytes
+        digest = await ctx.pools.train(replay.take_steps, trainer, steps, got.manifest)
+        ctx.lineage.synced(last, records, ctx.membership.records, chain=target, trusted=trainer.ledger.established)
+        ctx.states.rounds.clear()
+        if digest is None:
+            self.replays = False
+            log.warning("caught up to round %d by its deltas, but the state differs from its donor's (digest or "
+                        "ledger): downloading it, and no more catching up by deltas", last)
+            await self.sync(records)
+            return True
+        for step, wires in enumerate(got.steps, start=first):  # ours to serve now
+            ctx.states.rounds.keep(step, wires)
+        state, residual = served(trainer)
+        ctx.states.publish(state, last, target, trainer.ledger.pairs(), residual)
+        deltas = sum(len(w) for w in got.steps)
+        log.info("caught up from round %d to %d by %d deltas of %d donors (%d bytes; a state is %d)", first, last,
+                 deltas, len(got.donors), got.nbytes, trainer.state_spec.total_bytes)
+        ctx.events(CaughtUp(start=first, round=last, deltas=deltas, bytes=got.nbytes, digest=digest))
+        return True
 
     async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset(), *,
                    tries: int = DOWNLOAD_TRIES) -> None:
@@ -199,6 +289,7 @@ class CatchUp:
         if got.residual is not None:
             ctx.stats.bytes_received += trainer.residual_spec.total_bytes
         start = await ctx.pools.train(take_state, trainer, got.round, got.tensors, got.ledger, got.residual)
+        ctx.states.rounds.clear()  # the rounds we kept led to our old state, not to this one
         log.info("took the state of round %d; the replica starts %s", got.round, start.describe())
         ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,
                            trusted=trainer.ledger.established)
@@ -206,3 +297,8 @@ class CatchUp:
         ctx.states.publish(state, got.round, ctx.lineage.chains.get(got.round, ""), trainer.ledger.pairs(), residual)
         digest = await ctx.pools.train(trainer.state_digest)
         ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))
+        # A download on a slow link ends rounds behind the swarm: the rounds since, by their deltas.
+        try:
+            await self.by_deltas()
+        except NodeError as e:
+            log.warning("could not take the swarm's state after catching up by deltas: %s", e)

@@ -15,6 +15,7 @@ record, the control API; torch work runs on the training and exchange threads
 | upkeep.py | the registry refresh loop, and dialing back the peers that vanished or are gone |
 | lineage.py | round chains, divergence, whom to follow after a partition or a split |
 | catchup.py | joining and catching up: taking another peer's outer state |
+| replay.py | catching up by the rounds' deltas instead of a whole state |
 | trainer.py | the replica and its side of the round (optim/round.py) |
 
 Lifecycle after uvicorn's: a first SIGINT/SIGTERM sets `should_exit` (training stops after

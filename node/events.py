@@ -51,6 +51,23 @@ class Synced:
 
 
 @dataclass(frozen=True, slots=True)
+class CaughtUp:
+    kind: ClassVar[str] = "caught_up"
+    start: int
+    """The round caught up from."""
+    round: int
+    deltas: int
+    """Delta messages taken, all rounds together."""
+    bytes: int
+    digest: str
+    """SHA-256 of the outer state reached (Trainer.state_digest)."""
+
+    def lines(self) -> list[str]:
+        return [f"caught up to round {self.round} from {self.start} by {self.deltas} deltas ({self.bytes} bytes) "
+                f"digest {self.digest}"]
+
+
+@dataclass(frozen=True, slots=True)
 class ServingState:
     kind: ClassVar[str] = "serving_state"
     round: int
@@ -133,8 +150,8 @@ class Final:
         return [f"final round {self.round} eval_loss {self.eval_loss:.4f} digest {self.digest}"]
 
 
-Event = Listening | Resumed | Synced | ServingState | RoundEnded | RoundDiscarded | Final
-EVENT_KINDS: dict[str, type] = {c.kind: c for c in (Listening, Resumed, Synced, ServingState, RoundEnded,
+Event = Listening | Resumed | Synced | CaughtUp | ServingState | RoundEnded | RoundDiscarded | Final
+EVENT_KINDS: dict[str, type] = {c.kind: c for c in (Listening, Resumed, Synced, CaughtUp, ServingState, RoundEnded,
                                                     RoundDiscarded, Final)}
 
 

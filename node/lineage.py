@@ -337,10 +337,13 @@ class Lineage:
                 del self.chains[old]
 
     def discarded(self, outer_steps: int) -> None:
-        """We gave a round up before its outer step, at `outer_steps`: our chain is unknown
-        from here (we take no part in split verdicts) and the swarm's next state is to be
-        taken (`follow`)."""
-        self.chains = {}
+        """We gave a round up before its outer step, at `outer_steps`: our outer state is still
+        the one our chain names there (kept: the peer catches up from it by the rounds'
+        deltas, node/replay.py, instead of downloading a state), and the swarm's next state is
+        to be taken (`follow`). (A round that failed inside its outer step leaves a state that
+        its chain does not name: a catch-up from it ends on a digest other than its donor's,
+        and the state is downloaded.)"""
+        self.chains = {k: v for k, v in self.chains.items() if k == outer_steps}
         if self.behind_at is None:
             self.behind_at = outer_steps
 

@@ -254,6 +254,7 @@ class RoundLoop:
                                 [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
                                 others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
                                 established=established, own_sent=not held)
+        ctx.states.rounds.keep(before, [d.wire for d in own + got.deltas])  # for peers catching up (replay.py)
         self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
         state, residual = await run(served, trainer)
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),

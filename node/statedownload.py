@@ -98,7 +98,7 @@ async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, l
     return body
 
 
-async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float,
+async def ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int, timeout_s: float,
                offset: int = 0) -> bytes:
     """_request, asked again after a short wait while the donor cuts the stream before any
     answer (up to _CUTS_TOLERATED times); other failures, and the last cut, are raised."""
@@ -111,10 +111,10 @@ async def _ask(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit
     return await _request(p2p, peer, kind, round_, index, limit, timeout_s, offset)
 
 
-async def _manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float,
+async def fetch_manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: float,
                     round_: int = LATEST, kind: int = MANIFEST) -> Manifest | None:
     try:
-        return decode_manifest(await _ask(p2p, peer, kind, round_, 0, 1 << 20, timeout_s), spec)
+        return decode_manifest(await ask(p2p, peer, kind, round_, 0, 1 << 20, timeout_s), spec)
     except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
         log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
         return None
@@ -171,7 +171,7 @@ async def download_state(
     trusted = [p for p in donors if p.to_base58() in attesters]
     asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
     round_ = LATEST if target is None else target[0]
-    found = await asyncio.gather(*(_manifest(p2p, peer, spec, timeout_s, round_) for peer in asked))
+    found = await asyncio.gather(*(fetch_manifest(p2p, peer, spec, timeout_s, round_) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
     if target is not None:
         manifests = {p: m for p, m in manifests.items() if (m.round, m.chain) == target}
@@ -186,7 +186,7 @@ async def download_state(
             raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")
         chosen = max(vouched, key=lambda m: m.round)
         behind = [p for p, m in manifests.items() if m.round != chosen.round]
-        again = await asyncio.gather(*(_manifest(p2p, p, spec, timeout_s, chosen.round) for p in behind))
+        again = await asyncio.gather(*(fetch_manifest(p2p, p, spec, timeout_s, chosen.round) for p in behind))
         manifests.update({p: m for p, m in zip(behind, again) if m is not None})
     elif not manifests:
         raise StateUnavailable("no donor returned a valid state manifest")
@@ -242,7 +242,7 @@ async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, ti
             have = partial.pop(index, b"")
             in_flight += 1
             try:
-                rest = await _ask(p2p, peer, kind, round_, index, chunk_bytes - len(have), timeout_s,
+                rest = await ask(p2p, peer, kind, round_, index, chunk_bytes - len(have), timeout_s,
                                   offset=len(have))
                 asm.add(index, have + rest)
                 cuts = 0
@@ -270,7 +270,7 @@ async def _residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
     """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
     tried) that serves a valid one; None when none does."""
     for peer in pool[:RESIDUAL_DONORS]:
-        manifest = await _manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
+        manifest = await fetch_manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
         if manifest is None or manifest.round != round_:
             continue
         asm = StateAssembler(spec, manifest)

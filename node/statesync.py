@@ -5,10 +5,15 @@ A donor serves the manifest and chunks of its last few outer states, encoding ea
 state at most once (on the first request for it), and beside each its own residual of that
 round (protocol/state.py), which a joiner takes to start where the donor's replica did.
 
+Beside them it serves the delta messages its last few outer steps screened (node/replay.py
+RoundLog), for a peer that catches up by the rounds' deltas instead of a state.
+
 Frames, integers big-endian: the request is a kind byte (0 manifest, 1 chunk, 2 residual
-manifest, 3 residual chunk), an 8-byte round (all ones: the newest), an 8-byte chunk index
-and an 8-byte offset into the chunk; the response an 8-byte length and that many bytes,
-length 0 meaning "not available" (a donor of an older release answers so for kinds 2, 3).
+manifest, 3 residual chunk, 4 a round's delta), an 8-byte round (all ones: the newest; for
+kind 4 the outer step the round was taken from), an 8-byte chunk index (kind 4: the
+delta's index) and an 8-byte offset into the chunk; the response an 8-byte length and that
+many bytes, length 0 meaning "not available" (a donor of an older release answers so for
+kinds 2 to 4). Kind 4's answer is the step's count of deltas (2 bytes), then the message.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from locoswarm.node.streams import ByteBudget, PeerLimits, serve_framed
 from locoswarm.protocol.state import Ledger, StateSpec, encode_state, state_digest
 
 PROTOCOL = "locoswarm/state/3"
-MANIFEST, CHUNK, RESIDUAL_MANIFEST, RESIDUAL_CHUNK = 0, 1, 2, 3
+MANIFEST, CHUNK, RESIDUAL_MANIFEST, RESIDUAL_CHUNK, ROUND_DELTAS = 0, 1, 2, 3, 4
 """Request kinds."""
 REQUEST_LEN = 25
 LATEST = (1 << 64) - 1
@@ -35,6 +40,15 @@ _PIN_S = 60.0
 """An older round stays served while a joiner asked for it in the last this many seconds."""
 _MAX_PINNED = 2
 log = logging.getLogger(__name__)
+
+
+REPLAY_ROUNDS = 32
+"""Outer steps a peer keeps the deltas of, and the most a peer catches up by deltas (further
+behind, it downloads the state)."""
+LOG_BYTES = 64 << 20
+"""The most the kept deltas may hold; the oldest steps go first."""
+MAX_DELTAS = 1 << 16
+"""The most deltas one step may name (the answer's two-byte count)."""
 
 
 MAX_CHUNKS = 16384
@@ -56,6 +70,41 @@ def budget_chunk(chunk_bytes: int, total_bytes: int, bytes_per_s: float, max_wai
     while size // 2 >= least and size > bytes_per_s * max_wait_s / 2:
         size //= 2
     return size
+
+
+class RoundLog:
+    """The delta messages each of this peer's last REPLAY_ROUNDS outer steps screened, by the
+    outer step they were taken from (its own among them, unless it held it)."""
+
+    def __init__(self, rounds: int = REPLAY_ROUNDS, max_bytes: int = LOG_BYTES) -> None:
+        self.rounds, self.max_bytes = rounds, max_bytes
+        self._steps: dict[int, tuple[bytes, ...]] = {}
+
+    def keep(self, step: int, wires: list[bytes]) -> None:
+        """The messages screened in the round that took outer step `step` to `step + 1`."""
+        if not wires or len(wires) >= MAX_DELTAS or not all(wires):
+            return
+        self._steps[step] = tuple(wires)
+        for old in sorted(self._steps):
+            if old > step - self.rounds and self.nbytes <= self.max_bytes:
+                break
+            del self._steps[old]
+
+    def clear(self) -> None:
+        """This peer took another state: its kept steps are not of that state's lineage."""
+        self._steps.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(w) for wires in self._steps.values() for w in wires)
+
+    def answer(self, step: int, index: int) -> bytes:
+        """Message `index` of step `step`, after the step's count of messages (2 bytes);
+        b"" (not available) when the step is not kept or `index` is past its count."""
+        wires = self._steps.get(step)
+        if wires is None or index >= len(wires):
+            return b""
+        return len(wires).to_bytes(2, "big") + wires[index]
 
 
 class StateServer:
@@ -106,6 +155,8 @@ class StateServer:
         """Bytes written to state streams (headers included)."""
         self.on_encoded: Callable[[int, str], None] | None = None
         """Called with (round, its state_digest) when a round's state is first encoded."""
+        self.rounds = RoundLog()
+        """The deltas of the last few outer steps, for peers catching up (node/replay.py)."""
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_state)
@@ -167,6 +218,8 @@ class StateServer:
     async def _answer(self, request: bytes) -> bytes:
         kind, round_ = request[0], int.from_bytes(request[1:9], "big")
         index, offset = int.from_bytes(request[9:17], "big"), int.from_bytes(request[17:], "big")
+        if kind == ROUND_DELTAS:
+            return await self._paid(self.rounds.answer(round_, index))
         if round_ == LATEST:
             if not self._snapshots:
                 return b""
@@ -188,6 +241,10 @@ class StateServer:
             answer = body[index * self.chunk_bytes + offset : (index + 1) * self.chunk_bytes]
         else:
             return b""
-        if self.budget is not None:
+        return await self._paid(answer)
+
+    async def _paid(self, answer: bytes) -> bytes:
+        """`answer`, once the upload budget has room for it."""
+        if self.budget is not None and answer:
             await self.budget.take(len(answer))
         return answer

@@ -30,7 +30,7 @@ spec's model implies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -171,6 +171,9 @@ class DecodedDelta:
     """The round chain the delta was taken from (DeltaMessage.base), validated."""
     checks: tuple[tuple[str, int], ...] = ()
     """The sender's failed checks of the round before (DeltaMessage.checks), validated."""
+    wire: bytes = field(default=b"", repr=False, compare=False)
+    """The message as it came: what a peer serves to one catching up by the round's deltas
+    (node/replay.py)."""
 
 
 def encode_delta(msg: DeltaMessage) -> bytes:
@@ -217,7 +220,7 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
     if not isinstance(base, str) or len(base) > MAX_BASE_LEN or base.strip("0123456789abcdef"):
         raise MalformedMessage(f"base must be a string of at most {MAX_BASE_LEN} lowercase hex digits")
     return DecodedDelta(round=round_, sender=sender, num_tokens=tokens, tensors=tensors, nbytes=len(data),
-                        base=base, checks=_decode_checks(body["checks"]))
+                        base=base, checks=_decode_checks(body["checks"]), wire=bytes(data))
 
 
 def _decode_checks(items: Any) -> tuple[tuple[str, int], ...]:

@@ -103,6 +103,36 @@ def test_a_joiner_starts_from_a_donors_state_digest_and_its_delta_joins_later_ro
 
 @pytest.mark.slow
 @pytest.mark.timeout(240, method="signal")
+def test_a_joiner_whose_download_ends_rounds_behind_catches_up_by_the_rounds_deltas_not_another_state(swarm: Swarm):
+    """Donors that serve their state at 10 Mbit/s (a 9.9 MB state: about 8 s) while they
+    train on: the joiner's download ends rounds behind them, and it used to take a whole
+    state again at its next boundary, for ever on a slow enough link (docs/swarm.md). It now
+    takes the rounds since by their deltas (node/replay.py): one state, one catch-up of a
+    few kilobytes a round, the donors' state of that round bit for bit, and its deltas in
+    the rounds after."""
+    budget = ("--state-upload-mbit", "10")
+    a = swarm.join("a", "--min-peers", "2", *budget)
+    b = swarm.join("b", "--min-peers", "2", *budget, peer=a)
+    wait_round(a, 2, 120)
+    c = swarm.join("c", peer=a)
+    caught = c.wait_event("caught_up", 120)
+    synced = c.wait_event("synced", 0)
+    assert caught["start"] == synced["round"] and caught["round"] - caught["start"] >= 2, (synced, caught)
+    assert caught["digest"] in harness.served_digests([a, b], caught["round"]), c.tail()
+    state_bytes = 9_910_272
+    assert caught["bytes"] < state_bytes / 50 * (caught["round"] - caught["start"]), caught
+    harness.wait_any([a, b, c], "round", 90, lambda e: (e["deltas"], e["participants"]) == (3, 3))
+    assert len(c.events("synced")) == 1, f"c took another state\n{c.tail()}"
+    for p in (a, b, c):
+        p.proc.send_signal(signal.SIGTERM)
+    for p in (a, b, c):
+        assert_clean_exit(p, p.wait_exit(60))
+    print(f"c took round {synced['round']}'s state, then caught up to round {caught['round']} by "
+          f"{caught['deltas']} deltas ({caught['bytes']} bytes)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="signal")
 def test_peers_that_pull_a_sample_of_the_deltas_never_take_each_others_state_as_a_split(swarm: Swarm):
     """Four peers with fanout 2 each aggregate a different set every round, on purpose
     (docs/swarm.md, "Fanout and drift"): their round chains must not call that a split, or they

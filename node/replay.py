@@ -1,0 +1,167 @@
+"""Catching up by the rounds' deltas instead of a whole state.
+
+A peer a few rounds behind on the swarm's own lineage (a joiner whose download took longer
+than a round, a peer back from a pause) need not download a state again: each outer step it
+missed is a deterministic function of the outer state before it and the deltas the swarm
+screened in that round (optim/round.py), and those deltas are small. Every peer keeps the
+delta messages its last REPLAY_ROUNDS outer steps screened, as they came over the wire,
+and serves them beside its state (node/statesync.py RoundLog, request kind ROUND_DELTAS).
+A peer catching up from outer step k to t:
+
+1. takes t and the round chain h_t that the swarm attests there (node/catchup.py: a majority
+   of earned weight, as for a download), and from a donor showing h_t the manifest of its
+   state at t (its digest and ledger);
+2. asks the donors for the messages of steps k … t − 1, screens each round's with a copy of
+   its ledger and computes the round chain from its own chain at k (node/lineage.py
+   round_chain: sender, tokens and content of every screened delta): a chain other than h_t
+   means other deltas than the swarm's, and nothing is applied (`ReplayRefused`);
+3. takes the t − k outer steps, and compares its state (body digest and ledger) with the
+   manifest: on a mismatch it downloads the state as before.
+
+A donor cannot make a peer take deltas the swarm did not aggregate: the chain it checks
+against is attested by most of the earned weight, which a download's manifest is not. The
+bytes are each round's compressed deltas (about (F + 1)/1000 of the parameters' float32
+bytes at the default compression), where a download moves twice the parameters' bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hivemind.p2p import P2P, PeerID
+
+from locoswarm.node.lineage import delta_content, round_chain
+from locoswarm.node.statedownload import ask, fetch_manifest
+from locoswarm.node.statesync import ROUND_DELTAS
+from locoswarm.optim.credit import Ledger
+from locoswarm.optim.inner import load_params
+from locoswarm.protocol import DecodedDelta, ProtocolError
+from locoswarm.protocol.state import Manifest, encode_state, state_digest
+
+if TYPE_CHECKING:
+    from locoswarm.node.trainer import Trainer
+
+log = logging.getLogger(__name__)
+MAX_STEP_DELTAS = 256
+"""The most deltas a peer takes of one step (a round screens its fanout's and its own)."""
+class ReplayRefused(Exception):
+    """The deltas could not be had, or are not the swarm's: nothing was applied (or, after a
+    digest mismatch, the state is to be downloaded)."""
+
+
+@dataclass(slots=True)
+class Fetched:
+    steps: list[list[bytes]] = field(default_factory=list)
+    """The messages of each step, from the first."""
+    manifest: Manifest | None = None
+    nbytes: int = 0
+    donors: set[PeerID] = field(default_factory=set)
+    """The donors that served a step."""
+
+
+async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, last: int, chain: str, *,
+                timeout_s: float) -> Fetched:
+    """From `donors` (showing `chain` at outer step `last`): the manifest of their state at
+    `last`, then the messages each of steps `first` … `last` − 1 screened, each step from the
+    first donor that serves it whole. ReplayRefused when some step or the manifest could
+    not be had."""
+    out = Fetched()
+    for peer in donors:
+        m = await fetch_manifest(p2p, peer, trainer.state_spec, timeout_s, round_=last)
+        if m is not None and m.round == last and m.chain == chain:
+            out.manifest = m
+            break
+    else:
+        raise ReplayRefused(f"none of {len(donors)} donors serves the manifest of round {last} with its chain")
+    limit = trainer.step.spec.max_message_bytes + 2
+    for step in range(first, last):
+        for peer in donors:
+            try:
+                wires = await _step(p2p, peer, step, limit, timeout_s)
+            except Exception as e:  # whatever a donor does wrong, another is asked
+                log.info("donor %s has not the deltas of outer step %d: %s: %s", peer, step, type(e).__name__, e)
+                continue
+            out.steps.append(wires)
+            out.nbytes += sum(len(w) + 10 for w in wires)
+            out.donors.add(peer)
+            break
+        else:
+            raise ReplayRefused(f"none of {len(donors)} donors serves the deltas of outer step {step}")
+        if out.nbytes > trainer.state_spec.total_bytes:
+            raise ReplayRefused(f"the deltas of {len(out.steps)} rounds outweigh the state ({out.nbytes} bytes)")
+    return out
+
+
+async def _step(p2p: P2P, peer: PeerID, step: int, limit: int, timeout_s: float) -> list[bytes]:
+    """One step's messages from `peer`, one request each (a message can be as large as a
+    request may answer)."""
+    wires: list[bytes] = []
+    count = 1
+    while len(wires) < count:
+        answer = await ask(p2p, peer, ROUND_DELTAS, step, len(wires), limit, timeout_s)
+        told = int.from_bytes(answer[:2], "big")
+        if len(answer) < 3 or not 0 < told <= MAX_STEP_DELTAS or (wires and told != count):
+            raise ProtocolError(f"a malformed answer ({len(answer)} bytes, {told} deltas after {count})")
+        count = told
+        wires.append(answer[2:])
+    return wires
+
+
+@dataclass(slots=True)
+class Step:
+    """One outer step to take: the screened deltas and what the ledger is credited with."""
+    deltas: list[DecodedDelta]
+    earned: dict[str, int]
+    banned: tuple[str, ...]
+
+
+def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -> tuple[str, list[Step]]:
+    """Screen each step's messages as the donor did (from outer step `first`, whose round
+    chain is `chain`), against a copy of the trainer's ledger credited step by step: the
+    round chain after the last, and the steps to take. Changes nothing; ReplayRefused when
+    a message is malformed or a step keeps no delta."""
+    ledger = Ledger(earn_rounds=trainer.ledger.earn_rounds, per_peer_tokens=trainer.ledger.per_peer_tokens,
+                    credits=trainer.ledger.credits)
+    out = []
+    for step, wires in enumerate(steps, start=first):
+        try:
+            decoded = [trainer.decode(w) for w in wires]
+        except ProtocolError as e:
+            raise ReplayRefused(f"a delta of outer step {step}: {e}") from e
+        named = {d.round for d in decoded}
+        if len(named) != 1:
+            raise ReplayRefused(f"the deltas of outer step {step} name rounds {sorted(named)}")
+        screened = trainer.step.screen(decoded, ledger, chain)
+        kept = trainer.step.kept(screened)
+        if not kept:
+            raise ReplayRefused(f"no delta of outer step {step} passes the screening")
+        chain = round_chain(chain, named.pop(), [(d.sender, d.num_tokens, delta_content(d)) for d in kept])
+        ledger.credit(screened.earned, screened.banned, step)
+        out.append(Step(kept, screened.earned, screened.banned))
+    return chain, out
+
+
+def take_steps(trainer: Trainer, steps: list[Step], manifest: Manifest) -> str | None:
+    """Take `steps` (from `verify`) on the training thread, as the round loop would have:
+    outer steps, ledger, the residual forgotten where a masked round moved on, the replica
+    restarted from the new outer state (holding its next delta, as after taking a state:
+    node/handover.py). The state's digest (Trainer.state_digest) when it then matches
+    `manifest` bit for bit, else None."""
+    for st in steps:
+        trainer.step.apply(trainer.outer, st.deltas, [trainer.compressor], trainer.ledger, st.earned, st.banned)
+    round_ = trainer.outer.num_steps
+    trainer.handoff.publish_outer_steps(round_)
+    trainer.round = round_
+    trainer.holds = round_
+    trainer.handoff.put_shift(None)
+    load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
+    trainer.tokens = 0
+    trainer.losses = []
+    _, body = encode_state(trainer.state_spec, trainer.state_snapshot(), round_)
+    ledger = trainer.ledger.pairs()
+    if hashlib.sha256(body).digest() != manifest.digest or ledger != tuple(manifest.ledger):
+        return None
+    return state_digest(body, ledger)
