@@ -84,6 +84,8 @@ class Peer:
     """The checkpoint rounds its restarted lives resumed from (`resumed` events)."""
     synced: list[int] = field(default_factory=list)
     """The rounds of the swarm's states it took (`synced` events)."""
+    caught_up: list[tuple[int, int, int]] = field(default_factory=list)
+    """(from, to, bytes) of each catch-up by the rounds' deltas (`caught_up` events)."""
     life_rounds: int = 0
     """Rounds its current life reported: 0 while a restarted peer is still catching up."""
     final: dict | None = None
@@ -238,6 +240,8 @@ class LocalSwarm:
             peer.resumed.append(event["round"])
         elif kind == "synced":
             peer.synced.append(event["round"])
+        elif kind == "caught_up":
+            peer.caught_up.append((event["start"], event["round"], event["bytes"]))
         elif kind == "final":
             peer.final = {"round": event["round"], "eval_loss": event["eval_loss"], "digest": event["digest"]}
 

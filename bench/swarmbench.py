@@ -196,6 +196,10 @@ def _churn_figures(churn: Churn) -> dict:
         "churn_seed": churn.seed,
         "restarts": churn.restarts,
         "resumed": sum(len(p.resumed) for p in peers),
+        "states_taken": sum(len(p.synced) for p in peers),
+        "caught_up": sum(len(p.caught_up) for p in peers),
+        "caught_up_rounds": sum(to - start for p in peers for start, to, _ in p.caught_up),
+        "caught_up_bytes": sum(n for p in peers for *_, n in p.caught_up),
         "clean_rounds": [0, phases.clean_end],
         "churn_rounds": [phases.clean_end, phases.churn_end],
         "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
@@ -279,5 +283,7 @@ def _format_churn(r: dict) -> list[str]:
             f"(rounds {k0}→{k1}): {churned / clean:.2f}× the clean rate",
             f"  churn                  a peer SIGKILLed every {r['churn_s']:g} s on average (seed {r['churn_seed']}): "
             f"{r['restarts']} restarts in {r['churn_phase_s']:.0f} s, {r['resumed']} resumed from a checkpoint",
+            f"  catching up            {r['states_taken']} states taken, {r['caught_up']} catch-ups by the rounds' "
+            f"deltas ({r['caught_up_rounds']} rounds, {r['caught_up_bytes']:,} bytes)",
             f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'} at round "
             f"{', '.join(map(str, r['final_rounds']))}"]

@@ -45,6 +45,9 @@ starts its next round a round or two behind finds the deltas of the round it hol
 (a joiner in a swarm of half-second rounds, 2026-12-06)."""
 REPLAY_TIMEOUT_S = 10.0
 """The longest one request for a round's delta (or the state's manifest) may take."""
+REPLAY_DEADLINE_S = 30.0
+"""The longest a catch-up's requests may take together: donors that answer each just in time
+must not hold a peer for REPLAY_ROUNDS × their count of requests."""
 INTRODUCE_TIMEOUT_S = 10.0
 """The longest a joiner waits for its record to reach the peers it read in the registry
 over the progress streams, and again for theirs to come back, before it decides whether to
@@ -208,14 +211,19 @@ class CatchUp:
         last, target, records = head
         donors = [PeerID.from_base58(r.peer_id) for r in records if r.round >= last]
         ctx.rng.shuffle(donors)
+        why = None
         try:
-            got = await replay.fetch(ctx.p2p, donors, trainer, first, last, target, timeout_s=REPLAY_TIMEOUT_S)
+            got = await asyncio.wait_for(replay.fetch(ctx.p2p, donors, trainer, first, last, target,
+                                                      timeout_s=REPLAY_TIMEOUT_S), REPLAY_DEADLINE_S)
             reached, steps = await ctx.pools.train(replay.verify, trainer, chain, first, got.steps)
             if reached != target:
-                raise replay.ReplayRefused(f"its deltas make round chain {reached[:12]}…, the swarm's is "
-                                           f"{target[:12]}…")
+                why = f"its deltas make round chain {reached[:12]}…, the swarm's is {target[:12]}…"
+        except asyncio.TimeoutError:
+            why = f"the deltas took longer than {REPLAY_DEADLINE_S:g} s"
         except replay.ReplayRefused as e:
-            log.warning("could not catch up from round %d to %d by the rounds' deltas: %s", first, last, e)
+            why = str(e)
+        if why is not None:
+            log.warning("could not catch up from round %d to %d by the rounds' deltas: %s", first, last, why)
             return False
         ctx.stats.bytes_received += got.nbytes
         digest = await ctx.pools.train(replay.take_steps, trainer, steps, got.manifest)

@@ -19,7 +19,8 @@ from locoswarm.bench.swarm import Peer, RoundLine
 from locoswarm.node.events import read_events
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-CHURN_KEYS = ("rounds_per_minute_clean", "rounds_per_minute_churn", "churn_s", "restarts", "churn_phase_s")
+CHURN_KEYS = ("rounds_per_minute_clean", "rounds_per_minute_churn", "churn_s", "restarts", "churn_phase_s",
+              "states_taken", "caught_up")
 KEPT_KEYS = ("peers", "rounds", "eval_loss", "consensus_equal", "tokens", "train_time_share", "replica_spread",
              "deltas_missing", "wall_s", "spec_hash")
 
