@@ -95,6 +95,11 @@ class CatchUp:
         ahead = [r for r in peers if r.peer_id in vouching] if vouching else peers
         if not ahead or max(r.round for r in ahead) <= ctx.trainer.outer_steps:
             return
+        # Resumed from a checkpoint rounds behind: the rounds since by their deltas, to the
+        # state the vouching peers show where earned weight decides nothing yet. Not from the
+        # run's start: a new peer takes a donor's residual with its state (node/handover.py).
+        if ctx.trainer.outer_steps > 0 and await self.by_deltas(vouching):
+            return
         try:
             await self.sync(peers, vouching, tries=JOIN_TRIES)
         except Unattested as e:  # resumed with a ledger: train on ours, decide again at each round boundary
@@ -168,26 +173,32 @@ class CatchUp:
                              f"show their round chains: none taken")
         return found
 
-    def head(self) -> tuple[int, str, list[PeerRecord]] | None:
+    def head(self, vouching: frozenset[str] = frozenset()) -> tuple[int, str, list[PeerRecord]] | None:
         """The newest state of the swarm: its round, round chain, and the live records showing
-        that chain there. The attested state where earned weight decides (`attested`); else the
-        chain most peers show at the newest round any shows one (node/lineage.py chain_at, the
-        count that decides there). None when no peer shows a chain, or none is attested."""
-        try:
-            attested = self.attested()
-        except Unattested:
-            return None
-        if attested is not None:
-            return attested.round, attested.chain, attested.attesters
+        that chain there. With `vouching` peers (`vouching`), the chain most of them show at
+        the newest round one of them shows one; else the attested state where earned weight
+        decides (`attested`), or the chain most peers show at the newest round any shows one
+        (node/lineage.py chain_at, the count that decides there). None when no peer shows a
+        chain, or none is attested."""
         live = [r for r in self.ctx.membership.records if not r.paused and not r.diverged and r.chain]
+        if vouching:
+            live = [r for r in live if r.peer_id in vouching]
+        else:
+            try:
+                attested = self.attested()
+            except Unattested:
+                return None
+            if attested is not None:
+                return attested.round, attested.chain, attested.attesters
         if not live:
             return None
         round_ = max(r.round for r in live)
         chain = chain_at(round_, live)
         return round_, chain, [r for r in live if known_chains(r).get(round_) == chain]
 
-    async def by_deltas(self) -> bool:
-        """Catch up from our outer state to the swarm's newest (`head`) by the deltas of the
+    async def by_deltas(self, vouching: frozenset[str] = frozenset()) -> bool:
+        """Catch up from our outer state to the swarm's newest (`head`, of `vouching` peers
+        where given) by the deltas of the
         rounds between (node/replay.py), where ours is of the swarm's lineage (its chain known)
         and at most REPLAY_ROUNDS behind; again while the swarm stepped on meanwhile (up to
         REPLAY_PASSES times). True when caught up; False, with nothing changed, when not tried
@@ -196,16 +207,16 @@ class CatchUp:
         no later catch-up of this process goes by deltas."""
         caught = False
         for _ in range(REPLAY_PASSES):
-            if not await self._replay():
+            if not await self._replay(vouching):
                 break
             caught = True
         return caught
 
-    async def _replay(self) -> bool:
+    async def _replay(self, vouching: frozenset[str]) -> bool:
         ctx, trainer = self.ctx, self.ctx.trainer
         first = trainer.outer_steps
         chain = ctx.lineage.chains.get(first)
-        head = self.head() if chain and self.replays else None
+        head = self.head(vouching) if chain and self.replays else None
         if head is None or not 0 < head[0] - first <= REPLAY_ROUNDS:
             return False
         last, target, records = head
@@ -233,7 +244,7 @@ class CatchUp:
             self.replays = False
             log.warning("caught up to round %d by its deltas, but the state differs from its donor's (digest or "
                         "ledger): downloading it, and no more catching up by deltas", last)
-            await self.sync(records)
+            await self.sync(records, vouching)
             return True
         for step, wires in enumerate(got.steps, start=first):  # ours to serve now
             ctx.states.rounds.keep(step, wires)

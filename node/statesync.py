@@ -42,7 +42,7 @@ _MAX_PINNED = 2
 log = logging.getLogger(__name__)
 
 
-REPLAY_ROUNDS = 32
+REPLAY_ROUNDS = 128
 """Outer steps a peer keeps the deltas of, and the most a peer catches up by deltas (further
 behind, it downloads the state)."""
 LOG_BYTES = 64 << 20
