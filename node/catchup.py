@@ -237,7 +237,7 @@ class CatchUp:
             log.warning("could not catch up from round %d to %d by the rounds' deltas: %s", first, last, why)
             return False
         ctx.stats.bytes_received += got.nbytes
-        digest = await ctx.pools.train(replay.take_steps, trainer, steps, got.manifest)
+        digest, start = await ctx.pools.train(replay.take_steps, trainer, steps, got.manifest, got.residual)
         ctx.lineage.synced(last, records, ctx.membership.records, chain=target, trusted=trainer.ledger.established)
         ctx.states.rounds.clear()
         if digest is None:
@@ -251,8 +251,9 @@ class CatchUp:
         state, residual = served(trainer)
         ctx.states.publish(state, last, target, trainer.ledger.pairs(), residual)
         deltas = sum(len(w) for w in got.steps)
-        log.info("caught up from round %d to %d by %d deltas of %d donors (%d bytes; a state is %d)", first, last,
-                 deltas, len(got.donors), got.nbytes, trainer.state_spec.total_bytes)
+        log.info("caught up from round %d to %d by %d deltas of %d donors (%d bytes; a state is %d); the replica "
+                 "starts %s", first, last, deltas, len(got.donors), got.nbytes, trainer.state_spec.total_bytes,
+                 start.describe())
         ctx.events(CaughtUp(start=first, round=last, deltas=deltas, bytes=got.nbytes, digest=digest))
         return True
 

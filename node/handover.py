@@ -21,12 +21,15 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class StartFrom:
-    """Where a replica that took a donor's state starts (take_state)."""
+    """Where a replica that took a donor's state, or caught up to it, starts (`offer_residual`)."""
 
     outer_loss: float | None = None
-    """Held-out loss at the outer state; None when no residual came."""
+    """Held-out loss where it would start without the donor's residual (at the outer state,
+    or with its own residual: `own`); None when no residual came."""
     donor_loss: float | None = None
     """Held-out loss where the donor's residual puts the replica."""
+    own: bool = False
+    """The replica had a residual of its own (it caught up by the rounds' deltas)."""
 
     @property
     def donors(self) -> bool:
@@ -34,12 +37,12 @@ class StartFrom:
         return self.donor_loss is not None and self.donor_loss < self.outer_loss
 
     def describe(self) -> str:
+        where = "with its own residual" if self.own else "at the outer state"
         if self.outer_loss is None:
-            return "at the outer state (no donor served its residual)"
-        verb = "from" if self.donors else "at the outer state, refusing"
+            return where if self.own else f"{where} (no donor served its residual)"
+        verb = "from" if self.donors else f"{where}, refusing"
         return (f"{verb} the donor's residual (held-out loss {self.donor_loss:.4f} there, "
-                f"{self.outer_loss:.4f} at the outer state)")
-
+                f"{self.outer_loss:.4f} {where})")
 
 
 def served(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -79,18 +82,32 @@ def take_state(trainer: Trainer, round_: int, state: dict[str, torch.Tensor], le
     trainer.round = round_
     trainer.holds = round_
     trainer.handoff.put_shift(None)
-    load_params(trainer.model, trainer.outer.params)
-    start = StartFrom()
-    if residual is not None and trainer.residual_spec is not None:
-        start.outer_loss = trainer.evaluate()
-        for err, (name, _) in zip(trainer.compressor.errors, trainer.residual_spec.tensors):
-            err.copy_(residual[name].reshape(-1))
-        load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
-        start.donor_loss = trainer.evaluate()
-        if not start.donors:
-            for err in trainer.compressor.errors:
-                err.zero_()
-            load_params(trainer.model, trainer.outer.params)
+    start = offer_residual(trainer, residual)
     trainer.tokens = 0
     trainer.losses = []
+    return start
+
+
+@torch.no_grad()
+def offer_residual(trainer: Trainer, residual: dict[str, torch.Tensor] | None, *, own: bool = False) -> StartFrom:
+    """The replica restarts from the donor's `residual` where that scores a lower held-out
+    loss than where it restarts now (its compressor's residual: empty after take_state, its
+    own after a catch-up, `own`); else where it restarts now. Loads the replica either way."""
+    load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
+    start = StartFrom(own=own)
+    if residual is None or trainer.residual_spec is None:
+        return start
+    current = [e.clone() for e in trainer.compressor.errors] if own else None
+    start.outer_loss = trainer.evaluate()
+    for err, (name, _) in zip(trainer.compressor.errors, trainer.residual_spec.tensors):
+        err.copy_(residual[name].reshape(-1))
+    load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
+    start.donor_loss = trainer.evaluate()
+    if not start.donors:
+        for i, err in enumerate(trainer.compressor.errors):
+            if current is None:
+                err.zero_()
+            else:
+                err.copy_(current[i])
+        load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
     return start

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hivemind.p2p import P2P, PeerID
+from torch import Tensor
 
+from locoswarm.node.handover import StartFrom, offer_residual
 from locoswarm.node.lineage import delta_content, round_chain
-from locoswarm.node.statedownload import ask, fetch_manifest
+from locoswarm.node.statedownload import ask, fetch_manifest, fetch_residual
 from locoswarm.node.statesync import ROUND_DELTAS
 from locoswarm.optim.credit import Ledger
-from locoswarm.optim.inner import load_params
 from locoswarm.protocol import DecodedDelta, ProtocolError
 from locoswarm.protocol.state import Manifest, encode_state, state_digest
 
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
     from locoswarm.node.trainer import Trainer
 
 log = logging.getLogger(__name__)
+RESIDUAL_AFTER = 4
+"""Steps caught up beyond which the donor's residual is offered too (`take_steps`): the
+peer's own was left where it last trained, and a peer back from its checkpoint 24 rounds
+on, restarting with its own, sent a delta that failed a check (0.13 of the agreement,
+2026-12-06)."""
 MAX_STEP_DELTAS = 256
 """The most deltas a peer takes of one step (a round screens its fanout's and its own)."""
 class ReplayRefused(Exception):
@@ -57,6 +63,8 @@ class Fetched:
     steps: list[list[bytes]] = field(default_factory=list)
     """The messages of each step, from the first."""
     manifest: Manifest | None = None
+    residual: dict[str, Tensor] | None = None
+    """The donor's residual at the last step, where asked for and served."""
     nbytes: int = 0
     donors: set[PeerID] = field(default_factory=set)
     """The donors that served a step."""
@@ -66,16 +74,22 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
                 timeout_s: float) -> Fetched:
     """From `donors` (showing `chain` at outer step `last`): the manifest of their state at
     `last`, then the messages each of steps `first` … `last` − 1 screened, each step from the
-    first donor that serves it whole. ReplayRefused when some step or the manifest could
-    not be had."""
+    first donor that serves it whole; over RESIDUAL_AFTER steps, with them the residual of
+    the manifest's donor at `last` (None where none is served). ReplayRefused when some step
+    or the manifest could not be had."""
     out = Fetched()
-    for peer in donors:
+    for i, peer in enumerate(donors):
         m = await fetch_manifest(p2p, peer, trainer.state_spec, timeout_s, round_=last)
         if m is not None and m.round == last and m.chain == chain:
             out.manifest = m
+            donors = [peer] + donors[:i] + donors[i + 1:]
             break
     else:
         raise ReplayRefused(f"none of {len(donors)} donors serves the manifest of round {last} with its chain")
+    if last - first > RESIDUAL_AFTER and trainer.residual_spec is not None:
+        out.residual = await fetch_residual(p2p, donors, trainer.residual_spec, last, timeout_s)
+        if out.residual is not None:
+            out.nbytes += trainer.residual_spec.total_bytes
     limit = trainer.step.spec.max_message_bytes + 2
     for step in range(first, last):
         for peer in donors:
@@ -144,12 +158,14 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
     return chain, out
 
 
-def take_steps(trainer: Trainer, steps: list[Step], manifest: Manifest) -> str | None:
+def take_steps(trainer: Trainer, steps: list[Step], manifest: Manifest,
+               residual: dict[str, Tensor] | None = None) -> tuple[str | None, StartFrom]:
     """Take `steps` (from `verify`) on the training thread, as the round loop would have:
     outer steps, ledger, the residual forgotten where a masked round moved on, the replica
     restarted from the new outer state (holding its next delta, as after taking a state:
-    node/handover.py). The state's digest (Trainer.state_digest) when it then matches
-    `manifest` bit for bit, else None."""
+    node/handover.py), from the donor's `residual` where that scores better than its own.
+    The state's digest (Trainer.state_digest) when it then matches `manifest` bit for bit,
+    else None; and where the replica starts."""
     for st in steps:
         trainer.step.apply(trainer.outer, st.deltas, [trainer.compressor], trainer.ledger, st.earned, st.banned)
     round_ = trainer.outer.num_steps
@@ -157,11 +173,11 @@ def take_steps(trainer: Trainer, steps: list[Step], manifest: Manifest) -> str |
     trainer.round = round_
     trainer.holds = round_
     trainer.handoff.put_shift(None)
-    load_params(trainer.model, trainer.step.restart(trainer.outer, trainer.compressor))
+    start = offer_residual(trainer, residual, own=True)
     trainer.tokens = 0
     trainer.losses = []
     _, body = encode_state(trainer.state_spec, trainer.state_snapshot(), round_)
     ledger = trainer.ledger.pairs()
     if hashlib.sha256(body).digest() != manifest.digest or ledger != tuple(manifest.ledger):
-        return None
-    return state_digest(body, ledger)
+        return None, start
+    return state_digest(body, ledger), start

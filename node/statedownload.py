@@ -202,7 +202,7 @@ async def download_state(
             kept.update(manifest=chosen, assembler=asm)
     # The residual comes from one donor while the state's chunks come from all of them, at
     # once: a join then waits for the slower of the two, not for both one after the other.
-    wanted = (asyncio.ensure_future(_residual(p2p, pool, residual_spec, chosen.round, timeout_s))
+    wanted = (asyncio.ensure_future(fetch_residual(p2p, pool, residual_spec, chosen.round, timeout_s))
               if residual_spec is not None else None)
     try:
         await _pull(p2p, pool, asm, CHUNK, timeout_s, on_progress)
@@ -265,7 +265,7 @@ async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, ti
     await asyncio.gather(*(worker(peer) for peer in pool))
 
 
-async def _residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
+async def fetch_residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
                     timeout_s: float) -> dict[str, Tensor] | None:
     """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
     tried) that serves a valid one; None when none does."""

@@ -94,7 +94,8 @@ def test_a_replica_replays_the_rounds_since_its_state_and_ends_on_the_swarms_sta
     chain, steps = verify(j, s.chains[1], 1, s.steps(1, 4))
     assert chain == s.chains[4]
     assert j.outer_steps == 1, "verify changes nothing"
-    digest = take_steps(j, steps, s.manifest(4))
+    digest, start = take_steps(j, steps, s.manifest(4))
+    assert start.outer_loss is None and "with its own residual" in start.describe()
     a = s.peers["a"]
     assert (j.outer_steps, j.round, j.holds) == (4, 4, 4)
     assert digest == j.state_digest() == a.state_digest() == s.peers["b"].state_digest()
@@ -133,7 +134,29 @@ def test_a_state_that_comes_out_other_than_the_donors_manifest_is_told(swarm_at_
     j = _joiner(taken)
     _, steps = verify(j, s.chains[1], 1, s.steps(1, 4))
     m = s.manifest(4)
-    assert take_steps(j, steps, replace(m, ledger=m.ledger + (("stranger", 1),))) is None
+    assert take_steps(j, steps, replace(m, ledger=m.ledger + (("stranger", 1),)))[0] is None
+
+
+def test_a_long_catch_up_starts_from_the_donors_residual_where_it_scores_better_than_its_own(swarm_at_4):
+    """Caught up over RESIDUAL_AFTER steps, the replica's own residual is where it last
+    trained: the donor's is offered, and kept only where its held-out loss is lower."""
+    s, taken = swarm_at_4
+    _, residual = served(s.peers["a"])
+    j = _joiner(taken)
+    _, steps = verify(j, s.chains[1], 1, s.steps(1, 4))
+    digest, start = take_steps(j, steps, s.manifest(4), residual)
+    assert digest == s.peers["a"].state_digest()
+    assert start.donors and start.donor_loss < start.outer_loss, start
+    assert all(torch.equal(e, residual[n].reshape(-1).float()) for e, (n, _) in zip(j.compressor.errors,
+                                                                                      j.residual_spec.tensors))
+    k = _joiner(taken)
+    own = [e.clone() for e in k.compressor.errors]
+    _, steps = verify(k, s.chains[1], 1, s.steps(1, 4))
+    noise = {n: 1e3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+             for n, t in residual.items()}
+    _, start = take_steps(k, steps, s.manifest(4), noise)
+    assert not start.donors and "with its own residual, refusing" in start.describe()
+    assert all(torch.equal(e, o) for e, o in zip(k.compressor.errors, own))
 
 
 def test_the_round_log_keeps_the_last_rounds_under_its_byte_bound_and_answers_with_the_count():
