@@ -9,6 +9,8 @@
 #            phase of tens of seconds);
 #   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
 #   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
+#   catchup: the daemon tests of catching up by the rounds' deltas (a joiner behind, a peer
+#            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
 #            at 48 the rounds left after the clean phase took less than two restarts here);
 #   flood:   3 peers, 48 rounds, 3 identities flooding state requests in the middle half, with
@@ -48,6 +50,10 @@ for part in "${parts[@]}"; do
             -k silent_split > "$log" 2>&1
         echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$log";;
     swarm24) swarm swarm24 230 --peers 24 --rounds 4;;
+    catchup)  # the catch-ups by the rounds' deltas, where rounds are fastest (node/replay.py)
+        LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 400 pytest -q -p no:cacheprovider tests/test_daemon.py \
+            tests/test_faults.py -k "catches_up or failed_round" > "$out/catchup.log" 2>&1
+        echo "catchup rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/catchup.log";;
     churn) swarm churn6 300 --peers 6 --rounds 160 --churn 10;;
     flood)
         swarm flood3 150 --peers 3 --rounds 48 --flood 3

@@ -196,23 +196,25 @@ class CatchUp:
         chain = chain_at(round_, live)
         return round_, chain, [r for r in live if known_chains(r).get(round_) == chain]
 
-    async def by_deltas(self, vouching: frozenset[str] = frozenset()) -> bool:
+    async def by_deltas(self, vouching: frozenset[str] = frozenset(), *, fresh_residual: bool = False) -> bool:
         """Catch up from our outer state to the swarm's newest (`head`, of `vouching` peers
         where given) by the deltas of the
         rounds between (node/replay.py), where ours is of the swarm's lineage (its chain known)
         and at most REPLAY_ROUNDS behind; again while the swarm stepped on meanwhile (up to
-        REPLAY_PASSES times). True when caught up; False, with nothing changed, when not tried
+        REPLAY_PASSES times). Over replay.RESIDUAL_AFTER steps, the donor's residual is
+        offered too, unless the peer's own is `fresh_residual` (it came with the state just
+        taken: a download at 4 Mbit/s took that long again). True when caught up; False, with nothing changed, when not tried
         or refused (logged): the caller then downloads the state. A state that comes out
         other than the donor's manifest is downloaded here (NodeError when that fails), and
         no later catch-up of this process goes by deltas."""
         caught = False
         for _ in range(REPLAY_PASSES):
-            if not await self._replay(vouching):
+            if not await self._replay(vouching, fresh_residual):
                 break
             caught = True
         return caught
 
-    async def _replay(self, vouching: frozenset[str]) -> bool:
+    async def _replay(self, vouching: frozenset[str], fresh_residual: bool) -> bool:
         ctx, trainer = self.ctx, self.ctx.trainer
         first = trainer.outer_steps
         chain = ctx.lineage.chains.get(first)
@@ -225,7 +227,8 @@ class CatchUp:
         why = None
         try:
             got = await asyncio.wait_for(replay.fetch(ctx.p2p, donors, trainer, first, last, target,
-                                                      timeout_s=REPLAY_TIMEOUT_S), REPLAY_DEADLINE_S)
+                                                      timeout_s=REPLAY_TIMEOUT_S, residual=not fresh_residual),
+                                         REPLAY_DEADLINE_S)
             reached, steps = await ctx.pools.train(replay.verify, trainer, chain, first, got.steps)
             if reached != target:
                 why = f"its deltas make round chain {reached[:12]}…, the swarm's is {target[:12]}…"
@@ -319,6 +322,6 @@ class CatchUp:
         ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))
         # A download on a slow link ends rounds behind the swarm: the rounds since, by their deltas.
         try:
-            await self.by_deltas()
+            await self.by_deltas(fresh_residual=True)
         except NodeError as e:
             log.warning("could not take the swarm's state after catching up by deltas: %s", e)

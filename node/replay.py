@@ -71,11 +71,11 @@ class Fetched:
 
 
 async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, last: int, chain: str, *,
-                timeout_s: float) -> Fetched:
+                timeout_s: float, residual: bool = True) -> Fetched:
     """From `donors` (showing `chain` at outer step `last`): the manifest of their state at
     `last`, then the messages each of steps `first` … `last` − 1 screened, each step from the
-    first donor that serves it whole; over RESIDUAL_AFTER steps, with them the residual of
-    the manifest's donor at `last` (None where none is served). ReplayRefused when some step
+    first donor that serves it whole; over RESIDUAL_AFTER steps and where `residual`, with
+    them the residual of the manifest's donor at `last` (None where none is served). ReplayRefused when some step
     or the manifest could not be had."""
     out = Fetched()
     for i, peer in enumerate(donors):
@@ -86,7 +86,7 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
             break
     else:
         raise ReplayRefused(f"none of {len(donors)} donors serves the manifest of round {last} with its chain")
-    if last - first > RESIDUAL_AFTER and trainer.residual_spec is not None:
+    if residual and last - first > RESIDUAL_AFTER and trainer.residual_spec is not None:
         out.residual = await fetch_residual(p2p, donors, trainer.residual_spec, last, timeout_s)
         if out.residual is not None:
             out.nbytes += trainer.residual_spec.total_bytes

@@ -220,10 +220,11 @@ def test_a_failed_round_is_discarded_and_logged_and_the_peer_trains_on_and_rejoi
     """Three honest peers on loopback; c's replica yields a non-finite pseudo-gradient in
     round 2 and its DHT fails when it reports round 1 done (both injected; not a round after
     the state it takes, whose delta it holds: node/trainer.py Trainer.hold). c discards round
-    2 (logged, an event), never sends that delta, catches up at its next round boundary by
-    the deltas of the step its outer state missed (node/replay.py; it downloaded the whole
-    state before), and carries on; the failed report costs nothing (the others still see its
-    earlier reports). No traceback, exit 0, one digest."""
+    2 (logged, an event), never sends that delta, and at a round boundary takes the step its
+    outer state missed, by that round's deltas (node/replay.py) or, where the overlapped round
+    after it had it aggregate its own delta alone (diverged), by the swarm's state; it carries
+    on; the failed report costs nothing (the others still see its earlier reports). No
+    traceback, exit 0, one digest."""
     run = daemon.write_spec(tmp_path / "run.toml", deadline_s=6.0)
     a = swarm.join("a", "--min-peers", "3", "--max-rounds", str(ROUNDS), run=run)
     b = swarm.join("b", "--min-peers", "3", "--max-rounds", str(ROUNDS), peer=a, run=run)
@@ -235,10 +236,13 @@ def test_a_failed_round_is_discarded_and_logged_and_the_peer_trains_on_and_rejoi
     discarded = c.wait_event("round_discarded", 0)
     assert discarded["round"] == 2 and re.match(r"ValueError: pseudo-gradient of .* is not finite", discarded["reason"])
     assert c.wait_for(r"a discarded round left outer step \d+ behind the swarm's \d+", 0, stderr=True)
-    caught = c.wait_event("caught_up", 0)
-    assert caught["start"] == 2 and caught["round"] > 2, caught
-    assert caught["digest"] in daemon.served_digests([a, b], caught["round"]), caught
-    assert not c.events("synced"), "c downloaded a state"
+    taken = min(c.events("caught_up") + c.events("synced"), key=lambda e: e["time"], default=None)
+    assert taken is not None and taken["round"] > 2, c.tail()
+    assert taken["digest"] in daemon.served_digests([a, b], taken["round"]), taken
+    if taken["event"] == "caught_up":
+        assert taken["start"] == 2, taken
+    else:
+        assert c.wait_for(r"found 2 peers again after \d+ rounds alone", 0, stderr=True)
     assert c.wait_for(r"round 1: reporting the round done failed: ConnectionError: injected", 0, stderr=True)
     assert not [r for r, *_ in daemon.rounds(c) if r == 2], "no round line for the discarded round"
     for p in (a, b):
