@@ -209,7 +209,7 @@ class CatchUp:
         no later catch-up of this process goes by deltas."""
         caught = False
         for _ in range(REPLAY_PASSES):
-            if not await self._replay(vouching, fresh_residual):
+            if not await self._replay(vouching, fresh_residual or caught):  # a pass before offered it
                 break
             caught = True
         return caught
