@@ -63,6 +63,8 @@ class CatchUp:
         self.ctx = ctx
         self._passed_over: set[str] = set()
         """Peers logged as ahead without earned weight (each once)."""
+        self._taken_at: int | None = None
+        """The outer step of the state we took last (a download)."""
         self.replays = True
         """Whether catching up goes by the rounds' deltas where it can (`by_deltas`)."""
 
@@ -196,27 +198,28 @@ class CatchUp:
         chain = chain_at(round_, live)
         return round_, chain, [r for r in live if known_chains(r).get(round_) == chain]
 
-    async def by_deltas(self, vouching: frozenset[str] = frozenset(), *, fresh_residual: bool = False) -> bool:
+    async def by_deltas(self, vouching: frozenset[str] = frozenset()) -> bool:
         """Catch up from our outer state to the swarm's newest (`head`, of `vouching` peers
-        where given) by the deltas of the
-        rounds between (node/replay.py), where ours is of the swarm's lineage (its chain known)
-        and at most REPLAY_ROUNDS behind; again while the swarm stepped on meanwhile (up to
-        REPLAY_PASSES times). Over replay.RESIDUAL_AFTER steps, the donor's residual is
-        offered too, unless the peer's own is `fresh_residual` (it came with the state just
-        taken: a download at 4 Mbit/s took that long again). True when caught up; False, with nothing changed, when not tried
-        or refused (logged): the caller then downloads the state. A state that comes out
-        other than the donor's manifest is downloaded here (NodeError when that fails), and
-        no later catch-up of this process goes by deltas."""
+        where given) by the deltas of the rounds between (node/replay.py), where ours is of
+        the swarm's lineage (its chain known) and at most REPLAY_ROUNDS behind; again while the
+        swarm stepped on meanwhile (up to REPLAY_PASSES times). Over replay.RESIDUAL_AFTER
+        steps the donor's residual is offered too, once, and not from the state we took last
+        (its residual came with it: fetched again at 4 Mbit/s it took as long as the rounds it
+        caught up). True when caught up; False, with nothing changed, when not tried or
+        refused (logged): the caller then downloads the state. A state that comes out other
+        than the donor's manifest is downloaded here (NodeError when that fails), and no later
+        catch-up of this process goes by deltas."""
         caught = False
         for _ in range(REPLAY_PASSES):
-            if not await self._replay(vouching, fresh_residual or caught):  # a pass before offered it
+            if not await self._replay(vouching, offer_residual=not caught):
                 break
             caught = True
         return caught
 
-    async def _replay(self, vouching: frozenset[str], fresh_residual: bool) -> bool:
+    async def _replay(self, vouching: frozenset[str], *, offer_residual: bool) -> bool:
         ctx, trainer = self.ctx, self.ctx.trainer
         first = trainer.outer_steps
+        offer_residual = offer_residual and first != self._taken_at
         chain = ctx.lineage.chains.get(first)
         head = self.head(vouching) if chain and self.replays else None
         if head is None or not 0 < head[0] - first <= REPLAY_ROUNDS:
@@ -227,7 +230,7 @@ class CatchUp:
         why = None
         try:
             got = await asyncio.wait_for(replay.fetch(ctx.p2p, donors, trainer, first, last, target,
-                                                      timeout_s=REPLAY_TIMEOUT_S, residual=not fresh_residual),
+                                                      timeout_s=REPLAY_TIMEOUT_S, residual=offer_residual),
                                          REPLAY_DEADLINE_S)
             reached, steps = await ctx.pools.train(replay.verify, trainer, chain, first, got.steps)
             if reached != target:
@@ -257,7 +260,8 @@ class CatchUp:
         log.info("caught up from round %d to %d by %d deltas of %d donors (%d bytes; a state is %d); the replica "
                  "starts %s", first, last, deltas, len(got.donors), got.nbytes, trainer.state_spec.total_bytes,
                  start.describe())
-        ctx.events(CaughtUp(start=first, round=last, deltas=deltas, bytes=got.nbytes, digest=digest))
+        ctx.events(CaughtUp(start=first, round=last, deltas=deltas, bytes=got.nbytes, digest=digest,
+                            residual_bytes=trainer.residual_spec.total_bytes if got.residual is not None else 0))
         return True
 
     async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset(), *,
@@ -313,6 +317,7 @@ class CatchUp:
             ctx.stats.bytes_received += trainer.residual_spec.total_bytes
         start = await ctx.pools.train(take_state, trainer, got.round, got.tensors, got.ledger, got.residual)
         ctx.states.rounds.clear()  # the rounds we kept led to our old state, not to this one
+        self._taken_at = got.round
         log.info("took the state of round %d; the replica starts %s", got.round, start.describe())
         ctx.lineage.synced(got.round, records, ctx.membership.records, chain=got.chain,
                            trusted=trainer.ledger.established)
@@ -322,6 +327,6 @@ class CatchUp:
         ctx.events(Synced(round=got.round, donors=len(donors), digest=digest))
         # A download on a slow link ends rounds behind the swarm: the rounds since, by their deltas.
         try:
-            await self.by_deltas(fresh_residual=True)
+            await self.by_deltas()
         except NodeError as e:
             log.warning("could not take the swarm's state after catching up by deltas: %s", e)

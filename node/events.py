@@ -59,8 +59,11 @@ class CaughtUp:
     deltas: int
     """Delta messages taken, all rounds together."""
     bytes: int
+    """All that came: the deltas, and the donor's residual where one did."""
     digest: str
     """SHA-256 of the outer state reached (Trainer.state_digest)."""
+    residual_bytes: int = 0
+    """The donor's residual's part of `bytes` (0: none came)."""
 
     def lines(self) -> list[str]:
         return [f"caught up to round {self.round} from {self.start} by {self.deltas} deltas ({self.bytes} bytes) "
