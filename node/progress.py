@@ -350,6 +350,7 @@ class ProgressBus:
         and only our way to it failed)."""
         if outbox.peer in self._inbound:
             return
+        self._closed(outbox)  # now, not when its task ends: a report meanwhile opens a new outbox
         outbox.task.cancel()
         if self.on_gone is not None:
             self.on_gone(outbox.peer, outbox.served)

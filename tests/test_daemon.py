@@ -109,8 +109,11 @@ def test_a_joiner_starts_from_a_donors_state_digest_catches_up_by_the_rounds_del
     # It joined its first round late: it held that round's delta (node/trainer.py
     # Trainer.hold), aggregated the others' alone, and its outer state never split from
     # theirs (where it aggregated its own and they did not, it did).
+    # Where the swarm ended that round before the joiner's training did, it caught up
+    # again and held the next one: every round it held is one it had just caught up to.
     held = [int(m) for m in re.findall(r"round (\d+): our delta is held, not sent", joiner.stderr())]
-    assert held[:1] == [caught["round"]], (held, caught)
+    caught_rounds = [e["round"] for e in joiner.events("caught_up")]
+    assert caught["round"] in held and set(held) <= set(caught_rounds), (held, caught_rounds)
     assert f"split at round {caught['round'] + 1}:" not in joiner.stderr(), joiner.tail()
     print(f"the joiner took round {synced_round}'s state, then caught up to round {caught['round']} by "
           f"{caught['deltas']} deltas ({caught['bytes']} bytes)")
