@@ -148,6 +148,9 @@ class Final:
     round: int
     eval_loss: float
     digest: str
+    unfinished: int = 0
+    """Peers of the last round whose records had not moved past it when we stopped serving
+    our delta of it (the linger's deadline came first)."""
 
     def lines(self) -> list[str]:
         return [f"final round {self.round} eval_loss {self.eval_loss:.4f} digest {self.digest}"]

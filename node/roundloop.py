@@ -329,9 +329,13 @@ class RoundLoop:
         its record not expired yet). Then evaluate and write the final model."""
         ctx, trainer = self.ctx, self.ctx.trainer
         last = trainer.outer_steps - 1  # records carry outer steps: past `last` means done with it
+        # Our record is past `last` now: tell it at once, or peers leaving with us (each
+        # waiting for the others' records to move on) would all wait out the deadline.
+        ctx.progress.show()
         linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
         while time.monotonic() < linger_until and ctx.membership.expected(last):
             await asyncio.sleep(0.1)
+        unfinished = len(ctx.membership.expected(last))
         ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         digest = await ctx.pools.train(trainer.state_digest)
         path = os.path.join(ctx.cfg.state_dir, FINAL_MODEL)
@@ -339,7 +343,7 @@ class RoundLoop:
             await ctx.pools.train(trainer.save_model, path)
         except (OSError, SafetensorError) as e:  # a full or read-only disk: the checkpoints hold the state
             log.error("final model not written to %s: %s", ctx.cfg.state_dir, getattr(e, "strerror", None) or e)
-        ctx.events(Final(round=trainer.round, eval_loss=ctx.stats.eval_loss, digest=digest))
+        ctx.events(Final(round=trainer.round, eval_loss=ctx.stats.eval_loss, digest=digest, unfinished=unfinished))
 
     async def _wait_while_paused(self) -> None:
         while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():

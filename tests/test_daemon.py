@@ -66,6 +66,8 @@ def test_three_peers_aggregate_every_delta_agree_on_the_outer_state_and_lower_th
         assert [r for r, *_ in rounds(p)] == list(range(num_rounds)), p.tail()
     assert all((got, of) == (3, 3) for p in peers for _, got, of, _ in rounds(p)), f"a delta left out:\n{table}"
     assert {r for r, _, _ in finals} == {num_rounds}
+    # Leaving together, each told the others it was past the last round: none waited for them.
+    assert [p.wait_event("final", 0)["unfinished"] for p in peers] == [0, 0, 0]
     assert len({digest for *_, digest in finals}) == 1, f"consensus digests differ:\n{table}"
     first_eval = rounds(peers[0])[0][3]
     final_eval = finals[0][1]

@@ -81,12 +81,22 @@ def test_kills_stop_by_this_machines_restart_time_and_a_run_without_one_is_refus
 
 
 def test_bench_swarm_refuses_churn_with_too_few_rounds_or_peers_without_starting_anything():
-    for args, word in ((("--rounds", "4", "--churn", "5"), "--rounds"), (("--peers", "1", "--churn", "5"), "--peers"),
-                       (("--churn", "-1"), "--churn")):
-        out = subprocess.run([sys.executable, "-m", "locoswarm", "bench", "swarm", *args], capture_output=True,
-                             text=True, timeout=60, env=ENV)
-        assert out.returncode == 2, (args, out.stderr)
-        assert word in out.stderr, (args, out.stderr)
+    _assert_refused(((("--rounds", "4", "--churn", "5"), "--rounds"), (("--peers", "1", "--churn", "5"), "--peers"),
+                     (("--churn", "-1"), "--churn")))
+
+
+def _assert_refused(cases) -> None:
+    """`bench swarm` with each case's arguments exits 2 naming its word, before any peer
+    process starts (run in this process: a refusal needs no daemon to start)."""
+    import psutil
+    from typer.testing import CliRunner
+
+    from locoswarm.cli.main import app
+
+    for args, word in cases:
+        out = CliRunner().invoke(app, ["bench", "swarm", *args])
+        assert out.exit_code == 2 and word in out.stderr, (args, out.exit_code, out.stderr, out.exception)
+        assert not psutil.Process().children(recursive=True), f"{args} started a process"
 
 
 def _run_bench(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
@@ -143,12 +153,10 @@ def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one
 
 
 def test_bench_swarm_refuses_fakes_with_churn_or_too_few_rounds_without_starting_anything():
-    for args, word in ((("--rounds", "4", "--fakes", "1"), "--rounds"), (("--fakes", "-1"), "--fakes"),
-                       (("--churn", "5", "--fakes", "1"), "one disturbance"), (("--flood", "-1"), "--flood"),
-                       (("--fakes", "1", "--flood", "1"), "one disturbance"), (("--rounds", "4", "--flood", "1"), "--rounds")):
-        out = subprocess.run([sys.executable, "-m", "locoswarm", "bench", "swarm", *args], capture_output=True,
-                             text=True, timeout=60, env=ENV)
-        assert out.returncode == 2 and word in out.stderr, (args, out.stderr)
+    _assert_refused(((("--rounds", "4", "--fakes", "1"), "--rounds"), (("--fakes", "-1"), "--fakes"),
+                     (("--churn", "5", "--fakes", "1"), "one disturbance"), (("--flood", "-1"), "--flood"),
+                     (("--fakes", "1", "--flood", "1"), "one disturbance"),
+                     (("--rounds", "4", "--flood", "1"), "--rounds")))
 
 
 @pytest.mark.slow
