@@ -17,7 +17,8 @@ else did (the others paused, or gone) has not diverged: its state is the swarm's
 
 - A diverged peer takes the state of the live peers that have not diverged and stepped past
   the round it diverged in (so a peer that sat paused through the split, with an older
-  state, is not followed).
+  state, is not followed). Where such a peer shows one of its chains of a round after it
+  diverged, that peer took its state, and it is diverged no more.
 - When every peer it sees has diverged too (a swarm of two cut in two), the smallest peer id
   keeps its state and the others take it: exactly one side moves, never both.
 - A peer that has not diverged and fell more than a round behind (paused, restarted from a
@@ -362,11 +363,23 @@ class Lineage:
                               f"{max(r.round for r in ahead)}", ahead)
             if not live:
                 self.behind_at = None
+        if self.diverged_at is not None and self._taken_from_us(me, records):
+            self.diverged_at, self.trusted_then = None, frozenset()
         trusted = self.weighing(trusted)
         found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
         if found is None and self.diverged_at is None:
             found = whom_to_rejoin(me, self.chains, records, trusted)
         return found
+
+    def _taken_from_us(self, me: str, records: list[PeerRecord]) -> bool:
+        """Whether a live peer that has not diverged shows one of our chains of a round
+        after we diverged: it took our state (a peer back from its checkpoint behind us, say),
+        so ours is the swarm's lineage again, not a runaway's. Taking its state back would
+        put us on our own older state, rounds behind (seen: two peers swapped states that
+        way, each taking the other's, and trained apart for rounds)."""
+        ours = {k: v for k, v in self.chains.items() if k > self.diverged_at}
+        return any(ours.get(k) == v for r in records if r.peer_id != me and not r.paused and not r.diverged
+                   for k, v in known_chains(r).items())
 
     def weighing(self, trusted: Trusted | None) -> Trusted | None:
         """Whose weight counts in our decisions now: our ledger's `trusted`, or while diverged

@@ -256,6 +256,29 @@ def test_a_diverged_peer_weighs_the_others_as_its_ledger_did_when_it_diverged_no
     assert donors(lin.follow("me", 20, [rec("b", 20), rec("x", 20)], only_me)) == ["b"], "b was established then"
 
 
+def test_a_diverged_peer_whose_state_a_peer_behind_took_is_diverged_no_more_and_takes_nothing_back():
+    """c trained a round alone because b died in it (a was gone): diverged. b came back from
+    an older checkpoint and took c's state. c used to take b's state then, its own of a
+    round before, and the two trained apart; b showing c's chain says c's is the swarm's."""
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    lin.after_round(0, 0, 1, [("Qc", 5), ("Qb", 5)], others_trained=True, sampled=False)
+    lin.after_round(1, 1, 2, [("Qc", 5)], others_trained=True, sampled=False)
+    lin.after_round(2, 2, 3, [("Qc", 5)], others_trained=True, sampled=False)
+    assert lin.diverged_at == 1
+    b_took_ours = rec("Qb", 2, chain=lin.chains[2], prev_chain=lin.chains[1])
+    assert donors(lin.follow("Qc", 3, [b_took_ours])) is None
+    assert lin.diverged_at is None and not lin.shown(3)["diverged"]
+    # A sound peer that shows only chains of before the divergence (or other ones) is the
+    # swarm that trained on without us: followed, as before.
+    lin = Lineage(b"h" * 32)
+    lin.start(0)
+    lin.after_round(0, 0, 1, [("Qc", 5), ("Qb", 5)], others_trained=True, sampled=False)
+    lin.after_round(1, 1, 2, [("Qc", 5)], others_trained=True, sampled=False)
+    swarm = rec("Qb", 2, chain="other", prev_chain=lin.chains[1])  # round 1's chain: of before
+    assert donors(lin.follow("Qc", 2, [swarm])) == ["Qb"] and lin.diverged_at == 1
+
+
 def test_a_resumed_checkpoint_without_a_valid_chain_leaves_the_lineage_unknown():
     lin = Lineage(b"h" * 32)
     lin.start(7, "not a chain", resumed=True)
