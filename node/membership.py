@@ -67,6 +67,8 @@ class Membership:
         self.silent: dict[str, tuple[int, int, int]] = {}
         """Peer id → (incarnation, round, rounds left alone from there) where a liveness probe
         of it found no answer."""
+        self.withholding: dict[str, tuple[int, int, int]] = {}
+        """The same, where a peer withheld its delta (`mark_withholding`)."""
         self.peers_estimate = 1.0
         """The registry's estimate of the swarm's size (node/buckets.py), this peer included."""
 
@@ -178,6 +180,7 @@ class Membership:
         live = {r.peer_id: r.incarnation for r in self.records}
         for peer in peers:
             self.silent.pop(peer, None)
+            self.withholding.pop(peer, None)
             if peer in live:
                 self.proven[peer] = live[peer]
         if len(self.proven) > len(live) + MAX_LOST:  # expired records: forget the oldest proofs
@@ -189,24 +192,34 @@ class Membership:
         newcomer, or a record with nothing behind it): each is asked for its delta and
         waited for only if it answers within a liveness bound (node/pull.py); one that
         did not is left alone for SILENT_ROUNDS rounds."""
-        out = set()
-        for r in self._in_round(round_):
-            if self.proven.get(r.peer_id) == r.incarnation:
-                continue
-            silent = self.silent.get(r.peer_id)
-            if silent is None or silent[0] != r.incarnation or round_ - silent[1] >= silent[2]:
-                out.add(r.peer_id)
-        return out
+        return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) != r.incarnation
+                and not _left_alone(self.silent, r.peer_id, r.incarnation, round_)
+                and not self.withheld(r.peer_id, round_)}
 
     def mark_silent(self, peer: str, round_: int) -> None:
         """`peer` did not answer a liveness probe in `round_`: left alone for SILENT_ROUNDS,
         twice as long as last time when it was silent at its last probe too (same incarnation)."""
-        incarnation, last = self.incarnation(peer), self.silent.get(peer)
+        self._leave_alone(self.silent, peer, round_)
+
+    def mark_withholding(self, peer: str, round_: int) -> None:
+        """`peer` answered "not yet" (or held an open stream) long after the round's end and
+        delivered no delta in `round_` (node/pull.py `Gathered.withheld`): not proven any
+        more, and left alone like a silent peer (`withheld`) even while it reports progress."""
+        self.unprove(peer)
+        self._leave_alone(self.withholding, peer, round_)
+
+    def withheld(self, peer: str, round_: int) -> bool:
+        """Whether `peer` is left alone in `round_` for withholding its delta in a recent
+        round (in the life its record shows)."""
+        return _left_alone(self.withholding, peer, self.incarnation(peer), round_)
+
+    def _leave_alone(self, book: dict[str, tuple[int, int, int]], peer: str, round_: int) -> None:
+        incarnation, last = self.incarnation(peer), book.get(peer)
         alone = SILENT_ROUNDS if last is None or last[0] != incarnation else min(MAX_SILENT_ROUNDS, 2 * last[2])
-        self.silent[peer] = (incarnation, round_, alone)
-        if len(self.silent) > 4 * MAX_LOST + len(self.records):  # bounded: forget the oldest verdicts
-            for old in sorted(self.silent, key=lambda p: self.silent[p][1])[:len(self.silent) // 2]:
-                del self.silent[old]
+        book[peer] = (incarnation, round_, alone)
+        if len(book) > 4 * MAX_LOST + len(self.records):  # bounded: forget the oldest verdicts
+            for old in sorted(book, key=lambda p: book[p][1])[:len(book) // 2]:
+                del book[old]
 
     def unprove(self, peer: str) -> None:
         """`peer` could not be reached, or said it will not serve: it is not waited for again
@@ -250,6 +263,13 @@ class Membership:
     def _in_round(self, round_: int) -> list[PeerRecord]:
         """Records that put their peer in `round_`: within two rounds before it, not paused."""
         return [r for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused]
+
+
+def _left_alone(book: dict[str, tuple[int, int, int]], peer: str, incarnation: int, round_: int) -> bool:
+    """Whether `book` (peer → (incarnation, round marked, rounds left alone)) leaves `peer`,
+    in its life `incarnation`, alone in `round_`."""
+    mark = book.get(peer)
+    return mark is not None and mark[0] == incarnation and round_ - mark[1] < mark[2]
 
 
 def _newer(a: tuple[PeerRecord, float], b: tuple[PeerRecord, float]) -> bool:

@@ -43,6 +43,14 @@ REFUSED_RETRY_S = 0.5
 """Wait between two dials of a peer whose dials are refused."""
 LOST_CHECK_S = 0.25
 """While waiting to ask a peer again, how often to look whether it was found gone or restarted."""
+UNPROVEN_WAIT_S = 10.0
+"""Longest a peer that has not proven itself (no delta delivered to us in its present life) is
+waited for its delta, from the start of the pull, whatever it answers or reports (the round
+loop gives at least as long as its own training of the round took): a peer that trained the
+round beside us has its delta out within a step and an encode of the round's end. An
+identity that reports progress and answers "not yet" for ever (it serves nothing) used to
+be waited for until the round's deadline, every round; now a round waits for it this long,
+then it is left alone (node/membership.py `withholding`). Proven peers keep the deadline."""
 LIVENESS_S = 2.0
 """How long a peer that has not proven itself (no delta delivered yet, no progress reported
 in the round) is given to answer at all ("not yet" counts) before the round goes on
@@ -78,12 +86,19 @@ class Gathered:
     """Unproven peers that did not answer within LIVENESS_S."""
     stalled: set[str] = field(default_factory=set)
     """Peers the round waited for until its deadline (their delta never came)."""
+    unserved: set[str] = field(default_factory=set)
+    """Unproven peers whose delta did not come within the UNPROVEN_WAIT_S bound."""
+    withheld: set[str] = field(default_factory=set)
+    """Of `stalled` and `unserved`, the peers whose last answer was "not yet": live, and
+    serving no delta long after the round's end."""
 
 
 async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
                         fanout: int, rng: random.Random,
                         keep: Callable[[str, list[str]], bool] | None = None,
-                        gone: Callable[[str], bool] | None = None) -> Gathered:
+                        gone: Callable[[str], bool] | None = None,
+                        skip: Callable[[str], bool] | None = None,
+                        unproven_wait_s: float = UNPROVEN_WAIT_S) -> Gathered:
     """Pull round `round_`'s deltas from its participants (at most `fanout`), on `streams`,
     until every one is in or `deadline_s` has passed. Participants are the peers that report progress
     in the round; a proven peer expected in it (`progress.expected()`) that has not reported
@@ -94,10 +109,14 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
     (node/roundcontext.py RoundFaults), False drops a delta that arrived as if it had not.
     `gone(peer)`: whether the peer is found gone (node/membership.py: its progress streams no
     longer open); such a peer, or one whose record shows another incarnation than the one
-    asked of (it restarted), is dropped at its next attempt."""
+    asked of (it restarted), is dropped at its next attempt. A peer not expected (unproven)
+    is waited for at most `unproven_wait_s` (`Gathered.unserved`); `skip(peer)`: an unproven
+    peer left alone this round, whatever it reports (it withheld its delta in a recent one)."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
+    holding: set[str] = set()
+    """Peers whose last answer was "not yet", or an attempt that timed out on an open stream."""
 
     async def pull(peer: str, probe: bool) -> None:
         """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
@@ -106,6 +125,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
         failures = 0
         refused_since: float | None = None
         answer_by = time.monotonic() + LIVENESS_S if probe else None
+        unproven_by = None if peer in progress.expected() else time.monotonic() + unproven_wait_s
         asked_of = progress.incarnation_of(peer)
 
         def lost() -> str | None:
@@ -152,7 +172,13 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                 out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
                 out.stalled.add(peer)
                 return
+            if unproven_by is not None and now >= unproven_by:
+                out.failed[peer] = f"not proven and no delta within {unproven_wait_s:g} s"
+                out.unserved.add(peer)
+                return
             limit = min(left, ATTEMPT_TIMEOUT_S) if answer_by is None else max(0.05, min(left, answer_by - now))
+            if unproven_by is not None:
+                limit = max(0.05, min(limit, unproven_by - now))
             try:
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
@@ -164,6 +190,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                 return
             except DeltaUnavailable:
                 answer_by = None  # it answered: live, training the round
+                holding.add(peer)
                 if peer in progress.withdrawn():
                     out.failed[peer] = "gave the round up"
                     return
@@ -200,10 +227,16 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                         return
                     await asyncio.sleep(REFUSED_RETRY_S)
                     continue
-                if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
-                    out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
-                    out.stalled.add(peer)
-                    return
+                if isinstance(e, asyncio.TimeoutError):
+                    holding.add(peer)  # a stream open and no answer on it: live, or a hung link
+                    if stop_at - time.monotonic() <= 0:
+                        out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                        out.stalled.add(peer)
+                        return
+                    if unproven_by is not None:
+                        continue  # its bound is checked at the top
+                else:
+                    holding.discard(peer)
                 if await retry(f": stream failed ({type(e).__name__}: {str(e).strip().replace(chr(10), ' ')})"):
                     continue
                 log.info("delta of %s for round %d unavailable: %s: %s", peer, round_, type(e).__name__, e)
@@ -232,7 +265,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
             withdrawn = progress.withdrawn()
             known = (set(progress.participants()) | set(progress.expected())) - {progress.peer_id} - withdrawn
             probes = set(progress.candidates()) - known - {progress.peer_id} - withdrawn
-            new = sorted(p for p in known | probes if p not in pulls)
+            new = sorted(p for p in known | probes if p not in pulls and not (skip is not None and skip(p)))
             room = fanout - len(pulls)
             for peer in (rng.sample(new, room) if len(new) > room else new):
                 pulls[peer] = asyncio.create_task(pull(peer, probe=peer in probes))
@@ -245,6 +278,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
             if not task.done():  # still asking at the deadline: the round waited for it to the end
                 out.failed.setdefault(peer, f"no delta before the {deadline_s:g} s deadline")
                 out.stalled.add(peer)
+        out.withheld = holding & (out.stalled | out.unserved)
     finally:
         for task in pulls.values():
             task.cancel()

@@ -31,7 +31,7 @@ from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
 from locoswarm.node.lineage import delta_content
-from locoswarm.node.pull import gather_deltas
+from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
 from locoswarm.node.rounds import RoundProgress
 from locoswarm.optim.check import SCALE, failing
@@ -205,7 +205,9 @@ class RoundLoop:
         got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
-                                  gone=ctx.membership.is_gone)
+                                  gone=ctx.membership.is_gone,
+                                  skip=lambda peer: ctx.membership.withheld(peer, r),
+                                  unproven_wait_s=max(UNPROVEN_WAIT_S, progress.train_s))
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.delta_requests += got.requests
         ctx.stats.deltas_rejected += got.rejected
@@ -214,10 +216,12 @@ class RoundLoop:
             ctx.membership.unprove(peer)
         for peer in got.silent:
             ctx.membership.mark_silent(peer, r)
+        for peer in got.withheld:
+            ctx.membership.mark_withholding(peer, r)
         for peer, why in got.failed.items():
             # A peer that held the round to its deadline, or an unproven one that held it
             # LIVENESS_S, is a stall worth a warning; one found gone or restarted is churn.
-            stall = peer in got.stalled or peer in got.silent
+            stall = peer in got.stalled or peer in got.silent or peer in got.unserved
             log.log(logging.WARNING if stall else logging.INFO, "round %d: no delta from %s: %s", r, peer, why)
         if held:
             await run(trainer.hold, work)

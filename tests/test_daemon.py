@@ -227,12 +227,18 @@ def test_malicious_delta_servers_are_rejected_by_name_and_honest_peers_finish(sw
     # while a trains round 0 or after it (then it takes a's state at round 1).
     a = swarm.join("a", "--min-peers", "2", "--until-round", str(num_rounds), run=run)
     evil = {mode: swarm.start(f"evil-{mode}", [sys.executable, "-u", harness.EVIL_SCRIPT, mode, first_addr(a), str(run)],
-                              stdin=subprocess.PIPE) for mode in expected}
+                              stdin=subprocess.PIPE) for mode in (*expected, "stall")}
     evil_ids = {mode: child.wait_for(r"^(\w+)$", 60)[1] for mode, child in evil.items()}
+    staller = evil_ids.pop("stall")
     b = swarm.join("b", "--min-peers", "2", "--until-round", str(num_rounds), peer=a, run=run)
     for p in (a, b):
         assert_clean_exit(p, p.wait_exit(150))
         assert final(p)[0] >= num_rounds
+        # The staller claims every round and answers "not yet": it held one round to its
+        # deadline and was left alone after (node/membership.py withholding), where it used
+        # to hold every round.
+        held = set(re.findall(rf"round (\d+): no delta from {staller}: ", p.stderr()))
+        assert len(held) == 1 if p is a else len(held) <= 1, (p.name, held, p.tail())
         for mode, pid in evil_ids.items():
             named = re.findall(rf"delta of {pid} for round \d+ rejected: (\w+): ", p.stderr())
             assert named, f"{p.name} never rejected the {mode} peer {pid}\n{p.tail()}"

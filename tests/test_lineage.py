@@ -458,6 +458,30 @@ def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_eve
     assert m.candidates(6) == set() and m.expected(6) == {"new", "old"} and not m.silent
 
 
+def test_a_peer_that_withheld_its_delta_is_no_longer_waited_for_and_left_alone_ever_longer():
+    """Proven once, then live and serving no delta (node/pull.py `Gathered.withheld`): not
+    expected any more, left alone (no probe, its pulls skipped) for SILENT_ROUNDS, twice as
+    long when it does it again; a delta delivered, or a new life, ends that."""
+    from locoswarm.node.membership import SILENT_ROUNDS
+
+    m = Membership("me", restricted=False)
+    m.update([rec("bad", 5), rec("old", 5)])
+    m.prove(["bad", "old"])
+    assert m.expected(5) == {"bad", "old"}
+    m.mark_withholding("bad", 5)
+    assert m.expected(6) == {"old"} and m.candidates(6) == set() and m.withheld("bad", 6)
+    assert m.withheld("bad", 5 + SILENT_ROUNDS - 1) and not m.withheld("bad", 5 + SILENT_ROUNDS)
+    m.update([rec("bad", 5 + SILENT_ROUNDS), rec("old", 5 + SILENT_ROUNDS)])
+    assert m.candidates(5 + SILENT_ROUNDS) == {"bad"}, "asked again, as a newcomer"
+    m.mark_withholding("bad", 5 + SILENT_ROUNDS)
+    assert m.withheld("bad", 5 + 3 * SILENT_ROUNDS - 1), "twice as long"
+    m.update([rec("bad", 5, incarnation=2), rec("old", 5)])
+    assert not m.withheld("bad", 6) and m.candidates(6) == {"bad"}, "a new life is probed again"
+    m.update([rec("bad", 5), rec("old", 5)])
+    m.prove(["bad"])
+    assert not m.withheld("bad", 6) and m.expected(6) == {"bad", "old"}
+
+
 def test_vanished_peers_are_dialed_every_few_seconds_until_back_withdrawn_or_forgotten():
     now = [0.0]
     lost = LostPeers(clock=lambda: now[0])

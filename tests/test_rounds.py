@@ -239,3 +239,41 @@ def test_a_discarded_non_finite_round_resets_the_replica_and_drops_non_finite_ad
     assert all(torch.equal(a, b) for a, b in zip(outer, t.outer.params))
     t.train_until(stop, lambda n: n >= t.tokens_per_step)
     assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
+
+
+def test_an_unproven_peer_that_answers_not_yet_for_ever_is_waited_for_a_bound_then_left_alone():
+    """An identity that reports its round done and serves no delta ("not yet" to every
+    request) used to hold every round to its deadline. Unproven (it never delivered a delta),
+    it is waited for `unproven_wait_s`, reported as withholding, and a round that skips it
+    asks it nothing; a proven peer that does the same keeps the deadline, and is reported
+    as withholding once it held the round to it."""
+    from locoswarm.node.pull import gather_deltas
+
+    asked: list[str] = []
+
+    class NotYet:
+        async def call(self, peer_id, *args, **kwargs):
+            asked.append(peer_id.to_base58())
+            return None  # the "not yet" answer
+
+    class Spec:
+        max_message_bytes = 1 << 20
+
+    staller = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    p = progress_with({staller: (100, 0.0, True, 0.0)})
+    started = time.monotonic()
+    got = asyncio.run(gather_deltas(NotYet(), p, 0, Spec(), deadline_s=120.0, fanout=4, rng=random.Random(0),
+                                    unproven_wait_s=0.5))
+    assert time.monotonic() - started < 60, "held to the deadline"
+    assert got.unserved == {staller} and got.withheld == {staller} and not got.stalled, got
+    assert "not proven" in got.failed[staller] and asked
+
+    asked.clear()
+    got = asyncio.run(gather_deltas(NotYet(), p, 0, Spec(), deadline_s=120.0, fanout=4, rng=random.Random(0),
+                                    skip={staller}.__contains__))
+    assert asked == [] and not got.failed, "left alone"
+
+    p.expected = lambda: {staller}
+    got = asyncio.run(gather_deltas(NotYet(), p, 0, Spec(), deadline_s=1.0, fanout=4, rng=random.Random(0),
+                                    unproven_wait_s=0.2))
+    assert got.stalled == {staller} and got.withheld == {staller} and not got.unserved, got

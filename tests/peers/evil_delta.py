@@ -10,6 +10,7 @@ usage: python evil_delta.py MODE ADDR [SPEC [FIRST]]   (SPEC: a run spec TOML, "
   MODE garbage:     a length header, then that many random bytes (not a delta)
   MODE truncated:   a length header larger than what follows, then the stream closes
   MODE oversized:   a length header of 2**40 bytes
+  MODE stall:       "not yet" to every request: it claims the rounds and serves nothing
   well-formed deltas of the default spec, bad in one way:
   MODE nan:         a scale pair of NaN
   MODE huge:        values about 1000 times an honest delta's
@@ -56,6 +57,8 @@ def frame(mode: str, rng: random.Random) -> bytes:
         return (4096).to_bytes(8, "big") + rng.randbytes(100)
     if mode == "oversized":
         return (1 << 40).to_bytes(8, "big") + b"\0" * 1024
+    if mode == "stall":
+        return (0).to_bytes(8, "big")  # "not yet", for ever
     raise SystemExit(f"unknown mode {mode!r}")
 
 
