@@ -176,6 +176,8 @@ class Fakes:
     kind: str = "fake"
     """"fake": bench/fake_peer.py; "flood": bench/state_flood.py (identities that ask every
     peer for its state over and over, and report the bytes they received)."""
+    mode: str = ""
+    """A fake's mode (bench/fake_peer.py; "": a record only, "stall": rounds claimed, no delta served)."""
     received: list = field(default_factory=list)
     """Bytes each flood identity reported receiving when it left."""
     started_unix_s: float | None = None
@@ -191,7 +193,8 @@ class Fakes:
         current = swarm_round(self.swarm.peers)
         if not self._procs and self.started_unix_s is None and current >= self.phases.clean_end:
             self.log(f"  {self.count} {self.kind} identities start at swarm round {current}")
-            argv = ([sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path]
+            argv = ([sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path,
+                     self.mode]
                     if self.kind == "fake" else
                     [sys.executable, "-m", "locoswarm.bench.state_flood", *(p.addr for p in self.swarm.peers)])
             self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

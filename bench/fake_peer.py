@@ -16,7 +16,13 @@ in its ledger follows them (node/lineage.py).
   shows), the same for every fake of the run: a group of fakes that outnumbers the honest
   peers wins the silent-split vote where identities are counted.
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain]   (runs until stdin
+A third, for `locoswarm bench swarm --stallers K`, from its start:
+- `stall`: it claims every round done over the progress streams (one token trained, like a
+  participant) and answers every delta request "not yet": live, and serving nothing. What it
+  measures: that a round waits for such an identity once, not every round (node/pull.py
+  UNPROVEN_WAIT_S, node/membership.py withholding).
+
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall]   (runs until stdin
 closes or it is killed; prints "fake <peer id> announced" once its record is first stored)
 """
 
@@ -38,14 +44,16 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
 
     from locoswarm.node.config import NodeConfig
     from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
-    from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, record_frame
+    from locoswarm.node.exchange import PROTOCOL as DELTA_PROTOCOL
+    from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame, record_frame
     from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
     from locoswarm.node.spec import load_spec
-    from locoswarm.protocol.records import PeerRecord
+    from locoswarm.protocol.records import PeerRecord, Progress
 
     ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
-    if mode and not ahead and mode != "chain":
-        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0) or chain")
+    if mode and not ahead and mode not in ("chain", "stall"):
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain or stall")
+    stall = mode == "stall"
     spec = load_spec(spec_path)
     invented = ((0, hashlib.blake2b(b"invented" + spec.hash(), digest_size=16).hexdigest()),) if mode == "chain" else ()
     state = tempfile.mkdtemp(prefix="locoswarm-fake-")
@@ -66,6 +74,9 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
             # Progress streams to it open (and are read to the end): a peer whose streams
             # fail is out of the others' view within seconds (node/membership.py gone).
             await dht.protocol.p2p.add_binary_stream_handler(PROGRESS_PROTOCOL, _drain)
+        if stall:
+            await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, _not_yet)
+        elif mode:
             await loop.run_in_executor(None, sys.stdin.readline)
         stdin_closed = loop.run_in_executor(None, sys.stdin.read)
         shown, seq = False, 1
@@ -80,7 +91,12 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
             seq += 1
             stored = await registry.announce(record)
             if mode:
-                await asyncio.gather(*(_tell(dht.protocol.p2p, peer, record_frame(record)) for peer in others))
+                told = record_frame(record)
+                if stall:  # done with a token in the rounds around the swarm's: a participant to pull from
+                    told += b"".join(progress_frame(Progress(tokens=1, tokens_per_s=0.0, done=True,
+                                                             incarnation=incarnation, round=r))
+                                     for r in range(max(0, min(rounds, default=0) - 1), max(rounds, default=0) + 3))
+                await asyncio.gather(*(_tell(dht.protocol.p2p, peer, told) for peer in others))
             if stored and not shown:
                 print(f"fake {me} announced", flush=True)  # the bench's fake phase starts here (bench/churn.py)
                 shown = True
@@ -94,6 +110,21 @@ async def _drain(info, reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     try:
         while await reader.read(1 << 16):
             pass
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _not_yet(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer every delta request on the stream "not yet" (node/exchange.py: a length of 0)."""
+    from locoswarm.node.exchange import REQUEST_LEN
+
+    try:
+        while True:
+            await reader.readexactly(REQUEST_LEN)
+            writer.write(bytes(8))
+            await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:

@@ -39,6 +39,10 @@ def replica_spread(paths: list[str]) -> float:
     return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
 
 
+FAKE_MODES = {"record": "", "stall": "stall"}
+"""`bench swarm --fake-mode` → bench/fake_peer.py's mode."""
+
+
 def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:
     """The phases of a run with one disturbance (None: none asked); ValueError naming the
     flag when the disturbances asked cannot be measured."""
@@ -55,12 +59,13 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
                     fakes: int = 0, flood: int = 0, earn_rounds: int | None = None,
-                    check_agreement: float | None = None) -> dict:
+                    check_agreement: float | None = None, fake_mode: str = "record") -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
     `--checkpoint-every` (None: the daemon's default). `fakes` > 0 instead: that many fake
-    identities keep records in the registry during the middle half (bench/fake_peer.py);
+    identities keep records in the registry during the middle half (bench/fake_peer.py;
+    `fake_mode` "stall": they also claim the rounds done and answer "not yet" to every request);
     `flood` > 0: that many identities ask every peer for its state over and over during the
     middle half (bench/state_flood.py). `earn_rounds`: the spec's diloco.robust.earn_rounds
     (None: the default; 0 turns earned weight off, to compare); `check_agreement` its
@@ -81,7 +86,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
                            keep_dir=keep_dir, extra=extra, until_round=phases is not None)
         churn = Churn(swarm, phases, churn_s, seed, log=log) if churn_s else None
-        fake = (Fakes(swarm, phases, fakes, log=log) if fakes else
+        fake = (Fakes(swarm, phases, fakes, log=log, mode=FAKE_MODES[fake_mode]) if fakes else
                 Fakes(swarm, phases, flood, log=log, kind="flood") if flood else None)
         disturbance = churn or fake
         t0 = time.perf_counter()
@@ -176,7 +181,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         out.update({"clean_rounds": [0, phases.clean_end], "rounds_per_minute_clean": rate_per_minute(peers, 0, phases.clean_end),
                     "final_rounds": sorted({p.final["round"] for p in peers})})
         if fakes:
-            out.update({"fakes": fakes, "fake_rounds": [a, b], "rounds_per_minute_fakes": rate_per_minute(peers, a, b)})
+            out.update({"fakes": fakes, "fake_mode": fake_mode, "fake_rounds": [a, b],
+                        "rounds_per_minute_fakes": rate_per_minute(peers, a, b)})
         else:
             seconds = fake.stopped_unix_s - fake.started_unix_s
             out.update({"flood": flood, "flood_rounds": [a, b], "rounds_per_minute_flood": rate_per_minute(peers, a, b),
@@ -237,7 +243,8 @@ def format_swarm(r: dict) -> str:
         lines += _format_churn(r)
     elif "fakes" in r:
         clean, faked = r["rounds_per_minute_clean"], r["rounds_per_minute_fakes"]
-        lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} fake identities "
+        kind = "staller" if r.get("fake_mode") == "stall" else "fake"
+        lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} {kind} identities "
                      f"(rounds {r['fake_rounds'][0]}→{r['fake_rounds'][1]}): {faked / clean:.2f}× the clean rate")
         lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     elif "flood" in r:

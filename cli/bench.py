@@ -113,6 +113,9 @@ def swarm(
     fakes: int = typer.Option(0, help="Fake identities that keep signed records (copying the swarm's round) but "
                               "serve nothing, in the middle half of the rounds; report the rate clean and with "
                               "them (0: off; needs --rounds >= 8)."),
+    fake_mode: str = typer.Option("record", "--fake-mode", help="What the --fakes do: record (a signed record "
+                                  "only) or stall (they also claim every round done and answer every delta "
+                                  "request \"not yet\")."),
     flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
                               "half of the rounds; report the rate clean and under the flood, and the bytes it "
                               "took (0: off; needs --rounds >= 8)."),
@@ -129,7 +132,7 @@ def swarm(
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
     from locoswarm.bench.churn import PhaseTooShort
-    from locoswarm.bench.swarmbench import disturbance_phases, format_swarm, run_swarm_bench
+    from locoswarm.bench.swarmbench import FAKE_MODES, disturbance_phases, format_swarm, run_swarm_bench
 
     if peers < 1 or rounds < 1 or threads < 1 or fanout < 1:
         typer.echo("error: --peers, --rounds, --threads and --fanout must be >= 1", err=True)
@@ -138,6 +141,8 @@ def swarm(
         disturbance_phases(rounds, churn_s=churn, fakes=fakes, flood=flood)
         if churn and peers < 2:
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
+        if fake_mode not in FAKE_MODES:
+            raise ValueError(f"--fake-mode must be one of {', '.join(FAKE_MODES)}, got {fake_mode!r}")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
         if earn_rounds is not None and not 0 <= earn_rounds <= 10_000:
@@ -154,6 +159,7 @@ def swarm(
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
                                  fakes=fakes, flood=flood, earn_rounds=earn_rounds, check_agreement=check_agreement,
+                                 fake_mode=fake_mode,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

@@ -202,7 +202,7 @@ class Membership:
         self._leave_alone(self.silent, peer, round_)
 
     def mark_withholding(self, peer: str, round_: int) -> None:
-        """`peer` answered "not yet" (or held an open stream) long after the round's end and
+        """`peer` answered "not yet" long after the round's end and
         delivered no delta in `round_` (node/pull.py `Gathered.withheld`): not proven any
         more, and left alone like a silent peer (`withheld`) even while it reports progress."""
         self.unprove(peer)

@@ -90,7 +90,8 @@ class Gathered:
     """Unproven peers whose delta did not come within the UNPROVEN_WAIT_S bound."""
     withheld: set[str] = field(default_factory=set)
     """Of `stalled` and `unserved`, the peers whose last answer was "not yet": live, and
-    serving no delta long after the round's end."""
+    serving no delta long after the round's end (a stream that failed from the start is
+    not counted: a lossy link looks the same)."""
 
 
 async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: int, spec: DeltaSpec, *, deadline_s: float,
@@ -116,7 +117,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
     holding: set[str] = set()
-    """Peers whose last answer was "not yet", or an attempt that timed out on an open stream."""
+    """Peers whose last answer was "not yet"."""
 
     async def pull(peer: str, probe: bool) -> None:
         """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
@@ -227,16 +228,17 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                         return
                     await asyncio.sleep(REFUSED_RETRY_S)
                     continue
-                if isinstance(e, asyncio.TimeoutError):
-                    holding.add(peer)  # a stream open and no answer on it: live, or a hung link
-                    if stop_at - time.monotonic() <= 0:
-                        out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
-                        out.stalled.add(peer)
-                        return
-                    if unproven_by is not None:
-                        continue  # its bound is checked at the top
-                else:
+                # A failed stream is no answer (a lossy link looks the same, and what one peer
+                # holds against a peer there, another would not: their rounds would split); an
+                # attempt that timed out leaves its last answer standing.
+                if not isinstance(e, asyncio.TimeoutError):
                     holding.discard(peer)
+                if isinstance(e, asyncio.TimeoutError) and stop_at - time.monotonic() <= 0:
+                    out.failed[peer] = f"no delta before the {deadline_s:g} s deadline"
+                    out.stalled.add(peer)
+                    return
+                if isinstance(e, asyncio.TimeoutError) and unproven_by is not None:
+                    continue  # its bound is checked at the top
                 if await retry(f": stream failed ({type(e).__name__}: {str(e).strip().replace(chr(10), ' ')})"):
                     continue
                 log.info("delta of %s for round %d unavailable: %s: %s", peer, round_, type(e).__name__, e)

@@ -156,7 +156,8 @@ def test_bench_swarm_refuses_fakes_with_churn_or_too_few_rounds_without_starting
     _assert_refused(((("--rounds", "4", "--fakes", "1"), "--rounds"), (("--fakes", "-1"), "--fakes"),
                      (("--churn", "5", "--fakes", "1"), "one disturbance"), (("--flood", "-1"), "--flood"),
                      (("--fakes", "1", "--flood", "1"), "one disturbance"),
-                     (("--rounds", "4", "--flood", "1"), "--rounds")))
+                     (("--rounds", "4", "--flood", "1"), "--rounds"),
+                     (("--fakes", "1", "--fake-mode", "loud"), "--fake-mode")))
 
 
 @pytest.mark.slow
