@@ -21,6 +21,11 @@ ever more rarely, probed at rounds 0, 10, 30, 70, 150 and 310 where a fixed 10 p
 (with one such record among six peers the fixed 10 measured 0.93× the clean throughput on 2
 cores, 0.90× on 16)."""
 MAX_SILENT_ROUNDS = 320
+WITHHELD_ROUNDS = 40
+"""Rounds for which a peer that withheld its delta (`Membership.mark_withholding`) is left
+alone, doubled each time it does it again, up to MAX_SILENT_ROUNDS: it answered, so it is
+no dead record but an identity that serves nothing (or a newcomer too slow for the bound of
+node/pull.py UNPROVEN_WAIT_S), and each probe of it costs a round that bound."""
 TOLD_BEHIND = 8
 """A peer whose record is at most this many rounds behind a round is told our progress in it."""
 MAX_HEARD = 256
@@ -199,23 +204,23 @@ class Membership:
     def mark_silent(self, peer: str, round_: int) -> None:
         """`peer` did not answer a liveness probe in `round_`: left alone for SILENT_ROUNDS,
         twice as long as last time when it was silent at its last probe too (same incarnation)."""
-        self._leave_alone(self.silent, peer, round_)
+        self._leave_alone(self.silent, peer, round_, SILENT_ROUNDS)
 
     def mark_withholding(self, peer: str, round_: int) -> None:
         """`peer` answered "not yet" long after the round's end and
         delivered no delta in `round_` (node/pull.py `Gathered.withheld`): not proven any
         more, and left alone like a silent peer (`withheld`) even while it reports progress."""
         self.unprove(peer)
-        self._leave_alone(self.withholding, peer, round_)
+        self._leave_alone(self.withholding, peer, round_, WITHHELD_ROUNDS)
 
     def withheld(self, peer: str, round_: int) -> bool:
         """Whether `peer` is left alone in `round_` for withholding its delta in a recent
         round (in the life its record shows)."""
         return _left_alone(self.withholding, peer, self.incarnation(peer), round_)
 
-    def _leave_alone(self, book: dict[str, tuple[int, int, int]], peer: str, round_: int) -> None:
+    def _leave_alone(self, book: dict[str, tuple[int, int, int]], peer: str, round_: int, first: int) -> None:
         incarnation, last = self.incarnation(peer), book.get(peer)
-        alone = SILENT_ROUNDS if last is None or last[0] != incarnation else min(MAX_SILENT_ROUNDS, 2 * last[2])
+        alone = first if last is None or last[0] != incarnation else min(MAX_SILENT_ROUNDS, 2 * last[2])
         book[peer] = (incarnation, round_, alone)
         if len(book) > 4 * MAX_LOST + len(self.records):  # bounded: forget the oldest verdicts
             for old in sorted(book, key=lambda p: book[p][1])[:len(book) // 2]:

@@ -43,14 +43,16 @@ REFUSED_RETRY_S = 0.5
 """Wait between two dials of a peer whose dials are refused."""
 LOST_CHECK_S = 0.25
 """While waiting to ask a peer again, how often to look whether it was found gone or restarted."""
-UNPROVEN_WAIT_S = 10.0
+UNPROVEN_WAIT_S = 5.0
 """Longest a peer that has not proven itself (no delta delivered to us in its present life) is
 waited for its delta, from the start of the pull, whatever it answers or reports (the round
 loop gives at least as long as its own training of the round took): a peer that trained the
 round beside us has its delta out within a step and an encode of the round's end. An
 identity that reports progress and answers "not yet" for ever (it serves nothing) used to
 be waited for until the round's deadline, every round; now a round waits for it this long,
-then it is left alone (node/membership.py `withholding`). Proven peers keep the deadline."""
+then it is left alone (node/membership.py `withholding`). Proven peers keep the deadline.
+With 10 s here, one such identity among three peers whose rounds took 0.76 s cost a 14-round
+phase of `bench swarm --fake-mode stall` half its rate (2026-12-06, 2 cores)."""
 LIVENESS_S = 2.0
 """How long a peer that has not proven itself (no delta delivered yet, no progress reported
 in the round) is given to answer at all ("not yet" counts) before the round goes on

@@ -460,9 +460,9 @@ def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_eve
 
 def test_a_peer_that_withheld_its_delta_is_no_longer_waited_for_and_left_alone_ever_longer():
     """Proven once, then live and serving no delta (node/pull.py `Gathered.withheld`): not
-    expected any more, left alone (no probe, its pulls skipped) for SILENT_ROUNDS, twice as
+    expected any more, left alone (no probe, its pulls skipped) for WITHHELD_ROUNDS, twice as
     long when it does it again; a delta delivered, or a new life, ends that."""
-    from locoswarm.node.membership import SILENT_ROUNDS
+    from locoswarm.node.membership import WITHHELD_ROUNDS as SILENT_ROUNDS
 
     m = Membership("me", restricted=False)
     m.update([rec("bad", 5), rec("old", 5)])
