@@ -125,6 +125,17 @@ def _create_identity(path: str) -> None:
     write_atomic(path, key.SerializeToString())
 
 
+BOOTSTRAP_FAILED = ("failed to connect to bootstrap peers", "failed to find any peer in table")
+"""What p2pd's last line says when none of the initial peers could be reached: hivemind's
+error carries p2pd's last line, which is the bootstrap error itself, or on a fast machine
+the routing table's refresh, which found no peer, logged as p2pd went down (16 cores,
+2026-12-06: a restarted peer exited "p2pd did not start" instead of dialing the peers it saw last)."""
+
+
+def _bootstrap_failed(text: str) -> bool:
+    return any(sign in text for sign in BOOTSTRAP_FAILED)
+
+
 def identity_key(state_dir: str):
     """This peer's libp2p identity as hivemind's RSAPrivateKey, so that the key signing its
     DHT records is the key its peer id is the hash of: a record can then be checked against
@@ -185,7 +196,7 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
             if "already taken" in text:
                 raise NodeError(f"identity {os.path.join(state_dir, IDENTITY_FILE)} is already used by a "
                                 "running peer; each node needs its own state directory") from None
-            if "failed to connect to bootstrap peers" not in text:
+            if not _bootstrap_failed(text):
                 raise NodeError(f"p2pd did not start: {text.strip()}") from None
             if alone_first:
                 log.warning("none of the %d peers seen last time answers: starting alone", len(initial))

@@ -45,3 +45,48 @@ def test_a_leftover_temporary_key_from_a_crash_is_replaced(tmp_path):
     _open(state)
     PeerID.from_identity((state / IDENTITY_FILE).read_bytes())
     assert sorted(os.listdir(state)) == [IDENTITY_FILE, "lock"]
+
+
+def test_a_start_whose_initial_peers_are_all_gone_dials_the_peers_seen_last_whatever_p2pds_last_line(tmp_path,
+                                                                                                        monkeypatch):
+    """hivemind's start error carries p2pd's last line: the bootstrap failure itself, or on a
+    fast machine the routing table's refresh that found no peer, logged as p2pd went down.
+    Both mean no initial peer answered: the peers seen last are dialed too (on 16 cores the
+    second used to end the daemon, "p2pd did not start"). Any other failure ends it."""
+    import asyncio
+    import json
+
+    import pytest
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+    from locoswarm.node import ports
+    from locoswarm.node.host import NetworkConfig, NodeError, start_p2p
+
+    state = tmp_path / "s"
+    _open(state)
+    seen = "/ip4/127.0.0.1/tcp/4002/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    (state / ports.PEERS_FILE).write_text(json.dumps([seen]))
+    gone = "/ip4/127.0.0.1/tcp/4001/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+    net = NetworkConfig(listen=["/ip4/127.0.0.1/tcp/0"], peers=[gone], keep_ports=False)
+    tried: list[list[str]] = []
+
+    def starting(*errors: str):
+        async def create(*, initial_peers=None, **kw):
+            tried.append(list(initial_peers or []))
+            if len(tried) <= len(errors):
+                raise P2PDaemonError(f"Daemon failed to start: {errors[len(tried) - 1]}")
+            return "p2pd"
+        return create
+
+    refresh = ('{"level":"warn","logger":"dht/RtRefreshManager","msg":"failed when refreshing routing table",'
+               '"error":"failed to query for self, err=failed to find any peer in table"}')
+    for last_line in ("failed to connect to bootstrap peers", refresh):
+        tried.clear()
+        monkeypatch.setattr(P2P, "create", starting(last_line))
+        assert asyncio.run(start_p2p(str(state), net, asyncio.Event())) == ("p2pd", [gone, seen])
+        assert tried == [[gone], [gone, seen]]
+    tried.clear()
+    monkeypatch.setattr(P2P, "create", starting("some other failure"))
+    with pytest.raises(NodeError, match="p2pd did not start: .*some other failure"):
+        asyncio.run(start_p2p(str(state), net, asyncio.Event()))
