@@ -22,7 +22,8 @@ from hivemind.p2p import PeerID
 from locoswarm.node import replay
 from locoswarm.node.events import CaughtUp, Synced
 from locoswarm.node.host import NodeError
-from locoswarm.node.lineage import Attested, attested_state, chain_at, known_chains, unearned_ahead, weigh
+from locoswarm.node.chains import known_chains
+from locoswarm.node.lineage import Attested, attested_state, chain_at, unearned_ahead, weigh
 from locoswarm.node.handover import served, take_state
 from locoswarm.node.statesync import REPLAY_ROUNDS
 from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state

@@ -35,7 +35,7 @@ from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
 from locoswarm.node.handover import StartFrom, offer_residual
-from locoswarm.node.lineage import delta_content, round_chain
+from locoswarm.node.chains import delta_content, round_chain
 from locoswarm.node.statedownload import ask, fetch_manifest, fetch_residual
 from locoswarm.node.statesync import ROUND_DELTAS
 from locoswarm.optim.credit import Ledger

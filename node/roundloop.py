@@ -30,7 +30,7 @@ from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
-from locoswarm.node.lineage import delta_content
+from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
 from locoswarm.node.rounds import RoundProgress

@@ -70,7 +70,7 @@ class PeerRecord:
     apart still show one round's chains side by side."""
     anchors: tuple[tuple[int, str], ...] = ()
     """(round, chain) at the last MAX_ANCHORS rounds before `round` that are multiples of
-    lineage.ANCHOR_EVERY, where known: peers whose records stand several rounds apart (fast
+    node/chains.py ANCHOR_EVERY, where known: peers whose records stand several rounds apart (fast
     rounds, records refreshed once a second) still share a round to compare chains at."""
     incarnation: int = 0
     """Drawn at random when the process starts (0 < incarnation < 2⁶³): a new one says the

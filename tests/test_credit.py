@@ -263,7 +263,7 @@ def test_a_joiner_that_knows_nobody_takes_the_state_its_anchors_or_bootstrap_pee
 
 
 def test_the_round_chain_tells_two_deltas_of_one_sender_and_token_count_apart(gen):
-    from locoswarm.node.lineage import chain_start, delta_content, round_chain
+    from locoswarm.node.chains import chain_start, delta_content, round_chain
 
     first, second = _delta(gen, "a"), _delta(gen, "a")  # one sender, one token count, other values
     kept = apply_screen(screen([first], RobustConfig()))[0]

@@ -17,8 +17,8 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from locoswarm.node.lineage import (ANCHOR_EVERY, Lineage, attested_state, chain_at, chain_start, round_chain, whom_to_follow,
-                                    whom_to_rejoin)
+from locoswarm.node.chains import ANCHOR_EVERY, chain_start, round_chain
+from locoswarm.node.lineage import Lineage, attested_state, chain_at, whom_to_follow, whom_to_rejoin
 from locoswarm.node.membership import Membership
 from locoswarm.node.upkeep import REDIAL_S, LostPeers, redial
 from locoswarm.node.statedownload import download_state

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from locoswarm.node.handover import served, take_state
-from locoswarm.node.lineage import chain_start, delta_content, round_chain
+from locoswarm.node.chains import chain_start, delta_content, round_chain
 from locoswarm.node.replay import ReplayRefused, take_steps, verify
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import RoundLog
