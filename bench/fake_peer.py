@@ -16,7 +16,7 @@ in its ledger follows them (node/lineage.py).
   shows), the same for every fake of the run: a group of fakes that outnumbers the honest
   peers wins the silent-split vote where identities are counted.
 
-A third, for `locoswarm bench swarm --stallers K`, from its start:
+A third, for `locoswarm bench swarm --fakes K --fake-mode stall`, from its start:
 - `stall`: it claims every round done over the progress streams (one token trained, like a
   participant) and answers every delta request "not yet": live, and serving nothing. What it
   measures: that a round waits for such an identity once, not every round (node/pull.py

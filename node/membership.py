@@ -207,16 +207,17 @@ class Membership:
         self._leave_alone(self.silent, peer, round_, SILENT_ROUNDS)
 
     def mark_withholding(self, peer: str, round_: int) -> None:
-        """`peer` answered "not yet" long after the round's end and
-        delivered no delta in `round_` (node/pull.py `Gathered.withheld`): not proven any
-        more, and left alone like a silent peer (`withheld`) even while it reports progress."""
+        """`peer` answered "not yet" long after the round's end and delivered no delta in
+        `round_` (node/pull.py `Gathered.withheld`): not proven any more, and left alone like
+        a silent peer (`withheld`) even while it reports progress."""
         self.unprove(peer)
         self._leave_alone(self.withholding, peer, round_, WITHHELD_ROUNDS)
 
     def withheld(self, peer: str, round_: int) -> bool:
         """Whether `peer` is left alone in `round_` for withholding its delta in a recent
-        round (in the life its record shows)."""
-        return _left_alone(self.withholding, peer, self.incarnation(peer), round_)
+        round (in the life its record shows). Asked of every peer at each pass of a round's
+        pulls: the view is searched for its life only when it is marked."""
+        return peer in self.withholding and _left_alone(self.withholding, peer, self.incarnation(peer), round_)
 
     def _leave_alone(self, book: dict[str, tuple[int, int, int]], peer: str, round_: int, first: int) -> None:
         incarnation, last = self.incarnation(peer), book.get(peer)
