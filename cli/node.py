@@ -120,20 +120,25 @@ def join(
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
     from locoswarm.node.daemon import run_daemon
-    from locoswarm.node.spec import load_spec
     from locoswarm.node.hardware import pick_device
+    from locoswarm.node.invite import spec_to_join
     from locoswarm.node.userconfig import node_config, resolve
 
     try:
         values, _ = resolve(given_settings(settings), config_path=None if config is None else str(config))
-        spec = load_spec(values["run"])
+        spec, invite = spec_to_join(run=values["run"], invite=values["invite"], organiser=values["organiser"],
+                                    state_dir=values["state_dir"])
         cfg = node_config(values, spec.initial_peers)
         pick_device(cfg.device)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if invite is not None:
+        pinned = "" if values["organiser"] else " (pass --organiser with the id the organiser published to pin it)"
+        typer.echo(f"invite of {invite.organiser}{pinned}: run {spec.run_id!r}, spec {spec.hash().hex()[:16]}, "
+                   f"joining through {len(spec.initial_peers)} peer(s)", err=True)
     raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
-                                events_path=None if events is None else str(events)))
+                                events_path=None if events is None else str(events), keep_spec=invite is not None))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -53,3 +54,52 @@ def show(path: Optional[Path] = typer.Argument(None, help="A run spec; the embed
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(to_toml(spec), nl=False)
+
+
+@app.command()
+def invite(
+    path: Optional[Path] = typer.Argument(None, help="The run spec; the embedded default when omitted."),
+    peer: Optional[list[str]] = typer.Option(None, help="Address to join through, with /p2p/<id> (repeatable); "
+                                             "default: the spec's initial peers, else those of the node running "
+                                             "on --state-dir."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="The organiser's node: its identity signs "
+                                             "the invite. Default: the platform's data folder, as for node join."),
+    valid_days: float = typer.Option(0, "--valid-days", help="Refused after this many days (0: never)."),
+) -> None:
+    """Print a `locoswarm node join --invite …` line: the run's spec and addresses to join
+    through, signed by the organiser node's identity."""
+    from locoswarm.node.config import default_state_dir
+    from locoswarm.node.control import read_status
+    from locoswarm.node.host import IDENTITY_FILE, NodeError, identity_key
+    from locoswarm.node.invite import make_invite
+    from locoswarm.node.spec import load_spec
+
+    folder = str(state_dir) if state_dir is not None else default_state_dir()
+    try:
+        if valid_days < 0:
+            raise ValueError(f"--valid-days must be >= 0, got {valid_days}")
+        spec = load_spec(None if path is None else str(path))
+        if not os.path.exists(os.path.join(folder, IDENTITY_FILE)):
+            raise ValueError(f"no identity in {folder}: an invite is signed by the organiser's node; start it once "
+                             "(`locoswarm node join`) or pass its --state-dir")
+        peers = list(peer or spec.initial_peers)
+        if not peers:
+            try:
+                peers = running_node_addrs(read_status(folder))
+            except RuntimeError as e:
+                raise ValueError(f"no address to put in the invite: pass --peer, give the spec initial peers, or "
+                                 f"run this beside the organiser's running node ({e})") from None
+        token = make_invite(spec, peers, identity_key(folder), valid_s=valid_days * 86400)
+    except (ValueError, OSError, NodeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"locoswarm node join --invite {token}")
+
+
+def running_node_addrs(status: dict) -> list[str]:
+    """The addresses a running node's status gives, each with its /p2p/<id>; loopback ones
+    left out where others exist (they would send a volunteer to their own machine)."""
+    peer_id = status.get("peer_id") or ""
+    addrs = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in status.get("addrs") or [] if isinstance(a, str)]
+    remote = [a for a in addrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return remote or addrs

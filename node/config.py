@@ -201,6 +201,10 @@ def _setting(to: str, help: str, *, flag: str | None = None, deprecated_flags: t
 SETTINGS: tuple[Setting, ...] = (
     Setting(name="run", type=str | None, default=None, help="Run spec (TOML); unset: the embedded default.",
             to=None, flag="run"),
+    Setting(name="invite", type=str | None, default=None, to=None, flag="invite",
+            help="An organiser's invite (`locoswarm run invite` prints one): the run's spec and peers to join through."),
+    Setting(name="organiser", type=str | None, default=None, to=None, flag="organiser",
+            help="The organiser's peer id: an invite signed by anyone else is refused."),
     _setting("state_dir", "Identity, lock, checkpoints and control file; default: the platform's data folder.",
              default_factory=default_state_dir),
     _setting("net.listen", "Multiaddrs to listen on (port 0: one the OS chooses)."),

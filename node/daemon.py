@@ -44,6 +44,7 @@ from locoswarm.node.control import ControlServer
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.handover import served
+from locoswarm.node.invite import keep_spec
 from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_key, open_state_dir, start_p2p,
                                  stop_p2p)
 from locoswarm.node.lineage import Lineage
@@ -65,12 +66,14 @@ STOP_LIMIT_S = 60.0
 
 class Daemon:
     def __init__(self, spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,
-                 events_path: str | None = None, faults: RoundFaults | None = None) -> None:
+                 events_path: str | None = None, faults: RoundFaults | None = None, keep_spec: bool = False) -> None:
         """`emit`: where the plain output lines go; `events_path`: a file for the JSON-lines
-        event stream (node/events.py); `faults`: a test's fault injector (none in production)."""
+        event stream (node/events.py); `faults`: a test's fault injector (none in production);
+        `keep_spec`: write the spec into the state directory once it is locked (node/invite.py)."""
         spec.validate()
         cfg.validate()
         self.spec, self.cfg = spec, cfg
+        self._keep_spec = keep_spec
         self._emit = emit
         self.spec_hash = spec.hash()
         self.bar = RoundBar()
@@ -126,6 +129,13 @@ class Daemon:
             loop.add_signal_handler(sig, self.handle_signal, sig)
         lock = open_state_dir(self.cfg.state_dir)
         try:
+            if self._keep_spec:
+                try:
+                    log.info("run spec kept in %s: a restart without the invite goes on with this run",
+                             keep_spec(self.cfg.state_dir, self.spec))
+                except OSError as e:
+                    raise NodeError(f"state directory {self.cfg.state_dir}: cannot write the run spec "
+                                    f"({e.strerror or e})") from None
             return await self._serve()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,6 +149,7 @@ class Daemon:
         from locoswarm.node.exchange import DeltaServer, delta_streams
         from locoswarm.node.progress import ProgressBus
         from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
+        from locoswarm.node.runinfo import RunInfoServer
         from locoswarm.node.statesync import StateServer
 
         started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
@@ -184,6 +195,7 @@ class Daemon:
             await self.deltas.start()
             await self.states.start()
             await progress.start()
+            await RunInfoServer(p2p, self.spec.run_id, self.spec_hash, private=access.restricted).start()
             control = ControlServer(self.cfg.state_dir, self.status, self.history)
             await control.start()
             if access.work_bits:
@@ -203,7 +215,7 @@ class Daemon:
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
-            await self._join(registry)
+            await self._join(registry, p2p)
             self._joining = False
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
@@ -294,7 +306,7 @@ class Daemon:
             self._last_record, self._record_seq = record, self._record_seq + 1
         return dataclasses.replace(record, seq=self._record_seq, tokens_per_s=float(self.trainer.tokens_per_s))
 
-    async def _join(self, registry) -> None:
+    async def _join(self, registry, p2p) -> None:
         """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
         of another spec."""
         state, residual = served(self.trainer)
@@ -304,11 +316,27 @@ class Daemon:
             return
         records = await registry.peers()
         self.membership.update(records)
+        ours = f"this node runs run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}"
         if not self.membership.records and registry.rejected:
             reasons = "; ".join(reason for _, reason in registry.rejected)
-            raise NodeError(f"refused: the swarm at {self.initial_peers[0]} is not ours ({reasons}); this node runs "
-                            f"run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}")
+            raise NodeError(f"refused: the swarm at {self.initial_peers[0]} is not ours ({reasons}); {ours}")
+        if not self.membership.records:
+            await self._check_initial_peers_run(p2p, ours)
         await self.loop.catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
+
+    async def _check_initial_peers_run(self, p2p, ours: str) -> None:
+        """No record of our run came through the initial peers: ask them which run they
+        train (node/runinfo.py), and stop when none of those that answer trains ours, rather
+        than train alone beside them."""
+        from locoswarm.node.runinfo import not_ours, runs_of
+
+        peers = sorted({a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a} - {self.peer_id})
+        why = not_ours(await runs_of(p2p, peers), self.spec.run_id, self.spec_hash,
+                       private=self.spec.access.restricted)
+        if why is not None:
+            raise NodeError(f"refused: the peers you joined through train another run ({why}); {ours}. Join with "
+                            "the run's spec (--run) or the organiser's invite (--invite)")
+        log.info("no record of run %r yet at the initial peers: training and waiting for them", self.spec.run_id)
 
     async def _wait_for_peers(self) -> None:
         """Until `min_peers` that train (not paused, not joining) are in the view. Those we
@@ -369,8 +397,9 @@ class Daemon:
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,
-               events_path: str | None = None, faults: RoundFaults | None = None) -> int:
-    """Run a daemon until it is stopped or reaches max_rounds; returns the exit code."""
+               events_path: str | None = None, faults: RoundFaults | None = None, keep_spec: bool = False) -> int:
+    """Run a daemon until it is stopped or reaches max_rounds; returns the exit code.
+    `keep_spec`: write the spec into the state directory (a run joined by invite)."""
     try:
         import uvloop
 
@@ -378,7 +407,7 @@ def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = pri
     except ImportError:  # uvloop is optional (no wheel on Windows)
         runner = asyncio.run
     try:
-        daemon = Daemon(spec, cfg, emit, events_path=events_path, faults=faults)
+        daemon = Daemon(spec, cfg, emit, events_path=events_path, faults=faults, keep_spec=keep_spec)
     except ValueError as e:  # a setting found bad before anything started
         print(f"error: {e}", file=sys.stderr)
         return 2

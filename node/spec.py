@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -267,7 +268,19 @@ def load_spec(path: str | None) -> RunSpec:
         spec = RunSpec()
         spec.validate()
         return spec
-    table = read_toml(path, "run spec")
+    return _from_table(read_toml(path, "run spec"), path)
+
+
+def parse_spec(text: str, origin: str) -> RunSpec:
+    """The spec in TOML `text` (an invite carries one); errors name `origin`."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"run spec {origin}: not valid TOML: {e}") from None
+    return _from_table(table, origin)
+
+
+def _from_table(table: dict[str, Any], path: str) -> RunSpec:
     version = table.pop("spec_version", SPEC_VERSION)
     if version != SPEC_VERSION:
         raise ValueError(f"{path}: spec_version {version!r}; this build reads {SPEC_VERSION}")
