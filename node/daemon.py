@@ -70,6 +70,7 @@ class Daemon:
         event stream (node/events.py); `faults`: a test's fault injector (none in production)."""
         spec.validate()
         cfg.validate()
+        cfg.check_against(spec)
         self.spec, self.cfg = spec, cfg
         self._emit = emit
         self.spec_hash = spec.hash()
