@@ -38,6 +38,8 @@ class SettingError(ValueError):
 
 def shown(value: Any) -> str:
     """`value` as a user typed it: bare, quoted only where it would not read as one word."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a float setting given as 3 shows as 3, not 3.0
     text = str(value)
     return text if text and not any(c.isspace() for c in text) else repr(text)
 
@@ -128,16 +130,9 @@ def bind_problem(maddr: str) -> str | None:
 
 
 def check_state_dir(setting: str, path: str) -> None:
-    """A folder that exists, or one that can be made: its nearest existing parent is a
-    writable folder."""
+    """A folder, or a path where none exists yet (whether it can be made is found when the
+    daemon makes it: host.open_state_dir says so, before p2pd starts)."""
     if not path:
         raise SettingError(setting, path, "must name a folder")
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise SettingError(setting, path, "exists and is not a folder")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingError(setting, path, f"cannot be created: {parent} is not a folder this user may write in")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SettingError(setting, path, "exists and is not a folder")

@@ -251,7 +251,8 @@ SETTINGS: tuple[Setting, ...] = (
                            "a restart counts anew from its first round. To leave at a round of the swarm: "
                            "--until-round."),
     _setting("until_round", "Leave once the outer state reaches this round of the swarm (0: no limit)."),
-    _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not joining) before training."),
+    _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not "
+                          "joining) before training."),
     _setting("shard", "Data shard; unset: derived from the peer id."),
     _setting("threads", "Torch CPU threads of the training thread (0: torch's default)."),
     _setting("precision", "auto, bf16, fp16 or fp32 (auto: bf16 on Ampere+, fp16 on older CUDA, fp32 on CPU/MPS)."),
@@ -267,7 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.auto_relay", "Look for a relay when behind NAT."),
     _setting("net.keep_ports", "Listen again on the last run's ports where the listen port is 0."),
     _setting("net.dht_client", "Take part in the DHT as a client only (behind NAT: others cannot dial us)."),
-    _setting("net.state_upload_mbit", "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
+    _setting("net.state_upload_mbit",
+             "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
     _setting("idle.pause_on_gpu_use", "Pause while another process uses the GPU (a game)."),
     _setting("idle.max_other_cpu_percent", "Pause while other processes use more than this % of all CPUs (0: off).",
              deprecated_flags=("max-other-cpu",)),
