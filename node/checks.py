@@ -86,8 +86,8 @@ def check_announce(setting: str, maddr: str) -> None:
 
 
 def check_listen(setting: str, maddr: str) -> None:
-    """An address to listen on: an IP and a TCP or UDP port of this machine, no peer id (p2pd
-    listens as this node's own identity), and, where the port is not 0, a free port."""
+    """An address to listen on: an IP and a TCP or UDP port, no peer id (p2pd listens as this
+    node's own identity). Whether p2pd can listen there now is check_bind's question."""
     names = [p.name for p in _parse(setting, maddr).protocols()]
     if "p2p" in names:
         raise SettingError(setting, maddr, "a listen address names no peer: drop its /p2p/<id> (the id is this "
@@ -95,6 +95,12 @@ def check_listen(setting: str, maddr: str) -> None:
     if len(names) < 2 or names[0] not in ("ip4", "ip6") or names[1] not in ("tcp", "udp"):
         raise SettingError(setting, maddr, "must be an IP address of this machine and a port, like "
                                            "/ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic-v1")
+
+
+def check_bind(setting: str, maddr: str) -> None:
+    """p2pd could listen on `maddr` now: its IP is this machine's and its port, if not 0, is
+    free (bind_problem). Apart from check_listen because it asks the machine, not the value:
+    `doctor` checks the settings while the daemon may hold the port."""
     problem = bind_problem(maddr)
     if problem:
         raise SettingError(setting, maddr, problem)

@@ -81,8 +81,8 @@ class NodeConfig:
     third interval, node/rounds.py) and what they told is read."""
 
     def validate(self) -> None:
-        """Every setting checked on its own, the multiaddrs parsed and the listen ports tried
-        (node/checks.py), before anything is created: a SettingError names the first bad one."""
+        """Every setting checked on its own and the multiaddrs parsed (node/checks.py), before
+        anything is created: a SettingError names the first bad one."""
         for name in ("max_rounds", "until_round", "threads", "micro_batch", "eval_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         for name in ("min_peers", "checkpoint_keep", "fanout"):
@@ -113,6 +113,12 @@ class NodeConfig:
             checks.check_peer("peers", maddr)
         if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
             raise ValueError("record_ttl_s and report_interval_s must be > 0")
+
+    def check_listen_ports(self) -> None:
+        """Each listen address can be bound now, its port not held by another program, a
+        go-libp2p one (another locoswarm daemon) included: node/checks.bind_problem."""
+        for maddr in self.net.listen:
+            checks.check_bind("listen", maddr)
 
     def check_against(self, spec: RunSpec) -> None:
         """The settings that must fit the run spec: the micro-batch divides the per-peer

@@ -84,6 +84,7 @@ def join_config(values: Mapping[str, Any], sources: Mapping[str, str], spec: Run
     try:
         cfg = node_config(values, spec.initial_peers)
         cfg.check_against(spec)
+        cfg.check_listen_ports()
     except SettingError as e:
         if e.setting == "peers" and not values["peers"]:
             where = values["run"] or "the embedded run spec"

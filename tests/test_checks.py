@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from locoswarm.cli.main import app
-from locoswarm.node.checks import SettingError, bind_problem, check_listen, check_peer
+from locoswarm.node.checks import SettingError, bind_problem, check_bind, check_peer
 from locoswarm.node.spec import RunSpec, write_spec
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmTTdAbwF3hD2zzTUgSV9Mj2jvqNxt8w2p3v1xX3xVrTqE"
@@ -141,7 +141,7 @@ def test_a_port_held_by_a_udp_socket_is_refused_for_quic():
         held.bind(("127.0.0.1", 0))
         port = held.getsockname()[1]
         with pytest.raises(SettingError, match=f"port {port} is in use"):
-            check_listen("listen", f"/ip4/127.0.0.1/udp/{port}/quic-v1")
+            check_bind("listen", f"/ip4/127.0.0.1/udp/{port}/quic-v1")
 
 
 @pytest.mark.parametrize("maddr", [
@@ -164,3 +164,19 @@ def test_max_rounds_help_says_it_counts_this_processs_rounds_and_points_to_until
     assert "this process" in text and "restart" in text and "--until-round" in text
     out = CliRunner().invoke(app, ["node", "join", "--help"])
     assert out.exit_code == 0 and "--max-rounds" in out.output
+
+
+def test_doctor_reads_the_settings_without_refusing_a_port_the_daemon_holds(monkeypatch):
+    """node_config (what `doctor` uses) checks the values but not the machine: a volunteer runs
+    doctor beside the daemon, which holds the listen port."""
+    from locoswarm.node.userconfig import node_config, resolve
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        listen = f"/ip4/127.0.0.1/tcp/{held.getsockname()[1]}"
+        values, _ = resolve({"listen": [listen]}, config_path=os.devnull, env={})
+        cfg = node_config(values, [])
+        assert cfg.net.listen == [listen]
+        with pytest.raises(SettingError, match="is in use"):
+            cfg.check_listen_ports()
