@@ -23,6 +23,12 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 """The device names pick_device knows: cuda:N picks the N-th CUDA device."""
 
 
+LISTEN_TRANSPORTS = {("tcp",), ("tcp", "ws"), ("udp", "quic-v1")}
+"""What may follow the IP of a listen address: the transports of hivemind's p2pd. Anything else
+left p2pd listening on nothing: a bare /udp or /p2p-circuit ended the daemon in a traceback,
+/udp/N/quic (QUIC draft-29, gone from go-libp2p) in "no transport for protocol"."""
+
+
 class SettingError(ValueError):
     """A setting's value that cannot work, before anything was started for it."""
 
@@ -92,9 +98,9 @@ def check_listen(setting: str, maddr: str) -> None:
     if "p2p" in names:
         raise SettingError(setting, maddr, "a listen address names no peer: drop its /p2p/<id> (the id is this "
                                            "node's own, from its state directory)")
-    if len(names) < 2 or names[0] not in ("ip4", "ip6") or names[1] not in ("tcp", "udp"):
-        raise SettingError(setting, maddr, "must be an IP address of this machine and a port, like "
-                                           "/ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic-v1")
+    if names[:1] not in (["ip4"], ["ip6"]) or tuple(names[1:]) not in LISTEN_TRANSPORTS:
+        raise SettingError(setting, maddr, "must be an IP address of this machine and a port of a transport p2pd "
+                                           "listens on, like /ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic-v1")
 
 
 def check_bind(setting: str, maddr: str) -> None:

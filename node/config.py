@@ -95,8 +95,9 @@ class NodeConfig:
         _at_least("resume_after_idle_min", self.idle.resume_after_idle_min, 0)
         try:
             self.idle.validate()
-        except ValueError as e:  # only allowed_hours is left for it to find
-            raise SettingError("allowed_hours", self.idle.allowed_hours, str(e)) from None
+        except ValueError:  # only allowed_hours is left for it to find
+            raise SettingError("allowed_hours", self.idle.allowed_hours, "must be two local hours in 0..24 that "
+                               "differ, like 22-8 (empty: always)") from None
         from locoswarm.node.hardware import PRECISIONS
 
         if self.precision not in PRECISIONS:

@@ -66,7 +66,7 @@ def refused(result) -> str:
     (["--max-other-cpu-percent", "-3"], "error: --max-other-cpu-percent -3: must lie in [0, 100]"),
     (["--state-upload-mbit", "nan"], "error: --state-upload-mbit nan: must lie in [0, 1,000,000]"),
     (["--resume-after-idle-min", "-1"], "error: --resume-after-idle-min -1: must be >= 0"),
-    (["--allowed-hours", "25-3"], "error: --allowed-hours 25-3: "),
+    (["--allowed-hours", "25-3"], "error: --allowed-hours 25-3: must be two local hours in 0..24 that differ"),
     (["--peer", "/ip4/10.0.0.1/tcp/1234"], "error: --peer /ip4/10.0.0.1/tcp/1234: names no peer"),
     (["--peer", "10.0.0.1:1234"], "error: --peer 10.0.0.1:1234: not a multiaddr"),
     (["--peer", "/ip4/10.0.0.1/tcp/1/p2p/QmXyz"],
@@ -79,6 +79,9 @@ def refused(result) -> str:
     (["--listen", "/dns4/example.com/tcp/1"], "error: --listen /dns4/example.com/tcp/1: must be an IP address"),
     (["--listen", "/ip4/192.0.2.1/tcp/0"], "error: --listen /ip4/192.0.2.1/tcp/0: 192.0.2.1 is not an address of "
                                            "this machine"),
+    (["--listen", "/ip4/0.0.0.0/udp/0"], "error: --listen /ip4/0.0.0.0/udp/0: must be an IP address"),
+    (["--listen", "/ip4/0.0.0.0/udp/0/quic"], "error: --listen /ip4/0.0.0.0/udp/0/quic: must be an IP address"),
+    (["--listen", "/ip4/0.0.0.0/tcp/0/p2p-circuit"], "error: --listen /ip4/0.0.0.0/tcp/0/p2p-circuit: must be an IP"),
     (["--announce", "public"], "error: --announce public: not a multiaddr"),
 ])
 def test_a_bad_flag_is_one_line_naming_flag_and_value_and_nothing_starts(join, args, line):
