@@ -121,7 +121,7 @@ def join(
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
     from locoswarm.node.checks import SettingError
     from locoswarm.node.daemon import run_daemon
-    from locoswarm.node.hardware import pick_device
+    from locoswarm.node.hardware import choose_precision, pick_device
     from locoswarm.node.spec import load_spec
     from locoswarm.node.userconfig import describe, join_config, resolve
 
@@ -132,7 +132,7 @@ def join(
         spec = load_spec(values["run"])
         cfg = join_config(values, sources, spec)
         try:
-            pick_device(cfg.device)
+            choose_precision(pick_device(cfg.device), cfg.precision)
         except SettingError as e:
             raise ValueError(describe(e, sources)) from None
     except ValueError as e:

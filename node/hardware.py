@@ -87,7 +87,8 @@ def choose_precision(device, requested: str = "auto") -> str:
         has_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
     if requested != "auto":
         if requested == "bf16" and not has_bf16:
-            raise ValueError("precision bf16: this CUDA card predates bf16 (compute capability < 8); use fp16")
+            raise SettingError("precision", requested, "this CUDA card predates bf16 (compute capability < 8); "
+                                                       "use fp16")
         return requested
     if device.type == "cuda":
         return "bf16" if has_bf16 else "fp16"
