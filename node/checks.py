@@ -122,22 +122,22 @@ def bind_problem(maddr: str) -> str | None:
         return None
     family = socket.AF_INET if m[1] == "4" else socket.AF_INET6
     host, proto, port = m[2], m[3], int(m[4])
-    with socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as probe:
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as Go listens on an /ip6 address
-        if proto == "tcp":
-            # SO_REUSEADDR as every TCP listener sets it, so the closing connections of a peer
-            # stopped a moment ago (TIME_WAIT) do not count as a holder; no SO_REUSEPORT, so
-            # that a listener which set it (go-libp2p does) still holds the port against us.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as Go listens on an /ip6 address
+            if proto == "tcp":
+                # SO_REUSEADDR as every TCP listener sets it, so the closing connections of a peer
+                # stopped a moment ago (TIME_WAIT) do not count as a holder; no SO_REUSEPORT, so
+                # that a listener which set it (go-libp2p does) still holds the port against us.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return f"port {port} is in use (another locoswarm peer or libp2p program?)"
-            if e.errno == errno.EADDRNOTAVAIL:
-                return f"{host} is not an address of this machine"
-            return f"cannot listen there: {e.strerror or e}"
+    except OSError as e:  # creating the socket fails too where the machine has no IPv6
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} is in use (another locoswarm peer or libp2p program?)"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+        return f"cannot listen there: {e.strerror or e}"
     return None
 
 
