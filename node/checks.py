@@ -22,7 +22,6 @@ from typing import Any
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 """The device names pick_device knows: cuda:N picks the N-th CUDA device."""
 
-
 LISTEN_TRANSPORTS = {("tcp",), ("tcp", "ws"), ("udp", "quic-v1")}
 """What may follow the IP of a listen address: the transports of hivemind's p2pd. Anything else
 left p2pd listening on nothing: a bare /udp or /p2p-circuit ended the daemon in a traceback,

@@ -36,7 +36,7 @@ class NodeConfig:
     idle_check_s: float = 2.0
     """How often the machine is read for the idle policy."""
     device: str = "auto"
-    """auto, cuda, mps or cpu."""
+    """auto, cpu, mps, cuda or cuda:N."""
     max_rounds: int = 0
     """Stop once this process has trained this many rounds (0: run until stopped). It
     counts this process's rounds, not the swarm's: a peer restarted when the swarm is at round
@@ -112,8 +112,8 @@ class NodeConfig:
             checks.check_announce("announce", maddr)
         for maddr in self.net.peers:
             checks.check_peer("peers", maddr)
-        if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
-            raise ValueError("record_ttl_s and report_interval_s must be > 0")
+        if not self.record_ttl_s > 0 or not self.report_interval_s > 0 or self.eval_sequences < 1:
+            raise ValueError("record_ttl_s and report_interval_s must be > 0, eval_sequences >= 1")
 
     def check_listen_ports(self) -> None:
         """Each listen address can be bound now, its port not held by another program, a
@@ -253,7 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.announce", "Public multiaddrs to announce instead of the listen addresses."),
     _setting("net.peers", "Multiaddrs of peers to join through; none: the spec's initial peers, else a new swarm.",
              flag="peer"),
-    _setting("device", "auto, cuda, mps or cpu."),
+    _setting("device", "auto, cpu, mps, cuda or cuda:N (the N-th CUDA device)."),
     _setting("max_rounds", "Leave once this process has trained this many rounds (0: run until stopped); "
                            "a restart counts anew from its first round. To leave at a round of the swarm: "
                            "--until-round."),
