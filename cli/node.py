@@ -119,17 +119,23 @@ def join(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    from locoswarm.node.checks import SettingError
     from locoswarm.node.daemon import run_daemon
-    from locoswarm.node.hardware import pick_device
+    from locoswarm.node.hardware import choose_precision, pick_device
     from locoswarm.node.invite import spec_to_join
-    from locoswarm.node.userconfig import node_config, resolve
+    from locoswarm.node.userconfig import describe, join_config, resolve
 
+    # Every setting is checked here, before the daemon makes its state directory or starts
+    # p2pd: a bad value is one line naming where it was set, exit 2 (node/checks.py).
     try:
-        values, _ = resolve(given_settings(settings), config_path=None if config is None else str(config))
+        values, sources = resolve(given_settings(settings), config_path=None if config is None else str(config))
         spec, invite = spec_to_join(run=values["run"], invite=values["invite"], organiser=values["organiser"],
                                     state_dir=values["state_dir"])
-        cfg = node_config(values, spec.initial_peers)
-        pick_device(cfg.device)
+        cfg = join_config(values, sources, spec)
+        try:
+            choose_precision(pick_device(cfg.device), cfg.precision)
+        except SettingError as e:
+            raise ValueError(describe(e, sources)) from None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

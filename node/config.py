@@ -12,10 +12,15 @@ import copy
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from types import UnionType
-from typing import Any, Callable, Mapping, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Mapping, get_args, get_origin, get_type_hints
 
+from locoswarm.node import checks
+from locoswarm.node.checks import SettingError
 from locoswarm.node.governor import IdlePolicy
 from locoswarm.node.host import NetworkConfig
+
+if TYPE_CHECKING:
+    from locoswarm.node.spec import RunSpec
 
 ENV_PREFIX = "LOCOSWARM_"
 
@@ -31,9 +36,11 @@ class NodeConfig:
     idle_check_s: float = 2.0
     """How often the machine is read for the idle policy."""
     device: str = "auto"
-    """auto, cuda, mps or cpu."""
+    """auto, cpu, mps, cuda or cuda:N."""
     max_rounds: int = 0
-    """Stop after this many rounds of this process (0: run until stopped)."""
+    """Stop once this process has trained this many rounds (0: run until stopped). It
+    counts this process's rounds, not the swarm's: a peer restarted when the swarm is at round
+    44 with max_rounds 80 stops at round 124. To stop with the swarm at a round, until_round."""
     until_round: int = 0
     """Stop once this peer's outer state reaches this round, the swarm's round count (0: no
     such limit): a peer restarted or joined late stops with the others."""
@@ -74,30 +81,69 @@ class NodeConfig:
     third interval, node/rounds.py) and what they told is read."""
 
     def validate(self) -> None:
-        if self.max_rounds < 0 or self.until_round < 0:
-            raise ValueError(f"max_rounds and until_round must be >= 0, got {self.max_rounds} and {self.until_round}")
-        if self.min_peers < 1:
-            raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
-        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
-            raise ValueError("checkpoint_every must be >= 0 and checkpoint_keep >= 1")
-        self.idle.validate()
-        if not 0 <= self.max_gpu_memory_percent <= 100:
-            raise ValueError(f"max_gpu_memory_percent must be in [0, 100], got {self.max_gpu_memory_percent}")
-        if self.micro_batch < 0 or self.threads < 0:
-            raise ValueError("micro_batch and threads must be >= 0")
+        """Every setting checked on its own and the multiaddrs parsed (node/checks.py), before
+        anything is created: a SettingError names the first bad one."""
+        for name in ("max_rounds", "until_round", "threads", "micro_batch", "eval_every", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("min_peers", "checkpoint_keep", "fanout"):
+            _at_least(name, getattr(self, name), 1)
+        if self.shard is not None:
+            _at_least("shard", self.shard, 0)
+        _within("max_gpu_memory_percent", self.max_gpu_memory_percent, 100)
+        _within("state_upload_mbit", self.net.state_upload_mbit, 1e6, "(Mbit/s; 0: no limit)")
+        _within("max_other_cpu_percent", self.idle.max_other_cpu_percent, 100)
+        _at_least("resume_after_idle_min", self.idle.resume_after_idle_min, 0)
+        try:
+            self.idle.validate()
+        except ValueError:  # only allowed_hours is left for it to find
+            raise SettingError("allowed_hours", self.idle.allowed_hours, "must be two local hours in 0..24 that "
+                               "differ, like 22-8 (empty: always)") from None
         from locoswarm.node.hardware import PRECISIONS
 
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.fanout < 1:
-            raise ValueError(f"fanout must be >= 1, got {self.fanout}")
-        if not 0 <= self.net.state_upload_mbit <= 1e6:
-            raise ValueError(f"net.state_upload_mbit must lie in [0, 1e6] Mbit/s (0: no limit), "
-                             f"got {self.net.state_upload_mbit}")
-        if self.eval_every < 0 or self.eval_sequences < 1:
-            raise ValueError("eval_every must be >= 0 and eval_sequences >= 1")
-        if not self.record_ttl_s > 0 or not self.report_interval_s > 0:
-            raise ValueError("record_ttl_s and report_interval_s must be > 0")
+            raise SettingError("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
+        checks.check_device("device", self.device)
+        checks.check_state_dir("state_dir", self.state_dir)
+        if not self.net.listen:
+            raise SettingError("listen", [], "give at least one address to listen on")
+        for maddr in self.net.listen:
+            checks.check_listen("listen", maddr)
+        for maddr in self.net.announce:
+            checks.check_announce("announce", maddr)
+        for maddr in self.net.peers:
+            checks.check_peer("peers", maddr)
+        if not self.record_ttl_s > 0 or not self.report_interval_s > 0 or self.eval_sequences < 1:
+            raise ValueError("record_ttl_s and report_interval_s must be > 0, eval_sequences >= 1")
+
+    def check_listen_ports(self) -> None:
+        """Each listen address can be bound now, its port not held by another program, a
+        go-libp2p one (another locoswarm daemon) included: node/checks.bind_problem."""
+        for maddr in self.net.listen:
+            checks.check_bind("listen", maddr)
+
+    def check_against(self, spec: RunSpec) -> None:
+        """The settings that must fit the run spec: the micro-batch divides the per-peer
+        batch, the shard is one of the spec's shards."""
+        batch = spec.batch_size
+        if self.micro_batch and batch % self.micro_batch:
+            fits = [d for d in range(1, batch + 1) if batch % d == 0]
+            raise SettingError("micro_batch", self.micro_batch,
+                               f"must divide the run's batch of {batch} sequences per peer (the spec's batch_size): "
+                               f"one of {', '.join(map(str, fits[:12]))}{' …' if len(fits) > 12 else ''}, "
+                               "or 0 to fit it to free memory")
+        if self.shard is not None and self.shard >= spec.num_shards:
+            raise SettingError("shard", self.shard, f"the run has {spec.num_shards} shards, 0..{spec.num_shards - 1};"
+                                                    " or leave it unset to derive one from the peer id")
+
+
+def _at_least(name: str, value: float, least: int) -> None:
+    if not value >= least:  # also refuses NaN
+        raise SettingError(name, value, f"must be >= {least}")
+
+
+def _within(name: str, value: float, most: float, unit: str = "") -> None:
+    if not 0 <= value <= most:  # also refuses NaN
+        raise SettingError(name, value, f"must lie in [0, {most:,.0f}]{' ' + unit if unit else ''}")
 
 
 def default_state_dir() -> str:
@@ -211,10 +257,13 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.announce", "Public multiaddrs to announce instead of the listen addresses."),
     _setting("net.peers", "Multiaddrs of peers to join through; none: the spec's initial peers, else a new swarm.",
              flag="peer"),
-    _setting("device", "auto, cuda, mps or cpu."),
-    _setting("max_rounds", "Leave after this many rounds of this process (0: run until stopped)."),
+    _setting("device", "auto, cpu, mps, cuda or cuda:N (the N-th CUDA device)."),
+    _setting("max_rounds", "Leave once this process has trained this many rounds (0: run until stopped); "
+                           "a restart counts anew from its first round. To leave at a round of the swarm: "
+                           "--until-round."),
     _setting("until_round", "Leave once the outer state reaches this round of the swarm (0: no limit)."),
-    _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not joining) before training."),
+    _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not "
+                          "joining) before training."),
     _setting("shard", "Data shard; unset: derived from the peer id."),
     _setting("threads", "Torch CPU threads of the training thread (0: torch's default)."),
     _setting("precision", "auto, bf16, fp16 or fp32 (auto: bf16 on Ampere+, fp16 on older CUDA, fp32 on CPU/MPS)."),
@@ -230,7 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.auto_relay", "Look for a relay when behind NAT."),
     _setting("net.keep_ports", "Listen again on the last run's ports where the listen port is 0."),
     _setting("net.dht_client", "Take part in the DHT as a client only (behind NAT: others cannot dial us)."),
-    _setting("net.state_upload_mbit", "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
+    _setting("net.state_upload_mbit",
+             "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
     _setting("idle.pause_on_gpu_use", "Pause while another process uses the GPU (a game)."),
     _setting("idle.max_other_cpu_percent", "Pause while other processes use more than this % of all CPUs (0: off).",
              deprecated_flags=("max-other-cpu",)),

@@ -72,6 +72,7 @@ class Daemon:
         `keep_spec`: write the spec into the state directory once it is locked (node/invite.py)."""
         spec.validate()
         cfg.validate()
+        cfg.check_against(spec)
         self.spec, self.cfg = spec, cfg
         self._keep_spec = keep_spec
         self._emit = emit

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from locoswarm.node.checks import SettingError, check_device
+
 
 @dataclass(frozen=True, slots=True)
 class Device:
@@ -46,9 +48,10 @@ def detect(device: str = "auto") -> Device:
 
 def pick_device(name: str):
     """The torch.device to train on: `auto` takes CUDA, then MPS, then the CPU; an explicit
-    device that is absent is a ValueError naming it."""
+    device that is absent is a SettingError naming it."""
     import torch
 
+    check_device("device", name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -56,11 +59,12 @@ def pick_device(name: str):
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is present")
+        raise SettingError("device", name, "no CUDA device is present")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise SettingError("device", name, f"this machine has {torch.cuda.device_count()} CUDA devices, "
+                                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple MPS is not available here")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
+        raise SettingError("device", name, "Apple MPS is not available here")
     return torch.device(name)
 
 
@@ -83,7 +87,8 @@ def choose_precision(device, requested: str = "auto") -> str:
         has_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
     if requested != "auto":
         if requested == "bf16" and not has_bf16:
-            raise ValueError("precision bf16: this CUDA card predates bf16 (compute capability < 8); use fp16")
+            raise SettingError("precision", requested, "this CUDA card predates bf16 (compute capability < 8); "
+                                                       "use fp16")
         return requested
     if device.type == "cuda":
         return "bf16" if has_bf16 else "fp16"

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from locoswarm.node.checks import bind_problem
 from locoswarm.node.files import leftover_temps, write_atomic
 
 # hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
@@ -132,6 +133,12 @@ the routing table's refresh, which found no peer, logged as p2pd went down (16 c
 2026-12-06: a restarted peer exited "p2pd did not start" instead of dialing the peers it saw last)."""
 
 
+def _host_port(maddr: str) -> str:
+    """host:port of an /ip4 or /ip6 multiaddr, as p2pd's errors show them."""
+    parts = maddr.split("/")
+    return f"{parts[2]}:{parts[4]}" if len(parts) > 4 else maddr
+
+
 def _bootstrap_failed(text: str) -> bool:
     return any(sign in text for sign in BOOTSTRAP_FAILED)
 
@@ -164,6 +171,16 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
     from locoswarm.node import ports
 
     listen = ports.pinned(net.listen, ports.remembered(state_dir)) if net.keep_ports else net.listen
+    # Tried before p2pd binds: a port held by another go-libp2p program (another locoswarm
+    # daemon among them) would be shared with it, SO_REUSEPORT letting p2pd bind it too.
+    taken = next((a for a in listen if a not in net.listen and bind_problem(a)), None)
+    if taken is not None:
+        log.warning("the port kept from the last run, %s, is in use: listening on a new one", _host_port(taken))
+        listen = net.listen
+    for maddr in listen:
+        problem = bind_problem(maddr)
+        if problem:
+            raise NodeError(f"cannot listen on {maddr}: {problem}; choose another with --listen")
     delay = 1.0
     initial = list(net.peers)
     # A peer that started the swarm (no initial peers) and restarts on its state directory

@@ -19,8 +19,12 @@ from locoswarm.node.config import NOT_SETTINGS, SETTINGS, NodeConfig, config_fro
 from locoswarm.node.userconfig import node_config, resolve
 
 # A value other than the default for every setting, valid for NodeConfig.validate.
-OTHER = {"run": "r.toml", "invite": "locoswarm-invite:1:x", "organiser": "QmOrg", "state_dir": "/srv/locoswarm", "listen": ["/ip4/127.0.0.1/tcp/7"],
-         "announce": ["/ip4/203.0.113.5/tcp/7"], "peers": ["/ip4/127.0.0.1/tcp/8/p2p/QmA"], "device": "cpu",
+# The listen port is 0: a fixed one could be in use, which validate refuses.
+PEER_ID = "QmTTdAbwF3hD2zzTUgSV9Mj2jvqNxt8w2p3v1xX3xVrTqE"
+QM_A, QM_B, QM_C = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+                    "QmcJ4LBNh6gXscQq9DrrCpvLntLHJjEESStMBXQLstDs22")
+OTHER = {"run": "r.toml", "invite": "locoswarm-invite:1:x", "organiser": PEER_ID, "state_dir": "/srv/locoswarm", "listen": ["/ip4/127.0.0.1/tcp/0"],
+         "announce": ["/ip4/203.0.113.5/tcp/7"], "peers": [f"/ip4/127.0.0.1/tcp/8/p2p/{PEER_ID}"], "device": "cpu",
          "precision": "fp32", "allowed_hours": "22-8", "shard": 5}
 
 
@@ -106,20 +110,20 @@ def write(path, text: str) -> str:
 
 def test_each_layer_overrides_the_one_before_and_says_so(tmp_path):
     cfg = write(tmp_path / "c.toml", 'device = "cpu"\nfanout = 4\nmax_rounds = 7\n')
-    env = {"LOCOSWARM_FANOUT": "8", "LOCOSWARM_PEERS": "/ip4/127.0.0.1/tcp/1/p2p/QmA, /ip4/127.0.0.1/tcp/2/p2p/QmB"}
+    env = {"LOCOSWARM_FANOUT": "8", "LOCOSWARM_PEERS": f"/ip4/127.0.0.1/tcp/1/p2p/{QM_A}, /ip4/127.0.0.1/tcp/2/p2p/{QM_B}"}
     values, sources = resolve({"max_rounds": 9, "shard": None}, config_path=cfg, env=env)
     assert values["device"] == "cpu" and sources["device"] == f"file {cfg}"
     assert values["fanout"] == 8 and sources["fanout"] == "env LOCOSWARM_FANOUT"
     assert values["max_rounds"] == 9 and sources["max_rounds"] == "flag --max-rounds"
-    assert values["peers"] == ["/ip4/127.0.0.1/tcp/1/p2p/QmA", "/ip4/127.0.0.1/tcp/2/p2p/QmB"]
+    assert values["peers"] == [f"/ip4/127.0.0.1/tcp/1/p2p/{QM_A}", f"/ip4/127.0.0.1/tcp/2/p2p/{QM_B}"]
     assert values["min_peers"] == 1 and sources["min_peers"] == "default"
-    built = node_config(values, initial_peers=["/ip4/10.0.0.1/tcp/3/p2p/QmC"])
+    built = node_config(values, initial_peers=[f"/ip4/10.0.0.1/tcp/3/p2p/{QM_C}"])
     assert built.fanout == 8 and built.net.peers == values["peers"]  # given peers win over the spec's
 
 
 def test_the_specs_initial_peers_are_used_when_none_are_given(tmp_path):
     values, _ = resolve({}, config_path=write(tmp_path / "c.toml", ""), env={})
-    assert node_config(values, ["/ip4/10.0.0.1/tcp/3/p2p/QmC"]).net.peers == ["/ip4/10.0.0.1/tcp/3/p2p/QmC"]
+    assert node_config(values, [f"/ip4/10.0.0.1/tcp/3/p2p/{QM_C}"]).net.peers == [f"/ip4/10.0.0.1/tcp/3/p2p/{QM_C}"]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -255,7 +259,7 @@ def test_an_old_flag_spelling_still_works_with_a_warning(tmp_path, joined, old, 
 def test_a_bad_flag_value_exits_2_naming_the_setting_and_starts_nothing(tmp_path, joined):
     out, cfg = joined("--state-dir", str(tmp_path / "s"), "--fanout", "0")
     assert out.exit_code == 2 and cfg is None
-    assert out.output.strip().splitlines() == ["error: fanout must be >= 1, got 0"]
+    assert out.output.strip().splitlines() == ["error: --fanout 0: must be >= 1"]
     assert not (tmp_path / "s").exists()
 
 
