@@ -80,11 +80,17 @@ def make_invite(spec: RunSpec, peers: list[str], key, *, valid_s: float = 0, now
 def check_peers(peers: list[str]) -> list[str]:
     """`peers` as an invite may carry them: each a multiaddr ending in /p2p/<peer id>, at
     most MAX_PEERS, duplicates dropped; InviteError naming the first bad one."""
+    from locoswarm.node.checks import SettingError, check_peer
+
     out: list[str] = []
     for addr in peers:
         if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > 512 or "/p2p/" not in addr \
                 or not addr.rpartition("/p2p/")[2].isalnum():
             raise InviteError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>")
+        try:
+            check_peer("peers", addr)
+        except SettingError as e:
+            raise InviteError(f"{addr}: {e.problem}") from None
         if addr not in out:
             out.append(addr)
     if len(out) > MAX_PEERS:

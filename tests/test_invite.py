@@ -111,7 +111,8 @@ def test_an_expired_invite_a_foreign_signer_and_a_signer_outside_the_anchors_are
 
 
 def test_an_invite_needs_addresses_with_a_peer_id(organiser):
-    for peers in ([], ["/ip4/203.0.113.5/tcp/31337"], ["not an address"]):
+    for peers in ([], ["/ip4/203.0.113.5/tcp/31337"], ["not an address"], ["/ip4/203.0.113.5/tcp/31337/p2p/abc"],
+                  ["/ip4/203.0.113.5/tcp/99999/p2p/QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"]):
         with pytest.raises(inv.InviteError):
             inv.make_invite(spec(), peers, organiser[1])
 
