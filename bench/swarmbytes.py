@@ -76,11 +76,11 @@ def format_bytes(r: dict) -> list[str]:
     """The byte lines of `bench swarm`'s summary: both levels, or why one is missing."""
     lines = []
     if r.get("app_bytes_per_peer_per_round") is not None:
-        lines.append(f"  bytes/peer/round       {r['app_bytes_per_peer_per_round']:,.0f} sent by the daemons' code: "
-                     f"{r['delta_bytes_per_peer_per_round']:,.0f} deltas and state, "
-                     f"{r['progress_bytes_per_peer_per_round']:,.0f} to progress streams, "
-                     f"{r['registry_bytes_per_peer_per_round']:,.0f} of registry entries stored; "
-                     f"{r['delta_bytes_received_per_peer_per_round']:,.0f} deltas and state received")
+        lines.append(f"  bytes/peer/round       {r['app_bytes_per_peer_per_round']:,.0f} sent by the daemons' code "
+                     f"({r['delta_bytes_per_peer_per_round']:,.0f} deltas and state, "
+                     f"{r['progress_bytes_per_peer_per_round']:,.0f} progress, "
+                     f"{r['registry_bytes_per_peer_per_round']:,.0f} registry entries), "
+                     f"{r['delta_bytes_received_per_peer_per_round']:,.0f} received")
     elif r.get("app_bytes_unavailable"):
         lines.append(f"  bytes/peer/round       not counted by the daemons: {r['app_bytes_unavailable']}")
     if r.get("bytes_per_peer_per_round") is not None:
