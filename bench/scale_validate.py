@@ -179,7 +179,9 @@ def load_swarm(path: str) -> dict:
     missing = [k for k in ("peers", "rounds", "rounds_per_minute", "tokens", "train_time_share",
                            "control_bytes_per_peer_per_round") if swarm.get(k) is None]
     if missing:
-        raise ValueError(f"{path}: not a `bench swarm --json` result with control bytes (missing {', '.join(missing)})")
+        why = swarm.get("transport_bytes_unavailable")
+        raise ValueError(f"{path}: not a `bench swarm --json` result with control bytes (missing {', '.join(missing)})"
+                         + (f"; its transport bytes were not counted: {why}" if why else ""))
     return swarm
 
 

@@ -11,9 +11,11 @@ killed peer is started again with the same command on its state directory (same 
 same ports, its checkpoint), writing a fresh event file: the churn benchmark
 (bench/churn.py) does that.
 
-Bytes are counted at the transport: the kernel's per-socket TCP counters (bench/tcpio.py) of
-each daemon's p2pd, sampled at its first and its last round, so deltas, state, DHT traffic,
-libp2p framing and encryption are all included.
+Bytes are counted at the application by the daemons themselves (their round events carry
+cumulative counters) and, where the machine lets them be read, at the transport: the
+kernel's per-socket TCP counters (bench/tcpio.py) of each daemon's p2pd, sampled at its
+first and its last round, so deltas, state, DHT traffic, libp2p framing and encryption are
+all included (bench/swarmbytes.py makes the figures of both).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class RoundLine:
     """When the daemon wrote the event (Unix seconds, its `time` field)."""
     sent: int = 0
     """Delta and state payload bytes the peer had sent by this round's end (cumulative)."""
+    received: int = 0
+    """Delta and state payload bytes the peer had received by this round's end (cumulative)."""
     wait_s: float = 0.0
     """Of round_s − train_s: waiting for the previous round's exchange."""
     boundary_s: float = 0.0
@@ -104,15 +108,15 @@ class Peer:
 
 def _io(pid: int) -> tuple[int, int] | None:
     """(bytes sent, bytes received) over TCP by the p2pd of daemon `pid`, summed over its
-    open sockets from the kernel's counters (bench/tcpio.py); None when the daemon is gone.
-    Unavailable when the counters cannot be read on this machine."""
+    open sockets from the kernel's counters (bench/tcpio.py); None when the daemon or its
+    p2pd is not found. Unavailable when the counters cannot be read on this machine."""
     import psutil
 
     try:
         p2pd = {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
     except psutil.Error:
         return None
-    return tcp_io(p2pd)
+    return tcp_io(p2pd) if p2pd else None
 
 
 class LocalSwarm:
@@ -225,7 +229,8 @@ class LocalSwarm:
                                          nan if event["loss"] is None else event["loss"],
                                          nan if event["eval_loss"] is None else event["eval_loss"],
                                          event["train_s"], event["round_s"], event["time"],
-                                         sent=event.get("sent", 0), wait_s=event.get("wait_s", 0.0),
+                                         sent=event.get("sent", 0), received=event.get("received", 0),
+                                         wait_s=event.get("wait_s", 0.0),
                                          boundary_s=event.get("boundary_s", 0.0),
                                          progress_sent=event.get("progress_sent", 0),
                                          registry_sent=event.get("registry_sent", 0),

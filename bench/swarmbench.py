@@ -1,10 +1,10 @@
 """`locoswarm bench swarm`: N real daemons on loopback against the in-process simulation.
-Reports rounds per minute, the share of wall time the peers spent training, bytes on the
-wire per peer per round (at the transport, see swarm.py), and the final eval loss of the
-swarm (mean over the peers' replicas, as the simulation reports it) against the simulation's
-with the same spec, shards, seeds and number of rounds. With `churn_s` > 0 the same swarm
-runs a clean phase and a churn phase (peers SIGKILLed and restarted, bench/churn.py) and
-the bench reports the rate of each.
+Reports rounds per minute, the share of wall time the peers spent training, bytes per peer
+per round (the daemons' own counts and, where it can be read, the transport's: swarmbytes.py),
+and the final eval loss of the swarm (mean over the peers' replicas, as the simulation
+reports it) against the simulation's with the same spec, shards, seeds and number of rounds.
+With `churn_s` > 0 the same swarm runs a clean phase and a churn phase (peers SIGKILLed and
+restarted, bench/churn.py) and the bench reports the rate of each.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable
 from locoswarm.node.roundloop import FINAL_MODEL
 from locoswarm.bench.churn import Churn, Fakes, Phases, first_completed, rate_per_minute
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
+from locoswarm.bench.swarmbytes import BYTE_KEYS, byte_figures, format_bytes
 from locoswarm.node.spec import RunSpec, write_spec
 
 
@@ -112,19 +113,6 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     train_s = sum(x.train_s for x in steady)
     round_s = sum(x.round_s for x in steady)
     digests = {p.final["digest"] for p in peers}
-    counted = [p for p in peers if p.io_start and p.io_end and p.io_end[0] > 0]
-    transport = [(p.io_end[0] - p.io_start[0]) / max(1, len(p.rounds) - 1) for p in counted]
-
-    def per_round(field: str) -> float | None:
-        """A cumulative counter of the round events, per peer per round over the same window."""
-        values = [(getattr(p.rounds[-1], field) - getattr(p.rounds[0], field)) / max(1, len(p.rounds) - 1)
-                  for p in counted]
-        return statistics.fmean(values) if values else None
-
-    # The same window in the daemon's own counter of delta and state payload bytes: what is
-    # left of the transport bytes is the control plane (DHT, libp2p framing, pings).
-    payload = per_round("sent")
-
     out = {
         "peers": num_peers,
         "rounds": rounds,
@@ -139,19 +127,6 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
             "boundary": statistics.fmean(x.boundary_s for x in steady) if steady else 0.0,
             "total": (round_s - train_s) / max(1, len(steady))},
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
-        "bytes_per_peer_per_round": statistics.fmean(transport) if transport else None,
-        "delta_bytes_per_peer_per_round": payload,
-        "control_bytes_per_peer_per_round": statistics.fmean(transport) - payload if transport else None,
-        # Of the control bytes, what the daemons' own code wrote (before libp2p's framing):
-        # progress streams (records and progress) and registry entries stored at replicas.
-        "progress_bytes_per_peer_per_round": per_round("progress_sent"),
-        "registry_bytes_per_peer_per_round": per_round("registry_sent"),
-        # What libp2p frames besides those bytes: each write to a progress stream, each
-        # delta request and each stream opened for them (bench scale --validate charges them).
-        "progress_messages_per_peer_per_round": per_round("progress_messages"),
-        "progress_writes_per_peer_per_round": per_round("progress_writes"),
-        "delta_requests_per_peer_per_round": per_round("delta_requests"),
-        "delta_streams_per_peer_per_round": per_round("delta_streams"),
         "replica_spread": spread,
         "fanout": fanout,
         # The round's shape, for bench scale --validate: a count is told once a step.
@@ -165,15 +140,13 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "check_threshold": spec.diloco.robust.check_agreement,
         "check_share": sum(x.check_s for x in steady) / round_s if round_s else 0.0,
         "wall_s": wall_s,
-        "bytes_not_counted": swarm.io_unavailable,
         "spec_hash": spec.hash().hex(),
+        **byte_figures(peers, swarm.io_unavailable),
     }
     if churn is not None:
         churn.check()
-        # A restarted peer counts rounds and transport bytes afresh: no per-process figure applies.
-        for key in ("rounds_per_minute", "bytes_per_peer_per_round", "delta_bytes_per_peer_per_round",
-                    "control_bytes_per_peer_per_round", "progress_bytes_per_peer_per_round",
-                    "registry_bytes_per_peer_per_round"):
+        # A restarted peer counts rounds and bytes afresh: no per-process figure applies.
+        for key in ("rounds_per_minute", *BYTE_KEYS):
             del out[key]
         out.update(_churn_figures(churn))
     if fake is not None:
@@ -262,15 +235,7 @@ def format_swarm(r: dict) -> str:
         o = r["overhead_s_per_round"]
         lines.append(f"  outside training       {1e3 * o['total']:.0f} ms a round: {1e3 * o['wait_for_exchange']:.0f} ms "
                      f"waiting for the last exchange, {1e3 * o['boundary']:.0f} ms at the boundary")
-    if r.get("bytes_not_counted"):
-        lines.append(f"  bytes/peer/round       not counted: {r['bytes_not_counted']}")
-    elif r.get("bytes_per_peer_per_round") is not None:
-        lines.append(f"  bytes/peer/round       {r['bytes_per_peer_per_round']:,.0f} (transport), "
-                     f"{r.get('delta_bytes_per_peer_per_round') or 0:,.0f} of them deltas and state")
-        if r.get("progress_bytes_per_peer_per_round") is not None:
-            lines.append(f"  control, by its code   {r['progress_bytes_per_peer_per_round']:,.0f} to progress streams, "
-                         f"{r['registry_bytes_per_peer_per_round']:,.0f} of registry entries stored (the rest: "
-                         f"libp2p and the DHT's own requests and answers)")
+    lines += format_bytes(r)
     if r.get("least_agreement") is not None:
         lines.append(f"  checks                 least agreement {r['least_agreement']:.3f} (fails below "
                      f"{r['check_threshold']:g}), {100 * r['check_share']:.2f} % of round time")

@@ -1,4 +1,5 @@
-"""`locoswarm config show`: the daemon's effective settings and where each came from."""
+"""`locoswarm config show`: the daemon's effective settings and where each came from;
+`locoswarm config check`: whether `node join` would start with them (a service runs it first)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,35 @@ def show(
         value = "(unset)" if values[s.name] is None else json.dumps(values[s.name])  # TOML's syntax for these
         typer.echo(f"{s.name:<{width}} = {value:<34} # {sources[s.name]} "
                    f"(set by {s.env} or --{s.flag})")
+
+
+NO_PEERS = ("no peer to join: set `peers` in {path} (a list of multiaddrs) or LOCOSWARM_PEERS (comma-separated), "
+            "or run without --require-peers to start a new swarm")
+
+
+@app.command()
+def check(
+    config: Optional[Path] = typer.Option(None, "--config", help="Config file; default: the platform's config dir, "
+                                          "or $LOCOSWARM_CONFIG."),
+    require_peers: bool = typer.Option(False, "--require-peers", help="Fail when there is no peer to join (neither "
+                                       "the peers setting nor the run spec's initial peers): a service should not "
+                                       "start a swarm of its own by mistake."),
+) -> None:
+    """Check the settings and the run spec as `node join` reads them, starting nothing: exit 0
+    when it would start, 2 with the error when not."""
+    from locoswarm.node.spec import load_spec
+    from locoswarm.node.userconfig import config_file, node_config, resolve
+
+    config_path = None if config is None else str(config)
+    try:
+        values, _ = resolve({}, config_path=config_path)
+        cfg = node_config(values, load_spec(values["run"]).initial_peers)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if require_peers and not cfg.net.peers:
+        typer.echo(f"error: {NO_PEERS.format(path=config_file(config_path)[0])}", err=True)
+        raise typer.Exit(2)
+    peers = cfg.net.peers
+    typer.echo(f"ok: joins through {len(peers)} peer{'s' * (len(peers) != 1)}" if peers else
+               "ok: no peer given, starts a new swarm")

@@ -46,6 +46,12 @@ def test_bench_swarm_writes_the_documented_json(tmp_path):
     assert result["consensus_equal"] is True
     # Two peers trading ≈11 KB deltas plus DHT traffic: far from zero, far from megabytes.
     assert 10_000 < result["bytes_per_peer_per_round"] < 2_000_000
+    assert result["transport_bytes_unavailable"] is None and result["transport_peers_counted"] == 2
+    # The daemons' own count: each sent its delta a round and took the other's, below the transport's.
+    assert 0 < result["delta_bytes_per_peer_per_round"] < result["app_bytes_per_peer_per_round"]
+    assert result["app_bytes_per_peer_per_round"] < result["bytes_per_peer_per_round"]
+    assert result["delta_bytes_received_per_peer_per_round"] > 0
+    assert "sent by the daemons' code" in out.stdout and "sent over p2pd's TCP sockets" in out.stdout
     assert result["tokens"] >= 3 * 2 * 2560 * 0.5
     # What bench scale --validate takes: the control bytes and what the daemons' code wrote of them.
     assert 0 < result["progress_bytes_per_peer_per_round"] < result["control_bytes_per_peer_per_round"]
