@@ -41,8 +41,8 @@ def show(
                    f"(set by {s.env} or --{s.flag})")
 
 
-NO_PEERS = ("no peer to join: set `peers` in {path} (a list of multiaddrs) or LOCOSWARM_PEERS (comma-separated), "
-            "or run without --require-peers to start a new swarm")
+NO_PEERS = ("no peer to join: set `invite` or `peers` in {path} (a list of multiaddrs), or LOCOSWARM_INVITE or "
+            "LOCOSWARM_PEERS (comma-separated), or run without --require-peers to start a new swarm")
 
 
 @app.command()
@@ -55,13 +55,12 @@ def check(
 ) -> None:
     """Check the settings and the run spec as `node join` reads them, starting nothing: exit 0
     when it would start, 2 with the error when not."""
-    from locoswarm.node.spec import load_spec
-    from locoswarm.node.userconfig import config_file, node_config, resolve
+    from locoswarm.cli.node import prepare_join
+    from locoswarm.node.userconfig import config_file
 
     config_path = None if config is None else str(config)
     try:
-        values, _ = resolve({}, config_path=config_path)
-        cfg = node_config(values, load_spec(values["run"]).initial_peers)
+        _, _, _, cfg = prepare_join({}, config)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

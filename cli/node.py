@@ -119,23 +119,10 @@ def join(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
-    from locoswarm.node.checks import SettingError
     from locoswarm.node.daemon import run_daemon
-    from locoswarm.node.hardware import choose_precision, pick_device
-    from locoswarm.node.invite import spec_to_join
-    from locoswarm.node.userconfig import describe, join_config, resolve
 
-    # Every setting is checked here, before the daemon makes its state directory or starts
-    # p2pd: a bad value is one line naming where it was set, exit 2 (node/checks.py).
     try:
-        values, sources = resolve(given_settings(settings), config_path=None if config is None else str(config))
-        spec, invite = spec_to_join(run=values["run"], invite=values["invite"], organiser=values["organiser"],
-                                    state_dir=values["state_dir"])
-        cfg = join_config(values, sources, spec)
-        try:
-            choose_precision(pick_device(cfg.device), cfg.precision)
-        except SettingError as e:
-            raise ValueError(describe(e, sources)) from None
+        values, spec, invite, cfg = prepare_join(given_settings(settings), config)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -145,6 +132,27 @@ def join(
                    f"joining through {len(spec.initial_peers)} peer(s)", err=True)
     raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
                                 events_path=None if events is None else str(events), keep_spec=invite is not None))
+
+
+def prepare_join(flags: dict[str, Any], config: Optional[Path]):
+    """What `node join` runs with: (settings, run spec, the invite it came from or None,
+    NodeConfig). Every setting is checked here, before the daemon makes its state directory
+    or starts p2pd: a bad value is a ValueError of one line naming where it was set
+    (node/checks.py). `config check` runs the same."""
+    from locoswarm.node.checks import SettingError
+    from locoswarm.node.hardware import choose_precision, pick_device
+    from locoswarm.node.invite import spec_to_join
+    from locoswarm.node.userconfig import describe, join_config, resolve
+
+    values, sources = resolve(flags, config_path=None if config is None else str(config))
+    spec, invite = spec_to_join(run=values["run"], invite=values["invite"], organiser=values["organiser"],
+                                state_dir=values["state_dir"])
+    cfg = join_config(values, sources, spec)
+    try:
+        choose_precision(pick_device(cfg.device), cfg.precision)
+    except SettingError as e:
+        raise ValueError(describe(e, sources)) from None
+    return values, spec, invite, cfg
 
 
 @app.command()

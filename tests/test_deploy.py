@@ -183,9 +183,9 @@ def test_a_configuration_error_exits_with_the_status_the_unit_does_not_restart(n
     monkeypatch.setenv(env_name("fanout"), "0")
     out = CliRunner().invoke(app, ["node", "join", "--state-dir", str(tmp_path / "s")])
     assert out.exit_code == int(unit_service()["RestartPreventExitStatus"]), out.output
-    assert "fanout must be >= 1" in out.output and started == []
+    assert "LOCOSWARM_FANOUT=0: must be >= 1" in out.output and started == []
     check = CliRunner().invoke(app, ["config", "check"])
-    assert check.exit_code == 2 and "fanout must be >= 1" in check.output
+    assert check.exit_code == 2 and "LOCOSWARM_FANOUT=0: must be >= 1" in check.output
 
 
 def test_config_check_refuses_a_lone_swarm_only_when_peers_are_required(no_user_settings, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import subprocess
 import sys
 import zlib
@@ -160,6 +161,22 @@ def test_a_state_directory_that_joined_by_invite_keeps_its_run(organiser, tmp_pa
     write_spec(RunSpec(), str(other))
     assert inv.spec_to_join(run=str(other), invite=None, organiser=None,
                             state_dir=str(tmp_path))[0].hash() == RunSpec().hash()
+
+
+def test_a_service_given_an_invite_passes_the_check_it_runs_before_starting(organiser, tmp_path: Path, monkeypatch):
+    for var in [v for v in os.environ if v.startswith("LOCOSWARM_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("LOCOSWARM_CONFIG", os.devnull)
+    monkeypatch.setenv("LOCOSWARM_STATE_DIR", str(tmp_path / "state"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["config", "check", "--require-peers"]).exit_code == 2
+    monkeypatch.setenv("LOCOSWARM_INVITE", inv.make_invite(spec(), [ADDR], organiser[1]))
+    done = runner.invoke(app, ["config", "check", "--require-peers"])
+    assert done.exit_code == 0 and "joins through 1 peer" in done.output, done.output
+    monkeypatch.setenv("LOCOSWARM_INVITE", "locoswarm-invite:1:damaged")
+    done = runner.invoke(app, ["config", "check", "--require-peers"])
+    assert done.exit_code == 2 and "the invite" in done.output, done.output
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.fixture
