@@ -49,6 +49,7 @@ from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_k
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
+from locoswarm.node.dashboard import Baseline
 from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
@@ -79,6 +80,8 @@ class Daemon:
         self.faults = faults or RoundFaults()
         self.should_exit = asyncio.Event()
         self.stats = NodeStats()
+        self.baseline = None if cfg.baseline is None else Baseline(cfg.baseline)
+        """The lone-peer run the dashboard draws beside this node's loss (--baseline)."""
         self.peer_id = ""
         self.initial_peers: list[str] = []
         """The peers p2pd bootstrapped from: the given ones, and those seen last time if none answered."""
@@ -331,7 +334,9 @@ class Daemon:
         records = self.membership.records if self.membership is not None else []
         peers = [{"peer_id": r.peer_id, "device": r.device, "tokens_per_s": r.tokens_per_s, "round": r.round,
                   "paused": r.paused} for r in records]
-        return {"rounds": list(self.stats.history), "peers": peers}
+        return {"rounds": list(self.stats.history), "peers": peers, "started_unix_s": self.stats.started_unix_s,
+                "contributions": self.stats.contributions.rows(self.peer_id),
+                "baseline": None if self.baseline is None else self.baseline.read()}
 
     def status(self) -> dict:
         t, st = self.trainer, self.stats
