@@ -34,6 +34,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 import zlib
 from typing import Callable
 
@@ -197,6 +198,7 @@ class Daemon:
                     return 0  # stopped (Ctrl-C, SIGTERM) while proving work
                 self.work, self.stats.state = work, "starting"
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
+            self.stats.started_unix_s = time.time()  # as a baseline's clock starts: at its first event
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
                                incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
                                membership=self.membership, progress=progress, lineage=self.lineage,

@@ -72,7 +72,8 @@ class NodeStats:
     contributions: Contributions = field(default_factory=Contributions)
     """Per peer, the deltas this peer took from it, refused or missed (the dashboard)."""
     started_unix_s: float = field(default_factory=time.time)
-    """When this process started (the dashboard's time axis starts there)."""
+    """When this node was listening, its first event (the dashboard's time axis starts there, as a
+    baseline's starts at the first event of its file)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,7 +21,7 @@ from locoswarm.node.userconfig import node_config, resolve
 # A value other than the default for every setting, valid for NodeConfig.validate.
 OTHER = {"run": "r.toml", "state_dir": "/srv/locoswarm", "listen": ["/ip4/127.0.0.1/tcp/7"],
          "announce": ["/ip4/203.0.113.5/tcp/7"], "peers": ["/ip4/127.0.0.1/tcp/8/p2p/QmA"], "device": "cpu",
-         "precision": "fp32", "allowed_hours": "22-8", "shard": 5}
+         "precision": "fp32", "allowed_hours": "22-8", "shard": 5, "baseline": "/srv/alone.events.jsonl"}
 
 
 def other(s) -> object:
