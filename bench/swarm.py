@@ -255,7 +255,8 @@ class LocalSwarm:
         for event in peer.events.poll():
             self._take(peer, event)
         if exited and peer.final is None:
-            raise RuntimeError(f"{'the lone peer' if peer.index == ALONE else f'peer {peer.index}'} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
+            who = "the lone peer" if peer.index == ALONE else f"peer {peer.index}"
+            raise RuntimeError(f"{who} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
 
     def _io(self, peer: Peer) -> tuple[int, int] | None:
         if self.io_unavailable is not None:
