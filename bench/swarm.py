@@ -5,6 +5,11 @@ are not parsed: each daemon writes its typed events (node/events.py) to a JSON-l
 which is followed into per-round records; the bench then trains the in-process simulation
 (bench/convergence.py) with the same settings and tokens and compares.
 
+With `alone`, one more daemon trains beside them as the lone-peer baseline: a swarm of one
+on peer 0's shard (the same spec but for its run id, so that it can never join the swarm),
+the same rounds, token budget and threads; the swarm's peers name its events file as their
+dashboard's baseline (`--baseline`). Its rounds are followed like theirs.
+
 Each daemon runs in its own process group (session), so that `kill` takes its p2pd with it,
 as a machine that dies does, and `stop` can end both whatever state the daemon is in. A
 killed peer is started again with the same command on its state directory (same identity,
@@ -75,6 +80,7 @@ class RoundLine:
 @dataclass(slots=True)
 class Peer:
     index: int
+    """Its place in the swarm (its shard); ALONE for the lone-peer baseline."""
     proc: subprocess.Popen
     state_dir: str
     events: EventTail
@@ -119,14 +125,19 @@ def _io(pid: int) -> tuple[int, int] | None:
     return tcp_io(p2pd) if p2pd else None
 
 
+ALONE = -1
+"""Peer.index of the lone-peer baseline."""
+
+
 class LocalSwarm:
     """Start, watch and stop N daemons on loopback."""
 
     def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int,
-                 extra: list[str] | None = None, keep_dir: str | None = None, until_round: bool = False) -> None:
+                 extra: list[str] | None = None, keep_dir: str | None = None, until_round: bool = False,
+                 alone: bool = False) -> None:
         """`until_round`: end the peers with `--until-round max_rounds` (the swarm's round,
         so a restarted peer ends with the others) instead of `--max-rounds` (rounds of one
-        process)."""
+        process). `alone`: also run the lone-peer baseline (`self.alone`)."""
         self.num_peers = num_peers
         self.until_round = until_round
         self.spec_path = spec_path
@@ -140,13 +151,19 @@ class LocalSwarm:
         self.io_unavailable: str | None = None
         """Why transport bytes could not be counted on this machine (None: they were)."""
         self.peers: list[Peer] = []
+        self.with_alone = alone
+        self.alone: Peer | None = None
+        """The lone-peer baseline once started (with `alone`)."""
+
+    def _name(self, index: int) -> str:
+        return "alone" if index == ALONE else f"peer-{index}"
 
     def _events_path(self, index: int, life: int) -> str:
         suffix = "" if life == 1 else f".life-{life}"
-        return os.path.join(self.dir, f"peer-{index}{suffix}.events.jsonl")
+        return os.path.join(self.dir, f"{self._name(index)}{suffix}.events.jsonl")
 
     def _spawn(self, index: int, argv: list[str], life: int) -> subprocess.Popen:
-        with open(os.path.join(self.dir, f"peer-{index}.log"), "w" if life == 1 else "a") as log:
+        with open(os.path.join(self.dir, f"{self._name(index)}.log"), "w" if life == 1 else "a") as log:
             # Its own session: a kill of the group takes its p2pd too, and Ctrl-C in the
             # terminal reaches only the bench, which stops every peer itself.
             return subprocess.Popen([*argv, "--events", self._events_path(index, life)], stdout=log,
@@ -163,11 +180,47 @@ class LocalSwarm:
             cmd += ["--run", self.spec_path]
         if peer_addr:
             cmd += ["--peer", peer_addr]
+        if self.with_alone:
+            cmd += ["--baseline", self._events_path(ALONE, 1)]
         spawned_unix_s = time.time()
         peer = Peer(index, self._spawn(index, cmd, 1), state_dir, EventTail(self._events_path(index, 1)), cmd,
                     spawned_unix_s=spawned_unix_s)
         self.peers.append(peer)
         return peer
+
+    def _start_alone(self) -> Peer:
+        """The lone-peer baseline: a swarm of one on peer 0's shard, so that it trains on the
+        very tokens peer 0 does, round for round; its spec is the swarm's with another run id
+        (a spec hash of its own: neither can ever take the other for a peer of its run)."""
+        from dataclasses import replace
+
+        from locoswarm.node.spec import load_spec, write_spec
+
+        spec = load_spec(self.spec_path)
+        spec_path = os.path.join(self.dir, "alone.toml")
+        write_spec(replace(spec, run_id=spec.run_id[:120] + "-alone", initial_peers=[]), spec_path, force=True)
+        cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
+               "--state-dir", os.path.join(self.dir, "alone"), "--max-rounds", str(self.max_rounds),
+               "--min-peers", "1", "--shard", "0", "--threads", str(self.threads), "--eval-every",
+               str(self.eval_every), *self.extra, "--run", spec_path]
+        self.alone = Peer(ALONE, self._spawn(ALONE, cmd, 1), os.path.join(self.dir, "alone"),
+                          EventTail(self._events_path(ALONE, 1)), cmd, spawned_unix_s=time.time())
+        return self.alone
+
+    @property
+    def all_peers(self) -> list[Peer]:
+        """The swarm's peers and the lone-peer baseline when there is one."""
+        return self.peers + ([self.alone] if self.alone is not None else [])
+
+    def dashboard_url(self, peer: Peer) -> str | None:
+        """The address of `peer`'s dashboard (its control.json), None before it serves one."""
+        import json
+
+        try:
+            with open(os.path.join(peer.state_dir, "control.json")) as fh:
+                return f"http://127.0.0.1:{int(json.load(fh)['port'])}/"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def restart(self, peer: Peer) -> None:
         """SIGKILL `peer` (its process group: the daemon and its p2pd) and start it again at
@@ -188,6 +241,8 @@ class LocalSwarm:
 
     def start(self, timeout_s: float = 120.0) -> None:
         first = self._start(0, None)
+        if self.with_alone:
+            self._start_alone()
         deadline = time.monotonic() + timeout_s
         while first.addr is None:
             self._poll(first)
@@ -204,7 +259,8 @@ class LocalSwarm:
         for event in peer.events.poll():
             self._take(peer, event)
         if exited and peer.final is None:
-            raise RuntimeError(f"peer {peer.index} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
+            who = "the lone peer" if peer.index == ALONE else f"peer {peer.index}"
+            raise RuntimeError(f"{who} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
 
     def _io(self, peer: Peer) -> tuple[int, int] | None:
         if self.io_unavailable is not None:
@@ -251,21 +307,22 @@ class LocalSwarm:
             peer.final = {"round": event["round"], "eval_loss": event["eval_loss"], "digest": event["digest"]}
 
     def log_tail(self, peer: Peer, n: int = 2000) -> str:
-        with open(os.path.join(self.dir, f"peer-{peer.index}.log")) as fh:
+        with open(os.path.join(self.dir, f"{self._name(peer.index)}.log")) as fh:
             return fh.read()[-n:]
 
     def follow(self, on_round: Callable[[int, list[RoundLine]], None] | None = None,
                timeout_s: float = 3600.0, on_poll: Callable[[], None] | None = None) -> None:
         """Follow every peer's events until all reported their final state; `on_round(r,
-        lines)` once every peer finished round r; `on_poll()` after each pass over the peers'
-        events (the churn benchmark kills and restarts peers there)."""
+        lines)` once every peer (and the lone peer, with `alone`) finished round r, `lines`
+        the swarm's; `on_poll()` after each pass over the peers' events (the churn benchmark
+        kills and restarts peers there)."""
         deadline = time.monotonic() + timeout_s
         reported = -1
-        while any(p.final is None for p in self.peers):
-            for p in self.peers:
+        while any(p.final is None for p in self.all_peers):
+            for p in self.all_peers:
                 if p.final is None:
                     self._poll(p)
-            done = min((p.rounds[-1].round if p.rounds else -1) for p in self.peers)
+            done = min((p.rounds[-1].round if p.rounds else -1) for p in self.all_peers)
             while reported < done:
                 reported += 1
                 if on_round is not None:
@@ -276,17 +333,17 @@ class LocalSwarm:
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
             time.sleep(0.05)
-        for p in self.peers:
+        for p in self.all_peers:
             p.proc.wait(timeout=60)
 
     def stop(self) -> None:
         """End every peer: SIGTERM (a graceful leave), then SIGKILL to the process group of
         any still running after 15 s; the groups of those that left are killed too, for a
         p2pd that outlived its daemon."""
-        for p in self.peers:
+        for p in self.all_peers:
             if p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM)
-        for p in self.peers:
+        for p in self.all_peers:
             try:
                 p.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

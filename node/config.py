@@ -60,6 +60,9 @@ class NodeConfig:
     """Recompute activations in backward instead of keeping them (less memory, more compute)."""
     compile: bool = False
     """torch.compile the transformer blocks (CUDA)."""
+    baseline: str | None = None
+    """The events file (--events) of a lone-peer run on the same spec, drawn on the dashboard
+    beside this node's loss (`locoswarm demo` names its lone peer's); None: none."""
     eval_every: int = 1
     """Evaluate on the held-out split every this many rounds (0: only at the end)."""
     eval_sequences: int = 64
@@ -272,6 +275,7 @@ SETTINGS: tuple[Setting, ...] = (
              deprecated_flags=("max-gpu-memory",)),
     _setting("activation_checkpointing", "Recompute activations in backward (less memory, ≈1/3 more compute)."),
     _setting("compile", "torch.compile the transformer blocks (CUDA)."),
+    _setting("baseline", "Events file (--events) of a lone-peer run, drawn on the dashboard beside this node's loss."),
     _setting("eval_every", "Evaluate every this many rounds (0: only at the end)."),
     _setting("checkpoint_every", "Checkpoint every this many rounds (0: never), and when leaving."),
     _setting("checkpoint_keep", "How many checkpoints to keep.", deprecated_flags=("keep-checkpoints",)),

@@ -1,8 +1,9 @@
 """The daemon's control API: HTTP on 127.0.0.1 only, so nothing beyond this machine can
 reach it. `GET /status` answers the status JSON that `locoswarm node status` prints;
 `GET /metrics` the same figures for Prometheus (prometheus-client's text format); `GET /`
-a dashboard page (loss over rounds, the peers, traffic, state and why paused) that polls
-`/status` and `GET /history` (the last rounds and the peers' records). The
+a dashboard page (loss against tokens and time beside a lone-peer baseline, each round's
+time, each peer's contribution, the peers, traffic, state and why paused) that polls
+`/status` and `GET /history` (node/dashboard.py says what it holds). The
 port is chosen by the OS and written, with the daemon's pid, to `control.json` in the state
 directory, which is how `node status` finds the daemon.
 

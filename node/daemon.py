@@ -34,6 +34,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 import zlib
 from typing import Callable
 
@@ -50,6 +51,7 @@ from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_k
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
+from locoswarm.node.dashboard import Baseline
 from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
@@ -83,6 +85,8 @@ class Daemon:
         self.faults = faults or RoundFaults()
         self.should_exit = asyncio.Event()
         self.stats = NodeStats()
+        self.baseline = None if cfg.baseline is None else Baseline(cfg.baseline)
+        """The lone-peer run the dashboard draws beside this node's loss (--baseline)."""
         self.peer_id = ""
         self.initial_peers: list[str] = []
         """The peers p2pd bootstrapped from: the given ones, and those seen last time if none answered."""
@@ -207,6 +211,7 @@ class Daemon:
                     return 0  # stopped (Ctrl-C, SIGTERM) while proving work
                 self.work, self.stats.state = work, "starting"
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
+            self.stats.started_unix_s = time.time()  # as a baseline's clock starts: at its first event
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
                                incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
                                membership=self.membership, progress=progress, lineage=self.lineage,
@@ -360,7 +365,9 @@ class Daemon:
         records = self.membership.records if self.membership is not None else []
         peers = [{"peer_id": r.peer_id, "device": r.device, "tokens_per_s": r.tokens_per_s, "round": r.round,
                   "paused": r.paused} for r in records]
-        return {"rounds": list(self.stats.history), "peers": peers}
+        return {"rounds": list(self.stats.history), "peers": peers, "started_unix_s": self.stats.started_unix_s,
+                "contributions": self.stats.contributions.rows(self.peer_id),
+                "baseline": None if self.baseline is None else self.baseline.read()}
 
     def status(self) -> dict:
         t, st = self.trainer, self.stats

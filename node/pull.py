@@ -82,6 +82,8 @@ class Gathered:
     """Delta requests made, answered or not (`streams.num_opened` counts the streams opened for them)."""
     rejected: int = 0
     """Deltas refused as bad (not merely missing)."""
+    refused: set[str] = field(default_factory=set)
+    """The peers whose delta was refused as bad (the dashboard's contributions)."""
     unreachable: set[str] = field(default_factory=set)
     """Peers dropped because their dials were refused, or because they will serve no delta."""
     silent: set[str] = field(default_factory=set)
@@ -207,12 +209,14 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                     continue
                 log.warning("delta of %s for round %d rejected: MalformedMessage: %s", peer, round_, e)
                 out.rejected += 1
+                out.refused.add(peer)
                 out.failed[peer] = f"MalformedMessage: {e}"
                 return
             except ProtocolError as e:
                 # A bad delta costs the sender its place in this round, never ours.
                 log.warning("delta of %s for round %d rejected: %s: %s", peer, round_, type(e).__name__, e)
                 out.rejected += 1
+                out.refused.add(peer)
                 out.failed[peer] = f"{type(e).__name__}: {e}"
                 return
             except Exception as e:  # the stream failed or hung (peer gone, refused, lossy link): retry, then drop
@@ -249,6 +253,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
             if delta.sender != peer:
                 log.warning("delta from %s names sender %s: rejected", peer, delta.sender)
                 out.rejected += 1
+                out.refused.add(peer)
                 out.failed[peer] = f"delta names sender {delta.sender}"
                 return
             if keep is not None:

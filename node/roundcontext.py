@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from locoswarm.node.dashboard import Contributions
 from locoswarm.node.events import EventSink
 
 if TYPE_CHECKING:
@@ -65,6 +67,13 @@ class NodeStats:
     """The lowest agreement of the last round's checks (honest deltas measured 0.3 and up)."""
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
     """The last rounds, for the dashboard's chart."""
+    tokens_trained: int = 0
+    """Tokens this process trained in the rounds it aggregated (the dashboard's x axis)."""
+    contributions: Contributions = field(default_factory=Contributions)
+    """Per peer, the deltas this peer took from it, refused or missed (the dashboard)."""
+    started_unix_s: float = field(default_factory=time.time)
+    """When this node was listening, its first event (the dashboard's time axis starts there, as a
+    baseline's starts at the first event of its file)."""
 
 
 @dataclass(kw_only=True, slots=True)

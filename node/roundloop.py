@@ -251,6 +251,10 @@ class RoundLoop:
         established = trainer.ledger.established_peers()
         await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,
                                     banned=screened.banned))
+        # What the round took from whom, refused or missed: the dashboard's contributions.
+        accepted = {d.sender: screened.tokens.get(d.sender, d.num_tokens) for d in deltas}
+        ctx.stats.contributions.round(r, accepted=accepted, refused=got.refused | {x.sender for x in screened.rejected},
+                                      missing=set(got.failed))
         # A round that pulled a sample of the participants (fanout below their number) left
         # deltas out on purpose (lineage.py says what that does to the chain).
         participants = progress.participants()
@@ -312,11 +316,15 @@ class RoundLoop:
         ended = self._started.get(r + 1) if overlap else None
         wait_s, boundary_s = self._boundary.pop(r, (0.0, 0.0))
         loss = None if math.isnan(work.loss) else work.loss
+        round_s = (ended or time.perf_counter()) - started
+        ctx.stats.tokens_trained += work.tokens
         ctx.stats.history.append({"round": r, "loss": loss, "eval_loss": ctx.stats.eval_loss, "deltas": deltas,
-                                  "tokens": work.tokens})
+                                  "participants": participants, "tokens": work.tokens,
+                                  "tokens_total": ctx.stats.tokens_trained, "time": time.time(), "train_s": train_s,
+                                  "wait_s": wait_s, "boundary_s": boundary_s, "round_s": round_s})
         ctx.events(RoundEnded(round=r, deltas=deltas, participants=participants, tokens=work.tokens, loss=loss,
                               eval_loss=ctx.stats.eval_loss, train_s=train_s,
-                              round_s=(ended or time.perf_counter()) - started, wait_s=wait_s,
+                              round_s=round_s, wait_s=wait_s,
                               boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
                               progress_messages=ctx.progress.messages_sent,
                               progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,

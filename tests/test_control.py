@@ -69,7 +69,7 @@ def test_the_dashboard_page_and_its_history_are_served(tmp_path):
 
     page, hist = asyncio.run(go())
     assert page[0].endswith("200 OK")
-    assert '<svg id="chart"' in page[1] and 'fetch("/history")' in page[1] and 'fetch("/status")' in page[1]
+    assert '<svg id="by-tokens"' in page[1] and 'fetch("/history")' in page[1] and 'fetch("/status")' in page[1]
     assert json.loads(hist[1]) == history
 
 

@@ -21,13 +21,23 @@ def run_cli(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_demo_shows_the_eval_loss_falling_round_by_round_and_peers_agreeing():
+def test_demo_shows_the_swarm_and_the_lone_peer_losses_falling_round_by_round_and_both_finals():
     out = run_cli("demo", "--peers", "2", "--rounds", "4", "--threads", "1", timeout_s=200)
     assert out.returncode == 0, out.stderr[-2000:]
-    losses = [float(m) for m in re.findall(r"^round +\d+ +eval loss (\S+)", out.stdout, re.M)]
-    assert len(losses) == 4, out.stdout
-    assert losses[-1] < losses[0] - 0.3, losses
+    rows = [(float(swarm), float(alone)) for swarm, alone in
+            re.findall(r"^round +\d+ +eval loss (\S+) \| alone (\S+) ", out.stdout, re.M)]
+    assert len(rows) == 4, out.stdout
+    for curve in zip(*rows):
+        assert curve[-1] < curve[0] - 0.3, rows
     assert "outer states are identical" in out.stdout, out.stdout
+    final = re.search(r"^swarm eval loss (\d+\.\d+) vs alone (\d+\.\d+) \((\d+\.\d) % (lower|higher); "
+                      r"each peer trained ([\d,]+) tokens\)$", out.stdout, re.M)
+    assert final, out.stdout
+    swarm, alone, percent, sign = float(final[1]), float(final[2]), float(final[3]), final[4]
+    assert 0 < swarm < 10 and 0 < alone < 10
+    assert abs((1 - swarm / alone) * 100 * (1 if sign == "lower" else -1) - percent) < 0.2
+    assert int(final[5].replace(",", "")) == 4 * 2560  # the lone peer trained one swarm peer's tokens
+    assert re.search(r"^dashboard of peer 0 \(while it runs\): http://127\.0\.0\.1:\d+/$", out.stdout, re.M)
 
 
 @pytest.mark.slow
