@@ -1,16 +1,23 @@
-"""The idle governor's decisions from recorded readings, and a live daemon that pauses
-outside its allowed hours: reachable (status answers, says why), training nothing."""
+"""The idle governor's decisions from recorded readings; which GPU it watches (a fake NVML:
+only the one the peer trains on, matched by UUID or PCI bus, never by index) and whose use
+it ignores (the machine's other peers); and a live daemon that pauses outside its allowed
+hours: reachable (status answers, says why), training nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from locoswarm.node.governor import Governor, IdlePolicy, Reading, in_hours, parse_hours
+from locoswarm.node.governor import Governor, IdlePolicy, IdleWatch, Reading, in_hours, parse_hours, read_machine
+from locoswarm.node.gpuwatch import GpuWatch
+from locoswarm.node.hardware import GpuId
+from locoswarm.node.localpeers import PeerListing, local_peer_pids
 
 
 def reading(t: float, *, cpu: float = 5.0, battery: bool | None = False, gpu: tuple[str, ...] = (),
@@ -93,3 +100,99 @@ def test_a_paused_daemon_stays_reachable_says_why_and_trains_nothing(tmp_path):
 
     reported = [e["event"] for e in read_events(events)]
     assert "listening" in reported and "round" not in reported, reported
+
+
+class FakeNvml:
+    """NVML's calls the governor makes, over a list of GPUs (uuid, bus id, pids on it)."""
+
+    def __init__(self, gpus: list[tuple[str, str, list[int]]]) -> None:
+        self.gpus = gpus
+        self.calls = 0
+
+    def nvmlInit(self):
+        self.calls += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUUID(self, h):
+        return self.gpus[h][0].encode()  # older bindings answer bytes
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return SimpleNamespace(busId=self.gpus[h][1])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [SimpleNamespace(pid=pid) for pid in self.gpus[h][2]]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h):
+        return []
+
+
+GAME, OTHER_PEER, ELSEWHERE = 4_000_001, 4_000_002, 4_000_003  # pids no process has: named "pid N"
+BOX = [("GPU-aaaa-0000", "00000000:17:00.0", [ELSEWHERE]), ("GPU-bbbb-1111", "00000000:65:00.0", [GAME, OTHER_PEER])]
+
+
+@pytest.mark.parametrize("gpu", [GpuId(uuid="bbbb-1111", pci_bus_id=""), GpuId(uuid="", pci_bus_id="0000:65:00.0"),
+                                 GpuId(uuid="mig-slice-not-listed", pci_bus_id="0000:65:00.0")])
+def test_the_governor_watches_only_the_gpu_it_trains_on_found_by_uuid_or_pci_bus(gpu):
+    """Torch's cuda:0 under CUDA_VISIBLE_DEVICES=1 is NVML's device 1: matched by UUID or bus, never by index."""
+    seen = GpuWatch(gpu, FakeNvml(BOX)).others(ignore=set())
+    assert seen == (f"pid {GAME}", f"pid {OTHER_PEER}")
+
+
+def test_other_locoswarm_peers_and_this_daemons_processes_do_not_count_as_gpu_use(tmp_path):
+    watch = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml(BOX))
+    assert watch.others(ignore={OTHER_PEER}) == (f"pid {GAME}",)
+    assert watch.others(ignore={OTHER_PEER, GAME}) == ()
+    g = Governor(IdlePolicy())
+    assert g.decide(reading(0, gpu=watch.others(ignore={OTHER_PEER, GAME}))) is None
+
+
+def test_a_gpu_nvml_does_not_list_makes_the_governor_watch_every_gpu():
+    seen = GpuWatch(GpuId(uuid="cccc", pci_bus_id="0000:99:00.0"), FakeNvml(BOX)).others(ignore=set())
+    assert seen == tuple(sorted(f"pid {p}" for p in (GAME, OTHER_PEER, ELSEWHERE)))
+
+
+def test_a_cpu_peer_reads_no_gpu_and_a_peer_with_the_policy_off_does_not_either(tmp_path, monkeypatch):
+    """read_machine without a GpuWatch never loads NVML; IdleWatch passes none when pause_on_gpu_use is off."""
+    from locoswarm.node import governor
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # an import of pynvml would raise
+    assert read_machine({os.getpid()}, None, tmp_path).gpu_processes == ()
+    gpu = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml(BOX))
+    passed = []
+    monkeypatch.setattr(governor, "read_machine", lambda own, gpu, peers: passed.append(gpu) or reading(0))
+    for on in (True, False):
+        watch = IdleWatch(Governor(IdlePolicy(pause_on_gpu_use=on)), 1.0, on_pause=lambda: None, peers_dir=tmp_path)
+        watch.gpu = gpu
+        asyncio.run(watch.check())
+    assert passed == [gpu, None]
+
+
+def test_a_peer_listed_on_this_machine_is_recognised_and_a_stale_listing_is_dropped(tmp_path):
+    with PeerListing(tmp_path):
+        assert os.getpid() in local_peer_pids(tmp_path)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (tmp_path / str(dead.pid)).write_text("1.0\n")  # a peer killed with SIGKILL left its file
+        (tmp_path / str(os.getppid())).write_text("1.0\n")  # a live pid listed with another start time: reused
+        assert local_peer_pids(tmp_path) == {os.getpid()}
+        assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())]
+    assert local_peer_pids(tmp_path) == set() and not any(tmp_path.iterdir())
+    assert local_peer_pids(tmp_path / "missing") == set()
+
+
+def test_the_machines_peers_are_left_out_of_the_gpu_reading(tmp_path):
+    nvml = FakeNvml([("GPU-bbbb-1111", "00000000:65:00.0", [os.getppid(), GAME])])
+    parent = os.getppid()
+    import psutil
+
+    (tmp_path / str(parent)).write_text(f"{psutil.Process(parent).create_time()!r}\n")  # the parent is a peer
+    r = read_machine({os.getpid()}, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml), tmp_path)
+    assert r.gpu_processes == (f"pid {GAME}",)
