@@ -11,11 +11,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from locoswarm.node.events import read_events
+from locoswarm.node.events import EventTail, read_events
 
 PEERS = Path(__file__).parent / "peers"
 NO_CUDA, CPU_PEER = str(PEERS / "no_cuda.py"), str(PEERS / "cpu_peer.py")
@@ -86,3 +87,100 @@ def test_a_cpu_daemon_beside_a_gpu_trains_checkpoints_resumes_and_never_touches_
     assert touched == "", touched
     assert "device      cpu" in out
 
+
+
+def compute_pids() -> set[int] | None:
+    """The pids NVML lists as holding a CUDA context on any GPU (pynvml, else nvidia-smi);
+    None where neither can be read."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return {p.pid for i in range(pynvml.nvmlDeviceGetCount())
+                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no bindings or no driver: try the command
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {int(line) for line in out.split() if line.strip().isdigit()}
+
+
+def nvml_sees_contexts_by_pid(tmp_path: Path) -> str | None:
+    """None where NVML lists a process that holds a CUDA context under its pid here, else why
+    not (no NVML; a container whose processes NVML shows by their host pids, or not at all)."""
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.zeros(1, device='cuda'); "
+                               f"open({str(ready)!r}, 'w').close(); sys.stdin.read()"], stdin=subprocess.PIPE, env=ENV)
+    try:
+        for _ in range(600):
+            if ready.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        pids = compute_pids()
+        if pids is None:
+            return "neither pynvml nor nvidia-smi can list the GPUs' processes"
+        if holder.pid not in pids:
+            return f"NVML does not list a process holding a CUDA context by its pid here (it lists {sorted(pids)})"
+        return None
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+def test_on_a_cuda_machine_a_cpu_peer_and_a_cpu_daemon_hold_no_cuda_context(tmp_path):
+    """In a fresh process (this one may have used CUDA for other tests): the CPU peer's code
+    paths leave torch.cuda uninitialised, and neither it nor a `--device cpu` daemon that has
+    trained rounds is among NVML's compute processes."""
+    why_not = nvml_sees_contexts_by_pid(tmp_path)
+    peer = subprocess.Popen([sys.executable, CPU_PEER, "cpu", str(tmp_path), "--wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert json.loads(peer.stdout.readline()) == {"device": "cpu", "cuda_initialized": False}
+        if why_not is None:
+            assert peer.pid not in compute_pids()
+    finally:
+        peer.stdin.close()
+        assert peer.wait(timeout=60) == 0
+    if why_not is not None:
+        pytest.skip(f"the in-process check passed; the daemon's is not possible: {why_not}")
+    events = tmp_path / "events.jsonl"
+    daemon = subprocess.Popen([sys.executable, "-m", "locoswarm", "node", "join", "--device", "cpu", "--listen",
+                               "/ip4/127.0.0.1/tcp/0", "--state-dir", str(tmp_path / "node"), "--threads", "1",
+                               "--eval-every", "0", "--events", str(events)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    try:
+        EventTail(events).wait_for(lambda e: e["event"] == "round" and e["round"] >= 2, 120,
+                                   lambda: daemon.poll() is None)
+        assert daemon.pid not in compute_pids()
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0
+
+
+@pytest.mark.gpu
+def test_the_governor_finds_the_gpu_it_trains_on_in_nvml_by_uuid_and_pci_bus():
+    """hardware.gpu_id spells torch's UUID and bus id as gpuwatch reads NVML's."""
+    import torch
+
+    from locoswarm.node.gpuwatch import nvml_bus, nvml_uuid
+    from locoswarm.node.hardware import gpu_id
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid,pci.bus_id", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"nvidia-smi cannot list the GPUs: {e}")
+    listed = [tuple(part.strip() for part in line.split(",")) for line in out.splitlines() if line.strip()]
+    for index in range(torch.cuda.device_count()):
+        gpu = gpu_id(torch.device(f"cuda:{index}"))
+        print(f"cuda:{index} {gpu} of {listed}")
+        assert gpu.uuid in {nvml_uuid(u) for u, _ in listed} or gpu.pci_bus_id in {nvml_bus(b) for _, b in listed}
+        assert gpu.pci_bus_id in {nvml_bus(b) for _, b in listed}
