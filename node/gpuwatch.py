@@ -47,31 +47,37 @@ class GpuWatch:
         self._warned = False
 
     def others(self, ignore: set[int]) -> tuple[str, ...]:
-        """The names of the processes on our GPU whose pids are not in `ignore` (this daemon,
-        its children, the machine's other peers), sorted; () where NVML cannot be read."""
+        """The names of the processes `pids` finds, sorted."""
+        return tuple(sorted({_name(pid) for pid in self.pids(ignore)}))
+
+    def pids(self, ignore: set[int]) -> set[int]:
+        """The processes on our GPU whose pids are not in `ignore` (this daemon, its children,
+        the machine's other peers) and that this process can see; empty where NVML cannot
+        be read. Inside a container NVML gives the host's pids, which name nothing here:
+        such a pid is this daemon itself as often as anything else, and a container cannot
+        tell a game on the host from itself, so it is left out (docs/hardware.md)."""
         nvml = self.nvml
         if nvml is None:
             try:
                 import pynvml as nvml
             except ImportError:
-                return ()  # no NVML bindings: GPU use by others cannot be seen
+                return set()  # no NVML bindings: GPU use by others cannot be seen
         try:
             nvml.nvmlInit()
         except Exception:  # no NVIDIA driver: nothing to watch
-            return ()
+            return set()
         try:
             pids = set()
             for handle in self._handles(nvml):
                 for proc in (nvml.nvmlDeviceGetComputeRunningProcesses(handle)
                              + nvml.nvmlDeviceGetGraphicsRunningProcesses(handle)):
-                    if proc.pid not in ignore:
-                        pids.add(proc.pid)
+                    pids.add(proc.pid)
         except Exception as e:  # a driver hiccup: no reading rather than a stopped daemon
             log.debug("NVML reading failed: %s", e)
-            return ()
+            return set()
         finally:
             nvml.nvmlShutdown()
-        return tuple(sorted({_name(pid) for pid in pids}))
+        return {pid for pid in pids - ignore if _visible(pid)}
 
     def _handles(self, nvml) -> list:
         """Our GPU's NVML handle, or every GPU's where none matches (warned once)."""
@@ -89,6 +95,15 @@ class GpuWatch:
                         self.gpu.uuid, self.gpu.pci_bus_id)
             self._warned = True
         return handles
+
+
+def _visible(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.pid_exists(pid)
+    except (OverflowError, ValueError):  # not a pid of this system
+        return False
 
 
 def _name(pid: int) -> str:

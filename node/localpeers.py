@@ -26,20 +26,24 @@ START_TIME_TOLERANCE_S = 0.01
 """psutil's start times are rounded differently on some platforms: within this they match."""
 
 
-def registry_dir() -> Path:
-    """This user's directory of running peers: under the platform's runtime directory
-    ($XDG_RUNTIME_DIR on Linux), else under the temporary directory, per user."""
-    import platformdirs
-
-    for base in (platformdirs.user_runtime_dir("locoswarm"),
-                 os.path.join(tempfile.gettempdir(), f"locoswarm-{_user()}")):
-        path = Path(base) / "peers"
+def registry_dir() -> Path | None:
+    """This user's directory of running peers: under $XDG_RUNTIME_DIR (Linux's per-user
+    runtime directory, emptied at logout) where set, else under the temporary directory in a
+    folder named for the user (on macOS and Windows that directory is the user's own). A
+    folder another user owns is passed over: it could list any pid as a peer. None where
+    no folder is usable."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    bases = [Path(runtime) / "locoswarm"] if runtime else []
+    bases.append(Path(tempfile.gettempdir()) / f"locoswarm-{_user()}")
+    for base in bases:
+        path = base / "peers"
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return path
+            if not hasattr(os, "getuid") or path.stat().st_uid == os.getuid():
+                return path
         except OSError:
             continue
-    return Path(tempfile.gettempdir()) / f"locoswarm-{_user()}" / "peers"  # unwritable: readers find it empty
+    return None
 
 
 def _user() -> str:
@@ -67,6 +71,9 @@ class PeerListing:
 
     def __enter__(self) -> PeerListing:
         directory = self.directory or registry_dir()
+        if directory is None:
+            log.warning("no folder to list this peer in: other peers on its GPU will pause for it")
+            return self
         started = _start_time(os.getpid())
         path = directory / str(os.getpid())
         try:
@@ -89,6 +96,8 @@ def local_peer_pids(directory: Path | None = None) -> set[int]:
     listed). A file whose process is gone, or whose pid now names a process started at
     another time, is stale: it is removed and its pid is not a peer."""
     directory = directory or registry_dir()
+    if directory is None:
+        return set()
     try:
         entries = list(directory.iterdir())
     except OSError:

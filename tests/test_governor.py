@@ -134,29 +134,40 @@ class FakeNvml:
         return []
 
 
-GAME, OTHER_PEER, ELSEWHERE = 4_000_001, 4_000_002, 4_000_003  # pids no process has: named "pid N"
-BOX = [("GPU-aaaa-0000", "00000000:17:00.0", [ELSEWHERE]), ("GPU-bbbb-1111", "00000000:65:00.0", [GAME, OTHER_PEER])]
+@pytest.fixture
+def box():
+    """A box of two GPUs: a process on the first, a game and another peer on the second
+    (live processes: a pid that names no process here is left out, as a container's are)."""
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    elsewhere, game, other_peer = (p.pid for p in procs)
+    yield SimpleNamespace(gpus=[("GPU-aaaa-0000", "00000000:17:00.0", [elsewhere]),
+                                ("GPU-bbbb-1111", "00000000:65:00.0", [game, other_peer, 2**31 - 1, 2**40])],
+                          elsewhere=elsewhere, game=game, other_peer=other_peer)
+    for p in procs:
+        p.kill()
+        p.wait()
 
 
 @pytest.mark.parametrize("gpu", [GpuId(uuid="bbbb-1111", pci_bus_id=""), GpuId(uuid="", pci_bus_id="0000:65:00.0"),
                                  GpuId(uuid="mig-slice-not-listed", pci_bus_id="0000:65:00.0")])
-def test_the_governor_watches_only_the_gpu_it_trains_on_found_by_uuid_or_pci_bus(gpu):
+def test_the_governor_watches_only_the_gpu_it_trains_on_found_by_uuid_or_pci_bus(box, gpu):
     """Torch's cuda:0 under CUDA_VISIBLE_DEVICES=1 is NVML's device 1: matched by UUID or bus, never by index."""
-    seen = GpuWatch(gpu, FakeNvml(BOX)).others(ignore=set())
-    assert seen == (f"pid {GAME}", f"pid {OTHER_PEER}")
+    watch = GpuWatch(gpu, FakeNvml(box.gpus))
+    assert watch.pids(ignore=set()) == {box.game, box.other_peer}
+    assert watch.others(ignore=set()) == ("sleep",)
 
 
-def test_other_locoswarm_peers_and_this_daemons_processes_do_not_count_as_gpu_use(tmp_path):
-    watch = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml(BOX))
-    assert watch.others(ignore={OTHER_PEER}) == (f"pid {GAME}",)
-    assert watch.others(ignore={OTHER_PEER, GAME}) == ()
+def test_other_locoswarm_peers_and_this_daemons_processes_do_not_count_as_gpu_use(box):
+    watch = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml(box.gpus))
+    assert watch.pids(ignore={box.other_peer}) == {box.game}
+    assert watch.others(ignore={box.other_peer, box.game}) == ()
     g = Governor(IdlePolicy())
-    assert g.decide(reading(0, gpu=watch.others(ignore={OTHER_PEER, GAME}))) is None
+    assert g.decide(reading(0, gpu=watch.others(ignore={box.other_peer, box.game}))) is None
 
 
-def test_a_gpu_nvml_does_not_list_makes_the_governor_watch_every_gpu():
-    seen = GpuWatch(GpuId(uuid="cccc", pci_bus_id="0000:99:00.0"), FakeNvml(BOX)).others(ignore=set())
-    assert seen == tuple(sorted(f"pid {p}" for p in (GAME, OTHER_PEER, ELSEWHERE)))
+def test_a_gpu_nvml_does_not_list_makes_the_governor_watch_every_gpu(box):
+    watch = GpuWatch(GpuId(uuid="cccc", pci_bus_id="0000:99:00.0"), FakeNvml(box.gpus))
+    assert watch.pids(ignore=set()) == {box.game, box.other_peer, box.elsewhere}
 
 
 def test_a_cpu_peer_reads_no_gpu_and_a_peer_with_the_policy_off_does_not_either(tmp_path, monkeypatch):
@@ -165,7 +176,7 @@ def test_a_cpu_peer_reads_no_gpu_and_a_peer_with_the_policy_off_does_not_either(
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # an import of pynvml would raise
     assert read_machine({os.getpid()}, None, tmp_path).gpu_processes == ()
-    gpu = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml(BOX))
+    gpu = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml([]))
     passed = []
     monkeypatch.setattr(governor, "read_machine", lambda own, gpu, peers: passed.append(gpu) or reading(0))
     for on in (True, False):
@@ -188,11 +199,14 @@ def test_a_peer_listed_on_this_machine_is_recognised_and_a_stale_listing_is_drop
     assert local_peer_pids(tmp_path / "missing") == set()
 
 
-def test_the_machines_peers_are_left_out_of_the_gpu_reading(tmp_path):
-    nvml = FakeNvml([("GPU-bbbb-1111", "00000000:65:00.0", [os.getppid(), GAME])])
-    parent = os.getppid()
+def test_the_machines_peers_are_left_out_of_the_gpu_reading(tmp_path, box):
     import psutil
 
-    (tmp_path / str(parent)).write_text(f"{psutil.Process(parent).create_time()!r}\n")  # the parent is a peer
+    nvml = FakeNvml([("GPU-bbbb-1111", "00000000:65:00.0", [os.getpid(), box.other_peer, box.game])])
+    started = psutil.Process(box.other_peer).create_time()
+    (tmp_path / str(box.other_peer)).write_text(f"{started!r}\n")  # listed as a peer, as its daemon would
     r = read_machine({os.getpid()}, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml), tmp_path)
-    assert r.gpu_processes == (f"pid {GAME}",)
+    assert r.gpu_processes == ("sleep",)
+    (tmp_path / str(box.game)).write_text(f"{psutil.Process(box.game).create_time()!r}\n")
+    assert read_machine({os.getpid()}, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml),
+                        tmp_path).gpu_processes == ()
