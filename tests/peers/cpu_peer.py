@@ -2,7 +2,7 @@
 picked from DEVICE (`cpu`, or `auto` where CUDA is absent), doctor's figures, the trainer
 built with a GPU memory cap (which a CPU peer must ignore), an inner phase, the round's
 encode, decode and outer step, a checkpoint written, read back and restored into a fresh
-trainer, the final model saved, the kernels chosen for the device, and the governor's
+trainer that recomputes activations (activation checkpointing) for a step, the final model saved, the kernels chosen for the device, and the governor's
 reading. Prints one JSON line, {"device": ..., "cuda_initialized": ...}; with --wait it
 then waits for its stdin to close, so that a test can look for it in NVML's process list.
 
@@ -43,9 +43,10 @@ def main() -> None:
     a.apply(work, [a.decode(a.encode(work, "me"))], overlapped=False)
     save_checkpoint(folder, a.round, *replica_state.checkpoint_state(a), spec_hash=spec.hash())
     _, tensors, meta = load_latest(folder, spec.hash())
-    b = Trainer(spec, spec.hash(), shard=0, device=device, memory_fraction=0.5)
+    b = Trainer(spec, spec.hash(), shard=0, device=device, memory_fraction=0.5, activation_checkpointing=True)
     replica_state.restore(b, tensors, meta)
     assert b.state_digest() == a.state_digest()
+    b.train_until(stop, lambda n: n >= b.tokens_per_step)  # with activation checkpointing
     b.save_model(os.path.join(folder, "final-model.safetensors"))
     b.evaluate()
     assert fused_kernels(device) is None
