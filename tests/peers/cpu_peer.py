@@ -2,9 +2,10 @@
 picked from DEVICE (`cpu`, or `auto` where CUDA is absent), doctor's figures, the trainer
 built with a GPU memory cap (which a CPU peer must ignore), an inner phase, the round's
 encode, decode and outer step, a checkpoint written, read back and restored into a fresh
-trainer that recomputes activations (activation checkpointing) for a step, the final model saved, the kernels chosen for the device, and the governor's
-reading. Prints one JSON line, {"device": ..., "cuda_initialized": ...}; with --wait it
-then waits for its stdin to close, so that a test can look for it in NVML's process list.
+trainer, a step of that trainer recomputing activations (activation checkpointing), the
+final model saved, the kernels chosen for the device, and the governor's reading. Prints
+one JSON line, {"device": ..., "cuda_initialized": ...}; with --wait it then waits for its
+stdin to close, so that a test can look for it in NVML's process list.
 
 usage: python cpu_peer.py DEVICE FOLDER [--wait]
 """
