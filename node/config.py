@@ -31,7 +31,7 @@ class NodeConfig:
     idle_check_s: float = 2.0
     """How often the machine is read for the idle policy."""
     device: str = "auto"
-    """auto, cuda, mps or cpu."""
+    """auto, cuda, cuda:N, mps or cpu."""
     max_rounds: int = 0
     """Stop after this many rounds of this process (0: run until stopped)."""
     until_round: int = 0
@@ -207,7 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.announce", "Public multiaddrs to announce instead of the listen addresses."),
     _setting("net.peers", "Multiaddrs of peers to join through; none: the spec's initial peers, else a new swarm.",
              flag="peer"),
-    _setting("device", "auto, cuda, mps or cpu."),
+    _setting("device", "auto, cuda, cuda:N (one of several GPUs), mps or cpu."),
     _setting("max_rounds", "Leave after this many rounds of this process (0: run until stopped)."),
     _setting("until_round", "Leave once the outer state reaches this round of the swarm (0: no limit)."),
     _setting("min_peers", "Wait until this many peers (this one included) are live and training (not paused, not joining) before training."),
