@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import Swarm, node_status, wait_round
 
 from locoswarm.node.events import EventTail, read_events
+from locoswarm.node.localpeers import PeerListing
 
 PEERS = Path(__file__).parent / "peers"
 NO_CUDA, CPU_PEER = str(PEERS / "no_cuda.py"), str(PEERS / "cpu_peer.py")
@@ -184,3 +186,50 @@ def test_the_governor_finds_the_gpu_it_trains_on_in_nvml_by_uuid_and_pci_bus():
         print(f"cuda:{index} {gpu} of {listed}")
         assert gpu.uuid in {nvml_uuid(u) for u, _ in listed} or gpu.pci_bus_id in {nvml_bus(b) for _, b in listed}
         assert gpu.pci_bus_id in {nvml_bus(b) for _, b in listed}
+
+
+def wait_status(state_dir: Path, where, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = node_status(state_dir)
+        if where(status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_on_a_cuda_machine_peers_sharing_a_gpu_never_pause_each_other_but_another_process_pauses_them(tmp_path):
+    """Two CUDA peers on one card train rounds together without either pausing for the
+    other's context (the machine's peer registry); a process that is not a peer taking a
+    CUDA context on that card (a game) pauses them, and its end resumes them."""
+    pytest.importorskip("pynvml", reason="the governor reads NVML through nvidia-ml-py ('locoswarm[nvml]')")
+    why_not = nvml_sees_contexts_by_pid(tmp_path)
+    if why_not is not None:
+        pytest.skip(why_not)
+    # The peers list themselves in a registry of this test's own. This process is listed
+    # there too: earlier tests may have left it holding a CUDA context, and it is no game.
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    swarm, game = Swarm(tmp_path), None
+    with PeerListing(tmp_path / "run" / "locoswarm" / "peers"):
+        try:
+            a = swarm.join("a", "--device", "cuda:0", "--min-peers", "2", "--eval-every", "0", env=env)
+            b = swarm.join("b", "--device", "cuda:0", "--min-peers", "2", "--eval-every", "0", peer=a, env=env)
+            for peer in (a, b):
+                wait_round(peer, 2, 180)
+            for name in ("a", "b"):
+                status = node_status(tmp_path / name)
+                assert status["device"] == "cuda" and status["paused"] is None, status
+            game = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.zeros(1, device='cuda:0'); "
+                                     "sys.stdin.read()"], stdin=subprocess.PIPE, env=ENV)
+            paused = wait_status(tmp_path / "a", lambda s: s["paused"] is not None, 60)
+            assert paused["paused"].startswith("another process uses the GPU ("), paused
+            game.stdin.close()
+            game.wait(timeout=30)
+            wait_status(tmp_path / "a", lambda s: s["paused"] is None, 60)
+        finally:
+            if game is not None and game.poll() is None:
+                game.kill()
+            swarm.reap()
