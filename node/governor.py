@@ -7,15 +7,17 @@ do not count on it; `node status` says why it is paused.
 
 The decision (`Governor.decide`) is a pure function of readings, so it is tested on
 recorded ones; `read_machine` takes a reading with psutil and, for a peer that trains on a
-CUDA GPU, NVML's process list of that GPU alone (node/gpuwatch.py), the machine's other
-locoswarm peers left out (node/localpeers.py). A CPU or MPS peer reads no GPU: its work does
-not compete with a game's there, and peers on a multi-GPU box do not pause each other.
+CUDA GPU, NVML's process list of that GPU alone (node/gpuwatch.py). The machine's other
+locoswarm peers (node/localpeers.py) count as neither CPU nor GPU use. A CPU or MPS peer
+reads no GPU: its work does not compete with a game's there, and peers on a multi-GPU box
+do not pause each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ class IdlePolicy:
     """Pause while another process has the GPU this peer trains on (NVML's process lists);
     other locoswarm peers of the machine do not count, and a CPU or MPS peer watches no GPU."""
     max_other_cpu_percent: float = 0.0
-    """Pause while other processes use more than this share of all CPUs (0: never)."""
+    """Pause while other processes (not the machine's locoswarm peers) use more than this share of all CPUs (0: never)."""
     pause_on_battery: bool = True
     """Pause while the machine runs on battery."""
     allowed_hours: str = ""
@@ -74,7 +76,7 @@ class Reading:
     """When (seconds, any monotonic origin)."""
     local_hour: int
     other_cpu_percent: float
-    """Share of all CPUs used by processes other than this daemon and its p2pd."""
+    """Share of all CPUs used by processes other than the machine's peers and their p2pd."""
     on_battery: bool | None
     """None: no battery, or unknown."""
     gpu_processes: tuple[str, ...] = field(default_factory=tuple)
@@ -132,13 +134,10 @@ class IdleWatch:
             await self.check()
 
     async def check(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        own = {me.pid} | {c.pid for c in me.children()}
         gpu = self.gpu if self.governor.policy.pause_on_gpu_use else None
         try:
-            reason = self.governor.decide(await asyncio.to_thread(read_machine, own, gpu, self.peers_dir))
+            reason = self.governor.decide(await asyncio.to_thread(
+                lambda: read_machine(peer_processes(self.peers_dir), gpu)))
         except Exception as e:  # a sensor that fails must not stop the daemon: keep the last decision
             log.info("machine reading failed: %s", e)
             return
@@ -154,10 +153,26 @@ class IdleWatch:
 _PROCS: dict = {}
 
 
-def read_machine(own_pids: set[int], gpu: GpuWatch | None = None, peers_dir: Path | None = None) -> Reading:
-    """A reading of this machine now. `own_pids`: this daemon and its p2pd, whose CPU use
-    does not count as the volunteer's; `gpu`: the GPU to watch for other processes (None:
-    none, and NVML is not loaded); `peers_dir`: where the machine's peers list themselves."""
+def peer_processes(peers_dir: Path | None = None) -> set[int]:
+    """This daemon, the machine's other peers (listed in `peers_dir`: node/localpeers.py)
+    and their children (p2pd): the processes whose use of the CPU and the GPU is not the
+    volunteer's. Two peers of one machine must not pause for each other."""
+    import psutil
+
+    peers = {os.getpid()} | local_peer_pids(peers_dir)
+    pids = set(peers)
+    for pid in peers:
+        try:
+            pids |= {child.pid for child in psutil.Process(pid).children()}
+        except psutil.Error:
+            pass  # it ended since it was listed
+    return pids
+
+
+def read_machine(own_pids: set[int], gpu: GpuWatch | None = None) -> Reading:
+    """A reading of this machine now. `own_pids`: this daemon, the machine's other peers and
+    their p2pd (`peer_processes`), whose use does not count as the volunteer's; `gpu`: the
+    GPU to watch for other processes (None: none, and NVML is not loaded)."""
     import psutil
 
     total = psutil.cpu_percent(interval=None)
@@ -170,6 +185,6 @@ def read_machine(own_pids: set[int], gpu: GpuWatch | None = None, peers_dir: Pat
             _PROCS.pop(pid, None)
     other = max(0.0, total - own / (psutil.cpu_count() or 1))
     battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
-    on_gpu = () if gpu is None else gpu.others(own_pids | local_peer_pids(peers_dir))
+    on_gpu = () if gpu is None else gpu.others(own_pids)
     return Reading(time_s=time.monotonic(), local_hour=time.localtime().tm_hour, other_cpu_percent=other,
                    on_battery=None if battery is None else not battery.power_plugged, gpu_processes=on_gpu)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from locoswarm.node.governor import Governor, IdlePolicy, IdleWatch, Reading, in_hours, parse_hours, read_machine
+from locoswarm.node.governor import (Governor, IdlePolicy, IdleWatch, Reading, in_hours, parse_hours,
+                                     peer_processes, read_machine)
 from locoswarm.node.gpuwatch import GpuWatch
 from locoswarm.node.hardware import GpuId
 from locoswarm.node.localpeers import PeerListing, local_peer_pids
@@ -134,18 +136,23 @@ class FakeNvml:
         return []
 
 
+def detached_sleep() -> int:
+    """A process that is not a child of this one (its parent shell is gone): a game's pid."""
+    out = subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out)
+
+
 @pytest.fixture
 def box():
     """A box of two GPUs: a process on the first, a game and another peer on the second
     (live processes: a pid that names no process here is left out, as a container's are)."""
-    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
-    elsewhere, game, other_peer = (p.pid for p in procs)
+    elsewhere, game, other_peer = pids = [detached_sleep() for _ in range(3)]
     yield SimpleNamespace(gpus=[("GPU-aaaa-0000", "00000000:17:00.0", [elsewhere]),
                                 ("GPU-bbbb-1111", "00000000:65:00.0", [game, other_peer, 2**31 - 1, 2**40])],
                           elsewhere=elsewhere, game=game, other_peer=other_peer)
-    for p in procs:
-        p.kill()
-        p.wait()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("gpu", [GpuId(uuid="bbbb-1111", pci_bus_id=""), GpuId(uuid="", pci_bus_id="0000:65:00.0"),
@@ -175,10 +182,10 @@ def test_a_cpu_peer_reads_no_gpu_and_a_peer_with_the_policy_off_does_not_either(
     from locoswarm.node import governor
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # an import of pynvml would raise
-    assert read_machine({os.getpid()}, None, tmp_path).gpu_processes == ()
+    assert read_machine({os.getpid()}, None).gpu_processes == ()
     gpu = GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), FakeNvml([]))
     passed = []
-    monkeypatch.setattr(governor, "read_machine", lambda own, gpu, peers: passed.append(gpu) or reading(0))
+    monkeypatch.setattr(governor, "read_machine", lambda own, gpu: passed.append(gpu) or reading(0))
     for on in (True, False):
         watch = IdleWatch(Governor(IdlePolicy(pause_on_gpu_use=on)), 1.0, on_pause=lambda: None, peers_dir=tmp_path)
         watch.gpu = gpu
@@ -199,14 +206,22 @@ def test_a_peer_listed_on_this_machine_is_recognised_and_a_stale_listing_is_drop
     assert local_peer_pids(tmp_path / "missing") == set()
 
 
-def test_the_machines_peers_are_left_out_of_the_gpu_reading(tmp_path, box):
+def test_the_machines_peers_and_their_children_count_as_neither_cpu_nor_gpu_use(tmp_path, box):
     import psutil
 
     nvml = FakeNvml([("GPU-bbbb-1111", "00000000:65:00.0", [os.getpid(), box.other_peer, box.game])])
     started = psutil.Process(box.other_peer).create_time()
     (tmp_path / str(box.other_peer)).write_text(f"{started!r}\n")  # listed as a peer, as its daemon would
-    r = read_machine({os.getpid()}, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml), tmp_path)
+    with PeerListing(tmp_path):
+        child = subprocess.Popen(["sleep", "60"])  # this daemon's p2pd
+        try:
+            peers = peer_processes(tmp_path)
+        finally:
+            child.kill()
+            child.wait()
+    assert peers == {os.getpid(), box.other_peer, child.pid}
+    r = read_machine(peers, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml))
     assert r.gpu_processes == ("sleep",)
     (tmp_path / str(box.game)).write_text(f"{psutil.Process(box.game).create_time()!r}\n")
-    assert read_machine({os.getpid()}, GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml),
-                        tmp_path).gpu_processes == ()
+    assert read_machine(peer_processes(tmp_path), GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml)
+                        ).gpu_processes == ()
