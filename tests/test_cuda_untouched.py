@@ -2,7 +2,8 @@
 context, no VRAM held, nothing in nvidia-smi) and never loads NVML, even on a machine with
 an NVIDIA GPU. Proved here without a GPU: each process runs under tests/peers/no_cuda.py,
 which makes torch say a CUDA GPU is present and records every call that would initialise
-CUDA. The `gpu`-marked test checks the same on a real CUDA machine.
+CUDA. The `gpu`-marked tests check the same on a real CUDA machine, and that the governor
+of a CUDA peer pauses for a process on its GPU but not for another peer there.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def poisoned_run(tmp_path: Path, presence: str, *args: str, timeout_s: float = 1
 @pytest.mark.parametrize("presence, device", [("present", "cpu"), ("absent", "auto")])
 def test_a_cpu_peers_trainer_round_checkpoint_and_doctor_figures_never_initialise_cuda(tmp_path, presence, device):
     """Device picking, doctor's figures, the trainer under a GPU memory cap, an inner phase,
-    encode/decode and the outer step, checkpoint write/read, the kernels' choice and the
-    governor's reading, with `--device cpu` beside a GPU, and with `auto` where CUDA is absent."""
+    encode/decode and the outer step, checkpoint write/read, a step with activation
+    checkpointing, the kernels' choice and the governor's reading, with `--device cpu`
+    beside a GPU, and with `auto` where CUDA is absent."""
     out, touched = poisoned_run(tmp_path, presence, CPU_PEER, device, str(tmp_path))
     assert touched == "", touched
     assert json.loads(out.splitlines()[-1]) == {"device": "cpu", "cuda_initialized": False}
