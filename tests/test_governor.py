@@ -225,3 +225,49 @@ def test_the_machines_peers_and_their_children_count_as_neither_cpu_nor_gpu_use(
     (tmp_path / str(box.game)).write_text(f"{psutil.Process(box.game).create_time()!r}\n")
     assert read_machine(peer_processes(tmp_path), GpuWatch(GpuId(uuid="bbbb-1111", pci_bus_id=""), nvml)
                         ).gpu_processes == ()
+
+
+FAKE_GPU_NODE = os.path.join(os.path.dirname(__file__), "peers", "fake_gpu_node.py")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_daemons_on_one_gpu_never_pause_for_each_other_but_pause_for_a_game_until_it_ends(tmp_path):
+    """Both daemons believe they train on one GPU whose process list (a fake NVML) shows them
+    both: each finds the other in the machine's peer registry and trains on; a game's pid on
+    that list pauses both, with its name, and its end resumes them."""
+    from harness import Swarm, node_status, wait_round
+
+    on_gpu = tmp_path / "gpu-pids"
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}  # a peer registry of this test's own
+    wrap = lambda argv: [argv[0], "-u", FAKE_GPU_NODE, str(on_gpu), "--", *argv[4:]]  # noqa: E731
+    swarm = Swarm(tmp_path)
+    game = None
+    try:
+        a = swarm.join("a", "--min-peers", "2", "--eval-every", "0", env=env, wrap=wrap)
+        b = swarm.join("b", "--min-peers", "2", "--eval-every", "0", peer=a, env=env, wrap=wrap)
+        start = max(wait_round(p, 0, 90)["round"] for p in (a, b))
+        on_gpu.write_text(f"{a.pid}\n{b.pid}\n")
+        for p in (a, b):
+            wait_round(p, start + 3, 60)
+        for name in ("a", "b"):
+            assert node_status(tmp_path / name)["paused"] is None
+        assert not [line for p in (a, b) for line in p.err if "pausing" in line]
+        game = detached_sleep()
+        on_gpu.write_text(f"{a.pid}\n{b.pid}\n{game}\n")
+        for name in ("a", "b"):
+            deadline = time.monotonic() + 30
+            while (paused := node_status(tmp_path / name)["paused"]) is None:
+                assert time.monotonic() < deadline, f"{name} never paused for the game"
+                time.sleep(0.3)
+            assert paused == "another process uses the GPU (sleep)"
+        on_gpu.write_text(f"{a.pid}\n{b.pid}\n")
+        for name in ("a", "b"):
+            deadline = time.monotonic() + 30
+            while node_status(tmp_path / name)["paused"] is not None:
+                assert time.monotonic() < deadline, f"{name} never resumed after the game"
+                time.sleep(0.3)
+    finally:
+        if game is not None:
+            os.kill(game, signal.SIGKILL)
+        swarm.reap()
