@@ -44,11 +44,14 @@ from locoswarm.node.console import RoundBar
 from locoswarm.node.control import ControlServer
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
+from locoswarm.node.gpuwatch import GpuWatch
+from locoswarm.node.hardware import gpu_id, pick_device
 from locoswarm.node.handover import served
 from locoswarm.node.invite import keep_spec
 from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_key, open_state_dir, start_p2p,
                                  stop_p2p)
 from locoswarm.node.lineage import Lineage
+from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
 from locoswarm.node.dashboard import Baseline
@@ -141,7 +144,8 @@ class Daemon:
                 except OSError as e:
                     raise NodeError(f"state directory {self.cfg.state_dir}: cannot write the run spec "
                                     f"({e.strerror or e})") from None
-            return await self._serve()
+            with PeerListing():  # other peers of this machine do not pause for our use of a GPU
+                return await self._serve()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -183,6 +187,8 @@ class Daemon:
             trainer = self.trainer = await self.pools.train(self._build_trainer, self.shard)
             log.info("training on %s in %s, micro-batch %d of %d", trainer.device, trainer.precision,
                      trainer.micro_batch, self.spec.batch_size)
+            gpu = gpu_id(trainer.device)  # None on the CPU or MPS: the governor then watches no GPU
+            self.idle.gpu = None if gpu is None else GpuWatch(gpu)
             resumed = await self.checkpoints.resume(trainer, self.pools.train)
             if resumed is not None:
                 self.events(Resumed(round=resumed))
@@ -288,7 +294,6 @@ class Daemon:
             self._emit(line)
 
     def _build_trainer(self, shard: int):
-        from locoswarm.node.hardware import pick_device
         from locoswarm.node.trainer import Trainer
 
         cfg = self.cfg

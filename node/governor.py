@@ -6,7 +6,11 @@ and resumes only after the machine has been idle for a while. A paused peer stay
 do not count on it; `node status` says why it is paused.
 
 The decision (`Governor.decide`) is a pure function of readings, so it is tested on
-recorded ones; `read_machine` takes a reading with psutil and, where present, NVML.
+recorded ones; `read_machine` takes a reading with psutil and, for a peer that trains on a
+CUDA GPU, NVML's process list of that GPU alone (node/gpuwatch.py). The machine's other
+locoswarm peers (node/localpeers.py) count as neither CPU nor GPU use. A CPU or MPS peer
+reads no GPU: its work does not compete with a game's there, and peers on a multi-GPU box
+do not pause each other.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from locoswarm.node.gpuwatch import GpuWatch
+from locoswarm.node.localpeers import local_peer_pids
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +31,10 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True, slots=True)
 class IdlePolicy:
     pause_on_gpu_use: bool = True
-    """Pause while another process has the GPU (NVML's process lists)."""
+    """Pause while another process has the GPU this peer trains on (NVML's process lists);
+    other locoswarm peers of the machine do not count, and a CPU or MPS peer watches no GPU."""
     max_other_cpu_percent: float = 0.0
-    """Pause while other processes use more than this share of all CPUs (0: never)."""
+    """Pause while other processes (not the machine's locoswarm peers) use more than this share of all CPUs (0: never)."""
     pause_on_battery: bool = True
     """Pause while the machine runs on battery."""
     allowed_hours: str = ""
@@ -67,11 +76,11 @@ class Reading:
     """When (seconds, any monotonic origin)."""
     local_hour: int
     other_cpu_percent: float
-    """Share of all CPUs used by processes other than this daemon and its p2pd."""
+    """Share of all CPUs used by processes other than the machine's peers and their p2pd."""
     on_battery: bool | None
     """None: no battery, or unknown."""
     gpu_processes: tuple[str, ...] = field(default_factory=tuple)
-    """Other processes using the GPU (names)."""
+    """Processes other than locoswarm peers using the GPU this peer trains on (names)."""
 
 
 class Governor:
@@ -108,10 +117,14 @@ class IdleWatch:
     """The daemon's use of the governor: read the machine every `every_s`, and on a change
     log it and, when pausing, call `on_pause` (the daemon ends the round's training)."""
 
-    def __init__(self, governor: Governor, every_s: float, on_pause) -> None:
+    def __init__(self, governor: Governor, every_s: float, on_pause, *, peers_dir: Path | None = None) -> None:
+        """`peers_dir`: where the machine's peers list themselves (localpeers.registry_dir() when None)."""
         self.governor = governor
         self.every_s = every_s
         self.on_pause = on_pause
+        self.peers_dir = peers_dir
+        self.gpu: GpuWatch | None = None
+        """The GPU this peer trains on, set once the device is known; None: no GPU is watched."""
         self.paused: str | None = None
         """Why training is paused (None: it is not)."""
 
@@ -121,12 +134,10 @@ class IdleWatch:
             await self.check()
 
     async def check(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        own = {me.pid} | {c.pid for c in me.children()}
+        gpu = self.gpu if self.governor.policy.pause_on_gpu_use else None
         try:
-            reason = self.governor.decide(await asyncio.to_thread(read_machine, own))
+            reason = self.governor.decide(await asyncio.to_thread(
+                lambda: read_machine(peer_processes(self.peers_dir), gpu)))
         except Exception as e:  # a sensor that fails must not stop the daemon: keep the last decision
             log.info("machine reading failed: %s", e)
             return
@@ -142,9 +153,26 @@ class IdleWatch:
 _PROCS: dict = {}
 
 
-def read_machine(own_pids: set[int]) -> Reading:
-    """A reading of this machine now. `own_pids`: this daemon and its p2pd, whose CPU use
-    does not count as the volunteer's."""
+def peer_processes(peers_dir: Path | None = None) -> set[int]:
+    """This daemon, the machine's other peers (listed in `peers_dir`: node/localpeers.py)
+    and their children (p2pd): the processes whose use of the CPU and the GPU is not the
+    volunteer's. Two peers of one machine must not pause for each other."""
+    import psutil
+
+    peers = {os.getpid()} | local_peer_pids(peers_dir)
+    pids = set(peers)
+    for pid in peers:
+        try:
+            pids |= {child.pid for child in psutil.Process(pid).children()}
+        except psutil.Error:
+            pass  # it ended since it was listed
+    return pids
+
+
+def read_machine(own_pids: set[int], gpu: GpuWatch | None = None) -> Reading:
+    """A reading of this machine now. `own_pids`: this daemon, the machine's other peers and
+    their p2pd (`peer_processes`), whose use does not count as the volunteer's; `gpu`: the
+    GPU to watch for other processes (None: none, and NVML is not loaded)."""
     import psutil
 
     total = psutil.cpu_percent(interval=None)
@@ -157,40 +185,6 @@ def read_machine(own_pids: set[int]) -> Reading:
             _PROCS.pop(pid, None)
     other = max(0.0, total - own / (psutil.cpu_count() or 1))
     battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    on_gpu = () if gpu is None else gpu.others(own_pids)
     return Reading(time_s=time.monotonic(), local_hour=time.localtime().tm_hour, other_cpu_percent=other,
-                   on_battery=None if battery is None else not battery.power_plugged,
-                   gpu_processes=_gpu_processes(own_pids))
-
-
-def _gpu_processes(own_pids: set[int]) -> tuple[str, ...]:
-    try:
-        import pynvml
-    except ImportError:
-        return ()  # no NVML bindings: GPU use by others cannot be seen
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no NVIDIA driver: nothing to watch
-        return ()
-    names = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            procs = (pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                     + pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
-            for proc in procs:
-                if proc.pid not in own_pids and proc.pid != os.getpid():
-                    names.append(_name(proc.pid))
-    except Exception:  # a driver hiccup: treat as no reading rather than stop the daemon
-        return ()
-    finally:
-        pynvml.nvmlShutdown()
-    return tuple(sorted(set(names)))
-
-
-def _name(pid: int) -> str:
-    import psutil
-
-    try:
-        return psutil.Process(pid).name()
-    except psutil.Error:
-        return f"pid {pid}"
+                   on_battery=None if battery is None else not battery.power_plugged, gpu_processes=on_gpu)

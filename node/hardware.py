@@ -2,6 +2,11 @@
 device (CUDA, MPS or CPU) and its memory, the precision the trainer uses on it, and an
 estimate of what a run spec needs against what is free.
 
+Nothing here touches CUDA unless the device is CUDA: `pick_device` decides first (asking
+only whether CUDA is present, which creates no context), and every call that would create
+a context on the GPU — memory, capability, properties — is made for a CUDA device only, so a
+CPU peer on a gamer's machine holds no GPU memory (docs/hardware.md).
+
 The estimate counts, per parameter: the replica in fp32 with its gradient and AdamW's two
 moments (16 bytes) on the training device; the outer parameters and momentum, the
 error-feedback residual, the sent mask and the boundary snapshot (17 bytes) on the outer
@@ -61,11 +66,38 @@ def pick_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SettingError("device", name, "no CUDA device is present")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise SettingError("device", name, f"this machine has {torch.cuda.device_count()} CUDA devices, "
-                                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        last = torch.cuda.device_count() - 1
+        raise SettingError("device", name, f"this process sees CUDA devices cuda:0..cuda:{last} "
+                                           "(after CUDA_VISIBLE_DEVICES)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise SettingError("device", name, "Apple MPS is not available here")
     return torch.device(name)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuId:
+    """One physical GPU, named the same way by CUDA and by NVML (whose device numbering
+    differs from torch's under CUDA_VISIBLE_DEVICES or another CUDA_DEVICE_ORDER)."""
+
+    uuid: str
+    """Lower case, without NVML's "GPU-"/"MIG-" prefix; empty where torch does not say."""
+    pci_bus_id: str
+    """"domain:bus:device.function" in lower-case hex ("0000:3b:00.0"); empty where torch does not say."""
+
+
+def gpu_id(device) -> GpuId | None:
+    """The GPU a CUDA `device` (a torch.device) is, None for any other device; for a CUDA
+    device this initialises CUDA (the peer trains there anyway)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", "") or "").lower().removeprefix("gpu-").removeprefix("mig-")
+    bus = ""
+    if all(hasattr(props, f) for f in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    return GpuId(uuid=uuid, pci_bus_id=bus)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -10,6 +10,19 @@ from torch import Tensor, nn
 from locoswarm.optim.config import InnerConfig
 
 
+class InnerAdamW(torch.optim.AdamW):
+    """torch's AdamW, without its CUDA-graph check where no parameter is on a GPU. Before
+    each step torch asks whether a graph is being captured on the accelerator's current
+    stream; on a CUDA build with a GPU present, asking for that stream initialises CUDA, so
+    a CPU peer's first step created a CUDA context and held the volunteer's VRAM (seen in
+    nvidia-smi). No graph is captured for tensors on the CPU, so there is nothing to check."""
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        if all(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
+            return
+        super()._accelerator_graph_capture_health_check()
+
+
 def make_inner_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
     cfg.validate()
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -17,7 +30,7 @@ def make_inner_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Adam
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = all(p.is_cuda for p in decay + no_decay)
     # CUDA: one fused kernel for the whole update (torch's fused AdamW); elsewhere foreach.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if on_cuda else {"foreach": True}))
+    return InnerAdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if on_cuda else {"foreach": True}))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

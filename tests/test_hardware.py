@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from locoswarm.node.hardware import detect, estimate_bytes
+from locoswarm.node.hardware import detect, estimate_bytes, gpu_id, pick_device
 from locoswarm.node.spec import RunSpec
 from locoswarm.workload.model import build_model, num_params
 
@@ -106,3 +106,23 @@ def test_a_batch_too_big_for_free_memory_is_split_into_micro_batches():
     assert r["fits"] is True and r["batch_size"] == batch
     assert 1 <= r["micro_batch"] < batch and batch % r["micro_batch"] == 0
     assert r["micro_batch"] * per_sequence <= r["usable_bytes"]
+
+
+@pytest.mark.parametrize("name, message", [("cuda:1", "sees CUDA devices cuda:0..cuda:0"),
+                                           ("cuda:x", "must be auto, cpu, mps, cuda or cuda:<index>"),
+                                           ("gpu", "must be auto, cpu, mps, cuda or cuda:<index>")])
+def test_a_cuda_device_this_process_does_not_see_is_named(monkeypatch, name, message):
+    """Under CUDA_VISIBLE_DEVICES=3 the one GPU a peer sees is cuda:0, whatever NVML calls it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=message):
+        pick_device(name)
+    assert pick_device("cuda:0").type == "cuda" and pick_device("cpu").type == "cpu"
+
+
+def test_a_cpu_or_mps_device_names_no_gpu_to_watch():
+    import torch
+
+    assert gpu_id(torch.device("cpu")) is None and gpu_id(torch.device("mps")) is None
