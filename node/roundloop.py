@@ -97,10 +97,16 @@ class RoundLoop:
             ctx.faults.trained(work.round, work, trainer.outer.params)
             step = self._guarded(work.round, functools.partial(self._exchange, progress, work, overlap), work,
                                  overlapped=overlap)
-            if overlap:
-                exchange = asyncio.ensure_future(step)
-            else:
-                await step
+            exchange = asyncio.ensure_future(step)
+            if not overlap:
+                # Awaited here, but a stop must not wait out the round's deadline (30 s by
+                # default) for peers' deltas: the leave below cancels what is left of it.
+                stop = asyncio.ensure_future(ctx.should_exit.wait())
+                await asyncio.wait([exchange, stop], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if exchange.done():
+                    await exchange  # a NodeError (rounds failing in a row) ends the node here
+                    exchange = None
         if exchange is not None:
             if ctx.should_exit.is_set():
                 exchange.cancel()
@@ -264,6 +270,7 @@ class RoundLoop:
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
                            residual)
         ctx.stats.rounds_completed += 1
+        ctx.stats.last_round_at = time.time()
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
