@@ -8,8 +8,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -20,6 +20,8 @@ import typer
 from locoswarm.node.config import BY_NAME, SETTINGS, Setting
 
 F = TypeVar("F", bound=Callable[..., Any])
+STOPPED_EARLY = threading.Event()
+"""Set by a SIGINT or SIGTERM that came before the daemon's loop handles them (cli/main.py)."""
 
 app = typer.Typer(help="The volunteer daemon: join a swarm, ask it for its status.", no_args_is_help=True)
 
@@ -112,19 +114,6 @@ def join(
     **settings: Any,
 ) -> None:
     """Join a swarm (or start one) and train until stopped: Ctrl-C or SIGTERM leaves cleanly."""
-    # Until the daemon's loop handles them, SIGTERM stops like Ctrl-C does (KeyboardInterrupt,
-    # exit 0 below): importing torch and hivemind takes seconds, and a service manager's
-    # stop then must not end in a traceback or a killed process.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        code = _join(config, log_format, events, verbose, settings)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
-
-
-def _join(config: Optional[Path], log_format: str, events: Optional[Path], verbose: bool,
-          settings: dict[str, Any]) -> int:
     if log_format not in ("text", "json"):
         typer.echo(f"error: --log-format must be text or json, got {log_format!r}", err=True)
         raise typer.Exit(2)
@@ -147,8 +136,8 @@ def _join(config: Optional[Path], log_format: str, events: Optional[Path], verbo
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    return run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
-                      events_path=None if events is None else str(events))
+    raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
+                                events_path=None if events is None else str(events), stopped=STOPPED_EARLY))
 
 
 @app.command()

@@ -181,12 +181,16 @@ class Daemon:
         if self.loop is not None:
             self.loop.stop_round()
 
-    async def serve(self) -> int:
+    async def serve(self, stopped: threading.Event | None = None) -> int:
+        """Run until stopped; `stopped`: see run_daemon."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.handle_signal, sig)
         logging.getLogger().addHandler(self.warnings)
         try:
+            if stopped is not None and stopped.is_set():
+                log.info("stopped before the daemon started")
+                return 0
             lock = lock_state_dir(self.cfg.state_dir)
             control = ControlServer(self.cfg.state_dir, self.status, self.history)
             try:
@@ -454,8 +458,11 @@ class Daemon:
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,
-               events_path: str | None = None, faults: RoundFaults | None = None) -> int:
-    """Run a daemon until it is stopped or reaches max_rounds; returns the exit code."""
+               events_path: str | None = None, faults: RoundFaults | None = None,
+               stopped: threading.Event | None = None) -> int:
+    """Run a daemon until it is stopped or reaches max_rounds; returns the exit code.
+    `stopped`: set by a signal that came before the daemon's loop handles signals (the CLI's
+    start): the daemon then leaves before it begins."""
     try:
         import uvloop
 
@@ -468,7 +475,7 @@ def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = pri
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return runner(daemon.serve())
+        return runner(daemon.serve(stopped))
     except NodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
