@@ -31,7 +31,7 @@ from harness import (Swarm, assert_clean_exit, final, first_addr, node_status, p
 
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}
-STATES = {"starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"}
+STATES = set(harness.STATUS_SCHEMA["properties"]["state"]["enum"])
 """The states node/control.py documents."""
 REPLICA_DRIFT_BOUND = 0.15
 """Bound on max over peer pairs of ||θ_i − θ_j|| / ||θ_i|| after 8 rounds of three peers.
