@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,3 +129,39 @@ def test_sigint_at_random_moments_ends_the_daemon_and_its_p2pd_with_exit_0_withi
     assert max(s for _, s in took) < STOP_BOUND_S
     # Later lives took up the checkpoints of earlier ones: the resume path was stopped too.
     assert resumed, "no life resumed from a checkpoint"
+
+
+@pytest.mark.timeout(60, method="signal")
+def test_a_stop_that_hangs_is_forced_after_its_grace_with_the_stacks_shown_and_the_children_killed():
+    """StopWatch, the stop's last resort: a process whose stop hangs (here: sleeps) exits with
+    the stop's code once the grace is over, its threads' stacks on stderr, its child gone."""
+    code = ("import subprocess, sys, time\n"
+            "from locoswarm.node.daemon import StopWatch\n"
+            "child = subprocess.Popen(['sleep', '60'])\n"
+            "print(child.pid, flush=True)\n"
+            "StopWatch(grace_s=0.5).start(code=0)\n"
+            "time.sleep(60)  # the hang\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=STOP_BOUND_S + 20)  # the import of torch takes seconds on 2 cores
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, err
+    assert "the stop took over" in err and "forcing the exit" in err, err
+    assert "in _watch" in err and "<module>" in err, err  # every thread's stack, the hanging one's among them
+    child = int(out.split()[0])
+    deadline = time.monotonic() + 5
+    while _running(child):
+        assert time.monotonic() < deadline, "the child outlived the forced exit"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
