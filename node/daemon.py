@@ -65,36 +65,47 @@ from locoswarm.protocol.work import WorkCheck
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 8.0
-"""The longest a stop may take, from the signal (or from its start, for a stop of its own)
-to the process's end, before StopWatch forces it: Docker and Kubernetes kill a container 10 s
-after their SIGTERM, and a volunteer's Ctrl-C must not hang. A stop takes 1-3 s."""
+"""The longest a stop asked by a signal may take, from the signal to the process's end,
+before StopWatch forces it: Docker and Kubernetes kill a container 10 s after their SIGTERM,
+and a volunteer's Ctrl-C must not hang. A stop takes 1-3 s; the leave checkpoint of a model
+too big to write in the time is cut (the periodic checkpoint before it stays)."""
+OWN_STOP_GRACE_S = 30.0
+"""The same for a stop of the daemon's own (--max-rounds, an error), which nobody waits on
+with a SIGKILL: on a loaded machine its bounded steps may add up past STOP_GRACE_S."""
 STOP_STEP_S = 2.0
 """The longest one network step of the stop (withdrawing our record, the DHT's stop) may take."""
 
 
 class StopWatch:
-    """Ends the process should a stop overrun STOP_GRACE_S (something in a thread, a pool's
+    """Ends the process should a stop overrun its grace (something in a thread, a pool's
     work or hivemind's shutdown that hangs): every thread's stack to stderr, so the hang can
     be found, p2pd killed, and the exit code the stop would have given (0 after a signal:
     the volunteer asked to leave, and checkpoints are written atomically, so nothing on disk
     is half done). A daemon thread, so it never holds the exit up itself."""
 
-    def __init__(self, grace_s: float = STOP_GRACE_S) -> None:
-        self.grace_s = grace_s
-        self._started = threading.Event()
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._deadline: float | None = None
         self.code = 0
 
-    def start(self, code: int = 0) -> None:
-        """The stop began (once; later calls change nothing): force it after the grace."""
-        if self._started.is_set():
-            return
-        self._started.set()
-        self.code = code
-        threading.Thread(target=self._watch, name="locoswarm-stop-watch", daemon=True).start()
+    def start(self, grace_s: float, code: int) -> None:
+        """The stop began, or was asked again: force it `grace_s` from now, exiting with
+        `code`, unless an earlier start set a sooner deadline (a signal during a stop of the
+        daemon's own shortens it)."""
+        with self._changed:
+            deadline = time.monotonic() + grace_s
+            first = self._deadline is None
+            if first or deadline < self._deadline:
+                self._deadline, self.code = deadline, code
+                self._changed.notify()
+        if first:
+            threading.Thread(target=self._watch, name="locoswarm-stop-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        time.sleep(self.grace_s)
-        log.error("the stop took over %.0f s: forcing the exit (the threads' stacks follow)", self.grace_s)
+        with self._changed:
+            while (left := self._deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+        log.error("the stop overran its grace: forcing the exit (the threads' stacks follow)")
         faulthandler.dump_traceback(all_threads=True)
         kill_children()
         os._exit(self.code)
@@ -172,7 +183,7 @@ class Daemon:
             kill_children()
             os._exit(130)
         log.info("%s: leaving after the current step (again to force)", signal.Signals(signum).name)
-        self.stop_watch.start(code=0)
+        self.stop_watch.start(STOP_GRACE_S, code=0)
         self.should_exit.set()
         self.stats.state = "stopping"
         self._stop_round()
@@ -301,7 +312,7 @@ class Daemon:
             log.info("stopped while %s", self.stats.state)
             return 0
         finally:
-            self.stop_watch.start(code=0 if self.should_exit.is_set() else 1)
+            self.stop_watch.start(OWN_STOP_GRACE_S, code=1)  # a signal's sooner deadline stays
             self.bar.stop()
             self.stats.state = "stopping"
             self._stop_round()
