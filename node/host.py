@@ -285,9 +285,14 @@ async def _create_unless_stopped(should_stop: asyncio.Event, **options) -> P2P |
         return p2p
     if p2p is not None:
         await stop_p2p(p2p)
-    left = [c for c in psutil.Process().children() if c.pid not in before]
-    for child in left:
-        child.kill()
+    left = []
+    for child in psutil.Process().children():
+        try:
+            if child.pid not in before and child.name().startswith("p2pd"):
+                child.kill()
+                left.append(child)
+        except psutil.NoSuchProcess:
+            pass
     await asyncio.to_thread(psutil.wait_procs, left, timeout=STOP_STEP_S)
     return None
 
