@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
-from locoswarm.node.host import NodeError
+from locoswarm.node.host import NodeError, unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
@@ -79,8 +79,12 @@ class RoundLoop:
                 break  # abandon the round: peers waiting for our delta drop us when our streams close
             boundary_t0 = time.perf_counter()
             if exchange is not None:
-                await exchange  # round r's outer step must be in before round r + 1's delta is taken
+                # Round r's outer step must be in before round r + 1's delta is taken; a stop
+                # meanwhile must not wait out the delta pull's deadline (30 s by default).
+                done, _ = await unless_stopped(exchange, ctx.should_exit)  # cancelled if not done
                 exchange = None
+                if not done:
+                    break
             wait_s = time.perf_counter() - boundary_t0
             if progress is None:  # training failed: take the round's boundary and drop it
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
@@ -97,16 +101,10 @@ class RoundLoop:
             ctx.faults.trained(work.round, work, trainer.outer.params)
             step = self._guarded(work.round, functools.partial(self._exchange, progress, work, overlap), work,
                                  overlapped=overlap)
-            exchange = asyncio.ensure_future(step)
-            if not overlap:
-                # Awaited here, but a stop must not wait out the round's deadline (30 s by
-                # default) for peers' deltas: the leave below cancels what is left of it.
-                stop = asyncio.ensure_future(ctx.should_exit.wait())
-                await asyncio.wait([exchange, stop], return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if exchange.done():
-                    await exchange  # a NodeError (rounds failing in a row) ends the node here
-                    exchange = None
+            if overlap:
+                exchange = asyncio.ensure_future(step)
+            else:  # awaited here, and as at the boundary above a stop does not wait out the pull's deadline
+                await unless_stopped(step, ctx.should_exit)
         if exchange is not None:
             if ctx.should_exit.is_set():
                 exchange.cancel()
