@@ -342,8 +342,8 @@ class RoundLoop:
         # waiting for the others' records to move on) would all wait out the deadline.
         ctx.progress.show()
         linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
-        while time.monotonic() < linger_until and ctx.membership.expected(last):
-            await asyncio.sleep(0.1)
+        while time.monotonic() < linger_until and ctx.membership.expected(last) and not ctx.should_exit.is_set():
+            await asyncio.sleep(0.1)  # a signal ends the lingering (the peers then drop our delta), not the final model
         unfinished = len(ctx.membership.expected(last))
         ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         digest = await ctx.pools.train(trainer.state_digest)
