@@ -17,6 +17,7 @@ record, the control API; torch work runs on the training and exchange threads
 | catchup.py | joining and catching up: taking another peer's outer state |
 | replay.py | catching up by the rounds' deltas instead of a whole state |
 | trainer.py | the replica and its side of the round (optim/round.py) |
+| lifecycle.py | the stop's bounds: a step that gives way to a stop, StopWatch |
 
 Lifecycle after uvicorn's: a first SIGINT/SIGTERM sets `should_exit` (training stops after
 its current step, the round is abandoned, the record withdrawn, exit 0 within seconds; a
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import faulthandler
 import functools
 import logging
 import os
@@ -38,7 +38,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import zlib
 from typing import Callable
 
@@ -50,7 +49,9 @@ from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.handover import served
 from locoswarm.node.host import (DHT_OPTIONS, Dialling, NodeError, ensure_identity, identity_key, lock_state_dir,
-                                 start_p2p, stop_p2p, unless_stopped)
+                                 start_p2p, stop_p2p)
+from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
+                                      unless_stopped)
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
@@ -64,65 +65,6 @@ from locoswarm.protocol.records import PeerRecord
 from locoswarm.protocol.work import WorkCheck
 
 log = logging.getLogger(__name__)
-STOP_GRACE_S = 8.0
-"""The longest a stop asked by a signal may take, from the signal to the process's end,
-before StopWatch forces it: Docker and Kubernetes kill a container 10 s after their SIGTERM,
-and a volunteer's Ctrl-C must not hang. A stop takes 1-3 s; the leave checkpoint of a model
-too big to write in the time is cut (the periodic checkpoint before it stays)."""
-OWN_STOP_GRACE_S = 30.0
-"""The same for a stop of the daemon's own (--max-rounds, an error), which nobody waits on
-with a SIGKILL: on a loaded machine its bounded steps may add up past STOP_GRACE_S."""
-STOP_STEP_S = 2.0
-"""The longest one network step of the stop (withdrawing our record, the DHT's stop) may take."""
-
-
-class StopWatch:
-    """Ends the process should a stop overrun its grace (something in a thread, a pool's
-    work or hivemind's shutdown that hangs): every thread's stack to stderr, so the hang can
-    be found, p2pd killed, and the exit code the stop would have given (0 after a signal:
-    the volunteer asked to leave, and checkpoints are written atomically, so nothing on disk
-    is half done). A daemon thread, so it never holds the exit up itself."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._deadline: float | None = None
-        self.code = 0
-
-    def start(self, grace_s: float, code: int) -> None:
-        """The stop began, or was asked again: force it `grace_s` from now, exiting with
-        `code`, unless an earlier start set a sooner deadline (a signal during a stop of the
-        daemon's own shortens it)."""
-        with self._changed:
-            deadline = time.monotonic() + grace_s
-            first = self._deadline is None
-            if first or deadline < self._deadline:
-                self._deadline, self.code = deadline, code
-                self._changed.notify()
-        if first:
-            threading.Thread(target=self._watch, name="locoswarm-stop-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        with self._changed:
-            while (left := self._deadline - time.monotonic()) > 0:
-                self._changed.wait(left)
-        log.error("the stop overran its grace: forcing the exit (the threads' stacks follow)")
-        faulthandler.dump_traceback(all_threads=True)
-        kill_children()
-        os._exit(self.code)
-
-
-def kill_children() -> None:
-    """SIGKILL this process's children (p2pd, and a second p2pd checking our identity):
-    a forced exit must not leave them running."""
-    import psutil
-
-    for child in psutil.Process().children():
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 class _Stopped(Exception):
     """A stop came while the daemon was starting: the start's step in progress was cancelled."""
 

@@ -18,9 +18,10 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from locoswarm.node.files import leftover_temps, write_atomic
+from locoswarm.node.lifecycle import unless_stopped
 
 # hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
 # settings through this module (`node status`, the Docker healthcheck that runs it, `config
@@ -62,7 +63,7 @@ class NetworkConfig:
 
 STOP_STEP_S = 3.0
 """The longest p2pd may take to exit after SIGTERM before it is killed (it takes ~0.1 s;
-the whole stop must fit in daemon.STOP_GRACE_S)."""
+the whole stop must fit in lifecycle.STOP_GRACE_S)."""
 
 
 @dataclass(slots=True)
@@ -252,23 +253,6 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         except asyncio.TimeoutError:
             pass
         delay = min(2 * delay, net.retry_max_s)
-
-
-async def unless_stopped(aw, should_stop: asyncio.Event) -> tuple[bool, Any]:
-    """(True, `aw`'s result), or (False, its result or None) when `should_stop` was set
-    first: `aw` is then cancelled and awaited, so that a stop never waits out a step of the
-    start (a dial, the state download) and no task is left behind."""
-    task = asyncio.ensure_future(aw)
-    stop = asyncio.ensure_future(should_stop.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-    if task.done() and not should_stop.is_set():
-        return True, task.result()
-    task.cancel()
-    result = (await asyncio.gather(task, return_exceptions=True))[0]
-    return False, None if isinstance(result, BaseException) else result
 
 
 async def _create_unless_stopped(should_stop: asyncio.Event, **options) -> P2P | None:

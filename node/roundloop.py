@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
-from locoswarm.node.host import NodeError, unless_stopped
+from locoswarm.node.host import NodeError
+from locoswarm.node.lifecycle import unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext

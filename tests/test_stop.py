@@ -136,7 +136,7 @@ def test_a_stop_that_hangs_is_forced_after_its_grace_with_the_stacks_shown_and_t
     """StopWatch, the stop's last resort: a process whose stop hangs (here: sleeps) exits with
     the stop's code once the grace is over, its threads' stacks on stderr, its child gone."""
     code = ("import subprocess, sys, time\n"
-            "from locoswarm.node.daemon import StopWatch\n"
+            "from locoswarm.node.lifecycle import StopWatch\n"
             "child = subprocess.Popen(['sleep', '60'])\n"
             "print(child.pid, flush=True)\n"
             "StopWatch().start(0.5, code=0)\n"
