@@ -327,6 +327,13 @@ def test_an_unreachable_initial_peer_is_retried_and_its_state_dir_refuses_a_seco
     unreachable = f"/ip4/127.0.0.1/tcp/9/p2p/{nobody}"
     waiting = swarm.join("w", peer=unreachable)
     waiting.wait_for(r"cannot reach any of the initial peers.*retrying", 60, stderr=True)
+    # node status says so (it once said "no daemon is running" until the first peer answered).
+    st = node_status(tmp_path / "w")
+    assert st["state"] == "dialling" and st["dial_attempts"] >= 1 and st["peer_id"] is None, st
+    assert any("cannot reach any of the initial peers" in w for w in st["warnings"]), st
+    text = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0 and "dialling the initial peers since" in text.stdout, text.stdout + text.stderr
     second = swarm.join("w", peer=unreachable)
     assert second.wait_exit(60) == 2, second.tail()
     assert str(tmp_path / "w") in second.stderr() and "in use" in second.stderr(), second.tail()
