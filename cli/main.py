@@ -3,6 +3,9 @@ import time pulls in torch, so `locoswarm --help` stays instant."""
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import typer
 
 from locoswarm import __version__
@@ -29,5 +32,17 @@ def version() -> None:
     typer.echo(__version__)
 
 
+DAEMON = ["node", "join"]
+
+
 def main() -> None:
+    if sys.argv[1:3] == DAEMON:
+        # The daemon's contract: SIGINT or SIGTERM at any moment is a stop with exit 0. Its
+        # event loop takes the signals over once it runs; until then (typer alone imports
+        # pydantic for 0.3 s before the command runs, then torch and hivemind load for
+        # seconds) a signal is recorded, and the start ends where it looks (node.join, the
+        # daemon's serve). Not raised where it lands: an exception thrown into a module's
+        # import mid-way ended in a RecursionError once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: node.STOPPED_EARLY.set())
     app()

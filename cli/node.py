@@ -9,6 +9,8 @@ import inspect
 import json
 import logging
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -18,6 +20,8 @@ import typer
 from locoswarm.node.config import BY_NAME, SETTINGS, Setting
 
 F = TypeVar("F", bound=Callable[..., Any])
+STOPPED_EARLY = threading.Event()
+"""Set by a SIGINT or SIGTERM that came before the daemon's loop handles them (cli/main.py)."""
 
 app = typer.Typer(help="The volunteer daemon: join a swarm, ask it for its status.", no_args_is_help=True)
 
@@ -131,7 +135,8 @@ def join(
         typer.echo(f"invite of {invite.organiser}{pinned}: run {spec.run_id!r}, spec {spec.hash().hex()[:16]}, "
                    f"joining through {len(spec.initial_peers)} peer(s)", err=True)
     raise typer.Exit(run_daemon(spec, cfg, emit=lambda line: typer.echo(line),
-                                events_path=None if events is None else str(events), keep_spec=invite is not None))
+                                events_path=None if events is None else str(events), keep_spec=invite is not None,
+                                stopped=STOPPED_EARLY))
 
 
 def prepare_join(flags: dict[str, Any], config: Optional[Path]):
@@ -185,8 +190,55 @@ def status(
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
-    loss = "—" if st["loss"] is None else f"{st['loss']:.4f}"
-    ev = "—" if st["eval_loss"] is None else f"{st['eval_loss']:.4f}"
-    typer.echo(f"{st['state']}: round {st['round']}, loss {loss}, eval loss {ev}, {st['num_peers']} other peers, "
-               f"sent {st['bytes_sent']:,} B, received {st['bytes_received']:,} B, {st['tokens_per_s']:.0f} tokens/s")
-    typer.echo(f"peer {st['peer_id']} on {st['device']}")
+    for line in status_lines(st, time.time()):
+        typer.echo(line)
+
+
+def status_lines(st: dict, now: float) -> list[str]:
+    """The status as a person reads it: what the JSON says that matters to the volunteer
+    (why nothing trains, what failed), a line each; nothing is shown only with --json but
+    the raw counters of the traffic's internals."""
+    def clock(t: float) -> str:
+        return f"{time.strftime('%H:%M:%S', time.localtime(t))} ({_ago(now - t)} ago)"
+
+    def figure(x: float | None) -> str:
+        return "—" if x is None else f"{x:.4f}"
+
+    lines = [f"{st['state']}: round {st['round']}, loss {figure(st['loss'])}, eval loss {figure(st['eval_loss'])}, "
+             f"{st['num_peers']} other peers (swarm ≈{st['peers_estimate']:.0f}), sent {st['bytes_sent']:,} B, "
+             f"received {st['bytes_received']:,} B, {st['tokens_per_s']:.0f} tokens/s"]
+    if st["dialling_since"] is not None:
+        lines.append(f"dialling the initial peers since {clock(st['dialling_since'])}, "
+                     f"{st['dial_attempts']} {'attempt' if st['dial_attempts'] == 1 else 'attempts'}")
+    if st["paused"] is not None:
+        lines.append(f"paused: {st['paused']}")
+    rounds = f"rounds: {st['rounds_completed']} completed, {st['rounds_discarded']} discarded"
+    lines.append(rounds + (f", the last ended {clock(st['last_round_at'])}" if st["last_round_at"] is not None
+                           else ", none ended yet"))
+    if st["checkpoint_error"] is not None:
+        lines.append(f"checkpoint error: {st['checkpoint_error']}"
+                     + (f" (the last written is of round {st['checkpoint_round']})"
+                        if st["checkpoint_round"] is not None else " (none written yet)"))
+    else:
+        lines.append("checkpoint: " + ("none yet" if st["checkpoint_round"] is None
+                                       else f"round {st['checkpoint_round']}"))
+    agreement = "" if st["least_agreement"] is None else f", least agreement {st['least_agreement']:.2f}"
+    lines.append(f"trust: {st['checks']} checks of others' deltas ({st['checks_failed']} failed{agreement}), "
+                 f"{st['excluded_peers']} peers excluded, {st['established_peers']} established, "
+                 f"{st['earned_rounds']:.1f} rounds earned; {st['deltas_rejected']} deltas rejected, "
+                 f"{st['requests_refused']} requests refused")
+    lines += [f"warning: {w}" for w in st["warnings"]]
+    device = "no trainer yet" if st["device"] is None else \
+        f"on {st['device']} in {st['precision']}, micro-batch {st['micro_batch']}, shard {st['shard']}"
+    lines.append(f"peer {st['peer_id'] or '— (p2pd not started)'} {device}")
+    lines += [f"listening {a}" for a in st["addrs"]]
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"

@@ -9,24 +9,38 @@ directory, which is how `node status` finds the daemon.
 
 The status JSON's schema is STATUS_SCHEMA below (JSON Schema 2020-12, every key always
 present, nothing else); `locoswarm node status --schema` prints it.
+
+The API is up from the moment the daemon holds its state directory, before p2pd starts, so
+that a start still dialling its initial peers or downloading the state says so; in the
+short moment before it answers, `read_status` tells a held state directory (its lock is
+taken) from one no daemon runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
+import time
 from typing import Callable
 
 from locoswarm.node.files import write_atomic
+from locoswarm.node.host import LOCK_FILE
 
-_STATES = ["starting", "proving", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
+_STATES = ["starting", "dialling", "proving", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
+_TIME = {"type": ["number", "null"], "minimum": 0}
+NUM_WARNINGS = 5
+"""Warnings the status keeps, the newest last."""
 _COUNT = {"type": "integer", "minimum": 0}
 _LOSS = {"type": ["number", "null"]}
 _STATUS_KEYS = {
-    "state": ({"enum": _STATES}, "what the daemon is doing; proving: the proof of work the run asks of its "
-              "identity (once); waiting: for --min-peers"),
+    "state": ({"enum": _STATES}, "what the daemon is doing; dialling: reaching the initial peers (see "
+              "dialling_since); proving: the proof of work the run asks of its identity (once); syncing: taking "
+              "the swarm's state; waiting: for --min-peers"),
+    "dialling_since": (_TIME, "unix time the daemon began dialling its initial peers (null: not dialling)"),
+    "dial_attempts": (_COUNT, "p2pd starts tried to reach the initial peers, each dialling all of them"),
     "paused": ({"type": ["string", "null"]}, "why the idle governor paused training (null: not paused)"),
     "round": (_COUNT, "the round being trained"),
     "loss": (_LOSS, "mean training loss of the last finished round (null before one)"),
@@ -39,6 +53,10 @@ _STATUS_KEYS = {
     "requests_refused": (_COUNT, "stream requests refused by the per-peer limits (concurrency, rate, sends of a round's delta) or the upload budget since start"),
     "checkpoint_round": ({"type": ["integer", "null"]}, "round of the last checkpoint written or resumed from"),
     "checkpoint_error": ({"type": ["string", "null"]}, "why the last checkpoint was not written (null: it was)"),
+    "last_round_at": (_TIME, "unix time this peer last ended a round (null: none yet)"),
+    "warnings": ({"type": "array", "items": {"type": "string"}, "maxItems": NUM_WARNINGS},
+                 f"the last {NUM_WARNINGS} warnings and errors logged, oldest first, each after its local time "
+                 "(HH:MM:SS)"),
     "peer_id": ({"type": ["string", "null"]}, "this peer's libp2p id (null before p2pd started)"),
     "addrs": ({"type": "array", "items": {"type": "string"}}, "the multiaddrs peers can dial"),
     "device": ({"enum": ["cuda", "mps", "cpu", None]}, "the training device (null before the trainer exists)"),
@@ -69,6 +87,22 @@ STATUS_SCHEMA = {
 
 CONTROL_FILE = "control.json"
 log = logging.getLogger(__name__)
+
+
+class RecentWarnings(logging.Handler):
+    """Keeps the last warnings and errors logged (by any thread) for the status: a volunteer
+    asking `node status` why nothing happens reads them there, not in a journal."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._kept: collections.deque[str] = collections.deque(maxlen=NUM_WARNINGS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._kept.append(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.getMessage()}")
+
+    @property
+    def lines(self) -> list[str]:
+        return list(self._kept)
 
 
 class StatusCollector:
@@ -178,6 +212,10 @@ def read_status(state_dir: str, timeout_s: float = 5.0) -> dict:
             info = json.load(fh)
         port = int(info["port"])
     except FileNotFoundError:
+        holder = lock_holder(state_dir)
+        if holder is not None:
+            raise RuntimeError(f"a daemon (pid {holder}) holds state directory {state_dir} but is not answering "
+                               "yet: it is starting or stopping") from None
         raise RuntimeError(f"no daemon is running with state directory {state_dir} ({path} does not exist)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"{path} is unreadable: {e}") from None
@@ -187,8 +225,31 @@ def read_status(state_dir: str, timeout_s: float = 5.0) -> dict:
         resp = conn.getresponse()
         body = resp.read(1 << 20)
     except OSError as e:
-        raise RuntimeError(f"the daemon of {state_dir} does not answer on port {port} ({e}); "
-                           f"is it still running (pid {info.get('pid')})?") from None
+        holder = lock_holder(state_dir)
+        if holder is None:  # a daemon killed (SIGKILL, power loss) leaves its control file behind
+            raise RuntimeError(f"no daemon is running with state directory {state_dir} (pid {info.get('pid')}, "
+                               f"which wrote {path}, is gone)") from None
+        raise RuntimeError(f"the daemon of {state_dir} (pid {holder}) does not answer on port {port} ({e}); "
+                           "it may be stopping") from None
     if resp.status != 200:
         raise RuntimeError(f"the daemon answered {resp.status}")
     return json.loads(body)
+
+
+def lock_holder(state_dir: str) -> int | None:
+    """The pid of the daemon holding `state_dir`, None when none does: open_state_dir writes
+    its pid into the lock file once it holds the lock, and the file keeps it after the
+    process ended, so the pid must also be alive. Read, not tested by taking the lock: a
+    status asked at the moment a daemon starts must not make the start fail as "in use"."""
+    try:
+        with open(os.path.join(state_dir, LOCK_FILE)) as fh:
+            pid = int(fh.read(32).strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return pid

@@ -17,23 +17,27 @@ record, the control API; torch work runs on the training and exchange threads
 | catchup.py | joining and catching up: taking another peer's outer state |
 | replay.py | catching up by the rounds' deltas instead of a whole state |
 | trainer.py | the replica and its side of the round (optim/round.py) |
+| lifecycle.py | the stop's bounds: a step that gives way to a stop, StopWatch |
 
 Lifecycle after uvicorn's: a first SIGINT/SIGTERM sets `should_exit` (training stops after
-its current step, the round is abandoned, the record withdrawn, exit 0 within seconds); a
-second forces the exit.
+its current step, the round is abandoned, the record withdrawn, exit 0 within seconds; a
+step of the start, a dial or the state download, is cancelled); a second forces the exit.
+A stop that overruns STOP_GRACE_S is forced too (StopWatch). The control API is up from the
+moment the state directory is locked, before p2pd starts, so `node status` tells a start
+that dials its initial peers for minutes from a daemon that is not there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import faulthandler
 import functools
 import logging
 import os
 import secrets
 import signal
 import sys
+import threading
 import time
 import zlib
 from typing import Callable
@@ -41,15 +45,17 @@ from typing import Callable
 from locoswarm.node.checkpoint import Checkpointer
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.console import RoundBar
-from locoswarm.node.control import ControlServer
+from locoswarm.node.control import ControlServer, RecentWarnings
 from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.gpuwatch import GpuWatch
 from locoswarm.node.hardware import gpu_id, pick_device
 from locoswarm.node.handover import served
 from locoswarm.node.invite import keep_spec
-from locoswarm.node.host import (DHT_OPTIONS, STOP_STEP_S, NodeError, identity_key, open_state_dir, start_p2p,
-                                 stop_p2p)
+from locoswarm.node.host import (DHT_OPTIONS, Dialling, NodeError, ensure_identity, identity_key, lock_state_dir,
+                                 start_p2p, stop_p2p)
+from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
+                                      unless_stopped)
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
@@ -65,8 +71,8 @@ from locoswarm.protocol.records import PeerRecord
 from locoswarm.protocol.work import WorkCheck
 
 log = logging.getLogger(__name__)
-STOP_LIMIT_S = 60.0
-"""The longest a daemon may take to stop once it began (normally a few seconds)."""
+class _Stopped(Exception):
+    """A stop came while the daemon was starting: the start's step in progress was cancelled."""
 
 
 class Daemon:
@@ -116,41 +122,70 @@ class Daemon:
         tell us rounds we cannot take part in."""
         self.work = 0
         """The nonce proving this identity's work for the run (node/work.py; 0: none asked)."""
+        self.dialling = Dialling()
+        """The start's attempts to reach the initial peers (node status: dialling since …)."""
+        self.warnings = RecentWarnings()
+        """The last warnings logged, for node status."""
+        self.stop_watch = StopWatch()
 
     # ------------------------------------------------------------------ lifecycle
 
     def handle_signal(self, signum: int) -> None:
         if self.should_exit.is_set():
             log.warning("second %s: forcing exit", signal.Signals(signum).name)
+            kill_children()
             os._exit(130)
         log.info("%s: leaving after the current step (again to force)", signal.Signals(signum).name)
+        self.stop_watch.start(STOP_GRACE_S, code=0)
         self.should_exit.set()
+        self.stats.state = "stopping"
         self._stop_round()
 
     def _stop_round(self) -> None:
         if self.loop is not None:
             self.loop.stop_round()
 
-    async def serve(self) -> int:
+    async def serve(self, stopped: threading.Event | None = None) -> int:
+        """Run until stopped; `stopped`: see run_daemon."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.handle_signal, sig)
-        lock = open_state_dir(self.cfg.state_dir)
+        logging.getLogger().addHandler(self.warnings)
         try:
-            if self._keep_spec:
-                try:
-                    log.info("run spec kept in %s: a restart without the invite goes on with this run",
-                             keep_spec(self.cfg.state_dir, self.spec))
-                except OSError as e:
-                    raise NodeError(f"state directory {self.cfg.state_dir}: cannot write the run spec "
-                                    f"({e.strerror or e})") from None
-            with PeerListing():  # other peers of this machine do not pause for our use of a GPU
-                return await self._serve()
+            if stopped is not None and stopped.is_set():
+                log.info("stopped before the daemon started")
+                return 0
+            lock = lock_state_dir(self.cfg.state_dir)
+            control = ControlServer(self.cfg.state_dir, self.status, self.history)
+            try:
+                # Up before anything slow (importing hivemind, p2pd, the dials, the state
+                # download), so that `node status` can tell what the start waits for.
+                await control.start()
+                ensure_identity(self.cfg.state_dir)
+                if self._keep_spec:
+                    try:
+                        log.info("run spec kept in %s: a restart without the invite goes on with this run",
+                                 keep_spec(self.cfg.state_dir, self.spec))
+                    except OSError as e:
+                        raise NodeError(f"state directory {self.cfg.state_dir}: cannot write the run spec "
+                                        f"({e.strerror or e})") from None
+                with PeerListing():  # other peers of this machine do not pause for our use of a GPU
+                    return await self._serve()
+            finally:
+                await control.stop()
+                os.close(lock)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            os.close(lock)
+            logging.getLogger().removeHandler(self.warnings)
             self.events.close()
+
+    async def _unless_stopped(self, aw):
+        """`aw`'s result; a stop that comes first cancels `aw` and ends the start (_Stopped)."""
+        done, result = await unless_stopped(aw, self.should_exit)
+        if not done:
+            raise _Stopped
+        return result
 
     async def _serve(self) -> int:
         from hivemind.dht.node import DHTNode
@@ -161,11 +196,11 @@ class Daemon:
         from locoswarm.node.runinfo import RunInfoServer
         from locoswarm.node.statesync import StateServer
 
-        started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit)
+        started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit, self.dialling)
         if started is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         p2p, self.initial_peers = started
-        dht = control = registry = progress = pulls = None
+        dht = registry = progress = pulls = None
         try:
             self.peer_id = p2p.peer_id.to_base58()
             self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
@@ -176,20 +211,22 @@ class Daemon:
             self.membership = Membership(self.peer_id, restricted=access.restricted, refuse=refuse,
                                          heard_ttl_s=self.cfg.record_ttl_s)
             validator = CachedSignatureValidator(identity_key(self.cfg.state_dir))
-            dht = await DHTNode.create(p2p=p2p, initial_peers=self.initial_peers or None, record_validator=validator,
-                                       client_mode=self.cfg.net.dht_client, **DHT_OPTIONS)
+            dht = await self._unless_stopped(DHTNode.create(
+                p2p=p2p, initial_peers=self.initial_peers or None, record_validator=validator,
+                client_mode=self.cfg.net.dht_client, **DHT_OPTIONS))
+            self.dialling.since = None  # the DHT reached its initial peers too
             registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
                                     validator=validator, refuse=refuse, read_period_s=self._refresh_s,
                                     peer_id=self.peer_id)
             self.shard = self.cfg.shard
             if self.shard is None:
                 self.shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
-            trainer = self.trainer = await self.pools.train(self._build_trainer, self.shard)
+            trainer = self.trainer = await self._unless_stopped(self.pools.train(self._build_trainer, self.shard))
             log.info("training on %s in %s, micro-batch %d of %d", trainer.device, trainer.precision,
                      trainer.micro_batch, self.spec.batch_size)
             gpu = gpu_id(trainer.device)  # None on the CPU or MPS: the governor then watches no GPU
             self.idle.gpu = None if gpu is None else GpuWatch(gpu)
-            resumed = await self.checkpoints.resume(trainer, self.pools.train)
+            resumed = await self._unless_stopped(self.checkpoints.resume(trainer, self.pools.train))
             if resumed is not None:
                 self.events(Resumed(round=resumed))
             self.lineage.start(trainer.outer_steps, self.checkpoints.resumed_meta.get("chain"),
@@ -207,8 +244,6 @@ class Daemon:
             await self.states.start()
             await progress.start()
             await RunInfoServer(p2p, self.spec.run_id, self.spec_hash, private=access.restricted).start()
-            control = ControlServer(self.cfg.state_dir, self.status, self.history)
-            await control.start()
             if access.work_bits:
                 self.stats.state = "proving"  # node status says why nothing trains yet (minutes at 16 bits)
                 work = await prove_work(self.cfg.state_dir, self.spec_hash, self.peer_id, access.work_bits,
@@ -227,7 +262,7 @@ class Daemon:
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
-            await self._join(registry, p2p)
+            await self._unless_stopped(self._join(registry, p2p))
             self._joining = False
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
@@ -239,11 +274,11 @@ class Daemon:
             self.bar.start()
             await self.loop.run()
             return 0
+        except _Stopped:
+            log.info("stopped while %s", self.stats.state)
+            return 0
         finally:
-            # A stop must end: should anything below hang (it happened once in CI's fault
-            # suite, after the final round, cause not found), every thread's stack goes to
-            # stderr and the process exits 1 after STOP_LIMIT_S.
-            faulthandler.dump_traceback_later(STOP_LIMIT_S, exit=True)
+            self.stop_watch.start(OWN_STOP_GRACE_S, code=1)  # a signal's sooner deadline stays
             self.bar.stop()
             self.stats.state = "stopping"
             self._stop_round()
@@ -255,6 +290,8 @@ class Daemon:
                 pulls.close()
             for task in self._tasks:
                 task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=STOP_STEP_S)
             if self.membership is not None:
                 # The view now, with the peers heard over streams since the last registry
                 # refresh (every few seconds): a short life would otherwise keep only the
@@ -262,17 +299,18 @@ class Daemon:
                 remember_peers(self.cfg.state_dir, self.membership.records)
             if registry is not None:
                 try:
-                    await asyncio.wait_for(registry.withdraw(self.peer_id), 3.0)
+                    await asyncio.wait_for(registry.withdraw(self.peer_id), STOP_STEP_S)
                 except Exception as e:  # leaving anyway: the record expires on its own
                     log.info("could not withdraw the peer record: %s", e)
-            if control is not None:
-                await control.stop()
+            # Queued work is dropped; a step still running ends on its own (the process
+            # waits for it at exit, StopWatch bounds that).
             self.pools.shutdown()
             if dht is not None:
                 try:
-                    await asyncio.wait_for(dht.shutdown(), STOP_STEP_S)
+                    # Only unregisters its handlers from p2pd, which stops next anyway.
+                    await asyncio.wait_for(dht.shutdown(), STOP_STEP_S / 2)
                 except Exception as e:  # leaving anyway (a timeout among them): p2pd's end closes its streams
-                    log.warning("the DHT did not stop cleanly: %s", type(e).__name__)
+                    log.info("the DHT did not stop cleanly: %s", type(e).__name__)
             await stop_p2p(p2p)
 
     @property
@@ -377,7 +415,9 @@ class Daemon:
     def status(self) -> dict:
         t, st = self.trainer, self.stats
         return {
-            "state": st.state,
+            "state": "dialling" if st.state == "starting" and self.dialling.since is not None else st.state,
+            "dialling_since": self.dialling.since,
+            "dial_attempts": self.dialling.attempts,
             "round": 0 if t is None else t.round,
             "loss": st.loss,
             "eval_loss": st.eval_loss,
@@ -385,7 +425,7 @@ class Daemon:
             "peers_estimate": 1.0 if self.membership is None else self.membership.peers_estimate,
             "bytes_sent": self.bytes_sent,
             "bytes_received": st.bytes_received,
-            "peer_id": self.peer_id,
+            "peer_id": self.peer_id or None,
             "addrs": self.addrs,
             "device": None if t is None else t.device.type,
             "precision": None if t is None else t.precision,
@@ -399,6 +439,8 @@ class Daemon:
             "paused": self.idle.paused,
             "checkpoint_round": self.checkpoints.round,
             "checkpoint_error": self.checkpoints.error,
+            "last_round_at": st.last_round_at,
+            "warnings": self.warnings.lines,
             "established_peers": 0 if t is None else len(t.ledger.established_peers()),
             "earned_rounds": 0.0 if t is None else max(0, t.ledger.credits.get(self.peer_id, 0))
             / t.ledger.per_peer_tokens,
@@ -410,9 +452,12 @@ class Daemon:
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,
-               events_path: str | None = None, faults: RoundFaults | None = None, keep_spec: bool = False) -> int:
+               events_path: str | None = None, faults: RoundFaults | None = None, keep_spec: bool = False,
+               stopped: threading.Event | None = None) -> int:
     """Run a daemon until it is stopped or reaches max_rounds; returns the exit code.
-    `keep_spec`: write the spec into the state directory (a run joined by invite)."""
+    `keep_spec`: write the spec into the state directory (a run joined by invite);
+    `stopped`: set by a signal that came before the daemon's loop handles signals (the CLI's
+    start): the daemon then leaves before it begins."""
     try:
         import uvloop
 
@@ -425,7 +470,12 @@ def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = pri
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return runner(daemon.serve())
+        return runner(daemon.serve(stopped))
     except NodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A Ctrl-C before the loop's handlers are in place (asyncio turns it into this) or
+        # after they are gone: a stop like any other.
+        log.info("stopped before the daemon started or after it stopped")
+        return 0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from locoswarm.node.checks import bind_problem
 from locoswarm.node.files import leftover_temps, write_atomic
+from locoswarm.node.lifecycle import unless_stopped
 
 # hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
 # settings through this module (`node status`, the Docker healthcheck that runs it, `config
@@ -61,12 +62,38 @@ class NetworkConfig:
     together (0: no limit): joiners, or identities pretending to be, cannot take the
     volunteer's uplink or the training's share of the machine."""
 
-STOP_STEP_S = 10.0
-"""The longest one step of the stop (the DHT's, p2pd's) may take before it is cut short."""
+STOP_STEP_S = 3.0
+"""The longest p2pd may take to exit after SIGTERM before it is killed (it takes ~0.1 s;
+the whole stop must fit in lifecycle.STOP_GRACE_S)."""
+
+
+@dataclass(slots=True)
+class Dialling:
+    """How the start's attempts to reach the initial peers go, for `node status`: a start
+    behind a dead bootstrap peer retries for minutes, and must not look like no daemon."""
+
+    since: float | None = None
+    """Unix time of the first attempt (None: no initial peers to reach, or reached)."""
+    attempts: int = 0
+    """p2pd starts tried so far, each dialling every initial peer."""
 
 
 def open_state_dir(path: str) -> int:
-    """Create `path` if needed and lock it; returns the lock's file descriptor (keep it open)."""
+    """Create `path` if needed, lock it and make sure it holds a usable identity; returns the
+    lock's file descriptor (keep it open)."""
+    fd = lock_state_dir(path)
+    try:
+        ensure_identity(path)
+    except NodeError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_state_dir(path: str) -> int:
+    """Create `path` if needed and lock it, writing our pid into the lock file; returns the
+    lock's file descriptor (keep it open). Quick: nothing heavy is imported (the daemon's
+    control API comes up right after it, before ensure_identity imports hivemind)."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
@@ -87,12 +114,17 @@ def open_state_dir(path: str) -> int:
                         "give this one its own --state-dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def ensure_identity(path: str) -> None:
+    """Create the identity key in state directory `path` (locked) if there is none, or check
+    the one there; NodeError saying what to do when neither works."""
     identity = os.path.join(path, IDENTITY_FILE)
     if not os.path.exists(identity):
         try:
             _create_identity(identity)
         except OSError as e:
-            os.close(fd)
             raise NodeError(f"state directory {path}: cannot write the identity file ({e.strerror})") from None
     elif os.stat(identity).st_mode & 0o077:
         log.warning("identity file %s was readable by others: restricting it to its owner (0600)", identity)
@@ -105,10 +137,8 @@ def open_state_dir(path: str) -> int:
 
             PeerID.from_identity(key)
         except Exception as e:  # any parse failure: the file is not a key we can use
-            os.close(fd)
             raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
                             "it is left as it is: move it away to start with a new peer id") from None
-    return fd
 
 
 def _create_identity(path: str) -> None:
@@ -161,11 +191,12 @@ def identity_key(state_dir: str):
     return key
 
 
-async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event) -> tuple[P2P, list[str]] | None:
+async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event,
+                    dialling: Dialling | None = None) -> tuple[P2P, list[str]] | None:
     """Start p2pd, retrying with backoff while the initial peers cannot be reached; after a
     first failure the peers seen in the last run (ports.seen_peers) are dialed too. Returns
-    p2pd and the peers it bootstrapped from; None when `should_stop` is set before it could."""
-    from hivemind.p2p import P2P
+    p2pd and the peers it bootstrapped from; None when `should_stop` is set before it could,
+    also in the middle of an attempt. `dialling`: where the attempts are counted."""
     from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
     from locoswarm.node import ports
@@ -189,13 +220,19 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
     if alone_first:
         initial = ports.seen_peers(state_dir)
         alone_first = bool(initial)
+    dialling = dialling or Dialling()
     while True:
+        if initial:
+            dialling.since = dialling.since or time.time()
+            dialling.attempts += 1
         try:
-            p2p = await P2P.create(
-                initial_peers=initial or None, host_maddrs=listen, announce_maddrs=net.announce or None,
-                identity_path=os.path.join(state_dir, IDENTITY_FILE), use_relay=True, relay_hop_limit=0,
-                use_auto_relay=net.auto_relay,
-            )
+            p2p = await _create_unless_stopped(should_stop, initial_peers=initial or None, host_maddrs=listen,
+                                               announce_maddrs=net.announce or None,
+                                               identity_path=os.path.join(state_dir, IDENTITY_FILE),
+                                               use_relay=True, relay_hop_limit=0, use_auto_relay=net.auto_relay)
+            if p2p is None:
+                log.info("stopped while starting p2pd")
+                return None
             if net.keep_ports and not net.announce:  # with --announce, p2pd shows the announced ports, not ours
                 ports.remember(state_dir, ports.listened([str(a) for a in await p2p.get_visible_maddrs()]))
             return p2p, initial
@@ -235,19 +272,45 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
         delay = min(2 * delay, net.retry_max_s)
 
 
-async def stop_p2p(p2p: P2P) -> None:
+async def _create_unless_stopped(should_stop: asyncio.Event, **options) -> P2P | None:
+    """hivemind's P2P.create, given up when `should_stop` is set first. A start whose
+    bootstrap peer does not answer waits out p2pd's startup timeout (15 s), longer than a
+    stop may take; cancelled, P2P.create leaves the p2pd it spawned (and the one that checks
+    whether our identity is taken) running, so the p2pd children it started are killed here."""
+    import psutil
+    from hivemind.p2p import P2P
+
+    before = {c.pid for c in psutil.Process().children()}
+    started, p2p = await unless_stopped(P2P.create(**options), should_stop)
+    if started:
+        return p2p
+    if p2p is not None:
+        await stop_p2p(p2p)
+    left = []
+    for child in psutil.Process().children():
+        try:
+            if child.pid not in before and child.name().startswith("p2pd"):
+                child.kill()
+                left.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    await asyncio.to_thread(psutil.wait_procs, left, timeout=STOP_STEP_S)
+    return None
+
+
+async def stop_p2p(p2p: P2P, timeout_s: float = STOP_STEP_S) -> None:
     """Stop p2pd: SIGTERM and wait (hivemind's P2P.shutdown, which waits as long as p2pd
-    takes), SIGKILL after STOP_STEP_S. A daemon of the fault suite once sat out its whole
-    STOP_LIMIT_S after its last round with nothing but the stop left to do (2026-12-05, on a
+    takes), SIGKILL after `timeout_s`. A daemon of the fault suite once sat out its whole
+    stop limit after its last round with nothing but the stop left to do (2026-12-05, on a
     loaded 2-core machine): waiting on p2pd without a bound is one way that happens."""
     try:
-        await asyncio.wait_for(p2p.shutdown(), STOP_STEP_S)
+        await asyncio.wait_for(p2p.shutdown(), timeout_s)
         return
     except asyncio.TimeoutError:
         pass
     child = getattr(p2p, "_child", None)
     if child is not None and child.returncode is None:
-        log.warning("p2pd did not stop within %.0f s of SIGTERM: killing it", STOP_STEP_S)
+        log.warning("p2pd did not stop within %.1f s of SIGTERM: killing it", timeout_s)
         child.kill()
         await asyncio.wait_for(child.wait(), STOP_STEP_S)
 

@@ -55,6 +55,8 @@ class NodeStats:
     state: str = "starting"
     rounds_completed: int = 0
     rounds_discarded: int = 0
+    last_round_at: float | None = None
+    """Unix time this peer last ended a round (aggregated it)."""
     loss: float | None = None
     eval_loss: float | None = None
     bytes_received: int = 0

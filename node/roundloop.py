@@ -30,6 +30,7 @@ from locoswarm.node.catchup import CatchUp
 from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
+from locoswarm.node.lifecycle import unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
@@ -79,8 +80,12 @@ class RoundLoop:
                 break  # abandon the round: peers waiting for our delta drop us when our streams close
             boundary_t0 = time.perf_counter()
             if exchange is not None:
-                await exchange  # round r's outer step must be in before round r + 1's delta is taken
+                # Round r's outer step must be in before round r + 1's delta is taken; a stop
+                # meanwhile must not wait out the delta pull's deadline (30 s by default).
+                done, _ = await unless_stopped(exchange, ctx.should_exit)  # cancelled if not done
                 exchange = None
+                if not done:
+                    break
             wait_s = time.perf_counter() - boundary_t0
             if progress is None:  # training failed: take the round's boundary and drop it
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
@@ -99,8 +104,8 @@ class RoundLoop:
                                  overlapped=overlap)
             if overlap:
                 exchange = asyncio.ensure_future(step)
-            else:
-                await step
+            else:  # awaited here, and as at the boundary above a stop does not wait out the pull's deadline
+                await unless_stopped(step, ctx.should_exit)
         if exchange is not None:
             if ctx.should_exit.is_set():
                 exchange.cancel()
@@ -268,6 +273,7 @@ class RoundLoop:
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
                            residual)
         ctx.stats.rounds_completed += 1
+        ctx.stats.last_round_at = time.time()
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
@@ -345,8 +351,8 @@ class RoundLoop:
         # waiting for the others' records to move on) would all wait out the deadline.
         ctx.progress.show()
         linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
-        while time.monotonic() < linger_until and ctx.membership.expected(last):
-            await asyncio.sleep(0.1)
+        while time.monotonic() < linger_until and ctx.membership.expected(last) and not ctx.should_exit.is_set():
+            await asyncio.sleep(0.1)  # a signal ends the lingering (the peers then drop our delta), not the final model
         unfinished = len(ctx.membership.expected(last))
         ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         digest = await ctx.pools.train(trainer.state_digest)

@@ -121,5 +121,7 @@ class Pools:
         await asyncio.to_thread(self.exchange.shutdown, True)
 
     def shutdown(self) -> None:
-        self.training.shutdown(wait=True)
-        self.exchange.shutdown(wait=True)
+        """Drop the work not begun and return at once: a stop must not wait behind queued
+        work, nor on the loop for a step in progress (the process waits for that at exit)."""
+        self.training.shutdown(wait=False, cancel_futures=True)
+        self.exchange.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_
           "rounds_completed": 3, "rounds_discarded": 0, "shard": 1, "deltas_rejected": 4, "checkpoint_round": None,
           "checkpoint_error": None, "paused": None, "precision": "fp32", "micro_batch": 8,
           "requests_refused": 0, "established_peers": 2, "earned_rounds": 9.5,
-          "checks": 6, "checks_failed": 1, "least_agreement": 0.04, "excluded_peers": 1}
+          "checks": 6, "checks_failed": 1, "least_agreement": 0.04, "excluded_peers": 1,
+          "dialling_since": None, "dial_attempts": 0, "last_round_at": 1796537976.5,
+          "warnings": ["06:20:36 round 2: no delta from QmY: timed out"]}
 
 
 async def _get(port: int, path: str) -> tuple[str, str]:
@@ -76,6 +79,57 @@ def test_the_dashboard_page_and_its_history_are_served(tmp_path):
 def test_status_without_a_daemon_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no daemon is running"):
         read_status(str(tmp_path))
+
+
+def test_status_tells_a_held_state_dir_not_answering_yet_from_one_no_daemon_runs_on(tmp_path):
+    """A daemon holds its state directory's lock from its first moment; before its control
+    API answers (or after a SIGKILL left control.json behind) `node status` says which."""
+    from locoswarm.node.host import lock_state_dir
+
+    fd = lock_state_dir(str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match=rf"a daemon \(pid {os.getpid()}\) holds state directory .* not "
+                                               "answering yet"):
+            read_status(str(tmp_path))
+    finally:
+        os.close(fd)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "lock").write_text(gone.stdout.strip())  # the pid of a process that ended
+    with pytest.raises(RuntimeError, match="no daemon is running"):
+        read_status(str(tmp_path))
+    (tmp_path / "control.json").write_text(json.dumps({"port": 9, "pid": int(gone.stdout)}))  # left by a SIGKILL
+    with pytest.raises(RuntimeError, match=rf"no daemon is running .*pid {gone.stdout.strip()}, which wrote"):
+        read_status(str(tmp_path))
+
+
+def test_text_status_shows_what_the_json_tells_a_volunteer(tmp_path):
+    """Plain `node status` prints why training is paused, a checkpoint error, the dialling
+    of the initial peers, the last round's time and the warnings: once only --json did."""
+    from typer.testing import CliRunner
+
+    from locoswarm.cli.main import app
+
+    status = {**STATUS, "state": "dialling", "paused": "the owner is gaming (gpu busy)",
+              "checkpoint_error": "No space left on device", "checkpoint_round": 40,
+              "dialling_since": 1796537000.0, "dial_attempts": 3, "peer_id": None}
+
+    async def go():
+        server = ControlServer(str(tmp_path), lambda: status)
+        await server.start()
+        try:
+            return await asyncio.to_thread(CliRunner().invoke, app, ["node", "status", "--state-dir", str(tmp_path)])
+        finally:
+            await server.stop()
+
+    out = asyncio.run(go())
+    assert out.exit_code == 0, out.output
+    text = out.output
+    for shown in ("dialling: round 3", "paused: the owner is gaming (gpu busy)",
+                  "checkpoint error: No space left on device (the last written is of round 40)",
+                  "dialling the initial peers since", "3 attempts", "rounds: 3 completed, 0 discarded, the last ended",
+                  "warning: 06:20:36 round 2: no delta from QmY: timed out", "peer — (p2pd not started)",
+                  "4 deltas rejected", "1 failed"):
+        assert shown in text, (shown, text)
 
 
 def test_the_status_schema_is_printed_and_refuses_what_it_should():

@@ -31,7 +31,7 @@ from harness import (Swarm, assert_clean_exit, final, first_addr, node_status, p
 
 STATUS_KEYS = {"state", "round", "loss", "eval_loss", "num_peers", "bytes_sent", "bytes_received", "peer_id",
                "addrs", "device", "tokens_per_s", "rounds_completed"}
-STATES = {"starting", "syncing", "waiting", "paused", "training", "exchanging", "stopping"}
+STATES = set(harness.STATUS_SCHEMA["properties"]["state"]["enum"])
 """The states node/control.py documents."""
 REPLICA_DRIFT_BOUND = 0.15
 """Bound on max over peer pairs of ||θ_i − θ_j|| / ||θ_i|| after 8 rounds of three peers.
@@ -327,6 +327,13 @@ def test_an_unreachable_initial_peer_is_retried_and_its_state_dir_refuses_a_seco
     unreachable = f"/ip4/127.0.0.1/tcp/9/p2p/{nobody}"
     waiting = swarm.join("w", peer=unreachable)
     waiting.wait_for(r"cannot reach any of the initial peers.*retrying", 60, stderr=True)
+    # node status says so (it once said "no daemon is running" until the first peer answered).
+    st = node_status(tmp_path / "w")
+    assert st["state"] == "dialling" and st["dial_attempts"] >= 1 and st["peer_id"] is None, st
+    assert any("cannot reach any of the initial peers" in w for w in st["warnings"]), st
+    text = subprocess.run([sys.executable, "-m", "locoswarm", "node", "status", "--state-dir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0 and "dialling the initial peers since" in text.stdout, text.stdout + text.stderr
     second = swarm.join("w", peer=unreachable)
     assert second.wait_exit(60) == 2, second.tail()
     assert str(tmp_path / "w") in second.stderr() and "in use" in second.stderr(), second.tail()

@@ -90,3 +90,41 @@ def test_a_start_whose_initial_peers_are_all_gone_dials_the_peers_seen_last_what
     monkeypatch.setattr(P2P, "create", starting("some other failure"))
     with pytest.raises(NodeError, match="p2pd did not start: .*some other failure"):
         asyncio.run(start_p2p(str(state), net, asyncio.Event()))
+
+
+def test_a_stop_while_p2pd_starts_cancels_the_start_and_the_dial_attempts_are_counted(tmp_path, monkeypatch):
+    """p2pd's start waits up to 15 s for a bootstrap peer that does not answer: a stop must
+    not wait it out. The attempts are counted for node status (dialling since …, N attempts)."""
+    import asyncio
+
+    from hivemind.p2p import P2P
+
+    from locoswarm.node.host import Dialling, NetworkConfig, start_p2p
+
+    state = tmp_path / "s"
+    _open(state)
+    silent = "/ip4/127.0.0.1/tcp/4001/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+    net = NetworkConfig(listen=["/ip4/127.0.0.1/tcp/0"], peers=[silent], keep_ports=False)
+    cancelled = []
+
+    async def go():
+        started = asyncio.Event()
+
+        async def create(**kw):
+            started.set()
+            try:
+                await asyncio.sleep(3600)  # a bootstrap peer that never answers
+            except asyncio.CancelledError:
+                cancelled.append(kw["initial_peers"])
+                raise
+
+        monkeypatch.setattr(P2P, "create", create)
+        stop, dialling = asyncio.Event(), Dialling()
+        task = asyncio.ensure_future(start_p2p(str(state), net, stop, dialling))
+        await started.wait()
+        assert dialling.attempts == 1 and dialling.since is not None
+        stop.set()
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(go()) is None
+    assert cancelled == [[silent]]

@@ -1,0 +1,91 @@
+"""How a daemon's stop is bounded (docs/status.md, "every stop path"): a step of the start
+gives way to a stop (`unless_stopped`), each network step of the stop has its bound, and
+StopWatch forces a stop that overruns its grace, after uvicorn's force_exit: the first
+signal asks for a graceful stop, a deadline, not the volunteer, ends one that hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+STOP_GRACE_S = 8.0
+"""The longest a stop asked by a signal may take, from the signal to the process's end,
+before StopWatch forces it: Docker and Kubernetes kill a container 10 s after their SIGTERM,
+and a volunteer's Ctrl-C must not hang. A stop takes 1-3 s; the leave checkpoint of a model
+too big to write in the time is cut (the periodic checkpoint before it stays)."""
+OWN_STOP_GRACE_S = 30.0
+"""The same for a stop of the daemon's own (--max-rounds, an error), which nobody waits on
+with a SIGKILL: on a loaded machine its bounded steps may add up past STOP_GRACE_S."""
+STOP_STEP_S = 2.0
+"""The longest one network step of the stop (withdrawing our record, the DHT's stop) may take."""
+
+
+class StopWatch:
+    """Ends the process should a stop overrun its grace (something in a thread, a pool's
+    work or hivemind's shutdown that hangs): every thread's stack to stderr, so the hang can
+    be found, p2pd killed, and the exit code the stop would have given (0 after a signal:
+    the volunteer asked to leave, and checkpoints are written atomically, so nothing on disk
+    is half done). A daemon thread, so it never holds the exit up itself."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._deadline: float | None = None
+        self.code = 0
+
+    def start(self, grace_s: float, code: int) -> None:
+        """The stop began, or was asked again: force it `grace_s` from now, exiting with
+        `code`, unless an earlier start set a sooner deadline (a signal during a stop of the
+        daemon's own shortens it)."""
+        with self._changed:
+            deadline = time.monotonic() + grace_s
+            first = self._deadline is None
+            if first or deadline < self._deadline:
+                self._deadline, self.code = deadline, code
+                self._changed.notify()
+        if first:
+            threading.Thread(target=self._watch, name="locoswarm-stop-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while (left := self._deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+        log.error("the stop overran its grace: forcing the exit (the threads' stacks follow)")
+        faulthandler.dump_traceback(all_threads=True)
+        kill_children()
+        os._exit(self.code)
+
+
+def kill_children() -> None:
+    """SIGKILL this process's children (p2pd, and a second p2pd checking our identity):
+    a forced exit must not leave them running."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+async def unless_stopped(aw, should_stop: asyncio.Event) -> tuple[bool, Any]:
+    """(True, `aw`'s result), or (False, its result or None) when `should_stop` was set
+    first: `aw` is then cancelled and awaited, so that a stop never waits out a step (a dial,
+    the state download, a round's delta pull) and no task is left behind."""
+    task = asyncio.ensure_future(aw)
+    stop = asyncio.ensure_future(should_stop.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done() and not should_stop.is_set():
+        return True, task.result()
+    task.cancel()
+    result = (await asyncio.gather(task, return_exceptions=True))[0]
+    return False, None if isinstance(result, BaseException) else result
