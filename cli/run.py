@@ -59,6 +59,8 @@ def show(path: Optional[Path] = typer.Argument(None, help="A run spec; the embed
 @app.command()
 def invite(
     path: Optional[Path] = typer.Argument(None, help="The run spec; the embedded default when omitted."),
+    run: Optional[Path] = typer.Option(None, "--run", help="The run spec, as node join names it (or give it as "
+                                       "the argument)."),
     peer: Optional[list[str]] = typer.Option(None, help="Address to join through, with /p2p/<id> (repeatable); "
                                              "default: the spec's initial peers, else those of the node running "
                                              "on --state-dir."),
@@ -78,7 +80,10 @@ def invite(
     try:
         if valid_days < 0:
             raise ValueError(f"--valid-days must be >= 0, got {valid_days}")
-        spec = load_spec(None if path is None else str(path))
+        if path is not None and run is not None and path != run:
+            raise ValueError(f"two run specs given, {path} and --run {run}: give one")
+        chosen = path if path is not None else run
+        spec = load_spec(None if chosen is None else str(chosen))
         if not os.path.exists(os.path.join(folder, IDENTITY_FILE)):
             raise ValueError(f"no identity in {folder}: an invite is signed by the organiser's node; start it once "
                              "(`locoswarm node join`) or pass its --state-dir")

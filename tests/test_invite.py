@@ -124,7 +124,7 @@ def test_run_invite_prints_a_join_line_and_node_join_refuses_bad_invites_before_
     runner = CliRunner()
     run_file = tmp_path / "run.toml"
     write_spec(spec(), str(run_file))
-    done = runner.invoke(app, ["run", "invite", str(run_file), "--state-dir", str(folder), "--peer", ADDR])
+    done = runner.invoke(app, ["run", "invite", "--run", str(run_file), "--state-dir", str(folder), "--peer", ADDR])
     assert done.exit_code == 0, done.output
     line = done.stdout.strip()
     assert line.startswith("locoswarm node join --invite " + inv.PREFIX)
