@@ -121,3 +121,16 @@ def encoded_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(RoundStep, "encode", recording)
     return lengths
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """The daemons one test starts (harness.Swarm), all reaped at its end; the last lines of
+    each are printed, which pytest shows only when the test failed."""
+    from harness import Swarm
+
+    s = Swarm(tmp_path)
+    yield s
+    s.reap()
+    for child in s.children:
+        print(child.tail(60))

@@ -39,16 +39,6 @@ Replicas restart each round at θ_outer − their own unsent residual, so they d
 their residuals; measured 0.060–0.079 (six runs, 2 CPU cores, about 0.067 typical)."""
 
 
-
-@pytest.fixture
-def swarm(tmp_path: Path):
-    s = Swarm(tmp_path)
-    yield s
-    s.reap()
-    for child in s.children:  # pytest shows this only when the test failed
-        print(child.tail(60))
-
-
 # ---------------------------------------------------------------- training together
 
 

@@ -179,14 +179,6 @@ def test_a_service_given_an_invite_passes_the_check_it_runs_before_starting(orga
     assert not (tmp_path / "state").exists()
 
 
-@pytest.fixture
-def swarm(tmp_path: Path):
-    s = Swarm(tmp_path)
-    yield s
-    s.reap()
-    for child in s.children:
-        print(child.tail(60))
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(240, method="signal")

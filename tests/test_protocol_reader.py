@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,14 +18,6 @@ READER = os.path.join(os.path.dirname(__file__), "peers", "read_swarm.py")
 RECORD_FIELDS = {"v", "peer", "addrs", "device", "tokens_per_s", "round", "spec", "paused", "proof", "diverged",
                  "chain", "prev_chain", "inc", "anchors", "seq", "work"}
 
-
-@pytest.fixture
-def swarm(tmp_path: Path):
-    s = Swarm(tmp_path)
-    yield s
-    s.reap()
-    for child in s.children:
-        print(child.tail(40))
 
 
 @pytest.mark.slow
