@@ -43,7 +43,7 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from hivemind.dht.node import DHTNode
 
     from locoswarm.node.config import NodeConfig
-    from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+    from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
     from locoswarm.node.exchange import PROTOCOL as DELTA_PROTOCOL
     from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame, record_frame
     from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry

@@ -72,7 +72,8 @@ def invite(
     through, signed by the organiser node's identity."""
     from locoswarm.node.config import default_state_dir
     from locoswarm.node.control import read_status
-    from locoswarm.node.host import IDENTITY_FILE, NodeError, identity_key
+    from locoswarm.node.host import NodeError
+    from locoswarm.node.statedir import IDENTITY_FILE, identity_key
     from locoswarm.node.invite import make_invite
     from locoswarm.node.spec import load_spec
 

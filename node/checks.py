@@ -142,7 +142,7 @@ def bind_problem(maddr: str) -> str | None:
 
 def check_state_dir(setting: str, path: str) -> None:
     """A folder, or a path where none exists yet (whether it can be made is found when the
-    daemon makes it: host.open_state_dir says so, before p2pd starts)."""
+    daemon makes it: statedir.open_state_dir says so, before p2pd starts)."""
     if not path:
         raise SettingError(setting, path, "must name a folder")
     if os.path.exists(path) and not os.path.isdir(path):

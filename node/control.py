@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from locoswarm.node.files import write_atomic
-from locoswarm.node.host import LOCK_FILE
+from locoswarm.node.statedir import LOCK_FILE
 
 _STATES = ["starting", "dialling", "proving", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
 _TIME = {"type": ["number", "null"], "minimum": 0}

@@ -52,8 +52,8 @@ from locoswarm.node.gpuwatch import GpuWatch
 from locoswarm.node.hardware import gpu_id, pick_device
 from locoswarm.node.handover import served
 from locoswarm.node.invite import keep_spec
-from locoswarm.node.host import (DHT_OPTIONS, Dialling, NodeError, ensure_identity, identity_key, lock_state_dir,
-                                 start_p2p, stop_p2p)
+from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, start_p2p, stop_p2p
+from locoswarm.node.statedir import ensure_identity, identity_key, lock_state_dir
 from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
                                       unless_stopped)
 from locoswarm.node.lineage import Lineage

@@ -1,7 +1,5 @@
-"""What a daemon owns on this machine and on the network before it trains: its state
-directory (locked, so two daemons never share one), its libp2p identity (a key file in the
-state directory, created with mode 0600 before p2pd starts, so the peer id survives restarts), and
-its p2pd with the listen addresses and relay policy.
+"""What a daemon owns on the network before it trains: its p2pd with the listen addresses
+and relay policy (its state directory and identity: node/statedir.py).
 
 Relay policy (on purpose): a peer may *dial through* relays (`use_relay`), so it can reach
 volunteers behind NAT that found a relay, but it never *acts* as a relay for others
@@ -12,7 +10,6 @@ relaying strangers' traffic would spend the volunteer's upload on bytes that tra
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import re
@@ -21,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from locoswarm.node.checks import bind_problem
-from locoswarm.node.files import leftover_temps, write_atomic
+from locoswarm.node.statedir import IDENTITY_FILE, NodeError
 from locoswarm.node.lifecycle import unless_stopped
 
 # hivemind (which imports torch) is imported where p2pd starts, not here: what only reads
@@ -31,13 +28,7 @@ if TYPE_CHECKING:
     from hivemind.p2p import P2P
 
 log = logging.getLogger(__name__)
-IDENTITY_FILE = "identity.key"
-LOCK_FILE = "lock"
 DEFAULT_LISTEN = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
-
-
-class NodeError(Exception):
-    """A problem the daemon cannot start or go on with; its message says what to do."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,84 +69,6 @@ class Dialling:
     """p2pd starts tried so far, each dialling every initial peer."""
 
 
-def open_state_dir(path: str) -> int:
-    """Create `path` if needed, lock it and make sure it holds a usable identity; returns the
-    lock's file descriptor (keep it open)."""
-    fd = lock_state_dir(path)
-    try:
-        ensure_identity(path)
-    except NodeError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def lock_state_dir(path: str) -> int:
-    """Create `path` if needed and lock it, writing our pid into the lock file; returns the
-    lock's file descriptor (keep it open). Quick: nothing heavy is imported (the daemon's
-    control API comes up right after it, before ensure_identity imports hivemind)."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise NodeError(f"state directory {path}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise NodeError(f"state directory {path}: not readable and writable by this user")
-    lock_path = os.path.join(path, LOCK_FILE)
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise NodeError(f"state directory {path}: cannot open {lock_path} ({e.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise NodeError(f"state directory {path} is in use by another running node (pid {owner}); "
-                        "give this one its own --state-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def ensure_identity(path: str) -> None:
-    """Create the identity key in state directory `path` (locked) if there is none, or check
-    the one there; NodeError saying what to do when neither works."""
-    identity = os.path.join(path, IDENTITY_FILE)
-    if not os.path.exists(identity):
-        try:
-            _create_identity(identity)
-        except OSError as e:
-            raise NodeError(f"state directory {path}: cannot write the identity file ({e.strerror})") from None
-    elif os.stat(identity).st_mode & 0o077:
-        log.warning("identity file %s was readable by others: restricting it to its owner (0600)", identity)
-        os.chmod(identity, 0o600)
-    if os.path.exists(identity):
-        try:
-            with open(identity, "rb") as fh:
-                key = fh.read(1 << 16)
-            from hivemind.p2p import PeerID
-
-            PeerID.from_identity(key)
-        except Exception as e:  # any parse failure: the file is not a key we can use
-            raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
-                            "it is left as it is: move it away to start with a new peer id") from None
-
-
-def _create_identity(path: str) -> None:
-    """A new libp2p private key (RSA, as hivemind makes them) at `path`, written by
-    files.write_atomic: mode 0600 from its creation (never readable by others, not even for
-    a moment), fsynced and renamed, so a crash leaves either no identity or a whole one.
-    Called under the state directory's lock, so no other writer is active and a temporary
-    key a killed daemon left behind can go."""
-    from hivemind.proto import crypto_pb2
-    from hivemind.utils.crypto import RSAPrivateKey
-
-    for stale in leftover_temps(path):
-        os.unlink(stale)
-    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-    write_atomic(path, key.SerializeToString())
-
-
 BOOTSTRAP_FAILED = ("failed to connect to bootstrap peers", "failed to find any peer in table")
 """What p2pd's last line says when none of the initial peers could be reached: hivemind's
 error carries p2pd's last line, which is the bootstrap error itself, or on a fast machine
@@ -171,24 +84,6 @@ def _host_port(maddr: str) -> str:
 
 def _bootstrap_failed(text: str) -> bool:
     return any(sign in text for sign in BOOTSTRAP_FAILED)
-
-
-def identity_key(state_dir: str):
-    """This peer's libp2p identity as hivemind's RSAPrivateKey, so that the key signing its
-    DHT records is the key its peer id is the hash of: a record can then be checked against
-    the peer id it names (registry.peer_id_of_owner), not merely against some key."""
-    from hivemind.proto import crypto_pb2
-    from hivemind.utils.crypto import RSAPrivateKey
-
-    path = os.path.join(state_dir, IDENTITY_FILE)
-    with open(path, "rb") as fh:
-        stored = crypto_pb2.PrivateKey.FromString(fh.read(1 << 16))
-    if stored.key_type != crypto_pb2.KeyType.RSA:
-        raise NodeError(f"identity file {path} holds a {crypto_pb2.KeyType.Name(stored.key_type)} key; records are "
-                        "signed with RSA keys: move it away to start with a new peer id")
-    key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind has no constructor from bytes; this is its unpickling
-    key.__setstate__({"_private_key": stored.data})
-    return key
 
 
 async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event,

@@ -62,7 +62,7 @@ class Invite:
 
 def make_invite(spec: RunSpec, peers: list[str], key, *, valid_s: float = 0, now: float | None = None) -> str:
     """The invite to `spec` joined through `peers` (multiaddrs with /p2p/<id>), signed with
-    `key` (hivemind's RSAPrivateKey: the organiser node's identity, node/host.identity_key)."""
+    `key` (hivemind's RSAPrivateKey: the organiser node's identity, node/statedir.identity_key)."""
     peers = check_peers(peers)
     if not peers:
         raise InviteError("an invite needs at least one address to join through (with /p2p/<peer id>)")

@@ -84,7 +84,7 @@ def test_status_without_a_daemon_says_so(tmp_path):
 def test_status_tells_a_held_state_dir_not_answering_yet_from_one_no_daemon_runs_on(tmp_path):
     """A daemon holds its state directory's lock from its first moment; before its control
     API answers (or after a SIGKILL left control.json behind) `node status` says which."""
-    from locoswarm.node.host import lock_state_dir
+    from locoswarm.node.statedir import lock_state_dir
 
     fd = lock_state_dir(str(tmp_path))
     try:

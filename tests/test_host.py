@@ -10,7 +10,7 @@ import stat
 from hivemind.p2p import PeerID
 
 from locoswarm.node.files import TEMP_SUFFIX
-from locoswarm.node.host import IDENTITY_FILE, open_state_dir
+from locoswarm.node.statedir import IDENTITY_FILE, open_state_dir
 
 
 def _open(path) -> int:

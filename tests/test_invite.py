@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from harness import Swarm, assert_clean_exit, final, first_addr, wait_round
 from locoswarm.cli.main import app
 from locoswarm.node import invite as inv
-from locoswarm.node.host import IDENTITY_FILE, _create_identity, identity_key
+from locoswarm.node.statedir import IDENTITY_FILE, _create_identity, identity_key
 from locoswarm.node.spec import RunSpec, TrustPolicy, load_spec, write_spec
 
 ADDR = "/ip4/203.0.113.5/tcp/31337/p2p/QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"

@@ -21,7 +21,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils import get_dht_time
 
-from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.buckets import bucket_key
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.protocol.records import PeerRecord, encode_record

@@ -37,7 +37,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
 from locoswarm.node.exchange import PROTOCOL, REQUEST_LEN
-from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.spec import load_spec

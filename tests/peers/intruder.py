@@ -22,7 +22,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
 
 from locoswarm.node.exchange import PROTOCOL
-from locoswarm.node.host import IDENTITY_FILE, identity_key, open_state_dir
+from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.registry import PeerRegistry
 from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame
 from locoswarm.node.streams import call_framed
