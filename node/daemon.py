@@ -60,6 +60,7 @@ from locoswarm.node.lineage import Lineage
 from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
 from locoswarm.node.ports import remember_peers
+from locoswarm.node.report import history_of, status_of
 from locoswarm.node.dashboard import Baseline
 from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
@@ -156,7 +157,8 @@ class Daemon:
                 log.info("stopped before the daemon started")
                 return 0
             lock = lock_state_dir(self.cfg.state_dir)
-            control = ControlServer(self.cfg.state_dir, self.status, self.history)
+            control = ControlServer(self.cfg.state_dir, functools.partial(status_of, self),
+                                    functools.partial(history_of, self))
             try:
                 # Up before anything slow (importing hivemind, p2pd, the dials, the state
                 # download), so that `node status` can tell what the start waits for.
@@ -402,53 +404,6 @@ class Daemon:
     @property
     def bytes_sent(self) -> int:
         return sum(s.bytes_sent for s in (self.deltas, self.states) if s is not None)
-
-    def history(self) -> dict:
-        """The last rounds (for the dashboard's chart) and the live peers' records."""
-        records = self.membership.records if self.membership is not None else []
-        peers = [{"peer_id": r.peer_id, "device": r.device, "tokens_per_s": r.tokens_per_s, "round": r.round,
-                  "paused": r.paused} for r in records]
-        return {"rounds": list(self.stats.history), "peers": peers, "started_unix_s": self.stats.started_unix_s,
-                "contributions": self.stats.contributions.rows(self.peer_id),
-                "baseline": None if self.baseline is None else self.baseline.read()}
-
-    def status(self) -> dict:
-        t, st = self.trainer, self.stats
-        return {
-            "state": "dialling" if st.state == "starting" and self.dialling.since is not None else st.state,
-            "dialling_since": self.dialling.since,
-            "dial_attempts": self.dialling.attempts,
-            "round": 0 if t is None else t.round,
-            "loss": st.loss,
-            "eval_loss": st.eval_loss,
-            "num_peers": 0 if self.membership is None else self.membership.num_peers,
-            "peers_estimate": 1.0 if self.membership is None else self.membership.peers_estimate,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": st.bytes_received,
-            "peer_id": self.peer_id or None,
-            "addrs": self.addrs,
-            "device": None if t is None else t.device.type,
-            "precision": None if t is None else t.precision,
-            "micro_batch": None if t is None else t.micro_batch,
-            "tokens_per_s": 0.0 if t is None else t.tokens_per_s,
-            "rounds_completed": st.rounds_completed,
-            "rounds_discarded": st.rounds_discarded,
-            "shard": self.shard,
-            "deltas_rejected": st.deltas_rejected,
-            "requests_refused": sum(s.limits.refused for s in (self.deltas, self.states) if s is not None),
-            "paused": self.idle.paused,
-            "checkpoint_round": self.checkpoints.round,
-            "checkpoint_error": self.checkpoints.error,
-            "last_round_at": st.last_round_at,
-            "warnings": self.warnings.lines,
-            "established_peers": 0 if t is None else len(t.ledger.established_peers()),
-            "earned_rounds": 0.0 if t is None else max(0, t.ledger.credits.get(self.peer_id, 0))
-            / t.ledger.per_peer_tokens,
-            "checks": st.checks,
-            "checks_failed": st.checks_failed,
-            "least_agreement": st.least_agreement,
-            "excluded_peers": 0 if t is None else t.ledger.num_banned,
-        }
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,
