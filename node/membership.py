@@ -28,6 +28,10 @@ no dead record but an identity that serves nothing (or a newcomer too slow for t
 node/pull.py UNPROVEN_WAIT_S), and each probe of it costs a round that bound."""
 TOLD_BEHIND = 8
 """A peer whose record is at most this many rounds behind a round is told our progress in it."""
+LATE_AHEAD = 2
+"""A held round (`Membership.candidates`, late) also asks the peers whose record is up to this
+many rounds past it: a peer keeps the delta of a round until it publishes the one two rounds
+on (node/exchange.py)."""
 MAX_HEARD = 256
 """Records told over streams kept at most (a view holds at most 200 peers)."""
 
@@ -192,11 +196,22 @@ class Membership:
             for peer in [p for p in self.proven if p not in live][:len(self.proven) - len(live) - MAX_LOST]:
                 del self.proven[peer]
 
-    def candidates(self, round_: int) -> set[str]:
+    def candidates(self, round_: int, *, late: bool = False) -> set[str]:
         """Peers whose record puts them in `round_` but that have not proven themselves (a
         newcomer, or a record with nothing behind it): each is asked for its delta and
         waited for only if it answers within a liveness bound (node/pull.py); one that
-        did not is left alone for SILENT_ROUNDS rounds."""
+        did not is left alone for SILENT_ROUNDS rounds.
+
+        `late`: for a round we hold (we joined it late, in a state we took: node/trainer.py
+        `hold`), whose peers may have stepped past it before we heard their progress: also
+        the peers whose record is up to LATE_AHEAD rounds on, proven or not. They still serve
+        the round's delta (node/exchange.py keeps two rounds), and the round must aggregate
+        what they did: a joiner that pulled only the peers still training it took 1 delta
+        where the swarm took 3, and split from it (CI, 2026-12-06)."""
+        if late:
+            return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ + LATE_AHEAD and not r.paused
+                    and not _left_alone(self.silent, r.peer_id, r.incarnation, round_)
+                    and not self.withheld(r.peer_id, round_)}
         return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) != r.incarnation
                 and not _left_alone(self.silent, r.peer_id, r.incarnation, round_)
                 and not self.withheld(r.peer_id, round_)}

@@ -165,13 +165,14 @@ class RoundLoop:
         ctx, trainer, cfg = self.ctx, self.ctx.trainer, self.ctx.cfg
         t0 = time.perf_counter()
         round_ = trainer.round
+        held = trainer.holds == round_  # joined late: the peers that took part may be past it (Membership.candidates)
         self._started[round_] = t0
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=self.carry,
                                  expected=lambda: {peer for peer in ctx.membership.expected(round_)
                                                    if not trainer.ledger.banned(peer)},
-                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_) if
+                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_, late=held) if
                                                      ctx.progress.reachable(peer) and not trainer.ledger.banned(peer)},
                                  told=lambda: ctx.membership.told(round_),
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,

@@ -432,6 +432,25 @@ def test_a_peer_whose_stream_fails_is_out_of_the_view_at_once_until_it_shows_lif
     assert "fake" not in m._gone, "forgotten with its record"
 
 
+def test_a_held_round_asks_the_peers_already_past_it_for_their_deltas():
+    """A joiner holds the first round it trains in a state it took: it joined that round
+    late, and the peers that took part may have stepped past it before their progress
+    reached it. Their records then show a later round, while they still serve its delta:
+    a held round asks them too, proven or not, up to LATE_AHEAD rounds on, where a round
+    trained from its start asks only the peers whose record puts them in it."""
+    from locoswarm.node.membership import LATE_AHEAD
+
+    m = Membership("me", restricted=False)
+    m.update([rec("still", 17), rec("past", 18), rec("proven", 17 + LATE_AHEAD), rec("gone_on", 18 + LATE_AHEAD),
+              rec("behind", 14), rec("rest", 18, paused=True)])
+    m.prove(["proven"])
+    assert m.candidates(17) == {"still"}
+    assert m.candidates(17, late=True) == {"still", "past", "proven"}, "past it by at most LATE_AHEAD, not paused"
+    m.mark_silent("past", 17)
+    m.mark_withholding("still", 17)
+    assert m.candidates(17, late=True) == {"proven"}, "left alone as in a round trained from its start"
+
+
 def test_unproven_peers_are_probed_and_one_that_did_not_answer_is_left_alone_ever_longer():
     from locoswarm.node.membership import MAX_SILENT_ROUNDS, SILENT_ROUNDS
 
