@@ -64,3 +64,19 @@ def test_each_layer_imports_only_the_layers_below_it():
             if bad:
                 wrong.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_daemon_imports_hiveminds_subpackages_without_its_averager_and_hivemind_whole_still_loads():
+    """node/_hivemind.py: the daemon's modules import without hivemind/__init__.py's averager,
+    optimizer and scipy (0.4 s of every start); the package itself, asked for anything, is
+    the real one."""
+    code = ("import sys; import locoswarm.node.daemon; "
+            "skipped = sorted(m for m in ('scipy', 'hivemind.averaging', 'hivemind.optim', 'hivemind.moe') "
+            "if m in sys.modules); "
+            "import hivemind; from hivemind import DHT, Optimizer; "
+            "print(skipped, hivemind.__version__, DHT.__module__, 'hivemind.averaging' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    skipped, version, dht, averaging = out.stdout.split()
+    assert skipped == "[]", f"imported with the daemon: {skipped}"
+    assert version.count(".") == 2 and dht == "hivemind.dht.dht" and averaging == "True"
