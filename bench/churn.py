@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from locoswarm.bench.swarm import LocalSwarm, Peer
+from locoswarm.node.control import read_status
 
 MIN_CHURN_ROUNDS = 8
 """Fewest rounds a churn run takes: two each for the clean phase and the tail, four churned."""
@@ -177,9 +178,16 @@ class Fakes:
     """"fake": bench/fake_peer.py; "flood": bench/state_flood.py (identities that ask every
     peer for its state over and over, and report the bytes they received)."""
     mode: str = ""
-    """A fake's mode (bench/fake_peer.py; "": a record only, "stall": rounds claimed, no delta served)."""
+    """A fake's mode (bench/fake_peer.py; "": a record only, "stall": rounds claimed, no delta served, "keys":
+    `count` identities' records from one process)."""
     received: list = field(default_factory=list)
     """Bytes each flood identity reported receiving when it left."""
+    seen: int = 0
+    """The most fakes an honest peer found gone from the fake phase's start to the swarm's end
+    (`node status` peers_found_gone, read every half second): a record that no daemon serves
+    is in a view for seconds, out of it once no progress stream opens to it."""
+    _gone_before: list = field(default_factory=list)
+    _next_look: float = 0.0
     started_unix_s: float | None = None
     """When the last fake's record was first stored."""
     stopped_unix_s: float | None = None
@@ -193,25 +201,42 @@ class Fakes:
         current = swarm_round(self.swarm.peers)
         if not self._procs and self.started_unix_s is None and current >= self.phases.clean_end:
             self.log(f"  {self.count} {self.kind} identities start at swarm round {current}")
+            keys = self.mode == "keys"  # one process holds them all
             argv = ([sys.executable, "-m", "locoswarm.bench.fake_peer", self.swarm.peers[0].addr, self.swarm.spec_path,
-                     self.mode]
+                     f"keys:{self.count}" if keys else self.mode]
                     if self.kind == "fake" else
                     [sys.executable, "-m", "locoswarm.bench.state_flood", *(p.addr for p in self.swarm.peers)])
             self._procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-                           for _ in range(self.count)]
+                           for _ in range(1 if keys else self.count)]
             self._announced = [threading.Event() for _ in self._procs]
             self._readers = [threading.Thread(target=_watch, args=(proc, announced, self.received), daemon=True)
                              for proc, announced in zip(self._procs, self._announced)]
             for reader in self._readers:
                 reader.start()
         elif self.started_unix_s is None and self._announced and all(e.is_set() for e in self._announced):
+            if self.kind == "fake":
+                self._gone_before = self._found_gone()
             self.started_unix_s = time.time()
             self.rounds = (current, -1)
             self.log(f"  the {self.kind} identities are in at swarm round {current}")
         elif self.rounds is not None and self.stopped_unix_s is None and \
                 current >= max(self.phases.churn_end, self.rounds[0] + MIN_FAKE_ROUNDS):
             self.leave(current)
+        if self._gone_before and time.monotonic() >= self._next_look:  # to the swarm's end: a drop comes seconds late
+            self._next_look = time.monotonic() + 0.5
+            self.seen = max([self.seen, *(after - before for before, after in zip(self._gone_before, self._found_gone())
+                                          if before is not None and after is not None)])
+
+    def _found_gone(self) -> list[int | None]:
+        """Each honest daemon's count of peers found gone (None: not answering now)."""
+        out = []
+        for peer in self.swarm.peers:
+            try:
+                out.append(int(read_status(peer.state_dir, timeout_s=2.0)["peers_found_gone"]))
+            except (RuntimeError, KeyError, TypeError, ValueError):  # between lives: not counted
+                out.append(None)
+        return out
 
     def leave(self, current: int) -> None:
         """End the fake phase at swarm round `current`."""

@@ -22,8 +22,15 @@ A third, for `locoswarm bench swarm --fakes K --fake-mode stall`, from its start
   measures: that a round waits for such an identity once, not every round (node/pull.py
   UNPROVEN_WAIT_S, node/membership.py withholding).
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall]   (runs until stdin
-closes or it is killed; prints "fake <peer id> announced" once its record is first stored)
+And a cheaper one, for `locoswarm bench swarm --fakes K --fake-mode keys`, from its start:
+- `keys:K`: K identities from one process, its own and K − 1 keys without a host of their
+  own, each with a validly signed record (its peer id the hash of the key that signs it)
+  copying the swarm's round, at an address where no host of that id answers. Keys cost
+  milliseconds; what it measures is that records alone, however many, neither hold a round
+  nor split the swarm (issue 19's "40 such keys": 23.6 → 3.2 rounds a minute and two digests).
+
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall | keys:K]   (runs until
+stdin closes or it is killed; prints "fake <peer id> announced" once its records are first stored)
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 
 REFRESH_S = 1.0
 
@@ -46,14 +54,17 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
     from locoswarm.node.exchange import PROTOCOL as DELTA_PROTOCOL
     from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame, record_frame
-    from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
+    from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry, peer_id_of_owner
     from locoswarm.node.spec import load_spec
     from locoswarm.protocol.records import PeerRecord, Progress
 
     ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
-    if mode and not ahead and mode not in ("chain", "stall"):
-        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain or stall")
+    keys = int(mode.removeprefix("keys:")) if mode.startswith("keys:") else 1
+    if mode and not ahead and keys == 1 and mode not in ("chain", "stall"):
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 1)")
     stall = mode == "stall"
+    told_modes = bool(ahead) or mode in ("chain", "stall")
+    """Modes that tell the peers over progress streams (and answer theirs)."""
     spec = load_spec(spec_path)
     invented = ((0, hashlib.blake2b(b"invented" + spec.hash(), digest_size=16).hexdigest()),) if mode == "chain" else ()
     state = tempfile.mkdtemp(prefix="locoswarm-fake-")
@@ -67,21 +78,28 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
         # The daemons' record lifetime: with a shorter one the registry refuses their records
         # as expiring too far ahead, and a fake saw no round but 0 (found 2026-12-05).
         ttl_s = NodeConfig.__dataclass_fields__["record_ttl_s"].default
-        registry = PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=ttl_s, validator=validator)
+        registries = [(me, addrs, PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=ttl_s, validator=validator))]
+        registry = registries[0][2]
+        for ghost in _ghosts(keys - 1):
+            ghost_id = peer_id_of_owner(ghost.get_public_key().to_bytes())
+            at = tuple(a.rsplit("/p2p/", 1)[0] + f"/p2p/{ghost_id}" for a in addrs)  # no host of that id answers
+            registries.append((ghost_id, at, PeerRegistry(dht, spec.run_id, spec.hash(), ttl_s=ttl_s, peer_id=ghost_id,
+                                                          validator=CachedSignatureValidator(ghost), signs=True)))
         incarnation = secrets.randbelow(2**62) + 1
         loop = asyncio.get_running_loop()
-        if mode:
+        if told_modes:
             # Progress streams to it open (and are read to the end): a peer whose streams
             # fail is out of the others' view within seconds (node/membership.py gone).
             await dht.protocol.p2p.add_binary_stream_handler(PROGRESS_PROTOCOL, _drain)
         if stall:
             await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, _not_yet)
-        elif mode:
+        elif told_modes:
             await loop.run_in_executor(None, sys.stdin.readline)
         stdin_closed = loop.run_in_executor(None, sys.stdin.read)
         shown, seq = False, 1
         while not stdin_closed.done():
-            records = [r for r in await registry.peers() if r.peer_id != me]
+            ours = {peer for peer, _, _ in registries}
+            records = [r for r in await registry.peers() if r.peer_id not in ours]
             rounds, others = [r.round for r in records], [r.peer_id for r in records]
             # Ahead of the slowest record, not the newest: several fakes ahead of each
             # other's rounds would run away together.
@@ -89,8 +107,9 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
             record = PeerRecord(peer_id=me, addrs=addrs, device="cuda", tokens_per_s=1e5, round=newest + ahead,
                                 spec_hash=spec.hash(), incarnation=incarnation, seq=seq, anchors=invented)
             seq += 1
-            stored = await registry.announce(record)
-            if mode:
+            stored = all(await asyncio.gather(*(
+                store.announce(replace(record, peer_id=peer, addrs=at)) for peer, at, store in registries)))
+            if told_modes:
                 told = record_frame(record)
                 if stall:  # done with a token in the rounds around the swarm's: a participant to pull from
                     told += b"".join(progress_frame(Progress(tokens=1, tokens_per_s=0.0, done=True,
@@ -104,6 +123,13 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
         await dht.shutdown()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _ghosts(count: int) -> list:
+    """`count` fresh RSA keys (hivemind's: the kind that signs records), ~70 ms each."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    return [RSAPrivateKey() for _ in range(count)]
 
 
 async def _drain(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -40,8 +40,9 @@ def replica_spread(paths: list[str]) -> float:
     return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
 
 
-FAKE_MODES = {"record": "", "stall": "stall"}
-"""`bench swarm --fake-mode` → bench/fake_peer.py's mode."""
+FAKE_MODES = {"record": "", "stall": "stall", "keys": "keys"}
+"""`bench swarm --fake-mode` → bench/fake_peer.py's mode ("keys": one process holds all K
+identities, `keys:K`)."""
 
 
 def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:
@@ -155,7 +156,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     "final_rounds": sorted({p.final["round"] for p in peers})})
         if fakes:
             out.update({"fakes": fakes, "fake_mode": fake_mode, "fake_rounds": [a, b],
-                        "rounds_per_minute_fakes": rate_per_minute(peers, a, b)})
+                        "rounds_per_minute_fakes": rate_per_minute(peers, a, b), "fakes_dropped": fake.seen})
         else:
             seconds = fake.stopped_unix_s - fake.started_unix_s
             out.update({"flood": flood, "flood_rounds": [a, b], "rounds_per_minute_flood": rate_per_minute(peers, a, b),
@@ -219,6 +220,8 @@ def format_swarm(r: dict) -> str:
         kind = "staller" if r.get("fake_mode") == "stall" else "fake"
         lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} {kind} identities "
                      f"(rounds {r['fake_rounds'][0]}→{r['fake_rounds'][1]}): {faked / clean:.2f}× the clean rate")
+        lines.append(f"  fakes dropped          {r['fakes_dropped']} of {r['fakes']} by an honest peer at most "
+                     "(found gone: no progress stream opens to them)")
         lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     elif "flood" in r:
         clean, flooded = r["rounds_per_minute_clean"], r["rounds_per_minute_flood"]

@@ -114,8 +114,9 @@ def swarm(
                               "serve nothing, in the middle half of the rounds; report the rate clean and with "
                               "them (0: off; needs --rounds >= 8)."),
     fake_mode: str = typer.Option("record", "--fake-mode", help="What the --fakes do: record (a signed record "
-                                  "only) or stall (they also claim every round done and answer every delta "
-                                  "request \"not yet\")."),
+                                  "only), stall (they also claim every round done and answer every delta "
+                                  "request \"not yet\") or keys (one process signs all K records, K - 1 of "
+                                  "them with keys that have no host)."),
     flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
                               "half of the rounds; report the rate clean and under the flood, and the bytes it "
                               "took (0: off; needs --rounds >= 8)."),

@@ -61,6 +61,9 @@ class Membership:
         """Peer id → when (clock) our progress stream to it could not be opened (node/outbox.py
         GONE_S): its records seen before then are out of the view; a record first seen after,
         anything it tells us, or a dial that reaches it (`back`) puts it in again."""
+        self.found_gone = 0
+        """Peers found gone so far (`gone`): `node status` tells it (a bare record that no
+        daemon serves is in a view for seconds; this count keeps it)."""
         self._streamed: set[str] = set()
         """Peers whose record in `records` is the one they told us (fresh, where the registry's
         copy can be a refresh period old)."""
@@ -150,6 +153,7 @@ class Membership:
         if record is None:
             return
         self._gone[peer] = self.clock()
+        self.found_gone += 1
         self.proven.pop(peer, None)
         if served:
             self.lost.add(record)

@@ -160,11 +160,12 @@ class PeerRegistry:
     def __init__(self, dht: DHTNode, run_id: str, spec_hash: bytes, *, ttl_s: float = 30.0,
                  validator: RSASignatureValidator | None = None,
                  refuse: Callable[[PeerRecord], str | None] | None = None,
-                 read_period_s: float = 1.0, peer_id: str | None = None) -> None:
+                 read_period_s: float = 1.0, peer_id: str | None = None, signs: bool = False) -> None:
         """`refuse(record)`: why a valid record's peer is not admitted (a private run's
         access policy), None to take it. `read_period_s`: how often the caller calls
         `peers()` (the own bucket's freshness test). `peer_id`: whose buckets are the own
-        ones (default: the DHT node's peer id)."""
+        ones (default: the DHT node's peer id). `signs`: `validator` signs what is stored, not
+        the DHT node's (an identity without a host of its own: bench/fake_peer.py)."""
         self.dht = dht
         self.refuse = refuse
         self.validator = validator
@@ -173,7 +174,7 @@ class PeerRegistry:
         self.ttl_s = ttl_s
         self.read_period_s = read_period_s
         self.peer_id = peer_id or dht.peer_id.to_base58()
-        self.store = ReplicaStore(dht)
+        self.store = ReplicaStore(dht, signer=validator if signs else None)
         self.estimate = SizeEstimate()
         self.view = PartialView(keep_s=2 * VIEW_READ_S + ttl_s, dht_clock=get_dht_time)
         self.rejected: list[tuple[str, str]] = []

@@ -46,9 +46,13 @@ routing table."""
 class ReplicaStore:
     """Stores dictionary entries at the replicas of their keys, remembering the replicas."""
 
-    def __init__(self, dht: DHTNode, clock=time.monotonic) -> None:
+    def __init__(self, dht: DHTNode, clock=time.monotonic, *, signer=None) -> None:
+        """`signer`: the validator that signs the entries stored (default: the DHT node's);
+        another key's (bench/fake_peer.py's identities without a host of their own) stores
+        only at replicas, never through DHTNode.store, which signs with the node's."""
         self.dht = dht
         self.clock = clock
+        self.signer = signer
         self._replicas: dict[DHTID, tuple[dict, float]] = {}
         """key id → ({node DHTID: PeerID}, when found)."""
         self.fallbacks = 0
@@ -68,6 +72,8 @@ class ReplicaStore:
         if replicas and await self._store_at(replicas, key_id, subkey, value, expiration_time):
             return True
         self._replicas.pop(key_id, None)
+        if self.signer is not None:
+            return False
         self.fallbacks += 1
         return await self.dht.store(key, value, expiration_time, subkey=subkey)
 
@@ -152,8 +158,9 @@ class ReplicaStore:
         protocol = self.dht.protocol
         record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), protocol.serializer.dumps(value),
                            expiration_time)
-        if protocol.record_validator is not None:
-            record = dataclasses.replace(record, value=protocol.record_validator.sign_value(record))
+        signer = self.signer or protocol.record_validator
+        if signer is not None:
+            record = dataclasses.replace(record, value=signer.sign_value(record))
         stored = False
         calls = []
         for node_id, peer in replicas.items():

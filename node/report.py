@@ -31,6 +31,7 @@ def status_of(daemon: Daemon) -> dict:
         "eval_loss": st.eval_loss,
         "num_peers": 0 if daemon.membership is None else daemon.membership.num_peers,
         "peers_estimate": 1.0 if daemon.membership is None else daemon.membership.peers_estimate,
+        "peers_found_gone": 0 if daemon.membership is None else daemon.membership.found_gone,
         "bytes_sent": daemon.bytes_sent,
         "bytes_received": st.bytes_received,
         "peer_id": daemon.peer_id or None,
