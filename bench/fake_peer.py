@@ -60,8 +60,8 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
 
     ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
     keys = int(mode.removeprefix("keys:")) if mode.startswith("keys:") else 1
-    if mode and not ahead and keys == 1 and mode not in ("chain", "stall"):
-        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 1)")
+    if mode and not ahead and not mode.startswith("keys:") and mode not in ("chain", "stall") or keys < 1:
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 0)")
     stall = mode == "stall"
     told_modes = bool(ahead) or mode in ("chain", "stall")
     """Modes that tell the peers over progress streams (and answer theirs)."""

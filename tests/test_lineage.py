@@ -432,6 +432,41 @@ def test_a_peer_whose_stream_fails_is_out_of_the_view_at_once_until_it_shows_lif
     assert "fake" not in m._gone, "forgotten with its record"
 
 
+def test_a_bare_record_found_gone_stays_out_for_a_quiet_time_that_doubles_whatever_newer_records_it_publishes():
+    """A record with nothing behind it (no stream to it ever opened) used to come back into
+    the view with each refresh (a new sequence number, every second), to be dialled and
+    found gone again: 40 keys of one process were found gone 120 times by one peer in 27
+    rounds. It now stays out for BARE_QUIET_S, doubled each time it is found gone again; a
+    peer that talks to us is back at once, and a peer that served is dialled back as before."""
+    from locoswarm.node.membership import BARE_QUIET_S, MAX_BARE_QUIET_S
+
+    now = [0.0]
+    m = Membership("me", restricted=False, clock=lambda: now[0])
+    m.update([rec("ghost", 5, seq=1), rec("b", 5, seq=1)])
+    m.gone("ghost", served=False)
+    assert m.found_gone == 1
+    for t, seq in ((1.0, 2), (BARE_QUIET_S - 0.1, 3)):
+        now[0] = t
+        m.update([rec("ghost", 5, seq=seq), rec("b", 5, seq=1)])
+        assert {r.peer_id for r in m.records} == {"b"}, f"a newer record at {t} s, within its quiet time"
+    now[0] = BARE_QUIET_S + 0.1
+    m.update([rec("ghost", 5, seq=4), rec("b", 5, seq=1)])
+    assert {r.peer_id for r in m.records} == {"ghost", "b"}, "back once its quiet time is over"
+    m.gone("ghost", served=False)
+    assert m.found_gone == 1, "one bare peer counted once"
+    now[0] += 2 * BARE_QUIET_S - 0.1
+    m.update([rec("ghost", 5, seq=5), rec("b", 5, seq=1)])
+    assert {r.peer_id for r in m.records} == {"b"}, "found gone again: out twice as long"
+    m.heard(rec("ghost", 5, seq=6))  # it talks to us over its own stream: a daemon is there
+    assert {r.peer_id for r in m.records} == {"ghost", "b"} and "ghost" not in m._quiet
+    for seq in range(7, 17):  # back after each quiet time, found gone again: never out longer than the cap
+        m.gone("ghost", served=False)
+        now[0] += MAX_BARE_QUIET_S + 1
+        m.update([rec("ghost", 5, seq=seq), rec("b", 5, seq=1)])
+    m.gone("ghost", served=False)
+    assert m._quiet["ghost"] == (11, now[0] + MAX_BARE_QUIET_S)
+
+
 def test_a_held_round_asks_the_peers_already_past_it_for_their_deltas():
     """A joiner holds the first round it trains in a state it took: it joined that round
     late, and the peers that took part may have stepped past it before their progress
