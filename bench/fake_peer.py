@@ -22,7 +22,8 @@ A third, for `locoswarm bench swarm --fakes K --fake-mode stall`, from its start
   measures: that a round waits for such an identity once, not every round (node/pull.py
   UNPROVEN_WAIT_S, node/membership.py withholding).
 
-And a cheaper one, for `locoswarm bench swarm --fakes K --fake-mode keys`, from its start:
+And a cheaper one, for `locoswarm bench swarm --fakes K --fake-mode keys`, announced once a
+first line arrives on stdin (the bench starts it early: its start takes seconds):
 - `keys:K`: K identities from one process, its own and K − 1 keys without a host of their
   own, each with a validly signed record (its peer id the hash of the key that signs it)
   copying the swarm's round, at an address where no host of that id answers. Keys cost
@@ -87,6 +88,8 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
                                                           validator=CachedSignatureValidator(ghost), signs=True)))
         incarnation = secrets.randbelow(2**62) + 1
         loop = asyncio.get_running_loop()
+        if mode.startswith("keys:"):  # ready: announce when told (a line on stdin), as the told modes do below
+            await loop.run_in_executor(None, sys.stdin.readline)
         if told_modes:
             # Progress streams to it open (and are read to the end): a peer whose streams
             # fail is out of the others' view within seconds (node/membership.py gone).

@@ -47,6 +47,8 @@ _STATUS_KEYS = {
     "eval_loss": (_LOSS, "held-out loss at the last evaluation (null before one)"),
     "num_peers": (_COUNT, "live peers of this run spec other than this one (in this peer's partial view)"),
     "peers_estimate": ({"type": "number", "minimum": 0}, "the swarm's size as estimated from the registry buckets read"),
+    "peers_found_gone": (_COUNT, "peers dropped from the view since start because no progress stream opened to them "
+                                 "(a record with nothing behind it counted once)"),
     "bytes_sent": (_COUNT, "bytes this peer wrote to delta and state streams"),
     "bytes_received": (_COUNT, "bytes this peer read from delta and state streams"),
     "deltas_rejected": (_COUNT, "deltas refused (malformed, oversized, misattributed) since start"),

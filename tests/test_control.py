@@ -14,7 +14,7 @@ import pytest
 
 from locoswarm.node.control import ControlServer, read_status
 
-STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_peers": 2, "peers_estimate": 3.0, "bytes_sent": 1234,
+STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_peers": 2, "peers_estimate": 3.0, "peers_found_gone": 1, "bytes_sent": 1234,
           "bytes_received": 5678, "peer_id": "QmX", "addrs": [], "device": "cpu", "tokens_per_s": 900.0,
           "rounds_completed": 3, "rounds_discarded": 0, "shard": 1, "deltas_rejected": 4, "checkpoint_round": None,
           "checkpoint_error": None, "paused": None, "precision": "fp32", "micro_batch": 8,

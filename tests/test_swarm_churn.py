@@ -172,10 +172,10 @@ def test_fake_identities_with_signed_records_are_seen_never_waited_for_and_the_s
     the swarm trains on and ends on one digest. (Their cost in rounds per minute is the benchmark's to
     measure, not this test's: docs/swarm.md.)"""
     path, kept = tmp_path / "fakes.json", tmp_path / "swarm"
-    # 32 rounds: the fakes' start (a process importing torch and hivemind, 15 RSA keys, a DHT
-    # node) took up to 8 rounds on 2 loaded cores (5 s: twice the rounds on 16 cores), their
-    # phase lasts at least 4 rounds after it, and a peer finds them gone about 2 s after they
-    # are in: the rounds after the phase give a fast machine those seconds.
+    # The fakes' process starts with the swarm and announces at round 8 (its start, seconds, is
+    # out of the phase: on 16 cores it took 23 rounds); the phase lasts to round 24, and a peer
+    # finds them gone about 2 s after they are in: the 8 rounds after it give a fast machine
+    # (twice the rounds a second) those seconds.
     out = _run_bench(["bench", "swarm", "--peers", "3", "--rounds", "32", "--fakes", "16", "--fake-mode", "keys",
                       "--no-simulate", "--keep-dir", str(kept), "--json", str(path)], timeout_s=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
