@@ -245,13 +245,18 @@ class RoundLoop:
         self._check_s = time.perf_counter() - t_check
         self._log_checks(r, checks)
         deltas = trainer.step.kept(screened)
-        if held and not deltas:
-            # Nothing to step with: the others' deltas of this round are gone (we took a state
-            # rounds behind them) or none came. Not a failure of ours: the round is dropped and
-            # the swarm's state taken at the next boundary; the replica keeps what it trained.
-            log.warning("round %d: no other peer's delta came for the round we held: discarded, we take the "
-                        "swarm's state at the next boundary", r)
-            await self._dropped(r, "held, and no other peer's delta came", work, overlapped=overlap)
+        if not deltas:
+            # Nothing to step with: we held our delta and the others' are gone (we took a state
+            # rounds behind them) or none came; or the screening refused ours with theirs (ours
+            # excluded by the swarm's checks, theirs taken from another outer state: we are
+            # not on the swarm's lineage). Not a failure of the node, which three in a row
+            # would end (seen on 16 cores, 2026-12-06): the round is dropped and the swarm's
+            # state taken at the next boundary; the replica keeps what it trained.
+            why = ("held, and no other peer's delta came" if held else
+                   f"every delta refused, ours among them ({len(screened.rejected)} refused)")
+            log.warning("round %d: nothing to aggregate (%s): discarded, we take the swarm's state at the next "
+                        "boundary", r, why)
+            await self._dropped(r, why, work, overlapped=overlap)
             return
         before = trainer.outer_steps
         established = trainer.ledger.established_peers()
