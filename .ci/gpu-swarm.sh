@@ -7,6 +7,8 @@
 #   swarm4:  bench swarm with 4 CPU peers (train_time_share on a fast machine);
 #   fakes:   6 peers and one fake identity (rounds of 0.6 s here: 120 rounds for a fake
 #            phase of tens of seconds);
+#   keys:    6 peers and 40 fake identities signed by one process (--fake-mode keys), then the
+#            test that runs 16 of them among 3 peers (its timing on a fast machine);
 #   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
 #   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
 #   catchup: the daemon tests of catching up by the rounds' deltas (a joiner behind, a peer
@@ -44,6 +46,11 @@ for part in "${parts[@]}"; do
         echo "kernels rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/kernels.log";;
     swarm4) swarm swarm4 190 --peers 4 --rounds 24;;
     fakes) swarm fakes6 240 --peers 6 --rounds 120 --fakes 1;;
+    keys)
+        swarm keys40 240 --peers 6 --rounds 120 --fakes 40 --fake-mode keys
+        LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 150 pytest -q -p no:cacheprovider tests/test_swarm_churn.py \
+            -k fake_identities > "$out/keys-test.log" 2>&1
+        echo "keys-test rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/keys-test.log";;
     split)  # split.log, then split-2.log, split-3.log… when given more than once
         n_split=$((n_split + 1)); log=$out/split$([ $n_split -gt 1 ] && echo "-$n_split").log
         LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 150 pytest -q -p no:cacheprovider tests/test_faults.py \
