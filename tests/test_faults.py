@@ -264,8 +264,8 @@ def test_malicious_peers_deltas_are_refused_or_bounded_and_the_honest_peers_trai
     Each is refused or bounded with a log line naming the peer; the honest peers agree on
     one outer state and their loss stays within the margin of the clean run. On top, honest
     c loses honest a's delta of round 2 (an injected fault, as a request timed out
-    under CPU load did): c finds the silent split and takes a and b's state, so the one
-    outer state still holds."""
+    under CPU load did): the silent split is found and healed (c usually takes a and b's
+    state; the side of more earned weight wins), so the one outer state still holds."""
     loss = attack(swarm, drop_round=2)
     print(f"mean eval loss {loss:.4f} under five malicious peers; clean run {clean_eval_loss:.4f}")
     assert loss <= (1 + ATTACK_MARGIN) * clean_eval_loss
@@ -316,14 +316,15 @@ def attack(swarm, run: Path | None = None, drop_round: int | None = None) -> flo
     if drop_round is not None:
         c_err = honest[2].stderr()
         assert re.search(rf"round {drop_round}: delta of {daemon.peer_id(a)} left out", c_err), honest[2].tail()
-        # c heals onto a and b's state, by either path: it finds the split by their records'
-        # chains (by both, or by one where the other's record had not yet shown the round when
-        # c looked), or, having counted itself alone that round (the malicious peers' deltas
-        # refused, a's lost), it finds them again; the end's one digest is asserted above.
-        assert re.search(r"split at round \d+: took the state of [12] peers?|found [12] peers again after \d+ rounds? "
-                         r"alone", c_err), honest[2].tail()
-        for p in honest[:2]:
-            assert "split at round" not in p.stderr(), f"{p.name} moved\n{p.tail()}"
+        # The split heals, by either path: found by the records' chains (by both others, or by
+        # one where the other's record had not yet shown the round), or, by c having counted
+        # itself alone that round (the malicious peers' deltas refused, a's lost), found again.
+        # Usually c takes a and b's state. The larger side is the one of more earned weight, not
+        # more peers: where b joined late and is no established peer yet, a and c weigh by
+        # their credits, and a may take c's state (then b takes it too: clean-clone CI of
+        # 6360a10). The end's one digest is asserted above.
+        heal = r"split at round \d+: took the state of [12] peers?|found [12] peers again after \d+ rounds? alone"
+        assert any(re.search(heal, p.stderr()) for p in honest), "\n".join(p.tail() for p in honest)
     print(f"finals {[f[1] for f in finals]}")
     assert_checkpoints_load(swarm, ["a", "b", "c"], None if run is None else load_spec(str(run)).hash())
     return mean_eval(honest)
