@@ -55,7 +55,7 @@ from locoswarm.node.invite import keep_spec
 from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, start_p2p, stop_p2p
 from locoswarm.node.statedir import ensure_identity, identity_key, lock_state_dir
 from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
-                                      unless_stopped)
+                                      quiet_abandoned_calls, unless_stopped)
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
@@ -149,6 +149,7 @@ class Daemon:
     async def serve(self, stopped: threading.Event | None = None) -> int:
         """Run until stopped; `stopped`: see run_daemon."""
         loop = asyncio.get_running_loop()
+        quiet_abandoned_calls(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.handle_signal, sig)
         logging.getLogger().addHandler(self.warnings)

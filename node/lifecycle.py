@@ -89,3 +89,27 @@ async def unless_stopped(aw, should_stop: asyncio.Event) -> tuple[bool, Any]:
     task.cancel()
     result = (await asyncio.gather(task, return_exceptions=True))[0]
     return False, None if isinstance(result, BaseException) else result
+
+
+def quiet_abandoned_calls(loop: asyncio.AbstractEventLoop) -> None:
+    """Make `loop` log at INFO, not as an error with a traceback, the one exception hivemind's
+    p2pd client raises when p2pd answers a call we had given up: its reader task sets the
+    result of a future our stop (or a timeout) cancelled (InvalidStateError in
+    ControlClient._read_from_persistent_conn). The call was abandoned on purpose; seen once in
+    twenty SIGINTs while p2pd started (clean-clone CI, 2026-12-06). Any other unhandled
+    exception goes to the handler that was there before."""
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        task = context.get("future")
+        coro = getattr(task, "get_coro", lambda: None)()
+        if (isinstance(context.get("exception"), asyncio.InvalidStateError)
+                and getattr(coro, "__qualname__", "") == "ControlClient._read_from_persistent_conn"):
+            log.info("p2pd answered a call given up (hivemind's client cannot take the answer): ignored")
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
