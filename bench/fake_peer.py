@@ -55,7 +55,8 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
     from locoswarm.node.exchange import PROTOCOL as DELTA_PROTOCOL
     from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame, record_frame
-    from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry, peer_id_of_owner
+    from locoswarm.node.registry import PeerRegistry
+    from locoswarm.node.signers import CachedSignatureValidator, peer_id_of_owner
     from locoswarm.node.spec import load_spec
     from locoswarm.protocol.records import PeerRecord, Progress
 

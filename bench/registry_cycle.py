@@ -31,7 +31,8 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
     from locoswarm.bench.tcpio import tcp_io
     from locoswarm.node.host import DHT_OPTIONS
     from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
-    from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
+    from locoswarm.node.registry import PeerRegistry
+    from locoswarm.node.signers import CachedSignatureValidator
     from locoswarm.protocol.records import PeerRecord, encode_record
 
     peers, p2ps, first = [], [], None

@@ -195,7 +195,8 @@ class Daemon:
 
         from locoswarm.node.exchange import DeltaServer, delta_streams
         from locoswarm.node.progress import ProgressBus
-        from locoswarm.node.registry import CachedSignatureValidator, PeerRegistry
+        from locoswarm.node.registry import PeerRegistry
+        from locoswarm.node.signers import CachedSignatureValidator
         from locoswarm.node.runinfo import RunInfoServer
         from locoswarm.node.statesync import StateServer
 

@@ -103,7 +103,7 @@ def read_invite(token: str, *, organiser: str | None = None, now: float | None =
     saying what is wrong otherwise. `organiser`: the peer id that must have signed it."""
     from hivemind.utils.crypto import RSAPublicKey
 
-    from locoswarm.node.registry import peer_id_of_owner
+    from locoswarm.node.signers import peer_id_of_owner
 
     token = token.strip()
     if not token.startswith(PREFIX):

@@ -101,7 +101,7 @@ def _create_identity(path: str) -> None:
 def identity_key(state_dir: str):
     """This peer's libp2p identity as hivemind's RSAPrivateKey, so that the key signing its
     DHT records is the key its peer id is the hash of: a record can then be checked against
-    the peer id it names (registry.peer_id_of_owner), not merely against some key."""
+    the peer id it names (signers.peer_id_of_owner), not merely against some key."""
     from hivemind.proto import crypto_pb2
     from hivemind.utils.crypto import RSAPrivateKey
 

@@ -134,7 +134,7 @@ def test_an_unsigned_record_is_refused_by_a_signing_registry(spawn_peers):
 def test_the_cached_validator_verifies_each_signed_entry_once_and_still_refuses_a_forgery():
     from hivemind.dht.validation import DHTRecord
 
-    from locoswarm.node.registry import CachedSignatureValidator
+    from locoswarm.node.signers import CachedSignatureValidator
 
     owner = CachedSignatureValidator(RSAPrivateKey())
     reader = CachedSignatureValidator(RSAPrivateKey())

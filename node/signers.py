@@ -1,0 +1,79 @@
+"""Who signed a DHT entry. Records and progress are signed with hivemind's
+RSASignatureValidator, whose subkeys carry the owner's public key; an entry is its named
+peer's only when that key is the peer's libp2p identity (the peer id is the key's hash).
+`peer_id_of_owner` and `subkey_author` say whose an entry is; CachedSignatureValidator
+verifies each entry once, remembering the verdict by content.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+
+from hivemind.dht.crypto import RSASignatureValidator
+
+
+def peer_id_of_owner(owner_key: bytes) -> str:
+    """The libp2p peer id (base58) of an RSA public key in the OpenSSH form hivemind's
+    validator puts in subkeys: sha2-256 multihash of the key's libp2p protobuf."""
+    import multihash
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.p2p import PeerID
+    from hivemind.proto import crypto_pb2
+
+    public = serialization.load_ssh_public_key(owner_key)
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), "sha2-256")).to_base58()
+
+
+@functools.lru_cache(maxsize=4096)
+def _signer(owner_key: bytes) -> str | None:
+    """peer_id_of_owner, None for a key that cannot be read (cached: the same keys come back
+    at every refresh of records and round progress)."""
+    try:
+        return peer_id_of_owner(owner_key)
+    except (ValueError, TypeError):
+        return None
+
+
+def subkey_author(subkey: object) -> tuple[str, bool, str | None]:
+    """Who a DHT subkey says wrote its entry, and who signed it: (the peer id it names,
+    whether it carries an owner key, the peer id of that key or None when unreadable). The
+    entry is its named peer's only when the two ids agree."""
+    if not isinstance(subkey, bytes):
+        return str(subkey), False, None
+    named, marker, rest = subkey.partition(b"[owner:")
+    return named.decode(errors="replace"), bool(marker), _signer(rest[:-1]) if marker else None
+
+
+class CachedSignatureValidator(RSASignatureValidator):
+    """hivemind's RSASignatureValidator, remembering each verdict by the record's content.
+
+    The DHT validates every entry of every copy it receives: a get asks up to ~20 nodes for
+    the same dictionary, and each answer repeats the same signed entries, each an RSA-2048
+    verification (≈70 µs). An entry's content (key, subkey, value with its signature,
+    expiration) fixes the verdict, so each is verified once: later copies cost a hash. The
+    memory is bounded (MAX_VERDICTS, least recently used forgotten)."""
+
+    MAX_VERDICTS = 65536
+
+    def __init__(self, private_key=None) -> None:
+        super().__init__(private_key)
+        self._verdicts: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        self.verified = 0
+        """RSA verifications actually run (the rest came from the memory)."""
+
+    def validate(self, record) -> bool:
+        digest = hashlib.blake2b(self._serialize_record(record), digest_size=16).digest()
+        verdict = self._verdicts.get(digest)
+        if verdict is not None:
+            self._verdicts.move_to_end(digest)
+            return verdict
+        verdict = super().validate(record)
+        self.verified += 1
+        self._verdicts[digest] = verdict
+        if len(self._verdicts) > self.MAX_VERDICTS:
+            self._verdicts.popitem(last=False)
+        return verdict
