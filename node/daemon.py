@@ -50,8 +50,8 @@ from locoswarm.node.events import EventSink, Listening, Resumed, ServingState
 from locoswarm.node.governor import Governor, IdleWatch
 from locoswarm.node.gpuwatch import GpuWatch
 from locoswarm.node.hardware import gpu_id, pick_device
-from locoswarm.node.handover import served
 from locoswarm.node.invite import keep_spec
+from locoswarm.node.joining import join_swarm, wait_for_peers
 from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, start_p2p, stop_p2p
 from locoswarm.node.statedir import ensure_identity, identity_key, lock_state_dir
 from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
@@ -266,7 +266,7 @@ class Daemon:
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
-            await self._unless_stopped(self._join(registry, p2p))
+            await self._unless_stopped(join_swarm(ctx, registry, self.loop.catch_up, self.initial_peers, self._record))
             self._joining = False
             self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
@@ -274,7 +274,7 @@ class Daemon:
                                     shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
-            await self._wait_for_peers()
+            await wait_for_peers(ctx)
             self.bar.start()
             await self.loop.run()
             return 0
@@ -358,48 +358,6 @@ class Daemon:
         if record != self._last_record:
             self._last_record, self._record_seq = record, self._record_seq + 1
         return dataclasses.replace(record, seq=self._record_seq, tokens_per_s=float(self.trainer.tokens_per_s))
-
-    async def _join(self, registry, p2p) -> None:
-        """Serve our state, then take the swarm's if there is a swarm ahead; refuse a swarm
-        of another spec."""
-        state, residual = served(self.trainer)
-        self.states.publish(state, self.trainer.round, self.lineage.chains.get(self.trainer.outer_steps, ""),
-                            self.trainer.ledger.pairs(), residual)
-        if not self.initial_peers:
-            return
-        records = await registry.peers()
-        self.membership.update(records)
-        ours = f"this node runs run {self.spec.run_id!r} with spec hash {self.spec_hash.hex()[:16]}"
-        if not self.membership.records and registry.rejected:
-            reasons = "; ".join(reason for _, reason in registry.rejected)
-            raise NodeError(f"refused: the swarm at {self.initial_peers[0]} is not ours ({reasons}); {ours}")
-        if not self.membership.records:
-            await self._check_initial_peers_run(p2p, ours)
-        await self.loop.catch_up.join(self.membership.records, announce=lambda: registry.announce(self._record()))
-
-    async def _check_initial_peers_run(self, p2p, ours: str) -> None:
-        """No record of our run came through the initial peers: ask them which run they
-        train (node/runinfo.py), and stop when none of those that answer trains ours, rather
-        than train alone beside them."""
-        from locoswarm.node.runinfo import not_ours, runs_of
-
-        peers = sorted({a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a} - {self.peer_id})
-        why = not_ours(await runs_of(p2p, peers), self.spec.run_id, self.spec_hash,
-                       private=self.spec.access.restricted)
-        if why is not None:
-            raise NodeError(f"refused: the peers you joined through train another run ({why}); {ours}. Join with "
-                            "the run's spec (--run) or the organiser's invite (--invite)")
-        log.info("no record of run %r yet at the initial peers: training and waiting for them", self.spec.run_id)
-
-    async def _wait_for_peers(self) -> None:
-        """Until `min_peers` that train (not paused, not joining) are in the view. Those we
-        see are told our record over the progress streams, so that a peer that has not read
-        us in the registry yet (it reads every third of the record TTL) sees us at once."""
-        while (sum(not r.paused for r in self.membership.records) + 1 < self.cfg.min_peers
-               and not self.should_exit.is_set()):
-            self.stats.state = "waiting"
-            self.loop.ctx.progress.introduce([r.peer_id for r in self.membership.records])
-            await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ status
 
