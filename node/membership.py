@@ -237,11 +237,8 @@ class Membership:
         the round's delta (node/exchange.py keeps two rounds), and the round must aggregate
         what they did: a joiner that pulled only the peers still training it took 1 delta
         where the swarm took 3, and split from it (CI, 2026-12-06)."""
-        if late:
-            return {r.peer_id for r in self.records if round_ - 2 <= r.round <= round_ + LATE_AHEAD and not r.paused
-                    and not _left_alone(self.silent, r.peer_id, r.incarnation, round_)
-                    and not self.withheld(r.peer_id, round_)}
-        return {r.peer_id for r in self._in_round(round_) if self.proven.get(r.peer_id) != r.incarnation
+        return {r.peer_id for r in self._in_round(round_, ahead=LATE_AHEAD if late else 0)
+                if (late or self.proven.get(r.peer_id) != r.incarnation)
                 and not _left_alone(self.silent, r.peer_id, r.incarnation, round_)
                 and not self.withheld(r.peer_id, round_)}
 
@@ -310,9 +307,10 @@ class Membership:
                 if (round_ - TOLD_BEHIND <= r.round or r.peer_id not in self._streamed)
                 and r.round <= round_ + 2 and not r.paused}
 
-    def _in_round(self, round_: int) -> list[PeerRecord]:
-        """Records that put their peer in `round_`: within two rounds before it, not paused."""
-        return [r for r in self.records if round_ - 2 <= r.round <= round_ and not r.paused]
+    def _in_round(self, round_: int, ahead: int = 0) -> list[PeerRecord]:
+        """Records that put their peer in `round_`: within two rounds before it (to `ahead`
+        rounds past it), not paused."""
+        return [r for r in self.records if round_ - 2 <= r.round <= round_ + ahead and not r.paused]
 
 
 def _left_alone(book: dict[str, tuple[int, int, int]], peer: str, incarnation: int, round_: int) -> bool:
