@@ -182,7 +182,7 @@ class Fakes:
     `count` identities' records from one process)."""
     received: list = field(default_factory=list)
     """Bytes each flood identity reported receiving when it left."""
-    seen: int = 0
+    dropped: int = 0
     """The most fakes an honest peer found gone from the fake phase's start to the swarm's end
     (`node status` peers_found_gone, read every half second): a record that no daemon serves
     is in a view for seconds, out of it once no progress stream opens to it."""
@@ -240,8 +240,9 @@ class Fakes:
             self.leave(current)
         if self._gone_before and time.monotonic() >= self._next_look:  # to the swarm's end: a drop comes seconds late
             self._next_look = time.monotonic() + 0.5
-            self.seen = max([self.seen, *(after - before for before, after in zip(self._gone_before, self._found_gone())
-                                          if before is not None and after is not None)])
+            counts = zip(self._gone_before, self._found_gone())
+            self.dropped = max([self.dropped, *(after - before for before, after in counts
+                                                if before is not None and after is not None)])
 
     def _found_gone(self) -> list[int | None]:
         """Each honest daemon's count of peers found gone (None: not answering now)."""

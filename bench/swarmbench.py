@@ -156,7 +156,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     "final_rounds": sorted({p.final["round"] for p in peers})})
         if fakes:
             out.update({"fakes": fakes, "fake_mode": fake_mode, "fake_rounds": [a, b],
-                        "rounds_per_minute_fakes": rate_per_minute(peers, a, b), "fakes_dropped": fake.seen})
+                        "rounds_per_minute_fakes": rate_per_minute(peers, a, b), "fakes_dropped": fake.dropped})
         else:
             seconds = fake.stopped_unix_s - fake.started_unix_s
             out.update({"flood": flood, "flood_rounds": [a, b], "rounds_per_minute_flood": rate_per_minute(peers, a, b),
