@@ -92,20 +92,29 @@ async def unless_stopped(aw, should_stop: asyncio.Event) -> tuple[bool, Any]:
 
 
 def quiet_abandoned_calls(loop: asyncio.AbstractEventLoop) -> None:
-    """Make `loop` log at INFO, not as an error with a traceback, the one exception hivemind's
-    p2pd client raises when p2pd answers a call we had given up: its reader task sets the
-    result of a future our stop (or a timeout) cancelled (InvalidStateError in
-    ControlClient._read_from_persistent_conn). The call was abandoned on purpose; seen once in
-    twenty SIGINTs while p2pd started (clean-clone CI, 2026-12-06). Any other unhandled
-    exception goes to the handler that was there before."""
+    """Make `loop` log at INFO, not as an error with a traceback, the two exceptions hivemind's
+    p2pd client raises in its own tasks when peers or our stop leave a conversation half done:
+    - its reader task sets the result of a future our stop (or a timeout) cancelled when p2pd
+      answers a call we had given up (InvalidStateError in ControlClient._read_from_persistent_conn;
+      once in twenty SIGINTs while p2pd started, clean-clone CI, 2026-12-06);
+    - its stream handler reads the header of a stream p2pd opened for a peer that closed it before
+      sending one (IncompleteReadError in ControlClient._handler, which asyncio reports as an
+      "Unhandled exception in client_connected_cb"; seen as peers left at a fault case's end,
+      clean-clone CI, 2026-12-06). The stream is gone; nothing was lost.
+    Any other unhandled exception goes to the handler that was there before."""
     previous = loop.get_exception_handler()
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         task = context.get("future")
         coro = getattr(task, "get_coro", lambda: None)()
-        if (isinstance(context.get("exception"), asyncio.InvalidStateError)
+        exception = context.get("exception")
+        if (isinstance(exception, asyncio.InvalidStateError)
                 and getattr(coro, "__qualname__", "") == "ControlClient._read_from_persistent_conn"):
             log.info("p2pd answered a call given up (hivemind's client cannot take the answer): ignored")
+            return
+        if isinstance(exception, asyncio.IncompleteReadError) and _raised_in(exception, "ControlClient._handler"):
+            log.info("a peer closed a stream before its header came (%d of %s bytes read): ignored",
+                     len(exception.partial), exception.expected)
             return
         if previous is not None:
             previous(loop, context)
@@ -113,3 +122,13 @@ def quiet_abandoned_calls(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handle)
+
+
+def _raised_in(exception: BaseException, qualname: str) -> bool:
+    """Whether `exception` passed through a function of this qualified name on its way up."""
+    tb = exception.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_qualname == qualname:
+            return True
+        tb = tb.tb_next
+    return False

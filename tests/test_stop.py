@@ -176,6 +176,9 @@ class ControlClient:
 
         raise asyncio.InvalidStateError("invalid state")
 
+    async def _handler(self, reader, writer):
+        await reader.readexactly(4)
+
 
 def test_an_answer_to_a_call_given_up_is_logged_not_shown_as_an_error():
     """hivemind's p2pd client sets the result of a call's future when p2pd answers, even one
@@ -218,3 +221,54 @@ def test_an_answer_to_a_call_given_up_is_logged_not_shown_as_an_error():
         logger.setLevel(level)
     assert any("p2pd answered a call given up" in m for m in logged), logged
     assert len(seen) == 1 and isinstance(seen[0], asyncio.InvalidStateError), "the other task's reaches the handler"
+
+
+def test_a_stream_closed_before_its_header_is_logged_not_shown_as_an_error():
+    """A peer that opens a stream and closes it before sending a header leaves hivemind's p2pd
+    stream handler (ControlClient._handler) with IncompleteReadError, which asyncio printed as
+    "Unhandled exception in client_connected_cb" with a traceback as peers left at the end of a
+    fault case (clean-clone CI). quiet_abandoned_calls logs that one at INFO; the same error from
+    another server's handler still reaches the loop's handler."""
+    import asyncio
+    import logging
+    import tempfile
+
+    from locoswarm.node.lifecycle import quiet_abandoned_calls
+
+    async def other(reader, writer):
+        await reader.readexactly(4)
+
+    seen = []
+
+    async def go(tmp: str):
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: seen.append(context["exception"]))
+        quiet_abandoned_calls(loop)
+        for i, handler in enumerate((ControlClient()._handler, other)):
+            path = f"{tmp}/{i}.sock"
+            server = await asyncio.start_unix_server(handler, path=path)
+            _, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"\x01")
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(100):  # the handler's task ends on the server's next turns of the loop
+                await asyncio.sleep(0.01)
+                if len(seen) + len(logged) > i:
+                    break
+            server.close()
+            await server.wait_closed()
+
+    logged: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("locoswarm.node.lifecycle")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(go(tmp))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("closed a stream before its header came (1 of 4 bytes read)" in m for m in logged), logged
+    assert len(seen) == 1 and isinstance(seen[0], asyncio.IncompleteReadError), "the other server's reaches the handler"
