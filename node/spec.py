@@ -99,20 +99,31 @@ class AccessPolicy:
         return None
 
 
+MAX_ANCHORS = 256
+"""Trust anchors a spec may name: each is in every genesis ledger (optim/credit.py)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class TrustPolicy:
     """Whose outer state a peer takes while it knows no earned weight (a joiner; docs/trust.md)."""
 
     anchors: list[str] = field(default_factory=list)
-    """base58 peer ids of the run's organiser peers. A peer whose ledger knows nobody takes
-    only a state whose manifest one of them served it (any donor may then serve the chunks,
-    checked against that manifest), and waits while none is live. Empty: the peers it joined
-    through vouch instead, and where none of them serves, the state most donors agree on."""
+    """base58 peer ids of the run's organiser peers. They are established from the run's
+    first round (the genesis ledger credits them as peers that always worked: optim/credit.py
+    Ledger.founded), so identities present from the start are newcomers beside them. A peer
+    whose ledger knows nobody takes only a state whose manifest one of them served it (any
+    donor may then serve the chunks, checked against that manifest), and waits while none is
+    live. Empty: the peers it joined through vouch instead, and where none of them serves, the
+    state most donors agree on."""
 
     def validate(self) -> None:
+        if len(self.anchors) > MAX_ANCHORS:
+            raise ValueError(f"trust.anchors: {len(self.anchors)} peers, at most {MAX_ANCHORS}")
         for p in self.anchors:
             if not 1 <= len(p) <= 128 or not p.isalnum():
                 raise ValueError(f"trust.anchors: {p!r} is not a base58 peer id")
+        if len(set(self.anchors)) != len(self.anchors):
+            raise ValueError("trust.anchors: a peer id is named twice")
 
 
 @dataclass(kw_only=True, slots=True)

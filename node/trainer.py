@@ -109,9 +109,10 @@ class Trainer:
                               max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
         """The round's algorithm (optim/round.py), shared with the simulation."""
         self.compressor = self.step.compressor(self.outer.params[0].device)
-        self.ledger = self.step.ledger(self.round_tokens)
+        self.ledger = self.step.ledger(self.round_tokens, spec.trust.anchors)
         """The outer state's earned weight (optim/credit.py): screened against, credited
-        by each outer step, taken with a donor's state."""
+        by each outer step, taken with a donor's state; at genesis, the run's trust anchors
+        established."""
         self.holds: int | None = None
         """The round whose delta is held, not sent (`hold`): the first one trained in a state
         taken from others; None when there is none."""

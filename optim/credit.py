@@ -14,7 +14,10 @@ newcomers of a round share one peer's weight between them (a hundred fresh ident
 as much as one, and each earns a hundredth of what one would), so minting identities buys
 nothing until each has done the work itself. Decisions about whose state to follow
 (node/lineage.py) weigh only established peers. In a run's first rounds nobody is
-established yet and every peer counts, as before (docs/trust.md says what that leaves open).
+established yet and every peer counts, as before (docs/trust.md says what that leaves open),
+unless the run's spec names trust anchors (the organiser's peers): the genesis ledger holds
+them with the credit of a peer that has always worked (`founded`), so from round 0 they are
+the established peers, every other identity a newcomer that earns its weight beside them.
 
 Excluded peers (optim/check.py: peers holding a majority of the established weight found
 their delta failing) stay in the ledger as a negative entry, −(round excluded + 1), neither
@@ -76,6 +79,19 @@ class Ledger:
     @property
     def enabled(self) -> bool:
         return self.earn_rounds > 0
+
+    @classmethod
+    def founded(cls, anchors: list[str] | tuple[str, ...], *, earn_rounds: int, per_peer_tokens: int) -> Ledger:
+        """A run's genesis ledger: each of `anchors` (the spec's trust anchors) credited as a
+        peer that did a full round's work every round settles (per_peer_tokens << DECAY_SHIFT:
+        its credit's decay equals its gain), so it is established from round 0 and, if it never
+        comes, stops being so after about 130 rounds, as a peer that left does. Every peer
+        derives it from the spec alone, so every genesis state holds the same ledger."""
+        settled = min(MAX_CREDIT, per_peer_tokens << DECAY_SHIFT)
+        ledger = cls(earn_rounds=earn_rounds, per_peer_tokens=per_peer_tokens)
+        if ledger.enabled:
+            ledger.credits = {peer: settled for peer in sorted(anchors)[:MAX_ENTRIES]}
+        return ledger
 
     def established(self, peer: str) -> bool:
         """Whether `peer` has earned its weight (never, while earned weight is off)."""

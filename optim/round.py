@@ -95,9 +95,10 @@ class RoundStep:
             return []
         return check_round(outer_params, replica, own, deltas, plan_tokens=per_peer_tokens)
 
-    def ledger(self, per_peer_tokens: int) -> Ledger:
-        """An outer state's earned weight, empty: one per outer state, credited by `apply`."""
-        return Ledger(earn_rounds=self.cfg.robust.earn_rounds, per_peer_tokens=per_peer_tokens)
+    def ledger(self, per_peer_tokens: int, anchors: list[str] | tuple[str, ...] = ()) -> Ledger:
+        """An outer state's earned weight at genesis: one per outer state, credited by `apply`;
+        empty, or holding the run's trust `anchors` as established (Ledger.founded)."""
+        return Ledger.founded(anchors, earn_rounds=self.cfg.robust.earn_rounds, per_peer_tokens=per_peer_tokens)
 
     @staticmethod
     def kept(screened: Screened) -> list[DecodedDelta]:

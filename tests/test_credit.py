@@ -141,6 +141,41 @@ def test_sybils_that_hold_the_median_are_clipped_to_the_established_peers_and_sh
     assert all(out.earned[d.sender] >= PLAN * 0.5 for d in honest)
 
 
+def test_a_runs_anchors_are_established_from_its_first_round_and_sybils_there_from_the_start_are_newcomers(gen):
+    """Without anchors nobody is established in a run's first rounds and four loud identities
+    present from the start hold the median (the case above, before). A spec's trust anchors
+    are in the genesis ledger with a settled peer's credit: from round 0 the sybils are
+    clipped to the anchors' median and share one peer's weight, and an anchor that never comes
+    stops counting after as long an absence as a peer that left."""
+    from locoswarm.node.spec import RunSpec, TrustPolicy
+    from locoswarm.optim.round import RoundStep
+
+    assert Ledger.founded([], earn_rounds=8, per_peer_tokens=PLAN).credits == {}
+    assert Ledger.founded(["h0"], earn_rounds=0, per_peer_tokens=PLAN).credits == {}, "earned weight off: none"
+    led = Ledger.founded(["h2", "h0", "h1"], earn_rounds=8, per_peer_tokens=PLAN)
+    assert led.pairs() == tuple((p, PLAN << DECAY_SHIFT) for p in ("h0", "h1", "h2"))
+    honest = [_delta(gen, f"h{i}") for i in range(3)]
+    sybils = [_delta(gen, f"s{i}", times=10.0) for i in range(4)]
+    reference = median([delta_norm(d) for d in honest])
+    out = screen(honest + sybils, RobustConfig(), led)
+    kept = {d.sender: d for d in apply_screen(out)}
+    assert all(delta_norm(kept[d.sender]) == pytest.approx(reference, rel=1e-5) for d in sybils)
+    assert sum(out.tokens[d.sender] for d in sybils) <= PLAN, "four newcomers weigh one peer"
+    led.credit({"h0": PLAN, "h1": PLAN})  # h2 never comes
+    assert led.credits["h0"] == PLAN << DECAY_SHIFT, "a working anchor stays settled"
+    gone = 1
+    while led.established("h2"):
+        led.credit({"h0": PLAN, "h1": PLAN})
+        gone += 1
+    assert 120 <= gone <= 140, gone
+    # Every peer's genesis: the trainer's round step founds its ledger on the spec's anchors.
+    spec = RunSpec()
+    step = RoundStep(spec.diloco, [("w", (4, 4))], run_id="r", spec_hash=b"h" * 32, max_tokens=1 << 20)
+    anchors = TrustPolicy(anchors=["QmB", "QmA"]).anchors
+    assert step.ledger(PLAN, anchors).established_peers() == {"QmA", "QmB"}
+    assert step.ledger(PLAN).credits == {}
+
+
 def before_shares(deltas) -> int:
     return screen(deltas, RobustConfig()).shares
 

@@ -393,6 +393,48 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
 
 
+@pytest.mark.timeout(300, method="signal")
+def test_sybils_there_from_a_runs_start_are_newcomers_beside_its_anchors(swarm, tmp_path, clean_eval_loss):
+    """The first rounds of a run, where nobody has earned weight yet: four identities there
+    from round 0 sending loud deltas (norm 10.5 where an honest one's is 0.15 at round 0) hold
+    the round's median norm and token claim until the honest peers have earned their weight
+    (rounds 0-4 here, measured without anchors: docs/trust.md). The spec names the three honest
+    peers as its trust anchors, so the genesis ledger holds them as established: from round 0
+    the sybil deltas are clipped to the anchors' median, share one peer's weight, and are
+    excluded by the anchors' checks, with the default earn_rounds (8 rounds: in this 6-round
+    run nobody else could earn its weight)."""
+    import subprocess
+
+    ids = {name: new_identity(swarm.root / name) for name in ("a", "b", "c")}
+    run = daemon.write_spec(tmp_path / "run.toml", anchors=list(ids.values()))
+    args = ("--min-peers", "3", "--max-rounds", str(ROUNDS))
+    a = swarm.join("a", *args, run=run)
+    addr = daemon.first_addr(a)
+    sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "0"],
+                          stdin=subprocess.PIPE) for i in range(4)]
+    sybil_ids = [child.wait_for(r"^(\w+)$", 90)[1] for child in sybils]
+    honest = [a] + [swarm.join(name, *args, peer=a, run=run) for name in ("b", "c")]
+    for p in honest:
+        daemon.assert_clean_exit(p, p.wait_exit(240))
+    finals = [daemon.final(p) for p in honest]
+    assert len({d for *_, d in finals}) == 1, "honest outer states differ"
+    for p in honest:
+        err = p.stderr()
+        assert "downloading its state" not in err and "took the state" not in err, f"{p.name} followed\n{p.tail()}"
+        clipped = [i for i in sybil_ids
+                   if re.search(rf"round 0: {i}: norm \S+ is \S+× the established peers' median", err)]
+        assert clipped == sybil_ids, f"{p.name}: sybil deltas of round 0 clipped {len(clipped)} of 4\n{p.tail()}"
+        assert re.search(r"round 0: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
+            p.tail()
+        excluded = [i for i in sybil_ids if re.search(rf"delta of {i} refused: its delta of the round before failed "
+                                                       rf"the checks of 3 established peers", err)]
+        assert excluded == sybil_ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
+    loss = mean_eval(honest)
+    print(f"mean eval loss {loss:.4f} under 4 loud sybils from round 0 beside 3 anchors; clean run "
+          f"{clean_eval_loss:.4f}; finals {[f[1] for f in finals]}")
+    assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
+
+
 TURN = 2
 """The round from which the turned peers send the negated direction."""
 

@@ -145,3 +145,10 @@ def test_trust_anchors_round_trip_through_toml_and_leave_the_hash_of_specs_witho
     (tmp_path / "bad.toml").write_text('[trust]\nanchors = ["not a peer id!"]\n')
     with pytest.raises(ValueError, match="trust.anchors: 'not a peer id!' is not a base58 peer id"):
         load_spec(str(tmp_path / "bad.toml"))
+    (tmp_path / "twice.toml").write_text('[trust]\nanchors = ["QmA", "QmB", "QmA"]\n')
+    with pytest.raises(ValueError, match="trust.anchors: a peer id is named twice"):
+        load_spec(str(tmp_path / "twice.toml"))
+    many = ", ".join(f'"Qm{i}"' for i in range(257))
+    (tmp_path / "many.toml").write_text(f"[trust]\nanchors = [{many}]\n")
+    with pytest.raises(ValueError, match="trust.anchors: 257 peers, at most 256"):
+        load_spec(str(tmp_path / "many.toml"))
