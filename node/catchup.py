@@ -24,10 +24,12 @@ from locoswarm.node.events import CaughtUp, Synced
 from locoswarm.node.host import NodeError
 from locoswarm.node.chains import known_chains
 from locoswarm.node.lineage import Attested, attested_state, chain_at, unearned_ahead, weigh
+from locoswarm.node.roll import read_roll
 from locoswarm.node.handover import served, take_state
 from locoswarm.node.statesync import REPLAY_ROUNDS
 from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state
 from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.roll import Roll
 
 if TYPE_CHECKING:
     from locoswarm.node.roundcontext import RoundContext
@@ -49,6 +51,8 @@ REPLAY_TIMEOUT_S = 10.0
 REPLAY_DEADLINE_S = 30.0
 """The longest a catch-up's requests may take together: donors that answer each just in time
 must not hold a peer for REPLAY_ROUNDS × their count of requests."""
+ROLL_READ_TIMEOUT_S = 15.0
+"""The longest a joiner waits for the anchors' roll from the DHT."""
 INTRODUCE_TIMEOUT_S = 10.0
 """The longest a joiner waits for its record to reach the peers it read in the registry
 over the progress streams, and again for theirs to come back, before it decides whether to
@@ -94,7 +98,7 @@ class CatchUp:
         # (a joiner with an empty ledger weighs every peer alike: see node/lineage.py weigh).
         w = weigh([ctx.peer_id] + [r.peer_id for r in peers], ctx.trainer.ledger.established)
         peers = [r for r in peers if w(r.peer_id)]
-        vouching = self.vouching()
+        vouching = self.vouching(await self.roll())
         ahead = [r for r in peers if r.peer_id in vouching] if vouching else peers
         if not ahead or max(r.round for r in ahead) <= ctx.trainer.outer_steps:
             return
@@ -140,23 +144,54 @@ class CatchUp:
             log.warning("split at round %d: took the state of %d peers", follow.split_round, len(follow.donors))
         return True
 
-    def vouching(self) -> frozenset[str]:
+    async def roll(self) -> Roll | None:
+        """The newest roll one of the run's anchors signed (node/roll.py), read only when the
+        spec names anchors, none of them is live and our ledger knows none of the live peers;
+        None otherwise, or when none can be read within ROLL_READ_TIMEOUT_S."""
+        ctx = self.ctx
+        live = ctx.membership.records
+        anchors = sorted(set(ctx.spec.trust.anchors) - {ctx.peer_id})
+        if (not anchors or any(r.peer_id in anchors for r in live)
+                or any(ctx.trainer.ledger.established(r.peer_id) for r in live)):
+            return None
+        try:
+            return await asyncio.wait_for(read_roll(ctx.dht, ctx.spec.run_id, ctx.spec_hash, anchors),
+                                          ROLL_READ_TIMEOUT_S)
+        except Exception as e:  # unreadable now: no state is taken without an anchor's word (vouching)
+            log.warning("reading the anchors' roll failed: %s: %s", type(e).__name__, e)
+            return None
+
+    def vouching(self, roll: Roll | None = None) -> frozenset[str]:
         """Whose manifest vouches for the state a joiner takes while its ledger knows none
-        of the live peers (docs/trust.md): the run's anchors (the spec's
-        trust.anchors), or without any, the peers it was told to join through; empty when
-        its ledger knows some (earned weight decides whom to follow, node/lineage.py) or
-        none of them is live (the donors' agreement decides, as before). NodeError when the
-        spec names anchors and none of them is live: no state is taken without one."""
+        of the live peers (docs/trust.md): the run's anchors (the spec's trust.anchors);
+        while none of them is live, the live peers on the newest `roll` an anchor signed
+        that attest a state by a majority of the roll's live peers; without anchors, the
+        peers it was told to join through. Empty when its ledger knows some (earned weight
+        decides whom to follow, node/lineage.py) or, without anchors, none of those is live
+        (the donors' agreement decides, as before). NodeError when the spec names anchors,
+        none of them is live and no roll of theirs names a majority that attests a state:
+        no state is taken without their word."""
         ctx = self.ctx
         live = ctx.membership.records
         if any(ctx.trainer.ledger.established(r.peer_id) for r in live):
             return frozenset()
         anchors = set(ctx.spec.trust.anchors) - {ctx.peer_id}
         present = frozenset(r.peer_id for r in live if r.peer_id in (anchors or ctx.bootstrap))
-        if anchors and not present:
-            raise NodeError(f"none of the run's {len(anchors)} anchors (trust.anchors) is live: this peer takes no "
-                            f"state that one of them does not vouch for")
-        return present
+        if not anchors or present:
+            return present
+        why = "and no roll of theirs was found"
+        if roll is not None:
+            on_roll = [r for r in live if r.peer_id in roll.peers]
+            found = attested_state(ctx.peer_id, on_roll, roll.peers.__contains__)[0] if on_roll else None
+            if found is not None:
+                log.warning("none of the run's %d anchors is live: %d live peers on the roll %s signed at round %d "
+                            "attest round %d (chain %s…) and vouch for it", len(anchors), len(found.attesters),
+                            roll.anchor, roll.round, found.round, found.chain[:12])
+                return frozenset(r.peer_id for r in found.attesters)
+            why = (f"and of the {len(roll.peers)} peers on the roll {roll.anchor} signed at round {roll.round}, "
+                   f"{len(on_roll)} are live, no majority of them attesting one state")
+        raise NodeError(f"none of the run's {len(anchors)} anchors (trust.anchors) is live {why}: this peer takes no "
+                        f"state that they do not vouch for")
 
     def attested(self) -> Attested | None:
         """The state a peer whose ledger knows some live peer may take: the newest that live

@@ -66,6 +66,7 @@ from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
+from locoswarm.node.roll import keep_roll
 from locoswarm.node.upkeep import keep_record
 from locoswarm.node.work import prove_work
 from locoswarm.protocol.records import PeerRecord
@@ -272,6 +273,10 @@ class Daemon:
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir),
                                     shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
+            if self.peer_id in self.spec.trust.anchors and trainer.ledger.enabled:
+                # Our roll: whose word joiners take while no anchor is live (node/roll.py).
+                self._spawn(keep_roll(dht, self.peer_id.encode() + validator.local_public_key, self.spec.run_id,
+                                      self.spec_hash, self.states.newest, trainer.ledger.threshold))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await wait_for_peers(ctx)

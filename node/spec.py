@@ -99,8 +99,10 @@ class AccessPolicy:
         return None
 
 
-MAX_ANCHORS = 256
-"""Trust anchors a spec may name: each is in every genesis ledger (optim/credit.py)."""
+MAX_ANCHORS = 8
+"""Trust anchors a spec may name: each is in every genesis ledger (optim/credit.py), and each
+signs a roll into one DHT value (node/roll.py: at most 8 × ≈9.5 kB, under the 100 kB a DHT
+value may hold here)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -183,6 +183,13 @@ class StateServer:
             self._encoded_residuals.pop(old, None)
         self._asked = {r: at for r, at in self._asked.items() if r in self._snapshots}
 
+    def newest(self) -> tuple[int, str, Ledger] | None:
+        """(round, chain, ledger) of the newest state served, None before the first."""
+        if not self._meta:
+            return None
+        round_ = max(self._meta)
+        return (round_, *self._meta[round_])
+
     async def encoded(self, round_: int) -> tuple[bytes, bytes] | None:
         """(manifest, body) of `round_`, encoding it on first use; None when not kept."""
         async with self._lock:

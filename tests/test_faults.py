@@ -435,6 +435,31 @@ def test_sybils_there_from_a_runs_start_are_newcomers_beside_its_anchors(swarm, 
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
 
 
+@pytest.mark.timeout(300, method="signal")
+def test_a_joiner_takes_the_state_the_peers_on_an_anchors_roll_attest_while_no_anchor_is_live(swarm, tmp_path):
+    """A run whose one trust anchor (a) has stopped: a joiner took no state without its word
+    and exited 2, however long the others trained on. Now a signed its roll (the established
+    peers of its newest state) into the DHT while it trained; the joiner reads it, and b and
+    c, on it and live, attest their state by a majority: the joiner takes the state they
+    serve and aggregates the three deltas of a round with them."""
+    a_id = new_identity(swarm.root / "a")
+    run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1, anchors=[a_id])
+    a = swarm.join("a", "--min-peers", "3", "--max-rounds", "6", run=run)
+    b = swarm.join("b", "--min-peers", "3", "--max-rounds", "40", peer=a, run=run)
+    c = swarm.join("c", "--min-peers", "3", "--max-rounds", "40", peer=a, run=run)
+    daemon.assert_clean_exit(a, a.wait_exit(150))
+    assert re.search(r"signed the roll of round \d+: 3 established peers", a.stderr()), a.tail()
+    d = swarm.join("d", peer=b, run=run)
+    synced = d.wait_event("synced", 90)
+    assert synced["digest"] in daemon.served_digests([b, c], synced["round"]), d.tail()
+    daemon.wait_any([d], "round", 90, lambda e: (e["deltas"], e["participants"]) == (3, 3))
+    vouch = re.search(r"none of the run's 1 anchors is live: (\d) live peers on the roll (\w+) signed at round "
+                      r"(\d+) attest round \d+ \(chain \w+…\) and vouch for it", d.stderr())
+    assert vouch and vouch[1] == "2" and vouch[2] == a_id, d.tail()
+    for p in (b, c):
+        daemon.assert_clean_exit(p, p.wait_exit(200))
+
+
 TURN = 2
 """The round from which the turned peers send the negated direction."""
 

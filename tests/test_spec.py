@@ -148,7 +148,7 @@ def test_trust_anchors_round_trip_through_toml_and_leave_the_hash_of_specs_witho
     (tmp_path / "twice.toml").write_text('[trust]\nanchors = ["QmA", "QmB", "QmA"]\n')
     with pytest.raises(ValueError, match="trust.anchors: a peer id is named twice"):
         load_spec(str(tmp_path / "twice.toml"))
-    many = ", ".join(f'"Qm{i}"' for i in range(257))
+    many = ", ".join(f'"Qm{i}"' for i in range(9))
     (tmp_path / "many.toml").write_text(f"[trust]\nanchors = [{many}]\n")
-    with pytest.raises(ValueError, match="trust.anchors: 257 peers, at most 256"):
+    with pytest.raises(ValueError, match="trust.anchors: 9 peers, at most 8"):
         load_spec(str(tmp_path / "many.toml"))

@@ -1,0 +1,78 @@
+"""An anchor's roll: the established peers of an outer state, as one of a run's trust anchors
+(the spec's trust.anchors) last signed them. A joiner whose ledger knows nobody takes only a
+state an anchor vouches for; while none of the anchors is live it takes the state that the
+peers of the newest roll it can read attest by a majority (node/roll.py, docs/trust.md), in
+place of waiting for an anchor that may be gone for the night.
+
+A roll is a msgpack map, version 1:
+
+    {"v": 1, "spec": bytes, "round": int, "chain": str, "peers": [peer id, …]}
+
+`spec` the run spec's hash, `round` the outer steps of the state it describes, `chain` that
+state's round chain (32 hex digits), `peers` the peers established in its ledger, at most
+MAX_ROLL_PEERS (the largest credits), in ascending order. It is stored in the DHT under
+the run's roll key with the anchor's owner subkey, so hivemind's RSASignatureValidator signs
+it with the anchor's identity and every reader checks that signature; node/roll.py takes
+only entries whose signer is the peer the subkey names and one of the spec's anchors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from locoswarm.protocol.envelope import unpack_envelope
+from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
+from locoswarm.protocol.records import CHAIN_HEX_LEN, is_chain
+from locoswarm.protocol.state import MAX_PEER_ID_LEN
+
+ROLL_VERSION = 1
+MAX_ROLL_PEERS = 64
+"""Established peers a roll names: a majority of them live is what a joiner needs."""
+MAX_ROLL_BYTES = 256 + MAX_ROLL_PEERS * (MAX_PEER_ID_LEN + 2)
+_KEYS = frozenset({"v", "spec", "round", "chain", "peers"})
+_MAX_ROUND = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class Roll:
+    anchor: str
+    """The trust anchor that signed it (the DHT subkey's owner)."""
+    round: int
+    chain: str
+    peers: frozenset[str]
+    """The peers established in that state's ledger."""
+
+
+def roll_peers(ledger: tuple[tuple[str, int], ...], threshold: int) -> list[str]:
+    """The peers a roll of `ledger` (peer id, credit pairs) names: those of credit >=
+    `threshold`, the MAX_ROLL_PEERS largest, in ascending order."""
+    established = sorted((p for p in ledger if p[1] >= threshold), key=lambda p: (-p[1], p[0]))[:MAX_ROLL_PEERS]
+    return sorted(p for p, _ in established)
+
+
+def encode_roll(spec_hash: bytes, round_: int, chain: str, peers: list[str]) -> bytes:
+    """The roll of an outer state of `round_` and `chain` naming `peers` (`roll_peers`)."""
+    if not is_chain(chain):
+        raise ValueError(f"a roll needs the state's round chain, got {chain!r}")
+    return msgpack.packb({"v": ROLL_VERSION, "spec": spec_hash, "round": round_, "chain": chain, "peers": peers},
+                         use_bin_type=True)
+
+
+def decode_roll(blob: object, anchor: str, spec_hash: bytes) -> Roll:
+    """A roll `anchor` signed, checked field by field: MalformedMessage naming what is wrong,
+    SpecMismatch when it is another run's."""
+    m = unpack_envelope(blob, f"roll of {anchor}", max_bytes=MAX_ROLL_BYTES, version=ROLL_VERSION, keys=_KEYS,
+                        max_array_len=MAX_ROLL_PEERS, max_str_len=MAX_PEER_ID_LEN, max_bin_len=64)
+    if m["spec"] != spec_hash:
+        raise SpecMismatch(f"roll of {anchor} is of another run spec")
+    round_, chain, peers = m["round"], m["chain"], m["peers"]
+    if type(round_) is not int or not 0 <= round_ <= _MAX_ROUND:
+        raise MalformedMessage(f"roll of {anchor}: round must be an integer in [0, 2**62], got {round_!r}")
+    if not is_chain(chain):
+        raise MalformedMessage(f"roll of {anchor}: chain must be {CHAIN_HEX_LEN} lowercase hex digits")
+    if (not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= MAX_PEER_ID_LEN for p in peers)
+            or any(a >= b for a, b in zip(peers, peers[1:]))):
+        raise MalformedMessage(f"roll of {anchor}: peers must be distinct peer ids in ascending order")
+    return Roll(anchor=anchor, round=round_, chain=chain, peers=frozenset(peers))
