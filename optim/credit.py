@@ -5,9 +5,11 @@ A peer id is the hash of a key anyone can make in milliseconds, so no rule may c
 identities. What a peer is credited with instead is the weight its deltas were given in the
 outer steps of this outer state: after each round, every sender of an aggregated delta is
 credited with the tokens it was weighted by, times its clip multiplier (a delta scaled down
-to the median norm earns in proportion), and every credit decays by 1/2^DECAY_SHIFT a round.
-A peer is *established* once its credit reaches `earn_rounds` rounds of the per-peer plan:
-8 rounds of full work by default, about 130 rounds of absence to lose it again.
+to the median norm earns in proportion), and every credit decays by 1/2^DECAY_SHIFT a round,
+except a newcomer's in a round it earned something (below the threshold, credit only grows
+while the peer works). A peer is *established* once its credit reaches `earn_rounds` rounds
+of the per-peer plan: 8 rounds of full work by default, about 130 rounds of absence to lose
+it again.
 
 The robust rules (optim/screen.py) take their references from established peers, and the
 newcomers of a round share one peer's weight between them (a hundred fresh identities weigh
@@ -136,7 +138,12 @@ class Ledger:
                 if round_ - self.banned_at(peer) < EXCLUSION_ROUNDS:
                     bans[peer] = c
                 continue
-            c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
+            if c >= self.threshold or not earned.get(peer, 0):
+                c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too
+            # A newcomer at work keeps what it earned: K of them sharing one peer's weight each
+            # earn a K-th of a round's credit a round and are established after K × earn_rounds
+            # rounds. Decayed, a K-th settles at 64/K rounds' credit: past 8 newcomers at a
+            # time (a crowd of honest volunteers, a run's start beside its anchors) none ever was.
             if c >= floor or earned.get(peer, 0) > 0:
                 out[peer] = c
         for peer, gain in earned.items():

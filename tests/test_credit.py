@@ -48,7 +48,7 @@ def test_a_peer_is_established_after_earn_rounds_of_full_work_and_loses_it_after
     while not led.established("a"):
         led.credit({"a": PLAN, "b": PLAN // 2})
         rounds += 1
-    assert rounds == 9, "8 rounds of full work less the decay: the ninth crosses"
+    assert rounds == 8, "8 rounds of full work: a newcomer at work loses nothing to the decay"
     assert not led.established("b"), "half the work: not yet"
     for _ in range(600):
         led.credit({"a": PLAN})
@@ -62,6 +62,22 @@ def test_a_peer_is_established_after_earn_rounds_of_full_work_and_loses_it_after
     for _ in range(600):
         led.credit({})
     assert "a" not in led.credits and "b" not in led.credits, "faded to nothing: dropped"
+
+
+def test_a_crowd_of_newcomers_sharing_one_peers_weight_is_established_after_its_size_times_earn_rounds():
+    """Twenty newcomers beside one established peer share one peer's weight: each earns a
+    twentieth of a round's credit a round. Decayed like an established peer's, that credit
+    settled at 64/20 = 3.2 rounds' worth, below the 8 of the threshold: none of them was ever
+    established. Kept while they work, all are after 20 × 8 rounds; one that stops fades."""
+    led = Ledger.founded(["anchor"], earn_rounds=8, per_peer_tokens=PLAN)
+    crowd = [f"n{i:02d}" for i in range(20)]
+    rounds = 0
+    while not any(led.established(p) for p in crowd):
+        led.credit({"anchor": PLAN, **{p: PLAN // 20 for p in crowd if p != "n00" or rounds < 10}})
+        rounds += 1
+        assert rounds <= 200, "never established"
+    assert rounds == 20 * 8 and all(led.established(p) for p in crowd[1:])
+    assert not led.established("n00") and led.credits["n00"] < 10 * PLAN // 20, "stopped after 10 rounds: faded"
 
 
 def test_a_ledger_depends_only_on_what_was_credited_and_is_off_when_earn_rounds_is_zero():
