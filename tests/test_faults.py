@@ -378,19 +378,28 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
         assert "split at round" not in err, f"{p.name} took the invented chain's side\n{p.tail()}"
         passed = [f for f in fakes if re.search(rf"{f} shows round \d+, ahead of our \d+, but has no earned weight", err)]
         assert passed, f"{p.name} never saw the identities ahead\n{p.tail()}"
-        clipped = [i for i in ids if re.search(rf"round \d+: {i}: norm \S+ is \S+× the established peers' median", err)]
-        assert clipped == ids, f"{p.name}: sybil deltas clipped {len(clipped)} of 4\n{p.tail()}"
-        assert re.search(r"round \d+: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
-            p.tail()
-        # Noise agrees with no one's training: the established peers' checks exclude them.
-        excluded = [i for i in ids if re.search(rf"delta of {i} refused: its delta of the round before failed the "
-                                                 rf"checks of 3 established peers", err)]
-        assert excluded == ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
+        assert_clipped_pooled_and_excluded(p, ids, r"\d+")
     loss = mean_eval(honest)
     print(f"mean eval loss {loss:.4f} under 4 loud sybils, 3 identities ahead and 4 with an invented chain; "
           f"clean run {clean_eval_loss:.4f}; "
           f"finals {[f[1] for f in finals]}")
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
+
+
+def assert_clipped_pooled_and_excluded(p, ids: list[str], round_pattern: str) -> None:
+    """Honest peer `p` clipped each of the four loud identities `ids` to the established
+    peers' median and pooled them as one peer in a round matching `round_pattern`, and
+    excluded each on the checks of the three established peers (noise agrees with no one's
+    training)."""
+    err = p.stderr()
+    clipped = [i for i in ids if re.search(rf"round {round_pattern}: {i}: norm \S+ is \S+× the established peers' "
+                                           rf"median", err)]
+    assert clipped == ids, f"{p.name}: sybil deltas clipped {len(clipped)} of 4\n{p.tail()}"
+    assert re.search(rf"round {round_pattern}: 4 newcomers \(\d+ tokens claimed\) share one established peer's "
+                     rf"weight", err), p.tail()
+    excluded = [i for i in ids if re.search(rf"delta of {i} refused: its delta of the round before failed the "
+                                             rf"checks of 3 established peers", err)]
+    assert excluded == ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
 
 
 @pytest.mark.timeout(300, method="signal")
@@ -421,14 +430,7 @@ def test_sybils_there_from_a_runs_start_are_newcomers_beside_its_anchors(swarm, 
     for p in honest:
         err = p.stderr()
         assert "downloading its state" not in err and "took the state" not in err, f"{p.name} followed\n{p.tail()}"
-        clipped = [i for i in sybil_ids
-                   if re.search(rf"round 0: {i}: norm \S+ is \S+× the established peers' median", err)]
-        assert clipped == sybil_ids, f"{p.name}: sybil deltas of round 0 clipped {len(clipped)} of 4\n{p.tail()}"
-        assert re.search(r"round 0: 4 newcomers \(\d+ tokens claimed\) share one established peer's weight", err), \
-            p.tail()
-        excluded = [i for i in sybil_ids if re.search(rf"delta of {i} refused: its delta of the round before failed "
-                                                       rf"the checks of 3 established peers", err)]
-        assert excluded == sybil_ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
+        assert_clipped_pooled_and_excluded(p, sybil_ids, "0")
     loss = mean_eval(honest)
     print(f"mean eval loss {loss:.4f} under 4 loud sybils from round 0 beside 3 anchors; clean run "
           f"{clean_eval_loss:.4f}; finals {[f[1] for f in finals]}")

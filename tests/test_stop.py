@@ -12,6 +12,8 @@ The bound is the requirement, so the test times it: the one timed assertion of t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import signal
@@ -180,6 +182,22 @@ class ControlClient:
         await reader.readexactly(4)
 
 
+@contextlib.contextmanager
+def _lifecycle_log():
+    """The messages node/lifecycle.py logs meanwhile, INFO and up."""
+    logged: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("locoswarm.node.lifecycle")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        yield logged
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_an_answer_to_a_call_given_up_is_logged_not_shown_as_an_error():
     """hivemind's p2pd client sets the result of a call's future when p2pd answers, even one
     our stop cancelled: its reader task then dies with InvalidStateError, which asyncio
@@ -206,19 +224,8 @@ def test_an_answer_to_a_call_given_up_is_logged_not_shown_as_an_error():
             del task  # never retrieved: asyncio reports it when the task is collected
             gc.collect()
 
-    import logging
-
-    logged: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: logged.append(record.getMessage())
-    logger = logging.getLogger("locoswarm.node.lifecycle")
-    level, logger.level = logger.level, logging.INFO
-    logger.addHandler(handler)
-    try:
+    with _lifecycle_log() as logged:
         asyncio.run(go())
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert any("p2pd answered a call given up" in m for m in logged), logged
     assert len(seen) == 1 and isinstance(seen[0], asyncio.InvalidStateError), "the other task's reaches the handler"
 
@@ -230,7 +237,6 @@ def test_a_stream_closed_before_its_header_is_logged_not_shown_as_an_error():
     fault case (clean-clone CI). quiet_abandoned_calls logs that one at INFO; the same error from
     another server's handler still reaches the loop's handler."""
     import asyncio
-    import logging
     import tempfile
 
     from locoswarm.node.lifecycle import quiet_abandoned_calls
@@ -258,17 +264,7 @@ def test_a_stream_closed_before_its_header_is_logged_not_shown_as_an_error():
             server.close()
             await server.wait_closed()
 
-    logged: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: logged.append(record.getMessage())
-    logger = logging.getLogger("locoswarm.node.lifecycle")
-    level, logger.level = logger.level, logging.INFO
-    logger.addHandler(handler)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(go(tmp))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with _lifecycle_log() as logged, tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(go(tmp))
     assert any("closed a stream before its header came (1 of 4 bytes read)" in m for m in logged), logged
     assert len(seen) == 1 and isinstance(seen[0], asyncio.IncompleteReadError), "the other server's reaches the handler"
