@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
@@ -66,7 +67,7 @@ from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
-from locoswarm.node.roll import keep_roll
+from locoswarm.node.roll import keep_roll, relay_rolls
 from locoswarm.node.upkeep import keep_record
 from locoswarm.node.work import prove_work
 from locoswarm.protocol.records import PeerRecord
@@ -273,10 +274,13 @@ class Daemon:
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir),
                                     shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
-            if self.peer_id in self.spec.trust.anchors and trainer.ledger.enabled:
-                # Our roll: whose word joiners take while no anchor is live (node/roll.py).
-                self._spawn(keep_roll(dht, self.peer_id.encode() + validator.local_public_key, self.spec.run_id,
-                                      self.spec_hash, self.states.newest, trainer.ledger.threshold))
+            if self.spec.trust.anchors and trainer.ledger.enabled:
+                # The anchors' rolls: whose word joiners take while no anchor is live (node/roll.py).
+                if self.peer_id in self.spec.trust.anchors:
+                    self._spawn(keep_roll(dht, self.peer_id.encode() + validator.local_public_key, self.spec.run_id,
+                                          self.spec_hash, self.states.newest, trainer.ledger.threshold))
+                self._spawn(relay_rolls(registry.store, self.spec.run_id, self.spec_hash, self.spec.trust.anchors,
+                                        lambda: registry.peers_estimate, random.Random()))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await wait_for_peers(ctx)

@@ -34,6 +34,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import ValueWithExpiration
 
 log = logging.getLogger(__name__)
+_UNREADABLE = object()
 
 REPLICAS_REFRESH_S = 10.0
 """A key's replicas are looked up again after this long (nodes join and leave), and at once
@@ -107,24 +108,82 @@ class ReplicaStore:
             return False
         return self._decoded(key_id, answer[key_id][0])
 
+    async def relay(self, key: str, keep) -> int:
+        """Store again at the replicas `key` has now every entry of it that one of them holds
+        and `keep(subkey, value)` takes (`value` as DHTNode.get gives it: deserialized, its
+        signature stripped), with the signature and expiry its writer gave it: an entry then
+        outlives the nodes it was first stored at, while one of them is there to read. A
+        replica is sent only the entries it lacks or holds with an earlier expiry. Returns
+        how many entries were sent."""
+        key_id = DHTID.generate(source=key)
+        replicas = await self._replicas_of(key_id)
+        if not replicas:
+            return 0
+        copies = await asyncio.gather(*(self._raw(key_id, node, peer) for node, peer in replicas.items()))
+        best: dict = {}  # subkey → (signed value bytes, expiration), the latest expiry of any copy
+        for copy in copies:
+            for subkey, (value, expiration) in (copy or {}).items():
+                if expiration > best.get(subkey, (b"", -1.0))[1]:
+                    best[subkey] = (value, expiration)
+        protocol = self.dht.protocol
+        kept = {subkey: entry for subkey, entry in best.items()
+                if (value := self._entry(key_id, subkey, *entry)) is not _UNREADABLE and keep(subkey, value)}
+        sent, calls = 0, []
+        for (node, peer), copy in zip(replicas.items(), copies):
+            if copy is False:
+                continue  # it did not answer: not asked to store either
+            lacking = [(subkey, value, expiration) for subkey, (value, expiration) in kept.items()
+                       if (copy or {}).get(subkey, (b"", -1.0))[1] < expiration]
+            sent += len(lacking)
+            if node == self.dht.node_id:
+                for subkey, value, expiration in lacking:
+                    protocol.storage.store(key_id, value, expiration, subkey=subkey)
+            elif lacking:
+                calls.append(protocol.call_store(peer, keys=[key_id] * len(lacking), values=[v for _, v, _ in lacking],
+                                                 expiration_time=[e for *_, e in lacking],
+                                                 subkeys=[k for k, *_ in lacking]))
+        await asyncio.gather(*calls)
+        return sent
+
+    async def _raw(self, key_id: DHTID, node: DHTID, peer):
+        """`node`'s copy of `key_id` as stored: {subkey: (signed value bytes, expiration)};
+        None when it holds none, False when it did not answer."""
+        if node == self.dht.node_id:
+            found = self.dht.protocol.storage.get(key_id)
+        else:
+            answer = await self.dht.protocol.call_find(peer, [key_id])
+            if answer is None or key_id not in answer:
+                return False
+            found = answer[key_id][0]
+        if found is None or not isinstance(found.value, DictionaryDHTValue):
+            return None
+        return {subkey: (value, expiration) for subkey, (value, expiration) in found.value.items()}
+
     def _decoded(self, key_id: DHTID, found):
         """A stored copy as DHTNode.get returns it: entries deserialized, signatures stripped
         (the protocol validated them on the way in: call_find on answer, our storage on store)."""
         if found is None:
             return None
-        protocol = self.dht.protocol
         if not isinstance(found.value, DictionaryDHTValue):
             return None  # a plain value where a dictionary belongs: nothing of ours
         entries = {}
         for subkey, (value, expiration_time) in found.value.items():
-            if protocol.record_validator is not None:
-                record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), value, expiration_time)
-                value = protocol.record_validator.strip_value(record)
-            try:
-                entries[subkey] = ValueWithExpiration(protocol.serializer.loads(value), expiration_time)
-            except Exception:  # not msgpack: the reader sees the entry missing
-                continue
+            value = self._entry(key_id, subkey, value, expiration_time)
+            if value is not _UNREADABLE:  # not msgpack: the reader sees the entry missing
+                entries[subkey] = ValueWithExpiration(value, expiration_time)
         return ValueWithExpiration(entries, found.expiration_time)
+
+    def _entry(self, key_id: DHTID, subkey, value: bytes, expiration_time: float):
+        """One stored entry's value deserialized, its signature stripped; _UNREADABLE when it
+        is not msgpack."""
+        protocol = self.dht.protocol
+        if protocol.record_validator is not None:
+            record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), value, expiration_time)
+            value = protocol.record_validator.strip_value(record)
+        try:
+            return protocol.serializer.loads(value)
+        except Exception:
+            return _UNREADABLE
 
     async def _replicas_of(self, key_id: DHTID) -> dict:
         """The nodes nearest `key_id` (ourselves among them when we are), looked up again

@@ -12,8 +12,10 @@ named there attest by a majority, as a peer with a ledger does with its own (nod
 on it that have turned since can lead a joiner only where they are most of the roll's live
 peers, the limit earned weight has everywhere (docs/trust.md).
 
-The roll lives at the key's replicas (hivemind stores it at the ~5 DHT nodes nearest the
-key); it outlives the anchors for ROLL_TTL_S unless every one of those nodes leaves first.
+The roll lives at the key's replicas (the ~5 DHT nodes nearest the key) for ROLL_TTL_S, and
+about RELAY_PEERS peers of the swarm every ROLL_RELAY_S store it again, signed as the anchor
+signed it, at the nodes nearest the key then (`relay_rolls`): it outlives the nodes it was
+first stored at while one node holding it is there when a relay comes.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from typing import Callable
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from locoswarm.node.replicas import ReplicaStore
 from locoswarm.node.signers import subkey_author
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.roll import Roll, decode_roll, encode_roll, roll_peers
@@ -36,6 +40,10 @@ log = logging.getLogger(__name__)
 ROLL_EVERY_S = 30.0
 """Least time between two rolls an anchor signs for a newer round alone (its peers the same):
 one DHT store of about 3 kB."""
+ROLL_RELAY_S = 300.0
+"""How often, on average, a relaying peer stores the rolls again (`relay_rolls`)."""
+RELAY_PEERS = 4.0
+"""Relays a period in the whole swarm, whatever its size."""
 ROLL_TTL_S = 24 * 3600.0
 """How long a roll stays in the DHT after the anchor signed it: a night and a day without
 any anchor live."""
@@ -71,6 +79,35 @@ async def keep_roll(dht: DHTNode, subkey: bytes, run_id: str, spec_hash: bytes,
                 except Exception as e:  # the DHT is unreachable for now: the next look tries again
                     log.warning("storing the roll of round %d failed: %s: %s", round_, type(e).__name__, e)
         await asyncio.sleep(poll_s)
+
+
+async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchors: list[str],
+                      swarm_size: Callable[[], float], rng: random.Random, *, every_s: float = ROLL_RELAY_S) -> None:
+    """Any peer's loop, in a run with anchors: every `every_s`, with a chance of
+    RELAY_PEERS / `swarm_size()` (about RELAY_PEERS relays a period in the whole swarm, not
+    one a peer), store the anchors' rolls again at the roll key's replicas now
+    (ReplicaStore.relay: signed as the anchors signed them), so that they outlive the nodes
+    they were first stored at while an anchor is away. Runs until cancelled."""
+    def keep(subkey: object, value: object) -> bool:
+        named, signed, signer = subkey_author(subkey)
+        if not signed or signer != named or named not in anchors:
+            return False
+        try:
+            decode_roll(value, named, spec_hash)
+        except ProtocolError:
+            return False
+        return True
+
+    while True:
+        await asyncio.sleep(rng.uniform(0.5, 1.5) * every_s)
+        if rng.random() * max(1.0, swarm_size()) >= RELAY_PEERS:
+            continue
+        try:
+            sent = await store.relay(roll_key(run_id), keep)
+            if sent:
+                log.info("relayed %d roll entries to the roll key's replicas", sent)
+        except Exception as e:  # the DHT is unreachable for now: the next period tries again
+            log.warning("relaying the anchors' rolls failed: %s: %s", type(e).__name__, e)
 
 
 async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[str]) -> Roll | None:

@@ -174,3 +174,85 @@ def test_an_anchor_signs_again_when_its_established_peers_change_and_not_every_r
     asyncio.run(go())
     assert [(r.round, sorted(r.peers)) for r in stores] == [(1, ["a"]), (3, ["a", "b"]), (4, ["a", "b"])], \
         "round 2 (same peers) skipped; round 3's store failed and round 4's took its place"
+
+
+@pytest.mark.timeout(120)
+def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_path):
+    """One replica a key (num_replicas 1): the anchor's roll goes to the node nearest the key.
+    A nearer node joins and lacks it; a peer relays the rolls (ReplicaStore.relay), and the
+    nearer node holds the roll as the anchor signed it; the first node and the anchor leave,
+    and a reader that never met them still reads the roll. A roll signed by a non-anchor is
+    not relayed."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.node import DHTNode
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from locoswarm.node.replicas import ReplicaStore
+    from locoswarm.node.roll import read_roll, roll_key
+
+    key_id = DHTID.generate(source=roll_key("run"))
+
+    async def plain(node_id=None, peers=None, replicas=1):
+        return await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers, node_id=node_id,
+                                    num_replicas=replicas, record_validator=RSASignatureValidator(RSAPrivateKey()))
+
+    async def addrs_of(node):
+        return [str(a) for a in await node.protocol.p2p.get_visible_maddrs()]
+
+    async def go():
+        first = await plain(DHTID(key_id ^ 0b100))
+        peers = await addrs_of(first)
+        anchor, a_val, a_id, _ = await _identity_node(tmp_path / "a", peers)
+        other, o_val, o_id, _ = await _identity_node(tmp_path / "o", peers)
+        nodes = [first, anchor, other]
+        try:
+            for node, val, pid, round_ in ((anchor, a_val, a_id, 7), (other, o_val, o_id, 9)):
+                node.num_replicas = 1
+                assert await node.store(roll_key("run"), encode_roll(SPEC, round_, CHAIN, ["b"]),
+                                        get_dht_time() + 60, subkey=pid.encode() + val.local_public_key)
+            assert len(first.protocol.storage.get(key_id).value) == 2, "both at the one node nearest the key"
+            nearer = await plain(DHTID(key_id ^ 0b10), peers)
+            relay = await plain(peers=peers + await addrs_of(nearer), replicas=2)
+            nodes += [nearer, relay]
+            # hivemind hands a key to a new node nearer to it when the node nearest the key
+            # meets it, and only that node: a replica can miss an entry (the nearest left
+            # first, or the entry came later). Here it is made to miss them.
+            for _ in range(50):
+                if nearer.protocol.storage.get(key_id) is not None:
+                    del nearer.protocol.storage[key_id]
+                    break
+                await asyncio.sleep(0.1)
+            assert nearer.protocol.storage.get(key_id) is None
+            sent = await ReplicaStore(relay).relay(roll_key("run"), _anchor_rolls([a_id]))
+            held = nearer.protocol.storage.get(key_id)
+            assert sent == 1 and held is not None and len(held.value) == 1, "the anchor's roll, not the other's"
+            for node in (first, anchor, other):
+                await _shut(node)
+                nodes.remove(node)
+            reader = await plain(peers=await addrs_of(relay))
+            nodes.append(reader)
+            found = await read_roll(reader, "run", SPEC, [a_id])
+            assert found is not None and (found.anchor, found.round) == (a_id, 7)
+        finally:
+            for node in nodes:
+                await _shut(node)
+
+    asyncio.run(go())
+
+
+def _anchor_rolls(anchors):
+    from locoswarm.node.signers import subkey_author
+
+    def keep(subkey, value):
+        named, signed, signer = subkey_author(subkey)
+        return signed and signer == named and named in anchors
+
+    return keep
+
+
+async def _shut(node):
+    p2p = node.protocol.p2p
+    await node.shutdown()
+    await p2p.shutdown()
