@@ -11,6 +11,22 @@ import typer
 app = typer.Typer(help="Run specs: what every peer of a training run agrees on.", no_args_is_help=True)
 
 
+def _anchor_id(given: str) -> str:
+    """`run init --anchor`: a state directory (a path, or a folder that exists) names its
+    identity's peer id; anything else must be a base58 peer id."""
+    from hivemind.p2p import PeerID
+
+    from locoswarm.node.statedir import state_dir_peer_id
+
+    if os.sep in given or given.startswith((".", "~")) or os.path.isdir(given):
+        return state_dir_peer_id(os.path.expanduser(given))
+    try:
+        PeerID.from_base58(given)
+    except Exception:  # base58 or multihash: either way not a peer id
+        raise ValueError(f"--anchor {given!r} is neither a peer id nor a state directory") from None
+    return given
+
+
 @app.command()
 def init(
     path: Path = typer.Argument(Path("run.toml"), help="Where to write the spec."),
@@ -20,11 +36,15 @@ def init(
     data: Optional[str] = typer.Option(None, help="builtin:shakespeare, builtin:kjv, a folder, or several joined by '+'."),
     seed: Optional[int] = typer.Option(None, help="Genesis seed."),
     peer: Optional[list[str]] = typer.Option(None, help="Initial peer multiaddr (repeatable)."),
+    anchor: Optional[list[str]] = typer.Option(None, help="A trust anchor (repeatable, at most 8): a peer id, or the "
+                                               "state directory of the organiser's node that will be one (its "
+                                               "identity is made there when it has none)."),
     force: bool = typer.Option(False, help="Overwrite an existing file."),
 ) -> None:
     """Write a run spec (the embedded default, with these changes) as TOML, atomically."""
     from dataclasses import replace
 
+    from locoswarm.node.host import NodeError
     from locoswarm.node.spec import RunSpec, write_spec
 
     spec = RunSpec()
@@ -36,8 +56,11 @@ def init(
             spec = replace(spec, data=replace(spec.data, source=data))
         if peer:
             spec = replace(spec, initial_peers=list(peer))
+        if anchor:
+            ids = [_anchor_id(a) for a in anchor]
+            spec = replace(spec, trust=replace(spec.trust, anchors=ids))
         write_spec(spec, str(path), force=force)
-    except ValueError as e:
+    except (ValueError, NodeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {path} (spec hash {spec.hash().hex()})")

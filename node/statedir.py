@@ -32,6 +32,19 @@ def open_state_dir(path: str) -> int:
     return fd
 
 
+def state_dir_peer_id(path: str) -> str:
+    """The base58 peer id of state directory `path`'s identity, creating the directory and a
+    new identity (under its lock) when it has none: what an organiser names as a trust anchor
+    before the anchor's node first starts there. NodeError saying what is wrong."""
+    from hivemind.p2p import PeerID
+
+    if not os.path.exists(os.path.join(path, IDENTITY_FILE)):
+        os.close(open_state_dir(path))
+    ensure_identity(path)  # checks a key that was there
+    with open(os.path.join(path, IDENTITY_FILE), "rb") as fh:
+        return PeerID.from_identity(fh.read(1 << 16)).to_base58()
+
+
 def lock_state_dir(path: str) -> int:
     """Create `path` if needed and lock it, writing our pid into the lock file; returns the
     lock's file descriptor (keep it open). Quick: nothing heavy is imported (the daemon's

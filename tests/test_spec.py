@@ -152,3 +152,19 @@ def test_trust_anchors_round_trip_through_toml_and_leave_the_hash_of_specs_witho
     (tmp_path / "many.toml").write_text(f"[trust]\nanchors = [{many}]\n")
     with pytest.raises(ValueError, match="trust.anchors: 9 peers, at most 8"):
         load_spec(str(tmp_path / "many.toml"))
+
+
+def test_run_init_names_anchors_by_peer_id_or_by_the_state_directory_of_the_node_that_will_be_one(tmp_path):
+    from locoswarm.node.statedir import state_dir_peer_id
+
+    known = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    organiser = tmp_path / "organiser"
+    res = CliRunner().invoke(app, ["run", "init", str(tmp_path / "run.toml"), "--anchor", str(organiser),
+                                   "--anchor", known])
+    assert res.exit_code == 0, res.output
+    made = state_dir_peer_id(str(organiser))  # the identity the first call made there, read back
+    assert load_spec(str(tmp_path / "run.toml")).trust.anchors == [made, known]
+    assert (organiser / "identity.key").stat().st_mode & 0o777 == 0o600
+    res = CliRunner().invoke(app, ["run", "init", str(tmp_path / "bad.toml"), "--anchor", "not-a-peer"])
+    assert res.exit_code == 2 and "--anchor 'not-a-peer' is neither a peer id nor a state directory" in res.output
+    assert not (tmp_path / "bad.toml").exists()
