@@ -331,30 +331,34 @@ def attack(swarm, run: Path | None = None, drop_round: int | None = None) -> flo
 
 
 @pytest.mark.timeout(450, method="signal")
-def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_never_followed(swarm, tmp_path,
-                                                                                             clean_eval_loss):
-    """Issue 19's sybil attacks against three honest peers that have earned their weight
-    (earn_rounds 1 here, so that they are established after round 1 of a 6-round run). Four
-    identities then send deltas of about 10× an honest one's norm, each its own noise:
-    before earned weight they held the round's median, nothing was clipped or logged, and
-    the honest loss ended above the untrained model's. Three more identities show records 5
-    rounds or more ahead of the swarm at dialable addresses that serve no state: before, every honest
-    peer set out to download from them. Four more show one invented round chain (at round 0,
-    an anchor every record shows): before, they outnumbered the honest peers in the
-    silent-split vote. Now each sybil delta is clipped to the established peers' median and
-    the four share one peer's weight, both logged, and the honest peers' checks of them fail
-    (noise agrees with no one's training): they are excluded with the next round's deltas.
-    No honest peer follows anyone or finds a split; the honest peers end on one outer state
-    within LOSS_MARGIN of the clean run."""
+def test_sybils_from_a_runs_start_are_clipped_and_pooled_beside_its_anchors_and_identities_ahead_never_followed(
+        swarm, tmp_path, clean_eval_loss):
+    """Issue 19's sybil attacks against three honest peers that the run's spec names as its
+    trust anchors, so that they are established from round 0 (optim/credit.py Ledger.founded;
+    how peers earn their weight, and lose it by turning, is the negated-direction case below).
+    Four identities there from round 0 send deltas of about 10× an honest one's norm after a
+    round (70× at round 0), each its own noise: before earned weight they held the round's
+    median, nothing was clipped or logged, and the honest loss ended above the untrained
+    model's; without anchors they still held it until the honest peers had earned their
+    weight (rounds 0-4 with the default earn_rounds, measured: docs/trust.md). Three more
+    identities show records 5 rounds or more ahead of the swarm at dialable addresses that
+    serve no state: before, every honest peer set out to download from them. Four more show
+    one invented round chain (at round 0, an anchor every record shows): before, they
+    outnumbered the honest peers in the silent-split vote. Now each sybil delta of round 0 is
+    clipped to the established peers' median and the four share one peer's weight, both
+    logged, and the honest peers' checks of them fail (noise agrees with no one's training):
+    they are excluded with the next round's deltas. No honest peer follows anyone or finds a
+    split; the honest peers end on one outer state within LOSS_MARGIN of the clean run."""
     import subprocess
 
-    run = daemon.write_spec(tmp_path / "run.toml", earn_rounds=1)
+    anchors = [new_identity(swarm.root / name) for name in ("a", "b", "c")]
+    run = daemon.write_spec(tmp_path / "run.toml", anchors=anchors)
     args = ("--min-peers", "3", "--max-rounds", str(ROUNDS))
     a = swarm.join("a", *args, run=run)
     addr = daemon.first_addr(a)
-    # Ready before round 0 (a waits for b and c), the sybils claim rounds 2 on only, and the
+    # Ready before round 0 (a waits for b and c), the sybils send from round 0, and the
     # identities ahead show their records once told to, when round 1 ended.
-    sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "2"],
+    sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "0"],
                           stdin=subprocess.PIPE) for i in range(4)]
     fake = [sys.executable, "-u", "-m", "locoswarm.bench.fake_peer", addr, str(run)]
     ahead = [swarm.start(f"ahead-{i}", fake + ["ahead:20"], stdin=subprocess.PIPE) for i in range(3)]
@@ -378,9 +382,10 @@ def test_sybils_that_join_late_are_clipped_and_pooled_and_identities_ahead_are_n
         assert "split at round" not in err, f"{p.name} took the invented chain's side\n{p.tail()}"
         passed = [f for f in fakes if re.search(rf"{f} shows round \d+, ahead of our \d+, but has no earned weight", err)]
         assert passed, f"{p.name} never saw the identities ahead\n{p.tail()}"
-        assert_clipped_pooled_and_excluded(p, ids, r"\d+")
+        assert_clipped_pooled_and_excluded(p, ids, "0")
     loss = mean_eval(honest)
-    print(f"mean eval loss {loss:.4f} under 4 loud sybils, 3 identities ahead and 4 with an invented chain; "
+    print(f"mean eval loss {loss:.4f} under 4 loud sybils from round 0, 3 identities ahead and 4 with an invented "
+          f"chain; "
           f"clean run {clean_eval_loss:.4f}; "
           f"finals {[f[1] for f in finals]}")
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
@@ -400,41 +405,6 @@ def assert_clipped_pooled_and_excluded(p, ids: list[str], round_pattern: str) ->
     excluded = [i for i in ids if re.search(rf"delta of {i} refused: its delta of the round before failed the "
                                              rf"checks of 3 established peers", err)]
     assert excluded == ids, f"{p.name}: sybils excluded {len(excluded)} of 4\n{p.tail()}"
-
-
-@pytest.mark.timeout(300, method="signal")
-def test_sybils_there_from_a_runs_start_are_newcomers_beside_its_anchors(swarm, tmp_path, clean_eval_loss):
-    """The first rounds of a run, where nobody has earned weight yet: four identities there
-    from round 0 sending loud deltas (norm 10.5 where an honest one's is 0.15 at round 0) hold
-    the round's median norm and token claim until the honest peers have earned their weight
-    (rounds 0-4 here, measured without anchors: docs/trust.md). The spec names the three honest
-    peers as its trust anchors, so the genesis ledger holds them as established: from round 0
-    the sybil deltas are clipped to the anchors' median, share one peer's weight, and are
-    excluded by the anchors' checks, with the default earn_rounds (8 rounds: in this 6-round
-    run nobody else could earn its weight)."""
-    import subprocess
-
-    ids = {name: new_identity(swarm.root / name) for name in ("a", "b", "c")}
-    run = daemon.write_spec(tmp_path / "run.toml", anchors=list(ids.values()))
-    args = ("--min-peers", "3", "--max-rounds", str(ROUNDS))
-    a = swarm.join("a", *args, run=run)
-    addr = daemon.first_addr(a)
-    sybils = [swarm.start(f"sybil-{i}", [sys.executable, "-u", daemon.EVIL_SCRIPT, "loud", addr, str(run), "0"],
-                          stdin=subprocess.PIPE) for i in range(4)]
-    sybil_ids = [child.wait_for(r"^(\w+)$", 90)[1] for child in sybils]
-    honest = [a] + [swarm.join(name, *args, peer=a, run=run) for name in ("b", "c")]
-    for p in honest:
-        daemon.assert_clean_exit(p, p.wait_exit(240))
-    finals = [daemon.final(p) for p in honest]
-    assert len({d for *_, d in finals}) == 1, "honest outer states differ"
-    for p in honest:
-        err = p.stderr()
-        assert "downloading its state" not in err and "took the state" not in err, f"{p.name} followed\n{p.tail()}"
-        assert_clipped_pooled_and_excluded(p, sybil_ids, "0")
-    loss = mean_eval(honest)
-    print(f"mean eval loss {loss:.4f} under 4 loud sybils from round 0 beside 3 anchors; clean run "
-          f"{clean_eval_loss:.4f}; finals {[f[1] for f in finals]}")
-    assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss
 
 
 @pytest.mark.timeout(300, method="signal")
