@@ -5,9 +5,9 @@ A joiner whose ledger knows nobody took only a state one of the run's anchors vo
 and exited while none was live: a rule that waits for listed peers, which left every
 newcomer out whenever the organiser's machines were down. Now each anchor, while it trains,
 signs the established peers of the newest state it serves (`keep_roll`: when they change,
-else every ROLL_EVERY_S while its round moves) into the DHT, for ROLL_TTL_S; a joiner that finds no anchor live
-reads the newest roll an anchor signed (`read_roll`) and takes the state that the live peers
-named there attest by a majority, as a peer with a ledger does with its own (node/lineage.py
+else every ROLL_EVERY_S while its round moves) into the DHT, for ROLL_TTL_S; a joiner that
+finds no anchor live reads the newest roll an anchor signed (`read_roll`) and takes the state
+that the live peers named there attest by a majority, as a peer with a ledger does with its own (node/lineage.py
 `attested_state`; node/catchup.py). Identities minted after the roll are not on it; peers
 on it that have turned since can lead a joiner only where they are most of the roll's live
 peers, the limit earned weight has everywhere (docs/trust.md).

@@ -88,9 +88,10 @@ def test_a_joiner_reads_the_newest_roll_an_anchor_signed_and_no_other(tmp_path):
             task.cancel()
             assert found is not None and (found.anchor, found.round, found.peers) == (a_id, 7, {"a", "b"})
             later = encode_roll(SPEC, 9, CHAIN, ["z"])
-            await other.store(roll_key("run"), later, get_dht_time() + 60, subkey=o_id.encode() + o_val.local_public_key)
+            expires = get_dht_time() + 60
+            await other.store(roll_key("run"), later, expires, subkey=o_id.encode() + o_val.local_public_key)
             # A's name, another's key: signed (the DHT takes it) but not by the peer it names.
-            await other.store(roll_key("run"), later, get_dht_time() + 60, subkey=a_id.encode() + o_val.local_public_key)
+            await other.store(roll_key("run"), later, expires, subkey=a_id.encode() + o_val.local_public_key)
             stored = await reader.get(roll_key("run"), latest=True)
             assert len(stored.value) == 3, "all three entries are in the DHT"
             found = await read_roll(reader, "run", SPEC, [a_id])
