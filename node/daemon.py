@@ -12,6 +12,7 @@ record, the control API; torch work runs on the training and exchange threads
 | rounds.py | a round's progress in the DHT, its end and participants |
 | pull.py | the delta pull from a round's participants |
 | membership.py | who is live, who should train a round, who vanished or is gone |
+| ownrecord.py | the record this peer shows of itself, and its sequence number |
 | upkeep.py | the registry refresh loop, and dialing back the peers that vanished or are gone |
 | lineage.py | round chains, divergence, whom to follow after a partition or a split |
 | catchup.py | joining and catching up: taking another peer's outer state |
@@ -30,7 +31,6 @@ that dials its initial peers for minutes from a daemon that is not there.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
@@ -60,6 +60,7 @@ from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_
 from locoswarm.node.lineage import Lineage
 from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
+from locoswarm.node.ownrecord import OwnRecord
 from locoswarm.node.ports import remember_peers
 from locoswarm.node.report import history_of, status_of
 from locoswarm.node.dashboard import Baseline
@@ -70,7 +71,6 @@ from locoswarm.node.threads import Pools
 from locoswarm.node.roll import keep_roll, relay_rolls
 from locoswarm.node.upkeep import keep_record
 from locoswarm.node.work import prove_work
-from locoswarm.protocol.records import PeerRecord
 from locoswarm.protocol.work import WorkCheck
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,11 @@ class Daemon:
         self.stats = NodeStats()
         self.baseline = None if cfg.baseline is None else Baseline(cfg.baseline)
         """The lone-peer run the dashboard draws beside this node's loss (--baseline)."""
-        self.peer_id = ""
         self.initial_peers: list[str] = []
         """The peers p2pd bootstrapped from: the given ones, and those seen last time if none answered."""
         self.incarnation = secrets.randbelow(2**63 - 1) + 1
         """This life of the process (PeerRecord.incarnation): a restart shows a new one."""
         self.shard: int | None = None
-        self.addrs: list[str] = []
         self.trainer = None
         self.deltas = self.states = None
         self.membership: Membership | None = None
@@ -113,18 +111,12 @@ class Daemon:
         self.loop: RoundLoop | None = None
         self.idle = IdleWatch(Governor(cfg.idle), cfg.idle_check_s, on_pause=self._stop_round)
         """The idle governor: `idle.paused` says why training is paused (None: it is not)."""
+        self.record = OwnRecord(spec, self.spec_hash, self.incarnation, self.lineage, self.idle)
+        """Our peer record, as the registry, the progress streams and the join are told it."""
         self.pools = Pools(cfg.threads)
         self.checkpoints = Checkpointer(os.path.join(cfg.state_dir, "checkpoints"), self.spec_hash,
                                         keep=cfg.checkpoint_keep)
         self._tasks: set[asyncio.Task] = set()
-        self._last_record: PeerRecord | None = None
-        self._record_seq = 0
-        self._joining = True
-        """Until the join (state download included) is over: our record says paused, so
-        that the peers it reaches before we train neither count us toward --min-peers nor
-        tell us rounds we cannot take part in."""
-        self.work = 0
-        """The nonce proving this identity's work for the run (node/work.py; 0: none asked)."""
         self.dialling = Dialling()
         """The start's attempts to reach the initial peers (node status: dialling since …)."""
         self.warnings = RecentWarnings()
@@ -208,8 +200,8 @@ class Daemon:
         p2p, self.initial_peers = started
         dht = registry = progress = pulls = None
         try:
-            self.peer_id = p2p.peer_id.to_base58()
-            self.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
+            self.record.peer_id = p2p.peer_id.to_base58()
+            self.record.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
             access = self.spec.access
             check_work = WorkCheck(self.spec_hash, access.work_bits) if access.work_bits else None
             refuse = ((lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof, r.work, check_work))
@@ -227,7 +219,8 @@ class Daemon:
             self.shard = self.cfg.shard
             if self.shard is None:
                 self.shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
-            trainer = self.trainer = await self._unless_stopped(self.pools.train(self._build_trainer, self.shard))
+            trainer = self.trainer = self.record.trainer = await self._unless_stopped(
+                self.pools.train(self._build_trainer, self.shard))
             log.info("training on %s in %s, micro-batch %d of %d", trainer.device, trainer.precision,
                      trainer.micro_batch, self.spec.batch_size)
             gpu = gpu_id(trainer.device)  # None on the CPU or MPS: the governor then watches no GPU
@@ -243,7 +236,7 @@ class Daemon:
                                       residual_spec=trainer.residual_spec)
             self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
             progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
-                                   record=self._record, on_record=self.membership.heard,
+                                   record=self.record, on_record=self.membership.heard,
                                    on_gone=self.membership.gone)
             pulls = delta_streams(p2p)
             await self.deltas.start()
@@ -256,7 +249,7 @@ class Daemon:
                                         self.should_exit)
                 if work is None:
                     return 0  # stopped (Ctrl-C, SIGTERM) while proving work
-                self.work, self.stats.state = work, "starting"
+                self.record.work, self.stats.state = work, "starting"
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
             self.stats.started_unix_s = time.time()  # as a baseline's clock starts: at its first event
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
@@ -268,9 +261,9 @@ class Daemon:
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
-            await self._unless_stopped(join_swarm(ctx, registry, self.loop.catch_up, self.initial_peers, self._record))
-            self._joining = False
-            self._spawn(keep_record(registry, self.membership, self._record, interval_s=self._refresh_s,
+            await self._unless_stopped(join_swarm(ctx, registry, self.loop.catch_up, self.initial_peers, self.record))
+            self.record.joining = False
+            self._spawn(keep_record(registry, self.membership, self.record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir),
                                     shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
@@ -353,22 +346,16 @@ class Daemon:
                        memory_fraction=cfg.max_gpu_memory_percent / 100,
                        activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
-    # ------------------------------------------------------------------ peers
-
-    def _record(self) -> PeerRecord:
-        """Our record now; its sequence number grows with each change of anything but the
-        throughput (which moves every step, and is news to nobody)."""
-        steps = self.trainer.outer_steps
-        record = PeerRecord(peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), device=self.trainer.device.type,
-                            tokens_per_s=0.0, round=steps, spec_hash=self.spec_hash,
-                            paused=self.idle.paused is not None or self._joining,
-                            proof=self.spec.access.proof(self.spec_hash, self.peer_id), work=self.work,
-                            incarnation=self.incarnation, **self.lineage.shown(steps))
-        if record != self._last_record:
-            self._last_record, self._record_seq = record, self._record_seq + 1
-        return dataclasses.replace(record, seq=self._record_seq, tokens_per_s=float(self.trainer.tokens_per_s))
-
     # ------------------------------------------------------------------ status
+
+    @property
+    def peer_id(self) -> str:
+        """Our base58 peer id ("" until p2pd is up)."""
+        return self.record.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.record.addrs
 
     @property
     def bytes_sent(self) -> int:
