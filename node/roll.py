@@ -89,14 +89,7 @@ async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchor
     (ReplicaStore.relay: signed as the anchors signed them), so that they outlive the nodes
     they were first stored at while an anchor is away. Runs until cancelled."""
     def keep(subkey: object, value: object) -> bool:
-        named, signed, signer = subkey_author(subkey)
-        if not signed or signer != named or named not in anchors:
-            return False
-        try:
-            decode_roll(value, named, spec_hash)
-        except ProtocolError:
-            return False
-        return True
+        return isinstance(anchor_roll(subkey, value, anchors, spec_hash), Roll)
 
     while True:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * every_s)
@@ -110,6 +103,21 @@ async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchor
             log.warning("relaying the anchors' rolls failed: %s: %s", type(e).__name__, e)
 
 
+def anchor_roll(subkey: object, value: object, anchors: list[str], spec_hash: bytes) -> Roll | str:
+    """The roll in a DHT entry of the roll key (`value` as DHTNode.get gives it), or why it is
+    not one to take: not signed by the peer its subkey names, signed by a peer that is no
+    anchor, or malformed."""
+    named, signed, signer = subkey_author(subkey)
+    if not signed or signer != named:
+        return f"a roll under {named} is not signed by the peer it names"
+    if named not in anchors:
+        return f"a roll signed by {named}, which is not one of the run's trust anchors"
+    try:
+        return decode_roll(value, named, spec_hash)
+    except ProtocolError as e:
+        return f"the roll of anchor {named} is refused: {e}"
+
+
 async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[str]) -> Roll | None:
     """The newest roll (by round) that one of `anchors` signed, None when none is found.
     Entries not signed by the peer their subkey names, signed by a peer that is no anchor,
@@ -119,15 +127,9 @@ async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[s
         return None
     rolls = []
     for subkey, item in found.value.items():
-        named, signed, signer = subkey_author(subkey)
-        if not signed or signer != named:
-            log.warning("a roll under %s is not signed by the peer it names: skipped", named)
-            continue
-        if named not in anchors:
-            log.warning("a roll signed by %s, which is not one of the run's trust anchors: skipped", named)
-            continue
-        try:
-            rolls.append(decode_roll(item.value, named, spec_hash))
-        except ProtocolError as e:
-            log.warning("the roll of anchor %s is refused: %s", named, e)
+        roll = anchor_roll(subkey, item.value, anchors, spec_hash)
+        if isinstance(roll, Roll):
+            rolls.append(roll)
+        else:
+            log.warning("%s: skipped", roll)
     return max(rolls, key=lambda r: (r.round, r.anchor), default=None)

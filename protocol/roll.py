@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from locoswarm.protocol.delta import MAX_ROUND
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 from locoswarm.protocol.records import CHAIN_HEX_LEN, is_chain
@@ -32,7 +33,6 @@ MAX_ROLL_PEERS = 64
 """Established peers a roll names: a majority of them live is what a joiner needs."""
 MAX_ROLL_BYTES = 256 + MAX_ROLL_PEERS * (MAX_PEER_ID_LEN + 2)
 _KEYS = frozenset({"v", "spec", "round", "chain", "peers"})
-_MAX_ROUND = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ def decode_roll(blob: object, anchor: str, spec_hash: bytes) -> Roll:
     if m["spec"] != spec_hash:
         raise SpecMismatch(f"roll of {anchor} is of another run spec")
     round_, chain, peers = m["round"], m["chain"], m["peers"]
-    if type(round_) is not int or not 0 <= round_ <= _MAX_ROUND:
+    if type(round_) is not int or not 0 <= round_ <= MAX_ROUND:
         raise MalformedMessage(f"roll of {anchor}: round must be an integer in [0, 2**62], got {round_!r}")
     if not is_chain(chain):
         raise MalformedMessage(f"roll of {anchor}: chain must be {CHAIN_HEX_LEN} lowercase hex digits")

@@ -191,7 +191,8 @@ def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_pat
     from hivemind.utils.crypto import RSAPrivateKey
 
     from locoswarm.node.replicas import ReplicaStore
-    from locoswarm.node.roll import read_roll, roll_key
+    from locoswarm.node.roll import anchor_roll, read_roll, roll_key
+    from locoswarm.protocol.roll import Roll
 
     key_id = DHTID.generate(source=roll_key("run"))
 
@@ -226,7 +227,8 @@ def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_pat
                     break
                 await asyncio.sleep(0.1)
             assert nearer.protocol.storage.get(key_id) is None
-            sent = await ReplicaStore(relay).relay(roll_key("run"), _anchor_rolls([a_id]))
+            sent = await ReplicaStore(relay).relay(
+                roll_key("run"), lambda subkey, value: isinstance(anchor_roll(subkey, value, [a_id], SPEC), Roll))
             held = nearer.protocol.storage.get(key_id)
             assert sent == 1 and held is not None and len(held.value) == 1, "the anchor's roll, not the other's"
             for node in (first, anchor, other):
@@ -241,16 +243,6 @@ def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_pat
                 await _shut(node)
 
     asyncio.run(go())
-
-
-def _anchor_rolls(anchors):
-    from locoswarm.node.signers import subkey_author
-
-    def keep(subkey, value):
-        named, signed, signer = subkey_author(subkey)
-        return signed and signer == named and named in anchors
-
-    return keep
 
 
 async def _shut(node):
