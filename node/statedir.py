@@ -36,13 +36,13 @@ def state_dir_peer_id(path: str) -> str:
     """The base58 peer id of state directory `path`'s identity, creating the directory and a
     new identity (under its lock) when it has none: what an organiser names as a trust anchor
     before the anchor's node first starts there. NodeError saying what is wrong."""
-    from hivemind.p2p import PeerID
-
-    if not os.path.exists(os.path.join(path, IDENTITY_FILE)):
-        os.close(open_state_dir(path))
-    ensure_identity(path)  # checks a key that was there
-    with open(os.path.join(path, IDENTITY_FILE), "rb") as fh:
-        return PeerID.from_identity(fh.read(1 << 16)).to_base58()
+    if os.path.exists(os.path.join(path, IDENTITY_FILE)):
+        return ensure_identity(path)  # checks the key that is there; a running node may hold the lock
+    fd = lock_state_dir(path)
+    try:
+        return ensure_identity(path)
+    finally:
+        os.close(fd)
 
 
 def lock_state_dir(path: str) -> int:
@@ -72,9 +72,9 @@ def lock_state_dir(path: str) -> int:
     return fd
 
 
-def ensure_identity(path: str) -> None:
+def ensure_identity(path: str) -> str:
     """Create the identity key in state directory `path` (locked) if there is none, or check
-    the one there; NodeError saying what to do when neither works."""
+    the one there; its base58 peer id. NodeError saying what to do when neither works."""
     identity = os.path.join(path, IDENTITY_FILE)
     if not os.path.exists(identity):
         try:
@@ -84,16 +84,15 @@ def ensure_identity(path: str) -> None:
     elif os.stat(identity).st_mode & 0o077:
         log.warning("identity file %s was readable by others: restricting it to its owner (0600)", identity)
         os.chmod(identity, 0o600)
-    if os.path.exists(identity):
-        try:
-            with open(identity, "rb") as fh:
-                key = fh.read(1 << 16)
-            from hivemind.p2p import PeerID
+    try:
+        with open(identity, "rb") as fh:
+            key = fh.read(1 << 16)
+        from hivemind.p2p import PeerID
 
-            PeerID.from_identity(key)
-        except Exception as e:  # any parse failure: the file is not a key we can use
-            raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
-                            "it is left as it is: move it away to start with a new peer id") from None
+        return PeerID.from_identity(key).to_base58()
+    except Exception as e:  # any parse failure: the file is not a key we can use
+        raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
+                        "it is left as it is: move it away to start with a new peer id") from None
 
 
 def _create_identity(path: str) -> None:
