@@ -11,9 +11,10 @@ compression of g):
 
     agreement = cos(D, g) / cos(D_own, g) = (D·g · ‖D_own‖) / (‖D‖ · D_own·g)
 
-computed on D's support alone (a gather of g at the positions sent, every tensor at once:
-under a millisecond a delta for the default model, one copy of the model's size while it
-runs). The values decode through quant.dequantize's own arithmetic (`decode_levels`).
+computed on D's support alone (a gather of g at the positions sent, one copy of the model's
+size while it runs): the round's deltas are decoded from their packed wire streams on g's
+device, every tensor of a batch of deltas at once, through quant.dequantize's own arithmetic
+(`decode_levels`).
 Measured on the quick preset of `bench convergence`
 (4 replicas, 64 rounds, every ordered pair of replicas, 2026-12-05; docs/trust.md):
 
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from locoswarm.kernels.bitpack import packed_nbytes
 from locoswarm.kernels.layout import ChunkLayout
 from locoswarm.kernels.quant import decode_levels
 from locoswarm.kernels.topk import chunk_ids
@@ -67,50 +69,100 @@ class Check:
     """cos(D, g) / cos(D_own, g), in thousandths, clamped to ±LIMIT."""
 
 
+MAX_ENTRIES = 1 << 23
+"""Entries (deltas × their selected entries) a check decodes at once: a handful of (n, E)
+intermediates of 4–8 bytes each, ~64 MB apiece at this bound, whatever the model's size."""
+
+
 class _Layout:
-    """Where every selected entry of a delta of this run lands, for all its tensors at once
-    (the layouts are the spec's, the same for every delta): a check is then a handful of
-    operations on the whole delta, not a handful per tensor."""
+    """Where every selected entry of a delta of this run lies on the wire and lands in the
+    model, for all its tensors at once (the layouts are the spec's, the same for every delta):
+    a check decodes a batch of deltas straight from their packed streams in a handful of
+    operations on the device, not a handful per tensor and delta on the host."""
 
     def __init__(self, shapes: tuple[tuple[ChunkLayout, int], ...], device: torch.device) -> None:
         """`shapes`: each tensor's (layout, bits)."""
-        chunks, positions, bits = [], [], []
-        chunk_at, numel_at = 0, 0
+        chunks, positions, bits, code_at, index_at, index_bits = [], [], [], [], [], []
+        chunk_at, numel_at, code_bytes, index_bytes = 0, 0, 0, 0
         for lay, b in shapes:
             ids = chunk_ids(lay, device)
             chunks.append(ids + chunk_at)
             positions.append(ids * lay.chunk + numel_at)
-            bits.append(torch.full((lay.num_selected,), b, dtype=torch.int64, device=device))
+            n = lay.num_selected
+            entry = torch.arange(n, dtype=torch.int64, device=device)
+            bits.append(torch.full((n,), b, dtype=torch.int64, device=device))
+            code_at.append(8 * code_bytes + b * entry)
+            index_at.append(8 * index_bytes + lay.index_bits * entry)
+            index_bits.append(torch.full((n,), lay.index_bits, dtype=torch.int64, device=device))
             chunk_at += lay.num_chunks
             numel_at += lay.numel
+            code_bytes += packed_nbytes(n, b)
+            index_bytes += packed_nbytes(n, lay.index_bits)
         self.chunk = torch.cat(chunks)
         """(entries,) the chunk of each selected entry, counted over all tensors."""
         self.base = torch.cat(positions)
         """(entries,) the flat position of each entry's chunk start, over all tensors."""
         self.bits = torch.cat(bits)
         """(entries,) each entry's bits."""
+        self.codes = _Stream(torch.cat(code_at), self.bits, code_bytes)
+        self.indices = _Stream(torch.cat(index_at), torch.cat(index_bits), index_bytes)
         self.device = device
 
-    def values(self, d: DecodedDelta) -> tuple[Tensor, Tensor]:
-        """(the decoded values, their flat positions) of delta `d`: quant.dequantize on every
-        tensor at once."""
-        codes = torch.cat([t.codes for t in d.tensors]).to(self.device)
-        scales = torch.cat([t.scales for t in d.tensors]).to(self.device)
-        indices = torch.cat([t.indices for t in d.tensors]).to(self.device)
-        return decode_levels(codes, scales[self.chunk, 0], scales[self.chunk, 1], self.bits), self.base + indices
+    @property
+    def entries(self) -> int:
+        return self.chunk.numel()
+
+    def values(self, deltas: list[DecodedDelta]) -> tuple[Tensor, Tensor]:
+        """(the decoded values, their flat positions) of `deltas`, each (len(deltas), entries):
+        their packed codes, indices and scales moved to the device in one copy each, and
+        quant.dequantize's arithmetic on every tensor of every delta at once."""
+        codes = self.codes.read([t.packed_codes for d in deltas for t in d.tensors], len(deltas), self.device)
+        indices = self.indices.read([t.packed_indices for d in deltas for t in d.tensors], len(deltas), self.device)
+        scales = torch.cat([t.scales for d in deltas for t in d.tensors]).view(len(deltas), -1, 2).to(self.device)
+        lo, hi = scales[:, self.chunk, 0], scales[:, self.chunk, 1]
+        return decode_levels(codes, lo, hi, self.bits), self.base + indices
+
+
+class _Stream:
+    """Entries of several tensors' packed bit streams, laid end to end (kernels/bitpack.py's
+    layout: entry i of width w is stream bits [at, at + w), least significant first)."""
+
+    def __init__(self, at: Tensor, width: Tensor, nbytes: int) -> None:
+        self.byte = at >> 3
+        self.shift = at & 7
+        self.mask = (1 << width) - 1
+        self.nbytes = nbytes
+        self.window = (7 + int(width.max()) + 7) // 8
+        """Bytes that hold any one entry, wherever it starts in its first byte."""
+
+    def read(self, pieces: list[Tensor], n: int, device: torch.device) -> Tensor:
+        """(n, entries) int64: the entries of n streams, `pieces` each stream's tensors' packed
+        bytes in order."""
+        packed = torch.cat(pieces).view(n, self.nbytes).to(device)
+        packed = torch.nn.functional.pad(packed, (0, self.window))  # the last entry's window stays inside
+        word = packed[:, self.byte].to(torch.int64)
+        for j in range(1, self.window):
+            word |= packed[:, self.byte + j].to(torch.int64) << (8 * j)
+        return (word >> self.shift) & self.mask
 
 
 @functools.lru_cache(maxsize=4)
 def _layout(shapes: tuple[tuple[ChunkLayout, int], ...], device: torch.device) -> _Layout:
-    """The run's _Layout, built once: its ~6 small operations per tensor cost more than a
-    delta's check on a GPU (4.6 ms for the 124M model's 74 tensors on an H100)."""
+    """The run's _Layout, built once: its ~10 small operations per tensor cost more than a
+    round's checks on a GPU (4.6 ms for the 124M model's 74 tensors on an H100)."""
     return _Layout(shapes, device)
 
 
-def _dot_and_norm(d: DecodedDelta, g: Tensor, layout: _Layout) -> tuple[float, float]:
-    """(D·g, ‖D‖) over D's support: g (flat, all tensors) gathered at the positions D sent."""
-    values, positions = layout.values(d)
-    return float(torch.dot(values, g[positions])), float(torch.dot(values, values)) ** 0.5
+def _dots_and_norms(deltas: list[DecodedDelta], g: Tensor, layout: _Layout) -> list[tuple[float, float]]:
+    """(D·g, ‖D‖) of each delta D over its support (g, flat over all tensors, gathered at the
+    positions D sent), in batches of at most MAX_ENTRIES entries; one wait for the device."""
+    per_batch = max(1, MAX_ENTRIES // max(1, layout.entries))
+    dots, norms = [], []
+    for i in range(0, len(deltas), per_batch):
+        values, positions = layout.values(deltas[i:i + per_batch])
+        dots.append((values * g[positions]).sum(dim=1))
+        norms.append((values * values).sum(dim=1).sqrt())
+    return list(zip(torch.cat(dots).tolist(), torch.cat(norms).tolist()))
 
 
 @torch.no_grad()
@@ -125,14 +177,12 @@ def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, d
         return []
     g = torch.cat([(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)])
     layout = _layout(tuple((t.layout, t.bits) for t in own.tensors), g.device)
-    own_dot, own_norm = _dot_and_norm(own, g, layout)
+    checked = sorted((d for d in deltas if d.sender != own.sender and d.num_tokens >= least), key=lambda d: d.sender)
+    (own_dot, own_norm), *measured = _dots_and_norms([own] + checked, g, layout)
     if not own_dot > 0 or not own_norm > 0:
         return []
     out = []
-    for d in sorted(deltas, key=lambda d: d.sender):
-        if d.sender == own.sender or d.num_tokens < least:
-            continue
-        dot, norm = _dot_and_norm(d, g, layout)
+    for d, (dot, norm) in zip(checked, measured):
         ratio = dot * own_norm / (norm * own_dot) if norm > 0 else math.nan
         if not math.isfinite(ratio):
             continue

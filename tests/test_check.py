@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import protocol_cases as cases
+from locoswarm.kernels.bitpack import pack_bits
 from locoswarm.bench import convergence as conv
 from locoswarm.optim.check import SCALE, check_round, failing
 from locoswarm.optim.config import RobustConfig
@@ -76,7 +77,8 @@ def _noise(step: RoundStep, d, sender: str, gen: torch.Generator):
     for t in d.tensors:
         half = 1 << (t.bits - 1)  # sign-magnitude codes: the top bit is the sign
         flip = torch.randint(0, 2, t.codes.shape, generator=gen) * half
-        tensors.append(dataclasses.replace(t, codes=t.codes ^ flip))
+        codes = t.codes ^ flip
+        tensors.append(dataclasses.replace(t, codes=codes, packed_codes=pack_bits(codes, t.bits)))
     return dataclasses.replace(d, sender=sender, tensors=tuple(tensors))
 
 
@@ -97,21 +99,35 @@ def test_honest_deltas_pass_and_negated_or_noise_deltas_fail_a_peers_check(train
         assert told == {"x-negated", "y-noise"}
 
 
-def test_a_check_decodes_every_tensor_at_once_as_dequantize_does_one_by_one(trained_round):
+def test_a_check_decodes_every_tensor_of_every_delta_from_the_wire_at_once_as_dequantize_does_one_by_one(
+        trained_round):
     from locoswarm.kernels import dequantize
     from locoswarm.kernels.topk import chunk_ids
     from locoswarm.optim.check import _Layout
 
     _, _, _, deltas, _ = trained_round
     shapes = tuple((t.layout, t.bits) for t in deltas[0].tensors)
-    values, positions = _Layout(shapes, torch.device("cpu")).values(deltas[1])
-    offset, want_v, want_p = 0, [], []
-    for t in deltas[1].tensors:
-        lay = t.layout
-        want_v.append(dequantize(t.codes, t.scales, lay, t.bits))
-        want_p.append(chunk_ids(lay, "cpu") * lay.chunk + t.indices + offset)
-        offset += lay.numel
-    assert torch.equal(values, torch.cat(want_v)) and torch.equal(positions, torch.cat(want_p))
+    values, positions = _Layout(shapes, torch.device("cpu")).values(deltas[1:])
+    assert values.shape == positions.shape == (len(deltas) - 1, sum(t.layout.num_selected for t in deltas[0].tensors))
+    for row, d in enumerate(deltas[1:]):
+        offset, want_v, want_p = 0, [], []
+        for t in d.tensors:
+            lay = t.layout
+            want_v.append(dequantize(t.codes, t.scales, lay, t.bits))
+            want_p.append(chunk_ids(lay, "cpu") * lay.chunk + t.indices + offset)
+            offset += lay.numel
+        assert torch.equal(values[row], torch.cat(want_v)) and torch.equal(positions[row], torch.cat(want_p))
+
+
+def test_checks_in_batches_of_any_size_judge_every_delta_as_one_batch_does(trained_round, monkeypatch):
+    from locoswarm.optim import check
+
+    _, outer, replicas, deltas, tokens = trained_round
+    whole = check_round(outer, replicas[0], deltas[0], deltas, plan_tokens=tokens)
+    entries = sum(t.layout.num_selected for t in deltas[0].tensors)
+    monkeypatch.setattr(check, "MAX_ENTRIES", entries)  # one delta a batch
+    assert len(whole) == len(deltas) - 1
+    assert check_round(outer, replicas[0], deltas[0], deltas, plan_tokens=tokens) == whole
 
 
 def test_a_peer_whose_own_round_is_no_measure_checks_nothing_and_small_claims_go_unchecked(trained_round):
