@@ -84,7 +84,11 @@ class _Layout:
         """`shapes`: each tensor's (layout, bits)."""
         chunks, positions, bits, code_at, index_at, index_bits = [], [], [], [], [], []
         chunk_at, numel_at, code_bytes, index_bytes = 0, 0, 0, 0
+        starts: dict[str, list[int]] = {"packed_codes": [], "packed_indices": [], "scales": []}
         for lay, b in shapes:
+            starts["packed_codes"].append(code_bytes)
+            starts["packed_indices"].append(index_bytes)
+            starts["scales"].append(4 * 2 * chunk_at)  # float32 (lo, hi) pairs
             ids = chunk_ids(lay, device)
             chunks.append(ids + chunk_at)
             positions.append(ids * lay.chunk + numel_at)
@@ -104,8 +108,13 @@ class _Layout:
         """(entries,) the flat position of each entry's chunk start, over all tensors."""
         self.bits = torch.cat(bits)
         """(entries,) each entry's bits."""
-        self.codes = _Stream(torch.cat(code_at), self.bits, code_bytes)
-        self.indices = _Stream(torch.cat(index_at), torch.cat(index_bits), index_bytes)
+        self.pieces = {"packed_codes": (starts["packed_codes"], code_bytes),
+                       "packed_indices": (starts["packed_indices"], index_bytes),
+                       "scales": (starts["scales"], 2 * chunk_at)}
+        """Each field a check reads: (each tensor's byte offset in the delta's joined payload,
+        the payload's elements)."""
+        self.codes = _Stream(torch.cat(code_at), self.bits)
+        self.indices = _Stream(torch.cat(index_at), torch.cat(index_bits))
         self.device = device
 
     @property
@@ -116,31 +125,51 @@ class _Layout:
         """(the decoded values, their flat positions) of `deltas`, each (len(deltas), entries):
         their packed codes, indices and scales moved to the device in one copy each, and
         quant.dequantize's arithmetic on every tensor of every delta at once."""
-        codes = self.codes.read([t.packed_codes for d in deltas for t in d.tensors], len(deltas), self.device)
-        indices = self.indices.read([t.packed_indices for d in deltas for t in d.tensors], len(deltas), self.device)
-        scales = torch.cat([t.scales for d in deltas for t in d.tensors]).view(len(deltas), -1, 2).to(self.device)
+        host = {field: _stacked(deltas, field, *self.pieces[field], self.device) for field in self.pieces}
+        codes = self.codes.read(host["packed_codes"], self.device)
+        indices = self.indices.read(host["packed_indices"], self.device)
+        scales = host["scales"].to(self.device, non_blocking=True).view(len(deltas), -1, 2)
         lo, hi = scales[:, self.chunk, 0], scales[:, self.chunk, 1]
         return decode_levels(codes, lo, hi, self.bits), self.base + indices
+
+
+def _stacked(deltas: list[DecodedDelta], field: str, offsets: list[int], total: int, device: torch.device) -> Tensor:
+    """(len(deltas), total) on the host, pinned for a CUDA `device`: each delta's tensors'
+    `field` end to end in the spec's order (`offsets`: where each tensor's begins, in bytes)."""
+    rows = [joined([getattr(t, field) for t in d.tensors], offsets, total) for d in deltas]
+    out = torch.empty((len(rows), total), dtype=rows[0].dtype, pin_memory=device.type == "cuda")
+    return torch.stack(rows, out=out)
+
+
+def joined(pieces: list[Tensor], offsets: list[int], total: int) -> Tensor:
+    """`pieces` end to end, flat (`total` elements): without a copy where they already lie so
+    in one buffer, each at its byte offset of `offsets` from the first (a decoded delta's
+    payloads do: protocol/delta.py), else concatenated."""
+    first = pieces[0]
+    at, storage = first.data_ptr(), first.untyped_storage()
+    # Within the first piece's buffer (torch.Tensor.set_ does not check it): pieces merely
+    # allocated side by side are copied.
+    inside = (first.storage_offset() + total) * first.element_size() <= storage.nbytes()
+    if inside and [p.data_ptr() - at for p in pieces] == offsets:
+        return first.new_empty(0).set_(storage, first.storage_offset(), (total,))
+    return torch.cat([p.reshape(-1) for p in pieces])
 
 
 class _Stream:
     """Entries of several tensors' packed bit streams, laid end to end (kernels/bitpack.py's
     layout: entry i of width w is stream bits [at, at + w), least significant first)."""
 
-    def __init__(self, at: Tensor, width: Tensor, nbytes: int) -> None:
+    def __init__(self, at: Tensor, width: Tensor) -> None:
         self.byte = at >> 3
         self.shift = at & 7
         self.mask = (1 << width) - 1
-        self.nbytes = nbytes
         self.window = (7 + int(width.max()) + 7) // 8
         """Bytes that hold any one entry, wherever it starts in its first byte."""
 
-    def read(self, pieces: list[Tensor], n: int, device: torch.device) -> Tensor:
-        """(n, entries) int64: the entries of n streams, `pieces` each stream's tensors' packed
-        bytes in order."""
-        packed = torch.cat(pieces).view(n, self.nbytes).to(device)
-        packed = torch.nn.functional.pad(packed, (0, self.window))  # the last entry's window stays inside
-        word = packed[:, self.byte].to(torch.int64)
+    def read(self, packed: Tensor, device: torch.device) -> Tensor:
+        """(n, entries) int64: the entries of n streams, `packed` (n, nbytes) uint8 on the host."""
+        packed = torch.nn.functional.pad(packed.to(device, non_blocking=True), (0, self.window))
+        word = packed[:, self.byte].to(torch.int64)  # the last entry's window stays inside the padding
         for j in range(1, self.window):
             word |= packed[:, self.byte + j].to(torch.int64) << (8 * j)
         return (word >> self.shift) & self.mask

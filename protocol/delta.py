@@ -215,7 +215,7 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
     if not isinstance(items, list) or len(items) != len(spec.tensors):
         count = len(items) if isinstance(items, list) else type(items).__name__
         raise ShapeMismatch(f"delta carries {count} tensors, the spec has {len(spec.tensors)}")
-    tensors = tuple(_decode_tensor(item, ts) for item, ts in zip(items, spec.tensors))
+    tensors = _decode_tensors([_tensor_fields(item, ts) for item, ts in zip(items, spec.tensors)], spec.tensors)
     base = body["base"]
     if not isinstance(base, str) or len(base) > MAX_BASE_LEN or base.strip("0123456789abcdef"):
         raise MalformedMessage(f"base must be a string of at most {MAX_BASE_LEN} lowercase hex digits")
@@ -253,7 +253,8 @@ def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
-def _decode_tensor(item: Any, ts: TensorSpec) -> SparseTensor:
+def _tensor_fields(item: Any, ts: TensorSpec) -> tuple[bytes, bytes, bytes]:
+    """A tensor entry's (indices, values, scales) payloads, its other fields checked against `ts`."""
     if not isinstance(item, list) or len(item) != _TENSOR_FIELDS:
         raise MalformedMessage(f"tensor {ts.name!r}: entry must be a list of {_TENSOR_FIELDS} fields")
     name, shape, chunk, k, bits, idx_b, val_b, scale_b = item
@@ -269,19 +270,34 @@ def _decode_tensor(item: Any, ts: TensorSpec) -> SparseTensor:
         if not isinstance(blob, bytes) or len(blob) != expected:
             got = len(blob) if isinstance(blob, bytes) else type(blob).__name__
             raise MalformedMessage(f"tensor {ts.name!r}: {label} hold {got} bytes, expected {expected}")
-    lay = ts.layout
-    packed_indices, packed_codes = _u8(idx_b), _u8(val_b)
-    indices = unpack_bits(packed_indices, lay.index_bits, lay.num_selected)
-    _check_indices(ts.name, indices, lay)
-    codes = unpack_bits(packed_codes, ts.bits, lay.num_selected)
-    scales = torch.frombuffer(bytearray(scale_b), dtype=torch.bfloat16).float().view(lay.num_chunks, 2)
-    if not bool(torch.isfinite(scales).all()):
-        raise NonFiniteValue(f"tensor {ts.name!r}: non-finite scale")
-    lo, hi = scales[:, 0], scales[:, 1]
-    if bool((lo < 0).any()) or bool((hi < lo).any()):
-        raise NonFiniteValue(f"tensor {ts.name!r}: scales must satisfy 0 <= lo <= hi")
-    return SparseTensor(name=ts.name, layout=lay, bits=ts.bits, indices=indices, codes=codes, scales=scales,
-                        packed_indices=packed_indices, packed_codes=packed_codes)
+    return idx_b, val_b, scale_b
+
+
+def _decode_tensors(fields: list[tuple[bytes, bytes, bytes]], specs: tuple[TensorSpec, ...]) -> tuple[SparseTensor, ...]:
+    """The tensors of a delta whose payloads passed `_tensor_fields`. Each payload kind lies end
+    to end in one buffer, in the spec's order, and every tensor's field is a view of it: a
+    round's checks read a delta's streams whole (optim/check.py `joined`)."""
+    indices_all = _u8(b"".join(f[0] for f in fields))
+    codes_all = _u8(b"".join(f[1] for f in fields))
+    scales_all = torch.frombuffer(bytearray(b"".join(f[2] for f in fields)), dtype=torch.bfloat16).float()
+    out, at = [], [0, 0, 0]
+    for ts, (idx_b, val_b, _) in zip(specs, fields):
+        lay = ts.layout
+        packed_indices = indices_all[at[0]:at[0] + len(idx_b)]
+        packed_codes = codes_all[at[1]:at[1] + len(val_b)]
+        scales = scales_all[at[2]:at[2] + 2 * lay.num_chunks].view(lay.num_chunks, 2)
+        at = [at[0] + len(idx_b), at[1] + len(val_b), at[2] + 2 * lay.num_chunks]
+        indices = unpack_bits(packed_indices, lay.index_bits, lay.num_selected)
+        _check_indices(ts.name, indices, lay)
+        codes = unpack_bits(packed_codes, ts.bits, lay.num_selected)
+        if not bool(torch.isfinite(scales).all()):
+            raise NonFiniteValue(f"tensor {ts.name!r}: non-finite scale")
+        lo, hi = scales[:, 0], scales[:, 1]
+        if bool((lo < 0).any()) or bool((hi < lo).any()):
+            raise NonFiniteValue(f"tensor {ts.name!r}: scales must satisfy 0 <= lo <= hi")
+        out.append(SparseTensor(name=ts.name, layout=lay, bits=ts.bits, indices=indices, codes=codes, scales=scales,
+                                packed_indices=packed_indices, packed_codes=packed_codes))
+    return tuple(out)
 
 
 def _u8(blob: bytes) -> Tensor:

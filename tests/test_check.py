@@ -119,6 +119,27 @@ def test_a_check_decodes_every_tensor_of_every_delta_from_the_wire_at_once_as_de
         assert torch.equal(values[row], torch.cat(want_v)) and torch.equal(positions[row], torch.cat(want_p))
 
 
+def test_a_decoded_deltas_payloads_are_read_whole_without_a_copy_and_a_replaced_tensors_by_a_copy(trained_round):
+    import dataclasses
+
+    from locoswarm.optim.check import _layout, joined
+
+    _, _, _, deltas, _ = trained_round
+    d = deltas[1]
+    lay = _layout(tuple((t.layout, t.bits) for t in d.tensors), torch.device("cpu"))
+    for field, (offsets, total) in lay.pieces.items():
+        pieces = [getattr(t, field) for t in d.tensors]
+        whole = joined(pieces, offsets, total)
+        assert whole.data_ptr() == pieces[0].data_ptr(), f"{field}: copied"
+        assert torch.equal(whole, torch.cat([p.reshape(-1) for p in pieces])) and whole.numel() == total
+    t = d.tensors[len(d.tensors) // 2]
+    other = dataclasses.replace(t, packed_codes=t.packed_codes.clone() ^ 1)
+    pieces = [other.packed_codes if x is t else x.packed_codes for x in d.tensors]
+    offsets, total = lay.pieces["packed_codes"]
+    whole = joined(pieces, offsets, total)
+    assert whole.data_ptr() != pieces[0].data_ptr() and torch.equal(whole, torch.cat(pieces)), "a stale payload read"
+
+
 def test_checks_in_batches_of_any_size_judge_every_delta_as_one_batch_does(trained_round, monkeypatch):
     from locoswarm.optim import check
 
