@@ -10,6 +10,7 @@ import typer
 
 from locoswarm import __version__
 from locoswarm.cli import bench, config, demo, doctor, node, run
+from locoswarm.node.portable import stop_signals
 
 app = typer.Typer(
     name="locoswarm",
@@ -43,6 +44,6 @@ def main() -> None:
         # seconds) a signal is recorded, and the start ends where it looks (node.join, the
         # daemon's serve). Not raised where it lands: an exception thrown into a module's
         # import mid-way ended in a RecursionError once.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             signal.signal(sig, lambda signum, frame: node.STOPPED_EARLY.set())
     app()

@@ -27,6 +27,7 @@ import time
 from typing import Callable
 
 from locoswarm.node.files import write_atomic
+from locoswarm.node.portable import pid_alive
 from locoswarm.node.statedir import LOCK_FILE
 
 _STATES = ["starting", "dialling", "proving", "syncing", "waiting", "paused", "training", "exchanging", "stopping"]
@@ -248,10 +249,4 @@ def lock_holder(state_dir: str) -> int | None:
             pid = int(fh.read(32).strip())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        pass
-    return pid
+    return pid if pid_alive(pid) else None

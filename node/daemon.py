@@ -61,6 +61,7 @@ from locoswarm.node.lineage import Lineage
 from locoswarm.node.localpeers import PeerListing
 from locoswarm.node.membership import Membership
 from locoswarm.node.ownrecord import OwnRecord
+from locoswarm.node.portable import on_stop_signals
 from locoswarm.node.ports import remember_peers
 from locoswarm.node.report import history_of, status_of
 from locoswarm.node.dashboard import Baseline
@@ -144,8 +145,7 @@ class Daemon:
         """Run until stopped; `stopped`: see run_daemon."""
         loop = asyncio.get_running_loop()
         quiet_abandoned_calls(loop)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.handle_signal, sig)
+        release_signals = on_stop_signals(loop, self.handle_signal)
         logging.getLogger().addHandler(self.warnings)
         try:
             if stopped is not None and stopped.is_set():
@@ -172,8 +172,7 @@ class Daemon:
                 await control.stop()
                 os.close(lock)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            release_signals()
             logging.getLogger().removeHandler(self.warnings)
             self.events.close()
 

@@ -6,11 +6,11 @@ the daemon does first so that its control API is up at once, imports nothing hea
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 
 from locoswarm.node.files import leftover_temps, write_atomic
+from locoswarm.node.portable import read_head, replace_head, try_lock
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.key"
@@ -60,15 +60,12 @@ def lock_state_dir(path: str) -> int:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
         raise NodeError(f"state directory {path}: cannot open {lock_path} ({e.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    if not try_lock(fd):
+        owner = read_head(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise NodeError(f"state directory {path} is in use by another running node (pid {owner}); "
-                        "give this one its own --state-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+                        "give this one its own --state-dir")
+    replace_head(fd, str(os.getpid()).encode())
     return fd
 
 
