@@ -11,6 +11,8 @@
 #            test that runs 16 of them among 3 peers (its timing on a fast machine);
 #   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
 #   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
+#   validate24: 24 CPU peers × 32 rounds, then `bench scale --validate` of that run (the model
+#            against real daemons at 24 peers, with this machine's cores and request round trip);
 #   catchup: the daemon tests of catching up by the rounds' deltas (a joiner behind, a peer
 #            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
@@ -57,6 +59,11 @@ for part in "${parts[@]}"; do
             -k silent_split > "$log" 2>&1
         echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$log";;
     swarm24) swarm swarm24 230 --peers 24 --rounds 4;;
+    validate24)  # long enough for the registry's reads to count, then the model against it (issue 18)
+        swarm swarm24x32 330 --peers 24 --rounds 32
+        timeout 150 python3 -m locoswarm bench scale --validate "$out/swarm24x32.json" \
+            --json "$out/validate24x32.json" > "$out/validate24x32.log" 2>&1
+        echo "validate24 rc=$?" | tee -a "$out/summary.txt"; tail -6 "$out/validate24x32.log";;
     catchup)  # the catch-ups by the rounds' deltas, where rounds are fastest (node/replay.py)
         LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 400 pytest -q -p no:cacheprovider tests/test_daemon.py \
             tests/test_faults.py -k "catches_up or failed_round" > "$out/catchup.log" 2>&1
