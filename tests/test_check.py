@@ -140,6 +140,30 @@ def test_a_decoded_deltas_payloads_are_read_whole_without_a_copy_and_a_replaced_
     assert whole.data_ptr() != pieces[0].data_ptr() and torch.equal(whole, torch.cat(pieces)), "a stale payload read"
 
 
+@pytest.mark.parametrize("widths", [(2, 2, 1), (12, 5, 17), (20, 3, 31)])
+def test_entries_of_several_packed_streams_end_to_end_read_back_exactly(widths, gen):
+    """optim/check.py `_Stream` against kernels/bitpack.py's packing: streams of each width
+    (int32 words up to 17 bits, int64 above), each padded to a whole byte, two rows at once."""
+    from locoswarm.kernels.bitpack import packed_nbytes
+    from locoswarm.optim.check import _Stream
+
+    counts = (37, 1, 64)
+    at, width, rows = [], [], [[], []]
+    offset = 0
+    for w, n in zip(widths, counts):
+        entry = torch.arange(n, dtype=torch.int64)
+        at.append(8 * offset + w * entry)
+        width.append(torch.full((n,), w, dtype=torch.int64))
+        offset += packed_nbytes(n, w)
+        for row in rows:
+            row.append(torch.randint(0, 1 << w, (n,), generator=gen, dtype=torch.int64))
+    stream = _Stream(torch.cat(at), torch.cat(width))
+    packed = torch.stack([torch.cat([pack_bits(v, w) for v, w in zip(row, widths)]) for row in rows])
+    got = stream.read(packed, torch.device("cpu"))
+    assert got.dtype == (torch.int32 if max(widths) <= 17 else torch.int64)
+    assert torch.equal(got.long(), torch.stack([torch.cat(row) for row in rows]))
+
+
 def test_checks_in_batches_of_any_size_judge_every_delta_as_one_batch_does(trained_round, monkeypatch):
     from locoswarm.optim import check
 
