@@ -91,9 +91,20 @@ async def unless_stopped(aw, should_stop: asyncio.Event) -> tuple[bool, Any]:
     return False, None if isinstance(result, BaseException) else result
 
 
+_ABANDONED = (
+    (asyncio.InvalidStateError, "ControlClient._read_from_persistent_conn",
+     lambda e: "p2pd answered a call given up (hivemind's client cannot take the answer): ignored"),
+    (asyncio.IncompleteReadError, "ControlClient._handler",
+     lambda e: f"a peer closed a stream before its header came ({len(e.partial)} of {e.expected} bytes read): ignored"),
+)
+"""(exception, the hivemind function it comes out of, the line logged) for each case
+`quiet_abandoned_calls` quiets."""
+
+
 def quiet_abandoned_calls(loop: asyncio.AbstractEventLoop) -> None:
     """Make `loop` log at INFO, not as an error with a traceback, the two exceptions hivemind's
-    p2pd client raises in its own tasks when peers or our stop leave a conversation half done:
+    p2pd client raises in its own tasks when peers or our stop leave a conversation half done
+    (`_ABANDONED`), each known by its type and the function its traceback passed through:
     - its reader task sets the result of a future our stop (or a timeout) cancelled when p2pd
       answers a call we had given up (InvalidStateError in ControlClient._read_from_persistent_conn;
       once in twenty SIGINTs while p2pd started, clean-clone CI, 2026-12-06);
@@ -105,17 +116,11 @@ def quiet_abandoned_calls(loop: asyncio.AbstractEventLoop) -> None:
     previous = loop.get_exception_handler()
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        task = context.get("future")
-        coro = getattr(task, "get_coro", lambda: None)()
         exception = context.get("exception")
-        if (isinstance(exception, asyncio.InvalidStateError)
-                and getattr(coro, "__qualname__", "") == "ControlClient._read_from_persistent_conn"):
-            log.info("p2pd answered a call given up (hivemind's client cannot take the answer): ignored")
-            return
-        if isinstance(exception, asyncio.IncompleteReadError) and _raised_in(exception, "ControlClient._handler"):
-            log.info("a peer closed a stream before its header came (%d of %s bytes read): ignored",
-                     len(exception.partial), exception.expected)
-            return
+        for kind, where, line in _ABANDONED:
+            if isinstance(exception, kind) and _raised_in(exception, where):
+                log.info(line(exception))
+                return
         if previous is not None:
             previous(loop, context)
         else:
