@@ -150,16 +150,24 @@ class CatchUp:
         None otherwise, or when none can be read within ROLL_READ_TIMEOUT_S."""
         ctx = self.ctx
         live = ctx.membership.records
-        anchors = sorted(set(ctx.spec.trust.anchors) - {ctx.peer_id})
-        if (not anchors or any(r.peer_id in anchors for r in live)
-                or any(ctx.trainer.ledger.established(r.peer_id) for r in live)):
+        anchors = self._anchors()
+        if not anchors or self._known(live) or any(r.peer_id in anchors for r in live):
             return None
         try:
-            return await asyncio.wait_for(read_roll(ctx.dht, ctx.spec.run_id, ctx.spec_hash, anchors),
+            return await asyncio.wait_for(read_roll(ctx.dht, ctx.spec.run_id, ctx.spec_hash, sorted(anchors)),
                                           ROLL_READ_TIMEOUT_S)
         except Exception as e:  # unreadable now: no state is taken without an anchor's word (vouching)
             log.warning("reading the anchors' roll failed: %s: %s", type(e).__name__, e)
             return None
+
+    def _anchors(self) -> frozenset[str]:
+        """The run's anchors (the spec's trust.anchors) but this peer."""
+        return frozenset(self.ctx.spec.trust.anchors) - {self.ctx.peer_id}
+
+    def _known(self, live: list[PeerRecord]) -> bool:
+        """Whether our ledger knows some of the `live` peers' records as established: earned
+        weight then decides whom to follow, and neither anchors nor a roll are asked."""
+        return any(self.ctx.trainer.ledger.established(r.peer_id) for r in live)
 
     def vouching(self, roll: Roll | None = None) -> frozenset[str]:
         """Whose manifest vouches for the state a joiner takes while its ledger knows none
@@ -173,9 +181,9 @@ class CatchUp:
         no state is taken without their word."""
         ctx = self.ctx
         live = ctx.membership.records
-        if any(ctx.trainer.ledger.established(r.peer_id) for r in live):
+        if self._known(live):
             return frozenset()
-        anchors = set(ctx.spec.trust.anchors) - {ctx.peer_id}
+        anchors = self._anchors()
         present = frozenset(r.peer_id for r in live if r.peer_id in (anchors or ctx.bootstrap))
         if not anchors or present:
             return present
