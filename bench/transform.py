@@ -1,0 +1,178 @@
+"""A study for issue 20 (more learning per byte): the compressed DiLoCo round with the top-k
+taken in a transform's domain, after DeMo (Peng et al. 2024), which sends the largest
+coefficients of a DCT of each tensor's chunks.
+
+Every step is the default round's (optim/round.py), only on coefficients: a replica's
+pseudo-gradient Δ (its residual already in it: the replica restarted at θ_outer − e) goes
+through an orthonormal DCT-II, `c = T(Δ)`; the chunked top-k, the 2-bit quantization with a
+(lo, hi) scale pair a chunk and the masked mean run on c exactly as on Δ by default
+(kernels/, the same layout rule); the residual is T⁻¹(c − sent), dropped where the consensus
+moved on a coefficient this replica did not send; the outer step takes T⁻¹ of the aggregate.
+T orthonormal: the residual's norm is the same in both domains, and identity is the default.
+
+  identity  T = I: the default round, as a check of this harness;
+  dct1      a DCT over each run of `block` consecutive entries of a flattened tensor;
+  dct2      a 2-D DCT over `block` × `block` tiles of each matrix (DeMo's), dct1 on vectors.
+
+Bytes are the wire's: each tensor's packed positions (log2 chunk bits) and codes, 4 bytes of
+scales a chunk and 40 of header, to the N − 1 others; a transform's padding to whole blocks
+adds coefficients, and with them bytes.
+
+Not shipped: `python -m locoswarm.bench.transform --transform dct2 --block 64 --json out.json`
+runs one variant on the quick preset; docs/convergence.md has the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from locoswarm.bench.convergence import PRESETS, Workload, flush_denormals, trained_rounds
+from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, packed_nbytes, quantize, scatter_chunks
+from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
+from locoswarm.optim.inner import load_params
+
+TRANSFORMS = ("identity", "dct1", "dct2")
+HEADER_BYTES = 40
+"""Per tensor: name, shape and counts, about what the delta format spends on them."""
+
+
+def dct_matrix(b: int) -> Tensor:
+    """The orthonormal DCT-II of size b: row k is s_k cos(π (n + ½) k / b)."""
+    n = torch.arange(b, dtype=torch.float64)
+    m = torch.cos(math.pi * (n[None, :] + 0.5) * n[:, None] / b) * math.sqrt(2.0 / b)
+    m[0] /= math.sqrt(2.0)
+    return m.float()
+
+
+class Transform:
+    """T and T⁻¹ for one tensor's shape: flat (numel,) in, flat coefficients out (padded to
+    whole blocks), and back."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], block: int) -> None:
+        self.kind, self.shape, self.b = kind, shape, block
+        self.numel = math.prod(shape)
+        self.two_d = kind == "dct2" and len(shape) == 2
+        self.d = dct_matrix(block) if kind != "identity" else None
+        if kind == "identity":
+            self.size = self.numel
+        elif self.two_d:
+            r, c = shape
+            self.rows, self.cols = -(-r // block) * block, -(-c // block) * block
+            self.size = self.rows * self.cols
+        else:
+            self.size = -(-self.numel // block) * block
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.d is None:
+            return x
+        b, d = self.b, self.d
+        if self.two_d:
+            r, c = self.shape
+            t = torch.zeros(self.rows, self.cols)
+            t[:r, :c] = x.view(r, c)
+            tiles = t.view(self.rows // b, b, self.cols // b, b).permute(0, 2, 1, 3)
+            return (d @ tiles @ d.T).reshape(-1)
+        flat = torch.cat([x, x.new_zeros(self.size - self.numel)])
+        return (flat.view(-1, b) @ d.T).reshape(-1)
+
+    def inverse(self, c: Tensor) -> Tensor:
+        if self.d is None:
+            return c
+        b, d = self.b, self.d
+        if self.two_d:
+            r, cols = self.shape
+            tiles = (d.T @ c.view(self.rows // b, self.cols // b, b, b) @ d).permute(0, 2, 1, 3)
+            return tiles.reshape(self.rows, self.cols)[:r, :cols].reshape(-1)
+        return (c.view(-1, b) @ d).reshape(-1)[: self.numel]
+
+
+def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 2, chunk: int = 4096) -> dict:
+    cfg, dl = w.cfg, w.cfg.diloco
+    n = cfg.replicas
+    t0 = time.perf_counter()
+    models = [w.new_model() for _ in range(n)]
+    opts = [make_inner_optimizer(m, dl.inner) for m in models]
+    samplers = w.samplers(n)
+    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    transforms = [Transform(transform, tuple(p.shape), block) for p in outer.params]
+    layouts = [ChunkLayout.for_tensor(t.size, chunk, density) for t in transforms]
+    sent_bytes = sum(packed_nbytes(lay.num_selected, lay.index_bits) + packed_nbytes(lay.num_selected, bits)
+                     + 4 * lay.num_chunks + HEADER_BYTES for lay in layouts)
+    sent, curve, energy = 0.0, [], []
+    residuals = [[torch.zeros(p.numel()) for p in outer.params] for _ in range(n)]
+    for step, _ in trained_rounds(w, dl, models, opts, samplers):
+        deltas = [[d.reshape(-1) for d in pseudo_gradients(outer.params, m)] for m in models]
+        aggregate, kept = [], []
+        for i, (p, tr, lay) in enumerate(zip(outer.params, transforms, layouts)):
+            total, count = torch.zeros(tr.size), torch.zeros(tr.size)
+            coeffs, decoded, masks = [], [], []
+            for r in range(n):
+                c = tr.forward(deltas[r][i])
+                idx, vals = chunked_topk(c, lay)
+                codes, scales = quantize(vals, lay, bits)
+                got = scatter_chunks(idx, dequantize(codes, scales, lay, bits), lay)
+                mask = scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), lay, out=torch.zeros(tr.size, dtype=torch.bool))
+                coeffs.append(c)
+                decoded.append(got)
+                masks.append(mask)
+                total += got
+                count += mask
+                kept.append((float(vals.square().sum()), float(c.square().sum())))
+            moved = count > 0
+            mean = torch.where(moved, total / count.clamp(min=1), torch.zeros_like(total))
+            aggregate.append(tr.inverse(mean).view(p.shape))
+            for r in range(n):
+                e = coeffs[r] - decoded[r]
+                e.masked_fill_(moved & ~masks[r], 0.0)  # the consensus holds the senders' average there
+                residuals[r][i] = tr.inverse(e)
+        sent += (n - 1) * sent_bytes
+        energy.append(sum(k for k, _ in kept) / max(1e-30, sum(t for _, t in kept)))
+        outer.step(aggregate)
+        for r, model in enumerate(models):
+            load_params(model, outer.params, residuals[r])
+        curve.append((step, w.evaluate(models[0])))
+    losses = [w.evaluate(m) for m in models]
+    load_params(models[0], outer.params)
+    return {"transform": transform, "block": block, "density": density, "bits": bits, "chunk": chunk,
+            "eval_loss": sum(losses) / n, "replica_eval_loss": losses[0], "consensus_eval_loss": w.evaluate(models[0]),
+            "bytes_sent_per_replica": int(sent), "rounds": len(curve),
+            "energy_sent_mean": sum(energy) / max(1, len(energy)),
+            "wall_s": time.perf_counter() - t0, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transform", choices=TRANSFORMS, required=True)
+    parser.add_argument("--block", type=int, default=64, help="DCT size (dct1) or tile side (dct2)")
+    parser.add_argument("--density", type=float, default=0.00375, help="share of each chunk of coefficients sent")
+    parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=2)
+    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    cfg = PRESETS[args.preset]
+    if args.steps:
+        cfg = replace(cfg, total_steps=args.steps)
+    torch.manual_seed(cfg.seed)
+    with flush_denormals():
+        out = run(Workload(cfg), transform=args.transform, block=args.block, density=args.density, bits=args.bits,
+                  chunk=args.chunk)
+    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
+    print(f"{args.transform} block {args.block} density {args.density}: eval loss {out['eval_loss']:.4f} "
+          f"(consensus {out['consensus_eval_loss']:.4f}), {out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, "
+          f"energy sent {out['energy_sent_mean']:.3f}, {out['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
