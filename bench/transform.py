@@ -93,7 +93,36 @@ class Transform:
         return (c.view(-1, b) @ d).reshape(-1)[: self.numel]
 
 
-def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 2, chunk: int = 4096) -> dict:
+def tensor_bytes(lay: ChunkLayout, bits: int) -> int:
+    """What one tensor's delta puts on the wire: positions, codes, scales and header."""
+    return (packed_nbytes(lay.num_selected, lay.index_bits) + packed_nbytes(lay.num_selected, bits)
+            + 4 * lay.num_chunks + HEADER_BYTES)
+
+
+def budgets(names: list[str], sizes: list[int], density: float, shares: dict[str, float], *, bits: int, chunk: int,
+            equal_bytes: bool) -> list[ChunkLayout]:
+    """Each tensor's layout: `density` times the share of the first pattern of `shares` its
+    name contains (1 without one, a density capped at 1). With `equal_bytes` the base density
+    is scaled so that a round sends what the plain `density` sends (bisection)."""
+    def layouts(base: float) -> list[ChunkLayout]:
+        out = []
+        for name, size in zip(names, sizes):
+            share = next((v for k, v in shares.items() if k in name), 1.0)
+            out.append(ChunkLayout.for_tensor(size, chunk, min(1.0, base * share)))
+        return out
+
+    if not equal_bytes or not shares:
+        return layouts(density)
+    target = sum(tensor_bytes(ChunkLayout.for_tensor(size, chunk, density), bits) for size in sizes)
+    lo, hi = density / 64, density * 64
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if sum(tensor_bytes(x, bits) for x in layouts(mid)) < target else (lo, mid)
+    return layouts(lo)
+
+
+def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 2, chunk: int = 4096,
+        shares: dict[str, float] | None = None, equal_bytes: bool = True) -> dict:
     cfg, dl = w.cfg, w.cfg.diloco
     n = cfg.replicas
     t0 = time.perf_counter()
@@ -102,9 +131,10 @@ def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 
     samplers = w.samplers(n)
     outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
     transforms = [Transform(transform, tuple(p.shape), block) for p in outer.params]
-    layouts = [ChunkLayout.for_tensor(t.size, chunk, density) for t in transforms]
-    sent_bytes = sum(packed_nbytes(lay.num_selected, lay.index_bits) + packed_nbytes(lay.num_selected, bits)
-                     + 4 * lay.num_chunks + HEADER_BYTES for lay in layouts)
+    names = [name for name, _ in models[0].named_parameters()]
+    layouts = budgets(names, [t.size for t in transforms], density, shares or {}, bits=bits, chunk=chunk,
+                      equal_bytes=equal_bytes)
+    sent_bytes = sum(tensor_bytes(lay, bits) for lay in layouts)
     sent, curve, energy = 0.0, [], []
     residuals = [[torch.zeros(p.numel()) for p in outer.params] for _ in range(n)]
     for step, _ in trained_rounds(w, dl, models, opts, samplers):
@@ -141,6 +171,7 @@ def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 
     losses = [w.evaluate(m) for m in models]
     load_params(models[0], outer.params)
     return {"transform": transform, "block": block, "density": density, "bits": bits, "chunk": chunk,
+            "shares": shares or {}, "densities": {n: lay.k / lay.chunk for n, lay in zip(names, layouts)},
             "eval_loss": sum(losses) / n, "replica_eval_loss": losses[0], "consensus_eval_loss": w.evaluate(models[0]),
             "bytes_sent_per_replica": int(sent), "rounds": len(curve),
             "energy_sent_mean": sum(energy) / max(1, len(energy)),
@@ -154,6 +185,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.00375, help="share of each chunk of coefficients sent")
     parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=2)
     parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--share", action="append", default=[], metavar="PATTERN=X",
+                        help="tensors whose name contains PATTERN get X times the density (repeatable; the first "
+                             "match counts); the others' density is scaled so that a round sends the same bytes")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--json", default="")
@@ -163,10 +197,11 @@ def main() -> None:
         cfg = replace(cfg, total_steps=args.steps)
     torch.manual_seed(cfg.seed)
     with flush_denormals():
+        shares = {k: float(v) for k, v in (item.split("=", 1) for item in args.share)}
         out = run(Workload(cfg), transform=args.transform, block=args.block, density=args.density, bits=args.bits,
-                  chunk=args.chunk)
+                  chunk=args.chunk, shares=shares)
     out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
-    print(f"{args.transform} block {args.block} density {args.density}: eval loss {out['eval_loss']:.4f} "
+    print(f"{args.transform} block {args.block} density {args.density} shares {args.share}: eval loss {out['eval_loss']:.4f} "
           f"(consensus {out['consensus_eval_loss']:.4f}), {out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, "
           f"energy sent {out['energy_sent_mean']:.3f}, {out['wall_s']:.0f} s")
     if args.json:
