@@ -38,3 +38,16 @@ def test_a_smooth_matrix_has_its_energy_in_few_coefficients():
     assert float(top[:40].sum() / top.sum()) > 0.99  # 1 % of the coefficients
     raw = smooth.square().sort(descending=True).values
     assert float(raw[:40].sum() / raw.sum()) < 0.05
+
+
+def test_budgets_give_a_kind_its_share_and_keep_a_rounds_bytes_at_most_the_defaults():
+    from locoswarm.bench.transform import budgets, tensor_bytes
+
+    names = ["embed.weight", "blocks.0.qkv.weight", "blocks.0.down.weight", "norm.weight"]
+    sizes = [257 * 128, 384 * 128, 128 * 352, 128]
+    plain = budgets(names, sizes, 0.00375, {}, bits=2, chunk=4096, equal_bytes=True)
+    shared = budgets(names, sizes, 0.00375, {"embed": 4}, bits=2, chunk=4096, equal_bytes=True)
+    spent = sum(tensor_bytes(x, 2) for x in shared)
+    target = sum(tensor_bytes(x, 2) for x in plain)
+    assert target * 0.9 < spent <= target
+    assert shared[0].k >= 3 * shared[1].k and shared[1].k < plain[1].k, "the embedding's share came from the others"
