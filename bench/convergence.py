@@ -323,6 +323,29 @@ def flush_denormals():
         torch.set_flush_denormal(False)
 
 
+def run_study(preset: str, run: Callable[[Workload], dict], *, steps: int = 0, device: str = "",
+              json_path: str = "") -> dict:
+    """One run of an issue study that replaces the compressed round (bench/support.py,
+    bench/transform.py): `run` on the preset's workload (`steps` and `device` overriding its
+    own), seeded as the benchmark is and with denormals flushed; its result with the preset,
+    steps and replicas added, written to `json_path` when given."""
+    import json
+
+    cfg = PRESETS[preset]
+    if steps:
+        cfg = replace(cfg, total_steps=steps)
+    if device:
+        cfg = replace(cfg, device=device)
+    torch.manual_seed(cfg.seed)
+    with flush_denormals():
+        out = run(Workload(cfg))
+    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return out
+
+
 def run_benchmark(cfg: BenchConfig, runs: tuple[str, ...] = RUNS, log: Callable[[str], None] = print) -> dict:
     with flush_denormals():
         return _run_benchmark(cfg, runs, log)

@@ -23,14 +23,12 @@ runs one variant on the quick preset; docs/convergence.md has the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import replace
 
 import torch
 
-from locoswarm.bench.convergence import PRESETS, Workload, flush_denormals, trained_rounds
+from locoswarm.bench.convergence import PRESETS, Workload, run_study, trained_rounds
 from locoswarm.kernels import ChunkLayout
 from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
 from locoswarm.optim.inner import load_params
@@ -137,21 +135,10 @@ def main() -> None:
     parser.add_argument("--device", default="")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    cfg = PRESETS[args.preset]
-    if args.steps:
-        cfg = replace(cfg, total_steps=args.steps)
-    if args.device:
-        cfg = replace(cfg, device=args.device)
-    torch.manual_seed(cfg.seed)
-    with flush_denormals():
-        out = run_shared(Workload(cfg), support=args.support, bits=args.bits, density=args.density)
-    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
+    out = run_study(args.preset, lambda w: run_shared(w, support=args.support, bits=args.bits, density=args.density),
+                    steps=args.steps, device=args.device, json_path=args.json)
     print(f"{args.support} bits {args.bits} density {args.density}: eval loss {out['eval_loss']:.4f}, "
           f"{out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, {out['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-
 
 if __name__ == "__main__":
     main()

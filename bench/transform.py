@@ -25,15 +25,13 @@ runs one variant on the quick preset; docs/convergence.md has the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from locoswarm.bench.convergence import PRESETS, Workload, flush_denormals, trained_rounds
+from locoswarm.bench.convergence import PRESETS, Workload, run_study, trained_rounds
 from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, packed_nbytes, quantize, scatter_chunks
 from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
 from locoswarm.optim.inner import load_params
@@ -148,7 +146,8 @@ def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 
                 idx, vals = chunked_topk(c, lay)
                 codes, scales = quantize(vals, lay, bits)
                 got = scatter_chunks(idx, dequantize(codes, scales, lay, bits), lay)
-                mask = scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), lay, out=torch.zeros(tr.size, dtype=torch.bool))
+                mask = scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), lay,
+                                      out=torch.zeros(tr.size, dtype=torch.bool))
                 coeffs.append(c)
                 decoded.append(got)
                 masks.append(mask)
@@ -192,22 +191,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    cfg = PRESETS[args.preset]
-    if args.steps:
-        cfg = replace(cfg, total_steps=args.steps)
-    torch.manual_seed(cfg.seed)
-    with flush_denormals():
-        shares = {k: float(v) for k, v in (item.split("=", 1) for item in args.share)}
-        out = run(Workload(cfg), transform=args.transform, block=args.block, density=args.density, bits=args.bits,
-                  chunk=args.chunk, shares=shares)
-    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
-    print(f"{args.transform} block {args.block} density {args.density} shares {args.share}: eval loss {out['eval_loss']:.4f} "
-          f"(consensus {out['consensus_eval_loss']:.4f}), {out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, "
-          f"energy sent {out['energy_sent_mean']:.3f}, {out['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-
+    shares = {k: float(v) for k, v in (item.split("=", 1) for item in args.share)}
+    out = run_study(args.preset, lambda w: run(w, transform=args.transform, block=args.block, density=args.density,
+                                                bits=args.bits, chunk=args.chunk, shares=shares),
+                    steps=args.steps, json_path=args.json)
+    print(f"{args.transform} block {args.block} density {args.density} shares {args.share}: "
+          f"eval loss {out['eval_loss']:.4f} (consensus {out['consensus_eval_loss']:.4f}), "
+          f"{out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, energy sent {out['energy_sent_mean']:.3f}, "
+          f"{out['wall_s']:.0f} s")
 
 if __name__ == "__main__":
     main()

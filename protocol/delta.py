@@ -273,7 +273,8 @@ def _tensor_fields(item: Any, ts: TensorSpec) -> tuple[bytes, bytes, bytes]:
     return idx_b, val_b, scale_b
 
 
-def _decode_tensors(fields: list[tuple[bytes, bytes, bytes]], specs: tuple[TensorSpec, ...]) -> tuple[SparseTensor, ...]:
+def _decode_tensors(fields: list[tuple[bytes, bytes, bytes]],
+                    specs: tuple[TensorSpec, ...]) -> tuple[SparseTensor, ...]:
     """The tensors of a delta whose payloads passed `_tensor_fields`. Each payload kind lies end
     to end in one buffer, in the spec's order, and every tensor's field is a view of it: a
     round's checks read a delta's streams whole (optim/check.py `joined`)."""
