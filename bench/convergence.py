@@ -267,10 +267,7 @@ def run_diloco(
         return run_grouped(w, compression, dl, on_round, keep)
     t0 = time.perf_counter()
     n = cfg.replicas
-    models = [w.new_model() for _ in range(n)]
-    opts = [make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = w.samplers(n)
-    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = start_replicas(w, dl)
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     if compression is not None:
         # The peers' round step (optim/round.py), N replicas sharing one outer optimizer.
@@ -321,6 +318,15 @@ def flush_denormals():
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+def start_replicas(w: Workload, dl: DiLoCoConfig) -> tuple[list, list, list, OuterOptimizer]:
+    """The run's `w.cfg.replicas` replicas from one start: (models, inner optimizers, data
+    samplers, the outer optimizer they share)."""
+    n = w.cfg.replicas
+    models = [w.new_model() for _ in range(n)]
+    opts = [make_inner_optimizer(m, dl.inner) for m in models]
+    return models, opts, w.samplers(n), OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
 
 
 def run_study(preset: str, run: Callable[[Workload], dict], *, steps: int = 0, device: str = "",

@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from locoswarm.bench.convergence import PRESETS, Workload, run_study, trained_rounds
+from locoswarm.bench.convergence import PRESETS, Workload, run_study, start_replicas, trained_rounds
 from locoswarm.kernels import ChunkLayout
-from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
+from locoswarm.optim import pseudo_gradients
 from locoswarm.optim.inner import load_params
 
 SUPPORTS = ("random", "aggregate", "momentum", "mixed")
@@ -72,10 +72,7 @@ def run_shared(w: Workload, *, support: str, bits: int, density: float, chunk: i
     cfg, dl = w.cfg, w.cfg.diloco
     n = cfg.replicas
     t0 = time.perf_counter()
-    models = [w.new_model() for _ in range(n)]
-    opts = [make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = w.samplers(n)
-    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = start_replicas(w, dl)
     layouts = [ChunkLayout.for_tensor(p.numel(), chunk, density) for p in outer.params]
     residuals = [[torch.zeros(p.numel()) for p in outer.params] for _ in range(n)]
     last_aggregate: list[torch.Tensor] | None = None

@@ -31,9 +31,9 @@ import time
 import torch
 from torch import Tensor
 
-from locoswarm.bench.convergence import PRESETS, Workload, run_study, trained_rounds
+from locoswarm.bench.convergence import PRESETS, Workload, run_study, start_replicas, trained_rounds
 from locoswarm.kernels import ChunkLayout, chunked_topk, dequantize, packed_nbytes, quantize, scatter_chunks
-from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
+from locoswarm.optim import pseudo_gradients
 from locoswarm.optim.inner import load_params
 
 TRANSFORMS = ("identity", "dct1", "dct2")
@@ -124,10 +124,7 @@ def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 
     cfg, dl = w.cfg, w.cfg.diloco
     n = cfg.replicas
     t0 = time.perf_counter()
-    models = [w.new_model() for _ in range(n)]
-    opts = [make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = w.samplers(n)
-    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = start_replicas(w, dl)
     transforms = [Transform(transform, tuple(p.shape), block) for p in outer.params]
     names = [name for name, _ in models[0].named_parameters()]
     layouts = budgets(names, [t.size for t in transforms], density, shares or {}, bits=bits, chunk=chunk,
