@@ -330,11 +330,11 @@ def start_replicas(w: Workload, dl: DiLoCoConfig) -> tuple[list, list, list, Out
 
 
 def run_study(preset: str, run: Callable[[Workload], dict], *, steps: int = 0, device: str = "",
-              json_path: str = "") -> dict:
+              seed: int | None = None, json_path: str = "") -> dict:
     """One run of an issue study that replaces the compressed round (bench/support.py,
-    bench/transform.py): `run` on the preset's workload (`steps` and `device` overriding its
-    own), seeded as the benchmark is and with denormals flushed; its result with the preset,
-    steps and replicas added, written to `json_path` when given."""
+    bench/transform.py): `run` on the preset's workload (`steps`, `device` and `seed`
+    overriding its own), seeded as the benchmark is and with denormals flushed; its result
+    with the preset, steps, replicas and seed added, written to `json_path` when given."""
     import json
 
     cfg = PRESETS[preset]
@@ -342,10 +342,12 @@ def run_study(preset: str, run: Callable[[Workload], dict], *, steps: int = 0, d
         cfg = replace(cfg, total_steps=steps)
     if device:
         cfg = replace(cfg, device=device)
+    if seed is not None:
+        cfg = replace(cfg, seed=seed)
     torch.manual_seed(cfg.seed)
     with flush_denormals():
         out = run(Workload(cfg))
-    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas)
+    out.update(preset=cfg.preset, steps=cfg.total_steps, replicas=cfg.replicas, seed=cfg.seed)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(out, fh, indent=1)

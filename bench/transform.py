@@ -186,12 +186,14 @@ def main() -> None:
                              "match counts); the others' density is scaled so that a round sends the same bytes")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="genesis seed (weights, data order); the preset's by default")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     shares = {k: float(v) for k, v in (item.split("=", 1) for item in args.share)}
     out = run_study(args.preset, lambda w: run(w, transform=args.transform, block=args.block, density=args.density,
                                                 bits=args.bits, chunk=args.chunk, shares=shares),
-                    steps=args.steps, json_path=args.json)
+                    steps=args.steps, seed=args.seed, json_path=args.json)
     print(f"{args.transform} block {args.block} density {args.density} shares {args.share}: "
           f"eval loss {out['eval_loss']:.4f} (consensus {out['consensus_eval_loss']:.4f}), "
           f"{out['bytes_sent_per_replica'] / 1e6:.2f} MB per replica, energy sent {out['energy_sent_mean']:.3f}, "
