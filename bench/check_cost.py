@@ -33,10 +33,7 @@ def measure(preset: str = "quick", *, replicas: int = 8, rounds: int = 3, repeat
     cfg.validate()
     w = conv.Workload(cfg)
     dl = cfg.diloco
-    models = [w.new_model() for _ in range(replicas)]
-    opts = [conv.make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = w.samplers(replicas)
-    outer = conv.OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = conv.start_replicas(w, dl)
     tokens = cfg.batch_size * cfg.data.seq_len * dl.inner_steps
     step = RoundStep(dl, w.shapes, run_id="bench", spec_hash=b"\0" * 32, max_tokens=tokens)
     comps = [step.compressor(outer.params[0].device) for _ in range(replicas)]

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from locoswarm.bench.convergence import (RunResult, Workload, _ring_allreduce_bytes, encode_replicas, step_consensus,
-                                        trained_rounds)
+from locoswarm.bench.convergence import (RunResult, Workload, _ring_allreduce_bytes, encode_replicas, start_replicas,
+                                        step_consensus, trained_rounds)
 from locoswarm.bench.grid import grid_dims, mean_state, round_groups, spread
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, OuterOptimizer, make_inner_optimizer
 from locoswarm.optim.aggregate import aggregate, coverage
@@ -126,10 +126,7 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     n, g = cfg.replicas, cfg.groups.group_size
     d = grid_dims(n, g)
     t0 = time.perf_counter()
-    models = [w.new_model() for _ in range(n)]
-    opts = [make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = w.samplers(n)
-    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = start_replicas(w, dl)
     device = outer.params[0].device
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     round_step = RoundStep(replace(dl, compression=compression), w.shapes, run_id="bench",

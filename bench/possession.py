@@ -43,8 +43,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from locoswarm.bench.convergence import PRESETS, Workload, encode_replicas, flush_denormals, step_consensus
-from locoswarm.optim import OuterOptimizer, make_inner_optimizer, pseudo_gradients
+from locoswarm.bench.convergence import (PRESETS, Workload, encode_replicas, flush_denormals, start_replicas,
+                                        step_consensus)
+from locoswarm.optim import pseudo_gradients
 from locoswarm.optim.compress import densify
 from locoswarm.optim.round import RoundStep
 
@@ -134,10 +135,8 @@ def run(rounds: int, every: int, steps: int, seed: int, log=print) -> dict:
     dl = cfg.diloco
     n, H = cfg.replicas, dl.inner_steps
     rounds = min(rounds, math.ceil(cfg.total_steps / H))
-    models = [w.new_model() for _ in range(n)]
-    opts = [make_inner_optimizer(m, dl.inner) for m in models]
-    samplers = [RecordingSampler(s) for s in w.samplers(n)]
-    outer = OuterOptimizer(list(models[0].parameters()), dl.outer, device=w.device)
+    models, opts, samplers, outer = start_replicas(w, dl)
+    samplers = [RecordingSampler(s) for s in samplers]
     tokens = cfg.batch_size * cfg.data.seq_len * H
     round_step = RoundStep(dl, w.shapes, run_id="bench", spec_hash=b"\0" * 32, max_tokens=tokens)
     compressors = [round_step.compressor(outer.params[0].device) for _ in range(n)]
