@@ -10,12 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from locoswarm.bench.churn import Churn, Phases, PhaseTooShort, first_completed, rate_per_minute, swarm_round
 from locoswarm.bench.swarm import Peer, RoundLine
+from locoswarm.bench.swarmbench import bench_spec
+from locoswarm.node.checkpoint import load_latest
 from locoswarm.node.events import read_events
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -124,11 +127,13 @@ def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one
     # 3 peers × 48 rounds: rounds wait for no dead peer, so the swarm runs on fast while a
     # victim restarts (5-25 s here), and kills stop once a restart (as long as this machine's
     # starts took) could not come back before the end. Seed 1 kills peer 0, the one the others joined through, first, so the
-    # bootstrap peer's restart (it rejoins the peers it saw last) is covered; checkpoints
-    # every 2 rounds give a restarted peer a checkpoint to resume from.
+    # bootstrap peer's restart (it rejoins the peers it saw last) is covered; a checkpoint
+    # every round gives a restarted peer one to resume from, and puts kills mid-write (this
+    # test replaced the fault suite's random SIGKILLs, which did the same with 3 peers by
+    # hand: tests/test_checkpoint.py kills a writer mid-write on purpose).
     path, kept = tmp_path / "churn.json", tmp_path / "swarm"
     out = _run_bench(["bench", "swarm", "--peers", "3", "--rounds", "48", "--churn", "2", "--seed", "1",
-                      "--checkpoint-every", "2", "--no-simulate", "--keep-dir", str(kept), "--json", str(path)],
+                      "--checkpoint-every", "1", "--no-simulate", "--keep-dir", str(kept), "--json", str(path)],
                      timeout_s=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(path.read_text())
@@ -149,6 +154,12 @@ def test_bench_swarm_churn_restarts_peers_from_their_checkpoints_and_ends_on_one
         assert any(e["event"] == "resumed" for e in read_events(life)), life
     finals = [e for f in kept.glob("peer-*.events.jsonl") for e in read_events(f) if e["event"] == "final"]
     assert len(finals) == 3 and len({e["digest"] for e in finals}) == 1 and {e["round"] for e in finals} == {48}
+    # Whatever moment the kills hit, every peer's newest checkpoint loads, at the last round.
+    spec = bench_spec(3, 48)
+    spec_hash = replace(spec, rounds=replace(spec.rounds, overlap=True)).hash()  # as the bench writes it
+    for peer in range(3):
+        found = load_latest(str(kept / f"peer-{peer}" / "checkpoints"), spec_hash)
+        assert found is not None and found[0] == 48, (peer, None if found is None else found[0])
     assert "under churn" in out.stdout and "× the clean rate" in out.stdout
 
 
