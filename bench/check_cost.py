@@ -5,6 +5,7 @@ N − 1 deltas timed against its own inner phase of that round (H inner steps)."
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import replace
@@ -48,7 +49,9 @@ def measure(preset: str = "quick", *, replicas: int = 8, rounds: int = 3, repeat
                 _sync(w.device)
                 if i == 0:
                     train_s.append(time.perf_counter() - t0)
-            deltas = [d for _, d in conv.encode_replicas(step, comps, lambda i: outer.params, models, r, tokens)]
+            wires = [step.encode(c, outer.params, list(m.parameters()), round_=r, sender=f"replica-{i:04d}",
+                                 tokens=tokens) for i, (c, m) in enumerate(zip(comps, models))]
+            deltas = [step.decode(blob) for blob in wires]
             if r < rounds - 1:
                 conv.step_consensus(step, outer, deltas, comps, models)
         replica = [p.detach().to(outer.params[0].device, torch.float32) for p in models[0].parameters()]
@@ -59,6 +62,7 @@ def measure(preset: str = "quick", *, replicas: int = 8, rounds: int = 3, repeat
             checks = check_round(outer.params, replica, deltas[0], deltas, plan_tokens=tokens)
             _sync(w.device)
             times.append(time.perf_counter() - t0)
+        exchange = _exchange_parts(step, outer, comps[0], replica, wires, tokens, w.device, repeats)
     check_s = statistics.median(times[1:])
     round_s = statistics.median(train_s)
     return {
@@ -68,7 +72,40 @@ def measure(preset: str = "quick", *, replicas: int = 8, rounds: int = 3, repeat
         "rounds": rounds, "inner_phase_s": round_s, "check_s": check_s, "deltas_checked": len(checks),
         "check_share": check_s / (round_s + check_s),
         "agreements": [c.agreement / SCALE for c in checks],
+        "exchange_s": exchange,
     }
+
+
+def _exchange_parts(step: RoundStep, outer, compressor, replica: list[torch.Tensor], wires: list[bytes], tokens: int,
+                    device: torch.device, repeats: int) -> dict:
+    """Seconds of one peer's round exchange compute, median of `repeats` after a warm-up, by
+    part, as the daemon runs them (node/roundloop.py): encode its own delta, decode the
+    N − 1 others' and its own off the wire, screen, check, and aggregate with the outer
+    step. What `bench scale` charges a round's exchange per delta pulled comes from these."""
+    parts: dict[str, list[float]] = {"encode": [], "decode": [], "screen": [], "check": [], "apply": []}
+    ledger = step.ledger(tokens)
+    for _ in range(repeats + 1):
+        trial = copy.deepcopy(outer)
+        comp = copy.deepcopy(compressor)
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            _sync(device)
+            marks.append(time.perf_counter())
+
+        step.encode(comp, trial.params, replica, round_=0, sender="replica-0000", tokens=tokens)
+        mark()
+        deltas = [step.decode(blob) for blob in wires]
+        mark()
+        screened = step.screen(deltas, ledger)
+        mark()
+        step.check(trial.params, replica, deltas[0], deltas[1:], per_peer_tokens=tokens)
+        mark()
+        step.apply(trial, step.kept(screened), [comp])
+        mark()
+        for name, t0, t1 in zip(parts, marks, marks[1:]):
+            parts[name].append(t1 - t0)
+    return {name: statistics.median(times[1:]) for name, times in parts.items()}
 
 
 def format_result(r: dict) -> str:
@@ -81,4 +118,6 @@ def format_result(r: dict) -> str:
         f" ms a delta), {100 * r['check_share']:.2f} % of the round's compute",
         f"  honest agreements      {min(agreements):.3f} … {max(agreements):.3f}" if agreements else
         "  honest agreements      none (own round no measure)",
+        "  the round's exchange   " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in r["exchange_s"].items())
+        + f" ({len(r['agreements']) + 1} deltas decoded)",
     ])

@@ -256,8 +256,16 @@ class Workload:
     """F: deltas a peer pulls per round (NodeConfig.fanout)."""
     overlap: bool = True
     """The next round trains while this one's deltas are pulled (RoundsConfig.overlap)."""
-    apply_s: float = 0.05
-    """Decode, screen and apply the pulled deltas (1.2M parameters, CPU)."""
+    apply_s: float = 0.04
+    """A round's exchange compute that does not grow with the deltas pulled: encode this
+    peer's own delta (1.2M parameters, one CPU thread; `locoswarm bench checks`: 35–46 ms on
+    a core of the 2-core machine, 2026-12-06), seconds of one whole core."""
+    per_delta_s: float = 0.022
+    """A round's exchange compute per delta pulled: decode it off the wire, screen and check
+    it, and its part of the aggregate and outer step (`bench checks --replicas 4` and `17` with
+    one torch thread: 8.5 + 4.5 + 0.5 + 8.6 ms a delta, 2026-12-06), seconds of one whole core.
+    Both are divided by the CPU share a peer gets (`Links.cpu_share`): 17 deltas are 0.37 s
+    on a whole core, and 24 peers on 16 cores waited 0.84 s a round for them."""
     poll_s: float = 0.1
     """Mean wait added by the delta pull's retries of a delta not ready yet (20 ms × 1.5 up to 250 ms)."""
     detect_killed_s: float = 2.0
@@ -270,5 +278,7 @@ class Workload:
     def validate(self) -> None:
         if min(self.inner_steps, self.batch_size, self.seq_len, self.fanout, self.delta_bytes) < 1:
             raise ValueError("workload: inner_steps, batch_size, seq_len, fanout, delta_bytes must be >= 1")
+        if min(self.apply_s, self.per_delta_s, self.poll_s, self.detect_killed_s) < 0:
+            raise ValueError("workload: apply_s, per_delta_s, poll_s and detect_killed_s must be >= 0")
         if not (self.tokens_per_s_median > 0 and self.tokens_per_s_sigma >= 0):
             raise ValueError("workload: tokens_per_s_median must be > 0 and tokens_per_s_sigma >= 0")

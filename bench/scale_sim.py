@@ -255,7 +255,11 @@ class Simulation:
         """Sampled peer `s` ended training a round at `now`: its exchange; when the next ends."""
         w, rng = self.work, self.rng
         pulled = min(w.fanout, self.group - 1)
-        exchange = w.apply_s
+        # the exchange's compute, on the share of a core the peer gets (above the row, each
+        # level's G − 1 aggregates are decoded and aggregated as deltas are)
+        decoded = pulled + (self.levels - 1) * (self.group - 1) if self.design == "bounded" and \
+            self.bnd.exchange == "tree" else pulled
+        exchange = (w.apply_s + decoded * w.per_delta_s) / self.links.cpu_share
         if pulled:
             period = self.progress_period_s(s)
             others = [rng.uniform(0, period) + rng.uniform(0, w.batch_size * w.seq_len / self.tps[rng.randrange(self.n)])

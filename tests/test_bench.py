@@ -126,5 +126,9 @@ def test_the_checks_benchmark_times_real_checks_of_honest_deltas_against_a_round
     assert min(r["agreements"]) > 2 * RobustConfig().check_agreement
     assert 0 < r["check_s"] and 0 < r["check_share"] < 1 and r["inner_phase_s"] > 0
     assert "honest agreements" in format_result(r)
+    # the whole exchange's compute, by part, each a real positive time
+    assert set(r["exchange_s"]) == {"encode", "decode", "screen", "check", "apply"}
+    assert all(t > 0 for t in r["exchange_s"].values()), r["exchange_s"]
+    assert "the round's exchange" in format_result(r)
     with pytest.raises(ValueError, match="replicas must be >= 2"):
         measure("quick", replicas=1)
