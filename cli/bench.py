@@ -53,6 +53,11 @@ def convergence(
                                                "steps its own state with its group's aggregate) or tree (rows "
                                                "aggregate, then groups of G rows' aggregates, up the grid's d "
                                                "dimensions: one state)."),
+    tree_rows: Optional[str] = typer.Option(None, "--tree-rows", help="With --group-scheme tree: fixed (the same "
+                                            "groups every round) or rotating (drawn afresh each round)."),
+    row_error: Optional[str] = typer.Option(None, "--row-error", help="With --group-scheme tree, a group's "
+                                            "recompression error: group (its own error feedback; fixed rows), "
+                                            "members (into the residuals of the replicas below it) or dropped."),
     mix: Optional[str] = typer.Option(None, help="With --group-size, the restoring force between replicas' outer "
                                       "states: none, average (group mean state), sparse (the same, compressed) "
                                       "or sync (swarm mean state)."),
@@ -74,7 +79,8 @@ def convergence(
             replicas=replicas, total_steps=steps, inner_steps=inner_steps, density=density, bits=bits,
             chunk=chunk, outer_lr=outer_lr, outer_momentum=outer_momentum, ef_decay=ef_decay, residual=residual,
             model=model, device=device, data=data, tokenizer=tokenizer,
-            group_size=group_size, scheme=group_scheme, mix=mix, mix_every=mix_every, mix_density=mix_density,
+            group_size=group_size, scheme=group_scheme, rows=tree_rows, row_error=row_error, mix=mix, mix_every=mix_every,
+            mix_density=mix_density,
         )
         run_names = tuple(r.strip() for r in runs.split(",") if r.strip())
         for name in run_names:
@@ -150,6 +156,11 @@ def swarm(
             raise ValueError(f"--earn-rounds must lie in [0, 10000], got {earn_rounds}")
         if check_agreement is not None and not 0 <= check_agreement < 1:
             raise ValueError(f"--check-agreement must lie in [0, 1), got {check_agreement}")
+        from locoswarm.node.portable import transport_problem
+
+        problem = transport_problem()
+        if problem:
+            raise ValueError(problem)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

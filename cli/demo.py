@@ -24,8 +24,14 @@ def demo(
 
     from locoswarm.bench.swarm import LocalSwarm
 
+    from locoswarm.node.portable import transport_problem
+
     if peers < 1 or rounds < 1 or threads < 0:
         typer.echo("error: --peers and --rounds must be >= 1, --threads >= 0", err=True)
+        raise typer.Exit(2)
+    problem = transport_problem()
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
     threads = threads or max(1, (os.cpu_count() or 1) // (peers + alone))
     swarm = LocalSwarm(peers, spec_path=None, max_rounds=rounds, threads=threads, eval_every=1, alone=alone,

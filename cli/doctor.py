@@ -19,6 +19,7 @@ def doctor(
     """Detect the device and its memory, and say whether this machine can join the run."""
     from locoswarm.node.hardware import report
     from locoswarm.node.host import probe_network
+    from locoswarm.node.portable import transport_problem
     from locoswarm.node.spec import load_spec
     from locoswarm.node.userconfig import resolve
 
@@ -30,7 +31,10 @@ def doctor(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     r["listen"] = values["listen"]
-    if network:
+    r["transport"] = transport_problem()  # why no peer can start here (no hivemind, as on Windows); None: one can
+    if network and r["transport"]:
+        r["network"] = {"addresses": [], "verdict": "not checked: no transport to start p2pd with", "peers": []}
+    elif network:
         import asyncio
 
         from locoswarm.node.userconfig import node_config
@@ -57,7 +61,9 @@ def doctor(
                + f" at micro-batch {r['micro_batch']} of {r['batch_size']}"
                + (f" ({r['batch_size'] // r['micro_batch']} accumulated per step)"
                   if r["micro_batch"] < r["batch_size"] else ""))
-    typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}")
+    typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}"
+               + (" once it has a transport" if r["fits"] and r["transport"] else ""))
+    typer.echo(f"transport   {r['transport'] or 'hivemind ' + _version('hivemind') + ' (p2pd)'}")
     typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
     if r["network"] is None:
         typer.echo("reachable   not checked (--no-network)")
@@ -69,5 +75,14 @@ def doctor(
         for p in n["peers"]:
             typer.echo(f"peer        {p['peer']}: " + (f"reached in {p['ms']} ms" if p["reached"]
                                                        else f"NOT reached: {p['error']}"))
-    if not r["fits"]:
+    if not r["fits"] or r["transport"]:
         raise typer.Exit(1)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"

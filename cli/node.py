@@ -123,6 +123,12 @@ def join(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    from locoswarm.node.portable import transport_problem
+
+    problem = transport_problem()
+    if problem:  # before the state directory or anything else is made
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
     from locoswarm.node.daemon import run_daemon
 
     try:

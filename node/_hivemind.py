@@ -23,7 +23,10 @@ def defer() -> None:
     """Install the deferred hivemind package, unless hivemind is imported already (or absent)."""
     if "hivemind" in sys.modules:
         return
-    spec = importlib.util.find_spec("hivemind")
+    try:
+        spec = importlib.util.find_spec("hivemind")
+    except (ImportError, ValueError):  # a finder that refuses it, or a module of None: as not installed
+        return
     if spec is None or spec.loader is None:
         return  # not installed: the import that needs it says so
     package = importlib.util.module_from_spec(spec)

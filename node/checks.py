@@ -54,19 +54,23 @@ def check_device(setting: str, name: str) -> None:
         raise SettingError(setting, name, "must be auto, cpu, mps, cuda or cuda:<index>")
 
 
-def _parse(setting: str, maddr: str):
-    """`maddr` as hivemind's Multiaddr (what hivemind hands p2pd), or a SettingError saying
-    what in it is wrong; ports outside 0..65535 are named as such."""
-    from hivemind.utils.multiaddr import Multiaddr
-    from hivemind.utils.multiaddr.exceptions import Error
-
+def _names(setting: str, maddr: str) -> list[str]:
+    """The protocol names of `maddr` as hivemind's Multiaddr parses it (what hivemind hands
+    p2pd), or a SettingError saying what in it is wrong; ports outside 0..65535 are named as
+    such. Where hivemind is not installed (Windows, node/portable.py transport_problem), the
+    addresses are read by `_plain_names`, so that settings are still checked there."""
     if not maddr.startswith("/"):
         raise SettingError(setting, maddr, "not a multiaddr: it must look like /ip4/203.0.113.5/tcp/31337")
     for proto, port in re.findall(r"/(tcp|udp)/([^/]*)", maddr):
         if not port.isdigit() or int(port) > 65535:
             raise SettingError(setting, maddr, f"{proto} port {port or '(none)'} is not in 0..65535")
     try:
-        return Multiaddr(maddr)
+        from hivemind.utils.multiaddr import Multiaddr
+        from hivemind.utils.multiaddr.exceptions import Error
+    except ImportError:
+        return _plain_names(setting, maddr)
+    try:
+        return [p.name for p in Multiaddr(maddr).protocols()]
     except Error as e:
         if "protocol p2p" in str(e):
             peer = maddr.rpartition("/p2p/")[2].split("/")[0]
@@ -77,23 +81,64 @@ def _parse(setting: str, maddr: str):
         raise SettingError(setting, maddr, f"not a valid multiaddr: {reason}") from None
 
 
+_PLAIN_ARGS = {"ip4": "ip4", "ip6": "ip6", "dns": "name", "dns4": "name", "dns6": "name", "dnsaddr": "name",
+               "tcp": "port", "udp": "port", "sctp": "port", "p2p": "peer", "ipfs": "peer", "quic": None,
+               "quic-v1": None,
+               "ws": None, "wss": None, "tls": None, "noise": None, "p2p-circuit": None, "webtransport": None}
+"""The multiaddr protocols a swarm's addresses use, and what each takes: what `_plain_names`
+knows without hivemind's parser."""
+_BASE58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,}$")
+
+
+def _plain_names(setting: str, maddr: str) -> list[str]:
+    """`maddr`'s protocol names read without hivemind: each protocol must be one of
+    `_PLAIN_ARGS` and its argument valid (an IP address, a name, a port, a base58 peer id)."""
+    import ipaddress
+
+    parts, names = maddr.split("/")[1:], []
+    while parts:
+        name = parts.pop(0)
+        if name not in _PLAIN_ARGS:
+            raise SettingError(setting, maddr, f"not a valid multiaddr: unknown protocol {name!r}")
+        names.append("p2p" if name == "ipfs" else name)  # the old name of /p2p, as hivemind's parser reads it
+        kind = _PLAIN_ARGS[name]
+        if kind is None:
+            continue
+        if not parts or not parts[0]:
+            raise SettingError(setting, maddr, f"not a valid multiaddr: /{name} needs a value")
+        value = parts.pop(0)
+        try:
+            if kind == "ip4":
+                ipaddress.IPv4Address(value)
+            elif kind == "ip6":
+                ipaddress.IPv6Address(value)
+        except ValueError:
+            raise SettingError(setting, maddr, f"not a valid multiaddr: {value!r} is not an {name} address") from None
+        if kind == "peer" and not _BASE58.match(value):
+            raise SettingError(setting, maddr, f"{value!r} is not a peer id (a base58 id the peer printed, "
+                                               "Qm… or 12D3KooW…)")
+    if not names:
+        raise SettingError(setting, maddr, "not a multiaddr: it must look like /ip4/203.0.113.5/tcp/31337")
+    return names
+
+
 def check_peer(setting: str, maddr: str) -> None:
     """A multiaddr to dial: an address and the peer's id at its end, /p2p/<id>; without the id
     p2pd cannot tell whom it reached, and says only "invalid p2p multiaddr"."""
-    names = [p.name for p in _parse(setting, maddr).protocols()]
+    names = _names(setting, maddr)
     if names[-1] != "p2p" or len(names) < 2:
         raise SettingError(setting, maddr, "names no peer: give the whole address the peer printed, ending in "
                                            "/p2p/<peer id> (/ip4/203.0.113.5/tcp/31337/p2p/QmPeer…)")
 
 
 def check_announce(setting: str, maddr: str) -> None:
-    _parse(setting, maddr)
+    _names(setting, maddr)
 
 
 def check_listen(setting: str, maddr: str) -> None:
     """An address to listen on: an IP and a TCP or UDP port, no peer id (p2pd listens as this
     node's own identity). Whether p2pd can listen there now is check_bind's question."""
-    names = [p.name for p in _parse(setting, maddr).protocols()]
+    names = _names(setting, maddr)
     if "p2p" in names:
         raise SettingError(setting, maddr, "a listen address names no peer: drop its /p2p/<id> (the id is this "
                                            "node's own, from its state directory)")

@@ -13,6 +13,13 @@ alive. Everything else of the node is written once for all of them.
   the process (any signal number but the console events calls TerminateProcess): psutil
   asks instead.
 
+- **The transport.** hivemind (with its p2pd binary) builds for Linux and macOS only, and
+  is not installed on Windows (pyproject.toml's environment marker): there `node join`, `demo`
+  and `bench swarm` stop before anything starts, saying so (`transport_problem`), and
+  `doctor`, `node status` and `config check` work (settings are checked without hivemind's
+  multiaddr parser, node/checks.py). Until the py-libp2p transport exists, Windows runs the
+  node under WSL.
+
 Windows is not run here: the tests fake it (tests/test_portable.py), what each path does on
 the real system is from Python's documentation of `msvcrt`, `signal` and `asyncio`.
 """
@@ -107,3 +114,20 @@ def pid_alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:  # alive, another user's
         return True
+
+
+TRANSPORT_MISSING = ("the node's transport, hivemind 1.1.12 with its p2pd, is not installed here ({why}); it builds "
+                     "for Linux and macOS only. On Windows, run locoswarm under WSL until the py-libp2p transport "
+                     "lands (docs/hardware.md#operating-systems); elsewhere: pip install hivemind==1.1.12")
+
+
+def transport_problem() -> str | None:
+    """Why this machine cannot start a peer (hivemind, the one transport built, cannot be
+    imported: not installed, as on Windows, or broken), None when it can."""
+    import importlib
+
+    try:
+        importlib.import_module("hivemind.p2p")  # the daemon's first use of it
+    except ImportError as e:
+        return TRANSPORT_MISSING.format(why=f"{type(e).__name__}: {e}")
+    return None

@@ -1,13 +1,15 @@
 """node/portable.py: what differs on Windows, with Windows faked (it is not run here): the
 state directory's lock through msvcrt's byte-range lock, stop signals on an event loop that
 has no add_signal_handler, and a liveness check that never signals the process. The Unix
-paths run for real."""
+paths run for real. Without hivemind (as Windows installs the package) the commands that
+start peers stop naming the missing transport, and the others work."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,3 +121,78 @@ def test_ctrl_break_stops_a_node_on_windows(monkeypatch):
     assert portable.stop_signals() == (signal.SIGINT, signal.SIGTERM)
     monkeypatch.setattr(portable, "windows", lambda: True)
     assert portable.stop_signals() == (signal.SIGINT, signal.SIGTERM, 21)
+
+
+_NO_HIVEMIND = """
+import sys
+
+
+class NoHivemind:
+    def find_spec(self, name, path=None, target=None):  # as where hivemind is not installed
+        if name == "hivemind" or name.startswith("hivemind."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoHivemind())
+from locoswarm.cli.main import main
+
+sys.argv = ["locoswarm"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_without_hivemind_the_commands_that_start_peers_stop_naming_the_transport_and_the_others_work(tmp_path):
+    """As on Windows, where the package installs without hivemind: `node join` and `demo`
+    exit 2 naming the missing transport and WSL before anything is made, `doctor` checks the
+    settings and the device and says it cannot join yet (exit 1), `node status` answers."""
+    script = tmp_path / "no_hivemind.py"
+    script.write_text(_NO_HIVEMIND)
+    state = tmp_path / "state"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={**os.environ, "LOCOSWARM_STATE_DIR": str(state)})
+
+    for args in (("node", "join", "--max-rounds", "1"), ("demo", "--peers", "1", "--rounds", "1")):
+        out = cli(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "hivemind 1.1.12 with its p2pd, is not installed here" in out.stderr and "WSL" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert not state.exists(), "a state directory was made for a daemon that cannot start"
+    doctor = cli("doctor")
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr, doctor.stderr
+    assert "once it has a transport" in doctor.stdout and "not checked: no transport" in doctor.stdout, doctor.stdout
+    assert re.search(r"^transport +the node's transport", doctor.stdout, re.M), doctor.stdout
+    status = cli("node", "status")
+    assert status.returncode == 1 and "no daemon is running" in status.stderr and str(state) in status.stderr, \
+        status.stderr
+
+
+@pytest.mark.parametrize("maddr", [
+    "/ip4/203.0.113.5/tcp/31337", "/ip4/0.0.0.0/udp/0/quic-v1", "/ip6/::1/tcp/4001/ws", "/dns4/example.org/tcp/443/wss",
+    "/ip4/127.0.0.1/tcp/5/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+    "/ip4/127.0.0.1/tcp/5/ipfs/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+    "/ip4/127.0.0.1/tcp/5/p2p/12D3KooWQYV9dGMFoRzNStwpXztXaBUjtPqi6aU76ZgUriHhKust/p2p-circuit",
+    "/ip4/1.2.3/tcp/5", "/ip4/127.0.0.1/sctp/5", "/ip4/127.0.0.1/xyz/5", "/ip4/127.0.0.1/tcp/5/p2p/not-a-peer",
+    "/ip4/127.0.0.1/tcp",
+    "/ip6/1.2.3.4/tcp/5", "/ip4/127.0.0.1/tcp/5/p2p/Qm0OIl",
+])
+def test_multiaddrs_read_without_hivemind_as_hiveminds_parser_reads_them(maddr):
+    """Settings are checked where hivemind is missing too (node/checks.py `_plain_names`):
+    the same protocol names as hivemind's parser for the addresses a swarm uses, and an
+    error for every address it refuses."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    from locoswarm.node.checks import SettingError, _plain_names
+
+    try:
+        expected = [p.name for p in Multiaddr(maddr).protocols()]
+    except Exception:
+        expected = None
+    if expected is None:
+        with pytest.raises(SettingError):
+            _plain_names("peers", maddr)
+    else:
+        assert _plain_names("peers", maddr) == expected
