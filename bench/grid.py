@@ -19,6 +19,8 @@ from torch import Tensor
 
 MIXES = ("none", "average", "sparse", "sync")
 SCHEMES = ("grid", "tree")
+ROWS = ("fixed", "rotating")
+ROW_ERRORS = ("group", "members", "dropped")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,6 +48,15 @@ class GroupConfig:
     """K: mix after every K-th round (the states' bytes are paid once per K rounds)."""
     mix_density: float = 0.0
     """The "sparse" mix's top-k density; 0: the deltas' density."""
+    rows: str = "fixed"
+    """The tree's groups. "fixed": consecutive replicas, the same every round. "rotating":
+    drawn afresh every round from a seed of the round (a permutation of the replicas), so
+    no group outlives its round: what a daemon under churn can run."""
+    row_error: str = "group"
+    """What a tree's group does with its recompression error. "group": an error feedback of
+    its own, which all its members hold alike (state a daemon would keep per group and hand
+    to joiners; fixed rows only). "members": added to the residual of every replica below
+    the group, which sends it again with its next delta (no group state). "dropped": lost."""
 
     def validate(self, replicas: int) -> None:
         if self.group_size < 0 or self.group_size == 1:
@@ -60,6 +71,15 @@ class GroupConfig:
             raise ValueError(f"group mix_every must be >= 1, got {self.mix_every}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"group scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.rows not in ROWS:
+            raise ValueError(f"group rows must be one of {', '.join(ROWS)}, got {self.rows!r}")
+        if self.row_error not in ROW_ERRORS:
+            raise ValueError(f"group row_error must be one of {', '.join(ROW_ERRORS)}, got {self.row_error!r}")
+        if (self.rows, self.row_error) != ("fixed", "group") and self.scheme != "tree":
+            raise ValueError(f"group rows {self.rows!r} and row_error {self.row_error!r} apply to the tree scheme "
+                             f"only, not {self.scheme!r}")
+        if self.rows == "rotating" and self.row_error == "group":
+            raise ValueError("group row_error 'group' needs fixed rows (a rotating group lives one round)")
         if self.scheme == "tree" and self.mix != "none":
             raise ValueError(f"group mix {self.mix!r} does not apply to the tree scheme (one outer state)")
         if self.group_size == 0:

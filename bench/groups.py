@@ -121,7 +121,11 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     residual every member of that group holds alike, so any member can serve it. The top
     level's aggregate (the whole grid) steps the one outer state. Bytes: G − 1 messages of
     each level a replica a round. With d = 2 this is the two-level exchange: rows, then the
-    rows' aggregates."""
+    rows' aggregates. With `groups.rows` "rotating" the grid's places are drawn afresh each
+    round (a permutation seeded by the run's seed and the round). With `groups.row_error`
+    other than "group" a group's compressor lives one round: its recompression error is
+    added to the residual of every replica below it ("members"; they send it again with
+    their next deltas, whose mean then carries the whole error) or lost ("dropped")."""
     cfg = w.cfg
     n, g = cfg.replicas, cfg.groups.group_size
     d = grid_dims(n, g)
@@ -136,8 +140,11 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     # replica's model, so there is nowhere else to keep what it did not send.
     group_step = RoundStep(replace(dl, compression=replace(compression, residual="buffer")), w.shapes, run_id="bench",
                            spec_hash=b"\0" * 32, max_tokens=tokens_per_step * dl.inner_steps * n)
+    rotating = cfg.groups.rows == "rotating"
+    fresh = cfg.groups.row_error != "group"
+    """A group's compressor lives one round."""
     group_compressors = [[group_step.compressor(device) for _ in range(n // g ** k)] for k in range(1, d)]
-    """group_compressors[k − 1][j]: level k's group j (replicas j·G^k … (j + 1)·G^k − 1)."""
+    """group_compressors[k − 1][j]: level k's group j (the replicas at places j·G^k … (j + 1)·G^k − 1)."""
     shapes = [tuple(p.shape) for p in outer.params]
     sent = 0.0
     curve = []
@@ -145,9 +152,15 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     for step, tokens in trained_rounds(w, dl, models, opts, samplers):
         encoded = encode_replicas(round_step, compressors, lambda r: outer.params, models, rounds, tokens)
         sent += sum((g - 1) * length / n for length, _ in encoded)  # to the G − 1 others of its row
-        items = [delta for _, delta in encoded]
+        places = _places(n, cfg.seed, rounds) if rotating else list(range(n))
+        """places[i]: the replica at the grid's place i this round."""
+        items = [encoded[r][1] for r in places]
+        owed = []
+        """(replicas, error): what a group did not send, owed by every replica below it."""
         with torch.no_grad():
             for k in range(1, d):
+                if fresh:
+                    group_compressors[k - 1] = [group_step.compressor(device) for _ in range(n // g ** k)]
                 below, items = items, []
                 for j in range(n // g ** k):
                     members = below[j * g:(j + 1) * g]
@@ -160,10 +173,23 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
                     # fetched once by every replica of its parent group outside it
                     sent += (g - 1) * g ** k * len(blob) / n
                     items.append(group_step.decode(blob))
+                    if cfg.groups.row_error == "members":
+                        owed.append((places[j * g ** k:(j + 1) * g ** k], group_compressors[k - 1][j].errors))
         # The top level: the whole grid's aggregate steps the one outer state; under
         # "masked" each replica drops its residual where the consensus moved, as in the
-        # full exchange.
-        step_consensus(round_step, outer, items, compressors, models)
+        # full exchange. A group's error owed by its replicas goes to their residuals after
+        # that (it is not theirs to forget) and before they restart from them.
+        if owed:
+            round_step.apply(outer, items, compressors)
+            with torch.no_grad():
+                for replicas, error in owed:
+                    for r in replicas:
+                        for e, unsent in zip(compressors[r].errors, error):
+                            e.add_(unsent)
+            for r, m in enumerate(models):
+                load_params(m, round_step.restart(outer, compressors[r]))
+        else:
+            step_consensus(round_step, outer, items, compressors, models)
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))
@@ -175,12 +201,21 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     result.spread = 0.0  # one outer state
     result.spread_curve = [(s, 0.0) for s, _ in curve]
     result.mix_bytes_per_replica = 0
-    result.group = {"group_size": g, "dims": d, "scheme": "tree", "mix": "none", "mix_every": 1, "mix_density": 0.0}
+    result.group = {"group_size": g, "dims": d, "scheme": "tree", "rows": cfg.groups.rows,
+                    "row_error": cfg.groups.row_error, "mix": "none",
+                    "mix_every": 1, "mix_density": 0.0}
     if keep is not None:
         keep.update(models=models, outer=outer, compressors=compressors, group_compressors=group_compressors)
     load_params(models[0], outer.params)
     result.consensus_eval_loss = w.evaluate(models[0])
     return result
+
+
+def _places(n: int, seed: int, round_: int) -> list[int]:
+    """The replicas in grid order for round `round_`: a permutation drawn from the run's
+    seed and the round (every peer of a real swarm could draw it alike)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + round_)
+    return torch.randperm(n, generator=gen).tolist()
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ def apply_overrides(base: BenchConfig, **overrides: object) -> BenchConfig:
         if comp is None:
             raise ValueError("compression settings given but the preset has compression off")
         comp = replace(comp, **comp_fields)
-    group_fields = {k: o.pop(k) for k in ("group_size", "scheme", "mix", "mix_every", "mix_density") if k in o}
+    group_fields = {k: o.pop(k) for k in ("group_size", "scheme", "mix", "mix_every", "mix_density", "rows",
+                                                  "row_error") if k in o}
     if group_fields:
         o["groups"] = replace(base.groups, **group_fields)
     if "data" in o:

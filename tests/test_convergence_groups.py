@@ -80,7 +80,12 @@ def test_a_replica_count_that_is_not_a_power_of_the_group_size_is_refused_before
                                     {"group_size": 2, "mix_every": 0}, {"group_size": 2, "mix_density": 0.1},
                                     {"group_size": 2, "mix": "sparse", "mix_density": 2.0},
                                     {"scheme": "tree"}, {"group_size": 2, "scheme": "ring"},
-                                    {"group_size": 2, "scheme": "tree", "mix": "average"}])
+                                    {"group_size": 2, "scheme": "tree", "mix": "average"},
+                                    {"group_size": 2, "rows": "rotating"},
+                                    {"group_size": 2, "scheme": "tree", "rows": "shuffled"},
+                                    {"group_size": 2, "row_error": "members"},
+                                    {"group_size": 2, "scheme": "tree", "row_error": "kept"},
+                                    {"group_size": 2, "scheme": "tree", "rows": "rotating"}])
 def test_invalid_group_settings_are_refused_naming_the_field(groups):
     with pytest.raises(ValueError, match="group"):
         _small(**groups).validate()
@@ -160,13 +165,16 @@ def test_reported_bytes_are_the_group_messages_plus_the_mixed_states(encoded_len
     assert result.bytes_sent_per_replica == round((g - 1) * sum(lengths) / n + mixes * per_mix)
 
 
-@pytest.mark.parametrize(("n", "g"), [(4, 2), (8, 2)])
-def test_tree_rounds_keep_one_state_and_count_every_level(encoded_lengths, n, g):
+@pytest.mark.parametrize(("n", "g", "rows", "row_error"), [(4, 2, "fixed", "group"), (8, 2, "fixed", "group"),
+                                                          (4, 2, "rotating", "members"), (8, 2, "rotating", "dropped")])
+def test_tree_rounds_keep_one_state_and_count_every_level(encoded_lengths, n, g, rows, row_error):
     """Per round: n deltas, then at each level below the top one aggregate per group (n/G
     rows, n/G² groups of rows, …), each compressed again; a replica fetches G − 1 messages of
-    every level; one outer state for all, which every replica restarts from."""
+    every level; one outer state for all, which every replica restarts from. Rotating rows
+    cost the same messages."""
     keep: dict = {}
-    result = _run(_small(replicas=n, group_size=g, scheme="tree"), keep)
+    result = _run(_small(replicas=n, group_size=g, scheme="tree", rows=rows, row_error=row_error), keep)
+    assert (result.group["rows"], result.group["row_error"]) == (rows, row_error)
     d = grid_dims(n, g)
     assert result.group["scheme"] == "tree" and result.group["dims"] == d and result.spread == 0.0
     per_level = [n // g ** k for k in range(d)]  # messages encoded at levels 0 … d − 1
@@ -228,3 +236,30 @@ def test_a_sparse_mix_keeps_the_group_mean_and_leaves_members_apart_only_by_what
         # both members now hold the group's new reference for dimension 0, and only for it
         assert mix.refs[a][0] is mix.refs[b][0]
         assert mix.refs[a][1] is not mix.refs[a][0]
+
+
+def test_rotating_rows_are_a_permutation_drawn_anew_each_round_and_alike_for_every_peer():
+    rounds = [grouped._places(16, 0, r) for r in range(8)]
+    assert all(sorted(p) == list(range(16)) for p in rounds)
+    assert len({tuple(p) for p in rounds}) == 8
+    assert rounds == [grouped._places(16, 0, r) for r in range(8)]  # the seed and round decide it
+    assert grouped._places(16, 1, 0) != rounds[0]
+
+
+def test_a_groups_error_owed_by_its_members_lands_in_their_residuals():
+    """With row_error "members" the last round's group errors are in every replica's residual:
+    against the same run with the errors dropped, each replica's residual differs by exactly
+    the errors of the groups above it (the replicas' own parts are alike: one outer state,
+    the same deltas)."""
+    runs = {}
+    for row_error in ("members", "dropped"):
+        keep: dict = {}
+        _run(replace(_small(replicas=4, group_size=2, scheme="tree", row_error=row_error), total_steps=2), keep)
+        runs[row_error] = keep
+    owed, dropped = runs["members"], runs["dropped"]
+    rows = owed["group_compressors"][0]
+    for r in range(4):
+        row = rows[r // 2]  # fixed rows: replicas 2j and 2j + 1 are row j
+        for mine, theirs, err in zip(owed["compressors"][r].errors, dropped["compressors"][r].errors, row.errors):
+            assert torch.allclose(mine - theirs, err, atol=1e-6)
+    assert any(e.abs().sum() > 0 for c in rows for e in c.errors)
