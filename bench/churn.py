@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from locoswarm.bench.fake_peer import waits_to_be_told
 from locoswarm.bench.swarm import LocalSwarm, Peer
 from locoswarm.node.control import read_status
 
@@ -179,7 +180,8 @@ class Fakes:
     peer for its state over and over, and report the bytes they received)."""
     mode: str = ""
     """A fake's mode (bench/fake_peer.py; "": a record only, "stall": rounds claimed, no delta served, "keys":
-    `count` identities' records from one process)."""
+    `count` identities' records from one process, "ahead:K" and "chain": records that would draw the
+    honest peers to a state ahead or an invented round chain)."""
     received: list = field(default_factory=list)
     """Bytes each flood identity reported receiving when it left."""
     dropped: int = 0
@@ -220,6 +222,10 @@ class Fakes:
                              for proc, announced in zip(self._procs, self._announced)]
             for reader in self._readers:
                 reader.start()
+            if self.kind == "fake" and not keys and waits_to_be_told(self.mode):
+                for proc in self._procs:  # these wait to be told to show themselves: now, the phase begins
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
         elif keys and not self._told and current >= self.phases.clean_end:
             self.log(f"  {self.count} {self.kind} identities start at swarm round {current}")
             self._told = True

@@ -48,6 +48,25 @@ from dataclasses import replace
 REFRESH_S = 1.0
 
 
+def parse_mode(mode: str) -> tuple[int, int]:
+    """(K of ahead:K, else 0; K of keys:K, else 1); SystemExit naming the modes for any other."""
+    try:
+        ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
+        keys = int(mode.removeprefix("keys:")) if mode.startswith("keys:") else 1
+    except ValueError:
+        ahead = keys = -1
+    if ahead < 0 or keys < 1 or mode and not ahead and not mode.startswith("keys:") and mode not in ("chain", "stall"):
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 0)")
+    return ahead, keys
+
+
+def waits_to_be_told(mode: str) -> bool:
+    """Whether a fake of `mode` waits for a line on its stdin before it shows itself (keys:K,
+    ahead:K, chain), as bench/churn.py's Fakes tells it when its phase begins; a plain record
+    and stall show themselves at once."""
+    return mode.startswith(("keys:", "ahead:")) or mode == "chain"
+
+
 async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from hivemind.dht.node import DHTNode
 
@@ -60,10 +79,7 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from locoswarm.node.spec import load_spec
     from locoswarm.protocol.records import PeerRecord, Progress
 
-    ahead = int(mode.removeprefix("ahead:")) if mode.startswith("ahead:") else 0
-    keys = int(mode.removeprefix("keys:")) if mode.startswith("keys:") else 1
-    if mode and not ahead and not mode.startswith("keys:") and mode not in ("chain", "stall") or keys < 1:
-        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 0)")
+    ahead, keys = parse_mode(mode)
     stall = mode == "stall"
     told_modes = bool(ahead) or mode in ("chain", "stall")
     """Modes that tell the peers over progress streams (and answer theirs)."""

@@ -40,9 +40,10 @@ def replica_spread(paths: list[str]) -> float:
     return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
 
 
-FAKE_MODES = {"record": "", "stall": "stall", "keys": "keys"}
+FAKE_MODES = {"record": "", "stall": "stall", "keys": "keys", "ahead": "ahead:20", "chain": "chain"}
 """`bench swarm --fake-mode` → bench/fake_peer.py's mode ("keys": one process holds all K
-identities, `keys:K`)."""
+identities, `keys:K`; "ahead" and "chain": issue 19's identities that show a state ahead of
+the swarm or an invented round chain, to draw the honest peers after them)."""
 
 
 def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:

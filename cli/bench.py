@@ -121,8 +121,10 @@ def swarm(
                               "them (0: off; needs --rounds >= 8)."),
     fake_mode: str = typer.Option("record", "--fake-mode", help="What the --fakes do: record (a signed record "
                                   "only), stall (they also claim every round done and answer every delta "
-                                  "request \"not yet\") or keys (one process signs all K records, K - 1 of "
-                                  "them with keys that have no host)."),
+                                  "request \"not yet\"), keys (one process signs all K records, K - 1 of "
+                                  "them with keys that have no host), ahead (records 20 rounds ahead of the "
+                                  "swarm, told to every peer, no state served) or chain (records showing an "
+                                  "invented round chain)."),
     flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
                               "half of the rounds; report the rate clean and under the flood, and the bytes it "
                               "took (0: off; needs --rounds >= 8)."),

@@ -197,3 +197,21 @@ def test_fake_identities_with_signed_records_are_never_waited_for_and_the_swarm_
     waited = [log.count("not proven and no answer within") for log in logs]
     assert len(logs) == 3 and waited == [0, 0, 0], f"an honest peer waited for the fake: {waited}"
     assert "fake identities" in out.stdout and "× the clean rate" in out.stdout
+
+
+def test_every_fake_mode_of_the_bench_is_one_the_fake_peer_runs_and_the_waiting_ones_are_told():
+    """`bench swarm --fake-mode` maps to bench/fake_peer.py's modes; those whose fakes wait for
+    a line before they show themselves (keys, ahead, chain) are the ones the bench tells
+    (bench/churn.py Fakes): a fake left waiting would never start the phase."""
+    from locoswarm.bench.fake_peer import parse_mode, waits_to_be_told
+    from locoswarm.bench.swarmbench import FAKE_MODES
+
+    assert set(FAKE_MODES) == {"record", "stall", "keys", "ahead", "chain"}
+    for name, mode in FAKE_MODES.items():
+        parse_mode(f"keys:{16}" if mode == "keys" else mode)
+    assert parse_mode("ahead:20") == (20, 1) and parse_mode("keys:16") == (0, 16) and parse_mode("") == (0, 1)
+    told = {name for name, mode in FAKE_MODES.items() if waits_to_be_told("keys:1" if mode == "keys" else mode)}
+    assert told == {"keys", "ahead", "chain"}
+    for bad in ("ahead:x", "ahead:0", "keys:0", "loud"):
+        with pytest.raises(SystemExit, match="unknown mode"):
+            parse_mode(bad)
