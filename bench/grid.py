@@ -76,8 +76,8 @@ class GroupConfig:
         if self.row_error not in ROW_ERRORS:
             raise ValueError(f"group row_error must be one of {', '.join(ROW_ERRORS)}, got {self.row_error!r}")
         if (self.rows, self.row_error) != ("fixed", "group") and self.scheme != "tree":
-            raise ValueError(f"group rows {self.rows!r} and row_error {self.row_error!r} apply to the tree scheme "
-                             f"only, not {self.scheme!r}")
+            what = f"rows {self.rows!r}" if self.rows != "fixed" else f"row_error {self.row_error!r}"
+            raise ValueError(f"group {what} applies to the tree scheme only, not {self.scheme!r}")
         if self.rows == "rotating" and self.row_error == "group":
             raise ValueError("group row_error 'group' needs fixed rows (a rotating group lives one round)")
         if self.scheme == "tree" and self.mix != "none":
