@@ -9,7 +9,8 @@ Two more attacks of issue 19, each announced once a first line arrives on stdin 
 caller picks the moment) and told over the progress streams to every peer it reads, as an
 attacker would (the registry shows a record only at its next read); the fake answers those
 streams, so it stays in the others' view. What they measure: that no peer with earned weight
-in its ledger follows them (node/lineage.py).
+in its ledger follows them (node/lineage.py), and with `bench swarm --fake-mode ahead|chain`
+(ahead:20, told when the fake phase begins) what they cost the swarm's round rate.
 - `ahead:K`: its record shows the slowest record's round plus K, at a dialable address that
   serves no state.
 - `chain`: its record shows an invented round chain at round 0 (an anchor every record
