@@ -219,10 +219,18 @@ def encode_replicas(round_step: RoundStep, compressors: list, outer_params: Call
 
 
 def step_consensus(round_step: RoundStep, outer: OuterOptimizer, deltas: list, compressors: list,
-                   models: list) -> None:
+                   models: list, owed: list[tuple[list[int], list]] = ()) -> None:
     """The one outer state steps with `deltas` (no screening: the simulated replicas are
-    honest, optim/round.py says why) and every replica restarts from it."""
+    honest, optim/round.py says why) and every replica restarts from it. `owed`: (replicas,
+    errors) that those replicas' residuals take on after the step (after a "masked" round's
+    forgetting: not theirs to forget) and before they restart: what an aggregate above them
+    did not send (bench/groups.py run_tree)."""
     round_step.apply(outer, deltas, compressors)
+    with torch.no_grad():
+        for replicas, errors in owed:
+            for r in replicas:
+                for e, unsent in zip(compressors[r].errors, errors):
+                    e.add_(unsent)
     for r, m in enumerate(models):
         load_params(m, round_step.restart(outer, compressors[r]))
 

@@ -177,19 +177,8 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
                         owed.append((places[j * g ** k:(j + 1) * g ** k], group_compressors[k - 1][j].errors))
         # The top level: the whole grid's aggregate steps the one outer state; under
         # "masked" each replica drops its residual where the consensus moved, as in the
-        # full exchange. A group's error owed by its replicas goes to their residuals after
-        # that (it is not theirs to forget) and before they restart from them.
-        if owed:
-            round_step.apply(outer, items, compressors)
-            with torch.no_grad():
-                for replicas, error in owed:
-                    for r in replicas:
-                        for e, unsent in zip(compressors[r].errors, error):
-                            e.add_(unsent)
-            for r, m in enumerate(models):
-                load_params(m, round_step.restart(outer, compressors[r]))
-        else:
-            step_consensus(round_step, outer, items, compressors, models)
+        # full exchange; then the replicas' residuals take on what their groups owe.
+        step_consensus(round_step, outer, items, compressors, models, owed)
         rounds += 1
         loss = w.evaluate(models[0])
         curve.append((step, loss))
