@@ -255,11 +255,10 @@ class Simulation:
         """Sampled peer `s` ended training a round at `now`: its exchange; when the next ends."""
         w, rng = self.work, self.rng
         pulled = min(w.fanout, self.group - 1)
-        # the exchange's compute, on the share of a core the peer gets (above the row, each
-        # level's G − 1 aggregates are decoded and aggregated as deltas are)
-        decoded = pulled + (self.levels - 1) * (self.group - 1) if self.design == "bounded" and \
-            self.bnd.exchange == "tree" else pulled
-        exchange = (w.apply_s + decoded * w.per_delta_s) / self.links.cpu_share
+        above = self.levels - 1 if self.design == "bounded" and self.bnd.exchange == "tree" else 0
+        """Tree levels above the row: each fetches, decodes and aggregates G − 1 aggregates."""
+        # the exchange's compute, on the share of a core the peer gets
+        exchange = (w.apply_s + (pulled + above * (self.group - 1)) * w.per_delta_s) / self.links.cpu_share
         if pulled:
             period = self.progress_period_s(s)
             others = [rng.uniform(0, period) + rng.uniform(0, w.batch_size * w.seq_len / self.tps[rng.randrange(self.n)])
@@ -268,10 +267,10 @@ class Simulation:
             exchange += 2 * s.rtt_s + max(pulled * w.delta_bytes / s.down_bytes_per_s,
                                           pulled * w.delta_bytes / s.up_bytes_per_s) + w.poll_s
             exchange += w.detect_killed_s if s.killed_pulled else 0.0
-            if self.design == "bounded" and self.bnd.exchange == "tree":
+            if above:
                 # each level above the row: its groups' aggregates, fetched once the level below is in
                 up = (self.group - 1) * w.delta_bytes
-                exchange += (self.levels - 1) * (2 * s.rtt_s + max(up / s.down_bytes_per_s, up / s.up_bytes_per_s))
+                exchange += above * (2 * s.rtt_s + max(up / s.down_bytes_per_s, up / s.up_bytes_per_s))
         if self.design == "bounded":
             cost = self._memoized(("round", self.group, pulled, self.levels),
                                   lambda: bounded_round(self.dht, self.bnd, self.group, pulled, self.levels))
