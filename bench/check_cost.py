@@ -49,9 +49,8 @@ def measure(preset: str = "quick", *, replicas: int = 8, rounds: int = 3, repeat
                 _sync(w.device)
                 if i == 0:
                     train_s.append(time.perf_counter() - t0)
-            wires = [step.encode(c, outer.params, list(m.parameters()), round_=r, sender=f"replica-{i:04d}",
-                                 tokens=tokens) for i, (c, m) in enumerate(zip(comps, models))]
-            deltas = [step.decode(blob) for blob in wires]
+            encoded = conv.encode_replicas(step, comps, lambda i: outer.params, models, r, tokens)
+            wires, deltas = [blob for blob, _ in encoded], [d for _, d in encoded]
             if r < rounds - 1:
                 conv.step_consensus(step, outer, deltas, comps, models)
         replica = [p.detach().to(outer.params[0].device, torch.float32) for p in models[0].parameters()]

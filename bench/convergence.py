@@ -207,14 +207,14 @@ def trained_rounds(w: Workload, dl: DiLoCoConfig, models: list, opts: list, samp
 
 
 def encode_replicas(round_step: RoundStep, compressors: list, outer_params: Callable[[int], list], models: list,
-                    round_: int, tokens: int) -> list[tuple[int, object]]:
+                    round_: int, tokens: int) -> list[tuple[bytes, object]]:
     """Every replica's delta of the round as a peer sends it: (encoded bytes, decoded delta),
     replica r's taken against `outer_params(r)`."""
     out = []
     for r, m in enumerate(models):
         blob = round_step.encode(compressors[r], outer_params(r), list(m.parameters()), round_=round_,
                                  sender=f"replica-{r:04d}", tokens=tokens)
-        out.append((len(blob), round_step.decode(blob)))
+        out.append((blob, round_step.decode(blob)))
     return out
 
 
@@ -294,7 +294,7 @@ def run_diloco(
                 load_params(m, outer.params)
         else:
             encoded = encode_replicas(round_step, compressors, lambda r: outer.params, models, rounds, tokens)
-            sent += sum((n - 1) * length / n for length, _ in encoded)  # mean over replicas of what each uploads
+            sent += sum((n - 1) * len(blob) / n for blob, _ in encoded)  # mean over replicas of what each uploads
             step_consensus(round_step, outer, [delta for _, delta in encoded], compressors, models)
         rounds += 1
         loss = w.evaluate(models[0])

@@ -64,7 +64,7 @@ def run_grouped(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     rounds = 0
     for step, tokens in trained_rounds(w, dl, models, opts, samplers):
         encoded = encode_replicas(round_step, compressors, lambda r: outers[r].params, models, rounds, tokens)
-        sent += sum((g - 1) * length / n for length, _ in encoded)  # to the G−1 others of its group
+        sent += sum((g - 1) * len(blob) / n for blob, _ in encoded)  # to the G−1 others of its group
         received = [delta for _, delta in encoded]
         groups = round_groups(n, g, rounds)
         for group in groups:
@@ -151,7 +151,7 @@ def run_tree(w: Workload, compression: CompressionConfig, dl: DiLoCoConfig,
     rounds = 0
     for step, tokens in trained_rounds(w, dl, models, opts, samplers):
         encoded = encode_replicas(round_step, compressors, lambda r: outer.params, models, rounds, tokens)
-        sent += sum((g - 1) * length / n for length, _ in encoded)  # to the G − 1 others of its row
+        sent += sum((g - 1) * len(blob) / n for blob, _ in encoded)  # to the G − 1 others of its row
         places = _places(n, cfg.seed, rounds) if rotating else list(range(n))
         """places[i]: the replica at the grid's place i this round."""
         items = [encoded[r][1] for r in places]
