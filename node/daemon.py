@@ -107,6 +107,8 @@ class Daemon:
         self.shard: int | None = None
         self.trainer = None
         self.deltas = self.states = None
+        self.rows = None
+        """Tree rounds' row aggregates (node/tree.py RowExchange), with rounds.exchange "tree"."""
         self.membership: Membership | None = None
         self.lineage = Lineage(self.spec_hash)
         self.loop: RoundLoop | None = None
@@ -187,6 +189,7 @@ class Daemon:
         from hivemind.dht.node import DHTNode
 
         from locoswarm.node.exchange import DeltaServer, delta_streams
+        from locoswarm.node.tree import RowExchange
         from locoswarm.node.progress import ProgressBus
         from locoswarm.node.registry import PeerRegistry
         from locoswarm.node.signers import CachedSignatureValidator
@@ -238,6 +241,9 @@ class Daemon:
                                    record=self.record, on_record=self.membership.heard,
                                    on_gone=self.membership.gone)
             pulls = delta_streams(p2p)
+            if self.spec.rounds.exchange == "tree":
+                self.rows = RowExchange(p2p, incarnation=self.incarnation, admit=self.membership.admit)
+                await self.rows.start()
             await self.deltas.start()
             await self.states.start()
             await progress.start()
@@ -257,6 +263,7 @@ class Daemon:
                                deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
                                events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
                                faults=self.faults, bytes_sent=lambda: self.bytes_sent, delta_streams=pulls,
+                               rows=self.rows,
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
@@ -289,6 +296,8 @@ class Daemon:
             self._stop_round()
             if self.deltas is not None:
                 self.deltas.stop()
+            if self.rows is not None:
+                self.rows.close()
             if progress is not None:
                 progress.close()
             if pulls is not None:
@@ -358,7 +367,7 @@ class Daemon:
 
     @property
     def bytes_sent(self) -> int:
-        return sum(s.bytes_sent for s in (self.deltas, self.states) if s is not None)
+        return sum(s.bytes_sent for s in (self.deltas, self.rows and self.rows.server, self.states) if s is not None)
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,

@@ -123,6 +123,8 @@ class RoundEnded:
     none checked)."""
     check_s: float = 0.0
     """Seconds the checks took (on the exchange thread, before the outer step)."""
+    rows: int = 1
+    """The rows of a tree round (node/tree.py); 1: a full round."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

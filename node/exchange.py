@@ -60,10 +60,12 @@ class DeltaServer:
     """Serves this peer's encoded deltas of the last few rounds."""
 
     def __init__(self, p2p: P2P, *, incarnation: int = 0, request_timeout_s: float = 10.0,
-                 admit: Callable[[str], bool] | None = None) -> None:
+                 admit: Callable[[str], bool] | None = None, protocol: str = PROTOCOL) -> None:
         """`incarnation`: this process's (PeerRecord.incarnation); `admit(peer_id)`: whether
-        to serve that peer at all (a private run's policy)."""
+        to serve that peer at all (a private run's policy); `protocol`: the stream protocol
+        served (node/tree.py serves its rows' aggregates with a second server)."""
         self.p2p = p2p
+        self.protocol = protocol
         self.incarnation = incarnation
         self.admit = admit
         self.request_timeout_s = request_timeout_s
@@ -84,7 +86,7 @@ class DeltaServer:
         """(peer, round) → times that round's delta was sent to that peer."""
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(PROTOCOL, self.rpc_get_delta)
+        await self.p2p.add_binary_stream_handler(self.protocol, self.rpc_get_delta)
 
     def training(self, round_: int) -> None:
         """This peer starts training `round_`: its delta is "not yet" until published or given up."""
@@ -175,9 +177,9 @@ class DeltaServer:
             writer.close()
 
 
-def delta_streams(p2p: P2P) -> KeptStreams:
-    """The kept streams a puller asks for deltas on."""
-    return KeptStreams(p2p, PROTOCOL, idle_s=KEPT_IDLE_S)
+def delta_streams(p2p: P2P, protocol: str = PROTOCOL) -> KeptStreams:
+    """The kept streams a puller asks for deltas (or, on node/tree.py's protocol, rows' aggregates) on."""
+    return KeptStreams(p2p, protocol, idle_s=KEPT_IDLE_S)
 
 
 async def call_get_delta(streams: KeptStreams, peer_id: PeerID, round_: int, spec: DeltaSpec, *, timeout_s: float,

@@ -251,15 +251,18 @@ class Lineage:
 
     def after_round(self, round_: int, before: int, after: int, aggregated: list[tuple[str, int]], *,
                     others_trained: bool, sampled: bool, established: frozenset[str] = frozenset(),
-                    own_sent: bool = True) -> None:
+                    own_sent: bool = True, senders: int | None = None) -> None:
         """Round `round_`'s outer step took the outer steps from `before` to `after` with
         the `aggregated` (sender, tokens) pairs, this peer's own among them.
         `others_trained`: other peers reported progress in the round. `sampled`: the round
         pulled a sample of the participants' deltas (fanout below their number).
         `established`: the peers our ledger counts as established before the round.
         `own_sent`: our own delta is among `aggregated` (not when it was held: node/trainer.py
-        Trainer.hold), so a round of one delta is a round alone."""
-        if own_sent and len(aggregated) == 1 and self.had_peers:
+        Trainer.hold), so a round of one delta is a round alone. `senders`: the peers whose
+        deltas the step took, where `aggregated` holds more than one entry each (a tree
+        round's rows, node/tree.py); None: one entry each."""
+        senders = len(aggregated) if senders is None else senders
+        if own_sent and senders == 1 and self.had_peers:
             self.alone_rounds += 1
             if others_trained and self.diverged_at is None:
                 # Others trained this round and none of their deltas is in our step (cut
@@ -267,7 +270,7 @@ class Lineage:
                 # rounds with their deltas later do not undo it.
                 self.diverged_at = round_
                 self.trusted_then = established
-        self.had_peers = self.had_peers or len(aggregated) > 1
+        self.had_peers = self.had_peers or senders > 1
         previous = self.chains.get(before)
         if sampled:
             # Deltas left out on purpose: peers then differ by design (docs/swarm.md, "Fanout

@@ -103,7 +103,8 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                         keep: Callable[[str, list[str]], bool] | None = None,
                         gone: Callable[[str], bool] | None = None,
                         skip: Callable[[str], bool] | None = None,
-                        unproven_wait_s: float = UNPROVEN_WAIT_S) -> Gathered:
+                        unproven_wait_s: float = UNPROVEN_WAIT_S,
+                        member: Callable[[str], bool] | None = None) -> Gathered:
     """Pull round `round_`'s deltas from its participants (at most `fanout`), on `streams`,
     until every one is in or `deadline_s` has passed. Participants are the peers that report progress
     in the round; a proven peer expected in it (`progress.expected()`) that has not reported
@@ -116,7 +117,9 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
     longer open); such a peer, or one whose record shows another incarnation than the one
     asked of (it restarted), is dropped at its next attempt. A peer not expected (unproven)
     is waited for at most `unproven_wait_s` (`Gathered.unserved`); `skip(peer)`: an unproven
-    peer left alone this round, whatever it reports (it withheld its delta in a recent one)."""
+    peer left alone this round, whatever it reports (it withheld its delta in a recent one);
+    `member(peer)`: whether the peer's delta is ours to pull at all (a tree round's row,
+    node/tree.py; None: every participant's)."""
     out = Gathered()
     stop_at = time.monotonic() + deadline_s
     pulls: dict[str, asyncio.Task] = {}
@@ -274,7 +277,8 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
             withdrawn = progress.withdrawn()
             known = (set(progress.participants()) | set(progress.expected())) - {progress.peer_id} - withdrawn
             probes = set(progress.candidates()) - known - {progress.peer_id} - withdrawn
-            new = sorted(p for p in known | probes if p not in pulls and not (skip is not None and skip(p)))
+            new = sorted(p for p in known | probes if p not in pulls and not (skip is not None and skip(p))
+                         and (member is None or member(p)))
             room = fanout - len(pulls)
             for peer in (rng.sample(new, room) if len(new) > room else new):
                 pulls[peer] = asyncio.create_task(pull(peer, probe=peer in probes))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from locoswarm.node.streams import KeptStreams
     from locoswarm.node.threads import Pools
     from locoswarm.node.trainer import RoundWork, Trainer
+    from locoswarm.node.tree import RowExchange
 
 
 class RoundFaults:
@@ -107,6 +108,9 @@ class RoundContext:
     bytes_sent: Callable[[], int]
     delta_streams: KeptStreams
     """The streams this peer asks for deltas on (node/exchange.py delta_streams)."""
+    rows: RowExchange | None = None
+    """Where tree rounds' row aggregates are served and pulled (node/tree.py); None unless
+    the spec's rounds.exchange is "tree"."""
     registry_sent: Callable[[], int] = lambda: 0
     """Signed registry entry bytes stored at other replicas so far (node/replicas.py)."""
     bootstrap: frozenset[str] = frozenset()

@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from safetensors import SafetensorError
@@ -35,7 +36,11 @@ from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
 from locoswarm.node.rounds import RoundProgress
+from locoswarm.node.tree import ask_order, chain_entries, check_row, gather_rows, row_count, row_of
 from locoswarm.optim.check import SCALE, failing
+from locoswarm.optim.screen import Screened
+from locoswarm.protocol import DecodedDelta
+from locoswarm.protocol.rows import RowAggregate
 
 if TYPE_CHECKING:
     from locoswarm.node.trainer import RoundWork
@@ -45,6 +50,27 @@ FINAL_MODEL = "final-model.safetensors"
 """Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 MAX_FAILED_IN_A_ROW = 3
 """Rounds that may fail one after another before the node gives up."""
+
+
+@dataclass(slots=True)
+class OuterStep:
+    """What a round's outer step takes and what it leaves on record: of a full round, the
+    screened deltas; of a tree round (node/tree.py), the rows' aggregates."""
+
+    deltas: list[DecodedDelta]
+    earned: dict[str, int]
+    """Credits for the ledger (Screened.earned)."""
+    banned: tuple[str, ...]
+    shares: int
+    """Peers' worth of planned work the step stands for (RoundStep.carry)."""
+    accepted: dict[str, int]
+    """sender → tokens its delta was weighted by: the dashboard's contributions."""
+    chain: list[tuple]
+    """The entries of the round chain (node/chains.py round_chain)."""
+    wires: list[bytes]
+    """The messages kept for peers catching up (node/replay.py); none of a tree round."""
+    sampled: bool
+    """Deltas left out on purpose (a fanout below the participants)."""
 
 
 class RoundLoop:
@@ -91,7 +117,7 @@ class RoundLoop:
                 await self._discard(await ctx.pools.train(trainer.end_round), overlapped=False)
                 continue
             if await self.catch_up.maybe_follow():
-                ctx.deltas.give_up(round_)  # what was trained on the old state is not sent
+                self._give_up(round_)  # what was trained on the old state is not sent
                 continue
             if cfg.checkpoint_every and trained and trained % cfg.checkpoint_every == 0:
                 await ctx.checkpoints.write(trainer, ctx.pools.train,
@@ -157,7 +183,7 @@ class RoundLoop:
         swarm took, so our chain is unknown and we take the swarm's state at the next
         boundary (lineage.py); the replica restarts where it would have without the round."""
         ctx = self.ctx
-        ctx.deltas.give_up(work.round)
+        self._give_up(work.round)
         ctx.lineage.discarded(ctx.trainer.outer_steps)
         await ctx.pools.exchange_compute(overlapped)(functools.partial(ctx.trainer.discard, work, overlapped=overlapped))
 
@@ -179,6 +205,8 @@ class RoundLoop:
                                  trusted=trainer.ledger.established, excluded=trainer.ledger.banned)
         ctx.stats.state = "training"
         ctx.deltas.training(round_)
+        if ctx.rows is not None:
+            ctx.rows.server.training(round_)
         self.round_stop = threading.Event()
         if ctx.should_exit.is_set():
             self.round_stop.set()
@@ -203,6 +231,9 @@ class RoundLoop:
         # leave it out (optim/screen.py), and it tells what our checks judge.
         base = ctx.lineage.chains.get(trainer.outer_steps, "")
         held = trainer.holds == r
+        rows = row_count(trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
+        """A tree round's rows (node/tree.py); 1: a full round."""
+        mine = row_of(ctx.spec_hash, r, ctx.peer_id, rows)
         if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
             log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
             self._withdraw(progress, r)
@@ -213,7 +244,9 @@ class RoundLoop:
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
                                   gone=ctx.membership.is_gone,
                                   skip=lambda peer: ctx.membership.withheld(peer, r),
-                                  unproven_wait_s=max(UNPROVEN_WAIT_S, progress.train_s))
+                                  unproven_wait_s=max(UNPROVEN_WAIT_S, progress.train_s),
+                                  member=(lambda peer: row_of(ctx.spec_hash, r, peer, rows) == mine) if rows > 1
+                                  else None)
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.delta_requests += got.requests
         ctx.stats.deltas_rejected += got.rejected
@@ -244,8 +277,18 @@ class RoundLoop:
         checks = await run(trainer.check, work, screened.deltas, ctx.peer_id)
         self._check_s = time.perf_counter() - t_check
         self._log_checks(r, checks)
-        deltas = trainer.step.kept(screened)
-        if not deltas:
+        kept = trainer.step.kept(screened)
+        participants = progress.participants()
+        if rows > 1:
+            step = await self._rows(run, progress, r, rows, mine, base, kept, screened)
+        else:
+            # A round that pulled a sample of the participants (fanout below their number)
+            # left deltas out on purpose (lineage.py says what that does to the chain).
+            step = OuterStep(deltas=kept, earned=screened.earned, banned=screened.banned, shares=screened.shares,
+                             accepted={d.sender: screened.tokens.get(d.sender, d.num_tokens) for d in kept},
+                             chain=[(d.sender, d.num_tokens, delta_content(d)) for d in kept],
+                             wires=[d.wire for d in own + got.deltas], sampled=len(participants) > ctx.cfg.fanout)
+        if not step.deltas or (not held and not kept):
             # Nothing to step with: we held our delta and the others' are gone (we took a state
             # rounds behind them) or none came; or the screening refused ours with theirs (ours
             # excluded by the swarm's checks, theirs taken from another outer state: we are
@@ -260,21 +303,17 @@ class RoundLoop:
             return
         before = trainer.outer_steps
         established = trainer.ledger.established_peers()
-        await run(functools.partial(trainer.apply, work, deltas, overlapped=overlap, earned=screened.earned,
-                                    banned=screened.banned))
+        await run(functools.partial(trainer.apply, work, step.deltas, overlapped=overlap, earned=step.earned,
+                                    banned=step.banned))
         # What the round took from whom, refused or missed: the dashboard's contributions.
-        accepted = {d.sender: screened.tokens.get(d.sender, d.num_tokens) for d in deltas}
-        ctx.stats.contributions.round(r, accepted=accepted, refused=got.refused | {x.sender for x in screened.rejected},
+        ctx.stats.contributions.round(r, accepted=step.accepted,
+                                      refused=got.refused | {x.sender for x in screened.rejected},
                                       missing=set(got.failed))
-        # A round that pulled a sample of the participants (fanout below their number) left
-        # deltas out on purpose (lineage.py says what that does to the chain).
-        participants = progress.participants()
-        ctx.lineage.after_round(r, before, trainer.outer_steps,
-                                [(d.sender, d.num_tokens, delta_content(d)) for d in deltas],
-                                others_trained=bool(participants), sampled=len(participants) > ctx.cfg.fanout,
-                                established=established, own_sent=not held)
-        ctx.states.rounds.keep(before, [d.wire for d in own + got.deltas])  # for peers catching up (replay.py)
-        self.carry = trainer.step.carry(self.carry, deltas, trainer.round_tokens, screened.shares)
+        ctx.lineage.after_round(r, before, trainer.outer_steps, step.chain, others_trained=bool(participants),
+                                sampled=step.sampled, established=established, own_sent=not held,
+                                senders=len(step.accepted))
+        ctx.states.rounds.keep(before, step.wires)  # for peers catching up (replay.py)
+        self.carry = trainer.step.carry(self.carry, step.deltas, trainer.round_tokens, step.shares)
         state, residual = await run(served, trainer)
         ctx.states.publish(state, r + 1, ctx.lineage.chains.get(trainer.outer_steps, ""), trainer.ledger.pairs(),
                            residual)
@@ -283,7 +322,50 @@ class RoundLoop:
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
-        self._report(work, len(deltas), len(participants) + 1, progress.train_s, overlap)
+        self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows)
+
+    async def _rows(self, run, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
+                    kept: list[DecodedDelta], screened: Screened) -> OuterStep:
+        """A tree round's second half (node/tree.py): serve our row's aggregate of its `kept`
+        deltas (none when we hold ours and took no other: the row's other members serve it),
+        pull every other row's, and say what the outer step takes."""
+        ctx, trainer = self.ctx, self.ctx.trainer
+        own: RowAggregate | None = None
+        try:
+            if kept and any(d.sender == ctx.peer_id for d in kept):
+                blob = await run(functools.partial(trainer.build_row, kept, screened, round_=r, row=mine, rows=rows,
+                                                   base=base))
+                ctx.rows.server.publish(r, blob)
+                own = await run(trainer.decode_row, blob)
+        finally:
+            if own is None:
+                ctx.rows.server.give_up(r)
+
+        def members() -> dict[int, list[str]]:
+            seen = (set(progress.participants()) | set(progress.expected())) - progress.withdrawn() - {ctx.peer_id}
+            out: dict[int, list[str]] = {}
+            for peer in seen:
+                row = row_of(ctx.spec_hash, r, peer, rows)
+                if not (row == mine and own is not None) and not trainer.ledger.banned(peer):
+                    out.setdefault(row, []).append(peer)
+            return out
+
+        got = await gather_rows(ctx.rows.streams, r, members, decode=trainer.decode_row,
+                                check=lambda agg, row: check_row(agg, spec_hash=ctx.spec_hash, round_=r, row=row,
+                                                                 rows=rows, base=base),
+                                limit=trainer.row_limit, deadline_s=ctx.spec.rounds.deadline_s,
+                                order=lambda peers: ask_order(ctx.spec_hash, r, ctx.peer_id, peers))
+        ctx.stats.bytes_received += got.bytes_received
+        ctx.stats.delta_requests += got.requests
+        for row, why in sorted(got.failed.items()):
+            log.warning("round %d: no aggregate of row %d: %s", r, row, why)
+        aggregates = sorted(([own] if own is not None else []) + list(got.rows.values()), key=lambda a: a.row)
+        return OuterStep(deltas=[a.delta for a in aggregates],
+                         earned={m.sender: m.earned for a in aggregates for m in a.members},
+                         banned=tuple(sorted({p for a in aggregates for p in a.banned})),
+                         shares=sum(a.shares for a in aggregates),
+                         accepted={m.sender: m.tokens for a in aggregates for m in a.members},
+                         chain=chain_entries(aggregates), wires=[], sampled=False)
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least
@@ -317,11 +399,18 @@ class RoundLoop:
             log.warning("round %d: reporting the round done failed: %s: %s", r, type(e).__name__, e)
         return blob
 
-    def _withdraw(self, progress: RoundProgress, r: int) -> None:
+    def _give_up(self, r: int) -> None:
+        """No delta, and no row aggregate, of round `r` will come from us."""
         self.ctx.deltas.give_up(r)
+        if self.ctx.rows is not None:
+            self.ctx.rows.server.give_up(r)
+
+    def _withdraw(self, progress: RoundProgress, r: int) -> None:
+        self._give_up(r)
         progress.report(0, 0.0, done=True)
 
-    def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool) -> None:
+    def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool, *,
+                rows: int = 1) -> None:
         ctx, r = self.ctx, work.round
         self._failed_in_a_row = 0  # a whole round went through
         started = self._started.pop(r, None) or time.perf_counter()
@@ -343,7 +432,7 @@ class RoundLoop:
                               delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
-                              check_s=self._check_s))
+                              check_s=self._check_s, rows=rows))
 
     async def _finish(self) -> None:
         """Leaving at --max-rounds: keep serving the last delta until the peers of the last

@@ -26,6 +26,7 @@ from locoswarm.workload.model import check_model_name
 from locoswarm.workload.tokenizer import check_tokenizer_name
 from locoswarm.optim import CompressionConfig, DiLoCoConfig, InnerConfig, OuterConfig
 from locoswarm.optim.config import RobustConfig
+from locoswarm.protocol.rows import MAX_ROW_MEMBERS
 from locoswarm.protocol.work import MAX_WORK_BITS, meets
 
 SPEC_VERSION = 1
@@ -39,10 +40,21 @@ class RoundPolicy:
     """Train round r + 1 while round r's deltas are exchanged; the restart to the new outer
     parameters is applied as a shift when it arrives. Chosen in `bench swarm`: the same eval
     loss as synchronous rounds within run-to-run noise, 99 % of the time training instead of 72 %."""
+    exchange: str = "full"
+    """"full": every peer pulls every participant's delta (at most the node's fanout).
+    "tree": rows of about `row_size` peers drawn each round aggregate their deltas, then every
+    peer takes the rows' aggregates: one consensus at about 2·√N messages a peer
+    (node/tree.py; needs diloco.robust.earn_rounds, which counts the rows)."""
+    row_size: int = 16
+    """Peers a tree round's row holds on average (the rows are the established peers over it)."""
 
     def validate(self) -> None:
         if not self.deadline_s > 0:
             raise ValueError(f"rounds.deadline_s must be > 0, got {self.deadline_s}")
+        if self.exchange not in ("full", "tree"):
+            raise ValueError(f"rounds.exchange must be 'full' or 'tree', got {self.exchange!r}")
+        if not 2 <= self.row_size <= MAX_ROW_MEMBERS:
+            raise ValueError(f"rounds.row_size must lie in [2, {MAX_ROW_MEMBERS}], got {self.row_size}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,6 +183,9 @@ class RunSpec:
         self.data.validate()
         self.diloco.validate()
         self.rounds.validate()
+        if self.rounds.exchange == "tree" and not self.diloco.robust.earn_rounds:
+            raise ValueError("rounds.exchange = 'tree' needs diloco.robust.earn_rounds > 0: a tree round's rows "
+                             "are counted from the outer state's established peers")
         self.access.validate()
         self.trust.validate()
 
@@ -188,6 +203,8 @@ class RunSpec:
             body["diloco"]["robust"].pop("trim")  # off: the hash of specs from before the trimmed mean
         if not self.trust.anchors:
             body.pop("trust")  # no anchors: as before they existed
+        if self.rounds.exchange == "full":
+            del body["rounds"]["exchange"], body["rounds"]["row_size"]  # as before tree rounds
         if not self.diloco.robust.earn_rounds:
             body["diloco"]["robust"].pop("earn_rounds")  # off: as before earned weight
         if not self.diloco.robust.check_agreement:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from locoswarm.node.chains import delta_content
 from locoswarm.node.files import atomic_path
 from locoswarm.node.hardware import activation_bytes_per_sequence, choose_precision, fit_micro_batch, next_micro_batch
 from locoswarm.node.spec import RunSpec
@@ -32,6 +33,7 @@ from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
 from locoswarm.protocol.delta import MAX_CHECKS
+from locoswarm.protocol.rows import RowAggregate, RowMember, RowMessage, decode_row, encode_row, row_message_limit, row_spec
 from locoswarm.protocol.state import StateSpec, encode_state, state_digest
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model
@@ -109,6 +111,9 @@ class Trainer:
                               max_tokens=MAX_TOKENS_FACTOR * self.round_tokens)
         """The round's algorithm (optim/round.py), shared with the simulation."""
         self.compressor = self.step.compressor(self.outer.params[0].device)
+        self.row_spec = row_spec(self.step.spec)
+        """The layout a tree round's row aggregates are checked against (protocol/rows.py)."""
+        self.row_limit = row_message_limit(self.row_spec)
         self.ledger = self.step.ledger(self.round_tokens, spec.trust.anchors)
         """The outer state's earned weight (optim/credit.py): screened against, credited
         by each outer step, taken with a donor's state; at genesis, the run's trust anchors
@@ -272,6 +277,23 @@ class Trainer:
 
     def decode(self, blob: bytes) -> DecodedDelta:
         return self.step.decode(blob)
+
+    def build_row(self, kept: list[DecodedDelta], screened: Screened, *, round_: int, row: int, rows: int,
+                  base: str = "") -> bytes:
+        """A tree round's aggregate of this peer's row (node/tree.py): the row's `kept`
+        deltas (RoundStep.kept of `screened`) aggregated and compressed again, with the
+        header that names them (protocol/rows.py). ValueError when it is not finite."""
+        members = tuple(RowMember(d.sender, d.num_tokens, min(d.num_tokens, screened.earned.get(d.sender, 0)),
+                                  delta_content(d)) for d in sorted(kept, key=lambda d: d.sender))
+        blob = self.step.encode_aggregate(kept, round_=round_, base=base)
+        return encode_row(RowMessage(run_id=self.spec.run_id, spec_hash=self.step.spec.spec_hash, round=round_,
+                                     row=row, rows=rows, members=members, shares=max(1, min(screened.shares,
+                                                                                             len(members))),
+                                     banned=screened.banned, delta=blob))
+
+    def decode_row(self, blob: bytes) -> RowAggregate:
+        """A row's aggregate off the wire, validated against this run's layout (ProtocolError if bad)."""
+        return decode_row(blob, self.row_spec)
 
     def screen(self, deltas: list[DecodedDelta], base: str = "") -> Screened:
         return self.step.screen(deltas, self.ledger, base)

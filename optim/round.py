@@ -26,6 +26,8 @@ these steps, so the simulation computes what the peers compute:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,28 @@ class RoundStep:
         packed, _ = compressor.compress(deltas)
         msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.spec.spec_hash, round=round_, sender=sender,
                            num_tokens=tokens, tensors=tuple(packed), base=base, checks=checks)
+        return encode_delta(msg)
+
+    @torch.no_grad()
+    def encode_aggregate(self, deltas: list[DecodedDelta], *, round_: int, base: str = "") -> bytes:
+        """A tree round's row aggregate (node/tree.py): the screened `deltas` aggregated by
+        the run's rule (as `apply` aggregates them) and compressed again at the deltas'
+        layout by a compressor that lives for this message alone (its error dropped), framed
+        as a delta message whose sender is the first sender and whose tokens are theirs
+        summed. Computed on the CPU whatever the peer trains on, so that every member of a
+        row holding the same deltas encodes the same bytes. ValueError when the aggregate is
+        not finite."""
+        device = "cpu"
+        shapes = [ts.shape for ts in self.spec.tensors]
+        masked = self.compression.aggregation == "masked"
+        shares = coverage(deltas, device) if masked else None
+        mean = aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
+                         trim=self.cfg.robust.trim)
+        compressor = ErrorFeedbackCompressor(self.spec.tensors, replace(self.compression, residual="buffer"), device)
+        packed, _ = compressor.compress(mean, dense=False)
+        first = min(d.sender for d in deltas)
+        msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.spec.spec_hash, round=round_, sender=first,
+                           num_tokens=sum(d.num_tokens for d in deltas), tensors=tuple(packed), base=base)
         return encode_delta(msg)
 
     def decode(self, blob: bytes) -> DecodedDelta:

@@ -218,14 +218,18 @@ def wait_any(children: list[Child], kind: str, timeout_s: float, where=lambda e:
 
 
 def write_spec(path: Path, *, seed: int = 0, deadline_s: float | None = None, earn_rounds: int | None = None,
-               check_agreement: float | None = None, anchors: list[str] | None = None) -> Path:
-    """The default run spec with these changes, written as `locoswarm run init` writes it."""
+               check_agreement: float | None = None, anchors: list[str] | None = None,
+               row_size: int | None = None) -> Path:
+    """The default run spec with these changes, written as `locoswarm run init` writes it;
+    `row_size`: tree rounds (rounds.exchange "tree") with rows of that size."""
     from locoswarm.node.spec import RoundPolicy, RunSpec, TrustPolicy
     from locoswarm.node.spec import write_spec as write
 
     spec = dataclasses.replace(RunSpec(), seed=seed, trust=TrustPolicy(anchors=list(anchors or [])))
     if deadline_s is not None:
         spec = dataclasses.replace(spec, rounds=RoundPolicy(deadline_s=deadline_s))
+    if row_size is not None:
+        spec = dataclasses.replace(spec, rounds=dataclasses.replace(spec.rounds, exchange="tree", row_size=row_size))
     robust = {k: v for k, v in (("earn_rounds", earn_rounds), ("check_agreement", check_agreement)) if v is not None}
     if robust:
         robust = dataclasses.replace(spec.diloco.robust, **robust)

@@ -1,0 +1,222 @@
+"""Tree rounds (`rounds.exchange = "tree"`): one consensus from two small exchanges a round,
+instead of every peer pulling every peer's delta (docs/scale.md "Group rounds", measured in
+docs/convergence.md "Rotating-group exchange").
+
+A round's peers fall into rows drawn afresh every round from the spec hash, the round and
+each peer id (`row_of`), R rows for R = the outer state's established peers over
+`rounds.row_size` (`row_count`): every peer on one lineage holds the same ledger
+(optim/credit.py), so all draw the same rows, a joiner takes the count with the state, and
+identities that never worked cannot split the swarm into more rows. While R is 1 (a run's
+first rounds, a small swarm) a round is a full round as before.
+
+In a round of R > 1 rows a peer
+1. pulls, screens and checks the deltas of its own row only (node/pull.py, as a full round
+   does among fewer peers);
+2. aggregates them by the run's rule and compresses the aggregate again at the deltas'
+   density, its error dropped (a row lives one round and keeps no state: measured to cost
+   0.009 of eval loss against a row that keeps its error), and serves it on ROW_PROTOCOL
+   with a header naming the row's senders, their tokens, credits and delta digests
+   (protocol/rows.py);
+3. pulls every other row's aggregate from one of its members (`gather_rows`: each peer asks
+   the members in an order of its own, so a row's askers spread over its members), checks
+   that each member it names belongs to that row, and
+4. takes the outer step with the rows' aggregates as a full round takes the peers' deltas.
+
+Every peer that takes the same rows' aggregates steps alike. The round chain hashes every
+member's (sender, tokens, content) and each row aggregate's content, so peers that took
+different aggregates of a row (a member that missed a delta of its row) show different
+chains and heal as after any silent split (node/lineage.py).
+
+What a tree round gives up, stated where it is decided: a row's header is its server's word
+(a row whose members are mostly sybils may claim credit for them, bounded by the tokens of
+one row); a failed check is told to the row of the sender's next round only, so exclusions
+need a majority of that row's established weight; a round's deltas are not kept for peers
+catching up (node/replay.py), who download the state instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hivemind.p2p import P2P, PeerID
+
+from locoswarm.node.chains import delta_content
+from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
+from locoswarm.node.pull import LOST_CHECK_S, RETRY_S, dial_refused
+from locoswarm.node.streams import KeptStreams
+from locoswarm.optim.credit import Ledger
+from locoswarm.protocol import MalformedMessage, ProtocolError
+from locoswarm.protocol.framing import HEADER
+from locoswarm.protocol.rows import RowAggregate
+
+log = logging.getLogger(__name__)
+ROW_PROTOCOL = "locoswarm/row/1"
+STREAM_FAILURES = 3
+"""Failed streams after which a member is not asked for its row's aggregate again this round."""
+
+
+def row_count(ledger: Ledger, row_size: int) -> int:
+    """Rows of a round taken from the outer state `ledger` holds: its established peers over
+    `row_size`, at least 1 (a full round)."""
+    return max(1, len(ledger.established_peers()) // row_size)
+
+
+def _draw(spec_hash: bytes, round_: int, what: bytes, peer: str) -> int:
+    h = hashlib.blake2b(spec_hash + round_.to_bytes(8, "big") + what + b"\0" + peer.encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "big")
+
+
+def row_of(spec_hash: bytes, round_: int, peer: str, rows: int) -> int:
+    """The row `peer` belongs to in round `round_` of `rows` rows."""
+    return _draw(spec_hash, round_, b"row", peer) % rows
+
+
+def ask_order(spec_hash: bytes, round_: int, me: str, members: list[str]) -> list[str]:
+    """The order `me` asks a row's `members` for the row's aggregate: a draw of its own, so
+    the peers of other rows spread their requests over the row's members."""
+    return sorted(members, key=lambda m: (_draw(spec_hash, round_, b"ask " + me.encode(), m), m))
+
+
+def check_row(agg: RowAggregate, *, spec_hash: bytes, round_: int, row: int, rows: int, base: str) -> None:
+    """What a row aggregate must satisfy beyond its format: the round and row asked for, our
+    row count, members that all belong to the row, the outer state of ours (`base`, the
+    round chain; "" unknown). MalformedMessage naming what is wrong."""
+    if agg.round != round_ or agg.row != row:
+        raise MalformedMessage(f"asked for row {row} of round {round_}, got row {agg.row} of round {agg.round}")
+    if agg.rows != rows:
+        raise MalformedMessage(f"the round is drawn into {rows} rows here, the aggregate says {agg.rows}: "
+                               "taken from another outer state")
+    for m in agg.members:
+        if row_of(spec_hash, round_, m.sender, rows) != row:
+            raise MalformedMessage(f"names member {m.sender}, who belongs to row "
+                                   f"{row_of(spec_hash, round_, m.sender, rows)}, not {row}")
+    if base and agg.delta.base and agg.delta.base != base:
+        raise MalformedMessage(f"taken from another outer state (round chain {agg.delta.base[:12]}…, ours {base[:12]}…)")
+
+
+def chain_entries(aggregates: list[RowAggregate]) -> list[tuple]:
+    """What a tree round's outer step aggregated, for the round chain (node/chains.py): every
+    member's (sender, tokens, content), and each row's aggregate as (row label, tokens, its
+    content), so that two recompressions of one row's deltas do not pass as one state."""
+    out = []
+    for agg in aggregates:
+        out += [(m.sender, m.tokens, m.content) for m in agg.members]
+        out.append((f"~row {agg.row}", agg.tokens, delta_content(agg.delta)))
+    return out
+
+
+class RowExchange:
+    """A peer's side of the rows' aggregates: the server of its own row's, and the kept
+    streams it asks other rows' members on."""
+
+    def __init__(self, p2p: P2P, *, incarnation: int, admit: Callable[[str], bool] | None = None) -> None:
+        self.server = DeltaServer(p2p, incarnation=incarnation, admit=admit, protocol=ROW_PROTOCOL)
+        self.streams: KeptStreams = delta_streams(p2p, ROW_PROTOCOL)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.streams.close()
+
+
+@dataclass(slots=True)
+class GatheredRows:
+    rows: dict[int, RowAggregate] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    """row → why its aggregate is not in this round."""
+    bytes_received: int = 0
+    requests: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+    """peer → why its answer was refused as bad."""
+
+
+async def gather_rows(streams: KeptStreams, round_: int, members: Callable[[], dict[int, list[str]]], *,
+                      decode: Callable[[bytes], RowAggregate], check: Callable[[RowAggregate, int], None],
+                      limit: int, deadline_s: float, order: Callable[[list[str]], list[str]]) -> GatheredRows:
+    """Pull round `round_`'s aggregate of every row `members()` names (row → the peers of the
+    round seen in it; called again while waiting, for peers seen late), each from the first
+    of its members, in `order`, that serves one: a member that answers "not yet" is asked
+    again after the others (a request is held LONG_POLL_S there), one that says "never", whose
+    dials are refused, whose streams fail STREAM_FAILURES times, or whose answer is bad
+    (`decode`, `check(aggregate, row)`) is not asked again. A row is left out once none of its
+    members is left to ask, or at `deadline_s`."""
+    out = GatheredRows()
+    stop_at = time.monotonic() + deadline_s
+    dropped: dict[int, dict[str, str]] = {}
+    """row → member → why it is not asked again."""
+    failures: dict[str, int] = {}
+
+    async def ask(row: int, peer: str) -> RowAggregate | None:
+        request = round_.to_bytes(HEADER, "big") + (0).to_bytes(8, "big")
+        out.requests += 1
+        try:
+            blob = await streams.call(PeerID.from_base58(peer), request, limit=limit, limit_name="a row's limit",
+                                      timeout_s=max(0.05, min(8.0, stop_at - time.monotonic())))
+        except asyncio.TimeoutError:
+            return None  # asked again in its turn
+        except Exception as e:
+            failures[peer] = failures.get(peer, 0) + 1
+            if dial_refused(e) or failures[peer] >= STREAM_FAILURES:
+                dropped.setdefault(row, {})[peer] = f"{type(e).__name__}: {str(e).strip()[:160]}"
+            else:
+                await asyncio.sleep(min(LOST_CHECK_S, max(0.0, stop_at - time.monotonic())))
+            return None
+        if blob is None:
+            return None  # not yet
+        if blob == GONE:
+            dropped.setdefault(row, {})[peer] = "serves no aggregate of the round"
+            return None
+        out.bytes_received += len(blob) + 8
+        try:
+            agg = decode(blob)
+            check(agg, row)
+        except ProtocolError as e:
+            log.warning("round %d: aggregate of row %d from %s refused: %s: %s", round_, row, peer, type(e).__name__, e)
+            out.refused[peer] = f"{type(e).__name__}: {e}"
+            dropped.setdefault(row, {})[peer] = f"bad aggregate ({e})"
+            return None
+        return agg
+
+    async def pull(row: int) -> None:
+        turn = 0
+        wait = RETRY_S[0]
+        while time.monotonic() < stop_at:
+            left = [m for m in order(members().get(row, [])) if m not in dropped.get(row, {})]
+            if not left:
+                why = "; ".join(f"{p}: {w}" for p, w in sorted(dropped.get(row, {}).items())) or "no member seen"
+                out.failed[row] = f"no member served it ({why})"
+                return
+            agg = await ask(row, left[turn % len(left)])
+            if agg is not None:
+                out.rows[row] = agg
+                return
+            turn += 1
+            if turn % len(left) == 0:  # every member asked once more: a short pause before the next pass
+                await asyncio.sleep(min(wait, max(0.0, stop_at - time.monotonic())))
+                wait = min(RETRY_S[2], wait * RETRY_S[1])
+        out.failed.setdefault(row, f"no aggregate before the {deadline_s:g} s deadline")
+
+    tasks: dict[int, asyncio.Task] = {}
+    try:
+        while True:
+            for row in sorted(set(members()) - set(tasks)):
+                tasks[row] = asyncio.create_task(pull(row))
+            pending = [t for t in tasks.values() if not t.done()]
+            if not pending or time.monotonic() >= stop_at:
+                break
+            await asyncio.wait(pending, timeout=0.25)
+        for row, task in tasks.items():
+            if not task.done():
+                out.failed.setdefault(row, f"no aggregate before the {deadline_s:g} s deadline")
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    return out

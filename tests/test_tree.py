@@ -1,0 +1,246 @@
+"""Tree rounds (node/tree.py, protocol/rows.py): rows drawn alike by every peer from the
+ledger and the round; a row aggregate built alike by every member holding the same deltas,
+its message refused by name when bad; rows pulled from real p2pd peers past a bad, a
+silent and a dead member; and real daemons that switch to tree rounds once their ledger
+counts enough established peers, lose one to SIGKILL, and end on one consensus."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import signal
+
+import msgpack
+import pytest
+import torch
+from hivemind.p2p import P2P
+
+from harness import Swarm, assert_clean_exit, final, write_spec
+from locoswarm.node.spec import RoundPolicy, RunSpec
+from locoswarm.node.tree import (RowExchange, ask_order, chain_entries, check_row, gather_rows, row_count, row_of)
+from locoswarm.optim.config import CompressionConfig, DiLoCoConfig
+from locoswarm.optim.credit import Ledger
+from locoswarm.optim.round import RoundStep
+from locoswarm.protocol import MalformedMessage, ProtocolError
+from locoswarm.protocol.rows import RowMember, RowMessage, decode_row, encode_row, row_message_limit, row_spec
+
+SPEC_HASH = b"t" * 32
+SHAPES = [("w", (48, 64)), ("b", (40,))]
+DL = DiLoCoConfig(compression=CompressionConfig(density=0.05, bits=2, chunk=256))
+
+
+def _step() -> RoundStep:
+    return RoundStep(DL, SHAPES, run_id="tree-test", spec_hash=SPEC_HASH, max_tokens=10_000)
+
+
+def _deltas(step: RoundStep, senders: list[str], round_: int = 5) -> list:
+    """Each sender's delta, drawn from its name (the same whatever the list's order)."""
+    out = []
+    for sender in senders:
+        gen = torch.Generator().manual_seed(sum(sender.encode()))
+        comp = step.compressor("cpu")
+        outer = [torch.zeros(s) for _, s in SHAPES]
+        replica = [torch.randn(s, generator=gen) for _, s in SHAPES]
+        out.append(step.decode(step.encode(comp, outer, replica, round_=round_, sender=sender,
+                                           tokens=1000 + sum(sender.encode()) % 7)))
+    return out
+
+
+def _row(step: RoundStep, senders: list[str], *, round_: int = 5, row: int = 0, rows: int = 1, base: str = "",
+         tamper=lambda body: None) -> bytes:
+    """A row aggregate of `senders`' deltas, as Trainer.build_row makes it; `tamper(body)`
+    edits its decoded msgpack map before it is packed again."""
+    kept = _deltas(step, senders, round_)
+    members = tuple(RowMember(d.sender, d.num_tokens, d.num_tokens, bytes(16))
+                    for d in sorted(kept, key=lambda d: d.sender))
+    blob = encode_row(RowMessage(run_id="tree-test", spec_hash=SPEC_HASH, round=round_, row=row, rows=rows,
+                                 members=members, shares=len(members), banned=(),
+                                 delta=step.encode_aggregate(kept, round_=round_, base=base)))
+    body = msgpack.unpackb(blob, raw=False)
+    tamper(body)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+# ---------------------------------------------------------------- drawing rows
+
+
+def test_rows_are_the_established_peers_over_the_row_size_and_every_peer_draws_them_alike():
+    ledger = Ledger(earn_rounds=2, per_peer_tokens=100, credits={f"p{i}": 200 for i in range(9)} | {"new": 10})
+    assert row_count(ledger, 4) == 2  # 9 established; the newcomer does not count
+    assert row_count(ledger, 16) == 1  # fewer than a row: a full round
+    assert row_count(Ledger(earn_rounds=2, per_peer_tokens=100), 4) == 1
+    peers = [f"peer-{i}" for i in range(400)]
+    drawn = [row_of(SPEC_HASH, 7, p, 8) for p in peers]
+    assert drawn == [row_of(SPEC_HASH, 7, p, 8) for p in peers], "a draw is a function of spec, round and peer"
+    sizes = collections.Counter(drawn)
+    assert set(sizes) == set(range(8)) and max(sizes.values()) < 2.2 * 400 / 8, sizes
+    again = [row_of(SPEC_HASH, 8, p, 8) for p in peers]
+    assert sum(a == b for a, b in zip(drawn, again)) < 0.3 * len(peers), "rows are drawn afresh each round"
+    members = peers[:10]
+    firsts = collections.Counter(ask_order(SPEC_HASH, 7, me, members)[0] for me in peers[10:])
+    assert len(firsts) == len(members) and max(firsts.values()) < 0.25 * 390, "askers spread over a row's members"
+    assert sorted(ask_order(SPEC_HASH, 7, "me", members)) == sorted(members)
+
+
+def test_a_tree_spec_needs_earned_weight_and_a_valid_row_size_and_a_full_one_hashes_as_before():
+    base = RunSpec()
+    assert dataclasses.replace(base, rounds=RoundPolicy(exchange="full", row_size=3)).hash() == base.hash()
+    tree = dataclasses.replace(base, rounds=RoundPolicy(exchange="tree", row_size=3))
+    tree.validate()
+    assert tree.hash() != base.hash()
+    with pytest.raises(ValueError, match="rounds.exchange must be"):
+        dataclasses.replace(base, rounds=RoundPolicy(exchange="ring")).validate()
+    with pytest.raises(ValueError, match="rounds.row_size"):
+        dataclasses.replace(base, rounds=RoundPolicy(exchange="tree", row_size=1)).validate()
+    off = dataclasses.replace(tree.diloco.robust, earn_rounds=0)
+    with pytest.raises(ValueError, match="earn_rounds"):
+        dataclasses.replace(tree, diloco=dataclasses.replace(tree.diloco, robust=off)).validate()
+
+
+# ---------------------------------------------------------------- the row's aggregate
+
+
+def test_every_member_holding_the_same_deltas_builds_the_same_row_aggregate_and_it_decodes_as_their_mean():
+    step = _step()
+    senders = ["a-peer", "b-peer", "c-peer"]
+    one = _row(step, senders, base="ab" * 16)
+    other = _row(step, list(reversed(senders)), base="ab" * 16)
+    assert one == other, "the order a member holds the deltas in changes nothing"
+    agg = decode_row(one, row_spec(step.spec))
+    assert [m.sender for m in agg.members] == senders and agg.delta.sender == "a-peer"
+    assert agg.tokens == sum(d.num_tokens for d in _deltas(step, senders)) and agg.delta.base == "ab" * 16 and len(one) <= row_message_limit(
+        row_spec(step.spec))
+    assert chain_entries([agg])[-1][:2] == ("~row 0", agg.tokens)
+    # What it carries is the members' aggregate, compressed again: its direction is theirs.
+    from locoswarm.optim.aggregate import aggregate, coverage
+
+    kept = _deltas(step, senders)
+    exact = torch.cat([t.flatten() for t in aggregate(kept, [s for _, s in SHAPES], "cpu", rule="masked",
+                                                      shares=coverage(kept, "cpu"))])
+    sent = torch.cat([t.flatten() for t in aggregate([agg.delta], [s for _, s in SHAPES], "cpu")])
+    cos = float(torch.dot(exact, sent) / (exact.norm() * sent.norm()))
+    assert cos > 0.3, cos
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda b: b.update(members=b["members"][::-1]), "unique and ascending"),
+    (lambda b: b["members"][0].__setitem__(1, b["members"][0][1] + 1), "its members"),
+    (lambda b: b["members"][0].__setitem__(2, b["members"][0][1] + 1), "credit"),
+    (lambda b: b["members"][0].__setitem__(3, b"x"), "content must be 16 bytes"),
+    (lambda b: b.update(round=6), "holds a delta of round 5"),
+    (lambda b: b.update(row=3), "'row' = 3"),
+    (lambda b: b.update(shares=0), "'shares'"),
+    (lambda b: b.update(banned=["z", "a"]), "banned entry 1"),
+    (lambda b: b.update(delta=b"junk"), "not valid msgpack"),
+    (lambda b: b.update(extra=1), "unexpected"),
+])
+def test_a_malformed_row_aggregate_is_refused_naming_what_is_wrong(tamper, message):
+    step = _step()
+    blob = _row(step, ["a-peer", "b-peer"], rows=2, tamper=tamper)
+    with pytest.raises(ProtocolError, match=message):
+        decode_row(blob, row_spec(step.spec))
+
+
+def test_a_row_aggregate_is_refused_when_a_member_belongs_to_another_row_or_the_row_count_or_state_differs():
+    step = _step()
+    senders = [f"peer-{i}" for i in range(40)]
+    rows = 3
+    row0 = [p for p in senders if row_of(SPEC_HASH, 5, p, rows) == 0][:2]
+    stray = next(p for p in senders if row_of(SPEC_HASH, 5, p, rows) == 1)
+    good = decode_row(_row(step, row0, rows=rows, base="ab" * 16), row_spec(step.spec))
+    check_row(good, spec_hash=SPEC_HASH, round_=5, row=0, rows=rows, base="ab" * 16)
+    with pytest.raises(MalformedMessage, match=f"names member {stray}, who belongs to row 1"):
+        bad = decode_row(_row(step, sorted(row0 + [stray]), rows=rows), row_spec(step.spec))
+        check_row(bad, spec_hash=SPEC_HASH, round_=5, row=0, rows=rows, base="")
+    with pytest.raises(MalformedMessage, match="drawn into 4 rows here, the aggregate says 3"):
+        check_row(good, spec_hash=SPEC_HASH, round_=5, row=0, rows=4, base="")
+    with pytest.raises(MalformedMessage, match="another outer state"):
+        check_row(good, spec_hash=SPEC_HASH, round_=5, row=0, rows=rows, base="cd" * 16)
+    with pytest.raises(MalformedMessage, match="asked for row 1"):
+        check_row(good, spec_hash=SPEC_HASH, round_=5, row=1, rows=rows, base="")
+
+
+# ---------------------------------------------------------------- pulling rows from real peers
+
+
+@pytest.mark.timeout(120)
+def test_rows_are_pulled_past_a_bad_a_silent_and_a_dead_member_and_a_row_nobody_serves_is_named():
+    step = _step()
+    spec = row_spec(step.spec)
+
+    async def go():
+        p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]) for _ in range(4)]
+        bad, late, gone, dead = [RowExchange(p, incarnation=1) for p in p2ps]
+        ids = [p.peer_id.to_base58() for p in p2ps]
+        for x in (bad, late, gone, dead):
+            await x.start()
+            x.server.training(5)
+        bad.server.publish(5, _row(step, ["a-peer"], tamper=lambda b: b.update(rows=2)))
+        gone.server.give_up(5)
+        maddrs = [str(a) for p in p2ps for a in await p.get_visible_maddrs()]
+        client_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        client = RowExchange(client_p2p, incarnation=1)
+        await p2ps[3].shutdown()  # row 1's only member is gone
+        members = {0: [ids[0], ids[1], ids[2]], 1: [ids[3]]}
+
+        async def publish_late():
+            await asyncio.sleep(0.5)
+            late.server.publish(5, _row(step, ["a-peer"]))
+
+        publishing = asyncio.ensure_future(publish_late())
+        try:
+            got = await gather_rows(client.streams, 5, lambda: members, decode=lambda b: decode_row(b, spec),
+                                    check=lambda agg, row: check_row(agg, spec_hash=SPEC_HASH, round_=5, row=0,
+                                                                     rows=1, base=""),
+                                    limit=row_message_limit(spec), deadline_s=20,
+                                    order=lambda peers: sorted(peers, key=ids.index))
+        finally:
+            await publishing
+            client.close()
+            for p in [client_p2p] + p2ps[:3]:
+                await p.shutdown()
+        return got, ids
+
+    got, ids = asyncio.run(go())
+    assert list(got.rows) == [0] and got.rows[0].members[0].sender == "a-peer", got
+    assert "the aggregate says 2" in got.refused[ids[0]], got.refused
+    assert list(got.failed) == [1] and ids[3] in got.failed[1], got.failed
+
+
+# ---------------------------------------------------------------- real daemons
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+@pytest.mark.timeout(400, method="signal")
+def test_daemons_switch_to_tree_rounds_lose_a_peer_to_sigkill_and_end_on_one_consensus(swarm: Swarm):
+    """Four daemons, rows of 2: the first rounds are full (nobody is established); once
+    the ledger counts four established peers every round is drawn into two rows. One peer is
+    SIGKILLed in a tree round; the survivors aggregate every live peer's delta through the
+    rows and end on one digest."""
+    spec = write_spec(swarm.root / "tree.toml", earn_rounds=2, row_size=2)
+    num_rounds = 14
+    args = ("--min-peers", "4", "--max-rounds", str(num_rounds))
+    a = swarm.join("a", *args, run=spec)
+    peers = [a] + [swarm.join(n, *args, peer=a, run=spec) for n in "bcd"]
+    victim, survivors = peers[3], peers[:3]
+    victim.wait_event("round", 240, lambda e: e["round"] >= 5 and e["rows"] == 2)
+    victim.proc.send_signal(signal.SIGKILL)
+    for p in survivors:
+        assert_clean_exit(p, p.wait_exit(300))
+    events = {p.name: p.events("round") for p in survivors}
+    table = "\n".join(f"{n}: {[(e['round'], e['deltas'], e['participants'], e['rows']) for e in ev]}"
+                      for n, ev in events.items())
+    for ev in events.values():
+        assert [e["round"] for e in ev] == list(range(num_rounds)), table
+        assert ev[0]["rows"] == 1, f"no peer is established in round 0: a full round\n{table}"
+        tree = [e for e in ev if e["rows"] == 2]
+        assert len(tree) >= 8, f"tree rounds once four peers are established\n{table}"
+        # Through the rows every live peer's delta is in the step; a tree round pulls at
+        # most the row's deltas and one aggregate a row.
+        assert sum(e["deltas"] == 4 for e in tree) >= 3 and tree[-1]["deltas"] == 3, table
+    digests = {final(p)[2] for p in survivors}
+    assert len(digests) == 1, f"the survivors' consensus digests differ\n{table}"
+    first_eval, final_eval = events["a"][0]["eval_loss"], final(a)[1]
+    assert final_eval < first_eval - 0.3, (first_eval, final_eval)
