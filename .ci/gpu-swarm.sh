@@ -17,6 +17,8 @@
 #            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
 #            at 48 the rounds left after the clean phase took less than two restarts here);
+#   tree16:  16 CPU peers × 48 rounds with full rounds, then with tree rounds in rows of 4
+#            (issue 18 item 2: the same peers, seeds and rounds; loss, requests and bytes);
 #   flood:   3 peers, 48 rounds, 3 identities flooding state requests in the middle half, with
 #            the default state upload budget (flood3) and without it (flood3-nobudget,
 #            LOCOSWARM_STATE_UPLOAD_MBIT=0): how much of the 2-core figures was the flooders
@@ -69,6 +71,9 @@ for part in "${parts[@]}"; do
             tests/test_faults.py -k "catches_up or failed_round" > "$out/catchup.log" 2>&1
         echo "catchup rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/catchup.log";;
     churn) swarm churn6 300 --peers 6 --rounds 160 --churn 10;;
+    tree16)
+        swarm full16x48 280 --peers 16 --rounds 48
+        swarm tree16x48 280 --peers 16 --rounds 48 --row-size 4;;
     flood)
         swarm flood3 150 --peers 3 --rounds 48 --flood 3
         (export LOCOSWARM_STATE_UPLOAD_MBIT=0; swarm flood3-nobudget 150 --peers 3 --rounds 48 --flood 3);;

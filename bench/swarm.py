@@ -75,6 +75,8 @@ class RoundLine:
     """The lowest agreement of the peer's checks of the round's deltas (None: none checked)."""
     check_s: float = 0.0
     """Seconds the peer's checks of the round took."""
+    rows: int = 1
+    """The round's rows (a tree round, node/tree.py); 1: a full round."""
 
 
 @dataclass(slots=True)
@@ -294,6 +296,7 @@ class LocalSwarm:
                                          progress_writes=event.get("progress_writes", 0),
                                          delta_requests=event.get("delta_requests", 0),
                                          delta_streams=event.get("delta_streams", 0),
+                                         rows=event.get("rows", 1),
                                          least_agreement=event.get("least_agreement"),
                                          check_s=event.get("check_s", 0.0)))
             peer.life_rounds += 1

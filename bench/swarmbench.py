@@ -62,7 +62,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
                     fakes: int = 0, flood: int = 0, earn_rounds: int | None = None,
-                    check_agreement: float | None = None, fake_mode: str = "record") -> dict:
+                    check_agreement: float | None = None, fake_mode: str = "record", row_size: int = 0) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
@@ -72,10 +72,13 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     `flood` > 0: that many identities ask every peer for its state over and over during the
     middle half (bench/state_flood.py). `earn_rounds`: the spec's diloco.robust.earn_rounds
     (None: the default; 0 turns earned weight off, to compare); `check_agreement` its
-    diloco.robust.check_agreement likewise (0: no checks)."""
+    diloco.robust.check_agreement likewise (0: no checks). `row_size` > 0: tree rounds
+    (rounds.exchange "tree", node/tree.py) with rows of that size."""
     phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
+    if row_size:
+        spec = replace(spec, rounds=replace(spec.rounds, exchange="tree", row_size=row_size))
     robust = {k: v for k, v in (("earn_rounds", earn_rounds), ("check_agreement", check_agreement)) if v is not None}
     if robust:
         spec = replace(spec, diloco=replace(spec.diloco, robust=replace(spec.diloco.robust, **robust)))
@@ -143,6 +146,10 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "check_share": sum(x.check_s for x in steady) / round_s if round_s else 0.0,
         "wall_s": wall_s,
         "spec_hash": spec.hash().hex(),
+        "exchange": spec.rounds.exchange,
+        "row_size": spec.rounds.row_size if row_size else 0,
+        # Rounds a peer took as a tree round (rows > 1), on average.
+        "tree_rounds": sum(x.rows > 1 for p in peers for x in p.rounds) / max(1, len(peers)),
         **byte_figures(peers, swarm.io_unavailable),
     }
     if churn is not None:
@@ -243,6 +250,9 @@ def format_swarm(r: dict) -> str:
     if r.get("least_agreement") is not None:
         lines.append(f"  checks                 least agreement {r['least_agreement']:.3f} (fails below "
                      f"{r['check_threshold']:g}), {100 * r['check_share']:.2f} % of round time")
+    if r.get("row_size"):
+        lines.append(f"  tree rounds            {r['tree_rounds']:.1f} of {r['rounds']} a peer (rows of {r['row_size']}), "
+                     f"consensus {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     lines += [f"  missing deltas         {r['deltas_missing']}",
               f"  replica spread         {r['replica_spread']:.2e} (max ‖θi − θj‖/‖θi‖, fanout {r['fanout']})",
               f"  eval loss (swarm)      {r['eval_loss']:.4f}  ({r['tokens']:,} tokens)"]

@@ -133,6 +133,8 @@ def swarm(
     check_agreement: Optional[float] = typer.Option(None, "--check-agreement", help="The run spec's "
                                                     "diloco.robust.check_agreement (unset: the default; 0: no "
                                                     "checks of contributions, to compare)."),
+    row_size: int = typer.Option(0, "--row-size", help="Tree rounds (the spec's rounds.exchange = \"tree\") with rows "
+                                 "of this many peers; 0: full rounds (the default)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
@@ -152,6 +154,8 @@ def swarm(
             raise ValueError("--churn needs --peers >= 2 (a peer restarts from the others' state)")
         if fake_mode not in FAKE_MODES:
             raise ValueError(f"--fake-mode must be one of {', '.join(FAKE_MODES)}, got {fake_mode!r}")
+        if row_size and not 2 <= row_size <= 256:
+            raise ValueError(f"--row-size must be 0 or lie in [2, 256], got {row_size}")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
         if earn_rounds is not None and not 0 <= earn_rounds <= 10_000:
@@ -173,7 +177,7 @@ def swarm(
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
                                  fakes=fakes, flood=flood, earn_rounds=earn_rounds, check_agreement=check_agreement,
-                                 fake_mode=fake_mode,
+                                 fake_mode=fake_mode, row_size=row_size,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)
