@@ -206,8 +206,8 @@ def decode_delta(data: bytes, spec: DeltaSpec) -> DecodedDelta:
         raise SpecMismatch(f"delta is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
     if body["spec"] != spec.spec_hash:
         raise SpecMismatch("delta was made under another run spec (spec hash differs)")
-    round_ = _int_field(body, "round", 0, MAX_ROUND)
-    tokens = _int_field(body, "tokens", 0, spec.max_tokens)
+    round_ = int_field(body, "round", 0, MAX_ROUND)
+    tokens = int_field(body, "tokens", 0, spec.max_tokens)
     sender = body["sender"]
     if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_LEN:
         raise MalformedMessage(f"sender must be a string of 1..{MAX_SENDER_LEN} characters")
@@ -244,7 +244,7 @@ def _decode_checks(items: Any) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+def int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = body[key]
     if type(value) is not int:
         raise MalformedMessage(f"field {key!r} must be an integer, got {type(value).__name__}")

@@ -27,7 +27,8 @@ from typing import Any
 
 import msgpack
 
-from locoswarm.protocol.delta import MAX_CHECKS, MAX_ROUND, MAX_SENDER_LEN, DecodedDelta, DeltaSpec, decode_delta
+from locoswarm.protocol.delta import (MAX_CHECKS, MAX_ROUND, MAX_SENDER_LEN, DecodedDelta, DeltaSpec, decode_delta,
+                                      int_field)
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
 
@@ -47,30 +48,30 @@ class RowMember:
     content: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class RowMessage:
-    run_id: str
-    spec_hash: bytes
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowHeader:
+    """What a row aggregate says of itself."""
+
     round: int
     row: int
     rows: int
     members: tuple[RowMember, ...]
     shares: int
     banned: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowMessage(RowHeader):
+    run_id: str
+    spec_hash: bytes
     delta: bytes
     """The row's aggregate as an encoded delta message."""
 
 
-@dataclass(frozen=True, slots=True)
-class RowAggregate:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowAggregate(RowHeader):
     """A received row aggregate that passed every check."""
 
-    round: int
-    row: int
-    rows: int
-    members: tuple[RowMember, ...]
-    shares: int
-    banned: tuple[str, ...]
     delta: DecodedDelta
     nbytes: int
     wire: bytes = field(default=b"", repr=False, compare=False)
@@ -120,11 +121,11 @@ def decode_row(data: bytes, spec: DeltaSpec) -> RowAggregate:
         raise SpecMismatch(f"row aggregate is for run {body['run']!r}, this peer is in run {spec.run_id!r}")
     if body["spec"] != spec.spec_hash:
         raise SpecMismatch("row aggregate was made under another run spec (spec hash differs)")
-    round_ = _int(body, "round", 0, MAX_ROUND)
-    rows = _int(body, "rows", 1, MAX_ROWS)
-    row = _int(body, "row", 0, rows - 1)
+    round_ = int_field(body, "round", 0, MAX_ROUND)
+    rows = int_field(body, "rows", 1, MAX_ROWS)
+    row = int_field(body, "row", 0, rows - 1)
     members = _members(body["members"], spec.max_tokens // MAX_ROW_MEMBERS)
-    shares = _int(body, "shares", 1, len(members))
+    shares = int_field(body, "shares", 1, len(members))
     banned = _peers(body["banned"], "banned")
     inner = body["delta"]
     if not isinstance(inner, bytes):
@@ -140,13 +141,6 @@ def decode_row(data: bytes, spec: DeltaSpec) -> RowAggregate:
         raise MalformedMessage(f"row aggregate's delta claims {delta.num_tokens} tokens, its members {total}")
     return RowAggregate(round=round_, row=row, rows=rows, members=members, shares=shares, banned=banned, delta=delta,
                         nbytes=len(data), wire=bytes(data))
-
-
-def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    value = body[key]
-    if type(value) is not int or not lo <= value <= hi:
-        raise MalformedMessage(f"row aggregate: field {key!r} = {value!r} is not an integer in [{lo}, {hi}]")
-    return value
 
 
 def _members(items: Any, max_tokens: int) -> tuple[RowMember, ...]:
