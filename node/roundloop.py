@@ -36,7 +36,7 @@ from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import RoundContext
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.node.tree import ask_order, chain_entries, check_row, gather_rows, row_count, row_of
+from locoswarm.node.tree import ask_order, check_row, gather_rows, row_count, row_of, take_rows
 from locoswarm.optim.check import SCALE, failing
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
@@ -360,12 +360,14 @@ class RoundLoop:
         for row, why in sorted(got.failed.items()):
             log.warning("round %d: no aggregate of row %d: %s", r, row, why)
         aggregates = sorted(([own] if own is not None else []) + list(got.rows.values()), key=lambda a: a.row)
-        return OuterStep(deltas=[a.delta for a in aggregates],
-                         earned={m.sender: m.earned for a in aggregates for m in a.members},
-                         banned=tuple(sorted({p for a in aggregates for p in a.banned})),
-                         shares=sum(a.shares for a in aggregates),
-                         accepted={m.sender: m.tokens for a in aggregates for m in a.members},
-                         chain=chain_entries(aggregates), wires=[], sampled=False)
+        held_to = await run(trainer.step.screen, [a.delta for a in aggregates], None, base)
+        taken = take_rows(aggregates, held_to, trainer.step.kept(held_to))
+        for row, why in sorted(taken.refused.items()):
+            log.warning("round %d: aggregate of row %d refused: %s", r, row, why)
+        for note in held_to.notes:
+            log.warning("round %d: rows: %s", r, note)
+        return OuterStep(deltas=taken.deltas, earned=taken.earned, banned=taken.banned, shares=taken.shares,
+                         accepted=taken.accepted, chain=taken.chain, wires=[], sampled=False)
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

@@ -20,7 +20,9 @@ In a round of R > 1 rows a peer
 3. pulls every other row's aggregate from one of its members (`gather_rows`: each peer asks
    the members in an order of its own, so a row's askers spread over its members), checks
    that each member it names belongs to that row, and
-4. takes the outer step with the rows' aggregates as a full round takes the peers' deltas.
+4. holds the rows' aggregates to each other as a full round holds its deltas (the median
+   row's norm and token claim bound the others, from three rows on: `take_rows`) and takes
+   the outer step with them.
 
 Every peer that takes the same rows' aggregates steps alike. The round chain hashes every
 member's (sender, tokens, content) and each row aggregate's content, so peers that took
@@ -28,8 +30,8 @@ different aggregates of a row (a member that missed a delta of its row) show dif
 chains and heal as after any silent split (node/lineage.py).
 
 What a tree round gives up, stated where it is decided: a row's header is its server's word
-(a row whose members are mostly sybils may claim credit for them, bounded by the tokens of
-one row); a failed check is told to the row of the sender's next round only, so exclusions
+(a row whose members are mostly sybils may claim credit for them, bounded by the tokens and
+the norm of the median row); a failed check is told to the row of the sender's next round only, so exclusions
 need a majority of that row's established weight; a round's deltas are not kept for peers
 catching up (node/replay.py), who download the state instead.
 """
@@ -50,7 +52,8 @@ from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
 from locoswarm.node.pull import LOST_CHECK_S, RETRY_S, dial_refused
 from locoswarm.node.streams import KeptStreams
 from locoswarm.optim.credit import Ledger
-from locoswarm.protocol import MalformedMessage, ProtocolError
+from locoswarm.optim.screen import Screened
+from locoswarm.protocol import DecodedDelta, MalformedMessage, ProtocolError
 from locoswarm.protocol.framing import HEADER
 from locoswarm.protocol.rows import RowAggregate
 
@@ -99,14 +102,44 @@ def check_row(agg: RowAggregate, *, spec_hash: bytes, round_: int, row: int, row
         raise MalformedMessage(f"taken from another outer state (round chain {agg.delta.base[:12]}…, ours {base[:12]}…)")
 
 
-def chain_entries(aggregates: list[RowAggregate]) -> list[tuple]:
-    """What a tree round's outer step aggregated, for the round chain (node/chains.py): every
-    member's (sender, tokens, content), and each row's aggregate as (row label, tokens, its
-    content), so that two recompressions of one row's deltas do not pass as one state."""
-    out = []
-    for agg in aggregates:
-        out += [(m.sender, m.tokens, m.content) for m in agg.members]
-        out.append((f"~row {agg.row}", agg.tokens, delta_content(agg.delta)))
+@dataclass(slots=True)
+class RowsTaken:
+    """What a tree round's outer step takes from the rows' aggregates, held to each other."""
+
+    deltas: list[DecodedDelta]
+    """The kept rows' deltas, clipped and capped."""
+    earned: dict[str, int]
+    """member → its credit, scaled as its row's aggregate was."""
+    banned: tuple[str, ...]
+    shares: int
+    accepted: dict[str, int]
+    """member → the tokens its delta was weighted by in its row."""
+    chain: list[tuple]
+    """The round chain's entries (node/chains.py): every member's (sender, tokens, content)
+    and each row's as (row label, tokens, content), so that two recompressions of one row's
+    deltas do not pass as one state."""
+    refused: dict[int, str] = field(default_factory=dict)
+    """row → why its aggregate was left out."""
+
+
+def take_rows(aggregates: list[RowAggregate], screened: Screened, kept: list[DecodedDelta]) -> RowsTaken:
+    """The step of the rows' `aggregates` once their deltas are `screened` against each
+    other (optim/screen.py with no ledger: a row has no earned weight of its own, so the
+    median row's norm and token claim bound the others, from MIN_FOR_MEDIAN rows on) and
+    `kept` (RoundStep.kept of it). A row refused there is left out, members and all; a
+    clipped or capped row's members are credited in proportion."""
+    by_sender = {a.delta.sender: a for a in aggregates}
+    refused = {by_sender[r.sender].row: r.reason for r in screened.rejected if r.sender in by_sender}
+    taken = [by_sender[d.sender] for d in kept]
+    out = RowsTaken(deltas=kept, earned={}, banned=tuple(sorted({p for a in taken for p in a.banned})),
+                    shares=sum(a.shares for a in taken), accepted={}, chain=[], refused=refused)
+    for agg, delta in zip(taken, kept):
+        factor = min(1.0, screened.scales[delta.sender]) * delta.num_tokens / max(1, agg.delta.num_tokens)
+        for m in agg.members:
+            out.earned[m.sender] = int(m.earned * factor)
+            out.accepted[m.sender] = m.tokens
+            out.chain.append((m.sender, m.tokens, m.content))
+        out.chain.append((f"~row {agg.row}", delta.num_tokens, delta_content(delta)))
     return out
 
 

@@ -18,7 +18,7 @@ from hivemind.p2p import P2P
 
 from harness import Swarm, assert_clean_exit, final, write_spec
 from locoswarm.node.spec import RoundPolicy, RunSpec
-from locoswarm.node.tree import (RowExchange, ask_order, chain_entries, check_row, gather_rows, row_count, row_of)
+from locoswarm.node.tree import RowExchange, ask_order, check_row, gather_rows, row_count, row_of, take_rows
 from locoswarm.optim.config import CompressionConfig, DiLoCoConfig
 from locoswarm.optim.credit import Ledger
 from locoswarm.optim.round import RoundStep
@@ -34,24 +34,24 @@ def _step() -> RoundStep:
     return RoundStep(DL, SHAPES, run_id="tree-test", spec_hash=SPEC_HASH, max_tokens=10_000)
 
 
-def _deltas(step: RoundStep, senders: list[str], round_: int = 5) -> list:
-    """Each sender's delta, drawn from its name (the same whatever the list's order)."""
+def _deltas(step: RoundStep, senders: list[str], round_: int = 5, scale: float = 1.0) -> list:
+    """Each sender's delta, drawn from its name (the same whatever the list's order), times `scale`."""
     out = []
     for sender in senders:
         gen = torch.Generator().manual_seed(sum(sender.encode()))
         comp = step.compressor("cpu")
         outer = [torch.zeros(s) for _, s in SHAPES]
-        replica = [torch.randn(s, generator=gen) for _, s in SHAPES]
+        replica = [scale * torch.randn(s, generator=gen) for _, s in SHAPES]
         out.append(step.decode(step.encode(comp, outer, replica, round_=round_, sender=sender,
                                            tokens=1000 + sum(sender.encode()) % 7)))
     return out
 
 
 def _row(step: RoundStep, senders: list[str], *, round_: int = 5, row: int = 0, rows: int = 1, base: str = "",
-         tamper=lambda body: None) -> bytes:
+         tamper=lambda body: None, scale: float = 1.0) -> bytes:
     """A row aggregate of `senders`' deltas, as Trainer.build_row makes it; `tamper(body)`
     edits its decoded msgpack map before it is packed again."""
-    kept = _deltas(step, senders, round_)
+    kept = _deltas(step, senders, round_, scale)
     members = tuple(RowMember(d.sender, d.num_tokens, d.num_tokens, bytes(16))
                     for d in sorted(kept, key=lambda d: d.sender))
     blob = encode_row(RowMessage(run_id="tree-test", spec_hash=SPEC_HASH, round=round_, row=row, rows=rows,
@@ -111,7 +111,6 @@ def test_every_member_holding_the_same_deltas_builds_the_same_row_aggregate_and_
     assert [m.sender for m in agg.members] == senders and agg.delta.sender == "a-peer"
     assert agg.tokens == sum(d.num_tokens for d in _deltas(step, senders)) and agg.delta.base == "ab" * 16 and len(one) <= row_message_limit(
         row_spec(step.spec))
-    assert chain_entries([agg])[-1][:2] == ("~row 0", agg.tokens)
     # What it carries is the members' aggregate, compressed again: its direction is theirs.
     from locoswarm.optim.aggregate import aggregate, coverage
 
@@ -121,6 +120,23 @@ def test_every_member_holding_the_same_deltas_builds_the_same_row_aggregate_and_
     sent = torch.cat([t.flatten() for t in aggregate([agg.delta], [s for _, s in SHAPES], "cpu")])
     cos = float(torch.dot(exact, sent) / (exact.norm() * sent.norm()))
     assert cos > 0.3, cos
+
+
+def test_the_rows_are_held_to_the_median_row_and_a_loud_rows_members_earn_in_proportion():
+    step = _step()
+    rows = [decode_row(_row(step, senders, row=k, rows=3, scale=10.0 if k == 2 else 1.0), row_spec(step.spec))
+            for k, senders in enumerate((["a1", "a2"], ["b1", "b2"], ["c1", "c2"]))]
+    screened = step.screen([a.delta for a in rows], None, "")
+    taken = take_rows(rows, screened, step.kept(screened))
+    from locoswarm.optim.screen import delta_norm
+
+    norms = [delta_norm(d) for d in taken.deltas]
+    assert norms[2] == pytest.approx(sorted(delta_norm(a.delta) for a in rows)[1], rel=1e-2), norms
+    assert delta_norm(rows[2].delta) > 5 * norms[2], "the loud row was clipped to the median row's norm"
+    loud = rows[2].members[0]
+    assert 0 < taken.earned["c1"] < loud.earned / 5 and taken.earned["a1"] == rows[0].members[0].earned
+    assert [e[0] for e in taken.chain if e[0].startswith("~row")] == ["~row 0", "~row 1", "~row 2"]
+    assert taken.shares == 6 and set(taken.accepted) == {"a1", "a2", "b1", "b2", "c1", "c2"} and not taken.refused
 
 
 @pytest.mark.parametrize(("tamper", "message"), [
