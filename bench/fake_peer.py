@@ -23,6 +23,14 @@ A third, for `locoswarm bench swarm --fakes K --fake-mode stall`, from its start
   measures: that a round waits for such an identity once, not every round (node/pull.py
   UNPROVEN_WAIT_S, node/membership.py withholding).
 
+A fourth, for `locoswarm bench swarm --fakes K --fake-mode loud`, from its start:
+- `loud`: it claims every round done, as `stall` does, and answers every delta request with
+  a well-formed delta of the round asked, a random direction at about ten times an honest
+  delta's values (issue 19's sybil group: K of them against fewer honest peers would hold a
+  median counted by identities). What it measures: what such a group costs the swarm's round
+  rate and eval loss once earned weight pools them, the clip bounds them and the checks
+  exclude them.
+
 And a cheaper one, for `locoswarm bench swarm --fakes K --fake-mode keys`, announced once a
 first line arrives on stdin (the bench starts it early: its start takes seconds):
 - `keys:K`: K identities from one process, its own and K − 1 keys without a host of their
@@ -31,13 +39,14 @@ first line arrives on stdin (the bench starts it early: its start takes seconds)
   milliseconds; what it measures is that records alone, however many, neither hold a round
   nor split the swarm (issue 19's "40 such keys": 23.6 → 3.2 rounds a minute and two digests).
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall | keys:K]   (runs until
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall | loud | keys:K]   (runs until
 stdin closes or it is killed; prints "fake <peer id> announced" once its records are first stored)
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import secrets
@@ -45,8 +54,52 @@ import shutil
 import sys
 import tempfile
 from dataclasses import replace
+from typing import Callable
 
 REFRESH_S = 1.0
+CLAIMING = ("stall", "loud")
+"""Modes that claim every round done, as a participant would."""
+LOUD_SCALE = 5e-2
+"""Per entry, about ten times an honest delta's values after a round of the default spec (5e-3)."""
+
+
+def delta_layout(spec):
+    """The wire layout of `spec`'s deltas (node/trainer.py's, without a trainer: the model is
+    built for its parameters' names and shapes)."""
+    from locoswarm.optim import delta_spec
+    from locoswarm.workload.model import build_model
+    from locoswarm.workload.tokenizer import get_tokenizer
+
+    model = build_model(spec.model, get_tokenizer(spec.tokenizer).vocab_size, spec.data.seq_len, spec.seed)
+    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec.hash(),
+                      max_tokens=64 * spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len)
+
+
+def crafted(mode: str, round_: int, me: str, dspec, cfg, tokens: int = 2560) -> bytes:
+    """A well-formed delta of layout `dspec` for `round_` from `me`, bad as `mode` says: nan
+    (a scale pair of NaN), huge (values about 1000 times an honest delta's), loud (about 10
+    times), wrong_round (a delta of another round), inflated (a claim of the layout's maximum
+    token count); any other mode: an honest delta's size, a random direction."""
+    import zlib
+
+    import torch
+
+    from locoswarm.optim import ErrorFeedbackCompressor
+    from locoswarm.protocol import DeltaMessage, encode_delta
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{me}:{round_}".encode()))  # each identity its own noise
+    scale = {"huge": 5.0, "loud": LOUD_SCALE}.get(mode, 5e-3)
+    comp = ErrorFeedbackCompressor(dspec.tensors, cfg, "cpu")
+    packed, _ = comp.compress([scale * torch.randn(t.shape, generator=gen) for t in dspec.tensors])
+    if mode == "nan":
+        first = packed[0]
+        packed[0] = type(first)(**{**{f: getattr(first, f) for f in first.__slots__},
+                                   "scales": b"\xc0\x7f" * (len(first.scales) // 2)})
+    msg = DeltaMessage(run_id=dspec.run_id, spec_hash=dspec.spec_hash,
+                       round=round_ + 7 if mode == "wrong_round" else round_, sender=me,
+                       num_tokens=dspec.max_tokens if mode == "inflated" else tokens, tensors=tuple(packed))
+    return encode_delta(msg)
 
 
 def parse_mode(mode: str) -> tuple[int, int]:
@@ -56,8 +109,9 @@ def parse_mode(mode: str) -> tuple[int, int]:
         keys = int(mode.removeprefix("keys:")) if mode.startswith("keys:") else 1
     except ValueError:
         ahead = keys = -1
-    if ahead < 0 or keys < 1 or mode and not ahead and not mode.startswith("keys:") and mode not in ("chain", "stall"):
-        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall or keys:K (K > 0)")
+    named = mode in CLAIMING + ("chain",) or mode.startswith("keys:")
+    if ahead < 0 or keys < 1 or mode and not ahead and not named:
+        raise SystemExit(f"unknown mode {mode!r}: ahead:K (K > 0), chain, stall, loud or keys:K (K > 0)")
     return ahead, keys
 
 
@@ -81,8 +135,8 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from locoswarm.protocol.records import PeerRecord, Progress
 
     ahead, keys = parse_mode(mode)
-    stall = mode == "stall"
-    told_modes = bool(ahead) or mode in ("chain", "stall")
+    stall = mode in CLAIMING
+    told_modes = bool(ahead) or mode in CLAIMING + ("chain",)
     """Modes that tell the peers over progress streams (and answer theirs)."""
     spec = load_spec(spec_path)
     invented = ((0, hashlib.blake2b(b"invented" + spec.hash(), digest_size=16).hexdigest()),) if mode == "chain" else ()
@@ -112,7 +166,12 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
             # Progress streams to it open (and are read to the end): a peer whose streams
             # fail is out of the others' view within seconds (node/membership.py gone).
             await dht.protocol.p2p.add_binary_stream_handler(PROGRESS_PROTOCOL, _drain)
-        if stall:
+        if mode == "loud":
+            layout = delta_layout(spec)
+            plan = spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len
+            await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, functools.partial(
+                _answer, lambda r: crafted("loud", r, me, layout, spec.diloco.compression, tokens=plan)))
+        elif stall:
             await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, _not_yet)
         elif told_modes:
             await loop.run_in_executor(None, sys.stdin.readline)
@@ -165,12 +224,22 @@ async def _drain(info, reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
 async def _not_yet(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer every delta request on the stream "not yet" (node/exchange.py: a length of 0)."""
+    await _answer(lambda round_: b"", info, reader, writer)
+
+
+async def _answer(delta: Callable[[int], bytes], info, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+    """Answer every delta request on the stream with `delta(round asked)` (b"": "not yet"),
+    each round's made once."""
     from locoswarm.node.exchange import REQUEST_LEN
 
+    made: dict[int, bytes] = {}
     try:
         while True:
-            await reader.readexactly(REQUEST_LEN)
-            writer.write(bytes(8))
+            round_ = int.from_bytes((await reader.readexactly(REQUEST_LEN))[:8], "big")
+            if round_ not in made:
+                made = {round_: delta(round_)}
+            writer.write(len(made[round_]).to_bytes(8, "big") + made[round_])
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass

@@ -40,10 +40,11 @@ def replica_spread(paths: list[str]) -> float:
     return max((float((a - b).norm() / a.norm()) for i, a in enumerate(flats) for b in flats[i + 1:]), default=0.0)
 
 
-FAKE_MODES = {"record": "", "stall": "stall", "keys": "keys", "ahead": "ahead:20", "chain": "chain"}
+FAKE_MODES = {"record": "", "stall": "stall", "keys": "keys", "ahead": "ahead:20", "chain": "chain", "loud": "loud"}
 """`bench swarm --fake-mode` → bench/fake_peer.py's mode ("keys": one process holds all K
 identities, `keys:K`; "ahead" and "chain": issue 19's identities that show a state ahead of
-the swarm or an invented round chain, to draw the honest peers after them)."""
+the swarm or an invented round chain, to draw the honest peers after them; "loud": a sybil
+group serving deltas ten times an honest one's)."""
 
 
 def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:
@@ -225,7 +226,7 @@ def format_swarm(r: dict) -> str:
         lines += _format_churn(r)
     elif "fakes" in r:
         clean, faked = r["rounds_per_minute_clean"], r["rounds_per_minute_fakes"]
-        kind = "staller" if r.get("fake_mode") == "stall" else "fake"
+        kind = {"stall": "staller", "loud": "loud"}.get(r.get("fake_mode"), "fake")
         lines.append(f"  rounds per minute      {clean:.1f} clean, {faked:.1f} with {r['fakes']} {kind} identities "
                      f"(rounds {r['fake_rounds'][0]}→{r['fake_rounds'][1]}): {faked / clean:.2f}× the clean rate")
         lines.append(f"  fakes dropped          {r['fakes_dropped']} of {r['fakes']} by an honest peer at most "

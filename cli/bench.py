@@ -123,8 +123,9 @@ def swarm(
                                   "only), stall (they also claim every round done and answer every delta "
                                   "request \"not yet\"), keys (one process signs all K records, K - 1 of "
                                   "them with keys that have no host), ahead (records 20 rounds ahead of the "
-                                  "swarm, told to every peer, no state served) or chain (records showing an "
-                                  "invented round chain)."),
+                                  "swarm, told to every peer, no state served), chain (records showing an "
+                                  "invented round chain) or loud (they claim every round done and serve deltas "
+                                  "ten times an honest one's)."),
     flood: int = typer.Option(0, help="Identities that ask every peer for its state over and over, in the middle "
                               "half of the rounds; report the rate clean and under the flood, and the bytes it "
                               "took (0: off; needs --rounds >= 8)."),

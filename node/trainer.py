@@ -33,7 +33,8 @@ from locoswarm.optim.round import RoundStep
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta
 from locoswarm.protocol.delta import MAX_CHECKS
-from locoswarm.protocol.rows import RowAggregate, RowMember, RowMessage, decode_row, encode_row, row_message_limit, row_spec
+from locoswarm.protocol.rows import (RowAggregate, RowMember, RowMessage, decode_row, encode_row, row_message_limit,
+                                     row_spec)
 from locoswarm.protocol.state import StateSpec, encode_state, state_digest
 from locoswarm.workload.data import Corpus
 from locoswarm.workload.model import build_model

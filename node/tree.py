@@ -99,7 +99,8 @@ def check_row(agg: RowAggregate, *, spec_hash: bytes, round_: int, row: int, row
             raise MalformedMessage(f"names member {m.sender}, who belongs to row "
                                    f"{row_of(spec_hash, round_, m.sender, rows)}, not {row}")
     if base and agg.delta.base and agg.delta.base != base:
-        raise MalformedMessage(f"taken from another outer state (round chain {agg.delta.base[:12]}…, ours {base[:12]}…)")
+        raise MalformedMessage(f"taken from another outer state (round chain {agg.delta.base[:12]}…, "
+                               f"ours {base[:12]}…)")
 
 
 @dataclass(slots=True)

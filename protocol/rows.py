@@ -115,7 +115,8 @@ def decode_row(data: bytes, spec: DeltaSpec) -> RowAggregate:
     subclass naming what was wrong."""
     limit = row_message_limit(spec)
     body = unpack_envelope(data, "row aggregate", max_bytes=limit, version=ROW_FORMAT_VERSION, keys=_KEYS,
-                           max_bin_len=spec.max_message_bytes, max_str_len=max(spec.max_string_bytes, 4 * MAX_SENDER_LEN),
+                           max_bin_len=spec.max_message_bytes,
+                           max_str_len=max(spec.max_string_bytes, 4 * MAX_SENDER_LEN),
                            max_array_len=max(MAX_ROW_MEMBERS, MAX_CHECKS))
     if body["run"] != spec.run_id:
         raise SpecMismatch(f"row aggregate is for run {body['run']!r}, this peer is in run {spec.run_id!r}")

@@ -206,12 +206,12 @@ def test_every_fake_mode_of_the_bench_is_one_the_fake_peer_runs_and_the_waiting_
     from locoswarm.bench.fake_peer import parse_mode, waits_to_be_told
     from locoswarm.bench.swarmbench import FAKE_MODES
 
-    assert set(FAKE_MODES) == {"record", "stall", "keys", "ahead", "chain"}
+    assert set(FAKE_MODES) == {"record", "stall", "keys", "ahead", "chain", "loud"}
     for name, mode in FAKE_MODES.items():
         parse_mode(f"keys:{16}" if mode == "keys" else mode)
     assert parse_mode("ahead:20") == (20, 1) and parse_mode("keys:16") == (0, 16) and parse_mode("") == (0, 1)
     told = {name for name, mode in FAKE_MODES.items() if waits_to_be_told("keys:1" if mode == "keys" else mode)}
     assert told == {"keys", "ahead", "chain"}
-    for bad in ("ahead:x", "ahead:0", "keys:0", "loud"):
+    for bad in ("ahead:x", "ahead:0", "keys:0", "shout"):
         with pytest.raises(SystemExit, match="unknown mode"):
             parse_mode(bad)

@@ -109,8 +109,8 @@ def test_every_member_holding_the_same_deltas_builds_the_same_row_aggregate_and_
     assert one == other, "the order a member holds the deltas in changes nothing"
     agg = decode_row(one, row_spec(step.spec))
     assert [m.sender for m in agg.members] == senders and agg.delta.sender == "a-peer"
-    assert agg.tokens == sum(d.num_tokens for d in _deltas(step, senders)) and agg.delta.base == "ab" * 16 and len(one) <= row_message_limit(
-        row_spec(step.spec))
+    assert agg.tokens == sum(d.num_tokens for d in _deltas(step, senders)) and agg.delta.base == "ab" * 16
+    assert len(one) <= row_message_limit(row_spec(step.spec))
     # What it carries is the members' aggregate, compressed again: its direction is theirs.
     from locoswarm.optim.aggregate import aggregate, coverage
 

@@ -30,12 +30,12 @@ import random
 import shutil
 import sys
 import tempfile
-import zlib
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
+from locoswarm.bench.fake_peer import crafted, delta_layout
 from locoswarm.node.exchange import PROTOCOL, REQUEST_LEN
 from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
 from locoswarm.node.progress import PROTOCOL as PROGRESS_PROTOCOL, progress_frame
@@ -65,27 +65,6 @@ def frame(mode: str, rng: random.Random) -> bytes:
 CRAFTED = ("nan", "huge", "loud", "wrong_round", "replay", "inflated")
 
 
-def crafted(mode: str, round_: int, me: str, dspec, cfg) -> bytes:
-    """A well-formed delta of the default spec for `round_`, bad as `mode` says."""
-    import torch
-
-    from locoswarm.optim import ErrorFeedbackCompressor
-    from locoswarm.protocol import DeltaMessage, encode_delta
-
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{me}:{round_}".encode()))  # each identity its own noise
-    scale = {"huge": 5.0, "loud": 5e-2}.get(mode, 5e-3)  # honest deltas: about 5e-3 per entry after a round
-    comp = ErrorFeedbackCompressor(dspec.tensors, cfg, "cpu")
-    packed, _ = comp.compress([scale * torch.randn(t.shape, generator=gen) for t in dspec.tensors])
-    if mode == "nan":
-        first = packed[0]
-        packed[0] = type(first)(**{**{f: getattr(first, f) for f in first.__slots__},
-                                   "scales": b"\xc0\x7f" * (len(first.scales) // 2)})
-    msg = DeltaMessage(run_id=dspec.run_id, spec_hash=dspec.spec_hash,
-                       round=round_ + 7 if mode == "wrong_round" else round_, sender=me,
-                       num_tokens=dspec.max_tokens if mode == "inflated" else 2560, tensors=tuple(packed))
-    return encode_delta(msg)
-
-
 async def main(mode: str, addr: str, spec_path: str | None = None, first: str = "0") -> None:
     spec = load_spec(spec_path or None)
     rng = random.Random(mode)
@@ -99,14 +78,7 @@ async def main(mode: str, addr: str, spec_path: str | None = None, first: str = 
     if mode in CRAFTED:
         import torch
 
-        from locoswarm.workload.model import build_model
-        from locoswarm.workload.tokenizer import get_tokenizer
-        from locoswarm.optim import delta_spec
-
-        model = build_model(spec.model, get_tokenizer(spec.tokenizer).vocab_size, spec.data.seq_len, spec.seed)
-        named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-        dspec = delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec.hash(),
-                           max_tokens=64 * spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len)
+        dspec = delta_layout(spec)
         honest = PeerID.from_base58(addr.split("/p2p/")[1])
         served: dict[int, bytes] = {}
         """Round → the crafted frame answered for it."""
