@@ -169,8 +169,20 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
         if mode == "loud":
             layout = delta_layout(spec)
             plan = spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len
-            await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, functools.partial(
-                _answer, lambda r: crafted("loud", r, me, layout, spec.diloco.compression, tokens=plan)))
+            made: dict[int, bytes] = {}
+
+            def loud(round_: int) -> bytes:
+                """Each round's delta made once for every asker (it costs the machine the peers share)."""
+                if round_ not in made:
+                    made.clear()
+                    made[round_] = crafted("loud", round_, me, layout, spec.diloco.compression, tokens=plan)
+                return made[round_]
+
+            import torch
+
+            torch.set_num_threads(1)  # the peers' cores are the ones it shares
+            loud(0)  # torch's first compression takes seconds: done before it shows itself, as an attacker would
+            await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, functools.partial(_answer, loud))
         elif stall:
             await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, _not_yet)
         elif told_modes:
@@ -229,17 +241,13 @@ async def _not_yet(info, reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 async def _answer(delta: Callable[[int], bytes], info, reader: asyncio.StreamReader,
                   writer: asyncio.StreamWriter) -> None:
-    """Answer every delta request on the stream with `delta(round asked)` (b"": "not yet"),
-    each round's made once."""
+    """Answer every delta request on the stream with `delta(round asked)` (b"": "not yet")."""
     from locoswarm.node.exchange import REQUEST_LEN
 
-    made: dict[int, bytes] = {}
     try:
         while True:
-            round_ = int.from_bytes((await reader.readexactly(REQUEST_LEN))[:8], "big")
-            if round_ not in made:
-                made = {round_: delta(round_)}
-            writer.write(len(made[round_]).to_bytes(8, "big") + made[round_])
+            body = delta(int.from_bytes((await reader.readexactly(REQUEST_LEN))[:8], "big"))
+            writer.write(len(body).to_bytes(8, "big") + body)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
