@@ -19,6 +19,8 @@
 #            at 48 the rounds left after the clean phase took less than two restarts here);
 #   tree16:  16 CPU peers × 48 rounds with full rounds, then with tree rounds in rows of 4
 #            (issue 18 item 2: the same peers, seeds and rounds; loss, requests and bytes);
+#   loud:    3 peers × 48 rounds clean, then with 4 loud fake identities in the middle half
+#            (--fake-mode loud: issue 19's sybil group serving deltas ten times an honest one's);
 #   flood:   3 peers, 48 rounds, 3 identities flooding state requests in the middle half, with
 #            the default state upload budget (flood3) and without it (flood3-nobudget,
 #            LOCOSWARM_STATE_UPLOAD_MBIT=0): how much of the 2-core figures was the flooders
@@ -71,6 +73,9 @@ for part in "${parts[@]}"; do
             tests/test_faults.py -k "catches_up or failed_round" > "$out/catchup.log" 2>&1
         echo "catchup rc=$?" | tee -a "$out/summary.txt"; tail -3 "$out/catchup.log";;
     churn) swarm churn6 300 --peers 6 --rounds 160 --churn 10;;
+    loud)
+        swarm clean3x48 150 --peers 3 --rounds 48
+        swarm loud3x48 200 --peers 3 --rounds 48 --fakes 4 --fake-mode loud;;
     tree16)
         swarm full16x48 280 --peers 16 --rounds 48
         swarm tree16x48 280 --peers 16 --rounds 48 --row-size 4;;
