@@ -8,6 +8,9 @@ delta messages its last REPLAY_ROUNDS outer steps screened, as they came over th
 and serves them beside its state (node/statesync.py RoundLog, request kind ROUND_DELTAS).
 A peer catching up from outer step k to t:
 
+A tree round's step (node/tree.py) is kept and replayed as the rows' aggregates it took: the
+ledger before the step says, to the donor and the peer alike, whether the round was one.
+
 1. takes t and the round chain h_t that the swarm attests there (node/catchup.py: a majority
    of earned weight, as for a download), and from a donor showing h_t the manifest of its
    state at t (its digest and ledger);
@@ -38,6 +41,7 @@ from locoswarm.node.handover import StartFrom, offer_residual
 from locoswarm.node.chains import delta_content, round_chain
 from locoswarm.node.statedownload import ask, fetch_manifest, fetch_residual
 from locoswarm.node.statesync import ROUND_DELTAS
+from locoswarm.node.tree import RowsTaken, check_row, row_count, take_rows
 from locoswarm.optim.credit import Ledger
 from locoswarm.protocol import DecodedDelta, ProtocolError
 from locoswarm.protocol.state import Manifest, encode_state, state_digest
@@ -90,7 +94,8 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
         out.residual = await fetch_residual(p2p, donors, trainer.residual_spec, last, timeout_s)
         if out.residual is not None:
             out.nbytes += trainer.residual_spec.total_bytes
-    limit = trainer.step.spec.max_message_bytes + 2
+    # A tree round's step is its rows' aggregates, each a little larger than a delta (protocol/rows.py).
+    limit = (trainer.row_limit if trainer.spec.rounds.exchange == "tree" else trainer.step.spec.max_message_bytes) + 2
     for step in range(first, last):
         for peer in donors:
             try:
@@ -139,23 +144,44 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
     a message is malformed or a step keeps no delta."""
     ledger = Ledger(earn_rounds=trainer.ledger.earn_rounds, per_peer_tokens=trainer.ledger.per_peer_tokens,
                     credits=trainer.ledger.credits)
+    rounds = trainer.spec.rounds
     out = []
     for step, wires in enumerate(steps, start=first):
+        # The ledger before the step says what kind of round took it, as it said to the swarm.
+        rows = row_count(ledger, rounds.row_size) if rounds.exchange == "tree" else 1
         try:
-            decoded = [trainer.decode(w) for w in wires]
+            decoded = [trainer.decode_row(w) for w in wires] if rows > 1 else [trainer.decode(w) for w in wires]
         except ProtocolError as e:
-            raise ReplayRefused(f"a delta of outer step {step}: {e}") from e
+            raise ReplayRefused(f"a {'row aggregate' if rows > 1 else 'delta'} of outer step {step}: {e}") from e
         named = {d.round for d in decoded}
         if len(named) != 1:
-            raise ReplayRefused(f"the deltas of outer step {step} name rounds {sorted(named)}")
-        screened = trainer.step.screen(decoded, ledger, chain)
-        kept = trainer.step.kept(screened)
-        if not kept:
+            raise ReplayRefused(f"the messages of outer step {step} name rounds {sorted(named)}")
+        round_ = named.pop()
+        if rows > 1:
+            taken = _tree_step(trainer, decoded, round_, rows, chain, step)
+            deltas, earned, banned, entries = taken.deltas, taken.earned, taken.banned, taken.chain
+        else:
+            screened = trainer.step.screen(decoded, ledger, chain)
+            deltas, earned, banned = trainer.step.kept(screened), screened.earned, screened.banned
+            entries = [(d.sender, d.num_tokens, delta_content(d)) for d in deltas]
+        if not deltas:
             raise ReplayRefused(f"no delta of outer step {step} passes the screening")
-        chain = round_chain(chain, named.pop(), [(d.sender, d.num_tokens, delta_content(d)) for d in kept])
-        ledger.credit(screened.earned, screened.banned, step)
-        out.append(Step(kept, screened.earned, screened.banned))
+        chain = round_chain(chain, round_, entries)
+        ledger.credit(earned, banned, step)
+        out.append(Step(deltas, earned, banned))
     return chain, out
+
+
+def _tree_step(trainer: Trainer, aggregates: list, round_: int, rows: int, chain: str, step: int) -> RowsTaken:
+    """A tree round's step from its rows' aggregates (node/tree.py), checked and held to each
+    other as the round loop did; ReplayRefused naming a bad one."""
+    for agg in aggregates:
+        try:
+            check_row(agg, spec_hash=trainer.step.spec.spec_hash, round_=round_, row=agg.row, rows=rows, base=chain)
+        except ProtocolError as e:
+            raise ReplayRefused(f"row {agg.row}'s aggregate of outer step {step}: {e}") from e
+    held = trainer.step.screen([a.delta for a in aggregates], None, chain)
+    return take_rows(aggregates, held, trainer.step.kept(held))
 
 
 def take_steps(trainer: Trainer, steps: list[Step], manifest: Manifest,

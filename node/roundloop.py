@@ -68,7 +68,8 @@ class OuterStep:
     chain: list[tuple]
     """The entries of the round chain (node/chains.py round_chain)."""
     wires: list[bytes]
-    """The messages kept for peers catching up (node/replay.py); none of a tree round."""
+    """The messages kept for peers catching up (node/replay.py): the deltas a full round
+    screened, the rows' aggregates a tree round held to each other."""
     sampled: bool
     """Deltas left out on purpose (a fanout below the participants)."""
 
@@ -367,7 +368,8 @@ class RoundLoop:
         for note in held_to.notes:
             log.warning("round %d: rows: %s", r, note)
         return OuterStep(deltas=taken.deltas, earned=taken.earned, banned=taken.banned, shares=taken.shares,
-                         accepted=taken.accepted, chain=taken.chain, wires=[], sampled=False)
+                         accepted=taken.accepted, chain=taken.chain, wires=[a.wire for a in aggregates],
+                         sampled=False)
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

@@ -2,7 +2,8 @@
 ledger and the round; a row aggregate built alike by every member holding the same deltas,
 its message refused by name when bad; rows pulled from real p2pd peers past a bad, a
 silent and a dead member; and real daemons that switch to tree rounds once their ledger
-counts enough established peers, lose one to SIGKILL, and end on one consensus."""
+counts enough established peers, lose one to SIGKILL that catches up by the rows'
+aggregates when it comes back, and end on one consensus."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
-from harness import Swarm, assert_clean_exit, final, write_spec
+from harness import Swarm, assert_clean_exit, final, served_digests, wait_round, write_spec
 from locoswarm.node.spec import RoundPolicy, RunSpec
 from locoswarm.node.tree import RowExchange, ask_order, check_row, gather_rows, row_count, row_of, take_rows
 from locoswarm.optim.config import CompressionConfig, DiLoCoConfig
@@ -230,33 +231,44 @@ def test_rows_are_pulled_past_a_bad_a_silent_and_a_dead_member_and_a_row_nobody_
 @pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(400, method="signal")
-def test_daemons_switch_to_tree_rounds_lose_a_peer_to_sigkill_and_end_on_one_consensus(swarm: Swarm):
+def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_rows_aggregates(swarm: Swarm):
     """Four daemons, rows of 2: the first rounds are full (nobody is established); once
     the ledger counts four established peers every round is drawn into two rows. One peer is
-    SIGKILLed in a tree round; the survivors aggregate every live peer's delta through the
-    rows and end on one digest."""
+    SIGKILLed in a tree round; the survivors take every live peer's delta through the rows.
+    Restarted rounds later on its state directory, it resumes from its checkpoint and takes
+    the tree rounds it missed by their rows' aggregates (node/replay.py), not a download, and
+    all four end on one digest."""
     spec = write_spec(swarm.root / "tree.toml", earn_rounds=2, row_size=2)
-    num_rounds = 14
+    num_rounds = 16
     args = ("--min-peers", "4", "--max-rounds", str(num_rounds))
     a = swarm.join("a", *args, run=spec)
-    peers = [a] + [swarm.join(n, *args, peer=a, run=spec) for n in "bcd"]
-    victim, survivors = peers[3], peers[:3]
-    victim.wait_event("round", 240, lambda e: e["round"] >= 5 and e["rows"] == 2)
-    victim.proc.send_signal(signal.SIGKILL)
-    for p in survivors:
+    peers = [a] + [swarm.join(n, *args, peer=a, run=spec) for n in "bc"]
+    d = swarm.join("d", *args, "--checkpoint-every", "1", peer=a, run=spec)
+    d.wait_event("round", 240, lambda e: e["round"] >= 5 and e["rows"] == 2)
+    d.proc.send_signal(signal.SIGKILL)
+    d.wait_exit(30)
+    killed_at = max(e["round"] for e in d.events("round"))
+    wait_round(a, killed_at + 3, 120)
+    d = swarm.join("d", "--until-round", str(num_rounds), "--checkpoint-every", "1", peer=a, run=spec)
+    resumed = d.wait_event("resumed", 60)["round"]
+    caught = d.wait_event("caught_up", 90)
+    assert caught["start"] == resumed and caught["round"] >= resumed + 2, (resumed, caught, d.tail())
+    assert caught["digest"] in served_digests(peers, caught["round"]), d.tail()
+    for p in peers + [d]:
         assert_clean_exit(p, p.wait_exit(300))
-    events = {p.name: p.events("round") for p in survivors}
+    assert not d.events("synced"), f"d downloaded a state\n{d.tail()}"
+    events = {p.name: p.events("round") for p in peers}
     table = "\n".join(f"{n}: {[(e['round'], e['deltas'], e['participants'], e['rows']) for e in ev]}"
                       for n, ev in events.items())
     for ev in events.values():
         assert [e["round"] for e in ev] == list(range(num_rounds)), table
         assert ev[0]["rows"] == 1, f"no peer is established in round 0: a full round\n{table}"
         tree = [e for e in ev if e["rows"] == 2]
-        assert len(tree) >= 8, f"tree rounds once four peers are established\n{table}"
-        # Through the rows every live peer's delta is in the step; a tree round pulls at
-        # most the row's deltas and one aggregate a row.
-        assert sum(e["deltas"] == 4 for e in tree) >= 3 and tree[-1]["deltas"] == 3, table
-    digests = {final(p)[2] for p in survivors}
-    assert len(digests) == 1, f"the survivors' consensus digests differ\n{table}"
+        assert len(tree) >= 10, f"tree rounds once four peers are established\n{table}"
+        # Through the rows the live peers' deltas are in the step, more than one row holds: a
+        # round that missed a row (a member that served it too late under load) may pass.
+        assert sum(e["deltas"] >= 3 for e in tree) >= len(tree) - 2 and any(e["deltas"] == 4 for e in tree), table
+    digests = {final(p)[2] for p in peers + [d]}
+    assert len(digests) == 1, f"consensus digests differ\n{table}\nd: {d.events('round')}"
     first_eval, final_eval = events["a"][0]["eval_loss"], final(a)[1]
     assert final_eval < first_eval - 0.3, (first_eval, final_eval)
