@@ -31,8 +31,8 @@ chains and heal as after any silent split (node/lineage.py).
 
 What a tree round gives up, stated where it is decided: a row's header is its server's word
 (a row whose members are mostly sybils may claim credit for them, bounded by the tokens and
-the norm of the median row); a failed check is told to the row of the sender's next round only, so exclusions
-need a majority of that row's established weight.
+the norm of the median row); a failed check is told to the row of the sender's next round
+only, so exclusions need a majority of that row's established weight.
 """
 
 from __future__ import annotations
