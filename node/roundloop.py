@@ -232,8 +232,9 @@ class RoundLoop:
         # leave it out (optim/screen.py), and it tells what our checks judge.
         base = ctx.lineage.chains.get(trainer.outer_steps, "")
         held = trainer.holds == r
+        # A tree round's rows (node/tree.py), drawn from the ledger of the state the round
+        # starts from, as every peer on its lineage draws them; 1: a full round.
         rows = row_count(trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
-        """A tree round's rows (node/tree.py); 1: a full round."""
         mine = row_of(ctx.spec_hash, r, ctx.peer_id, rows)
         if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
             log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
