@@ -155,7 +155,8 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
             raise ReplayRefused(f"a {'row aggregate' if rows > 1 else 'delta'} of outer step {step}: {e}") from e
         named = {d.round for d in decoded}
         if len(named) != 1:
-            raise ReplayRefused(f"the messages of outer step {step} name rounds {sorted(named)}")
+            what = "row aggregates" if rows > 1 else "deltas"
+            raise ReplayRefused(f"the {what} of outer step {step} name rounds {sorted(named)}")
         round_ = named.pop()
         if rows > 1:
             taken = _tree_step(trainer, decoded, round_, rows, chain, step)
