@@ -205,3 +205,28 @@ def test_the_launchd_plist_runs_the_venv_install_in_the_background():
     assert plist["ProcessType"] == "Background" and plist["Nice"] == 19
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
     assert plist["ThrottleInterval"] == int(unit_service()["RestartSec"])
+
+
+def test_the_windows_task_runs_the_wsl_venv_install_at_logon_below_normal_priority_after_the_settings_check():
+    """deploy/locoswarm-wsl-task.xml: Task Scheduler's schema's elements where Windows reads
+    them, the command WSL runs (the venv of deploy/README.md section 1, `config check
+    --require-peers` first, as the systemd unit's ExecCondition), no time limit."""
+    import shlex
+    import xml.etree.ElementTree as ET
+
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    task = ET.parse(os.path.join(DEPLOY, "locoswarm-wsl-task.xml")).getroot()
+    assert task.tag == f"{{{ns['t']}}}Task" and task.get("version") == "1.2"
+    assert task.find("t:Triggers/t:LogonTrigger/t:Enabled", ns).text == "true"
+    settings = task.find("t:Settings", ns)
+    assert settings.find("t:ExecutionTimeLimit", ns).text == "PT0S"
+    assert int(settings.find("t:Priority", ns).text) >= 7, "below normal, or lower"
+    assert settings.find("t:MultipleInstancesPolicy", ns).text == "IgnoreNew"
+    assert task.find("t:Principals/t:Principal/t:RunLevel", ns).text == "LeastPrivilege"
+    assert task.find("t:Actions/t:Exec/t:Command", ns).text == "wsl.exe"
+    argv = shlex.split(task.find("t:Actions/t:Exec/t:Arguments", ns).text)
+    assert argv[:3] == ["--exec", "bash", "-lc"] and len(argv) == 4
+    check, join = argv[3].split(" && ")
+    venv = "~/.local/share/locoswarm/venv/bin/locoswarm"
+    assert shlex.split(check) == [venv, "config", "check", "--require-peers"]
+    assert shlex.split(join) == ["exec", venv, "node", "join"]
