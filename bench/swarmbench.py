@@ -138,7 +138,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         # The round's shape, for bench scale --validate: a count is told once a step.
         "inner_steps": spec.diloco.inner_steps, "batch_size": spec.batch_size, "seq_len": spec.data.seq_len,
         "overlap": spec.rounds.overlap, "earn_rounds": spec.diloco.robust.earn_rounds,
-        "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds),
+        # Of full rounds: a tree round's participants are its row's, its deltas every row's.
+        "deltas_missing": sum(x.participants - x.deltas for p in peers for x in p.rounds if x.rows == 1),
         # Checked contributions (optim/check.py): how close the honest deltas came to failing,
         # and what the checks cost (on the exchange thread; with overlap, beside training).
         "least_agreement": min((x.least_agreement for p in peers for x in p.rounds if x.least_agreement is not None),

@@ -148,6 +148,13 @@ class Membership:
             del self._heard[min(self._heard, key=lambda p: self._heard[p][2])]
         self._merge()
 
+    def live(self, round_: int) -> set[str]:
+        """The peers of every record in view that is not paused nor gone, and whose record
+        is not past `round_` by more than 2: whom a tree round may ask for a row's aggregate
+        (node/tree.py)."""
+        return {r.peer_id for r in self.records
+                if not r.paused and r.peer_id not in self._gone and r.round <= round_ + 2}
+
     def is_gone(self, peer: str) -> bool:
         """Whether `peer` is out of the view because its progress streams fail (`gone`)."""
         return peer in self._gone

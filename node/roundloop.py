@@ -194,14 +194,15 @@ class RoundLoop:
         round_ = trainer.round
         held = trainer.holds == round_  # joined late: the peers that took part may be past it (Membership.candidates)
         self._started[round_] = t0
+        ours = self._row_filter(round_)
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=self.carry,
                                  expected=lambda: {peer for peer in ctx.membership.expected(round_)
-                                                   if not trainer.ledger.banned(peer)},
+                                                   if not trainer.ledger.banned(peer) and ours(peer)},
                                  candidates=lambda: {peer for peer in ctx.membership.candidates(round_, late=held) if
                                                      ctx.progress.reachable(peer) and not trainer.ledger.banned(peer)},
-                                 told=lambda: ctx.membership.told(round_),
+                                 told=lambda: {peer for peer in ctx.membership.told(round_) if ours(peer)},
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
                                  trusted=trainer.ledger.established, excluded=trainer.ledger.banned)
         ctx.stats.state = "training"
@@ -221,6 +222,21 @@ class RoundLoop:
         train.result()
         progress.train_s = time.perf_counter() - t0
         return progress
+
+    def _row_filter(self, round_: int) -> Callable[[str], bool]:
+        """Whether a peer is told our progress in `round_` and counted in its target: in a
+        tree round (node/tree.py), the peers of our row as the outer state we hold draws
+        them; in a full round, every peer. A row ends its round when its own peers' tokens
+        reach their share, as a full round does with all of them, and a peer's progress
+        messages go to its row, not to every peer in view. (With overlap the ledger may be a
+        step behind the one the round's exchange draws with: where the rows' count changes
+        between them, the row's pull probes the peers it was not told of, as it probes any.)"""
+        ctx = self.ctx
+        rows = row_count(ctx.trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
+        if rows == 1:
+            return lambda peer: True
+        mine = row_of(ctx.spec_hash, round_, ctx.peer_id, rows)
+        return lambda peer: row_of(ctx.spec_hash, round_, peer, rows) == mine
 
     async def _exchange(self, progress: RoundProgress, work: RoundWork, overlap: bool) -> None:
         ctx, trainer, r = self.ctx, self.ctx.trainer, work.round
@@ -344,7 +360,11 @@ class RoundLoop:
                 ctx.rows.server.give_up(r)
 
         def members() -> dict[int, list[str]]:
-            seen = (set(progress.participants()) | set(progress.expected())) - progress.withdrawn() - {ctx.peer_id}
+            # Other rows' peers tell us nothing: every live record in view names a member
+            # to ask, whatever round it shows (the registry's may be rounds old); one not
+            # in the round answers "never" or "not yet", a dead one refuses the dial.
+            seen = ((set(progress.participants()) | set(progress.expected()) | ctx.membership.live(r))
+                    - progress.withdrawn() - {ctx.peer_id})
             out: dict[int, list[str]] = {}
             for peer in seen:
                 row = row_of(ctx.spec_hash, r, peer, rows)
