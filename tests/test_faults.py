@@ -30,7 +30,8 @@ ATTACK_MARGIN = 0.20
 """Under five malicious peers the honest loss may exceed the clean run's by this fraction:
 two of them send noise that is clipped to the median norm but still averaged in; measured
 +6.6 %, +7.3 % and +14 % over three runs."""
-ROUNDS = 6
+ROUNDS = daemon.CLEAN_ROUNDS
+"""Rounds of each case that compares its loss with the clean run's: as many as it has."""
 
 
 @pytest.fixture
@@ -50,16 +51,10 @@ def zlib_seed(text: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def clean_eval_loss(tmp_path_factory) -> float:
-    """Final eval loss of three peers on loopback, no faults: the reference."""
-    swarm = daemon.Swarm(tmp_path_factory.mktemp("clean"))
-    try:
-        peers = daemon.three_peers(swarm, "--max-rounds", str(ROUNDS))
-        for p in peers:
-            daemon.assert_clean_exit(p, p.wait_exit(200))
-        return mean_eval(peers)
-    finally:
-        swarm.reap()
+def clean_eval_loss(clean_three_peers) -> float:
+    """Final eval loss of three peers on loopback, no faults (the suite's clean run,
+    conftest.py, which test_daemon.py checks): the reference."""
+    return mean_eval(clean_three_peers[1])
 
 
 def assert_checkpoints_load(swarm, names, spec_hash: bytes | None = None) -> None:
@@ -175,7 +170,7 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     loss = sum(last_eval(p) for p in (a, b, c)) / 3
     print(f"c took the swarm's state {back_s:.1f} s after the heal; a's first round of 3/3 after it: {whole[0]}")
     print(f"a's rounds {seen}; c aggregated {len(alone)} rounds alone, then took round {synced}'s state; "
-          f"mean last eval {loss:.4f} after {len(seen)} rounds, clean run (6 rounds) {clean_eval_loss:.4f}")
+          f"mean last eval {loss:.4f} after {len(seen)} rounds, clean run ({ROUNDS} rounds) {clean_eval_loss:.4f}")
     assert loss <= (1 + LOSS_MARGIN) * clean_eval_loss  # more rounds than the clean run: lower is expected
     from locoswarm.node.spec import load_spec
 
