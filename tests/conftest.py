@@ -123,6 +123,24 @@ def encoded_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return lengths
 
 
+@pytest.fixture(scope="session")
+def clean_three_peers(tmp_path_factory):
+    """Three daemons on loopback, the default run spec, no fault, harness.CLEAN_ROUNDS rounds,
+    all exited: `(swarm, [a, b, c])`, their events, logs and final models still readable.
+    One run for the session: test_daemon.py checks what it did and test_faults.py takes its
+    loss as the clean reference (each started its own, identical to the other's)."""
+    from harness import CLEAN_ROUNDS, Swarm, assert_clean_exit, three_peers
+
+    s = Swarm(tmp_path_factory.mktemp("clean"))
+    try:
+        peers = three_peers(s, "--max-rounds", str(CLEAN_ROUNDS))
+        for p in peers:
+            assert_clean_exit(p, p.wait_exit(150))
+        return s, peers
+    finally:
+        s.reap()
+
+
 @pytest.fixture
 def swarm(tmp_path):
     """The daemons one test starts (harness.Swarm), all reaped at its end; the last lines of

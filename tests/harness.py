@@ -25,6 +25,9 @@ from locoswarm.node.control import STATUS_SCHEMA
 from locoswarm.node.events import EventTail
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
+CLEAN_ROUNDS = 6
+"""Rounds of the suite's one clean run of three peers (conftest.py `clean_three_peers`):
+test_daemon.py checks it and test_faults.py compares its faulty runs, of this length, to it."""
 EVIL_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "evil_delta.py")
 FAULTY_SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "faulty_node.py")
 class Child:
