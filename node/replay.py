@@ -41,7 +41,8 @@ from locoswarm.node.handover import StartFrom, offer_residual
 from locoswarm.node.chains import delta_content, round_chain
 from locoswarm.node.statedownload import ask, fetch_manifest, fetch_residual
 from locoswarm.node.statesync import ROUND_DELTAS
-from locoswarm.node.tree import RowsTaken, check_row, row_count, take_rows
+from locoswarm.node.roundcontext import OuterStep
+from locoswarm.node.tree import check_row, row_count, take_rows
 from locoswarm.optim.credit import Ledger
 from locoswarm.protocol import DecodedDelta, ProtocolError
 from locoswarm.protocol.state import Manifest, encode_state, state_digest
@@ -159,7 +160,7 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
             raise ReplayRefused(f"the {what} of outer step {step} name rounds {sorted(named)}")
         round_ = named.pop()
         if rows > 1:
-            taken = _tree_step(trainer, decoded, round_, rows, chain, step)
+            taken, _ = _tree_step(trainer, decoded, round_, rows, chain, step)
             deltas, earned, banned, entries = taken.deltas, taken.earned, taken.banned, taken.chain
         else:
             screened = trainer.step.screen(decoded, ledger, chain)
@@ -173,7 +174,8 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
     return chain, out
 
 
-def _tree_step(trainer: Trainer, aggregates: list, round_: int, rows: int, chain: str, step: int) -> RowsTaken:
+def _tree_step(trainer: Trainer, aggregates: list, round_: int, rows: int, chain: str, step: int
+               ) -> tuple[OuterStep, dict[int, str]]:
     """A tree round's step from its rows' aggregates (node/tree.py), checked and held to each
     other as the round loop did; ReplayRefused naming a bad one."""
     for agg in aggregates:

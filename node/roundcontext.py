@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from locoswarm.node.streams import KeptStreams
     from locoswarm.node.threads import Pools
     from locoswarm.node.trainer import RoundWork, Trainer
+    from locoswarm.protocol import DecodedDelta
     from locoswarm.node.tree import RowExchange
 
 
@@ -47,6 +48,28 @@ class RoundFaults:
         """Whether a received delta is kept: False drops it as if its request had timed
         out. `others`: the peers this one expects in the round, by peer id."""
         return True
+
+
+@dataclass(slots=True)
+class OuterStep:
+    """What a round's outer step takes and what it leaves on record: of a full round, the
+    screened deltas; of a tree round (node/tree.py), the rows' aggregates."""
+
+    deltas: list[DecodedDelta]
+    earned: dict[str, int]
+    """Credits for the ledger (Screened.earned)."""
+    banned: tuple[str, ...]
+    shares: int
+    """Peers' worth of planned work the step stands for (RoundStep.carry)."""
+    accepted: dict[str, int]
+    """sender → tokens its delta was weighted by: the dashboard's contributions."""
+    chain: list[tuple]
+    """The entries of the round chain (node/chains.py round_chain)."""
+    wires: list[bytes]
+    """The messages kept for peers catching up (node/replay.py): the deltas a full round
+    screened, the rows' aggregates a tree round held to each other."""
+    sampled: bool
+    """Deltas left out on purpose (a fanout below the participants)."""
 
 
 @dataclass(slots=True)

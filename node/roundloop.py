@@ -22,7 +22,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from safetensors import SafetensorError
@@ -34,7 +33,7 @@ from locoswarm.node.host import NodeError
 from locoswarm.node.lifecycle import unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
-from locoswarm.node.roundcontext import RoundContext
+from locoswarm.node.roundcontext import OuterStep, RoundContext
 from locoswarm.node.rounds import RoundProgress
 from locoswarm.node.tree import ask_order, check_row, gather_rows, row_count, row_of, take_rows
 from locoswarm.optim.check import SCALE, failing
@@ -50,28 +49,6 @@ FINAL_MODEL = "final-model.safetensors"
 """Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 MAX_FAILED_IN_A_ROW = 3
 """Rounds that may fail one after another before the node gives up."""
-
-
-@dataclass(slots=True)
-class OuterStep:
-    """What a round's outer step takes and what it leaves on record: of a full round, the
-    screened deltas; of a tree round (node/tree.py), the rows' aggregates."""
-
-    deltas: list[DecodedDelta]
-    earned: dict[str, int]
-    """Credits for the ledger (Screened.earned)."""
-    banned: tuple[str, ...]
-    shares: int
-    """Peers' worth of planned work the step stands for (RoundStep.carry)."""
-    accepted: dict[str, int]
-    """sender → tokens its delta was weighted by: the dashboard's contributions."""
-    chain: list[tuple]
-    """The entries of the round chain (node/chains.py round_chain)."""
-    wires: list[bytes]
-    """The messages kept for peers catching up (node/replay.py): the deltas a full round
-    screened, the rows' aggregates a tree round held to each other."""
-    sampled: bool
-    """Deltas left out on purpose (a fanout below the participants)."""
 
 
 class RoundLoop:
@@ -383,14 +360,12 @@ class RoundLoop:
             log.warning("round %d: no aggregate of row %d: %s", r, row, why)
         aggregates = sorted(([own] if own is not None else []) + list(got.rows.values()), key=lambda a: a.row)
         held_to = await run(trainer.step.screen, [a.delta for a in aggregates], None, base)
-        taken = take_rows(aggregates, held_to, trainer.step.kept(held_to))
-        for row, why in sorted(taken.refused.items()):
+        step, refused = take_rows(aggregates, held_to, trainer.step.kept(held_to))
+        for row, why in sorted(refused.items()):
             log.warning("round %d: aggregate of row %d refused: %s", r, row, why)
         for note in held_to.notes:
             log.warning("round %d: rows: %s", r, note)
-        return OuterStep(deltas=taken.deltas, earned=taken.earned, banned=taken.banned, shares=taken.shares,
-                         accepted=taken.accepted, chain=taken.chain, wires=[a.wire for a in aggregates],
-                         sampled=False)
+        return step
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

@@ -51,6 +51,7 @@ from hivemind.p2p import P2P, PeerID
 from locoswarm.node.chains import delta_content
 from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
 from locoswarm.node.pull import LOST_CHECK_S, RETRY_S, dial_refused
+from locoswarm.node.roundcontext import OuterStep
 from locoswarm.node.streams import KeptStreams
 from locoswarm.optim.credit import Ledger
 from locoswarm.optim.screen import Screened
@@ -104,37 +105,23 @@ def check_row(agg: RowAggregate, *, spec_hash: bytes, round_: int, row: int, row
                                f"ours {base[:12]}…)")
 
 
-@dataclass(slots=True)
-class RowsTaken:
-    """What a tree round's outer step takes from the rows' aggregates, held to each other."""
-
-    deltas: list[DecodedDelta]
-    """The kept rows' deltas, clipped and capped."""
-    earned: dict[str, int]
-    """member → its credit, scaled as its row's aggregate was."""
-    banned: tuple[str, ...]
-    shares: int
-    accepted: dict[str, int]
-    """member → the tokens its delta was weighted by in its row."""
-    chain: list[tuple]
-    """The round chain's entries (node/chains.py): every member's (sender, tokens, content)
-    and each row's as (row label, tokens, content), so that two recompressions of one row's
-    deltas do not pass as one state."""
-    refused: dict[int, str] = field(default_factory=dict)
-    """row → why its aggregate was left out."""
-
-
-def take_rows(aggregates: list[RowAggregate], screened: Screened, kept: list[DecodedDelta]) -> RowsTaken:
-    """The step of the rows' `aggregates` once their deltas are `screened` against each
-    other (optim/screen.py with no ledger: a row has no earned weight of its own, so the
-    median row's norm and token claim bound the others, from MIN_FOR_MEDIAN rows on) and
-    `kept` (RoundStep.kept of it). A row refused there is left out, members and all; a
-    clipped or capped row's members are credited in proportion."""
+def take_rows(aggregates: list[RowAggregate], screened: Screened, kept: list[DecodedDelta]
+              ) -> tuple[OuterStep, dict[int, str]]:
+    """The outer step of the rows' `aggregates` once their deltas are `screened` against
+    each other (optim/screen.py with no ledger: a row has no earned weight of its own, so
+    the median row's norm and token claim bound the others, from MIN_FOR_MEDIAN rows on) and
+    `kept` (RoundStep.kept of it), and row → why it was refused. A row refused there is left
+    out, members and all; a clipped or capped row's members are credited in proportion. The
+    round chain's entries are every member's (sender, tokens, content) and each row's as
+    (row label, tokens, content), so that two recompressions of one row's deltas do not pass
+    as one state; the messages kept for peers catching up are all the `aggregates`, which
+    they hold to each other again."""
     by_sender = {a.delta.sender: a for a in aggregates}
     refused = {by_sender[r.sender].row: r.reason for r in screened.rejected if r.sender in by_sender}
     taken = [by_sender[d.sender] for d in kept]
-    out = RowsTaken(deltas=kept, earned={}, banned=tuple(sorted({p for a in taken for p in a.banned})),
-                    shares=sum(a.shares for a in taken), accepted={}, chain=[], refused=refused)
+    out = OuterStep(deltas=kept, earned={}, banned=tuple(sorted({p for a in taken for p in a.banned})),
+                    shares=sum(a.shares for a in taken), accepted={}, chain=[], wires=[a.wire for a in aggregates],
+                    sampled=False)
     for agg, delta in zip(taken, kept):
         factor = min(1.0, screened.scales[delta.sender]) * delta.num_tokens / max(1, agg.delta.num_tokens)
         for m in agg.members:
@@ -142,7 +129,7 @@ def take_rows(aggregates: list[RowAggregate], screened: Screened, kept: list[Dec
             out.accepted[m.sender] = m.tokens
             out.chain.append((m.sender, m.tokens, m.content))
         out.chain.append((f"~row {agg.row}", delta.num_tokens, delta_content(delta)))
-    return out
+    return out, refused
 
 
 class RowExchange:

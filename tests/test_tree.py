@@ -128,7 +128,7 @@ def test_the_rows_are_held_to_the_median_row_and_a_loud_rows_members_earn_in_pro
     rows = [decode_row(_row(step, senders, row=k, rows=3, scale=10.0 if k == 2 else 1.0), row_spec(step.spec))
             for k, senders in enumerate((["a1", "a2"], ["b1", "b2"], ["c1", "c2"]))]
     screened = step.screen([a.delta for a in rows], None, "")
-    taken = take_rows(rows, screened, step.kept(screened))
+    taken, refused = take_rows(rows, screened, step.kept(screened))
     from locoswarm.optim.screen import delta_norm
 
     norms = [delta_norm(d) for d in taken.deltas]
@@ -137,7 +137,8 @@ def test_the_rows_are_held_to_the_median_row_and_a_loud_rows_members_earn_in_pro
     loud = rows[2].members[0]
     assert 0 < taken.earned["c1"] < loud.earned / 5 and taken.earned["a1"] == rows[0].members[0].earned
     assert [e[0] for e in taken.chain if e[0].startswith("~row")] == ["~row 0", "~row 1", "~row 2"]
-    assert taken.shares == 6 and set(taken.accepted) == {"a1", "a2", "b1", "b2", "c1", "c2"} and not taken.refused
+    assert taken.shares == 6 and set(taken.accepted) == {"a1", "a2", "b1", "b2", "c1", "c2"} and not refused
+    assert taken.wires == [a.wire for a in rows] and not taken.sampled
 
 
 @pytest.mark.parametrize(("tamper", "message"), [
