@@ -240,7 +240,7 @@ def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_ro
     the tree rounds it missed by their rows' aggregates (node/replay.py), not a download, and
     all four end on one digest."""
     spec = write_spec(swarm.root / "tree.toml", earn_rounds=2, row_size=2)
-    num_rounds = 16
+    num_rounds = 22  # d restarts about round 10 on 2 cores, and must train rounds with the others after it catches up
     args = ("--min-peers", "4", "--max-rounds", str(num_rounds))
     a = swarm.join("a", *args, run=spec)
     peers = [a] + [swarm.join(n, *args, peer=a, run=spec) for n in "bc"]
@@ -255,6 +255,8 @@ def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_ro
     caught = d.wait_event("caught_up", 90)
     assert caught["start"] == resumed and caught["round"] >= resumed + 2, (resumed, caught, d.tail())
     assert caught["digest"] in served_digests(peers, caught["round"]), d.tail()
+    # Back in the rows: a tree round with every peer's delta, its own among them.
+    d.wait_event("round", 120, lambda e: e["deltas"] == 4 and e["rows"] == 2)
     for p in peers + [d]:
         assert_clean_exit(p, p.wait_exit(300))
     assert not d.events("synced"), f"d downloaded a state\n{d.tail()}"
@@ -265,7 +267,7 @@ def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_ro
         assert [e["round"] for e in ev] == list(range(num_rounds)), table
         assert ev[0]["rows"] == 1, f"no peer is established in round 0: a full round\n{table}"
         tree = [e for e in ev if e["rows"] == 2]
-        assert len(tree) >= 10, f"tree rounds once four peers are established\n{table}"
+        assert len(tree) >= 16, f"tree rounds once four peers are established\n{table}"
         # Through the rows the live peers' deltas are in the step, more than one row holds: a
         # round that missed a row (a member that served it too late under load) may pass.
         assert sum(e["deltas"] >= 3 for e in tree) >= len(tree) - 2 and any(e["deltas"] == 4 for e in tree), table
