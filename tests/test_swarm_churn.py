@@ -168,7 +168,7 @@ def test_bench_swarm_refuses_fakes_with_churn_or_too_few_rounds_without_starting
                      (("--churn", "5", "--fakes", "1"), "one disturbance"), (("--flood", "-1"), "--flood"),
                      (("--fakes", "1", "--flood", "1"), "one disturbance"),
                      (("--rounds", "4", "--flood", "1"), "--rounds"),
-                     (("--fakes", "1", "--fake-mode", "loud"), "--fake-mode")))
+                     (("--fakes", "1", "--fake-mode", "shout"), "--fake-mode")))
 
 
 @pytest.mark.slow

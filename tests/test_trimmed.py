@@ -109,6 +109,7 @@ def test_a_trim_out_of_range_is_refused_naming_the_field_and_the_default_keeps_t
     body.pop("access")
     body.pop("trust")
     del body["diloco"]["robust"]["trim"]  # the spec as it was before the setting existed
+    del body["rounds"]["exchange"], body["rounds"]["row_size"]  # and before tree rounds
     before = hashlib.sha256(json.dumps({"spec_version": SPEC_VERSION, **body}, sort_keys=True,
                                        separators=(",", ":")).encode()).digest()
     assert spec.hash() == before
