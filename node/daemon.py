@@ -11,6 +11,7 @@ record, the control API; torch work runs on the training and exchange threads
 | roundcontext.py | what the daemon wires into the round loop: its collaborators, the node's figures, the fault hooks |
 | rounds.py | a round's progress in the DHT, its end and participants |
 | pull.py | the delta pull from a round's participants |
+| tree.py, treeround.py | tree rounds: rows, their aggregates and their pull; a tree round in the round loop |
 | membership.py | who is live, who should train a round, who vanished or is gone |
 | ownrecord.py | the record this peer shows of itself, and its sequence number |
 | upkeep.py | the registry refresh loop, and dialing back the peers that vanished or are gone |

@@ -35,11 +35,9 @@ from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
 from locoswarm.node.roundcontext import OuterStep, RoundContext
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.node.tree import ask_order, check_row, gather_rows, row_count, row_of, take_rows
+from locoswarm.node.tree import row_of
+from locoswarm.node.treeround import drawn, row_filter, tree_step
 from locoswarm.optim.check import SCALE, failing
-from locoswarm.optim.screen import Screened
-from locoswarm.protocol import DecodedDelta
-from locoswarm.protocol.rows import RowAggregate
 
 if TYPE_CHECKING:
     from locoswarm.node.trainer import RoundWork
@@ -171,7 +169,7 @@ class RoundLoop:
         round_ = trainer.round
         held = trainer.holds == round_  # joined late: the peers that took part may be past it (Membership.candidates)
         self._started[round_] = t0
-        ours = self._row_filter(round_)
+        ours = row_filter(ctx, round_)
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=self.carry,
@@ -200,21 +198,6 @@ class RoundLoop:
         progress.train_s = time.perf_counter() - t0
         return progress
 
-    def _row_filter(self, round_: int) -> Callable[[str], bool]:
-        """Whether a peer is told our progress in `round_` and counted in its target: in a
-        tree round (node/tree.py), the peers of our row as the outer state we hold draws
-        them; in a full round, every peer. A row ends its round when its own peers' tokens
-        reach their share, as a full round does with all of them, and a peer's progress
-        messages go to its row, not to every peer in view. (With overlap the ledger may be a
-        step behind the one the round's exchange draws with: where the rows' count changes
-        between them, the row's pull probes the peers it was not told of, as it probes any.)"""
-        ctx = self.ctx
-        rows = row_count(ctx.trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
-        if rows == 1:
-            return lambda peer: True
-        mine = row_of(ctx.spec_hash, round_, ctx.peer_id, rows)
-        return lambda peer: row_of(ctx.spec_hash, round_, peer, rows) == mine
-
     async def _exchange(self, progress: RoundProgress, work: RoundWork, overlap: bool) -> None:
         ctx, trainer, r = self.ctx, self.ctx.trainer, work.round
         run = ctx.pools.exchange_compute(overlap)
@@ -225,10 +208,9 @@ class RoundLoop:
         # leave it out (optim/screen.py), and it tells what our checks judge.
         base = ctx.lineage.chains.get(trainer.outer_steps, "")
         held = trainer.holds == r
-        # A tree round's rows (node/tree.py), drawn from the ledger of the state the round
-        # starts from, as every peer on its lineage draws them; 1: a full round.
-        rows = row_count(trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
-        mine = row_of(ctx.spec_hash, r, ctx.peer_id, rows)
+        # A tree round's rows, drawn from the ledger of the state the round starts from, as
+        # every peer on its lineage draws them; 1: a full round.
+        rows, mine = drawn(ctx, r)
         if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
             log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
             self._withdraw(progress, r)
@@ -275,7 +257,7 @@ class RoundLoop:
         kept = trainer.step.kept(screened)
         participants = progress.participants()
         if rows > 1:
-            step = await self._rows(run, progress, r, rows, mine, base, kept, screened)
+            step = await tree_step(ctx, run, progress, r, rows, mine, base, kept, screened)
         else:
             # A round that pulled a sample of the participants (fanout below their number)
             # left deltas out on purpose (lineage.py says what that does to the chain).
@@ -318,54 +300,6 @@ class RoundLoop:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows)
-
-    async def _rows(self, run, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
-                    kept: list[DecodedDelta], screened: Screened) -> OuterStep:
-        """A tree round's second half (node/tree.py): serve our row's aggregate of its `kept`
-        deltas (none when we hold ours and took no other: the row's other members serve it),
-        pull every other row's, and say what the outer step takes."""
-        ctx, trainer = self.ctx, self.ctx.trainer
-        own: RowAggregate | None = None
-        try:
-            if kept and any(d.sender == ctx.peer_id for d in kept):
-                blob = await run(functools.partial(trainer.build_row, kept, screened, round_=r, row=mine, rows=rows,
-                                                   base=base))
-                ctx.rows.server.publish(r, blob)
-                own = await run(trainer.decode_row, blob)
-        finally:
-            if own is None:
-                ctx.rows.server.give_up(r)
-
-        def members() -> dict[int, list[str]]:
-            # Other rows' peers tell us nothing: every live record in view names a member
-            # to ask, whatever round it shows (the registry's may be rounds old); one not
-            # in the round answers "never" or "not yet", a dead one refuses the dial.
-            seen = ((set(progress.participants()) | set(progress.expected()) | ctx.membership.live(r))
-                    - progress.withdrawn() - {ctx.peer_id})
-            out: dict[int, list[str]] = {}
-            for peer in seen:
-                row = row_of(ctx.spec_hash, r, peer, rows)
-                if not (row == mine and own is not None) and not trainer.ledger.banned(peer):
-                    out.setdefault(row, []).append(peer)
-            return out
-
-        got = await gather_rows(ctx.rows.streams, r, members, decode=trainer.decode_row,
-                                check=lambda agg, row: check_row(agg, spec_hash=ctx.spec_hash, round_=r, row=row,
-                                                                 rows=rows, base=base),
-                                limit=trainer.row_limit, deadline_s=ctx.spec.rounds.deadline_s,
-                                order=lambda peers: ask_order(ctx.spec_hash, r, ctx.peer_id, peers))
-        ctx.stats.bytes_received += got.bytes_received
-        ctx.stats.delta_requests += got.requests
-        for row, why in sorted(got.failed.items()):
-            log.warning("round %d: no aggregate of row %d: %s", r, row, why)
-        aggregates = sorted(([own] if own is not None else []) + list(got.rows.values()), key=lambda a: a.row)
-        held_to = await run(trainer.step.screen, [a.delta for a in aggregates], None, base)
-        step, refused = take_rows(aggregates, held_to, trainer.step.kept(held_to))
-        for row, why in sorted(refused.items()):
-            log.warning("round %d: aggregate of row %d refused: %s", r, row, why)
-        for note in held_to.notes:
-            log.warning("round %d: rows: %s", r, note)
-        return step
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

@@ -11,7 +11,7 @@ first rounds, a small swarm) a round is a full round as before.
 
 In a round of R > 1 rows a peer
 0. tells its progress to its row only and ends the round when its row's tokens reach the
-   row's share (node/roundloop.py `_row_filter`);
+   row's share (node/treeround.py `row_filter`);
 1. pulls, screens and checks the deltas of its own row only (node/pull.py, as a full round
    does among fewer peers);
 2. aggregates them by the run's rule and compresses the aggregate again at the deltas'
