@@ -85,13 +85,8 @@ class RoundStep:
         summed. Computed on the CPU whatever the peer trains on, so that every member of a
         row holding the same deltas encodes the same bytes. ValueError when the aggregate is
         not finite."""
-        device = "cpu"
-        shapes = [ts.shape for ts in self.spec.tensors]
-        masked = self.compression.aggregation == "masked"
-        shares = coverage(deltas, device) if masked else None
-        mean = aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
-                         trim=self.cfg.robust.trim)
-        compressor = ErrorFeedbackCompressor(self.spec.tensors, replace(self.compression, residual="buffer"), device)
+        mean, _ = self._aggregate(deltas, "cpu")
+        compressor = ErrorFeedbackCompressor(self.spec.tensors, replace(self.compression, residual="buffer"), "cpu")
         packed, _ = compressor.compress(mean, dense=False)
         first = min(d.sender for d in deltas)
         msg = DeltaMessage(run_id=self.spec.run_id, spec_hash=self.spec.spec_hash, round=round_, sender=first,
@@ -139,18 +134,22 @@ class RoundStep:
         weight) is credited with the screening's `earned` and excludes its `banned` (both
         Screened's). ValueError when nothing can be
         aggregated: the outer state and the ledger are then untouched."""
-        device = outer.params[0].device
-        shapes = [tuple(p.shape) for p in outer.params]
-        masked = self.compression.aggregation == "masked"
-        shares = coverage(deltas, device) if masked else None
-        outer.step(aggregate(deltas, shapes, device, rule=self.compression.aggregation, shares=shares,
-                             trim=self.cfg.robust.trim))
+        mean, shares = self._aggregate(deltas, outer.params[0].device)
+        outer.step(mean)
         if ledger is not None:
             ledger.credit(earned or {}, banned, outer.num_steps - 1)
-        if masked:
+        if shares is not None:
             moved = [share > 0 for share in shares]
             for compressor in compressors:
                 compressor.forget(moved)
+
+    def _aggregate(self, deltas: list[DecodedDelta], device: torch.device | str) -> tuple[list[Tensor],
+                                                                                          list[Tensor] | None]:
+        """The token-weighted aggregate of `deltas` by the run's rule, one dense tensor per
+        parameter on `device`, and under "masked" the coverage it was taken with (else None)."""
+        shares = coverage(deltas, device) if self.compression.aggregation == "masked" else None
+        return aggregate(deltas, [ts.shape for ts in self.spec.tensors], device, rule=self.compression.aggregation,
+                         shares=shares, trim=self.cfg.robust.trim), shares
 
     @torch.no_grad()
     def restart(self, outer: OuterOptimizer, compressor: ErrorFeedbackCompressor) -> list[Tensor]:
