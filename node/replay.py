@@ -8,9 +8,6 @@ delta messages its last REPLAY_ROUNDS outer steps screened, as they came over th
 and serves them beside its state (node/statesync.py RoundLog, request kind ROUND_DELTAS).
 A peer catching up from outer step k to t:
 
-A tree round's step (node/tree.py) is kept and replayed as the rows' aggregates it took: the
-ledger before the step says, to the donor and the peer alike, whether the round was one.
-
 1. takes t and the round chain h_t that the swarm attests there (node/catchup.py: a majority
    of earned weight, as for a download), and from a donor showing h_t the manifest of its
    state at t (its digest and ledger);
@@ -20,6 +17,9 @@ ledger before the step says, to the donor and the peer alike, whether the round 
    means other deltas than the swarm's, and nothing is applied (`ReplayRefused`);
 3. takes the t − k outer steps, and compares its state (body digest and ledger) with the
    manifest: on a mismatch it downloads the state as before.
+
+A tree round's step (node/tree.py) is kept and replayed as the rows' aggregates it took: the
+ledger before the step says, to the donor and the peer alike, whether the round was one.
 
 A donor cannot make a peer take deltas the swarm did not aggregate: the chain it checks
 against is attested by most of the earned weight, which a download's manifest is not. The
@@ -145,11 +145,10 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
     a message is malformed or a step keeps no delta."""
     ledger = Ledger(earn_rounds=trainer.ledger.earn_rounds, per_peer_tokens=trainer.ledger.per_peer_tokens,
                     credits=trainer.ledger.credits)
-    rounds = trainer.spec.rounds
     out = []
     for step, wires in enumerate(steps, start=first):
         # The ledger before the step says what kind of round took it, as it said to the swarm.
-        rows = row_count(ledger, rounds.row_size) if rounds.exchange == "tree" else 1
+        rows = row_count(ledger, trainer.spec.rounds)
         try:
             decoded = [trainer.decode_row(w) for w in wires] if rows > 1 else [trainer.decode(w) for w in wires]
         except ProtocolError as e:

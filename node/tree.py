@@ -53,6 +53,7 @@ from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
 from locoswarm.node.pull import LOST_CHECK_S, RETRY_S, dial_refused
 from locoswarm.node.roundcontext import OuterStep
 from locoswarm.node.streams import KeptStreams
+from locoswarm.node.spec import RoundPolicy
 from locoswarm.optim.credit import Ledger
 from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta, MalformedMessage, ProtocolError
@@ -65,10 +66,13 @@ STREAM_FAILURES = 3
 """Failed streams after which a member is not asked for its row's aggregate again this round."""
 
 
-def row_count(ledger: Ledger, row_size: int) -> int:
-    """Rows of a round taken from the outer state `ledger` holds: its established peers over
-    `row_size`, at least 1 (a full round)."""
-    return max(1, len(ledger.established_peers()) // row_size)
+def row_count(ledger: Ledger, rounds: RoundPolicy) -> int:
+    """Rows of a round taken from the outer state `ledger` holds under the spec's `rounds`:
+    with tree rounds its established peers over the row size, at least 1; 1 (a full round)
+    with the full exchange."""
+    if rounds.exchange != "tree":
+        return 1
+    return max(1, len(ledger.established_peers()) // rounds.row_size)
 
 
 def _draw(spec_hash: bytes, round_: int, what: bytes, peer: str) -> int:

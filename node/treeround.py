@@ -27,7 +27,7 @@ def drawn(ctx: RoundContext, round_: int) -> tuple[int, int]:
     """(the rows round `round_` is drawn into as the outer state we hold draws them, ours):
     (1, 0), a full round, unless the spec asks for tree rounds and the ledger counts two rows'
     worth of established peers."""
-    rows = row_count(ctx.trainer.ledger, ctx.spec.rounds.row_size) if ctx.rows is not None else 1
+    rows = row_count(ctx.trainer.ledger, ctx.spec.rounds)
     return rows, row_of(ctx.spec_hash, round_, ctx.peer_id, rows)
 
 

@@ -68,9 +68,11 @@ def _row(step: RoundStep, senders: list[str], *, round_: int = 5, row: int = 0, 
 
 def test_rows_are_the_established_peers_over_the_row_size_and_every_peer_draws_them_alike():
     ledger = Ledger(earn_rounds=2, per_peer_tokens=100, credits={f"p{i}": 200 for i in range(9)} | {"new": 10})
-    assert row_count(ledger, 4) == 2  # 9 established; the newcomer does not count
-    assert row_count(ledger, 16) == 1  # fewer than a row: a full round
-    assert row_count(Ledger(earn_rounds=2, per_peer_tokens=100), 4) == 1
+    # 9 established; the newcomer does not count
+    assert row_count(ledger, RoundPolicy(exchange="tree", row_size=4)) == 2
+    assert row_count(ledger, RoundPolicy(exchange="tree", row_size=16)) == 1  # fewer than a row: a full round
+    assert row_count(Ledger(earn_rounds=2, per_peer_tokens=100), RoundPolicy(exchange="tree", row_size=4)) == 1
+    assert row_count(ledger, RoundPolicy(row_size=4)) == 1  # the full exchange
     peers = [f"peer-{i}" for i in range(400)]
     drawn = [row_of(SPEC_HASH, 7, p, 8) for p in peers]
     assert drawn == [row_of(SPEC_HASH, 7, p, 8) for p in peers], "a draw is a function of spec, round and peer"
