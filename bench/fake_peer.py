@@ -39,8 +39,9 @@ first line arrives on stdin (the bench starts it early: its start takes seconds)
   milliseconds; what it measures is that records alone, however many, neither hold a round
   nor split the swarm (issue 19's "40 such keys": 23.6 → 3.2 rounds a minute and two digests).
 
-usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall | loud | keys:K]   (runs until
-stdin closes or it is killed; prints "fake <peer id> announced" once its records are first stored)
+usage: python -m locoswarm.bench.fake_peer MADDR SPEC_PATH [ahead:K | chain | stall | loud | keys:K]
+(runs until stdin closes or it is killed; prints "fake <peer id> announced" once its records are
+first stored)
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ LOUD_SCALE = 5e-2
 def delta_layout(spec):
     """The wire layout of `spec`'s deltas (node/trainer.py's, without a trainer: the model is
     built for its parameters' names and shapes)."""
+    from locoswarm.node.trainer import MAX_TOKENS_FACTOR
     from locoswarm.optim import delta_spec
     from locoswarm.workload.model import build_model
     from locoswarm.workload.tokenizer import get_tokenizer
@@ -73,7 +75,7 @@ def delta_layout(spec):
     model = build_model(spec.model, get_tokenizer(spec.tokenizer).vocab_size, spec.data.seq_len, spec.seed)
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     return delta_spec(named, spec.diloco.compression, run_id=spec.run_id, spec_hash=spec.hash(),
-                      max_tokens=64 * spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len)
+                      max_tokens=MAX_TOKENS_FACTOR * spec.diloco.inner_steps * spec.batch_size * spec.data.seq_len)
 
 
 def crafted(mode: str, round_: int, me: str, dspec, cfg, tokens: int = 2560) -> bytes:
@@ -135,7 +137,7 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
     from locoswarm.protocol.records import PeerRecord, Progress
 
     ahead, keys = parse_mode(mode)
-    stall = mode in CLAIMING
+    claims = mode in CLAIMING
     told_modes = bool(ahead) or mode in CLAIMING + ("chain",)
     """Modes that tell the peers over progress streams (and answer theirs)."""
     spec = load_spec(spec_path)
@@ -183,7 +185,7 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
             torch.set_num_threads(1)  # the peers' cores are the ones it shares
             loud(0)  # torch's first compression takes seconds: done before it shows itself, as an attacker would
             await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, functools.partial(_answer, loud))
-        elif stall:
+        elif claims:
             await dht.protocol.p2p.add_binary_stream_handler(DELTA_PROTOCOL, _not_yet)
         elif told_modes:
             await loop.run_in_executor(None, sys.stdin.readline)
@@ -203,7 +205,7 @@ async def main(maddr: str, spec_path: str, mode: str = "") -> None:
                 store.announce(replace(record, peer_id=peer, addrs=at)) for peer, at, store in registries)))
             if told_modes:
                 told = record_frame(record)
-                if stall:  # done with a token in the rounds around the swarm's: a participant to pull from
+                if claims:  # done with a token in the rounds around the swarm's: a participant to pull from
                     told += b"".join(progress_frame(Progress(tokens=1, tokens_per_s=0.0, done=True,
                                                              incarnation=incarnation, round=r))
                                      for r in range(max(0, min(rounds, default=0) - 1), max(rounds, default=0) + 3))
