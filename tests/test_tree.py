@@ -261,7 +261,12 @@ def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_ro
     d.wait_event("round", 120, lambda e: e["deltas"] == 4 and e["rows"] == 2)
     for p in peers + [d]:
         assert_clean_exit(p, p.wait_exit(300))
-    assert not d.events("synced"), f"d downloaded a state\n{d.tail()}"
+    # The rounds it missed came by aggregates, not a download. Later, under load, its first
+    # deltas back may reach one member of its row too late, and it heals that silent split
+    # as any peer does: a download then is the heal's, after a split it names.
+    healed = d.stderr().count("downloading the state of the larger group")
+    assert all(s["round"] > caught["round"] for s in d.events("synced")), f"d downloaded a state\n{d.tail()}"
+    assert len(d.events("synced")) <= healed, f"d downloaded a state with no split\n{d.tail()}"
     events = {p.name: p.events("round") for p in peers}
     table = "\n".join(f"{n}: {[(e['round'], e['deltas'], e['participants'], e['rows']) for e in ev]}"
                       for n, ev in events.items())
