@@ -200,6 +200,7 @@ class RoundLoop:
 
     async def _exchange(self, progress: RoundProgress, work: RoundWork, overlap: bool) -> None:
         ctx, trainer, r = self.ctx, self.ctx.trainer, work.round
+        started = time.monotonic()
         run = ctx.pools.exchange_compute(overlap)
         if not overlap:
             ctx.stats.state = "exchanging"
@@ -216,7 +217,8 @@ class RoundLoop:
             self._withdraw(progress, r)
         else:
             blob = await self._send(run, progress, work, base)
-        got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec, deadline_s=ctx.spec.rounds.deadline_s,
+        got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec,
+                                  deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
                                   keep=lambda sender, others: ctx.faults.keep_delta(r, sender, others),
                                   gone=ctx.membership.is_gone,
@@ -257,7 +259,7 @@ class RoundLoop:
         kept = trainer.step.kept(screened)
         participants = progress.participants()
         if rows > 1:
-            step = await tree_step(ctx, run, progress, r, rows, mine, base, kept, screened)
+            step = await tree_step(ctx, run, progress, r, rows, mine, base, kept, screened, started)
         else:
             # A round that pulled a sample of the participants (fanout below their number)
             # left deltas out on purpose (lineage.py says what that does to the chain).

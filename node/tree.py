@@ -18,7 +18,10 @@ In a round of R > 1 rows a peer
    density, its error dropped (a row lives one round and keeps no state: measured to cost
    0.009 of eval loss against a row that keeps its error), and serves it on ROW_PROTOCOL
    with a header naming the row's senders, their tokens, credits and delta digests
-   (protocol/rows.py);
+   (protocol/rows.py), once its row agrees on one aggregate: each member takes that of the
+   first member ahead of it in the round's lead order (`lead_order`) that serves one, so a
+   member that missed one of its row's deltas serves what the others serve
+   (node/treeround.py `agree_row`);
 3. pulls every other row's aggregate from one of its members (`gather_rows`: each peer asks
    the members in an order of its own, so a row's askers spread over its members), checks
    that each member it names belongs to that row, and
@@ -29,11 +32,13 @@ In a round of R > 1 rows a peer
 Every peer that takes the same rows' aggregates steps alike. The round chain hashes every
 member's (sender, tokens, content) and each row aggregate's content, so peers that took
 different aggregates of a row (a member that missed a delta of its row) show different
-chains and heal as after any silent split (node/lineage.py).
+chains and heal as after any silent split (node/lineage.py): the agreement leaves that to a
+member ahead that is slower than the wait or dies while it serves.
 
-What a tree round gives up, stated where it is decided: a row's header is its server's word
-(a row whose members are mostly sybils may claim credit for them, bounded by the tokens and
-the norm of the median row); a failed check is told to the row of the sender's next round
+What a tree round gives up, stated where it is decided: to other rows a row's header is its
+server's word (a row whose members are mostly sybils may claim credit for them, bounded by
+the tokens and the norm of the median row; its own members check it where they hold the same
+deltas); a failed check is told to the row of the sender's next round
 only, so exclusions need a majority of that row's established weight.
 """
 
@@ -89,6 +94,13 @@ def ask_order(spec_hash: bytes, round_: int, me: str, members: list[str]) -> lis
     """The order `me` asks a row's `members` for the row's aggregate: a draw of its own, so
     the peers of other rows spread their requests over the row's members."""
     return sorted(members, key=lambda m: (_draw(spec_hash, round_, b"ask " + me.encode(), m), m))
+
+
+def lead_order(spec_hash: bytes, round_: int, members: list[str]) -> list[str]:
+    """The order a row's members take its aggregate in (node/treeround.py `agree_row`): one
+    draw of the round, the same at every peer, so that a row serves the aggregate of its
+    first member that has one and every member of it steps with that one."""
+    return sorted(members, key=lambda m: (_draw(spec_hash, round_, b"lead", m), m))
 
 
 def check_row(agg: RowAggregate, *, spec_hash: bytes, round_: int, row: int, rows: int, base: str) -> None:
@@ -165,14 +177,16 @@ class GatheredRows:
 
 async def gather_rows(streams: KeptStreams, round_: int, members: Callable[[], dict[int, list[str]]], *,
                       decode: Callable[[bytes], RowAggregate], check: Callable[[RowAggregate, int], None],
-                      limit: int, deadline_s: float, order: Callable[[list[str]], list[str]]) -> GatheredRows:
+                      limit: int, deadline_s: float, order: Callable[[list[str]], list[str]],
+                      strict: bool = False) -> GatheredRows:
     """Pull round `round_`'s aggregate of every row `members()` names (row → the peers of the
     round seen in it; called again while waiting, for peers seen late), each from the first
     of its members, in `order`, that serves one: a member that answers "not yet" is asked
     again after the others (a request is held LONG_POLL_S there), one that says "never", whose
     dials are refused, whose streams fail STREAM_FAILURES times, or whose answer is bad
     (`decode`, `check(aggregate, row)`) is not asked again. A row is left out once none of its
-    members is left to ask, or at `deadline_s`."""
+    members is left to ask, or at `deadline_s`. `strict`: a member that answers "not yet" is
+    asked again before any after it (a row's own members agreeing on its aggregate)."""
     out = GatheredRows()
     stop_at = time.monotonic() + deadline_s
     dropped: dict[int, dict[str, str]] = {}
@@ -219,12 +233,12 @@ async def gather_rows(streams: KeptStreams, round_: int, members: Callable[[], d
                 why = "; ".join(f"{p}: {w}" for p, w in sorted(dropped.get(row, {}).items())) or "no member seen"
                 out.failed[row] = f"no member served it ({why})"
                 return
-            agg = await ask(row, left[turn % len(left)])
+            agg = await ask(row, left[0 if strict else turn % len(left)])
             if agg is not None:
                 out.rows[row] = agg
                 return
             turn += 1
-            if turn % len(left) == 0:  # every member asked once more: a short pause before the next pass
+            if strict or turn % len(left) == 0:  # every member asked once more: a short pause before the next pass
                 await asyncio.sleep(min(wait, max(0.0, stop_at - time.monotonic())))
                 wait = min(RETRY_S[2], wait * RETRY_S[1])
         out.failed.setdefault(row, f"no aggregate before the {deadline_s:g} s deadline")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING, Callable
 
+from locoswarm.node.chains import delta_content
 from locoswarm.node.roundcontext import OuterStep
-from locoswarm.node.tree import ask_order, check_row, gather_rows, row_count, row_of, take_rows
+from locoswarm.node.tree import ask_order, check_row, gather_rows, lead_order, row_count, row_of, take_rows
+from locoswarm.protocol import MalformedMessage
 
 if TYPE_CHECKING:
     from locoswarm.node.roundcontext import RoundContext
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
     from locoswarm.protocol.rows import RowAggregate
 
 log = logging.getLogger(__name__)
+LEAD_WAIT_S = 3.0
+"""The least a member waits for the members ahead of it in its row's lead order to serve
+the row's aggregate, once its own is ready; it waits as long as its round's exchange has
+taken so far when that is longer (a slower machine waits longer), never past the deadline."""
 
 
 def drawn(ctx: RoundContext, round_: int) -> tuple[int, int]:
@@ -44,19 +51,65 @@ def row_filter(ctx: RoundContext, round_: int) -> Callable[[str], bool]:
     return lambda peer: row_of(ctx.spec_hash, round_, peer, rows) == mine
 
 
+async def agree_row(ctx: RoundContext, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
+                    built: RowAggregate, started: float) -> RowAggregate:
+    """The aggregate our row serves and steps with, given the one we `built` of the deltas we
+    hold: that of the first of the row's members, in its lead order (node/tree.py
+    `lead_order`), that serves one. Each member aggregates the deltas it pulled, and a member
+    that missed one of them would otherwise serve other values than the rest, splitting
+    every peer that asks it from those that ask the others; so a member asks the members
+    ahead of it in that order (those it saw in the round: its deltas' senders and the peers
+    that told it their progress) and takes the first one's, waiting on one that is not ready
+    yet before asking the next, and serves its own only when none ahead of it serves one. A
+    member ahead that aggregates the very deltas we hold to other values is refused as bad.
+    `started`: when the round's exchange began (time.monotonic)."""
+    trainer = ctx.trainer
+    seen = (set(progress.participants()) | {m.sender for m in built.members}) - progress.withdrawn()
+    lead = lead_order(ctx.spec_hash, r, sorted(p for p in seen | {ctx.peer_id}
+                                               if row_of(ctx.spec_hash, r, p, rows) == mine
+                                               and not trainer.ledger.banned(p)))
+    ahead = lead[:lead.index(ctx.peer_id)]
+    if not ahead:
+        return built
+    ours = {(m.sender, m.content) for m in built.members}
+
+    def check(agg: RowAggregate, row: int) -> None:
+        check_row(agg, spec_hash=ctx.spec_hash, round_=r, row=row, rows=rows, base=base)
+        if {(m.sender, m.content) for m in agg.members} == ours and \
+                delta_content(agg.delta) != delta_content(built.delta):
+            raise MalformedMessage("aggregates the deltas we hold to other values than ours")
+
+    wait_s = min(ctx.spec.rounds.deadline_s, max(LEAD_WAIT_S, time.monotonic() - started))
+    got = await gather_rows(ctx.rows.streams, r, lambda: {mine: ahead}, decode=trainer.decode_row, check=check,
+                            limit=trainer.row_limit, deadline_s=wait_s, order=lambda peers: peers, strict=True)
+    ctx.stats.bytes_received += got.bytes_received
+    ctx.stats.delta_requests += got.requests
+    agreed = got.rows.get(mine)
+    if agreed is None:
+        log.info("round %d: our row's aggregate is ours: no member ahead of us served one (%s)", r,
+                 got.failed.get(mine, "none"))
+        return built
+    theirs = {(m.sender, m.content) for m in agreed.members}
+    if theirs != ours:
+        log.info("round %d: our row's aggregate is one of %d members' deltas where we held %d (%d of it missing here, "
+                 "%d of ours left out)", r, len(theirs), len(ours), len(theirs - ours), len(ours - theirs))
+    return agreed
+
+
 async def tree_step(ctx: RoundContext, run, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
-                    kept: list[DecodedDelta], screened: Screened) -> OuterStep:
-    """A tree round's second half: serve our row's aggregate of its `kept` deltas (none when
-    we hold ours and took no other: the row's other members serve it), pull every other
-    row's, and say what the outer step takes. `run`: the exchange's compute (Pools)."""
+                    kept: list[DecodedDelta], screened: Screened, started: float) -> OuterStep:
+    """A tree round's second half: agree with our row on its aggregate (`agree_row`; none
+    when we hold ours and took no other: the row's other members serve it) and serve that,
+    pull every other row's, and say what the outer step takes. `run`: the exchange's compute
+    (Pools); `started`: when the round's exchange began (time.monotonic)."""
     trainer = ctx.trainer
     own: RowAggregate | None = None
     try:
         if kept and any(d.sender == ctx.peer_id for d in kept):
             blob = await run(functools.partial(trainer.build_row, kept, screened, round_=r, row=mine, rows=rows,
                                                base=base))
-            ctx.rows.server.publish(r, blob)
-            own = await run(trainer.decode_row, blob)
+            own = await agree_row(ctx, progress, r, rows, mine, base, await run(trainer.decode_row, blob), started)
+            ctx.rows.server.publish(r, own.wire)
     finally:
         if own is None:
             ctx.rows.server.give_up(r)

@@ -19,7 +19,8 @@ from hivemind.p2p import P2P
 
 from harness import Swarm, assert_clean_exit, final, served_digests, wait_round, write_spec
 from locoswarm.node.spec import RoundPolicy, RunSpec
-from locoswarm.node.tree import RowExchange, ask_order, check_row, gather_rows, row_count, row_of, take_rows
+from locoswarm.node.tree import (RowExchange, ask_order, check_row, gather_rows, lead_order, row_count, row_of,
+                                 take_rows)
 from locoswarm.optim.config import CompressionConfig, DiLoCoConfig
 from locoswarm.optim.credit import Ledger
 from locoswarm.optim.round import RoundStep
@@ -228,6 +229,48 @@ def test_rows_are_pulled_past_a_bad_a_silent_and_a_dead_member_and_a_row_nobody_
     assert list(got.failed) == [1] and ids[3] in got.failed[1], got.failed
 
 
+@pytest.mark.timeout(120)
+def test_a_rows_members_take_the_aggregate_of_the_first_in_its_lead_order_waiting_while_it_is_not_ready():
+    """A row's members agree on its aggregate (node/treeround.py agree_row): each takes the
+    one of the first member ahead of it in the lead order, which every peer draws alike, and
+    waits on it while it says "not yet" where a pull of another row's asks the next member."""
+    ids = [f"Qm{i}" for i in range(6)]
+    assert lead_order(SPEC_HASH, 5, ids) == lead_order(SPEC_HASH, 5, ids[::-1]) != lead_order(SPEC_HASH, 6, ids)
+    step = _step()
+    spec = row_spec(step.spec)
+
+    async def go(strict: bool):
+        p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
+        first, second = [RowExchange(p, incarnation=1) for p in p2ps]
+        order = [p.peer_id.to_base58() for p in p2ps]
+        for x in (first, second):
+            await x.start()
+            x.server.training(5)
+        second.server.publish(5, _row(step, ["a-peer"]))  # the second serves at once; the first is slower
+        maddrs = [str(a) for p in p2ps for a in await p.get_visible_maddrs()]
+        client_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        client = RowExchange(client_p2p, incarnation=1)
+
+        async def publish_late():  # later than a request is held ("not yet" comes back first)
+            await asyncio.sleep(1.6)
+            first.server.publish(5, _row(step, ["a-peer", "b-peer"]))
+
+        publishing = asyncio.ensure_future(publish_late())
+        try:
+            got = await gather_rows(client.streams, 5, lambda: {0: order}, decode=lambda b: decode_row(b, spec),
+                                    check=lambda agg, row: None, limit=row_message_limit(spec), deadline_s=20,
+                                    order=lambda peers: peers, strict=strict)
+        finally:
+            await publishing
+            client.close()
+            for p in [client_p2p] + p2ps:
+                await p.shutdown()
+        return [m.sender for m in got.rows[0].members]
+
+    assert asyncio.run(go(strict=True)) == ["a-peer", "b-peer"]  # the first's, waited for
+    assert asyncio.run(go(strict=False)) == ["a-peer"]  # another row's pull takes the member that is ready
+
+
 # ---------------------------------------------------------------- real daemons
 
 
@@ -278,9 +321,10 @@ def test_daemons_switch_to_tree_rounds_and_a_sigkilled_peer_catches_up_by_the_ro
         # Through the rows the live peers' deltas are in the step, more than one row holds: a
         # round that missed a row (a member that served it too late under load) may pass.
         assert sum(e["deltas"] >= 3 for e in tree) >= len(tree) - 2 and any(e["deltas"] == 4 for e in tree), table
-    # The final digests are not compared: two members of a row that aggregated different
-    # sets serve different aggregates, the peers that asked each take another state, and in
-    # the run's last round no later one heals it (CI, 2026-12-06: 3 digests at the end;
-    # docs/scale.md). The consensus d caught up to is its donors' (above).
+    # One consensus at the end: a row's members serve the aggregate of the first of them in
+    # its lead order (agree_row), so a member that missed a delta of its row no longer splits
+    # the peers that ask it from those that ask the others.
+    digests = {p.name: final(p)[2] for p in peers + [d]}
+    assert len(set(digests.values())) == 1, f"{digests}\n{table}"
     first_eval, final_eval = events["a"][0]["eval_loss"], final(a)[1]
     assert final_eval < first_eval - 0.3, (first_eval, final_eval)
