@@ -155,6 +155,12 @@ class Membership:
         return {r.peer_id for r in self.records
                 if not r.paused and r.peer_id not in self._gone and r.round <= round_ + 2}
 
+    def behind(self, round_: int) -> set[str]:
+        """The peers of `live(round_)` whose record shows they have not stepped past
+        `round_` yet: those that may still ask for its rows' aggregates."""
+        return {r.peer_id for r in self.records
+                if not r.paused and r.peer_id not in self._gone and r.round <= round_}
+
     def is_gone(self, peer: str) -> bool:
         """Whether `peer` is out of the view because its progress streams fail (`gone`)."""
         return peer in self._gone

@@ -375,16 +375,27 @@ class RoundLoop:
         round have moved past it (their records say so) or the deadline, since leaving at
         once would cost them our delta. Those are the peers the round waited for
         (`Membership.expected`): a record further behind is a peer that will not ask (dead,
-        its record not expired yet). Then evaluate and write the final model."""
+        its record not expired yet). After a tree round, every live peer in view may still
+        ask for our row's aggregate, and only our row hears our progress: we tell them all
+        that we are done and wait on each of them (16 peers in rows of 4 on 16 cores,
+        2026-12-07, ended on different digests when a row's members left as soon as their
+        row had moved on). Then evaluate and write the final model."""
         ctx, trainer = self.ctx, self.ctx.trainer
         last = trainer.outer_steps - 1  # records carry outer steps: past `last` means done with it
+        tree = drawn(ctx, last)[0] > 1
         # Our record is past `last` now: tell it at once, or peers leaving with us (each
         # waiting for the others' records to move on) would all wait out the deadline.
         ctx.progress.show()
+        if tree:
+            ctx.progress.introduce(ctx.membership.live(last))
+
+        def waited() -> set[str]:
+            return ctx.membership.expected(last) | (ctx.membership.behind(last) - {ctx.peer_id} if tree else set())
+
         linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
-        while time.monotonic() < linger_until and ctx.membership.expected(last) and not ctx.should_exit.is_set():
+        while time.monotonic() < linger_until and waited() and not ctx.should_exit.is_set():
             await asyncio.sleep(0.1)  # a signal ends the lingering (the peers then drop our delta), not the final model
-        unfinished = len(ctx.membership.expected(last))
+        unfinished = len(waited())
         ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
         digest = await ctx.pools.train(trainer.state_digest)
         path = os.path.join(ctx.cfg.state_dir, FINAL_MODEL)
