@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import os
 import subprocess
 import sys
@@ -100,3 +101,82 @@ def test_a_py_libp2p_peer_reads_stores_and_is_refused_a_forgery_by_live_hivemind
     named, has_owner, signer = subkey_author(subkey)
     assert (named, has_owner, signer) == (peer_id, True, peer_id)
     assert value == {"from": "py-libp2p"}
+
+
+def _run_peer_script(name: str, *args: str, timeout_s: float = 120) -> dict:
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(PEER), name), *args], capture_output=True,
+                         text=True, timeout=timeout_s)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(200)
+def test_each_failed_unary_call_is_its_named_error_naming_the_peer_and_the_caller_carries_on():
+    why = _libp2p_missing()
+    if why:
+        pytest.skip(why)
+    seen = _run_peer_script("lp2p_rpc.py")
+    print(json.dumps(seen))  # shown when an assertion fails
+    assert not seen["hivemind_loaded"]
+    assert seen["echo"][:2] == ["ok", "cba"]
+    expected = {"raise": "RemoteError", "garbage": "BadAnswer", "oversized": "BadAnswer", "missing": "RpcError",
+                "silent": "RpcTimeout"}
+    for case, error in expected.items():
+        assert seen[case][0] == error and seen["server"] in seen[case][1], (case, seen[case])
+    assert "ValueError('this handler refuses')" in seen["raise"][1]
+    assert "OversizedMessage" in seen["oversized"][1]
+    assert seen["silent"][2] < 10  # bounded by its timeout (1 s), with room for a loaded machine
+    # a "DHT node" answering nonsense to a ping: no node joined, the failure kept with its peer
+    assert seen["dht_nonsense"][0] == "DHTUnreachable" and seen["server"] in seen["dht_nonsense"][1]
+    assert len(seen["dht_failures"]) == 1 and "BadAnswer" in seen["dht_failures"][0][1]
+    assert seen["echo_after_faults"][:2] == ["ok", "zyx"]
+
+
+# ---------------------------------------------------------------- the lookup, on a fake network
+
+def _fake_network(seed: int, num_nodes: int = 300, num_known: int = 30):
+    rng = random.Random(seed)
+    ids = [rng.randbytes(20) for _ in range(num_nodes)]
+    known = {n: rng.sample(ids, num_known) for n in ids}
+    return rng, ids, known
+
+
+def _traverse(key_id, start, ask, **kw):
+    import trio
+
+    from locoswarm.net.lookup import traverse  # trio only: no py-libp2p in this process
+    return trio.run(lambda: traverse(key_id, start, ask, **kw))
+
+
+def test_the_lookup_finds_the_keys_nearest_nodes_by_xor_distance_from_one_starting_node():
+    from locoswarm.net.lookup import distance
+    rng, ids, known = _fake_network(1)
+    key_id = rng.randbytes(20)
+
+    async def ask(node_id, peer, named_by):  # a node answers with the 20 it knows nearest the key
+        nearest = sorted(known[node_id], key=lambda n: distance(n, key_id))[:20]
+        return "answer", {n: f"peer-{n.hex()[:6]}" for n in nearest}
+
+    found = _traverse(key_id, {ids[0]: "start"}, ask, beam_size=20, num_workers=4, max_rounds=30)
+    truly_nearest = sorted(ids, key=lambda n: distance(n, key_id))[:5]
+    assert [n for n, _ in found.nearest(5)] == truly_nearest
+    assert all(found.referrer[n] is not None for n, _ in found.nearest(5) if n != ids[0])
+
+
+def test_the_lookup_keeps_each_failing_node_with_its_error_and_stays_within_its_rounds():
+    from locoswarm.net.lookup import distance
+    rng, ids, known = _fake_network(2)
+    key_id = rng.randbytes(20)
+    broken = set(ids[1::2])
+    asked = []
+
+    async def ask(node_id, peer, named_by):
+        asked.append(node_id)
+        if node_id in broken:
+            raise TimeoutError(f"{peer} is silent")
+        return "answer", {n: n.hex() for n in sorted(known[node_id], key=lambda n: distance(n, key_id))[:20]}
+
+    found = _traverse(key_id, {ids[0]: ids[0].hex()}, ask, beam_size=8, num_workers=3, max_rounds=5)
+    assert len(asked) <= 5 * 3 and len(set(asked)) == len(asked)
+    assert found.answered and not {n for n, _, _ in found.answered} & broken
+    assert found.failures and all(what == f"TimeoutError: {peer} is silent" for peer, what in found.failures)
