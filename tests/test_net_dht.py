@@ -2,8 +2,10 @@
 a py-libp2p peer in another process bootstraps through one node, reads a plain value and a
 signed dictionary entry hivemind stored, stores an entry signed with its own identity that
 hivemind reads back and locoswarm attributes to that peer, and a tampered entry every node
-refuses. py-libp2p cannot share hivemind's process, so it runs in a subprocess; the test skips,
-naming why, where py-libp2p is not installed for this interpreter."""
+refuses; then hivemind calls unary handlers it serves. Also the unary calls' failure paths
+between two py-libp2p hosts, and the lookup's beam search on a fake network. py-libp2p cannot
+share hivemind's process, so it runs in subprocesses; those tests skip, naming why, where
+py-libp2p is not installed for this interpreter."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import random
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
+from hivemind.proto import dht_pb2
+from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -60,13 +65,16 @@ async def _swarm_and_peer(identity_path: str) -> tuple[dict, dict]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, PEER, identity_path, bootstrap, PLAIN_KEY, SIGNED_KEY, OWN_KEY,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        ready = await asyncio.wait_for(proc.stdout.readline(), PEER_TIMEOUT_S)
+        served = await _call_the_peer(p2ps[0], json.loads(ready or b"{}").get("ready"), identity_path) if ready else {}
+        proc.stdin.write(b"done\n")
         stdout, stderr = await asyncio.wait_for(proc.communicate(), PEER_TIMEOUT_S)
-        assert proc.returncode == 0, stderr.decode()[-4000:]
+        assert proc.returncode == 0 and ready, stderr.decode()[-4000:]
         seen = json.loads(stdout.decode().strip().splitlines()[-1])
         found = await nodes[0].get(OWN_KEY, latest=True)
         own = {} if found is None else {subkey: item.value for subkey, item in found.value.items()}
-        return seen, {"own": own, "hm_subkey": hm_subkey}
+        return seen, {"own": own, "hm_subkey": hm_subkey, "served": served, "caller": p2ps[0].peer_id.to_base58()}
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()
@@ -75,6 +83,22 @@ async def _swarm_and_peer(identity_path: str) -> tuple[dict, dict]:
             await node.shutdown()
         for p2p in p2ps:
             await p2p.shutdown()
+
+
+async def _call_the_peer(p2p: P2P, maddrs: list[str], identity_path: str) -> dict:
+    """hivemind (p2pd) calling the py-libp2p peer's served unary calls."""
+    peer = PeerID.from_identity(open(identity_path, "rb").read())
+    await p2p._client.connect(peer, [Multiaddr(m) for m in maddrs])
+    answer = await asyncio.wait_for(p2p.call_protobuf_handler(
+        peer, "LocoswarmTest.rpc_ping", dht_pb2.PingRequest(validate=True), dht_pb2.PingResponse), 30)
+    try:
+        await asyncio.wait_for(p2p.call_protobuf_handler(
+            peer, "LocoswarmTest.rpc_fail", dht_pb2.PingRequest(), dht_pb2.PingResponse), 30)
+        refused = ""
+    except P2PHandlerError as e:
+        refused = str(e)
+    return {"node_id": answer.peer.node_id, "available": answer.available, "skew_s": abs(answer.dht_time - time.time()),
+            "refused": refused}
 
 
 @pytest.mark.timeout(300)
@@ -101,6 +125,12 @@ def test_a_py_libp2p_peer_reads_stores_and_is_refused_a_forgery_by_live_hivemind
     named, has_owner, signer = subkey_author(subkey)
     assert (named, has_owner, signer) == (peer_id, True, peer_id)
     assert value == {"from": "py-libp2p"}
+
+    # and the other way: hivemind's p2pd calls unary handlers the py-libp2p peer serves
+    served = hivemind_read["served"]
+    assert served["node_id"] == bytes(range(20)) and served["available"] and served["skew_s"] < 30, served
+    assert "refused on purpose" in served["refused"], served
+    assert seen["served_to"] == [hivemind_read["caller"]]
 
 
 def _run_peer_script(name: str, *args: str, timeout_s: float = 120) -> dict:
