@@ -54,6 +54,13 @@ class DHTClientConfig:
     max_nodes: int = 256
     """Nodes remembered between lookups."""
 
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "beam_size", "num_workers", "max_rounds", "max_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DHTClientConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"DHTClientConfig.timeout_s must be positive, got {self.timeout_s}")
+
 
 class ValueWithExpiration(NamedTuple):
     value: Any
@@ -169,8 +176,8 @@ class DHTClient:
         node's entries (the newest expiration of each subkey wins). Entries whose signature
         fails or whose bytes are not hivemind's msgpack are dropped, with the peer's name."""
         key_id = dht_id(key)
-        best: tuple[float, bytes] | None = None  # a regular value: (expiration, stored bytes)
-        entries: dict[bytes, tuple[float, Any, bytes]] = {}  # tag -> (expiration, subkey, stored bytes)
+        best: tuple[float, bytes, ID] | None = None  # a regular value: (expiration, stored bytes, from)
+        entries: dict[bytes, tuple[float, Any, bytes, ID]] = {}  # tag -> (expiration, subkey, stored bytes, from)
         now = time.time()
         for _, peer, result in (await self._lookup(key_id)).answered:
             if result.type == ResultType.FOUND_REGULAR:
@@ -179,26 +186,26 @@ class DHTClient:
                 if not check_record(key_id, REGULAR_TAG, result.value, result.expiration_time):
                     self._fail(peer, f"value of {key!r} fails its signature check")
                 elif best is None or result.expiration_time > best[0]:
-                    best = (result.expiration_time, result.value)
+                    best = (result.expiration_time, result.value, peer)
             elif result.type == ResultType.FOUND_DICTIONARY:
                 self._merge_dictionary(peer, key, key_id, result.value, entries, now)
             elif result.type != ResultType.NOT_FOUND:
                 self._fail(peer, f"unknown result type {result.type} for {key!r}")
         newest_entry = max((e[0] for e in entries.values()), default=None)
         if best is not None and (newest_entry is None or best[0] >= newest_entry):
-            value = self._decode(key, best[1])
+            value = self._decode(best[2], key, best[1])
             return None if value is _BAD else ValueWithExpiration(value, best[0])
         if newest_entry is None:
             return None
         out = {}
-        for expiration, subkey, stored in entries.values():
-            value = self._decode(key, stored)
+        for expiration, subkey, stored, peer in entries.values():
+            value = self._decode(peer, key, stored)
             if value is not _BAD:
                 out[subkey] = ValueWithExpiration(value, expiration)
         return ValueWithExpiration(out, newest_entry)
 
     def _merge_dictionary(self, peer: ID, key: Any, key_id: bytes, raw: bytes,
-                          entries: dict[bytes, tuple[float, Any, bytes]], now: float) -> None:
+                          entries: dict[bytes, tuple[float, Any, bytes, ID]], now: float) -> None:
         try:
             dictionary = loads(raw)
             if not isinstance(dictionary, DictionaryValue):
@@ -217,13 +224,13 @@ class DHTClient:
             if not check_record(key_id, tag, entry.value, entry.expiration):
                 self._fail(peer, f"entry {entry.subkey!r:.80} of {key!r} fails its signature check")
             elif tag not in entries or entry.expiration > entries[tag][0]:
-                entries[tag] = (entry.expiration, entry.subkey, entry.value)
+                entries[tag] = (entry.expiration, entry.subkey, entry.value, peer)
 
-    def _decode(self, key: Any, stored: bytes) -> Any:
+    def _decode(self, peer: ID, key: Any, stored: bytes) -> Any:
         try:
             return loads(strip_signature(stored))
         except ProtocolError as e:
-            self._fail("?", f"value of {key!r} is not hivemind msgpack: {e}")
+            self._fail(peer, f"value of {key!r} is not hivemind msgpack: {e}")
             return _BAD
 
     async def store(self, key: Any, value: Any, expiration: float, *, subkey: Any = None) -> dict[str, bool]:

@@ -162,6 +162,26 @@ def test_each_failed_unary_call_is_its_named_error_naming_the_peer_and_the_calle
     assert seen["echo_after_faults"][:2] == ["ok", "zyx"]
 
 
+@pytest.mark.timeout(200)
+def test_get_merges_nodes_copies_newest_expiration_per_subkey_dropping_forged_expired_and_bad_answers():
+    why = _libp2p_missing()
+    if why:
+        pytest.skip(why)
+    seen = _run_peer_script("lp2p_merge.py")
+    print(json.dumps(seen))  # shown when an assertion fails
+    a, b, c, d = seen["hosts"]
+    signed = seen["signed_subkey"]
+    # per subkey the newest live copy; the forged one (newest of all) and the expired one are gone
+    assert seen["dict"] == {"s1": ["new", 200.0], "s2": [2, 150.0], signed: ["signed-new", 200.0]}
+    assert seen["dict_expiration"] == 200.0
+    assert seen["plain"] == ["b", 200.0]  # the newest regular copy; an expired newer one is ignored
+    assert seen["missing"] is None
+    failures = {peer: what for peer, what in seen["failures"]}
+    assert set(failures) == {c, d}, failures
+    assert "fails its signature check" in failures[c] and "2 results for 1 keys" in failures[d]
+    assert seen["nodes_known"] == 3  # the node that answered nonsense is no longer asked
+
+
 # ---------------------------------------------------------------- the lookup, on a fake network
 
 def _fake_network(seed: int, num_nodes: int = 300, num_known: int = 30):
