@@ -80,3 +80,30 @@ def test_the_daemon_imports_hiveminds_subpackages_without_its_averager_and_hivem
     skipped, version, dht, averaging = out.stdout.split()
     assert skipped == "[]", f"imported with the daemon: {skipped}"
     assert version.count(".") == 2 and dht == "hivemind.dht.dht" and averaging == "True"
+
+
+NET = "net"
+"""locoswarm.net (py-libp2p, issue 22) stands beside the layers: it may import only `protocol`
+and never hivemind, and nothing else imports it (py-libp2p and hivemind cannot share a process)."""
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {name for node in ast.walk(tree)
+            for name in ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                         [a.name for a in node.names] if isinstance(node, ast.Import) else [])}
+
+
+def test_net_imports_only_protocol_and_never_hivemind_and_no_layer_imports_net():
+    wrong = []
+    for path in sorted((ROOT / NET).rglob("*.py")):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "hivemind" or (parts[0] == "locoswarm" and len(parts) > 1 and parts[1] not in
+                                          ("protocol", NET)):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            wrong += [f"{path.relative_to(ROOT)} imports {n}" for n in _imports(path)
+                      if n == f"locoswarm.{NET}" or n.startswith(f"locoswarm.{NET}.")]
+    assert not wrong, "\n".join(wrong)
