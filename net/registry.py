@@ -16,7 +16,6 @@ named in `rejected`; a tombstone (b"": the peer left) is no record and no fault.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
@@ -29,28 +28,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from locoswarm.net.dht import DHTClient, ValueWithExpiration
 from locoswarm.protocol.dhtrecords import peer_id
 from locoswarm.protocol.errors import ProtocolError
-from locoswarm.protocol.records import PeerRecord, decode_record
+from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record
 
-BUCKET_ENTRIES = 32
-"""Records a bucket holds on average (node/buckets.py): level 0 alone holds everyone below
-BUCKET_ENTRIES · √2 peers."""
 CLOCK_SLACK_S = 30.0
 """An entry may expire at most this long after now + TTL (node/registry.py): one expiring later
 would outlive its writer's refreshes."""
 MAX_ENTRIES_READ = 8 * BUCKET_ENTRIES
 """At most this many entries of one bucket are decoded (the freshest), as node/registry.py."""
 _OWNER = b"[owner:"
-
-
-def bucket_of(peer: str, level: int) -> int:
-    """The bucket of `peer` at `level`: the first `level` bits of sha256(peer id's ASCII)."""
-    if level == 0:
-        return 0
-    return int.from_bytes(hashlib.sha256(peer.encode()).digest(), "big") >> (256 - level)
-
-
-def bucket_key(run_id: str, level: int, bucket: int) -> str:
-    return f"locoswarm:{run_id}:peers:{level}:{bucket}"
 
 
 def owner_peer_id(owner_key: bytes) -> str | None:

@@ -20,10 +20,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from harness import Swarm, first_addr, peer_id, wait_round
-from locoswarm.node.buckets import bucket_key, bucket_of
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
-from locoswarm.protocol.records import PeerRecord, encode_record
+from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode_record
 
 READER = os.path.join(os.path.dirname(__file__), "peers", "lp2p_registry.py")
 FORGED_ROUND = 10**6
