@@ -1,9 +1,8 @@
 """The swarm's peer registry read over py-libp2p (issue 22): every live peer record of a run,
 found as docs/protocol.md ("Reading a swarm", "Finding every peer") says, on `DHTClient.get`.
 
-The keys are `locoswarm:<run id>:peers:<L>:<b>`, b the first L bits of sha256(base58 peer id).
-`bucket_of` and `bucket_key` repeat node/buckets.py's, because net/ may import nothing of the
-node (it imports hivemind); tests/test_net_registry.py checks that the two agree.
+The keys are `locoswarm:<run id>:peers:<L>:<b>`, b the first L bits of sha256(base58 peer id)
+(`bucket_key`, `bucket_of` in protocol/records.py, which the daemon's registry uses too).
 
 An entry is taken as its peer's only when all of these hold, as node/registry.py checks them:
 its subkey is the peer id followed by an owner marker, and the key in the marker is that peer's
