@@ -23,17 +23,14 @@ written at level 0 only: one store a refresh where most swarms start.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from locoswarm.protocol.records import PeerRecord
+from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord
 
-BUCKET_ENTRIES = 32
-"""Records a bucket should hold on average: the level follows N_est / BUCKET_ENTRIES."""
 SAMPLE_ENTRIES = 64
 """A view read aims to see this many records: round(SAMPLE_ENTRIES / mean occupancy) buckets."""
 VIEW_MAX = 200
@@ -43,19 +40,6 @@ MAX_LEVEL = 24
 whatever an estimate says."""
 ESTIMATES_KEPT = 5
 """The estimate used is the median of the last this many samples, so L does not flap."""
-
-
-def bucket_of(peer_id: str, level: int) -> int:
-    """The bucket of `peer_id` at `level`: the first `level` bits of sha256(peer id's ASCII)."""
-    if level == 0:
-        return 0
-    digest = hashlib.sha256(peer_id.encode()).digest()
-    return int.from_bytes(digest[:(level + 7) // 8], "big") >> (8 * ((level + 7) // 8) - level)
-
-
-def bucket_key(run_id: str, level: int, bucket: int) -> str:
-    """The DHT key of one bucket."""
-    return f"locoswarm:{run_id}:peers:{level}:{bucket}"
 
 
 def level_of(peers_estimate: float) -> float:

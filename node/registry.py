@@ -46,12 +46,11 @@ from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
-from locoswarm.node.buckets import (BUCKET_ENTRIES, MAX_LEVEL, PartialView, SizeEstimate, bucket_key, bucket_of,
-                                    buckets_to_sample, read_level, write_levels)
+from locoswarm.node.buckets import MAX_LEVEL, PartialView, SizeEstimate, buckets_to_sample, read_level, write_levels
 from locoswarm.node.replicas import ReplicaStore
 from locoswarm.node.signers import subkey_author
 from locoswarm.protocol import ProtocolError
-from locoswarm.protocol.records import PeerRecord, decode_record, encode_record
+from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record, encode_record
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ hivemind's signature validator.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -31,6 +32,23 @@ DEVICE_CLASSES = ("cuda", "mps", "cpu")
 CHAIN_HEX_LEN = 32
 """A round chain is 16 bytes (BLAKE2b), written as lowercase hex."""
 _HEX = frozenset("0123456789abcdef")
+BUCKET_ENTRIES = 32
+"""Records a registry bucket should hold on average: the level follows N_est / BUCKET_ENTRIES
+(node/buckets.py; a reader that finds bucket 0:0 holding fewer than BUCKET_ENTRIES · √2
+records has everyone)."""
+
+
+def bucket_of(peer_id: str, level: int) -> int:
+    """The registry bucket of `peer_id` at `level`: the first `level` bits of sha256(peer id's ASCII)."""
+    if level == 0:
+        return 0
+    digest = hashlib.sha256(peer_id.encode()).digest()
+    return int.from_bytes(digest[:(level + 7) // 8], "big") >> (8 * ((level + 7) // 8) - level)
+
+
+def bucket_key(run_id: str, level: int, bucket: int) -> str:
+    """The DHT key of one registry bucket (docs/protocol.md, "Finding every peer")."""
+    return f"locoswarm:{run_id}:peers:{level}:{bucket}"
 
 
 def is_chain(value: object) -> bool:
@@ -118,7 +136,8 @@ def decode_record(blob: bytes, spec_hash: bytes) -> PeerRecord:
         raise MalformedMessage(f"peer record of {peer}: diverged {m['diverged']!r} is not a boolean")
     for key in ("chain", "prev_chain"):
         if m[key] != "" and not is_chain(m[key]):
-            raise MalformedMessage(f"peer record of {peer}: {key} must be empty or {CHAIN_HEX_LEN} lowercase hex digits")
+            raise MalformedMessage(f"peer record of {peer}: {key} must be empty or {CHAIN_HEX_LEN} "
+                                   "lowercase hex digits")
     if type(m["inc"]) is not int or not 0 <= m["inc"] < 2**63:
         raise MalformedMessage(f"peer record of {peer}: incarnation {m['inc']!r} is not an integer in [0, 2**63)")
     if type(m["seq"]) is not int or not 0 <= m["seq"] < 2**63:

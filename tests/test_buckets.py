@@ -12,9 +12,8 @@ import math
 import numpy as np
 
 from locoswarm.node import buckets
-from locoswarm.node.buckets import (PartialView, SizeEstimate, bucket_key, bucket_of, buckets_to_sample, level_of,
-                                    read_level, write_levels)
-from locoswarm.protocol.records import PeerRecord
+from locoswarm.node.buckets import PartialView, SizeEstimate, buckets_to_sample, level_of, read_level, write_levels
+from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of
 
 
 def _record(peer: str, round_: int = 0) -> PeerRecord:

@@ -18,9 +18,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from locoswarm.node.buckets import bucket_key
 from locoswarm.node.registry import PeerRegistry
-from locoswarm.protocol.records import PeerRecord, encode_record
+from locoswarm.protocol.records import PeerRecord, bucket_key, encode_record
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "peers", "announce.py")
 _spec = importlib.util.spec_from_file_location("announce", SCRIPT)
@@ -147,5 +146,6 @@ def test_the_cached_validator_verifies_each_signed_entry_once_and_still_refuses_
     forged = DHTRecord(key=key, subkey=subkey, value=signed.value.replace(b"record", b"forged"), expiration_time=123.0)
     assert not reader.validate(forged) and not reader.validate(forged)
     assert reader.verified == 2
-    later = DHTRecord(key=key, subkey=subkey, value=signed.value, expiration_time=124.0)  # a changed expiry is new content
+    # a changed expiry is new content
+    later = DHTRecord(key=key, subkey=subkey, value=signed.value, expiration_time=124.0)
     assert not reader.validate(later), "the signature covers the expiration time"

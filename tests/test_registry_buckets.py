@@ -17,10 +17,10 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 
 from locoswarm.node import buckets, registry as registry_module
-from locoswarm.node.buckets import bucket_key, bucket_of, read_level
+from locoswarm.node.buckets import read_level
 from locoswarm.node.host import DHT_OPTIONS
 from locoswarm.node.registry import PeerRegistry
-from locoswarm.protocol.records import PeerRecord, encode_record
+from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode_record
 
 pytestmark = pytest.mark.timeout(180)
 RUN, SPEC = "bucket-test", b"b" * 32

@@ -22,9 +22,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils import get_dht_time
 
 from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
-from locoswarm.node.buckets import bucket_key
 from locoswarm.node.registry import PeerRegistry
-from locoswarm.protocol.records import PeerRecord, encode_record
+from locoswarm.protocol.records import PeerRecord, bucket_key, encode_record
 
 RUN, SPEC_HASH, TTL_S = "registry-test", b"r" * 32, 3.0
 
