@@ -107,9 +107,8 @@ class Daemon:
         """This life of the process (PeerRecord.incarnation): a restart shows a new one."""
         self.shard: int | None = None
         self.trainer = None
-        self.deltas = self.states = None
-        self.rows = None
-        """Tree rounds' row aggregates (node/tree.py RowExchange), with rounds.exchange "tree"."""
+        self.streams = None
+        """The streams served and pulled on p2pd (node/services.py PeerStreams), once started."""
         self.membership: Membership | None = None
         self.lineage = Lineage(self.spec_hash)
         self.loop: RoundLoop | None = None
@@ -189,19 +188,15 @@ class Daemon:
     async def _serve(self) -> int:
         from hivemind.dht.node import DHTNode
 
-        from locoswarm.node.exchange import DeltaServer, delta_streams
-        from locoswarm.node.tree import RowExchange
-        from locoswarm.node.progress import ProgressBus
         from locoswarm.node.registry import PeerRegistry
+        from locoswarm.node.services import PeerStreams
         from locoswarm.node.signers import CachedSignatureValidator
-        from locoswarm.node.runinfo import RunInfoServer
-        from locoswarm.node.statesync import StateServer
 
         started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit, self.dialling)
         if started is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         p2p, self.initial_peers = started
-        dht = registry = progress = pulls = None
+        dht = registry = None
         try:
             self.record.peer_id = p2p.peer_id.to_base58()
             self.record.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
@@ -233,22 +228,11 @@ class Daemon:
                 self.events(Resumed(round=resumed))
             self.lineage.start(trainer.outer_steps, self.checkpoints.resumed_meta.get("chain"),
                                resumed=resumed is not None)
-            self.deltas = DeltaServer(p2p, incarnation=self.incarnation, admit=self.membership.admit)
-            self.states = StateServer(p2p, trainer.state_spec, admit=self.membership.admit,
-                                      upload_bytes_per_s=self.cfg.net.state_upload_mbit * 1e6 / 8,
-                                      residual_spec=trainer.residual_spec)
-            self.states.on_encoded = lambda r, digest: self.events(ServingState(round=r, digest=digest))
-            progress = ProgressBus(p2p, self.peer_id, admit=self.membership.admit, spec_hash=self.spec_hash,
-                                   record=self.record, on_record=self.membership.heard,
-                                   on_gone=self.membership.gone)
-            pulls = delta_streams(p2p)
-            if self.spec.rounds.exchange == "tree":
-                self.rows = RowExchange(p2p, incarnation=self.incarnation, admit=self.membership.admit)
-                await self.rows.start()
-            await self.deltas.start()
-            await self.states.start()
-            await progress.start()
-            await RunInfoServer(p2p, self.spec.run_id, self.spec_hash, private=access.restricted).start()
+            streams = self.streams = await PeerStreams.start(
+                p2p, self.spec, self.spec_hash, peer_id=self.peer_id, incarnation=self.incarnation,
+                membership=self.membership, record=self.record, trainer=trainer,
+                upload_bytes_per_s=self.cfg.net.state_upload_mbit * 1e6 / 8,
+                on_state_encoded=lambda r, digest: self.events(ServingState(round=r, digest=digest)))
             if access.work_bits:
                 self.stats.state = "proving"  # node status says why nothing trains yet (minutes at 16 bits)
                 work = await prove_work(self.cfg.state_dir, self.spec_hash, self.peer_id, access.work_bits,
@@ -260,11 +244,11 @@ class Daemon:
             self.stats.started_unix_s = time.time()  # as a baseline's clock starts: at its first event
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
                                incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
-                               membership=self.membership, progress=progress, lineage=self.lineage,
-                               deltas=self.deltas, states=self.states, checkpoints=self.checkpoints, idle=self.idle,
-                               events=self.events, stats=self.stats, bar=self.bar, should_exit=self.should_exit,
-                               faults=self.faults, bytes_sent=lambda: self.bytes_sent, delta_streams=pulls,
-                               rows=self.rows,
+                               membership=self.membership, progress=streams.progress, lineage=self.lineage,
+                               deltas=streams.deltas, states=streams.states, checkpoints=self.checkpoints,
+                               idle=self.idle, events=self.events, stats=self.stats, bar=self.bar,
+                               should_exit=self.should_exit, faults=self.faults, bytes_sent=lambda: self.bytes_sent,
+                               delta_streams=streams.pulls, rows=streams.rows,
                                registry_sent=lambda: registry.store.bytes_stored,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
@@ -273,12 +257,12 @@ class Daemon:
             self._spawn(keep_record(registry, self.membership, self.record, interval_s=self._refresh_s,
                                     initial_peers=self.initial_peers, had_peers=lambda: self.lineage.had_peers,
                                     on_view=functools.partial(remember_peers, self.cfg.state_dir),
-                                    shown=progress.show, waiting=lambda: self.stats.state == "waiting"))
+                                    shown=streams.progress.show, waiting=lambda: self.stats.state == "waiting"))
             if self.spec.trust.anchors and trainer.ledger.enabled:
                 # The anchors' rolls: whose word joiners take while no anchor is live (node/roll.py).
                 if self.peer_id in self.spec.trust.anchors:
                     self._spawn(keep_roll(dht, self.peer_id.encode() + validator.local_public_key, self.spec.run_id,
-                                          self.spec_hash, self.states.newest, trainer.ledger.threshold))
+                                          self.spec_hash, streams.states.newest, trainer.ledger.threshold))
                 self._spawn(relay_rolls(registry.store, self.spec.run_id, self.spec_hash, self.spec.trust.anchors,
                                         lambda: registry.peers_estimate, random.Random()))
             await self.idle.check()  # before the first step: a fresh start must not train during a game
@@ -295,14 +279,8 @@ class Daemon:
             self.bar.stop()
             self.stats.state = "stopping"
             self._stop_round()
-            if self.deltas is not None:
-                self.deltas.stop()
-            if self.rows is not None:
-                self.rows.close()
-            if progress is not None:
-                progress.close()
-            if pulls is not None:
-                pulls.close()
+            if self.streams is not None:
+                self.streams.close()
             for task in self._tasks:
                 task.cancel()
             if self._tasks:
@@ -368,7 +346,7 @@ class Daemon:
 
     @property
     def bytes_sent(self) -> int:
-        return sum(s.bytes_sent for s in (self.deltas, self.rows and self.rows.server, self.states) if s is not None)
+        return 0 if self.streams is None else self.streams.bytes_sent
 
 
 def run_daemon(spec: RunSpec, cfg: NodeConfig, emit: Callable[[str], None] = print, *,

@@ -44,7 +44,7 @@ def status_of(daemon: Daemon) -> dict:
         "rounds_discarded": st.rounds_discarded,
         "shard": daemon.shard,
         "deltas_rejected": st.deltas_rejected,
-        "requests_refused": sum(s.limits.refused for s in (daemon.deltas, daemon.states) if s is not None),
+        "requests_refused": 0 if daemon.streams is None else daemon.streams.requests_refused,
         "paused": daemon.idle.paused,
         "checkpoint_round": daemon.checkpoints.round,
         "checkpoint_error": daemon.checkpoints.error,
