@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from locoswarm.node.roundloop import FINAL_MODEL
+from locoswarm.node.leaving import FINAL_MODEL
 from locoswarm.bench.churn import Churn, Fakes, Phases, first_completed, rate_per_minute
 from locoswarm.bench.swarm import LocalSwarm, RoundLine
 from locoswarm.bench.swarmbytes import BYTE_KEYS, byte_figures, format_bytes

@@ -19,17 +19,15 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from safetensors import SafetensorError
-
 from locoswarm.node.catchup import CatchUp
-from locoswarm.node.events import Final, RoundDiscarded, RoundEnded
+from locoswarm.node.events import RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
+from locoswarm.node.leaving import finish
 from locoswarm.node.lifecycle import unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
@@ -43,8 +41,6 @@ if TYPE_CHECKING:
     from locoswarm.node.trainer import RoundWork
 
 log = logging.getLogger(__name__)
-FINAL_MODEL = "final-model.safetensors"
-"""Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 MAX_FAILED_IN_A_ROW = 3
 """Rounds that may fail one after another before the node gives up."""
 
@@ -117,7 +113,7 @@ class RoundLoop:
             await ctx.checkpoints.write(trainer, ctx.pools.train, wait=True,
                                         extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
         if self._reached_limit(trained) and not ctx.should_exit.is_set():
-            await self._finish()
+            await finish(self.ctx)
 
     def _reached_limit(self, trained: int) -> bool:
         """--max-rounds rounds trained by this process, or --until-round reached by the
@@ -374,41 +370,6 @@ class RoundLoop:
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
                               check_s=self._check_s, rows=rows))
-
-    async def _finish(self) -> None:
-        """Leaving at --max-rounds: keep serving the last delta until the peers of the last
-        round have moved past it (their records say so) or the deadline, since leaving at
-        once would cost them our delta. Those are the peers the round waited for
-        (`Membership.expected`): a record further behind is a peer that will not ask (dead,
-        its record not expired yet). After a tree round, every live peer in view may still
-        ask for our row's aggregate, and only our row hears our progress: we tell them all
-        that we are done and wait on each of them (16 peers in rows of 4 on 16 cores,
-        2026-12-07, ended on different digests when a row's members left as soon as their
-        row had moved on). Then evaluate and write the final model."""
-        ctx, trainer = self.ctx, self.ctx.trainer
-        last = trainer.outer_steps - 1  # records carry outer steps: past `last` means done with it
-        tree = drawn(ctx, last)[0] > 1
-        # Our record is past `last` now: tell it at once, or peers leaving with us (each
-        # waiting for the others' records to move on) would all wait out the deadline.
-        ctx.progress.show()
-        if tree:
-            ctx.progress.introduce(ctx.membership.live(last))
-
-        def waited() -> set[str]:
-            return ctx.membership.expected(last) | (ctx.membership.behind(last) - {ctx.peer_id} if tree else set())
-
-        linger_until = time.monotonic() + min(10.0, ctx.spec.rounds.deadline_s)
-        while time.monotonic() < linger_until and waited() and not ctx.should_exit.is_set():
-            await asyncio.sleep(0.1)  # a signal ends the lingering (the peers then drop our delta), not the final model
-        unfinished = len(waited())
-        ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
-        digest = await ctx.pools.train(trainer.state_digest)
-        path = os.path.join(ctx.cfg.state_dir, FINAL_MODEL)
-        try:
-            await ctx.pools.train(trainer.save_model, path)
-        except (OSError, SafetensorError) as e:  # a full or read-only disk: the checkpoints hold the state
-            log.error("final model not written to %s: %s", ctx.cfg.state_dir, getattr(e, "strerror", None) or e)
-        ctx.events(Final(round=trainer.round, eval_loss=ctx.stats.eval_loss, digest=digest, unfinished=unfinished))
 
     async def _wait_while_paused(self) -> None:
         while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():
