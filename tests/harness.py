@@ -9,6 +9,7 @@ test checks that something was logged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -272,3 +273,15 @@ def three_peers_faults(swarm: Swarm, faults: dict[str, list[str]], *args: str) -
 def assert_clean_exit(child: Child, rc: int) -> None:
     assert rc == 0, f"{child.name} exited {rc}\n{child.tail()}"
     assert "Traceback" not in child.stderr(), child.tail()
+
+
+@functools.lru_cache(maxsize=1)
+def libp2p_missing() -> str | None:
+    """Why py-libp2p cannot be used here, or None. Asked of a subprocess: importing it beside
+    hivemind in the test process would collide protobuf descriptors."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import libp2p, trio"], capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        return "importing libp2p took over 120 s"
+    return None if out.returncode == 0 else f"py-libp2p is not importable: {out.stderr.strip().splitlines()[-1:]}"

@@ -26,23 +26,13 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from harness import libp2p_missing
 from locoswarm.node.signers import subkey_author
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "lp2p_dht.py")
 PLAIN_KEY, SIGNED_KEY, OWN_KEY = "net-test:plain", "net-test:signed", "net-test:from-lp2p"
 PEER_TIMEOUT_S = 150
-
-
-def _libp2p_missing() -> str | None:
-    """Why py-libp2p cannot be used here, or None. Asked of a subprocess: importing it beside
-    hivemind in this process would collide protobuf descriptors."""
-    try:
-        out = subprocess.run([sys.executable, "-c", "import libp2p, trio"], capture_output=True, text=True,
-                             timeout=120)
-    except subprocess.TimeoutExpired:
-        return "importing libp2p took over 120 s"
-    return None if out.returncode == 0 else f"py-libp2p is not importable: {out.stderr.strip().splitlines()[-1:]}"
 
 
 async def _swarm_and_peer(identity_path: str) -> tuple[dict, dict]:
@@ -103,7 +93,7 @@ async def _call_the_peer(p2p: P2P, maddrs: list[str], identity_path: str) -> dic
 
 @pytest.mark.timeout(300)
 def test_a_py_libp2p_peer_reads_stores_and_is_refused_a_forgery_by_live_hivemind_nodes(tmp_path):
-    why = _libp2p_missing()
+    why = libp2p_missing()
     if why:
         pytest.skip(why)
     peer_id = ensure_identity(str(tmp_path))
@@ -142,7 +132,7 @@ def _run_peer_script(name: str, *args: str, timeout_s: float = 120) -> dict:
 
 @pytest.mark.timeout(200)
 def test_each_failed_unary_call_is_its_named_error_naming_the_peer_and_the_caller_carries_on():
-    why = _libp2p_missing()
+    why = libp2p_missing()
     if why:
         pytest.skip(why)
     seen = _run_peer_script("lp2p_rpc.py")
@@ -164,7 +154,7 @@ def test_each_failed_unary_call_is_its_named_error_naming_the_peer_and_the_calle
 
 @pytest.mark.timeout(200)
 def test_get_merges_nodes_copies_newest_expiration_per_subkey_dropping_forged_expired_and_bad_answers():
-    why = _libp2p_missing()
+    why = libp2p_missing()
     if why:
         pytest.skip(why)
     seen = _run_peer_script("lp2p_merge.py")

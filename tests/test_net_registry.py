@@ -19,7 +19,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from harness import Swarm, first_addr, peer_id, wait_round
+from harness import Swarm, first_addr, libp2p_missing, peer_id, wait_round
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode_record
@@ -27,16 +27,6 @@ from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode
 READER = os.path.join(os.path.dirname(__file__), "peers", "lp2p_registry.py")
 FORGED_ROUND = 10**6
 """The forged record's round: were it taken, it would win over the genuine one (higher round)."""
-
-
-def _libp2p_missing() -> str | None:
-    """Why py-libp2p cannot be used here, or None (asked of a subprocess, as tests/test_net_dht.py)."""
-    try:
-        out = subprocess.run([sys.executable, "-c", "import libp2p, trio"], capture_output=True, text=True,
-                             timeout=120)
-    except subprocess.TimeoutExpired:
-        return "importing libp2p took over 120 s"
-    return None if out.returncode == 0 else f"py-libp2p is not importable: {out.stderr.strip().splitlines()[-1:]}"
 
 
 async def _store_bad_entries(maddr: str, key: str, victim: str, spec_hash: bytes) -> None:
@@ -60,7 +50,7 @@ async def _store_bad_entries(maddr: str, key: str, victim: str, spec_hash: bytes
 @pytest.mark.slow
 @pytest.mark.timeout(300, method="signal")
 def test_a_py_libp2p_peer_reads_every_daemons_record_and_drops_entries_not_their_named_peers(swarm: Swarm, tmp_path):
-    why = _libp2p_missing()
+    why = libp2p_missing()
     if why:
         pytest.skip(why)
     spec = RunSpec()
