@@ -152,14 +152,16 @@ class Membership:
         """The peers of every record in view that is not paused nor gone, and whose record
         is not past `round_` by more than 2: whom a tree round may ask for a row's aggregate
         (node/tree.py)."""
-        return {r.peer_id for r in self.records
-                if not r.paused and r.peer_id not in self._gone and r.round <= round_ + 2}
+        return self._live_up_to(round_ + 2)
 
     def behind(self, round_: int) -> set[str]:
         """The peers of `live(round_)` whose record shows they have not stepped past
         `round_` yet: those that may still ask for its rows' aggregates."""
-        return {r.peer_id for r in self.records
-                if not r.paused and r.peer_id not in self._gone and r.round <= round_}
+        return self._live_up_to(round_)
+
+    def _live_up_to(self, round_: int) -> set[str]:
+        """The peers of every record in view that is not paused nor gone and shows at most `round_`."""
+        return {r.peer_id for r in self.records if not r.paused and r.peer_id not in self._gone and r.round <= round_}
 
     def is_gone(self, peer: str) -> bool:
         """Whether `peer` is out of the view because its progress streams fail (`gone`)."""
