@@ -77,6 +77,8 @@ class RoundLine:
     """Seconds the peer's checks of the round took."""
     rows: int = 1
     """The round's rows (a tree round, node/tree.py); 1: a full round."""
+    exchange: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The round's exchange in seconds: sending the peer's delta, pulling the others', the rest."""
 
 
 @dataclass(slots=True)
@@ -298,7 +300,8 @@ class LocalSwarm:
                                          delta_streams=event.get("delta_streams", 0),
                                          rows=event.get("rows", 1),
                                          least_agreement=event.get("least_agreement"),
-                                         check_s=event.get("check_s", 0.0)))
+                                         check_s=event.get("check_s", 0.0),
+                                         exchange=tuple(event.get(k, 0.0) for k in ("send_s", "pull_s", "step_s"))))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

@@ -132,6 +132,10 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
             "wait_for_exchange": statistics.fmean(x.wait_s for x in steady) if steady else 0.0,
             "boundary": statistics.fmean(x.boundary_s for x in steady) if steady else 0.0,
             "total": (round_s - train_s) / max(1, len(steady))},
+        # A round's exchange (with overlap, beside the next round's training), median seconds
+        # of each phase: what a wait for it is made of.
+        "exchange_s_per_round": {phase: statistics.median(x.exchange[i] for x in steady) if steady else 0.0
+                                 for i, phase in enumerate(("send", "pull", "step"))},
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "replica_spread": spread,
         "fanout": fanout,
@@ -248,6 +252,10 @@ def format_swarm(r: dict) -> str:
         o = r["overhead_s_per_round"]
         lines.append(f"  outside training       {1e3 * o['total']:.0f} ms a round: {1e3 * o['wait_for_exchange']:.0f} ms "
                      f"waiting for the last exchange, {1e3 * o['boundary']:.0f} ms at the boundary")
+    if "exchange_s_per_round" in r:
+        e = r["exchange_s_per_round"]
+        lines.append(f"  exchange (median)      {1e3 * e['send']:.0f} ms sending our delta, {1e3 * e['pull']:.0f} ms "
+                     f"pulling the others', {1e3 * e['step']:.0f} ms for the rest (checks, outer step, state)")
     lines += format_bytes(r)
     if r.get("least_agreement") is not None:
         lines.append(f"  checks                 least agreement {r['least_agreement']:.3f} (fails below "

@@ -125,6 +125,14 @@ class RoundEnded:
     """Seconds the checks took (on the exchange thread, before the outer step)."""
     rows: int = 1
     """The rows of a tree round (node/tree.py); 1: a full round."""
+    send_s: float = 0.0
+    """Of the round's exchange: encoding and serving this peer's delta."""
+    pull_s: float = 0.0
+    """Of the round's exchange: pulling the others' deltas (waiting for them to be served
+    included)."""
+    step_s: float = 0.0
+    """Of the round's exchange: the rest (screening, checks, a tree round's rows, the outer
+    step, the state served), until the round is reported."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

@@ -218,6 +218,7 @@ class RoundLoop:
             self._withdraw(progress, r)
         else:
             blob = await self._send(run, progress, work, base)
+        sent = time.monotonic()
         got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec,
                                   deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
@@ -227,6 +228,7 @@ class RoundLoop:
                                   unproven_wait_s=max(UNPROVEN_WAIT_S, progress.train_s),
                                   member=(lambda peer: row_of(ctx.spec_hash, r, peer, rows) == mine) if rows > 1
                                   else None)
+        pulled = time.monotonic()
         ctx.stats.bytes_received += got.bytes_received
         ctx.stats.delta_requests += got.requests
         ctx.stats.deltas_rejected += got.rejected
@@ -302,7 +304,8 @@ class RoundLoop:
         if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
-        self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows)
+        self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows,
+                     phases=(sent - started, pulled - sent, time.monotonic() - pulled))
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least
@@ -347,7 +350,8 @@ class RoundLoop:
         progress.report(0, 0.0, done=True)
 
     def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool, *,
-                rows: int = 1) -> None:
+                rows: int = 1, phases: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+        """`phases`: the exchange's seconds sending our delta, pulling the others', and the rest."""
         ctx, r = self.ctx, work.round
         self._failed_in_a_row = 0  # a whole round went through
         started = self._started.pop(r, None) or time.perf_counter()
@@ -369,7 +373,8 @@ class RoundLoop:
                               delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
-                              check_s=self._check_s, rows=rows))
+                              check_s=self._check_s, rows=rows, send_s=phases[0], pull_s=phases[1],
+                              step_s=phases[2]))
 
     async def _wait_while_paused(self) -> None:
         while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():

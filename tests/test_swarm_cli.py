@@ -68,6 +68,10 @@ def test_bench_swarm_writes_the_documented_json(tmp_path):
     assert result["progress_writes_per_peer_per_round"] <= result["progress_messages_per_peer_per_round"]
     assert result["delta_requests_per_peer_per_round"] >= 1  # the other peer's delta, once a round at least
     assert (result["inner_steps"], result["batch_size"], result["seq_len"]) == (5, 8, 64)  # the default spec's
+    # The exchange's phases as the daemons timed them: each took time, together less than the run.
+    phases = result["exchange_s_per_round"]
+    assert set(phases) == {"send", "pull", "step"} and all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) < result["wall_s"], phases
 
 
 def test_bench_swarm_refuses_bad_counts_without_starting_anything():
