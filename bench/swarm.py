@@ -136,7 +136,7 @@ ALONE = -1
 class LocalSwarm:
     """Start, watch and stop N daemons on loopback."""
 
-    def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int,
+    def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int | None,
                  extra: list[str] | None = None, keep_dir: str | None = None, until_round: bool = False,
                  alone: bool = False) -> None:
         """`until_round`: end the peers with `--until-round max_rounds` (the swarm's round,
@@ -173,13 +173,16 @@ class LocalSwarm:
             return subprocess.Popen([*argv, "--events", self._events_path(index, life)], stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
+    def _eval_flag(self) -> list[str]:
+        """The peers' --eval-every (none: the daemon's default)."""
+        return [] if self.eval_every is None else ["--eval-every", str(self.eval_every)]
+
     def _start(self, index: int, peer_addr: str | None) -> Peer:
         state_dir = os.path.join(self.dir, f"peer-{index}")
         limit = "--until-round" if self.until_round else "--max-rounds"
         cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
                "--state-dir", state_dir, limit, str(self.max_rounds), "--min-peers", str(self.num_peers),
-               "--shard", str(index), "--threads", str(self.threads), "--eval-every", str(self.eval_every),
-               *self.extra]
+               "--shard", str(index), "--threads", str(self.threads), *self._eval_flag(), *self.extra]
         if self.spec_path:
             cmd += ["--run", self.spec_path]
         if peer_addr:
@@ -205,8 +208,8 @@ class LocalSwarm:
         write_spec(replace(spec, run_id=spec.run_id[:120] + "-alone", initial_peers=[]), spec_path, force=True)
         cmd = [sys.executable, "-u", "-m", "locoswarm", "node", "join", "--listen", "/ip4/127.0.0.1/tcp/0",
                "--state-dir", os.path.join(self.dir, "alone"), "--max-rounds", str(self.max_rounds),
-               "--min-peers", "1", "--shard", "0", "--threads", str(self.threads), "--eval-every",
-               str(self.eval_every), *self.extra, "--run", spec_path]
+               "--min-peers", "1", "--shard", "0", "--threads", str(self.threads), *self._eval_flag(), *self.extra,
+               "--run", spec_path]
         self.alone = Peer(ALONE, self._spawn(ALONE, cmd, 1), os.path.join(self.dir, "alone"),
                           EventTail(self._events_path(ALONE, 1)), cmd, spawned_unix_s=time.time())
         return self.alone

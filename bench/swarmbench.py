@@ -63,7 +63,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
                     fakes: int = 0, flood: int = 0, earn_rounds: int | None = None,
-                    check_agreement: float | None = None, fake_mode: str = "record", row_size: int = 0) -> dict:
+                    check_agreement: float | None = None, fake_mode: str = "record", row_size: int = 0,
+                    eval_every: int | None = 0) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
@@ -74,7 +75,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     middle half (bench/state_flood.py). `earn_rounds`: the spec's diloco.robust.earn_rounds
     (None: the default; 0 turns earned weight off, to compare); `check_agreement` its
     diloco.robust.check_agreement likewise (0: no checks). `row_size` > 0: tree rounds
-    (rounds.exchange "tree", node/tree.py) with rows of that size."""
+    (rounds.exchange "tree", node/tree.py) with rows of that size. `eval_every`: the peers'
+    --eval-every (0: only at the end, so that the figures are training and the exchange;
+    None: the daemon's default)."""
     phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
@@ -90,7 +93,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     with tempfile.TemporaryDirectory(prefix="locoswarm-bench-") as tmp:
         spec_path = os.path.join(tmp, "run.toml")
         write_spec(spec, spec_path)
-        swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=0,
+        swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=eval_every,
                            keep_dir=keep_dir, extra=extra, until_round=phases is not None)
         churn = Churn(swarm, phases, churn_s, seed, log=log) if churn_s else None
         fake = (Fakes(swarm, phases, fakes, log=log, mode=FAKE_MODES[fake_mode]) if fakes else
@@ -154,6 +157,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "spec_hash": spec.hash().hex(),
         "exchange": spec.rounds.exchange,
         "row_size": spec.rounds.row_size if row_size else 0,
+        "eval_every": "auto" if eval_every is None else eval_every,
         # Rounds a peer took as a tree round (rows > 1), on average.
         "tree_rounds": sum(x.rows > 1 for p in peers for x in p.rounds) / max(1, len(peers)),
         **byte_figures(peers, swarm.io_unavailable),

@@ -138,6 +138,9 @@ def swarm(
                                  "of this many peers; 0: full rounds (the default)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="The peers' --checkpoint-every (unset: the daemon's default)."),
+    eval_every: str = typer.Option("0", "--eval-every", help="The peers' --eval-every: 0 (the default) evaluates "
+                                   "only at the end, so that the figures are training and the exchange; auto: the "
+                                   "daemon's default (after the first round, then within 5 % of the time)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
                                             "event files here (unset: a temporary directory, removed at the end)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
@@ -157,6 +160,9 @@ def swarm(
             raise ValueError(f"--fake-mode must be one of {', '.join(FAKE_MODES)}, got {fake_mode!r}")
         if row_size and not 2 <= row_size <= 256:
             raise ValueError(f"--row-size must be 0 or lie in [2, 256], got {row_size}")
+        evals = None if eval_every == "auto" else int(eval_every) if eval_every.isdigit() else -1
+        if evals is not None and evals < 0:
+            raise ValueError(f"--eval-every must be auto or a count >= 0, got {eval_every!r}")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
         if earn_rounds is not None and not 0 <= earn_rounds <= 10_000:
@@ -178,7 +184,7 @@ def swarm(
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
                                  fakes=fakes, flood=flood, earn_rounds=earn_rounds, check_agreement=check_agreement,
-                                 fake_mode=fake_mode, row_size=row_size,
+                                 fake_mode=fake_mode, row_size=row_size, eval_every=evals,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

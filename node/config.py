@@ -63,8 +63,9 @@ class NodeConfig:
     baseline: str | None = None
     """The events file (--events) of a lone-peer run on the same spec, drawn on the dashboard
     beside this node's loss (`locoswarm demo` names its lone peer's); None: none."""
-    eval_every: int = 1
-    """Evaluate on the held-out split every this many rounds (0: only at the end)."""
+    eval_every: int | None = None
+    """Evaluate on the held-out split every this many rounds (0: only at the end; None:
+    after the first round, then within 5 % of the time, node/evaluation.py)."""
     eval_sequences: int = 64
     """Held-out sequences per evaluation."""
     checkpoint_every: int = 10
@@ -86,8 +87,10 @@ class NodeConfig:
     def validate(self) -> None:
         """Every setting checked on its own and the multiaddrs parsed (node/checks.py), before
         anything is created: a SettingError names the first bad one."""
-        for name in ("max_rounds", "until_round", "threads", "micro_batch", "eval_every", "checkpoint_every"):
+        for name in ("max_rounds", "until_round", "threads", "micro_batch", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
+        if self.eval_every is not None:
+            _at_least("eval_every", self.eval_every, 0)
         for name in ("min_peers", "checkpoint_keep", "fanout"):
             _at_least(name, getattr(self, name), 1)
         if self.shard is not None:
@@ -276,7 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("activation_checkpointing", "Recompute activations in backward (less memory, ≈1/3 more compute)."),
     _setting("compile", "torch.compile the transformer blocks (CUDA)."),
     _setting("baseline", "Events file (--events) of a lone-peer run, drawn on the dashboard beside this node's loss."),
-    _setting("eval_every", "Evaluate every this many rounds (0: only at the end)."),
+    _setting("eval_every", "Evaluate every this many rounds (0: only at the end; unset: after the first round, "
+                           "then as often as keeps evaluating under 5 % of the time)."),
     _setting("checkpoint_every", "Checkpoint every this many rounds (0: never), and when leaving."),
     _setting("checkpoint_keep", "How many checkpoints to keep.", deprecated_flags=("keep-checkpoints",)),
     _setting("fanout", "At most this many peers' deltas pulled per round."),

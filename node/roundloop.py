@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from locoswarm.node.catchup import CatchUp
+from locoswarm.node.evaluation import EvalSchedule, timed
 from locoswarm.node.events import RoundDiscarded, RoundEnded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
@@ -59,6 +60,7 @@ class RoundLoop:
         self._failed_in_a_row = 0
         self._check_s = 0.0
         """Seconds the last round's checks took (optim/check.py)."""
+        self.evals = EvalSchedule(ctx.cfg.eval_every)
 
     def stop_round(self) -> None:
         self.round_stop.set()
@@ -301,11 +303,13 @@ class RoundLoop:
                            residual)
         ctx.stats.rounds_completed += 1
         ctx.stats.last_round_at = time.time()
-        if ctx.cfg.eval_every and ctx.stats.rounds_completed % ctx.cfg.eval_every == 0:
+        phases = (sent - started, pulled - sent, time.monotonic() - pulled)
+        if self.evals.due(ctx.stats.rounds_completed):
             # On the training thread: evaluating while it trains would read half-updated weights.
-            ctx.stats.eval_loss = await ctx.pools.train(trainer.evaluate)
+            ctx.stats.eval_loss, took_s = await ctx.pools.train(functools.partial(timed, trainer.evaluate))
+            self.evals.took(took_s)
         self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows,
-                     phases=(sent - started, pulled - sent, time.monotonic() - pulled))
+                     phases=phases)
 
     def _log_checks(self, r: int, checks: list) -> None:
         """Failed checks as warnings (they go out with our next delta); the round's least

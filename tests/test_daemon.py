@@ -63,6 +63,11 @@ def test_three_peers_aggregate_every_delta_agree_on_the_outer_state_and_lower_th
     first_eval = rounds(peers[0])[0][3]
     final_eval = finals[0][1]
     assert first_eval - final_eval > 0.3, f"eval loss {first_eval} -> {final_eval}"
+    # By default a peer evaluates after its first round, then within 5 % of its time: here an
+    # evaluation takes about half a round's training, so about every tenth round after.
+    for p in peers:
+        evals = [loss for *_, loss in rounds(p)]
+        assert evals[0] == evals[1] and len(set(evals)) <= 2, (p.name, evals)
 
     from safetensors.torch import load_file
 

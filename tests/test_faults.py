@@ -144,7 +144,7 @@ def test_a_peer_cut_off_for_a_while_is_left_out_then_takes_the_swarms_state_agai
     import signal
 
     run = daemon.write_spec(tmp_path / "run.toml", deadline_s=5.0)
-    a, b, c = three_in(swarm, net, run=run)
+    a, b, c = three_in(swarm, net, "--eval-every", "1", run=run)  # last_eval: the last round's loss
     daemon.wait_round(c, 2, 200)
     net.partition(2)
     time.sleep(10)

@@ -78,3 +78,10 @@ def test_bench_swarm_refuses_bad_counts_without_starting_anything():
     out = run_cli("bench", "swarm", "--peers", "0", timeout_s=60)
     assert out.returncode == 2
     assert "--peers" in out.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "often", ""])
+def test_bench_swarm_refuses_a_bad_eval_interval_without_starting_anything(value):
+    out = run_cli("bench", "swarm", "--peers", "2", "--eval-every", value, timeout_s=60)
+    assert out.returncode == 2
+    assert f"--eval-every must be auto or a count >= 0, got {value!r}" in out.stderr

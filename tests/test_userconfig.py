@@ -26,7 +26,7 @@ QM_A, QM_B, QM_C = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7
 OTHER = {"run": "r.toml", "invite": "locoswarm-invite:1:x", "organiser": PEER_ID, "state_dir": "/srv/locoswarm",
          "listen": ["/ip4/127.0.0.1/tcp/0"],
          "announce": ["/ip4/203.0.113.5/tcp/7"], "peers": [f"/ip4/127.0.0.1/tcp/8/p2p/{PEER_ID}"], "device": "cpu",
-         "precision": "fp32", "allowed_hours": "22-8", "shard": 5,
+         "precision": "fp32", "allowed_hours": "22-8", "shard": 5, "eval_every": 3,
          "baseline": "/srv/alone.events.jsonl"}
 
 
