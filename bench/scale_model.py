@@ -222,6 +222,10 @@ class Links:
     cpu_share: float = 1.0
     """Share of a core the control loop (one asyncio thread) gets: 1.0 on a volunteer's
     machine; less when several daemons share a machine (the loopback validation)."""
+    exchange_share: float | None = None
+    """Share of a core a round's exchange compute gets (None: `cpu_share`). Every peer's
+    exchange runs at the same time, beside its next round's training, so where daemons share
+    a machine it is the share of 2N busy threads, not of N."""
 
     @classmethod
     def loopback(cls, cpu_share: float = 1.0) -> "Links":
@@ -231,8 +235,10 @@ class Links:
     def validate(self) -> None:
         lo, hi = self.upload_mbit
         if not (self.rtt_median_s > 0 and self.rtt_sigma >= 0 and 0 < lo <= hi and self.download_factor > 0
-                and 0 < self.cpu_share <= 1 and self.rpc_s >= 0):
-            raise ValueError("links: rtt_median_s, upload_mbit, download_factor must be > 0, cpu_share in (0, 1]")
+                and 0 < self.cpu_share <= 1 and self.rpc_s >= 0
+                and (self.exchange_share is None or 0 < self.exchange_share <= 1)):
+            raise ValueError("links: rtt_median_s, upload_mbit, download_factor must be > 0, cpu_share and "
+                             "exchange_share in (0, 1]")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -264,8 +270,11 @@ class Workload:
     """A round's exchange compute per delta pulled: decode it off the wire, screen and check
     it, and its part of the aggregate and outer step (`bench checks --replicas 4` and `17` with
     one torch thread: 8.5 + 4.5 + 0.5 + 8.6 ms a delta, 2026-12-06), seconds of one whole core.
-    Both are divided by the CPU share a peer gets (`Links.cpu_share`): 17 deltas are 0.37 s
-    on a whole core, and 24 peers on 16 cores waited 0.84 s a round for them."""
+    Both are divided by the CPU share the exchange gets (`Links.exchange_share`): 17 deltas
+    are 0.37 s on a whole core, and 24 peers on 16 cores waited 0.84 s a round for them."""
+    decode_s: float = 0.0085
+    """Of `per_delta_s`: decoding the delta off the wire, which the daemon does as it pulls
+    (the rest, screening to the outer step, after the pull)."""
     poll_s: float = 0.1
     """Mean wait added by the delta pull's retries of a delta not ready yet (20 ms × 1.5 up to 250 ms)."""
     detect_killed_s: float = 2.0
@@ -280,5 +289,7 @@ class Workload:
             raise ValueError("workload: inner_steps, batch_size, seq_len, fanout, delta_bytes must be >= 1")
         if min(self.apply_s, self.per_delta_s, self.poll_s, self.detect_killed_s) < 0:
             raise ValueError("workload: apply_s, per_delta_s, poll_s and detect_killed_s must be >= 0")
+        if not 0 <= self.decode_s <= self.per_delta_s:
+            raise ValueError("workload: decode_s must be in [0, per_delta_s]")
         if not (self.tokens_per_s_median > 0 and self.tokens_per_s_sigma >= 0):
             raise ValueError("workload: tokens_per_s_median must be > 0 and tokens_per_s_sigma >= 0")

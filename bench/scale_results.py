@@ -53,6 +53,7 @@ def summarize(sim: Simulation, duration_s: float) -> dict:
         "rounds_per_minute": 60.0 * rounds / wall if wall else 0.0,
         "compute_share": sum(s.compute_s for s in sim.sampled) / wall if wall else 0.0,
         "seconds_per_round": wall / rounds if rounds else None,
+        "exchange_s_per_round": sum(s.exchange_s for s in sim.sampled) / rounds if rounds else None,
         **hot_node(sim),
     }
     if sim.design == "bounded":

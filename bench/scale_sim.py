@@ -59,6 +59,8 @@ class Sampled:
     next_compute_s: float = 0.0
     """Training time of the round in progress."""
     compute_s: float = 0.0
+    exchange_s: float = 0.0
+    """Its rounds' exchanges, summed (from a round's end to its outer step)."""
     rounds: int = 0
     last_round_end: float = 0.0
     exchange_done: float = 0.0
@@ -257,13 +259,19 @@ class Simulation:
         pulled = min(w.fanout, self.group - 1)
         above = self.levels - 1 if self.design == "bounded" and self.bnd.exchange == "tree" else 0
         """Tree levels above the row: each fetches, decodes and aggregates G − 1 aggregates."""
-        # the exchange's compute, on the share of a core the peer gets
-        exchange = (w.apply_s + (pulled + above * (self.group - 1)) * w.per_delta_s) / self.links.cpu_share
+        # the exchange's compute, on the share of a core the peer gets: encoding its delta,
+        # then (after the pull) screening to the outer step, and the levels above the row
+        share = self.links.exchange_share or self.links.cpu_share
+        exchange = (w.apply_s + pulled * (w.per_delta_s - w.decode_s) + above * (self.group - 1) * w.per_delta_s) / share
         if pulled:
             period = self.progress_period_s(s)
             others = [rng.uniform(0, period) + rng.uniform(0, w.batch_size * w.seq_len / self.tps[rng.randrange(self.n)])
                       for _ in range(pulled)]
-            exchange += max(0.0, max(others) - rng.uniform(0, period))
+            # each peer ends its round in the step it is in when it sees the end (ours too); a
+            # delta is decoded as it comes, so the last one's lag hides behind the others' decoding
+            ours = rng.uniform(0, period) + rng.uniform(0, w.batch_size * w.seq_len / self.tps[s.slot])
+            lag = max(0.0, max(others) - ours)
+            exchange += max(pulled * w.decode_s / share, lag + w.decode_s / share)
             exchange += 2 * s.rtt_s + max(pulled * w.delta_bytes / s.down_bytes_per_s,
                                           pulled * w.delta_bytes / s.up_bytes_per_s) + w.poll_s
             exchange += w.detect_killed_s if s.killed_pulled else 0.0
@@ -280,6 +288,7 @@ class Simulation:
         else:
             waits_for = now + exchange
         s.compute_s += s.next_compute_s
+        s.exchange_s += exchange
         s.rounds += 1
         s.last_round_end = now
         s.killed_pulled = 0

@@ -121,6 +121,30 @@ def fair_share(cores: float, demands: list[float]) -> float:
     return left / len(wanting)
 
 
+def exchange_share(swarm: dict, workload: Workload, cores: float, others: list[float]) -> float:
+    """The share of a core a round's exchange compute got in the run `swarm`.
+
+    Where the run timed its exchange's phases (`exchange_s_per_round`), from its compute
+    phases as the training throughput comes from its training: encoding our delta (send)
+    and screening to the outer step (step) took `workload.apply_s` and the pulled deltas'
+    `per_delta_s − decode_s` of a whole core; what they took of the wall clock gives the
+    share, and the model predicts the rest (the pull: decoding and waiting for the deltas).
+    On a machine that daemons oversubscribe, a thread's share is not the scheduler's alone:
+    a process's training and exchange threads hold one GIL, and a holder descheduled
+    stalls the other (one core, the exchange beside training in one process and two
+    spinning processes: 1.5 s where a fair share of four threads gives 1.0 s, 2026-12-07).
+
+    Otherwise what a fair scheduler gives 2N threads: the rounds end together, so every
+    peer's exchange computes at once, each beside its own next round's training."""
+    phases = swarm.get("exchange_s_per_round") or {}
+    wall = phases.get("send", 0.0) + phases.get("step", 0.0)
+    pulled = min(workload.fanout, swarm["peers"] - 1)
+    compute = workload.apply_s + pulled * (workload.per_delta_s - workload.decode_s)
+    if wall > 0:
+        return min(1.0, compute / wall)
+    return min(1.0, fair_share(cores, [1.0] * (2 * swarm["peers"]) + others))
+
+
 def run_design(swarm: dict) -> str:
     """The design the daemons of a `bench swarm --json` run ran: "bounded" where they told
     their progress over streams (the run counts those bytes), "current" before."""
@@ -153,17 +177,22 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
                                         # runs before 2026-12-05 07:50 did not say: the tiny spec's
                                         **{k: swarm[k] for k in ("inner_steps", "batch_size", "seq_len") if swarm.get(k)}))
     unbound = run_scale(cfg)[0]
-    links.cpu_share = min(1.0, fair_share(cores, [1.0] * n + [unbound["control_cpu_cores"]] * n
-                                          + [unbound["p2pd_cpu_cores"]] * n))
+    others = [unbound["control_cpu_cores"]] * n + [unbound["p2pd_cpu_cores"]] * n
+    links.cpu_share = min(1.0, fair_share(cores, [1.0] * n + others))
+    links.exchange_share = exchange_share(swarm, cfg.workload, cores, others)
     model = run_scale(cfg)[0]
     model_bytes = model["achieved_control_bytes_per_peer_per_s"] * model["seconds_per_round"]
     real_bytes = swarm["control_bytes_per_peer_per_round"]
     return {
-        "design": design, "peers": n, "cores": cores, "tokens_per_s": tps, "cpu_share": links.cpu_share, "rpc_s": rpc_s,
+        "design": design, "peers": n, "cores": cores, "tokens_per_s": tps, "cpu_share": links.cpu_share,
+        "exchange_share": links.exchange_share, "rpc_s": rpc_s,
         "real_control_bytes_per_peer_per_round": real_bytes, "model_control_bytes_per_peer_per_round": model_bytes,
         "control_bytes_gap": model_bytes / real_bytes - 1,
         "real_rounds_per_minute": swarm["rounds_per_minute"], "model_rounds_per_minute": model["rounds_per_minute"],
         "rounds_per_minute_gap": model["rounds_per_minute"] / swarm["rounds_per_minute"] - 1,
+        # A round's exchange, from its end to its outer step: the run's phases (medians) and the model's mean.
+        "real_exchange_s": sum((swarm.get("exchange_s_per_round") or {}).values()) or None,
+        "model_exchange_s": model["exchange_s_per_round"],
         "real_tokens_per_round": tokens_per_round, "model_tokens_per_round": cfg.workload.round_tokens,
         "model_offered_control_bytes_per_peer_per_s": model["control_bytes_per_peer_per_s"],
         "model_achieved_control_bytes_per_peer_per_s": model["achieved_control_bytes_per_peer_per_s"],
@@ -191,7 +220,9 @@ def format_comparison(c: dict) -> str:
             f"  control bytes/peer/round  real {c['real_control_bytes_per_peer_per_round']:,.0f}  "
             f"model {c['model_control_bytes_per_peer_per_round']:,.0f}  ({100 * c['control_bytes_gap']:+.0f} %)\n"
             f"  rounds/min                real {c['real_rounds_per_minute']:.1f}  "
-            f"model {c['model_rounds_per_minute']:.1f}  ({100 * c['rounds_per_minute_gap']:+.0f} %)")
+            f"model {c['model_rounds_per_minute']:.1f}  ({100 * c['rounds_per_minute_gap']:+.0f} %)"
+            + (f"\n  exchange s/round          real {c['real_exchange_s']:.2f}  model {c['model_exchange_s']:.2f}  "
+               f"(the exchange's compute at {c['exchange_share']:.2f} of a core)" if c.get("real_exchange_s") else ""))
 
 
 def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float = 0.1) -> dict:
