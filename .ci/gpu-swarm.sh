@@ -11,8 +11,9 @@
 #            test that runs 16 of them among 3 peers (its timing on a fast machine);
 #   split:   the silent-split fault case (it failed 2 of 2 on 16 cores before the anchor chains);
 #   swarm24: bench swarm with 24 CPU peers (every peer sees the others and trains);
-#   validate24: 24 CPU peers × 32 rounds, then `bench scale --validate` of that run (the model
-#            against real daemons at 24 peers, with this machine's cores and request round trip);
+#   validate24: a round's exchange compute on one core (bench checks, 17 deltas), then 24 CPU
+#            peers × 32 rounds and `bench scale --validate` of that run (the model against real
+#            daemons at 24 peers, with this machine's cores and request round trip);
 #   catchup: the daemon tests of catching up by the rounds' deltas (a joiner behind, a peer
 #            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
@@ -64,6 +65,11 @@ for part in "${parts[@]}"; do
         echo "split rc=$?" | tee -a "$out/summary.txt"; tail -3 "$log";;
     swarm24) swarm swarm24 230 --peers 24 --rounds 4;;
     validate24)  # long enough for the registry's reads to count, then the model against it (issue 18)
+        # first, alone on the machine: a round's exchange compute on one of its cores (what
+        # bench scale charges per delta was measured on the 2-core machine's)
+        LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 120 python3 -m locoswarm bench checks --device cpu \
+            --replicas 17 --json "$out/checks17.json" > "$out/checks17.log" 2>&1
+        echo "checks17 rc=$?" | tee -a "$out/summary.txt"; tail -6 "$out/checks17.log"
         swarm swarm24x32 330 --peers 24 --rounds 32
         timeout 150 python3 -m locoswarm bench scale --validate "$out/swarm24x32.json" \
             --json "$out/validate24x32.json" > "$out/validate24x32.log" 2>&1
