@@ -10,6 +10,7 @@ frame lives here; opening streams, timeouts and admission are the node's (node/s
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 from locoswarm.protocol.errors import MalformedMessage, OversizedMessage
 
@@ -39,15 +40,29 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: object, limit: int, 
     Raises ConnectionResetError when the stream ends before the header (the peer is leaving
     or its handler is gone: not a protocol fault), OversizedMessage when the announced length
     is above `limit`, TruncatedBody when the stream ends inside the body."""
-    try:
-        length = int.from_bytes(await reader.readexactly(HEADER), "big")
-    except asyncio.IncompleteReadError:
-        raise ConnectionResetError(f"peer {peer} closed the stream before the length header") from None
+
+    async def read_exactly(n: int) -> bytes:
+        try:
+            return await reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+
+    return await read_frame_with(read_exactly, peer=peer, limit=limit, limit_name=limit_name)
+
+
+async def read_frame_with(read_exactly: Callable[[int], Awaitable[bytes]], *, peer: object, limit: int,
+                          limit_name: str) -> bytes | None:
+    """`read_frame` on any stream: `read_exactly(n)` returns n bytes, or fewer where the
+    stream ended (py-libp2p's streams, net/framed.py)."""
+    header = await read_exactly(HEADER)
+    if len(header) < HEADER:
+        raise ConnectionResetError(f"peer {peer} closed the stream before the length header")
+    length = int.from_bytes(header, "big")
     if length == 0:
         return None
     if length > limit:
         raise OversizedMessage(f"peer {peer} announced {length} bytes, above {limit_name} of {limit}")
-    try:
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError as e:
-        raise TruncatedBody(f"peer {peer} sent {len(e.partial)} of {length} announced bytes", e.partial) from None
+    body = await read_exactly(length)
+    if len(body) < length:
+        raise TruncatedBody(f"peer {peer} sent {len(body)} of {length} announced bytes", body)
+    return body

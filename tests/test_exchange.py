@@ -84,7 +84,7 @@ def test_server_forgets_rounds_older_than_the_last_two():
     server = DeltaServer(p2p=None)
     for r in range(5):
         server.publish(r, bytes([r]))
-    assert sorted(server._deltas) == [3, 4]
+    assert sorted(server.book._deltas) == [3, 4]
 
 
 def test_server_says_never_for_rounds_it_passed_without_a_delta_and_to_a_request_of_another_life():
