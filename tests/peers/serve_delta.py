@@ -7,27 +7,16 @@ usage: python serve_delta.py MODE   (MODE: good | garbage | truncated | oversize
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
-import torch
 from hivemind.p2p import P2P
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by file path from tests/test_exchange.py too
+from delta_fixture import ROUND, SHAPES, SPEC, good_blob  # noqa: E402
+
+__all__ = ["ROUND", "SHAPES", "SPEC", "good_blob"]  # what the tests read from here
 from locoswarm.node.exchange import PROTOCOL, REQUEST_LEN, DeltaServer
-from locoswarm.optim import CompressionConfig, ErrorFeedbackCompressor, delta_spec
-from locoswarm.protocol import DeltaMessage, encode_delta
-
-SHAPES = [("w", (64, 100)), ("b", (33,))]
-CFG = CompressionConfig(density=0.02, bits=2, chunk=1024)
-SPEC = delta_spec(SHAPES, CFG, run_id="exchange-test", spec_hash=b"s" * 32, max_tokens=10_000)
-ROUND = 3
-
-
-def good_blob(round_: int = ROUND) -> bytes:
-    gen = torch.Generator().manual_seed(11)
-    comp = ErrorFeedbackCompressor(SPEC.tensors, CFG, "cpu")
-    packed, _ = comp.compress([torch.randn(s, generator=gen) for _, s in SHAPES])
-    return encode_delta(DeltaMessage(run_id="exchange-test", spec_hash=b"s" * 32, round=round_, sender="server",
-                                     num_tokens=1000, tensors=tuple(packed)))
 
 
 async def main(mode: str) -> None:
