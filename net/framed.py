@@ -3,13 +3,14 @@ on py-libp2p: a request of a fixed number of bytes, answered by one frame of
 protocol/framing.py, several requests one after another on a kept stream. The same bytes as
 node/streams.py sends over p2pd, so a hivemind peer and a py-libp2p peer serve each other.
 
-The server admits each peer's requests under protocol/admission.py's limits and bounds every
-wait; the client bounds the whole exchange with a timeout and keeps a stream per peer for
+The server admits each peer's requests and streams under protocol/admission.py's limits (a
+peer's streams beyond its concurrency + 1 close its oldest) and bounds every wait; the client bounds the whole exchange with a timeout and keeps a stream per peer for
 its next request. Every failure is the request's, never the host's.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,12 @@ def serve_framed(host: IHost, protocol: str, answer: Callable[[str, bytes], Awai
     async def on_stream(stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         ok = False
+        handle = _Resettable(stream)
         try:
+            why = limits.open_stream(peer, handle)
+            if why is not None:
+                warn_refused(what, peer, why)
+                return
             served = 0
             while True:
                 with trio.move_on_after(idle_s if served else timeout_s):
@@ -87,9 +93,21 @@ def serve_framed(host: IHost, protocol: str, answer: Callable[[str, bytes], Awai
         except Exception as e:  # a slow or vanished client: this stream only
             log.info("%s request from %s abandoned: %s", what, peer, type(e).__name__)
         finally:
+            limits.close_stream(peer, handle)
             await close_stream(stream, reset=not ok)
 
     host.set_stream_handler(TProtocol(protocol), on_stream)
+
+
+class _Resettable:
+    """A served stream as protocol/admission.py's limits close it: reset at once (its
+    handler's read then ends), from a task of its own, since closing here is synchronous."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+
+    def close(self) -> None:
+        trio.lowlevel.spawn_system_task(functools.partial(close_stream, self.stream, reset=True))
 
 
 class KeptStreams:

@@ -17,7 +17,7 @@ import pytest
 from hivemind.p2p import P2P, PeerID
 
 from harness import libp2p_missing
-from locoswarm.node.exchange import DeltaGone, DeltaServer, call_get_delta, delta_streams
+from locoswarm.node.exchange import PROTOCOL, DeltaGone, DeltaServer, call_get_delta, delta_streams
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEERS = os.path.join(os.path.dirname(__file__), "peers")
@@ -40,6 +40,16 @@ async def _line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> di
         fields = json.loads(line)
         if key in fields:
             return fields
+
+
+async def _closed(reader: asyncio.StreamReader, within_s: float) -> bool:
+    """Whether the other end closes the stream within `within_s` (it sends nothing on it)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within_s) == b""
+    except asyncio.TimeoutError:
+        return False
+    except ConnectionError:
+        return True
 
 
 async def _exchange(identity: str) -> dict:
@@ -75,6 +85,14 @@ async def _exchange(identity: str) -> dict:
                 await call_get_delta(streams, peer, round_, SPEC, timeout_s=20.0, incarnation=incarnation)
             got[case] = "gone"
         got["streams_opened"] = streams.num_opened
+        # one peer's streams beyond 3 (2 at once + 1) close its oldest: the kept one, then the first raw one
+        raw = [await client.call_binary_stream_handler(peer, PROTOCOL) for _ in range(4)]
+        got["raw_last_closed"] = await _closed(raw[-1][1], 1.0)  # first: the server drops an idle one after 10 s
+        got["raw_first_closed"] = await _closed(raw[0][1], 10.0)
+        for _, _, writer in raw:
+            writer.close()
+        delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)  # a new stream replaces the kept one
+        got["after_raw"] = (delta.sender, streams.num_opened)
         got["pulled_by_lp2p"] = (await _line(proc, "pulled"))["pulled"]
         proc.stdin.close()
         got["end"] = await _line(proc, "bytes_sent")
@@ -105,6 +123,8 @@ def test_a_p2pd_peer_and_a_py_libp2p_peer_pull_each_others_deltas(tmp_path):
     assert got["held"] == ("lp2p", ROUND + 1, sha(good_blob(ROUND + 1, sender="lp2p", seed=12)))
     assert got["never"] == got["old_life"] == "gone"
     assert got["streams_opened"] == 1
+    assert got["raw_first_closed"] is True and got["raw_last_closed"] is False
+    assert got["after_raw"] == ("lp2p", 2)
     # and the py-libp2p peer pulled p2pd's
     theirs = got["pulled_by_lp2p"]
     assert theirs["first"] == theirs["again"] == ["ok", "p2pd", ROUND, sha(good_blob(ROUND, sender="p2pd"))]
