@@ -16,16 +16,11 @@ its round, chains, paused flag and incarnation reach the round's peers at once, 
 registry shows them only at its next refresh and read, every few seconds (node/membership.py
 takes the newer of the two by the record's sequence number).
 
-A message is a kind byte (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE), a two-byte big-endian
-length and the body: a progress (`encode_progress`, which names its round,
-1..MAX_PROGRESS_BYTES), a record (`encode_record`, 1..MAX_RECORD_BYTES, of the run's spec and
-naming the sender) or, on a stream that already carried a record, an update of it
-(`encode_update`, 1..MAX_UPDATE_BYTES: what changes as a peer trains, a fifth to a third of a record;
-the receiver applies it to the last record of the stream and checks the result as a record).
-Delivery is best effort with memory: a sender (node/outbox.py) keeps its latest record and the latest message
-of each open round per peer and sends them again on a new stream when the last one broke,
-so a report is lost only with its peer. The receiver keeps the
-latest message per peer and round for the rounds open here (ROUNDS_KEPT before the newest,
+The messages and their checks are protocol/progresswire.py's (the py-libp2p peer reads and
+writes the same). Delivery is best effort with memory: a sender (node/outbox.py) keeps its
+latest record and the latest message of each open round per peer and sends them again on a
+new stream when the last one broke, so a report is lost only with its peer. The receiver
+keeps the latest message per peer and round for the rounds open here (ROUNDS_KEPT before the newest,
 ROUNDS_AHEAD after), reads one stream per peer (a newer one replaces the older), takes at
 most MESSAGE_RATE messages a second from a peer and drops a stream that sends anything
 malformed (a record of another spec or naming another peer included); with an access
@@ -44,12 +39,15 @@ from locoswarm.node.outbox import IDLE_S, RECORD_SLOT, WRITE_TIMEOUT_S, Outbox
 from locoswarm.node.streams import PeerLimits
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.records import (MAX_PROGRESS_BYTES, MAX_RECORD_BYTES, MAX_UPDATE_BYTES, PeerRecord, Progress,
-                                        apply_update, decode_progress, decode_record, encode_progress, encode_record,
-                                        encode_update, record_base)
+from locoswarm.protocol.progresswire import (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE, LIMITS, PROTOCOL, RecordFrames,
+                                             StreamDecoder, check_kind, check_length, frame, progress_frame,
+                                             record_frame, record_frames)
+from locoswarm.protocol.records import PeerRecord, Progress
+
+__all__ = ["KIND_PROGRESS", "KIND_RECORD", "KIND_UPDATE", "LIMITS", "PROTOCOL", "ProgressBus", "RecordFrames", "Seen",
+           "frame", "progress_frame", "record_frame", "record_frames"]
 
 log = logging.getLogger(__name__)
-PROTOCOL = "locoswarm/progress/1"
 ROUNDS_KEPT = 3
 """Rounds before the newest one opened here whose progress is still kept (with overlap a
 round's exchange runs beside the next round's training)."""
@@ -64,36 +62,6 @@ MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
 """Messages a second taken from one peer (honest peers send a few a second per round)."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
-KIND_PROGRESS, KIND_RECORD, KIND_UPDATE = 1, 2, 3
-_LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES, KIND_UPDATE: MAX_UPDATE_BYTES}
-
-
-def frame(kind: int, body: bytes) -> bytes:
-    """One message on a progress stream: its kind, a two-byte length and the body."""
-    return bytes([kind]) + len(body).to_bytes(2, "big") + body
-
-
-def progress_frame(progress: Progress) -> bytes:
-    return frame(KIND_PROGRESS, encode_progress(progress))
-
-
-def record_frame(record: PeerRecord) -> bytes:
-    return frame(KIND_RECORD, encode_record(record))
-
-
-@dataclass(frozen=True, slots=True)
-class RecordFrames:
-    """Our record as a stream carries it: whole (`full`, the first on a stream, or when its
-    `base` changed), else as an update of the last one the stream carried."""
-    full: bytes
-    base: tuple
-    update: bytes
-
-
-def record_frames(record: PeerRecord) -> RecordFrames:
-    return RecordFrames(record_frame(record), record_base(record), frame(KIND_UPDATE, encode_update(record)))
-
-
 @dataclass(frozen=True, slots=True)
 class Seen:
     progress: Progress
@@ -205,31 +173,24 @@ class ProgressBus:
         outbox = self._outboxes.get(peer)
         if outbox is not None:
             outbox.back.set()  # it is up and serves the protocol (again): no backoff before we write
-        base: PeerRecord | None = None
-        """The last record this stream carried: what an update applies to."""
+        decoder = StreamDecoder(peer, self.spec_hash)
         try:
             while True:
                 kind = (await asyncio.wait_for(reader.readexactly(1), 2 * IDLE_S))[0]
-                if kind not in _LIMITS:
-                    raise MalformedMessage(f"progress stream: message kind {kind} unknown")
-                head = await asyncio.wait_for(reader.readexactly(2), WRITE_TIMEOUT_S)
-                length = int.from_bytes(head, "big")
-                if not 0 < length <= _LIMITS[kind]:
-                    raise MalformedMessage(f"progress stream: message of {length} bytes (1..{_LIMITS[kind]})")
+                check_kind(kind)
+                length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), WRITE_TIMEOUT_S), "big")
+                check_length(kind, length)
                 body = await asyncio.wait_for(reader.readexactly(length), WRITE_TIMEOUT_S)
                 why = self.limits.admit(peer)
                 if why is not None:
                     raise MalformedMessage(f"flood: {why}")
                 self.limits.release(peer)
                 self.messages_received += 1
-                if kind == KIND_PROGRESS:
-                    self.take(peer, decode_progress(body))
-                elif kind == KIND_RECORD:
-                    base = self._heard_record(peer, decode_record(body, self.spec_hash))
-                elif base is None:
-                    raise MalformedMessage("progress stream: a record update before any record")
+                told = decoder.decode(kind, body)
+                if isinstance(told, Progress):
+                    self.take(peer, told)
                 else:
-                    base = self._heard_record(peer, apply_update(base, body, self.spec_hash))
+                    self._heard_record(peer, told)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass  # the sender left, went idle or broke the stream: it opens a new one when it has news
         except asyncio.CancelledError:
@@ -242,17 +203,14 @@ class ProgressBus:
                 del self._inbound[peer]
             writer.close()
 
-    def _heard_record(self, peer: str, record: PeerRecord) -> PeerRecord:
-        """A record `peer` told us (whole, or its last one updated); returns it."""
-        if record.peer_id != peer:
-            raise MalformedMessage(f"progress stream: a record of {record.peer_id}, not of its sender")
+    def _heard_record(self, peer: str, record: PeerRecord) -> None:
+        """A record `peer` told us (whole, or its last one updated, checked to name it)."""
         if self.on_record is not None:
             self.on_record(record)
         if self.admit is None or self.admit(peer):
             # Told back where it has not been told ours yet: a joiner, which has only the
             # registry's copies of our records (up to a refresh old), learns our round now.
             self.introduce([peer])
-        return record
 
     # ------------------------------------------------------------------ what we tell
 
