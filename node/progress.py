@@ -39,13 +39,15 @@ from locoswarm.node.outbox import IDLE_S, RECORD_SLOT, WRITE_TIMEOUT_S, Outbox
 from locoswarm.node.streams import PeerLimits
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.progresswire import (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE, LIMITS, PROTOCOL, RecordFrames,
+from locoswarm.protocol.progresswire import (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE, LIMITS, MAX_PEERS_PER_ROUND,
+                                             MAX_STREAMS, MESSAGE_BURST, MESSAGE_RATE, PROTOCOL, RecordFrames,
                                              StreamDecoder, check_kind, check_length, frame, progress_frame,
                                              record_frame, record_frames)
 from locoswarm.protocol.records import PeerRecord, Progress
 
-__all__ = ["KIND_PROGRESS", "KIND_RECORD", "KIND_UPDATE", "LIMITS", "PROTOCOL", "ProgressBus", "RecordFrames", "Seen",
-           "frame", "progress_frame", "record_frame", "record_frames"]
+__all__ = ["KIND_PROGRESS", "KIND_RECORD", "KIND_UPDATE", "LIMITS", "MAX_PEERS_PER_ROUND", "MAX_STREAMS",
+           "MESSAGE_BURST", "MESSAGE_RATE", "PROTOCOL", "ProgressBus", "RecordFrames", "Seen", "frame", "progress_frame",
+           "record_frame", "record_frames"]
 
 log = logging.getLogger(__name__)
 ROUNDS_KEPT = 3
@@ -54,12 +56,6 @@ round's exchange runs beside the next round's training)."""
 ROUNDS_AHEAD = 2
 """Rounds after the newest one opened here whose progress is kept already: a peer a round
 ahead reports before we get there, and its "done" is sent once."""
-MAX_PEERS_PER_ROUND = 4096
-"""Peers whose progress is kept per round: memory bounded under a flood of identities."""
-MAX_STREAMS = 1024
-"""Progress streams held at once, each way."""
-MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
-"""Messages a second taken from one peer (honest peers send a few a second per round)."""
 MAX_TARGETS = 256
 """Peers told per report at most (a round's peers are bounded by the view, ≤ 200)."""
 @dataclass(frozen=True, slots=True)

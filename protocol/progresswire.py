@@ -22,8 +22,12 @@ from locoswarm.protocol.records import (MAX_PROGRESS_BYTES, MAX_RECORD_BYTES, MA
 PROTOCOL = "locoswarm/progress/1"
 KIND_PROGRESS, KIND_RECORD, KIND_UPDATE = 1, 2, 3
 LIMITS = {KIND_PROGRESS: MAX_PROGRESS_BYTES, KIND_RECORD: MAX_RECORD_BYTES, KIND_UPDATE: MAX_UPDATE_BYTES}
-HEAD = 3
-"""Bytes before a message's body: its kind and length."""
+MAX_PEERS_PER_ROUND = 4096
+"""Peers whose progress a reader keeps per round: memory bounded under a flood of identities."""
+MAX_STREAMS = 1024
+"""Progress streams a peer holds at once, each way."""
+MESSAGE_RATE, MESSAGE_BURST = 50.0, 100
+"""Messages a second a reader takes from one peer (honest peers send a few a second per round)."""
 
 
 def frame(kind: int, body: bytes) -> bytes:
