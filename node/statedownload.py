@@ -34,7 +34,8 @@ from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import Ledger, Manifest, StateAssembler, StateSpec, decode_manifest
+from locoswarm.protocol.state import (Ledger, Manifest, StateAssembler, StateSpec, decode_manifest,
+                                      encode_state_request)
 
 MANIFEST_DONORS = 4
 """Donors asked for their manifest at once (the caller passes them shuffled)."""
@@ -91,8 +92,7 @@ class DownloadProgress:
 
 async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,
                    timeout_s: float, offset: int = 0) -> bytes:
-    request = bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big") + offset.to_bytes(8, "big")
-    body = await call_framed(p2p, peer, PROTOCOL, request, limit=limit, limit_name="the limit", timeout_s=timeout_s)
+    body = await call_framed(p2p, peer, PROTOCOL, encode_state_request(kind, round_, index, offset), limit=limit, limit_name="the limit", timeout_s=timeout_s)
     if body is None:
         raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{round_}/{index}")
     return body

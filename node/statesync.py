@@ -27,14 +27,11 @@ from hivemind.p2p import P2P
 from torch import Tensor
 
 from locoswarm.node.streams import ByteBudget, PeerLimits, serve_framed
-from locoswarm.protocol.state import Ledger, StateSpec, encode_state, state_digest
+from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, REQUEST_LEN, RESIDUAL_CHUNK, RESIDUAL_MANIFEST,
+                                      ROUND_DELTAS, Ledger, StateSpec, encode_state, state_digest)
 
-PROTOCOL = "locoswarm/state/3"
-MANIFEST, CHUNK, RESIDUAL_MANIFEST, RESIDUAL_CHUNK, ROUND_DELTAS = 0, 1, 2, 3, 4
-"""Request kinds."""
-REQUEST_LEN = 25
-LATEST = (1 << 64) - 1
-"""The round a request names for "the newest"."""
+__all__ = ["CHUNK", "LATEST", "MANIFEST", "PROTOCOL", "REQUEST_LEN", "RESIDUAL_CHUNK", "RESIDUAL_MANIFEST",
+           "ROUND_DELTAS", "RoundLog", "StateServer", "budget_chunk"]
 _ROUNDS_KEPT = 2
 _PIN_S = 60.0
 """An older round stays served while a joiner asked for it in the last this many seconds."""

@@ -54,6 +54,20 @@ Ledger = tuple[tuple[str, int], ...]
 """Earned weight as (peer id, credit) pairs in ascending peer id order."""
 
 
+PROTOCOL = "locoswarm/state/3"
+"""The stream a donor serves its state on (node/statesync.py on p2pd, net/statesync.py on py-libp2p)."""
+MANIFEST, CHUNK, RESIDUAL_MANIFEST, RESIDUAL_CHUNK, ROUND_DELTAS = 0, 1, 2, 3, 4
+"""Request kinds."""
+REQUEST_LEN = 25
+LATEST = (1 << 64) - 1
+"""The round a request names for "the newest"."""
+
+
+def encode_state_request(kind: int, round_: int, index: int, offset: int = 0) -> bytes:
+    """A request on the state stream: its kind, round, chunk index and offset into the chunk."""
+    return bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big") + offset.to_bytes(8, "big")
+
+
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 
@@ -206,6 +220,13 @@ class StateAssembler:
             raise MalformedMessage(f"state chunk {index} does not match its hash")
         self._body[start : start + size] = data
         self._have[index] = True
+
+    def digest(self) -> str:
+        """`state_digest` of the assembled body and the manifest's ledger (the digest donors
+        report serving), once every chunk is in."""
+        if self.missing():
+            raise MalformedMessage(f"state incomplete: {len(self.missing())} chunks missing")
+        return state_digest(bytes(self._body), self.manifest.ledger)
 
     def finish(self) -> dict[str, Tensor]:
         """The state as float32 tensors, once every chunk is in and the digest matches."""

@@ -1,0 +1,143 @@
+"""A joiner's download of the swarm's outer state on py-libp2p, from donors that serve it on
+`locoswarm/state/3` (node/statesync.py on p2pd): the manifests of up to MANIFEST_DONORS
+donors, the newest state at least AGREEING of them show (else the newest one), then its
+chunks from every donor that shows it, each checked against the manifest's SHA-256
+(protocol/state.py). A chunk cut mid-body is asked again for its rest only; a donor that
+fails DONOR_FAILURES times (or cuts DONOR_CUTS chunks in a row) is dropped, and its chunks go to the others. What node/statedownload.py adds on
+p2pd (attested states, a target round, the donor's residual, a retry that keeps verified
+chunks) is not here yet (docs/windows.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import NamedTuple
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from torch import Tensor
+
+from locoswarm.net.framed import KeptStreams
+from locoswarm.protocol.errors import MalformedMessage
+from locoswarm.protocol.framing import TruncatedBody
+from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, Ledger, Manifest, StateAssembler, StateSpec,
+                                      decode_manifest, encode_state_request)
+
+log = logging.getLogger(__name__)
+MANIFEST_DONORS = 4
+AGREEING = 2
+DONOR_FAILURES = 2
+"""Failed requests (an error, a chunk that fails its hash) after which a donor is dropped."""
+DONOR_CUTS = 8
+"""Chunks cut mid-body in a row after which a donor is dropped (a lossy link cuts some)."""
+MANIFEST_LIMIT = 1 << 20
+
+
+class StateUnavailable(Exception):
+    """No donor served a state that could be downloaded whole; says why."""
+
+
+class Downloaded(NamedTuple):
+    round: int
+    tensors: dict[str, Tensor]
+    digest: str
+    """state_digest of the body and ledger: what the donors report serving."""
+    chain: str
+    ledger: Ledger
+    donors: tuple[str, ...]
+    """The donors whose chunks made it (every one that showed the chosen state)."""
+
+
+def _same(m: Manifest) -> tuple:
+    return m.round, m.digest, m.chain, m.ledger
+
+
+async def fetch_manifest(streams: KeptStreams, peer: ID, spec: StateSpec, timeout_s: float) -> Manifest | None:
+    """`peer`'s manifest of its newest state; None (logged) when it serves none or a bad one."""
+    try:
+        body = await streams.call(peer, encode_state_request(MANIFEST, LATEST, 0), limit=MANIFEST_LIMIT,
+                                  limit_name="the manifest limit", timeout_s=timeout_s)
+        if body is None:
+            raise MalformedMessage("it has no state to serve")
+        return decode_manifest(body, spec)
+    except Exception as e:  # whatever a donor does wrong, it is skipped, never fatal
+        log.warning("donor %s skipped: %s: %s", peer, type(e).__name__, e)
+        return None
+
+
+async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, timeout_s: float = 30.0) -> Downloaded:
+    """The state the first MANIFEST_DONORS of `donors` agree on, checked chunk by chunk;
+    StateUnavailable when no donor serves one or its chunks cannot all be had."""
+    streams = KeptStreams(host, PROTOCOL)
+    try:
+        asked = donors[:MANIFEST_DONORS]
+        found: dict[ID, Manifest] = {}
+
+        async def ask(peer: ID) -> None:
+            manifest = await fetch_manifest(streams, peer, spec, timeout_s)
+            if manifest is not None:
+                found[peer] = manifest
+
+        async with trio.open_nursery() as nursery:
+            for peer in asked:
+                nursery.start_soon(ask, peer)
+        if not found:
+            raise StateUnavailable(f"none of the {len(asked)} donors asked served a valid state manifest")
+        counts = collections.Counter(_same(m) for m in found.values())
+        agreed = [m for m in found.values() if counts[_same(m)] >= AGREEING]
+        chosen = max(agreed or found.values(), key=lambda m: m.round)
+        pool = [p for p, m in found.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
+        asm = StateAssembler(spec, chosen)
+        await _pull(streams, pool, asm, timeout_s)
+        if asm.missing():
+            raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
+        return Downloaded(chosen.round, asm.finish(), asm.digest(), chosen.chain, chosen.ledger,
+                          tuple(str(p) for p in pool))
+    finally:
+        await streams.close()
+
+
+async def _pull(streams: KeptStreams, pool: list[ID], asm: StateAssembler, timeout_s: float) -> None:
+    """Fill `asm` with its manifest's chunks from the donors of `pool`, one request in
+    flight per donor, from one shared queue."""
+    round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
+    queue = collections.deque(asm.missing())
+    partial: dict[int, bytes] = {}
+    in_flight = 0
+
+    async def worker(peer: ID) -> None:
+        nonlocal in_flight
+        failures = cuts = 0
+        while failures < DONOR_FAILURES and cuts < DONOR_CUTS:
+            if not queue:
+                if not in_flight:
+                    return
+                await trio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
+                continue
+            index = queue.popleft()
+            have = partial.pop(index, b"")
+            in_flight += 1
+            try:
+                rest = await streams.call(peer, encode_state_request(CHUNK, round_, index, len(have)),
+                                          limit=chunk_bytes - len(have), limit_name="the chunk size",
+                                          timeout_s=timeout_s)
+                if rest is None:
+                    raise MalformedMessage(f"it has nothing for chunk {index} of round {round_}")
+                asm.add(index, have + rest)
+                cuts = 0
+            except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
+                partial[index] = have + e.partial
+                queue.appendleft(index)
+                cuts += 1
+            except Exception as e:  # any failure: the chunk goes to another donor
+                log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
+                queue.append(index)
+                failures += 1
+            finally:
+                in_flight -= 1
+
+    async with trio.open_nursery() as nursery:
+        for peer in pool:
+            nursery.start_soon(worker, peer)

@@ -1,0 +1,88 @@
+"""A py-libp2p joiner (locoswarm.net, no hivemind in its process: tests/peers/lp2p_state.py)
+downloads the outer state that two training daemons serve over p2pd: the newest state they
+show, every chunk checked against the manifest, whole, and the very state a daemon reports
+serving (its digest, body and earned weight)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import Swarm, first_addr, libp2p_missing, peer_id, served_digests, wait_round
+from locoswarm.node.spec import RunSpec
+from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
+from locoswarm.node.trainer import Trainer
+
+LP2P = os.path.join(os.path.dirname(__file__), "peers", "lp2p_state.py")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="signal")
+def test_a_py_libp2p_joiner_downloads_the_state_two_daemons_serve(swarm: Swarm, tmp_path):
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    spec = RunSpec()
+    layout = Trainer(spec, spec.hash(), shard=0, device=torch.device("cpu")).state_spec
+    a = swarm.join("a", "--min-peers", "2", "--eval-every", "0")
+    b = swarm.join("b", "--min-peers", "2", "--eval-every", "0", peer=a)
+    for p in (a, b):
+        wait_round(p, 3, 180)
+    ensure_identity(str(tmp_path))
+    state_json = json.dumps({"run_id": layout.run_id, "spec_hash": layout.spec_hash.hex(),
+                             "tensors": [[n, list(s)] for n, s in layout.tensors]})
+    out = subprocess.run([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), state_json,
+                          f"{first_addr(a)},{first_addr(b)}"], capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(got))  # shown when an assertion fails
+    assert "error" not in got and not got["hivemind_loaded"]
+    # both donors, or the one a step ahead (they train on: the two manifests may show two rounds)
+    assert got["round"] >= 3 and got["donors"] and set(got["donors"]) <= {peer_id(a), peer_id(b)}
+    assert got["digest"] in served_digests([a, b], got["round"]), (got, served_digests([a, b], got["round"]))
+    assert 0 < got["max_abs"] < 1e3 and got["ledger_len"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="signal")
+@pytest.mark.parametrize("modes, outcome", [(("corrupt", "good"), "ok"), (("cutting",), "ok"),
+                                            (("mute",), "StateUnavailable")])
+def test_the_py_libp2p_joiner_takes_only_a_state_whose_every_chunk_checks(spawn_peers, tmp_path, modes, outcome):
+    """Against tests/peers/serve_state.py's donors: one whose chunks all fail their hash beside
+    a good one (the good one's chunks are taken), one that cuts each chunk's first answer in
+    the middle (the rest is asked for), one that closes every stream (no state, said so)."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    import importlib.util
+
+    from locoswarm.protocol.state import encode_state
+
+    path = os.path.join(os.path.dirname(__file__), "peers", "serve_state.py")
+    loaded = importlib.util.spec_from_file_location("serve_state", path)
+    serve_state = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(serve_state)
+    _, maddrs = spawn_peers(path, *modes)
+    ensure_identity(str(tmp_path))
+    spec = serve_state.SPEC
+    state_json = json.dumps({"run_id": spec.run_id, "spec_hash": spec.spec_hash.hex(),
+                             "tensors": [[n, list(s)] for n, s in spec.tensors]})
+    out = subprocess.run([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), state_json, ",".join(maddrs)],
+                         capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(got))  # shown when an assertion fails
+    if outcome != "ok":
+        assert got["error"].startswith(outcome), got
+        return
+    _, body = encode_state(spec, serve_state.state(), serve_state.ROUND, chain=serve_state.CHAIN,
+                           ledger=serve_state.LEDGER)
+    from locoswarm.protocol.state import state_digest
+
+    assert (got["round"], got["chain"], got["ledger_len"]) == (serve_state.ROUND, serve_state.CHAIN, 2)
+    assert got["digest"] == state_digest(body, serve_state.LEDGER)
