@@ -1,5 +1,7 @@
-"""A joiner's download of the swarm's outer state on py-libp2p, from donors that serve it on
-`locoswarm/state/3` (node/statesync.py on p2pd): the manifests of up to MANIFEST_DONORS
+"""The outer state on py-libp2p: `StateServer` serves this peer's states as a donor on
+`locoswarm/state/3` (protocol/statebook.py says what it keeps and answers, as
+node/statesync.py's donor on p2pd does), and `download_state` is a joiner's download from
+donors of either kind: the manifests of up to MANIFEST_DONORS
 donors, the newest state at least AGREEING of them show (else the newest one), then its
 chunks from every donor that shows it, each checked against the manifest's SHA-256
 (protocol/state.py). A chunk cut mid-body is asked again for its rest only; a donor that
@@ -19,11 +21,13 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from torch import Tensor
 
-from locoswarm.net.framed import KeptStreams
+from locoswarm.net.framed import KeptStreams, serve_framed
+from locoswarm.protocol.admission import PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, Ledger, Manifest, StateAssembler, StateSpec,
-                                      decode_manifest, encode_state_request)
+from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, REQUEST_LEN, ROUND_DELTAS, Ledger, Manifest,
+                                      StateAssembler, StateSpec, decode_manifest, encode_state_request)
+from locoswarm.protocol.statebook import StateBook, parse_state_request
 
 log = logging.getLogger(__name__)
 MANIFEST_DONORS = 4
@@ -33,6 +37,41 @@ DONOR_FAILURES = 2
 DONOR_CUTS = 8
 """Chunks cut mid-body in a row after which a donor is dropped (a lossy link cuts some)."""
 MANIFEST_LIMIT = 1 << 20
+
+
+class StateServer:
+    """Serves this peer's last few states (and residuals, and the deltas of its last outer
+    steps) on `host`; `publish` keeps a snapshot, encoded in a worker thread on the first
+    request for its round. No upload budget yet (docs/windows.md)."""
+
+    def __init__(self, host: IHost, spec: StateSpec, *, chunk_bytes: int = 4 << 20,
+                 residual_spec: StateSpec | None = None, request_timeout_s: float = 10.0) -> None:
+        self.host, self.request_timeout_s = host, request_timeout_s
+        self.book = StateBook(spec, chunk_bytes, residual_spec=residual_spec)
+        self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
+        """As the p2pd donor's: a joiner asks one chunk at a time."""
+        self.bytes_sent = 0
+        self.publish = self.book.publish
+        self._lock = trio.Lock()
+
+    def start(self) -> None:
+        def count(sent: int) -> None:
+            self.bytes_sent += sent
+
+        serve_framed(self.host, PROTOCOL, self._answer, request_len=REQUEST_LEN, what="state", limits=self.limits,
+                     timeout_s=self.request_timeout_s, sent=count)
+
+    async def _answer(self, peer: str, request: bytes) -> bytes:
+        kind, round_, index, offset = parse_state_request(request)
+        if kind != ROUND_DELTAS:
+            round_ = self.book.resolve(round_)
+            if round_ is None:
+                return b""
+            async with self._lock:
+                work = self.book.encoding(kind, round_)
+                if work is not None:
+                    self.book.encoded(kind, round_, await trio.to_thread.run_sync(work))
+        return self.book.answer(kind, round_, index, offset)
 
 
 class StateUnavailable(Exception):

@@ -86,3 +86,56 @@ def test_the_py_libp2p_joiner_takes_only_a_state_whose_every_chunk_checks(spawn_
 
     assert (got["round"], got["chain"], got["ledger_len"]) == (serve_state.ROUND, serve_state.CHAIN, 2)
     assert got["digest"] == state_digest(body, serve_state.LEDGER)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="signal")
+def test_a_p2pd_joiner_downloads_the_state_a_py_libp2p_donor_serves(spawn_peers, tmp_path):
+    """node/statedownload.py over p2pd, from a py-libp2p donor (net/statesync.py StateServer)
+    alone, then from it beside a p2pd donor of the same state: the very tensors, round, chain,
+    earned weight and residual, every chunk checked."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    import asyncio
+
+    from hivemind.p2p import P2P, PeerID
+
+    from locoswarm.node.statedownload import download_state
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+    import state_fixture as fx
+
+    ensure_identity(str(tmp_path))
+    donor = subprocess.Popen([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "serve"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lp2p_maddr = donor.stdout.readline().strip()
+        assert "/p2p/" in lp2p_maddr, donor.stderr.read()[-3000:]
+        _, (p2pd_maddr,) = spawn_peers(os.path.join(os.path.dirname(__file__), "peers", "serve_state.py"), "good")
+
+        async def join(maddrs: list[str]):
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+            try:
+                peers = [PeerID.from_base58(m.split("/p2p/")[1]) for m in maddrs]
+                return await download_state(p2p, peers, fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
+            finally:
+                await p2p.shutdown()
+
+        alone = asyncio.run(join([lp2p_maddr]))
+        mixed = asyncio.run(join([lp2p_maddr, p2pd_maddr]))
+        donor.stdin.close()
+        end = json.loads(donor.stdout.read().strip().splitlines()[-1])
+        assert donor.wait(30) == 0
+    finally:
+        if donor.poll() is None:
+            donor.kill()
+            donor.wait()
+    want = fx.state()
+    want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
+    for got in (alone, mixed):
+        assert (got.round, got.chain, got.ledger) == (fx.ROUND, fx.CHAIN, fx.LEDGER)
+        assert all(torch.equal(got.tensors[n], want[n]) for n in want)
+        assert got.residual is not None and all(torch.equal(got.residual[n], want_residual[n]) for n in want_residual)
+    # the py-libp2p donor served two manifests and every chunk of the first download at least
+    assert end["bytes_sent"] >= fx.SPEC.total_bytes and not end["hivemind_loaded"], end

@@ -245,7 +245,17 @@ def test_a_donors_upload_budget_holds_whoever_asks_and_its_joiners_still_get_the
     assert elapsed >= floor_s, (elapsed, floor_s)
 
 
-def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_with_the_swarm():
+@pytest.fixture
+def one_torch_thread():
+    """Training in this process on one thread, as the daemons do: with torch's default (a
+    thread per core) this test took 22 s alone on 2 cores and over 120 s beside another suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_replica_that_takes_a_state_starts_where_its_donors_did_and_agrees_with_the_swarm(one_torch_thread):
     """handover.take_state with the donor's residual: the replica restarts where the donor's
     did (ahead of the outer state by its unsent progress), scores a lower held-out loss there
     than at the outer state, and its first delta agrees with the swarm's better than a

@@ -5,6 +5,9 @@ net/statesync.py and prints one JSON object: {"round", "digest", "donors", "chai
 
 usage: python lp2p_state.py IDENTITY_FILE STATE_SPEC_JSON MADDR[,MADDR…]
 (STATE_SPEC_JSON: {"run_id", "spec_hash" (hex), "tensors": [[name, shape], …]})
+       python lp2p_state.py IDENTITY_FILE serve
+The second form is a donor: it serves state_fixture.py's state of ROUND with its residual,
+prints its multiaddr, and when stdin closes prints {"bytes_sent", "hivemind_loaded"}.
 """
 
 from __future__ import annotations
@@ -36,5 +39,27 @@ async def main(identity_path: str, spec_json: str, maddrs: str) -> dict:
             "hivemind_loaded": any(m == "hivemind" or m.startswith("hivemind.") for m in sys.modules)}
 
 
+async def serve(identity_path: str) -> dict:
+    import torch
+
+    from locoswarm.net.statesync import StateServer
+    from state_fixture import CHAIN, CHUNK_BYTES, LEDGER, RESIDUAL_SEED, RESIDUAL_SPEC, ROUND, SPEC, state
+
+    key_pair, _ = key_pair_of(open(identity_path, "rb").read())
+    async with run_host(key_pair) as host:
+        server = StateServer(host, SPEC, chunk_bytes=CHUNK_BYTES, residual_spec=RESIDUAL_SPEC)
+        server.start()
+        residual = {n: t.to(torch.bfloat16) for n, t in state(RESIDUAL_SEED, RESIDUAL_SPEC).items()}
+        server.publish(state(), ROUND, CHAIN, LEDGER, residual)
+        maddr = str(host.get_addrs()[0])
+        print(maddr if "/p2p/" in maddr else f"{maddr}/p2p/{host.get_id()}", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+    return {"bytes_sent": server.bytes_sent,
+            "hivemind_loaded": any(m == "hivemind" or m.startswith("hivemind.") for m in sys.modules)}
+
+
 if __name__ == "__main__":
-    print(json.dumps(trio.run(main, *sys.argv[1:4])), flush=True)
+    if sys.argv[2] == "serve":
+        print(json.dumps(trio.run(serve, sys.argv[1])), flush=True)
+    else:
+        print(json.dumps(trio.run(main, *sys.argv[1:4])), flush=True)

@@ -20,42 +20,18 @@ BUDGET_BYTES_PER_S, all joiners together.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
-import torch
 from hivemind.p2p import P2P
 
-from locoswarm.node.statesync import PROTOCOL, StateServer
-from locoswarm.protocol.state import StateSpec
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by file path from the tests too
+from locoswarm.node.statesync import PROTOCOL, StateServer  # noqa: E402
+from state_fixture import (BUDGET_BYTES_PER_S, CHAIN, CHUNK_BYTES, FORGED_CHAIN, FORGED_ROUNDS, LEDGER,  # noqa: E402
+                           OWN_RESIDUAL_SEED, RESIDUAL_SEED, RESIDUAL_SPEC, ROUND, SPEC, residual, state)
 
-SPEC = StateSpec(run_id="state-test", spec_hash=b"t" * 32,
-                 tensors=(("param.0", (64, 100)), ("param.1", (7,)), ("momentum.0", (64, 100))))
-ROUND = 7
-CHAIN = "cd" * 16
-LEDGER = (("QmDonorA", 9000), ("QmDonorB", 120))
-"""The round chain the donor's manifest gives (the same for every mode: one lineage)."""
-FORGED_ROUNDS = 3
-FORGED_CHAIN = "ee" * 16
-CHUNK_BYTES = 4096
-RESIDUAL_SPEC = StateSpec(run_id=SPEC.run_id, spec_hash=SPEC.spec_hash, dtype="bfloat16",
-                          tensors=(("residual.0", (64, 100)), ("residual.1", (7,))))
-RESIDUAL_SEED, OWN_RESIDUAL_SEED = 11, 12
-BUDGET_BYTES_PER_S = 20_000
-
-
-def state(seed: int = 5, spec: StateSpec = SPEC) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen) for n, s in spec.tensors}
-
-
-def residual(mode: str) -> dict[str, torch.Tensor] | None:
-    """What a donor of `mode` serves as its residual (bfloat16, as a trainer does)."""
-    if mode == "no-residual":
-        return None
-    out = state(OWN_RESIDUAL_SEED if mode == "own-residual" else RESIDUAL_SEED, RESIDUAL_SPEC)
-    if mode == "nan-residual":
-        out["residual.1"][3] = float("nan")
-    return {n: t.to(torch.bfloat16) for n, t in out.items()}
+__all__ = ["BUDGET_BYTES_PER_S", "CHAIN", "CHUNK_BYTES", "FORGED_CHAIN", "FORGED_ROUNDS", "LEDGER", "OWN_RESIDUAL_SEED",
+           "RESIDUAL_SEED", "RESIDUAL_SPEC", "ROUND", "SPEC", "residual", "state"]  # what the tests read from here
 
 
 async def main(mode: str) -> None:
@@ -70,7 +46,7 @@ async def main(mode: str) -> None:
         server.publish(state(), ROUND - 1 if mode == "stale" else ROUND, CHAIN, LEDGER, residual(mode))
     if mode == "corrupt":
         manifest, body = await server.encoded(ROUND)
-        server._encoded[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
+        server.book.states[ROUND] = (manifest, bytes(b ^ 0xFF for b in body))  # every chunk fails its hash
     if mode in ("shedding", "mute"):
         served = server.rpc_get_state
         streams = []
