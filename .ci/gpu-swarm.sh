@@ -18,7 +18,7 @@
 #            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
 #            at 48 the rounds left after the clean phase took less than two restarts here);
-#   tree16:  16 CPU peers × 48 rounds with full rounds, then with tree rounds in rows of 4
+#   tree16:  16 CPU peers × 32 rounds with full rounds, then with tree rounds in rows of 4
 #            (issue 18 item 2: the same peers, seeds and rounds; loss, requests and bytes);
 #   loud:    3 peers × 48 rounds clean, then with 4 loud fake identities in the middle half
 #            (--fake-mode loud: issue 19's sybil group serving deltas ten times an honest one's);
@@ -83,8 +83,8 @@ for part in "${parts[@]}"; do
         swarm clean3x48 150 --peers 3 --rounds 48
         swarm loud3x48 200 --peers 3 --rounds 48 --fakes 4 --fake-mode loud;;
     tree16)
-        swarm full16x48 280 --peers 16 --rounds 48
-        swarm tree16x48 280 --peers 16 --rounds 48 --row-size 4;;
+        swarm full16x32 250 --peers 16 --rounds 32
+        swarm tree16x32 250 --peers 16 --rounds 32 --row-size 4;;
     flood)
         swarm flood3 150 --peers 3 --rounds 48 --flood 3
         (export LOCOSWARM_STATE_UPLOAD_MBIT=0; swarm flood3-nobudget 150 --peers 3 --rounds 48 --flood 3);;
