@@ -1,4 +1,4 @@
-"""A py-libp2p peer on the progress streams of two daemons, for tests/test_net_progress.py,
+"""A py-libp2p peer on the progress streams of two daemons, for tests/test_net_swarm.py,
 with no hivemind in its process. It tells each daemon its record (paused: nobody waits for
 it), reads the records they tell back, then tells each that it gives up the round its record
 shows and the next (done, no tokens: no delta will come) and reads the progress they tell
