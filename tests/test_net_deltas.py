@@ -18,6 +18,7 @@ from hivemind.p2p import P2P, PeerID
 
 from harness import libp2p_missing
 from locoswarm.node.exchange import PROTOCOL, DeltaGone, DeltaServer, call_get_delta, delta_streams
+from locoswarm.node.runinfo import call_which_run
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEERS = os.path.join(os.path.dirname(__file__), "peers")
@@ -85,6 +86,8 @@ async def _exchange(identity: str) -> dict:
                 await call_get_delta(streams, peer, round_, SPEC, timeout_s=20.0, incarnation=incarnation)
             got[case] = "gone"
         got["streams_opened"] = streams.num_opened
+        answer = await call_which_run(client, str(peer))  # node/runinfo.py asking the py-libp2p peer
+        got["run"] = None if answer is None else (answer.run_id, answer.spec_hash)
         # one peer's streams beyond 3 (2 at once + 1) close its oldest: the kept one, then the first raw one
         raw = [await client.call_binary_stream_handler(peer, PROTOCOL) for _ in range(4)]
         got["raw_last_closed"] = await _closed(raw[-1][1], 1.0)  # first: the server drops an idle one after 10 s
@@ -123,6 +126,7 @@ def test_a_p2pd_peer_and_a_py_libp2p_peer_pull_each_others_deltas(tmp_path):
     assert got["held"] == ("lp2p", ROUND + 1, sha(good_blob(ROUND + 1, sender="lp2p", seed=12)))
     assert got["never"] == got["old_life"] == "gone"
     assert got["streams_opened"] == 1
+    assert got["run"] == (SPEC.run_id, SPEC.spec_hash.hex()[:16])
     assert got["raw_first_closed"] is True and got["raw_last_closed"] is False
     assert got["after_raw"] == ("lp2p", 2)
     # and the py-libp2p peer pulled p2pd's

@@ -49,6 +49,7 @@ def test_a_py_libp2p_peer_tells_and_hears_progress_and_downloads_the_state_of_tw
     print(json.dumps(seen))  # shown when an assertion fails
     ids = {peer_id(a), peer_id(b)}
     assert {seen["a"], seen["b"]} == ids and not seen["hivemind_loaded"]
+    assert seen["runs"] == {p: [spec.run_id, spec.hash().hex()[:16]] for p in ids}  # "which run?" on py-libp2p
     assert seen["records_came"] and set(seen["records"]) == ids
     assert all(spec_hex == spec.hash().hex() and round_ >= 1 for round_, spec_hex in seen["records"].values())
     # each daemon told back its progress in a round we told it we gave up (its own count of that round)

@@ -22,6 +22,7 @@ import trio
 from delta_fixture import ROUND, SPEC, good_blob
 from locoswarm.net.deltas import DeltaServer, call_get_delta, delta_streams
 from locoswarm.net.host import dial, key_pair_of, run_host
+from locoswarm.net.runinfo import serve_run_info
 
 LIFETIME_S = 120.0
 
@@ -46,6 +47,7 @@ async def main(identity_path: str, hivemind_maddr: str, hold_s: str) -> None:
             server.start()
             server.publish(ROUND, good_blob(ROUND, sender="lp2p"))
             server.training(ROUND + 1)
+            serve_run_info(host, SPEC.run_id, SPEC.spec_hash, private=False)
             maddr = str(host.get_addrs()[0])
             say(maddr=maddr if "/p2p/" in maddr else f"{maddr}/p2p/{host.get_id()}")
             if hivemind_maddr != "-":

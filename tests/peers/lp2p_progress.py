@@ -21,6 +21,7 @@ from libp2p.custom_types import TProtocol
 
 from locoswarm.net.host import dial, key_pair_of, run_host
 from locoswarm.net.progress import ProgressStreams
+from locoswarm.net.runinfo import call_which_run
 from locoswarm.protocol.progresswire import PROTOCOL, record_frame
 from locoswarm.protocol.records import PeerRecord, Progress
 
@@ -44,6 +45,10 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
             streams = ProgressStreams(host, spec_hash)
             streams.start()
             a, b = await dial(host, maddr_a), await dial(host, maddr_b)
+            out["runs"] = {}
+            for peer in (a, b):
+                answer = await call_which_run(host, peer)
+                out["runs"][str(peer)] = None if answer is None else [answer.run_id, answer.spec_hash]
             ours = PeerRecord(peer_id=identity.peer_id, addrs=(str(host.get_addrs()[0]),), device="cpu",
                               tokens_per_s=0.0, round=0, spec_hash=spec_hash, paused=True, incarnation=1, seq=1)
             for peer in (a, b):
