@@ -11,18 +11,12 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
 from locoswarm.net.framed import KeptStreams, Refused, serve_framed
-from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
+from locoswarm.protocol import DecodedDelta, DeltaSpec
 from locoswarm.protocol.admission import PeerLimits
-from locoswarm.protocol.deltabook import (GONE, LONG_POLL_S, PROTOCOL, REQUEST_LEN, DeltaBook, TooManySends,
-                                          encode_request, parse_request)
+from locoswarm.protocol.deltabook import (LONG_POLL_S, PROTOCOL, REQUEST_LEN, DeltaBook, DeltaGone, DeltaUnavailable,
+                                          TooManySends, delta_of, encode_request, parse_request)
 
-
-class DeltaUnavailable(Exception):
-    """The peer has no delta for that round yet: it is still training it."""
-
-
-class DeltaGone(Exception):
-    """The peer will never serve a delta for that round."""
+__all__ = ["DeltaGone", "DeltaServer", "DeltaUnavailable", "call_get_delta", "delta_streams"]
 
 
 class DeltaServer:
@@ -78,11 +72,4 @@ async def call_get_delta(streams: KeptStreams, peer: ID, round_: int, spec: Delt
     round included), ConnectionResetError or py-libp2p's errors when the stream fails."""
     blob = await streams.call(peer, encode_request(round_, incarnation), limit=spec.max_message_bytes,
                               limit_name="the spec's limit", timeout_s=timeout_s)
-    if blob is None:
-        raise DeltaUnavailable(f"peer {peer} has no delta for round {round_} yet")
-    if blob == GONE:
-        raise DeltaGone(f"peer {peer} will serve no delta for round {round_}")
-    delta = decode_delta(blob, spec)
-    if delta.round != round_:
-        raise MalformedMessage(f"peer {peer} answered round {round_} with a delta of round {delta.round}")
-    return delta
+    return delta_of(blob, peer, round_, spec)

@@ -19,24 +19,16 @@ from typing import Callable
 from hivemind.p2p import P2P, PeerID
 
 from locoswarm.node.streams import Busy, KeptStreams, PeerLimits, serve_framed
-from locoswarm.protocol import DecodedDelta, DeltaSpec, MalformedMessage, decode_delta
+from locoswarm.protocol import DecodedDelta, DeltaSpec
 from locoswarm.protocol.deltabook import (GONE, LONG_POLL_S, MAX_SENDS_PER_ROUND, PROTOCOL, REQUEST_LEN, DeltaBook,
-                                          TooManySends, encode_request, parse_request)
+                                          DeltaGone, DeltaUnavailable, TooManySends, delta_of, encode_request,
+                                          parse_request)
 
 __all__ = ["GONE", "LONG_POLL_S", "MAX_SENDS_PER_ROUND", "PROTOCOL", "REQUEST_LEN", "DeltaGone", "DeltaServer",
            "DeltaUnavailable", "call_get_delta", "delta_streams"]
 KEPT_IDLE_S = 30.0
 """A puller closes a stream it has not asked on for this long (a peer pulled from every
 round asks again within a round; the server gives up on it after twice this)."""
-
-
-class DeltaUnavailable(Exception):
-    """The peer has no delta for that round yet: it is still training it."""
-
-
-class DeltaGone(Exception):
-    """The peer will never serve a delta for that round (not training it: restarted, gave it
-    up, or past it)."""
 
 
 class DeltaServer:
@@ -131,14 +123,6 @@ async def call_get_delta(streams: KeptStreams, peer_id: PeerID, round_: int, spe
     longer than `timeout_s`, a ProtocolError when the bytes are bad (including a delta of
     another round)."""
 
-    request = encode_request(round_, incarnation)
-    blob = await streams.call(peer_id, request, limit=spec.max_message_bytes, limit_name="the spec's limit",
-                              timeout_s=timeout_s)
-    if blob is None:
-        raise DeltaUnavailable(f"peer {peer_id} has no delta for round {round_} yet")
-    if blob == GONE:
-        raise DeltaGone(f"peer {peer_id} will serve no delta for round {round_}")
-    delta = decode_delta(blob, spec)
-    if delta.round != round_:
-        raise MalformedMessage(f"peer {peer_id} answered round {round_} with a delta of round {delta.round}")
-    return delta
+    blob = await streams.call(peer_id, encode_request(round_, incarnation), limit=spec.max_message_bytes,
+                              limit_name="the spec's limit", timeout_s=timeout_s)
+    return delta_of(blob, peer_id, round_, spec)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from locoswarm.protocol.delta import DecodedDelta, DeltaSpec, decode_delta
+from locoswarm.protocol.errors import MalformedMessage
+
 PROTOCOL = "locoswarm/delta/4"
 REQUEST_LEN = 16
 """Round and incarnation, 8 bytes each."""
@@ -38,6 +41,29 @@ class Waiter(Protocol):
 
 class TooManySends(Exception):
     """This peer was sent that round's delta MAX_SENDS_PER_ROUND times already."""
+
+
+class DeltaUnavailable(Exception):
+    """The peer has no delta for that round yet: it is still training it."""
+
+
+class DeltaGone(Exception):
+    """The peer will never serve a delta for that round (not training it: restarted, gave it
+    up, or past it)."""
+
+
+def delta_of(answer: bytes | None, peer: object, round_: int, spec: DeltaSpec) -> DecodedDelta:
+    """The delta `peer`'s answer (None: an empty frame) to a request for `round_` holds,
+    validated against `spec`. Raises DeltaUnavailable for "not yet", DeltaGone for "never",
+    a ProtocolError when the bytes are bad (a delta of another round included)."""
+    if answer is None:
+        raise DeltaUnavailable(f"peer {peer} has no delta for round {round_} yet")
+    if answer == GONE:
+        raise DeltaGone(f"peer {peer} will serve no delta for round {round_}")
+    delta = decode_delta(answer, spec)
+    if delta.round != round_:
+        raise MalformedMessage(f"peer {peer} answered round {round_} with a delta of round {delta.round}")
+    return delta
 
 
 def encode_request(round_: int, incarnation: int = 0) -> bytes:
