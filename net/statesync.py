@@ -5,9 +5,9 @@ donors of either kind: the manifests of up to MANIFEST_DONORS
 donors, the newest state at least AGREEING of them show (else the newest one), then its
 chunks from every donor that shows it, each checked against the manifest's SHA-256
 (protocol/state.py). A chunk cut mid-body is asked again for its rest only; a donor that
-fails DONOR_FAILURES times (or cuts DONOR_CUTS chunks in a row) is dropped, and its chunks go to the others. What node/statedownload.py adds on
-p2pd (attested states, a target round, the donor's residual, a retry that keeps verified
-chunks) is not here yet (docs/windows.md).
+fails DONOR_FAILURES times (or cuts DONOR_CUTS chunks in a row) is dropped, and its chunks go
+to the others. What node/statedownload.py adds on p2pd (attested states, a target round, the
+donor's residual, a retry that keeps verified chunks) is not here yet (docs/windows.md).
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from locoswarm.net.framed import KeptStreams, serve_framed
 from locoswarm.protocol.admission import PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, REQUEST_LEN, ROUND_DELTAS, Ledger, Manifest,
-                                      StateAssembler, StateSpec, decode_manifest, encode_state_request)
+from locoswarm.protocol.state import (CHUNK, DONOR_CUTS, DONOR_FAILURES, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL,
+                                      REQUEST_LEN, ROUND_DELTAS, Ledger, Manifest, StateAssembler, StateSpec,
+                                      choose_state, decode_manifest, encode_state_request, serving)
 from locoswarm.protocol.statebook import StateBook, parse_state_request
 
 log = logging.getLogger(__name__)
-MANIFEST_DONORS = 4
-AGREEING = 2
-DONOR_FAILURES = 2
-"""Failed requests (an error, a chunk that fails its hash) after which a donor is dropped."""
-DONOR_CUTS = 8
-"""Chunks cut mid-body in a row after which a donor is dropped (a lossy link cuts some)."""
 MANIFEST_LIMIT = 1 << 20
 
 
@@ -89,10 +84,6 @@ class Downloaded(NamedTuple):
     """The donors whose chunks made it (every one that showed the chosen state)."""
 
 
-def _same(m: Manifest) -> tuple:
-    return m.round, m.digest, m.chain, m.ledger
-
-
 async def fetch_manifest(streams: KeptStreams, peer: ID, spec: StateSpec, timeout_s: float) -> Manifest | None:
     """`peer`'s manifest of its newest state; None (logged) when it serves none or a bad one."""
     try:
@@ -124,10 +115,8 @@ async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, time
                 nursery.start_soon(ask, peer)
         if not found:
             raise StateUnavailable(f"none of the {len(asked)} donors asked served a valid state manifest")
-        counts = collections.Counter(_same(m) for m in found.values())
-        agreed = [m for m in found.values() if counts[_same(m)] >= AGREEING]
-        chosen = max(agreed or found.values(), key=lambda m: m.round)
-        pool = [p for p, m in found.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
+        chosen = choose_state(list(found.values()))
+        pool = serving(found, chosen)
         asm = StateAssembler(spec, chosen)
         await _pull(streams, pool, asm, timeout_s)
         if asm.missing():

@@ -34,18 +34,13 @@ from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (Ledger, Manifest, StateAssembler, StateSpec, decode_manifest,
-                                      encode_state_request)
+from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, Ledger, Manifest,
+                                      StateAssembler, StateSpec, choose_state, decode_manifest, encode_state_request,
+                                      same_state, serving)
 
-MANIFEST_DONORS = 4
-"""Donors asked for their manifest at once (the caller passes them shuffled)."""
-AGREEING = 2
-"""Donors that must show the same digest for a state to be taken over a newer single one."""
-DONOR_FAILURES = 2
-"""Failed chunk requests after which a donor is dropped from the download."""
-DONOR_CUTS = 8
-"""Chunk streams cut inside the body, one after another, after which a donor is dropped
-(each cut keeps what came; a delivered chunk starts the count again)."""
+__all__ = ["AGREEING", "DONOR_CUTS", "DONOR_FAILURES", "MANIFEST_DONORS", "Downloaded", "StateUnavailable",
+           "choose_state", "download_state", "fetch_manifest", "fetch_residual"]
+
 RESIDUAL_DONORS = 2
 """Donors of the state asked for their residual, one after another, before going without."""
 _CUTS_TOLERATED = 4
@@ -92,7 +87,8 @@ class DownloadProgress:
 
 async def _request(p2p: P2P, peer: PeerID, kind: int, round_: int, index: int, limit: int,
                    timeout_s: float, offset: int = 0) -> bytes:
-    body = await call_framed(p2p, peer, PROTOCOL, encode_state_request(kind, round_, index, offset), limit=limit, limit_name="the limit", timeout_s=timeout_s)
+    body = await call_framed(p2p, peer, PROTOCOL, encode_state_request(kind, round_, index, offset), limit=limit,
+                             limit_name="the limit", timeout_s=timeout_s)
     if body is None:
         raise MalformedMessage(f"donor {peer} has nothing for request {kind}/{round_}/{index}")
     return body
@@ -120,11 +116,6 @@ async def fetch_manifest(p2p: P2P, peer: PeerID, spec: StateSpec, timeout_s: flo
         return None
 
 
-def _same(m: Manifest) -> tuple:
-    """What two donors must both show to serve one state."""
-    return m.round, m.digest, m.chain, m.ledger
-
-
 class Downloaded(NamedTuple):
     round: int
     tensors: dict[str, Tensor]
@@ -135,14 +126,6 @@ class Downloaded(NamedTuple):
     residual: dict[str, Tensor] | None = None
     """One donor's residual at that round (float32 tensors), None when none was asked or
     none came."""
-
-
-def choose_state(manifests: list[Manifest]) -> Manifest:
-    """The newest state (round, digest, chain and ledger) at least AGREEING manifests show, else the
-    newest one."""
-    counts = collections.Counter(_same(m) for m in manifests)
-    agreed = [m for m in manifests if counts[_same(m)] >= AGREEING]
-    return max(agreed or manifests, key=lambda m: m.round)
 
 
 async def download_state(
@@ -178,8 +161,8 @@ async def download_state(
         if not manifests:
             raise StateUnavailable(f"none of the {len(asked)} donors asked served the attested state of round "
                                    f"{target[0]} (chain {target[1][:12]}…)")
-        counts = collections.Counter(_same(m) for m in manifests.values())
-        chosen = max(manifests.values(), key=lambda m: counts[_same(m)])
+        counts = collections.Counter(same_state(m) for m in manifests.values())
+        chosen = max(manifests.values(), key=lambda m: counts[same_state(m)])
     elif attesters:
         vouched = [m for p, m in manifests.items() if p in trusted]
         if not vouched:
@@ -192,8 +175,7 @@ async def download_state(
         raise StateUnavailable("no donor returned a valid state manifest")
     else:
         chosen = choose_state(list(manifests.values()))
-    # Donors cut the state alike only at the same chunk size (an upload budget makes it smaller).
-    pool = [p for p, m in manifests.items() if _same(m) == _same(chosen) and m.chunk_bytes == chosen.chunk_bytes]
+    pool = serving(manifests, chosen)
     if kept is not None and kept.get("manifest") == chosen:
         asm = kept["assembler"]
     else:

@@ -30,6 +30,7 @@ keeps it only where it helps (node/handover.py `take_state`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from dataclasses import dataclass
 
@@ -68,6 +69,17 @@ def encode_state_request(kind: int, round_: int, index: int, offset: int = 0) ->
     return bytes([kind]) + round_.to_bytes(8, "big") + index.to_bytes(8, "big") + offset.to_bytes(8, "big")
 
 
+MANIFEST_DONORS = 4
+"""Donors a joiner asks for their manifest at once (the caller passes them shuffled)."""
+AGREEING = 2
+"""Donors that must show the same digest for a state to be taken over a newer single one."""
+DONOR_FAILURES = 2
+"""Failed chunk requests after which a donor is dropped from a download."""
+DONOR_CUTS = 8
+"""Chunk streams cut inside the body, one after another, after which a donor is dropped
+(each cut keeps what came; a delivered chunk starts the count again)."""
+
+
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 
@@ -98,6 +110,26 @@ class Manifest:
     digest: bytes
     chain: str = ""
     ledger: Ledger = ()
+
+
+def same_state(m: Manifest) -> tuple:
+    """What two donors' manifests must both show to serve one state."""
+    return m.round, m.digest, m.chain, m.ledger
+
+
+def choose_state(manifests: list[Manifest]) -> Manifest:
+    """The newest state (round, digest, chain and ledger) at least AGREEING manifests show,
+    else the newest one (a joiner's choice, on either transport)."""
+    counts = collections.Counter(same_state(m) for m in manifests)
+    agreed = [m for m in manifests if counts[same_state(m)] >= AGREEING]
+    return max(agreed or manifests, key=lambda m: m.round)
+
+
+def serving(manifests: dict, chosen: Manifest) -> list:
+    """The donors (keys of `manifests`) whose manifest shows `chosen`'s state cut alike: donors
+    cut a state alike only at the same chunk size (an upload budget makes it smaller)."""
+    return [p for p, m in manifests.items()
+            if same_state(m) == same_state(chosen) and m.chunk_bytes == chosen.chunk_bytes]
 
 
 def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
