@@ -145,15 +145,14 @@ class KeptStreams:
     async def _ask(self, key: str, stream: INetStream, request: bytes, limit: int, limit_name: str) -> bytes | None:
         kept = False
         try:
-            await stream.write(request)
+            try:
+                await stream.write(request)
+            except Exception as e:  # py-libp2p ends a stream with several exception types (closed, reset)
+                raise ConnectionResetError(f"peer {key} closed the stream: {type(e).__name__}: {e}") from e
             body = await read_frame_with(lambda n: read_exactly(stream, n), peer=key, limit=limit,
                                          limit_name=limit_name)
             kept = key not in self._idle
             return body
-        except Exception as e:
-            if not isinstance(e, ConnectionResetError) and "closed" in str(e).lower():
-                raise ConnectionResetError(f"peer {key} closed the stream: {e}") from e
-            raise
         finally:
             if kept:
                 self._idle[key] = (stream, time.monotonic())
