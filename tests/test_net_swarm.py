@@ -54,9 +54,8 @@ def test_a_py_libp2p_peer_tells_and_hears_progress_and_downloads_the_state_of_tw
     assert all(spec_hex == spec.hash().hex() and round_ >= 1 for round_, spec_hex in seen["records"].values())
     # each daemon told back its progress in a round we told it we gave up (its own count of that round)
     assert seen["told_back_after_s"] is not None and set(seen["progress"]) == ids, seen["progress"]
-    for peer, reports in seen["progress"].items():
-        shown = seen["records"][peer][0]
-        assert all(shown <= r <= shown + 1 and tokens >= 0 for r, tokens, _ in reports), (peer, reports)
+    for peer, reports in seen["progress"].items():  # in the rounds we gave up (its record moves on meanwhile)
+        assert all(r in seen["gave_up"][peer] and tokens >= 0 for r, tokens, _ in reports), (peer, reports)
     assert a.wait_for(rf"progress stream of {seen['me']} dropped: progress stream: a record of {seen['b']}, "
                       rf"not of its sender", 30, stderr=True)
     # the state download, from the same daemons as they train on

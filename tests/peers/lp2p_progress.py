@@ -55,8 +55,10 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
                 await streams.tell(peer, record=ours)
             out["records_came"] = await wait_for(lambda: {str(a), str(b)} <= set(streams.records), 30.0)
             started = time.monotonic()
+            out["gave_up"] = {}
             for peer in (a, b):
                 shown = streams.records[str(peer)].round
+                out["gave_up"][str(peer)] = [shown, shown + 1]
                 for round_ in (shown, shown + 1):
                     await streams.tell(peer, progress=Progress(tokens=0, tokens_per_s=0.0, done=True, round=round_))
             told_back = lambda: all(any(str(p) in seen for seen in streams.progress.values()) for p in (a, b))  # noqa: E731
