@@ -283,17 +283,17 @@ class Simulation:
             cost = self._memoized(("round", self.group, pulled, self.levels),
                                   lambda: bounded_round(self.dht, self.bnd, self.group, pulled, self.levels))
             s.round_cost = s.round_cost + cost
-        if w.overlap:
-            waits_for, s.exchange_done = s.exchange_done, now + exchange
-        else:
-            waits_for = now + exchange
+        # With overlap the round's delta is taken once the last round's outer step is in (the
+        # boundary waits for its exchange), and its exchange runs beside the next round's training.
+        start = max(now, s.exchange_done) if w.overlap else now
+        s.exchange_done = start + exchange
         s.compute_s += s.next_compute_s
         s.exchange_s += exchange
         s.rounds += 1
         s.last_round_end = now
         s.killed_pulled = 0
         s.next_compute_s = self._round_compute_s(s)
-        return max(now, waits_for) + s.next_compute_s
+        return (start if w.overlap else s.exchange_done) + s.next_compute_s
 
     def _round_compute_s(self, s: Sampled) -> float:
         if self.design == "current":

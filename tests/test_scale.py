@@ -108,6 +108,24 @@ def test_kills_slow_the_rounds_down():
     assert rounds(Churn(churn_s=2.0)) < 0.9 * rounds(Churn(session_min=1e9))
 
 
+def test_a_round_waits_for_the_last_exchange_and_takes_its_delta_after_it():
+    """With overlap a round's exchange runs beside the next round's training, but its delta is
+    taken only once the last round's outer step is in: an exchange twice a round's training
+    sets the round's length whole (the exchange started at the round's end, not after the
+    wait, gave the mean of the two)."""
+    from locoswarm.bench.scale_model import Links, Workload
+
+    def seconds_per_round(apply_s: float) -> float:
+        work = Workload(tokens_per_s_median=2560.0, tokens_per_s_sigma=0.0, apply_s=apply_s, per_delta_s=0.0,
+                        decode_s=0.0, poll_s=0.0)
+        cfg = sc.ScaleConfig(peers=(3,), designs=("bounded",), duration_s=120, churn=Churn(churn_s=1e12),
+                             links=replace(Links.loopback(), exchange_share=1.0, rpc_s=0.0), workload=work)
+        return sc.run_scale(cfg)[0]["seconds_per_round"]
+
+    assert seconds_per_round(0.2) == pytest.approx(1.0, rel=0.05)  # the exchange hides behind training
+    assert seconds_per_round(2.0) == pytest.approx(2.0, rel=0.05)
+
+
 def _brute_table(net: Network, node: int) -> list[int]:
     """The node's full routing table built whole (hivemind's split rule), for comparison."""
     out, stack = [], [(0, 0)]
