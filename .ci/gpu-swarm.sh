@@ -19,7 +19,8 @@
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
 #            at 48 the rounds left after the clean phase took less than two restarts here);
 #   tree16:  16 CPU peers × 32 rounds with full rounds, then with tree rounds in rows of 4
-#            (issue 18 item 2: the same peers, seeds and rounds; loss, requests and bytes);
+#            (issue 18 item 2: the same peers, seeds and rounds; loss, requests and bytes); the
+#            tree run's peer logs come back as tree16-logs.tgz;
 #   loud:    3 peers × 48 rounds clean, then with 4 loud fake identities in the middle half
 #            (--fake-mode loud: issue 19's sybil group serving deltas ten times an honest one's);
 #   flood:   3 peers, 48 rounds, 3 identities flooding state requests in the middle half, with
@@ -84,7 +85,9 @@ for part in "${parts[@]}"; do
         swarm loud3x48 200 --peers 3 --rounds 48 --fakes 4 --fake-mode loud;;
     tree16)
         swarm full16x32 250 --peers 16 --rounds 32
-        swarm tree16x32 250 --peers 16 --rounds 32 --row-size 4;;
+        swarm tree16x32 250 --peers 16 --rounds 32 --row-size 4 --keep-dir /tmp/tree16
+        # the peers' logs, to read why rows split (their state directories stay behind)
+        (cd /tmp/tree16 && tar czf "$out/tree16-logs.tgz" ./*.log ./*.jsonl);;
     flood)
         swarm flood3 150 --peers 3 --rounds 48 --flood 3
         (export LOCOSWARM_STATE_UPLOAD_MBIT=0; swarm flood3-nobudget 150 --peers 3 --rounds 48 --flood 3);;

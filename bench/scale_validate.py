@@ -190,8 +190,10 @@ def compare_with_swarm(swarm: dict, *, cores: int | None = None, rpc_s: float | 
         "control_bytes_gap": model_bytes / real_bytes - 1,
         "real_rounds_per_minute": swarm["rounds_per_minute"], "model_rounds_per_minute": model["rounds_per_minute"],
         "rounds_per_minute_gap": model["rounds_per_minute"] / swarm["rounds_per_minute"] - 1,
-        # A round's exchange, from its end to its outer step: the run's phases (medians) and the model's mean.
-        "real_exchange_s": sum((swarm.get("exchange_s_per_round") or {}).values()) or None,
+        # A round's exchange, from its end to its outer step, on average (runs before 2026-12-07
+        # 07:00 gave only the phases' medians, whose sum misses the slow rounds).
+        "real_exchange_s": ((swarm.get("exchange_detail_s_per_round") or {}).get("mean_total")
+                            or sum((swarm.get("exchange_s_per_round") or {}).values()) or None),
         "model_exchange_s": model["exchange_s_per_round"],
         "real_tokens_per_round": tokens_per_round, "model_tokens_per_round": cfg.workload.round_tokens,
         "model_offered_control_bytes_per_peer_per_s": model["control_bytes_per_peer_per_s"],

@@ -79,6 +79,10 @@ class RoundLine:
     """The round's rows (a tree round, node/tree.py); 1: a full round."""
     exchange: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """The round's exchange in seconds: sending the peer's delta, pulling the others', the rest."""
+    exchange_detail: tuple[float, float] = (0.0, 0.0)
+    """Of the rest: screening and checking the round's deltas, a tree round's rows."""
+    sent_at: float = 0.0
+    """When the peer served its delta of the round (Unix time; 0: not sent)."""
 
 
 @dataclass(slots=True)
@@ -304,7 +308,9 @@ class LocalSwarm:
                                          rows=event.get("rows", 1),
                                          least_agreement=event.get("least_agreement"),
                                          check_s=event.get("check_s", 0.0),
-                                         exchange=tuple(event.get(k, 0.0) for k in ("send_s", "pull_s", "step_s"))))
+                                         exchange=tuple(event.get(k, 0.0) for k in ("send_s", "pull_s", "step_s")),
+                                         exchange_detail=(event.get("screen_s", 0.0), event.get("rows_s", 0.0)),
+                                         sent_at=event.get("sent_at", 0.0)))
             peer.life_rounds += 1
         elif kind == "resumed":
             peer.resumed.append(event["round"])

@@ -47,6 +47,17 @@ the swarm or an invented round chain, to draw the honest peers after them; "loud
 group serving deltas ten times an honest one's)."""
 
 
+def last_delta_after_ours(lines: list[RoundLine]) -> float:
+    """Median over the peers' rounds of how long after a peer served its delta the round's
+    last delta was served (the peers share one clock: all run on this machine)."""
+    last: dict[int, float] = {}
+    for x in lines:
+        if x.sent_at:
+            last[x.round] = max(last.get(x.round, 0.0), x.sent_at)
+    lags = [last[x.round] - x.sent_at for x in lines if x.sent_at]
+    return statistics.median(lags) if lags else 0.0
+
+
 def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -> Phases | None:
     """The phases of a run with one disturbance (None: none asked); ValueError naming the
     flag when the disturbances asked cannot be measured."""
@@ -139,6 +150,14 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         # of each phase: what a wait for it is made of.
         "exchange_s_per_round": {phase: statistics.median(x.exchange[i] for x in steady) if steady else 0.0
                                  for i, phase in enumerate(("send", "pull", "step"))},
+        # Parts of those: the rest's screening and checks and a tree round's rows, and how much
+        # later than our own delta the round's last one was served (a pull cannot end sooner).
+        "exchange_detail_s_per_round": {
+            "screen": statistics.median(x.exchange_detail[0] for x in steady) if steady else 0.0,
+            "rows": statistics.median(x.exchange_detail[1] for x in steady) if steady else 0.0,
+            "last_delta_after_ours": last_delta_after_ours(steady),
+            # the phases' medians miss a tail: what the boundary waits for on average
+            "mean_total": statistics.fmean(sum(x.exchange) for x in steady) if steady else 0.0},
         "rounds_per_minute": 60.0 * rounds / statistics.fmean(sum(x.round_s for x in p.rounds) for p in peers),
         "replica_spread": spread,
         "fanout": fanout,
@@ -260,6 +279,11 @@ def format_swarm(r: dict) -> str:
         e = r["exchange_s_per_round"]
         lines.append(f"  exchange (median)      {1e3 * e['send']:.0f} ms sending our delta, {1e3 * e['pull']:.0f} ms "
                      f"pulling the others', {1e3 * e['step']:.0f} ms for the rest (checks, outer step, state)")
+    if "exchange_detail_s_per_round" in r:
+        d = r["exchange_detail_s_per_round"]
+        lines.append(f"  of which (median)      {1e3 * d['screen']:.0f} ms screening and checking, {1e3 * d['rows']:.0f} ms "
+                     f"in rows; the round's last delta served {1e3 * d['last_delta_after_ours']:.0f} ms after ours; "
+                     f"{1e3 * d['mean_total']:.0f} ms in all on average")
     lines += format_bytes(r)
     if r.get("least_agreement") is not None:
         lines.append(f"  checks                 least agreement {r['least_agreement']:.3f} (fails below "

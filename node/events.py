@@ -133,6 +133,13 @@ class RoundEnded:
     step_s: float = 0.0
     """Of the round's exchange: the rest (screening, checks, a tree round's rows, the outer
     step, the state served), until the round is reported."""
+    screen_s: float = 0.0
+    """Of step_s: decoding our own delta, screening the round's deltas and checking them."""
+    rows_s: float = 0.0
+    """Of step_s: a tree round's rows (agreeing on ours, pulling the others'); 0 in a full round."""
+    sent_at: float = 0.0
+    """When this peer's delta of the round was served (Unix time; 0: not sent): peers on one
+    machine's clock tell from it how late the last of a round's deltas came."""
 
     def lines(self) -> list[str]:
         loss = "nan" if self.loss is None else f"{self.loss:.4f}"

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from locoswarm.node.catchup import CatchUp
@@ -44,6 +45,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_FAILED_IN_A_ROW = 3
 """Rounds that may fail one after another before the node gives up."""
+
+
+@dataclass(frozen=True)
+class ExchangePhases:
+    """How long a round's exchange took (seconds; node/events.py RoundEnded says what each is)."""
+    send_s: float = 0.0
+    pull_s: float = 0.0
+    step_s: float = 0.0
+    sent_at: float = 0.0
+    screen_s: float = 0.0
+    rows_s: float = 0.0
 
 
 class RoundLoop:
@@ -220,7 +232,7 @@ class RoundLoop:
             self._withdraw(progress, r)
         else:
             blob = await self._send(run, progress, work, base)
-        sent = time.monotonic()
+        sent, sent_at = time.monotonic(), time.time()
         got = await gather_deltas(ctx.delta_streams, progress, r, trainer.step.spec,
                                   deadline_s=ctx.spec.rounds.deadline_s,
                                   fanout=ctx.cfg.fanout, rng=ctx.rng,
@@ -263,9 +275,12 @@ class RoundLoop:
         self._log_checks(r, checks)
         kept = trainer.step.kept(screened)
         participants = progress.participants()
+        checked = time.monotonic()
         if rows > 1:
             step = await tree_step(ctx, run, progress, r, rows, mine, base, kept, screened, started)
+            rows_s = time.monotonic() - checked
         else:
+            rows_s = 0.0
             # A round that pulled a sample of the participants (fanout below their number)
             # left deltas out on purpose (lineage.py says what that does to the chain).
             step = OuterStep(deltas=kept, earned=screened.earned, banned=screened.banned, shares=screened.shares,
@@ -303,7 +318,8 @@ class RoundLoop:
                            residual)
         ctx.stats.rounds_completed += 1
         ctx.stats.last_round_at = time.time()
-        phases = (sent - started, pulled - sent, time.monotonic() - pulled)
+        phases = ExchangePhases(sent - started, pulled - sent, time.monotonic() - pulled, sent_at=sent_at,
+                                screen_s=checked - pulled, rows_s=rows_s)
         if self.evals.due(ctx.stats.rounds_completed):
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss, took_s = await ctx.pools.train(functools.partial(timed, trainer.evaluate))
@@ -354,8 +370,9 @@ class RoundLoop:
         progress.report(0, 0.0, done=True)
 
     def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool, *,
-                rows: int = 1, phases: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
-        """`phases`: the exchange's seconds sending our delta, pulling the others', and the rest."""
+                rows: int = 1, phases: ExchangePhases | None = None) -> None:
+        """`phases`: how long the round's exchange took, by phase."""
+        phases = phases or ExchangePhases()
         ctx, r = self.ctx, work.round
         self._failed_in_a_row = 0  # a whole round went through
         started = self._started.pop(r, None) or time.perf_counter()
@@ -377,8 +394,9 @@ class RoundLoop:
                               delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),
                               received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
-                              check_s=self._check_s, rows=rows, send_s=phases[0], pull_s=phases[1],
-                              step_s=phases[2]))
+                              check_s=self._check_s, rows=rows, send_s=phases.send_s, pull_s=phases.pull_s,
+                              step_s=phases.step_s, screen_s=phases.screen_s, rows_s=phases.rows_s,
+                              sent_at=phases.sent_at))
 
     async def _wait_while_paused(self) -> None:
         while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():

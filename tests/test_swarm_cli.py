@@ -72,6 +72,12 @@ def test_bench_swarm_writes_the_documented_json(tmp_path):
     phases = result["exchange_s_per_round"]
     assert set(phases) == {"send", "pull", "step"} and all(v > 0 for v in phases.values()), phases
     assert sum(phases.values()) < result["wall_s"], phases
+    # Of the rest, the screening and checks; no rows in a full round; the other peer's delta
+    # served at most a round after ours (one clock: both ran here).
+    detail = result["exchange_detail_s_per_round"]
+    assert 0 < detail["screen"] < phases["step"] and detail["rows"] == 0, detail
+    assert 0 <= detail["last_delta_after_ours"] < result["wall_s"] / 3, detail
+    assert detail["mean_total"] > 0, detail
 
 
 def test_bench_swarm_refuses_bad_counts_without_starting_anything():
