@@ -64,6 +64,8 @@ class RoundLine:
     registry_sent: int = 0
     """Signed registry entry bytes stored at other replicas by this round's end (cumulative)."""
     progress_messages: int = 0
+    progress_records: int = 0
+    """Of progress_messages: the peer's record, whole or as an update (cumulative)."""
     """Messages (records and progress) written to progress streams by this round's end (cumulative)."""
     progress_writes: int = 0
     """Writes to progress streams by this round's end (cumulative)."""
@@ -302,6 +304,7 @@ class LocalSwarm:
                                          progress_sent=event.get("progress_sent", 0),
                                          registry_sent=event.get("registry_sent", 0),
                                          progress_messages=event.get("progress_messages", 0),
+                                         progress_records=event.get("progress_records", 0),
                                          progress_writes=event.get("progress_writes", 0),
                                          delta_requests=event.get("delta_requests", 0),
                                          delta_streams=event.get("delta_streams", 0),

@@ -25,6 +25,7 @@ APP_COUNTERS = {
     "progress_bytes_per_peer_per_round": "progress_sent",
     "registry_bytes_per_peer_per_round": "registry_sent",
     "progress_messages_per_peer_per_round": "progress_messages",
+    "progress_records_per_peer_per_round": "progress_records",
     "progress_writes_per_peer_per_round": "progress_writes",
     "delta_requests_per_peer_per_round": "delta_requests",
     "delta_streams_per_peer_per_round": "delta_streams",

@@ -112,6 +112,8 @@ class RoundEnded:
     """Signed registry entry bytes this peer has sent to other replicas so far."""
     progress_messages: int = 0
     """Messages (records and progress) written to progress streams so far."""
+    progress_records: int = 0
+    """Of progress_messages: our record, whole or as an update."""
     progress_writes: int = 0
     """Writes to progress streams so far (each a message or several, framed once by libp2p)."""
     delta_requests: int = 0

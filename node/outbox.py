@@ -159,6 +159,7 @@ class Outbox:
                     self.wake.set()
                     continue
                 self.bus.messages_sent += len(batch)
+                self.bus.records_sent += sum(slot == RECORD_SLOT for slot, _ in batch)
                 self.bus.writes_sent += 1
                 self.bus.bytes_sent += len(data)
                 for slot, message in batch:

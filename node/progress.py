@@ -96,6 +96,8 @@ class ProgressBus:
         self.messages_sent = 0
         self.writes_sent = 0
         """Writes to our outboxes' streams (a batch of messages each)."""
+        self.records_sent = 0
+        """Of messages_sent: our record, whole or as an update."""
         self.messages_received = 0
         self.bytes_sent = 0
         """Bytes of frames written to progress streams (before libp2p's framing)."""

@@ -390,6 +390,7 @@ class RoundLoop:
                               round_s=round_s, wait_s=wait_s,
                               boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
                               progress_messages=ctx.progress.messages_sent,
+                              progress_records=ctx.progress.records_sent,
                               progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,
                               delta_streams=ctx.delta_streams.num_opened,
                               registry_sent=ctx.registry_sent(),

@@ -214,10 +214,12 @@ def test_the_senders_record_goes_with_its_progress_once_per_change_and_on_show()
         bus_b.publish(_progress(200), [ida])
         await _until(lambda: bus_a.seen(0)[idb].progress.tokens == 200)
         assert len(heard) == 1
+        assert bus_b.records_sent == 1 and bus_b.messages_sent == 3  # the record, then two counts
         current.update(seq=2, paused=True)
         bus_b.show()
         await _until(lambda: len(heard) == 2)
         assert heard[-1].paused and heard[-1].seq == 2
+        assert bus_b.records_sent == 2
 
     _run_pair(go, record=lambda peer: _record(peer, **current), on_record=heard.append)
 
