@@ -136,7 +136,12 @@ class CatchUp:
             # Only on the swarm's lineage do its deltas lead to its state.
             if follow.split_round is None and lineage.diverged_at is None and await self.by_deltas():
                 return True
-            await self.sync(follow.donors)
+            if not await self.sync(follow.donors):
+                # Earned weight attests our own state: the records ahead are on other chains.
+                # Train on from it (giving the round up and asking again at every boundary
+                # kept a peer from training for minutes: 16 peers in tree rows, 2026-12-07).
+                lineage.stay()
+                return False
         except NodeError as e:
             log.warning("could not take the swarm's state: %s; training on, trying again next round", e)
             return False
@@ -309,10 +314,11 @@ class CatchUp:
         return True
 
     async def sync(self, records: list[PeerRecord], vouching: frozenset[str] = frozenset(), *,
-                   tries: int = DOWNLOAD_TRIES) -> None:
+                   tries: int = DOWNLOAD_TRIES) -> bool:
         """Download the newest outer state the peers of `records` serve and take it; with
-        `vouching` peers (a joiner: `vouching`), the newest one of those serve. NodeError
-        when no donor could give it. After a join, whom to follow is decided by earned
+        `vouching` peers (a joiner: `vouching`), the newest one of those serve. False when
+        the state earned weight attests is ours already (nothing taken); NodeError when no
+        donor could give it. After a join, whom to follow is decided by earned
         weight where the ledger knows some peer, else by counting (node/lineage.py): a
         vouching peer is no reason to refuse a split's or the swarm's verdict."""
         ctx = self.ctx
@@ -323,7 +329,7 @@ class CatchUp:
                     and ctx.lineage.chains.get(attested.round) == attested.chain):
                 log.info("the state %d of %d peers of earned weight attest is ours already", len(attested.attesters),
                          attested.shown)
-                return
+                return False
             # Those still serving it: a donor keeps its last two rounds (statesync._ROUNDS_KEPT).
             records = [r for r in attested.attesters if r.round - attested.round in (0, 1)]
             if not records:
@@ -374,3 +380,4 @@ class CatchUp:
             await self.by_deltas()
         except NodeError as e:
             log.warning("could not take the swarm's state after catching up by deltas: %s", e)
+        return True

@@ -347,6 +347,11 @@ class Lineage:
         self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
         self.trusted_then = frozenset()
 
+    def stay(self) -> None:
+        """The state earned weight attests is ours (node/catchup.py `sync`): we are not behind
+        after a discarded round, whatever records on other chains show."""
+        self.behind_at = None
+
     def checkpoint_extra(self, outer_steps: int) -> dict:
         """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
         return {"chain": self.chains.get(outer_steps, "")}

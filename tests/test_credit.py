@@ -313,6 +313,39 @@ def test_a_joiner_that_knows_nobody_takes_the_state_its_anchors_or_bootstrap_pee
         "a ledger that knows a live peer: earned weight decides"
 
 
+def test_a_peer_behind_after_a_discarded_round_whose_own_state_earned_weight_attests_trains_on():
+    """After a discarded round, records ahead on another chain say "behind", but the state the
+    majority of earned weight attests is ours: nothing is taken, the round is not given up,
+    and the next boundary does not ask again (it gave every round up, 10 times a second, for
+    minutes: 16 peers in tree rows on 16 cores, 2026-12-07)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from locoswarm.node.catchup import CatchUp
+    from locoswarm.node.lineage import Lineage
+
+    ours = "a" * 32
+    lineage = Lineage(b"s" * 32)
+    lineage.chains = {16: ours}
+    lineage.discarded(16)
+    records = [_record("h1", 16, chain=ours), _record("h2", 16, chain=ours), _record("h3", 26, chain="b" * 32)]
+    trainer = SimpleNamespace(ledger=_ledger(["me", "h1", "h2", "h3"]), outer_steps=16, round=17)
+    ctx = SimpleNamespace(membership=SimpleNamespace(records=records), trainer=trainer, lineage=lineage,
+                          peer_id="me", spec=SimpleNamespace(trust=None), stats=SimpleNamespace(state="training"))
+    catch_up = CatchUp(ctx)
+    asked = []
+
+    async def no_replay(*_a, **_k) -> bool:
+        asked.append("by_deltas")
+        return False
+
+    catch_up.by_deltas = no_replay
+    assert lineage.follow("me", 16, records, trainer.ledger.established) is not None, "records ahead: behind"
+    assert asyncio.run(catch_up.maybe_follow()) is False, "nothing taken: train on"
+    assert asked == ["by_deltas"] and lineage.behind_at is None
+    assert asyncio.run(catch_up.maybe_follow()) is False and asked == ["by_deltas"], "not asked again"
+
+
 def test_the_round_chain_tells_two_deltas_of_one_sender_and_token_count_apart(gen):
     from locoswarm.node.chains import chain_start, delta_content, round_chain
 
