@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError
 
 from locoswarm.node.events import Final
-from locoswarm.node.treeround import drawn
 
 if TYPE_CHECKING:
     from locoswarm.node.roundcontext import RoundContext
@@ -23,7 +22,7 @@ FINAL_MODEL = "final-model.safetensors"
 """Written to the state directory when the daemon stops at --max-rounds: the replica's parameters."""
 
 
-async def finish(ctx: RoundContext) -> None:
+async def finish(ctx: RoundContext, *, tree: bool = False) -> None:
     """Leaving at --max-rounds: keep serving the last delta until the peers of the last
     round have moved past it (their records say so) or the deadline, since leaving at
     once would cost them our delta. Those are the peers the round waited for
@@ -32,10 +31,10 @@ async def finish(ctx: RoundContext) -> None:
     ask for our row's aggregate, and only our row hears our progress: we tell them all
     that we are done and wait on each of them (16 peers in rows of 4 on 16 cores,
     2026-12-07, ended on different digests when a row's members left as soon as their
-    row had moved on). Then evaluate and write the final model."""
+    row had moved on). `tree`: the last round was a tree round. Then evaluate and write the
+    final model."""
     trainer = ctx.trainer
     last = trainer.outer_steps - 1  # records carry outer steps: past `last` means done with it
-    tree = drawn(ctx, last)[0] > 1
     # Our record is past `last` now: tell it at once, or peers leaving with us (each
     # waiting for the others' records to move on) would all wait out the deadline.
     ctx.progress.show()

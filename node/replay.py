@@ -18,8 +18,8 @@ A peer catching up from outer step k to t:
 3. takes the t − k outer steps, and compares its state (body digest and ledger) with the
    manifest: on a mismatch it downloads the state as before.
 
-A tree round's step (node/tree.py) is kept and replayed as the rows' aggregates it took: the
-ledger before the step says, to the donor and the peer alike, whether the round was one.
+A tree round's step (node/tree.py) is kept and replayed as the rows' aggregates it took;
+the messages say what kind of round took a step, and the attested chain checks them.
 
 A donor cannot make a peer take deltas the swarm did not aggregate: the chain it checks
 against is attested by most of the earned weight, which a download's manifest is not. The
@@ -42,7 +42,7 @@ from locoswarm.node.chains import delta_content, round_chain
 from locoswarm.node.statedownload import ask, fetch_manifest, fetch_residual
 from locoswarm.node.statesync import ROUND_DELTAS
 from locoswarm.node.roundcontext import OuterStep
-from locoswarm.node.tree import check_row, row_count, take_rows
+from locoswarm.node.tree import check_row, take_rows
 from locoswarm.optim.credit import Ledger
 from locoswarm.protocol import DecodedDelta, ProtocolError
 from locoswarm.protocol.state import Manifest, encode_state, state_digest
@@ -147,12 +147,7 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
                     credits=trainer.ledger.credits)
     out = []
     for step, wires in enumerate(steps, start=first):
-        # The ledger before the step says what kind of round took it, as it said to the swarm.
-        rows = row_count(ledger, trainer.spec.rounds)
-        try:
-            decoded = [trainer.decode_row(w) for w in wires] if rows > 1 else [trainer.decode(w) for w in wires]
-        except ProtocolError as e:
-            raise ReplayRefused(f"a {'row aggregate' if rows > 1 else 'delta'} of outer step {step}: {e}") from e
+        decoded, rows = _decode_step(trainer, wires, step)
         named = {d.round for d in decoded}
         if len(named) != 1:
             what = "row aggregates" if rows > 1 else "deltas"
@@ -171,6 +166,33 @@ def verify(trainer: Trainer, chain: str, first: int, steps: list[list[bytes]]) -
         ledger.credit(earned, banned, step)
         out.append(Step(deltas, earned, banned))
     return chain, out
+
+
+def _decode_step(trainer: Trainer, wires: list[bytes], step: int) -> tuple[list, int]:
+    """The messages of outer step `step`, decoded, and the rows of the round that took it:
+    row aggregates all naming one row count (a tree round), or deltas (1: a full round).
+    What kind a round was is the swarm's draw when its training started (node/treeround.py
+    `drawn`: with overlap, one outer step before the one its deltas are taken from), which a
+    peer catching up may not hold; the messages say it, and the chain they must lead to
+    (attested by earned weight) and the state digest after them check it.
+    ReplayRefused naming what is wrong."""
+    if not wires:
+        raise ReplayRefused(f"outer step {step} has no message")
+    try:
+        first = trainer.decode_row(wires[0])
+    except ProtocolError:
+        try:
+            return [trainer.decode(w) for w in wires], 1
+        except ProtocolError as e:
+            raise ReplayRefused(f"a delta of outer step {step}: {e}") from e
+    try:
+        decoded = [first] + [trainer.decode_row(w) for w in wires[1:]]
+    except ProtocolError as e:
+        raise ReplayRefused(f"a row aggregate of outer step {step}: {e}") from e
+    counts = {a.rows for a in decoded}
+    if len(counts) != 1 or first.rows < 2:
+        raise ReplayRefused(f"the row aggregates of outer step {step} name row counts {sorted(counts)}")
+    return decoded, first.rows
 
 
 def _tree_step(trainer: Trainer, aggregates: list, round_: int, rows: int, chain: str, step: int

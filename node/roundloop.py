@@ -67,6 +67,10 @@ class RoundLoop:
         self.carry = 0
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
         self._started: dict[int, float] = {}
+        self._rows: dict[int, tuple[int, int]] = {}
+        """round → (its rows, ours), drawn as its training started (treeround.py `drawn`)."""
+        self._last_rows = 1
+        """The rows of the last round exchanged."""
         self._boundary: dict[int, tuple[float, float]] = {}
         """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
@@ -127,7 +131,7 @@ class RoundLoop:
             await ctx.checkpoints.write(trainer, ctx.pools.train, wait=True,
                                         extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
         if self._reached_limit(trained) and not ctx.should_exit.is_set():
-            await finish(self.ctx)
+            await finish(self.ctx, tree=self._last_rows > 1)
 
     def _reached_limit(self, trained: int) -> bool:
         """--max-rounds rounds trained by this process, or --until-round reached by the
@@ -179,12 +183,14 @@ class RoundLoop:
         round_ = trainer.round
         held = trainer.holds == round_  # joined late: the peers that took part may be past it (Membership.candidates)
         self._started[round_] = t0
-        ours = row_filter(ctx, round_)
+        rows, mine = self._rows[round_] = drawn(ctx, round_)
+        for old in [r for r in self._rows if r < round_ - 2]:  # rounds given up before their exchange
+            del self._rows[old]
+        ours = row_filter(ctx.spec_hash, round_, rows, mine)
         # The carry is the swarm's overshoot; a tree round's row takes back its share of it
         # (each of R rows counts only its own peers in its target). Taking all of it in every
         # row took it back R times over: 16 peers in rows of 4 trained 30 % more tokens a
         # round than planned (2026-12-07).
-        rows, _ = drawn(ctx, round_)
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=int(self.carry / rows),
@@ -224,9 +230,9 @@ class RoundLoop:
         # leave it out (optim/screen.py), and it tells what our checks judge.
         base = ctx.lineage.chains.get(trainer.outer_steps, "")
         held = trainer.holds == r
-        # A tree round's rows, drawn from the ledger of the state the round starts from, as
-        # every peer on its lineage draws them; 1: a full round.
-        rows, mine = drawn(ctx, r)
+        # A tree round's rows, drawn as its training started (treeround.py `drawn`); 1: a full round.
+        rows, mine = self._rows.pop(r, None) or drawn(ctx, r)
+        self._last_rows = rows
         if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
             log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
             self._withdraw(progress, r)

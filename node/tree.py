@@ -3,11 +3,12 @@ instead of every peer pulling every peer's delta (docs/scale.md "Group rounds", 
 docs/convergence.md "Rotating-group exchange").
 
 A round's peers fall into rows drawn afresh every round from the spec hash, the round and
-each peer id (`row_of`), R rows for R = the outer state's established peers over
-`rounds.row_size` (`row_count`): every peer on one lineage holds the same ledger
-(optim/credit.py), so all draw the same rows, a joiner takes the count with the state, and
-identities that never worked cannot split the swarm into more rows. While R is 1 (a run's
-first rounds, a small swarm) a round is a full round as before.
+each peer id (`row_of`), R rows for R = the established peers over `rounds.row_size`
+(`row_count`) of the ledger the round's training starts on (node/treeround.py `drawn`: with
+overlap, the one before the outer step that lands while the round trains): every peer on one
+lineage holds the same ledger (optim/credit.py), so all draw the same rows, a joiner takes
+the ledger with the state, and identities that never worked cannot split the swarm into more
+rows. While R is 1 (a run's first rounds, a small swarm) a round is a full round as before.
 
 In a round of R > 1 rows a peer
 0. tells its progress to its row only and ends the round when its row's tokens reach the

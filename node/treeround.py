@@ -31,24 +31,28 @@ taken so far when that is longer (a slower machine waits longer), never past the
 
 
 def drawn(ctx: RoundContext, round_: int) -> tuple[int, int]:
-    """(the rows round `round_` is drawn into as the outer state we hold draws them, ours):
+    """(the rows round `round_` is drawn into, ours), as the ledger we hold now draws them:
     (1, 0), a full round, unless the spec asks for tree rounds and the ledger counts two rows'
-    worth of established peers."""
+    worth of established peers. The round loop draws a round's rows once, as its training
+    starts, and keeps them for its exchange: with overlap the outer step before takes place
+    meanwhile, and where it changed the count the peers had trained (told their progress,
+    counted their targets) in one set of rows and exchanged in another; every row then
+    aggregated another set and the swarm split into as many chains (16 peers on 16 cores,
+    2026-12-07, rows going from 3 to 4). Every peer on one lineage starts a round's training
+    on the same ledger (the one before the last outer step, with overlap), so all draw alike."""
     rows = row_count(ctx.trainer.ledger, ctx.spec.rounds)
     return rows, row_of(ctx.spec_hash, round_, ctx.peer_id, rows)
 
 
-def row_filter(ctx: RoundContext, round_: int) -> Callable[[str], bool]:
-    """Whether a peer is told our progress in `round_` and counted in its target: in a tree
-    round, the peers of our row; in a full round, every peer. A row ends its round when its
-    own peers' tokens reach their share, as a full round does with all of them, and a peer's
-    progress messages go to its row, not to every peer in view. (With overlap the ledger may
-    be a step behind the one the round's exchange draws with: where the rows' count changes
-    between them, the row's pull probes the peers it was not told of, as it probes any.)"""
-    rows, mine = drawn(ctx, round_)
+def row_filter(spec_hash: bytes, round_: int, rows: int, mine: int) -> Callable[[str], bool]:
+    """Whether a peer is told our progress in `round_` and counted in its target, the round
+    drawn into `rows` rows, ours `mine`: in a tree round, the peers of our row; in a full
+    round, every peer. A row ends its round when its own peers' tokens reach their share, as
+    a full round does with all of them, and a peer's progress messages go to its row, not to
+    every peer in view."""
     if rows == 1:
         return lambda peer: True
-    return lambda peer: row_of(ctx.spec_hash, round_, peer, rows) == mine
+    return lambda peer: row_of(spec_hash, round_, peer, rows) == mine
 
 
 async def agree_row(ctx: RoundContext, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
