@@ -55,6 +55,28 @@ def row_filter(spec_hash: bytes, round_: int, rows: int, mine: int) -> Callable[
     return lambda peer: row_of(spec_hash, round_, peer, rows) == mine
 
 
+def row_leads(ctx: RoundContext, progress: RoundProgress, r: int, rows: int, mine: int,
+              built: RowAggregate) -> list[str]:
+    """The members of our row whose aggregate it takes, first to last (`agree_row`): its
+    established peers (our ledger's, which every member on our lineage holds) that are live
+    in our view or took part in the round, in the round's lead order, ourselves among them
+    only if established. A member that saw only some of its row's peers must still ask the
+    same ones first: with the lead drawn among the peers each member happened to hear from
+    in the round, one that had not heard from the first served its own aggregate, and the
+    peers that asked it took another than the rest (16 peers on 16 cores, 2026-12-07: 3 of
+    16 a member short, two chains). Where the row holds no established peer, the peers we
+    heard from in the round and ours."""
+    ledger, spec_hash = ctx.trainer.ledger, ctx.spec_hash
+    seen = (set(progress.participants()) | {m.sender for m in built.members}) - progress.withdrawn()
+
+    def ours(peers) -> list[str]:
+        return sorted(p for p in peers if row_of(spec_hash, r, p, rows) == mine and not ledger.banned(p))
+
+    established = ours(p for p in ledger.established_peers()
+                       if p == ctx.peer_id or p in seen or p in ctx.membership.live(r))
+    return lead_order(spec_hash, r, established or ours(seen | {ctx.peer_id}))
+
+
 async def agree_row(ctx: RoundContext, progress: RoundProgress, r: int, rows: int, mine: int, base: str,
                     built: RowAggregate, started: float) -> RowAggregate:
     """The aggregate our row serves and steps with, given the one we `built` of the deltas we
@@ -68,11 +90,8 @@ async def agree_row(ctx: RoundContext, progress: RoundProgress, r: int, rows: in
     member ahead that aggregates the very deltas we hold to other values is refused as bad.
     `started`: when the round's exchange began (time.monotonic)."""
     trainer = ctx.trainer
-    seen = (set(progress.participants()) | {m.sender for m in built.members}) - progress.withdrawn()
-    lead = lead_order(ctx.spec_hash, r, sorted(p for p in seen | {ctx.peer_id}
-                                               if row_of(ctx.spec_hash, r, p, rows) == mine
-                                               and not trainer.ledger.banned(p)))
-    ahead = lead[:lead.index(ctx.peer_id)]
+    lead = row_leads(ctx, progress, r, rows, mine, built)
+    ahead = lead[:lead.index(ctx.peer_id)] if ctx.peer_id in lead else lead
     if not ahead:
         return built
     ours = {(m.sender, m.content) for m in built.members}

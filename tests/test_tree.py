@@ -230,6 +230,42 @@ def test_rows_are_pulled_past_a_bad_a_silent_and_a_dead_member_and_a_row_nobody_
 
 
 @pytest.mark.timeout(120)
+def test_every_member_of_a_row_asks_its_established_peers_in_one_order_whoever_it_heard_from():
+    """The members a row's aggregate is taken from (treeround.py row_leads): its established
+    peers, in the round's lead order, the same list at every member whatever peers each heard
+    from in the round (drawn among those heard from, a member that had not heard from the
+    first served its own, and the peers that asked it split from the rest); a newcomer asks
+    them and is not among them; a row without an established peer falls back to those heard."""
+    from types import SimpleNamespace
+
+    from locoswarm.node.treeround import row_leads
+
+    r, rows = 7, 2
+    peers = [f"p{i}" for i in range(12)]
+    row0 = [p for p in peers if row_of(SPEC_HASH, r, p, rows) == 0]
+    assert len(row0) >= 4
+    established, newcomer = row0[:-1], row0[-1]
+    ledger = Ledger(earn_rounds=2, per_peer_tokens=100)
+    for _ in range(4):
+        ledger.credit({p: 100 for p in peers if p != newcomer})
+
+    def leads(me: str, heard: set[str], live: set[str], led: Ledger = ledger) -> list[str]:
+        ctx = SimpleNamespace(trainer=SimpleNamespace(ledger=led), spec_hash=SPEC_HASH, peer_id=me,
+                              membership=SimpleNamespace(live=lambda _r: live))
+        progress = SimpleNamespace(participants=lambda: sorted(heard), withdrawn=lambda: set())
+        return row_leads(ctx, progress, r, rows, 0, SimpleNamespace(members=()))
+
+    everyone = set(peers)
+    want = lead_order(SPEC_HASH, r, sorted(established))
+    assert leads(established[0], everyone, everyone) == want
+    assert leads(established[1], {established[1]}, everyone) == want, "heard from nobody, live in view"
+    assert leads(established[2], set(established), set()) == want, "no record in view, heard from them"
+    assert leads(newcomer, set(), everyone) == want and newcomer not in want
+    fresh = Ledger(earn_rounds=2, per_peer_tokens=100)
+    assert leads(established[0], {established[1]}, everyone, fresh) == lead_order(
+        SPEC_HASH, r, sorted({established[0], established[1]})), "nobody established: the peers heard from"
+
+
 def test_a_rows_members_take_the_aggregate_of_the_first_in_its_lead_order_waiting_while_it_is_not_ready():
     """A row's members agree on its aggregate (node/treeround.py agree_row): each takes the
     one of the first member ahead of it in the lead order, which every peer draws alike, and
