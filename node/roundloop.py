@@ -191,14 +191,22 @@ class RoundLoop:
         # (each of R rows counts only its own peers in its target). Taking all of it in every
         # row took it back R times over: 16 peers in rows of 4 trained 30 % more tokens a
         # round than planned (2026-12-07).
+        # A tree round's row is new every round: a row-mate's record may be rounds old here
+        # (the registry's, or the last one it told us when we last shared a row), and told
+        # only the peers whose records put them in the round, a member heard from part of its
+        # row and pulled only those (16 peers: leaders built their row's aggregate of 5 of 8
+        # deltas). Every live row-mate in view is told our progress and asked for its delta.
+        mates = ((lambda: {peer for peer in ctx.membership.live(round_) if ours(peer)} - {ctx.peer_id})
+                 if rows > 1 else frozenset)
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=int(self.carry / rows),
                                  expected=lambda: {peer for peer in ctx.membership.expected(round_)
                                                    if not trainer.ledger.banned(peer) and ours(peer)},
-                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_, late=held) if
-                                                     ctx.progress.reachable(peer) and not trainer.ledger.banned(peer)},
-                                 told=lambda: {peer for peer in ctx.membership.told(round_) if ours(peer)},
+                                 candidates=lambda: {peer for peer in ctx.membership.candidates(round_, late=held)
+                                                     | mates() if ctx.progress.reachable(peer)
+                                                     and not trainer.ledger.banned(peer)},
+                                 told=lambda: {peer for peer in ctx.membership.told(round_) if ours(peer)} | mates(),
                                  incarnation=ctx.incarnation, incarnations=ctx.membership.incarnation,
                                  trusted=trainer.ledger.established, excluded=trainer.ledger.banned)
         ctx.stats.state = "training"
