@@ -187,10 +187,6 @@ class RoundLoop:
         for old in [r for r in self._rows if r < round_ - 2]:  # rounds given up before their exchange
             del self._rows[old]
         ours = row_filter(ctx.spec_hash, round_, rows, mine)
-        # The carry is the swarm's overshoot; a tree round's row takes back its share of it
-        # (each of R rows counts only its own peers in its target). Taking all of it in every
-        # row took it back R times over: 16 peers in rows of 4 trained 30 % more tokens a
-        # round than planned (2026-12-07).
         # A tree round's row is new every round: a row-mate's record may be rounds old here
         # (the registry's, or the last one it told us when we last shared a row), and told
         # only the peers whose records put them in the round, a member heard from part of its
@@ -198,6 +194,10 @@ class RoundLoop:
         # deltas). Every live row-mate in view is told our progress and asked for its delta.
         mates = ((lambda: {peer for peer in ctx.membership.live(round_) if ours(peer)} - {ctx.peer_id})
                  if rows > 1 else frozenset)
+        # The carry is the swarm's overshoot; a tree round's row takes back its share of it
+        # (each of R rows counts only its own peers in its target). Taking all of it in every
+        # row took it back R times over: 16 peers in rows of 4 trained 30 % more tokens a
+        # round than planned (2026-12-07).
         progress = RoundProgress(ctx.progress, round_, ctx.peer_id,
                                  per_peer_tokens=trainer.round_tokens, interval_s=cfg.report_interval_s,
                                  carry=int(self.carry / rows),
