@@ -25,6 +25,7 @@ runs one variant on the quick preset; docs/convergence.md has the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -120,8 +121,10 @@ def budgets(names: list[str], sizes: list[int], density: float, shares: dict[str
 
 
 def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 2, chunk: int = 4096,
-        shares: dict[str, float] | None = None, equal_bytes: bool = True) -> dict:
+        shares: dict[str, float] | None = None, equal_bytes: bool = True, outer_lr: float | None = None) -> dict:
     cfg, dl = w.cfg, w.cfg.diloco
+    if outer_lr is not None:
+        dl = dataclasses.replace(dl, outer=dataclasses.replace(dl.outer, lr=outer_lr))
     n = cfg.replicas
     t0 = time.perf_counter()
     models, opts, samplers, outer = start_replicas(w, dl)
@@ -188,11 +191,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None,
                         help="genesis seed (weights, data order); the preset's by default")
+    parser.add_argument("--outer-lr", type=float, default=None, help="outer learning rate; the preset's by default")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     shares = {k: float(v) for k, v in (item.split("=", 1) for item in args.share)}
     out = run_study(args.preset, lambda w: run(w, transform=args.transform, block=args.block, density=args.density,
-                                                bits=args.bits, chunk=args.chunk, shares=shares),
+                                                bits=args.bits, chunk=args.chunk, shares=shares,
+                                                outer_lr=args.outer_lr),
                     steps=args.steps, seed=args.seed, json_path=args.json)
     print(f"{args.transform} block {args.block} density {args.density} shares {args.share}: "
           f"eval loss {out['eval_loss']:.4f} (consensus {out['consensus_eval_loss']:.4f}), "
