@@ -18,26 +18,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from locoswarm.node.catchup import CatchUp
 from locoswarm.node.evaluation import EvalSchedule, timed
-from locoswarm.node.events import RoundDiscarded, RoundEnded
+from locoswarm.node.events import RoundDiscarded
 from locoswarm.node.handover import served
 from locoswarm.node.host import NodeError
 from locoswarm.node.leaving import finish
 from locoswarm.node.lifecycle import unless_stopped
 from locoswarm.node.chains import delta_content
 from locoswarm.node.pull import UNPROVEN_WAIT_S, gather_deltas
+from locoswarm.node.roundreport import ExchangePhases, RoundReport
 from locoswarm.node.roundcontext import OuterStep, RoundContext
 from locoswarm.node.rounds import RoundProgress
 from locoswarm.node.tree import row_of
 from locoswarm.node.treeround import drawn, row_filter, tree_step
-from locoswarm.optim.check import SCALE, failing
 
 if TYPE_CHECKING:
     from locoswarm.node.trainer import RoundWork
@@ -45,17 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_FAILED_IN_A_ROW = 3
 """Rounds that may fail one after another before the node gives up."""
-
-
-@dataclass(frozen=True)
-class ExchangePhases:
-    """How long a round's exchange took (seconds; node/events.py RoundEnded says what each is)."""
-    send_s: float = 0.0
-    pull_s: float = 0.0
-    step_s: float = 0.0
-    sent_at: float = 0.0
-    screen_s: float = 0.0
-    rows_s: float = 0.0
 
 
 class RoundLoop:
@@ -66,16 +53,12 @@ class RoundLoop:
         """Ends the current round's training early: leaving, or the owner needs the machine."""
         self.carry = 0
         """Tokens the swarm trained beyond its plan so far (negative: short of it), as this peer saw it."""
-        self._started: dict[int, float] = {}
+        self.report = RoundReport(ctx)
         self._rows: dict[int, tuple[int, int]] = {}
         """round → (its rows, ours), drawn as its training started (treeround.py `drawn`)."""
         self._last_rows = 1
         """The rows of the last round exchanged."""
-        self._boundary: dict[int, tuple[float, float]] = {}
-        """round → (waited for the previous exchange, the rest of its boundary), seconds."""
         self._failed_in_a_row = 0
-        self._check_s = 0.0
-        """Seconds the last round's checks took (optim/check.py)."""
         self.evals = EvalSchedule(ctx.cfg.eval_every)
 
     def stop_round(self) -> None:
@@ -113,7 +96,7 @@ class RoundLoop:
                 await ctx.checkpoints.write(trainer, ctx.pools.train,
                                             extra=ctx.lineage.checkpoint_extra(trainer.outer_steps))
             work = await ctx.pools.train(trainer.end_round)
-            self._boundary[work.round] = (wait_s, time.perf_counter() - boundary_t0 - wait_s)
+            self.report.boundary(work.round, wait_s, time.perf_counter() - boundary_t0 - wait_s)
             trained += 1
             ctx.faults.trained(work.round, work, trainer.outer.params)
             step = self._guarded(work.round, functools.partial(self._exchange, progress, work, overlap), work,
@@ -182,7 +165,7 @@ class RoundLoop:
         t0 = time.perf_counter()
         round_ = trainer.round
         held = trainer.holds == round_  # joined late: the peers that took part may be past it (Membership.candidates)
-        self._started[round_] = t0
+        self.report.started(round_, t0)
         rows, mine = self._rows[round_] = drawn(ctx, round_)
         for old in [r for r in self._rows if r < round_ - 2]:  # rounds given up before their exchange
             del self._rows[old]
@@ -285,8 +268,7 @@ class RoundLoop:
         ctx.stats.deltas_rejected += len(screened.rejected)
         t_check = time.perf_counter()
         checks = await run(trainer.check, work, screened.deltas, ctx.peer_id)
-        self._check_s = time.perf_counter() - t_check
-        self._log_checks(r, checks)
+        self.report.checked(r, checks, time.perf_counter() - t_check)
         kept = trainer.step.kept(screened)
         participants = progress.participants()
         checked = time.monotonic()
@@ -338,20 +320,9 @@ class RoundLoop:
             # On the training thread: evaluating while it trains would read half-updated weights.
             ctx.stats.eval_loss, took_s = await ctx.pools.train(functools.partial(timed, trainer.evaluate))
             self.evals.took(took_s)
-        self._report(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows,
-                     phases=phases)
-
-    def _log_checks(self, r: int, checks: list) -> None:
-        """Failed checks as warnings (they go out with our next delta); the round's least
-        agreement for status and the round event."""
-        ctx, threshold = self.ctx, self.ctx.spec.diloco.robust.check_agreement
-        for c in failing(checks, threshold):
-            ctx.stats.checks_failed += 1
-            log.warning("round %d: delta of %s failed our check: it agrees with our own pseudo-gradient at %.2f "
-                        "of our delta's agreement (below %.2f); told to the swarm with our next delta",
-                        r, c.sender, c.agreement / SCALE, threshold)
-        ctx.stats.checks += len(checks)
-        ctx.stats.least_agreement = min((c.agreement / SCALE for c in checks), default=None)
+        self._failed_in_a_row = 0  # a whole round went through
+        self.report.ended(work, len(step.accepted), len(participants) + 1, progress.train_s, overlap, rows=rows,
+                          phases=phases)
 
     async def _send(self, run, progress: RoundProgress, work: RoundWork, base: str) -> bytes:
         """Encode our delta of the round (on `run`, the exchange's compute), serve it and
@@ -382,36 +353,6 @@ class RoundLoop:
     def _withdraw(self, progress: RoundProgress, r: int) -> None:
         self._give_up(r)
         progress.report(0, 0.0, done=True)
-
-    def _report(self, work: RoundWork, deltas: int, participants: int, train_s: float, overlap: bool, *,
-                rows: int = 1, phases: ExchangePhases | None = None) -> None:
-        """`phases`: how long the round's exchange took, by phase."""
-        phases = phases or ExchangePhases()
-        ctx, r = self.ctx, work.round
-        self._failed_in_a_row = 0  # a whole round went through
-        started = self._started.pop(r, None) or time.perf_counter()
-        ended = self._started.get(r + 1) if overlap else None
-        wait_s, boundary_s = self._boundary.pop(r, (0.0, 0.0))
-        loss = None if math.isnan(work.loss) else work.loss
-        round_s = (ended or time.perf_counter()) - started
-        ctx.stats.tokens_trained += work.tokens
-        ctx.stats.history.append({"round": r, "loss": loss, "eval_loss": ctx.stats.eval_loss, "deltas": deltas,
-                                  "participants": participants, "tokens": work.tokens,
-                                  "tokens_total": ctx.stats.tokens_trained, "time": time.time(), "train_s": train_s,
-                                  "wait_s": wait_s, "boundary_s": boundary_s, "round_s": round_s})
-        ctx.events(RoundEnded(round=r, deltas=deltas, participants=participants, tokens=work.tokens, loss=loss,
-                              eval_loss=ctx.stats.eval_loss, train_s=train_s,
-                              round_s=round_s, wait_s=wait_s,
-                              boundary_s=boundary_s, sent=ctx.bytes_sent(), progress_sent=ctx.progress.bytes_sent,
-                              progress_messages=ctx.progress.messages_sent,
-                              progress_records=ctx.progress.records_sent,
-                              progress_writes=ctx.progress.writes_sent, delta_requests=ctx.stats.delta_requests,
-                              delta_streams=ctx.delta_streams.num_opened,
-                              registry_sent=ctx.registry_sent(),
-                              received=ctx.stats.bytes_received, least_agreement=ctx.stats.least_agreement,
-                              check_s=self._check_s, rows=rows, send_s=phases.send_s, pull_s=phases.pull_s,
-                              step_s=phases.step_s, screen_s=phases.screen_s, rows_s=phases.rows_s,
-                              sent_at=phases.sent_at))
 
     async def _wait_while_paused(self) -> None:
         while self.ctx.idle.paused is not None and not self.ctx.should_exit.is_set():
