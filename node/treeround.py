@@ -72,8 +72,8 @@ def row_leads(ctx: RoundContext, progress: RoundProgress, r: int, rows: int, min
     def ours(peers) -> list[str]:
         return sorted(p for p in peers if row_of(spec_hash, r, p, rows) == mine and not ledger.banned(p))
 
-    established = ours(p for p in ledger.established_peers()
-                       if p == ctx.peer_id or p in seen or p in ctx.membership.live(r))
+    live = ctx.membership.live(r)
+    established = ours(p for p in ledger.established_peers() if p == ctx.peer_id or p in seen or p in live)
     return lead_order(spec_hash, r, established or ours(seen | {ctx.peer_id}))
 
 
