@@ -222,7 +222,7 @@ class RoundLoop:
         base = ctx.lineage.chains.get(trainer.outer_steps, "")
         held = trainer.holds == r
         # A tree round's rows, drawn as its training started (treeround.py `drawn`); 1: a full round.
-        rows, mine = self._rows.pop(r, None) or drawn(ctx, r)
+        rows, mine = self._rows.pop(r)
         self._last_rows = rows
         if held:  # the first round in a state we took (Trainer.hold): nobody waits for a delta of ours
             log.info("round %d: our delta is held, not sent: we joined the round late, in a state we took", r)
