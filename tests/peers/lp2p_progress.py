@@ -41,9 +41,9 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
     spec_hash = bytes.fromhex(spec_hex)
     out: dict = {}
     with trio.fail_after(LIFETIME_S):
-        async with run_host(key_pair) as host:
+        async with run_host(key_pair) as host, trio.open_nursery() as nursery:
             streams = ProgressStreams(host, spec_hash)
-            streams.start()
+            streams.start(nursery)
             a, b = await dial(host, maddr_a), await dial(host, maddr_b)
             out["runs"] = {}
             for peer in (a, b):
@@ -52,7 +52,7 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
             ours = PeerRecord(peer_id=identity.peer_id, addrs=(str(host.get_addrs()[0]),), device="cpu",
                               tokens_per_s=0.0, round=0, spec_hash=spec_hash, paused=True, incarnation=1, seq=1)
             for peer in (a, b):
-                await streams.tell(peer, record=ours)
+                streams.tell(peer, record=ours)
             out["records_came"] = await wait_for(lambda: {str(a), str(b)} <= set(streams.records), 30.0)
             started = time.monotonic()
             out["gave_up"] = {}
@@ -60,7 +60,7 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
                 shown = streams.records[str(peer)].round
                 out["gave_up"][str(peer)] = [shown, shown + 1]
                 for round_ in (shown, shown + 1):
-                    await streams.tell(peer, progress=Progress(tokens=0, tokens_per_s=0.0, done=True, round=round_))
+                    streams.tell(peer, progress=Progress(tokens=0, tokens_per_s=0.0, done=True, round=round_))
             told_back = lambda: all(any(str(p) in seen for seen in streams.progress.values()) for p in (a, b))  # noqa: E731
             out["told_back_after_s"] = round(time.monotonic() - started, 2) if await wait_for(told_back, 30.0) else None
             out["records"] = {p: [r.round, r.spec_hash.hex()] for p, r in streams.records.items()}
@@ -72,6 +72,7 @@ async def main(identity_path: str, spec_hex: str, maddr_a: str, maddr_b: str) ->
             await forged.write(record_frame(streams.records[str(b)]))
             await trio.sleep(1.0)
             await streams.close()
+            out["streams_opened"] = streams.streams_opened
     out["a"], out["b"], out["me"] = str(a), str(b), identity.peer_id
     out["hivemind_loaded"] = any(m == "hivemind" or m.startswith("hivemind.") for m in sys.modules)
     return out
