@@ -1,7 +1,9 @@
 """The arithmetic of the bounded peer registry (docs/scale.md, "The bounded design"): which
 bucket key a peer's record lives under, at which levels a peer writes and reads, the swarm
 size estimated from what it read, and the partial view kept from the reads. Pure functions
-and small classes, no I/O: node/registry.py does the DHT reads and writes.
+and small classes, no I/O: node/registry.py does the DHT reads and writes. The levels'
+arithmetic (`level_of`, `write_levels`, `read_level`, with BUCKET_ENTRIES) lives in
+protocol/records.py beside the bucket keys, where the py-libp2p peer (net/registry.py) reads it too.
 
 **Buckets.** At level L the registry is 2^L DHT keys `locoswarm:<run>:peers:<L>:<b>`; a
 peer's record lives in bucket b = the first L bits of sha256(its base58 peer id, as ASCII
@@ -23,45 +25,21 @@ written at level 0 only: one store a refresh where most swarms start.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord
+from locoswarm.protocol.records import MAX_LEVEL, PeerRecord, level_of, read_level, write_levels
+
+__all__ = ["MAX_LEVEL", "PartialView", "SizeEstimate", "buckets_to_sample", "level_of", "read_level", "write_levels"]
 
 SAMPLE_ENTRIES = 64
 """A view read aims to see this many records: round(SAMPLE_ENTRIES / mean occupancy) buckets."""
 VIEW_MAX = 200
 """At most this many records are kept in the partial view (the most recently seen)."""
-MAX_LEVEL = 24
-"""The highest level considered (32 · 2^24 ≈ 5e8 peers): bounds the bootstrap probe and
-whatever an estimate says."""
 ESTIMATES_KEPT = 5
 """The estimate used is the median of the last this many samples, so L does not flap."""
-
-
-def level_of(peers_estimate: float) -> float:
-    """ℓ = log2(N_est / BUCKET_ENTRIES), clamped to [0, MAX_LEVEL]."""
-    if not peers_estimate > BUCKET_ENTRIES:
-        return 0.0
-    return min(float(MAX_LEVEL), math.log2(peers_estimate / BUCKET_ENTRIES))
-
-
-def write_levels(peers_estimate: float) -> tuple[int, ...]:
-    """The levels a peer writes its record at: ⌊ℓ⌋ and ⌊ℓ⌋ + 1; only level 0 below
-    BUCKET_ENTRIES / √2 peers, where every reader within a factor √2 reads level 0."""
-    if peers_estimate < BUCKET_ENTRIES / math.sqrt(2):
-        return (0,)
-    low = math.floor(level_of(peers_estimate))
-    return low, low + 1
-
-
-def read_level(peers_estimate: float) -> int:
-    """The level a peer reads at: ℓ rounded, halves up (one of the writers' two levels for
-    every writer whose estimate is within a factor √2 of ours)."""
-    return math.floor(level_of(peers_estimate) + 0.5)
 
 
 def buckets_to_sample(level: int, mean_occupancy: float) -> int:

@@ -18,6 +18,7 @@ hivemind's signature validator.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -49,6 +50,34 @@ def bucket_of(peer_id: str, level: int) -> int:
 def bucket_key(run_id: str, level: int, bucket: int) -> str:
     """The DHT key of one registry bucket (docs/protocol.md, "Finding every peer")."""
     return f"locoswarm:{run_id}:peers:{level}:{bucket}"
+
+
+MAX_LEVEL = 24
+"""The highest registry level considered (32 · 2^24 ≈ 5e8 peers): bounds the bootstrap probe
+and whatever an estimate says."""
+
+
+def level_of(peers_estimate: float) -> float:
+    """ℓ = log2(N_est / BUCKET_ENTRIES), clamped to [0, MAX_LEVEL] (node/buckets.py says why
+    writers and readers meet)."""
+    if not peers_estimate > BUCKET_ENTRIES:
+        return 0.0
+    return min(float(MAX_LEVEL), math.log2(peers_estimate / BUCKET_ENTRIES))
+
+
+def write_levels(peers_estimate: float) -> tuple[int, ...]:
+    """The levels a peer writes its record at: ⌊ℓ⌋ and ⌊ℓ⌋ + 1; only level 0 below
+    BUCKET_ENTRIES / √2 peers, where every reader within a factor √2 reads level 0."""
+    if peers_estimate < BUCKET_ENTRIES / math.sqrt(2):
+        return (0,)
+    low = math.floor(level_of(peers_estimate))
+    return low, low + 1
+
+
+def read_level(peers_estimate: float) -> int:
+    """The level a peer reads at: ℓ rounded, halves up (one of the writers' two levels for
+    every writer whose estimate is within a factor √2 of ours)."""
+    return math.floor(level_of(peers_estimate) + 0.5)
 
 
 def is_chain(value: object) -> bool:

@@ -20,6 +20,7 @@ from locoswarm.node import buckets, registry as registry_module
 from locoswarm.node.buckets import read_level
 from locoswarm.node.host import DHT_OPTIONS
 from locoswarm.node.registry import PeerRegistry
+from locoswarm.protocol import records
 from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode_record
 
 pytestmark = pytest.mark.timeout(180)
@@ -65,7 +66,7 @@ def test_forty_records_over_buckets_give_a_bounded_view_and_an_estimate_within_a
     at level 3 (8 buckets of 5 on average); a view read aims at 16 entries. The reader starts
     knowing nothing (level 0, where nobody writes), finds the swarm's level by its probe, and
     then sees a sample, not everyone."""
-    monkeypatch.setattr(buckets, "BUCKET_ENTRIES", 4)
+    monkeypatch.setattr(records, "BUCKET_ENTRIES", 4)  # where the level arithmetic reads it
     monkeypatch.setattr(buckets, "SAMPLE_ENTRIES", 16)
     monkeypatch.setattr(buckets, "VIEW_MAX", 20)
     monkeypatch.setattr(registry_module, "VIEW_READ_S", 0.0)  # a view read at every call
@@ -155,7 +156,7 @@ def test_bad_bucket_entries_are_refused_with_the_reason(monkeypatch, mode):
     """At level 1 (BUCKET_ENTRIES 1, estimate 2): an entry for a peer that hashes into the
     other bucket, an oversized value, an entry expiring far beyond any honest clock, a bucket
     holding more entries than a read decodes, a record of another spec."""
-    monkeypatch.setattr(buckets, "BUCKET_ENTRIES", 1)
+    monkeypatch.setattr(records, "BUCKET_ENTRIES", 1)  # where the level arithmetic reads it
     monkeypatch.setattr(registry_module, "MAX_ENTRIES_READ", 5)
     peers = [_fake_id(i) for i in range(40)]
     good = peers[0]
@@ -203,7 +204,7 @@ def test_bad_bucket_entries_are_refused_with_the_reason(monkeypatch, mode):
 
 
 def test_a_withdrawal_leaves_a_tombstone_at_every_level_written(monkeypatch):
-    monkeypatch.setattr(buckets, "BUCKET_ENTRIES", 1)
+    monkeypatch.setattr(records, "BUCKET_ENTRIES", 1)  # where the level arithmetic reads it
     peer = _fake_id(5)
 
     async def go():
