@@ -1,5 +1,6 @@
-"""The swarm's peer registry read over py-libp2p (issue 22): every live peer record of a run,
-found as docs/protocol.md ("Reading a swarm", "Finding every peer") says, on `DHTClient.get`.
+"""The swarm's peer registry over py-libp2p (issue 22): every live peer record of a run,
+found as docs/protocol.md ("Reading a swarm", "Finding every peer") says, on `DHTClient.get`;
+and this peer's own record, written and refreshed where the daemons read (`OwnRecordKeeper`).
 
 The keys are `locoswarm:<run id>:peers:<L>:<b>`, b the first L bits of sha256(base58 peer id)
 (`bucket_key`, `bucket_of` in protocol/records.py, which the daemon's registry uses too).
@@ -15,9 +16,10 @@ named in `rejected`; a tombstone (b"": the peer left) is no record and no fault.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import trio
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -27,8 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from locoswarm.net.dht import DHTClient, ValueWithExpiration
 from locoswarm.protocol.dhtrecords import peer_id
 from locoswarm.protocol.errors import ProtocolError
-from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record
+from locoswarm.protocol.records import (BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record, encode_record,
+                                        write_levels)
 
+log = logging.getLogger(__name__)
 CLOCK_SLACK_S = 30.0
 """An entry may expire at most this long after now + TTL (node/registry.py): one expiring later
 would outlive its writer's refreshes."""
@@ -147,3 +151,82 @@ async def read_registry(client: DHTClient, run_id: str, spec_hash: bytes, *, ttl
     for b, key in enumerate(keys):
         out.update(records(found[key], level, b))
     return out
+
+
+# ---------------------------------------------------------------------------- our own record
+
+
+async def store_own(client: DHTClient, run_id: str, peer_id: str, value: bytes, *, ttl_s: float,
+                    levels: tuple[int, ...]) -> bool:
+    """Store `value` (an encoded record, or b"": a tombstone) as `peer_id`'s entry of its bucket at
+    each of `levels`, signed with the client's identity (which must be that peer's) and valid for
+    `ttl_s` from now; True when a node took it at every level."""
+    if peer_id != client.identity.peer_id:
+        raise ValueError(f"a record of {peer_id} cannot be signed by {client.identity.peer_id}")
+    subkey = peer_id.encode() + client.identity.owner_marker
+    expiration = time.time() + ttl_s
+    taken = []
+    for level in levels:
+        verdicts = await client.store(bucket_key(run_id, level, bucket_of(peer_id, level)), value, expiration,
+                                      subkey=subkey)
+        taken.append(any(verdicts.values()))
+    return all(taken)
+
+
+class OwnRecordKeeper:
+    """Keeps this peer's record in the run's registry, as node/upkeep.py does for a daemon: it
+    reads the registry (the view `peers`, and the swarm size it suggests), then writes `record()`
+    at the levels that size calls for (protocol/records.py `write_levels`), every `ttl_s` / 3;
+    `withdraw()` writes a tombstone at every level written within a TTL, so that readers drop
+    the peer at their next read instead of when its record expires."""
+
+    def __init__(self, client: DHTClient, run_id: str, spec_hash: bytes, record: Callable[[], PeerRecord], *,
+                 ttl_s: float = 60.0) -> None:
+        self.client, self.run_id, self.spec_hash, self.record, self.ttl_s = client, run_id, spec_hash, record, ttl_s
+        self.peers: dict[str, PeerRecord] = {}
+        """The other peers' records the last read found."""
+        self.rejected: list[tuple[str, str]] = []
+        """What the last read refused, as read_registry names it."""
+        self.announced = 0
+        """Refreshes in which every level took our record."""
+        self._written: dict[int, float] = {}
+        """level → when (time.monotonic()) our record was last written there."""
+
+    async def refresh(self) -> bool:
+        """Read the registry, then write our record at the levels the swarm's size calls for;
+        True when every level took it."""
+        self.rejected = []
+        read = await read_registry(self.client, self.run_id, self.spec_hash, ttl_s=self.ttl_s,
+                                   rejected=self.rejected)
+        me = self.client.identity.peer_id
+        self.peers = {p: r for p, r in read.items() if p != me}
+        levels = write_levels(len(self.peers) + 1.0)
+        now = time.monotonic()
+        for level in levels:
+            self._written[level] = now
+        ok = await store_own(self.client, self.run_id, me, encode_record(self.record()), ttl_s=self.ttl_s,
+                             levels=levels)
+        self.announced += ok
+        return ok
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh now and every `ttl_s` / 3 until cancelled (started once the first refresh is
+        done); a refresh that fails is tried again at the next."""
+        started = False
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # the DHT or a node failed: the record stays until it expires, retry
+                log.warning("own record refresh failed: %s: %s", type(e).__name__, e)
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.ttl_s / 3)
+
+    async def withdraw(self) -> bool:
+        """A tombstone in every bucket written within a TTL (at least where the swarm's size says)."""
+        now = time.monotonic()
+        levels = tuple(sorted(level for level, at in self._written.items() if now - at <= self.ttl_s)) or \
+            write_levels(len(self.peers) + 1.0)
+        return await store_own(self.client, self.run_id, self.client.identity.peer_id, b"", ttl_s=self.ttl_s,
+                               levels=levels)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -19,12 +20,16 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from harness import Swarm, first_addr, libp2p_missing, peer_id, wait_round
+from harness import Swarm, first_addr, libp2p_missing, node_status, peer_id, wait_round
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 from locoswarm.protocol.records import PeerRecord, bucket_key, bucket_of, encode_record
 
 READER = os.path.join(os.path.dirname(__file__), "peers", "lp2p_registry.py")
+ANNOUNCER = os.path.join(os.path.dirname(__file__), "peers", "lp2p_announce.py")
+SEEN_WITHIN_S = 90.0
+"""A daemon reads its registry bucket every third of the record TTL (20 s) and its view holds
+a record from that read on; the bound leaves room for a loaded 2-core machine."""
 FORGED_ROUND = 10**6
 """The forged record's round: were it taken, it would win over the genuine one (higher round)."""
 
@@ -49,7 +54,8 @@ async def _store_bad_entries(maddr: str, key: str, victim: str, spec_hash: bytes
 
 @pytest.mark.slow
 @pytest.mark.timeout(300, method="signal")
-def test_a_py_libp2p_peer_reads_every_daemons_record_and_drops_entries_not_their_named_peers(swarm: Swarm, tmp_path):
+def test_a_py_libp2p_peer_reads_every_daemons_record_drops_entries_not_their_named_peers_and_shows_its_own(
+        swarm: Swarm, tmp_path):
     why = libp2p_missing()
     if why:
         pytest.skip(why)
@@ -78,3 +84,41 @@ def test_a_py_libp2p_peer_reads_every_daemons_record_and_drops_entries_not_their
     reasons = {who: why for who, why in seen["rejected"]}
     assert "not its identity" in reasons.get(peer_id(a), ""), seen["rejected"]
     assert any("names no owner key" in why for who, why in seen["rejected"] if "QmUnsigned" in who), seen["rejected"]
+    # Then it shows itself: its own record (paused), kept in the registry by net/registry.py's
+    # keeper. It tells nobody anything: the daemons find it in the registry alone (their view
+    # counts it), and drop it at their next read once it has withdrawn it.
+    _shows_itself_and_withdraws(swarm, tmp_path, first_addr(b), spec, ids)
+
+
+def _num_peers(swarm: Swarm, names) -> list[int]:
+    return [node_status(swarm.root / name)["num_peers"] for name in names]
+
+
+def _until(check, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(1.0)
+    return check()
+
+
+def _shows_itself_and_withdraws(swarm: Swarm, tmp_path, bootstrap: str, spec: RunSpec, ids: set[str]) -> None:
+    proc = subprocess.Popen([sys.executable, ANNOUNCER, str(tmp_path / IDENTITY_FILE), bootstrap, spec.run_id,
+                             spec.hash().hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = json.loads(proc.stdout.readline() or "{}")
+        print(json.dumps(first))  # shown when an assertion fails
+        assert first.get("announced") == 1 and set(first["peers"]) == ids, first
+        assert _until(lambda: _num_peers(swarm, "ab") == [2, 2], SEEN_WITHIN_S), _num_peers(swarm, "ab")
+        out, err = proc.communicate("withdraw\n", timeout=60)
+        assert proc.returncode == 0, err[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    final = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(final))
+    assert not final["hivemind_loaded"] and final["withdrawn"] and final["announced_total"] >= 1
+    assert _until(lambda: _num_peers(swarm, "ab") == [1, 1], SEEN_WITHIN_S), _num_peers(swarm, "ab")
