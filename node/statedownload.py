@@ -22,7 +22,6 @@ by its unsent progress, and its first deltas failed the swarm's checks (docs/tru
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import sys
 from typing import Callable, NamedTuple
@@ -34,9 +33,9 @@ from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, Ledger, Manifest,
-                                      StateAssembler, StateSpec, choose_state, decode_manifest, encode_state_request,
-                                      same_state, serving)
+from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, ChunkPull, Donor, Ledger,
+                                      Manifest, StateAssembler, StateSpec, StateUnavailable, choose_state,
+                                      decode_manifest, encode_state_request, pick_manifest, serving)
 
 __all__ = ["AGREEING", "DONOR_CUTS", "DONOR_FAILURES", "MANIFEST_DONORS", "Downloaded", "StateUnavailable",
            "choose_state", "download_state", "fetch_manifest", "fetch_residual"]
@@ -50,10 +49,6 @@ wait between, before the donor counts as failed."""
 _CUT_WAIT_S = 0.05
 """The first wait after a cut stream; it doubles each time."""
 log = logging.getLogger(__name__)
-
-
-class StateUnavailable(Exception):
-    """No donor could provide a complete, valid state."""
 
 
 class DownloadProgress:
@@ -156,25 +151,11 @@ async def download_state(
     round_ = LATEST if target is None else target[0]
     found = await asyncio.gather(*(fetch_manifest(p2p, peer, spec, timeout_s, round_) for peer in asked))
     manifests = {peer: m for peer, m in zip(asked, found) if m is not None}
-    if target is not None:
-        manifests = {p: m for p, m in manifests.items() if (m.round, m.chain) == target}
-        if not manifests:
-            raise StateUnavailable(f"none of the {len(asked)} donors asked served the attested state of round "
-                                   f"{target[0]} (chain {target[1][:12]}…)")
-        counts = collections.Counter(same_state(m) for m in manifests.values())
-        chosen = max(manifests.values(), key=lambda m: counts[same_state(m)])
-    elif attesters:
-        vouched = [m for p, m in manifests.items() if p in trusted]
-        if not vouched:
-            raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")
-        chosen = max(vouched, key=lambda m: m.round)
+    chosen = pick_manifest(manifests, asked=len(asked), trusted=trusted if attesters else None, target=target)
+    if target is None and attesters:  # the others may show a newer round: asked for the chosen one's
         behind = [p for p, m in manifests.items() if m.round != chosen.round]
         again = await asyncio.gather(*(fetch_manifest(p2p, p, spec, timeout_s, chosen.round) for p in behind))
         manifests.update({p: m for p, m in zip(behind, again) if m is not None})
-    elif not manifests:
-        raise StateUnavailable("no donor returned a valid state manifest")
-    else:
-        chosen = choose_state(list(manifests.values()))
     pool = serving(manifests, chosen)
     if kept is not None and kept.get("manifest") == chosen:
         asm = kept["assembler"]
@@ -205,42 +186,32 @@ async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, ti
     every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
     total = len(asm.manifest.chunks)
-    queue = collections.deque(asm.missing())
-    partial: dict[int, bytes] = {}
-    """chunk index → the bytes of it that came before its stream was cut."""
-
-    in_flight = 0
+    pull = ChunkPull(asm)
 
     async def worker(peer: PeerID) -> None:
-        nonlocal in_flight
-        failures = cuts = 0
-        while failures < DONOR_FAILURES and cuts < DONOR_CUTS:
-            if not queue:
-                if not in_flight:
+        donor = Donor()
+        while donor.alive:
+            job = pull.take()
+            if job is None:
+                if pull.idle():
                     return
                 await asyncio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
                 continue
-            index = queue.popleft()
-            have = partial.pop(index, b"")
-            in_flight += 1
+            index, offset = job
             try:
-                rest = await ask(p2p, peer, kind, round_, index, chunk_bytes - len(have), timeout_s,
-                                  offset=len(have))
-                asm.add(index, have + rest)
-                cuts = 0
+                rest = await ask(p2p, peer, kind, round_, index, chunk_bytes - offset, timeout_s, offset=offset)
+                pull.delivered(index, rest)
+                donor.delivered()
             except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
-                log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, len(have) + len(e.partial))
-                partial[index] = have + e.partial
-                queue.appendleft(index)
-                cuts += 1
+                log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, offset + len(e.partial))
+                pull.cut(index, e.partial)
+                donor.cut()
                 continue
             except Exception as e:  # any failure: the chunk goes to another donor
                 log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
-                queue.append(index)
-                failures += 1
+                pull.failed(index)
+                donor.failed()
                 continue
-            finally:
-                in_flight -= 1
             if on_progress is not None:
                 on_progress(total - len(asm.missing()), total)
 

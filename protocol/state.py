@@ -132,6 +132,106 @@ def serving(manifests: dict, chosen: Manifest) -> list:
             if same_state(m) == same_state(chosen) and m.chunk_bytes == chosen.chunk_bytes]
 
 
+class StateUnavailable(Exception):
+    """No donor served a state that could be downloaded whole; says why."""
+
+
+def pick_manifest(manifests: dict, *, asked: int, trusted: list | None = None,
+                  target: tuple[int, str] | None = None) -> Manifest:
+    """The manifest a download takes among `manifests` (donor → its manifest, `asked` donors
+    asked), on either transport: with a `target` (round, chain), the state a majority of
+    earned weight attests, only manifests of that round and chain count, and of those the
+    state most of them show; else where attesters are asked for (`trusted`: those among the
+    donors, maybe none), the newest state one of them showed, whatever the others show; else
+    `choose_state`. StateUnavailable naming why when none fits."""
+    if target is not None:
+        fitting = [m for m in manifests.values() if (m.round, m.chain) == target]
+        if not fitting:
+            raise StateUnavailable(f"none of the {asked} donors asked served the attested state of round "
+                                   f"{target[0]} (chain {target[1][:12]}…)")
+        counts = collections.Counter(same_state(m) for m in fitting)
+        return max(fitting, key=lambda m: counts[same_state(m)])
+    if trusted is not None:
+        vouched = [m for p, m in manifests.items() if p in trusted]
+        if not vouched:
+            raise StateUnavailable(f"none of the {len(trusted)} trusted donors served a state manifest")
+        return max(vouched, key=lambda m: m.round)
+    if not manifests:
+        raise StateUnavailable(f"none of the {asked} donors asked served a valid state manifest")
+    return choose_state(list(manifests.values()))
+
+
+class ChunkPull:
+    """Which chunk of one state each donor asks for next, without I/O (node/statedownload.py
+    drives it on p2pd, net/statesync.py on py-libp2p): one shared queue, one request in flight
+    per donor. A chunk whose stream was cut inside the body is asked again for its rest only,
+    first, from any donor; one that failed (or did not match its hash) goes to the queue's end
+    for another donor. `Donor` counts one donor's failures."""
+
+    def __init__(self, asm: StateAssembler) -> None:
+        self.asm = asm
+        self.queue = collections.deque(asm.missing())
+        self.partial: dict[int, bytes] = {}
+        """chunk index → the bytes of it that came before its stream was cut."""
+        self.in_flight: dict[int, bytes] = {}
+        """chunk index → what of it was had when it was asked for."""
+
+    def idle(self) -> bool:
+        """Nothing left to ask for and nothing in flight that could come back to the queue."""
+        return not self.queue and not self.in_flight
+
+    def take(self) -> tuple[int, int] | None:
+        """The next chunk to ask for and the offset to ask from; None while the queue is empty."""
+        if not self.queue:
+            return None
+        index = self.queue.popleft()
+        have = self.partial.pop(index, b"")
+        self.in_flight[index] = have
+        return index, len(have)
+
+    def delivered(self, index: int, rest: bytes) -> None:
+        """The rest of chunk `index` came: kept when it matches its hash, else back to the queue
+        and the assembler's error raised."""
+        have = self.in_flight.pop(index)
+        try:
+            self.asm.add(index, have + rest)
+        except Exception:
+            self.queue.append(index)
+            raise
+
+    def cut(self, index: int, partial: bytes) -> None:
+        """Its stream was cut inside the body after `partial`: the rest is asked for next."""
+        self.partial[index] = self.in_flight.pop(index) + partial
+        self.queue.appendleft(index)
+
+    def failed(self, index: int) -> None:
+        """The request failed: the chunk goes to another donor (whatever of it was had is dropped)."""
+        if index in self.in_flight:
+            del self.in_flight[index]
+            self.queue.append(index)
+
+
+class Donor:
+    """One donor's standing in a pull: dropped after DONOR_FAILURES failures, or DONOR_CUTS cuts
+    in a row (a delivered chunk starts that count again)."""
+
+    def __init__(self) -> None:
+        self.failures = self.cuts = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.failures < DONOR_FAILURES and self.cuts < DONOR_CUTS
+
+    def delivered(self) -> None:
+        self.cuts = 0
+
+    def cut(self) -> None:
+        self.cuts += 1
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
 def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
     """`pairs` as a Ledger, or MalformedMessage naming what is wrong: a list of at most
     MAX_LEDGER_ENTRIES [peer id, credit] pairs, peer ids of 1..MAX_PEER_ID_LEN characters in
