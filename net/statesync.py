@@ -1,18 +1,16 @@
 """The outer state on py-libp2p: `StateServer` serves this peer's states as a donor on
 `locoswarm/state/3` (protocol/statebook.py says what it keeps and answers, as
 node/statesync.py's donor on p2pd does), and `download_state` is a joiner's download from
-donors of either kind: the manifests of up to MANIFEST_DONORS
-donors, the newest state at least AGREEING of them show (else the newest one), then its
-chunks from every donor that shows it, each checked against the manifest's SHA-256
-(protocol/state.py). A chunk cut mid-body is asked again for its rest only; a donor that
-fails DONOR_FAILURES times (or cuts DONOR_CUTS chunks in a row) is dropped, and its chunks go
-to the others. What node/statedownload.py adds on p2pd (attested states, a target round, the
-donor's residual, a retry that keeps verified chunks) is not here yet (docs/windows.md).
+donors of either kind, by node/statedownload.py's rules (protocol/state.py `pick_manifest`,
+`ChunkPull`): a target round and chain, an attester's state, or the newest state at least
+AGREEING of MANIFEST_DONORS donors show; its chunks from every donor that shows it, each
+checked against the manifest's SHA-256; a chunk cut mid-body asked again for its rest only; a
+donor that fails DONOR_FAILURES times (or cuts DONOR_CUTS chunks in a row) dropped, its chunks
+going to the others; a donor's residual alongside; a retry that keeps the verified chunks.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 from typing import NamedTuple
 
@@ -25,13 +23,17 @@ from locoswarm.net.framed import KeptStreams, serve_framed
 from locoswarm.protocol.admission import PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (CHUNK, DONOR_CUTS, DONOR_FAILURES, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL,
-                                      REQUEST_LEN, ROUND_DELTAS, Ledger, Manifest, StateAssembler, StateSpec,
-                                      choose_state, decode_manifest, encode_state_request, serving)
+from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL, REQUEST_LEN,
+                                      RESIDUAL_CHUNK, RESIDUAL_MANIFEST, ROUND_DELTAS, ChunkPull, Donor, Ledger,
+                                      Manifest, StateAssembler, StateSpec, StateUnavailable, decode_manifest,
+                                      encode_state_request, pick_manifest, serving)
 from locoswarm.protocol.statebook import StateBook, parse_state_request
 
+__all__ = ["Downloaded", "StateServer", "StateUnavailable", "download_state", "fetch_manifest", "fetch_residual"]
 log = logging.getLogger(__name__)
 MANIFEST_LIMIT = 1 << 20
+RESIDUAL_DONORS = 2
+"""Donors of the state asked for their residual, one after another, before going without."""
 
 
 class StateServer:
@@ -69,10 +71,6 @@ class StateServer:
         return self.book.answer(kind, round_, index, offset)
 
 
-class StateUnavailable(Exception):
-    """No donor served a state that could be downloaded whole; says why."""
-
-
 class Downloaded(NamedTuple):
     round: int
     tensors: dict[str, Tensor]
@@ -82,12 +80,16 @@ class Downloaded(NamedTuple):
     ledger: Ledger
     donors: tuple[str, ...]
     """The donors whose chunks made it (every one that showed the chosen state)."""
+    residual: dict[str, Tensor] | None = None
+    """One donor's residual at that round (float32 tensors), None when none was asked or none came."""
 
 
-async def fetch_manifest(streams: KeptStreams, peer: ID, spec: StateSpec, timeout_s: float) -> Manifest | None:
-    """`peer`'s manifest of its newest state; None (logged) when it serves none or a bad one."""
+async def fetch_manifest(streams: KeptStreams, peer: ID, spec: StateSpec, timeout_s: float, round_: int = LATEST,
+                         kind: int = MANIFEST) -> Manifest | None:
+    """`peer`'s manifest (`kind`: of its state, or of its residual) of `round_` (LATEST: its newest);
+    None (logged) when it serves none or a bad one."""
     try:
-        body = await streams.call(peer, encode_state_request(MANIFEST, LATEST, 0), limit=MANIFEST_LIMIT,
+        body = await streams.call(peer, encode_state_request(kind, round_, 0), limit=MANIFEST_LIMIT,
                                   limit_name="the manifest limit", timeout_s=timeout_s)
         if body is None:
             raise MalformedMessage("it has no state to serve")
@@ -97,74 +99,120 @@ async def fetch_manifest(streams: KeptStreams, peer: ID, spec: StateSpec, timeou
         return None
 
 
-async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, timeout_s: float = 30.0) -> Downloaded:
-    """The state the first MANIFEST_DONORS of `donors` agree on, checked chunk by chunk;
-    StateUnavailable when no donor serves one or its chunks cannot all be had."""
+async def _manifests(streams: KeptStreams, peers: list[ID], spec: StateSpec, timeout_s: float,
+                     round_: int = LATEST) -> dict[ID, Manifest]:
+    """The manifests of `peers` that came, asked at once."""
+    found: dict[ID, Manifest] = {}
+
+    async def ask(peer: ID) -> None:
+        manifest = await fetch_manifest(streams, peer, spec, timeout_s, round_)
+        if manifest is not None:
+            found[peer] = manifest
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(ask, peer)
+    return found
+
+
+async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, timeout_s: float = 30.0,
+                         attesters: frozenset[str] = frozenset(), target: tuple[int, str] | None = None,
+                         residual_spec: StateSpec | None = None, kept: dict | None = None) -> Downloaded:
+    """The state of `donors` a joiner takes, as node/statedownload.py takes it on p2pd (the
+    rules are protocol/state.py's `pick_manifest`): with a `target` (round, chain: what a
+    majority of earned weight attests) only that round and chain; else with `attesters` (peer
+    ids) the newest state an attester among `donors` shows, the others asked for its round to
+    serve chunks too; else the newest state at least AGREEING of the first MANIFEST_DONORS show.
+    Its chunks come from every donor that shows it, each checked against the manifest. With
+    `residual_spec`, one donor's residual of that round too, alongside. `kept`: a dict passed to
+    every attempt of one download: the chunks an attempt verified stay there, and an attempt
+    that chooses the same manifest asks only for the rest. StateUnavailable says why none came."""
     streams = KeptStreams(host, PROTOCOL)
     try:
-        asked = donors[:MANIFEST_DONORS]
-        found: dict[ID, Manifest] = {}
-
-        async def ask(peer: ID) -> None:
-            manifest = await fetch_manifest(streams, peer, spec, timeout_s)
-            if manifest is not None:
-                found[peer] = manifest
-
-        async with trio.open_nursery() as nursery:
-            for peer in asked:
-                nursery.start_soon(ask, peer)
-        if not found:
-            raise StateUnavailable(f"none of the {len(asked)} donors asked served a valid state manifest")
-        chosen = choose_state(list(found.values()))
+        trusted = [p for p in donors if str(p) in attesters]
+        asked = trusted + [p for p in donors if p not in trusted][:MANIFEST_DONORS]
+        found = await _manifests(streams, asked, spec, timeout_s, LATEST if target is None else target[0])
+        chosen = pick_manifest(found, asked=len(asked), trusted=trusted if attesters else None, target=target)
+        if target is None and attesters:  # the others may show a newer round: asked for the chosen one's
+            behind = [p for p, m in found.items() if m.round != chosen.round]
+            found.update(await _manifests(streams, behind, spec, timeout_s, chosen.round))
         pool = serving(found, chosen)
-        asm = StateAssembler(spec, chosen)
-        await _pull(streams, pool, asm, timeout_s)
+        if kept is not None and kept.get("manifest") == chosen:
+            asm = kept["assembler"]
+        else:
+            asm = StateAssembler(spec, chosen)
+            if kept is not None:
+                kept.update(manifest=chosen, assembler=asm)
+        residual: list = []
+        async with trio.open_nursery() as nursery:
+            # The residual comes from one donor while the chunks come from all: the join waits
+            # for the slower of the two, not for both one after the other.
+            if residual_spec is not None:
+                async def take_residual() -> None:
+                    residual.append(await fetch_residual(streams, pool, residual_spec, chosen.round, timeout_s))
+                nursery.start_soon(take_residual)
+            await _pull(streams, pool, asm, CHUNK, timeout_s)
+            if asm.missing():
+                nursery.cancel_scope.cancel()  # no state: its residual is not wanted either
         if asm.missing():
             raise StateUnavailable(f"no donor delivered chunk {asm.missing()[0]} of {len(chosen.chunks)}")
-        return Downloaded(chosen.round, asm.finish(), asm.digest(), chosen.chain, chosen.ledger,
-                          tuple(str(p) for p in pool))
+        tensors = asm.finish()
+        return Downloaded(chosen.round, tensors, asm.digest(), chosen.chain, chosen.ledger,
+                          tuple(str(p) for p in pool), residual[0] if residual else None)
     finally:
         await streams.close()
 
 
-async def _pull(streams: KeptStreams, pool: list[ID], asm: StateAssembler, timeout_s: float) -> None:
-    """Fill `asm` with its manifest's chunks from the donors of `pool`, one request in
-    flight per donor, from one shared queue."""
+async def fetch_residual(streams: KeptStreams, pool: list[ID], spec: StateSpec, round_: int,
+                         timeout_s: float) -> dict[str, Tensor] | None:
+    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
+    tried) that serves a valid one; None when none does."""
+    for peer in pool[:RESIDUAL_DONORS]:
+        manifest = await fetch_manifest(streams, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
+        if manifest is None or manifest.round != round_:
+            continue
+        asm = StateAssembler(spec, manifest)
+        await _pull(streams, [peer], asm, RESIDUAL_CHUNK, timeout_s)
+        try:
+            return asm.finish()
+        except Exception as e:  # incomplete, or values no replica can start from
+            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
+    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
+    return None
+
+
+async def _pull(streams: KeptStreams, pool: list[ID], asm: StateAssembler, kind: int, timeout_s: float) -> None:
+    """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of `pool`,
+    one request in flight per donor, from one shared queue (protocol/state.py ChunkPull); what
+    is missing when every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
-    queue = collections.deque(asm.missing())
-    partial: dict[int, bytes] = {}
-    in_flight = 0
+    pull = ChunkPull(asm)
 
     async def worker(peer: ID) -> None:
-        nonlocal in_flight
-        failures = cuts = 0
-        while failures < DONOR_FAILURES and cuts < DONOR_CUTS:
-            if not queue:
-                if not in_flight:
+        donor = Donor()
+        while donor.alive:
+            job = pull.take()
+            if job is None:
+                if pull.idle():
                     return
                 await trio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
                 continue
-            index = queue.popleft()
-            have = partial.pop(index, b"")
-            in_flight += 1
+            index, offset = job
             try:
-                rest = await streams.call(peer, encode_state_request(CHUNK, round_, index, len(have)),
-                                          limit=chunk_bytes - len(have), limit_name="the chunk size",
+                rest = await streams.call(peer, encode_state_request(kind, round_, index, offset),
+                                          limit=chunk_bytes - offset, limit_name="the chunk size",
                                           timeout_s=timeout_s)
                 if rest is None:
                     raise MalformedMessage(f"it has nothing for chunk {index} of round {round_}")
-                asm.add(index, have + rest)
-                cuts = 0
+                pull.delivered(index, rest)
+                donor.delivered()
             except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
-                partial[index] = have + e.partial
-                queue.appendleft(index)
-                cuts += 1
+                pull.cut(index, e.partial)
+                donor.cut()
             except Exception as e:  # any failure: the chunk goes to another donor
                 log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
-                queue.append(index)
-                failures += 1
-            finally:
-                in_flight -= 1
+                pull.failed(index)
+                donor.failed()
 
     async with trio.open_nursery() as nursery:
         for peer in pool:

@@ -111,3 +111,53 @@ def test_a_p2pd_joiner_downloads_the_state_a_py_libp2p_donor_serves(spawn_peers,
         assert got.residual is not None and all(torch.equal(got.residual[n], want_residual[n]) for n in want_residual)
     # the py-libp2p donor served two manifests and every chunk of the first download at least
     assert end["bytes_sent"] >= fx.SPEC.total_bytes and not end["hivemind_loaded"], end
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="signal")
+def test_the_py_libp2p_joiner_takes_the_attested_state_an_attesters_state_and_a_donors_residual(spawn_peers, tmp_path):
+    """node/statedownload.py's choices, on py-libp2p (protocol/state.py pick_manifest), against
+    serve_state.py's p2pd donors: two forged donors agreeing on a newer state on another chain
+    win a plain download (what attestation is for); with the target a majority of earned weight
+    attests (round, chain) only the good donor's state is taken, and a target no donor serves is
+    refused by name; with an attester its (older) state is taken over the others'; an attester
+    asked for but not among the donors is refused; a donor's residual comes along, and a donor
+    that serves none gives the state without one."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+    import state_fixture as fx
+
+    from locoswarm.protocol.state import encode_state, state_digest
+
+    _, maddrs = spawn_peers(os.path.join(os.path.dirname(__file__), "peers", "serve_state.py"),
+                            "stale", "forged", "forged", "good", "no-residual")
+    ensure_identity(str(tmp_path))
+    stale, forged, good, bare = [0], [1, 2], [3], [4]
+    cases = [{"name": "plain", "donors": forged + good},
+             {"name": "target", "donors": forged + good, "target": [fx.ROUND, fx.CHAIN]},
+             {"name": "target_absent", "donors": forged + good, "target": [fx.ROUND + 100, fx.CHAIN]},
+             {"name": "attester", "donors": stale + forged + good, "attesters": stale},
+             {"name": "attester_absent", "donors": forged + good, "attesters": stale},
+             {"name": "residual", "donors": good, "residual": True},
+             {"name": "no_residual", "donors": bare, "residual": True}]
+    out = subprocess.run([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "cases", ",".join(maddrs),
+                          json.dumps(cases)], capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(got))  # shown when an assertion fails
+    assert not got["hivemind_loaded"]
+    _, body = encode_state(fx.SPEC, fx.state(), fx.ROUND, chain=fx.CHAIN, ledger=fx.LEDGER)
+    good_digest = state_digest(body, fx.LEDGER)
+    assert (got["plain"]["round"], got["plain"]["chain"]) == (fx.ROUND + fx.FORGED_ROUNDS, fx.FORGED_CHAIN)
+    assert sorted(got["plain"]["donors"]) == forged
+    assert (got["target"]["round"], got["target"]["chain"], got["target"]["digest"]) == (fx.ROUND, fx.CHAIN,
+                                                                                         good_digest)
+    assert got["target"]["donors"] == good
+    assert got["target_absent"]["error"].startswith("StateUnavailable") and \
+        f"attested state of round {fx.ROUND + 100}" in got["target_absent"]["error"]
+    assert (got["attester"]["round"], got["attester"]["donors"]) == (fx.ROUND - 1, stale)
+    assert "none of the 0 trusted donors" in got["attester_absent"]["error"]
+    assert got["residual"]["residual"] == 0.0 and got["residual"]["digest"] == good_digest
+    assert got["no_residual"]["residual"] is None and got["no_residual"]["digest"] == good_digest
