@@ -19,15 +19,15 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from torch import Tensor
 
-from locoswarm.net.framed import KeptStreams, serve_framed
-from locoswarm.protocol.admission import PeerLimits
+from locoswarm.net.framed import KeptStreams, Refused, serve_framed
+from locoswarm.protocol.admission import Busy, ByteBudget, PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
 from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL, REQUEST_LEN,
                                       RESIDUAL_CHUNK, RESIDUAL_MANIFEST, ROUND_DELTAS, ChunkPull, Donor, Ledger,
                                       Manifest, StateAssembler, StateSpec, StateUnavailable, decode_manifest,
                                       encode_state_request, pick_manifest, serving)
-from locoswarm.protocol.statebook import StateBook, parse_state_request
+from locoswarm.protocol.statebook import StateBook, budget_chunk, parse_state_request
 
 __all__ = ["Downloaded", "StateServer", "StateUnavailable", "download_state", "fetch_manifest", "fetch_residual"]
 log = logging.getLogger(__name__)
@@ -39,14 +39,23 @@ RESIDUAL_DONORS = 2
 class StateServer:
     """Serves this peer's last few states (and residuals, and the deltas of its last outer
     steps) on `host`; `publish` keeps a snapshot, encoded in a worker thread on the first
-    request for its round. No upload budget yet (docs/windows.md)."""
+    request for its round."""
 
     def __init__(self, host: IHost, spec: StateSpec, *, chunk_bytes: int = 4 << 20,
-                 residual_spec: StateSpec | None = None, request_timeout_s: float = 10.0) -> None:
+                 residual_spec: StateSpec | None = None, request_timeout_s: float = 10.0,
+                 upload_bytes_per_s: float = 0.0) -> None:
+        """`upload_bytes_per_s`: what serving states may send a second, all joiners together
+        (0: no budget), as on p2pd (node/statesync.py): a chunk waits for it up to half
+        `request_timeout_s`, then is refused (the joiner asks again, or another donor), and the
+        state is cut into chunks small enough for that wait (protocol/statebook.py `budget_chunk`)."""
         self.host, self.request_timeout_s = host, request_timeout_s
-        self.book = StateBook(spec, chunk_bytes, residual_spec=residual_spec)
+        self.chunk_bytes = budget_chunk(chunk_bytes, spec.total_bytes, upload_bytes_per_s, request_timeout_s / 2)
+        self.book = StateBook(spec, self.chunk_bytes, residual_spec=residual_spec)
         self.limits = PeerLimits(max_concurrent=2, rate=50.0, burst=100)
         """As the p2pd donor's: a joiner asks one chunk at a time."""
+        self.budget = (ByteBudget(upload_bytes_per_s, burst_bytes=2 * self.chunk_bytes,
+                                  max_wait_s=request_timeout_s / 2) if upload_bytes_per_s > 0 else None)
+        """Bytes a second for all joiners together, however many identities ask."""
         self.bytes_sent = 0
         self.publish = self.book.publish
         self._lock = trio.Lock()
@@ -68,7 +77,14 @@ class StateServer:
                 work = self.book.encoding(kind, round_)
                 if work is not None:
                     self.book.encoded(kind, round_, await trio.to_thread.run_sync(work))
-        return self.book.answer(kind, round_, index, offset)
+        answer = self.book.answer(kind, round_, index, offset)
+        if self.budget is not None and answer:
+            try:
+                wait = self.budget.reserve(len(answer))
+            except Busy as e:
+                raise Refused(str(e)) from None
+            await trio.sleep(wait)
+        return answer
 
 
 class Downloaded(NamedTuple):

@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 
 from hivemind.p2p import P2P, PeerID
 
-from locoswarm.protocol.admission import PeerLimits, warn_refused
+from locoswarm.protocol import admission
+from locoswarm.protocol.admission import Busy, PeerLimits, warn_refused
 from locoswarm.protocol.framing import frame_header, read_frame
 
 log = logging.getLogger(__name__)
@@ -188,40 +189,8 @@ class KeptStreams:
         self._idle.clear()
 
 
-class Busy(Exception):
-    """The server will not answer this request now (over its byte budget): the stream is
-    closed unanswered, and the client asks again later or elsewhere."""
-
-
-class ByteBudget:
-    """Bytes a server may send per second, whoever asks (the generic cell rate algorithm,
-    reservations served in order): an answer waits until the budget allows it, and is refused
-    (`Busy`) when that wait would pass `max_wait_s`. It counts bytes, not identities: a
-    hundred identities asking at once share it as one does, and what the node itself must
-    send (its deltas) keeps the rest of the link."""
-
-    def __init__(self, bytes_per_s: float, *, burst_bytes: float, max_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.bytes_per_s, self.max_wait_s, self.clock = bytes_per_s, max_wait_s, clock
-        self.tolerance_s = burst_bytes / bytes_per_s
-        """How far ahead of the rate reservations may run: `burst_bytes` go at once after a pause."""
-        self._paid_at = clock()
-        """When every reservation so far is paid for at the rate."""
-        self.refused = 0
-        self.waited_s = 0.0
-        """Total time answers waited for the budget."""
-
-    def reserve(self, nbytes: int) -> float:
-        """Reserve `nbytes`: the seconds to wait before sending them; Busy if too long."""
-        now = self.clock()
-        paid_at = max(self._paid_at, now)
-        wait = max(0.0, paid_at - self.tolerance_s - now)
-        if wait > self.max_wait_s:
-            self.refused += 1
-            raise Busy(f"the upload budget of {self.bytes_per_s / 1e6:.3g} MB/s is taken for the next {wait:.1f} s")
-        self._paid_at = paid_at + nbytes / self.bytes_per_s
-        self.waited_s += wait
-        return wait
+class ByteBudget(admission.ByteBudget):
+    """protocol/admission.py's byte budget, waited for on asyncio."""
 
     async def take(self, nbytes: int) -> None:
         """Wait until `nbytes` may go (raises Busy when the wait would pass `max_wait_s`)."""

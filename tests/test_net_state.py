@@ -161,3 +161,63 @@ def test_the_py_libp2p_joiner_takes_the_attested_state_an_attesters_state_and_a_
     assert "none of the 0 trusted donors" in got["attester_absent"]["error"]
     assert got["residual"]["residual"] == 0.0 and got["residual"]["digest"] == good_digest
     assert got["no_residual"]["residual"] is None and got["no_residual"]["digest"] == good_digest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="signal")
+def test_a_py_libp2p_donors_upload_budget_holds_for_two_p2pd_joiners_at_once(tmp_path):
+    """The py-libp2p donor under an upload budget (net/statesync.py, protocol/admission.py
+    ByteBudget, as a p2pd donor keeps it): two p2pd joiners asking at once get the state intact,
+    no faster than the budget lets both together (a burst of two chunks, then its rate: a faster
+    machine cannot beat this bound, a slower one only takes longer)."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    import asyncio
+    import time
+
+    from hivemind.p2p import P2P, PeerID
+
+    from locoswarm.node.statedownload import download_state
+    from locoswarm.protocol.state import encode_state
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+    import state_fixture as fx
+
+    ensure_identity(str(tmp_path))
+    donor = subprocess.Popen([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "serve", "budget"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        maddr = donor.stdout.readline().strip()
+        assert "/p2p/" in maddr, donor.stderr.read()[-3000:]
+
+        async def one():
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[maddr])
+            try:
+                return await download_state(p2p, [PeerID.from_base58(maddr.split("/p2p/")[1])], fx.SPEC,
+                                            timeout_s=30.0)
+            finally:
+                await p2p.shutdown()
+
+        async def two():
+            return await asyncio.gather(one(), one())
+
+        started = time.monotonic()
+        got = asyncio.run(two())
+        elapsed = time.monotonic() - started
+        donor.stdin.close()
+        end = json.loads(donor.stdout.read().strip().splitlines()[-1])
+        assert donor.wait(30) == 0
+    finally:
+        if donor.poll() is None:
+            donor.kill()
+            donor.wait()
+    want = fx.state()
+    for joined in got:
+        assert (joined.round, joined.chain) == (fx.ROUND, fx.CHAIN)
+        assert all(torch.equal(joined.tensors[n], want[n]) for n in want)
+    _, body = encode_state(fx.SPEC, want, fx.ROUND, fx.CHUNK_BYTES, fx.CHAIN, fx.LEDGER)
+    floor_s = (2 * len(body) - 3 * fx.CHUNK_BYTES) / fx.BUDGET_BYTES_PER_S
+    print(f"two joiners in {elapsed:.1f} s (floor {floor_s:.1f} s); donor {end}")
+    assert elapsed >= floor_s, (elapsed, floor_s)
+    assert end["bytes_sent"] >= 2 * len(body) and not end["hivemind_loaded"], end

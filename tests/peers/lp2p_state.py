@@ -5,10 +5,11 @@ net/statesync.py and prints one JSON object: {"round", "digest", "donors", "chai
 
 usage: python lp2p_state.py IDENTITY_FILE STATE_SPEC_JSON MADDR[,MADDR…]
 (STATE_SPEC_JSON: {"run_id", "spec_hash" (hex), "tensors": [[name, shape], …]})
-       python lp2p_state.py IDENTITY_FILE serve
+       python lp2p_state.py IDENTITY_FILE serve [budget]
        python lp2p_state.py IDENTITY_FILE cases MADDR[,MADDR…] CASES_JSON
 The second form is a donor: it serves state_fixture.py's state of ROUND with its residual,
-prints its multiaddr, and when stdin closes prints {"bytes_sent", "hivemind_loaded"}.
+prints its multiaddr, and when stdin closes prints {"bytes_sent", "refused", "hivemind_loaded"};
+with `budget`, under an upload budget of state_fixture.py's BUDGET_BYTES_PER_S.
 The third downloads state_fixture.py's SPEC once per case (CASES_JSON: [{"name", "donors":
 [indices into the MADDRs], "attesters": [indices], "target": [round, chain] or null,
 "residual": bool}, …]) and prints {name: {"round", "chain", "digest", "donors", "residual":
@@ -74,26 +75,28 @@ async def cases(identity_path: str, maddrs: str, cases_json: str) -> dict:
     return out
 
 
-async def serve(identity_path: str) -> dict:
+async def serve(identity_path: str, budget: str = "") -> dict:
     from locoswarm.net.statesync import StateServer
-    from state_fixture import CHAIN, CHUNK_BYTES, LEDGER, RESIDUAL_SEED, RESIDUAL_SPEC, ROUND, SPEC, state
+    from state_fixture import (BUDGET_BYTES_PER_S, CHAIN, CHUNK_BYTES, LEDGER, RESIDUAL_SEED, RESIDUAL_SPEC, ROUND,
+                               SPEC, state)
 
     key_pair, _ = key_pair_of(open(identity_path, "rb").read())
     async with run_host(key_pair) as host:
-        server = StateServer(host, SPEC, chunk_bytes=CHUNK_BYTES, residual_spec=RESIDUAL_SPEC)
+        server = StateServer(host, SPEC, chunk_bytes=CHUNK_BYTES, residual_spec=RESIDUAL_SPEC,
+                             upload_bytes_per_s=BUDGET_BYTES_PER_S if budget == "budget" else 0.0)
         server.start()
         residual = {n: t.to(torch.bfloat16) for n, t in state(RESIDUAL_SEED, RESIDUAL_SPEC).items()}
         server.publish(state(), ROUND, CHAIN, LEDGER, residual)
         maddr = str(host.get_addrs()[0])
         print(maddr if "/p2p/" in maddr else f"{maddr}/p2p/{host.get_id()}", flush=True)
         await trio.to_thread.run_sync(sys.stdin.read)
-    return {"bytes_sent": server.bytes_sent,
+    return {"bytes_sent": server.bytes_sent, "refused": server.limits.refused,
             "hivemind_loaded": any(m == "hivemind" or m.startswith("hivemind.") for m in sys.modules)}
 
 
 if __name__ == "__main__":
     if sys.argv[2] == "serve":
-        print(json.dumps(trio.run(serve, sys.argv[1])), flush=True)
+        print(json.dumps(trio.run(serve, sys.argv[1], *sys.argv[3:4])), flush=True)
     elif sys.argv[2] == "cases":
         print(json.dumps(trio.run(cases, sys.argv[1], sys.argv[3], sys.argv[4])), flush=True)
     else:
