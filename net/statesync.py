@@ -22,18 +22,16 @@ from torch import Tensor
 from locoswarm.net.framed import KeptStreams, Refused, serve_framed
 from locoswarm.protocol.admission import Busy, ByteBudget, PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL, REQUEST_LEN,
-                                      RESIDUAL_CHUNK, RESIDUAL_MANIFEST, ROUND_DELTAS, ChunkPull, Donor, Ledger,
+                                      RESIDUAL_CHUNK, RESIDUAL_MANIFEST, ROUND_DELTAS, ChunkPull, Ledger,
                                       Manifest, StateAssembler, StateSpec, StateUnavailable, decode_manifest,
-                                      encode_state_request, pick_manifest, serving)
+                                      encode_state_request, pick_manifest, pull_chunks, serving,
+                                      take_residual)
 from locoswarm.protocol.statebook import StateBook, budget_chunk, parse_state_request
 
 __all__ = ["Downloaded", "StateServer", "StateUnavailable", "download_state", "fetch_manifest", "fetch_residual"]
 log = logging.getLogger(__name__)
 MANIFEST_LIMIT = 1 << 20
-RESIDUAL_DONORS = 2
-"""Donors of the state asked for their residual, one after another, before going without."""
 
 
 class StateServer:
@@ -181,55 +179,32 @@ async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, time
 
 async def fetch_residual(streams: KeptStreams, pool: list[ID], spec: StateSpec, round_: int,
                          timeout_s: float) -> dict[str, Tensor] | None:
-    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
-    tried) that serves a valid one; None when none does."""
-    for peer in pool[:RESIDUAL_DONORS]:
-        manifest = await fetch_manifest(streams, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
-        if manifest is None or manifest.round != round_:
-            continue
-        asm = StateAssembler(spec, manifest)
+    """One donor's residual at `round_` (protocol/state.py `take_residual`), None when none came."""
+    async def manifest_of(peer: ID) -> Manifest | None:
+        return await fetch_manifest(streams, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
+
+    async def pull(peer: ID, asm: StateAssembler) -> None:
         await _pull(streams, [peer], asm, RESIDUAL_CHUNK, timeout_s)
-        try:
-            return asm.finish()
-        except Exception as e:  # incomplete, or values no replica can start from
-            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
-    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
-    return None
+
+    return await take_residual(pool, spec, round_, manifest_of, pull)
 
 
 async def _pull(streams: KeptStreams, pool: list[ID], asm: StateAssembler, kind: int, timeout_s: float) -> None:
     """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of `pool`,
-    one request in flight per donor, from one shared queue (protocol/state.py ChunkPull); what
-    is missing when every donor gave up stays missing."""
+    one request in flight per donor, from one shared queue (protocol/state.py `ChunkPull`,
+    `pull_chunks`); what is missing when every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
     pull = ChunkPull(asm)
 
-    async def worker(peer: ID) -> None:
-        donor = Donor()
-        while donor.alive:
-            job = pull.take()
-            if job is None:
-                if pull.idle():
-                    return
-                await trio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
-                continue
-            index, offset = job
-            try:
-                rest = await streams.call(peer, encode_state_request(kind, round_, index, offset),
-                                          limit=chunk_bytes - offset, limit_name="the chunk size",
-                                          timeout_s=timeout_s)
-                if rest is None:
-                    raise MalformedMessage(f"it has nothing for chunk {index} of round {round_}")
-                pull.delivered(index, rest)
-                donor.delivered()
-            except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
-                pull.cut(index, e.partial)
-                donor.cut()
-            except Exception as e:  # any failure: the chunk goes to another donor
-                log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
-                pull.failed(index)
-                donor.failed()
+    def asker(peer: ID):
+        async def ask_chunk(index: int, offset: int) -> bytes:
+            rest = await streams.call(peer, encode_state_request(kind, round_, index, offset),
+                                      limit=chunk_bytes - offset, limit_name="the chunk size", timeout_s=timeout_s)
+            if rest is None:
+                raise MalformedMessage(f"it has nothing for chunk {index} of round {round_}")
+            return rest
+        return ask_chunk
 
     async with trio.open_nursery() as nursery:
         for peer in pool:
-            nursery.start_soon(worker, peer)
+            nursery.start_soon(pull_chunks, pull, peer, asker(peer), trio.sleep)

@@ -32,16 +32,14 @@ from torch import Tensor
 from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL_CHUNK, RESIDUAL_MANIFEST
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol import MalformedMessage
-from locoswarm.protocol.framing import TruncatedBody
-from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, ChunkPull, Donor, Ledger,
-                                      Manifest, StateAssembler, StateSpec, StateUnavailable, choose_state,
-                                      decode_manifest, encode_state_request, pick_manifest, serving)
+from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, ChunkPull,
+                                      Ledger, Manifest, StateAssembler, StateSpec, StateUnavailable, choose_state,
+                                      decode_manifest, encode_state_request, pick_manifest, pull_chunks, serving,
+                                      take_residual)
 
 __all__ = ["AGREEING", "DONOR_CUTS", "DONOR_FAILURES", "MANIFEST_DONORS", "Downloaded", "StateUnavailable",
            "choose_state", "download_state", "fetch_manifest", "fetch_residual"]
 
-RESIDUAL_DONORS = 2
-"""Donors of the state asked for their residual, one after another, before going without."""
 _CUTS_TOLERATED = 4
 """Times one request is asked of a donor whose stream is cut or refused before any answer
 (a donor over its stream limits closes streams unanswered, as one under load may), a short
@@ -182,55 +180,31 @@ async def download_state(
 async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, timeout_s: float,
                 on_progress: Callable[[int, int], None] | None = None) -> None:
     """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of
-    `pool`, one request in flight per donor, from one shared queue; what is missing when
-    every donor gave up stays missing."""
+    `pool`, one request in flight per donor, from one shared queue (protocol/state.py
+    `ChunkPull`, `pull_chunks`); what is missing when every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
     total = len(asm.manifest.chunks)
     pull = ChunkPull(asm)
 
-    async def worker(peer: PeerID) -> None:
-        donor = Donor()
-        while donor.alive:
-            job = pull.take()
-            if job is None:
-                if pull.idle():
-                    return
-                await asyncio.sleep(0.05)  # another donor's chunk may fail and come back to the queue
-                continue
-            index, offset = job
-            try:
-                rest = await ask(p2p, peer, kind, round_, index, chunk_bytes - offset, timeout_s, offset=offset)
-                pull.delivered(index, rest)
-                donor.delivered()
-            except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
-                log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, offset + len(e.partial))
-                pull.cut(index, e.partial)
-                donor.cut()
-                continue
-            except Exception as e:  # any failure: the chunk goes to another donor
-                log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
-                pull.failed(index)
-                donor.failed()
-                continue
-            if on_progress is not None:
-                on_progress(total - len(asm.missing()), total)
+    def progressed() -> None:
+        if on_progress is not None:
+            on_progress(total - len(asm.missing()), total)
 
-    await asyncio.gather(*(worker(peer) for peer in pool))
+    def asker(peer: PeerID):
+        async def ask_chunk(index: int, offset: int) -> bytes:
+            return await ask(p2p, peer, kind, round_, index, chunk_bytes - offset, timeout_s, offset=offset)
+        return ask_chunk
+
+    await asyncio.gather(*(pull_chunks(pull, peer, asker(peer), asyncio.sleep, progressed) for peer in pool))
 
 
 async def fetch_residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
-                    timeout_s: float) -> dict[str, Tensor] | None:
-    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
-    tried) that serves a valid one; None when none does."""
-    for peer in pool[:RESIDUAL_DONORS]:
-        manifest = await fetch_manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
-        if manifest is None or manifest.round != round_:
-            continue
-        asm = StateAssembler(spec, manifest)
+                         timeout_s: float) -> dict[str, Tensor] | None:
+    """One donor's residual at `round_` (protocol/state.py `take_residual`), None when none came."""
+    async def manifest_of(peer: PeerID) -> Manifest | None:
+        return await fetch_manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
+
+    async def pull(peer: PeerID, asm: StateAssembler) -> None:
         await _pull(p2p, [peer], asm, RESIDUAL_CHUNK, timeout_s)
-        try:
-            return asm.finish()
-        except Exception as e:  # incomplete, or values no replica can start from
-            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
-    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
-    return None
+
+    return await take_residual(pool, spec, round_, manifest_of, pull)

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import msgpack
 import numpy as np
@@ -41,8 +43,10 @@ from torch import Tensor
 
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, SpecMismatch
+from locoswarm.protocol.framing import TruncatedBody
 from locoswarm.protocol.records import is_chain
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 3
 DEFAULT_CHUNK_BYTES = 4 << 20
 _MIN_CHUNK, _MAX_CHUNK = 1 << 10, 64 << 20
@@ -230,6 +234,64 @@ class Donor:
 
     def failed(self) -> None:
         self.failures += 1
+
+
+async def pull_chunks(pull: ChunkPull, peer: object, ask: Callable[[int, int], Awaitable[bytes]],
+                      sleep: Callable[[float], Awaitable[object]],
+                      on_chunk: Callable[[], None] | None = None) -> None:
+    """One donor's part of `pull` until the queue is done or the donor is dropped (`Donor`):
+    `ask(index, offset)` returns the rest of a chunk from `offset` (raising what the request
+    raised: TruncatedBody when cut inside the body). It awaits nothing but `ask` and `sleep`,
+    so it runs on asyncio (node/statedownload.py) and on trio (net/statesync.py) alike."""
+    donor = Donor()
+    while donor.alive:
+        job = pull.take()
+        if job is None:
+            if pull.idle():
+                return
+            await sleep(0.05)  # another donor's chunk may fail and come back to the queue
+            continue
+        index, offset = job
+        try:
+            pull.delivered(index, await ask(index, offset))
+            donor.delivered()
+        except TruncatedBody as e:  # cut inside the body: the next request asks for the rest only
+            log.info("chunk %d from %s cut after %d bytes: resuming it", index, peer, offset + len(e.partial))
+            pull.cut(index, e.partial)
+            donor.cut()
+            continue
+        except Exception as e:  # any failure: the chunk goes to another donor
+            log.warning("chunk %d from %s failed: %s: %s", index, peer, type(e).__name__, e)
+            pull.failed(index)
+            donor.failed()
+            continue
+        if on_chunk is not None:
+            on_chunk()
+
+
+RESIDUAL_DONORS = 2
+"""Donors of the state asked for their residual, one after another, before going without."""
+
+
+async def take_residual(pool: list, spec: StateSpec, round_: int,
+                        manifest_of: Callable[[object], Awaitable[Manifest | None]],
+                        pull: Callable[[object, StateAssembler], Awaitable[None]]) -> dict[str, Tensor] | None:
+    """One donor's residual at `round_`, whole, from the first of `pool` (RESIDUAL_DONORS
+    tried) that serves a valid one, None when none does: `manifest_of(peer)` asks a donor for
+    its residual's manifest of the round, `pull(peer, assembler)` fills the assembler from it.
+    Runtime-agnostic, as `pull_chunks`."""
+    for peer in pool[:RESIDUAL_DONORS]:
+        manifest = await manifest_of(peer)
+        if manifest is None or manifest.round != round_:
+            continue
+        asm = StateAssembler(spec, manifest)
+        await pull(peer, asm)
+        try:
+            return asm.finish()
+        except Exception as e:  # incomplete, or values no replica can start from
+            log.warning("residual of %s skipped: %s: %s", peer, type(e).__name__, e)
+    log.info("no donor of round %d served its residual: the replica starts at the outer state", round_)
+    return None
 
 
 def check_ledger(pairs: object, what: str = "ledger") -> Ledger:
