@@ -3,9 +3,10 @@ no hivemind here. It joins the DHT through one daemon, serves the progress strea
 run?" question, and keeps its record (paused: nobody waits for it) in the registry with
 net/registry.py's OwnRecordKeeper; it tells nobody anything itself. The daemons can only find
 it in the registry. It prints {"announced", "peers"} once its record is in, then waits for a
-line on stdin, withdraws the record (a tombstone), and prints {"withdrawn", "told_by": the peers
-that told it their record on a progress stream (none is expected: daemons tell a paused peer
-nothing until it tells them), "announced_total", "hivemind_loaded"}.
+line on stdin, withdraws the record (a tombstone), reads the registry again and prints
+{"withdrawn", "told_by": the peers that told it their record on a progress stream (none is
+expected: daemons tell a paused peer nothing until it tells them), "announced_total",
+"listed_after": the peers that read lists after the withdrawal, "me", "hivemind_loaded"}.
 
 usage: python lp2p_announce.py IDENTITY_FILE BOOTSTRAP_MADDR RUN_ID SPEC_HASH_HEX
 """
@@ -21,7 +22,7 @@ import trio
 from locoswarm.net.dht import DHTClient, DHTClientConfig
 from locoswarm.net.host import key_pair_of, run_host
 from locoswarm.net.progress import ProgressStreams
-from locoswarm.net.registry import OwnRecordKeeper
+from locoswarm.net.registry import OwnRecordKeeper, read_registry
 from locoswarm.net.runinfo import serve_run_info
 from locoswarm.protocol.records import PeerRecord
 
@@ -51,8 +52,10 @@ async def main(identity_path: str, bootstrap: str, run_id: str, spec_hex: str) -
             await trio.to_thread.run_sync(sys.stdin.readline)
             told_by = sorted(streams.records)
             withdrawn = await keeper.withdraw()
+            after = await read_registry(dht, run_id, spec_hash, ttl_s=TTL_S)
             nursery.cancel_scope.cancel()
     return {"withdrawn": withdrawn, "told_by": told_by, "announced_total": keeper.announced,
+            "listed_after": sorted(after), "me": identity.peer_id,
             "hivemind_loaded": any(m == "hivemind" or m.startswith("hivemind.") for m in sys.modules)}
 
 
