@@ -6,6 +6,7 @@ training daemons is in test_net_swarm.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,43 @@ from harness import libp2p_missing
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 LP2P = os.path.join(os.path.dirname(__file__), "peers", "lp2p_state.py")
+
+
+@contextlib.contextmanager
+def lp2p_donor(tmp_path, *args: str):
+    """A py-libp2p donor (lp2p_state.py serve [ARGS]) serving state_fixture.py's state: yields
+    (its multiaddr, a function that closes its stdin and returns what it printed last)."""
+    ensure_identity(str(tmp_path))
+    donor = subprocess.Popen([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "serve", *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def end() -> dict:
+        donor.stdin.close()
+        last = json.loads(donor.stdout.read().strip().splitlines()[-1])
+        assert donor.wait(30) == 0
+        return last
+
+    try:
+        maddr = donor.stdout.readline().strip()
+        assert "/p2p/" in maddr, donor.stderr.read()[-3000:]
+        yield maddr, end
+    finally:
+        if donor.poll() is None:
+            donor.kill()
+            donor.wait()
+
+
+async def p2pd_download(maddrs: list[str], spec, **kwargs):
+    """node/statedownload.py's download over a p2pd of its own, from the donors at `maddrs`."""
+    from hivemind.p2p import P2P, PeerID
+
+    from locoswarm.node.statedownload import download_state
+
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+    try:
+        return await download_state(p2p, [PeerID.from_base58(m.split("/p2p/")[1]) for m in maddrs], spec, **kwargs)
+    finally:
+        await p2p.shutdown()
 
 
 @pytest.mark.slow
@@ -71,38 +109,15 @@ def test_a_p2pd_joiner_downloads_the_state_a_py_libp2p_donor_serves(spawn_peers,
         pytest.skip(why)
     import asyncio
 
-    from hivemind.p2p import P2P, PeerID
-
-    from locoswarm.node.statedownload import download_state
-
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
     import state_fixture as fx
 
-    ensure_identity(str(tmp_path))
-    donor = subprocess.Popen([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "serve"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lp2p_maddr = donor.stdout.readline().strip()
-        assert "/p2p/" in lp2p_maddr, donor.stderr.read()[-3000:]
+    with lp2p_donor(tmp_path) as (lp2p_maddr, end_donor):
         _, (p2pd_maddr,) = spawn_peers(os.path.join(os.path.dirname(__file__), "peers", "serve_state.py"), "good")
-
-        async def join(maddrs: list[str]):
-            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
-            try:
-                peers = [PeerID.from_base58(m.split("/p2p/")[1]) for m in maddrs]
-                return await download_state(p2p, peers, fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
-            finally:
-                await p2p.shutdown()
-
-        alone = asyncio.run(join([lp2p_maddr]))
-        mixed = asyncio.run(join([lp2p_maddr, p2pd_maddr]))
-        donor.stdin.close()
-        end = json.loads(donor.stdout.read().strip().splitlines()[-1])
-        assert donor.wait(30) == 0
-    finally:
-        if donor.poll() is None:
-            donor.kill()
-            donor.wait()
+        alone = asyncio.run(p2pd_download([lp2p_maddr], fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC))
+        mixed = asyncio.run(p2pd_download([lp2p_maddr, p2pd_maddr], fx.SPEC, timeout_s=20.0,
+                                          residual_spec=fx.RESIDUAL_SPEC))
+        end = end_donor()
     want = fx.state()
     want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
     for got in (alone, mixed):
@@ -176,42 +191,19 @@ def test_a_py_libp2p_donors_upload_budget_holds_for_two_p2pd_joiners_at_once(tmp
     import asyncio
     import time
 
-    from hivemind.p2p import P2P, PeerID
-
-    from locoswarm.node.statedownload import download_state
     from locoswarm.protocol.state import encode_state
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
     import state_fixture as fx
 
-    ensure_identity(str(tmp_path))
-    donor = subprocess.Popen([sys.executable, LP2P, str(tmp_path / IDENTITY_FILE), "serve", "budget"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        maddr = donor.stdout.readline().strip()
-        assert "/p2p/" in maddr, donor.stderr.read()[-3000:]
-
-        async def one():
-            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[maddr])
-            try:
-                return await download_state(p2p, [PeerID.from_base58(maddr.split("/p2p/")[1])], fx.SPEC,
-                                            timeout_s=30.0)
-            finally:
-                await p2p.shutdown()
-
+    with lp2p_donor(tmp_path, "budget") as (maddr, end_donor):
         async def two():
-            return await asyncio.gather(one(), one())
+            return await asyncio.gather(*(p2pd_download([maddr], fx.SPEC, timeout_s=30.0) for _ in range(2)))
 
         started = time.monotonic()
         got = asyncio.run(two())
         elapsed = time.monotonic() - started
-        donor.stdin.close()
-        end = json.loads(donor.stdout.read().strip().splitlines()[-1])
-        assert donor.wait(30) == 0
-    finally:
-        if donor.poll() is None:
-            donor.kill()
-            donor.wait()
+        end = end_donor()
     want = fx.state()
     for joined in got:
         assert (joined.round, joined.chain) == (fx.ROUND, fx.CHAIN)
