@@ -14,15 +14,16 @@ contribution, never the node.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
-
-from hivemind.p2p import P2P, PeerID
+from typing import TYPE_CHECKING, Callable
 
 from locoswarm.node.streams import Busy, KeptStreams, PeerLimits, serve_framed
 from locoswarm.protocol import DecodedDelta, DeltaSpec
 from locoswarm.protocol.deltabook import (GONE, LONG_POLL_S, MAX_SENDS_PER_ROUND, PROTOCOL, REQUEST_LEN, DeltaBook,
                                           DeltaGone, DeltaUnavailable, TooManySends, delta_of, encode_request,
                                           parse_request)
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
 
 __all__ = ["GONE", "LONG_POLL_S", "MAX_SENDS_PER_ROUND", "PROTOCOL", "REQUEST_LEN", "DeltaGone", "DeltaServer",
            "DeltaUnavailable", "call_get_delta", "delta_streams"]

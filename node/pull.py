@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hivemind.p2p import PeerID
-
 from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.rounds import RoundProgress
 from locoswarm.node.streams import KeptStreams
@@ -128,6 +126,8 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
 
     async def pull(peer: str, probe: bool) -> None:
         """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
+        from hivemind.p2p import PeerID  # here: the round modules import without hivemind (docs/windows.md)
+
         pid = PeerID.from_base58(peer)
         wait, grow, longest = RETRY_S
         failures = 0

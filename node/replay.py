@@ -34,7 +34,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
 from locoswarm.node.handover import StartFrom, offer_residual
@@ -48,6 +47,7 @@ from locoswarm.protocol import DecodedDelta, ProtocolError
 from locoswarm.protocol.state import Manifest, encode_state, state_digest
 
 if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
     from locoswarm.node.trainer import Trainer
 
 log = logging.getLogger(__name__)

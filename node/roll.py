@@ -25,16 +25,16 @@ import logging
 import math
 import random
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from hivemind.dht.node import DHTNode
-from hivemind.utils import get_dht_time
-
-from locoswarm.node.replicas import ReplicaStore
-from locoswarm.node.signers import subkey_author
 from locoswarm.protocol import ProtocolError
 from locoswarm.protocol.roll import Roll, decode_roll, encode_roll, roll_peers
 from locoswarm.protocol.state import Ledger
+
+if TYPE_CHECKING:
+    from hivemind.dht.node import DHTNode
+
+    from locoswarm.node.replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
 ROLL_EVERY_S = 30.0
@@ -61,6 +61,8 @@ async def keep_roll(dht: DHTNode, subkey: bytes, run_id: str, spec_hash: bytes,
     `subkey` (peer id and owner key: the DHT signs it) whenever the peers it names changed,
     else every `every_s` while the round moves on; looked at every `poll_s`. Runs until
     cancelled; a failed store is logged and tried again at the next look."""
+    from hivemind.utils import get_dht_time  # here: the round modules import without hivemind (docs/windows.md)
+
     signed: tuple[int, list[str] | None, float] = (-1, None, -math.inf)
     while True:
         state = newest()
@@ -107,6 +109,8 @@ def anchor_roll(subkey: object, value: object, anchors: list[str], spec_hash: by
     """The roll in a DHT entry of the roll key (`value` as DHTNode.get gives it), or why it is
     not one to take: not signed by the peer its subkey names, signed by a peer that is no
     anchor, or malformed."""
+    from locoswarm.node.signers import subkey_author  # here: the round modules import without hivemind
+
     named, signed, signer = subkey_author(subkey)
     if not signed or signer != named:
         return f"a roll under {named} is not signed by the peer it names"

@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from hivemind.p2p import P2P, PeerID
 from torch import Tensor
 
 from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL_CHUNK, RESIDUAL_MANIFEST
@@ -36,6 +35,9 @@ from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANI
                                       Ledger, Manifest, StateAssembler, StateSpec, StateUnavailable, choose_state,
                                       decode_manifest, encode_state_request, pick_manifest, pull_chunks, serving,
                                       take_residual)
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
 
 __all__ = ["AGREEING", "DONOR_CUTS", "DONOR_FAILURES", "MANIFEST_DONORS", "Downloaded", "StateUnavailable",
            "choose_state", "download_state", "fetch_manifest", "fetch_residual"]

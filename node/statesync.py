@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
-
-from hivemind.p2p import P2P
+from typing import TYPE_CHECKING, Callable
 
 from locoswarm.node.streams import ByteBudget, PeerLimits, serve_framed
 from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, REQUEST_LEN, RESIDUAL_CHUNK, RESIDUAL_MANIFEST,
                                       ROUND_DELTAS, StateSpec, state_digest)
 from locoswarm.protocol.statebook import (LOG_BYTES, MAX_CHUNKS, MAX_DELTAS, REPLAY_ROUNDS, RoundLog, StateBook,
                                           budget_chunk, parse_state_request)
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
 
 __all__ = ["CHUNK", "LATEST", "LOG_BYTES", "MANIFEST", "MAX_CHUNKS", "MAX_DELTAS", "PROTOCOL", "REPLAY_ROUNDS",
            "REQUEST_LEN", "RESIDUAL_CHUNK", "RESIDUAL_MANIFEST", "ROUND_DELTAS", "RoundLog", "StateServer",

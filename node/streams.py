@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
-
-from hivemind.p2p import P2P, PeerID
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from locoswarm.protocol import admission
 from locoswarm.protocol.admission import Busy, PeerLimits, warn_refused
 from locoswarm.protocol.framing import frame_header, read_frame
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P, PeerID
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
-from hivemind.p2p import P2P, PeerID
+from typing import TYPE_CHECKING, Callable
 
 from locoswarm.node.chains import delta_content
 from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
@@ -65,6 +63,9 @@ from locoswarm.optim.screen import Screened
 from locoswarm.protocol import DecodedDelta, MalformedMessage, ProtocolError
 from locoswarm.protocol.framing import HEADER
 from locoswarm.protocol.rows import RowAggregate
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
 
 log = logging.getLogger(__name__)
 ROW_PROTOCOL = "locoswarm/row/1"
@@ -195,6 +196,8 @@ async def gather_rows(streams: KeptStreams, round_: int, members: Callable[[], d
     failures: dict[str, int] = {}
 
     async def ask(row: int, peer: str) -> RowAggregate | None:
+        from hivemind.p2p import PeerID  # here: the round modules import without hivemind (docs/windows.md)
+
         request = round_.to_bytes(HEADER, "big") + (0).to_bytes(8, "big")
         out.requests += 1
         try:

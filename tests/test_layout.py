@@ -107,3 +107,25 @@ def test_net_imports_only_protocol_and_never_hivemind_and_no_layer_imports_net()
             wrong += [f"{path.relative_to(ROOT)} imports {n}" for n in _imports(path)
                       if n == f"locoswarm.{NET}" or n.startswith(f"locoswarm.{NET}.")]
     assert not wrong, "\n".join(wrong)
+
+
+ROUND_MODULES = ("roundloop", "rounds", "membership", "lineage", "catchup", "pull", "tree", "treeround", "trainer",
+                 "progress", "exchange", "statedownload", "statesync", "replay", "roll")
+"""The node's round loop and what it reaches the network through (docs/windows.md: the way to
+a py-libp2p peer that trains)."""
+
+
+def test_the_round_modules_import_without_hivemind_and_beside_py_libp2p():
+    """A py-libp2p peer cannot share a process with hivemind's protobufs, so the round loop must
+    import without loading any hivemind module: hivemind is imported where a p2pd peer calls it,
+    never at import. Then py-libp2p imports beside it (where it is installed)."""
+    code = ("import importlib, sys\n"
+            f"for m in {ROUND_MODULES!r}: importlib.import_module('locoswarm.node.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('hivemind.')))\n"
+            "try:\n    import libp2p.crypto.serialization\nexcept ImportError as e:\n    print('no libp2p:', e)\n"
+            "else:\n    print('libp2p imported')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, libp2p = out.stdout.splitlines()[:2]
+    assert loaded == "[]", f"importing the round modules loads hivemind: {loaded}"
+    assert libp2p == "libp2p imported" or libp2p.startswith("no libp2p"), out.stdout
