@@ -26,11 +26,11 @@ from locoswarm.node.roll import read_roll
 from locoswarm.node.handover import served, take_state
 from locoswarm.node.statesync import REPLAY_ROUNDS
 from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state
+from locoswarm.node.streams import peer_id_of
 from locoswarm.protocol.records import PeerRecord
 from locoswarm.protocol.roll import Roll
 
 if TYPE_CHECKING:
-    from hivemind.p2p import PeerID
     from locoswarm.node.roundcontext import RoundContext
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class CatchUp:
         if head is None or not 0 < head[0] - first <= REPLAY_ROUNDS:
             return False
         last, target, records = head
-        donors = [peer_id_of(r.peer_id) for r in records if r.round >= last]
+        donors = [peer_id_of(ctx.p2p, r.peer_id) for r in records if r.round >= last]
         ctx.rng.shuffle(donors)
         why = None
         try:
@@ -342,7 +342,7 @@ class CatchUp:
             newest = max(r.round for r in records if r.peer_id in vouching)
         else:
             newest = max(r.round for r in records)
-        donors = [peer_id_of(r.peer_id) for r in records if r.round >= newest - 1 or r.peer_id in vouching]
+        donors = [peer_id_of(ctx.p2p, r.peer_id) for r in records if r.round >= newest - 1 or r.peer_id in vouching]
         ctx.rng.shuffle(donors)  # newcomers spread over the donors instead of all picking one
         kept: dict = {}  # what an attempt verified, for the next one (download_state `kept`)
         with DownloadProgress(trainer.state_spec.total_bytes) as progress:
@@ -381,10 +381,3 @@ class CatchUp:
             log.warning("could not take the swarm's state after catching up by deltas: %s", e)
         return True
 
-
-def peer_id_of(peer: str) -> PeerID:
-    """hivemind's PeerID of a base58 peer id, imported here: the round modules import without
-    hivemind (docs/windows.md)."""
-    from hivemind.p2p import PeerID
-
-    return PeerID.from_base58(peer)

@@ -298,3 +298,4 @@ that many peers write (one subkey each) and every owner rewrites its entry on a 
   key again in the background: one more full read for every write.
 - cache_refresh_before_expiry: re-read cached keys before they expire, whether anyone still
   needs them or not; we read what we need when we need it."""
+

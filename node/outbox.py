@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from locoswarm.node.streams import peer_id_of
 from locoswarm.protocol.outbox import GONE_S, IDLE_S, OPEN_TIMEOUT_S, RECORD_SLOT, RETRY_S, WRITE_TIMEOUT_S, OutboxBook
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ class Outbox:
         return True
 
     async def run(self) -> None:
-        from hivemind.p2p import PeerID
-
         book = self.book
         reader = writer = closed = None
         """`closed` ends when the receiver closes the stream (it never writes to it)."""
@@ -90,7 +89,7 @@ class Outbox:
                 try:
                     if writer is None:
                         _, reader, writer = await asyncio.wait_for(
-                            self.bus.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer), self.protocol),
+                            self.bus.p2p.call_binary_stream_handler(peer_id_of(self.bus.p2p, self.peer), self.protocol),
                             OPEN_TIMEOUT_S)
                         book.stream_opened(time.monotonic())
                         self.open = self.served = True

@@ -16,7 +16,7 @@ from typing import Callable
 
 from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.node.streams import KeptStreams
+from locoswarm.node.streams import KeptStreams, peer_id_of
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.framing import TruncatedBody
 
@@ -126,9 +126,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
 
     async def pull(peer: str, probe: bool) -> None:
         """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
-        from hivemind.p2p import PeerID  # here: the round modules import without hivemind (docs/windows.md)
-
-        pid = PeerID.from_base58(peer)
+        pid = peer_id_of(streams.p2p, peer)
         wait, grow, longest = RETRY_S
         failures = 0
         refused_since: float | None = None

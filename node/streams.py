@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Busy", "ByteBudget", "KeptStreams", "PeerLimits", "call_framed", "serve_framed", "warn_refused"]
+__all__ = ["Busy", "ByteBudget", "KeptStreams", "PeerLimits", "call_framed", "peer_id_of", "serve_framed",
+           "warn_refused"]
 
 
 async def serve_framed(
@@ -198,3 +199,10 @@ class ByteBudget(admission.ByteBudget):
         wait = self.reserve(nbytes)
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+def peer_id_of(p2p, peer: str):
+    """The peer id `p2p` takes for the base58 `peer`: of the type of its own id (hivemind's
+    PeerID on p2pd, net/bridge.py's PeerId on py-libp2p), so that the node's code names peers
+    without importing either transport (docs/windows.md)."""
+    return type(p2p.peer_id).from_base58(peer)

@@ -56,7 +56,7 @@ from locoswarm.node.chains import delta_content
 from locoswarm.node.exchange import GONE, DeltaServer, delta_streams
 from locoswarm.node.pull import LOST_CHECK_S, RETRY_S, dial_refused
 from locoswarm.node.roundcontext import OuterStep
-from locoswarm.node.streams import KeptStreams
+from locoswarm.node.streams import KeptStreams, peer_id_of
 from locoswarm.node.spec import RoundPolicy
 from locoswarm.optim.credit import Ledger
 from locoswarm.optim.screen import Screened
@@ -196,12 +196,10 @@ async def gather_rows(streams: KeptStreams, round_: int, members: Callable[[], d
     failures: dict[str, int] = {}
 
     async def ask(row: int, peer: str) -> RowAggregate | None:
-        from hivemind.p2p import PeerID  # here: the round modules import without hivemind (docs/windows.md)
-
         request = round_.to_bytes(HEADER, "big") + (0).to_bytes(8, "big")
         out.requests += 1
         try:
-            blob = await streams.call(PeerID.from_base58(peer), request, limit=limit, limit_name="a row's limit",
+            blob = await streams.call(peer_id_of(streams.p2p, peer), request, limit=limit, limit_name="a row's limit",
                                       timeout_s=max(0.05, min(8.0, stop_at - time.monotonic())))
         except asyncio.TimeoutError:
             return None  # asked again in its turn

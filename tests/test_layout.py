@@ -110,7 +110,7 @@ def test_net_imports_only_protocol_and_never_hivemind_and_no_layer_imports_net()
 
 
 ROUND_MODULES = ("roundloop", "rounds", "membership", "lineage", "catchup", "pull", "tree", "treeround", "trainer",
-                 "progress", "exchange", "statedownload", "statesync", "replay", "roll")
+                 "progress", "outbox", "streams", "exchange", "statedownload", "statesync", "replay", "roll")
 """The node's round loop and what it reaches the network through (docs/windows.md: the way to
 a py-libp2p peer that trains)."""
 

@@ -1,0 +1,54 @@
+"""The node's own delta server and puller (node/exchange.py, node/streams.py: asyncio code
+written for p2pd) running over py-libp2p through net/bridge.py's TrioP2P, in a process that
+never imports hivemind, for tests/test_net_bridge.py. It serves delta_fixture.py's delta of
+ROUND (sender "bridged") with node/exchange.py's DeltaServer, prints {"maddr"}, pulls the p2pd
+peer's delta of ROUND with node/exchange.py's call_get_delta twice on one kept stream, prints
+{"pulled": [[sender, round, sha256], …], "streams_opened"}, and when stdin closes prints
+{"bytes_sent", "hivemind_loaded"}.
+
+usage: python lp2p_bridge.py IDENTITY_FILE P2PD_MADDR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+
+from delta_fixture import ROUND, SPEC, good_blob
+
+from locoswarm.net.bridge import TrioP2P
+from locoswarm.net.host import key_pair_of
+from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
+
+
+def say(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+async def main(identity_path: str, p2pd_maddr: str) -> None:
+    key_pair, _ = key_pair_of(open(identity_path, "rb").read())
+    p2p = TrioP2P(key_pair)
+    await p2p.start()
+    try:
+        server = DeltaServer(p2p, incarnation=5)
+        await server.start()
+        server.publish(ROUND, good_blob(ROUND, sender="bridged"))
+        say(maddr=(await p2p.get_visible_maddrs())[0])
+        peer = await p2p.connect(p2pd_maddr)
+        streams = delta_streams(p2p)
+        pulled = []
+        for _ in range(2):
+            delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)
+            pulled.append([delta.sender, delta.round, hashlib.sha256(delta.wire).hexdigest()])
+        say(pulled=pulled, streams_opened=streams.num_opened)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        say(bytes_sent=server.bytes_sent,
+            hivemind_loaded=sorted(m for m in sys.modules if m.startswith("hivemind.")))
+    finally:
+        await p2p.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:3]))

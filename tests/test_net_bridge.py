@@ -1,0 +1,96 @@
+"""The node's asyncio stream code over py-libp2p (net/bridge.py TrioP2P), against a p2pd peer,
+both ways: a process that never imports hivemind (tests/peers/lp2p_bridge.py) serves a delta
+with node/exchange.py's own DeltaServer and pulls one with its own call_get_delta and kept
+streams; the p2pd peer here pulls its delta and serves its own. The first step of issue 22's
+one round loop on both transports (docs/windows.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import libp2p_missing
+from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
+
+PEERS = os.path.join(os.path.dirname(__file__), "peers")
+sys.path.insert(0, PEERS)
+from delta_fixture import ROUND, SPEC, good_blob  # noqa: E402
+
+SCRIPT = os.path.join(PEERS, "lp2p_bridge.py")
+
+
+def sha(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+async def _line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> dict:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout_s)
+        assert line, f"the bridged peer ended (exit {proc.poll()}): {proc.stderr.read()[-3000:]}"
+        fields = json.loads(line)
+        if key in fields:
+            return fields
+
+
+async def _both_ways(identity: str) -> dict:
+    from hivemind.p2p import P2P, PeerID
+
+    from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
+
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = proc = None
+    try:
+        server = DeltaServer(p2p, incarnation=3)
+        await server.start()
+        server.publish(ROUND, good_blob(ROUND, sender="p2pd"))
+        maddr = f"{(await p2p.get_visible_maddrs())[0]}"
+        proc = subprocess.Popen([sys.executable, SCRIPT, identity, maddr], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        bridged = (await _line(proc, "maddr"))["maddr"]
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[bridged])
+        streams = delta_streams(client)
+        peer = PeerID.from_base58(bridged.split("/p2p/")[1])
+        got = {"pulled_from_bridged": []}
+        for _ in range(2):
+            delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)
+            got["pulled_from_bridged"].append([delta.sender, delta.round, sha(delta.wire)])
+        got["p2pd_streams_opened"] = streams.num_opened
+        got.update(await _line(proc, "pulled"))
+        proc.stdin.close()
+        got.update(await _line(proc, "bytes_sent"))
+        got["exit"] = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(30))
+        got["p2pd_sent"] = server.bytes_sent
+        return got
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if client is not None:
+            await client.shutdown()
+        await p2p.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200, method="signal")
+def test_the_nodes_own_delta_server_and_puller_run_over_py_libp2p_against_a_p2pd_peer(tmp_path):
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    ensure_identity(str(tmp_path))
+    got = asyncio.run(_both_ways(str(tmp_path / IDENTITY_FILE)))
+    print(json.dumps(got))  # shown when an assertion fails
+    assert got["exit"] == 0 and got["hivemind_loaded"] == []
+    # p2pd pulled the bridged peer's delta twice on one kept stream, byte for byte
+    ours = ["bridged", ROUND, sha(good_blob(ROUND, sender="bridged"))]
+    assert got["pulled_from_bridged"] == [ours, ours] and got["p2pd_streams_opened"] == 1
+    # the bridged peer pulled ours with the node's own puller, twice on one kept stream
+    theirs = ["p2pd", ROUND, sha(good_blob(ROUND, sender="p2pd"))]
+    assert got["pulled"] == [theirs, theirs] and got["streams_opened"] == 1
+    assert got["bytes_sent"] >= 2 * len(good_blob(ROUND, sender="bridged")) and got["p2pd_sent"] > 0
