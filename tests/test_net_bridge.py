@@ -1,8 +1,8 @@
 """The node's asyncio stream code over py-libp2p (net/bridge.py TrioP2P), against a p2pd peer,
 both ways: a process that never imports hivemind (tests/peers/lp2p_bridge.py) serves a delta
 with node/exchange.py's own DeltaServer and pulls one with its own call_get_delta and kept
-streams; the p2pd peer here pulls its delta and serves its own. The first step of issue 22's
-one round loop on both transports (docs/windows.md)."""
+streams, and tells and hears progress with node/progress.py's own bus; the p2pd peer here does
+the same. The first steps of issue 22's one round loop on both transports (docs/windows.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ sys.path.insert(0, PEERS)
 from delta_fixture import ROUND, SPEC, good_blob  # noqa: E402
 
 SCRIPT = os.path.join(PEERS, "lp2p_bridge.py")
+SPEC_HASH = b"s" * 32
+TOKENS = 555
+"""What the p2pd peer tells (the bridged one tells 777, done)."""
 
 
 def sha(blob: bytes) -> str:
@@ -43,6 +46,8 @@ async def _both_ways(identity: str) -> dict:
     from hivemind.p2p import P2P, PeerID
 
     from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
+    from locoswarm.node.progress import ProgressBus
+    from locoswarm.protocol.records import PeerRecord, Progress
 
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     client = proc = None
@@ -63,6 +68,26 @@ async def _both_ways(identity: str) -> dict:
             got["pulled_from_bridged"].append([delta.sender, delta.round, sha(delta.wire)])
         got["p2pd_streams_opened"] = streams.num_opened
         got.update(await _line(proc, "pulled"))
+        # the progress streams: node/progress.py's bus on both sides
+        heard: dict = {}
+        me = str(p2p.peer_id)  # the peer the bridged one pulled from
+        record = PeerRecord(peer_id=me, addrs=(maddr,), device="cpu", tokens_per_s=1.0, round=ROUND,
+                            spec_hash=SPEC_HASH, incarnation=3, seq=1)
+        bus = ProgressBus(p2p, me, spec_hash=SPEC_HASH, record=lambda: record,
+                          on_record=lambda r: heard.setdefault("record", [r.peer_id, r.round]))
+        await bus.start()
+        bus.open_round(ROUND)
+        bus.publish(Progress(tokens=TOKENS, tokens_per_s=1.0, done=False, round=ROUND), [str(peer)])
+        got.update(await _line(proc, "heard"))
+        for _ in range(600):
+            seen = bus.seen(ROUND).get(str(peer))
+            if "record" in heard and seen is not None:
+                heard["progress"] = [seen.progress.tokens, seen.progress.done]
+                break
+            await asyncio.sleep(0.05)
+        got["p2pd_heard"] = heard
+        got["me"], got["bridged"] = me, str(peer)
+        bus.close()
         proc.stdin.close()
         got.update(await _line(proc, "bytes_sent"))
         got["exit"] = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(30))
@@ -94,3 +119,6 @@ def test_the_nodes_own_delta_server_and_puller_run_over_py_libp2p_against_a_p2pd
     theirs = ["p2pd", ROUND, sha(good_blob(ROUND, sender="p2pd"))]
     assert got["pulled"] == [theirs, theirs] and got["streams_opened"] == 1
     assert got["bytes_sent"] >= 2 * len(good_blob(ROUND, sender="bridged")) and got["p2pd_sent"] > 0
+    # node/progress.py's bus and outboxes on both sides: each heard the other's record and progress
+    assert got["heard"] == {"record": [got["me"], ROUND], "progress": [TOKENS, False]}
+    assert got["p2pd_heard"] == {"record": [got["bridged"], ROUND], "progress": [777, True]}

@@ -3,7 +3,10 @@ written for p2pd) running over py-libp2p through net/bridge.py's TrioP2P, in a p
 never imports hivemind, for tests/test_net_bridge.py. It serves delta_fixture.py's delta of
 ROUND (sender "bridged") with node/exchange.py's DeltaServer, prints {"maddr"}, pulls the p2pd
 peer's delta of ROUND with node/exchange.py's call_get_delta twice on one kept stream, prints
-{"pulled": [[sender, round, sha256], …], "streams_opened"}, and when stdin closes prints
+{"pulled": [[sender, round, sha256], …], "streams_opened"}. Then on the progress streams, with
+node/progress.py's own ProgressBus (and its outboxes): it tells the p2pd peer its record and
+its progress in ROUND and prints {"heard": {"record": [peer, round] or null, "progress": [tokens,
+done] or null}} once it has heard the p2pd peer's (or after 30 s). When stdin closes it prints
 {"bytes_sent", "hivemind_loaded"}.
 
 usage: python lp2p_bridge.py IDENTITY_FILE P2PD_MADDR
@@ -21,6 +24,11 @@ from delta_fixture import ROUND, SPEC, good_blob
 from locoswarm.net.bridge import TrioP2P
 from locoswarm.net.host import key_pair_of
 from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
+from locoswarm.node.progress import ProgressBus
+from locoswarm.protocol.records import PeerRecord, Progress
+
+SPEC_HASH = b"s" * 32
+TOKENS = 777
 
 
 def say(**fields) -> None:
@@ -43,6 +51,21 @@ async def main(identity_path: str, p2pd_maddr: str) -> None:
             delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)
             pulled.append([delta.sender, delta.round, hashlib.sha256(delta.wire).hexdigest()])
         say(pulled=pulled, streams_opened=streams.num_opened)
+        heard: dict = {}
+        record = PeerRecord(peer_id=str(p2p.peer_id), addrs=tuple(await p2p.get_visible_maddrs()), device="cpu",
+                            tokens_per_s=1.0, round=ROUND, spec_hash=SPEC_HASH, incarnation=5, seq=1)
+        bus = ProgressBus(p2p, str(p2p.peer_id), spec_hash=SPEC_HASH, record=lambda: record,
+                          on_record=lambda r: heard.setdefault("record", [r.peer_id, r.round]))
+        await bus.start()
+        bus.open_round(ROUND)
+        bus.publish(Progress(tokens=TOKENS, tokens_per_s=1.0, done=True, round=ROUND), [str(peer)])
+        for _ in range(600):
+            seen = bus.seen(ROUND).get(str(peer))
+            if "record" in heard and seen is not None:
+                heard["progress"] = [seen.progress.tokens, seen.progress.done]
+                break
+            await asyncio.sleep(0.05)
+        say(heard={"record": heard.get("record"), "progress": heard.get("progress")})
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         say(bytes_sent=server.bytes_sent,
             hivemind_loaded=sorted(m for m in sys.modules if m.startswith("hivemind.")))
