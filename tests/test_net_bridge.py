@@ -14,12 +14,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from harness import libp2p_missing
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEERS = os.path.join(os.path.dirname(__file__), "peers")
 sys.path.insert(0, PEERS)
+import state_fixture as fx  # noqa: E402
 from delta_fixture import ROUND, SPEC, good_blob  # noqa: E402
 
 SCRIPT = os.path.join(PEERS, "lp2p_bridge.py")
@@ -42,11 +44,12 @@ async def _line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> di
             return fields
 
 
-async def _both_ways(identity: str) -> dict:
+async def _both_ways(identity: str, donor_maddr: str) -> dict:
     from hivemind.p2p import P2P, PeerID
 
     from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
     from locoswarm.node.progress import ProgressBus
+    from locoswarm.node.statedownload import download_state
     from locoswarm.protocol.records import PeerRecord, Progress
 
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -56,7 +59,7 @@ async def _both_ways(identity: str) -> dict:
         await server.start()
         server.publish(ROUND, good_blob(ROUND, sender="p2pd"))
         maddr = f"{(await p2p.get_visible_maddrs())[0]}"
-        proc = subprocess.Popen([sys.executable, SCRIPT, identity, maddr], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, SCRIPT, identity, maddr, donor_maddr], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         bridged = (await _line(proc, "maddr"))["maddr"]
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[bridged])
@@ -88,6 +91,15 @@ async def _both_ways(identity: str) -> dict:
         got["p2pd_heard"] = heard
         got["me"], got["bridged"] = me, str(peer)
         bus.close()
+        # the outer state: the bridged peer downloaded the p2pd donor's, and serves its own
+        got.update(await _line(proc, "downloaded"))
+        await _line(proc, "serving")
+        joined = await download_state(client, [peer], fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
+        want = fx.state()
+        want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
+        got["p2pd_downloaded"] = [joined.round, joined.chain, all(torch.equal(joined.tensors[n], want[n]) for n in want),
+                                  joined.residual is not None and all(torch.equal(joined.residual[n], want_residual[n])
+                                                                      for n in want_residual)]
         proc.stdin.close()
         got.update(await _line(proc, "bytes_sent"))
         got["exit"] = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(30))
@@ -104,12 +116,13 @@ async def _both_ways(identity: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(200, method="signal")
-def test_the_nodes_own_delta_server_and_puller_run_over_py_libp2p_against_a_p2pd_peer(tmp_path):
+def test_the_nodes_own_stream_code_runs_over_py_libp2p_against_p2pd_peers(tmp_path, spawn_peers):
     why = libp2p_missing()
     if why:
         pytest.skip(why)
     ensure_identity(str(tmp_path))
-    got = asyncio.run(_both_ways(str(tmp_path / IDENTITY_FILE)))
+    _, (donor,) = spawn_peers(os.path.join(PEERS, "serve_state.py"), "good")
+    got = asyncio.run(_both_ways(str(tmp_path / IDENTITY_FILE), donor))
     print(json.dumps(got))  # shown when an assertion fails
     assert got["exit"] == 0 and got["hivemind_loaded"] == []
     # p2pd pulled the bridged peer's delta twice on one kept stream, byte for byte
@@ -122,3 +135,6 @@ def test_the_nodes_own_delta_server_and_puller_run_over_py_libp2p_against_a_p2pd
     # node/progress.py's bus and outboxes on both sides: each heard the other's record and progress
     assert got["heard"] == {"record": [got["me"], ROUND], "progress": [TOKENS, False]}
     assert got["p2pd_heard"] == {"record": [got["bridged"], ROUND], "progress": [777, True]}
+    # node/statedownload.py and node/statesync.py both ways: the very state, chain and residual
+    assert got["downloaded"] == got["p2pd_downloaded"] == [fx.ROUND, fx.CHAIN, True, True]
+    assert got["state_bytes_sent"] >= fx.SPEC.total_bytes

@@ -6,10 +6,13 @@ peer's delta of ROUND with node/exchange.py's call_get_delta twice on one kept s
 {"pulled": [[sender, round, sha256], …], "streams_opened"}. Then on the progress streams, with
 node/progress.py's own ProgressBus (and its outboxes): it tells the p2pd peer its record and
 its progress in ROUND and prints {"heard": {"record": [peer, round] or null, "progress": [tokens,
-done] or null}} once it has heard the p2pd peer's (or after 30 s). When stdin closes it prints
-{"bytes_sent", "hivemind_loaded"}.
+done] or null}} once it has heard the p2pd peer's (or after 30 s). Then the outer state, with
+node/statedownload.py's own download from the p2pd donor at DONOR_MADDR (serve_state.py) and
+node/statesync.py's own StateServer serving state_fixture.py's state: it prints {"downloaded":
+[round, chain, state equal, residual equal]} and {"serving": true}. When stdin closes it prints
+{"bytes_sent", "state_bytes_sent", "hivemind_loaded"}.
 
-usage: python lp2p_bridge.py IDENTITY_FILE P2PD_MADDR
+usage: python lp2p_bridge.py IDENTITY_FILE P2PD_MADDR DONOR_MADDR
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from locoswarm.net.bridge import TrioP2P
 from locoswarm.net.host import key_pair_of
 from locoswarm.node.exchange import DeltaServer, call_get_delta, delta_streams
 from locoswarm.node.progress import ProgressBus
+from locoswarm.node.statedownload import download_state
+from locoswarm.node.statesync import StateServer
 from locoswarm.protocol.records import PeerRecord, Progress
 
 SPEC_HASH = b"s" * 32
@@ -35,7 +40,26 @@ def say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-async def main(identity_path: str, p2pd_maddr: str) -> None:
+async def state_both_ways(p2p: TrioP2P, donor_maddr: str) -> StateServer:
+    import state_fixture as fx
+    import torch
+
+    donor = await p2p.connect(donor_maddr)
+    got = await download_state(p2p, [donor], fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
+    want = fx.state()
+    want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
+    say(downloaded=[got.round, got.chain, all(torch.equal(got.tensors[n], want[n]) for n in want),
+                    got.residual is not None and all(torch.equal(got.residual[n], want_residual[n])
+                                                     for n in want_residual)])
+    server = StateServer(p2p, fx.SPEC, chunk_bytes=fx.CHUNK_BYTES, residual_spec=fx.RESIDUAL_SPEC)
+    await server.start()
+    residual = {n: t.to(torch.bfloat16) for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
+    server.publish(want, fx.ROUND, fx.CHAIN, fx.LEDGER, residual)
+    say(serving=True)
+    return server
+
+
+async def main(identity_path: str, p2pd_maddr: str, donor_maddr: str) -> None:
     key_pair, _ = key_pair_of(open(identity_path, "rb").read())
     p2p = TrioP2P(key_pair)
     await p2p.start()
@@ -66,12 +90,14 @@ async def main(identity_path: str, p2pd_maddr: str) -> None:
                 break
             await asyncio.sleep(0.05)
         say(heard={"record": heard.get("record"), "progress": heard.get("progress")})
+        state_server = await state_both_ways(p2p, donor_maddr)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        say(bytes_sent=server.bytes_sent,
+        bus.close()
+        say(bytes_sent=server.bytes_sent, state_bytes_sent=state_server.bytes_sent,
             hivemind_loaded=sorted(m for m in sys.modules if m.startswith("hivemind.")))
     finally:
         await p2p.shutdown()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:3]))
+    asyncio.run(main(*sys.argv[1:4]))
