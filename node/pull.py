@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,11 +63,11 @@ def dial_refused(e: BaseException) -> bool:
     """A stream that p2pd refused outright: no connection and none to be made now (refused,
     in libp2p's dial backoff after a refused dial, or no address known for the peer), or a
     peer that does not serve deltas (no daemon behind its p2pd: a crashed daemon's p2pd
-    lingers and answers "protocols not supported")."""
-    from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
-
+    lingers and answers "protocols not supported"). Asked without importing hivemind: where
+    its p2pd bindings are not loaded (a py-libp2p peer, net/bridge.py) no such failure exists."""
+    utils = sys.modules.get("hivemind.p2p.p2p_daemon_bindings.utils")
     text = str(e)
-    return isinstance(e, ControlFailure) and any(
+    return utils is not None and isinstance(e, utils.ControlFailure) and any(
         sign in text for sign in ("failed to dial", "failed to find any peer", "protocols not supported"))
 
 
