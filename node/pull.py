@@ -17,7 +17,7 @@ from typing import Callable
 
 from locoswarm.node.exchange import DeltaGone, DeltaUnavailable, call_get_delta
 from locoswarm.node.rounds import RoundProgress
-from locoswarm.node.streams import KeptStreams, peer_id_of
+from locoswarm.node.streams import KeptStreams
 from locoswarm.protocol import DecodedDelta, DeltaSpec, ProtocolError
 from locoswarm.protocol.framing import TruncatedBody
 
@@ -127,7 +127,6 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
 
     async def pull(peer: str, probe: bool) -> None:
         """`probe`: an unproven peer, given LIVENESS_S to answer at all."""
-        pid = peer_id_of(streams.p2p, peer)
         wait, grow, longest = RETRY_S
         failures = 0
         refused_since: float | None = None
@@ -190,7 +189,7 @@ async def gather_deltas(streams: KeptStreams, progress: RoundProgress, round_: i
                 # One attempt may hang (a stream opened on a starved or cut peer): bound it
                 # below the deadline and ask again, as after any failed stream.
                 out.requests += 1
-                delta = await call_get_delta(streams, pid, round_, spec, timeout_s=limit, incarnation=asked_of)
+                delta = await call_get_delta(streams, peer, round_, spec, timeout_s=limit, incarnation=asked_of)
             except DeltaGone:
                 out.failed[peer] = "will serve no delta for this round (restarted, gave it up, or took another state)"
                 out.unreachable.add(peer)

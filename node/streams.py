@@ -143,9 +143,11 @@ class KeptStreams:
         self.num_opened = 0
         """Streams opened (the requests made on kept streams are the caller's count)."""
 
-    async def call(self, peer: PeerID, request: bytes, *, limit: int, limit_name: str,
+    async def call(self, peer: PeerID | str, request: bytes, *, limit: int, limit_name: str,
                    timeout_s: float) -> bytes | None:
-        """`call_framed` on a kept stream."""
+        """`call_framed` on a kept stream; `peer` is the transport's peer id, or its base58 text."""
+        if isinstance(peer, str):
+            peer = peer_id_of(self.p2p, peer)
         key = peer.to_base58()
         until = time.monotonic() + timeout_s
         self._close_idle(time.monotonic())
