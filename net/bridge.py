@@ -7,7 +7,8 @@ node/streams.py, node/statesync.py …) then run unchanged over py-libp2p, in a 
 never imports hivemind (docs/windows.md: the way to one round loop on both transports).
 
 A stream's bytes cross the two threads in order: what the peer sends is fed to the reader as
-it comes (EOF when the peer closes its side; ConnectionResetError when the stream breaks), and
+it comes, then EOF when the peer closes or resets the stream (the node's reads then end short,
+which protocol/framing.py reports as a closed or cut stream), and
 what asyncio writes is queued to one trio task per stream that writes it in order; `drain()`
 returns once everything written before it is on the stream. `close()` closes the stream after
 what was queued, as closing p2pd's socket does.
@@ -154,12 +155,19 @@ class TrioP2P:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
     def _soon(self, fn: Callable, *args) -> None:
-        """Run `fn(*args)` on the trio thread, soon (thread-safe, in order)."""
-        self._token.run_sync_soon(fn, *args)
+        """Run `fn(*args)` on the trio thread, soon (thread-safe, in order); nothing once the
+        host has stopped (a stream closed after `shutdown` is gone with it)."""
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
 
     def _later(self, fn: Callable, *args) -> None:
-        """Run `fn(*args)` on the asyncio thread, soon."""
-        self._loop.call_soon_threadsafe(fn, *args)
+        """Run `fn(*args)` on the asyncio thread, soon; nothing once its loop has closed."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody reads these streams any more
+            pass
 
     async def _call(self, fn: Callable[..., Awaitable], *args):
         """`await fn(*args)` on the trio thread, its result or its exception here."""
@@ -255,8 +263,11 @@ class TrioP2P:
                         break
                     self._later(reader.feed_data, data)
                 self._later(reader.feed_eof)
-            except Exception as e:  # reset or broken: the reader's next read raises
-                self._later(reader.set_exception, ConnectionResetError(f"stream reset: {type(e).__name__}"))
+            except Exception:  # py-libp2p ends a stream the peer closed with StreamEOF, a reset with
+                # StreamReset: both end the reader after what came (an exception set on an asyncio
+                # reader would hide the bytes still buffered there, a whole answer among them); a
+                # short read then raises where the node's code expects it (protocol/framing.py)
+                self._later(reader.feed_eof)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)

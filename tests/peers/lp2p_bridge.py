@@ -46,11 +46,11 @@ async def state_both_ways(p2p: TrioP2P, donor_maddr: str) -> StateServer:
 
     donor = await p2p.connect(donor_maddr)
     got = await download_state(p2p, [donor], fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
+    residual = got.residual
     want = fx.state()
     want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
     say(downloaded=[got.round, got.chain, all(torch.equal(got.tensors[n], want[n]) for n in want),
-                    got.residual is not None and all(torch.equal(got.residual[n], want_residual[n])
-                                                     for n in want_residual)])
+                    residual is not None and all(torch.equal(residual[n], want_residual[n]) for n in want_residual)])
     server = StateServer(p2p, fx.SPEC, chunk_bytes=fx.CHUNK_BYTES, residual_spec=fx.RESIDUAL_SPEC)
     await server.start()
     residual = {n: t.to(torch.bfloat16) for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
