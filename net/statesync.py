@@ -1,7 +1,7 @@
 """The outer state on py-libp2p: `StateServer` serves this peer's states as a donor on
 `locoswarm/state/3` (protocol/statebook.py says what it keeps and answers, as
 node/statesync.py's donor on p2pd does), and `download_state` is a joiner's download from
-donors of either kind, by node/statedownload.py's rules (protocol/state.py `pick_manifest`,
+donors of either kind, by node/statedownload.py's rules (protocol/statepull.py `pick_manifest`,
 `ChunkPull`): a target round and chain, an attester's state, or the newest state at least
 AGREEING of MANIFEST_DONORS donors show; its chunks from every donor that shows it, each
 checked against the manifest's SHA-256; a chunk cut mid-body asked again for its rest only; a
@@ -22,11 +22,11 @@ from torch import Tensor
 from locoswarm.net.framed import KeptStreams, Refused, serve_framed
 from locoswarm.protocol.admission import Busy, ByteBudget, PeerLimits
 from locoswarm.protocol.errors import MalformedMessage
-from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, MANIFEST_DONORS, PROTOCOL, REQUEST_LEN,
-                                      RESIDUAL_CHUNK, RESIDUAL_MANIFEST, ROUND_DELTAS, ChunkPull, Ledger,
-                                      Manifest, StateAssembler, StateSpec, StateUnavailable, decode_manifest,
-                                      encode_state_request, pick_manifest, pull_chunks, serving,
-                                      take_residual)
+from locoswarm.protocol.state import (CHUNK, LATEST, MANIFEST, PROTOCOL, REQUEST_LEN, RESIDUAL_CHUNK,
+                                      RESIDUAL_MANIFEST, ROUND_DELTAS, Ledger, Manifest, StateAssembler, StateSpec,
+                                      decode_manifest, encode_state_request)
+from locoswarm.protocol.statepull import (MANIFEST_DONORS, ChunkPull, StateUnavailable, pick_manifest, pull_chunks,
+                                          serving, take_residual)
 from locoswarm.protocol.statebook import StateBook, budget_chunk, parse_state_request
 
 __all__ = ["Downloaded", "StateServer", "StateUnavailable", "download_state", "fetch_manifest", "fetch_residual"]
@@ -133,7 +133,7 @@ async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, time
                          attesters: frozenset[str] = frozenset(), target: tuple[int, str] | None = None,
                          residual_spec: StateSpec | None = None, kept: dict | None = None) -> Downloaded:
     """The state of `donors` a joiner takes, as node/statedownload.py takes it on p2pd (the
-    rules are protocol/state.py's `pick_manifest`): with a `target` (round, chain: what a
+    rules are protocol/statepull.py's `pick_manifest`): with a `target` (round, chain: what a
     majority of earned weight attests) only that round and chain; else with `attesters` (peer
     ids) the newest state an attester among `donors` shows, the others asked for its round to
     serve chunks too; else the newest state at least AGREEING of the first MANIFEST_DONORS show.
@@ -179,7 +179,7 @@ async def download_state(host: IHost, donors: list[ID], spec: StateSpec, *, time
 
 async def fetch_residual(streams: KeptStreams, pool: list[ID], spec: StateSpec, round_: int,
                          timeout_s: float) -> dict[str, Tensor] | None:
-    """One donor's residual at `round_` (protocol/state.py `take_residual`), None when none came."""
+    """One donor's residual at `round_` (protocol/statepull.py `take_residual`), None when none came."""
     async def manifest_of(peer: ID) -> Manifest | None:
         return await fetch_manifest(streams, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
 
@@ -191,7 +191,7 @@ async def fetch_residual(streams: KeptStreams, pool: list[ID], spec: StateSpec, 
 
 async def _pull(streams: KeptStreams, pool: list[ID], asm: StateAssembler, kind: int, timeout_s: float) -> None:
     """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of `pool`,
-    one request in flight per donor, from one shared queue (protocol/state.py `ChunkPull`,
+    one request in flight per donor, from one shared queue (protocol/statepull.py `ChunkPull`,
     `pull_chunks`); what is missing when every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
     pull = ChunkPull(asm)

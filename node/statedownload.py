@@ -31,10 +31,10 @@ from torch import Tensor
 from locoswarm.node.statesync import CHUNK, LATEST, MANIFEST, PROTOCOL, RESIDUAL_CHUNK, RESIDUAL_MANIFEST
 from locoswarm.node.streams import call_framed
 from locoswarm.protocol import MalformedMessage
-from locoswarm.protocol.state import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, ChunkPull,
-                                      Ledger, Manifest, StateAssembler, StateSpec, StateUnavailable, choose_state,
-                                      decode_manifest, encode_state_request, pick_manifest, pull_chunks, serving,
-                                      take_residual)
+from locoswarm.protocol.state import Ledger, Manifest, StateAssembler, StateSpec, decode_manifest, encode_state_request
+from locoswarm.protocol.statepull import (AGREEING, DONOR_CUTS, DONOR_FAILURES, MANIFEST_DONORS, ChunkPull,
+                                          StateUnavailable, choose_state, pick_manifest, pull_chunks, serving,
+                                          take_residual)
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P, PeerID
@@ -182,7 +182,7 @@ async def download_state(
 async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, timeout_s: float,
                 on_progress: Callable[[int, int], None] | None = None) -> None:
     """Fill `asm` with chunks (request `kind`) of its manifest's round from the donors of
-    `pool`, one request in flight per donor, from one shared queue (protocol/state.py
+    `pool`, one request in flight per donor, from one shared queue (protocol/statepull.py
     `ChunkPull`, `pull_chunks`); what is missing when every donor gave up stays missing."""
     round_, chunk_bytes = asm.manifest.round, asm.manifest.chunk_bytes
     total = len(asm.manifest.chunks)
@@ -202,7 +202,7 @@ async def _pull(p2p: P2P, pool: list[PeerID], asm: StateAssembler, kind: int, ti
 
 async def fetch_residual(p2p: P2P, pool: list[PeerID], spec: StateSpec, round_: int,
                          timeout_s: float) -> dict[str, Tensor] | None:
-    """One donor's residual at `round_` (protocol/state.py `take_residual`), None when none came."""
+    """One donor's residual at `round_` (protocol/statepull.py `take_residual`), None when none came."""
     async def manifest_of(peer: PeerID) -> Manifest | None:
         return await fetch_manifest(p2p, peer, spec, timeout_s, round_, kind=RESIDUAL_MANIFEST)
 

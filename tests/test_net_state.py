@@ -131,7 +131,7 @@ def test_a_p2pd_joiner_downloads_the_state_a_py_libp2p_donor_serves(spawn_peers,
 @pytest.mark.slow
 @pytest.mark.timeout(300, method="signal")
 def test_the_py_libp2p_joiner_takes_the_attested_state_an_attesters_state_and_a_donors_residual(spawn_peers, tmp_path):
-    """node/statedownload.py's choices, on py-libp2p (protocol/state.py pick_manifest), against
+    """node/statedownload.py's choices, on py-libp2p (protocol/statepull.py pick_manifest), against
     serve_state.py's p2pd donors: two forged donors agreeing on a newer state on another chain
     win a plain download (what attestation is for); with the target a majority of earned weight
     attests (round, chain) only the good donor's state is taken, and a target no donor serves is

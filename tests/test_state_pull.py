@@ -1,4 +1,4 @@
-"""protocol/state.py's download rules without I/O, which both transports drive (node/statedownload.py
+"""protocol/statepull.py's download rules without I/O, which both transports drive (node/statedownload.py
 on p2pd, net/statesync.py on py-libp2p): which manifest a download takes (`pick_manifest`) and
 which chunk each donor asks for next (`ChunkPull`, `Donor`)."""
 
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locoswarm.protocol.state import (DONOR_CUTS, DONOR_FAILURES, ChunkPull, Donor, Manifest, StateAssembler,
-                                      StateSpec, StateUnavailable, decode_manifest, encode_state, pick_manifest)
+from locoswarm.protocol.state import Manifest, StateAssembler, StateSpec, decode_manifest, encode_state
+from locoswarm.protocol.statepull import (DONOR_CUTS, DONOR_FAILURES, ChunkPull, Donor, StateUnavailable,
+                                          pick_manifest)
 
 SPEC = StateSpec("run", bytes(32), (("w", (3, 1000)),))
 CHUNK = 4096

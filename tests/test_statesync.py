@@ -122,7 +122,7 @@ def test_the_state_two_donors_agree_on_wins_over_a_newer_one_shown_by_one_donor(
 
 def test_chunks_cut_mid_body_are_resumed_where_they_stopped(spawn_peers, caplog):
     _, addrs = spawn_peers(DONOR, "cutting")
-    with caplog.at_level(logging.INFO, logger="locoswarm.protocol.state"):
+    with caplog.at_level(logging.INFO, logger="locoswarm.protocol.statepull"):
         round_, tensors = _download(addrs)
     assert round_ == serve_state.ROUND
     _assert_is_the_donors_state(tensors)
