@@ -223,7 +223,7 @@ class TrioP2P:
         reader, writer, recv = self._pair()
         made.set_result((reader, writer, recv))
         task = asyncio.ensure_future(handler(info, reader, writer))
-        task.add_done_callback(lambda t: writer.close() if not t.cancelled() else writer.close())
+        task.add_done_callback(lambda _: writer.close())  # however the handler ended
 
     async def call_binary_stream_handler(self, peer_id, protocol: str
                                          ) -> tuple[StreamInfo, asyncio.StreamReader, _Writer]:
