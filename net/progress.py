@@ -32,7 +32,8 @@ from locoswarm.protocol.errors import MalformedMessage, ProtocolError
 from locoswarm.protocol.outbox import IDLE_S as SENDER_IDLE_S
 from locoswarm.protocol.outbox import OPEN_TIMEOUT_S, WRITE_TIMEOUT_S, OutboxBook
 from locoswarm.protocol.progresswire import (MAX_PEERS_PER_ROUND, MAX_STREAMS, MESSAGE_BURST, MESSAGE_RATE, PROTOCOL,
-                                             StreamDecoder, check_kind, check_length, progress_frame, record_frames)
+                                             RecordFrames, StreamDecoder, check_kind, check_length, progress_frame,
+                                             record_frames)
 from locoswarm.protocol.records import PeerRecord, Progress
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ class ProgressStreams:
         self.streams_opened = 0
         """Streams our tellers opened (the first to each peer and every one after a break)."""
         self._inbound = 0
-        self._record: PeerRecord | None = None
-        """Our latest record told: a peer told anything gets it first."""
+        self._record: tuple[PeerRecord, RecordFrames] | None = None
+        """Our latest record told, and its frames (encoded once per record): a peer told anything gets it first."""
         self._tellers: dict[str, _Teller] = {}
         self._newest_told = -1
         self._nursery: trio.Nursery | None = None
@@ -151,9 +152,10 @@ class ProgressStreams:
             self._nursery.start_soon(teller.run)
         self.gone.pop(key, None)
         if record is not None:
-            self._record = record
+            if self._record is None or self._record[0] != record:
+                self._record = (record, record_frames(record))
         if self._record is not None:
-            teller.put_record(self._record)
+            teller.put_record(self._record[1])
         if progress is not None:
             self._newest_told = max(self._newest_told, progress.round)
             oldest = self._newest_told - ROUNDS_KEPT + 1
@@ -204,8 +206,8 @@ class _Teller:
         if self.book.put(slot, message):
             self.news.set()
 
-    def put_record(self, record: PeerRecord) -> None:
-        if self.book.put_record(record_frames(record)):
+    def put_record(self, record: RecordFrames) -> None:
+        if self.book.put_record(record):
             self.news.set()
 
     def stop(self) -> None:
