@@ -8,6 +8,7 @@ test checks that something was logged.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -285,3 +286,16 @@ def libp2p_missing() -> str | None:
     except subprocess.TimeoutExpired:
         return "importing libp2p took over 120 s"
     return None if out.returncode == 0 else f"py-libp2p is not importable: {out.stderr.strip().splitlines()[-1:]}"
+
+
+async def json_line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> dict:
+    """The next JSON line of a helper process's stdout that holds `key` (read off the event
+    loop); fails naming its exit and stderr when it ended first."""
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout_s)
+        assert line, f"{proc.args[1] if len(proc.args) > 1 else proc.args} ended (exit {proc.poll()}): " \
+                     f"{proc.stderr.read()[-3000:]}"
+        fields = json.loads(line)
+        if key in fields:
+            return fields

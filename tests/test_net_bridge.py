@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from harness import libp2p_missing
+from harness import json_line, libp2p_missing
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEERS = os.path.join(os.path.dirname(__file__), "peers")
@@ -32,16 +32,6 @@ TOKENS = 555
 
 def sha(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
-
-
-async def _line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> dict:
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout_s)
-        assert line, f"the bridged peer ended (exit {proc.poll()}): {proc.stderr.read()[-3000:]}"
-        fields = json.loads(line)
-        if key in fields:
-            return fields
 
 
 async def _both_ways(identity: str, donor_maddr: str) -> dict:
@@ -61,7 +51,7 @@ async def _both_ways(identity: str, donor_maddr: str) -> dict:
         maddr = f"{(await p2p.get_visible_maddrs())[0]}"
         proc = subprocess.Popen([sys.executable, SCRIPT, identity, maddr, donor_maddr], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        bridged = (await _line(proc, "maddr"))["maddr"]
+        bridged = (await json_line(proc, "maddr"))["maddr"]
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[bridged])
         streams = delta_streams(client)
         peer = PeerID.from_base58(bridged.split("/p2p/")[1])
@@ -70,7 +60,7 @@ async def _both_ways(identity: str, donor_maddr: str) -> dict:
             delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)
             got["pulled_from_bridged"].append([delta.sender, delta.round, sha(delta.wire)])
         got["p2pd_streams_opened"] = streams.num_opened
-        got.update(await _line(proc, "pulled"))
+        got.update(await json_line(proc, "pulled"))
         # the progress streams: node/progress.py's bus on both sides
         heard: dict = {}
         me = str(p2p.peer_id)  # the peer the bridged one pulled from
@@ -81,7 +71,7 @@ async def _both_ways(identity: str, donor_maddr: str) -> dict:
         await bus.start()
         bus.open_round(ROUND)
         bus.publish(Progress(tokens=TOKENS, tokens_per_s=1.0, done=False, round=ROUND), [str(peer)])
-        got.update(await _line(proc, "heard"))
+        got.update(await json_line(proc, "heard"))
         for _ in range(600):
             seen = bus.seen(ROUND).get(str(peer))
             if "record" in heard and seen is not None:
@@ -92,8 +82,8 @@ async def _both_ways(identity: str, donor_maddr: str) -> dict:
         got["me"], got["bridged"] = me, str(peer)
         bus.close()
         # the outer state: the bridged peer downloaded the p2pd donor's, and serves its own
-        got.update(await _line(proc, "downloaded"))
-        await _line(proc, "serving")
+        got.update(await json_line(proc, "downloaded"))
+        await json_line(proc, "serving")
         joined = await download_state(client, [peer], fx.SPEC, timeout_s=20.0, residual_spec=fx.RESIDUAL_SPEC)
         want = fx.state()
         want_residual = {n: t.to(torch.bfloat16).float() for n, t in fx.state(fx.RESIDUAL_SEED, fx.RESIDUAL_SPEC).items()}
@@ -101,7 +91,7 @@ async def _both_ways(identity: str, donor_maddr: str) -> dict:
                                   joined.residual is not None and all(torch.equal(joined.residual[n], want_residual[n])
                                                                       for n in want_residual)]
         proc.stdin.close()
-        got.update(await _line(proc, "bytes_sent"))
+        got.update(await json_line(proc, "bytes_sent"))
         got["exit"] = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(30))
         got["p2pd_sent"] = server.bytes_sent
         return got

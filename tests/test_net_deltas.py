@@ -16,7 +16,7 @@ import sys
 import pytest
 from hivemind.p2p import P2P, PeerID
 
-from harness import libp2p_missing
+from harness import json_line, libp2p_missing
 from locoswarm.node.exchange import PROTOCOL, DeltaGone, DeltaServer, call_get_delta, delta_streams
 from locoswarm.node.runinfo import call_which_run
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
@@ -30,17 +30,6 @@ LP2P = os.path.join(PEERS, "lp2p_delta.py")
 
 def sha(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
-
-
-async def _line(proc: subprocess.Popen, key: str, timeout_s: float = 60.0) -> dict:
-    """The next JSON line of `proc` that holds `key`."""
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout_s)
-        assert line, f"the py-libp2p peer ended (exit {proc.poll()}): {proc.stderr.read()[-3000:]}"
-        fields = json.loads(line)
-        if key in fields:
-            return fields
 
 
 async def _closed(reader: asyncio.StreamReader, within_s: float) -> bool:
@@ -65,7 +54,7 @@ async def _exchange(identity: str) -> dict:
         maddr = f"{(await server_p2p.get_visible_maddrs())[0]}"
         proc = subprocess.Popen([sys.executable, LP2P, identity, maddr, "30"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lp2p_maddr = (await _line(proc, "maddr"))["maddr"]
+        lp2p_maddr = (await json_line(proc, "maddr"))["maddr"]
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[lp2p_maddr])
         peer = PeerID.from_base58(lp2p_maddr.split("/p2p/")[1])
         streams = delta_streams(client)
@@ -96,9 +85,9 @@ async def _exchange(identity: str) -> dict:
             writer.close()
         delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)  # a new stream replaces the kept one
         got["after_raw"] = (delta.sender, streams.num_opened)
-        got["pulled_by_lp2p"] = (await _line(proc, "pulled"))["pulled"]
+        got["pulled_by_lp2p"] = (await json_line(proc, "pulled"))["pulled"]
         proc.stdin.close()
-        got["end"] = await _line(proc, "bytes_sent")
+        got["end"] = await json_line(proc, "bytes_sent")
         got["exit"] = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(30))
         got["p2pd_sent"] = server.bytes_sent
         return got
