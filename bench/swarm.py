@@ -144,11 +144,17 @@ class LocalSwarm:
 
     def __init__(self, num_peers: int, *, spec_path: str | None, max_rounds: int, threads: int, eval_every: int | None,
                  extra: list[str] | None = None, keep_dir: str | None = None, until_round: bool = False,
-                 alone: bool = False) -> None:
+                 alone: bool = False, libp2p: int = 0) -> None:
         """`until_round`: end the peers with `--until-round max_rounds` (the swarm's round,
         so a restarted peer ends with the others) instead of `--max-rounds` (rounds of one
-        process). `alone`: also run the lone-peer baseline (`self.alone`)."""
+        process). `alone`: also run the lone-peer baseline (`self.alone`). `libp2p`: the last
+        that many peers run on py-libp2p (`--transport libp2p`; peer 0, whose DHT the others
+        join, stays on p2pd)."""
+        if not 0 <= libp2p < max(1, num_peers):
+            raise ValueError(f"libp2p peers must lie in [0, {num_peers - 1}] (peer 0 starts the swarm on p2pd), "
+                             f"got {libp2p}")
         self.num_peers = num_peers
+        self.libp2p = libp2p
         self.until_round = until_round
         self.spec_path = spec_path
         self.max_rounds = max_rounds
@@ -193,6 +199,8 @@ class LocalSwarm:
             cmd += ["--run", self.spec_path]
         if peer_addr:
             cmd += ["--peer", peer_addr]
+        if self.on_libp2p(index):
+            cmd += ["--transport", "libp2p"]
         if self.with_alone:
             cmd += ["--baseline", self._events_path(ALONE, 1)]
         spawned_unix_s = time.time()
@@ -200,6 +208,10 @@ class LocalSwarm:
                     spawned_unix_s=spawned_unix_s)
         self.peers.append(peer)
         return peer
+
+    def on_libp2p(self, index: int) -> bool:
+        """Whether peer `index` runs on py-libp2p."""
+        return index >= self.num_peers - self.libp2p
 
     def _start_alone(self) -> Peer:
         """The lone-peer baseline: a swarm of one on peer 0's shard, so that it trains on the

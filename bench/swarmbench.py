@@ -70,12 +70,30 @@ def disturbance_phases(rounds: int, *, churn_s: float, fakes: int, flood: int) -
     return Phases.of(rounds) if churn_s or fakes or flood else None
 
 
+def transport_figures(swarm: LocalSwarm, overlap: bool) -> dict:
+    """A mixed swarm's figures by transport: each peer's round overhead (time not training,
+    mean over its steady rounds), the median over the peers of each transport, and the
+    py-libp2p peers' over the p2pd peers' (issue 22's target: within 1.5×)."""
+    by: dict[str, list[float]] = {"p2pd": [], "libp2p": []}
+    for p in swarm.peers:
+        steady = p.rounds[:-1] if overlap and len(p.rounds) > 1 else p.rounds
+        if steady:
+            by["libp2p" if swarm.on_libp2p(p.index) else "p2pd"].append(
+                statistics.fmean(x.round_s - x.train_s for x in steady))
+    medians = {t: statistics.median(v) for t, v in by.items() if v}
+    out = {"libp2p_peers": swarm.libp2p, "overhead_s_by_transport": medians,
+           "peer_overheads_s": {t: [round(v, 4) for v in vs] for t, vs in by.items()}}
+    if len(medians) == 2 and medians["p2pd"] > 0:
+        out["overhead_ratio_libp2p"] = medians["libp2p"] / medians["p2pd"]
+    return out
+
+
 def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: bool = True, fanout: int = 16,
                     overlap: bool = True, log: Callable[[str], None] = print, keep_dir: str | None = None,
                     churn_s: float = 0.0, seed: int = 0, checkpoint_every: int | None = None,
                     fakes: int = 0, flood: int = 0, earn_rounds: int | None = None,
                     check_agreement: float | None = None, fake_mode: str = "record", row_size: int = 0,
-                    eval_every: int | None = 0) -> dict:
+                    eval_every: int | None = 0, libp2p: int = 0) -> dict:
     """`churn_s` > 0: kill and restart a random peer every `churn_s` seconds on average (a
     Poisson process drawn from `seed`) during the middle half of the rounds; the peers then
     end at the swarm's round `rounds` (`--until-round`). `checkpoint_every`: the peers'
@@ -88,7 +106,9 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
     diloco.robust.check_agreement likewise (0: no checks). `row_size` > 0: tree rounds
     (rounds.exchange "tree", node/tree.py) with rows of that size. `eval_every`: the peers'
     --eval-every (0: only at the end, so that the figures are training and the exchange;
-    None: the daemon's default)."""
+    None: the daemon's default). `libp2p`: the last that many peers run on py-libp2p
+    (`--transport libp2p`, issue 22's mixed swarm); their round overhead is reported beside the
+    p2pd peers' (`overhead_s_by_transport`)."""
     phases = disturbance_phases(rounds, churn_s=churn_s, fakes=fakes, flood=flood)  # ValueError before anything starts
     spec = bench_spec(num_peers, rounds)
     spec = replace(spec, rounds=replace(spec.rounds, overlap=overlap))
@@ -105,7 +125,7 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         spec_path = os.path.join(tmp, "run.toml")
         write_spec(spec, spec_path)
         swarm = LocalSwarm(num_peers, spec_path=spec_path, max_rounds=rounds, threads=threads, eval_every=eval_every,
-                           keep_dir=keep_dir, extra=extra, until_round=phases is not None)
+                           keep_dir=keep_dir, extra=extra, until_round=phases is not None, libp2p=libp2p)
         churn = Churn(swarm, phases, churn_s, seed, log=log) if churn_s else None
         fake = (Fakes(swarm, phases, fakes, log=log, mode=FAKE_MODES[fake_mode]) if fakes else
                 Fakes(swarm, phases, flood, log=log, kind="flood") if flood else None)
@@ -181,6 +201,8 @@ def run_swarm_bench(num_peers: int, rounds: int, *, threads: int = 1, simulate: 
         "tree_rounds": sum(x.rows > 1 for p in peers for x in p.rounds) / max(1, len(peers)),
         **byte_figures(peers, swarm.io_unavailable),
     }
+    if libp2p:
+        out.update(transport_figures(swarm, spec.rounds.overlap))
     if churn is not None:
         churn.check()
         # A restarted peer counts rounds and bytes afresh: no per-process figure applies.
@@ -275,6 +297,13 @@ def format_swarm(r: dict) -> str:
         o = r["overhead_s_per_round"]
         lines.append(f"  outside training       {1e3 * o['total']:.0f} ms a round: {1e3 * o['wait_for_exchange']:.0f} ms "
                      f"waiting for the last exchange, {1e3 * o['boundary']:.0f} ms at the boundary")
+    if "libp2p_peers" in r:
+        o = r["overhead_s_by_transport"]
+        ratio = r.get("overhead_ratio_libp2p")
+        lines.append(f"  by transport           {r['libp2p_peers']} of {r['peers']} on py-libp2p: outside training "
+                     + ", ".join(f"{1e3 * v:.0f} ms ({t})" for t, v in o.items())
+                     + (f", {ratio:.2f}× on py-libp2p" if ratio is not None else ""))
+        lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     if "exchange_s_per_round" in r:
         e = r["exchange_s_per_round"]
         lines.append(f"  exchange (median)      {1e3 * e['send']:.0f} ms sending our delta, {1e3 * e['pull']:.0f} ms "

@@ -143,6 +143,9 @@ def swarm(
                                    "daemon's default (after the first round, then within 5 % of the time)."),
     keep_dir: Optional[Path] = typer.Option(None, "--keep-dir", help="Keep the peers' state directories, logs and "
                                             "event files here (unset: a temporary directory, removed at the end)."),
+    libp2p: int = typer.Option(0, "--libp2p", help="The last N peers run on py-libp2p (--transport libp2p), the "
+                               "others on p2pd: the mixed swarm of docs/windows.md, with each transport's round "
+                               "overhead."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results here."),
 ) -> None:
     """Real peer processes on loopback: rounds/min, train time share, bytes, eval loss vs simulation."""
@@ -171,7 +174,9 @@ def swarm(
             raise ValueError(f"--check-agreement must lie in [0, 1), got {check_agreement}")
         from locoswarm.node.portable import transport_problem
 
-        problem = transport_problem()
+        if not 0 <= libp2p < peers:
+            raise ValueError(f"--libp2p must lie in [0, {peers - 1}]: peer 0 starts the swarm on p2pd")
+        problem = transport_problem("p2pd") or (transport_problem("libp2p") if libp2p else None)
         if problem:
             raise ValueError(problem)
     except ValueError as e:
@@ -184,7 +189,7 @@ def swarm(
         result = run_swarm_bench(peers, rounds, threads=threads, simulate=simulate, fanout=fanout, overlap=overlap,
                                  log=typer.echo, churn_s=churn, seed=seed, checkpoint_every=checkpoint_every,
                                  fakes=fakes, flood=flood, earn_rounds=earn_rounds, check_agreement=check_agreement,
-                                 fake_mode=fake_mode, row_size=row_size, eval_every=evals,
+                                 fake_mode=fake_mode, row_size=row_size, eval_every=evals, libp2p=libp2p,
                                  keep_dir=None if keep_dir is None else str(keep_dir))
     except KeyboardInterrupt:
         typer.echo("interrupted: every peer was stopped", err=True)

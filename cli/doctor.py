@@ -19,7 +19,7 @@ def doctor(
     """Detect the device and its memory, and say whether this machine can join the run."""
     from locoswarm.node.hardware import report
     from locoswarm.node.host import probe_network
-    from locoswarm.node.portable import transport_problem
+    from locoswarm.node.portable import transport_of, transport_problem
     from locoswarm.node.spec import load_spec
     from locoswarm.node.userconfig import resolve
 
@@ -31,9 +31,13 @@ def doctor(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     r["listen"] = values["listen"]
-    r["transport"] = transport_problem()  # why no peer can start here (no hivemind, as on Windows); None: one can
+    r["transport"] = transport_problem(values["transport"])  # why no peer can start here; None: one can
+    r["transport_name"] = None if r["transport"] else transport_of(values["transport"])
     if network and r["transport"]:
         r["network"] = {"addresses": [], "verdict": "not checked: no transport to start p2pd with", "peers": []}
+    elif network and r["transport_name"] == "libp2p":
+        r["network"] = {"addresses": [], "verdict": "not checked: the probe starts p2pd, and this peer runs "
+                                                    "py-libp2p", "peers": []}
     elif network:
         import asyncio
 
@@ -63,7 +67,10 @@ def doctor(
                   if r["micro_batch"] < r["batch_size"] else ""))
     typer.echo(f"verdict     {'this machine can join' if r['fits'] else 'NOT ENOUGH MEMORY for this run'}"
                + (" once it has a transport" if r["fits"] and r["transport"] else ""))
-    typer.echo(f"transport   {r['transport'] or 'hivemind ' + _version('hivemind') + ' (p2pd)'}")
+    typer.echo("transport   " + (r["transport"] or ("hivemind " + _version("hivemind") + " (p2pd)"
+                                                     if r["transport_name"] == "p2pd" else
+                                                     "py-libp2p " + _version("libp2p") + " (joins a swarm through "
+                                                     "--peer; cannot start one)")))
     typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
     if r["network"] is None:
         typer.echo("reachable   not checked (--no-network)")

@@ -125,17 +125,19 @@ def join(
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
     from locoswarm.node.portable import transport_problem
 
-    problem = transport_problem()
-    if problem:  # before the state directory or anything else is made
-        typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(2)
-    from locoswarm.node.daemon import run_daemon
-
     try:
         values, spec, invite, cfg = prepare_join(given_settings(settings), config)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    from locoswarm.node.network import lp2p_cannot_start
+
+    problem = transport_problem(cfg.net.transport) or lp2p_cannot_start(cfg)
+    if problem:  # before the state directory or anything else is made
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+    from locoswarm.node.daemon import run_daemon
+
     if invite is not None:
         pinned = "" if values["organiser"] else " (pass --organiser with the id the organiser published to pin it)"
         typer.echo(f"invite of {invite.organiser}{pinned}: run {spec.run_id!r}, spec {spec.hash().hex()[:16]}, "
@@ -153,9 +155,12 @@ def prepare_join(flags: dict[str, Any], config: Optional[Path]):
     from locoswarm.node.checks import SettingError
     from locoswarm.node.hardware import choose_precision, pick_device
     from locoswarm.node.invite import spec_to_join
+    from locoswarm.node.portable import TRANSPORTS, keep_hivemind_out, transport_of
     from locoswarm.node.userconfig import describe, join_config, resolve
 
     values, sources = resolve(flags, config_path=None if config is None else str(config))
+    if values["transport"] in TRANSPORTS and transport_of(values["transport"]) == "libp2p":
+        keep_hivemind_out()  # before any check could import hivemind (a bad value is named by the checks)
     spec, invite = spec_to_join(run=values["run"], invite=values["invite"], organiser=values["organiser"],
                                 state_dir=values["state_dir"])
     cfg = join_config(values, sources, spec)

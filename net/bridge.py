@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,8 +114,10 @@ class _Writer:
 class TrioP2P:
     """A py-libp2p host of `key_pair` on a trio thread, offered to asyncio code as p2pd is."""
 
-    def __init__(self, key_pair: KeyPair, listen: Sequence[str] = LOOPBACK) -> None:
-        self.key_pair, self.listen = key_pair, tuple(listen)
+    def __init__(self, key_pair: KeyPair, listen: Sequence[str] = LOOPBACK, *, announce: Sequence[str] = ()) -> None:
+        """`announce`: the addresses to show peers instead of the listen addresses (a public
+        address behind port forwarding)."""
+        self.key_pair, self.listen, self.announce = key_pair, tuple(listen), tuple(announce)
         self.peer_id = PeerId(ID.from_pubkey(key_pair.public_key).to_base58())
         self.host = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,13 +157,14 @@ class TrioP2P:
             self._soon(self._stop.set)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
-    def _soon(self, fn: Callable, *args) -> None:
+    def _soon(self, fn: Callable, *args) -> bool:
         """Run `fn(*args)` on the trio thread, soon (thread-safe, in order); nothing once the
-        host has stopped (a stream closed after `shutdown` is gone with it)."""
+        host has stopped (a stream closed after `shutdown` is gone with it): False then."""
         try:
             self._token.run_sync_soon(fn, *args)
+            return True
         except trio.RunFinishedError:
-            pass
+            return False
 
     def _later(self, fn: Callable, *args) -> None:
         """Run `fn(*args)` on the asyncio thread, soon; nothing once its loop has closed."""
@@ -169,28 +173,56 @@ class TrioP2P:
         except RuntimeError:  # the loop is closed: nobody reads these streams any more
             pass
 
-    async def _call(self, fn: Callable[..., Awaitable], *args):
-        """`await fn(*args)` on the trio thread, its result or its exception here."""
+    async def run(self, fn: Callable[..., Awaitable], *args):
+        """`await fn(*args)` on the trio thread (the host's: py-libp2p calls, net/dht.py's
+        client), its result or its exception here; ConnectionError once the host has stopped,
+        also when it stops while `fn` runs. Cancelled here, `fn` is cancelled there."""
         done = self._loop.create_future()
+        scope = trio.CancelScope()
 
-        async def run() -> None:
+        async def call() -> None:
             try:
-                result = await fn(*args)
+                with scope:
+                    result = await fn(*args)
             except Exception as e:
                 self._later(_settle, done, None, e)
+            except BaseException:  # the host's nursery cancelled: it stops
+                self._later(_settle, done, None, ConnectionError("the py-libp2p host stopped"))
+                raise
             else:
-                self._later(_settle, done, result, None)
+                if scope.cancelled_caught:
+                    result, error = None, asyncio.CancelledError()
+                else:
+                    error = None
+                self._later(_settle, done, result, error)
 
-        self._soon(self._nursery.start_soon, run)
-        return await done
+        if not self._soon(self._nursery.start_soon, call):
+            raise ConnectionError("the py-libp2p host has stopped")
+        try:
+            return await done
+        except asyncio.CancelledError:
+            self._soon(scope.cancel)
+            raise
 
     async def connect(self, maddr: str) -> PeerId:
         """Dial the peer at `maddr` (ending in /p2p/<id>), so that streams to it can open;
         net/host.py's DialError when it cannot be reached."""
-        return PeerId(str(await self._call(dial, self.host, maddr)))
+        return PeerId(str(await self.run(dial, self.host, maddr)))
 
     async def get_visible_maddrs(self) -> list[str]:
-        return [f"{a}" if "/p2p/" in f"{a}" else f"{a}/p2p/{self.peer_id}" for a in self.host.get_addrs()]
+        """The addresses peers can dial, each ending in /p2p/<our id>: `announce` when given,
+        else the listen addresses, one on 0.0.0.0 as one on each IPv4 address of this
+        machine (as p2pd shows them)."""
+        own = f"/p2p/{self.peer_id}"
+        if self.announce:
+            return [a if "/p2p/" in a else a + own for a in self.announce]
+        out = []
+        for addr in (str(a).split("/p2p/")[0] for a in self.host.get_addrs()):
+            if addr.startswith("/ip4/0.0.0.0/"):
+                out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) + own for ip in _ipv4_addresses()]
+            else:
+                out.append(addr + own)
+        return out
 
     # ------------------------------------------------------------------ streams
 
@@ -286,6 +318,14 @@ class TrioP2P:
                         await stream.close()
                     except Exception:
                         pass
+
+
+def _ipv4_addresses() -> list[str]:
+    """This machine's IPv4 addresses, loopback first."""
+    import psutil
+
+    found = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    return sorted(found, key=lambda ip: (not ip.startswith("127."), ip))
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:

@@ -51,9 +51,11 @@ def owner_peer_id(owner_key: bytes) -> str | None:
 
 
 def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spec_hash: bytes, *, ttl_s: float,
-                 rejected: list[tuple[str, str]], now: float | None = None) -> dict[str, PeerRecord]:
+                 rejected: list[tuple[str, str]], now: float | None = None,
+                 withdrawn: set[str] | None = None) -> dict[str, PeerRecord]:
     """The records of one bucket as `DHTClient.get` returned it that pass every check (module
-    docstring), by peer id; each refused entry goes to `rejected` as (who, why)."""
+    docstring), by peer id; each refused entry goes to `rejected` as (who, why), the peers
+    whose entry is a tombstone to `withdrawn`."""
     where = f"bucket {level}:{bucket}"
     if found is None:
         return {}
@@ -85,6 +87,8 @@ def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spe
     out: dict[str, PeerRecord] = {}
     for _, owner, value in entries:
         if value == b"":  # a tombstone: the peer left
+            if withdrawn is not None:
+                withdrawn.add(owner)
             continue
         if not isinstance(value, bytes):
             rejected.append((owner, f"{where}: the entry is a {type(value).__name__}, not bytes"))
@@ -118,20 +122,22 @@ async def _get_all(client: DHTClient, keys: list[str], num_workers: int) -> dict
 
 async def read_registry(client: DHTClient, run_id: str, spec_hash: bytes, *, ttl_s: float = 60.0,
                         max_level: int = 10, num_workers: int = 4,
-                        rejected: list[tuple[str, str]] | None = None) -> dict[str, PeerRecord]:
+                        rejected: list[tuple[str, str]] | None = None,
+                        withdrawn: set[str] | None = None) -> dict[str, PeerRecord]:
     """Every live peer record of run `run_id` (spec hash `spec_hash`), by peer id: level 0's
     bucket when it holds between 1 and BUCKET_ENTRIES · √2 records (everyone, in such a swarm);
     otherwise bucket 0 of levels 1 … `max_level` is probed, the highest level whose count c
     fits (⌊log2(c · 2^L / 32)⌋ is L − 1 or L) is where the swarm writes, and all its 2^L
     buckets are read. `max_level` bounds the reads (2^10 buckets: swarms up to ≈45,000 peers).
     `ttl_s` is the run's record TTL (`record_ttl_s`). Refused entries are appended to
-    `rejected` as (who, why); a node's failure stays in `client.failures`."""
+    `rejected` as (who, why), the peers whose entry is a tombstone to `withdrawn`; a node's
+    failure stays in `client.failures`."""
     if not 0 <= max_level <= 24:
         raise ValueError(f"max_level must be in [0, 24], got {max_level}")
     refused: list[tuple[str, str]] = [] if rejected is None else rejected
 
     def records(found: ValueWithExpiration | None, level: int, bucket: int) -> dict[str, PeerRecord]:
-        return check_bucket(found, level, bucket, spec_hash, ttl_s=ttl_s, rejected=refused)
+        return check_bucket(found, level, bucket, spec_hash, ttl_s=ttl_s, rejected=refused, withdrawn=withdrawn)
 
     everyone = records(await client.get(bucket_key(run_id, 0, 0)), 0, 0)
     if 0 < len(everyone) < BUCKET_ENTRIES * math.sqrt(2) or max_level == 0:

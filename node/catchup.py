@@ -22,7 +22,6 @@ from locoswarm.node.events import CaughtUp, Synced
 from locoswarm.node.host import NodeError
 from locoswarm.node.chains import known_chains
 from locoswarm.node.lineage import Attested, attested_state, chain_at, unearned_ahead, weigh
-from locoswarm.node.roll import read_roll
 from locoswarm.node.handover import served, take_state
 from locoswarm.node.statesync import REPLAY_ROUNDS
 from locoswarm.node.statedownload import DownloadProgress, StateUnavailable, download_state
@@ -158,7 +157,7 @@ class CatchUp:
         if not anchors or self._known(live) or any(r.peer_id in anchors for r in live):
             return None
         try:
-            return await asyncio.wait_for(read_roll(ctx.dht, ctx.spec.run_id, ctx.spec_hash, sorted(anchors)),
+            return await asyncio.wait_for(ctx.registry.read_roll(sorted(anchors)),
                                           ROLL_READ_TIMEOUT_S)
         except Exception as e:  # unreadable now: no state is taken without an anchor's word (vouching)
             log.warning("reading the anchors' roll failed: %s: %s", type(e).__name__, e)

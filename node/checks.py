@@ -64,6 +64,10 @@ def _names(setting: str, maddr: str) -> list[str]:
     for proto, port in re.findall(r"/(tcp|udp)/([^/]*)", maddr):
         if not port.isdigit() or int(port) > 65535:
             raise SettingError(setting, maddr, f"{proto} port {port or '(none)'} is not in 0..65535")
+    from locoswarm.node.portable import hivemind_kept_out
+
+    if hivemind_kept_out():  # a py-libp2p peer: hivemind must not load in its process
+        return _plain_names(setting, maddr)
     try:
         from hivemind.utils.multiaddr import Multiaddr
         from hivemind.utils.multiaddr.exceptions import Error

@@ -110,6 +110,10 @@ class NodeConfig:
             raise SettingError("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         checks.check_device("device", self.device)
         checks.check_state_dir("state_dir", self.state_dir)
+        from locoswarm.node.portable import TRANSPORTS
+
+        if self.net.transport not in TRANSPORTS:
+            raise SettingError("transport", self.net.transport, f"must be one of {', '.join(TRANSPORTS)}")
         if not self.net.listen:
             raise SettingError("listen", [], "give at least one address to listen on")
         for maddr in self.net.listen:
@@ -287,6 +291,9 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("net.auto_relay", "Look for a relay when behind NAT."),
     _setting("net.keep_ports", "Listen again on the last run's ports where the listen port is 0."),
     _setting("net.dht_client", "Take part in the DHT as a client only (behind NAT: others cannot dial us)."),
+    _setting("net.transport", "auto, p2pd (hivemind's daemon: Linux, macOS) or libp2p (py-libp2p in this process: "
+                              "any system; joins a swarm through its peers, cannot start one); auto: p2pd where "
+                              "hivemind is installed."),
     _setting("net.state_upload_mbit",
              "At most this many Mbit/s for serving the swarm's state to joiners (0: no limit)."),
     _setting("idle.pause_on_gpu_use", "Pause while another process uses the GPU (a game)."),

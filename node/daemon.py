@@ -35,7 +35,6 @@ import asyncio
 import functools
 import logging
 import os
-import random
 import secrets
 import signal
 import sys
@@ -54,8 +53,8 @@ from locoswarm.node.gpuwatch import GpuWatch
 from locoswarm.node.hardware import gpu_id, pick_device
 from locoswarm.node.invite import keep_spec
 from locoswarm.node.joining import join_swarm, wait_for_peers
-from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, start_p2p, stop_p2p
-from locoswarm.node.statedir import ensure_identity, identity_key, lock_state_dir
+from locoswarm.node.host import Dialling, NodeError
+from locoswarm.node.statedir import ensure_identity, lock_state_dir
 from locoswarm.node.lifecycle import (OWN_STOP_GRACE_S, STOP_GRACE_S, STOP_STEP_S, StopWatch, kill_children,
                                       quiet_abandoned_calls, unless_stopped)
 from locoswarm.node.lineage import Lineage
@@ -70,7 +69,6 @@ from locoswarm.node.roundcontext import NodeStats, RoundContext, RoundFaults
 from locoswarm.node.roundloop import RoundLoop
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.threads import Pools
-from locoswarm.node.roll import keep_roll, relay_rolls
 from locoswarm.node.upkeep import keep_record
 from locoswarm.node.work import prove_work
 from locoswarm.protocol.work import WorkCheck
@@ -186,34 +184,27 @@ class Daemon:
         return result
 
     async def _serve(self) -> int:
-        from hivemind.dht.node import DHTNode
-
-        from locoswarm.node.registry import PeerRegistry
+        from locoswarm.node.network import NetworkStopped, start_network
         from locoswarm.node.services import PeerStreams
-        from locoswarm.node.signers import CachedSignatureValidator
 
-        started = await start_p2p(self.cfg.state_dir, self.cfg.net, self.should_exit, self.dialling)
-        if started is None:
+        access = self.spec.access
+        check_work = WorkCheck(self.spec_hash, access.work_bits) if access.work_bits else None
+        refuse = ((lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof, r.work, check_work))
+                  if access.restricted else None)
+        try:
+            network = await start_network(self.cfg, self.spec, self.spec_hash, should_stop=self.should_exit,
+                                          dialling=self.dialling, refuse=refuse)
+        except NetworkStopped:
+            log.info("stopped while %s", self.stats.state)
+            network = None
+        if network is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
-        p2p, self.initial_peers = started
-        dht = registry = None
+        p2p, registry, self.initial_peers = network.p2p, network.registry, network.initial_peers
         try:
             self.record.peer_id = p2p.peer_id.to_base58()
             self.record.addrs = [str(a) for a in await p2p.get_visible_maddrs()]
-            access = self.spec.access
-            check_work = WorkCheck(self.spec_hash, access.work_bits) if access.work_bits else None
-            refuse = ((lambda r: access.refuse(self.spec_hash, r.peer_id, r.proof, r.work, check_work))
-                      if access.restricted else None)
             self.membership = Membership(self.peer_id, restricted=access.restricted, refuse=refuse,
                                          heard_ttl_s=self.cfg.record_ttl_s)
-            validator = CachedSignatureValidator(identity_key(self.cfg.state_dir))
-            dht = await self._unless_stopped(DHTNode.create(
-                p2p=p2p, initial_peers=self.initial_peers or None, record_validator=validator,
-                client_mode=self.cfg.net.dht_client, **DHT_OPTIONS))
-            self.dialling.since = None  # the DHT reached its initial peers too
-            registry = PeerRegistry(dht, self.spec.run_id, self.spec_hash, ttl_s=self.cfg.record_ttl_s,
-                                    validator=validator, refuse=refuse, read_period_s=self._refresh_s,
-                                    peer_id=self.peer_id)
             self.shard = self.cfg.shard
             if self.shard is None:
                 self.shard = zlib.crc32(self.peer_id.encode()) % self.spec.num_shards
@@ -243,13 +234,14 @@ class Daemon:
             self.events(Listening(peer_id=self.peer_id, addrs=tuple(self.addrs)))
             self.stats.started_unix_s = time.time()  # as a baseline's clock starts: at its first event
             ctx = RoundContext(spec=self.spec, spec_hash=self.spec_hash, cfg=self.cfg, peer_id=self.peer_id,
-                               incarnation=self.incarnation, p2p=p2p, dht=dht, trainer=trainer, pools=self.pools,
+                               incarnation=self.incarnation, p2p=p2p, registry=registry, trainer=trainer,
+                               pools=self.pools,
                                membership=self.membership, progress=streams.progress, lineage=self.lineage,
                                deltas=streams.deltas, states=streams.states, checkpoints=self.checkpoints,
                                idle=self.idle, events=self.events, stats=self.stats, bar=self.bar,
                                should_exit=self.should_exit, faults=self.faults, bytes_sent=lambda: self.bytes_sent,
                                delta_streams=streams.pulls, rows=streams.rows,
-                               registry_sent=lambda: registry.store.bytes_stored,
+                               registry_sent=network.registry_sent,
                                bootstrap=frozenset(a.rsplit("/p2p/", 1)[1] for a in self.initial_peers if "/p2p/" in a))
             self.loop = RoundLoop(ctx)
             await self._unless_stopped(join_swarm(ctx, registry, self.loop.catch_up, self.initial_peers, self.record))
@@ -260,11 +252,9 @@ class Daemon:
                                     shown=streams.progress.show, waiting=lambda: self.stats.state == "waiting"))
             if self.spec.trust.anchors and trainer.ledger.enabled:
                 # The anchors' rolls: whose word joiners take while no anchor is live (node/roll.py).
-                if self.peer_id in self.spec.trust.anchors:
-                    self._spawn(keep_roll(dht, self.peer_id.encode() + validator.local_public_key, self.spec.run_id,
-                                          self.spec_hash, streams.states.newest, trainer.ledger.threshold))
-                self._spawn(relay_rolls(registry.store, self.spec.run_id, self.spec_hash, self.spec.trust.anchors,
-                                        lambda: registry.peers_estimate, random.Random()))
+                for task in network.roll_tasks(self.spec, self.spec_hash, self.peer_id, streams.states.newest,
+                                               trainer.ledger.threshold):
+                    self._spawn(task)
             await self.idle.check()  # before the first step: a fresh start must not train during a game
             self._spawn(self.idle.watch())
             await wait_for_peers(ctx)
@@ -290,21 +280,14 @@ class Daemon:
                 # refresh (every few seconds): a short life would otherwise keep only the
                 # peers of its first read, and a restart could dial nobody alive.
                 remember_peers(self.cfg.state_dir, self.membership.records)
-            if registry is not None:
-                try:
-                    await asyncio.wait_for(registry.withdraw(self.peer_id), STOP_STEP_S)
-                except Exception as e:  # leaving anyway: the record expires on its own
-                    log.info("could not withdraw the peer record: %s", e)
+            try:
+                await asyncio.wait_for(registry.withdraw(self.peer_id), STOP_STEP_S)
+            except Exception as e:  # leaving anyway: the record expires on its own
+                log.info("could not withdraw the peer record: %s", e)
             # Queued work is dropped; a step still running ends on its own (the process
             # waits for it at exit, StopWatch bounds that).
             self.pools.shutdown()
-            if dht is not None:
-                try:
-                    # Only unregisters its handlers from p2pd, which stops next anyway.
-                    await asyncio.wait_for(dht.shutdown(), STOP_STEP_S / 2)
-                except Exception as e:  # leaving anyway (a timeout among them): p2pd's end closes its streams
-                    log.info("the DHT did not stop cleanly: %s", type(e).__name__)
-            await stop_p2p(p2p)
+            await network.close()
 
     @property
     def _refresh_s(self) -> float:

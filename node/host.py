@@ -48,6 +48,9 @@ class NetworkConfig:
     peer behind NAT that others cannot dial would only make their requests time out)."""
     retry_max_s: float = 30.0
     """Longest wait between two attempts to reach the initial peers."""
+    transport: str = "auto"
+    """auto, p2pd or libp2p (node/portable.py TRANSPORTS, node/network.py): hivemind's p2pd, or
+    py-libp2p in the daemon's process (Windows; a DHT client that joins a swarm, never starts one)."""
     state_upload_mbit: float = 100.0
     """At most this many Mbit/s for serving the swarm's state to joiners, all of them
     together (0: no limit): joiners, or identities pretending to be, cannot take the

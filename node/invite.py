@@ -101,9 +101,7 @@ def check_peers(peers: list[str]) -> list[str]:
 def read_invite(token: str, *, organiser: str | None = None, now: float | None = None) -> Invite:
     """The run an invite hands over, after every check (module docstring); InviteError
     saying what is wrong otherwise. `organiser`: the peer id that must have signed it."""
-    from hivemind.utils.crypto import RSAPublicKey
-
-    from locoswarm.node.signers import peer_id_of_owner
+    from locoswarm.protocol.dhtrecords import verify_signed  # not hivemind's: a py-libp2p peer reads invites too
 
     token = token.strip()
     if not token.startswith(PREFIX):
@@ -132,11 +130,10 @@ def read_invite(token: str, *, organiser: str | None = None, now: float | None =
     if len(public) > MAX_KEY_BYTES or len(signature) > MAX_SIGNATURE_BYTES:
         raise InviteError("the invite's key or signature is too long")
     try:
-        key = RSAPublicKey.from_bytes(public)
-        signer = peer_id_of_owner(public)
+        signer, valid = verify_signed(public, SIGNED_PREFIX + body, signature)
     except (ValueError, TypeError) as e:
         raise InviteError(f"the invite's signing key is not an RSA public key ({e})") from None
-    if not key.verify(SIGNED_PREFIX + body, base64.b64encode(signature)):
+    if not valid:
         raise InviteError(f"the invite's signature does not match its content (signer {signer}): it was altered")
     fields = _unpack(body, "the invite's body")
     if not isinstance(fields, dict) or not isinstance(fields.get("spec"), str) \
@@ -194,3 +191,4 @@ def keep_spec(state_dir: str, spec: RunSpec) -> str:
     path = os.path.join(state_dir, JOINED_SPEC)
     write_atomic(path, to_toml(spec))
     return path
+

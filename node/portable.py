@@ -14,11 +14,11 @@ alive. Everything else of the node is written once for all of them.
   asks instead.
 
 - **The transport.** hivemind (with its p2pd binary) builds for Linux and macOS only, and
-  is not installed on Windows (pyproject.toml's environment marker): there `node join`, `demo`
-  and `bench swarm` stop before anything starts, saying so (`transport_problem`), and
-  `doctor`, `node status` and `config check` work (settings are checked without hivemind's
-  multiaddr parser, node/checks.py). Until the py-libp2p transport exists, Windows runs the
-  node under WSL.
+  is not installed on Windows (pyproject.toml's environment marker), where py-libp2p is: there
+  `node join` runs on py-libp2p (`transport_of`, node/network.py), joining a swarm through its
+  peers, and `demo` and `bench swarm`, which start a swarm, stop before anything starts, saying
+  so (`transport_problem`); `doctor`, `node status` and `config check` work (settings are
+  checked without hivemind's multiaddr parser, node/checks.py).
 
 Windows is not run here: the tests fake it (tests/test_portable.py), what each path does on
 the real system is from Python's documentation of `msvcrt`, `signal` and `asyncio`.
@@ -116,20 +116,63 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-TRANSPORT_MISSING = ("the node's transport, hivemind 1.1.12 with its p2pd, is not installed here ({why}); it builds "
-                     "for Linux and macOS only. On Windows, run locoswarm under WSL until the py-libp2p transport "
-                     "lands (docs/hardware.md#operating-systems); elsewhere: pip install hivemind==1.1.12")
+TRANSPORTS = ("auto", "p2pd", "libp2p")
+"""The `net.transport` setting's values: "p2pd" is hivemind's daemon (Linux, macOS); "libp2p"
+is py-libp2p in this process (net/, any system, Windows among them); "auto" takes p2pd where
+hivemind is installed, else py-libp2p."""
+TRANSPORT_MISSING = ("no transport for a peer is installed here: neither hivemind 1.1.12 with its p2pd ({why}), which "
+                     "builds for Linux and macOS, nor py-libp2p ({why_lp2p}); pip install locoswarm installs the one "
+                     "this system takes (py-libp2p on Windows)")
 
 
-def transport_problem() -> str | None:
-    """Why this machine cannot start a peer (hivemind, the one transport built, is not
-    installed, as on Windows), None when it is. Found, not imported: `demo` and `bench swarm`
-    ask in a process that only starts daemons, where importing hivemind.p2p cost 1.5 s."""
+def _found(module: str) -> str | None:
+    """None when `module` can be imported here, else why not. Found, not imported: `demo`
+    and `bench swarm` ask in a process that only starts daemons (importing hivemind.p2p
+    costs 1.5 s), and hivemind and py-libp2p cannot both be imported in one process."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("hivemind.p2p") is not None
-        why = "no module named 'hivemind.p2p'"
-    except ImportError as e:  # hivemind itself missing
-        found, why = False, f"{type(e).__name__}: {e}"
-    return None if found else TRANSPORT_MISSING.format(why=why)
+        return None if importlib.util.find_spec(module) is not None else f"no module named {module!r}"
+    except ImportError as e:  # its parent package missing
+        return f"{type(e).__name__}: {e}"
+
+
+def transport_of(setting: str = "auto") -> str:
+    """The transport `setting` ("auto", "p2pd" or "libp2p") means on this machine: "auto"
+    is "p2pd" where hivemind is installed, else "libp2p"."""
+    if setting not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "p2pd" if _found("hivemind.p2p") is None else "libp2p"
+
+
+_HIVEMIND_KEPT_OUT = False
+
+
+def keep_hivemind_out() -> None:
+    """This process runs the py-libp2p transport: nothing may import hivemind from now on
+    (its protobufs and py-libp2p's collide). The settings' checks then read multiaddrs
+    without hivemind's parser (node/checks.py), as where hivemind is not installed."""
+    global _HIVEMIND_KEPT_OUT
+    _HIVEMIND_KEPT_OUT = True
+
+
+def hivemind_kept_out() -> bool:
+    return _HIVEMIND_KEPT_OUT
+
+
+def transport_problem(setting: str = "auto") -> str | None:
+    """Why this machine cannot start a peer on the transport `setting` names, None when it can.
+    A swarm is started by a p2pd peer (py-libp2p peers join one: node/network.py), so `demo`
+    and `bench swarm`, which start their own, ask for "p2pd"."""
+    hivemind, lp2p = _found("hivemind.p2p"), _found("libp2p") or _found("trio")
+    if setting == "p2pd" and hivemind:
+        return (f"the p2pd transport needs hivemind 1.1.12 with its p2pd ({hivemind}), which builds for Linux and "
+                "macOS only: pip install hivemind==1.1.12 (a peer on py-libp2p, --transport libp2p, joins a swarm "
+                "through --peer but cannot start one)")
+    if setting == "libp2p" and lp2p:
+        return f"the libp2p transport needs py-libp2p ({lp2p}): pip install libp2p==0.8.1"
+    if setting == "auto" and hivemind and lp2p:
+        return TRANSPORT_MISSING.format(why=hivemind, why_lp2p=lp2p)
+    return None

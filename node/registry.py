@@ -48,8 +48,11 @@ from hivemind.utils import get_dht_time
 
 from locoswarm.node.buckets import MAX_LEVEL, PartialView, SizeEstimate, buckets_to_sample, read_level, write_levels
 from locoswarm.node.replicas import ReplicaStore
+from locoswarm.node.roll import read_roll
 from locoswarm.node.signers import subkey_author
+from locoswarm.node.upkeep import redial, rediscover
 from locoswarm.protocol import ProtocolError
+from locoswarm.protocol.roll import Roll
 from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,19 @@ class PeerRegistry:
             self.view.update(bucket.key, bucket.live, bucket.withdrawn, bucket.expires)
             self.withdrawn |= bucket.withdrawn
         return self.view.records()
+
+    async def redial(self, record: PeerRecord) -> bool:
+        """Dial a vanished peer at its record's addresses and ping it back into the DHT's
+        routing table (node/upkeep.py redial); True when it answered."""
+        return await redial(self.dht.protocol.p2p, self.dht, record)
+
+    async def rediscover(self, initial_peers: list[str]) -> None:
+        """Dial the initial peers again and ping them back into the routing table."""
+        await rediscover(self.dht, initial_peers)
+
+    async def read_roll(self, anchors: list[str]) -> Roll | None:
+        """The newest roll one of `anchors` signed (node/roll.py), None when none is found."""
+        return await read_roll(self.dht, self.run_id, self.spec_hash, anchors)
 
     @property
     def aged_out(self) -> set[str]:

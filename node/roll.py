@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from locoswarm.protocol import ProtocolError
-from locoswarm.protocol.roll import Roll, decode_roll, encode_roll, roll_peers
+from locoswarm.protocol.roll import Roll, decode_roll, encode_roll, roll_key, roll_peers
 from locoswarm.protocol.state import Ledger
 
 if TYPE_CHECKING:
@@ -47,10 +47,6 @@ RELAY_PEERS = 4.0
 ROLL_TTL_S = 24 * 3600.0
 """How long a roll stays in the DHT after the anchor signed it: a night and a day without
 any anchor live."""
-
-
-def roll_key(run_id: str) -> str:
-    return f"locoswarm:{run_id}:roll"
 
 
 async def keep_roll(dht: DHTNode, subkey: bytes, run_id: str, spec_hash: bytes,

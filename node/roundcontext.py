@@ -113,7 +113,9 @@ class RoundContext:
     incarnation: int
     """This process's life (PeerRecord.incarnation)."""
     p2p: object
-    dht: object
+    registry: object
+    """The transport's peer registry (node/registry.py PeerRegistry on p2pd, net/noderegistry.py
+    on py-libp2p); the round loop asks it for the anchors' roll (`read_roll`)."""
     trainer: Trainer
     pools: Pools
     membership: Membership

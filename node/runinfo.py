@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-from hivemind.p2p import P2P, PeerID
-
-from locoswarm.node.streams import PeerLimits, call_framed, serve_framed
+from locoswarm.node.streams import PeerLimits, call_framed, peer_id_of, serve_framed
 from locoswarm.protocol.runanswer import (MAX_ANSWER, PROTOCOL, REQUEST, RunAnswer, decode_run_answer,
                                           encode_run_answer, not_ours)
+
+if TYPE_CHECKING:  # p2pd's P2P, or py-libp2p's TrioP2P (node/network.py)
+    from hivemind.p2p import P2P
 
 __all__ = ["ASK_TIMEOUT_S", "MAX_ANSWER", "PROTOCOL", "REQUEST", "RunAnswer", "RunInfoServer", "call_which_run",
            "not_ours", "runs_of"]
@@ -50,7 +52,7 @@ class RunInfoServer:
 async def call_which_run(p2p: P2P, peer: str) -> RunAnswer | None:
     """`peer`'s answer, None when it gave none that could be read (logged)."""
     try:
-        body = await call_framed(p2p, PeerID.from_base58(peer), PROTOCOL, REQUEST, limit=MAX_ANSWER,
+        body = await call_framed(p2p, peer_id_of(p2p, peer), PROTOCOL, REQUEST, limit=MAX_ANSWER,
                                  limit_name="the run answer's limit", timeout_s=ASK_TIMEOUT_S)
         return decode_run_answer(peer, body)
     except Exception as e:  # anything: an answer we cannot use proves nothing either way

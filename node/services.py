@@ -8,9 +8,7 @@ them when it stops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-from hivemind.p2p import P2P
+from typing import TYPE_CHECKING, Callable
 
 from locoswarm.node.exchange import DeltaServer, delta_streams
 from locoswarm.node.membership import Membership
@@ -21,6 +19,9 @@ from locoswarm.node.spec import RunSpec
 from locoswarm.node.statesync import StateServer
 from locoswarm.node.streams import KeptStreams
 from locoswarm.node.tree import RowExchange
+
+if TYPE_CHECKING:  # the streams run on p2pd's P2P or on py-libp2p's TrioP2P (node/network.py)
+    from hivemind.p2p import P2P
 
 
 @dataclass(slots=True)

@@ -84,27 +84,25 @@ def ensure_identity(path: str) -> str:
     try:
         with open(identity, "rb") as fh:
             key = fh.read(1 << 16)
-        from hivemind.p2p import PeerID
+        from locoswarm.protocol.dhtrecords import load_identity  # here: the protocol package imports torch
 
-        return PeerID.from_identity(key).to_base58()
+        return load_identity(key).peer_id
     except Exception as e:  # any parse failure: the file is not a key we can use
         raise NodeError(f"identity file {identity} is unreadable or corrupt ({type(e).__name__}); "
                         "it is left as it is: move it away to start with a new peer id") from None
 
 
 def _create_identity(path: str) -> None:
-    """A new libp2p private key (RSA, as hivemind makes them) at `path`, written by
+    """A new libp2p private key (RSA, as hivemind makes them: protocol/dhtrecords.py) at `path`, written by
     files.write_atomic: mode 0600 from its creation (never readable by others, not even for
     a moment), fsynced and renamed, so a crash leaves either no identity or a whole one.
     Called under the state directory's lock, so no other writer is active and a temporary
     key a killed daemon left behind can go."""
-    from hivemind.proto import crypto_pb2
-    from hivemind.utils.crypto import RSAPrivateKey
+    from locoswarm.protocol.dhtrecords import new_identity_file  # here: the protocol package imports torch
 
     for stale in leftover_temps(path):
         os.unlink(stale)
-    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-    write_atomic(path, key.SerializeToString())
+    write_atomic(path, new_identity_file())
 
 
 def identity_key(state_dir: str):

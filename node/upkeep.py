@@ -144,7 +144,7 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
 
     def dial_back(lost: list[PeerRecord]) -> None:
         for record in lost:
-            task = asyncio.create_task(_redial(registry.dht, membership, record))
+            task = asyncio.create_task(_redial(registry, membership, record))
             redials.add(task)
             task.add_done_callback(redials.discard)
 
@@ -175,7 +175,7 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
                     on_view(membership.records)
                 if not membership.records and had_peers() and initial_peers and now >= next_rediscovery:
                     next_rediscovery = now + REDISCOVER_S
-                    await rediscover(registry.dht, initial_peers)
+                    await registry.rediscover(initial_peers)
             except Exception as e:  # the DHT is unreachable for now: keep the last view, try again
                 log.warning("peer record refresh failed: %s: %s", type(e).__name__, e)
     finally:
@@ -183,7 +183,7 @@ async def keep_record(registry, membership: Membership, record: Callable[[], Pee
             task.cancel()
 
 
-async def _redial(dht, membership: Membership, record: PeerRecord) -> None:
-    if await redial(dht.protocol.p2p, dht, record):
+async def _redial(registry, membership: Membership, record: PeerRecord) -> None:
+    if await registry.redial(record):
         log.info("reached vanished peer %s again", record.peer_id)
         membership.back(record.peer_id)

@@ -194,6 +194,23 @@ def check_record(key_id: bytes, subkey: bytes, value: bytes, expiration: float) 
     return True
 
 
+def verify_signed(owner_key: bytes, data: bytes, signature: bytes) -> tuple[str, bool]:
+    """(the peer id of the OpenSSH RSA key `owner_key`, whether `signature` is its RSA-PSS
+    SHA-256 signature of `data`), as hivemind's RSAPrivateKey signs (invites: node/invite.py);
+    ValueError when the key is no RSA key."""
+    try:
+        public_key = serialization.load_ssh_public_key(owner_key)
+    except UnsupportedAlgorithm as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ValueError(f"expected an RSA public key, got {type(public_key).__name__}")
+    try:
+        public_key.verify(signature, data, _PSS, hashes.SHA256())
+    except (ValueError, InvalidSignature):
+        return peer_id(public_key), False
+    return peer_id(public_key), True
+
+
 def strip_signature(value: bytes) -> bytes:
     """`value` without its signature marker: the application's bytes (after check_record)."""
     return _SIGNATURE_RE.sub(b"", value)
@@ -238,6 +255,15 @@ class Identity:
     def owner_marker(self) -> bytes:
         """What this peer puts after its peer id in a subkey it signs entries under."""
         return owner_marker(self.private_key.public_key())
+
+
+def new_identity_file() -> bytes:
+    """The contents of a new identity file: a 2048-bit RSA key (exponent 65537) as PKCS#1 DER
+    in a libp2p PrivateKey protobuf, as hivemind's P2P writes one (`load_identity` reads it)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.private_bytes(encoding=serialization.Encoding.DER, format=serialization.PrivateFormat.TraditionalOpenSSL,
+                            encryption_algorithm=serialization.NoEncryption())
+    return encode(PrivateKey(key_type=KeyType.RSA, data=der))
 
 
 def load_identity(data: bytes) -> Identity:

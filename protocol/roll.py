@@ -35,6 +35,11 @@ MAX_ROLL_BYTES = 256 + MAX_ROLL_PEERS * (MAX_PEER_ID_LEN + 2)
 _KEYS = frozenset({"v", "spec", "round", "chain", "peers"})
 
 
+def roll_key(run_id: str) -> str:
+    """The DHT key under which the run's anchors keep their rolls, one subkey each."""
+    return f"locoswarm:{run_id}:roll"
+
+
 @dataclass(frozen=True, slots=True)
 class Roll:
     anchor: str

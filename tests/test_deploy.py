@@ -230,3 +230,27 @@ def test_the_windows_task_runs_the_wsl_venv_install_at_logon_below_normal_priori
     venv = "~/.local/share/locoswarm/venv/bin/locoswarm"
     assert shlex.split(check) == [venv, "config", "check", "--require-peers"]
     assert shlex.split(join) == ["exec", venv, "node", "join"]
+
+
+def test_the_native_windows_task_runs_the_venv_install_on_py_libp2p_at_logon_after_the_settings_check():
+    """deploy/locoswarm-task.xml: the native peer's task (docs/windows.md) has the WSL task's
+    trigger, priority, principal and limits, and runs the venv's `config check
+    --require-peers`, then `node join` (py-libp2p, where hivemind is not installed), through
+    cmd.exe so that the second runs only when the first exits 0."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    native = ET.parse(os.path.join(DEPLOY, "locoswarm-task.xml")).getroot()
+    wsl = ET.parse(os.path.join(DEPLOY, "locoswarm-wsl-task.xml")).getroot()
+    for path in ("t:Triggers/t:LogonTrigger/t:Enabled", "t:Settings/t:ExecutionTimeLimit", "t:Settings/t:Priority",
+                 "t:Settings/t:MultipleInstancesPolicy", "t:Principals/t:Principal/t:RunLevel",
+                 "t:Settings/t:RestartOnFailure/t:Interval", "t:Settings/t:DisallowStartIfOnBatteries"):
+        assert native.find(path, ns).text == wsl.find(path, ns).text, path
+    assert native.find("t:Actions/t:Exec/t:Command", ns).text == "cmd.exe"
+    arguments = native.find("t:Actions/t:Exec/t:Arguments", ns).text
+    assert arguments.startswith('/d /c "') and arguments.endswith('"'), arguments
+    check, join = arguments[len('/d /c "'):-1].split(" && ")
+    exe = "%LOCALAPPDATA%\\locoswarm\\venv\\Scripts\\locoswarm.exe"
+    assert check.split(" ") == [exe, "config", "check", "--require-peers"], check
+    assert join.split(" ") == [exe, "node", "join"], join
+

@@ -18,6 +18,8 @@ import types
 
 import pytest
 
+from harness import libp2p_missing
+
 from locoswarm.node import portable
 from locoswarm.node.control import lock_holder
 from locoswarm.node.statedir import NodeError, lock_state_dir
@@ -123,51 +125,74 @@ def test_ctrl_break_stops_a_node_on_windows(monkeypatch):
     assert portable.stop_signals() == (signal.SIGINT, signal.SIGTERM, 21)
 
 
-_NO_HIVEMIND = """
+_HIDDEN = """
 import sys
 
+HIDDEN = tuple(sys.argv[1].split(","))
 
-class NoHivemind:
-    def find_spec(self, name, path=None, target=None):  # as where hivemind is not installed
-        if name == "hivemind" or name.startswith("hivemind."):
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):  # as where these packages are not installed
+        if name.split(".")[0] in HIDDEN:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 
-sys.meta_path.insert(0, NoHivemind())
+sys.meta_path.insert(0, Hide())
 from locoswarm.cli.main import main
 
-sys.argv = ["locoswarm"] + sys.argv[1:]
+sys.argv = ["locoswarm"] + sys.argv[2:]
 main()
 """
 
 
-@pytest.mark.timeout(240)
-def test_without_hivemind_the_commands_that_start_peers_stop_naming_the_transport_and_the_others_work(tmp_path):
-    """As on Windows, where the package installs without hivemind: `node join` and `demo`
-    exit 2 naming the missing transport and WSL before anything is made, `doctor` checks the
-    settings and the device and says it cannot join yet (exit 1), `node status` answers."""
-    script = tmp_path / "no_hivemind.py"
-    script.write_text(_NO_HIVEMIND)
+def _cli_without(tmp_path, hidden: str):
+    script = tmp_path / "hidden.py"
+    script.write_text(_HIDDEN)
     state = tmp_path / "state"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
-                              cwd=tmp_path, env={**os.environ, "LOCOSWARM_STATE_DIR": str(state)})
+        return subprocess.run([sys.executable, str(script), hidden, *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env={**os.environ, "LOCOSWARM_STATE_DIR": str(state)})
+    return cli, state
 
+
+@pytest.mark.timeout(240)
+def test_without_any_transport_the_commands_that_start_peers_stop_naming_both_and_the_others_work(tmp_path):
+    """Neither hivemind nor py-libp2p installed: `node join` and `demo` exit 2 naming both
+    before anything is made, `doctor` checks the settings and the device and says it cannot
+    join yet (exit 1), `node status` answers."""
+    cli, state = _cli_without(tmp_path, "hivemind,libp2p")
     for args in (("node", "join", "--max-rounds", "1"), ("demo", "--peers", "1", "--rounds", "1")):
         out = cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert "hivemind 1.1.12 with its p2pd, is not installed here" in out.stderr and "WSL" in out.stderr, out.stderr
-        assert "Traceback" not in out.stderr
+        assert "hivemind 1.1.12 with its p2pd" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert args[0] == "demo" or "nor py-libp2p" in out.stderr, out.stderr
     assert not state.exists(), "a state directory was made for a daemon that cannot start"
     doctor = cli("doctor")
     assert doctor.returncode == 1 and "Traceback" not in doctor.stderr, doctor.stderr
     assert "once it has a transport" in doctor.stdout and "not checked: no transport" in doctor.stdout, doctor.stdout
-    assert re.search(r"^transport +the node's transport", doctor.stdout, re.M), doctor.stdout
+    assert re.search(r"^transport +no transport for a peer is installed here", doctor.stdout, re.M), doctor.stdout
     status = cli("node", "status")
     assert status.returncode == 1 and "no daemon is running" in status.stderr and str(state) in status.stderr, \
         status.stderr
+
+
+@pytest.mark.timeout(240)
+def test_without_hivemind_as_on_windows_a_peer_runs_on_py_libp2p_and_needs_a_swarm_to_join(tmp_path):
+    """hivemind not installed, py-libp2p installed (Windows): `node join` takes py-libp2p and,
+    given no peer to join through, exits 2 saying a py-libp2p peer cannot start a swarm, before
+    anything is made; `demo` (which starts a swarm) names p2pd; `doctor` names py-libp2p."""
+    if libp2p_missing():
+        pytest.skip(libp2p_missing())
+    cli, state = _cli_without(tmp_path, "hivemind")
+    out = cli("node", "join", "--max-rounds", "1")
+    assert out.returncode == 2 and "cannot start one" in out.stderr and "--peer" in out.stderr, out.stderr
+    assert not state.exists(), "a state directory was made for a daemon that cannot start"
+    demo = cli("demo", "--peers", "1", "--rounds", "1")
+    assert demo.returncode == 2 and "the p2pd transport needs hivemind" in demo.stderr, demo.stderr
+    doctor = cli("doctor", "--no-network")
+    assert doctor.returncode == 0 and re.search(r"^transport +py-libp2p \d", doctor.stdout, re.M), doctor.stdout
 
 
 @pytest.mark.parametrize("maddr", [

@@ -27,7 +27,7 @@ OTHER = {"run": "r.toml", "invite": "locoswarm-invite:1:x", "organiser": PEER_ID
          "listen": ["/ip4/127.0.0.1/tcp/0"],
          "announce": ["/ip4/203.0.113.5/tcp/7"], "peers": [f"/ip4/127.0.0.1/tcp/8/p2p/{PEER_ID}"], "device": "cpu",
          "precision": "fp32", "allowed_hours": "22-8", "shard": 5, "eval_every": 3,
-         "baseline": "/srv/alone.events.jsonl"}
+         "baseline": "/srv/alone.events.jsonl", "transport": "p2pd"}
 
 
 def other(s) -> object:
