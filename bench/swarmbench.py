@@ -75,14 +75,19 @@ def transport_figures(swarm: LocalSwarm, overlap: bool) -> dict:
     mean over its steady rounds), the median over the peers of each transport, and the
     py-libp2p peers' over the p2pd peers' (issue 22's target: within 1.5×)."""
     by: dict[str, list[float]] = {"p2pd": [], "libp2p": []}
+    exchange: dict[str, list[float]] = {"p2pd": [], "libp2p": []}
     for p in swarm.peers:
         steady = p.rounds[:-1] if overlap and len(p.rounds) > 1 else p.rounds
         if steady:
-            by["libp2p" if swarm.on_libp2p(p.index) else "p2pd"].append(
-                statistics.fmean(x.round_s - x.train_s for x in steady))
+            transport = "libp2p" if swarm.on_libp2p(p.index) else "p2pd"
+            by[transport].append(statistics.fmean(x.round_s - x.train_s for x in steady))
+            exchange[transport].append(statistics.fmean(sum(x.exchange) for x in steady))
     medians = {t: statistics.median(v) for t, v in by.items() if v}
     out = {"libp2p_peers": swarm.libp2p, "overhead_s_by_transport": medians,
-           "peer_overheads_s": {t: [round(v, 4) for v in vs] for t, vs in by.items()}}
+           "peer_overheads_s": {t: [round(v, 4) for v in vs] for t, vs in by.items()},
+           # With overlapped rounds the exchange runs beside the next round's training: its
+           # length (send, pull, outer step) is what a transport could slow, overhead or not.
+           "exchange_s_by_transport": {t: statistics.median(v) for t, v in exchange.items() if v}}
     if len(medians) == 2 and medians["p2pd"] > 0:
         out["overhead_ratio_libp2p"] = medians["libp2p"] / medians["p2pd"]
     return out
@@ -302,7 +307,9 @@ def format_swarm(r: dict) -> str:
         ratio = r.get("overhead_ratio_libp2p")
         lines.append(f"  by transport           {r['libp2p_peers']} of {r['peers']} on py-libp2p: outside training "
                      + ", ".join(f"{1e3 * v:.0f} ms ({t})" for t, v in o.items())
-                     + (f", {ratio:.2f}× on py-libp2p" if ratio is not None else ""))
+                     + (f", {ratio:.2f}× on py-libp2p" if ratio is not None else "")
+                     + "; exchange " + ", ".join(f"{1e3 * v:.0f} ms ({t})"
+                                                 for t, v in r["exchange_s_by_transport"].items()))
         lines.append(f"  consensus              {'one digest' if r['consensus_equal'] else 'DIFFERENT digests'}")
     if "exchange_s_per_round" in r:
         e = r["exchange_s_per_round"]

@@ -39,41 +39,30 @@ class Lp2pNetwork:
         """The peers the DHT client bootstrapped from."""
 
     @classmethod
-    async def start(cls, identity_file: bytes, listen: Sequence[str], announce: Sequence[str],
-                    attempts: Callable[[], Sequence[str]], *, run_id: str, spec_hash: bytes, ttl_s: float,
-                    refuse: Callable[[PeerRecord], str | None] | None, should_stop: asyncio.Event,
-                    retry_max_s: float = 30.0) -> Lp2pNetwork | None:
-        """The host, listening on `listen` (announcing `announce` instead, when given), then the
-        DHT client bootstrapped from the peers `attempts()` names, asked again before each
-        attempt, with a pause of 1 s doubling to `retry_max_s` while none answers; None when
-        `should_stop` is set first (the host stopped again)."""
+    async def create(cls, identity_file: bytes, listen: Sequence[str], announce: Sequence[str], *, run_id: str,
+                     spec_hash: bytes, ttl_s: float,
+                     refuse: Callable[[PeerRecord], str | None] | None) -> Lp2pNetwork:
+        """The host, listening on `listen` (announcing `announce` instead, when given), with a
+        DHT client and the registry over it; `join` then bootstraps the client."""
         _quiet_libp2p()
         key_pair, identity = key_pair_of(identity_file)
         p2p = TrioP2P(key_pair, listen, announce=announce)
         await p2p.start()
+        client = DHTClient(p2p.host, identity)
+        return cls(p2p, client, BridgedRegistry(p2p, client, run_id, spec_hash, ttl_s=ttl_s, refuse=refuse), [])
+
+    async def join(self, initial_peers: Sequence[str]) -> None:
+        """Bootstrap the DHT client from `initial_peers`; DHTUnreachable naming each one's
+        failure when none of them answers as a DHT node."""
         try:
-            client = DHTClient(p2p.host, identity)
-            delay = 1.0
-            while True:
-                initial = list(attempts())
-                try:
-                    await _unless(p2p.run(client.bootstrap, initial), should_stop)
-                    break
-                except DHTUnreachable as e:
-                    reasons = "; ".join(f"{peer}: {what}" for peer, what in list(client.failures)[-len(initial):])
-                    log.warning("none of the initial peers answered (%s); trying again in %.0f s", reasons or e, delay)
-                await _unless(asyncio.sleep(delay), should_stop)
-                delay = min(2 * delay, retry_max_s)
-        except _Stop:
-            await p2p.shutdown()
-            return None
-        except BaseException:
-            await p2p.shutdown()
-            raise
-        log.info("py-libp2p host %s joined the DHT through %d peer(s): %d DHT nodes known", p2p.peer_id,
-                 len(initial), len(client.nodes))
-        registry = BridgedRegistry(p2p, client, run_id, spec_hash, ttl_s=ttl_s, refuse=refuse)
-        return cls(p2p, client, registry, initial)
+            await self.p2p.run(self.client.bootstrap, list(initial_peers))
+        except DHTUnreachable:
+            failures = list(self.client.failures)[-len(initial_peers):]
+            raise DHTUnreachable("; ".join(f"{peer}: {what}" for peer, what in failures) or
+                                 "none of the initial peers answered") from None
+        self.initial_peers = list(initial_peers)
+        log.info("py-libp2p host %s joined the DHT through %d peer(s): %d DHT nodes known", self.p2p.peer_id,
+                 len(initial_peers), len(self.client.nodes))
 
     def registry_sent(self) -> int:
         """Encoded record bytes stored so far."""
@@ -88,7 +77,12 @@ class Lp2pNetwork:
         return []
 
     async def close(self) -> None:
-        await asyncio.wait_for(self.p2p.shutdown(), STOP_S)
+        """Stop the host (its thread is a daemon thread: one that does not stop within STOP_S
+        ends with the process)."""
+        try:
+            await asyncio.wait_for(self.p2p.shutdown(), STOP_S)
+        except asyncio.TimeoutError:
+            log.info("the py-libp2p host did not stop within %.0f s", STOP_S)
 
 
 def _quiet_libp2p() -> None:
@@ -99,21 +93,3 @@ def _quiet_libp2p() -> None:
     lp2p = logging.getLogger("libp2p")
     lp2p.propagate = True
     lp2p.setLevel(logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL)
-
-
-class _Stop(Exception):
-    pass
-
-
-async def _unless(aw, should_stop: asyncio.Event):
-    """`aw`'s result, or _Stop (with `aw` cancelled) when `should_stop` is set first."""
-    task = asyncio.ensure_future(aw)
-    stop = asyncio.ensure_future(should_stop.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-    if not task.done():
-        task.cancel()
-        raise _Stop
-    return task.result()

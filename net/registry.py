@@ -1,6 +1,7 @@
 """The swarm's peer registry over py-libp2p (issue 22): every live peer record of a run,
 found as docs/protocol.md ("Reading a swarm", "Finding every peer") says, on `DHTClient.get`;
-and this peer's own record, written and refreshed where the daemons read (`OwnRecordKeeper`).
+and this peer's own record, written where the daemons read (`store_own`). The daemon's registry
+on py-libp2p (net/noderegistry.py) is made of these.
 
 The keys are `locoswarm:<run id>:peers:<L>:<b>`, b the first L bits of sha256(base58 peer id)
 (`bucket_key`, `bucket_of` in protocol/records.py, which the daemon's registry uses too).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import trio
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -29,8 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from locoswarm.net.dht import DHTClient, ValueWithExpiration
 from locoswarm.protocol.dhtrecords import peer_id
 from locoswarm.protocol.errors import ProtocolError
-from locoswarm.protocol.records import (BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record, encode_record,
-                                        write_levels)
+from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record
 
 log = logging.getLogger(__name__)
 CLOCK_SLACK_S = 30.0
@@ -177,62 +177,3 @@ async def store_own(client: DHTClient, run_id: str, peer_id: str, value: bytes, 
                                       subkey=subkey)
         taken.append(any(verdicts.values()))
     return all(taken)
-
-
-class OwnRecordKeeper:
-    """Keeps this peer's record in the run's registry, as node/upkeep.py does for a daemon: it
-    reads the registry (the view `peers`, and the swarm size it suggests), then writes `record()`
-    at the levels that size calls for (protocol/records.py `write_levels`), every `ttl_s` / 3;
-    `withdraw()` writes a tombstone at every level written within a TTL, so that readers drop
-    the peer at their next read instead of when its record expires."""
-
-    def __init__(self, client: DHTClient, run_id: str, spec_hash: bytes, record: Callable[[], PeerRecord], *,
-                 ttl_s: float = 60.0) -> None:
-        self.client, self.run_id, self.spec_hash, self.record, self.ttl_s = client, run_id, spec_hash, record, ttl_s
-        self.peers: dict[str, PeerRecord] = {}
-        """The other peers' records the last read found."""
-        self.rejected: list[tuple[str, str]] = []
-        """What the last read refused, as read_registry names it."""
-        self.announced = 0
-        """Refreshes in which every level took our record."""
-        self._written: dict[int, float] = {}
-        """level → when (time.monotonic()) our record was last written there."""
-
-    async def refresh(self) -> bool:
-        """Read the registry, then write our record at the levels the swarm's size calls for;
-        True when every level took it."""
-        self.rejected = []
-        read = await read_registry(self.client, self.run_id, self.spec_hash, ttl_s=self.ttl_s,
-                                   rejected=self.rejected)
-        me = self.client.identity.peer_id
-        self.peers = {p: r for p, r in read.items() if p != me}
-        levels = write_levels(len(self.peers) + 1.0)
-        now = time.monotonic()
-        for level in levels:
-            self._written[level] = now
-        ok = await store_own(self.client, self.run_id, me, encode_record(self.record()), ttl_s=self.ttl_s,
-                             levels=levels)
-        self.announced += ok
-        return ok
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Refresh now and every `ttl_s` / 3 until cancelled (started once the first refresh is
-        done); a refresh that fails is tried again at the next."""
-        started = False
-        while True:
-            try:
-                await self.refresh()
-            except Exception as e:  # the DHT or a node failed: the record stays until it expires, retry
-                log.warning("own record refresh failed: %s: %s", type(e).__name__, e)
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(self.ttl_s / 3)
-
-    async def withdraw(self) -> bool:
-        """A tombstone in every bucket written within a TTL (at least where the swarm's size says)."""
-        now = time.monotonic()
-        levels = tuple(sorted(level for level, at in self._written.items() if now - at <= self.ttl_s)) or \
-            write_levels(len(self.peers) + 1.0)
-        return await store_own(self.client, self.run_id, self.client.identity.peer_id, b"", ttl_s=self.ttl_s,
-                               levels=levels)

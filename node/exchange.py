@@ -34,7 +34,7 @@ round asks again within a round; the server gives up on it after twice this)."""
 
 class DeltaServer:
     """Serves this peer's encoded deltas of the last few rounds on p2pd: what it answers is
-    protocol/deltabook.py's, which the py-libp2p peer (net/deltas.py) answers too."""
+    protocol/deltabook.py's; on py-libp2p the same server runs over net/bridge.py."""
 
     def __init__(self, p2p: P2P, *, incarnation: int = 0, request_timeout_s: float = 10.0,
                  admit: Callable[[str], bool] | None = None, protocol: str = PROTOCOL) -> None:

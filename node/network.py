@@ -135,7 +135,8 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
     """net/node.py's Lp2pNetwork on the settings p2pd would take: the listen addresses (TCP
     only: py-libp2p's QUIC has not been tried against p2pd), the ports kept from the last run,
     the initial peers and, after a first failed attempt, the peers seen last time."""
-    from locoswarm.net.node import Lp2pNetwork  # only here: py-libp2p and hivemind never share a process
+    from locoswarm.net.dht import DHTUnreachable  # only here: py-libp2p and hivemind never share a process
+    from locoswarm.net.node import Lp2pNetwork
     from locoswarm.node import ports
 
     net = cfg.net
@@ -163,11 +164,27 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
 
     with open(os.path.join(cfg.state_dir, IDENTITY_FILE), "rb") as fh:
         identity = fh.read()
-    network = await Lp2pNetwork.start(identity, listen, net.announce, attempts, run_id=spec.run_id,
-                                      spec_hash=spec_hash, ttl_s=cfg.record_ttl_s, refuse=refuse,
-                                      should_stop=should_stop, retry_max_s=net.retry_max_s)
-    if network is not None:
-        dialling.since = None
-        if net.keep_ports and not net.announce:
-            ports.remember(cfg.state_dir, ports.listened(await network.p2p.get_visible_maddrs()))
+    network = await Lp2pNetwork.create(identity, listen, net.announce, run_id=spec.run_id, spec_hash=spec_hash,
+                                       ttl_s=cfg.record_ttl_s, refuse=refuse)
+    try:
+        delay = 1.0
+        while True:
+            try:
+                joined, _ = await unless_stopped(network.join(attempts()), should_stop)
+            except DHTUnreachable as e:
+                log.warning("none of the initial peers answered (%s); trying again in %.0f s", e, delay)
+                slept, _ = await unless_stopped(asyncio.sleep(delay), should_stop)
+                delay = min(2 * delay, net.retry_max_s)
+                joined = None if slept else False
+            if joined is False:  # stopped (Ctrl-C, SIGTERM) before the DHT was reached
+                await network.close()
+                return None
+            if joined:
+                break
+    except BaseException:
+        await network.close()
+        raise
+    dialling.since = None
+    if net.keep_ports and not net.announce:
+        ports.remember(cfg.state_dir, ports.listened(await network.p2p.get_visible_maddrs()))
     return network

@@ -6,7 +6,7 @@ state at most once (on the first request for it), and beside each its own residu
 round (protocol/state.py), which a joiner takes to start where the donor's replica did.
 Beside them it serves the delta messages its last few outer steps screened (RoundLog), for a
 peer that catches up by the rounds' deltas instead of a state. What is kept and answered is
-protocol/statebook.py's, which the py-libp2p donor (net/statesync.py) answers too.
+protocol/statebook.py's. A py-libp2p peer runs this module too, over net/bridge.py.
 
 Frames, integers big-endian: the request is a kind byte (0 manifest, 1 chunk, 2 residual
 manifest, 3 residual chunk, 4 a round's delta), an 8-byte round (all ones: the newest; for

@@ -1,5 +1,5 @@
 """Admission of one peer's requests to a stream handler, whatever transport carries the
-streams (hivemind's p2pd, node/streams.py; py-libp2p, net/framed.py): a concurrency and rate
+streams (node/streams.py, on hivemind's p2pd or on py-libp2p through net/bridge.py): a concurrency and rate
 limit per peer, a bound on the streams a peer keeps open, and refusals logged as warnings at
 a bounded rate. Counts identities' requests; what a server sends in all is bounded by bytes
 (node/streams.py ByteBudget)."""

@@ -1,6 +1,6 @@
 """What a peer answers on the delta stream protocol, whatever carries the stream: hivemind's
-p2pd (node/exchange.py) or py-libp2p (net/deltas.py). One book, so that both transports
-answer every request the same way.
+p2pd or py-libp2p (node/exchange.py on both, net/bridge.py carrying it on py-libp2p): what is
+answered, apart from the I/O.
 
 A request is REQUEST_LEN bytes: the round and the incarnation of the process it is asked of
 (0: whichever runs), 8 bytes each, big-endian. The answer is one frame of

@@ -53,7 +53,7 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: object, limit: int, 
 async def read_frame_with(read_exactly: Callable[[int], Awaitable[bytes]], *, peer: object, limit: int,
                           limit_name: str) -> bytes | None:
     """`read_frame` on any stream: `read_exactly(n)` returns n bytes, or fewer where the
-    stream ended (py-libp2p's streams, net/framed.py)."""
+    stream ended (a stream read in pieces)."""
     header = await read_exactly(HEADER)
     if len(header) < HEADER:
         raise ConnectionResetError(f"peer {peer} closed the stream before the length header")

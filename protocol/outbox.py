@@ -1,8 +1,7 @@
 """What a progress-stream sender keeps for one peer it tells, without any I/O: our latest
 record and the latest message of each open round, which of them the peer's stream carried,
-when to try again after a failure and when to call the peer gone. node/outbox.py drives it
-on p2pd (asyncio), net/progress.py on py-libp2p (trio); both send the same bytes in the same
-order and give up on a peer after the same failures.
+when to try again after a failure and when to call the peer gone. node/outbox.py drives it,
+on p2pd and on py-libp2p (through net/bridge.py).
 
 Delivery is best effort with memory: a slot holds only its latest message; a new stream
 (the first, or one opened after a break) carries every slot again, our record whole first.

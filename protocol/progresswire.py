@@ -1,5 +1,5 @@
 """The messages of a progress stream (`locoswarm/progress/1`), whatever carries it: hivemind's
-p2pd (node/progress.py) or py-libp2p (net/progress.py).
+p2pd or py-libp2p (node/progress.py on both; net/bridge.py carries it on py-libp2p).
 
 A message is a kind byte (KIND_PROGRESS, KIND_RECORD, KIND_UPDATE), a two-byte big-endian
 length and the body: a progress (`encode_progress`, which names its round,

@@ -1,5 +1,5 @@
 """The "which run?" question (`locoswarm/run/1`), whatever carries it: node/runinfo.py on
-p2pd, net/runinfo.py on py-libp2p. The question is the one byte REQUEST; the answer a frame
+p2pd and on py-libp2p (through net/bridge.py). The question is the one byte REQUEST; the answer a frame
 holding a msgpack map `{"run_id": str, or nil for a private run, "spec_hash": the first 16
 hex digits of the spec hash, or "" for a private run}`."""
 

@@ -55,7 +55,7 @@ Ledger = tuple[tuple[str, int], ...]
 
 
 PROTOCOL = "locoswarm/state/3"
-"""The stream a donor serves its state on (node/statesync.py on p2pd, net/statesync.py on py-libp2p)."""
+"""The stream a donor serves its state on (node/statesync.py, on either transport)."""
 MANIFEST, CHUNK, RESIDUAL_MANIFEST, RESIDUAL_CHUNK, ROUND_DELTAS = 0, 1, 2, 3, 4
 """Request kinds."""
 REQUEST_LEN = 25

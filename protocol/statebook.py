@@ -1,8 +1,8 @@
 """What a donor serves on the state stream (`locoswarm/state/3`), whatever carries it: the
 states of its last few outer steps (a snapshot each, encoded on the first request for it), its
 residual beside each, and the deltas its last outer steps screened (RoundLog), for a peer that
-catches up by them. node/statesync.py serves a book over p2pd, net/statesync.py over
-py-libp2p; a transport encodes what `encoding` hands it in a worker thread, stores it with
+catches up by them. node/statesync.py serves a book over p2pd and over py-libp2p
+(net/bridge.py); a transport encodes what `encoding` hands it in a worker thread, stores it with
 `encoded`, then answers with `answer`.
 
 The last _ROUNDS_KEPT rounds stay available, and an older one (at most _MAX_PINNED) while a

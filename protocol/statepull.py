@@ -1,5 +1,5 @@
-"""How a joiner takes a state from donors, on either transport (node/statedownload.py on p2pd,
-net/statesync.py on py-libp2p), without I/O of its own: which donors' manifests it trusts
+"""How a joiner takes a state from donors, on either transport (node/statedownload.py, on p2pd
+or on py-libp2p through net/bridge.py), without I/O of its own: which donors' manifests it trusts
 (`pick_manifest`: a target a majority of earned weight attests, an attester's state, or the
 newest state AGREEING donors show), which chunk each donor is asked next (`ChunkPull`,
 `Donor`, `pull_chunks`) and how one donor's residual is taken (`take_residual`). The
@@ -84,7 +84,7 @@ def pick_manifest(manifests: dict, *, asked: int, trusted: list | None = None,
 
 class ChunkPull:
     """Which chunk of one state each donor asks for next, without I/O (node/statedownload.py
-    drives it on p2pd, net/statesync.py on py-libp2p): one shared queue, one request in flight
+    drives it, on either transport): one shared queue, one request in flight
     per donor. A chunk whose stream was cut inside the body is asked again for its rest only,
     first, from any donor; one that failed (or did not match its hash) goes to the queue's end
     for another donor. `Donor` counts one donor's failures."""
@@ -159,7 +159,7 @@ async def pull_chunks(pull: ChunkPull, peer: object, ask: Callable[[int, int], A
     """One donor's part of `pull` until the queue is done or the donor is dropped (`Donor`):
     `ask(index, offset)` returns the rest of a chunk from `offset` (raising what the request
     raised: TruncatedBody when cut inside the body). It awaits nothing but `ask` and `sleep`,
-    so it runs on asyncio (node/statedownload.py) and on trio (net/statesync.py) alike."""
+    so it runs on any event loop (asyncio: node/statedownload.py; trio would do)."""
     donor = Donor()
     while donor.alive:
         job = pull.take()

@@ -121,7 +121,7 @@ def test_net_imports_only_protocol_and_never_hivemind_and_layers_reach_it_only_w
             else:
                 wrong += [f"{where} imports {n}" for n in _imports(path) if _is_net(n)]
     assert not wrong, "\n".join(wrong)
-    assert entry_imports == {"locoswarm.net.node"}, entry_imports
+    assert entry_imports == {"locoswarm.net.dht", "locoswarm.net.node"}, entry_imports
 
 
 ROUND_MODULES = ("roundloop", "rounds", "membership", "lineage", "catchup", "pull", "tree", "treeround", "trainer",

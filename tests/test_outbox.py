@@ -1,5 +1,5 @@
 """protocol/outbox.py: what a progress-stream sender keeps for one peer, without I/O (node/outbox.py
-drives it on p2pd, net/progress.py on py-libp2p)."""
+drives it, on either transport)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""protocol/statepull.py's download rules without I/O, which both transports drive (node/statedownload.py
-on p2pd, net/statesync.py on py-libp2p): which manifest a download takes (`pick_manifest`) and
+"""protocol/statepull.py's download rules without I/O, which node/statedownload.py drives on either
+transport: which manifest a download takes (`pick_manifest`) and
 which chunk each donor asks for next (`ChunkPull`, `Donor`)."""
 
 from __future__ import annotations

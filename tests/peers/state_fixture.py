@@ -1,5 +1,5 @@
 """The state the state-download tests serve: its layout, round, chain and earned weight, and
-seeded tensors. No hivemind here, so that the py-libp2p donor (lp2p_state.py) serves the very
+seeded tensors. No hivemind here, so that the py-libp2p side (lp2p_bridge.py) serves the very
 state the p2pd donor (serve_state.py) does."""
 
 from __future__ import annotations
