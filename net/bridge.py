@@ -260,7 +260,8 @@ class TrioP2P:
     async def call_binary_stream_handler(self, peer_id, protocol: str
                                          ) -> tuple[StreamInfo, asyncio.StreamReader, _Writer]:
         """Open a stream to `peer_id` (a PeerId, or anything whose str() or to_base58() is
-        its base58 id) for `protocol`; ConnectionError naming the peer when it does not open."""
+        its base58 id) for `protocol`; ConnectionError naming the peer when it does not open,
+        ConnectionRefusedError when it cannot open now (`_refused`)."""
         peer = PeerId(peer_id.to_base58() if hasattr(peer_id, "to_base58") else str(peer_id))
         reader, writer, recv = self._pair()
         opened = self._loop.create_future()
@@ -278,7 +279,8 @@ class TrioP2P:
             with trio.fail_after(OPEN_TIMEOUT_S):
                 stream = await self.host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
         except Exception as e:  # py-libp2p raises many types: one the node's code handles
-            error = ConnectionError(f"no {protocol} stream to {peer}: {type(e).__name__}: {e}")
+            error = (ConnectionRefusedError if _refused(e) else ConnectionError)(
+                f"no {protocol} stream to {peer}: {_why(e)}")
             self._later(_settle, opened, None, error)
             return
         self._later(_settle, opened, None, None)
@@ -318,6 +320,38 @@ class TrioP2P:
                         await stream.close()
                     except Exception:
                         pass
+
+
+REFUSED_SIGNS = ("unable to connect", "no known addresses", "protocol not supported", "protocols not supported",
+                 "connection refused", "dialallfailed")
+"""What py-libp2p's errors say when a stream cannot open now and waiting will not help: no
+connection could be made (the peer is gone, or no address of it is known) or the peer does
+not serve the protocol (a process that lost its daemon's handlers)."""
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """`e` and what caused it (py-libp2p wraps the reason a stream failed: its causes say it)."""
+    seen: list[BaseException] = []
+    while e is not None and e not in seen and len(seen) < 8:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _why(e: BaseException) -> str:
+    """The first line of `e` and of its deepest cause."""
+    def line(x: BaseException) -> str:
+        return f"{type(x).__name__}: {(str(x).strip().splitlines() or [''])[0][:200]}"
+    root = _chain(e)[-1]
+    return line(e) if root is e else f"{line(e)} ({line(root)})"
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether a failed stream open is one of REFUSED_SIGNS (node/pull.py then stops waiting
+    for the peer, as for p2pd's refused dials), not a timeout or a cut."""
+    seen = _chain(e)
+    text = " | ".join(f"{type(x).__name__}: {x}" for x in seen).lower()
+    return any(isinstance(x, ConnectionRefusedError) for x in seen) or any(s in text for s in REFUSED_SIGNS)
 
 
 def _ipv4_addresses() -> list[str]:

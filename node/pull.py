@@ -64,7 +64,10 @@ def dial_refused(e: BaseException) -> bool:
     in libp2p's dial backoff after a refused dial, or no address known for the peer), or a
     peer that does not serve deltas (no daemon behind its p2pd: a crashed daemon's p2pd
     lingers and answers "protocols not supported"). Asked without importing hivemind: where
-    its p2pd bindings are not loaded (a py-libp2p peer, net/bridge.py) no such failure exists."""
+    its p2pd bindings are not loaded; a py-libp2p peer's bridge (net/bridge.py) raises
+    ConnectionRefusedError for the same cases."""
+    if isinstance(e, ConnectionRefusedError):
+        return True
     utils = sys.modules.get("hivemind.p2p.p2p_daemon_bindings.utils")
     text = str(e)
     return utils is not None and isinstance(e, utils.ControlFailure) and any(

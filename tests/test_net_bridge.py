@@ -121,6 +121,8 @@ def test_the_nodes_own_stream_code_runs_over_py_libp2p_against_p2pd_peers(tmp_pa
     # the bridged peer pulled ours with the node's own puller, twice on one kept stream
     theirs = ["p2pd", ROUND, sha(good_blob(ROUND, sender="p2pd"))]
     assert got["pulled"] == [theirs, theirs] and got["streams_opened"] == 1
+    # a stream that cannot open now is refused as on p2pd (node/pull.py dial_refused): no waiting for the peer
+    assert got["refused"] == ["ConnectionRefusedError", "ConnectionRefusedError"], got["refused"]
     assert got["bytes_sent"] >= 2 * len(good_blob(ROUND, sender="bridged")) and got["p2pd_sent"] > 0
     # node/progress.py's bus and outboxes on both sides: each heard the other's record and progress
     assert got["heard"] == {"record": [got["me"], ROUND], "progress": [TOKENS, False]}

@@ -3,7 +3,8 @@ written for p2pd) running over py-libp2p through net/bridge.py's TrioP2P, in a p
 never imports hivemind, for tests/test_net_bridge.py. It serves delta_fixture.py's delta of
 ROUND (sender "bridged") with node/exchange.py's DeltaServer, prints {"maddr"}, pulls the p2pd
 peer's delta of ROUND with node/exchange.py's call_get_delta twice on one kept stream, prints
-{"pulled": [[sender, round, sha256], …], "streams_opened"}. Then on the progress streams, with
+{"pulled": [[sender, round, sha256], …], "streams_opened", "refused": the error types of a
+stream for a protocol the p2pd peer does not serve and of one to a peer of no known address}. Then on the progress streams, with
 node/progress.py's own ProgressBus (and its outboxes): it tells the p2pd peer its record and
 its progress in ROUND and prints {"heard": {"record": [peer, round] or null, "progress": [tokens,
 done] or null}} once it has heard the p2pd peer's (or after 30 s). Then the outer state, with
@@ -34,6 +35,8 @@ from locoswarm.protocol.records import PeerRecord, Progress
 
 SPEC_HASH = b"s" * 32
 TOKENS = 777
+NOBODY = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+"""A peer id nobody here has: no address of it is known."""
 
 
 def say(**fields) -> None:
@@ -74,7 +77,16 @@ async def main(identity_path: str, p2pd_maddr: str, donor_maddr: str) -> None:
         for _ in range(2):
             delta = await call_get_delta(streams, peer, ROUND, SPEC, timeout_s=20.0)
             pulled.append([delta.sender, delta.round, hashlib.sha256(delta.wire).hexdigest()])
-        say(pulled=pulled, streams_opened=streams.num_opened)
+        # Streams that cannot open now are refused as such (node/pull.py stops waiting for the
+        # peer): a protocol the peer does not serve, and a peer of which no address is known.
+        refused = []
+        for target, protocol in ((peer, "locoswarm/none/1"), (NOBODY, "locoswarm/delta/4")):
+            try:
+                await p2p.call_binary_stream_handler(target, protocol)
+                refused.append("opened")
+            except Exception as e:
+                refused.append(type(e).__name__)
+        say(pulled=pulled, streams_opened=streams.num_opened, refused=refused)
         heard: dict = {}
         record = PeerRecord(peer_id=str(p2p.peer_id), addrs=tuple(await p2p.get_visible_maddrs()), device="cpu",
                             tokens_per_s=1.0, round=ROUND, spec_hash=SPEC_HASH, incarnation=5, seq=1)
