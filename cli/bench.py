@@ -176,7 +176,7 @@ def swarm(
 
         if not 0 <= libp2p < peers:
             raise ValueError(f"--libp2p must lie in [0, {peers - 1}]: peer 0 starts the swarm on p2pd")
-        problem = transport_problem("p2pd") or (transport_problem("libp2p") if libp2p else None)
+        problem = (transport_problem("p2pd") or transport_problem("libp2p")) if libp2p else transport_problem()
         if problem:
             raise ValueError(problem)
     except ValueError as e:

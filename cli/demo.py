@@ -29,7 +29,7 @@ def demo(
     if peers < 1 or rounds < 1 or threads < 0:
         typer.echo("error: --peers and --rounds must be >= 1, --threads >= 0", err=True)
         raise typer.Exit(2)
-    problem = transport_problem("p2pd")  # its first peer starts the swarm
+    problem = transport_problem()
     if problem:
         typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)

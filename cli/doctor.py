@@ -69,8 +69,8 @@ def doctor(
                + (" once it has a transport" if r["fits"] and r["transport"] else ""))
     typer.echo("transport   " + (r["transport"] or ("hivemind " + _version("hivemind") + " (p2pd)"
                                                      if r["transport_name"] == "p2pd" else
-                                                     "py-libp2p " + _version("libp2p") + " (joins a swarm through "
-                                                     "--peer; cannot start one)")))
+                                                     "py-libp2p " + _version("libp2p") + " (in the daemon's "
+                                                     "process)")))
     typer.echo(f"listens on  {', '.join(r['listen'])}  ({sources['listen']})")
     if r["network"] is None:
         typer.echo("reachable   not checked (--no-network)")

@@ -1,6 +1,8 @@
-"""A client of the swarm's DHT (hivemind's DHTProtocol) over py-libp2p, in client mode: it sends
+"""The swarm's DHT (hivemind's DHTProtocol) over py-libp2p. In client mode (the default) it sends
 an empty NodeInfo, so hivemind nodes answer it but never put it in their routing tables, and it
-serves no DHT calls. That is the mode of a volunteer behind NAT (issue 22: Windows peers).
+serves no DHT calls: the mode of a volunteer behind NAT (issue 22: Windows peers). In server mode
+(`server=True`, net/dhtserver.py answering the calls) it names a node id, keeps what is stored at
+it, and is a node like hivemind's: a swarm can start from it.
 
 `bootstrap` pings the initial peers; `get` runs the iterative lookup (net/lookup.py) over
 rpc_find and merges what several nodes hold (per subkey, the newest expiration wins); `store`
@@ -23,11 +25,12 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
 from locoswarm.net.host import dial
-from locoswarm.net.lookup import traverse
+from locoswarm.net.lookup import distance, traverse
 from locoswarm.net.peerrouting import learn_addresses
 from locoswarm.net.rpc import BadAnswer, RpcError, call_unary
 from locoswarm.protocol.dhtrecords import (REGULAR_TAG, DictionaryValue, Identity, check_record, dht_id, dumps, loads,
                                            sign_record, strip_signature)
+from locoswarm.protocol.dhtstorage import DHTStorage
 from locoswarm.protocol.errors import ProtocolError
 from locoswarm.protocol.pbmessages import (RPC_FIND, RPC_PING, RPC_STORE, FindRequest, FindResponse, FindResult,
                                            NodeInfo, PingRequest, PingResponse, ResultType, StoreRequest,
@@ -75,12 +78,25 @@ class DHTUnreachable(Exception):
 class DHTClient:
     """See the module docstring. `failures` holds the latest (peer, what went wrong) pairs."""
 
-    def __init__(self, host: IHost, identity: Identity, config: DHTClientConfig | None = None) -> None:
+    def __init__(self, host: IHost, identity: Identity, config: DHTClientConfig | None = None, *,
+                 server: bool = False) -> None:
+        """`server`: take part as a node (net/dhtserver.py serves the calls): a node id named
+        in every request, so that hivemind nodes put this one in their routing tables, and a
+        storage that holds what is stored here, read and written by this client too."""
         self.host, self.identity = host, identity
         self.config = config or DHTClientConfig()
         self.nodes: dict[bytes, ID] = {}
         """Node id -> peer of the DHT nodes that answered lately."""
         self.failures: collections.deque[tuple[str, str]] = collections.deque(maxlen=256)
+        self.node_id: bytes | None = os.urandom(20) if server else None
+        self.storage = DHTStorage() if server else None
+        self.node_info = NodeInfo(node_id=self.node_id) if server else CLIENT_MODE
+        """What this peer says of itself in every request."""
+
+    def met(self, node_id: bytes, peer: ID) -> None:
+        """A DHT node that called us (net/dhtserver.py): into the table, while there is room."""
+        if len(self.nodes) < self.config.max_nodes or node_id in self.nodes:
+            self.nodes[node_id] = peer
 
     def _fail(self, peer: ID | str, what: str) -> None:
         self.failures.append((str(peer), what))
@@ -97,20 +113,20 @@ class DHTClient:
 
     async def call_ping(self, peer: ID) -> bytes:
         """The node id of `peer` (RpcError when it does not answer as a DHT node)."""
-        answer = await self._call(peer, RPC_PING, PingRequest(peer=CLIENT_MODE), PingResponse)
+        answer = await self._call(peer, RPC_PING, PingRequest(peer=self.node_info), PingResponse)
         if answer.peer is None or len(answer.peer.node_id) != 20:
             raise BadAnswer(peer, RPC_PING, "the answer names no 20-byte node id (a client-mode node?)")
         return answer.peer.node_id
 
     async def call_find(self, peer: ID, key_ids: list[bytes]) -> list[FindResult]:
-        answer = await self._call(peer, RPC_FIND, FindRequest(keys=tuple(key_ids), peer=CLIENT_MODE), FindResponse)
+        answer = await self._call(peer, RPC_FIND, FindRequest(keys=tuple(key_ids), peer=self.node_info), FindResponse)
         if len(answer.results) != len(key_ids):
             raise BadAnswer(peer, RPC_FIND, f"{len(answer.results)} results for {len(key_ids)} keys")
         return list(answer.results)
 
     async def call_store(self, peer: ID, key_id: bytes, tag: bytes, value: bytes, expiration: float) -> bool:
         request = StoreRequest(keys=(key_id,), subkeys=(tag,), values=(value,), expiration_time=(expiration,),
-                               in_cache=(False,), peer=CLIENT_MODE)
+                               in_cache=(False,), peer=self.node_info)
         answer = await self._call(peer, RPC_STORE, request, StoreResponse)
         if len(answer.store_ok) != 1:
             raise BadAnswer(peer, RPC_STORE, f"{len(answer.store_ok)} verdicts for one entry")
@@ -132,6 +148,8 @@ class DHTClient:
         async with trio.open_nursery() as nursery:
             for maddr in initial_maddrs:
                 nursery.start_soon(join, maddr)
+        if not initial_maddrs and self.node_id is not None:
+            return 0  # the first node of a DHT (server mode): others will join through it
         if not self.nodes:
             raise DHTUnreachable(f"none of {len(initial_maddrs)} initial peers answered a ping: "
                                  f"{list(self.failures)[-len(initial_maddrs):]}")
@@ -165,8 +183,13 @@ class DHTClient:
             return False
 
     async def find_nearest(self, key_id: bytes, k: int) -> list[tuple[bytes, ID]]:
-        """The `k` nodes nearest `key_id` that answered, nearest first."""
-        return (await self._lookup(key_id)).nearest(k)
+        """The `k` nodes nearest `key_id` that answered, nearest first; in server mode this
+        node among them where it is one of the `k` nearest."""
+        nearest = (await self._lookup(key_id)).nearest(k)
+        if self.node_id is not None:
+            nearest = sorted(nearest + [(self.node_id, self.host.get_id())],
+                             key=lambda item: distance(item[0], key_id))[:k]
+        return nearest
 
     # ------------------------------------------------------------ values
 
@@ -179,7 +202,10 @@ class DHTClient:
         best: tuple[float, bytes, ID] | None = None  # a regular value: (expiration, stored bytes, from)
         entries: dict[bytes, tuple[float, Any, bytes, ID]] = {}  # tag -> (expiration, subkey, stored bytes, from)
         now = time.time()
-        for _, peer, result in (await self._lookup(key_id)).answered:
+        answered = list((await self._lookup(key_id)).answered)
+        if self.storage is not None:  # server mode: what is stored here counts as one node's copy
+            answered.append((self.node_id, self.host.get_id(), self.storage.find(key_id)))
+        for _, peer, result in answered:
             if result.type == ResultType.FOUND_REGULAR:
                 if result.expiration_time < now:
                     continue
@@ -249,6 +275,9 @@ class DHTClient:
         verdicts: dict[str, bool] = {}
 
         async def one(peer: ID) -> None:
+            if peer == self.host.get_id():  # server mode: one of the nearest is this node
+                verdicts[str(peer)] = self.storage.store(key_id, tag, stored, float(expiration))
+                return
             try:
                 verdicts[str(peer)] = await self.call_store(peer, key_id, tag, stored, float(expiration))
             except RpcError as e:

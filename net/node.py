@@ -1,13 +1,9 @@
 """What a daemon owns on the network on py-libp2p (issue 22; node/network.py's other half):
-a py-libp2p host on its trio thread (`TrioP2P`), the client-mode DHT client that joined the
-swarm through its initial peers, and the registry over it (net/noderegistry.py). The daemon's
-round loop, streams and upkeep run on these as they run on p2pd, in a process that never
-imports hivemind.
-
-A py-libp2p peer joins a swarm, it cannot start one: the DHT it stores its record in and reads
-the registry from is served by the p2pd peers (the DHT's server mode is not built here,
-docs/windows.md), so at least one p2pd peer must be among its initial peers or reachable from
-them.
+a py-libp2p host on its trio thread (`TrioP2P`), its part in the swarm's DHT (a node, serving
+the DHT's calls with net/dhtserver.py, or with --dht-client a client only) and the registry over
+it (net/noderegistry.py). The daemon's round loop, streams and upkeep run on these as they run
+on p2pd, in a process that never imports hivemind. As a DHT node it can start a swarm; as a
+client it joins one through peers that serve the DHT.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ from typing import Callable
 
 from locoswarm.net.bridge import TrioP2P
 from locoswarm.net.dht import DHTClient, DHTUnreachable
+from locoswarm.net.dhtserver import DHTServer
 from locoswarm.net.host import key_pair_of
 from locoswarm.net.noderegistry import BridgedRegistry
 from locoswarm.protocol.records import PeerRecord
@@ -40,20 +37,28 @@ class Lp2pNetwork:
 
     @classmethod
     async def create(cls, identity_file: bytes, listen: Sequence[str], announce: Sequence[str], *, run_id: str,
-                     spec_hash: bytes, ttl_s: float,
-                     refuse: Callable[[PeerRecord], str | None] | None) -> Lp2pNetwork:
+                     spec_hash: bytes, ttl_s: float, refuse: Callable[[PeerRecord], str | None] | None,
+                     dht_server: bool = True) -> Lp2pNetwork:
         """The host, listening on `listen` (announcing `announce` instead, when given), with a
-        DHT client and the registry over it; `join` then bootstraps the client."""
+        DHT client and the registry over it; `join` then bootstraps the client. `dht_server`:
+        take part in the DHT as a node (net/dhtserver.py), else as a client only."""
         _quiet_libp2p()
         key_pair, identity = key_pair_of(identity_file)
         p2p = TrioP2P(key_pair, listen, announce=announce)
         await p2p.start()
-        client = DHTClient(p2p.host, identity)
+        client = DHTClient(p2p.host, identity, server=dht_server)
+        if dht_server:
+            server = DHTServer(client)
+
+            async def serve() -> None:  # on the host's thread, as py-libp2p's handlers are set
+                server.serve()
+            await p2p.run(serve)
         return cls(p2p, client, BridgedRegistry(p2p, client, run_id, spec_hash, ttl_s=ttl_s, refuse=refuse), [])
 
     async def join(self, initial_peers: Sequence[str]) -> None:
-        """Bootstrap the DHT client from `initial_peers`; DHTUnreachable naming each one's
-        failure when none of them answers as a DHT node."""
+        """Bootstrap the DHT client from `initial_peers` (none: the first node of a swarm, in
+        server mode); DHTUnreachable naming each one's failure when none of them answers as a
+        DHT node."""
         try:
             await self.p2p.run(self.client.bootstrap, list(initial_peers))
         except DHTUnreachable:

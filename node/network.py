@@ -33,17 +33,19 @@ from locoswarm.protocol.records import PeerRecord
 log = logging.getLogger(__name__)
 
 
-LP2P_NEEDS_PEERS = ("a peer on the libp2p transport joins a swarm, it cannot start one (the DHT is served by p2pd "
-                    "peers): give --peer with the address of a peer of the swarm")
+LP2P_NEEDS_PEERS = ("a peer on the libp2p transport with --dht-client joins a swarm, it cannot start one (its DHT "
+                    "is served by other peers): give --peer with the address of a peer of the swarm")
 
 
 def lp2p_cannot_start(cfg: NodeConfig) -> str | None:
-    """Why `cfg` cannot start a peer on py-libp2p (LP2P_NEEDS_PEERS: no initial peer and none
-    seen last time), None when it can or runs on p2pd. Asked before the state directory is made."""
+    """Why `cfg` cannot start a peer on py-libp2p (LP2P_NEEDS_PEERS: a DHT client with no
+    initial peer and none seen last time), None when it can or runs on p2pd. Asked before the
+    state directory is made."""
     from locoswarm.node import ports
     from locoswarm.node.portable import transport_of
 
-    if transport_of(cfg.net.transport) != "libp2p" or cfg.net.peers or ports.seen_peers(cfg.state_dir):
+    if transport_of(cfg.net.transport) != "libp2p" or not cfg.net.dht_client or cfg.net.peers or \
+            ports.seen_peers(cfg.state_dir):
         return None
     return LP2P_NEEDS_PEERS
 
@@ -153,7 +155,7 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
         if problem:
             raise NodeError(f"cannot listen on {maddr}: {problem}; choose another with --listen")
     seen = ports.seen_peers(cfg.state_dir)
-    if not net.peers and not seen:
+    if not net.peers and not seen and net.dht_client:
         raise NodeError(LP2P_NEEDS_PEERS)
 
     def attempts() -> list[str]:
@@ -165,7 +167,7 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
     with open(os.path.join(cfg.state_dir, IDENTITY_FILE), "rb") as fh:
         identity = fh.read()
     network = await Lp2pNetwork.create(identity, listen, net.announce, run_id=spec.run_id, spec_hash=spec_hash,
-                                       ttl_s=cfg.record_ttl_s, refuse=refuse)
+                                       ttl_s=cfg.record_ttl_s, refuse=refuse, dht_server=not net.dht_client)
     try:
         delay = 1.0
         while True:

@@ -15,10 +15,10 @@ alive. Everything else of the node is written once for all of them.
 
 - **The transport.** hivemind (with its p2pd binary) builds for Linux and macOS only, and
   is not installed on Windows (pyproject.toml's environment marker), where py-libp2p is: there
-  `node join` runs on py-libp2p (`transport_of`, node/network.py), joining a swarm through its
-  peers, and `demo` and `bench swarm`, which start a swarm, stop before anything starts, saying
-  so (`transport_problem`); `doctor`, `node status` and `config check` work (settings are
-  checked without hivemind's multiaddr parser, node/checks.py).
+  `node join`, `demo` and `bench swarm` run their peers on py-libp2p (`transport_of`,
+  node/network.py); with neither installed they stop before anything starts, saying so
+  (`transport_problem`); `doctor`, `node status` and `config check` work (settings are checked
+  without hivemind's multiaddr parser, node/checks.py).
 
 Windows is not run here: the tests fake it (tests/test_portable.py), what each path does on
 the real system is from Python's documentation of `msvcrt`, `signal` and `asyncio`.
@@ -163,14 +163,11 @@ def hivemind_kept_out() -> bool:
 
 
 def transport_problem(setting: str = "auto") -> str | None:
-    """Why this machine cannot start a peer on the transport `setting` names, None when it can.
-    A swarm is started by a p2pd peer (py-libp2p peers join one: node/network.py), so `demo`
-    and `bench swarm`, which start their own, ask for "p2pd"."""
+    """Why this machine cannot start a peer on the transport `setting` names, None when it can."""
     hivemind, lp2p = _found("hivemind.p2p"), _found("libp2p") or _found("trio")
     if setting == "p2pd" and hivemind:
         return (f"the p2pd transport needs hivemind 1.1.12 with its p2pd ({hivemind}), which builds for Linux and "
-                "macOS only: pip install hivemind==1.1.12 (a peer on py-libp2p, --transport libp2p, joins a swarm "
-                "through --peer but cannot start one)")
+                "macOS only: pip install hivemind==1.1.12, or choose --transport libp2p")
     if setting == "libp2p" and lp2p:
         return f"the libp2p transport needs py-libp2p ({lp2p}): pip install libp2p==0.8.1"
     if setting == "auto" and hivemind and lp2p:
