@@ -159,10 +159,12 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
         raise NodeError(LP2P_NEEDS_PEERS)
 
     def attempts() -> list[str]:
-        dialling.since = dialling.since or time.time()
-        dialling.attempts += 1
         # The given peers first; from the second attempt on, also the peers seen last time.
-        return list(dict.fromkeys(list(net.peers) + (seen if dialling.attempts > 1 or not net.peers else [])))
+        peers = list(dict.fromkeys(list(net.peers) + (seen if dialling.attempts or not net.peers else [])))
+        if peers:
+            dialling.since = dialling.since or time.time()
+            dialling.attempts += 1
+        return peers
 
     with open(os.path.join(cfg.state_dir, IDENTITY_FILE), "rb") as fh:
         identity = fh.read()
@@ -174,6 +176,11 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
             try:
                 joined, _ = await unless_stopped(network.join(attempts()), should_stop)
             except DHTUnreachable as e:
+                if not net.peers and not net.dht_client:
+                    # The peer that started the swarm, restarted: nobody it saw last answers.
+                    log.warning("none of the %d peers seen last time answers: starting alone", len(seen))
+                    await network.join([])
+                    break
                 log.warning("none of the initial peers answered (%s); trying again in %.0f s", e, delay)
                 slept, _ = await unless_stopped(asyncio.sleep(delay), should_stop)
                 delay = min(2 * delay, net.retry_max_s)

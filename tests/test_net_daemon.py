@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import harness
-from harness import (Swarm, assert_clean_exit, first_addr, libp2p_missing, peer_id, rounds, served_digests,
+from harness import (Swarm, assert_clean_exit, final, first_addr, libp2p_missing, peer_id, rounds, served_digests,
                      wait_any, wait_round, write_spec)
 
 ARGS = ("--min-peers", "3", "--eval-every", "0")
@@ -92,3 +92,24 @@ def test_py_libp2p_and_p2pd_daemons_train_as_one_swarm_refuse_bad_frames_survive
     print(f"c killed after round {killed_at}, resumed at {resumed}, caught up to {caught['round']}; d took round "
           f"{synced['round']} ({synced['digest'][:12]}) served by {donors}; e took round {taken['round']} served by "
           f"{sorted(n for n, v in served_e.items() if v)}; honest {sorted(honest)}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240, method="signal")
+def test_a_swarm_of_py_libp2p_peers_alone_trains_to_one_digest(swarm: Swarm):
+    """No p2pd anywhere (as where hivemind is not installed, Windows): the first py-libp2p peer's
+    DHT node holds the registry, the second joins through it, and both train every round with
+    both deltas to one outer state."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    args = ("--min-peers", "2", "--eval-every", "0", "--until-round", "3", *LP2P)
+    a = swarm.join("a", *args)
+    b = swarm.join("b", *args, peer=a)
+    for p in (a, b):
+        assert_clean_exit(p, p.wait_exit(180))
+    for p in (a, b):  # every delta a round expected came, both in most rounds (a first round may see one)
+        assert all(deltas == of for _, deltas, of, _ in rounds(p)), rounds(p)
+        assert sum(deltas == 2 for _, deltas, _, _ in rounds(p)) >= 2, rounds(p)
+    (round_a, _, digest_a), (round_b, _, digest_b) = final(a), final(b)
+    assert round_a == round_b == 3 and digest_a == digest_b, (final(a), final(b))
