@@ -14,7 +14,9 @@ start from a py-libp2p peer (Windows) and run without any p2pd peer.
   entry), and the nodes nearest the key that this node knows, without the caller.
 
 Everything a caller sends is untrusted: the storage is bounded (protocol/dhtstorage.py); a
-request that does not decode, or whose lists do not line up, is answered with an error.
+request that does not decode, carries more than MAX_KEYS_PER_CALL keys, or whose lists do not
+line up, is answered with an error. Calls are not rate-limited per caller (hivemind's are not
+either): a caller can keep a core busy with signature checks at a call's cost each.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from locoswarm.protocol.pbmessages import (RPC_FIND, RPC_PING, RPC_STORE, FindRe
 from locoswarm.protocol.pbwire import decode, encode
 
 log = logging.getLogger(__name__)
+MAX_KEYS_PER_CALL = 128
+"""Keys one store or find may carry (hivemind's lookups send a handful): each costs a signature
+check or a sort of the table, so a call of thousands would take a core for seconds."""
 NEAREST = 20
 """Nodes named in a find answer (hivemind's bucket_size)."""
 VALIDATE_S = 5.0
@@ -80,6 +85,8 @@ class DHTServer:
         self.calls += 1
         store = decode(StoreRequest, request)
         n = len(store.keys)
+        if n > MAX_KEYS_PER_CALL:
+            raise ProtocolError(f"a store of {n} keys, above {MAX_KEYS_PER_CALL}")
         if not (len(store.subkeys) == len(store.values) == len(store.expiration_time) == n):
             raise ProtocolError(f"a store of {n} keys with {len(store.subkeys)} subkeys, {len(store.values)} values "
                                 f"and {len(store.expiration_time)} expirations")
@@ -92,6 +99,8 @@ class DHTServer:
     async def rpc_find(self, caller: ID, request: bytes) -> bytes:
         self.calls += 1
         find = decode(FindRequest, request)
+        if len(find.keys) > MAX_KEYS_PER_CALL:
+            raise ProtocolError(f"a find of {len(find.keys)} keys, above {MAX_KEYS_PER_CALL}")
         self._heard(caller, find.peer)
         results = []
         for key_id in find.keys:

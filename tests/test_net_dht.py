@@ -19,6 +19,7 @@ import time
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.proto import dht_pb2
@@ -220,3 +221,83 @@ def test_the_lookup_keeps_each_failing_node_with_its_error_and_stays_within_its_
     assert len(asked) <= 5 * 3 and len(set(asked)) == len(asked)
     assert found.answered and not {n for n, _, _ in found.answered} & broken
     assert found.failures and all(what == f"TimeoutError: {peer} is silent" for peer, what in found.failures)
+
+
+NODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "lp2p_dhtnode.py")
+
+
+async def _hivemind_through_a_py_libp2p_node(identity_path: str) -> dict:
+    """Two hivemind nodes join a DHT whose first node is py-libp2p (tests/peers/lp2p_dhtnode.py),
+    store and read through it, and call it with what it must refuse."""
+    from hivemind.dht.routing import DHTID
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, NODE, identity_path, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    p2ps, out = [], {}
+    try:
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), PEER_TIMEOUT_S) or b"{}")
+        assert "ready" in ready, (await proc.stderr.read()).decode()[-3000:]
+        validator = RSASignatureValidator(RSAPrivateKey())
+        nodes = []
+        for _ in range(2):
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[ready["ready"]])
+            p2ps.append(p2p)
+            # ensure_bootstrap_success: hivemind pings the py-libp2p node with `validate`, which
+            # it must answer "available" after dialing back, or this node refuses to start
+            nodes.append(await DHTNode.create(p2p=p2p, initial_peers=[ready["ready"]], record_validator=validator,
+                                              ensure_bootstrap_success=True))
+        node_peer = PeerID.from_base58(ready["ready"].split("/p2p/")[1])
+        out["in_table"] = [n.protocol.routing_table.get(peer_id=node_peer) is not None for n in nodes]
+        expiration = get_dht_time() + 300
+        subkey = p2ps[0].peer_id.to_base58().encode() + validator.local_public_key
+        out["stored"] = await nodes[0].store(OWN_KEY, {"round": 3}, expiration, subkey=subkey)
+        found = await nodes[1].get(OWN_KEY, latest=True)
+        out["read"] = None if found is None else {k.decode(errors="replace")[:46]: v.value for k, v in
+                                                  found.value.items()}
+        # straight at the py-libp2p node: its own copy, a forgery, and a find of too many keys
+        (own,) = (await nodes[1].protocol.call_find(node_peer, [DHTID.generate(source=OWN_KEY)])).values()
+        out["node_holds"] = own is not None and own[0] is not None
+        forged = validator.sign_value(DHTRecord(key=DHTID.generate(source=OWN_KEY).to_bytes(),
+                                                subkey=dumps_subkey(subkey), value=b"\x01",
+                                                expiration_time=expiration))
+        forged = forged.replace(b"\x01[signature:", b"\x02[signature:", 1)
+        out["forged_ok"] = await nodes[0].protocol.call_store(node_peer, [DHTID.generate(source=OWN_KEY)], [forged],
+                                                              expiration, subkeys=[subkey])
+        out["many_keys"] = await nodes[0].protocol.call_find(node_peer, [DHTID.generate() for _ in range(200)])
+        proc.stdin.write(b"done\n")
+        await proc.stdin.drain()
+        out["node"] = json.loads((await asyncio.wait_for(proc.stdout.readline(), 60)) or b"{}")
+        out["exit"] = await asyncio.wait_for(proc.wait(), 30)
+        return out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+
+def dumps_subkey(subkey: bytes) -> bytes:
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    return MSGPackSerializer.dumps(subkey)
+
+
+@pytest.mark.timeout(180, method="signal")
+def test_hivemind_nodes_join_store_and_read_through_a_py_libp2p_dht_node_which_refuses_forgeries(tmp_path):
+    """net/dhtserver.py as hivemind's nodes meet it: they join through it (with the dial-back check
+    hivemind makes of an initial peer), put it in their routing tables, store a signed entry one
+    reads back through the DHT, and its own copy is there; a forged entry and a find of 200 keys
+    are refused."""
+    why = libp2p_missing()
+    if why:
+        pytest.skip(why)
+    ensure_identity(str(tmp_path))
+    got = asyncio.run(_hivemind_through_a_py_libp2p_node(str(tmp_path / IDENTITY_FILE)))
+    print(json.dumps(got, default=str))  # shown when an assertion fails
+    assert got["in_table"] == [True, True]
+    assert got["stored"] and got["read"] and list(got["read"].values()) == [{"round": 3}]
+    assert got["node_holds"], "the py-libp2p node keeps the entry it is nearest to"
+    assert got["forged_ok"] == [False] and got["many_keys"] is None
+    assert got["node"]["keys"] >= 1 and got["node"]["refused"] >= 1 and got["node"]["nodes"] == 2
+    assert got["node"]["hivemind_loaded"] is False and got["exit"] == 0
