@@ -241,7 +241,8 @@ def status_lines(st: dict, now: float) -> list[str]:
     lines += [f"warning: {w}" for w in st["warnings"]]
     device = "no trainer yet" if st["device"] is None else \
         f"on {st['device']} in {st['precision']}, micro-batch {st['micro_batch']}, shard {st['shard']}"
-    lines.append(f"peer {st['peer_id'] or '— (p2pd not started)'} {device}")
+    transport = {"p2pd": "on p2pd", "libp2p": "on py-libp2p"}.get(st.get("transport"), "")
+    lines.append(f"peer {st['peer_id'] or '— (not listening yet)'} {device}" + (f", {transport}" if transport else ""))
     lines += [f"listening {a}" for a in st["addrs"]]
     return lines
 

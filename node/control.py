@@ -62,6 +62,8 @@ _STATUS_KEYS = {
                  "(HH:MM:SS)"),
     "peer_id": ({"type": ["string", "null"]}, "this peer's libp2p id (null before p2pd started)"),
     "addrs": ({"type": "array", "items": {"type": "string"}}, "the multiaddrs peers can dial"),
+    "transport": ({"enum": ["p2pd", "libp2p", None]}, "what the peer speaks the swarm's protocols over: hivemind's "
+                  "p2pd, or py-libp2p in the daemon's process (null before the network started)"),
     "device": ({"enum": ["cuda", "mps", "cpu", None]}, "the training device (null before the trainer exists)"),
     "precision": ({"enum": ["bf16", "fp16", "fp32", None]}, "what the inner steps compute in"),
     "micro_batch": ({"type": ["integer", "null"], "minimum": 1}, "sequences per forward pass"),

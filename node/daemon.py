@@ -123,6 +123,8 @@ class Daemon:
         self.warnings = RecentWarnings()
         """The last warnings logged, for node status."""
         self.stop_watch = StopWatch()
+        self.transport: str | None = None
+        """"p2pd" or "libp2p" once the network has started (node/network.py)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +202,7 @@ class Daemon:
         if network is None:
             return 0  # stopped (Ctrl-C, SIGTERM) while still trying to reach the initial peers
         p2p, registry, self.initial_peers = network.p2p, network.registry, network.initial_peers
+        self.transport = network.transport
         try:
             self.record.peer_id = p2p.peer_id.to_base58()
             self.record.addrs = [str(a) for a in await p2p.get_visible_maddrs()]

@@ -36,6 +36,7 @@ def status_of(daemon: Daemon) -> dict:
         "bytes_received": st.bytes_received,
         "peer_id": daemon.peer_id or None,
         "addrs": daemon.addrs,
+        "transport": daemon.transport,
         "device": None if t is None else t.device.type,
         "precision": None if t is None else t.precision,
         "micro_batch": None if t is None else t.micro_batch,

@@ -15,7 +15,7 @@ import pytest
 from locoswarm.node.control import ControlServer, read_status
 
 STATUS = {"state": "training", "round": 3, "loss": 2.5, "eval_loss": None, "num_peers": 2, "peers_estimate": 3.0, "peers_found_gone": 1, "bytes_sent": 1234,
-          "bytes_received": 5678, "peer_id": "QmX", "addrs": [], "device": "cpu", "tokens_per_s": 900.0,
+          "bytes_received": 5678, "peer_id": "QmX", "addrs": [], "transport": "p2pd", "device": "cpu", "tokens_per_s": 900.0,
           "rounds_completed": 3, "rounds_discarded": 0, "shard": 1, "deltas_rejected": 4, "checkpoint_round": None,
           "checkpoint_error": None, "paused": None, "precision": "fp32", "micro_batch": 8,
           "requests_refused": 0, "established_peers": 2, "earned_rounds": 9.5,
@@ -127,7 +127,7 @@ def test_text_status_shows_what_the_json_tells_a_volunteer(tmp_path):
     for shown in ("dialling: round 3", "paused: the owner is gaming (gpu busy)",
                   "checkpoint error: No space left on device (the last written is of round 40)",
                   "dialling the initial peers since", "3 attempts", "rounds: 3 completed, 0 discarded, the last ended",
-                  "warning: 06:20:36 round 2: no delta from QmY: timed out", "peer — (p2pd not started)",
+                  "warning: 06:20:36 round 2: no delta from QmY: timed out", "peer — (not listening yet)", "on p2pd",
                   "4 deltas rejected", "1 failed"):
         assert shown in text, (shown, text)
 

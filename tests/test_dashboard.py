@@ -83,7 +83,7 @@ def test_a_baseline_file_that_is_not_an_events_file_is_reported_not_raised(tmp_p
 # ---------------------------------------------------------------- the page in a browser
 
 STATUS = {"state": "training", "round": 30, "loss": 2.9, "eval_loss": 2.75, "num_peers": 2, "peers_estimate": 3.0, "peers_found_gone": 1,
-          "bytes_sent": 412_000, "bytes_received": 830_000, "peer_id": "12D3KooWDemoPeerAAAA", "addrs": [],
+          "bytes_sent": 412_000, "bytes_received": 830_000, "peer_id": "12D3KooWDemoPeerAAAA", "addrs": [], "transport": "libp2p",
           "device": "cpu", "tokens_per_s": 2100.0, "rounds_completed": 30, "rounds_discarded": 0, "shard": 0,
           "deltas_rejected": 1, "checkpoint_round": 30, "checkpoint_error": None, "paused": None,
           "precision": "fp32", "micro_batch": 8, "requests_refused": 0, "established_peers": 3, "earned_rounds": 30.0,
