@@ -15,8 +15,7 @@ start from a py-libp2p peer (Windows) and run without any p2pd peer.
 
 Everything a caller sends is untrusted: the storage is bounded (protocol/dhtstorage.py); a
 request that does not decode, carries more than MAX_KEYS_PER_CALL keys, or whose lists do not
-line up, is answered with an error. Calls are not rate-limited per caller (hivemind's are not
-either): a caller can keep a core busy with signature checks at a call's cost each.
+line up, is answered with an error; so is a caller's call beyond LIMITS (at once, a second).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from libp2p.peer.id import ID
 
 from locoswarm.net.lookup import distance
 from locoswarm.net.rpc import serve_unary
+from locoswarm.protocol.admission import PeerLimits
 from locoswarm.protocol.errors import ProtocolError
 from locoswarm.protocol.pbmessages import (RPC_FIND, RPC_PING, RPC_STORE, FindRequest, FindResponse, FindResult,
                                            NodeInfo, PingRequest, PingResponse, ResultType, StoreRequest,
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 MAX_KEYS_PER_CALL = 128
 """Keys one store or find may carry (hivemind's lookups send a handful): each costs a signature
 check or a sort of the table, so a call of thousands would take a core for seconds."""
+LIMITS = dict(max_concurrent=16, rate=100.0, burst=200)
+"""One caller's DHT calls at once, a second and in a burst (protocol/admission.py PeerLimits):
+a hivemind lookup sends a node one find at a time, a daemon's registry reads a few keys a second;
+beyond, a call is refused with its reason."""
 NEAREST = 20
 """Nodes named in a find answer (hivemind's bucket_size)."""
 VALIDATE_S = 5.0
@@ -49,15 +53,28 @@ class DHTServer:
     """Answers the DHT's three calls for `client` (net/dht.py), whose `node_id` it names, whose
     routing table (`client.nodes`) it keeps and answers from, and whose `storage` it fills."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, limits: PeerLimits | None = None) -> None:
         if client.node_id is None or client.storage is None:
             raise ValueError("a DHT server needs a client in server mode (a node id and a storage)")
         self.client = client
+        self.limits = limits or PeerLimits(**LIMITS)
         self.calls = 0
 
     def serve(self) -> None:
         for proto, handler in ((RPC_PING, self.rpc_ping), (RPC_STORE, self.rpc_store), (RPC_FIND, self.rpc_find)):
-            serve_unary(self.client.host, proto, handler)
+            serve_unary(self.client.host, proto, self._admitted(handler))
+
+    def _admitted(self, handler):
+        """`handler` behind the per-caller limits: a call beyond them is answered with its reason."""
+        async def call(caller: ID, request: bytes) -> bytes:
+            why = self.limits.admit(str(caller))
+            if why is not None:
+                raise ProtocolError(f"DHT call refused: {why}")
+            try:
+                return await handler(caller, request)
+            finally:
+                self.limits.release(str(caller))
+        return call
 
     def _node_info(self) -> NodeInfo:
         return NodeInfo(node_id=self.client.node_id)

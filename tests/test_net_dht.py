@@ -231,8 +231,11 @@ async def _hivemind_through_a_py_libp2p_node(identity_path: str) -> dict:
     store and read through it, and call it with what it must refuse."""
     from hivemind.dht.routing import DHTID
 
-    proc = await asyncio.create_subprocess_exec(sys.executable, NODE, identity_path, stdin=asyncio.subprocess.PIPE,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    # Limits of one call in 2 s, 40 in a burst: the joins and this test's calls fit in the burst,
+    # the 60 pings after them do not.
+    proc = await asyncio.create_subprocess_exec(sys.executable, NODE, identity_path, "0.5", "40",
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
     p2ps, out = [], {}
     try:
         ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), PEER_TIMEOUT_S) or b"{}")
@@ -264,6 +267,8 @@ async def _hivemind_through_a_py_libp2p_node(identity_path: str) -> dict:
         out["forged_ok"] = await nodes[0].protocol.call_store(node_peer, [DHTID.generate(source=OWN_KEY)], [forged],
                                                               expiration, subkeys=[subkey])
         out["many_keys"] = await nodes[0].protocol.call_find(node_peer, [DHTID.generate() for _ in range(200)])
+        pings = [await nodes[1].protocol.call_ping(node_peer) for _ in range(60)]  # one caller, one at a time
+        out["pings_answered"] = sum(p is not None for p in pings)
         proc.stdin.write(b"done\n")
         await proc.stdin.drain()
         out["node"] = json.loads((await asyncio.wait_for(proc.stdout.readline(), 60)) or b"{}")
@@ -287,8 +292,8 @@ def dumps_subkey(subkey: bytes) -> bytes:
 def test_hivemind_nodes_join_store_and_read_through_a_py_libp2p_dht_node_which_refuses_forgeries(tmp_path):
     """net/dhtserver.py as hivemind's nodes meet it: they join through it (with the dial-back check
     hivemind makes of an initial peer), put it in their routing tables, store a signed entry one
-    reads back through the DHT, and its own copy is there; a forged entry and a find of 200 keys
-    are refused."""
+    reads back through the DHT, and its own copy is there; a forged entry, a find of 200 keys and
+    one caller's calls beyond the per-caller limits are refused."""
     why = libp2p_missing()
     if why:
         pytest.skip(why)
@@ -301,3 +306,5 @@ def test_hivemind_nodes_join_store_and_read_through_a_py_libp2p_dht_node_which_r
     assert got["forged_ok"] == [False] and got["many_keys"] is None
     assert got["node"]["keys"] >= 1 and got["node"]["refused"] >= 1 and got["node"]["nodes"] == 2
     assert got["node"]["hivemind_loaded"] is False and got["exit"] == 0
+    # one caller's calls beyond its limits (here 40 at once, then one in 2 s) are refused, not served
+    assert got["pings_answered"] < 60 and got["node"]["calls_refused"] >= 60 - got["pings_answered"], got
