@@ -30,10 +30,9 @@ import multiaddr
 from locoswarm.net.bridge import TrioP2P
 from locoswarm.net.dht import DHTClient, DHTUnreachable
 from locoswarm.net.host import dial
-from locoswarm.net.registry import _OWNER, owner_peer_id, read_registry, store_own
-from locoswarm.protocol.errors import ProtocolError
+from locoswarm.net.registry import read_registry, store_own, subkey_owner
 from locoswarm.protocol.records import PeerRecord, encode_record, write_levels
-from locoswarm.protocol.roll import Roll, decode_roll, roll_key
+from locoswarm.protocol.roll import Roll, newest_roll, roll_key
 
 log = logging.getLogger(__name__)
 ADDRESS_TTL_S = 600.0
@@ -136,32 +135,21 @@ class BridgedRegistry:
     async def read_roll(self, anchors: list[str]) -> Roll | None:
         """The newest roll (by round) one of `anchors` signed, None when none is found; entries
         not signed by the peer their subkey names, signed by a non-anchor, or malformed are
-        logged and skipped (node/roll.py read_roll, the same checks)."""
+        logged and skipped (protocol/roll.py `newest_roll`, as node/roll.py reads them)."""
         found = await self.p2p.run(self.client.get, roll_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return None
-        rolls = []
-        for subkey, item in found.value.items():
-            roll = self._anchor_roll(subkey, item.value, anchors)
-            if isinstance(roll, Roll):
-                rolls.append(roll)
-            else:
-                log.warning("%s: skipped", roll)
-        return max(rolls, key=lambda r: (r.round, r.anchor), default=None)
+        roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, self.spec_hash,
+                                    _author)
+        for why in skipped:
+            log.warning("%s: skipped", why)
+        return roll
 
-    def _anchor_roll(self, subkey: object, value: object, anchors: list[str]) -> Roll | str:
-        if not isinstance(subkey, bytes) or _OWNER not in subkey or not subkey.endswith(b"]"):
-            return f"a roll under {str(subkey)[:60]} is not signed"
-        named_bytes, _, owner_key = subkey.partition(_OWNER)
-        named = named_bytes.decode(errors="replace")
-        if owner_peer_id(owner_key[:-1]) != named:
-            return f"a roll under {named} is not signed by the peer it names"
-        if named not in anchors:
-            return f"a roll signed by {named}, which is not one of the run's trust anchors"
-        try:
-            return decode_roll(value, named, self.spec_hash)
-        except ProtocolError as e:
-            return f"the roll of anchor {named} is refused: {e}"
+
+def _author(subkey: object) -> tuple[str, bool]:
+    """The peer a subkey names, and whether that peer's own key signed it."""
+    signed = subkey_owner(subkey)
+    return (str(subkey)[:60], False) if signed is None else (signed[0], signed[0] == signed[1])
 
 
 def _remember(store, peer: str, addrs: list[str]) -> None:

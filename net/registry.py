@@ -50,6 +50,15 @@ def owner_peer_id(owner_key: bytes) -> str | None:
     return peer_id(key) if isinstance(key, rsa.RSAPublicKey) else None
 
 
+def subkey_owner(subkey: object) -> tuple[str, str | None] | None:
+    """(the peer id a signed subkey names, the peer id of the owner key in its marker, None
+    when that key cannot be read); None for a subkey with no owner marker (an unsigned entry)."""
+    if not isinstance(subkey, bytes) or _OWNER not in subkey or not subkey.endswith(b"]"):
+        return None
+    named, _, owner_key = subkey.partition(_OWNER)
+    return named.decode(errors="replace"), owner_peer_id(owner_key[:-1])
+
+
 def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spec_hash: bytes, *, ttl_s: float,
                  rejected: list[tuple[str, str]], now: float | None = None,
                  withdrawn: set[str] | None = None) -> dict[str, PeerRecord]:
@@ -65,12 +74,11 @@ def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spe
     deadline = (time.time() if now is None else now) + ttl_s + CLOCK_SLACK_S
     entries: list[tuple[float, str, Any]] = []
     for subkey, item in found.value.items():
-        if not isinstance(subkey, bytes) or _OWNER not in subkey or not subkey.endswith(b"]"):
+        signed = subkey_owner(subkey)
+        if signed is None:
             rejected.append((repr(subkey)[:80], f"{where}: the subkey names no owner key (an unsigned entry)"))
             continue
-        named, _, owner_key = subkey.partition(_OWNER)
-        owner = named.decode(errors="replace")
-        signer = owner_peer_id(owner_key[:-1])
+        owner, signer = signed
         if signer != owner:
             rejected.append((owner, f"{where}: signed by a key that is not its identity (that key's peer id: "
                                     f"{signer or 'unreadable'})"))

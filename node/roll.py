@@ -27,8 +27,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Callable
 
-from locoswarm.protocol import ProtocolError
-from locoswarm.protocol.roll import Roll, decode_roll, encode_roll, roll_key, roll_peers
+from locoswarm.protocol.roll import Roll, encode_roll, newest_roll, roll_key, roll_peers, take_roll
 from locoswarm.protocol.state import Ledger
 
 if TYPE_CHECKING:
@@ -103,19 +102,16 @@ async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchor
 
 def anchor_roll(subkey: object, value: object, anchors: list[str], spec_hash: bytes) -> Roll | str:
     """The roll in a DHT entry of the roll key (`value` as DHTNode.get gives it), or why it is
-    not one to take: not signed by the peer its subkey names, signed by a peer that is no
-    anchor, or malformed."""
+    not one to take (protocol/roll.py `take_roll`)."""
+    return take_roll(*_author(subkey), value, anchors, spec_hash)
+
+
+def _author(subkey: object) -> tuple[str, bool]:
+    """The peer a subkey names, and whether that peer's own key signed it."""
     from locoswarm.node.signers import subkey_author  # here: the round modules import without hivemind
 
     named, signed, signer = subkey_author(subkey)
-    if not signed or signer != named:
-        return f"a roll under {named} is not signed by the peer it names"
-    if named not in anchors:
-        return f"a roll signed by {named}, which is not one of the run's trust anchors"
-    try:
-        return decode_roll(value, named, spec_hash)
-    except ProtocolError as e:
-        return f"the roll of anchor {named} is refused: {e}"
+    return named, signed and signer == named
 
 
 async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[str]) -> Roll | None:
@@ -125,11 +121,7 @@ async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[s
     found = await dht.get(roll_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return None
-    rolls = []
-    for subkey, item in found.value.items():
-        roll = anchor_roll(subkey, item.value, anchors, spec_hash)
-        if isinstance(roll, Roll):
-            rolls.append(roll)
-        else:
-            log.warning("%s: skipped", roll)
-    return max(rolls, key=lambda r: (r.round, r.anchor), default=None)
+    roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, spec_hash, _author)
+    for why in skipped:
+        log.warning("%s: skipped", why)
+    return roll

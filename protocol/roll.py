@@ -18,13 +18,14 @@ only entries whose signer is the peer the subkey names and one of the spec's anc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import msgpack
 
 from locoswarm.protocol.delta import MAX_ROUND
 from locoswarm.protocol.envelope import unpack_envelope
-from locoswarm.protocol.errors import MalformedMessage, SpecMismatch
+from locoswarm.protocol.errors import MalformedMessage, ProtocolError, SpecMismatch
 from locoswarm.protocol.records import CHAIN_HEX_LEN, is_chain
 from locoswarm.protocol.state import MAX_PEER_ID_LEN
 
@@ -81,3 +82,33 @@ def decode_roll(blob: object, anchor: str, spec_hash: bytes) -> Roll:
             or any(a >= b for a, b in zip(peers, peers[1:]))):
         raise MalformedMessage(f"roll of {anchor}: peers must be distinct peer ids in ascending order")
     return Roll(anchor=anchor, round=round_, chain=chain, peers=frozenset(peers))
+
+
+def take_roll(named: str, by_named: bool, value: object, anchors: Iterable[str], spec_hash: bytes) -> Roll | str:
+    """The roll in a DHT entry of the roll key whose subkey names peer `named` (`by_named`: the
+    entry is signed by that peer's own key), or why it is not one to take: not signed by the
+    peer it names, signed by a peer that is no anchor, or malformed."""
+    if not by_named:
+        return f"a roll under {named} is not signed by the peer it names"
+    if named not in anchors:
+        return f"a roll signed by {named}, which is not one of the run's trust anchors"
+    try:
+        return decode_roll(value, named, spec_hash)
+    except ProtocolError as e:
+        return f"the roll of anchor {named} is refused: {e}"
+
+
+def newest_roll(entries: Mapping[object, object], anchors: Iterable[str], spec_hash: bytes,
+                author: Callable[[object], tuple[str, bool]]) -> tuple[Roll | None, list[str]]:
+    """The newest roll (by round, then anchor) among the roll key's `entries` (subkey → value as
+    the DHT gives it), each taken by `take_roll` with `author(subkey)` (the peer it names, and
+    whether that peer signed it); and why each other entry was skipped."""
+    anchors = frozenset(anchors)
+    rolls, skipped = [], []
+    for subkey, value in entries.items():
+        roll = take_roll(*author(subkey), value, anchors, spec_hash)
+        if isinstance(roll, Roll):
+            rolls.append(roll)
+        else:
+            skipped.append(roll)
+    return max(rolls, key=lambda r: (r.round, r.anchor), default=None), skipped
