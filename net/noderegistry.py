@@ -6,8 +6,8 @@ daemon's asyncio loop; each call runs on the trio thread (`TrioP2P.run`).
 
 The records, their checks and the bucket levels are net/registry.py's (those of node/registry.py,
 in protocol/records.py). What differs from a p2pd daemon's registry:
-- **A client.** The DHT client stores at and reads from the nodes hivemind peers run; it serves no
-  DHT calls. A swarm of py-libp2p peers alone has no DHT (docs/windows.md: server mode is not built).
+- **Its own DHT.** net/dht.py's client, a node of the DHT unless --dht-client (net/dhtserver.py
+  answering the DHT's calls); where it is among a key's nearest nodes it stores and reads there too.
 - **Whole reads.** `peers()` reads every bucket of the level the swarm writes at (`read_registry`),
   where a p2pd daemon reads its own bucket and a sample of the others: one read below ≈45 peers,
   2^L reads above (bounded at 2^10 buckets). Nobody leaves the view for age or room (`aged_out` is

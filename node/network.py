@@ -6,8 +6,9 @@ alone, so the one round loop runs on both:
 - `P2pdNetwork` (here): hivemind's p2pd, a hivemind DHTNode on the daemon's loop, and the
   bounded registry of node/registry.py. Linux and macOS, where hivemind installs.
 - `Lp2pNetwork` (net/node.py): a py-libp2p host on a trio thread (net/bridge.py TrioP2P),
-  a client-mode DHT client and the registry of net/noderegistry.py, in a process that never
-  imports hivemind. Windows, and `--transport libp2p` anywhere.
+  its DHT node (net/dhtserver.py; a client only with --dht-client) and the registry of
+  net/noderegistry.py, in a process that never imports hivemind. Windows, and `--transport
+  libp2p` anywhere.
 
 `start_network` picks by `NetworkConfig.transport` ("auto": p2pd where hivemind is installed,
 else py-libp2p; node/portable.py says which one this machine has).
