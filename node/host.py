@@ -89,6 +89,27 @@ def _bootstrap_failed(text: str) -> bool:
     return any(sign in text for sign in BOOTSTRAP_FAILED)
 
 
+def listen_addresses(state_dir: str, net: NetworkConfig, wanted: list[str]) -> list[str]:
+    """The addresses to listen on of `wanted` (the listen setting, or the part of it a
+    transport takes): on the ports kept from the last run (node/ports.py) where their port is
+    0 and `net.keep_ports`, unless one of those is in use now (then all anew, with a warning);
+    NodeError naming an address that cannot be bound. Tried before the host binds: a port held
+    by another go-libp2p program (another locoswarm daemon among them) would be shared with it,
+    SO_REUSEPORT letting p2pd bind it too."""
+    from locoswarm.node import ports
+
+    listen = ports.pinned(wanted, ports.remembered(state_dir)) if net.keep_ports else wanted
+    taken = next((a for a in listen if a not in wanted and bind_problem(a)), None)
+    if taken is not None:
+        log.warning("the port kept from the last run, %s, is in use: listening on a new one", _host_port(taken))
+        listen = wanted
+    for maddr in listen:
+        problem = bind_problem(maddr)
+        if problem:
+            raise NodeError(f"cannot listen on {maddr}: {problem}; choose another with --listen")
+    return list(listen)
+
+
 async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Event,
                     dialling: Dialling | None = None) -> tuple[P2P, list[str]] | None:
     """Start p2pd, retrying with backoff while the initial peers cannot be reached; after a
@@ -99,17 +120,7 @@ async def start_p2p(state_dir: str, net: NetworkConfig, should_stop: asyncio.Eve
 
     from locoswarm.node import ports
 
-    listen = ports.pinned(net.listen, ports.remembered(state_dir)) if net.keep_ports else net.listen
-    # Tried before p2pd binds: a port held by another go-libp2p program (another locoswarm
-    # daemon among them) would be shared with it, SO_REUSEPORT letting p2pd bind it too.
-    taken = next((a for a in listen if a not in net.listen and bind_problem(a)), None)
-    if taken is not None:
-        log.warning("the port kept from the last run, %s, is in use: listening on a new one", _host_port(taken))
-        listen = net.listen
-    for maddr in listen:
-        problem = bind_problem(maddr)
-        if problem:
-            raise NodeError(f"cannot listen on {maddr}: {problem}; choose another with --listen")
+    listen = listen_addresses(state_dir, net, net.listen)
     delay = 1.0
     initial = list(net.peers)
     # A peer that started the swarm (no initial peers) and restarts on its state directory

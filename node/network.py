@@ -24,8 +24,7 @@ import time
 from typing import Callable
 
 from locoswarm.node.config import NodeConfig
-from locoswarm.node.checks import bind_problem
-from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, start_p2p, stop_p2p
+from locoswarm.node.host import DHT_OPTIONS, Dialling, NodeError, listen_addresses, start_p2p, stop_p2p
 from locoswarm.node.lifecycle import STOP_STEP_S, unless_stopped
 from locoswarm.node.spec import RunSpec
 from locoswarm.node.statedir import IDENTITY_FILE, identity_key
@@ -148,13 +147,7 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
         log.info("py-libp2p listens on TCP only: %s left out", ", ".join(a for a in net.listen if a not in listen))
     if not listen:
         raise NodeError(f"the libp2p transport listens on TCP, and none of {', '.join(net.listen)} is a TCP address")
-    if net.keep_ports:
-        kept = ports.pinned(listen, ports.remembered(cfg.state_dir))
-        listen = [a if a == b or not bind_problem(a) else b for a, b in zip(kept, listen)]
-    for maddr in listen:
-        problem = bind_problem(maddr)
-        if problem:
-            raise NodeError(f"cannot listen on {maddr}: {problem}; choose another with --listen")
+    listen = listen_addresses(cfg.state_dir, net, listen)
     seen = ports.seen_peers(cfg.state_dir)
     if not net.peers and not seen and net.dht_client:
         raise NodeError(LP2P_NEEDS_PEERS)
