@@ -151,8 +151,9 @@ class DHTClient:
         if not initial_maddrs and self.node_id is not None:
             return 0  # the first node of a DHT (server mode): others will join through it
         if not self.nodes:
+            failures = list(self.failures)[-len(initial_maddrs):]
             raise DHTUnreachable(f"none of {len(initial_maddrs)} initial peers answered a ping: "
-                                 f"{list(self.failures)[-len(initial_maddrs):]}")
+                                 + "; ".join(f"{peer}: {what}" for peer, what in failures))
         await self.find_nearest(os.urandom(20), self.config.beam_size)
         return len(self.nodes)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 from locoswarm.net.bridge import TrioP2P
-from locoswarm.net.dht import DHTClient, DHTUnreachable
+from locoswarm.net.dht import DHTClient
 from locoswarm.net.dhtserver import DHTServer
 from locoswarm.net.host import key_pair_of
 from locoswarm.net.noderegistry import BridgedRegistry
@@ -59,12 +59,7 @@ class Lp2pNetwork:
         """Bootstrap the DHT client from `initial_peers` (none: the first node of a swarm, in
         server mode); DHTUnreachable naming each one's failure when none of them answers as a
         DHT node."""
-        try:
-            await self.p2p.run(self.client.bootstrap, list(initial_peers))
-        except DHTUnreachable:
-            failures = list(self.client.failures)[-len(initial_peers):]
-            raise DHTUnreachable("; ".join(f"{peer}: {what}" for peer, what in failures) or
-                                 "none of the initial peers answered") from None
+        await self.p2p.run(self.client.bootstrap, list(initial_peers))
         self.initial_peers = list(initial_peers)
         log.info("py-libp2p host %s joined the DHT through %d peer(s): %d DHT nodes known", self.p2p.peer_id,
                  len(initial_peers), len(self.client.nodes))

@@ -175,7 +175,7 @@ async def _start_lp2p(cfg: NodeConfig, spec: RunSpec, spec_hash: bytes, *, shoul
                     log.warning("none of the %d peers seen last time answers: starting alone", len(seen))
                     await network.join([])
                     break
-                log.warning("none of the initial peers answered (%s); trying again in %.0f s", e, delay)
+                log.warning("%s; trying again in %.0f s", e, delay)
                 slept, _ = await unless_stopped(asyncio.sleep(delay), should_stop)
                 delay = min(2 * delay, net.retry_max_s)
                 joined = None if slept else False
