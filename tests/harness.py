@@ -120,9 +120,14 @@ class Child:
         with self._changed:
             return "\n".join(self.err)
 
-    def tail(self, n: int = 30) -> str:
+    def tail(self, n: int = 30, warnings: int = 20) -> str:
+        """The last `n` lines of each stream, and before them the last `warnings` WARNING and
+        ERROR lines of stderr: a failure's reason is often a warning that a run of INFO
+        lines (a round each) has pushed out of the tail."""
         with self._changed:
-            return (f"--- {self.name} stdout\n" + "\n".join(self.out[-n:]) +
+            said = [line for line in self.err[:-n] if " WARNING " in line or " ERROR " in line][-warnings:]
+            return ((f"--- {self.name} warnings before the tail\n" + "\n".join(said) + "\n" if said else "") +
+                    f"--- {self.name} stdout\n" + "\n".join(self.out[-n:]) +
                     f"\n--- {self.name} stderr\n" + "\n".join(self.err[-n:]))
 
     def reap(self) -> None:
