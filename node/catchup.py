@@ -94,7 +94,7 @@ class CatchUp:
             peers = ctx.membership.records
         # A peer resumed from a checkpoint knows whose weight is earned: it follows only them
         # (a joiner with an empty ledger weighs every peer alike: see node/lineage.py weigh).
-        w = weigh([ctx.peer_id] + [r.peer_id for r in peers], ctx.trainer.ledger.established)
+        w = weigh([ctx.peer_id] + [r.peer_id for r in peers], ctx.lineage.weighing(ctx.trainer.ledger.established))
         peers = [r for r in peers if w(r.peer_id)]
         vouching = self.vouching(await self.roll())
         ahead = [r for r in peers if r.peer_id in vouching] if vouching else peers
@@ -117,7 +117,7 @@ class CatchUp:
         trusted = ctx.trainer.ledger.established
         follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records, trusted)
         if follow is None:
-            for r in unearned_ahead(ctx.peer_id, ctx.trainer.outer_steps, records, trusted):
+            for r in unearned_ahead(ctx.peer_id, ctx.trainer.outer_steps, records, lineage.weighing(trusted)):
                 if r.peer_id not in self._passed_over:
                     self._passed_over.add(r.peer_id)
                     log.warning("%s shows round %d, ahead of our %d, but has no earned weight here: not followed",

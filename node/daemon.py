@@ -220,8 +220,10 @@ class Daemon:
             resumed = await self._unless_stopped(self.checkpoints.resume(trainer, self.pools.train))
             if resumed is not None:
                 self.events(Resumed(round=resumed))
-            self.lineage.start(trainer.outer_steps, self.checkpoints.resumed_meta.get("chain"),
-                               resumed=resumed is not None)
+            meta = self.checkpoints.resumed_meta
+            self.lineage.start(trainer.outer_steps, meta.get("chain"), resumed=resumed is not None, me=self.peer_id,
+                               vouched=meta.get("vouched", True) if resumed is not None
+                               else trainer.ledger.established(self.peer_id))
             streams = self.streams = await PeerStreams.start(
                 p2p, self.spec, self.spec_hash, peer_id=self.peer_id, incarnation=self.incarnation,
                 membership=self.membership, record=self.record, trainer=trainer,

@@ -42,7 +42,9 @@ decision is established in our outer state's ledger, peers without earned weight
 nothing there and are never followed, so fresh identities "ahead", a sybil group showing an
 invented chain or a bare key holding the smallest peer id move no one. Where nobody in a
 decision has earned weight (a run's first rounds, or a ledger that knows none of them) the
-rules count peers as they always did.
+rules count peers as they always did. Our own earned weight counts only where others saw it
+earned (`Lineage.vouched`): rounds alone credit nobody but us, and a peer restarted offline
+would otherwise trust itself alone and never take the swarm's state back.
 """
 
 from __future__ import annotations
@@ -233,15 +235,30 @@ class Lineage:
         self.behind_at: int | None = None
         """Outer steps we held when we discarded a round the swarm may have stepped; None
         when we discarded none since the last sync."""
+        self.vouched = True
+        """Whether our ledger established us the last time it held what others saw: at the
+        run's genesis (an anchor), when we took a donor's state, and at each round that
+        aggregated another peer's delta. Rounds alone credit us for work nobody else saw:
+        a peer restarted offline trains its way to being established in its own ledger only,
+        and while that made the swarm's peers weigh nothing in its decisions it never took
+        the swarm's state again (each side refusing the other's deltas as another outer
+        state's). Kept with checkpoints: that peer resumes between its lives."""
+        self.me = ""
+        """Our peer id (`start`)."""
 
-    def start(self, outer_steps: int, chain: object = None, *, resumed: bool = False) -> None:
+    def start(self, outer_steps: int, chain: object = None, *, resumed: bool = False, vouched: object = True,
+              me: str = "") -> None:
         """A fresh start (the run's initial state) or a resumed checkpoint's `chain`: a
         file on disk, so one that is not a chain leaves ours unknown (this peer then takes
-        no part in split verdicts until it takes a donor's state)."""
+        no part in split verdicts until it takes a donor's state). `vouched`: whether the
+        genesis ledger establishes us, or the checkpoint's word (anything but False, from a
+        checkpoint written before it was kept: True, as ours was then taken)."""
         if not resumed:
             self.chains = {outer_steps: chain_start(self.spec_hash)}
         else:
             self.chains = {outer_steps: chain} if is_chain(chain) else {}
+        self.vouched = vouched is not False
+        self.me = me
 
     def shown(self, outer_steps: int) -> dict:
         """What the peer record shows of the lineage at `outer_steps`."""
@@ -271,6 +288,8 @@ class Lineage:
                 self.diverged_at = round_
                 self.trusted_then = established
         self.had_peers = self.had_peers or senders > 1
+        if senders > 1:
+            self.vouched = self.me in established
         previous = self.chains.get(before)
         if sampled:
             # Deltas left out on purpose: peers then differ by design (docs/swarm.md, "Fanout
@@ -304,7 +323,7 @@ class Lineage:
         and whom_to_rejoin. `trusted`: whose weight is earned (see `weigh`)."""
         if self.behind_at is not None:
             live = [r for r in records if r.peer_id != me and not r.paused]
-            w = weigh([me] + [r.peer_id for r in live], trusted)
+            w = weigh([me] + [r.peer_id for r in live], self.weighing(trusted))
             ahead = [r for r in live if not r.diverged and r.round > self.behind_at and w(r.peer_id)]
             if ahead:
                 return Follow(f"a discarded round left outer step {outer_steps} behind the swarm's "
@@ -333,8 +352,13 @@ class Lineage:
         """Whose weight counts in our decisions now: our ledger's `trusted`, or while diverged
         the peers established when we diverged. Alone, our ledger credits nobody but us
         (nobody established then: every peer counts); without this, a peer cut off for
-        earn_rounds rounds would trust only itself and never take the swarm's state."""
-        return self.trusted_then.__contains__ if self.diverged_at is not None else trusted
+        earn_rounds rounds would trust only itself and never take the swarm's state. For
+        the same reason our own weight counts only where it was `vouched`."""
+        if self.diverged_at is not None:
+            return self.trusted_then.__contains__
+        if trusted is None or self.vouched:
+            return trusted
+        return lambda peer: peer != self.me and trusted(peer)
 
     def synced(self, round_: int, donors: list[PeerRecord], fresh: list[PeerRecord], chain: str = "",
                trusted: Trusted | None = None) -> None:
@@ -346,6 +370,7 @@ class Lineage:
         self.chains = {round_: chain} if chain else {}
         self.alone_rounds, self.diverged_at, self.behind_at = 0, None, None
         self.trusted_then = frozenset()
+        self.vouched = trusted is None or trusted(self.me)
 
     def stay(self) -> None:
         """The state earned weight attests is ours (node/catchup.py `sync`): we are not behind
@@ -353,5 +378,6 @@ class Lineage:
         self.behind_at = None
 
     def checkpoint_extra(self, outer_steps: int) -> dict:
-        """Stored with a checkpoint: the round chain of the state it holds ("" unknown)."""
-        return {"chain": self.chains.get(outer_steps, "")}
+        """Stored with a checkpoint: the round chain of the state it holds ("" unknown), and
+        whether our own weight in its ledger is `vouched`."""
+        return {"chain": self.chains.get(outer_steps, ""), "vouched": self.vouched}

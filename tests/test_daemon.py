@@ -394,6 +394,37 @@ def test_a_restart_whose_initial_peer_is_gone_dials_the_peers_it_saw_last_and_tr
     assert re.search(r"cannot reach the initial peers: dialing also the \d+ peers seen last time", again.stderr())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(420, method="signal")
+def test_a_peer_that_trained_alone_offline_comes_back_to_the_swarms_state(swarm: Swarm, tmp_path: Path):
+    """A volunteer's machine restarts while offline: its daemon trains alone from its
+    checkpoint, past the rounds that establish a peer, and its ledger then credits only
+    itself. Back online, it must take the swarm's state and train with it, not weigh the
+    swarm's peers at nothing and train beside them, each refusing the other's deltas as a
+    diverged peer's (the standoff seen in CI, 2026-12-06/07)."""
+    run = write_spec(tmp_path / "run.toml", earn_rounds=10)
+    x1 = swarm.join("x1", run=run)
+    x2 = swarm.join("x2", peer=x1, run=run)
+    y = swarm.join("y", "--checkpoint-every", "1", peer=x1, run=run)
+    wait_round(y, 1, 180)  # together for a round or two: nobody established yet
+    y.proc.send_signal(signal.SIGTERM)
+    assert_clean_exit(y, y.wait_exit(60))
+    # Offline: no peer to dial, and a new port, so that the swarm's redials of its address
+    # (node/upkeep.py) do not reach it either.
+    for kept in ("peers.json", "ports.json"):
+        (tmp_path / "y" / kept).unlink(missing_ok=True)
+    offline = swarm.join("y", "--checkpoint-every", "1", "--max-rounds", "16", run=run)
+    assert_clean_exit(offline, offline.wait_exit(240))
+    alone = rounds(offline)
+    assert len(alone) >= 16 and all(deltas == 1 for _, deltas, _, _ in alone), alone
+    back = swarm.join("y", "--checkpoint-every", "1", peer=x1, run=run)
+    back.wait_event("round", 180, lambda e: e["deltas"] == 3)
+    for p in (x1, x2, back):
+        p.proc.send_signal(signal.SIGTERM)
+    for p in (x1, x2, back):
+        assert_clean_exit(p, p.wait_exit(60))
+
+
 @pytest.mark.timeout(60, method="signal")
 def test_a_listen_port_in_use_exits_2_naming_the_port(swarm: Swarm):
     with socket.socket() as held:

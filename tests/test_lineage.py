@@ -184,7 +184,7 @@ def test_lineage_chain_follows_what_each_round_aggregated_and_forgets_a_sampled_
     lin.after_round(0, 0, 1, [("b", 10), ("a", 12)], others_trained=True, sampled=False)
     one = round_chain(start, 0, [("a", 12), ("b", 10)])
     assert lin.shown(1) == {"diverged": False, "chain": one, "prev_chain": start, "anchors": ((0, start),)}
-    assert lin.checkpoint_extra(1) == {"chain": one}
+    assert lin.checkpoint_extra(1) == {"chain": one, "vouched": False}  # "" was not established in round 0
     lin.after_round(1, 1, 2, [("a", 12), ("b", 10), ("c", 9)], others_trained=True, sampled=True)
     assert lin.shown(2)["chain"] == "" and lin.chains == {}
 
@@ -254,6 +254,45 @@ def test_a_diverged_peer_weighs_the_others_as_its_ledger_did_when_it_diverged_no
     lin.after_round(12, 12, 13, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
     lin.after_round(13, 13, 14, [("me", 5)], others_trained=True, sampled=False, established=frozenset({"b"}))
     assert donors(lin.follow("me", 20, [rec("b", 20), rec("x", 20)], only_me)) == ["b"], "b was established then"
+
+
+def test_a_peer_established_only_by_its_rounds_alone_weighs_the_swarm_as_before_them_and_follows_it():
+    """Restarted offline, a peer trains alone (no peer trained, so it has not diverged) until
+    its ledger establishes it and nobody else: weighing by that ledger it passed over the
+    swarm ahead (not established there) for good, and the swarm never waited for it (it was
+    behind). Its own weight counts only where a round with others, a taken state or the
+    genesis ledger said so (`vouched`, kept with checkpoints); other peers' credit is earned
+    only in rounds with them and counts as before."""
+    only_me = {"me"}.__contains__
+    swarm = [rec("b", 40), rec("c", 40)]
+    lin = Lineage(b"h" * 32)
+    lin.start(0, me="me", vouched=False)
+    lin.after_round(0, 0, 1, [("me", 5), ("b", 5)], others_trained=True, sampled=False, established=frozenset())
+    assert lin.checkpoint_extra(1)["vouched"] is False
+    offline = Lineage(b"h" * 32)
+    offline.start(1, lin.chains[1], resumed=True, me="me", vouched=lin.checkpoint_extra(1)["vouched"])
+    for r in range(1, 12):  # alone: no peer trained, nothing diverged, our credit grows
+        offline.after_round(r, r, r + 1, [("me", 5)], others_trained=False, sampled=False,
+                            established=frozenset({"me"}))
+    assert offline.diverged_at is None
+    assert whom_to_follow("me", 12, swarm, diverged_at=None, trusted=only_me) is None, "the rule without it"
+    assert donors(offline.follow("me", 12, swarm, only_me)) == ["b", "c"], "nobody else established: peers count"
+    # Established in a round with others (a run's first peer that trained alone before anyone
+    # came, say), its weight counts: records of fresh identities ahead are passed over.
+    founder = Lineage(b"h" * 32)
+    founder.start(0, me="me", vouched=False)
+    founder.after_round(8, 8, 9, [("me", 5), ("n", 5)], others_trained=True, sampled=False,
+                        established=frozenset({"me"}))
+    assert founder.vouched and founder.follow("me", 9, [rec("x", 40), rec("y", 40)], only_me) is None
+    # A state taken from donors: whatever their ledger says of us.
+    founder.synced(40, swarm, [], trusted=frozenset({"b"}).__contains__)
+    assert not founder.vouched
+    founder.synced(40, swarm, [], trusted=frozenset({"b", "me"}).__contains__)
+    assert founder.vouched
+    # A checkpoint written before the flag was kept: vouched, as its weight was then taken.
+    old = Lineage(b"h" * 32)
+    old.start(5, "ab" * 16, resumed=True, me="me", vouched=None)
+    assert old.vouched
 
 
 def test_a_diverged_peer_whose_state_a_peer_behind_took_is_diverged_no_more_and_takes_nothing_back():
