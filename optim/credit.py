@@ -7,7 +7,8 @@ outer steps of this outer state: after each round, every sender of an aggregated
 credited with the tokens it was weighted by, times its clip multiplier (a delta scaled down
 to the median norm earns in proportion), and every credit decays by 1/2^DECAY_SHIFT a round,
 except a newcomer's in a round it earned something (below the threshold, credit only grows
-while the peer works). A peer is *established* once its credit reaches `earn_rounds` rounds
+while the peer works), and the others' in a round of one sender (a peer alone: that says
+nothing of their absence). A peer is *established* once its credit reaches `earn_rounds` rounds
 of the per-peer plan: 8 rounds of full work by default, about 130 rounds of absence to lose
 it again.
 
@@ -124,7 +125,8 @@ class Ledger:
         return Standing(established, frozenset(senders) - established)
 
     def credit(self, earned: dict[str, int], banned: tuple[str, ...] = (), round_: int = 0) -> None:
-        """One round's outer step (of round `round_`) is in: every credit decays, each sender of
+        """One round's outer step (of round `round_`) is in: every credit decays (in a round of
+        one sender, only its own), each sender of
         `earned` gains what it earned (tokens weighted × clip multiplier, >= 0), the peers of
         `banned` are excluded from here on, and entries that fell to nothing, or past
         MAX_ENTRIES the smallest (past MAX_BANNED the oldest exclusions), are dropped, as are
@@ -132,11 +134,19 @@ class Ledger:
         if not self.enabled:
             return
         floor = max(1, self.per_peer_tokens >> DECAY_SHIFT)  # a 64th of a round's work
+        # A round of one sender is a peer alone (no other peer's delta was there to take): it
+        # says nothing of the others' absence, so their credit stands. Decayed there, a peer
+        # that trained alone for ~130 rounds (offline, or cut off) ended with a ledger that
+        # established nobody but itself, and weighed the swarm's peers at nothing once back.
+        alone = len(earned) == 1 and not banned
         out, bans = {}, {}
         for peer, c in self.credits.items():
             if c < 0:
                 if round_ - self.banned_at(peer) < EXCLUSION_ROUNDS:
                     bans[peer] = c
+                continue
+            if alone and peer not in earned:
+                out[peer] = c
                 continue
             if c >= self.threshold or not earned.get(peer, 0):
                 c = max(0, c - max(1, c >> DECAY_SHIFT))  # at least a token: a sliver of credit fades too

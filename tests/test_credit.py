@@ -64,6 +64,28 @@ def test_a_peer_is_established_after_earn_rounds_of_full_work_and_loses_it_after
     assert "a" not in led.credits and "b" not in led.credits, "faded to nothing: dropped"
 
 
+def test_rounds_alone_leave_the_others_credit_standing_and_the_lone_peers_own_settle_as_ever():
+    """A peer alone (a round of one sender: offline, cut off) says nothing of the others'
+    absence. Decayed there, after about 130 rounds alone its ledger established nobody but
+    itself, and back online it weighed the swarm's peers at nothing (node/lineage.py)."""
+    led = Ledger(earn_rounds=8, per_peer_tokens=PLAN)
+    for _ in range(40):
+        led.credit({"a": PLAN, "b": PLAN, "c": PLAN})
+    others = {p: led.credits[p] for p in ("b", "c")}
+    for r in range(1000):
+        led.credit({"a": PLAN}, (), 40 + r)
+    assert {p: led.credits[p] for p in ("b", "c")} == others and led.established("b") and led.established("c")
+    assert led.credits["a"] == pytest.approx(PLAN << DECAY_SHIFT, rel=0.02), "its own: settled as with others"
+    led.credit({"a": PLAN, "b": PLAN})  # two senders: c's absence is seen, and decays it
+    assert led.credits["c"] < others["c"]
+    # An exclusion still ends by the round, alone or not.
+    led.credit({"a": PLAN, "b": PLAN}, ("x",), 2000)
+    led.credit({"a": PLAN}, (), 2000 + 15)
+    assert led.banned("x")
+    led.credit({"a": PLAN}, (), 2000 + 16)
+    assert "x" not in led.credits
+
+
 def test_a_crowd_of_newcomers_sharing_one_peers_weight_is_established_after_its_size_times_earn_rounds():
     """Twenty newcomers beside one established peer share one peer's weight: each earns a
     twentieth of a round's credit a round. Decayed like an established peer's, that credit
