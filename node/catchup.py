@@ -277,7 +277,8 @@ class CatchUp:
         why = None
         try:
             got = await asyncio.wait_for(replay.fetch(ctx.p2p, donors, trainer, first, last, target,
-                                                      timeout_s=REPLAY_TIMEOUT_S, residual=offer_residual),
+                                                      timeout_s=REPLAY_TIMEOUT_S, residual=offer_residual,
+                                                      base=chain),
                                          REPLAY_DEADLINE_S)
             reached, steps = await ctx.pools.train(replay.verify, trainer, chain, first, got.steps)
             if reached != target:

@@ -76,12 +76,15 @@ class Fetched:
 
 
 async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, last: int, chain: str, *,
-                timeout_s: float, residual: bool = True) -> Fetched:
+                timeout_s: float, residual: bool = True, base: str = "") -> Fetched:
     """From `donors` (showing `chain` at outer step `last`): the manifest of their state at
     `last`, then the messages each of steps `first` … `last` − 1 screened, each step from the
     first donor that serves it whole; over RESIDUAL_AFTER steps and where `residual`, with
     them the residual of the manifest's donor at `last` (None where none is served). ReplayRefused when some step
-    or the manifest could not be had."""
+    or the manifest could not be had, or when no message of step `first` was taken from `base`
+    (our round chain there, "" unknown): ours is then another lineage's state than the swarm's
+    (a peer back from training alone), and no more of its deltas, nor a residual as large as a
+    state, is fetched in vain before the state is."""
     out = Fetched()
     for i, peer in enumerate(donors):
         m = await fetch_manifest(p2p, peer, trainer.state_spec, timeout_s, round_=last)
@@ -91,13 +94,24 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
             break
     else:
         raise ReplayRefused(f"none of {len(donors)} donors serves the manifest of round {last} with its chain")
+    # The first step before the residual (it says whether ours is the swarm's lineage), the
+    # residual while the donor still serves it (a donor keeps its last two rounds), the rest.
+    await _fetch_steps(p2p, donors, trainer, first, first + 1, timeout_s, base, out)
     if residual and last - first > RESIDUAL_AFTER and trainer.residual_spec is not None:
         out.residual = await fetch_residual(p2p, donors, trainer.residual_spec, last, timeout_s)
         if out.residual is not None:
             out.nbytes += trainer.residual_spec.total_bytes
+    await _fetch_steps(p2p, donors, trainer, first + 1, last, timeout_s, base, out)
+    return out
+
+
+async def _fetch_steps(p2p: P2P, donors: list[PeerID], trainer: Trainer, start: int, stop: int, timeout_s: float,
+                       base: str, out: Fetched) -> None:
+    """Steps `start` … `stop` − 1 into `out`; of the first step of all (`out` holding none
+    yet), ReplayRefused where no message was taken from `base`."""
     # A tree round's step is its rows' aggregates, each a little larger than a delta (protocol/rows.py).
     limit = (trainer.row_limit if trainer.spec.rounds.exchange == "tree" else trainer.step.spec.max_message_bytes) + 2
-    for step in range(first, last):
+    for step in range(start, stop):
         for peer in donors:
             try:
                 wires = await _step(p2p, peer, step, limit, timeout_s)
@@ -110,9 +124,19 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
             break
         else:
             raise ReplayRefused(f"none of {len(donors)} donors serves the deltas of outer step {step}")
+        if len(out.steps) == 1 and base:
+            taken = _bases(trainer, out.steps[0], step)
+            if taken and base not in taken:
+                raise ReplayRefused(f"the deltas of outer step {step} were taken from round chain "
+                                    f"{min(taken)[:12]}…, ours there is {base[:12]}…: our state is another lineage's")
         if out.nbytes > trainer.state_spec.total_bytes:
             raise ReplayRefused(f"the deltas of {len(out.steps)} rounds outweigh the state ({out.nbytes} bytes)")
-    return out
+
+
+def _bases(trainer: Trainer, wires: list[bytes], step: int) -> set[str]:
+    """The round chains the messages of outer step `step` name as taken from (none known: empty)."""
+    decoded, rows = _decode_step(trainer, wires, step)
+    return {(d.delta if rows > 1 else d).base for d in decoded} - {""}
 
 
 async def _step(p2p: P2P, peer: PeerID, step: int, limit: int, timeout_s: float) -> list[bytes]:
