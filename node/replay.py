@@ -96,19 +96,22 @@ async def fetch(p2p: P2P, donors: list[PeerID], trainer: Trainer, first: int, la
         raise ReplayRefused(f"none of {len(donors)} donors serves the manifest of round {last} with its chain")
     # The first step before the residual (it says whether ours is the swarm's lineage), the
     # residual while the donor still serves it (a donor keeps its last two rounds), the rest.
-    await _fetch_steps(p2p, donors, trainer, first, first + 1, timeout_s, base, out)
+    await _fetch_steps(p2p, donors, trainer, first, first + 1, timeout_s, out)
+    taken = _bases(trainer, out.steps[0], first) if base else set()
+    if taken and base not in taken:
+        raise ReplayRefused(f"the deltas of outer step {first} were taken from round chain {min(taken)[:12]}…, "
+                            f"ours there is {base[:12]}…: our state is another lineage's")
     if residual and last - first > RESIDUAL_AFTER and trainer.residual_spec is not None:
         out.residual = await fetch_residual(p2p, donors, trainer.residual_spec, last, timeout_s)
         if out.residual is not None:
             out.nbytes += trainer.residual_spec.total_bytes
-    await _fetch_steps(p2p, donors, trainer, first + 1, last, timeout_s, base, out)
+    await _fetch_steps(p2p, donors, trainer, first + 1, last, timeout_s, out)
     return out
 
 
 async def _fetch_steps(p2p: P2P, donors: list[PeerID], trainer: Trainer, start: int, stop: int, timeout_s: float,
-                       base: str, out: Fetched) -> None:
-    """Steps `start` … `stop` − 1 into `out`; of the first step of all (`out` holding none
-    yet), ReplayRefused where no message was taken from `base`."""
+                       out: Fetched) -> None:
+    """Steps `start` … `stop` − 1 into `out`, each from the first donor that serves it whole."""
     # A tree round's step is its rows' aggregates, each a little larger than a delta (protocol/rows.py).
     limit = (trainer.row_limit if trainer.spec.rounds.exchange == "tree" else trainer.step.spec.max_message_bytes) + 2
     for step in range(start, stop):
@@ -124,11 +127,6 @@ async def _fetch_steps(p2p: P2P, donors: list[PeerID], trainer: Trainer, start: 
             break
         else:
             raise ReplayRefused(f"none of {len(donors)} donors serves the deltas of outer step {step}")
-        if len(out.steps) == 1 and base:
-            taken = _bases(trainer, out.steps[0], step)
-            if taken and base not in taken:
-                raise ReplayRefused(f"the deltas of outer step {step} were taken from round chain "
-                                    f"{min(taken)[:12]}…, ours there is {base[:12]}…: our state is another lineage's")
         if out.nbytes > trainer.state_spec.total_bytes:
             raise ReplayRefused(f"the deltas of {len(out.steps)} rounds outweigh the state ({out.nbytes} bytes)")
 
