@@ -28,7 +28,7 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
     from hivemind.p2p import P2P
     from hivemind.utils import get_dht_time
 
-    from locoswarm.bench.tcpio import tcp_io
+    from locoswarm.bench.tcpio import TcpMeter
     from locoswarm.node.host import DHT_OPTIONS
     from locoswarm.node.statedir import IDENTITY_FILE, identity_key, open_state_dir
     from locoswarm.node.registry import PeerRegistry
@@ -71,9 +71,10 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
     try:
         await asyncio.gather(*(loop(*p, time.monotonic() + seconds) for p in peers))  # warm-up: levels, replicas
         refreshes[0] = 0
-        sent0 = tcp_io(p2pds)[0]
+        meter = TcpMeter()
+        meter.read(p2pds)
         await asyncio.gather(*(loop(*p, time.monotonic() + seconds) for p in peers))
-        sent1 = tcp_io(p2pds)[0]
+        sent = meter.read(p2pds)[0]
     finally:
         for node, *_ in peers:
             await node.shutdown()
@@ -82,7 +83,7 @@ async def measure(num_nodes: int, design: str, seconds: float = 8.0) -> float:
         shutil.rmtree(states, ignore_errors=True)
     views = [len(p[3].view.records()) for p in peers]
     assert design == "single" or min(views) == num_nodes, f"a peer's view held {min(views)} of {num_nodes} records"
-    return (sent1 - sent0) / max(1, refreshes[0])
+    return sent / max(1, refreshes[0])
 
 
 def main(sizes: str) -> None:

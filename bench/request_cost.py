@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from locoswarm.bench.tcpio import tcp_io
+from locoswarm.bench.tcpio import TcpMeter
 
 
 async def _measure(count: int, size: int) -> dict[str, float]:
@@ -44,7 +44,8 @@ async def _measure(count: int, size: int) -> dict[str, float]:
         payload = count * (REQUEST_LEN + HEADER + size)
         out = {}
         for name in ("stream_per_request", "kept_stream"):
-            before = sum(tcp_io(pids))
+            meter = TcpMeter()
+            meter.read(pids)
             for _ in range(count):
                 if name == "kept_stream":
                     await kept.call(server_p2p.peer_id, request, limit=1 << 24, limit_name="limit", timeout_s=10)
@@ -53,7 +54,7 @@ async def _measure(count: int, size: int) -> dict[str, float]:
                                       limit_name="limit", timeout_s=10)
             await asyncio.sleep(0.5)  # closes and window updates on the wire
             # Each byte crosses loopback once but is counted by the sender and the receiver.
-            out[name] = ((sum(tcp_io(pids)) - before) / 2 - payload) / count
+            out[name] = (sum(meter.read(pids)) / 2 - payload) / count
         out["kept_streams_opened"] = kept.num_opened
         kept.close()
         out["unary_rpc"] = await _unary_rpc(server_p2p, client_p2p, pids, count)
@@ -77,7 +78,8 @@ async def _unary_rpc(server_p2p, client_p2p, pids: set[int], count: int) -> floa
         key = DHTID.generate(source="request_cost")
         request = dht_pb2.FindRequest(keys=[key.to_bytes()], peer=client.protocol.node_info)
         await client.protocol.call_find(server_p2p.peer_id, [key])
-        before = sum(tcp_io(pids))
+        meter = TcpMeter()
+        meter.read(pids)
         for _ in range(count):
             await client.protocol.call_find(server_p2p.peer_id, [key])
         await asyncio.sleep(0.5)
@@ -85,7 +87,7 @@ async def _unary_rpc(server_p2p, client_p2p, pids: set[int], count: int) -> floa
             results=[dht_pb2.FindResult(type=dht_pb2.NOT_FOUND, nearest_node_ids=[client.node_id.to_bytes()],
                                         nearest_peer_ids=[client_p2p.peer_id.to_bytes()])],
             peer=server.protocol.node_info).ByteSize())
-        return ((sum(tcp_io(pids)) - before) / 2 - protobuf) / count
+        return (sum(meter.read(pids)) / 2 - protobuf) / count
     finally:
         await client.shutdown()
         await server.shutdown()

@@ -237,7 +237,7 @@ def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float
 
     import psutil
 
-    from locoswarm.bench.tcpio import tcp_io
+    from locoswarm.bench.tcpio import TcpMeter
 
     async def run() -> dict:
         from hivemind.dht.crypto import RSASignatureValidator
@@ -273,10 +273,12 @@ def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float
         try:
             await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))  # warm the caches
             cycles[0] = 0
-            sent0, cpu0 = tcp_io({p.pid for p in p2pds})[0], time.process_time()
+            meter = TcpMeter()
+            meter.read({p.pid for p in p2pds})
+            cpu0 = time.process_time()
             p2pd0 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
             await asyncio.gather(*(loop(n, v, time.monotonic() + seconds) for n, v in nodes))
-            sent1, cpu1 = tcp_io({p.pid for p in p2pds})[0], time.process_time()
+            sent, cpu1 = meter.read({p.pid for p in p2pds})[0], time.process_time()
             p2pd1 = sum(sum(p.cpu_times()[:2]) for p in p2pds)
         finally:
             for node, _ in nodes:
@@ -285,7 +287,7 @@ def measure_dht_cycle(num_nodes: int, *, seconds: float = 8.0, interval_s: float
                 await p2p.shutdown()
         k = max(1, cycles[0])
         return {"nodes": num_nodes, "cycles_per_node_per_s": k / num_nodes / seconds,
-                "bytes_per_cycle": (sent1 - sent0) / k, "python_cpu_s_per_cycle": (cpu1 - cpu0) / k,
+                "bytes_per_cycle": sent / k, "python_cpu_s_per_cycle": (cpu1 - cpu0) / k,
                 "p2pd_cpu_s_per_cycle": (p2pd1 - p2pd0) / k}
 
     return asyncio.run(run())

@@ -18,9 +18,9 @@ same ports, its checkpoint), writing a fresh event file: the churn benchmark
 
 Bytes are counted at the application by the daemons themselves (their round events carry
 cumulative counters) and, where the machine lets them be read, at the transport: the
-kernel's per-socket TCP counters (bench/tcpio.py) of each daemon's p2pd, sampled at its
-first and its last round, so deltas, state, DHT traffic, libp2p framing and encryption are
-all included (bench/swarmbytes.py makes the figures of both).
+kernel's per-socket TCP counters (bench/tcpio.py) of each daemon's p2pd, read from its
+start at each of its rounds and twice a second between, summed per socket, over a window that
+holds the span of the round events the daemons' own counters are taken over, so deltas, state, DHT traffic, libp2p framing and encryption are all included (bench/swarmbytes.py makes the figures of both).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from locoswarm.bench.tcpio import Unavailable, tcp_io
+from locoswarm.bench.tcpio import TcpMeter, Unavailable, socket_bytes
 from locoswarm.node.events import EventTail
 
 
@@ -110,8 +110,17 @@ class Peer:
     """Rounds its current life reported: 0 while a restarted peer is still catching up."""
     final: dict | None = None
     addr: str | None = None
-    io_start: tuple[int, int] | None = None
-    io_end: tuple[int, int] | None = None
+    io_meter: TcpMeter = field(default_factory=TcpMeter)
+    """Its p2pd's sockets, read from its `listening` event on, at each of its rounds and between."""
+    io_pids: set[int] = field(default_factory=set)
+    """The p2pd of its current life (empty before it is found, and once the peer is restarted)."""
+    io: tuple[int, int] | None = None
+    """(bytes sent, bytes received) by its p2pd over a window that holds its first round's end to
+    the run's last round's end, as its own round events time them: set at that round when
+    readings bracket it."""
+    io_lost: bool = False
+    """Its p2pd was not found at one of its rounds, or no reading came before its first round
+    ended: the transport does not count this peer."""
     spawned_unix_s: float = float("nan")
     """When its first life was started (Unix seconds)."""
 
@@ -122,18 +131,19 @@ class Peer:
         return self.rounds[0].ended_unix_s - self.spawned_unix_s if self.rounds else float("nan")
 
 
-def _io(pid: int) -> tuple[int, int] | None:
-    """(bytes sent, bytes received) over TCP by the p2pd of daemon `pid`, summed over its
-    open sockets from the kernel's counters (bench/tcpio.py); None when the daemon or its
-    p2pd is not found. Unavailable when the counters cannot be read on this machine."""
+def _p2pds(pid: int) -> set[int]:
+    """The p2pd processes of daemon `pid` (empty: the daemon or its p2pd is not found)."""
     import psutil
 
     try:
-        p2pd = {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
+        return {c.pid for c in psutil.Process(pid).children() if c.name() == "p2pd"}
     except psutil.Error:
-        return None
-    return tcp_io(p2pd) if p2pd else None
+        return set()
 
+
+IO_EVERY_S = 0.5
+"""How often the peers' p2pds are read between their round events (bench/tcpio.py's one dump
+of the machine's sockets, shared by all of them, takes 3–7 ms of kernel time here)."""
 
 ALONE = -1
 """Peer.index of the lone-peer baseline."""
@@ -166,6 +176,8 @@ class LocalSwarm:
         self._own_dir = keep_dir is None
         self.io_unavailable: str | None = None
         """Why transport bytes could not be counted on this machine (None: they were)."""
+        self._io_next = 0.0
+        """When the p2pds are next read between round events (time.monotonic())."""
         self.peers: list[Peer] = []
         self.with_alone = alone
         self.alone: Peer | None = None
@@ -255,6 +267,7 @@ class LocalSwarm:
             self._take(peer, event)
         peer.lives += 1
         peer.life_rounds = 0
+        peer.io_pids = set()
         peer.events = EventTail(self._events_path(peer.index, peer.lives))
         # A restarted volunteer resumes at once rather than waiting for a quorum: it dials the
         # peers it saw last, and if the swarm has ended meanwhile it trains on alone (and the
@@ -287,24 +300,51 @@ class LocalSwarm:
             who = "the lone peer" if peer.index == ALONE else f"peer {peer.index}"
             raise RuntimeError(f"{who} exited with {peer.proc.returncode}; log: {self.log_tail(peer)}")
 
-    def _io(self, peer: Peer) -> tuple[int, int] | None:
-        if self.io_unavailable is not None:
-            return None
+    def _read_io(self, peer: Peer, event: dict) -> None:
+        """Read the peer's p2pd at one of its events (`listening` or a round, where the p2pd must
+        be found); at the run's last round its figure is set, from the reading taken before its
+        first round ended to this one (its last round ended before: the event was written)."""
+        if self.io_unavailable is not None or peer.io is not None or peer.io_lost:
+            return
+        if not peer.io_pids:
+            peer.io_pids = _p2pds(peer.proc.pid)
+        if not peer.io_pids:
+            peer.io_lost = True
+            return
         try:
-            return _io(peer.proc.pid)
+            peer.io_meter.read(peer.io_pids)
         except Unavailable as e:
             self.io_unavailable = str(e)
-            return None
+            return
+        if event["event"] == "round" and peer.rounds and event["round"] == self.max_rounds - 1:
+            peer.io = peer.io_meter.between(peer.rounds[0].ended_unix_s, event["time"])
+            peer.io_lost = peer.io is None
+
+    def _read_io_between_rounds(self) -> None:
+        """Every IO_EVERY_S, read the p2pd of each peer whose figure is being taken, all from one
+        dump: a connection p2pd closes then loses at most that long of its bytes. A restarted
+        peer is read again once its new life said where it listens (its p2pd found)."""
+        if self.io_unavailable is not None or time.monotonic() < self._io_next:
+            return
+        self._io_next = time.monotonic() + IO_EVERY_S
+        try:
+            at, counters = time.time(), socket_bytes()
+        except Unavailable as e:
+            self.io_unavailable = str(e)
+            return
+        for p in self.all_peers:
+            if p.io_pids and p.io is None and not p.io_lost:
+                p.io_meter.read(p.io_pids, counters, at)
 
     def _take(self, peer: Peer, event: dict) -> None:
         kind = event["event"]
         if kind == "listening":
             peer.addr = next((a for a in event["addrs"] if "/tcp/" in a), None)
+            peer.io_pids = set()  # a new life's p2pd
+            self._read_io(peer, event)
         elif kind == "round":
-            if not peer.rounds:
-                peer.io_start = self._io(peer)
-            elif event["round"] == self.max_rounds - 1:
-                peer.io_end = self._io(peer)  # before the daemon leaves and its sockets close
+            # The last round's reading is taken before the daemon leaves and its sockets close.
+            self._read_io(peer, event)
             nan = float("nan")
             peer.rounds.append(RoundLine(event["round"], event["deltas"], event["participants"], event["tokens"],
                                          nan if event["loss"] is None else event["loss"],
@@ -362,6 +402,7 @@ class LocalSwarm:
                 on_poll()
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not finish in time")
+            self._read_io_between_rounds()
             time.sleep(0.05)
         for p in self.all_peers:
             p.proc.wait(timeout=60)

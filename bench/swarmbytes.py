@@ -6,7 +6,7 @@ progress streams, registry entries stored at other replicas. They need nothing f
 machine, so they are always there once a peer reported two rounds.
 
 At the transport: the kernel's per-socket TCP counters of each peer's p2pd (bench/tcpio.py,
-sampled by bench/swarm.py at the peer's first and last round), which add the DHT's own
+read by bench/swarm.py at each of the peer's rounds and summed per socket), which add the DHT's own
 traffic, libp2p's framing and encryption. Where they cannot be read (not Linux, sock_diag
 refused, a p2pd not found) the transport figures are null and `transport_bytes_unavailable`
 says why; the application figures stay. Both are taken over each peer's rounds, first to
@@ -55,13 +55,13 @@ def byte_figures(peers: list[Peer], transport_unavailable: str | None) -> dict:
     out["app_bytes_per_peer_per_round"] = (statistics.fmean(_per_round(p, *APP_SENT) for p in measured)
                                            if measured else None)
     out["app_bytes_unavailable"] = None if measured else "no peer reported two rounds"
-    # A peer counts at the transport when its p2pd was found at its first round and its last.
-    counted = [p for p in measured if p.io_start is not None and p.io_end is not None]
+    # A peer counts at the transport when its p2pd was found at every one of its rounds.
+    counted = [p for p in measured if p.io is not None]
     if transport_unavailable is None and not counted:
-        transport_unavailable = ("no peer's p2pd was found at both its first and its last round" if measured else
+        transport_unavailable = ("no peer's p2pd was found at each of its rounds" if measured else
                                  "no peer reported two rounds")
     if counted and transport_unavailable is None:
-        transport = statistics.fmean((p.io_end[0] - p.io_start[0]) / (len(p.rounds) - 1) for p in counted)
+        transport = statistics.fmean(p.io[0] / (len(p.rounds) - 1) for p in counted)
         # What the transport carried beyond the payload the same peers' code sent over the
         # same rounds: the control plane (DHT, libp2p framing, pings), what docs/scale.md models.
         payload = statistics.fmean(_per_round(p, "sent") for p in counted)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from locoswarm.bench import swarm as swarm_mod
+from locoswarm.bench import tcpio
 from locoswarm.bench.swarm import LocalSwarm, Peer, RoundLine
 from locoswarm.bench.swarmbytes import BYTE_KEYS, byte_figures, format_bytes
 from locoswarm.bench.tcpio import Unavailable
@@ -20,7 +21,7 @@ def fake_peer(num_rounds: int, *, sent_per_round: int, io: tuple[int, int] | Non
                         delta_requests=r, delta_streams=0) for r in range(num_rounds)]
     peer = Peer(0, None, "", None, [], rounds=rounds)  # type: ignore[arg-type]
     if io is not None:
-        peer.io_start, peer.io_end = (io[0], 0), (io[1], 0)
+        peer.io = (io[1] - io[0], 0)
     return peer
 
 
@@ -56,7 +57,7 @@ def test_without_the_kernels_counters_the_daemons_counts_stay_and_the_transport_
 def test_a_p2pd_never_found_leaves_the_transport_null_and_says_so():
     r = byte_figures([fake_peer(3, sent_per_round=500)], None)
     assert r["bytes_per_peer_per_round"] is None
-    assert r["transport_bytes_unavailable"] == "no peer's p2pd was found at both its first and its last round"
+    assert r["transport_bytes_unavailable"] == "no peer's p2pd was found at each of its rounds"
     assert r["app_bytes_per_peer_per_round"] == 560
 
 
@@ -71,19 +72,73 @@ def test_peers_with_fewer_than_two_rounds_give_no_rate_and_say_why():
 def test_the_swarm_keeps_the_first_reason_the_counters_cannot_be_read_and_stops_asking(monkeypatch, tmp_path):
     asked = []
 
-    def refuse(pid: int) -> tuple[int, int]:
-        asked.append(pid)
+    def refuse() -> dict:
+        asked.append(1)
         raise Unavailable("sock_diag refused the dump: Operation not permitted")
 
-    monkeypatch.setattr(swarm_mod, "_io", refuse)
+    monkeypatch.setattr(swarm_mod, "_p2pds", lambda pid: {pid + 1})
+    monkeypatch.setattr(tcpio, "socket_bytes", refuse)
+    monkeypatch.setattr(swarm_mod, "socket_bytes", refuse)
     swarm = LocalSwarm(2, spec_path=None, max_rounds=3, threads=1, eval_every=0, keep_dir=str(tmp_path))
     peer = fake_peer(0, sent_per_round=0)
     peer.proc = type("Proc", (), {"pid": 4242})()  # type: ignore[assignment]
-    assert swarm._io(peer) is None and swarm._io(peer) is None
-    assert asked == [4242]
+    swarm.peers.append(peer)
+    swarm._read_io(peer, {"event": "listening"})
+    swarm._read_io_between_rounds()
+    swarm._read_io(peer, {"event": "round", "round": 2, "time": 10.0})
+    assert asked == [1] and peer.io is None
     assert swarm.io_unavailable == "sock_diag refused the dump: Operation not permitted"
 
 
-def test_a_daemon_that_is_gone_or_has_no_p2pd_is_not_sampled():
-    assert swarm_mod._io(2**22 + 7) is None
-    assert swarm_mod._io(os.getpid()) is None  # this process has no p2pd child
+def test_a_daemon_that_is_gone_or_has_no_p2pd_has_none_to_read():
+    assert swarm_mod._p2pds(2**22 + 7) == set()
+    assert swarm_mod._p2pds(os.getpid()) == set()  # this process has no p2pd child
+
+
+class FakeMeter(tcpio.TcpMeter):
+    """Reads the sockets of no process: each reading logs the next of `readings` (time, sent,
+    received) instead, and what it was asked is remembered."""
+
+    def __init__(self, readings: list[tuple[float, int, int]]) -> None:
+        super().__init__()
+        self.readings, self.asked = iter(readings), []
+
+    def read(self, pids: set[int], counters: dict | None = None, at: float | None = None) -> tuple[int, int]:
+        self.asked.append((pids, counters, at))
+        self.log.append(next(self.readings))
+        return self.log[-1][1:]
+
+
+def test_a_peer_is_read_from_its_start_and_counted_over_a_window_holding_its_rounds(monkeypatch, tmp_path):
+    found_at = {4242: [{7}], 5353: [set()]}
+    monkeypatch.setattr(swarm_mod, "_p2pds", lambda pid: found_at[pid].pop(0))
+    monkeypatch.setattr(swarm_mod, "socket_bytes", lambda: {"dump": 1})
+    monkeypatch.setattr(swarm_mod.time, "time", lambda: 99.0)
+    swarm = LocalSwarm(2, spec_path=None, max_rounds=3, threads=1, eval_every=0, keep_dir=str(tmp_path))
+    found, lost = fake_peer(0, sent_per_round=0), fake_peer(0, sent_per_round=0)
+    # Readings at its start (t=1), between rounds, at its first round's event (read after the
+    # round ended at t=5), and at its last round's (ended at t=20).
+    readings = [(1.0, 0, 0), (4.0, 100, 10), (5.5, 300, 20), (9.0, 400, 30), (21.0, 900, 70)]
+    for peer, pid, meter in ((found, 4242, FakeMeter(readings)), (lost, 5353, FakeMeter([]))):
+        peer.proc = type("Proc", (), {"pid": pid})()  # type: ignore[assignment]
+        peer.io_meter = meter
+        swarm.peers.append(peer)
+    swarm._read_io_between_rounds()  # before their p2pd is found: nobody is read
+    assert found.io_meter.asked == []
+    swarm._read_io(found, {"event": "listening"})
+    swarm._read_io(lost, {"event": "listening"})  # no p2pd: the transport does not count it
+    assert lost.io_lost and lost.io_meter.asked == []
+    swarm._io_next = 0.0
+    swarm._read_io_between_rounds()  # one dump, shared, for the peers being counted
+    assert found.io_meter.asked[-1] == ({7}, {"dump": 1}, 99.0)
+    swarm._read_io(found, {"event": "round", "round": 0, "time": 5.0})
+    found.rounds.append(RoundLine(0, 2, 2, 100, 1.0, 1.0, 1.0, 1.0, ended_unix_s=5.0))
+    swarm._io_next = 0.0
+    swarm._read_io_between_rounds()
+    swarm._read_io(found, {"event": "round", "round": 2, "time": 20.0})
+    # From the last reading before its first round ended (t=4) to the one after its last.
+    assert found.io == (800, 60) and lost.io is None
+    swarm._io_next = 0.0
+    swarm._read_io_between_rounds()
+    swarm._read_io(found, {"event": "round", "round": 2, "time": 30.0})  # reported again: the figure stands
+    assert len(found.io_meter.asked) == 5 and found.io == (800, 60)
