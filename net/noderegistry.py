@@ -30,7 +30,7 @@ import multiaddr
 from locoswarm.net.bridge import TrioP2P
 from locoswarm.net.dht import DHTClient, DHTUnreachable
 from locoswarm.net.host import dial
-from locoswarm.net.registry import read_registry, store_own, subkey_owner
+from locoswarm.net.registry import read_registry, store_own
 from locoswarm.protocol.records import PeerRecord, encode_record, write_levels
 from locoswarm.protocol.roll import Roll, newest_roll, roll_key
 
@@ -139,17 +139,10 @@ class BridgedRegistry:
         found = await self.p2p.run(self.client.get, roll_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return None
-        roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, self.spec_hash,
-                                    _author)
+        roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, self.spec_hash)
         for why in skipped:
             log.warning("%s: skipped", why)
         return roll
-
-
-def _author(subkey: object) -> tuple[str, bool]:
-    """The peer a subkey names, and whether that peer's own key signed it."""
-    signed = subkey_owner(subkey)
-    return (str(subkey)[:60], False) if signed is None else (signed[0], signed[0] == signed[1])
 
 
 def _remember(store, peer: str, addrs: list[str]) -> None:

@@ -23,12 +23,9 @@ import time
 from typing import Any
 
 import trio
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from locoswarm.net.dht import DHTClient, ValueWithExpiration
-from locoswarm.protocol.dhtrecords import peer_id
+from locoswarm.protocol.dhtrecords import subkey_author
 from locoswarm.protocol.errors import ProtocolError
 from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record
 
@@ -38,25 +35,6 @@ CLOCK_SLACK_S = 30.0
 would outlive its writer's refreshes."""
 MAX_ENTRIES_READ = 8 * BUCKET_ENTRIES
 """At most this many entries of one bucket are decoded (the freshest), as node/registry.py."""
-_OWNER = b"[owner:"
-
-
-def owner_peer_id(owner_key: bytes) -> str | None:
-    """The peer id of the OpenSSH RSA key in an owner marker, None for a key that cannot be read."""
-    try:
-        key = serialization.load_ssh_public_key(owner_key)
-    except (ValueError, UnsupportedAlgorithm):
-        return None
-    return peer_id(key) if isinstance(key, rsa.RSAPublicKey) else None
-
-
-def subkey_owner(subkey: object) -> tuple[str, str | None] | None:
-    """(the peer id a signed subkey names, the peer id of the owner key in its marker, None
-    when that key cannot be read); None for a subkey with no owner marker (an unsigned entry)."""
-    if not isinstance(subkey, bytes) or _OWNER not in subkey or not subkey.endswith(b"]"):
-        return None
-    named, _, owner_key = subkey.partition(_OWNER)
-    return named.decode(errors="replace"), owner_peer_id(owner_key[:-1])
 
 
 def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spec_hash: bytes, *, ttl_s: float,
@@ -74,12 +52,10 @@ def check_bucket(found: ValueWithExpiration | None, level: int, bucket: int, spe
     deadline = (time.time() if now is None else now) + ttl_s + CLOCK_SLACK_S
     entries: list[tuple[float, str, Any]] = []
     for subkey, item in found.value.items():
-        signed = subkey_owner(subkey)
-        if signed is None:
+        owner, marked, signer = subkey_author(subkey)
+        if not marked:
             rejected.append((repr(subkey)[:80], f"{where}: the subkey names no owner key (an unsigned entry)"))
-            continue
-        owner, signer = signed
-        if signer != owner:
+        elif signer != owner:
             rejected.append((owner, f"{where}: signed by a key that is not its identity (that key's peer id: "
                                     f"{signer or 'unreadable'})"))
         elif bucket_of(owner, level) != bucket:

@@ -49,9 +49,9 @@ from hivemind.utils import get_dht_time
 from locoswarm.node.buckets import MAX_LEVEL, PartialView, SizeEstimate, buckets_to_sample, read_level, write_levels
 from locoswarm.node.replicas import ReplicaStore
 from locoswarm.node.roll import read_roll
-from locoswarm.node.signers import subkey_author
 from locoswarm.node.upkeep import redial, rediscover
 from locoswarm.protocol import ProtocolError
+from locoswarm.protocol.dhtrecords import subkey_author
 from locoswarm.protocol.roll import Roll
 from locoswarm.protocol.records import BUCKET_ENTRIES, PeerRecord, bucket_key, bucket_of, decode_record, encode_record
 

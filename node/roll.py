@@ -86,7 +86,7 @@ async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchor
     (ReplicaStore.relay: signed as the anchors signed them), so that they outlive the nodes
     they were first stored at while an anchor is away. Runs until cancelled."""
     def keep(subkey: object, value: object) -> bool:
-        return isinstance(anchor_roll(subkey, value, anchors, spec_hash), Roll)
+        return isinstance(take_roll(subkey, value, anchors, spec_hash), Roll)
 
     while True:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * every_s)
@@ -100,20 +100,6 @@ async def relay_rolls(store: ReplicaStore, run_id: str, spec_hash: bytes, anchor
             log.warning("relaying the anchors' rolls failed: %s: %s", type(e).__name__, e)
 
 
-def anchor_roll(subkey: object, value: object, anchors: list[str], spec_hash: bytes) -> Roll | str:
-    """The roll in a DHT entry of the roll key (`value` as DHTNode.get gives it), or why it is
-    not one to take (protocol/roll.py `take_roll`)."""
-    return take_roll(*_author(subkey), value, anchors, spec_hash)
-
-
-def _author(subkey: object) -> tuple[str, bool]:
-    """The peer a subkey names, and whether that peer's own key signed it."""
-    from locoswarm.node.signers import subkey_author  # here: the round modules import without hivemind
-
-    named, signed, signer = subkey_author(subkey)
-    return named, signed and signer == named
-
-
 async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[str]) -> Roll | None:
     """The newest roll (by round) that one of `anchors` signed, None when none is found.
     Entries not signed by the peer their subkey names, signed by a peer that is no anchor,
@@ -121,7 +107,7 @@ async def read_roll(dht: DHTNode, run_id: str, spec_hash: bytes, anchors: list[s
     found = await dht.get(roll_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return None
-    roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, spec_hash, _author)
+    roll, skipped = newest_roll({k: item.value for k, item in found.value.items()}, anchors, spec_hash)
     for why in skipped:
         log.warning("%s: skipped", why)
     return roll

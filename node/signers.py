@@ -1,14 +1,14 @@
 """Who signed a DHT entry. Records and progress are signed with hivemind's
 RSASignatureValidator, whose subkeys carry the owner's public key; an entry is its named
 peer's only when that key is the peer's libp2p identity (the peer id is the key's hash).
-`peer_id_of_owner` and `subkey_author` say whose an entry is; CachedSignatureValidator
-verifies each entry once, remembering the verdict by content.
+`peer_id_of_owner` is hivemind's own derivation of whose an entry is (the daemons read
+subkeys with protocol/dhtrecords.py's `subkey_author`, which agrees with it and needs no
+hivemind); CachedSignatureValidator verifies each entry once, remembering the verdict by content.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -26,26 +26,6 @@ def peer_id_of_owner(owner_key: bytes) -> str:
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
     return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), "sha2-256")).to_base58()
-
-
-@functools.lru_cache(maxsize=4096)
-def _signer(owner_key: bytes) -> str | None:
-    """peer_id_of_owner, None for a key that cannot be read (cached: the same keys come back
-    at every refresh of records and round progress)."""
-    try:
-        return peer_id_of_owner(owner_key)
-    except (ValueError, TypeError):
-        return None
-
-
-def subkey_author(subkey: object) -> tuple[str, bool, str | None]:
-    """Who a DHT subkey says wrote its entry, and who signed it: (the peer id it names,
-    whether it carries an owner key, the peer id of that key or None when unreadable). The
-    entry is its named peer's only when the two ids agree."""
-    if not isinstance(subkey, bytes):
-        return str(subkey), False, None
-    named, marker, rest = subkey.partition(b"[owner:")
-    return named.decode(errors="replace"), bool(marker), _signer(rest[:-1]) if marker else None
 
 
 class CachedSignatureValidator(RSASignatureValidator):

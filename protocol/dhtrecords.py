@@ -11,6 +11,8 @@ docs/protocol.md, "Speaking the swarm without hivemind").
   one `[signature:<base64>]` (appended when signing), an RSA-PSS (SHA-256, MGF1-SHA-256, maximal
   salt) signature of the msgpack of the tuple (key id, subkey, value without the marker,
   expiration as a float64).
+- `subkey_author`, `signed_by_named`: whose a signed entry is (the peer its subkey names, the
+  peer whose key is in its owner marker), for the daemons on either network and for the rolls.
 - `load_identity`: a libp2p identity file (hivemind's and locoswarm's: an RSA PrivateKey
   protobuf) as a `cryptography` key with its base58 peer id, the id node/signers.py
   derives from the owner key in a subkey.
@@ -19,6 +21,7 @@ docs/protocol.md, "Speaking the swarm without hivemind").
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 import re
@@ -36,6 +39,8 @@ from locoswarm.protocol.pbwire import MAX_MESSAGE_SIZE, decode, encode
 
 TUPLE_EXT, DICTIONARY_EXT = 0x40, 0x50
 DHT_ID_BYTES = 20
+OWNER = b"[owner:"
+"""What opens an owner marker in a subkey (`owner_marker`)."""
 REGULAR_TAG, DICTIONARY_TAG = b"\xc0", b""
 """StoreRequest subkey tags: msgpack nil for a regular value, empty for a whole dictionary."""
 
@@ -138,7 +143,7 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MA
 def owner_marker(public_key: rsa.RSAPublicKey) -> bytes:
     """`[owner:ssh-rsa AAAA…]`: put in a subkey, it makes the entry this key's alone."""
     ssh = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return b"[owner:" + ssh + b"]"
+    return OWNER + ssh + b"]"
 
 
 def record_blob(key_id: bytes, subkey: bytes, value: bytes, expiration: float) -> bytes:
@@ -243,6 +248,35 @@ def peer_id(public_key: rsa.RSAPublicKey) -> str:
     """The base58 peer id (Qm…) of an RSA key: node/signers.py's peer_id_of_owner of its
     OpenSSH form, and hivemind's PeerID.from_identity of the identity file holding it."""
     return _base58(peer_id_bytes(public_key))
+
+
+@functools.lru_cache(maxsize=65536)
+def owner_peer_id(owner_key: bytes) -> str | None:
+    """The peer id of the OpenSSH RSA key in an owner marker, None for a key that cannot be read
+    (cached: the same keys come back at every read of records, progress and rolls; 65,536 of
+    them, so a swarm of thousands does not miss)."""
+    try:
+        key = serialization.load_ssh_public_key(owner_key)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    return peer_id(key) if isinstance(key, rsa.RSAPublicKey) else None
+
+
+def subkey_author(subkey: object) -> tuple[str, bool, str | None]:
+    """Who a DHT subkey says wrote its entry, and who signed it: (the peer id it names, whether
+    it carries an owner marker, the peer id of the marker's key, None when unreadable). The
+    entry is its named peer's only when the two ids agree: `signed_by_named`."""
+    if not isinstance(subkey, bytes):
+        return str(subkey), False, None
+    named, marker, rest = subkey.partition(OWNER)
+    signer = owner_peer_id(rest[:-1]) if marker and rest.endswith(b"]") else None
+    return named.decode(errors="replace"), bool(marker), signer
+
+
+def signed_by_named(subkey: object) -> tuple[str, bool]:
+    """The peer a subkey names, and whether that peer's own key signed its entry."""
+    named, _, signer = subkey_author(subkey)
+    return named, signer == named
 
 
 @dataclass(frozen=True, slots=True)

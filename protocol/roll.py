@@ -18,12 +18,13 @@ only entries whose signer is the peer the subkey names and one of the spec's anc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import msgpack
 
 from locoswarm.protocol.delta import MAX_ROUND
+from locoswarm.protocol.dhtrecords import signed_by_named
 from locoswarm.protocol.envelope import unpack_envelope
 from locoswarm.protocol.errors import MalformedMessage, ProtocolError, SpecMismatch
 from locoswarm.protocol.records import CHAIN_HEX_LEN, is_chain
@@ -84,10 +85,11 @@ def decode_roll(blob: object, anchor: str, spec_hash: bytes) -> Roll:
     return Roll(anchor=anchor, round=round_, chain=chain, peers=frozenset(peers))
 
 
-def take_roll(named: str, by_named: bool, value: object, anchors: Iterable[str], spec_hash: bytes) -> Roll | str:
-    """The roll in a DHT entry of the roll key whose subkey names peer `named` (`by_named`: the
-    entry is signed by that peer's own key), or why it is not one to take: not signed by the
-    peer it names, signed by a peer that is no anchor, or malformed."""
+def take_roll(subkey: object, value: object, anchors: Iterable[str], spec_hash: bytes) -> Roll | str:
+    """The roll in a DHT entry of the roll key (`subkey` and `value` as the DHT gives them), or
+    why it is not one to take: not signed by the peer its subkey names, signed by a peer that is
+    no anchor, or malformed."""
+    named, by_named = signed_by_named(subkey)
     if not by_named:
         return f"a roll under {named} is not signed by the peer it names"
     if named not in anchors:
@@ -98,15 +100,14 @@ def take_roll(named: str, by_named: bool, value: object, anchors: Iterable[str],
         return f"the roll of anchor {named} is refused: {e}"
 
 
-def newest_roll(entries: Mapping[object, object], anchors: Iterable[str], spec_hash: bytes,
-                author: Callable[[object], tuple[str, bool]]) -> tuple[Roll | None, list[str]]:
+def newest_roll(entries: Mapping[object, object], anchors: Iterable[str],
+                spec_hash: bytes) -> tuple[Roll | None, list[str]]:
     """The newest roll (by round, then anchor) among the roll key's `entries` (subkey → value as
-    the DHT gives it), each taken by `take_roll` with `author(subkey)` (the peer it names, and
-    whether that peer signed it); and why each other entry was skipped."""
+    the DHT gives it), each taken by `take_roll`; and why each other entry was skipped."""
     anchors = frozenset(anchors)
     rolls, skipped = [], []
     for subkey, value in entries.items():
-        roll = take_roll(*author(subkey), value, anchors, spec_hash)
+        roll = take_roll(subkey, value, anchors, spec_hash)
         if isinstance(roll, Roll):
             rolls.append(roll)
         else:

@@ -420,10 +420,22 @@ def test_an_identity_file_gives_hiveminds_and_locoswarms_peer_id(tmp_path):
     assert identity.peer_id == expected.to_base58()
     assert rec.peer_id_bytes(identity.private_key.public_key()) == expected.to_bytes()
     assert peer_id_of_owner(identity.owner_marker[len(b"[owner:"):-1]) == identity.peer_id
+    # The daemons' subkey reader, without hivemind, agrees with hivemind's own derivation.
+    assert rec.subkey_author(b"Qmnamed" + identity.owner_marker) == ("Qmnamed", True, identity.peer_id)
+    assert rec.signed_by_named(identity.peer_id.encode() + identity.owner_marker) == (identity.peer_id, True)
+    assert rec.signed_by_named(b"Qmnamed" + identity.owner_marker) == ("Qmnamed", False)
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     made_by_the_daemon = ensure_identity(str(state_dir))  # node/statedir.py's own identity creation
     assert rec.load_identity((state_dir / IDENTITY_FILE).read_bytes()).peer_id == made_by_the_daemon
+
+
+def test_a_subkey_without_a_readable_owner_key_is_nobodys():
+    assert rec.subkey_author(b"Qmnamed") == ("Qmnamed", False, None)  # an unsigned entry
+    assert rec.subkey_author(b"Qmnamed[owner:ssh-rsa AAAAnot-a-key]") == ("Qmnamed", True, None)
+    assert rec.subkey_author(b"Qmnamed[owner:ssh-rsa AAAA") == ("Qmnamed", True, None)  # the marker never closes
+    assert rec.subkey_author(7) == ("7", False, None)
+    assert rec.signed_by_named(b"None[owner:junk]") == ("None", False)
 
 
 def test_an_identity_that_is_not_an_rsa_key_is_refused_naming_why():

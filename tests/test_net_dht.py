@@ -28,7 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from harness import libp2p_missing
-from locoswarm.node.signers import subkey_author
+from locoswarm.protocol.dhtrecords import subkey_author
 from locoswarm.node.statedir import IDENTITY_FILE, ensure_identity
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "lp2p_dht.py")

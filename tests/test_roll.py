@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from locoswarm.protocol import MalformedMessage, SpecMismatch
-from locoswarm.protocol.roll import MAX_ROLL_PEERS, decode_roll, encode_roll, roll_peers
+from locoswarm.protocol.roll import MAX_ROLL_PEERS, decode_roll, encode_roll, roll_peers, take_roll
 
 SPEC = b"s" * 32
 CHAIN = "ab" * 16
@@ -191,7 +191,7 @@ def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_pat
     from hivemind.utils.crypto import RSAPrivateKey
 
     from locoswarm.node.replicas import ReplicaStore
-    from locoswarm.node.roll import anchor_roll, read_roll, roll_key
+    from locoswarm.node.roll import read_roll, roll_key
     from locoswarm.protocol.roll import Roll
 
     key_id = DHTID.generate(source=roll_key("run"))
@@ -228,7 +228,7 @@ def test_a_roll_outlives_the_node_it_was_stored_at_once_a_peer_relays_it(tmp_pat
                 await asyncio.sleep(0.1)
             assert nearer.protocol.storage.get(key_id) is None
             sent = await ReplicaStore(relay).relay(
-                roll_key("run"), lambda subkey, value: isinstance(anchor_roll(subkey, value, [a_id], SPEC), Roll))
+                roll_key("run"), lambda subkey, value: isinstance(take_roll(subkey, value, [a_id], SPEC), Roll))
             held = nearer.protocol.storage.get(key_id)
             assert sent == 1 and held is not None and len(held.value) == 1, "the anchor's roll, not the other's"
             for node in (first, anchor, other):
