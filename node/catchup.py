@@ -115,7 +115,7 @@ class CatchUp:
         ctx = self.ctx
         lineage, records = ctx.lineage, ctx.membership.records
         trusted = ctx.trainer.ledger.established
-        follow = lineage.follow(ctx.peer_id, ctx.trainer.outer_steps, records, trusted)
+        follow = lineage.follow(ctx.trainer.outer_steps, records, trusted)
         if follow is None:
             for r in unearned_ahead(ctx.peer_id, ctx.trainer.outer_steps, records, lineage.weighing(trusted)):
                 if r.peer_id not in self._passed_over:

@@ -315,37 +315,36 @@ class Lineage:
         if self.behind_at is None:
             self.behind_at = outer_steps
 
-    def follow(self, me: str, outer_steps: int, records: list[PeerRecord], trusted: Trusted | None = None
-               ) -> Follow | None:
+    def follow(self, outer_steps: int, records: list[PeerRecord], trusted: Trusted | None = None) -> Follow | None:
         """Whose state to take now, None to keep ours: after a discarded round, the peers
         that have not diverged and stepped past where we stopped (while there are none, our
         state is as good as anyone's: alone, nobody stepped without us); then whom_to_follow
         and whom_to_rejoin. `trusted`: whose weight is earned (see `weigh`)."""
         if self.behind_at is not None:
-            live = [r for r in records if r.peer_id != me and not r.paused]
-            w = weigh([me] + [r.peer_id for r in live], self.weighing(trusted))
+            live = [r for r in records if r.peer_id != self.me and not r.paused]
+            w = weigh([self.me] + [r.peer_id for r in live], self.weighing(trusted))
             ahead = [r for r in live if not r.diverged and r.round > self.behind_at and w(r.peer_id)]
             if ahead:
                 return Follow(f"a discarded round left outer step {outer_steps} behind the swarm's "
                               f"{max(r.round for r in ahead)}", ahead)
             if not live:
                 self.behind_at = None
-        if self.diverged_at is not None and self._taken_from_us(me, records):
+        if self.diverged_at is not None and self._taken_from_us(records):
             self.diverged_at, self.trusted_then = None, frozenset()
         trusted = self.weighing(trusted)
-        found = whom_to_follow(me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
+        found = whom_to_follow(self.me, outer_steps, records, diverged_at=self.diverged_at, trusted=trusted)
         if found is None and self.diverged_at is None:
-            found = whom_to_rejoin(me, self.chains, records, trusted)
+            found = whom_to_rejoin(self.me, self.chains, records, trusted)
         return found
 
-    def _taken_from_us(self, me: str, records: list[PeerRecord]) -> bool:
+    def _taken_from_us(self, records: list[PeerRecord]) -> bool:
         """Whether a live peer that has not diverged shows one of our chains of a round
         after we diverged: it took our state (a peer back from its checkpoint behind us, say),
         so ours is the swarm's lineage again, not a runaway's. Taking its state back would
         put us on our own older state, rounds behind (seen: two peers swapped states that
         way, each taking the other's, and trained apart for rounds)."""
         ours = {k: v for k, v in self.chains.items() if k > self.diverged_at}
-        return any(ours.get(k) == v for r in records if r.peer_id != me and not r.paused and not r.diverged
+        return any(ours.get(k) == v for r in records if r.peer_id != self.me and not r.paused and not r.diverged
                    for k, v in known_chains(r).items())
 
     def weighing(self, trusted: Trusted | None) -> Trusted | None:

@@ -348,7 +348,7 @@ def test_a_peer_behind_after_a_discarded_round_whose_own_state_earned_weight_att
 
     ours = "a" * 32
     lineage = Lineage(b"s" * 32)
-    lineage.chains = {16: ours}
+    lineage.start(16, ours, resumed=True, me="me")
     lineage.discarded(16)
     records = [_record("h1", 16, chain=ours), _record("h2", 16, chain=ours), _record("h3", 26, chain="b" * 32)]
     trainer = SimpleNamespace(ledger=_ledger(["me", "h1", "h2", "h3"]), outer_steps=16, round=17)
@@ -362,7 +362,7 @@ def test_a_peer_behind_after_a_discarded_round_whose_own_state_earned_weight_att
         return False
 
     catch_up.by_deltas = no_replay
-    assert lineage.follow("me", 16, records, trainer.ledger.established) is not None, "records ahead: behind"
+    assert lineage.follow(16, records, trainer.ledger.established) is not None, "records ahead: behind"
     assert asyncio.run(catch_up.maybe_follow()) is False, "nothing taken: train on"
     assert asked == ["by_deltas"] and lineage.behind_at is None
     assert asyncio.run(catch_up.maybe_follow()) is False and asked == ["by_deltas"], "not asked again"

@@ -243,17 +243,17 @@ def test_a_diverged_peer_weighs_the_others_as_its_ledger_did_when_it_diverged_no
     and the swarm's, taken from different outer states, are refused both ways)."""
     only_me = {"me"}.__contains__
     lin = Lineage(b"h" * 32)
-    lin.start(0)
+    lin.start(0, me="me")
     lin.after_round(0, 0, 1, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
     lin.after_round(1, 1, 2, [("me", 5)], others_trained=True, sampled=False, established=frozenset())
     assert lin.diverged_at == 1
     swarm = [rec("b", 12), rec("c", 12)]
     assert whom_to_follow("me", 12, swarm, diverged_at=1, trusted=only_me) is None, "the rule without it"
-    assert donors(lin.follow("me", 12, swarm, only_me)) == ["b", "c"], "nobody established then: peers count"
+    assert donors(lin.follow(12, swarm, only_me)) == ["b", "c"], "nobody established then: peers count"
     lin.synced(12, swarm, [])
     lin.after_round(12, 12, 13, [("me", 5), ("b", 5)], others_trained=True, sampled=False)
     lin.after_round(13, 13, 14, [("me", 5)], others_trained=True, sampled=False, established=frozenset({"b"}))
-    assert donors(lin.follow("me", 20, [rec("b", 20), rec("x", 20)], only_me)) == ["b"], "b was established then"
+    assert donors(lin.follow(20, [rec("b", 20), rec("x", 20)], only_me)) == ["b"], "b was established then"
 
 
 def test_a_peer_established_only_by_its_rounds_alone_weighs_the_swarm_as_before_them_and_follows_it():
@@ -276,14 +276,14 @@ def test_a_peer_established_only_by_its_rounds_alone_weighs_the_swarm_as_before_
                             established=frozenset({"me"}))
     assert offline.diverged_at is None
     assert whom_to_follow("me", 12, swarm, diverged_at=None, trusted=only_me) is None, "the rule without it"
-    assert donors(offline.follow("me", 12, swarm, only_me)) == ["b", "c"], "nobody else established: peers count"
+    assert donors(offline.follow(12, swarm, only_me)) == ["b", "c"], "nobody else established: peers count"
     # Established in a round with others (a run's first peer that trained alone before anyone
     # came, say), its weight counts: records of fresh identities ahead are passed over.
     founder = Lineage(b"h" * 32)
     founder.start(0, me="me", vouched=False)
     founder.after_round(8, 8, 9, [("me", 5), ("n", 5)], others_trained=True, sampled=False,
                         established=frozenset({"me"}))
-    assert founder.vouched and founder.follow("me", 9, [rec("x", 40), rec("y", 40)], only_me) is None
+    assert founder.vouched and founder.follow(9, [rec("x", 40), rec("y", 40)], only_me) is None
     # A state taken from donors: whatever their ledger says of us.
     founder.synced(40, swarm, [], trusted=frozenset({"b"}).__contains__)
     assert not founder.vouched
@@ -300,22 +300,22 @@ def test_a_diverged_peer_whose_state_a_peer_behind_took_is_diverged_no_more_and_
     an older checkpoint and took c's state. c used to take b's state then, its own of a
     round before, and the two trained apart; b showing c's chain says c's is the swarm's."""
     lin = Lineage(b"h" * 32)
-    lin.start(0)
+    lin.start(0, me="Qc")
     lin.after_round(0, 0, 1, [("Qc", 5), ("Qb", 5)], others_trained=True, sampled=False)
     lin.after_round(1, 1, 2, [("Qc", 5)], others_trained=True, sampled=False)
     lin.after_round(2, 2, 3, [("Qc", 5)], others_trained=True, sampled=False)
     assert lin.diverged_at == 1
     b_took_ours = rec("Qb", 2, chain=lin.chains[2], prev_chain=lin.chains[1])
-    assert donors(lin.follow("Qc", 3, [b_took_ours])) is None
+    assert donors(lin.follow(3, [b_took_ours])) is None
     assert lin.diverged_at is None and not lin.shown(3)["diverged"]
     # A sound peer that shows only chains of before the divergence (or other ones) is the
     # swarm that trained on without us: followed, as before.
     lin = Lineage(b"h" * 32)
-    lin.start(0)
+    lin.start(0, me="Qc")
     lin.after_round(0, 0, 1, [("Qc", 5), ("Qb", 5)], others_trained=True, sampled=False)
     lin.after_round(1, 1, 2, [("Qc", 5)], others_trained=True, sampled=False)
     swarm = rec("Qb", 2, chain="other", prev_chain=lin.chains[1])  # round 1's chain: of before
-    assert donors(lin.follow("Qc", 2, [swarm])) == ["Qb"] and lin.diverged_at == 1
+    assert donors(lin.follow(2, [swarm])) == ["Qb"] and lin.diverged_at == 1
 
 
 def test_a_resumed_checkpoint_without_a_valid_chain_leaves_the_lineage_unknown():
@@ -328,22 +328,22 @@ def test_a_resumed_checkpoint_without_a_valid_chain_leaves_the_lineage_unknown()
 
 def test_after_a_discarded_round_the_peer_takes_the_state_of_the_peers_that_stepped_past_it():
     lin = Lineage(b"h" * 32)
-    lin.start(3, "ef" * 16, resumed=True)
+    lin.start(3, "ef" * 16, resumed=True, me="me")
     lin.after_round(3, 3, 4, [("me", 1), ("b", 1)], others_trained=True, sampled=False)
     lin.discarded(4)
     assert list(lin.chains) == [4], "the state a discarded round leaves is the one its chain names, no other"
-    assert lin.follow("me", 4, [rec("b", 4), rec("c", 4)]) is None, "nobody stepped past us yet"
-    follow = lin.follow("me", 4, [rec("b", 5), rec("c", 5, diverged=True), rec("d", 5, paused=True)])
+    assert lin.follow(4, [rec("b", 4), rec("c", 4)]) is None, "nobody stepped past us yet"
+    follow = lin.follow(4, [rec("b", 5), rec("c", 5, diverged=True), rec("d", 5, paused=True)])
     assert donors(follow) == ["b"]
     lin.synced(5, [rec("b", 5, chain="cd" * 16)], [])
-    assert lin.follow("me", 5, [rec("b", 6)]) is None and lin.chains == {5: "cd" * 16}
+    assert lin.follow(5, [rec("b", 6)]) is None and lin.chains == {5: "cd" * 16}
 
 
 def test_a_discarded_round_alone_is_forgotten_when_nobody_else_is_live():
     lin = Lineage(b"h" * 32)
-    lin.start(0)
+    lin.start(0, me="me")
     lin.discarded(3)
-    assert lin.follow("me", 3, []) is None
+    assert lin.follow(3, []) is None
     assert lin.behind_at is None, "alone, nobody stepped without us: nothing to take later"
 
 
