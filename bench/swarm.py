@@ -114,8 +114,8 @@ class Peer:
     """Its p2pd's sockets, read from its `listening` event on, at each of its rounds and between."""
     io_pids: set[int] = field(default_factory=set)
     """The p2pd of its current life (empty before it is found, and once the peer is restarted)."""
-    io: tuple[int, int] | None = None
-    """(bytes sent, bytes received) by its p2pd over a window that holds its first round's end to
+    io: tuple[int, int, int] | None = None
+    """(bytes sent, bytes received, sent over its connections that closed) by its p2pd over a window that holds its first round's end to
     the run's last round's end, as its own round events time them: set at that round when
     readings bracket it."""
     io_lost: bool = False

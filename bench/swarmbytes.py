@@ -34,7 +34,8 @@ APP_COUNTERS = {
 APP_SENT = ("sent", "progress_sent", "registry_sent")
 """What the daemons' code wrote to other peers: `app_bytes_per_peer_per_round` sums them."""
 BYTE_KEYS = (*APP_COUNTERS, "app_bytes_per_peer_per_round", "app_bytes_unavailable", "bytes_per_peer_per_round",
-             "control_bytes_per_peer_per_round", "transport_peers_counted", "transport_bytes_unavailable")
+             "control_bytes_per_peer_per_round", "transport_closed_bytes_per_peer_per_round", "transport_peers_counted",
+             "transport_bytes_unavailable")
 """Every key `byte_figures` writes."""
 
 
@@ -65,9 +66,14 @@ def byte_figures(peers: list[Peer], transport_unavailable: str | None) -> dict:
         # What the transport carried beyond the payload the same peers' code sent over the
         # same rounds: the control plane (DHT, libp2p framing, pings), what docs/scale.md models.
         payload = statistics.fmean(_per_round(p, "sent") for p in counted)
-        out.update(bytes_per_peer_per_round=transport, control_bytes_per_peer_per_round=transport - payload)
+        # What the connections that closed in the window had sent over their lives: what a sum
+        # over the open sockets at the window's ends would have dropped (bench/tcpio.py).
+        closed = statistics.fmean(p.io[2] / (len(p.rounds) - 1) for p in counted)
+        out.update(bytes_per_peer_per_round=transport, control_bytes_per_peer_per_round=transport - payload,
+                   transport_closed_bytes_per_peer_per_round=closed)
     else:
-        out.update(bytes_per_peer_per_round=None, control_bytes_per_peer_per_round=None)
+        out.update(bytes_per_peer_per_round=None, control_bytes_per_peer_per_round=None,
+                   transport_closed_bytes_per_peer_per_round=None)
     out["transport_peers_counted"] = len(counted) if transport_unavailable is None else 0
     out["transport_bytes_unavailable"] = transport_unavailable
     return out

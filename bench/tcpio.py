@@ -61,13 +61,14 @@ class TcpMeter:
     moved after the first of them; read often (every half second, say) to keep that small. The
     totals are thus a lower bound, never a count made smaller by a connection that closed.
     Every reading is logged with its time, so the bytes of a window that other clocks mark (a
-    daemon's rounds) can be had: `between`."""
+    daemon's rounds) can be had: `between`. `closed_sent` keeps what the sockets that closed
+    since the first reading had sent over their lives: what a sum over open sockets drops."""
 
     def __init__(self) -> None:
         self._seen: dict[int, tuple[int, int]] | None = None
-        self.sent = self.received = 0
-        self.log: list[tuple[float, int, int]] = []
-        """(Unix time, bytes sent, bytes received) at each reading, in order."""
+        self.sent = self.received = self.closed_sent = 0
+        self.log: list[tuple[float, int, int, int]] = []
+        """(Unix time, bytes sent, bytes received, closed_sent) at each reading, in order."""
 
     def read(self, pids: set[int], counters: dict[int, tuple[int, int]] | None = None,
              at: float | None = None) -> tuple[int, int]:
@@ -84,19 +85,21 @@ class TcpMeter:
                     was_sent = was_received = 0
                 self.sent += sent - was_sent
                 self.received += received - was_received
+            self.closed_sent += sum(sent for inode, (sent, _) in self._seen.items() if inode not in now)
         self._seen = now
-        self.log.append((time.time() if at is None else at, self.sent, self.received))
+        self.log.append((time.time() if at is None else at, self.sent, self.received, self.closed_sent))
         return self.sent, self.received
 
-    def between(self, start: float, end: float) -> tuple[int, int] | None:
-        """(bytes sent, bytes received) from the last reading at or before Unix time `start` to
-        the first at or after `end`: a window that holds [start, end] whole. None when no
-        reading brackets it."""
+    def between(self, start: float, end: float) -> tuple[int, int, int] | None:
+        """(bytes sent, bytes received, closed_sent's growth) from the last reading at or before
+        Unix time `start` to the first at or after `end`: a window that holds [start, end]
+        whole. None when no reading brackets it."""
         before = [r for r in self.log if r[0] <= start]
         after = [r for r in self.log if r[0] >= end]
         if not before or not after:
             return None
-        return after[0][1] - before[-1][1], after[0][2] - before[-1][2]
+        first, last = before[-1], after[0]
+        return last[1] - first[1], last[2] - first[2], last[3] - first[3]
 
 
 def _socket_inodes(pid: int) -> set[int]:

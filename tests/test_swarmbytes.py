@@ -21,7 +21,7 @@ def fake_peer(num_rounds: int, *, sent_per_round: int, io: tuple[int, int] | Non
                         delta_requests=r, delta_streams=0) for r in range(num_rounds)]
     peer = Peer(0, None, "", None, [], rounds=rounds)  # type: ignore[arg-type]
     if io is not None:
-        peer.io = (io[1] - io[0], 0)
+        peer.io = (io[1] - io[0], 0, io[1] // 100)
     return peer
 
 
@@ -36,6 +36,7 @@ def test_both_levels_are_reported_per_peer_per_round_where_the_transport_is_coun
     assert r["progress_writes_per_peer_per_round"] == 2 and r["delta_requests_per_peer_per_round"] == 1
     # (8000 + 16000) / 2 peers / 4 rounds; the control plane is what the payload leaves of it.
     assert r["bytes_per_peer_per_round"] == 3000 and r["control_bytes_per_peer_per_round"] == 1000
+    assert r["transport_closed_bytes_per_peer_per_round"] == (180 + 160) / 2 / 4
     assert r["transport_peers_counted"] == 2 and r["transport_bytes_unavailable"] is None
     assert r["app_bytes_unavailable"] is None
     text = "\n".join(format_bytes(r))
@@ -99,14 +100,14 @@ class FakeMeter(tcpio.TcpMeter):
     """Reads the sockets of no process: each reading logs the next of `readings` (time, sent,
     received) instead, and what it was asked is remembered."""
 
-    def __init__(self, readings: list[tuple[float, int, int]]) -> None:
+    def __init__(self, readings: list[tuple[float, int, int, int]]) -> None:
         super().__init__()
         self.readings, self.asked = iter(readings), []
 
     def read(self, pids: set[int], counters: dict | None = None, at: float | None = None) -> tuple[int, int]:
         self.asked.append((pids, counters, at))
         self.log.append(next(self.readings))
-        return self.log[-1][1:]
+        return self.log[-1][1:3]
 
 
 def test_a_peer_is_read_from_its_start_and_counted_over_a_window_holding_its_rounds(monkeypatch, tmp_path):
@@ -118,7 +119,7 @@ def test_a_peer_is_read_from_its_start_and_counted_over_a_window_holding_its_rou
     found, lost = fake_peer(0, sent_per_round=0), fake_peer(0, sent_per_round=0)
     # Readings at its start (t=1), between rounds, at its first round's event (read after the
     # round ended at t=5), and at its last round's (ended at t=20).
-    readings = [(1.0, 0, 0), (4.0, 100, 10), (5.5, 300, 20), (9.0, 400, 30), (21.0, 900, 70)]
+    readings = [(1.0, 0, 0, 0), (4.0, 100, 10, 0), (5.5, 300, 20, 0), (9.0, 400, 30, 50), (21.0, 900, 70, 50)]
     for peer, pid, meter in ((found, 4242, FakeMeter(readings)), (lost, 5353, FakeMeter([]))):
         peer.proc = type("Proc", (), {"pid": pid})()  # type: ignore[assignment]
         peer.io_meter = meter
@@ -137,8 +138,8 @@ def test_a_peer_is_read_from_its_start_and_counted_over_a_window_holding_its_rou
     swarm._read_io_between_rounds()
     swarm._read_io(found, {"event": "round", "round": 2, "time": 20.0})
     # From the last reading before its first round ended (t=4) to the one after its last.
-    assert found.io == (800, 60) and lost.io is None
+    assert found.io == (800, 60, 50) and lost.io is None
     swarm._io_next = 0.0
     swarm._read_io_between_rounds()
     swarm._read_io(found, {"event": "round", "round": 2, "time": 30.0})  # reported again: the figure stands
-    assert len(found.io_meter.asked) == 5 and found.io == (800, 60)
+    assert len(found.io_meter.asked) == 5 and found.io == (800, 60, 50)

@@ -54,14 +54,15 @@ def test_a_meter_keeps_what_a_closed_connection_moved_and_counts_a_new_one_whole
     # kept what they moved between its readings and added the new pair's bytes whole (both ends
     # are this process: what one sent, the other received).
     assert 150_000 <= sent < 150_000 + 8192 and 150_000 <= received < 150_000 + 8192, (sent, received)
-    assert len(meter.log) == 3 and [r[1:] for r in meter.log][-1] == (sent, received)
+    assert len(meter.log) == 3 and meter.log[-1][1:3] == (sent, received)
+    assert 300_000 <= meter.closed_sent < 300_000 + 8192  # what the closed pair had sent, both ends
 
 
 def test_a_window_is_counted_from_the_reading_before_its_start_to_the_one_after_its_end():
     meter = tcpio.TcpMeter()
-    meter.log = [(1.0, 0, 0), (2.0, 50, 5), (3.0, 80, 8), (4.0, 120, 9)]
-    assert meter.between(2.5, 3.5) == (70, 4)
-    assert meter.between(2.0, 3.0) == (30, 3)  # readings at its ends bracket it
+    meter.log = [(1.0, 0, 0, 0), (2.0, 50, 5, 0), (3.0, 80, 8, 40), (4.0, 120, 9, 40)]
+    assert meter.between(2.5, 3.5) == (70, 4, 40)
+    assert meter.between(2.0, 3.0) == (30, 3, 40)  # readings at its ends bracket it
     assert meter.between(0.5, 3.0) is None and meter.between(1.5, 4.5) is None
 
 
