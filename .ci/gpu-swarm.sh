@@ -14,6 +14,9 @@
 #   validate24: a round's exchange compute on one core (bench checks, 17 deltas), then 24 CPU
 #            peers × 32 rounds and `bench scale --validate` of that run (the model against real
 #            daemons at 24 peers, with this machine's cores and request round trip);
+#   validate16: 16 CPU peers × 96 rounds (one per core, not oversubscribed) and `bench scale
+#            --validate` of it: the control bytes with p2pd's closed connections counted
+#            (transport_closed_bytes_per_peer_per_round says what the earlier count dropped);
 #   catchup: the daemon tests of catching up by the rounds' deltas (a joiner behind, a peer
 #            SIGKILLed and restarted, a discarded round);
 #   churn:   6 peers, a random one SIGKILLed and restarted every 10 s on average (160 rounds:
@@ -75,6 +78,12 @@ for part in "${parts[@]}"; do
         timeout 150 python3 -m locoswarm bench scale --validate "$out/swarm24x32.json" \
             --json "$out/validate24x32.json" > "$out/validate24x32.log" 2>&1
         echo "validate24 rc=$?" | tee -a "$out/summary.txt"; tail -6 "$out/validate24x32.log";;
+    validate16)  # validate16.json, then validate16-2.json… when given more than once
+        n_v16=$((${n_v16:-0} + 1)); name=full16x96$([ $n_v16 -gt 1 ] && echo "-$n_v16")
+        swarm "$name" 280 --peers 16 --rounds 96
+        timeout 120 python3 -m locoswarm bench scale --validate "$out/$name.json" \
+            --json "$out/validate-$name.json" > "$out/validate-$name.log" 2>&1
+        echo "validate-$name rc=$?" | tee -a "$out/summary.txt"; tail -6 "$out/validate-$name.log";;
     catchup)  # the catch-ups by the rounds' deltas, where rounds are fastest (node/replay.py)
         LOCOSWARM_DEVICE=cpu OMP_NUM_THREADS=1 timeout 400 pytest -q -p no:cacheprovider tests/test_daemon.py \
             tests/test_faults.py -k "catches_up or failed_round" > "$out/catchup.log" 2>&1
