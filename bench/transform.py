@@ -139,42 +139,61 @@ def run(w: Workload, *, transform: str, block: int, density: float, bits: int = 
         deltas = [[d.reshape(-1) for d in pseudo_gradients(outer.params, m)] for m in models]
         aggregate, kept = [], []
         for i, (p, tr, lay) in enumerate(zip(outer.params, transforms, layouts)):
-            total, count = torch.zeros(tr.size), torch.zeros(tr.size)
-            coeffs, decoded, masks = [], [], []
-            for r in range(n):
-                c = tr.forward(deltas[r][i])
-                idx, vals = chunked_topk(c, lay)
-                codes, scales = quantize(vals, lay, bits)
-                got = scatter_chunks(idx, dequantize(codes, scales, lay, bits), lay)
-                mask = scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), lay,
-                                      out=torch.zeros(tr.size, dtype=torch.bool))
-                coeffs.append(c)
-                decoded.append(got)
-                masks.append(mask)
-                total += got
-                count += mask
-                kept.append((float(vals.square().sum()), float(c.square().sum())))
-            moved = count > 0
-            mean = torch.where(moved, total / count.clamp(min=1), torch.zeros_like(total))
+            mean, errors, energies = masked_topk([tr.forward(deltas[r][i]) for r in range(n)], lay, bits)
             aggregate.append(tr.inverse(mean).view(p.shape))
+            residuals_i = [tr.inverse(e) for e in errors]
             for r in range(n):
-                e = coeffs[r] - decoded[r]
-                e.masked_fill_(moved & ~masks[r], 0.0)  # the consensus holds the senders' average there
-                residuals[r][i] = tr.inverse(e)
+                residuals[r][i] = residuals_i[r]
+            kept.extend(energies)
         sent += (n - 1) * sent_bytes
         energy.append(sum(k for k, _ in kept) / max(1e-30, sum(t for _, t in kept)))
         outer.step(aggregate)
         for r, model in enumerate(models):
             load_params(model, outer.params, residuals[r])
         curve.append((step, w.evaluate(models[0])))
-    losses = [w.evaluate(m) for m in models]
-    load_params(models[0], outer.params)
     return {"transform": transform, "block": block, "density": density, "bits": bits, "chunk": chunk,
             "shares": shares or {}, "densities": {n: lay.k / lay.chunk for n, lay in zip(names, layouts)},
-            "eval_loss": sum(losses) / n, "replica_eval_loss": losses[0], "consensus_eval_loss": w.evaluate(models[0]),
-            "bytes_sent_per_replica": int(sent), "rounds": len(curve),
-            "energy_sent_mean": sum(energy) / max(1, len(energy)),
-            "wall_s": time.perf_counter() - t0, "curve": curve}
+            **study_result(w, models, outer, sent=sent, curve=curve, energy=energy, t0=t0)}
+
+
+def masked_topk(coeffs: list[Tensor], lay: ChunkLayout, bits: int) -> tuple[Tensor, list[Tensor], list[tuple[float, float]]]:
+    """The default round on one tensor's replicas' `coeffs`: the chunked top-k, `bits`-bit codes
+    with a (lo, hi) pair a chunk, the masked mean. (The mean; each replica's residual, dropped
+    where the consensus moved on a coefficient it did not send; each replica's (energy sent,
+    energy) for the energy figure.)"""
+    size = coeffs[0].numel()
+    total, count = torch.zeros_like(coeffs[0]), torch.zeros_like(coeffs[0])
+    decoded, masks, energies = [], [], []
+    for c in coeffs:
+        idx, vals = chunked_topk(c, lay)
+        codes, scales = quantize(vals, lay, bits)
+        got = scatter_chunks(idx, dequantize(codes, scales, lay, bits), lay)
+        mask = scatter_chunks(idx, torch.ones_like(idx, dtype=torch.bool), lay,
+                              out=torch.zeros(size, dtype=torch.bool, device=c.device))
+        decoded.append(got)
+        masks.append(mask)
+        total += got
+        count += mask
+        energies.append((float(vals.square().sum()), float(c.square().sum())))
+    moved = count > 0
+    mean = torch.where(moved, total / count.clamp(min=1), torch.zeros_like(total))
+    errors = []
+    for c, got, mask in zip(coeffs, decoded, masks):
+        e = c - got
+        e.masked_fill_(moved & ~mask, 0.0)  # the consensus holds the senders' average there
+        errors.append(e)
+    return mean, errors, energies
+
+
+def study_result(w: Workload, models: list, outer, *, sent: float, curve: list, energy: list[float],
+                 t0: float) -> dict:
+    """What every study of the round reports: the replicas' mean eval loss, the first one's, the
+    consensus's (models[0] is left holding it), bytes, rounds, energy sent, time and curve."""
+    losses = [w.evaluate(m) for m in models]
+    load_params(models[0], outer.params)
+    return {"eval_loss": sum(losses) / len(models), "replica_eval_loss": losses[0],
+            "consensus_eval_loss": w.evaluate(models[0]), "bytes_sent_per_replica": int(sent), "rounds": len(curve),
+            "energy_sent_mean": sum(energy) / max(1, len(energy)), "wall_s": time.perf_counter() - t0, "curve": curve}
 
 
 def main() -> None:
