@@ -31,27 +31,34 @@ async def _measure(count: int, size: int) -> dict[str, float]:
         server = DeltaServer(server_p2p)
         server.limits = PeerLimits(max_concurrent=2, rate=1e6, burst=10**6)  # 50 requests at once, not 10 a second
         await server.start()
-        server.publish(1, b"x" * size)
         maddrs = [str(a) for a in await server_p2p.get_visible_maddrs()]
         client_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
         pids = {c.pid for c in psutil.Process().children() if c.name() == "p2pd"}
-        request = (1).to_bytes(8, "big") + bytes(8)
         kept = delta_streams(client_p2p)
+        rounds = iter(range(1, 1 << 62))
+
+        async def ask(on_kept: bool) -> None:
+            # Each request is for a round's delta published for it: a server sends one round's
+            # delta to a peer at most MAX_SENDS_PER_ROUND times (protocol/deltabook.py).
+            round_ = next(rounds)
+            server.publish(round_, b"x" * size)
+            request = round_.to_bytes(8, "big") + bytes(8)
+            if on_kept:
+                await kept.call(server_p2p.peer_id, request, limit=1 << 24, limit_name="limit", timeout_s=10)
+            else:
+                await call_framed(client_p2p, server_p2p.peer_id, PROTOCOL, request, limit=1 << 24,
+                                  limit_name="limit", timeout_s=10)
+
         # One of each first: the connection and both handlers' set-up are not what is measured.
-        await call_framed(client_p2p, server_p2p.peer_id, PROTOCOL, request, limit=1 << 24, limit_name="limit",
-                          timeout_s=10)
-        await kept.call(server_p2p.peer_id, request, limit=1 << 24, limit_name="limit", timeout_s=10)
+        await ask(False)
+        await ask(True)
         payload = count * (REQUEST_LEN + HEADER + size)
         out = {}
         for name in ("stream_per_request", "kept_stream"):
             meter = TcpMeter()
             meter.read(pids)
             for _ in range(count):
-                if name == "kept_stream":
-                    await kept.call(server_p2p.peer_id, request, limit=1 << 24, limit_name="limit", timeout_s=10)
-                else:
-                    await call_framed(client_p2p, server_p2p.peer_id, PROTOCOL, request, limit=1 << 24,
-                                      limit_name="limit", timeout_s=10)
+                await ask(name == "kept_stream")
             await asyncio.sleep(0.5)  # closes and window updates on the wire
             # Each byte crosses loopback once but is counted by the sender and the receiver.
             out[name] = (sum(meter.read(pids)) / 2 - payload) / count
