@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from locoswarm.bench.fake_peer import waits_to_be_told
-from locoswarm.bench.swarm import LocalSwarm, Peer
+from locoswarm.bench.swarm import LocalSwarm
+from locoswarm.bench.swarmpeer import Peer
 from locoswarm.node.control import read_status
 
 MIN_CHURN_ROUNDS = 8

@@ -18,7 +18,8 @@ from typing import Callable
 
 from locoswarm.node.leaving import FINAL_MODEL
 from locoswarm.bench.churn import Churn, Fakes, Phases, first_completed, rate_per_minute
-from locoswarm.bench.swarm import LocalSwarm, RoundLine
+from locoswarm.bench.swarm import LocalSwarm
+from locoswarm.bench.swarmpeer import RoundLine
 from locoswarm.bench.swarmbytes import BYTE_KEYS, byte_figures, format_bytes
 from locoswarm.node.spec import RunSpec, write_spec
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 
-from locoswarm.bench.swarm import Peer
+from locoswarm.bench.swarmpeer import Peer
 
 APP_COUNTERS = {
     "delta_bytes_per_peer_per_round": "sent",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from locoswarm.bench.churn import Churn, Phases, PhaseTooShort, first_completed, rate_per_minute, swarm_round
-from locoswarm.bench.swarm import Peer, RoundLine
+from locoswarm.bench.swarmpeer import Peer, RoundLine
 from locoswarm.bench.swarmbench import bench_spec
 from locoswarm.node.checkpoint import load_latest
 from locoswarm.node.events import read_events

@@ -8,7 +8,8 @@ import os
 
 from locoswarm.bench import swarm as swarm_mod
 from locoswarm.bench import tcpio
-from locoswarm.bench.swarm import LocalSwarm, Peer, RoundLine
+from locoswarm.bench.swarm import LocalSwarm
+from locoswarm.bench.swarmpeer import Peer, RoundLine
 from locoswarm.bench.swarmbytes import BYTE_KEYS, byte_figures, format_bytes
 from locoswarm.bench.tcpio import Unavailable
 
