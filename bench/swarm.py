@@ -2,8 +2,8 @@
 swarm`): N `locoswarm node join` processes, the first started alone and the others
 through its address, each on its own data shard and state directory. Their stdout lines
 are not parsed: each daemon writes its typed events (node/events.py) to a JSON-lines file,
-which is followed into per-round records (bench/swarmpeer.py); the bench then trains the in-process simulation
-(bench/convergence.py) with the same settings and tokens and compares.
+which is followed into per-round records (bench/swarmpeer.py); the bench then trains the
+in-process simulation (bench/convergence.py) with the same settings and tokens and compares.
 
 With `alone`, one more daemon trains beside them as the lone-peer baseline: a swarm of one
 on peer 0's shard (the same spec but for its run id, so that it can never join the swarm),
@@ -174,7 +174,7 @@ class LocalSwarm:
             self._take(peer, event)
         peer.lives += 1
         peer.life_rounds = 0
-        peer.io_pids = set()
+        peer.io_pids = set()  # the new life's p2pd is looked up at its `listening` event
         peer.events = EventTail(self._events_path(peer.index, peer.lives))
         # A restarted volunteer resumes at once rather than waiting for a quorum: it dials the
         # peers it saw last, and if the swarm has ended meanwhile it trains on alone (and the
@@ -244,8 +244,6 @@ class LocalSwarm:
                 p.io_meter.read(p.io_pids, counters, at)
 
     def _take(self, peer: Peer, event: dict) -> None:
-        if event["event"] == "listening":
-            peer.io_pids = set()  # a new life's p2pd
         if event["event"] in ("listening", "round"):
             # Before the round is recorded: the last round's reading is taken before the daemon
             # leaves and its sockets close, against the first round's end as recorded.

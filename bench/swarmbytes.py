@@ -6,8 +6,9 @@ progress streams, registry entries stored at other replicas. They need nothing f
 machine, so they are always there once a peer reported two rounds.
 
 At the transport: the kernel's per-socket TCP counters of each peer's p2pd (bench/tcpio.py,
-read by bench/swarm.py at each of the peer's rounds and summed per socket), which add the DHT's own
-traffic, libp2p's framing and encryption. Where they cannot be read (not Linux, sock_diag
+read by bench/swarm.py from its start, at each of its rounds and between, summed per socket,
+over a window that holds the peer's rounds), which add the DHT's own traffic, libp2p's
+framing and encryption. Where they cannot be read (not Linux, sock_diag
 refused, a p2pd not found) the transport figures are null and `transport_bytes_unavailable`
 says why; the application figures stay. Both are taken over each peer's rounds, first to
 last.
@@ -56,7 +57,8 @@ def byte_figures(peers: list[Peer], transport_unavailable: str | None) -> dict:
     out["app_bytes_per_peer_per_round"] = (statistics.fmean(_per_round(p, *APP_SENT) for p in measured)
                                            if measured else None)
     out["app_bytes_unavailable"] = None if measured else "no peer reported two rounds"
-    # A peer counts at the transport when its p2pd was found at every one of its rounds.
+    # A peer counts at the transport when its p2pd was found at every one of its rounds and
+    # readings bracket them (bench/swarm.py).
     counted = [p for p in measured if p.io is not None]
     if transport_unavailable is None and not counted:
         transport_unavailable = ("no peer's p2pd was found at each of its rounds" if measured else
