@@ -304,7 +304,7 @@ class Trainer:
         round's outer step (optim/check.py); the failed ones go out with the next delta."""
         own = next((d for d in deltas if d.sender == me), None)
         checks = [] if own is None else self.step.check(self.outer.params, work.snapshot, own, deltas,
-                                                         self.round_tokens)
+                                                         self.round_tokens, self.ledger.established_peers())
         failed = sorted(failing(checks, self.spec.diloco.robust.check_agreement), key=lambda c: c.agreement)
         self.told = (work.round, tuple(sorted((c.sender, c.agreement) for c in failed[:MAX_CHECKS])))
         return checks

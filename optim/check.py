@@ -27,10 +27,13 @@ Measured on the quick preset of `bench convergence`
 | the honest delta of 5 rounds before (a replay)          | 0.011 … 0.487, 0.053          |
 
 A delta fails below `[diloco.robust] check_agreement` (0.15): twice below the least honest
-agreement seen, above noise. What no check of this kind catches: a copy of another peer's
-delta of the same round (it agrees as well as the original); such a copy is clipped to the
-established median and, from a newcomer, pooled (optim/screen.py), and it earns its sender
-weight without work: docs/trust.md says what that leaves open.
+agreement seen, above noise. A copy of another peer's delta of the same round agrees as well as
+the original, so a newcomer's delta is held to a second measure, its novelty: the agreement of
+what is left of it once the checker's own delta and the established senders' deltas of the
+round are taken out (least squares). A copy, with noise or mixed from several, has nothing of
+its own left; an honest newcomer keeps what its data taught it. An established peer's copy, or
+a copy of a delta the checker does not hold, still passes: docs/trust.md says what that leaves
+open.
 
 A check is a local measurement in floating point: two peers may judge one delta a little
 differently. So a verdict acts only through the consensus: the failed checks travel in the
@@ -68,6 +71,12 @@ class Check:
     agreement: int
     """cos(D, g) / cos(D_own, g), in thousandths, clamped to ±LIMIT."""
 
+
+NOVELTY_WEIGHT = 1.5
+"""A newcomer's novelty counts 1.5 times against the threshold (fails below 0.1 at the default
+0.15): an honest delta's novelty falls as the span grows, to 0.09 … 0.39 (median 0.25) with 15
+other deltas in it, and none that most of its checkers found below 0.1; copies, with noise or
+mixed, are below 0.1 for most checkers every time (bench/lazy_sybil.py --copies, docs/trust.md)."""
 
 MAX_ENTRIES = 1 << 23
 """Entries (deltas × their selected entries) a check decodes at once: a handful of (n, E)
@@ -202,27 +211,86 @@ def _dots_and_norms(deltas: list[DecodedDelta], g: Tensor, layout: _Layout) -> l
 
 @torch.no_grad()
 def check_round(outer: list[Tensor], replica: list[Tensor], own: DecodedDelta, deltas: list[DecodedDelta],
-                *, plan_tokens: int) -> list[Check]:
+                *, plan_tokens: int, established: frozenset[str] = frozenset()) -> list[Check]:
     """The agreement of each of `deltas` (other senders', of the round `own` was sent in) with
     this peer's pseudo-gradient outer − replica; empty when this peer's own round is no
     measure (fewer than plan_tokens / MIN_SHARE tokens, or its delta does not agree with its
-    own pseudo-gradient). Deltas claiming fewer tokens than that, or all zero, go unchecked."""
+    own pseudo-gradient). Deltas claiming fewer tokens than that, or all zero, go unchecked.
+    A delta of a sender not in `established` (the ledger's established peers) is measured
+    by the lower of its agreement and NOVELTY_WEIGHT times its novelty (`_novelty`): what it
+    adds to this peer's own delta and the established senders' deltas of the round."""
     least = max(1, plan_tokens // MIN_SHARE)
     if own.num_tokens < least:
         return []
     g = torch.cat([(o - r.to(o.device, o.dtype)).reshape(-1) for o, r in zip(outer, replica)])
     layout = _layout(tuple((t.layout, t.bits) for t in own.tensors), g.device)
     checked = sorted((d for d in deltas if d.sender != own.sender and d.num_tokens >= least), key=lambda d: d.sender)
-    (own_dot, own_norm), *measured = _dots_and_norms([own] + checked, g, layout)
+    measured = _dots_and_norms([own] + checked, g, layout)
+    own_dot, own_norm = measured[0]
     if not own_dot > 0 or not own_norm > 0:
         return []
+    novel = _novelty([own] + checked, measured, established, layout) if established else {}
     out = []
-    for d, (dot, norm) in zip(checked, measured):
+    for d, (dot, norm) in zip(checked, measured[1:]):
         ratio = dot * own_norm / (norm * own_dot) if norm > 0 else math.nan
         if not math.isfinite(ratio):
             continue
+        if d.sender in novel:
+            ratio = min(ratio, NOVELTY_WEIGHT * novel[d.sender])
         out.append(Check(d.sender, max(-LIMIT, min(LIMIT, round(SCALE * ratio)))))
     return out
+
+
+def _novelty(deltas: list[DecodedDelta], measured: list[tuple[float, float]], established: frozenset[str],
+             layout: _Layout) -> dict[str, float]:
+    """Of each delta of `deltas[1:]` whose sender is not established, the part r that the
+    span S of this peer's own delta `deltas[0]` and the established senders' deltas does not
+    already hold (D's least-squares residual against S), measured as the check measures D:
+    (r·g / ‖r‖) / (D_own·g / ‖D_own‖). A copy of a delta in S, with noise or mixed with others,
+    has only its noise left, which agrees with nothing: a copy earns no weight from peers that
+    hold its source. An honest newcomer's delta keeps what its own data taught it (on the quick
+    preset, with 15 other deltas in S, above the least honest agreement: docs/trust.md).
+    `measured`: each delta's (D·g, ‖D‖) over its support. From S's Gram matrix and its dot
+    products with the new deltas over their common positions (a delta's positions strictly
+    increase: protocol/delta.py), in float64; S's entries stay on the device while it runs."""
+    span = [0] + [i for i in range(1, len(deltas)) if deltas[i].sender in established]
+    fresh = [i for i in range(1, len(deltas)) if deltas[i].sender not in established]
+    if not fresh:
+        return {}
+    s_values, s_positions = layout.values([deltas[i] for i in span])
+    per_batch = max(1, MAX_ENTRIES // max(1, layout.entries))
+    gram = _common_dots(s_values, s_positions, s_values, s_positions)
+    cross, squares = [], []
+    for at in range(0, len(fresh), per_batch):
+        values, positions = layout.values([deltas[i] for i in fresh[at:at + per_batch]])
+        cross.append(_common_dots(s_values, s_positions, values, positions))
+        squares.append(values.double().square().sum(dim=1).cpu())
+    cross, squares = torch.cat(cross, dim=1), torch.cat(squares)
+    span_dots = torch.tensor([measured[i][0] for i in span], dtype=torch.float64)
+    coef = torch.linalg.lstsq(gram, cross).solution
+    own_rate = measured[0][0] / measured[0][1]
+    out = {}
+    for j, i in enumerate(fresh):
+        square = float(squares[j])
+        left = square - float(cross[:, j] @ coef[:, j])
+        if not left > 1e-9 * square:
+            out[deltas[i].sender] = 0.0  # nothing of its own
+            continue
+        out[deltas[i].sender] = (measured[i][0] - float(span_dots @ coef[:, j])) / math.sqrt(left) / own_rate
+    return out
+
+
+def _common_dots(a_values: Tensor, a_positions: Tensor, b_values: Tensor, b_positions: Tensor) -> Tensor:
+    """(len(a), len(b)) float64 on the host: the dot products of the sparse vectors a (their
+    values at strictly increasing positions, one row each) with those of b, over the positions
+    they share."""
+    out = torch.empty(a_values.shape[0], b_values.shape[0], dtype=torch.float64, device=a_values.device)
+    last = a_positions.shape[1] - 1
+    for k in range(a_values.shape[0]):
+        at = torch.searchsorted(a_positions[k], b_positions).clamp_(max=last)
+        hit = a_positions[k][at] == b_positions
+        out[k] = (a_values[k][at] * b_values).where(hit, 0).double().sum(dim=1)
+    return out.cpu()
 
 
 def failing(checks: list[Check], threshold: float) -> list[Check]:

@@ -106,13 +106,15 @@ class RoundStep:
         return screen(deltas, self.cfg.robust, ledger, base)
 
     def check(self, outer_params: list[Tensor], replica: list[Tensor], own: DecodedDelta,
-              deltas: list[DecodedDelta], per_peer_tokens: int) -> list[Check]:
+              deltas: list[DecodedDelta], per_peer_tokens: int, established: frozenset[str] = frozenset()
+              ) -> list[Check]:
         """This replica's checks (optim/check.py) of a round's other `deltas`, before the
         round's outer step: `replica` its parameters at the round boundary, `own` its delta
-        as decoded. Empty while checks are off (diloco.robust.check_agreement 0)."""
+        as decoded, `established` the ledger's established peers (a newcomer's delta must add
+        to theirs). Empty while checks are off (diloco.robust.check_agreement 0)."""
         if not self.cfg.robust.check_agreement:
             return []
-        return check_round(outer_params, replica, own, deltas, plan_tokens=per_peer_tokens)
+        return check_round(outer_params, replica, own, deltas, plan_tokens=per_peer_tokens, established=established)
 
     def ledger(self, per_peer_tokens: int, anchors: list[str] | tuple[str, ...] = ()) -> Ledger:
         """An outer state's earned weight at genesis: one per outer state, credited by `apply`;

@@ -51,9 +51,8 @@ def trained_round():
             conv.step_consensus(step, outer, deltas, comps, models)
 
 
-def _negated(step: RoundStep, d, sender: str):
-    """`d`'s values with the opposite sign, re-encoded as `sender` (what a turned peer sends:
-    an honest norm, the opposite direction)."""
+def _dense(d) -> list[torch.Tensor]:
+    """`d`'s values as one flat dense tensor per model tensor."""
     from locoswarm.kernels import dequantize
     from locoswarm.kernels.topk import chunk_ids
 
@@ -63,9 +62,22 @@ def _negated(step: RoundStep, d, sender: str):
         flat = torch.zeros(lay.numel)
         flat[chunk_ids(lay, "cpu") * lay.chunk + t.indices] = dequantize(t.codes, t.scales, lay, t.bits)
         dense.append(flat)
-    zero = [torch.zeros_like(x) for x in dense]  # the delta sent is zero − dense
-    blob = step.encode(step.compressor("cpu"), zero, dense, round_=d.round, sender=sender, tokens=d.num_tokens)
+    return dense
+
+
+def _encoded(step: RoundStep, dense: list[torch.Tensor], like, sender: str):
+    """The delta a sender whose pseudo-gradient is `dense` sends (the round's compressor, fresh),
+    in `like`'s round and with its tokens."""
+    zero = [torch.zeros_like(x) for x in dense]  # the delta sent is zero − replica
+    blob = step.encode(step.compressor("cpu"), zero, [-x for x in dense], round_=like.round, sender=sender,
+                       tokens=like.num_tokens)
     return step.decode(blob)
+
+
+def _negated(step: RoundStep, d, sender: str):
+    """`d`'s values with the opposite sign, re-encoded as `sender` (what a turned peer sends:
+    an honest norm, the opposite direction)."""
+    return _encoded(step, [-x for x in _dense(d)], d, sender)
 
 
 def _noise(step: RoundStep, d, sender: str, gen: torch.Generator):
@@ -173,6 +185,61 @@ def test_checks_in_batches_of_any_size_judge_every_delta_as_one_batch_does(train
     monkeypatch.setattr(check, "MAX_ENTRIES", entries)  # one delta a batch
     assert len(whole) == len(deltas) - 1
     assert check_round(outer, replicas[0], deltas[0], deltas, plan_tokens=tokens) == whole
+
+
+def _copies(step: RoundStep, source, gen: torch.Generator, name: str) -> list:
+    """What a sybil that holds `source` (a delta of the round) sends to earn weight without
+    work: it again, under its own name; it plus noise of 1.5 times its norm (so that it agrees
+    with its source about as well as two honest deltas do), re-encoded."""
+    import dataclasses
+
+    dense = _dense(source)
+    noisy = [x + 1.5 * x * (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1) for x in dense]
+    return [dataclasses.replace(source, sender=f"{name}-copy"), _encoded(step, noisy, source, f"{name}-copy-noise")]
+
+
+def test_a_newcomers_copy_of_an_established_peers_delta_or_of_the_checkers_own_fails_an_honest_one_passes(
+        trained_round, gen):
+    step, outer, replicas, deltas, tokens = trained_round
+    me, established, newcomer = deltas
+    copies = _copies(step, established, gen, "x") + _copies(step, me, gen, "y")
+    known = frozenset({established.sender})
+    plain = {c.sender: c.agreement for c in check_round(outer, replicas[0], me, deltas + copies, plan_tokens=tokens)}
+    judged = {c.sender: c.agreement for c in check_round(outer, replicas[0], me, deltas + copies, plan_tokens=tokens,
+                                                        established=known)}
+    # Without earned weight every copy passes: it agrees with this peer as its source does.
+    assert all(plain[c.sender] >= 2 * THRESHOLD * SCALE for c in copies), plain
+    # A newcomer's delta must add to this peer's own and the established peers': a copy, with
+    # noise or not, adds nothing that agrees with anything.
+    assert all(abs(judged[c.sender]) < THRESHOLD * SCALE for c in copies), judged
+    assert judged[newcomer.sender] >= THRESHOLD * SCALE, judged  # what its own data taught it
+    assert judged[newcomer.sender] <= plain[newcomer.sender]
+    assert judged[established.sender] == plain[established.sender]  # established: its agreement alone
+    told = {c.sender for c in failing(check_round(outer, replicas[0], me, deltas + copies, plan_tokens=tokens,
+                                                  established=known), THRESHOLD)}
+    assert told == {c.sender for c in copies}
+
+
+def test_a_newcomers_novelty_is_its_least_squares_residual_against_the_established_and_own_deltas(trained_round,
+                                                                                                 monkeypatch):
+    from locoswarm.optim import check
+
+    _, outer, replicas, deltas, tokens = trained_round
+    me, established, newcomer = deltas
+    g = torch.cat([(o - r).reshape(-1) for o, r in zip(outer, replicas[0])]).double()
+    flat = [torch.cat(_dense(d)).double() for d in deltas]
+    span = torch.stack([flat[0], flat[1]], dim=1)
+    residual = flat[2] - span @ torch.linalg.lstsq(span, flat[2].unsqueeze(1)).solution.squeeze(1)
+    want = (residual @ g / residual.norm()) / (flat[0] @ g / flat[0].norm())
+    agreement = (flat[2] @ g / flat[2].norm()) / (flat[0] @ g / flat[0].norm())
+    assert want < agreement  # what the others hold is taken out
+    monkeypatch.setattr(check, "NOVELTY_WEIGHT", 1.0)  # the novelty itself, not weighed
+    got = {c.sender: c.agreement for c in check_round(outer, replicas[0], me, deltas, plan_tokens=tokens,
+                                                     established=frozenset({established.sender}))}
+    assert got[newcomer.sender] == pytest.approx(SCALE * float(want), abs=1)
+    monkeypatch.setattr(check, "MAX_ENTRIES", 1)  # one delta a batch
+    assert {c.sender: c.agreement for c in check_round(outer, replicas[0], me, deltas, plan_tokens=tokens,
+                                                       established=frozenset({established.sender}))} == got
 
 
 def test_a_peer_whose_own_round_is_no_measure_checks_nothing_and_small_claims_go_unchecked(trained_round):
