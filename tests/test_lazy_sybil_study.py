@@ -16,3 +16,17 @@ def test_every_replica_checks_the_honest_deltas_and_each_lazy_kind_from_the_seco
         assert -1 <= r["min"] <= r["median"] <= r["max"] <= 1
         assert r["pass_share_late"] is None  # no round past the first ones in 3 rounds
     assert out["honest"]["min"] > THRESHOLD, out["honest"]  # honest deltas of a coherent start agree
+
+
+def test_copies_pass_the_agreement_but_leave_no_novelty_where_an_honest_delta_keeps_its_own():
+    from locoswarm.bench.lazy_sybil import COPY_KINDS
+
+    out = measure("quick", replicas=3, rounds=3, copies=True)
+    for kind in COPY_KINDS[:-1]:  # the joiner joins later than 3 rounds
+        r = out[kind]
+        assert r["checks"] == 3 * 2 and r["min"] > THRESHOLD, (kind, r)  # they agree as their sources do
+        assert r["novelty_own"]["max"] < 0.1 and r["majority_below"]["0.1"] == 1.0, (kind, r)
+    honest = out["honest"]
+    assert honest["novelty_own"]["min"] > THRESHOLD and honest["majority_below"]["0.15"] == 0.0, honest
+    assert honest["novelty_own"]["median"] < honest["median"]  # the others' part is taken out
+    assert out["joiner"]["checks"] == 0
