@@ -26,6 +26,8 @@ deltas are the sources, so one checker holds its own delta as a source):
   copy_noise  the same plus noise of COPY_NOISE times its norm (its entries with random signs,
               so that it agrees with its source about as well as two honest deltas agree);
   mix_noise   the mean of replica 0's and 1's deltas plus noise of MIX_NOISE times its norm;
+  quarter     a quarter of replica 0's delta plus three quarters of noise (its entries with
+              random signs): the noisiest delta that still passes the agreement (docs/trust.md);
   joiner      no sybil: an honest peer that joined at round JOIN by taking replica 0's state and
               residual (as node/statesync.py serves them) and trains on from there on data of
               its own, outside the aggregate: is its work new enough for the novelty rule?
@@ -56,7 +58,7 @@ from locoswarm.optim.check import SCALE, _layout, check_round
 from locoswarm.optim.round import RoundStep
 
 KINDS = ("honest", "last_step", "momentum", "steps_4")
-COPY_KINDS = ("copy", "copy_noise", "mix_noise", "joiner")
+COPY_KINDS = ("copy", "copy_noise", "mix_noise", "quarter", "joiner")
 COPY_NOISE = 1.5
 """cos(copy, source) = 1 / √(1 + 1.5²) ≈ 0.55: the median agreement of two honest deltas."""
 MIX_NOISE = 1.0
@@ -165,7 +167,8 @@ def measure(preset: str = "quick", *, replicas: int = 4, rounds: int = 64, seed:
                     mixed = (honest_dense[0] + honest_dense[1]) / 2
                     flat = {"copy": honest_dense[0],
                             "copy_noise": honest_dense[0] + COPY_NOISE * _random_signs(honest_dense[0], gen),
-                            "mix_noise": mixed + MIX_NOISE * _random_signs(mixed, gen)}
+                            "mix_noise": mixed + MIX_NOISE * _random_signs(mixed, gen),
+                            "quarter": 0.25 * honest_dense[0] + 0.75 * _random_signs(honest_dense[0], gen)}
                     for kind, vector in flat.items():
                         directions[kind] = [piece.view(p.shape) for piece, p in
                                             zip(vector.split([p.numel() for p in outer.params]), outer.params)]

@@ -24,7 +24,9 @@ def test_copies_pass_the_agreement_but_leave_no_novelty_where_an_honest_delta_ke
     out = measure("quick", replicas=3, rounds=3, copies=True)
     for kind in COPY_KINDS[:-1]:  # the joiner joins later than 3 rounds
         r = out[kind]
-        assert r["checks"] == 3 * 2 and r["min"] > THRESHOLD, (kind, r)  # they agree as their sources do
+        assert r["checks"] == 3 * 2, (kind, r)
+        if kind != "quarter":  # it agrees less: three quarters of it are noise
+            assert r["min"] > THRESHOLD, (kind, r)  # they agree as their sources do
         assert r["novelty_own"]["max"] < 0.1 and r["majority_below"]["0.1"] == 1.0, (kind, r)
     honest = out["honest"]
     assert honest["novelty_own"]["min"] > THRESHOLD and honest["majority_below"]["0.15"] == 0.0, honest
