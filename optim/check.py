@@ -252,7 +252,8 @@ def _novelty(deltas: list[DecodedDelta], measured: list[tuple[float, float]], es
     preset, with 15 other deltas in S, above the least honest agreement: docs/trust.md).
     `measured`: each delta's (D·g, ‖D‖) over its support. From S's Gram matrix and its dot
     products with the new deltas over their common positions (a delta's positions strictly
-    increase: protocol/delta.py), in float64; S's entries stay on the device while it runs."""
+    increase: protocol/delta.py), summed and solved in float64; S's entries stay on the device
+    while it runs."""
     span = [0] + [i for i in range(1, len(deltas)) if deltas[i].sender in established]
     fresh = [i for i in range(1, len(deltas)) if deltas[i].sender not in established]
     if not fresh:
@@ -283,7 +284,7 @@ def _novelty(deltas: list[DecodedDelta], measured: list[tuple[float, float]], es
 def _common_dots(a_values: Tensor, a_positions: Tensor, b_values: Tensor, b_positions: Tensor) -> Tensor:
     """(len(a), len(b)) float64 on the host: the dot products of the sparse vectors a (their
     values at strictly increasing positions, one row each) with those of b, over the positions
-    they share."""
+    they share (float32 products, float64 sums)."""
     out = torch.empty(a_values.shape[0], b_values.shape[0], dtype=torch.float64, device=a_values.device)
     last = a_positions.shape[1] - 1
     for k in range(a_values.shape[0]):
