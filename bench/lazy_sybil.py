@@ -18,8 +18,9 @@ Each is encoded by the round's compressor (its own error feedback, as a real sen
 scale of an honest delta. Agreements are printed per kind (min, median, max, and the share
 that would pass the default threshold).
 
-Copies pass the check: a sybil that holds the round's honest deltas can send one of them
-again. `--copies` adds what such a sybil sends, each encoded the same way (replica 0's and 1's
+Copies pass the agreement: a sybil that holds the round's honest deltas can send one of them
+again. What optim/check.py holds a newcomer's delta to besides (its novelty, 1.5 times) was
+chosen here. `--copies` adds what such a sybil sends, each encoded the same way (replica 0's and 1's
 deltas are the sources, so one checker holds its own delta as a source):
 
   copy        replica 0's delta of the round, re-encoded;
