@@ -41,9 +41,9 @@ class RoundLine:
     registry_sent: int = 0
     """Signed registry entry bytes stored at other replicas by this round's end (cumulative)."""
     progress_messages: int = 0
+    """Messages (records and progress) written to progress streams by this round's end (cumulative)."""
     progress_records: int = 0
     """Of progress_messages: the peer's record, whole or as an update (cumulative)."""
-    """Messages (records and progress) written to progress streams by this round's end (cumulative)."""
     progress_writes: int = 0
     """Writes to progress streams by this round's end (cumulative)."""
     delta_requests: int = 0
